@@ -109,14 +109,16 @@ def clip_box(box: Sequence[float], canvas: int = CANVAS) -> Box:
 
 def is_valid_box(box: Sequence[object], canvas: int = CANVAS) -> bool:
     """A TAG box: 4 integers within ``0 .. canvas-1`` with ``x1 < x2`` and ``y1 < y2``."""
-    if len(box) != 4:
+    try:
+        x1, y1, x2, y2 = box  # type: ignore[misc]
+    except (TypeError, ValueError):
         return False
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in box):
-        return False
-    x1, y1, x2, y2 = (int(v) for v in box)  # type: ignore[arg-type]
-    if min(x1, y1, x2, y2) < 0 or max(x1, y1, x2, y2) > canvas - 1:
-        return False
-    return x1 < x2 and y1 < y2
+    for v in (x1, y1, x2, y2):
+        # plain ints take the fast path; numpy integers pass, bools (an int subclass) do not
+        if type(v) is not int and (isinstance(v, bool) or not isinstance(v, np.integer)):
+            return False
+    hi = canvas - 1
+    return bool(0 <= x1 < x2 <= hi and 0 <= y1 < y2 <= hi)
 
 
 def union_box(boxes: Iterable[Sequence[float]]) -> tuple[float, float, float, float]:

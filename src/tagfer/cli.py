@@ -1,0 +1,135 @@
+"""The ``tagfer`` command line (typer). Each command wraps a Python API function."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="TAG: Action-Unit-grounded facial expression recognition.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _au_config(top_k: int, threshold: float, bilateral: str, canvas: int):
+    from tagfer.aus import AUConfig
+
+    return AUConfig(threshold=threshold, top_k=top_k, bilateral=bilateral, canvas=canvas)
+
+
+def _print_faces(rec: dict) -> None:
+    if rec.get("error"):
+        out_console.print(f"[red]✗ {rec['image']}: {rec['error']['kind']}: {rec['error']['message']}[/red]")
+        return
+    out_console.print(f"[bold]{rec['image']}[/bold]  {rec['width']}×{rec['height']}, {rec['n_faces']} face(s) found")
+    for i, f in enumerate(rec["faces"]):
+        t = Table(title=f"face {i}: box {f['bbox_canvas']} on the {rec['canvas']} canvas, pose {f.get('head_pose', {})}")
+        for c in ("AU", "name", "score", "active", "canvas box"):
+            t.add_column(c)
+        for a in f["aus"]:
+            if a["active"] or a["au"] in f["top"]:
+                t.add_row(f"AU{a['au']}", a["name"], f"{a['score']:.2f}", "yes" if a["active"] else "", str(a["box"]))
+        out_console.print(t)
+        out_console.print("AU_LIST for the teacher prompt:\n" + (f["au_list"] or "(no active AU)"))
+    if rec.get("overlay"):
+        out_console.print(f"overlay: {rec['overlay']}")
+
+
+@app.command("au")
+def au_cmd(
+    inputs: List[Path] = typer.Argument(..., help="Image files and/or directories (walked recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output JSON Lines file (appended to; resumable)."),
+    overlays: Optional[Path] = typer.Option(None, "--overlays", help="Write a PNG overlay per image into this directory."),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Worker processes."),
+    top_k: int = typer.Option(3, "--top-k", min=0, help="AUs in the candidate pool / AU_LIST (paper: 3)."),
+    threshold: float = typer.Option(0.3, "--threshold", min=0.0, max=1.0, help="Activation threshold on AU scores."),
+    all_faces: bool = typer.Option(False, "--all-faces", help="Keep every face (default: the largest)."),
+    detector: str = typer.Option("mediapipe", "--detector", help="mediapipe | openface:CSV_OR_DIR | table:LONG_CSV"),
+    bilateral: str = typer.Option("union", "--bilateral", help="union: one box over both sides; split: one per side."),
+    canvas: int = typer.Option(512, "--canvas", min=16, help="Virtual canvas side."),
+    fallback: Optional[str] = typer.Option(None, "--fallback", help="Small-face fallback detector: dlib (extra tagfer[dlib])."),
+    landmarker: Optional[Path] = typer.Option(None, "--landmarker", help="Path to face_landmarker.task (default: bundled)."),
+    landmarks: bool = typer.Option(False, "--landmarks", help="Include the 478 landmarks in each record."),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="Re-run images whose earlier record is an error."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Start over: overwrite --out."),
+    show: bool = typer.Option(False, "--show", help="Print each face's AUs as a table."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Detect faces and activated AUs, and ground each AU in a box on the canvas. Exit code 1 if any image failed."""
+    from tagfer.detectors import DetectorSpec
+    from tagfer.grounding import GroundingConfig, run_grounding
+
+    spec = DetectorSpec(
+        kind=detector,
+        config=_au_config(top_k, threshold, bilateral, canvas),
+        landmarker_path=str(landmarker) if landmarker else None,
+        fallback=fallback,
+    )
+    gcfg = GroundingConfig(all_faces=all_faces, landmarks=landmarks, overlays=str(overlays) if overlays else None)
+    try:
+        spec.build().close()  # fail fast on a missing model file / bad table before any work
+    except Exception as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]tagfer au"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
+        console=console, disable=not progress, transient=False,
+    ) as bar:
+        task = bar.add_task("au", total=None, failed=0)
+
+        def on_record(rec: dict) -> None:
+            bar.update(task, advance=1, failed=summary_failed(rec))
+            if show:
+                bar.console.print() if False else None
+                _print_faces(rec)
+
+        fails = [0]
+
+        def summary_failed(rec: dict) -> int:
+            fails[0] += bool(rec.get("error"))
+            return fails[0]
+
+        summary = run_grounding(inputs, out, spec, gcfg, workers=workers, resume=not no_resume, retry_errors=retry_errors, on_record=on_record)
+    msg = f"{summary.processed} processed ({summary.failed} failed), {summary.skipped} already done → {out}"
+    if summary.errors:
+        msg += "  errors: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.errors.items()))
+    console.print(msg)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Directory for the demo outputs."),
+    sample: str = typer.Option("astronaut", "--sample", help="astronaut | grace_hopper"),
+) -> None:
+    """Run AU grounding on a real face shipped by an installed package and write its overlay."""
+    from tagfer.detectors import DetectorSpec
+    from tagfer.grounding import GroundingConfig, run_grounding
+    from tagfer.samples import sample_face_path
+
+    img = sample_face_path(sample)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    run_grounding([img], out / "au.jsonl", DetectorSpec(), GroundingConfig(overlays=str(out)), resume=False, on_record=records.append)
+    for rec in records:
+        _print_faces(rec)
+    if any(r.get("error") for r in records):
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,135 @@
+"""JSON Lines on disk: crash-safe appends and resume bookkeeping.
+
+Every long job in tagfer writes one JSON object per line and flushes after
+each line. A run killed mid-write leaves at most one partial last line;
+:class:`JsonlWriter` cuts it off when it reopens the file, so a resumed run
+never sees a corrupt record and never loses a complete one. :func:`done_keys`
+reads the keys already written so a resumed run skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+def _truncate_partial_tail(path: Path) -> int:
+    """Cut a trailing partial line (no final newline). Returns bytes removed."""
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        # Walk back to the previous newline.
+        pos = size - 1
+        block = 1 << 16
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                cut = start + i + 1
+                f.truncate(cut)
+                return size - cut
+            pos = start
+        f.truncate(0)
+        return size
+
+
+class JsonlWriter:
+    """Append JSON records to ``path``, one per line, flushed per record.
+
+    ``fsync_every``: call ``os.fsync`` every N records (0 = never) for
+    durability against power loss, not just process death.
+    """
+
+    def __init__(self, path: str | os.PathLike, fsync_every: int = 0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.repaired_bytes = _truncate_partial_tail(self.path)
+        self._f = open(self.path, "a", encoding="utf-8")
+        self.fsync_every = fsync_every
+        self._n = 0
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        self._f.write(line + "\n")
+        self._f.flush()
+        self._n += 1
+        if self.fsync_every and self._n % self.fsync_every == 0:
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            self._f.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | os.PathLike, skip_invalid: bool = True) -> Iterator[dict[str, Any]]:
+    """Stream records from a JSONL file (a partial or corrupt line is skipped, or raises)."""
+    p = Path(path)
+    if not p.exists():
+        return
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if skip_invalid:
+                    continue
+                raise ValueError(f"{p}:{lineno}: invalid JSON line")
+            if isinstance(rec, dict):
+                yield rec
+
+
+def done_keys(path: str | os.PathLike, key: str = "image", include: Callable[[dict], bool] | None = None) -> set[str]:
+    """Keys of records already in ``path`` (only those for which ``include(record)`` is true)."""
+    out: set[str] = set()
+    for rec in read_jsonl(path):
+        if key in rec and (include is None or include(rec)):
+            out.add(str(rec[key]))
+    return out
+
+
+def drop_records(path: str | os.PathLike, predicate: Callable[[dict], bool]) -> int:
+    """Rewrite ``path`` without the records matching ``predicate`` (atomic replace). Returns count dropped."""
+    p = Path(path)
+    if not p.exists():
+        return 0
+    _truncate_partial_tail(p)
+    tmp = p.with_name(p.name + ".tmp")
+    dropped = 0
+    with open(p, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+        for line in src:
+            s = line.strip()
+            if not s:
+                continue
+            try:
+                rec = json.loads(s)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if isinstance(rec, dict) and predicate(rec):
+                dropped += 1
+                continue
+            dst.write(s + "\n")
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, p)
+    return dropped

@@ -1,0 +1,516 @@
+"""The TAG output grammar: parsing, checking and rewriting grounded traces.
+
+A TAG response is one reasoning block followed by one answer::
+
+    <think> global look … AU12 <bbox>[191, 300, 330, 420]</bbox> … conclusion </think>
+    <answer>happiness</answer>
+
+Boxes are integer coordinates on the virtual ``canvas × canvas`` square
+(:mod:`tagfer.canvas`). :func:`parse_trace` is the only parser of this
+grammar in the package; the rewards (:mod:`tagfer.rewards`) read its result.
+
+Tags
+    ``<think>``, ``</think>``, ``<answer>``, ``</answer>``, ``<bbox>``,
+    ``</bbox>``. Tag names are *recognised* case-insensitively and with
+    optional whitespace inside the angle brackets (``< /Answer >``), so the
+    answer can still be read from a sloppy response, but only lower-case
+    names are well-formed (violation ``tag_case``). Whitespace around tags
+    and inside ``[ ]`` is free.
+
+Well-formedness (what ``R_fmt`` checks, paper §3.3): no violation at all,
+i.e. exactly one non-empty think block, at most ``max_boxes`` (3) boxes, all
+inside it, each exactly four integers ``0 ≤ v ≤ canvas-1`` with
+``x1 < x2`` and ``y1 < y2``; exactly one answer span after the think block
+whose content normalises to one of the seven labels; nothing but whitespace
+outside the two blocks.
+
+Violation codes (stable; a trace lists each code at most once, in the order
+first met):
+
+==========================  =================================================
+``not_text``                input is not a string (or bytes)
+``no_think``                no complete ``<think>…</think>`` block
+``multiple_think``          more than one think block
+``think_empty``             the think block holds only whitespace
+``no_answer``               no complete ``<answer>…</answer>`` span
+``multiple_answer``         more than one answer span
+``answer_before_think``     the answer span starts before the think block
+``answer_empty``            the answer span holds only whitespace/punctuation
+``answer_multiple_labels``  the answer names two or more labels
+``answer_excluded``         the answer is an excluded class (contempt)
+``answer_unknown``          the answer is not a known label
+``nested_tags``             a think/answer tag inside a block, or any tag
+                            inside a box or answer (other than a box)
+``unclosed_tag``            an opening tag never closed
+``unmatched_close``         a closing tag with no matching opening tag
+``text_outside``            non-whitespace text outside the two blocks
+                            (preambles, markdown fences, trailing notes)
+``tag_case``                a tag name not written in lower case
+``bbox_outside_think``      a box outside the think block
+``too_many_bboxes``         more than ``max_boxes`` boxes
+``bbox_syntax``             box content is not ``[int, int, int, int]``
+``bbox_out_of_canvas``      a coordinate outside ``0 .. canvas-1``
+``bbox_degenerate``         ``x1 >= x2`` or ``y1 >= y2`` (reversed or empty)
+==========================  =================================================
+
+Other helpers here: the AU_LIST text a teacher prompt receives
+(:func:`format_au_list`, :func:`parse_au_list`), the teacher-tag → SFT
+conversion (:func:`convert_teacher_tags`, :func:`validate_teacher_tags`) and
+the no-bbox ablation (:func:`strip_bboxes`, Table 3). All pure, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from typing import Any, Iterable, NamedTuple, Sequence
+
+from tagfer.canvas import CANVAS, is_valid_box
+from tagfer.labels import EXCLUDED, find_labels, normalize_label
+
+__all__ = [
+    "VIOLATIONS",
+    "BBox",
+    "ParsedTrace",
+    "parse_trace",
+    "clear_parse_cache",
+    "format_box",
+    "AUItem",
+    "format_au_list",
+    "parse_au_list",
+    "convert_teacher_tags",
+    "validate_teacher_tags",
+    "strip_bboxes",
+]
+
+MAX_BOXES = 3
+
+VIOLATIONS: tuple[str, ...] = (
+    "not_text",
+    "no_think",
+    "multiple_think",
+    "think_empty",
+    "no_answer",
+    "multiple_answer",
+    "answer_before_think",
+    "answer_empty",
+    "answer_multiple_labels",
+    "answer_excluded",
+    "answer_unknown",
+    "nested_tags",
+    "unclosed_tag",
+    "unmatched_close",
+    "text_outside",
+    "tag_case",
+    "bbox_outside_think",
+    "too_many_bboxes",
+    "bbox_syntax",
+    "bbox_out_of_canvas",
+    "bbox_degenerate",
+)
+
+# One tag: optional "/" then a name, whitespace tolerated inside the brackets.
+_TAG = re.compile(r"(<\s*(/?)\s*(think|answer|bbox)\s*>)", re.IGNORECASE)
+# Box content: exactly four (possibly negative) integers of at most 9 digits
+# (the digit cap keeps int() cheap and safe on adversarial input).
+_INT = r"\s*(-?\d{1,9})\s*"
+_BOX_CONTENT = re.compile(r"\s*\[" + ",".join([_INT] * 4) + r"\]\s*")
+# AU mentions: "AU12", "AU 4", "AU-6", "<AU6>", "AU04"; not "AU120". The
+# pattern starts with a literal so the regex engine can skip ahead fast; the
+# "not preceded by a letter or digit" rule ("TAU1") is checked in Python.
+_AU_MENTION = re.compile(r"AU[ _-]?0*([1-9][0-9]?)(?![0-9])")
+_WORD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+
+
+@dataclass(frozen=True, slots=True)
+class BBox:
+    """One ``<bbox>…</bbox>`` element of a response.
+
+    ``coords`` are the four integers as written, or ``None`` when the content
+    is not four integers. ``span`` indexes the original text so that
+    ``text[span[0]:span[1]]`` is the whole element, tags included.
+    """
+
+    coords: tuple[int, int, int, int] | None
+    span: tuple[int, int]
+    in_think: bool
+    valid: bool
+
+
+@dataclass(frozen=True)
+class ParsedTrace:
+    """Everything the rewards need from one response (see module docstring)."""
+
+    text: str
+    think: str | None = None
+    boxes: tuple[BBox, ...] = ()
+    answers: tuple[str, ...] = ()
+    label: str | None = None
+    violations: tuple[str, ...] = ()
+    canvas: int = CANVAS
+    max_boxes: int = MAX_BOXES
+
+    @property
+    def answer(self) -> str | None:
+        """Content of the answer span (stripped) when there is exactly one, else ``None``."""
+        return self.answers[0] if len(self.answers) == 1 else None
+
+    @cached_property
+    def answer_labels(self) -> tuple[str, ...]:
+        """Every label named in the answer (:func:`tagfer.labels.find_labels`), in order."""
+        return tuple(find_labels(self.answer)) if self.answer is not None else ()
+
+    @cached_property
+    def au_mentions(self) -> tuple[int, ...]:
+        """AU numbers written in the think block ("AU12", "AU 4", "<AU6>"), first-seen order, unique.
+
+        Computed on first use: only the F1 variant of R_AU (Table 4) needs it.
+        """
+        if not self.think:
+            return ()
+        think = self.think
+        found: list[int] = []
+        for m in _AU_MENTION.finditer(think):
+            at = m.start()
+            if at and think[at - 1] in _WORD_CHARS:
+                continue
+            n = int(m.group(1))
+            if n not in found:
+                found.append(n)
+        return tuple(found)
+
+    @property
+    def well_formed(self) -> bool:
+        return not self.violations
+
+    @property
+    def box_coords(self) -> tuple[tuple[int, int, int, int] | None, ...]:
+        """Coordinates of every box in order (``None`` for unreadable ones)."""
+        return tuple(b.coords for b in self.boxes)
+
+
+def _read_box(content: str) -> tuple[int, int, int, int] | None:
+    m = _BOX_CONTENT.fullmatch(content)
+    if m is None:
+        return None
+    x1, y1, x2, y2 = m.groups()
+    return (int(x1), int(y1), int(x2), int(y2))
+
+
+_LOWER_NAMES = frozenset(("think", "answer", "bbox"))
+_ANSWER_PUNCT = " \t\r\n\"'`.,;:!?()[]{}*_-"
+
+
+def _parse(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
+    codes: list[str] = []  # violation codes, first-met order, unique
+
+    def add(code: str) -> None:
+        if code not in codes:
+            codes.append(code)
+
+    # _TAG.split gives [text, tag, "/" or "", name, text, tag, ...]; walking it
+    # with running offsets is cheaper than one Match object per tag.
+    parts = _TAG.split(text)
+    head = parts[0]
+    outside = bool(head) and not head.isspace()
+    pos = len(head)
+    stack: list[tuple[str, int, int, bool]] = []  # name, tag start, content start, inside think
+    thinks: list[tuple[int, int, int]] = []  # tag start, content start, content end
+    answers: list[tuple[int, int, int]] = []
+    raw_boxes: list[tuple[int, int, int, int, bool]] = []  # tag start, content start/end, close end, in think
+    for i in range(1, len(parts), 4):
+        tag, slash, name, seg = parts[i], parts[i + 1], parts[i + 2], parts[i + 3]
+        start = pos
+        end = pos + len(tag)
+        pos = end + len(seg)
+        if name not in _LOWER_NAMES:
+            add("tag_case")
+            name = name.lower()
+        if not slash:
+            if stack:
+                parent = stack[-1][0]
+                in_think = parent == "think" or stack[-1][3]
+                if name != "bbox" or parent == "bbox":
+                    add("nested_tags")
+            else:
+                in_think = False
+            stack.append((name, start, end, in_think))
+            continue
+        if stack and stack[-1][0] == name:
+            opened = stack.pop()
+        elif any(entry[0] == name for entry in stack):
+            add("unclosed_tag")
+            while stack[-1][0] != name:
+                stack.pop()
+            opened = stack.pop()
+        else:
+            add("unmatched_close")
+            opened = None
+        if opened is not None:
+            if name == "think":
+                thinks.append((opened[1], opened[2], start))
+            elif name == "answer":
+                answers.append((opened[1], opened[2], start))
+            else:
+                raw_boxes.append((opened[1], opened[2], start, end, opened[3]))
+        if not stack and not outside and seg and not seg.isspace():
+            outside = True
+    if stack:
+        add("unclosed_tag")
+
+    think: str | None = None
+    if not thinks:
+        add("no_think")
+    else:
+        if len(thinks) > 1:
+            add("multiple_think")
+        first_think = min(thinks)
+        think = text[first_think[1] : first_think[2]]
+        if not think or think.isspace():
+            add("think_empty")
+
+    label: str | None = None
+    if not answers:
+        add("no_answer")
+        answer_texts: tuple[str, ...] = ()
+    else:
+        answers.sort()
+        answer_texts = tuple(text[a[1] : a[2]].strip() for a in answers)
+        if len(answers) > 1:
+            add("multiple_answer")
+        else:
+            ans = answer_texts[0]
+            label = normalize_label(ans)
+            if label is None:
+                if len(find_labels(ans)) > 1:
+                    add("answer_multiple_labels")
+                elif not ans.strip(_ANSWER_PUNCT):
+                    add("answer_empty")
+                else:
+                    add("answer_unknown")
+            elif label == EXCLUDED:
+                add("answer_excluded")
+        if thinks and answers[0][0] < min(thinks)[0]:
+            add("answer_before_think")
+    if outside:
+        add("text_outside")
+
+    if len(raw_boxes) > 1:
+        raw_boxes.sort()  # closing order differs from opening order only when boxes nest
+    boxes: list[BBox] = []
+    hi = canvas - 1
+    for b_start, c_start, c_end, b_end, in_think in raw_boxes:
+        coords = _read_box(text[c_start:c_end])
+        if not in_think:
+            add("bbox_outside_think")
+        if coords is None:
+            valid = False
+            add("bbox_syntax")
+        else:
+            valid = is_valid_box(coords, canvas)
+            if not valid:
+                if min(coords) < 0 or max(coords) > hi:
+                    add("bbox_out_of_canvas")
+                if coords[0] >= coords[2] or coords[1] >= coords[3]:
+                    add("bbox_degenerate")
+        boxes.append(BBox(coords, (b_start, b_end), in_think, valid))
+    if len(boxes) > max_boxes:
+        add("too_many_bboxes")
+
+    return ParsedTrace(text, think, tuple(boxes), answer_texts, label, tuple(codes), canvas, max_boxes)
+
+
+@lru_cache(maxsize=4096)
+def _parse_cached(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
+    return _parse(text, canvas, max_boxes)
+
+
+def clear_parse_cache() -> None:
+    """Forget memoised parses (benchmarks call this between repetitions)."""
+    _parse_cached.cache_clear()
+
+
+def parse_trace(text: Any, canvas: int = CANVAS, max_boxes: int = MAX_BOXES) -> ParsedTrace:
+    """Parse one response. Total: never raises, whatever ``text`` is.
+
+    ``bytes`` are decoded as UTF-8 (invalid bytes replaced); any other
+    non-string yields an empty trace with the single violation ``not_text``.
+    Results are memoised per ``(text, canvas, max_boxes)`` (an LRU of 4,096
+    entries) so that several reward functions scoring the same completion
+    parse it once.
+    """
+    if isinstance(text, ParsedTrace):
+        return text
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", errors="replace")
+    if not isinstance(text, str):
+        return ParsedTrace(text="", violations=("not_text",), canvas=canvas, max_boxes=max_boxes)
+    if type(text) is not str:  # str subclasses may override __hash__/__eq__: do not cache them
+        return _parse(str(text), canvas, max_boxes)
+    return _parse_cached(text, canvas, max_boxes)
+
+
+# ----------------------------------------------------------------------------------------
+# AU_LIST: the text the teacher prompt receives, one AU per line.
+# ----------------------------------------------------------------------------------------
+
+
+def format_box(box: Sequence[int]) -> str:
+    """``(1, 2, 3, 4)`` → ``"[1, 2, 3, 4]"`` (the one spelling of a box in text)."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    return f"[{x1}, {y1}, {x2}, {y2}]"
+
+
+class AUItem(NamedTuple):
+    """One activated AU: number, detector confidence, canvas box."""
+
+    au: int
+    score: float
+    box: tuple[int, int, int, int]
+
+
+_AU_LINE = re.compile(r"AU([1-9][0-9]?)\s+(-?\d+(?:\.\d+)?)\s+\[" + ",".join([_INT] * 4) + r"\]")
+
+
+def _as_au_item(item: Any) -> AUItem:
+    if isinstance(item, AUItem):
+        au, score, box = item
+    elif all(hasattr(item, a) for a in ("au", "score", "box")):
+        au, score, box = item.au, item.score, item.box
+    else:
+        au, score, box = item
+    if isinstance(au, str):
+        au = int(au.upper().removeprefix("AU"))
+    au = int(au)
+    if not 1 <= au <= 99:
+        raise ValueError(f"AU number must be in 1..99, got {au}")
+    box_t = tuple(int(v) for v in box)
+    if len(box_t) != 4 or any(float(v) != int(float(v)) for v in box):
+        raise ValueError(f"AU{au}: box must be 4 integers, got {box!r}")
+    score = float(score)
+    if score != score or score in (float("inf"), float("-inf")):
+        raise ValueError(f"AU{au}: score must be finite, got {score}")
+    return AUItem(au, score, box_t)  # type: ignore[arg-type]
+
+
+def format_au_list(items: Iterable[Any]) -> str:
+    """AU_LIST text: one line ``AU12 0.83 [191, 300, 330, 420]`` per item, in the given order.
+
+    Items are ``(au, score, box)`` triples (or objects with those attributes);
+    the score is written with two decimals. Malformed items raise ``ValueError``.
+    """
+    lines = []
+    for item in items:
+        it = _as_au_item(item)
+        lines.append(f"AU{it.au} {it.score:.2f} {format_box(it.box)}")
+    return "\n".join(lines)
+
+
+def parse_au_list(text: str) -> list[AUItem]:
+    """Inverse of :func:`format_au_list`; blank lines are skipped, anything else malformed raises ``ValueError``."""
+    items: list[AUItem] = []
+    for lineno, line in enumerate(str(text).splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        m = _AU_LINE.fullmatch(line)
+        if m is None:
+            raise ValueError(f"AU_LIST line {lineno} is malformed: {line!r}")
+        g = m.groups()
+        items.append(AUItem(int(g[0]), float(g[1]), (int(g[2]), int(g[3]), int(g[4]), int(g[5]))))
+    return items
+
+
+# ----------------------------------------------------------------------------------------
+# Teacher tags → SFT targets, and the no-bbox ablation.
+# ----------------------------------------------------------------------------------------
+
+# "<AU12> [x1, y1, x2, y2]" as the teacher is told to write it; the box is optional
+# here so that a tag without one can be reported.
+_TEACHER_TAG = re.compile(r"<AU([1-9][0-9]?)>(?:[ \t]*(\[[^\[\]<>\n]*\]))?")
+# Anything that looks like an attempt at an AU tag, to catch "<AU 12>", "<au12>", "<AU12 >".
+_LOOSE_AU_TAG = re.compile(r"<\s*/?\s*AU[^<>\n]{0,12}>", re.IGNORECASE)
+
+
+def convert_teacher_tags(text: str) -> str:
+    """Turn every teacher tag ``<AU12> [x1, y1, x2, y2]`` into ``AU12 <bbox>[x1, y1, x2, y2]</bbox>``.
+
+    The AU name stays in the text as plain ``AU12`` (the paper's traces name
+    the AU next to its box) and the box is re-spelled canonically. Tags whose
+    box is missing or unreadable are left as they are: run
+    :func:`validate_teacher_tags` first and reject such traces.
+    """
+
+    def repl(m: re.Match[str]) -> str:
+        coords = _read_box(m.group(2)) if m.group(2) else None
+        if coords is None:
+            return m.group(0)
+        return f"AU{int(m.group(1))} <bbox>{format_box(coords)}</bbox>"
+
+    return _TEACHER_TAG.sub(repl, text)
+
+
+def validate_teacher_tags(text: str, au_list: str | Iterable[Any], max_tags: int | None = MAX_BOXES) -> list[str]:
+    """Problems with the AU tags of a teacher trace (empty list = acceptable).
+
+    Every ``<AUx> [box]`` must copy an AU and its box verbatim (same four
+    integers) from ``au_list`` (AU_LIST text or ``(au, score, box)`` items): no
+    new AUs, no altered coordinates. Also reported: a tag without a readable
+    box, a malformed tag (``<AU 12>``), an AU tagged twice, more than
+    ``max_tags`` tags (``None`` = no limit).
+    """
+    items = parse_au_list(au_list) if isinstance(au_list, str) else [_as_au_item(i) for i in au_list]
+    allowed: dict[int, set[tuple[int, int, int, int]]] = {}
+    for it in items:
+        allowed.setdefault(it.au, set()).add(it.box)
+
+    problems: list[str] = []
+    seen: list[int] = []
+    strict_spans: set[int] = set()
+    for m in _TEACHER_TAG.finditer(text):
+        strict_spans.add(m.start())
+        au = int(m.group(1))
+        coords = _read_box(m.group(2)) if m.group(2) else None
+        if au in seen:
+            problems.append(f"AU{au} is tagged more than once")
+        seen.append(au)
+        if au not in allowed:
+            problems.append(f"AU{au} is not in the AU list")
+        if coords is None:
+            problems.append(f"<AU{au}> is not followed by a box [x1, y1, x2, y2]")
+        elif au in allowed and coords not in allowed[au]:
+            expected = " or ".join(format_box(b) for b in sorted(allowed[au]))
+            problems.append(f"AU{au}: box {format_box(coords)} differs from the AU list box {expected}")
+    for m in _LOOSE_AU_TAG.finditer(text):
+        if m.start() not in strict_spans:
+            problems.append(f"malformed AU tag {m.group(0)!r} (expected <AUx> [x1, y1, x2, y2])")
+    if max_tags is not None and len(seen) > max_tags:
+        problems.append(f"{len(seen)} AU tags, at most {max_tags} allowed")
+    return problems
+
+
+_BBOX_ELEMENT = re.compile(r"(?P<pre>[ \t]*)<\s*bbox\s*>.*?<\s*/\s*bbox\s*>(?P<post>[ \t]*)", re.IGNORECASE | re.DOTALL)
+_NO_SPACE_BEFORE = frozenset(".,;:!?)]}\n\r")
+
+
+def strip_bboxes(text: str) -> str:
+    """Delete every ``<bbox>…</bbox>`` element (the no-bbox ablation, Table 3).
+
+    Everything else is kept, AU names included. The spaces around a deleted
+    element collapse to one, or to none before punctuation, a line break or
+    the end of the text, and after a line break or the start of the text.
+    """
+
+    def repl(m: re.Match[str]) -> str:
+        s = m.string
+        before = s[m.start() - 1] if m.start() > 0 else "\n"
+        after = s[m.end()] if m.end() < len(s) else "\n"
+        if not (m.group("pre") or m.group("post")):
+            return ""
+        if before in "\n\r" or after in _NO_SPACE_BEFORE:
+            return ""
+        return " "
+
+    return _BBOX_ELEMENT.sub(repl, text)
+
