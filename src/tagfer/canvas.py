@@ -129,6 +129,27 @@ def union_box(boxes: Iterable[Sequence[float]]) -> tuple[float, float, float, fl
     return (float(arr[:, 0].min()), float(arr[:, 1].min()), float(arr[:, 2].max()), float(arr[:, 3].max()))
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of float boxes ``a[..., 4]`` and ``b[..., 4]`` broadcast against each other.
+
+    The package's single IoU kernel (few, in-place numpy ops: the rewards call
+    it once per batch of rollouts).
+    """
+    wh_a = np.maximum(a[..., 2:] - a[..., :2], 0.0)
+    wh_b = np.maximum(b[..., 2:] - b[..., :2], 0.0)
+    area_a = wh_a[..., 0] * wh_a[..., 1]
+    area_b = wh_b[..., 0] * wh_b[..., 1]
+    wh = np.minimum(a[..., 2:], b[..., 2:])
+    wh -= np.maximum(a[..., :2], b[..., :2])
+    np.maximum(wh, 0.0, out=wh)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a + area_b
+    union -= inter
+    out = np.zeros_like(inter)
+    np.divide(inter, union, out=out, where=union > 0)
+    return out
+
+
 def iou_matrix(a: np.ndarray | Sequence[Sequence[float]], b: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
     """Pairwise IoU of boxes ``a`` (k×4) and ``b`` (n×4) → k×n array in [0, 1].
 
@@ -139,19 +160,18 @@ def iou_matrix(a: np.ndarray | Sequence[Sequence[float]], b: np.ndarray | Sequen
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
     if a.shape[0] == 0 or b.shape[0] == 0:
         return np.zeros((a.shape[0], b.shape[0]))
-    aw = np.clip(a[:, 2] - a[:, 0], 0, None)
-    ah = np.clip(a[:, 3] - a[:, 1], 0, None)
-    bw = np.clip(b[:, 2] - b[:, 0], 0, None)
-    bh = np.clip(b[:, 3] - b[:, 1], 0, None)
-    area_a = aw * ah
-    area_b = bw * bh
-    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = ix * iy
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(union > 0, inter / union, 0.0)
-    return out
+    return _iou(a[:, None, :], b[None, :, :])
+
+
+def iou_pairs(a: np.ndarray | Sequence[Sequence[float]], b: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """Element-wise IoU of aligned boxes ``a[i]``, ``b[i]`` (both m×4) → m values in [0, 1]."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    if a.shape != b.shape:
+        raise ValueError(f"iou_pairs needs aligned boxes, got {a.shape} and {b.shape}")
+    if a.shape[0] == 0:
+        return np.zeros(0)
+    return _iou(a, b)
 
 
 def iou(a: Sequence[float], b: Sequence[float]) -> float:

@@ -85,18 +85,13 @@ def au_cmd(
         console=console, disable=not progress, transient=False,
     ) as bar:
         task = bar.add_task("au", total=None, failed=0)
+        failed = [0]
 
         def on_record(rec: dict) -> None:
-            bar.update(task, advance=1, failed=summary_failed(rec))
+            failed[0] += bool(rec.get("error"))
+            bar.update(task, advance=1, failed=failed[0])
             if show:
-                bar.console.print() if False else None
                 _print_faces(rec)
-
-        fails = [0]
-
-        def summary_failed(rec: dict) -> int:
-            fails[0] += bool(rec.get("error"))
-            return fails[0]
 
         summary = run_grounding(inputs, out, spec, gcfg, workers=workers, resume=not no_resume, retry_errors=retry_errors, on_record=on_record)
     msg = f"{summary.processed} processed ({summary.failed} failed), {summary.skipped} already done → {out}"

@@ -300,10 +300,8 @@ class DetectorSpec:
     fallback: str | None = None
 
     def build(self) -> AUDetector:
+        table = None if self.kind == "mediapipe" else AUTable.from_spec(self.kind)  # before opening the model
         lm = FaceLandmarker(model_path=self.landmarker_path, max_faces=self.max_faces, fallback=self.fallback)
-        if self.kind == "mediapipe":
-            det = MediaPipeAUDetector(self.config, landmarker=lm)
-        else:
-            det = TableAUDetector(AUTable.from_spec(self.kind), self.config, landmarker=lm)
+        det = MediaPipeAUDetector(self.config, landmarker=lm) if table is None else TableAUDetector(table, self.config, landmarker=lm)
         det._own = True  # the detector closes the landmarker it was built with
         return det

@@ -142,6 +142,8 @@ class FaceLandmarker:
         min_detection_confidence: float = 0.5,
         fallback: str | None = None,
     ):
+        if fallback not in (None, "none", "dlib"):
+            raise ValueError(f"unknown fallback detector {fallback!r}; use None or 'dlib'")
         os.environ.setdefault("GLOG_minloglevel", "2")
         from mediapipe.tasks.python import BaseOptions, vision
 
@@ -156,16 +158,14 @@ class FaceLandmarker:
             output_face_blendshapes=True,
             output_facial_transformation_matrixes=True,
         )
-        self._lm = vision.FaceLandmarker.create_from_options(opts)
         self._dlib = None
-        if fallback not in (None, "none", "dlib"):
-            raise ValueError(f"unknown fallback detector {fallback!r}; use None or 'dlib'")
         if fallback == "dlib":
             try:
                 import dlib  # type: ignore[import-not-found]
             except ImportError as e:  # pragma: no cover - depends on the extra
                 raise ImportError("the dlib fallback needs the extra: pip install 'tagfer[dlib]'") from e
             self._dlib = dlib.get_frontal_face_detector()
+        self._lm = vision.FaceLandmarker.create_from_options(opts)
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
@@ -178,12 +178,6 @@ class FaceLandmarker:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self):  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # -- detection -----------------------------------------------------------------------
     def _run(self, rgb: np.ndarray) -> list[FaceMesh]:

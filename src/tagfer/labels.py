@@ -58,8 +58,7 @@ def normalize_label(text: object) -> str | None:
     """
     if not isinstance(text, str):
         return None
-    t = text.strip().lower().strip(_STRIP)
-    t = re.sub(r"\s+", " ", t)
+    t = " ".join(text.lower().strip(_STRIP).split())
     if not t:
         return None
     return SYNONYMS.get(t)

@@ -63,8 +63,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from tagfer.canvas import CANVAS, is_valid_box
 from tagfer.labels import EXCLUDED, find_labels, normalize_label
@@ -74,7 +73,6 @@ __all__ = [
     "BBox",
     "ParsedTrace",
     "parse_trace",
-    "clear_parse_cache",
     "format_box",
     "AUItem",
     "format_au_list",
@@ -133,13 +131,13 @@ _AU_MENTION = re.compile(r"AU[ _-]?0*([1-9][0-9]?)(?![0-9])")
 _WORD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
 
-@dataclass(frozen=True, slots=True)
-class BBox:
-    """One ``<bbox>…</bbox>`` element of a response.
+class BBox(NamedTuple):
+    """One ``<bbox>…</bbox>`` element of a response (an immutable record).
 
     ``coords`` are the four integers as written, or ``None`` when the content
     is not four integers. ``span`` indexes the original text so that
-    ``text[span[0]:span[1]]`` is the whole element, tags included.
+    ``text[span[0]:span[1]]`` is the whole element, tags included. ``valid``
+    is :func:`tagfer.canvas.is_valid_box` of the coordinates.
     """
 
     coords: tuple[int, int, int, int] | None
@@ -148,7 +146,7 @@ class BBox:
     valid: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParsedTrace:
     """Everything the rewards need from one response (see module docstring)."""
 
@@ -166,16 +164,16 @@ class ParsedTrace:
         """Content of the answer span (stripped) when there is exactly one, else ``None``."""
         return self.answers[0] if len(self.answers) == 1 else None
 
-    @cached_property
+    @property
     def answer_labels(self) -> tuple[str, ...]:
         """Every label named in the answer (:func:`tagfer.labels.find_labels`), in order."""
         return tuple(find_labels(self.answer)) if self.answer is not None else ()
 
-    @cached_property
+    @property
     def au_mentions(self) -> tuple[int, ...]:
         """AU numbers written in the think block ("AU12", "AU 4", "<AU6>"), first-seen order, unique.
 
-        Computed on first use: only the F1 variant of R_AU (Table 4) needs it.
+        Computed on access: only the F1 variant of R_AU (Table 4) needs it.
         """
         if not self.think:
             return ()
@@ -197,7 +195,7 @@ class ParsedTrace:
     @property
     def box_coords(self) -> tuple[tuple[int, int, int, int] | None, ...]:
         """Coordinates of every box in order (``None`` for unreadable ones)."""
-        return tuple(b.coords for b in self.boxes)
+        return tuple([b.coords for b in self.boxes])
 
 
 def _read_box(content: str) -> tuple[int, int, int, int] | None:
@@ -211,8 +209,118 @@ def _read_box(content: str) -> tuple[int, int, int, int] | None:
 _LOWER_NAMES = frozenset(("think", "answer", "bbox"))
 _ANSWER_PUNCT = " \t\r\n\"'`.,;:!?()[]{}*_-"
 
+# The canonical layout, matched in one go by the fast path: optional
+# whitespace, <think>, text without "<" except up to three well-spelled
+# lower-case boxes, </think>, whitespace, <answer>, text without "<",
+# </answer>, whitespace. Groups: 1 think; per box i (0..2) 2+5i the element
+# and 3+5i..6+5i its coordinates; 17 answer. Possessive quantifiers: no
+# backtracking, linear time on any input. Everything else (4+ boxes, stray
+# "<", odd spelling) goes to the general walk.
+_BOX_GROUP = r"(<bbox>\s*+" + _BOX_LIST + r"\s*+</bbox>)[^<]*+"
+_CANONICAL = re.compile(
+    r"\s*+<think>([^<]*+(?:" + _BOX_GROUP + r"(?:" + _BOX_GROUP + r"(?:" + _BOX_GROUP + r")?+)?+)?+)"
+    r"</think>\s*+<answer>([^<]*+)</answer>\s*+"
+)
+_CANONICAL_BOX_GROUPS = (2, 7, 12)
+
+
+def _add(codes: list[str], code: str) -> None:
+    if code not in codes:
+        codes.append(code)
+
+
+def _check_answer(ans: str, add: Callable[[str], None]) -> str | None:
+    """Normalised label of one answer span; reports why it is not a valid label."""
+    label = normalize_label(ans)
+    if label is None:
+        if len(find_labels(ans)) > 1:
+            add("answer_multiple_labels")
+        elif not ans.strip(_ANSWER_PUNCT):
+            add("answer_empty")
+        else:
+            add("answer_unknown")
+    elif label == EXCLUDED:
+        add("answer_excluded")
+    return label
+
+
+def _make_boxes(
+    raw_boxes: Iterable[tuple[int, int, tuple[int, int, int, int] | None, bool]],
+    canvas: int,
+    max_boxes: int,
+    add: Callable[[str], None],
+) -> tuple[BBox, ...]:
+    """(start, end, coords, in_think) records → BBox objects, reporting box violations."""
+    boxes: list[BBox] = []
+    hi = canvas - 1
+    for b_start, b_end, coords, in_think in raw_boxes:
+        if not in_think:
+            add("bbox_outside_think")
+        if coords is None:
+            valid = False
+            add("bbox_syntax")
+        else:
+            valid = is_valid_box(coords, canvas)
+            if not valid:
+                if min(coords) < 0 or max(coords) > hi:
+                    add("bbox_out_of_canvas")
+                if coords[0] >= coords[2] or coords[1] >= coords[3]:
+                    add("bbox_degenerate")
+        boxes.append(BBox(coords, (b_start, b_end), in_think, valid))
+    if len(boxes) > max_boxes:
+        add("too_many_bboxes")
+    return tuple(boxes)
+
+
+def _parse_canonical(text: str, m: re.Match[str], canvas: int, max_boxes: int) -> ParsedTrace:
+    """Fast path for text matching :data:`_CANONICAL`.
+
+    The layout rules (one think block, one answer after it, at most three
+    boxes all inside think, lower-case tags, nothing outside) hold by
+    construction; only the content checks remain. Written flat for speed
+    (it runs once per rollout in RL); must give exactly what
+    :func:`_parse_general` gives, which the tests check.
+    """
+    g = m.groups()
+    think = g[0]
+    codes: list[str] = []
+    if not think or think.isspace():
+        codes.append("think_empty")
+    ans = g[16].strip()
+    label = normalize_label(ans)
+    if label is None or label == EXCLUDED:
+        _check_answer(ans, codes.append)
+    boxes: tuple[BBox, ...] = ()
+    if g[1] is not None:
+        hi = canvas - 1
+        found = []
+        for k in _CANONICAL_BOX_GROUPS:
+            if g[k - 1] is None:
+                break
+            x1, y1, x2, y2 = int(g[k]), int(g[k + 1]), int(g[k + 2]), int(g[k + 3])
+            # the rule of canvas.is_valid_box, inlined for plain ints
+            valid = 0 <= x1 < x2 <= hi and 0 <= y1 < y2 <= hi
+            if not valid:
+                if min(x1, y1, x2, y2) < 0 or max(x1, y1, x2, y2) > hi:
+                    _add(codes, "bbox_out_of_canvas")
+                if x1 >= x2 or y1 >= y2:
+                    _add(codes, "bbox_degenerate")
+            found.append(BBox((x1, y1, x2, y2), m.span(k), True, valid))
+        if len(found) > max_boxes:
+            codes.append("too_many_bboxes")
+        boxes = tuple(found)
+    return ParsedTrace(text, think, boxes, (ans,), label, tuple(codes), canvas, max_boxes)
+
 
 def _parse(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
+    m = _CANONICAL.fullmatch(text)
+    if m is not None:
+        return _parse_canonical(text, m, canvas, max_boxes)
+    return _parse_general(text, canvas, max_boxes)
+
+
+def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
+    """The full tag walk: handles any input, reports every violation."""
     codes: list[str] = []  # violation codes, first-met order, unique
 
     def add(code: str) -> None:
@@ -227,6 +335,7 @@ def _parse(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
     outside = bool(head) and not head.isspace()
     pos = len(head)
     stack: list[tuple[str, int, int, bool]] = []  # name, tag start, content start, inside think
+    depth = {"think": 0, "answer": 0, "bbox": 0}  # open elements per name (keeps the walk linear)
     thinks: list[tuple[int, int, int]] = []  # tag start, content start, content end
     answers: list[tuple[int, int, int]] = []
     raw_boxes: list[tuple[int, int, tuple[int, int, int, int] | None, bool]] = []  # start, end, coords, in think
@@ -263,14 +372,15 @@ def _parse(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
                 else:
                     in_think = False
                 stack.append((name, start, end, in_think))
+                depth[name] += 1
                 continue
-            if stack and stack[-1][0] == name:
+            if depth[name]:
+                if stack[-1][0] != name:
+                    add("unclosed_tag")
+                    while stack[-1][0] != name:
+                        depth[stack.pop()[0]] -= 1
                 opened = stack.pop()
-            elif any(entry[0] == name for entry in stack):
-                add("unclosed_tag")
-                while stack[-1][0] != name:
-                    stack.pop()
-                opened = stack.pop()
+                depth[name] -= 1
             else:
                 add("unmatched_close")
                 opened = None
@@ -307,17 +417,7 @@ def _parse(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
         if len(answers) > 1:
             add("multiple_answer")
         else:
-            ans = answer_texts[0]
-            label = normalize_label(ans)
-            if label is None:
-                if len(find_labels(ans)) > 1:
-                    add("answer_multiple_labels")
-                elif not ans.strip(_ANSWER_PUNCT):
-                    add("answer_empty")
-                else:
-                    add("answer_unknown")
-            elif label == EXCLUDED:
-                add("answer_excluded")
+            label = _check_answer(answer_texts[0], add)
         if thinks and answers[0][0] < min(thinks)[0]:
             add("answer_before_think")
     if outside:
@@ -325,36 +425,9 @@ def _parse(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
 
     if len(raw_boxes) > 1:
         raw_boxes.sort()  # closing order differs from opening order only when boxes nest
-    boxes: list[BBox] = []
-    hi = canvas - 1
-    for b_start, b_end, coords, in_think in raw_boxes:
-        if not in_think:
-            add("bbox_outside_think")
-        if coords is None:
-            valid = False
-            add("bbox_syntax")
-        else:
-            valid = is_valid_box(coords, canvas)
-            if not valid:
-                if min(coords) < 0 or max(coords) > hi:
-                    add("bbox_out_of_canvas")
-                if coords[0] >= coords[2] or coords[1] >= coords[3]:
-                    add("bbox_degenerate")
-        boxes.append(BBox(coords, (b_start, b_end), in_think, valid))
-    if len(boxes) > max_boxes:
-        add("too_many_bboxes")
+    boxes = _make_boxes(raw_boxes, canvas, max_boxes, add)
 
-    return ParsedTrace(text, think, tuple(boxes), answer_texts, label, tuple(codes), canvas, max_boxes)
-
-
-@lru_cache(maxsize=4096)
-def _parse_cached(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
-    return _parse(text, canvas, max_boxes)
-
-
-def clear_parse_cache() -> None:
-    """Forget memoised parses (benchmarks call this between repetitions)."""
-    _parse_cached.cache_clear()
+    return ParsedTrace(text, think, boxes, answer_texts, label, tuple(codes), canvas, max_boxes)
 
 
 def parse_trace(text: Any, canvas: int = CANVAS, max_boxes: int = MAX_BOXES) -> ParsedTrace:
@@ -362,9 +435,8 @@ def parse_trace(text: Any, canvas: int = CANVAS, max_boxes: int = MAX_BOXES) -> 
 
     ``bytes`` are decoded as UTF-8 (invalid bytes replaced); any other
     non-string yields an empty trace with the single violation ``not_text``.
-    Results are memoised per ``(text, canvas, max_boxes)`` (an LRU of 4,096
-    entries) so that several reward functions scoring the same completion
-    parse it once.
+    Canonical-looking text (the usual case) takes a single-regex fast path;
+    anything else gets the full tag walk. Both give identical results.
     """
     if isinstance(text, ParsedTrace):
         return text
@@ -372,9 +444,7 @@ def parse_trace(text: Any, canvas: int = CANVAS, max_boxes: int = MAX_BOXES) -> 
         text = bytes(text).decode("utf-8", errors="replace")
     if not isinstance(text, str):
         return ParsedTrace(text="", violations=("not_text",), canvas=canvas, max_boxes=max_boxes)
-    if type(text) is not str:  # str subclasses may override __hash__/__eq__: do not cache them
-        return _parse(str(text), canvas, max_boxes)
-    return _parse_cached(text, canvas, max_boxes)
+    return _parse(str(text), canvas, max_boxes)
 
 
 # ----------------------------------------------------------------------------------------
