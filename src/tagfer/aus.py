@@ -372,28 +372,39 @@ def au_scores(blendshapes: Mapping[str, float], landmarks: np.ndarray | None, co
     return {au: float(scores.get(au, 0.0)) for au in AU_IDS}
 
 
-def region_boxes_px(landmarks: np.ndarray, au: int, bilateral: str = "union") -> list[tuple[float, float, float, float]]:
-    """Image-pixel box(es) of an AU's region: one box (union) or one per side (split)."""
-    if au not in REGIONS:
-        raise KeyError(f"no region defined for AU{au}")
+_SIDE_INDEX: dict[int, tuple[np.ndarray, ...]] = {au: tuple(np.asarray(side, dtype=np.intp) for side in reg.sides) for au, reg in REGIONS.items()}
+
+
+def _region_boxes(u: np.ndarray, v: np.ndarray, ex: np.ndarray, ey: np.ndarray, iod: float, au: int, bilateral: str):
+    """Region box(es) from landmarks projected on the face frame (u along the eyes, v down the face)."""
     reg = REGIONS[au]
-    lm = np.asarray(landmarks, dtype=np.float64)
-    ex, ey, iod = _face_frame(lm)
     mx, mu, md = (m * iod for m in reg.margin)
-    # Work in the face frame so margins follow the face's roll, then take the axis-aligned hull.
     boxes = []
-    for side in reg.sides:
-        pts = lm[list(side), :2]
-        u, v = pts @ ex, pts @ ey
-        corners_fr = np.array([[u.min() - mx, v.min() - mu], [u.max() + mx, v.min() - mu], [u.min() - mx, v.max() + md], [u.max() + mx, v.max() + md]])
-        corners = corners_fr[:, :1] * ex + corners_fr[:, 1:] * ey
-        boxes.append((float(corners[:, 0].min()), float(corners[:, 1].min()), float(corners[:, 0].max()), float(corners[:, 1].max())))
+    for idx in _SIDE_INDEX[au]:
+        su, sv = u[idx], v[idx]
+        u0, u1, v0, v1 = float(su.min()) - mx, float(su.max()) + mx, float(sv.min()) - mu, float(sv.max()) + md
+        # Corners of the face-aligned rectangle back in image axes, then their axis-aligned hull.
+        xs = [a * ex[0] + b * ey[0] for a, b in ((u0, v0), (u1, v0), (u0, v1), (u1, v1))]
+        ys = [a * ex[1] + b * ey[1] for a, b in ((u0, v0), (u1, v0), (u0, v1), (u1, v1))]
+        boxes.append((min(xs), min(ys), max(xs), max(ys)))
     if bilateral == "union" or len(boxes) == 1:
-        b = np.array(boxes)
-        return [(float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max()))]
+        return [(min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))]
     if bilateral != "split":
         raise ValueError(f"bilateral must be 'union' or 'split', got {bilateral!r}")
     return boxes
+
+
+def region_boxes_px(landmarks: np.ndarray, au: int, bilateral: str = "union") -> list[tuple[float, float, float, float]]:
+    """Image-pixel box(es) of an AU's region: one box (union) or one per side (split).
+
+    Margins are applied in the face's own frame (so they follow its roll); the
+    result is the axis-aligned hull of that rotated rectangle.
+    """
+    if au not in REGIONS:
+        raise KeyError(f"no region defined for AU{au}")
+    lm = np.asarray(landmarks, dtype=np.float64)
+    ex, ey, iod = _face_frame(lm)
+    return _region_boxes(lm[:, :2] @ ex, lm[:, :2] @ ey, ex, ey, iod, au, bilateral)
 
 
 def ground_face(
@@ -411,11 +422,16 @@ def ground_face(
     OpenFace's ``AUxx_c`` presence columns).
     """
     sc = dict(au_scores(mesh.blendshapes, mesh.landmarks, config) if scores is None else scores)
+    if config.bilateral not in ("union", "split"):
+        raise ValueError(f"bilateral must be 'union' or 'split', got {config.bilateral!r}")
+    lm = np.asarray(mesh.landmarks, dtype=np.float64)
+    ex, ey, iod = _face_frame(lm)
+    u, v = lm[:, :2] @ ex, lm[:, :2] @ ey
     dets = []
     for au, s in sc.items():
         if au not in REGIONS:
             continue
-        px = region_boxes_px(mesh.landmarks, au, config.bilateral)
+        px = _region_boxes(u, v, ex, ey, iod, au, config.bilateral)
         cboxes = tuple(transform.box_to_canvas(b) for b in px)
         union = transform.box_to_canvas(
             (min(b[0] for b in px), min(b[1] for b in px), max(b[2] for b in px), max(b[3] for b in px))

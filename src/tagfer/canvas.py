@@ -22,6 +22,7 @@ All functions are pure (no I/O).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -77,10 +78,12 @@ class CanvasTransform:
 
     def box_to_canvas(self, box_px: Sequence[float]) -> Box:
         """Image-pixel box → integer canvas box, rounded outward and clipped to the canvas."""
-        b = self.box_to_canvas_float(box_px)
-        lo = np.floor(b[:2])
-        hi = np.ceil(b[2:])
-        return clip_box((lo[0], lo[1], hi[0], hi[1]), self.canvas)
+        s = self.scale
+        ox, oy = self.offset
+        x1, y1, x2, y2 = (float(v) for v in box_px)
+        return clip_box(
+            (math.floor(x1 * s + ox), math.floor(y1 * s + oy), math.ceil(x2 * s + ox), math.ceil(y2 * s + oy)), self.canvas
+        )
 
     def box_to_image(self, box_canvas: Sequence[float]) -> tuple[float, float, float, float]:
         """Canvas box → image-pixel box (float), clipped to the image."""

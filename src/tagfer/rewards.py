@@ -157,8 +157,8 @@ def as_box_array(boxes: Any) -> np.ndarray:
     elif isinstance(boxes, list) and boxes and isinstance(boxes[0], (list, tuple)):
         try:  # the usual case: a list of 4-lists
             arr = np.array(boxes, dtype=np.float64)
-        except (TypeError, ValueError):
-            arr = np.zeros((0, 3))  # reported below as a bad shape
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"AU boxes must be [x1, y1, x2, y2] each, got {boxes!r}") from e
     else:
         rows = list(boxes)
         if not rows:
@@ -167,7 +167,7 @@ def as_box_array(boxes: Any) -> np.ndarray:
             arr = np.array([np.asarray(r, dtype=np.float64).reshape(-1) for r in rows])
         except (TypeError, ValueError) as e:
             raise ValueError(f"AU boxes must be [x1, y1, x2, y2] each, got {boxes!r}") from e
-    if arr.size == 0:
+    if arr.ndim >= 1 and arr.shape[0] == 0:
         return np.zeros((0, 4))
     if arr.ndim != 2 or arr.shape[1] != 4:
         raise ValueError(f"AU boxes must have shape (n, 4), got {arr.shape}")

@@ -1,0 +1,227 @@
+"""Tests for the TRL and verl adapters (neither trainer is imported)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+from tagfer.integrations import trl as tag_trl
+from tagfer.integrations.trl import TAGReward, completion_text, make_reward_funcs, reward_weights
+from tagfer.integrations.verl import compute_score, read_ground_truth
+from tagfer.rewards import RewardConfig, reward_breakdown
+from tagfer.trace import format_box
+
+CHIN = [93, 306, 445, 417]
+CORNER = [191, 417, 328, 511]
+
+
+def trace(*boxes, answer="disgust", aus=("AU17",)):
+    steps = " ".join(f"{au} <bbox>{format_box(b)}</bbox>" for au, b in zip(aus * len(boxes), boxes))
+    return f"<think>The face is tense. {steps} Done.</think>\n<answer>{answer}</answer>"
+
+
+GOOD = trace(CHIN)
+WRONG = trace(CHIN, answer="happy")
+BAD = "Sure! " + trace(CHIN)
+
+
+def test_adapters_import_without_the_trainers():
+    import subprocess
+    from pathlib import Path
+
+    import tagfer
+
+    src = str(Path(tagfer.__file__).resolve().parents[1])
+    code = (
+        "import sys; sys.path.insert(0, %r); sys.modules['trl'] = None; sys.modules['verl'] = None\n"
+        "import tagfer.integrations.trl, tagfer.integrations.verl\n"
+        "assert sys.modules['trl'] is None and sys.modules['verl'] is None\n" % src
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------------------
+# TRL
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        GOOD,
+        [{"role": "assistant", "content": GOOD}],
+        [{"role": "assistant", "content": [{"type": "text", "text": GOOD[:20]}, {"type": "text", "text": GOOD[20:]}]}],
+        {"role": "assistant", "content": GOOD},
+    ],
+)
+def test_completion_text_forms(completion):
+    assert completion_text(completion) == GOOD
+
+
+def test_completion_text_skips_non_assistant_messages_and_unknown_types():
+    msgs = [{"role": "tool", "content": "ignored"}, {"role": "assistant", "content": GOOD}]
+    assert completion_text(msgs) == GOOD
+    assert completion_text(42) == 42  # scored as not_text downstream
+
+
+COLUMNS = {
+    "label": ["disgust", "disgust", "disgust", "disgust"],
+    "au_boxes": [[CHIN, CORNER], [CHIN, CORNER], [], [CHIN]],
+    "aus": [[17, 14], [17], [], [4]],
+    "trainer_state": object(),  # TRL passes these too; they must be ignored
+    "log_extra": lambda **k: None,
+    "log_metric": lambda *a: None,
+}
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_trl_reward_funcs(conversational):
+    texts = [GOOD, WRONG, GOOD, BAD]
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    prompts = ["p"] * 4
+    kwargs = dict(prompts=prompts, completions=completions, completion_ids=[[1]] * 4, **COLUMNS)
+    au = tag_trl.r_au(**kwargs)
+    assert au[0] == pytest.approx(1.0)  # k=1 < n=2: mean over one box
+    assert au[2] is None  # n = 0 → masked
+    assert tag_trl.r_ans(**kwargs) == [1.0, 0.0, 1.0, 1.0]
+    assert tag_trl.r_fmt(**kwargs) == [0.5, 0.5, 0.5, 0.0]
+    f1 = tag_trl.r_au_f1(**kwargs)
+    assert f1[0] == pytest.approx(2 * 1 / (1 + 2)) and f1[1] == 1.0 and f1[2] is None and f1[3] == 0.0
+    totals = tag_trl.tag_reward(**kwargs)
+    expected = [
+        reward_breakdown(t, lab, boxes).total for t, lab, boxes in zip(texts, COLUMNS["label"], COLUMNS["au_boxes"])
+    ]
+    assert totals == pytest.approx(expected)
+
+
+def test_trl_names_and_factory():
+    assert [f.__name__ for f in make_reward_funcs()] == ["r_au", "r_ans", "r_fmt"]
+    assert [f.__name__ for f in make_reward_funcs(RewardConfig(au_reward="f1"))] == ["r_au_f1", "r_ans", "r_fmt"]
+    assert tag_trl.tag_reward.__name__ == "tag_reward"
+    assert reward_weights(RewardConfig(w_au=0.0, w_fmt=0.5)) == [0.0, 1.0, 0.5]
+    assert TAGReward("r_au", name="au_iou").__name__ == "au_iou"
+    with pytest.raises(ValueError):
+        TAGReward("r_xyz")  # type: ignore[arg-type]
+
+
+def test_trl_callables_pickle():
+    f = pickle.loads(pickle.dumps(make_reward_funcs(RewardConfig(matching="one_to_one"))[0]))
+    assert f.__name__ == "r_au" and f.cfg.matching == "one_to_one"
+    assert f(completions=[GOOD], au_boxes=[[CHIN, CORNER]]) == [1.0]
+
+
+def test_trl_one_to_one_factory_penalises_repeats():
+    funcs = make_reward_funcs(RewardConfig(matching="one_to_one"))
+    out = funcs[0](completions=[trace(CHIN, CHIN)], au_boxes=[[CHIN, [0, 0, 50, 50]]])
+    assert out == [pytest.approx(0.5)]
+    assert tag_trl.r_au(completions=[trace(CHIN, CHIN)], au_boxes=[[CHIN, [0, 0, 50, 50]]]) == [1.0]
+
+
+def test_trl_missing_column_is_a_clear_error():
+    with pytest.raises(ValueError, match="au_boxes"):
+        tag_trl.r_au(prompts=["p"], completions=[GOOD], label=["disgust"])
+    with pytest.raises(ValueError, match="label"):
+        tag_trl.r_ans(prompts=["p"], completions=[GOOD])
+    with pytest.raises(ValueError, match="rows"):
+        tag_trl.r_ans(prompts=["p"], completions=[GOOD], label=["a", "b"])
+
+
+def test_trl_parses_each_completion_list_once():
+    completions = [GOOD, WRONG]
+    calls = []
+    real = tag_trl.parse_trace
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    tag_trl.parse_trace = counting
+    try:
+        for f in make_reward_funcs():
+            f(completions=completions, **COLUMNS | {"label": ["disgust"] * 2, "au_boxes": [[CHIN]] * 2})
+    finally:
+        tag_trl.parse_trace = real
+    assert len(calls) == 2
+
+
+def test_trl_values_are_floats_or_none():
+    out = tag_trl.r_au(completions=["junk", GOOD], au_boxes=[[CHIN], None])
+    assert out == [0.0, None]
+
+
+# ----------------------------------------------------------------------------------------
+# verl
+# ----------------------------------------------------------------------------------------
+
+KEYS = {"score", "r_au", "au_scored", "r_ans", "acc", "r_fmt"}
+
+
+def test_verl_label_string():
+    out = compute_score("rafdb", GOOD, "disgust")
+    assert set(out) == KEYS
+    assert out == {"score": 1.5, "r_au": 0.0, "au_scored": 0.0, "r_ans": 1.0, "acc": 1.0, "r_fmt": 0.5}
+
+
+def test_verl_dict_ground_truth():
+    out = compute_score("rafdb", GOOD, {"label": "Disgust", "au_boxes": [CHIN, CORNER], "aus": [17]})
+    assert out["r_au"] == 1.0 and out["au_scored"] == 1.0 and out["score"] == 2.5
+
+
+def test_verl_json_ground_truth_and_numpy_values():
+    gt = json.dumps({"label": "disgust", "au_boxes": [CHIN], "aus": [17]})
+    assert compute_score("x", GOOD, gt)["score"] == 2.5
+    np_gt = {"label": np.str_("disgust"), "au_boxes": np.array([np.array(CHIN)], dtype=object), "aus": np.array([17])}
+    assert compute_score("x", GOOD, np_gt)["score"] == 2.5
+
+
+def test_verl_all_values_are_floats_with_the_same_keys():
+    for gt in ("happiness", {"label": "disgust", "au_boxes": []}, {"label": "disgust", "au_boxes": [CHIN]}):
+        for text in (GOOD, BAD, "", None):
+            out = compute_score("x", text, gt)
+            assert set(out) == KEYS and all(isinstance(v, float) for v in out.values())
+
+
+def test_verl_overrides_from_extra_info_and_kwargs():
+    gt = {"label": "disgust", "au_boxes": [CHIN, [0, 0, 50, 50]], "aus": [17, 14]}
+    repeated = trace(CHIN, CHIN)
+    assert compute_score("x", repeated, gt)["r_au"] == 1.0
+    assert compute_score("x", repeated, gt, {"reward_config": {"matching": "one_to_one"}})["r_au"] == 0.5
+    assert compute_score("x", repeated, gt, {"reward_config": '{"au_reward": "f1"}'})["r_au"] == pytest.approx(2 / 3)
+    assert compute_score("x", repeated, gt, None, matching="one_to_one", unrelated_kwarg=1)["r_au"] == 0.5
+    out = compute_score("x", repeated, gt, None, w_au=0.0, fmt_bonus=0.1)
+    assert out["score"] == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="unknown"):
+        compute_score("x", repeated, gt, {"reward_config": {"matchin": "one_to_one"}})
+
+
+def test_verl_extra_info_fallbacks_and_trailing_special_tokens():
+    out = compute_score("x", GOOD + "<|im_end|>\n<|endoftext|>", "disgust", {"au_boxes": [CHIN], "index": 3})
+    assert out["r_fmt"] == 0.5 and out["r_au"] == 1.0
+
+
+def test_verl_bad_ground_truth():
+    with pytest.raises(ValueError):
+        compute_score("x", GOOD, {"au_boxes": [CHIN]})
+    with pytest.raises(ValueError):
+        compute_score("x", GOOD, "{not json")
+    with pytest.raises(ValueError):
+        compute_score("x", GOOD, 3)
+    with pytest.raises(ValueError):
+        compute_score("x", GOOD, "contempt")
+
+
+def test_read_ground_truth():
+    assert read_ground_truth("sad") == {"label": "sad", "au_boxes": None, "aus": None}
+    assert read_ground_truth({"label": "sad", "aus": [1]}, {"au_boxes": [CHIN]})["au_boxes"] == [CHIN]
+
+
+@pytest.mark.slow
+def test_trl_sees_our_names_and_sync_callables():
+    utils = pytest.importorskip("trl.trainer.utils")
+    funcs = make_reward_funcs() + [tag_trl.tag_reward]
+    assert [utils.get_callable_name(f) for f in funcs] == ["r_au", "r_ans", "r_fmt", "tag_reward"]
+    assert not any(utils.is_async_callable(f) for f in funcs)
