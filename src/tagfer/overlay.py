@@ -107,7 +107,12 @@ def au_overlay(
     for f in faces:
         dets = {"active": f.active, "top": f.top, "all": f.aus}[which]
         boxes += [LabeledBox(d.box, f"AU{d.au} {d.score:.2f}", GREEN) for d in dets]
-    im_size = original_size or (image.shape[1], image.shape[0]) if isinstance(image, np.ndarray) else original_size or image.size
+    if original_size is not None:
+        im_size = original_size
+    elif isinstance(image, np.ndarray):
+        im_size = (image.shape[1], image.shape[0])
+    else:
+        im_size = image.size
     crop = face_focus([f.mesh.bbox for f in faces if f.mesh is not None], im_size) if focus else None
     return draw_boxes(image, boxes, canvas=canvas, original_size=original_size, crop=crop)
 
