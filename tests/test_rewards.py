@@ -317,8 +317,9 @@ def test_reward_config_validation_and_replace():
         RewardConfig(matching="greedy")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         RewardConfig(au_reward="giou")  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        RewardConfig(canvas=0)
+    for bad in ({"canvas": 0}, {"canvas": "512"}, {"max_boxes": -1}, {"fmt_bonus": float("nan")}, {"w_au": "1"}):
+        with pytest.raises(ValueError):
+            RewardConfig(**bad)
     cfg = RewardConfig().replace({"matching": "one_to_one"}, w_au=0.5)
     assert cfg.matching == "one_to_one" and cfg.w_au == 0.5
     with pytest.raises(ValueError, match="unknown"):

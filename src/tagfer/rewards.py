@@ -48,6 +48,7 @@ distinct set of AU boxes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
@@ -80,6 +81,10 @@ AUReward = Literal["iou", "f1"]
 Completion = str | ParsedTrace
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     """Settings of the TAG reward.
@@ -109,10 +114,14 @@ class RewardConfig:
             raise ValueError(f"matching must be 'paper' or 'one_to_one', got {self.matching!r}")
         if self.au_reward not in ("iou", "f1"):
             raise ValueError(f"au_reward must be 'iou' or 'f1', got {self.au_reward!r}")
-        if int(self.canvas) != self.canvas or self.canvas < 2:
+        if not _is_int(self.canvas) or self.canvas < 2:
             raise ValueError(f"canvas must be an integer >= 2, got {self.canvas!r}")
-        if int(self.max_boxes) != self.max_boxes or self.max_boxes < 0:
+        if not _is_int(self.max_boxes) or self.max_boxes < 0:
             raise ValueError(f"max_boxes must be a non-negative integer, got {self.max_boxes!r}")
+        for name in ("fmt_bonus", "w_au", "w_ans", "w_fmt"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
 
     def replace(self, overrides: Mapping[str, Any] | None = None, /, **kw: Any) -> "RewardConfig":
         """A copy with some fields changed; unknown names raise ``ValueError``."""
