@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tagfer.canvas import CANVAS, CanvasTransform, clip_box, iou, iou_matrix, iou_pairs, is_valid_box

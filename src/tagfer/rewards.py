@@ -184,9 +184,10 @@ def as_box_array(boxes: Any) -> np.ndarray:
 
 
 def _parsed(completion: Any, cfg: RewardConfig) -> ParsedTrace:
-    if isinstance(completion, ParsedTrace) and (completion.canvas, completion.max_boxes) == (cfg.canvas, cfg.max_boxes):
-        return completion
+    """The ParsedTrace of a completion under ``cfg`` (re-parsed if it was parsed with other settings)."""
     if isinstance(completion, ParsedTrace):
+        if completion.canvas == cfg.canvas and completion.max_boxes == cfg.max_boxes:
+            return completion
         completion = completion.text
     return parse_trace(completion, cfg.canvas, cfg.max_boxes)
 

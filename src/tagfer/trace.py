@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from tagfer.canvas import CANVAS, is_valid_box
@@ -322,10 +323,7 @@ def _parse(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
 def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
     """The full tag walk: handles any input, reports every violation."""
     codes: list[str] = []  # violation codes, first-met order, unique
-
-    def add(code: str) -> None:
-        if code not in codes:
-            codes.append(code)
+    add = partial(_add, codes)
 
     # _TOKEN.split gives [text, box, x1, y1, x2, y2, tag, slash, name, text, ...]
     # (box and tag without their leading "<"):
