@@ -77,12 +77,13 @@ box per side. Boxes are computed in image pixels and mapped to the canvas by
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from tagfer.canvas import CANVAS, Box, CanvasTransform
+from tagfer.canvas import CANVAS, Box, CanvasTransform, union_box
 from tagfer.faces import FaceMesh
 
 AU_NAMES: dict[int, str] = {
@@ -377,6 +378,8 @@ _SIDE_INDEX: dict[int, tuple[np.ndarray, ...]] = {au: tuple(np.asarray(side, dty
 
 def _region_boxes(u: np.ndarray, v: np.ndarray, ex: np.ndarray, ey: np.ndarray, iod: float, au: int, bilateral: str):
     """Region box(es) from landmarks projected on the face frame (u along the eyes, v down the face)."""
+    if bilateral not in ("union", "split"):
+        raise ValueError(f"bilateral must be 'union' or 'split', got {bilateral!r}")
     reg = REGIONS[au]
     mx, mu, md = (m * iod for m in reg.margin)
     boxes = []
@@ -387,11 +390,7 @@ def _region_boxes(u: np.ndarray, v: np.ndarray, ex: np.ndarray, ey: np.ndarray, 
         xs = [a * ex[0] + b * ey[0] for a, b in ((u0, v0), (u1, v0), (u0, v1), (u1, v1))]
         ys = [a * ex[1] + b * ey[1] for a, b in ((u0, v0), (u1, v0), (u0, v1), (u1, v1))]
         boxes.append((min(xs), min(ys), max(xs), max(ys)))
-    if bilateral == "union" or len(boxes) == 1:
-        return [(min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))]
-    if bilateral != "split":
-        raise ValueError(f"bilateral must be 'union' or 'split', got {bilateral!r}")
-    return boxes
+    return [union_box(boxes)] if bilateral == "union" or len(boxes) == 1 else boxes
 
 
 def region_boxes_px(landmarks: np.ndarray, au: int, bilateral: str = "union") -> list[tuple[float, float, float, float]]:
@@ -422,8 +421,6 @@ def ground_face(
     OpenFace's ``AUxx_c`` presence columns).
     """
     sc = dict(au_scores(mesh.blendshapes, mesh.landmarks, config) if scores is None else scores)
-    if config.bilateral not in ("union", "split"):
-        raise ValueError(f"bilateral must be 'union' or 'split', got {config.bilateral!r}")
     lm = np.asarray(mesh.landmarks, dtype=np.float64)
     ex, ey, iod = _face_frame(lm)
     u, v = lm[:, :2] @ ex, lm[:, :2] @ ey
@@ -433,9 +430,7 @@ def ground_face(
             continue
         px = _region_boxes(u, v, ex, ey, iod, au, config.bilateral)
         cboxes = tuple(transform.box_to_canvas(b) for b in px)
-        union = transform.box_to_canvas(
-            (min(b[0] for b in px), min(b[1] for b in px), max(b[2] for b in px), max(b[3] for b in px))
-        )
+        union = transform.box_to_canvas(union_box(px))
         is_active = bool(active[au]) if active is not None and au in active else s >= config.threshold_for(au)
         dets.append(AUDetection(au=int(au), score=float(s), active=is_active, box=union, boxes=cboxes if len(cboxes) > 1 else ()))
     dets.sort(key=lambda d: (-d.score, d.au))
@@ -446,8 +441,6 @@ def au_number(text: str | int) -> int:
     """'AU12', 'au_12', 'AU12_r', ' 12 ', 12 → 12 (ValueError otherwise)."""
     if isinstance(text, (int, np.integer)):
         return int(text)
-    import re
-
     m = re.fullmatch(r"\s*(?:au)?[\s_]*0*(\d{1,2})(?:_[rc])?\s*", str(text), flags=re.IGNORECASE)
     if not m:
         raise ValueError(f"not an AU name: {text!r}")

@@ -124,12 +124,24 @@ def is_valid_box(box: Sequence[object], canvas: int = CANVAS) -> bool:
     return bool(0 <= x1 < x2 <= hi and 0 <= y1 < y2 <= hi)
 
 
+def clip_boxes(boxes: np.ndarray, canvas: int = CANVAS) -> np.ndarray:
+    """Float box array ``(..., 4)`` with every coordinate clipped to ``0 .. canvas-1``, in place."""
+    np.maximum(boxes, 0.0, out=boxes)
+    np.minimum(boxes, canvas - 1, out=boxes)
+    return boxes
+
+
 def union_box(boxes: Iterable[Sequence[float]]) -> tuple[float, float, float, float]:
-    """Smallest box covering all given boxes."""
-    arr = np.asarray(list(boxes), dtype=np.float64).reshape(-1, 4)
-    if arr.size == 0:
+    """Smallest box covering all given boxes (pure Python: called per AU region on the hot path)."""
+    bs = list(boxes)
+    if not bs:
         raise ValueError("union_box of no boxes")
-    return (float(arr[:, 0].min()), float(arr[:, 1].min()), float(arr[:, 2].max()), float(arr[:, 3].max()))
+    return (
+        float(min(b[0] for b in bs)),
+        float(min(b[1] for b in bs)),
+        float(max(b[2] for b in bs)),
+        float(max(b[3] for b in bs)),
+    )
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -43,17 +43,13 @@ import numpy as np
 
 from tagfer.aus import AUConfig, FaceAUs, au_number, ground_face
 from tagfer.canvas import CanvasTransform
+from tagfer.errors import ItemError
 from tagfer.faces import FaceLandmarker, FaceMesh
 from tagfer.imageio import LoadedImage
 
 
-class DetectionError(Exception):
-    """A per-image failure with a stable ``kind`` (``no_face``, ``not_in_table`` …)."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
+class DetectionError(ItemError):
+    """A per-image detection failure (``kind``: ``no_face``, ``not_in_table``)."""
 
 
 @runtime_checkable

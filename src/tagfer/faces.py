@@ -128,6 +128,11 @@ def head_pose_from_matrix(m: np.ndarray) -> dict[str, float]:
     return {"yaw": yaw, "pitch": pitch, "roll": roll}
 
 
+def _landmark_bbox(lm: np.ndarray) -> tuple[float, float, float, float]:
+    """Tight image-pixel box around the mesh points."""
+    return (float(lm[:, 0].min()), float(lm[:, 1].min()), float(lm[:, 0].max()), float(lm[:, 1].max()))
+
+
 class FaceLandmarker:
     """MediaPipe FaceLandmarker in IMAGE mode. Use as a context manager (or call :meth:`close`).
 
@@ -147,7 +152,6 @@ class FaceLandmarker:
         os.environ.setdefault("GLOG_minloglevel", "2")
         from mediapipe.tasks.python import BaseOptions, vision
 
-        self._vision = vision
         self.model_path = find_landmarker_model(model_path)
         self.max_faces = max_faces
         opts = vision.FaceLandmarkerOptions(
@@ -192,8 +196,7 @@ class FaceLandmarker:
             bs = {c.category_name: float(c.score) for c in res.face_blendshapes[i]} if res.face_blendshapes else {}
             bs.pop("_neutral", None)
             pose = head_pose_from_matrix(res.facial_transformation_matrixes[i]) if res.facial_transformation_matrixes else {}
-            bbox = (float(lm[:, 0].min()), float(lm[:, 1].min()), float(lm[:, 0].max()), float(lm[:, 1].max()))
-            faces.append(FaceMesh(bbox=bbox, landmarks=lm, blendshapes=bs, head_pose=pose))
+            faces.append(FaceMesh(bbox=_landmark_bbox(lm), landmarks=lm, blendshapes=bs, head_pose=pose))
         return faces
 
     def _dlib_faces(self, rgb: np.ndarray, known: list[FaceMesh]) -> list[FaceMesh]:
@@ -225,8 +228,7 @@ class FaceLandmarker:
                 lm = f.landmarks.copy()
                 lm[:, :2] = lm[:, :2] / up + np.array([x1, y1])
                 lm[:, 2] = lm[:, 2] / up
-                bb = (float(lm[:, 0].min()), float(lm[:, 1].min()), float(lm[:, 0].max()), float(lm[:, 1].max()))
-                found.append(FaceMesh(bbox=bb, landmarks=lm, blendshapes=f.blendshapes, head_pose=f.head_pose, source="dlib+mediapipe"))
+                found.append(FaceMesh(bbox=_landmark_bbox(lm), landmarks=lm, blendshapes=f.blendshapes, head_pose=f.head_pose, source="dlib+mediapipe"))
         return found
 
     def detect(self, rgb: np.ndarray, scale: float = 1.0) -> list[FaceMesh]:

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from tagfer.canvas import CANVAS
-from tagfer.detectors import AUDetector, DetectionError, DetectorSpec
-from tagfer.imageio import ImageError, is_image_path, load_image
+from tagfer.detectors import AUDetector, DetectorSpec
+from tagfer.errors import ItemError
+from tagfer.imageio import is_image_path, load_image
 from tagfer.jsonl import JsonlWriter, done_keys, drop_records
 
 
@@ -117,7 +118,7 @@ def ground_image(detector: AUDetector, key: str, config: GroundingConfig = Groun
             save_png(au_overlay(img.rgb, faces, original_size=(img.width, img.height), canvas=rec["canvas"]), out)
             rec["overlay"] = out
         return rec
-    except (ImageError, DetectionError) as e:
+    except ItemError as e:
         return error_record(key, e.kind, e.message)
     except MemoryError:
         return error_record(key, "internal", "out of memory while processing this image")
@@ -232,6 +233,10 @@ def _run_pool(keys: Iterator[str], spec, config, workers: int, emit, window: int
                     exhausted = True
                     break
                 pending.append((k, pool.submit(_work, k)))
+            # Items given up on (future None) are recorded when they reach the front, keeping input order.
+            while pending and pending[0][1] is None:
+                k, _ = pending.popleft()
+                emit(error_record(k, "worker_crashed", "the worker process died twice while processing this image"))
             if not pending:
                 break
             key, fut = pending[0]
@@ -246,19 +251,9 @@ def _run_pool(keys: Iterator[str], spec, config, workers: int, emit, window: int
                     survivors.append(k)
                 pending.clear()
                 for k in survivors:
-                    if crashes[k] >= 2:
-                        pending.append((k, None))
-                    else:
-                        pending.append((k, pool.submit(_work, k)))
-                # Records for items that crashed twice are emitted in order below.
-                while pending and pending[0][1] is None:
-                    k, _ = pending.popleft()
-                    emit(error_record(k, "worker_crashed", "the worker process died twice while processing this image"))
+                    pending.append((k, None if crashes[k] >= 2 else pool.submit(_work, k)))
                 continue
             pending.popleft()
             emit(rec)
-            while pending and pending[0][1] is None:
-                k, _ = pending.popleft()
-                emit(error_record(k, "worker_crashed", "the worker process died twice while processing this image"))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

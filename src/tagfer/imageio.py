@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from tagfer.errors import ItemError
+
 # Images beyond this many pixels are refused outright (decompression bombs);
 # anything smaller but above ``max_side`` is downscaled at decode time.
 MAX_PIXELS = 400_000_000
@@ -30,13 +32,8 @@ MIN_SIDE = 16
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
 
-class ImageError(Exception):
-    """An image that cannot be used. ``kind`` is a stable machine-readable code."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
+class ImageError(ItemError):
+    """An image that cannot be used (``kind`` as listed in the module docstring)."""
 
 
 @dataclass
@@ -83,9 +80,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         rgba = im.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
-    if mode == "CMYK":
-        return im.convert("RGB")
-    return im.convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, P without transparency
 
 
 def load_image(source: str | os.PathLike | bytes, max_side: int = 2048) -> LoadedImage:

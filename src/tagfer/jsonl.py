@@ -78,21 +78,29 @@ class JsonlWriter:
         self.close()
 
 
+_INVALID = object()
+
+
+def _parsed_lines(f) -> Iterator[tuple[int, str, Any]]:
+    """(line number, stripped line, decoded value or ``_INVALID``) for each non-blank line."""
+    for lineno, line in enumerate(f, 1):
+        s = line.strip()
+        if not s:
+            continue
+        try:
+            yield lineno, s, json.loads(s)
+        except json.JSONDecodeError:
+            yield lineno, s, _INVALID
+
+
 def read_jsonl(path: str | os.PathLike, skip_invalid: bool = True) -> Iterator[dict[str, Any]]:
     """Stream records from a JSONL file (a partial or corrupt line is skipped, or raises)."""
     p = Path(path)
     if not p.exists():
         return
     with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                if skip_invalid:
-                    continue
+        for lineno, _, rec in _parsed_lines(f):
+            if rec is _INVALID and not skip_invalid:
                 raise ValueError(f"{p}:{lineno}: invalid JSON line")
             if isinstance(rec, dict):
                 yield rec
@@ -116,16 +124,8 @@ def drop_records(path: str | os.PathLike, predicate: Callable[[dict], bool]) -> 
     tmp = p.with_name(p.name + ".tmp")
     dropped = 0
     with open(p, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
-        for line in src:
-            s = line.strip()
-            if not s:
-                continue
-            try:
-                rec = json.loads(s)
-            except json.JSONDecodeError:
-                dropped += 1
-                continue
-            if isinstance(rec, dict) and predicate(rec):
+        for _, s, rec in _parsed_lines(src):
+            if rec is _INVALID or (isinstance(rec, dict) and predicate(rec)):
                 dropped += 1
                 continue
             dst.write(s + "\n")

@@ -57,7 +57,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from tagfer.canvas import CANVAS, iou_matrix, iou_pairs
+from tagfer.canvas import CANVAS, clip_boxes, iou_matrix, iou_pairs
 from tagfer.labels import LABELS, normalize_label
 from tagfer.trace import MAX_BOXES, ParsedTrace, parse_trace
 
@@ -221,9 +221,7 @@ def _pred_array(rows: Sequence[Sequence[float] | None], canvas: int) -> np.ndarr
                 vals = []
             clean.append(vals if len(vals) == 4 else _ZERO_BOX)
         arr = np.array(clean, dtype=np.float64).reshape(-1, 4)
-    np.maximum(arr, 0.0, out=arr)
-    np.minimum(arr, canvas - 1, out=arr)
-    return arr
+    return clip_boxes(arr, canvas)
 
 
 @lru_cache(maxsize=256)
@@ -296,7 +294,7 @@ def r_au(
     rows = _pred_rows(pred_boxes)
     if not rows:
         return 0.0
-    ious = iou_matrix(_pred_array(rows, canvas), np.minimum(np.maximum(truth, 0.0), canvas - 1))
+    ious = iou_matrix(_pred_array(rows, canvas), clip_boxes(truth.astype(np.float64), canvas))
     return _r_au_from_ious(ious, matching)
 
 
@@ -439,7 +437,7 @@ def r_au_batch(
 
     boxes = _pred_array(flat, canvas)
     truth_all = truths[0] if len(truths) == 1 else np.concatenate(truths)
-    truth_all = np.minimum(np.maximum(truth_all, 0.0), canvas - 1)
+    truth_all = clip_boxes(truth_all.astype(np.float64), canvas)
     if len(truths) == 1:  # one group: a plain k_total × n matrix
         matrix = iou_matrix(boxes, truth_all)
         ious = matrix.reshape(-1)
