@@ -95,3 +95,12 @@ def bad_inputs(tmp_path_factory, astronaut_rgb) -> dict[str, Path]:
     Image.fromarray(data.coffee()).save(d / "coffee.jpg")
     out["no_face"] = d / "coffee.jpg"
     return out
+
+
+# Per-area fixture modules (one owner each); star-imported so pytest sees their fixtures.
+from fixtures_vlm import *  # noqa: E402,F401,F403
+from fixtures_backends import *  # noqa: E402,F401,F403
+from fixtures_analyze import *  # noqa: E402,F401,F403
+from fixtures_data import *  # noqa: E402,F401,F403
+from fixtures_train import *  # noqa: E402,F401,F403
+from fixtures_evaluate import *  # noqa: E402,F401,F403

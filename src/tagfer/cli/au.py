@@ -1,4 +1,4 @@
-"""The ``tagfer`` command line (typer). Each command wraps a Python API function."""
+"""``tagfer au`` and ``tagfer demo``: AU grounding from the command line."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="TAG: Action-Unit-grounded facial expression recognition.")
-console = Console(stderr=True)
-out_console = Console()
+from tagfer.cli._app import app, console, out_console
 
 
 def _au_config(top_k: int, threshold: float, bilateral: str, canvas: int):
@@ -120,11 +117,3 @@ def demo_cmd(
         _print_faces(rec)
     if any(r.get("error") for r in records):
         raise typer.Exit(1)
-
-
-def main() -> None:  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

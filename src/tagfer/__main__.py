@@ -1,0 +1,3 @@
+from tagfer.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Session fixtures for the analyze tests (imported by conftest.py)."""

@@ -1,0 +1,1 @@
+"""Session fixtures for the backends tests (imported by conftest.py)."""

@@ -1,0 +1,1 @@
+"""Session fixtures for the data tests (imported by conftest.py)."""

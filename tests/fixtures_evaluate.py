@@ -1,0 +1,1 @@
+"""Session fixtures for the evaluate tests (imported by conftest.py)."""

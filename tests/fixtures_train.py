@@ -1,0 +1,1 @@
+"""Session fixtures for the train tests (imported by conftest.py)."""

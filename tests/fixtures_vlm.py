@@ -1,0 +1,1 @@
+"""Session fixtures for the vlm tests (imported by conftest.py)."""
