@@ -1,0 +1,262 @@
+"""Loading a vision–language model (Qwen2.5-VL by default, any HF image-text-to-text VLM) and
+generating from it.
+
+One entry point, :func:`load_vlm`, used by training, evaluation, ``tagfer analyze`` and the
+in-process teacher. ``model`` is a local folder or a hub id; a folder holding a PEFT adapter
+(``adapter_config.json``) loads its base model and the adapter. On a machine without the
+weights and without internet the error (:class:`ModelNotAvailable`) says what to download.
+
+Images are resized so their longer side is ``image_side`` (paper: 224, aspect ratio kept)
+before the processor sees them; the processor's own pixel limits (``min_pixels`` /
+``max_pixels``) can be set too. Boxes the model writes are on TAG's 512 canvas, which is
+independent of this resize (see :mod:`tagfer.canvas`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+class ModelNotAvailable(RuntimeError):
+    """The model's weights are neither on disk nor downloadable (offline machine, wrong id)."""
+
+
+@dataclass
+class VLMConfig:
+    """How to load a VLM.
+
+    model      local folder or hub id (default Qwen2.5-VL-7B-Instruct)
+    adapter    optional PEFT/LoRA adapter folder applied on top of ``model``
+    dtype      auto | bfloat16 | float16 | float32 (auto: bf16 on a bf16-capable GPU, else fp32)
+    device     auto | cpu | cuda | cuda:N (auto: cuda when available)
+    image_side longer image side fed to the processor (paper: 224); 0 keeps the image as is
+    min_pixels / max_pixels   processor pixel limits (None: the checkpoint's own)
+    attn_implementation       e.g. "sdpa", "flash_attention_2" (None: library default)
+    """
+
+    model: str = DEFAULT_MODEL
+    adapter: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    image_side: int = 224
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resize_for_model(image: Image.Image, side: int = 224) -> Image.Image:
+    """RGB copy of ``image`` whose longer side is ``side`` (aspect ratio kept; ``side<=0``: unchanged)."""
+    img = image.convert("RGB")
+    if side <= 0:
+        return img
+    w, h = img.size
+    s = side / max(w, h)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return img if size == (w, h) else img.resize(size, Image.BICUBIC)
+
+
+def build_chat(user: str, system: str | None = None, with_image: bool = True, assistant: str | None = None) -> list[dict]:
+    """Chat messages in the HF multimodal format: [system], user (image part first, then text), [assistant]."""
+    msgs: list[dict] = []
+    if system:
+        msgs.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    parts: list[dict] = [{"type": "image"}] if with_image else []
+    parts.append({"type": "text", "text": user})
+    msgs.append({"role": "user", "content": parts})
+    if assistant is not None:
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
+    return msgs
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+                "float32": torch.float32, "fp32": torch.float32}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32") from None
+
+
+def _not_available(model: str, err: Exception) -> ModelNotAvailable:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    how = (
+        f"On a machine with internet: `hf download {model} --local-dir MODEL_DIR` (or huggingface-cli download), "
+        "copy MODEL_DIR here and pass its path."
+    )
+    where = "this machine is offline (HF_HUB_OFFLINE=1)" if offline else "it could not be downloaded"
+    return ModelNotAvailable(f"model {model!r} is not a local folder and {where}: {type(err).__name__}: {err}. {how}")
+
+
+def _peft_base(path: Path) -> str | None:
+    cfg = path / "adapter_config.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text()).get("base_model_name_or_path")
+    return None
+
+
+def load_processor(path_or_id: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The checkpoint's processor; falls back to tokenizer + PIL image processor when the full
+    processor cannot be built here (Qwen's video processor needs torchvision, which we never install)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    try:
+        proc = AutoProcessor.from_pretrained(path_or_id, **kw)
+        if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
+            return proc
+    except (ImportError, OSError, ValueError, TypeError):
+        pass
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(path_or_id)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path_or_id, **kw)
+    return _image_only_processor_class()(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template)
+
+
+_PROCESSOR_CLS = None
+
+
+def _image_only_processor_class():
+    """A Qwen2.5-VL processor that accepts ``video_processor=None`` (images only)."""
+    global _PROCESSOR_CLS
+    if _PROCESSOR_CLS is None:
+        from transformers import Qwen2_5_VLProcessor
+
+        class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+            def check_argument_for_proper_class(self, argument_name, argument):  # video_processor may be None
+                if argument_name == "video_processor" and argument is None:
+                    return
+                return super().check_argument_for_proper_class(argument_name, argument)
+
+        _PROCESSOR_CLS = ImageOnlyQwen2_5_VLProcessor
+    return _PROCESSOR_CLS
+
+
+class VLM:
+    """A loaded model + processor with batched chat generation.
+
+    ``generate`` takes one image and one user text per request and returns the decoded
+    completion (special tokens removed). Batches are left-padded.
+    """
+
+    def __init__(self, model, processor, config: VLMConfig):
+        self.model = model
+        self.processor = processor
+        self.config = config
+        tok = getattr(processor, "tokenizer", processor)
+        tok.padding_side = "left"
+        self.tokenizer = tok
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def prepare(self, images: Sequence[Image.Image | None], users: Sequence[str], system: str | None = None):
+        """Processor inputs (tensors) for a batch of chat requests with a generation prompt."""
+        texts, pics = [], []
+        for img, user in zip(images, users, strict=True):
+            msgs = build_chat(user, system, with_image=img is not None)
+            texts.append(self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+            if img is not None:
+                pics.append(resize_for_model(img, self.config.image_side))
+        kw: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+        if pics:
+            kw["images"] = pics
+        return self.processor(**kw).to(self.device)
+
+    def generate(
+        self,
+        images: Sequence[Image.Image | None],
+        users: Sequence[str],
+        system: str | None = None,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 8,
+    ) -> list[str]:
+        """Completions for ``(image, user)`` pairs; greedy when ``temperature == 0`` (paper: TAG), else sampled."""
+        import torch
+
+        if len(images) != len(users):
+            raise ValueError(f"{len(images)} images for {len(users)} prompts")
+        if seed is not None:
+            torch.manual_seed(seed)
+        gen: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+        if temperature > 0:
+            gen.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        out: list[str] = []
+        for i in range(0, len(users), max(1, batch_size)):
+            inputs = self.prepare(images[i : i + batch_size], users[i : i + batch_size], system)
+            with torch.inference_mode():
+                ids = self.model.generate(**inputs, **gen)
+            new = ids[:, inputs["input_ids"].shape[1] :]
+            out.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
+        return out
+
+
+def load_vlm(config: VLMConfig | str | os.PathLike, **overrides: Any) -> VLM:
+    """Load model + processor as described by ``config`` (a :class:`VLMConfig` or a path / hub id).
+
+    Raises :class:`ModelNotAvailable` when the weights are missing and cannot be fetched.
+    """
+    cfg = VLMConfig(model=str(config)) if not isinstance(config, VLMConfig) else config
+    cfg = replace(cfg, **overrides) if overrides else cfg
+    from transformers import AutoModelForImageTextToText
+
+    model_path, adapter = cfg.model, cfg.adapter
+    local = Path(model_path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelNotAvailable(f"{local} is a file; --model wants a model folder or a hub id")
+        base = _peft_base(local)
+        if base is not None and adapter is None:  # a bare adapter folder: load its base, then the adapter
+            model_path, adapter = base, str(local)
+        else:
+            model_path = str(local)
+    elif model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:  # a path, not an "org/name" hub id
+        raise ModelNotAvailable(f"model folder {model_path!r} does not exist")
+
+    device = _resolve_device(cfg.device)
+    dtype = _resolve_dtype(cfg.dtype, device)
+    kw: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, **cfg.extra}
+    if cfg.attn_implementation:
+        kw["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_path, **kw)
+        proc_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
+        processor = load_processor(proc_src, cfg.min_pixels, cfg.max_pixels)
+    except OSError as e:
+        raise _not_available(model_path, e) from e
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.to(device)
+    model.eval()
+    return VLM(model, processor, replace(cfg, model=model_path, adapter=adapter))

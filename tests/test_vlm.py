@@ -1,0 +1,84 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tagfer.vlm import ModelNotAvailable, VLMConfig, build_chat, load_vlm, resize_for_model
+
+
+@pytest.mark.parametrize("size", [(48, 48), (640, 480), (100, 300), (224, 224)])
+def test_resize_for_model_keeps_aspect_and_longer_side(size):
+    img = Image.new("L", size, 128)
+    out = resize_for_model(img, 224)
+    assert out.mode == "RGB" and max(out.size) == 224
+    assert abs(out.size[0] / out.size[1] - size[0] / size[1]) < 0.02
+    assert resize_for_model(img, 0).size == size
+
+
+def test_build_chat_layout():
+    msgs = build_chat("why?", system="be brief", assistant="<answer>fear</answer>")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+    assert msgs[1]["content"][0] == {"type": "image"} and msgs[1]["content"][1]["text"] == "why?"
+    assert build_chat("q", with_image=False)[0]["content"] == [{"type": "text", "text": "q"}]
+
+
+def test_tiny_tokenizer_round_trips_traces_and_ids(tiny_vlm):
+    tok = tiny_vlm.tokenizer
+    text = "<think>Mouth AU12 <bbox>[93, 306, 445, 417]</bbox> raised — ünïcode 😀</think><answer>happiness</answer>"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == tiny_vlm.model.config.image_token_id
+    assert tok.eos_token == "<|im_end|>"
+
+
+def test_prepare_gives_64_image_tokens_for_a_224_face(tiny_vlm, astronaut_path):
+    img = Image.open(astronaut_path)
+    inputs = tiny_vlm.prepare([img], ["label?"], system="sys")
+    n_img = int((inputs["input_ids"] == tiny_vlm.model.config.image_token_id).sum())
+    assert n_img == 64  # 224×224 → 16×16 patches → 8×8 after the 2×2 merge
+    text = tiny_vlm.tokenizer.decode(inputs["input_ids"][0])
+    assert text.startswith("<|im_start|>system\nsys<|im_end|>") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_greedy_generation_is_deterministic_and_batch_independent(tiny_vlm, astronaut_path, grace_path):
+    a, g = Image.open(astronaut_path), Image.open(grace_path)
+    batch = tiny_vlm.generate([a, g], ["q1", "a longer second question"], max_new_tokens=8, batch_size=2)
+    single = [tiny_vlm.generate([a], ["q1"], max_new_tokens=8)[0], tiny_vlm.generate([g], ["a longer second question"], max_new_tokens=8)[0]]
+    assert len(batch) == 2 and all(isinstance(s, str) for s in batch)
+    assert batch == single  # left padding does not change greedy outputs
+    with pytest.raises(ValueError):
+        tiny_vlm.generate([a], ["x", "y"])
+
+
+def test_sampled_generation_is_seeded(tiny_vlm, astronaut_path):
+    a = Image.open(astronaut_path)
+    r1 = tiny_vlm.generate([a], ["q"], max_new_tokens=10, temperature=1.5, top_p=0.9, seed=3)
+    r2 = tiny_vlm.generate([a], ["q"], max_new_tokens=10, temperature=1.5, top_p=0.9, seed=3)
+    assert r1 == r2
+
+
+def test_saved_tiny_model_reloads_with_identical_logits(tiny_vlm, tiny_vlm_dir, astronaut_path):
+    import torch
+
+    inputs = tiny_vlm.prepare([Image.open(astronaut_path)], ["q"])
+    again = load_vlm(VLMConfig(model=str(tiny_vlm_dir), device="cpu"))
+    with torch.no_grad():
+        l1 = tiny_vlm.model(**inputs).logits
+        l2 = again.model(**inputs).logits
+    assert torch.equal(l1, l2)
+
+
+def test_missing_models_raise_model_not_available(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailable, match="does not exist"):
+        load_vlm(str(tmp_path / "nope" / "model"))
+    with pytest.raises(ModelNotAvailable, match="hf download"):
+        load_vlm("Qwen/Qwen2.5-VL-7B-Instruct")
+    (tmp_path / "f.bin").write_bytes(b"x")
+    with pytest.raises(ModelNotAvailable, match="is a file"):
+        load_vlm(str(tmp_path / "f.bin"))
+
+
+def test_unknown_dtype_is_rejected(tiny_vlm_dir):
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load_vlm(str(tiny_vlm_dir), dtype="int3")
