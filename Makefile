@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export GLOG_minloglevel := 2
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install test demo bench clean
+.PHONY: install browser test demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,14 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Debian's Chromium for the browser tests of `tagfer serve` and the study app (Playwright drives it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian chromium for the browser tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -463,6 +463,8 @@ def test_strip_bboxes():
     assert strip_bboxes("a\n<bbox>[1, 2, 3, 4]</bbox> b") == "a\nb"
     assert strip_bboxes("end <bbox>bad</bbox>") == "end"
     assert strip_bboxes("no boxes here") == "no boxes here"
+    assert strip_bboxes("mouth<bbox>[1, 2, 3, 4]</bbox>corner") == "mouth corner"
+    assert strip_bboxes("(<bbox>[1, 2, 3, 4]</bbox>)") == "()"
 
 
 @relaxed

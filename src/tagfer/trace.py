@@ -593,15 +593,16 @@ def strip_bboxes(text: str) -> str:
 
     Everything else is kept, AU names included. The spaces around a deleted
     element collapse to one, or to none before punctuation, a line break or
-    the end of the text, and after a line break or the start of the text.
+    the end of the text, and after a line break or the start of the text. An
+    element glued between two words (no spaces) leaves one space.
     """
 
     def repl(m: re.Match[str]) -> str:
         s = m.string
         before = s[m.start() - 1] if m.start() > 0 else "\n"
         after = s[m.end()] if m.end() < len(s) else "\n"
-        if not (m.group("pre") or m.group("post")):
-            return ""
+        if not (m.group("pre") or m.group("post")):  # glued: "word<bbox>…</bbox>word" keeps the words apart
+            return " " if before.isalnum() and after.isalnum() else ""
         if before in "\n\r" or after in _NO_SPACE_BEFORE:
             return ""
         return " "

@@ -1,0 +1,538 @@
+"""Async client for OpenAI-compatible chat servers (vLLM, SGLang, hosted APIs).
+
+One :class:`ChatClient` (one ``httpx.AsyncClient``, one connection pool) serves any
+number of concurrent requests spread over one or more endpoints. It is built for the
+paper's teacher set-up (Qwen2.5-VL-32B on 4 GPUs: 128 concurrent requests per GPU,
+512 in total) and for evaluating models behind an API.
+
+Concurrency
+    A request holds one slot of ``total_concurrency`` and one slot of its endpoint's
+    ``per_endpoint_concurrency`` *while an attempt is on the wire*; slots are released
+    during back-off sleeps. The endpoint of each attempt is the one with the fewest
+    requests in flight (ties rotate); a retry prefers a different endpoint than the one
+    that just failed.
+
+Retries
+    Retried: HTTP 408/409/425/429 and 5xx, connect errors, read/write timeouts, dropped
+    connections (``RemoteProtocolError``) and 200 responses whose body is not a valid chat
+    completion. Not retried: other 4xx (400, 401, 403, 404, 422, ...). At most
+    ``1 + max_retries`` attempts; the wait before retry ``n`` (1-based) is
+    ``min(backoff_max_s, backoff_base_s * 2**(n-1)) * U(0.5, 1)`` ("equal jitter"), or the
+    server's ``Retry-After`` (seconds or HTTP date, capped at ``backoff_max_s``) when
+    larger. An optional per-request ``deadline_s`` bounds attempts plus waits. When the
+    budget is spent :class:`RequestFailed` is raised with the kind of the last failure:
+    ``timeout``, ``connection``, ``bad_response``, or ``http_<status>``.
+
+Images
+    :func:`image_part` resizes an image (aspect preserved, longer side = ``side``, the
+    paper's 224) with :func:`tagfer.vlm.resize_for_model` and embeds it as a base64
+    ``data:`` URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import io
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from tagfer.errors import ItemError
+from tagfer.vlm import resize_for_model  # light import (PIL only)
+
+__all__ = [
+    "ClientConfig",
+    "ChatResult",
+    "RequestFailed",
+    "ChatClient",
+    "image_part",
+    "encode_image",
+    "user_message",
+    "system_message",
+    "chat_many",
+    "normalize_endpoint",
+    "RETRYABLE_STATUS",
+]
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
+
+
+def normalize_endpoint(url: str) -> str:
+    """``host:8000`` → ``http://host:8000/v1``; an explicit path is kept; no trailing slash."""
+    url = url.strip()
+    if not url:
+        raise ValueError("empty endpoint URL")
+    if "://" not in url:
+        url = "http://" + url
+    url = url.rstrip("/")
+    scheme, rest = url.split("://", 1)
+    if "/" not in rest:  # no path given: the OpenAI-compatible servers live under /v1
+        url += "/v1"
+    return url
+
+
+@dataclass
+class ClientConfig:
+    """Settings of a :class:`ChatClient`.
+
+    ``endpoints``: base URLs ending in the API root, e.g. ``http://gpu0:8000/v1`` (a bare
+    ``host:port`` gets ``http://`` and ``/v1``). ``model``: the ``model`` field sent; None
+    asks ``GET {endpoint}/models`` once and takes the first entry. ``api_key``: sent as a
+    Bearer token when non-empty (default ``$OPENAI_API_KEY``). Concurrency defaults follow
+    the paper (128 per GPU server, 512 total). ``timeout_s`` bounds one attempt (connect +
+    send + wait + read); ``deadline_s`` (optional) bounds a whole request with retries.
+    ``image_side``/``image_format``: how :meth:`ChatClient.image_part` encodes images.
+    """
+
+    endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
+    model: str | None = None
+    api_key: str = field(default_factory=lambda: os.environ.get("OPENAI_API_KEY", ""))
+    per_endpoint_concurrency: int = 128
+    total_concurrency: int = 512
+    timeout_s: float = 120.0
+    connect_timeout_s: float = 10.0
+    max_retries: int = 5
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    deadline_s: float | None = None
+    image_side: int = 224
+    image_format: str = "png"
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.endpoints, str):
+            self.endpoints = [e for e in self.endpoints.split(",") if e.strip()]
+        self.endpoints = [normalize_endpoint(e) for e in self.endpoints]
+        if not self.endpoints:
+            raise ValueError("ClientConfig needs at least one endpoint")
+        if self.per_endpoint_concurrency < 1 or self.total_concurrency < 1:
+            raise ValueError("concurrency limits must be >= 1")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        fmt = self.image_format.lower()
+        if fmt == "jpg":
+            fmt = "jpeg"
+        if fmt not in ("png", "jpeg"):
+            raise ValueError(f"image_format must be 'png' or 'jpeg', not {self.image_format!r}")
+        self.image_format = fmt
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests that can be on the wire at once: min(total, endpoints × per-endpoint)."""
+        return min(self.total_concurrency, len(self.endpoints) * self.per_endpoint_concurrency)
+
+
+@dataclass
+class ChatResult:
+    """One successful chat completion.
+
+    ``text``: the first choice's message content ("" if the server sent null);
+    ``finish_reason``: "stop", "length", ...; ``usage``: the server's token counts (may be
+    empty); ``endpoint``: base URL of the endpoint that answered; ``attempts``: attempts
+    made (1 = no retry); ``latency_s``: wall time from call to return, waits included.
+    """
+
+    text: str
+    finish_reason: str | None
+    usage: dict[str, Any]
+    endpoint: str
+    attempts: int
+    latency_s: float
+    raw: dict[str, Any] | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+            "endpoint": self.endpoint,
+            "attempts": self.attempts,
+            "latency_s": round(self.latency_s, 4),
+        }
+
+
+class RequestFailed(ItemError):
+    """A chat request that failed for good. ``kind``: ``timeout``, ``connection``,
+    ``bad_response``, ``http_<status>`` (e.g. ``http_429``, ``http_500``, ``http_400``),
+    or ``no_model``; ``attempts``: attempts made; ``status``: last HTTP status if any."""
+
+    def __init__(self, kind: str, message: str, attempts: int = 1, status: int | None = None, endpoint: str | None = None):
+        super().__init__(kind, message)
+        self.attempts = attempts
+        self.status = status
+        self.endpoint = endpoint
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "attempts": self.attempts}
+
+    def __reduce__(self):  # picklable across processes
+        return (RequestFailed, (self.kind, self.message, self.attempts, self.status, self.endpoint))
+
+
+class _AttemptError(Exception):
+    """Internal: one failed attempt (retryable or not)."""
+
+    def __init__(self, kind: str, message: str, retryable: bool, status: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+        self.retry_after = retry_after
+
+
+# ---------------------------------------------------------------------------- images
+
+def _to_pil(image: Image.Image | str | os.PathLike | bytes) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    from tagfer.imageio import load_image  # raises ImageError(kind, message) for bad input
+
+    return Image.fromarray(load_image(image).rgb)
+
+
+def encode_image(image: Image.Image | str | os.PathLike | bytes, side: int | None = 224, fmt: str = "png") -> str:
+    """``data:image/<fmt>;base64,...`` URL of ``image`` resized to longer side ``side``
+    (None keeps the size). Paths/bytes are read with :func:`tagfer.imageio.load_image`
+    (so a corrupt file raises :class:`tagfer.imageio.ImageError`)."""
+    fmt = "jpeg" if fmt.lower() in ("jpg", "jpeg") else fmt.lower()
+    pil = _to_pil(image)
+    if side:
+        pil = resize_for_model(pil, side)
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        pil.save(buf, format="JPEG", quality=95)
+    elif fmt == "png":
+        pil.save(buf, format="PNG", compress_level=1)
+    else:
+        raise ValueError(f"unsupported image format {fmt!r}")
+    return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def image_part(image: Image.Image | str | os.PathLike | bytes, side: int | None = 224, fmt: str = "png") -> dict[str, Any]:
+    """OpenAI content part ``{"type": "image_url", "image_url": {"url": "data:..."}}``."""
+    return {"type": "image_url", "image_url": {"url": encode_image(image, side, fmt)}}
+
+
+def user_message(text: str, images: Sequence[Any] = (), side: int | None = 224, fmt: str = "png") -> dict[str, Any]:
+    """A user message; images (PIL, path, bytes or ready content parts) come before the text."""
+    if not images:
+        return {"role": "user", "content": text}
+    parts = [im if isinstance(im, dict) else image_part(im, side, fmt) for im in images]
+    parts.append({"type": "text", "text": text})
+    return {"role": "user", "content": parts}
+
+
+def system_message(text: str) -> dict[str, Any]:
+    return {"role": "system", "content": text}
+
+
+# ---------------------------------------------------------------------------- scheduling
+
+class _Slots:
+    """Least-in-flight endpoint choice under per-endpoint and total limits (one event loop)."""
+
+    def __init__(self, n: int, per_endpoint: int, total: int):
+        self.n = n
+        self.per = per_endpoint
+        self.total = total
+        self.in_flight = [0] * n
+        self.sum = 0
+        self.served = [0] * n
+        self._rr = 0
+        self._cond = asyncio.Condition()
+
+    def _pick(self, avoid: int | None) -> int | None:
+        if self.sum >= self.total:
+            return None
+        best, best_key = None, None
+        n, rr = self.n, self._rr
+        for i in range(n):
+            k = self.in_flight[i]
+            if k >= self.per:
+                continue
+            key = (i == avoid and n > 1, k, (i - rr) % n)
+            if best_key is None or key < best_key:
+                best, best_key = i, key
+        return best
+
+    async def acquire(self, avoid: int | None = None) -> int:
+        async with self._cond:
+            while (i := self._pick(avoid)) is None:
+                await self._cond.wait()
+            self.in_flight[i] += 1
+            self.sum += 1
+            self._rr = (i + 1) % self.n
+            return i
+
+    async def release(self, i: int) -> None:
+        async with self._cond:
+            self.in_flight[i] -= 1
+            self.sum -= 1
+            self.served[i] += 1
+            self._cond.notify()
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        dt = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if dt is None:
+        return None
+    return max(0.0, dt.timestamp() - time.time())
+
+
+def _parse_completion(body: bytes) -> tuple[str, str | None, dict[str, Any], dict[str, Any]]:
+    try:
+        data = json.loads(body)
+        choice = data["choices"][0]
+        msg = choice.get("message") or {}
+        text = msg.get("content")
+        if text is None:
+            text = ""
+        if isinstance(text, list):  # some servers return content parts
+            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        if not isinstance(text, str):
+            raise TypeError(f"content is {type(text).__name__}")
+        usage = data.get("usage") or {}
+        return text, choice.get("finish_reason"), usage if isinstance(usage, dict) else {}, data
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        snippet = body[:200].decode("utf-8", "replace")
+        raise _AttemptError("bad_response", f"not a chat completion ({type(e).__name__}: {e}): {snippet!r}", True) from None
+
+
+# ---------------------------------------------------------------------------- client
+
+class ChatClient:
+    """Async chat client; use as ``async with ChatClient(cfg) as c: r = await c.chat(msgs)``.
+
+    ``sleep`` (for tests) replaces ``asyncio.sleep`` for back-off waits.
+    """
+
+    def __init__(self, config: ClientConfig, *, sleep: Callable[[float], Awaitable[Any]] | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        self.config = config
+        self._sleep = sleep or asyncio.sleep
+        self._transport = transport
+        self._http: httpx.AsyncClient | None = None
+        self._slots: _Slots | None = None
+        self._model: str | None = config.model
+        self._model_lock: asyncio.Lock | None = None
+
+    # -- lifecycle
+    async def __aenter__(self) -> ChatClient:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        if self._http is not None:
+            return
+        cfg = self.config
+        n = cfg.max_in_flight
+        headers = {"Content-Type": "application/json", **cfg.extra_headers}
+        if cfg.api_key:
+            headers["Authorization"] = f"Bearer {cfg.api_key}"
+        self._http = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(cfg.timeout_s, connect=min(cfg.connect_timeout_s, cfg.timeout_s)),
+            limits=httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8, keepalive_expiry=30.0),
+            transport=self._transport,
+            trust_env=False,
+        )
+        self._slots = _Slots(len(cfg.endpoints), cfg.per_endpoint_concurrency, cfg.total_concurrency)
+        self._model_lock = asyncio.Lock()
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    @property
+    def served(self) -> dict[str, int]:
+        """Completed attempts per endpoint (successful or not)."""
+        if self._slots is None:
+            return {e: 0 for e in self.config.endpoints}
+        return dict(zip(self.config.endpoints, self._slots.served))
+
+    @property
+    def in_flight(self) -> int:
+        return 0 if self._slots is None else self._slots.sum
+
+    # -- helpers bound to the config
+    def image_part(self, image: Image.Image | str | os.PathLike | bytes) -> dict[str, Any]:
+        return image_part(image, self.config.image_side, self.config.image_format)
+
+    def user_message(self, text: str, images: Sequence[Any] = ()) -> dict[str, Any]:
+        return user_message(text, images, self.config.image_side, self.config.image_format)
+
+    # -- core
+    def _backoff(self, retry: int, retry_after: float | None) -> float:
+        cfg = self.config
+        d = min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** (retry - 1))) * random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            d = max(d, min(retry_after, cfg.backoff_max_s))
+        return d
+
+    async def _attempt(self, method: str, path: str, payload: bytes | None, timeout: float, avoid: int | None,
+                       parse: Callable[[bytes], Any]) -> tuple[Any, int]:
+        assert self._http is not None and self._slots is not None, "use `async with ChatClient(...)` first"
+        idx = await self._slots.acquire(avoid)
+        url = self.config.endpoints[idx] + path
+        try:
+            t = httpx.Timeout(timeout, connect=min(self.config.connect_timeout_s, timeout))
+            try:
+                resp = await self._http.request(method, url, content=payload, timeout=t)
+            except httpx.TimeoutException as e:
+                raise _AttemptError("timeout", f"{type(e).__name__} after {timeout:.3g}s from {url}", True) from None
+            except (httpx.TransportError, OSError) as e:  # connect/read/write errors, dropped connections
+                raise _AttemptError("connection", f"{type(e).__name__}: {e or 'connection failed'} ({url})", True) from None
+            status = resp.status_code
+            if status != 200:
+                retryable = status in RETRYABLE_STATUS or status >= 500
+                snippet = resp.content[:300].decode("utf-8", "replace")
+                ra = _retry_after_s(resp.headers.get("retry-after")) if retryable else None
+                raise _AttemptError(f"http_{status}", f"HTTP {status} from {url}: {snippet}", retryable, status, ra)
+            return parse(resp.content), idx
+        except _AttemptError as e:
+            e.endpoint = idx  # type: ignore[attr-defined]
+            raise
+        finally:
+            await self._slots.release(idx)
+
+    async def _with_retries(self, method: str, path: str, payload: bytes | None, parse: Callable[[bytes], Any],
+                            deadline_s: float | None) -> tuple[Any, int, int]:
+        cfg = self.config
+        start = time.monotonic()
+        deadline = start + deadline_s if deadline_s else None
+        last: _AttemptError | None = None
+        avoid: int | None = None
+        attempts = 0
+        for attempt in range(cfg.max_retries + 1):
+            timeout = cfg.timeout_s
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                timeout = min(timeout, remaining)
+            attempts += 1
+            try:
+                result, idx = await self._attempt(method, path, payload, timeout, avoid, parse)
+                return result, idx, attempts
+            except _AttemptError as e:
+                last = e
+                avoid = getattr(e, "endpoint", None)
+                if not e.retryable or attempt == cfg.max_retries:
+                    break
+                wait = self._backoff(attempt + 1, e.retry_after)
+                if deadline is not None and time.monotonic() + wait >= deadline:
+                    break
+                await self._sleep(wait)
+        if last is None:
+            raise RequestFailed("timeout", f"deadline of {deadline_s}s spent before any attempt", attempts)
+        ep = cfg.endpoints[last.endpoint] if getattr(last, "endpoint", None) is not None else None  # type: ignore[attr-defined]
+        note = "" if not last.retryable else f" (gave up after {attempts} attempt{'s' * (attempts != 1)})"
+        raise RequestFailed(last.kind, last.message + note, attempts, last.status, ep)
+
+    async def model(self) -> str:
+        """The model name: the configured one, else the first entry of ``GET /models``."""
+        if self._model is not None:
+            return self._model
+        assert self._model_lock is not None, "use `async with ChatClient(...)` first"
+        async with self._model_lock:
+            if self._model is None:
+                def parse(body: bytes) -> str:
+                    try:
+                        return str(json.loads(body)["data"][0]["id"])
+                    except (ValueError, KeyError, IndexError, TypeError) as e:
+                        raise _AttemptError("bad_response", f"GET /models: unexpected body ({e}): {body[:200]!r}", True) from None
+
+                try:
+                    self._model, _, _ = await self._with_retries("GET", "/models", None, parse, self.config.deadline_s)
+                except RequestFailed as e:
+                    raise RequestFailed(e.kind, f"cannot discover the model name: {e.message}", e.attempts, e.status, e.endpoint) from None
+        return self._model
+
+    async def chat(self, messages: list[dict[str, Any]], *, deadline_s: float | None = None, **params: Any) -> ChatResult:
+        """POST ``/chat/completions`` with ``messages`` and extra ``params`` (temperature,
+        top_p, max_tokens, seed, ...; None values are dropped). Retries as described in the
+        module docstring; raises :class:`RequestFailed` when the budget is spent."""
+        t0 = time.monotonic()
+        body: dict[str, Any] = {"model": params.pop("model", None) or await self.model(), "messages": messages}
+        body.update({k: v for k, v in params.items() if v is not None})
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        (text, finish, usage, raw), idx, attempts = await self._with_retries(
+            "POST", "/chat/completions", payload, _parse_completion,
+            deadline_s if deadline_s is not None else self.config.deadline_s)
+        return ChatResult(text, finish, usage, self.config.endpoints[idx], attempts, time.monotonic() - t0, raw)
+
+
+# ---------------------------------------------------------------------------- sync helper
+
+def run_coroutine_sync(coro: Awaitable[Any]) -> Any:
+    """Run ``coro`` to completion from sync code, even if this thread already runs a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)  # type: ignore[arg-type]
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    th = threading.Thread(target=target, name="tagfer-chat-sync")
+    th.start()
+    th.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def chat_many(config: ClientConfig, messages_list: Iterable[list[dict[str, Any]]], params: dict[str, Any] | None = None,
+              on_result: Callable[[int, ChatResult | RequestFailed], None] | None = None) -> list[ChatResult | RequestFailed]:
+    """Send every conversation of ``messages_list`` concurrently; return, in input order, a
+    :class:`ChatResult` or the :class:`RequestFailed` of each. ``on_result(index, result)``
+    is called as each finishes (completion order), e.g. for a progress bar."""
+    items = list(messages_list)
+    params = dict(params or {})
+
+    async def run() -> list[ChatResult | RequestFailed]:
+        out: list[ChatResult | RequestFailed | None] = [None] * len(items)
+        async with ChatClient(config) as client:
+            async def one(i: int, msgs: list[dict[str, Any]]) -> None:
+                try:
+                    r: ChatResult | RequestFailed = await client.chat(msgs, **params)
+                except RequestFailed as e:
+                    r = e
+                out[i] = r
+                if on_result is not None:
+                    on_result(i, r)
+
+            await asyncio.gather(*(one(i, m) for i, m in enumerate(items)))
+        return out  # type: ignore[return-value]
+
+    return run_coroutine_sync(run())

@@ -1,0 +1,155 @@
+"""Metrics against hand-computed values and scikit-learn (tagfer.metrics)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn import metrics as skm
+
+from tagfer import metrics as M
+from tagfer.labels import LABELS
+
+K = len(LABELS)
+
+
+def test_encode_labels_normalises_and_marks_invalid():
+    codes = M.encode_labels(["happiness", "Happy.", "contempt", None, "happiness or sadness", "Anger", 3, 9])
+    assert codes.tolist() == [3, 3, -1, -1, -1, 0, 3, -1]
+
+
+def test_hand_computed_small_case():
+    # truth: anger anger fear happiness ; pred: anger fear fear invalid
+    t = [0, 0, 2, 3]
+    p = [0, 2, 2, M.INVALID]
+    assert M.accuracy(t, p) == pytest.approx(0.5)
+    cm = M.confusion_matrix(t, p)
+    assert cm.shape == (K, K + 1)
+    assert cm[0, 0] == 1 and cm[0, 2] == 1 and cm[2, 2] == 1 and cm[3, K] == 1 and cm.sum() == 4
+    rec = M.per_class_recall(t, p)
+    assert rec[0] == 0.5 and rec[2] == 1.0 and rec[3] == 0.0 and math.isnan(rec[1])
+    # F1: anger 2*1/(2+1)=2/3 ; fear 2*1/(1+2)=2/3 ; happiness 0 (fn only) ; macro over 3 present classes
+    assert M.macro_f1(t, p) == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+
+
+def test_boxes_histogram_and_mean_skipping_none():
+    assert M.boxes_histogram([0, 1, 1, 3, 4, 7]) == {"0": 1, "1": 2, "2": 0, "3": 1, ">3": 2}
+    mean, scored, skipped = M.mean_skipping_none([0.5, None, 1.0, None])
+    assert (mean, scored, skipped) == (0.75, 2, 2)
+    assert math.isnan(M.mean_skipping_none([None])[0])
+
+
+def test_truth_must_be_a_class():
+    with pytest.raises(ValueError):
+        M.confusion_matrix([M.INVALID], [0])
+    with pytest.raises(ValueError):
+        M.confusion_matrix([0, 1], [0])
+
+
+labels_pairs = st.integers(1, 60).flatmap(
+    lambda n: st.tuples(st.lists(st.integers(0, K - 1), min_size=n, max_size=n), st.lists(st.integers(-1, K - 1), min_size=n, max_size=n))
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(labels_pairs)
+def test_against_sklearn(pair):
+    t, p = pair
+    t, p = np.array(t), np.array(p)
+    assert M.accuracy(t, p) == pytest.approx(skm.accuracy_score(t, p))
+    present = sorted(set(t.tolist()) | set(p[p >= 0].tolist()))
+    assert M.macro_f1(t, p) == pytest.approx(skm.f1_score(t, p, labels=present, average="macro", zero_division=0))
+    rec = M.per_class_recall(t, p)
+    sk_rec = skm.recall_score(t, p, labels=list(range(K)), average=None, zero_division=0)
+    for c in range(K):
+        if (t == c).any():
+            assert rec[c] == pytest.approx(sk_rec[c])
+        else:
+            assert math.isnan(rec[c])
+    cm = M.confusion_matrix(t, p)
+    sk_cm = skm.confusion_matrix(t, p, labels=list(range(K)) + [-1])
+    np.testing.assert_array_equal(cm[:, :K], sk_cm[:K, :K])
+    np.testing.assert_array_equal(cm[:, K], sk_cm[:K, K])
+
+
+def test_bootstrap_is_seeded_and_consistent_with_plain_resampling():
+    rng = np.random.default_rng(5)
+    t = rng.integers(0, K, 300)
+    p = np.where(rng.random(300) < 0.7, t, rng.integers(-1, K, 300))
+    cfg = M.Bootstrap(n_boot=200, seed=3, chunk=64)
+    a = M.bootstrap_confusions(t, p, K, cfg)
+    b = M.bootstrap_confusions(t, p, K, cfg)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (200, K, K + 1) and (a.sum(axis=(1, 2)) == 300).all()
+    # the same resamples, computed one by one
+    idx = np.concatenate(list(M._index_chunks(300, cfg)))
+    for r in (0, 77, 199):
+        np.testing.assert_array_equal(a[r], M.confusion_matrix(t[idx[r]], p[idx[r]]))
+    # different seed → different resamples
+    assert not np.array_equal(a, M.bootstrap_confusions(t, p, K, M.Bootstrap(n_boot=200, seed=4)))
+
+
+def test_ci_brackets_point_estimate_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+
+    def width(n):
+        t = rng.integers(0, K, n)
+        p = np.where(rng.random(n) < 0.6, t, (t + 1) % K)
+        s = M.compute_scores(M.ScoreInputs(t, p, np.ones(n, bool), np.zeros(n, int)), cfg=M.Bootstrap(n_boot=300))
+        lo, hi = s["accuracy"]["ci"]
+        assert lo <= s["accuracy"]["value"] <= hi
+        lo2, hi2 = s["macro_f1"]["ci"]
+        assert lo2 <= s["macro_f1"]["value"] <= hi2
+        return hi - lo
+
+    assert width(2000) < width(100)
+
+
+def test_compute_scores_full_block():
+    t = M.encode_labels(["anger", "happiness", "happiness", "sadness"])
+    p = M.encode_labels(["anger", "happiness", None, "anger"])
+    s = M.compute_scores(
+        M.ScoreInputs(
+            truth=t,
+            pred=p,
+            well_formed=np.array([True, True, False, True]),
+            n_boxes=np.array([3, 2, 0, 5]),
+            au_iou=[0.5, None, 0.0, 1.0],
+            cross_au_iou=None,
+            errors=[None, None, "http_500", None],
+            violations=[(), (), ("no_answer",), ("too_many_bboxes",)],
+        ),
+        cfg=M.Bootstrap(n_boot=100),
+    )
+    assert s["n"] == 4
+    assert s["accuracy"]["value"] == 0.5
+    assert s["format_validity"]["value"] == 0.75
+    assert s["au_iou"]["value"] == pytest.approx(0.5) and s["au_iou"]["n_scored"] == 3 and s["au_iou"]["n_skipped"] == 1
+    assert s["cross_au_iou"] is None
+    assert s["per_class"]["happiness"] == {"recall": 0.5, "recall_ci": s["per_class"]["happiness"]["recall_ci"], "f1": pytest.approx(2 / 3), "support": 2}
+    assert s["per_class"]["fear"]["recall"] is None and s["per_class"]["fear"]["support"] == 0
+    assert s["confusion"]["matrix"][LABELS.index("sadness")][LABELS.index("anger")] == 1
+    assert s["confusion"]["matrix"][LABELS.index("happiness")][K] == 1
+    assert s["boxes_histogram"] == {"0": 1, "1": 0, "2": 1, "3": 1, ">3": 1}
+    assert s["errors"] == {"http_500": 1} and s["violations"] == {"no_answer": 1, "too_many_bboxes": 1}
+
+
+def test_empty_inputs_do_not_crash():
+    e = np.zeros(0, dtype=int)
+    s = M.compute_scores(M.ScoreInputs(e, e, e.astype(bool), e, au_iou=[]), cfg=M.Bootstrap(n_boot=10))
+    assert s["n"] == 0 and s["accuracy"]["value"] is None and s["accuracy"]["ci"] is None
+    assert s["au_iou"]["value"] is None and s["au_iou"]["ci"] is None
+
+
+def test_confusion_png(tmp_path):
+    t = M.encode_labels(["anger", "fear", "fear"])
+    p = M.encode_labels(["anger", "fear", None])
+    s = M.compute_scores(M.ScoreInputs(t, p, np.ones(3, bool), np.zeros(3, int)), cfg=M.Bootstrap(n_boot=10))
+    out = M.save_confusion_png(s["confusion"], str(tmp_path / "cm.png"), title="x")
+    from PIL import Image
+
+    im = Image.open(out)
+    assert im.size[0] > 300 and im.size[1] > 300

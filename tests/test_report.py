@@ -1,0 +1,106 @@
+"""Report tables (tagfer.report): layout, averages, best/second marks, CSV output."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from tagfer import report as R
+
+
+def _score(tmp_path, name, dataset, acc, au=None, xau=None, train_set=None, fname=None):
+    data = {
+        "run": {"name": name, "model": f"m-{name}", "dataset": dataset, "split": "test", "train_set": train_set},
+        "n": 100,
+        "accuracy": {"value": acc, "ci": [acc - 0.05, acc + 0.05]},
+        "macro_f1": {"value": acc - 0.1, "ci": None},
+        "format_validity": {"value": 0.9, "ci": [0.85, 0.95]},
+        "au_iou": None if au is None else {"value": au, "ci": [au - 0.1, au + 0.1], "n_scored": 90, "n_skipped": 10},
+        "cross_au_iou": None if xau is None else {"value": xau, "ci": None},
+    }
+    p = tmp_path / (fname or f"{name}_{dataset}_{train_set}.json")
+    p.write_text(json.dumps(data))
+    return p
+
+
+def test_main_table_layout_average_and_marks(tmp_path):
+    paths = [
+        _score(tmp_path, "Base", "rafdb", 0.5675),
+        _score(tmp_path, "Base", "ferplus", 0.6636),
+        _score(tmp_path, "Base", "affectnet", 0.3389),
+        _score(tmp_path, "TAG", "affectnet", 0.6703),
+        _score(tmp_path, "TAG", "rafdb", 0.9280),
+        _score(tmp_path, "TAG", "ferplus", 0.9150),
+        _score(tmp_path, "SFT", "rafdb", 0.8902),
+        _score(tmp_path, "SFT", "ferplus", 0.8101),
+    ]
+    runs = R.load_scores(paths)
+    t = R.main_table(runs)
+    assert t.columns == ["RAF-DB", "FERPlus", "AffectNet", "Avg"]  # paper order, not file order
+    assert t.rows == ["Base", "TAG", "SFT"]
+    tag = t.values[1]
+    assert tag[:3] == pytest.approx([92.80, 91.50, 67.03])
+    assert tag[3] == pytest.approx((92.80 + 91.50 + 67.03) / 3)  # 83.78 as in the paper
+    assert t.values[2][2] is None and t.values[2][3] is None  # SFT lacks AffectNet → no average
+    md = R.to_markdown(t)
+    assert "| TAG | **92.80** | **91.50** | **67.03** | **83.78** |" in md
+    assert "| SFT | <u>89.02</u> | <u>81.01</u> | – | – |" in md
+    assert "| Base | 56.75 | 66.36 | <u>33.89</u> | <u>52.33</u> |" in md
+
+
+def test_ranks_ties_share_marks():
+    assert R.ranks([0.5, 0.7, 0.7, None, 0.6]) == [0, 1, 1, 0, 2]
+    assert R.ranks([None, None]) == [0, 0]
+    assert R.ranks([1.004, 1.001, 0.9]) == [1, 1, 2]  # equal as displayed (2 decimals)
+
+
+def test_ablation_drops_empty_columns(tmp_path):
+    runs = R.load_scores(
+        [
+            _score(tmp_path, "SFT", "rafdb", 0.89, au=0.4673),
+            _score(tmp_path, "RLVR", "rafdb", 0.91, au=0.4346),
+            _score(tmp_path, "TAG", "rafdb", 0.928, au=0.6024, xau=0.41),
+        ]
+    )
+    t = R.ablation_table(runs)
+    assert t.columns == ["RAF-DB Acc", "RAF-DB AU IoU", "RAF-DB X-IoU"]
+    assert t.values[2] == pytest.approx([92.8, 60.24, 41.0])
+    assert t.values[0][2] is None
+    md = R.to_markdown(t)
+    assert "| TAG | **92.80** | **60.24** | **41.00** |" in md and "| SFT | 89.00 | <u>46.73</u> | – |" in md
+
+
+def test_cross_table_and_write_report(tmp_path):
+    paths = [
+        _score(tmp_path, "TAG-raf", "rafdb", 0.92, train_set="rafdb"),
+        _score(tmp_path, "TAG-raf", "ferplus", 0.61, train_set="rafdb"),
+        _score(tmp_path, "TAG-fer", "rafdb", 0.70, train_set="ferplus"),
+        _score(tmp_path, "TAG-fer", "ferplus", 0.91, train_set="ferplus"),
+        _score(tmp_path, "Base", "rafdb", 0.56),  # no train set: not in the cross table
+    ]
+    runs = R.load_scores(paths)
+    t = R.cross_table(runs)
+    assert t.rows == ["RAF-DB", "FERPlus"] and t.columns == ["RAF-DB", "FERPlus"]
+    assert t.values == [pytest.approx([92.0, 61.0]), pytest.approx([70.0, 91.0])]
+    md, csvs = R.write_report(runs, tmp_path / "out" / "report.md")
+    assert (tmp_path / "out" / "report.md").read_text() == md
+    assert "### Cross-dataset" in md and "### Details" in md and "92.00 [87.0, 97.0]" in md
+    names = sorted(p.name for p in csvs)
+    assert names == ["report_ablation.csv", "report_cross.csv", "report_details.csv", "report_main.csv"]
+    rows = list(csv.reader(open(tmp_path / "out" / "report_main.csv")))
+    assert rows[0] == ["Model", "RAF-DB", "FERPlus", "Avg"]
+    assert rows[1][0] == "TAG-raf" and float(rows[1][1]) == pytest.approx(92.0) and "*" not in "".join(rows[1])
+
+
+def test_no_cross_table_without_train_sets_and_bad_inputs(tmp_path):
+    runs = R.load_scores([_score(tmp_path, "A", "rafdb", 0.5)], names=["Renamed"])
+    assert runs[0].name == "Renamed"
+    assert [t.key for t in R.build_tables(runs)] == ["main", "ablation", "details"]
+    with pytest.raises(ValueError):
+        R.build_tables(runs, ["nope"])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError):
+        R.load_scores([bad])
