@@ -35,11 +35,12 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/tagfer demo --out demo_out
+	$(VENV)/bin/tagfer analyze sample:astronaut --scores --overlay demo_out/analyze_astronaut.png
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_au.py
 	$(PY) benchmarks/bench_rewards.py
+	$(PY) benchmarks/bench_analyze.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

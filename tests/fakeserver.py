@@ -4,7 +4,8 @@
     with FakeOpenAIServer([Reply(status=429, headers={"Retry-After": "1"}), "hello"]) as srv:
         ...  # srv.url == "http://127.0.0.1:<port>/v1"
 
-Serves ``POST /v1/chat/completions`` and ``GET /v1/models`` with uvicorn in a background
+Serves ``POST /v1/chat/completions`` and ``GET /v1/models`` (any path ending in
+``/chat/completions`` or ``/models``, so one server can pose as several endpoints) with uvicorn in a background
 thread on 127.0.0.1 (free port). The app is a raw ASGI callable rather than FastAPI: it
 needs the socket to simulate dropped connections and must stay cheap so benchmarks
 measure the client, not the server.
@@ -63,12 +64,13 @@ class Reply:
 ScriptFn = Callable[[dict, int], "Reply | str"]
 
 
-def _protocol_class(registry: dict[tuple, asyncio.Transport]) -> type[H11Protocol]:
+def _protocol_class(registry: dict[tuple, asyncio.Transport], server: "FakeOpenAIServer") -> type[H11Protocol]:
     """An h11 protocol that records each connection's transport by client address, so the
-    app can abort the connection of a request (``Reply.drop``)."""
+    app can abort the connection of a request (``Reply.drop``), and counts connections."""
 
     class _Proto(H11Protocol):
         def connection_made(self, transport):  # type: ignore[override]
+            server.connections += 1
             super().connection_made(transport)
             peer = transport.get_extra_info("peername")
             if peer:
@@ -88,9 +90,9 @@ class FakeOpenAIServer:
     """Scripted OpenAI-compatible server (see module docstring).
 
     Attributes: ``url`` (base URL ending in ``/v1``), ``requests`` (every chat request
-    body, arrival order), ``request_times`` (monotonic arrival times), ``in_flight`` /
+    body, arrival order), ``request_headers``, ``paths``, ``request_times`` (monotonic arrival times), ``in_flight`` /
     ``max_in_flight`` (concurrent chat requests being served), ``calls`` (chat requests
-    received), ``script_errors``.
+    received), ``connections`` (TCP connections accepted), ``script_errors``.
     """
 
     def __init__(self, script: list | ScriptFn | None = None, latency_s: float = 0.0, model: str = "fake-vlm",
@@ -114,12 +116,15 @@ class FakeOpenAIServer:
         if script is not ...:
             self.script = script
         self.requests: list[dict] = []
+        self.request_headers: list[dict[str, str]] = []
+        self.paths: list[str] = []
         self.request_times: list[float] = []
         self.calls = 0
         self.in_flight = 0
         self.max_in_flight = 0
         self.completed = 0
         self.script_errors: list[str] = []
+        self.connections = 0
         self._pos = 0
 
     def _next_reply(self, req: dict, index: int) -> Reply:
@@ -151,10 +156,10 @@ class FakeOpenAIServer:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
-        if method == "GET" and path in ("/v1/models", "/models"):
+        if method == "GET" and path.endswith("/models"):
             await self._send_json(send, 200, {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "fake"}]})
             return
-        if method == "POST" and path in ("/v1/chat/completions", "/chat/completions"):
+        if method == "POST" and path.endswith("/chat/completions"):
             await self._chat(scope, receive, send)
             return
         await self._send_json(send, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}})
@@ -185,6 +190,8 @@ class FakeOpenAIServer:
             if self.record:
                 self.requests.append(req)
                 self.request_times.append(time.monotonic())
+                self.request_headers.append({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]})
+                self.paths.append(scope["path"])
             try:
                 reply = self._next_reply(req, index)
             except Exception as e:  # a broken script is reported, not hidden
@@ -266,7 +273,7 @@ class FakeOpenAIServer:
         sock.bind(("127.0.0.1", self._port))
         sock.listen(2048)
         port = sock.getsockname()[1]
-        config = uvicorn.Config(self, http=_protocol_class(self._transports), lifespan="off", log_level="error",
+        config = uvicorn.Config(self, http=_protocol_class(self._transports, self), lifespan="off", log_level="error",
                                 access_log=False, backlog=2048, timeout_keep_alive=30, timeout_graceful_shutdown=1,
                                 ws="none")
         self._server = uvicorn.Server(config)
@@ -335,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
             if cmd == "stop":
                 break
             if cmd == "stats":
-                print(json.dumps({"calls": srv.calls, "max_in_flight": srv.max_in_flight, "completed": srv.completed}), flush=True)
+                print(json.dumps({"calls": srv.calls, "max_in_flight": srv.max_in_flight, "completed": srv.completed,
+                                  "cpu_s": time.process_time()}), flush=True)
             if cmd == "reset":
                 srv.reset()
                 print("{}", flush=True)

@@ -1,1 +1,27 @@
-"""Session fixtures for the backends tests (imported by conftest.py)."""
+"""Session fixtures for the backends tests (imported by conftest.py).
+
+``fake_openai`` is a factory: ``srv = fake_openai(script, latency_s=0.0)`` starts a
+:class:`fakeserver.FakeOpenAIServer` and returns it; every server made is stopped at the
+end of the session. Reuse one server across tests with ``srv.reset(new_script)`` when speed
+matters.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def fake_openai():
+    from fakeserver import FakeOpenAIServer
+
+    servers: list[FakeOpenAIServer] = []
+
+    def make(script=None, latency_s: float = 0.0, model: str = "fake-vlm", **kw) -> FakeOpenAIServer:
+        srv = FakeOpenAIServer(script, latency_s=latency_s, model=model, **kw).start()
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.stop()

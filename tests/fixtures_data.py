@@ -299,3 +299,54 @@ def generic_csv(tmp_path_factory, data_faces) -> Path:
 @pytest.fixture(scope="session")
 def generic_folder(tmp_path_factory, data_faces) -> Path:
     return make_generic_folder(tmp_path_factory.mktemp("generic_folder") / "faces", data_faces)
+
+
+# --------------------------------------------------------------------------- builder helpers
+class FakeAUDetector:
+    """A deterministic stand-in for the AU detector: ``table[key] = [(au, score, box), ...]``.
+
+    Keys are image paths (or record ids for byte images). A key missing from the
+    table (or mapped to ``None``) has no face; an empty list is a face with no
+    activated AU. Every listed AU is active (score ≥ threshold 0.3 is up to the caller).
+    """
+
+    name = "fake"
+
+    def __init__(self, table: dict[str, list | None], top_k: int = 3):
+        self.table = table
+        self.top_k = top_k
+
+    def detect(self, image, key=None):
+        from tagfer.aus import AUDetection, FaceAUs
+        from tagfer.detectors import DetectionError
+
+        rows = self.table.get(str(key))
+        if rows is None:
+            raise DetectionError("no_face", f"no face in {key}")
+        aus = [AUDetection(int(a), float(s), float(s) >= 0.3, tuple(int(v) for v in b)) for a, s, b in rows]
+        aus.sort(key=lambda d: -d.score)
+        return [FaceAUs(None, aus, (0, 0, 511, 511), top_k=self.top_k, detector="fake")]
+
+    def close(self) -> None:
+        pass
+
+
+def fake_au_rows(i: int) -> list[tuple[int, float, tuple[int, int, int, int]]]:
+    """A distinct, valid AU list for item ``i`` (AU12, AU6, AU25 with boxes shifted by i)."""
+    d = i % 97
+    return [(12, 0.9, (150 + d, 300, 330 + d, 420)), (6, 0.7, (80, 200 + d, 430, 300 + d)), (25, 0.5, (200, 380, 320 + d, 450 + d)), (4, 0.2, (100, 100, 200, 150))]
+
+
+def make_build_dataset(root: Path, labels: list[str]) -> tuple[Path, dict[str, list]]:
+    """A generic CSV with one small synthetic image per label, and the fake-detector table for it."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    table: dict[str, list] = {}
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "id"])
+        for i, lab in enumerate(labels):
+            p = root / "img" / f"{i:04d}.png"
+            synthetic_image(i, 48).save(p)
+            w.writerow([str(p), lab, f"item{i:04d}"])
+            table[str(p)] = fake_au_rows(i)
+    return root / "labels.csv", table

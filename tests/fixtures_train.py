@@ -1,1 +1,53 @@
 """Session fixtures for the train tests (imported by conftest.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def train_tiny_dir(tmp_path_factory) -> Path:
+    """The tiny random Qwen2.5-VL prepared for training (embeddings scaled, see build_trainable_tiny)."""
+    from tagfer.train.model import build_trainable_tiny
+
+    return build_trainable_tiny(tmp_path_factory.mktemp("train_tiny") / "base", seed=0)
+
+
+@pytest.fixture(scope="session")
+def train_samples(tmp_path_factory) -> Path:
+    """8 fixed TAGSamples (JSONL) on the sample faces: short traces, two labels, 2 without AU boxes."""
+    from tagfer.train.data import builtin_tiny
+
+    d = tmp_path_factory.mktemp("train_data")
+    src = builtin_tiny(d / "builtin")
+    out = d / "samples.jsonl"
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    for r in rows:
+        r["image"] = str((src.parent / r["image"]).resolve())
+        b = r["au_boxes"][0] if r["au_boxes"] else [150, 300, 360, 420]
+        lab = "happiness" if "astronaut" in r["id"] else "neutral"
+        r["label"] = lab
+        r["completion"] = f"<think>Mouth AU12 <bbox>[{b[0]}, {b[1]}, {b[2]}, {b[3]}]</bbox> shows it.</think><answer>{lab}</answer>"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def tiny_train_config(out_dir, model_dir, data, stage="sft", **overrides):
+    """A TrainConfig on the tiny model, 1 thread-friendly; ``overrides`` are dotted keys."""
+    from tagfer.train.config import load_config
+
+    base = {
+        "stage": stage, "output_dir": str(out_dir), "resume": False,
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "data": {"train": str(data)},
+        "optim": {"learning_rate": 2e-2, "lr_scheduler": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
+                  "max_steps": 10, "batch_size": 8, "grad_accum": 1, "bf16": "false", "seed": 0, "save_steps": 1000},
+        "sft": {"max_length": 2048, "eval_steps": 0, "val_samples": 0},
+        "grpo": {"num_generations": 4, "max_completion_length": 16},
+        "log": {"logging_steps": 1, "progress": False},
+    }
+    return load_config(base, {k.replace("__", "."): v for k, v in overrides.items()})

@@ -75,21 +75,33 @@ def test_against_sklearn(pair):
     np.testing.assert_array_equal(cm[:, K], sk_cm[:K, K])
 
 
-def test_bootstrap_is_seeded_and_consistent_with_plain_resampling():
+def test_bootstrap_is_seeded_and_matches_index_resampling_in_distribution():
     rng = np.random.default_rng(5)
     t = rng.integers(0, K, 300)
     p = np.where(rng.random(300) < 0.7, t, rng.integers(-1, K, 300))
-    cfg = M.Bootstrap(n_boot=200, seed=3, chunk=64)
+    cfg = M.Bootstrap(n_boot=2000, seed=3)
     a = M.bootstrap_confusions(t, p, K, cfg)
-    b = M.bootstrap_confusions(t, p, K, cfg)
-    np.testing.assert_array_equal(a, b)
-    assert a.shape == (200, K, K + 1) and (a.sum(axis=(1, 2)) == 300).all()
-    # the same resamples, computed one by one
-    idx = np.concatenate(list(M._index_chunks(300, cfg)))
-    for r in (0, 77, 199):
-        np.testing.assert_array_equal(a[r], M.confusion_matrix(t[idx[r]], p[idx[r]]))
-    # different seed → different resamples
-    assert not np.array_equal(a, M.bootstrap_confusions(t, p, K, M.Bootstrap(n_boot=200, seed=4)))
+    np.testing.assert_array_equal(a, M.bootstrap_confusions(t, p, K, cfg))
+    assert a.shape == (2000, K, K + 1) and (a.sum(axis=(1, 2)) == 300).all()
+    assert not np.array_equal(a, M.bootstrap_confusions(t, p, K, M.Bootstrap(n_boot=2000, seed=4)))
+    # same distribution as resampling sample indices: compare accuracy mean and spread
+    idx = np.random.default_rng(9).integers(0, 300, (2000, 300))
+    ref = (t[idx] == p[idx]).mean(axis=1)
+    acc = np.trace(a[:, :, :K], axis1=1, axis2=2) / 300
+    assert abs(acc.mean() - ref.mean()) < 0.003 and abs(acc.std() - ref.std()) < 0.003
+    assert abs(acc.mean() - M.accuracy(t, p)) < 0.003
+    # cells never observed are never drawn
+    cm = M.confusion_matrix(t, p)
+    assert (a[:, cm == 0] == 0).all()
+
+
+def test_format_ci_uses_the_same_resamples():
+    t = np.array([0] * 50 + [1] * 50)
+    p = t.copy()
+    wf = np.array([True] * 50 + [False] * 50)  # well-formed exactly when the truth is class 0
+    cfg = M.Bootstrap(n_boot=500)
+    cms, means = M._bootstrap_labels(t, p, wf, K, cfg)
+    np.testing.assert_allclose(means, cms[:, 0, 0] / 100)
 
 
 def test_ci_brackets_point_estimate_and_shrinks_with_n():

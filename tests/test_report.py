@@ -104,3 +104,45 @@ def test_no_cross_table_without_train_sets_and_bad_inputs(tmp_path):
     bad.write_text("{}")
     with pytest.raises(ValueError):
         R.load_scores([bad])
+
+
+def test_end_to_end_cli_eval_score_report(tmp_path, rafdb_root, ferplus_root, tiny_vlm_dir, eval_server, landmarker):
+    """`tagfer eval` + `tagfer score` + `tagfer report`: the tiny model (hf) and a server-backed baseline on fixture data."""
+    from typer.testing import CliRunner
+
+    from fixtures_evaluate import tag_answer
+    from tagfer.cli import app
+
+    runner = CliRunner()
+    answers = {0: tag_answer("happiness"), 1: tag_answer("neutral"), 2: "Sadness.", 3: tag_answer("surprise")}
+    eval_server.reset(lambda req, i: answers[i % 4])
+    scores = []
+    for ds, spec in (("rafdb", f"rafdb:{rafdb_root}"), ("ferplus", f"ferplus:{ferplus_root}")):
+        for name, model, extra in (
+            ("Tiny-TAG", f"hf:{tiny_vlm_dir}", ["--max-new-tokens", "12", "--device", "cpu"]),
+            ("Server-baseline", f"openai:{eval_server.url}", ["--baseline", "--concurrency", "1", "--lenient"]),
+        ):
+            preds = tmp_path / f"{name}_{ds}.jsonl"
+            r = runner.invoke(app, ["eval", "--model", model, "--dataset", spec, "--out", str(preds), "--name", name, "--no-progress", *extra])
+            assert r.exit_code == 0, r.output
+            assert "images in the split" in r.output
+            score = tmp_path / f"{name}_{ds}.json"
+            args = ["score", str(preds), "--out", str(score), "--no-progress", "--n-boot", "200"]
+            if ds == "rafdb":
+                args += ["--detector", "mediapipe"]
+            r = runner.invoke(app, args)
+            assert r.exit_code == 0, r.output
+            assert "accuracy" in r.output
+            scores.append(score)
+    base = json.loads((tmp_path / "Server-baseline_rafdb.json").read_text())
+    assert base["accuracy"]["value"] == 1.0  # the scripted answers match RAF-DB's 4 test labels in order
+    assert base["run"]["gen"]["top_p"] == 0.9 and base["au_iou"]["n_scored"] == 4
+    report = tmp_path / "report.md"
+    r = runner.invoke(app, ["report", *map(str, scores), "--out", str(report)])
+    assert r.exit_code == 0, r.output
+    md = report.read_text()
+    assert "| Model | RAF-DB | FERPlus | Avg |" in md
+    assert "| Server-baseline | **100.00** |" in md
+    assert "| Tiny-TAG |" in md and "RAF-DB AU IoU" in md
+    r = runner.invoke(app, ["report", str(tmp_path / "nope.json"), "--out", str(report)])
+    assert r.exit_code == 2

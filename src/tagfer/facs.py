@@ -58,7 +58,9 @@ the winning prototype, by contribution ``w·s``; then, if room is left and
 ``cite_contrary`` is on, the strongest other active AUs (evidence that was
 weighed and outweighed). For neutral: the strongest active AUs, described as
 isolated movements; with no active AU the trace has no box at all (still
-well-formed). An AU whose box equals a box already cited is skipped.
+well-formed). An AU whose box equals a box already cited, or whose box is
+not a valid canvas box (degenerate after clipping at the image border), is
+skipped.
 Supporting AUs of the winner that are below the activation threshold but
 score ≥ ``weak_level`` are mentioned in the conclusion without a box.
 Phrasing varies with the input through a checksum of the face's AU scores,
@@ -72,6 +74,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from tagfer.aus import AU_NAMES, AUDetection, FaceAUs
+from tagfer.canvas import CANVAS, is_valid_box
 from tagfer.labels import LABELS, normalize_label
 from tagfer.records import TAGSample
 from tagfer.trace import format_box
@@ -118,6 +121,8 @@ class FACSConfig:
     active AUs that argue for another class. ``weak_level``: inactive
     supporting AUs scoring at least this are mentioned (no box) in the
     conclusion. ``require_active``: the "nothing active → neutral" gate.
+    ``canvas``: boxes not valid on this canvas (degenerate after clipping at
+    the image border) are never cited, so every trace stays well-formed.
     """
 
     prototypes: Mapping[str, Mapping[int, float]] = field(default_factory=lambda: PROTOTYPES)
@@ -127,6 +132,7 @@ class FACSConfig:
     cite_contrary: bool = True
     weak_level: float = 0.15
     require_active: bool = True
+    canvas: int = CANVAS
 
     def __post_init__(self) -> None:
         for c, proto in self.prototypes.items():
@@ -386,6 +392,8 @@ def _choose_checks(dets: Sequence[AUDetection], label: str, config: FACSConfig) 
     def take(d: AUDetection, role: str, other: str | None = None) -> None:
         box = tuple(d.box)
         if len(chosen) >= config.max_regions or box in used_boxes or d.au in {c.detection.au for c in chosen}:
+            return
+        if not is_valid_box(box, config.canvas):
             return
         used_boxes.add(box)
         chosen.append(RegionCheck(d, role, other))

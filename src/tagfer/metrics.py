@@ -28,9 +28,10 @@ AU IoU
 bootstrap 95% CI
     percentile bootstrap over samples (``n_boot`` resamples with replacement,
     seeded :class:`numpy.random.Generator`, *choice*: 1,000 resamples, percentiles
-    2.5 / 97.5). Label and format statistics of one call share the same resamples
-    (AU IoU resamples its scored subset). Vectorised: the confusion matrices of a
-    chunk of resamples come from one ``bincount``.
+    2.5 / 97.5). Label and format statistics of one call share the same resamples,
+    drawn as multinomial cell counts (exactly the distribution of index resampling, at
+    a cost independent of n); AU IoU means resample their scored subset by index, in
+    vectorised chunks.
 """
 
 from __future__ import annotations
@@ -183,17 +184,28 @@ def _index_chunks(n: int, cfg: Bootstrap) -> Iterable[np.ndarray]:
 
 def bootstrap_confusions(truth: Sequence[int], pred: Sequence[int], k: int = len(LABELS), cfg: Bootstrap = Bootstrap()) -> np.ndarray:
     """Confusion matrices of ``cfg.n_boot`` resamples: ``(n_boot, k, k+1)`` (one bincount per chunk)."""
+    return _bootstrap_labels(truth, pred, None, k, cfg)[0]
+
+
+def _bootstrap_labels(
+    truth: Sequence[int], pred: Sequence[int], flags: Sequence[float] | None, k: int, cfg: Bootstrap
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resampled confusion matrices and, on the *same* resamples, the mean of binary ``flags`` (e.g. well-formed).
+
+    A resample's statistics depend only on how many of its ``n`` draws fall in each joint
+    cell (truth, prediction, flag), and those counts follow ``Multinomial(n, observed cell
+    shares)`` exactly, so they are drawn directly: O(n_boot × cells), independent of ``n``.
+    """
     codes = _codes(np.asarray(truth), np.asarray(pred), k)
     n, cells = codes.size, k * (k + 1)
     if n == 0 or cfg.n_boot <= 0:
-        return np.zeros((0, k, k + 1), dtype=np.int64)
-    out = []
-    for idx in _index_chunks(n, cfg):
-        rows = idx.shape[0]
-        flat = codes[idx]
-        flat += (np.arange(rows, dtype=np.int64) * cells)[:, None]
-        out.append(np.bincount(flat.ravel(), minlength=rows * cells).reshape(rows, k, k + 1))
-    return np.concatenate(out)
+        return np.zeros((0, k, k + 1), dtype=np.int64), np.zeros(0)
+    f = np.zeros(n, dtype=np.int64) if flags is None else (np.asarray(flags, dtype=np.float64) > 0).astype(np.int64)
+    joint = np.bincount(codes * 2 + f, minlength=2 * cells)
+    rng = np.random.default_rng(cfg.seed)
+    draws = rng.multinomial(n, joint / n, size=cfg.n_boot).reshape(cfg.n_boot, k, k + 1, 2)
+    means = draws[..., 1].sum(axis=(1, 2)) / n if flags is not None else np.zeros(0)
+    return draws.sum(axis=-1), means
 
 
 def bootstrap_means(values: Sequence[float], cfg: Bootstrap = Bootstrap()) -> np.ndarray:
@@ -263,7 +275,8 @@ def compute_scores(inp: ScoreInputs, classes: Sequence[str] = LABELS, cfg: Boots
     wf = np.asarray(inp.well_formed, dtype=np.float64)
     cm = confusion_matrix(truth, pred, k)
     point = _stats_from_confusion(cm)
-    boot = _stats_from_confusion(bootstrap_confusions(truth, pred, k, cfg)) if truth.size else None
+    boot_cm, boot_wf = _bootstrap_labels(truth, pred, wf, k, cfg)
+    boot = _stats_from_confusion(boot_cm) if truth.size else None
     support = cm.sum(axis=1)
 
     def ci(name: str, axis_index: int | None = None):
@@ -294,7 +307,7 @@ def compute_scores(inp: ScoreInputs, classes: Sequence[str] = LABELS, cfg: Boots
         "n": int(truth.size),
         "accuracy": _value(float(point["accuracy"]) if truth.size else float("nan"), ci("accuracy")),
         "macro_f1": _value(float(point["macro_f1"]) if truth.size else float("nan"), ci("macro_f1")),
-        "format_validity": _value(fv, percentile_ci(bootstrap_means(wf, cfg), cfg.level)),
+        "format_validity": _value(fv, percentile_ci(boot_wf, cfg.level)),
         "au_iou": _au_block(inp.au_iou, cfg),
         "cross_au_iou": _au_block(inp.cross_au_iou, cfg),
         "per_class": per_class,

@@ -159,7 +159,8 @@ def main_table(runs: Sequence[RunScores], metric: str = "accuracy") -> Table:
         avg = sum(vals) / len(vals) if vals and all(v is not None for v in vals) else None  # type: ignore[misc]
         values.append(vals + [avg])
     cols = [dataset_name(d) for d in ds] + ["Avg"]
-    return Table("main", f"Accuracy (%) on the test sets ({metric})", "Model", rows, cols, values)
+    title = "Accuracy (%) on the test sets" if metric == "accuracy" else f"{metric} (%) on the test sets"
+    return Table("main", title, "Model", rows, cols, values)
 
 
 def ablation_table(runs: Sequence[RunScores]) -> Table:

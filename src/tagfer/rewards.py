@@ -55,7 +55,6 @@ from itertools import chain
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from tagfer.canvas import CANVAS, clip_boxes, iou_matrix, iou_pairs
 from tagfer.labels import LABELS, normalize_label
@@ -263,6 +262,8 @@ def _one_to_one(ious: np.ndarray) -> float:
     if k <= n and len(set(best.tolist())) == k:
         # every box already has its own best AU box: that assignment is optimal
         return _top_mean(ious.max(axis=1).tolist(), n)
+    from scipy.optimize import linear_sum_assignment  # lazy: scipy costs ~0.5 s at CLI start
+
     rows, cols = linear_sum_assignment(ious, maximize=True)
     assigned = ious[rows, cols].tolist()
     return _top_mean(assigned + [0.0] * (k - len(assigned)), n)

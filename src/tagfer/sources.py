@@ -243,7 +243,7 @@ def read_rafdb(
         variant = "aligned" if (base / "Image" / "aligned").is_dir() else "original"
     if variant not in ("aligned", "original"):
         raise ValueError(f"RAF-DB variant must be aligned, original or auto, got {variant!r}")
-    img_dir = base / "Image" / variant
+    img_dir = str(base / "Image" / variant)  # joined with os.path: pathlib interns every part (memory grows with 300k names)
     prefix = f"{split}_"
     with open(base / "EmoLabel" / "list_patition_label.txt", encoding="utf-8") as f:
         for line in f:
@@ -251,14 +251,14 @@ def read_rafdb(
             if len(parts) < 2 or not parts[0].startswith(prefix):
                 continue
             name, code = parts[0], parts[1]
-            stem = Path(name).stem
+            stem = name.rsplit(".", 1)[0]
             try:
                 label = RAFDB_CODES[int(code)]
                 reason = None
             except (ValueError, KeyError):
                 label, reason = EXCLUDED, "unknown_code"
-            path = img_dir / (f"{stem}_aligned.jpg" if variant == "aligned" else name)
-            rec = SourceRecord(f"{source}/{stem}", source, split, int(code) if code.isdigit() else code, label, str(path), meta={"variant": variant})
+            path = os.path.join(img_dir, f"{stem}_aligned.jpg" if variant == "aligned" else name)
+            rec = SourceRecord(f"{source}/{stem}", source, split, int(code) if code.isdigit() else code, label, path, meta={"variant": variant})
             out = _emit(rec, stats, include_excluded, reason)
             if out is not None:
                 yield out
@@ -385,7 +385,7 @@ def _ferplus_csv(old_csv: Path, new_csv: Path, split: str, vote: str, ties: str,
                 continue
             name = rn_row[i_name].strip()
             votes = [float(rn_row[i] or 0) for i in i_votes]
-            rid = Path(name).stem if name else f"row{row_no:05d}"
+            rid = name.rsplit(".", 1)[0] if name else f"row{row_no:05d}"
             if not name:
                 label, reason = EXCLUDED, "ferplus_no_face"
             else:
@@ -406,6 +406,7 @@ def _ferplus_csv(old_csv: Path, new_csv: Path, split: str, vote: str, ties: str,
 
 
 def _ferplus_folder(folder: Path, split: str, vote: str, ties: str, stats, include_excluded: bool, source: str) -> Iterator[SourceRecord]:
+    folder_s = str(folder)
     with open(folder / "label.csv", newline="", encoding="utf-8") as f:
         for row in csv.reader(f):
             if not row or not row[0].strip() or row[0].strip().lower() in ("image name", "image"):
@@ -419,7 +420,7 @@ def _ferplus_folder(folder: Path, split: str, vote: str, ties: str, stats, inclu
             except ValueError:
                 votes, label, reason = [], EXCLUDED, "ferplus_bad_votes"
             rec = SourceRecord(
-                f"{source}/{Path(name).stem}", source, split, ",".join(str(int(v)) for v in votes), label, str(folder / name),
+                f"{source}/{name.rsplit('.', 1)[0]}", source, split, ",".join(str(int(v)) for v in votes), label, os.path.join(folder_s, name),
                 meta={"votes": dict(zip(FERPLUS_COLUMNS, votes))},
             )
             out = _emit(rec, stats, include_excluded, reason)
@@ -505,6 +506,7 @@ def _affectnet_csv(csv_path: Path, img_root: Path, split: str, stats, include_ex
             i_path, i_exp = header.index("subDirectory_filePath"), header.index("expression")
         except ValueError as e:
             raise ValueError(f"AffectNet: {csv_path} lacks column {e}; expected subDirectory_filePath,...,expression,...") from e
+        root_s = str(img_root)
         i_box = [header.index(c) if c in header else None for c in ("face_x", "face_y", "face_width", "face_height")]
         i_val = header.index("valence") if "valence" in header else None
         i_aro = header.index("arousal") if "arousal" in header else None
@@ -526,7 +528,7 @@ def _affectnet_csv(csv_path: Path, img_root: Path, split: str, stats, include_ex
                     except ValueError:
                         pass
             rid = rel.rsplit(".", 1)[0] if "." in rel else rel
-            rec = SourceRecord(f"{source}/{rid}", source, split, code, label, str(img_root / rel), meta=meta)
+            rec = SourceRecord(f"{source}/{rid}", source, split, code, label, os.path.join(root_s, rel), meta=meta)
             out = _emit(rec, stats, include_excluded, reason)
             if out is not None:
                 yield out
@@ -544,27 +546,28 @@ def _natural_key(name: str) -> tuple:
 
 
 def _affectnet_folder(set_dir: Path, split: str, stats, include_excluded: bool, source: str) -> Iterator[SourceRecord]:
-    ann = set_dir / "annotations"
-    img_dir = set_dir / "images"
-    # os.scandir streams the directory; the names (not the images) of one split are sorted for a deterministic order.
+    ann = str(set_dir / "annotations")
+    img_dir = str(set_dir / "images")
+    # The annotation names of one split are sorted (natural order) for a deterministic
+    # stream: one short string per image, the only per-split list any reader holds.
     names = sorted((e.name for e in os.scandir(ann) if e.name.endswith("_exp.npy")), key=_natural_key)
+    join, exists = os.path.join, os.path.exists
     for n in names:
         stem = n[: -len("_exp.npy")]
         try:
-            raw = _read_npy_scalar(ann / n)
-            label, reason, code = _affectnet_label(raw)
+            label, reason, code = _affectnet_label(_read_npy_scalar(join(ann, n)))
         except Exception:  # unreadable annotation: a recorded exclusion, not a crash
             label, reason, code = EXCLUDED, "bad_annotation", None
-        img = next((img_dir / f"{stem}{ext}" for ext in (".jpg", ".png", ".jpeg") if (img_dir / f"{stem}{ext}").exists()), img_dir / f"{stem}.jpg")
+        img = next((join(img_dir, stem + ext) for ext in (".jpg", ".png", ".jpeg") if exists(join(img_dir, stem + ext))), join(img_dir, stem + ".jpg"))
         meta: dict[str, Any] = {}
         for key in ("val", "aro"):
-            p = ann / f"{stem}_{key}.npy"
-            if p.is_file():
+            p = join(ann, f"{stem}_{key}.npy")
+            if exists(p):
                 try:
                     meta["valence" if key == "val" else "arousal"] = float(_read_npy_scalar(p))
                 except Exception:
                     pass
-        rec = SourceRecord(f"{source}/{set_dir.name}/{stem}", source, split, code, label, str(img), meta=meta)
+        rec = SourceRecord(f"{source}/{set_dir.name}/{stem}", source, split, code, label, img, meta=meta)
         out = _emit(rec, stats, include_excluded, reason)
         if out is not None:
             yield out
@@ -622,6 +625,7 @@ def _generic_csv(p: Path, want: str | None, stats, include_excluded: bool, sourc
         col_label = next((c for c in ("label", "emotion", "expression", "class") if c in fields), None)
         if col_path is None or col_label is None:
             raise ValueError(f"generic CSV {p}: needs a header with path and label columns, got {fields}")
+        parent_s = str(p.parent)
         for i, row in enumerate(reader):
             rel = (row.get(col_path) or "").strip()
             if not rel:
@@ -632,9 +636,9 @@ def _generic_csv(p: Path, want: str | None, stats, include_excluded: bool, sourc
                 continue
             raw = (row.get(col_label) or "").strip()
             label, reason = _generic_label(raw)
-            img = Path(rel) if os.path.isabs(rel) else p.parent / rel
+            img = rel if os.path.isabs(rel) else os.path.join(parent_s, rel)
             rid = (row.get("id") or "").strip() or rel.rsplit(".", 1)[0]
-            rec = SourceRecord(f"{source}/{rid}", source, sp, raw, label, str(img), meta={"row": i})
+            rec = SourceRecord(f"{source}/{rid}", source, sp, raw, label, img, meta={"row": i})
             out = _emit(rec, stats, include_excluded, reason)
             if out is not None:
                 yield out
@@ -646,11 +650,11 @@ def _generic_folder(base: Path, split: str, stats, include_excluded: bool, sourc
         for dirpath, dirnames, filenames in os.walk(cls_dir.path):
             dirnames.sort()
             for fn in sorted(filenames):
-                if Path(fn).suffix.lower() not in IMAGE_EXTENSIONS:
+                if os.path.splitext(fn)[1].lower() not in IMAGE_EXTENSIONS:
                     continue
-                full = Path(dirpath) / fn
-                rel = full.relative_to(base).as_posix()
-                rec = SourceRecord(f"{source}/{rel.rsplit('.', 1)[0]}", source, split, cls_dir.name, label, str(full))
+                full = os.path.join(dirpath, fn)
+                rel = os.path.relpath(full, base).replace(os.sep, "/")
+                rec = SourceRecord(f"{source}/{rel.rsplit('.', 1)[0]}", source, split, cls_dir.name, label, full)
                 out = _emit(rec, stats, include_excluded, reason)
                 if out is not None:
                     yield out

@@ -132,6 +132,18 @@ _AU_MENTION = re.compile(r"AU[ _-]?0*([1-9][0-9]?)(?![0-9])")
 _WORD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
 
+def find_au_mentions(text: str) -> list[tuple[int, int]]:
+    """Every AU named in ``text`` ("AU12", "AU 4", "AU_06", "<AU6>") as ``(au, start offset)``, in order.
+
+    A name glued to a preceding word character ("XAU12") is not a mention.
+    """
+    return [
+        (int(m.group(1)), m.start())
+        for m in _AU_MENTION.finditer(text)
+        if not (m.start() and text[m.start() - 1] in _WORD_CHARS)
+    ]
+
+
 class BBox(NamedTuple):
     """One ``<bbox>…</bbox>`` element of a response (an immutable record).
 
@@ -178,16 +190,7 @@ class ParsedTrace:
         """
         if not self.think:
             return ()
-        think = self.think
-        found: list[int] = []
-        for m in _AU_MENTION.finditer(think):
-            at = m.start()
-            if at and think[at - 1] in _WORD_CHARS:
-                continue
-            n = int(m.group(1))
-            if n not in found:
-                found.append(n)
-        return tuple(found)
+        return tuple(dict.fromkeys(au for au, _ in find_au_mentions(self.think)))
 
     @property
     def well_formed(self) -> bool:

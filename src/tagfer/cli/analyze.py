@@ -1,3 +1,172 @@
-"""Commands of this area register on tagfer.cli._app.app (being written)."""
+"""``tagfer analyze`` and ``tagfer serve``: grounded explanations from the command line and in a browser."""
 
-from tagfer.cli._app import app, console, out_console  # noqa: F401
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tagfer.cli._app import app, console, out_console
+
+_EXIT_HELP = "Exit codes: 0 ok; 1 an image failed (unreadable, no face); 2 bad options / model not available; 3 a model output is malformed."
+
+
+def _overlay_paths(out: Path, image_key: str, n_faces: int, single: bool) -> list[Path]:
+    """Overlay file per face: ``OUT.png`` (+ ``OUT_face1.png`` …) for one image, else ``DIR/<stem>_<hash>_face<i>.png``."""
+    if single and out.suffix.lower() == ".png":
+        return [out if i == 0 else out.with_name(f"{out.stem}_face{i}.png") for i in range(n_faces)]
+    from tagfer.grounding import overlay_name
+
+    stem = overlay_name(image_key)[: -len(".png")]
+    return [out / f"{stem}_face{i}.png" for i in range(n_faces)]
+
+
+def _resolve_image(p: Path) -> Path:
+    """``sample:astronaut`` / ``sample:grace_hopper`` → the real face shipped by an installed package."""
+    s = str(p)
+    if s.startswith("sample:"):
+        from tagfer.samples import sample_face_path
+
+        return sample_face_path(s.split(":", 1)[1])
+    return p
+
+
+def _print_result(res, show_scores: bool, show_all_aus: bool) -> None:
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    if res.error:
+        out_console.print(f"[red]✗ {res.image}: {res.error['kind']}: {res.error['message']}[/red]")
+        return
+    out_console.print(f"[bold]{res.image}[/bold]  {res.width}×{res.height}, {len(res.analyses)} face(s)")
+    for a in res.analyses:
+        head = f"face {a.face + 1}/{a.n_faces} · engine {a.engine} · label [bold]{a.label or '—'}[/bold]"
+        if a.well_formed:
+            head += f" · well-formed (r_fmt {a.r_fmt:g})"
+        else:
+            head += f" · [red]MALFORMED: {', '.join(a.violations)}[/red]"
+        head += f" · R_AU {'skipped (no active AU)' if a.r_au is None else f'{a.r_au:.2f}'}"
+        text = Text()
+        for seg in a.segments:
+            if seg["box"] is None:
+                text.append(seg["text"])
+            else:
+                text.append(seg["text"], style=f"bold white on {a.box_colors[seg['box']]}")
+        out_console.print(Panel(text, title=head, title_align="left"))
+        if show_scores and a.scores:
+            st = Table(title="class scores")
+            st.add_column("class")
+            st.add_column("score", justify="right")
+            for c, v in sorted(a.scores.items(), key=lambda kv: -kv[1]):
+                st.add_row(c, f"{v:.3f}")
+            out_console.print(st)
+        t = Table(title=f"detector AUs ({a.detector}, frame: {a.frame}, canvas {a.canvas})")
+        for c in ("AU", "name", "score", "active", "canvas box", "cited"):
+            t.add_column(c)
+        for d in a.aus:
+            if d["active"] or show_all_aus or d["au"] in a.box_aus:
+                cited = "yes" if d["au"] in a.box_aus else ""
+                t.add_row(f"AU{d['au']}", d["name"], f"{d['score']:.2f}", "yes" if d["active"] else "", str(d["box"]), cited)
+        out_console.print(t)
+    for p in res.overlays:
+        out_console.print(f"overlay: {p}")
+
+
+@app.command("analyze", epilog=_EXIT_HELP)
+def analyze_cmd(
+    images: List[Path] = typer.Argument(..., help="Image files; sample:astronaut or sample:grace_hopper for a bundled real face."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="VLM folder or hub id (TAG checkpoint or base model), or a backend spec openai:URL / hf:PATH / vllm:PATH. Default: the offline FACS engine."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per image (one per line)."),
+    overlay: Optional[Path] = typer.Option(None, "--overlay", "-o", help="Write overlays: OUT.png (one image) or a directory."),
+    scores: bool = typer.Option(False, "--scores", help="Show the engine's class scores (always in --json)."),
+    frame: str = typer.Option("face", "--frame", help="face: each face on its own 512 canvas (TAG's face crops); image: the whole image."),
+    all_aus: bool = typer.Option(False, "--all-aus", help="List every detector AU, not only the active and cited ones."),
+    max_faces: int = typer.Option(5, "--max-faces", min=1, help="Most faces analysed per image (left to right)."),
+    threshold: float = typer.Option(0.3, "--threshold", min=0.0, max=1.0, help="AU activation threshold."),
+    landmarker: Optional[Path] = typer.Option(None, "--landmarker", help="Path to face_landmarker.task (default: bundled)."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Generation budget with --model."),
+    device: str = typer.Option("auto", "--device", help="Device for --model: auto | cpu | cuda."),
+) -> None:
+    """Explain the expression of every face: label, TAG trace with boxes, detector AUs, overlay."""
+    from tagfer.analyze import EXIT_FAILED, EXIT_MALFORMED, EXIT_USAGE, Analyzer, load_engine
+    from tagfer.aus import AUConfig
+    from tagfer.detectors import MediaPipeAUDetector
+    from tagfer.faces import FaceLandmarker
+
+    if frame not in ("face", "image"):
+        console.print(f"[red]error:[/red] --frame must be face or image, got {frame!r}")
+        raise typer.Exit(EXIT_USAGE)
+    try:
+        images = [_resolve_image(p) for p in images]
+    except (ValueError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(EXIT_USAGE)
+    if overlay is not None and overlay.suffix.lower() == ".png" and len(images) > 1:
+        console.print("[red]error:[/red] --overlay OUT.png takes one image; give a directory for several")
+        raise typer.Exit(EXIT_USAGE)
+    try:
+        if model is None:
+            engine = "facs"
+        else:
+            with console.status(f"loading {model} …"):
+                engine = load_engine(model, max_new_tokens=max_new_tokens, device=None if device == "auto" else device)
+        lm = FaceLandmarker(model_path=str(landmarker) if landmarker else None, max_faces=max_faces)
+    except Exception as e:  # model / landmarker not available: a usage-level failure
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(EXIT_USAGE)
+    det = MediaPipeAUDetector(AUConfig(threshold=threshold), landmarker=lm)
+    det._own = True
+    failed = malformed = 0
+    with det, Analyzer(det, engine, frame=frame) as analyzer:
+        for path in images:
+            res = analyzer.run(path)
+            if res.ok and overlay is not None:
+                paths = _overlay_paths(overlay, res.image, len(res.analyses), single=len(images) == 1)
+                from tagfer.overlay import save_png
+
+                for p, im in zip(paths, res.render_overlays()):
+                    save_png(im, p)
+                res.overlays = [str(p) for p in paths]
+            failed += not res.ok
+            malformed += res.malformed
+            if json_out:
+                out_console.file.write(json.dumps(res.to_json(), ensure_ascii=False) + "\n")
+                out_console.file.flush()
+            else:
+                _print_result(res, scores, all_aus)
+    close_engine = getattr(engine, "close", None)
+    if close_engine is not None:
+        close_engine()
+    if failed:
+        console.print(f"{failed} of {len(images)} image(s) failed")
+        raise typer.Exit(EXIT_FAILED)
+    if malformed:
+        console.print(f"{malformed} image(s) with a malformed model output (shown as written, with its violations)")
+        raise typer.Exit(EXIT_MALFORMED)
+
+
+@app.command("serve")
+def serve_cmd(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (localhost by default)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="VLM folder or hub id (default: the offline FACS engine)."),
+    workers: int = typer.Option(2, "--pool", min=1, help="Analyzers (detectors) working in parallel."),
+    max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.01, help="Largest accepted upload."),
+    frame: str = typer.Option("face", "--frame", help="face | image (see tagfer analyze)."),
+) -> None:
+    """Web page + JSON API (POST /analyze) for grounded explanations. Localhost only by default."""
+    import uvicorn
+
+    from tagfer.serve import ServeConfig, create_app
+
+    try:
+        app_ = create_app(ServeConfig(model=model, pool_size=workers, frame=frame), max_upload_mb=max_upload_mb)
+        app_.state.pool.warm()
+    except Exception as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    console.print(f"tagfer serve on http://{host}:{port}/  (engine: {model or 'facs'})")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")

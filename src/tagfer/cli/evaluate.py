@@ -1,3 +1,396 @@
-"""Commands of this area register on tagfer.cli._app.app (being written)."""
+"""``tagfer eval | score | report | judge`` and ``tagfer study serve | export``: evaluation with the paper's protocol."""
 
-from tagfer.cli._app import app, console, out_console  # noqa: F401
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tagfer.cli._app import app, console, out_console
+
+study_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Human A/B preference study (web app on localhost).")
+app.add_typer(study_app, name="study")
+
+
+def _progress(total: int | None = None, enabled: bool = True):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=not enabled, transient=False,
+    )
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(code)
+
+
+def _backend_kwargs(kind: str, batch_size: int, concurrency: Optional[int], served_model: Optional[str], api_key_env: Optional[str],
+                    device: str, max_retries: Optional[int], timeout: Optional[float]) -> dict:
+    import os
+
+    if kind == "hf":
+        return {"batch_size": batch_size, "device": device}
+    if kind == "openai":
+        kw: dict = {}
+        if concurrency:
+            kw["concurrency"] = concurrency
+        if served_model:
+            kw["model"] = served_model
+        if api_key_env:
+            kw["api_key"] = os.environ.get(api_key_env, "")
+        if max_retries is not None:
+            kw["max_retries"] = max_retries
+        if timeout is not None:
+            kw["timeout_s"] = timeout
+        return kw
+    if kind == "vllm":
+        return {"chunk_size": max(batch_size, 1)}
+    return {}
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="hf:PATH | openai:URL[,URL] | vllm:PATH (a bare path = hf) | facs[:DETECTOR] (offline FACS engine baseline)."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Source spec, e.g. rafdb:/data/RAF-DB, ferplus:/data/FERPlus, affectnet:/data/AffectNet."),
+    out: Path = typer.Option(..., "--out", "-o", help="Predictions JSON Lines (appended to; resumable)."),
+    split: str = typer.Option("test", "--split", help="train | val | test."),
+    baseline: bool = typer.Option(False, "--baseline", help="Baseline decoding (paper: top-p 0.9 sampling) instead of TAG's greedy decoding."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Override the temperature (TAG 0, baseline 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Override top-p (baseline 0.9)."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Most tokens generated per answer (paper: 512)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (where the backend supports it)."),
+    system_prompt: Optional[Path] = typer.Option(None, "--system-prompt", help="File replacing the unified TAG system prompt."),
+    user_prompt: Optional[Path] = typer.Option(None, "--user-prompt", help="File replacing the TAG user prompt."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name stored in the records (default: the spec)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="hf: images per generate call; vllm: chunk size."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="openai: requests in flight (default 512 total, 128 per endpoint)."),
+    served_model: Optional[str] = typer.Option(None, "--served-model", help="openai: the model name sent (default: the server's first model)."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="openai: environment variable holding the API key (default OPENAI_API_KEY)."),
+    max_retries: Optional[int] = typer.Option(None, "--max-retries", min=0, help="openai: retries per request."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", min=0.1, help="openai: seconds per attempt."),
+    device: str = typer.Option("auto", "--device", help="hf: auto | cpu | cuda[:N]."),
+    image_format: str = typer.Option("png", "--image-format", help="openai: image encoding sent, png | jpeg (jpeg costs ~2.5x less CPU per request)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Predict at most N new images."),
+    lenient: bool = typer.Option(False, "--lenient", help="Accept a bare label when a response has no <answer> span."),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="Re-run images whose earlier record is an error."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Start over: overwrite --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Predict a test set with one model under the paper's protocol (7 classes, unified TAG prompt).
+
+    Exit code 1 when some items failed (they are recorded; re-run with --retry-errors), 2 on bad arguments.
+    """
+    from tagfer.backends import BackendUnavailable, make_backend, parse_spec
+    from tagfer.eval import eval_source, generation_defaults
+    from tagfer.prompts import tag_prompt
+    from tagfer.sources import canonical_split, parse_source_spec
+
+    try:
+        split = canonical_split(split)
+        kind_ds, ds_path, _ = parse_source_spec(dataset)
+        if not Path(ds_path).exists():
+            _fail(f"dataset path {ds_path} does not exist")
+        prompt = tag_prompt(system_prompt, user_prompt)
+        kind = "facs" if model.split(":", 1)[0] == "facs" else parse_spec(model)[0]
+    except (ValueError, FileNotFoundError, BackendUnavailable) as e:
+        _fail(str(e))
+    gen = generation_defaults(baseline, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    try:
+        if kind == "facs":
+            from tagfer.detectors import DetectorSpec
+            from tagfer.eval import FACSBackend
+
+            det = model.split(":", 1)[1] if ":" in model else "mediapipe"
+            backend = FACSBackend(DetectorSpec(kind=det))
+        else:
+            kw = _backend_kwargs(kind, batch_size, concurrency, served_model, api_key_env, device, max_retries, timeout)
+            if kind == "openai":
+                kw["image_format"] = image_format
+            backend = make_backend(model, **kw)
+    except Exception as e:  # missing weights, vLLM not installed, bad URL ...
+        _fail(f"cannot build backend {model!r}: {type(e).__name__}: {e}")
+    console.print(f"eval {name or model} on {dataset} ({split}); decoding {gen}")
+    with _progress(enabled=progress) as bar:
+        task = bar.add_task("predicting", total=None)
+        acc = {"n": 0, "ok": 0}
+
+        def tick(p) -> None:
+            acc["n"] += 1
+            acc["ok"] += int(p.pred == p.label)
+            bar.update(task, advance=1, description=f"predicting (acc {100 * acc['ok'] / acc['n']:.1f}%)")
+
+        try:
+            summary = eval_source(
+                dataset, backend, out, split=split, model=name or model, gen=gen, prompt=prompt,
+                resume=not no_resume, retry_errors=retry_errors, lenient=lenient, limit=limit, on_record=tick,
+            )
+        finally:
+            backend.close()
+    for w in summary.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    errs = ", ".join(f"{k}={v}" for k, v in sorted(summary.errors.items()))
+    out_console.print(
+        f"{summary.processed} predicted ({summary.failed} failed{': ' + errs if errs else ''}), {summary.skipped} already done, "
+        f"{summary.dataset_size} images in the split; {summary.throughput:.2f} predictions/s → {out}"
+    )
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+def _detector_truth(preds: Path, spec_text: str, cache: Path, dataset: Optional[str], au_threshold: float, progress: bool, label: str):
+    from tagfer.aus import AUConfig
+    from tagfer.detectors import DetectorSpec
+    from tagfer.eval import au_truth
+
+    spec = DetectorSpec(kind=spec_text, config=AUConfig(threshold=au_threshold))
+    with _progress(enabled=progress) as bar:
+        task = bar.add_task(f"AU boxes ({label}: {spec_text})", total=None)
+        return au_truth(preds, spec, cache, dataset=dataset, on_record=lambda r: bar.update(task, advance=1))
+
+
+@app.command("score")
+def score_cmd(
+    preds: Path = typer.Argument(..., help="Predictions JSONL written by `tagfer eval`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Score JSON (input of `tagfer report`)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="AU detector of training for AU IoU: mediapipe | openface:CSV | table:CSV."),
+    au: Optional[Path] = typer.Option(None, "--au", help="Precomputed `tagfer au` JSONL of the test images (instead of --detector)."),
+    cross_detector: Optional[str] = typer.Option(None, "--cross-detector", help="Independent detector for cross-detector AU IoU, e.g. openface:/path/openface.csv."),
+    cross_au: Optional[Path] = typer.Option(None, "--cross-au", help="Precomputed AU JSONL of the independent detector."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Source spec to re-read images stored as bytes (FERPlus CSV) for the detectors."),
+    au_threshold: float = typer.Option(0.3, "--au-threshold", min=0.0, max=1.0, help="AU activation threshold of the detectors."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name shown in reports (default: the model)."),
+    train_set: Optional[str] = typer.Option(None, "--train-set", help="Dataset the model was trained on (rows of the cross-dataset table)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Free-form variant tag (ablations)."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Confusion-matrix PNG (default: next to --out)."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples for the 95% CIs."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    matching: str = typer.Option("paper", "--matching", help="AU IoU box matching: paper (Eq. 3-4) | one_to_one."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Accuracy, per-class recall, macro-F1, confusion matrix, format validity, boxes per answer, AU IoU, cross-detector AU IoU (bootstrap 95% CIs)."""
+    from tagfer.eval import load_au_jsonl, score_file
+    from tagfer.metrics import Bootstrap
+
+    if not preds.is_file():
+        _fail(f"{preds} not found")
+    if matching not in ("paper", "one_to_one"):
+        _fail("--matching must be paper or one_to_one")
+    au_map = cross_map = None
+    au_source = cross_source = None
+    try:
+        if au is not None:
+            au_map, au_source = load_au_jsonl(au), str(au)
+        elif detector:
+            cache = out.with_name(f"{preds.stem}.au-{_slug(detector)}.jsonl")
+            au_map, au_source = _detector_truth(preds, detector, cache, dataset, au_threshold, progress, "detector"), detector
+        if cross_au is not None:
+            cross_map, cross_source = load_au_jsonl(cross_au), str(cross_au)
+        elif cross_detector:
+            cache = out.with_name(f"{preds.stem}.au-{_slug(cross_detector)}.jsonl")
+            cross_map, cross_source = _detector_truth(preds, cross_detector, cache, dataset, au_threshold, progress, "cross"), cross_detector
+        png = png or out.with_suffix(".confusion.png")
+        s = score_file(
+            preds, out, au=au_map, cross_au=cross_map, au_source=au_source, cross_source=cross_source, name=name,
+            train_set=train_set, variant=variant, png=png, bootstrap=Bootstrap(n_boot=n_boot, seed=seed), matching=matching,
+        )
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+    _print_scores(s)
+    out_console.print(f"scores → {out}; confusion matrix → {png}")
+
+
+def _slug(spec: str) -> str:
+    import hashlib
+
+    kind = spec.split(":", 1)[0]
+    return kind if ":" not in spec else f"{kind}-{hashlib.blake2b(spec.encode(), digest_size=3).hexdigest()}"
+
+
+def _print_scores(s: dict) -> None:
+    from rich.table import Table
+
+    def fmt(b):
+        if not b or b.get("value") is None:
+            return "–"
+        ci = b.get("ci")
+        return f"{100 * b['value']:.2f}" + (f"  [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+    t = Table(title=f"{s['run']['name']} on {s['run']['dataset']} ({s['run']['split']}), n={s['n']}")
+    t.add_column("metric")
+    t.add_column("% [95% CI]")
+    for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("format_validity", "format validity"), ("au_iou", "AU IoU"), ("cross_au_iou", "cross-detector AU IoU")):
+        t.add_row(label, fmt(s.get(key)))
+    for c, v in s["per_class"].items():
+        t.add_row(f"recall {c} (n={v['support']})", "–" if v["recall"] is None else f"{100 * v['recall']:.2f}")
+    out_console.print(t)
+    out_console.print(f"boxes per answer: {s['boxes_histogram']}; errors: {s['errors'] or 'none'}")
+
+
+@app.command("report")
+def report_cmd(
+    runs: List[Path] = typer.Argument(..., help="Score JSON files written by `tagfer score`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Markdown report; CSV tables are written next to it."),
+    tables: str = typer.Option("main,ablation,cross,details", "--tables", help="Comma-separated: main (Table 1), ablation (Tables 2-4), cross (Table 5), details."),
+    title: str = typer.Option("TAG evaluation report", "--title"),
+    csv_dir: Optional[Path] = typer.Option(None, "--csv-dir", help="Directory for the CSV tables (default: next to --out)."),
+) -> None:
+    """Paper-style tables (models × datasets with average, ablation rows, cross-dataset matrix), best bold, second underlined."""
+    from tagfer.report import load_scores, write_report
+
+    missing = [str(r) for r in runs if not r.is_file()]
+    if missing:
+        _fail(f"score file(s) not found: {', '.join(missing)}")
+    try:
+        md, csvs = write_report(load_scores(runs), out, [t.strip() for t in tables.split(",") if t.strip()], title, csv_dir)
+    except (ValueError, json.JSONDecodeError) as e:
+        _fail(str(e))
+    out_console.print(md)
+    out_console.print(f"report → {out}; CSV: {', '.join(str(p) for p in csvs)}")
+
+
+@app.command("judge")
+def judge_cmd(
+    judge: str = typer.Option(..., "--judge", help="Judge model: openai:URL[,URL] (any OpenAI-compatible VLM server) | hf:PATH | vllm:PATH."),
+    out: Path = typer.Option(..., "--out", "-o", help="Judgments JSONL (one line per pair × seed; resumable)."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pairs JSONL (from `tagfer study pairs`)."),
+    preds_a: Optional[Path] = typer.Option(None, "--a", help="Predictions of system A (instead of --pairs)."),
+    preds_b: Optional[Path] = typer.Option(None, "--b", help="Predictions of system B (instead of --pairs)."),
+    name_a: Optional[str] = typer.Option(None, "--name-a"),
+    name_b: Optional[str] = typer.Option(None, "--name-b"),
+    n: int = typer.Option(100, "--n", min=1, help="Pairs sampled from --a/--b (paper: 100)."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Judgments per pair with different seeds (paper: 3)."),
+    seed: int = typer.Option(0, "--seed", help="First seed (order randomisation and sampling)."),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=16),
+    max_retries: int = typer.Option(2, "--max-retries", min=0, help="Re-asks after a malformed reply or failed request."),
+    served_model: Optional[str] = typer.Option(None, "--served-model", help="openai: model name sent to the server."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1),
+    system_prompt: Optional[Path] = typer.Option(None, "--system-prompt", help="File replacing the judge system prompt."),
+    user_prompt: Optional[Path] = typer.Option(None, "--user-prompt", help="File replacing the judge user template ($response_a, $response_b, $label)."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Aggregate JSON (default: <out>.summary.json)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """LLM-as-judge A/B: anonymised, order randomised per pair and seed, 1-5 rubric scores + overall A/B/tie."""
+    from tagfer.backends import make_backend, parse_spec
+    from tagfer.judge import aggregate, judge_prompt, make_pairs, read_pairs, run_judge
+
+    try:
+        if pairs is not None:
+            plist = read_pairs(pairs)
+        elif preds_a is not None and preds_b is not None:
+            plist = make_pairs(preds_a, preds_b, n=n, seed=seed, name_a=name_a, name_b=name_b)
+        else:
+            _fail("give --pairs, or both --a and --b")
+        prompt = judge_prompt(system_prompt, user_prompt)
+        kind, _ = parse_spec(judge)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if not plist:
+        _fail("no pairs to judge (no image answered by both systems?)")
+    kw: dict = {}
+    if kind == "openai":
+        kw = {k: v for k, v in (("model", served_model), ("concurrency", concurrency)) if v}
+    try:
+        backend = make_backend(judge, **kw)
+    except Exception as e:
+        _fail(f"cannot build judge backend {judge!r}: {type(e).__name__}: {e}")
+    with _progress(enabled=progress) as bar:
+        task = bar.add_task("judging", total=len(plist) * repeats)
+        try:
+            recs = run_judge(plist, backend, out, repeats=repeats, seed=seed, prompt=prompt, max_retries=max_retries,
+                             gen={"temperature": temperature, "max_new_tokens": max_new_tokens}, judge_name=judge,
+                             on_record=lambda r: bar.update(task, advance=1))
+        finally:
+            backend.close()
+    keys = {f"{p.id}#{seed + r}" for p in plist for r in range(repeats)}
+    agg = aggregate([r for r in recs if r["key"] in keys], names={"a": plist[0].a.get("name", "a"), "b": plist[0].b.get("name", "b")})
+    summary = summary or out.with_suffix(".summary.json")
+    summary.write_text(json.dumps(agg, indent=2), encoding="utf-8")
+    p, o = agg["preference_pct"], agg["order_effect"]
+    f = lambda v: "–" if v is None else f"{v:.1f}%"  # noqa: E731
+    out_console.print(
+        f"{agg['n_pairs']} pairs, {agg['n_valid']}/{agg['n_judgments']} valid judgments (failures: {agg['failures'] or 'none'})\n"
+        f"preference: {agg['systems']['a']} {f(p['a'])}, {agg['systems']['b']} {f(p['b'])}, tie {f(p['tie'])}\n"
+        f"mean scores: a {agg['mean_scores']['a']}, b {agg['mean_scores']['b']}\n"
+        f"order effect: first shown wins {f(o['first_shown_wins_pct'])}, second {f(o['second_shown_wins_pct'])} of {o['decisive']} decisive\n"
+        f"summary → {summary}"
+    )
+
+
+@study_app.command("pairs")
+def study_pairs_cmd(
+    preds_a: Path = typer.Option(..., "--a", help="Predictions of system A (e.g. TAG)."),
+    preds_b: Path = typer.Option(..., "--b", help="Predictions of system B (e.g. a baseline)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Pairs JSONL (input of `tagfer judge --pairs` and `tagfer study serve`)."),
+    n: int = typer.Option(100, "--n", min=1, help="Pairs sampled (paper: 100 per set)."),
+    seed: int = typer.Option(0, "--seed"),
+    name_a: Optional[str] = typer.Option(None, "--name-a"),
+    name_b: Optional[str] = typer.Option(None, "--name-b"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Source spec to export images stored as bytes (FERPlus CSV)."),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="Where to write those images (default: <out>_images/)."),
+) -> None:
+    """Sample pairs of responses (same image, two systems) for the judge and the human study."""
+    from tagfer.judge import make_pairs, write_pairs
+
+    for p in (preds_a, preds_b):
+        if not p.is_file():
+            _fail(f"{p} not found")
+    pairs = make_pairs(preds_a, preds_b, n=n, seed=seed, name_a=name_a, name_b=name_b, dataset=dataset,
+                       image_dir=image_dir or out.with_name(out.stem + "_images"))
+    if not pairs:
+        _fail("no image was answered by both systems")
+    write_pairs(pairs, out)
+    out_console.print(f"{len(pairs)} pairs → {out}")
+
+
+@study_app.command("serve")
+def study_serve_cmd(
+    pairs: Path = typer.Option(..., "--pairs", help="Pairs JSONL (from `tagfer study pairs`)."),
+    db: Path = typer.Option(..., "--db", help="SQLite database of the votes (created; resumable)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (no authentication: keep it local)."),
+    port: int = typer.Option(8765, "--port"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the per-evaluator pair order and response order."),
+) -> None:
+    """Serve the A/B study page: evaluators enter a name, then choose A / B / tie for each pair."""
+    import uvicorn
+
+    from tagfer.judge import read_pairs
+    from tagfer.study.app import create_app
+
+    try:
+        plist = read_pairs(pairs)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if not plist:
+        _fail(f"{pairs} holds no pairs")
+    missing = [p.image for p in plist if not Path(p.image).is_file()]
+    if missing:
+        console.print(f"[yellow]warning:[/yellow] {len(missing)} image(s) not found, e.g. {missing[0]}")
+    console.print(f"study of {len(plist)} pairs on http://{host}:{port}  (votes → {db})")
+    uvicorn.run(create_app(plist, db, seed=seed), host=host, port=port, log_level="warning")
+
+
+@study_app.command("export")
+def study_export_cmd(
+    db: Path = typer.Option(..., "--db", help="The study's SQLite database."),
+    out: Path = typer.Option(..., "--out", "-o", help="Aggregate JSON."),
+) -> None:
+    """Preference percentages averaged over evaluators, pairwise agreement and Fleiss' kappa."""
+    from tagfer.study.db import export
+
+    try:
+        agg = export(db, out)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    p, a = agg["preference_pct"], agg["agreement"]
+    f = lambda v, d=1: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+    out_console.print(
+        f"{agg['n_evaluators']} evaluator(s), {agg['n_votes']} votes on {agg['n_pairs']} pairs\n"
+        f"preference: {agg['systems']['a']} {f(p['a'])}%, {agg['systems']['b']} {f(p['b'])}%, tie {f(p['tie'])}%\n"
+        f"agreement: pairwise {f(a['pairwise_percent'])}%, Fleiss' kappa {f(a['fleiss_kappa'], 3)} ({a['n_pairs_all_rated']} pairs rated by all)\n"
+        f"→ {out}"
+    )

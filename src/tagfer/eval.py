@@ -1,0 +1,532 @@
+"""Evaluation with the paper's protocol (§5, App. B, C.2): predictions, AU ground truth, scores.
+
+Three steps, each a function and a CLI command:
+
+1. :func:`run_eval` (``tagfer eval``) streams a test set (:func:`tagfer.sources.open_source`,
+   7-class protocol: contempt and non-emotion codes are excluded by the readers), asks a
+   model (:mod:`tagfer.backends`) with the unified TAG prompt (:func:`tagfer.prompts.tag_prompt`)
+   and writes one :class:`Prediction` per image to a JSON Lines file — resumable (ids
+   already in the file are skipped), a failed image or request becomes a recorded
+   per-item ``error``, never a crashed run. Decoding defaults follow the paper: TAG
+   models greedy (temperature 0); baselines (``baseline=True``) top-p 0.9 sampling
+   (*choice*: temperature 1.0 with it); at most 512 new tokens.
+2. :func:`au_truth` grounds each test image with an AU detector
+   (:class:`tagfer.detectors.DetectorSpec`, e.g. ``mediapipe`` — the training detector —
+   or ``openface:CSV`` for the cross-detector IoU) or reads a precomputed ``tagfer au``
+   JSONL, and caches the activated AU boxes per prediction id (resumable JSONL).
+3. :func:`score_file` (``tagfer score``) joins predictions with AU boxes and computes the
+   metrics of :mod:`tagfer.metrics` into one score JSON (input of :mod:`tagfer.report`).
+
+Parsing: the label and boxes come from :func:`tagfer.trace.parse_trace` (the one parser;
+the label is its :func:`tagfer.labels.normalize_label` of the single answer span).
+``lenient=True`` (*choice*, off by default) also accepts a response with no answer span
+whose whole text is one label (e.g. a closed model replying "Happiness."); the record
+says which rule produced the label (``pred_from``).
+
+Test-set sizes are checked against the paper's (RAF-DB 3,068, FERPlus 3,517,
+AffectNet 3,500) when a full test split is evaluated; a different count is a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from tagfer.errors import ItemError
+from tagfer.jsonl import JsonlWriter, done_keys, drop_records, read_jsonl
+from tagfer.labels import LABELS, normalize_label
+from tagfer.trace import parse_trace
+
+__all__ = [
+    "PAPER_TEST_SIZES",
+    "Prediction",
+    "parse_prediction",
+    "EvalSummary",
+    "generation_defaults",
+    "run_eval",
+    "size_warning",
+    "eval_source",
+    "FACSBackend",
+    "au_truth",
+    "load_au_jsonl",
+    "score_predictions",
+    "score_file",
+]
+
+#: Test-set sizes of the paper (7 classes, contempt removed).
+PAPER_TEST_SIZES = {"rafdb": 3068, "ferplus": 3517, "affectnet": 3500}
+
+
+@dataclass
+class Prediction:
+    """One model answer on one test image (one JSON line of ``tagfer eval``).
+
+    Schema::
+
+      id           str        the dataset record id (``"rafdb/test_0001"``), the resume key
+      source       str        dataset kind (rafdb | ferplus | affectnet | generic | ...)
+      split        str        train | val | test
+      image        str|null   image path (null for images stored as bytes, e.g. FER2013 CSV pixels)
+      label        str        ground truth, one of LABELS
+      output       str|null   the raw model response (null when the request failed)
+      pred         str|null   parsed label (one of LABELS) or null (no / invalid answer)
+      pred_from    str|null   "answer" (the <answer> span) or "lenient" (whole text, see module doc)
+      boxes        list       [[x1, y1, x2, y2] | null, ...] every <bbox> in order (null = unreadable)
+      violations   list[str]  grammar violation codes (:mod:`tagfer.trace`)
+      well_formed  bool       no violation at all (what R_fmt rewards)
+      error        obj|null   {"kind", "message"} for a per-item failure (image or request)
+      model        str        model spec (``hf:PATH``, ``openai:URL``, ...)
+      gen          obj        generation settings {temperature, top_p, max_new_tokens, seed}
+      latency_s    float|null seconds spent on this item's request (backend-reported or batch share)
+    """
+
+    id: str
+    source: str
+    split: str
+    image: str | None
+    label: str
+    output: str | None = None
+    pred: str | None = None
+    pred_from: str | None = None
+    boxes: list[list[int] | None] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    well_formed: bool = False
+    error: dict[str, str] | None = None
+    model: str = ""
+    gen: dict[str, Any] = field(default_factory=dict)
+    latency_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Prediction":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        missing = {"id", "source", "split", "label"} - known.keys()
+        if missing:
+            raise ValueError(f"prediction record lacks field(s): {', '.join(sorted(missing))}")
+        known.setdefault("image", None)
+        return cls(**known)
+
+
+def parse_prediction(pred: Prediction, output: str | None, lenient: bool = False) -> Prediction:
+    """Fill ``output``, ``pred``, ``boxes``, ``violations``, ``well_formed`` from a response text."""
+    pred.output = output
+    if output is None:
+        pred.pred, pred.pred_from, pred.boxes, pred.violations, pred.well_formed = None, None, [], [], False
+        return pred
+    parsed = parse_trace(output)
+    label = parsed.label if parsed.label in LABELS else None
+    source = "answer" if label else None
+    if label is None and lenient and not parsed.answers:
+        alt = normalize_label(output)
+        if alt in LABELS:
+            label, source = alt, "lenient"
+    pred.pred, pred.pred_from = label, source
+    pred.boxes = [list(c) if c is not None else None for c in parsed.box_coords]
+    pred.violations = list(parsed.violations)
+    pred.well_formed = parsed.well_formed
+    return pred
+
+
+# ---------------------------------------------------------------------------------- runner
+def generation_defaults(baseline: bool = False, **overrides: Any) -> dict[str, Any]:
+    """The paper's decoding settings: TAG greedy; baselines top-p 0.9; 512 new tokens. ``None`` overrides are ignored."""
+    cfg: dict[str, Any] = {"temperature": 1.0 if baseline else 0.0, "top_p": 0.9 if baseline else 1.0, "max_new_tokens": 512, "seed": 0}
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+@dataclass
+class EvalSummary:
+    """Counts of one ``run_eval`` call. ``processed``: records written now; ``skipped``: already done."""
+
+    processed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    correct: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    dataset_size: int = 0
+    excluded: int = 0
+    warnings: list[str] = field(default_factory=list)
+    retried_errors: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def size_warning(kind: str, split: str, count: int) -> str | None:
+    """A warning when a full test split's size differs from the paper's (None when it matches or is unknown)."""
+    want = PAPER_TEST_SIZES.get(kind)
+    if split != "test" or want is None or count == want:
+        return None
+    return (
+        f"{kind} test split has {count} images after removing excluded classes; the paper evaluates on {want}. "
+        "Numbers are not directly comparable with the paper's."
+    )
+
+
+def _err(kind: str, message: str) -> dict[str, str]:
+    return {"kind": str(kind), "message": str(message)[:500]}
+
+
+def run_eval(
+    records: Iterable[Any],
+    backend: Any,
+    out: str | os.PathLike,
+    *,
+    model: str = "",
+    gen: dict[str, Any] | None = None,
+    prompt: tuple[str, str] | None = None,
+    resume: bool = True,
+    retry_errors: bool = False,
+    lenient: bool = False,
+    limit: int | None = None,
+    on_record: Callable[[Prediction], None] | None = None,
+) -> EvalSummary:
+    """Predict every record not yet in ``out`` and append one :class:`Prediction` per record.
+
+    ``records``: :class:`tagfer.sources.SourceRecord` objects (``id``, ``source``, ``split``,
+    ``label``, ``image_path``, ``image``). ``backend``: a :class:`tagfer.backends.Backend`;
+    requests stream through it lazily (it bounds its own look-ahead), so memory stays
+    constant whatever the dataset size, and a remote backend keeps its concurrency full.
+    Image and request failures come back as per-item errors and are recorded.
+    ``limit``: predict at most this many new records (the dataset is still counted).
+    """
+    from tagfer.backends import GenerationConfig, GenRequest
+    from tagfer.prompts import tag_prompt
+
+    t0 = time.perf_counter()
+    system, user = prompt or tag_prompt()
+    gen = gen or generation_defaults()
+    cfg = GenerationConfig(**{k: gen[k] for k in ("temperature", "top_p", "max_new_tokens", "seed") if k in gen})
+    summary = EvalSummary()
+    out = Path(out)
+    if not resume and out.exists():
+        out.unlink()
+    if retry_errors and out.exists():
+        summary.retried_errors = drop_records(out, lambda r: r.get("error") is not None)
+    done = done_keys(out, key="id") if resume else set()
+    pending: dict[str, Prediction] = {}
+
+    def requests() -> Iterator[Any]:
+        seen: set[str] = set()
+        queued = 0
+        for rec in records:
+            if getattr(rec, "excluded", False) or rec.label not in LABELS:
+                summary.excluded += 1
+                continue
+            summary.dataset_size += 1
+            if rec.id in done or rec.id in seen:
+                summary.skipped += 1
+                continue
+            if limit is not None and queued >= limit:
+                continue  # keep counting the dataset size
+            seen.add(rec.id)
+            queued += 1
+            pending[rec.id] = Prediction(
+                id=rec.id, source=rec.source, split=rec.split, image=rec.image_path, label=rec.label, model=model, gen=dict(gen)
+            )
+            image = rec.image_path if rec.image_path is not None else getattr(rec, "image_bytes", None)
+            yield GenRequest(id=rec.id, user=user, image=image, system=system)
+
+    with JsonlWriter(out) as writer:
+        for res in backend.generate(requests(), cfg):
+            p = pending.pop(res.id)
+            err = res.error
+            if err is not None:
+                p.error = _err(err.get("kind", "backend_error"), err.get("message", ""))
+            parse_prediction(p, res.text if err is None else None, lenient)
+            lat = (res.info or {}).get("latency_s")
+            p.latency_s = float(lat) if lat is not None else None
+            writer.write(p.to_json())
+            summary.processed += 1
+            if p.error is not None:
+                summary.failed += 1
+                summary.errors[p.error["kind"]] = summary.errors.get(p.error["kind"], 0) + 1
+            elif p.pred == p.label:
+                summary.correct += 1
+            if on_record:
+                on_record(p)
+    summary.elapsed_s = time.perf_counter() - t0
+    return summary
+
+
+def eval_source(
+    dataset: str,
+    backend: Any,
+    out: str | os.PathLike,
+    split: str = "test",
+    check_size: bool = True,
+    **kw: Any,
+) -> EvalSummary:
+    """:func:`run_eval` over ``open_source(dataset, split)`` plus the test-set size check."""
+    from tagfer.sources import SourceStats, open_source, parse_source_spec
+
+    stats = SourceStats()
+    summary = run_eval(open_source(dataset, split=split, stats=stats), backend, out, **kw)
+    kind = parse_source_spec(dataset)[0]
+    warning = size_warning(kind, split, summary.dataset_size) if check_size else None
+    if warning:
+        summary.warnings.append(warning)
+    return summary
+
+
+class FACSBackend:
+    """The offline FACS-prototype engine (:func:`tagfer.facs.explain`) as a baseline "model" (``--model facs``).
+
+    Each image is grounded by the AU detector (``spec``, default MediaPipe) and the
+    engine writes a TAG trace from the largest face's AUs; the prompt and decoding settings
+    are ignored (the engine is deterministic). Failures (no face, unreadable image) are
+    per-item errors, like any backend's.
+    """
+
+    name = "facs"
+
+    def __init__(self, spec: Any = None):
+        from tagfer.detectors import DetectorSpec
+
+        self.detector = (spec or DetectorSpec()).build()
+
+    def generate(self, requests: Iterable[Any], config: Any = None, on_result: Callable[[Any], None] | None = None) -> Iterator[Any]:
+        from tagfer.backends import GenResult
+        from tagfer.facs import explain
+        from tagfer.imageio import load_image
+
+        for req in requests:
+            t0 = time.perf_counter()
+            try:
+                if req.image is None:
+                    raise ItemError("no_image", "the FACS engine needs an image")
+                img = load_image(req.image)
+                faces = self.detector.detect(img, req.image if isinstance(req.image, str) else None)
+                face = max(faces, key=lambda f: f.mesh.area if f.mesh else 0.0)
+                res = GenResult(req.id, explain(face).trace, None, dict(req.meta),
+                                {"backend": self.name, "latency_s": round(time.perf_counter() - t0, 4)})
+            except ItemError as e:
+                res = GenResult.failure(req, e.kind, e.message, backend=self.name)
+            except Exception as e:  # noqa: BLE001 - recorded per item
+                res = GenResult.failure(req, "internal", f"{type(e).__name__}: {e}", backend=self.name)
+            if on_result is not None:
+                on_result(res)
+            yield res
+
+    def close(self) -> None:
+        self.detector.close()
+
+    def __enter__(self) -> "FACSBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------- AU truth
+def _first_face_boxes(rec: dict) -> list[list[int]] | None:
+    """Activated AU boxes of the first face of a grounding record; None when the image failed."""
+    if rec.get("error"):
+        return None
+    faces = rec.get("faces") or []
+    if not faces:
+        return None
+    return [list(map(int, b)) for b in faces[0].get("au_boxes") or []]
+
+
+def load_au_jsonl(path: str | os.PathLike) -> dict[str, list[list[int]] | None]:
+    """A ``tagfer au`` output (or an :func:`au_truth` cache) → key → AU boxes (None = failed image).
+
+    Keys: the record's ``id`` when present (cache), else its ``image`` path, plus the file
+    name of that path so a prediction can be joined by path or by name.
+    """
+    out: dict[str, list[list[int]] | None] = {}
+    for rec in read_jsonl(path):
+        boxes = rec["au_boxes"] if "au_boxes" in rec and "faces" not in rec else _first_face_boxes(rec)
+        if rec.get("id"):
+            out[str(rec["id"])] = boxes
+        if rec.get("image"):
+            out[str(rec["image"])] = boxes
+            out.setdefault(os.path.basename(str(rec["image"])), boxes)
+    return out
+
+
+def au_truth(
+    preds_path: str | os.PathLike,
+    spec: Any,
+    cache: str | os.PathLike,
+    dataset: str | None = None,
+    on_record: Callable[[dict], None] | None = None,
+) -> dict[str, list[list[int]] | None]:
+    """Activated AU boxes per prediction id, from an AU detector, cached (resumably) in ``cache``.
+
+    ``spec``: a :class:`tagfer.detectors.DetectorSpec`. Images are read from the predictions'
+    ``image`` paths; predictions without a path (bytes images) are looked up in ``dataset``
+    (a source spec) when given. Cache record: ``{"id", "image", "detector", "au_boxes" | null,
+    "error"}``; an image the detector cannot use gets ``au_boxes: null`` (skipped in AU IoU).
+    """
+    from tagfer.imageio import load_image
+
+    cache = Path(cache)
+    done = done_keys(cache, key="id")
+    todo: list[tuple[str, str | None, str]] = []  # id, path, split
+    for rec in read_jsonl(preds_path):
+        rid = str(rec.get("id"))
+        if rid not in done:
+            todo.append((rid, rec.get("image"), rec.get("split", "test")))
+            done.add(rid)
+    if todo:
+        byte_ids = {rid for rid, path, _ in todo if not path}
+        byte_images: dict[str, bytes] = {}
+        if byte_ids and dataset:
+            from tagfer.sources import open_source
+
+            for split in sorted({s for rid, p, s in todo if rid in byte_ids}):
+                for src in open_source(dataset, split=split):
+                    if src.id in byte_ids and src.image_bytes is not None:
+                        byte_images[src.id] = src.image_bytes
+        det = spec.build()
+        try:
+            with JsonlWriter(cache) as w:
+                for rid, path, _ in todo:
+                    rec: dict[str, Any] = {"id": rid, "image": path, "detector": det.name, "au_boxes": None, "error": None}
+                    source = path or byte_images.get(rid)
+                    try:
+                        if source is None:
+                            raise ItemError("no_image", "prediction has no image path and the dataset was not given")
+                        img = load_image(source)
+                        faces = det.detect(img, path or rid)
+                        face = max(faces, key=lambda f: f.mesh.area if f.mesh else 0.0)
+                        rec["au_boxes"] = [list(b) for b in face.au_boxes]
+                    except ItemError as e:
+                        rec["error"] = _err(e.kind, e.message)
+                    except Exception as e:
+                        rec["error"] = _err("internal", f"{type(e).__name__}: {e}")
+                    w.write(rec)
+                    if on_record:
+                        on_record(rec)
+        finally:
+            det.close()
+    return {str(r["id"]): r.get("au_boxes") for r in read_jsonl(cache)}
+
+
+def _join(truth: dict[str, Any], pred: dict[str, Any]) -> Any:
+    for key in (pred.get("id"), pred.get("image"), os.path.basename(pred.get("image") or "") or None):
+        if key is not None and key in truth:
+            return truth[key]
+    return None
+
+
+# ---------------------------------------------------------------------------------- scoring
+def _latest(preds: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Predictions with duplicates (same id) resolved to the last one written."""
+    last: dict[str, dict[str, Any]] = {}
+    for p in preds:
+        last[str(p.get("id"))] = p
+    return iter(last.values())
+
+
+def score_predictions(
+    preds: Iterable[dict[str, Any]],
+    au: dict[str, Any] | None = None,
+    cross_au: dict[str, Any] | None = None,
+    bootstrap: Any = None,
+    matching: str = "paper",
+) -> dict[str, Any]:
+    """Metrics (:func:`tagfer.metrics.compute_scores`) of prediction records joined with AU boxes.
+
+    ``au`` / ``cross_au``: key → activated AU boxes (id, image path or file name);
+    a missing or empty entry skips that sample's AU IoU. Per-sample AU IoU is
+    :func:`tagfer.rewards.r_au_batch` (Eq. 3–4, ``matching`` as in :class:`~tagfer.rewards.RewardConfig`).
+    """
+    import numpy as np
+
+    from tagfer.metrics import Bootstrap, ScoreInputs, compute_scores, encode_labels
+    from tagfer.rewards import r_au_batch
+
+    rows = list(_latest(preds))
+    truth = encode_labels([normalize_label(r["label"]) for r in rows])
+    keep = [i for i, t in enumerate(truth) if t >= 0]
+    rows = [rows[i] for i in keep]
+    pred_boxes = [r.get("boxes") or [] for r in rows]
+
+    def ious(table: dict[str, Any] | None) -> list[float | None] | None:
+        if table is None:
+            return None
+        gt = [_join(table, r) or [] for r in rows]
+        return r_au_batch(pred_boxes, gt, matching)
+
+    inp = ScoreInputs(
+        truth=truth[keep],
+        pred=encode_labels([r.get("pred") for r in rows]),
+        well_formed=np.asarray([bool(r.get("well_formed")) for r in rows]),
+        n_boxes=np.asarray([len(b) for b in pred_boxes], dtype=np.int64),
+        au_iou=ious(au),
+        cross_au_iou=ious(cross_au),
+        errors=[(r.get("error") or {}).get("kind") for r in rows],
+        violations=[r.get("violations") or [] for r in rows],
+    )
+    scores = compute_scores(inp, cfg=bootstrap or Bootstrap())
+    scores["dropped_labels"] = len(truth) - len(keep)
+    return scores
+
+
+def score_file(
+    preds_path: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    au: dict[str, Any] | None = None,
+    cross_au: dict[str, Any] | None = None,
+    au_source: str | None = None,
+    cross_source: str | None = None,
+    name: str | None = None,
+    train_set: str | None = None,
+    variant: str | None = None,
+    png: str | os.PathLike | None = None,
+    bootstrap: Any = None,
+    matching: str = "paper",
+) -> dict[str, Any]:
+    """Score a predictions JSONL; write the score JSON (and a confusion PNG) when paths are given.
+
+    The ``run`` block (read by :mod:`tagfer.report`) takes the model, dataset and split of
+    the predictions (most common values) unless overridden.
+    """
+    import json
+    from collections import Counter
+
+    preds = list(read_jsonl(preds_path))
+    if not preds:
+        raise ValueError(f"{preds_path}: no prediction records")
+    scores = score_predictions(preds, au, cross_au, bootstrap, matching)
+
+    def common(key: str) -> Any:
+        c = Counter(str(p.get(key)) for p in preds if p.get(key) is not None)
+        return c.most_common(1)[0][0] if c else None
+
+    model = common("model")
+    gen = next((p.get("gen") for p in preds if p.get("gen")), {})
+    run = {
+        "name": name or (Path(model).name if model else Path(preds_path).stem),
+        "model": model,
+        "dataset": common("source"),
+        "split": common("split"),
+        "train_set": train_set,
+        "variant": variant,
+        "gen": gen,
+        "predictions": str(preds_path),
+        "au_detector": au_source,
+        "cross_detector": cross_source,
+    }
+    scores = {"run": run, **scores}
+    if png:
+        from tagfer.metrics import save_confusion_png
+
+        save_confusion_png(scores["confusion"], str(png), title=f"{run['name']} on {run['dataset']}")
+        scores["confusion_png"] = str(png)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(scores, indent=2), encoding="utf-8")
+    return scores

@@ -1,0 +1,332 @@
+"""Exports of a build (``accepted*.jsonl``) for the training frameworks, in one streaming pass.
+
+Layout written under ``OUT`` (``formats`` selects the groups)::
+
+    llamafactory/tag_sft.json          LLaMA-Factory ShareGPT (messages + images + system)
+    llamafactory/tag_sft_nobbox.json   the no-bbox ablation (Table 3): boxes removed by tagfer.trace.strip_bboxes
+    llamafactory/tag_sft_<source>.json one per source
+    llamafactory/dataset_info.json     registers every file above
+    hf/tag_sft.parquet                 TRL conversational prompt-completion rows
+    hf/tag_sft_nobbox.parquet          the no-bbox ablation
+    hf/by_source/<source>.parquet      per-dataset subsets (per-dataset GRPO, paper App. C.1)
+    hf/dataset/                        datasets.Dataset.save_to_disk of hf/tag_sft.parquet
+    verl/train.parquet                 verl RL rows, all sources
+    verl/<source>.parquet              verl RL rows per source (the paper runs RL per dataset)
+    export_summary.json                counts per file
+
+Conventions
+-----------
+* Prompts are the unified TAG prompt (:func:`tagfer.prompts.tag_prompt`):
+  system + user text, the same words the model sees at evaluation.
+* LLaMA-Factory rules: ``formatting: sharegpt``, ``columns``
+  ``{messages, images, system}``, ``tags`` role/content/user/assistant; the
+  messages alternate user/assistant starting with user; the user turn holds
+  exactly one ``<image>`` token, matching the one entry of ``images``.
+* HF/TRL rows: ``prompt`` = [system, user] and ``completion`` = [assistant]
+  messages whose ``content`` is a list of parts ``{"type": "text"|"image",
+  "text": str|null}`` (TRL's conversational VLM format; the image part is a
+  placeholder for ``images[0]``); plus ``images`` (list of paths), ``id``,
+  ``label``, ``au_boxes``, ``aus``, ``source``, ``split``, ``teacher``.
+* verl rows: ``data_source`` (``tag/<source>``), ``prompt`` (chat messages,
+  ``<image>`` in the user content), ``images`` (``[{"bytes", "path"}]``, bytes
+  embedded unless ``embed_images=False``), ``ability`` ("facial_expression"),
+  ``reward_model`` ``{"style": "rule", "ground_truth": JSON text
+  {"label", "au_boxes", "aus"}}`` (read by
+  :func:`tagfer.integrations.verl.read_ground_truth`), ``extra_info``
+  ``{"index", "id", "split", "label", "source"}``.
+* Image paths are absolute (relative sample paths are resolved against the
+  build folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from tagfer.jsonl import read_jsonl
+from tagfer.prompts import tag_prompt
+from tagfer.records import TAGSample
+from tagfer.trace import strip_bboxes
+
+__all__ = ["FORMATS", "iter_samples", "export", "ExportSummary", "sharegpt_row", "trl_row", "verl_row", "DATASET_NAME"]
+
+FORMATS = ("llamafactory", "hf", "verl")
+DATASET_NAME = "tag_sft"
+_BATCH = 1000
+
+
+def accepted_files(build_dir: str | os.PathLike) -> list[Path]:
+    """``accepted.jsonl`` and every shard's ``accepted-*-of-*.jsonl`` in ``build_dir`` (or the file itself)."""
+    p = Path(build_dir)
+    if p.is_file():
+        return [p]
+    files = sorted(p.glob("accepted*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no accepted*.jsonl in {p}: run `tagfer build` first")
+    return files
+
+
+def iter_samples(build_dir: str | os.PathLike) -> Iterator[TAGSample]:
+    """Every accepted sample once (first occurrence of an id wins), image paths made absolute."""
+    seen: set[str] = set()
+    for f in accepted_files(build_dir):
+        base = f.parent
+        for rec in read_jsonl(f):
+            s = TAGSample.from_json(rec)
+            if s.id in seen:
+                continue
+            seen.add(s.id)
+            if s.image and not os.path.isabs(s.image):
+                s.image = str((base / s.image).resolve())
+            yield s
+
+
+# --------------------------------------------------------------------------- rows
+def sharegpt_row(s: TAGSample, system: str, user: str, nobbox: bool = False) -> dict[str, Any]:
+    completion = strip_bboxes(s.completion) if nobbox else s.completion
+    return {
+        "messages": [{"role": "user", "content": "<image>" + user}, {"role": "assistant", "content": completion}],
+        "images": [s.image],
+        "system": system,
+    }
+
+
+def _parts(text: str, image: bool = False) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = [{"type": "image", "text": None}] if image else []
+    parts.append({"type": "text", "text": text})
+    return parts
+
+
+def trl_row(s: TAGSample, system: str, user: str, nobbox: bool = False) -> dict[str, Any]:
+    completion = strip_bboxes(s.completion) if nobbox else s.completion
+    return {
+        "id": s.id,
+        "prompt": [{"role": "system", "content": _parts(system)}, {"role": "user", "content": _parts(user, image=True)}],
+        "completion": [{"role": "assistant", "content": _parts(completion)}],
+        "images": [s.image],
+        "label": s.label,
+        "au_boxes": [list(map(int, b)) for b in s.au_boxes],
+        "aus": [int(a) for a in s.aus],
+        "source": s.source,
+        "split": s.split,
+        "teacher": s.teacher,
+    }
+
+
+def verl_row(s: TAGSample, system: str, user: str, index: int, embed_images: bool = True) -> dict[str, Any]:
+    data = Path(s.image).read_bytes() if embed_images else None
+    gt = {"label": s.label, "au_boxes": [list(map(int, b)) for b in s.au_boxes], "aus": [int(a) for a in s.aus]}
+    return {
+        "data_source": f"tag/{s.source}",
+        "prompt": [{"role": "system", "content": system}, {"role": "user", "content": "<image>" + user}],
+        "images": [{"bytes": data, "path": s.image}],
+        "ability": "facial_expression",
+        "reward_model": {"style": "rule", "ground_truth": json.dumps(gt, separators=(",", ":"))},
+        "extra_info": {"index": index, "id": s.id, "split": s.split, "label": s.label, "source": s.source},
+    }
+
+
+# --------------------------------------------------------------------------- writers
+class _JsonArrayWriter:
+    """Streams a JSON array to disk (LLaMA-Factory reads .json arrays)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._f = open(path.with_name(path.name + ".tmp"), "w", encoding="utf-8")
+        self._f.write("[\n")
+        self.n = 0
+
+    def write(self, obj: dict[str, Any]) -> None:
+        if self.n:
+            self._f.write(",\n")
+        self._f.write(json.dumps(obj, ensure_ascii=False))
+        self.n += 1
+
+    def close(self) -> None:
+        self._f.write("\n]\n")
+        self._f.close()
+        os.replace(self._f.name, self.path)
+
+
+def _schemas():
+    import pyarrow as pa
+
+    part = pa.struct([("type", pa.string()), ("text", pa.string())])
+    msg = pa.struct([("role", pa.string()), ("content", pa.list_(part))])
+    trl = pa.schema(
+        [
+            ("id", pa.string()),
+            ("prompt", pa.list_(msg)),
+            ("completion", pa.list_(msg)),
+            ("images", pa.list_(pa.string())),
+            ("label", pa.string()),
+            ("au_boxes", pa.list_(pa.list_(pa.int64()))),
+            ("aus", pa.list_(pa.int64())),
+            ("source", pa.string()),
+            ("split", pa.string()),
+            ("teacher", pa.string()),
+        ]
+    )
+    verl = pa.schema(
+        [
+            ("data_source", pa.string()),
+            ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+            ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+            ("ability", pa.string()),
+            ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+            (
+                "extra_info",
+                pa.struct([("index", pa.int64()), ("id", pa.string()), ("split", pa.string()), ("label", pa.string()), ("source", pa.string())]),
+            ),
+        ]
+    )
+    return trl, verl
+
+
+class _ParquetWriter:
+    """Batches rows into a pyarrow ParquetWriter (constant memory), atomic rename on close."""
+
+    def __init__(self, path: Path, schema):
+        import pyarrow.parquet as pq
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.schema = schema
+        self._w = pq.ParquetWriter(str(self.tmp), schema)
+        self._rows: list[dict[str, Any]] = []
+        self.n = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        self.n += 1
+        if len(self._rows) >= _BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._rows:
+            self._w.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
+            self._rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self._w.close()
+        os.replace(self.tmp, self.path)
+
+
+@dataclass
+class ExportSummary:
+    samples: int = 0
+    files: dict[str, int] = field(default_factory=dict)
+    by_source: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"samples": self.samples, "files": self.files, "by_source": self.by_source}
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "unknown"
+
+
+def export(
+    build_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    formats: Iterable[str] = FORMATS,
+    *,
+    system_prompt: str | os.PathLike | None = None,
+    user_prompt: str | os.PathLike | None = None,
+    embed_images: bool = True,
+    nobbox: bool = True,
+    per_source: bool = True,
+    samples: Iterable[TAGSample] | None = None,
+) -> ExportSummary:
+    """Write the exports of ``build_dir`` (see module docstring) under ``out``; streams the samples once.
+
+    ``system_prompt``/``user_prompt``: override files of the TAG prompt.
+    ``samples`` replaces reading ``build_dir``.
+    """
+    fmts = set(formats)
+    if "all" in fmts:
+        fmts = set(FORMATS)
+    unknown = fmts - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown export format(s) {sorted(unknown)}; choose from {FORMATS} or all")
+    o = Path(out)
+    o.mkdir(parents=True, exist_ok=True)
+    system, user = tag_prompt(system_prompt, user_prompt)
+    trl_schema, verl_schema = _schemas()
+    writers: dict[str, Any] = {}
+
+    def w(key: str, make) -> Any:
+        if key not in writers:
+            writers[key] = make()
+        return writers[key]
+
+    summary = ExportSummary()
+    src_iter = samples if samples is not None else iter_samples(build_dir)
+    ok = False
+    try:
+        for idx, s in enumerate(src_iter):
+            summary.samples += 1
+            summary.by_source[s.source] = summary.by_source.get(s.source, 0) + 1
+            src = _safe(s.source)
+            if "llamafactory" in fmts:
+                lf = o / "llamafactory"
+                row = sharegpt_row(s, system, user)
+                w("lf", lambda: _JsonArrayWriter(lf / f"{DATASET_NAME}.json")).write(row)
+                if per_source:
+                    w(f"lf:{src}", lambda: _JsonArrayWriter(lf / f"{DATASET_NAME}_{src}.json")).write(row)
+                if nobbox:
+                    w("lf:nobbox", lambda: _JsonArrayWriter(lf / f"{DATASET_NAME}_nobbox.json")).write(sharegpt_row(s, system, user, nobbox=True))
+            if "hf" in fmts:
+                hf = o / "hf"
+                row = trl_row(s, system, user)
+                w("hf", lambda: _ParquetWriter(hf / f"{DATASET_NAME}.parquet", trl_schema)).write(row)
+                if per_source:
+                    w(f"hf:{src}", lambda: _ParquetWriter(hf / "by_source" / f"{src}.parquet", trl_schema)).write(row)
+                if nobbox:
+                    w("hf:nobbox", lambda: _ParquetWriter(hf / f"{DATASET_NAME}_nobbox.parquet", trl_schema)).write(trl_row(s, system, user, nobbox=True))
+            if "verl" in fmts:
+                vd = o / "verl"
+                row = verl_row(s, system, user, idx, embed_images)
+                w("verl", lambda: _ParquetWriter(vd / "train.parquet", verl_schema)).write(row)
+                if per_source:
+                    w(f"verl:{src}", lambda: _ParquetWriter(vd / f"{src}.parquet", verl_schema)).write(row)
+        ok = True
+    finally:
+        for wr in writers.values():
+            if ok:
+                wr.close()
+    for key, wr in writers.items():
+        summary.files[str(wr.path.relative_to(o))] = wr.n
+    if "llamafactory" in fmts and ok:
+        info = {}
+        for key, wr in writers.items():
+            if key.startswith("lf"):
+                name = wr.path.stem
+                info[name] = {
+                    "file_name": wr.path.name,
+                    "formatting": "sharegpt",
+                    "columns": {"messages": "messages", "images": "images", "system": "system"},
+                    "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+                }
+        (o / "llamafactory").mkdir(parents=True, exist_ok=True)
+        (o / "llamafactory" / "dataset_info.json").write_text(json.dumps(info, indent=2))
+    if "hf" in fmts and "hf" in writers:
+        import datasets
+
+        ds = datasets.Dataset.from_parquet(str(writers["hf"].path), cache_dir=str(o / "hf" / ".cache"))
+        ds.save_to_disk(str(o / "hf" / "dataset"))
+        del ds
+        import shutil
+
+        shutil.rmtree(o / "hf" / ".cache", ignore_errors=True)
+        summary.files["hf/dataset"] = summary.files.get(f"hf/{DATASET_NAME}.parquet", 0)
+    (o / "export_summary.json").write_text(json.dumps(summary.to_json(), indent=2))
+    return summary

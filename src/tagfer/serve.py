@@ -1,0 +1,237 @@
+"""``tagfer serve``: a local web page and JSON API for grounded explanations.
+
+Routes
+    ``GET /``            the single page (``tagfer/web/index.html`` + ``app.js`` + ``style.css``):
+                         upload or drop an image, see each face's overlay, its trace with every
+                         ``<bbox>`` highlighted in the colour of its box, the label and the scores.
+    ``GET /static/...``  the page's assets.
+    ``GET /health``      ``{"ok": true, "max_upload_mb": 10.0}``.
+    ``POST /analyze``    multipart form with one ``file`` field → the JSON of
+                         :class:`tagfer.analyze.ImageResult` (as ``tagfer analyze --json``), with
+                         ``overlays`` holding one ``data:image/png;base64,…`` URL per face
+                         (``?overlay=false`` leaves them out).
+
+Errors (JSON ``{"error": {"kind": ..., "message": ...}}``)
+    413 ``too_large`` (upload above ``max_upload_mb``, or too many pixels);
+    415 ``not_an_image`` (not a decodable image) or ``unsupported_media_type`` (not multipart);
+    422 ``no_face``, ``corrupt``, ``empty_file``, ``too_small``, ``missing_file``;
+    500 ``internal``.
+
+Concurrency: MediaPipe's landmarker is not thread-safe, so the app keeps a pool of
+``pool_size`` analyzers (each with its own detector; built lazily, reused). Requests
+run in the threadpool (the event loop stays responsive) and borrow one analyzer each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from tagfer.analyze import Analyzer, ImageResult, png_data_url
+
+STATUS = {
+    "too_large": 413,
+    "not_an_image": 415,
+    "unsupported_media_type": 415,
+    "no_face": 422,
+    "corrupt": 422,
+    "empty_file": 422,
+    "too_small": 422,
+    "missing_file": 422,
+    "not_found": 422,
+    "unreadable": 422,
+    "internal": 500,
+}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the server builds its analyzers: ``model`` (None = facs engine), ``pool_size``
+    analyzers in parallel, ``frame`` as in :class:`tagfer.analyze.Analyzer`."""
+
+    model: str | None = None
+    pool_size: int = 2
+    frame: str = "face"
+    max_faces: int = 5
+
+
+class AnalyzerPool:
+    """At most ``size`` analyzers, created on demand by ``factory`` and lent one per request."""
+
+    def __init__(self, factory: Callable[[], Analyzer], size: int = 2):
+        if size < 1:
+            raise ValueError("pool size must be >= 1")
+        self.factory = factory
+        self.size = size
+        self._free: queue.LifoQueue[Analyzer] = queue.LifoQueue()
+        self._made: list[Analyzer] = []
+        self._lock = threading.Lock()
+
+    def warm(self) -> None:
+        """Build one analyzer now (fails fast on a missing model file)."""
+        a = self._get()
+        self._free.put(a)
+
+    def _get(self) -> Analyzer:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if len(self._made) < self.size:
+                a = self.factory()
+                self._made.append(a)
+                return a
+        return self._free.get()
+
+    def run(self, fn: Callable[[Analyzer], Any]) -> Any:
+        a = self._get()
+        try:
+            return fn(a)
+        finally:
+            self._free.put(a)
+
+    def close(self) -> None:
+        """Close every analyzer built so far; later requests build fresh ones."""
+        with self._lock:
+            while True:
+                try:
+                    self._free.get_nowait()
+                except queue.Empty:
+                    break
+            for a in self._made:
+                a.close()
+            self._made.clear()
+
+
+def _factory(config: ServeConfig) -> Callable[[], Analyzer]:
+    engine: Any = "facs"
+    if config.model is not None:
+        from tagfer.analyze import load_engine
+
+        engine = load_engine(config.model)  # one model shared by every analyzer (generation is locked)
+
+    def make() -> Analyzer:
+        return Analyzer(engine=engine, frame=config.frame, max_faces=config.max_faces)
+
+    return make
+
+
+def _asset(name: str) -> bytes:
+    return (resources.files("tagfer") / "web" / name).read_bytes()
+
+
+_ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+
+
+def create_app(
+    analyzer_factory: Callable[[], Analyzer] | ServeConfig | None = None,
+    max_upload_mb: float = 10.0,
+    pool_size: int | None = None,
+):
+    """The FastAPI app. ``analyzer_factory``: a zero-argument callable building an
+    :class:`Analyzer`, or a :class:`ServeConfig` (default: the facs engine)."""
+    if analyzer_factory is None or isinstance(analyzer_factory, ServeConfig):
+        cfg = analyzer_factory or ServeConfig()
+        factory = _factory(cfg)
+        size = pool_size or cfg.pool_size
+    else:
+        factory = analyzer_factory
+        size = pool_size or 2
+    pool = AnalyzerPool(factory, size)
+    limit = int(max_upload_mb * 1024 * 1024)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        pool.close()  # release the detectors when the server stops
+
+    app = FastAPI(title="tagfer", docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    app.state.pool = pool
+    app.state.max_upload_bytes = limit
+
+    def error(kind: str, message: str) -> JSONResponse:
+        return JSONResponse({"error": {"kind": kind, "message": message}}, status_code=STATUS.get(kind, 422))
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> HTMLResponse:
+        return HTMLResponse(_asset("index.html").decode("utf-8"))
+
+    @app.get("/static/{name}")
+    def static(name: str) -> Response:
+        if name not in _ASSETS:
+            return JSONResponse({"error": {"kind": "not_found", "message": f"no asset {name!r}"}}, status_code=404)
+        return Response(_asset(name), media_type=_ASSETS[name])
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"ok": True, "max_upload_mb": max_upload_mb}
+
+    @app.post("/analyze")
+    async def analyze(request: Request, overlay: bool = True) -> Response:
+        mb = f"{max_upload_mb:g} MB"
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
+            return error("too_large", f"upload of {int(declared):,} bytes is above the {mb} limit")
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            return error("unsupported_media_type", "send the image as multipart/form-data with a 'file' field")
+        # Read the body ourselves so that an undeclared or chunked upload cannot exceed the limit.
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit + 64 * 1024:
+                return error("too_large", f"upload is above the {mb} limit")
+        try:
+            form = await _parse_form(request, bytes(body))
+        except Exception as e:
+            return error("missing_file", f"could not read the multipart form: {e}")
+        upload = form.get("file")
+        if upload is None or not hasattr(upload, "read"):
+            return error("missing_file", "no 'file' field in the form")
+        data = await upload.read()
+        name = getattr(upload, "filename", None) or "upload"
+        if len(data) > limit:
+            return error("too_large", f"file of {len(data):,} bytes is above the {mb} limit")
+        if not data:
+            return error("empty_file", "the uploaded file is empty")
+
+        def work(a: Analyzer) -> dict:
+            res: ImageResult = a.run(data, name=name)
+            out = res.to_json()
+            if res.ok and overlay:
+                out["overlays"] = [png_data_url(im) for im in res.render_overlays()]
+            return out
+
+        out = await run_in_threadpool(pool.run, work)
+        if out["error"]:
+            resp = error(out["error"]["kind"], out["error"]["message"])
+            return resp
+        return JSONResponse(out)
+
+    return app
+
+
+async def _parse_form(request, body: bytes):
+    """Parse a multipart body already read into memory (starlette's parser on a replayed stream)."""
+    from starlette.requests import Request
+
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    replay = Request(request.scope, receive)
+    return await replay.form(max_files=1, max_fields=16)

@@ -1,0 +1,299 @@
+"""Teacher prompts (rendering) and teacher-response validation for building TAG data (Algorithm 1).
+
+Prompts
+-------
+Four packaged templates (``tagfer/prompts/teacher_*.txt``, ``$placeholders``),
+each overridable by a file of the user's (:class:`TeacherPrompts`):
+
+================== ==============================================================
+teacher_quality     Stage I: image-quality judge; strict JSON
+                    ``{"suitable_for_training": bool, "reason": str}``; unsure → unfit.
+teacher_trace       Stage II: AU-grounded trace from the top-K AU list ($au_list),
+                    all seven labels ($labels), ≤ $max_regions regions; JSON
+                    ``{"CoT": str, "Answer": str}``.
+teacher_candidates  Label elimination: same task, $labels = the remaining
+                    candidates only.
+teacher_trace_noau  Images without an activated AU (policy ``no_au="noau"``) and the
+                    no-AU ablation: no tags, no coordinates; $labels = all or remaining.
+================== ==============================================================
+
+The ground-truth label is never passed to any renderer: the only label text
+a prompt can contain is the candidate list (:func:`format_labels`, always in
+the canonical :data:`tagfer.labels.LABELS` order, so a label's position says
+nothing). The templates themselves name no label.
+
+Validation
+----------
+:func:`check_quality` reads a Stage I verdict. :func:`check_trace` runs the
+Stage III checks on a Stage II answer, reusing :mod:`tagfer.trace` for every
+tag rule (no new regexes):
+
+* the reply holds a JSON object with string ``CoT`` and ``Answer`` (keys
+  case-insensitive; code fences and chatter around the object are tolerated,
+  see :func:`extract_json`);
+* ``Answer`` normalises (:func:`tagfer.labels.normalize_label`) to a label of
+  the candidate set;
+* every ``<AUx> [box]`` tag copies an AU and its box verbatim from the AU list,
+  no AU twice, at most ``max_regions`` tags (:func:`tagfer.trace.validate_teacher_tags`);
+  with a non-empty AU list at least ``min_tags`` tags; with no AU list, no tag at all;
+* the CoT opens with a global analysis: at least ``min_global_words`` words
+  before the first tag;
+* the CoT contains none of the output-grammar tags (think/answer/bbox);
+* the converted SFT completion (``<think>`` CoT with tags turned into
+  ``AUx <bbox>[…]</bbox>`` by :func:`tagfer.trace.convert_teacher_tags`,
+  ``</think>`` then ``<answer>label</answer>``) is well formed for
+  :func:`tagfer.trace.parse_trace`.
+
+Whether the label is *correct* is the builder's business (it needs the truth);
+validation only checks the format and the candidate set.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from tagfer.labels import EXCLUDED, LABELS, normalize_label
+from tagfer.prompts import load_prompt, render
+from tagfer.trace import MAX_BOXES, AUItem, ParsedTrace, convert_teacher_tags, format_au_list, parse_au_list, parse_trace, validate_teacher_tags
+
+__all__ = [
+    "TEACHER_PROMPTS",
+    "TeacherPrompts",
+    "QualityVerdict",
+    "TraceCheck",
+    "extract_json",
+    "format_labels",
+    "check_quality",
+    "check_trace",
+    "build_completion",
+]
+
+TEACHER_PROMPTS = ("teacher_quality", "teacher_trace", "teacher_candidates", "teacher_trace_noau")
+
+
+def format_labels(labels: Iterable[str]) -> str:
+    """Candidate list text, canonical order: ``"anger, fear, neutral"``."""
+    chosen = set(labels)
+    unknown = chosen - set(LABELS)
+    if unknown:
+        raise ValueError(f"not labels of the 7-class protocol: {sorted(unknown)}")
+    return ", ".join(lab for lab in LABELS if lab in chosen)
+
+
+@dataclass
+class TeacherPrompts:
+    """The four teacher templates; each ``None`` = packaged, or a path to the user's own file."""
+
+    quality: str | Path | None = None
+    trace: str | Path | None = None
+    candidates: str | Path | None = None
+    trace_noau: str | Path | None = None
+    max_regions: int = MAX_BOXES
+
+    def __post_init__(self) -> None:
+        self._text = {
+            "quality": load_prompt("teacher_quality", self.quality),
+            "trace": load_prompt("teacher_trace", self.trace),
+            "candidates": load_prompt("teacher_candidates", self.candidates),
+            "trace_noau": load_prompt("teacher_trace_noau", self.trace_noau),
+        }
+
+    def quality_prompt(self) -> str:
+        return render(self._text["quality"])
+
+    def trace_prompt(self, au_list: str | Sequence[Any], candidates: Iterable[str] = LABELS) -> str:
+        """Stage II prompt. ``au_list``: AU_LIST text or (au, score, box) items; empty → no-AU variant.
+
+        The full label set gives ``teacher_trace`` (or ``teacher_trace_noau``), a
+        strict subset gives ``teacher_candidates`` (or ``teacher_trace_noau``
+        with the remaining labels).
+        """
+        text = au_list if isinstance(au_list, str) else format_au_list(au_list)
+        cands = [lab for lab in LABELS if lab in set(candidates)]
+        if not cands:
+            raise ValueError("no candidate label left")
+        labels = format_labels(cands)
+        if not text.strip():
+            return render(self._text["trace_noau"], labels=labels, max_regions=self.max_regions)
+        name = "trace" if len(cands) == len(LABELS) else "candidates"
+        return render(self._text[name], au_list=text.strip(), labels=labels, max_regions=self.max_regions)
+
+
+# --------------------------------------------------------------------------- JSON
+_FENCE = re.compile(r"```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)```", re.DOTALL)
+_DECODER = json.JSONDecoder()
+
+
+def extract_json(text: str, required: Sequence[str] = ()) -> dict[str, Any] | None:
+    """The first JSON object in ``text`` holding every key of ``required`` (case-insensitive).
+
+    Looks inside ```` ``` ```` fences first, then anywhere in the text (the
+    object may be preceded or followed by chatter). Returns the object with its
+    original keys, or ``None``.
+    """
+    if not isinstance(text, str) or "{" not in text:
+        return None
+    need = {k.lower() for k in required}
+    chunks = [m.group(1) for m in _FENCE.finditer(text)] + [text]
+    for chunk in chunks:
+        i = chunk.find("{")
+        while i >= 0:
+            try:
+                obj, _ = _DECODER.raw_decode(chunk, i)
+            except json.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict) and need <= {str(k).lower() for k in obj}:
+                return obj
+            i = chunk.find("{", i + 1)
+    return None
+
+
+def _get(obj: dict[str, Any], key: str) -> Any:
+    for k, v in obj.items():
+        if str(k).lower() == key.lower():
+            return v
+    return None
+
+
+# --------------------------------------------------------------------------- Stage I
+@dataclass
+class QualityVerdict:
+    """A parsed Stage I answer: ``suitable`` is None when the reply is not a valid verdict (→ format retry)."""
+
+    suitable: bool | None
+    reason: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return self.suitable is not None
+
+
+def check_quality(text: str) -> QualityVerdict:
+    """Read ``{"suitable_for_training": bool, "reason": str}``; anything else is invalid.
+
+    The verdict must be a JSON boolean (the strings ``"true"``/``"false"`` are
+    also read); any other value is invalid (the builder retries, then rejects:
+    when in doubt, reject).
+    """
+    obj = extract_json(text, ("suitable_for_training",))
+    if obj is None:
+        return QualityVerdict(None, "", ["no JSON object with suitable_for_training"])
+    v = _get(obj, "suitable_for_training")
+    reason = _get(obj, "reason")
+    reason = reason if isinstance(reason, str) else ""
+    if isinstance(v, bool):
+        return QualityVerdict(v, reason)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return QualityVerdict(v.strip().lower() == "true", reason)
+    return QualityVerdict(None, reason, [f"suitable_for_training must be true or false, got {v!r}"])
+
+
+# --------------------------------------------------------------------------- Stage III
+_GRAMMAR_TAGS = ("<think", "</think", "<answer", "</answer", "<bbox", "</bbox")
+_AU_TAG_START = "<AU"
+
+
+@dataclass
+class TraceCheck:
+    """Result of :func:`check_trace`.
+
+    ``ok``: every check passed. ``label``: the normalised answer (even when
+    other checks failed), ``cot``/``answer``: the raw fields, ``aus_used``: AU
+    numbers tagged, in order, ``completion``: the SFT target (only when ``ok``),
+    ``parsed``: :func:`tagfer.trace.parse_trace` of the completion.
+    """
+
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    label: str | None = None
+    cot: str | None = None
+    answer: str | None = None
+    aus_used: list[int] = field(default_factory=list)
+    completion: str | None = None
+    parsed: ParsedTrace | None = None
+
+
+def build_completion(cot: str, label: str) -> str:
+    """SFT target: ``<think>\\n{converted CoT}\\n</think>\\n<answer>{label}</answer>``."""
+    return f"<think>\n{convert_teacher_tags(cot.strip())}\n</think>\n<answer>{label}</answer>"
+
+
+def _aus_tagged(cot: str, items: list[AUItem]) -> list[int]:
+    """AUs whose tag ``<AUx>`` appears, in order of appearance (list AUs only)."""
+    pos = []
+    for it in items:
+        i = cot.find(f"<AU{it.au}>")
+        if i >= 0:
+            pos.append((i, it.au))
+    return [au for _, au in sorted(pos)]
+
+
+def check_trace(
+    text: str,
+    au_list: str | Sequence[Any],
+    candidates: Iterable[str] = LABELS,
+    *,
+    max_regions: int = MAX_BOXES,
+    min_tags: int = 1,
+    min_global_words: int = 3,
+) -> TraceCheck:
+    """Stage III format checks of one teacher reply (module docstring lists them)."""
+    items = parse_au_list(au_list) if isinstance(au_list, str) else [AUItem(*i) if not isinstance(i, AUItem) else i for i in au_list]
+    cands = set(candidates)
+    obj = extract_json(text, ("cot", "answer"))
+    if obj is None:
+        return TraceCheck(False, ["no JSON object with CoT and Answer"])
+    cot, answer = _get(obj, "cot"), _get(obj, "answer")
+    problems: list[str] = []
+    if not isinstance(cot, str) or not cot.strip():
+        problems.append("CoT is not a non-empty string")
+        cot = cot if isinstance(cot, str) else None
+    if not isinstance(answer, str):
+        problems.append("Answer is not a string")
+        answer = None
+    label = normalize_label(answer) if answer is not None else None
+    if answer is not None:
+        if label is None:
+            problems.append(f"Answer {answer!r} is not one label")
+        elif label == EXCLUDED:
+            problems.append(f"Answer {answer!r} is an excluded class")
+            label = None
+        elif label not in cands:
+            problems.append(f"Answer {label!r} is not among the candidates")
+    res = TraceCheck(False, problems, label if label in LABELS else None, cot, answer)
+    if cot is None or not cot.strip():
+        return res
+    low = cot.lower()
+    for t in _GRAMMAR_TAGS:
+        if t in low:
+            problems.append(f"CoT contains the output tag {t}>")
+            break
+    if items:
+        problems.extend(validate_teacher_tags(cot, items, max_tags=max_regions))
+        res.aus_used = _aus_tagged(cot, items)
+        n_tags = cot.count(_AU_TAG_START)
+        if n_tags < min_tags:
+            problems.append(f"{n_tags} AU tags, at least {min_tags} required")
+        first = cot.find(_AU_TAG_START)
+        head = cot if first < 0 else cot[:first]
+        if first >= 0 and len(head.split()) < min_global_words:
+            problems.append("the CoT does not open with a global analysis before the first AU tag")
+    else:
+        tag_problems = validate_teacher_tags(cot, [], max_tags=None)
+        if tag_problems or _AU_TAG_START.lower() in low:
+            problems.append("AU tags are not allowed without an AU list")
+    if problems:
+        return res
+    completion = build_completion(cot, label)  # type: ignore[arg-type]
+    parsed = parse_trace(completion, max_boxes=max_regions)
+    if not parsed.well_formed:
+        problems.extend(f"completion: {v}" for v in parsed.violations)
+        res.parsed = parsed
+        return res
+    res.ok, res.completion, res.parsed = True, completion, parsed
+    return res

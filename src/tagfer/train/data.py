@@ -1,0 +1,382 @@
+"""Training data: TAGSample JSONL or the data exporter's HF export → TRL rows.
+
+Sources accepted by :func:`iter_records` (``data.train`` / ``data.val`` in the config):
+
+* a TAGSample JSONL file (:class:`tagfer.records.TAGSample`, one per line);
+* the data exporter's Hugging Face export — a ``save_to_disk`` folder, or a folder /
+  file of JSONL or Parquet — with columns ``prompt`` / ``completion`` (chat messages or
+  text), ``images`` (paths, ``{"path", "bytes"}`` dicts or PIL images), ``label``,
+  ``au_boxes``, ``aus``, ``source`` (``id`` / ``split`` optional);
+* ``builtin:tiny`` — :func:`builtin_tiny`, a few generated samples on the two shipped
+  sample faces (smoke runs only: the traces are templates, the labels illustrative).
+
+Everything is normalised to one flat record (:data:`RECORD_COLUMNS`), written once to an
+Arrow dataset (memory-mapped: constant memory over 300k samples), and turned into TRL
+rows on the fly by a dataset transform, which loads the image (:func:`tagfer.imageio.load_image`)
+and resizes it (:func:`tagfer.vlm.resize_for_model`, longer side 224). The prompt is the
+unified TAG prompt (:func:`tagfer.prompts.tag_prompt`), the same words as evaluation.
+
+TRL rows::
+
+    SFT : {"prompt": [system, user(image + text)], "completion": [assistant], "images": [PIL]}
+    GRPO: {"prompt": [system, user(image + text)], "images": [PIL],
+           "label": str, "au_boxes": [[x1, y1, x2, y2], ...], "aus": [int], "source": str}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from tagfer.jsonl import read_jsonl
+from tagfer.records import TAGSample
+
+__all__ = [
+    "RECORD_COLUMNS",
+    "BUILTIN_PREFIX",
+    "builtin_tiny",
+    "iter_records",
+    "record_from_sample",
+    "record_from_export",
+    "filter_records",
+    "build_record_dataset",
+    "RowMaker",
+    "load_train_val",
+]
+
+BUILTIN_PREFIX = "builtin:"
+RECORD_COLUMNS = ("id", "source", "image", "image_bytes", "label", "completion", "au_boxes", "aus", "split")
+
+
+# ---------------------------------------------------------------------------------------------
+# the builtin smoke dataset
+
+
+def builtin_tiny(out_dir: str | Path) -> Path:
+    """Write 8 TAGSamples (JSONL + images) on the shipped sample faces; returns the JSONL path.
+
+    Four views (as is, mirrored, tight crop, greyscale) of the astronaut and of Grace
+    Hopper, each with a short templated trace in TAG grammar and canvas AU boxes; two
+    samples have no AU box (``au_boxes: []``) so the R_AU skip path is exercised.
+    Deterministic; rewritten only when missing.
+    """
+    from PIL import Image, ImageOps
+
+    from tagfer.labels import LABELS
+    from tagfer.samples import sample_face_path
+    from tagfer.trace import format_box
+
+    out = Path(out_dir)
+    path = out / "samples.jsonl"
+    if path.is_file():
+        return path
+    out.mkdir(parents=True, exist_ok=True)
+    regions = {  # canvas boxes for a face filling the canvas (coarse, like the paper's regions)
+        "mouth": (12, [150, 300, 360, 420]),
+        "eyes": (6, [110, 180, 400, 260]),
+        "brows": (4, [120, 120, 390, 190]),
+    }
+    views = ("plain", "mirror", "crop", "grey")
+    labels = {"astronaut": ("happiness", "happiness", "surprise", "neutral"),
+              "grace_hopper": ("neutral", "happiness", "sadness", "neutral")}
+    samples = []
+    for face in ("astronaut", "grace_hopper"):
+        base = Image.open(sample_face_path(face)).convert("RGB")
+        for v, view in enumerate(views):
+            img = base
+            if view == "mirror":
+                img = ImageOps.mirror(base)
+            elif view == "crop":
+                w, h = base.size
+                img = base.crop((w // 6, h // 8, w - w // 6, h - h // 4))
+            elif view == "grey":
+                img = ImageOps.grayscale(base).convert("RGB")
+            img.thumbnail((256, 256))
+            fname = f"{face}_{view}.png"
+            img.save(out / fname)
+            label = labels[face][v]
+            assert label in LABELS
+            picks = ["mouth", "eyes"] if v % 2 == 0 else ["brows", "mouth"]
+            boxes = []
+            for r in picks:
+                au, box = regions[r]
+                box = list(box)
+                if view == "mirror":
+                    box = [511 - box[2], box[1], 511 - box[0], box[3]]
+                boxes.append((r, au, box))
+            steps = " ".join(f"The {r} region, AU{au}, <bbox>{format_box(b)}</bbox>, looks {label}-like." for r, au, b in boxes)
+            completion = f"<think>A {view} view of the face. {steps} So: {label}.</think><answer>{label}</answer>"
+            no_boxes = view == "grey"
+            samples.append(TAGSample(
+                id=f"builtin/{face}_{view}", source="builtin" if v < 2 else "builtin2", image=fname, label=label,
+                completion=completion, au_boxes=[] if no_boxes else [b for _, _, b in boxes],
+                aus=[] if no_boxes else [au for _, au, _ in boxes], teacher="template", split="train",
+                meta={"note": "generated smoke sample; label illustrative"},
+            ))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(s.to_json()) + "\n" for s in samples), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and normalising
+
+
+def _text_of(value: Any) -> str:
+    """Assistant text of an export ``completion`` (string, message, or list of messages/parts)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return _text_of(value.get("content", value.get("text", "")))
+    if isinstance(value, (list, tuple)):
+        texts = []
+        for part in value:
+            if isinstance(part, dict) and "role" in part:
+                if part["role"] == "assistant":
+                    texts.append(_text_of(part.get("content")))
+            elif isinstance(part, dict):
+                if part.get("type", "text") == "text":
+                    texts.append(str(part.get("text", "")))
+            elif isinstance(part, str):
+                texts.append(part)
+        return "".join(texts)
+    return str(value)
+
+
+def _image_ref(value: Any, root: Path | None) -> tuple[str, bytes | None]:
+    """(path, bytes) of one image reference: a path, a ``{"path", "bytes"}`` dict or a PIL image."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "", None
+        value = value[0]
+    if value is None:
+        return "", None
+    if isinstance(value, (bytes, bytearray)):
+        return "", bytes(value)
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return str(value.get("path") or ""), bytes(value["bytes"])
+        value = value.get("path") or value.get("image") or ""
+    if hasattr(value, "save") and hasattr(value, "size"):  # PIL image
+        buf = io.BytesIO()
+        value.convert("RGB").save(buf, format="PNG")
+        return "", buf.getvalue()
+    p = str(value)
+    if p and root is not None and not os.path.isabs(p):
+        p = str(root / p)
+    return p, None
+
+
+def record_from_sample(s: TAGSample, root: Path | None = None) -> dict[str, Any]:
+    """The flat training record of a :class:`TAGSample` (relative image paths resolved under ``root``)."""
+    path, _ = _image_ref(s.image, root)
+    return {"id": s.id, "source": s.source, "image": path, "image_bytes": None, "label": s.label,
+            "completion": s.completion, "au_boxes": [list(map(int, b)) for b in s.au_boxes],
+            "aus": [int(a) for a in s.aus], "split": s.split or ""}
+
+
+def record_from_export(row: dict[str, Any], root: Path | None = None, index: int = 0) -> dict[str, Any]:
+    """The flat training record of one row of the data exporter's HF export."""
+    if "completion" not in row or "label" not in row:
+        raise ValueError(f"export row lacks 'completion'/'label' (columns: {sorted(row)})")
+    images = row.get("images", row.get("image"))
+    path, data = _image_ref(images, root)
+    source = str(row.get("source") or "")
+    return {
+        "id": str(row.get("id") or f"{source or 'export'}/{index}"),
+        "source": source,
+        "image": path,
+        "image_bytes": data,
+        "label": str(row["label"]),
+        "completion": _text_of(row["completion"]),
+        "au_boxes": [[int(v) for v in b] for b in (row.get("au_boxes") or [])],
+        "aus": [int(a) for a in (row.get("aus") or [])],
+        "split": str(row.get("split") or ""),
+    }
+
+
+def _is_tagsample(row: dict[str, Any]) -> bool:
+    return isinstance(row.get("completion"), str) and isinstance(row.get("image"), str) and "prompt" not in row
+
+
+def _iter_hf(path: Path) -> Iterator[dict[str, Any]]:
+    import datasets
+
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()
+                          or (path / "dataset_dict.json").is_file()):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    else:
+        files = [path] if path.is_file() else sorted(
+            [*path.glob("*.parquet"), *path.glob("**/*.parquet")] or [*path.glob("*.jsonl"), *path.glob("*.json")]
+        )
+        files = list(dict.fromkeys(files))
+        if not files:
+            raise FileNotFoundError(f"no JSONL/Parquet data files in {path}")
+        kind = "parquet" if files[0].suffix == ".parquet" else "json"
+        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    yield from ds
+
+
+def iter_records(ref: str, image_root: str | Path | None = None, workdir: str | Path = ".") -> Iterator[dict[str, Any]]:
+    """Stream flat training records from a data reference (see module docstring)."""
+    if ref.startswith(BUILTIN_PREFIX):
+        name = ref[len(BUILTIN_PREFIX):]
+        if name != "tiny":
+            raise ValueError(f"unknown builtin dataset {ref!r}; available: builtin:tiny")
+        ref = str(builtin_tiny(Path(workdir) / "builtin_tiny"))
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"training data not found: {path}")
+    root = Path(image_root) if image_root else (path.parent if path.is_file() else path)
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        first = next(read_jsonl(path), None)
+        if first is None:
+            raise ValueError(f"{path}: no records")
+        if _is_tagsample(first):
+            for rec in read_jsonl(path):
+                yield record_from_sample(TAGSample.from_json(rec), root)
+            return
+    for i, row in enumerate(_iter_hf(path)):
+        yield record_from_export(dict(row), root, i)
+
+
+def filter_records(
+    records: Iterable[dict[str, Any]], sources: Sequence[str] = (), split: str = "", max_samples: int | None = None,
+    no_bbox: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """Keep records of ``sources`` (all when empty) and ``split``; optionally strip boxes (Table 3 ablation)."""
+    from tagfer.trace import strip_bboxes
+
+    keep = {s.lower() for s in sources}
+    n = 0
+    for r in records:
+        if keep and r["source"].lower() not in keep:
+            continue
+        if split and r["split"] and r["split"] != split:
+            continue
+        if max_samples is not None and n >= max_samples:
+            return
+        if no_bbox:
+            r = {**r, "completion": strip_bboxes(r["completion"])}
+        n += 1
+        yield r
+
+
+def _fingerprint(ref: str, extra: Any) -> str:
+    h = hashlib.sha256(repr(extra).encode())
+    p = Path(ref)
+    if ref and p.exists():
+        for f in ([p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())):
+            st = f.stat()
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        h.update(ref.encode())
+    return h.hexdigest()[:16]
+
+
+def _gen(records_fn: Callable[[], Iterable[dict[str, Any]]], fingerprint: str) -> Iterator[dict[str, Any]]:
+    yield from records_fn()
+
+
+def build_record_dataset(records_fn: Callable[[], Iterable[dict[str, Any]]], cache_dir: str | Path, fingerprint: str):
+    """An Arrow ``datasets.Dataset`` of flat records (streamed to disk, memory-mapped)."""
+    import datasets
+
+    features = datasets.Features({
+        "id": datasets.Value("string"), "source": datasets.Value("string"), "image": datasets.Value("string"),
+        "image_bytes": datasets.Value("binary"), "label": datasets.Value("string"),
+        "completion": datasets.Value("string"),
+        "au_boxes": datasets.List(datasets.List(datasets.Value("int32"))),
+        "aus": datasets.List(datasets.Value("int32")), "split": datasets.Value("string"),
+    })
+    ds = datasets.Dataset.from_generator(
+        _gen, gen_kwargs={"records_fn": records_fn, "fingerprint": fingerprint}, features=features,
+        cache_dir=str(cache_dir),
+    )
+    if len(ds) == 0:
+        raise ValueError("no training samples left after filtering (check data.sources / data.split)")
+    return ds
+
+
+class RowMaker:
+    """Dataset transform: flat records → TRL rows (image loaded and resized on the fly).
+
+    Pickles (module-level class), so dataloader workers can use it.
+    """
+
+    def __init__(self, stage: str, system: str, user: str, image_side: int = 224):
+        if stage not in ("sft", "grpo"):
+            raise ValueError(f"stage must be sft or grpo, got {stage!r}")
+        self.stage, self.system, self.user, self.image_side = stage, system, user, image_side
+
+    def prompt(self) -> list[dict[str, Any]]:
+        from tagfer.vlm import build_chat
+
+        return build_chat(self.user, self.system, with_image=True)
+
+    def image(self, path: str, data: bytes | None, sample_id: str = ""):
+        from PIL import Image
+
+        from tagfer.imageio import ImageError, load_image
+        from tagfer.vlm import resize_for_model
+
+        try:
+            loaded = load_image(data if data else path)
+        except ImageError as e:
+            raise ImageError(e.kind, f"sample {sample_id!r}: {e}") from e
+        return resize_for_model(Image.fromarray(loaded.rgb), self.image_side)
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        n = len(batch["id"])
+        images = [[self.image(batch["image"][i], batch["image_bytes"][i], batch["id"][i])] for i in range(n)]
+        out: dict[str, list[Any]] = {"prompt": [self.prompt() for _ in range(n)], "images": images}
+        if self.stage == "sft":
+            out["completion"] = [
+                [{"role": "assistant", "content": [{"type": "text", "text": c}]}] for c in batch["completion"]
+            ]
+        else:
+            out["label"] = list(batch["label"])
+            out["au_boxes"] = [[list(b) for b in boxes] for boxes in batch["au_boxes"]]
+            out["aus"] = [list(a) for a in batch["aus"]]
+            out["source"] = list(batch["source"])
+            out["id"] = list(batch["id"])
+        return out
+
+
+def load_train_val(cfg, workdir: str | Path | None = None):
+    """``(train_raw, val_raw)`` Arrow datasets of flat records for a :class:`~tagfer.train.config.TrainConfig`.
+
+    ``val_raw`` is ``None`` when there is no validation data. Use
+    ``ds.with_transform(RowMaker(...))`` to get TRL rows.
+    """
+    d = cfg.data
+    work = Path(workdir or cfg.output_dir)
+    cache = work / "data_cache"
+
+    def make(ref: str, split: str):
+        extra = (ref, list(d.sources), split, d.max_samples, d.no_bbox, d.image_root)
+
+        def records():
+            return filter_records(iter_records(ref, d.image_root, work), d.sources, split, d.max_samples, d.no_bbox)
+
+        return build_record_dataset(records, cache, _fingerprint(ref if not ref.startswith(BUILTIN_PREFIX) else "", extra))
+
+    train = make(d.train, d.split)
+    val = None
+    if d.val:
+        val = make(d.val, "")
+    elif d.val_size > 0:
+        if d.val_size >= len(train):
+            raise ValueError(f"data.val_size={d.val_size} leaves no training samples (only {len(train)})")
+        parts = train.train_test_split(test_size=d.val_size, seed=cfg.optim.seed, shuffle=True)
+        train, val = parts["train"], parts["test"]
+    return train, val

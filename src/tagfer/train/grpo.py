@@ -1,0 +1,136 @@
+"""Stage 2: GRPO with TAG's verifiable reward (TRL ``GRPOTrainer``).
+
+Reward (paper §3.3, Eq. 5): ``R = w_au·R_AU + w_ans·R_ans + w_fmt·R_fmt``, given to TRL as
+three reward functions (:func:`tagfer.integrations.trl.make_reward_funcs`) with
+``reward_weights``, so each component is logged (``rewards/r_au/mean`` …) and the weighted
+sum is TRL's reward. Samples without AU boxes get ``R_AU = None``: TRL turns it into NaN,
+sums with ``nansum`` (the sample's reward is ``R_ans + R_fmt``) and the logged ``r_au`` is
+the mean over the scored samples only — no AU gradient, not a zero (see the tests).
+
+Paper settings (preset ``grpo_rafdb`` and siblings): K = 8 rollouts, β = 0.04, ε = 0.2,
+``loss_type="grpo"`` (TRL's defaults differ), AdamW 1e-6, weight decay 0.01, grad clip 1.0,
+2 epochs, LoRA, vision frozen, one run per dataset (``data.sources``). The SFT adapter
+(``model.adapter``) is merged first, so the frozen merged model is also the KL reference
+(TRL uses the adapter-disabled model as reference). ``grpo.use_vllm`` switches rollouts to vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tagfer.integrations.trl import TAGReward, make_reward_funcs, reward_weights
+from tagfer.train.config import TrainConfig, dump_config
+
+__all__ = ["LoggedTAGReward", "GRPOResult", "run_grpo", "tag_reward_funcs", "build_grpo_trainer"]
+
+
+class LoggedTAGReward(TAGReward):
+    """:class:`TAGReward` that also logs, for ``R_AU``, the share of completions it scored (``au/scored``)."""
+
+    def __call__(self, prompts=None, completions=None, completion_ids=None, **kwargs):
+        out = super().__call__(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+        log_metric = kwargs.get("log_metric")
+        if self.component == "r_au" and callable(log_metric) and out:
+            log_metric("au/scored", sum(v is not None for v in out) / len(out))
+        return out
+
+
+def tag_reward_funcs(cfg: TrainConfig) -> tuple[list[Callable], list[float]]:
+    """``(reward_funcs, reward_weights)`` for the config's :class:`~tagfer.rewards.RewardConfig`."""
+    funcs = [LoggedTAGReward(f.component, cfg.reward, f.__name__) for f in make_reward_funcs(cfg.reward)]
+    return funcs, reward_weights(cfg.reward)
+
+
+@dataclass
+class GRPOResult:
+    output_dir: Path
+    final_dir: Path
+    log_path: Path
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    trainable: dict[str, int] = field(default_factory=dict)
+
+
+def _check_vllm(cfg: TrainConfig) -> None:
+    if cfg.grpo.use_vllm:
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(
+                "grpo.use_vllm is set but vLLM is not installed (pip install vllm, on a CUDA machine); "
+                "set grpo.use_vllm=false for transformers rollouts"
+            ) from e
+
+
+def build_grpo_trainer(
+    cfg: TrainConfig,
+    reward_funcs: Sequence[Callable] | None = None,
+    weights: Sequence[float] | None = None,
+    callbacks: Sequence[Any] = (),
+):
+    """``(trainer, logger, info)`` — the configured ``GRPOTrainer`` before ``train()`` (also used by the benchmark)."""
+    from transformers import set_seed
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tagfer.prompts import tag_prompt
+    from tagfer.train.callbacks import JsonlLogCallback
+    from tagfer.train.data import RowMaker, load_train_val
+    from tagfer.train.model import apply_lora, ensure_saveable, load_for_training, trainable_summary
+    from tagfer.train.sft import quiet_console, training_args_common
+
+    if cfg.stage != "grpo":
+        raise ValueError(f"run_grpo needs stage: grpo (got {cfg.stage!r})")
+    cfg.validate()
+    _check_vllm(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    set_seed(cfg.optim.seed)
+    model, processor, base = load_for_training(cfg)
+    ensure_saveable(processor)
+    model = apply_lora(model, cfg.lora)
+    summary = trainable_summary(model)
+    system, user = tag_prompt(cfg.data.system_prompt, cfg.data.user_prompt)
+    train_raw, _ = load_train_val(cfg)
+    train_ds = train_raw.with_transform(RowMaker("grpo", system, user, cfg.model.image_side))
+    if reward_funcs is None:
+        reward_funcs, default_weights = tag_reward_funcs(cfg)
+        weights = default_weights if weights is None else weights
+    g = cfg.grpo
+    args = GRPOConfig(
+        **training_args_common(cfg),
+        num_generations=g.num_generations, beta=g.beta, epsilon=g.epsilon, loss_type=g.loss_type,
+        scale_rewards=g.scale_rewards, max_completion_length=g.max_completion_length, temperature=g.temperature,
+        top_p=g.top_p, use_vllm=g.use_vllm, vllm_mode=g.vllm_mode,
+        vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization, generation_batch_size=g.generation_batch_size,
+        reward_weights=list(weights) if weights is not None else None, log_completions=g.log_completions,
+    )
+    logger = JsonlLogCallback(out / cfg.log.jsonl, "grpo")
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=train_ds, processing_class=processor,
+        callbacks=[logger, *callbacks],
+    )
+    quiet_console(trainer, cfg)
+    return trainer, logger, {"base_model": base, "trainable": summary, "processor": processor}
+
+
+def run_grpo(
+    cfg: TrainConfig,
+    reward_funcs: Sequence[Callable] | None = None,
+    weights: Sequence[float] | None = None,
+    callbacks: Sequence[Any] = (),
+) -> GRPOResult:
+    """Run GRPO as configured (TAG rewards unless ``reward_funcs`` is given); returns the adapter folder and log."""
+    from tagfer.train.callbacks import write_json
+    from tagfer.train.sft import last_checkpoint, save_adapter
+
+    trainer, logger, info = build_grpo_trainer(cfg, reward_funcs, weights, callbacks)
+    out = Path(cfg.output_dir)
+    resume = last_checkpoint(out) if cfg.resume else None
+    trainer.train(resume_from_checkpoint=resume)
+    final = save_adapter(trainer.model, info["processor"], out / "final")
+    write_json(out / "result.json", {"final_dir": str(final), "base_model": info["base_model"],
+                                     "sft_adapter": cfg.model.adapter, "trainable": info["trainable"],
+                                     "steps": trainer.state.global_step})
+    return GRPOResult(out, final, out / cfg.log.jsonl, list(trainer.state.log_history), info["trainable"])

@@ -1,0 +1,215 @@
+"""Model preparation for training: base resolution, loading (via :mod:`tagfer.vlm`), LoRA, freezing.
+
+* LoRA goes on the language model only: the target pattern is anchored on
+  ``language_model.layers.N.(self_attn|mlp).<proj>`` because Qwen2.5-VL's vision blocks
+  also hold ``gate_proj``/``up_proj``/``down_proj``.
+* The vision encoder is frozen (``requires_grad=False``) in every mode.
+* The projector (Qwen2.5-VL's ``visual.merger``; ``multi_modal_projector`` / ``mm_projector``
+  in other VLMs) is trained in full when ``lora.train_projector``: it goes to PEFT's
+  ``modules_to_save``, so a trainable copy is saved inside the adapter and merged later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = [
+    "PROJECTOR_NAMES",
+    "lm_target_regex",
+    "resolve_base",
+    "load_for_training",
+    "apply_lora",
+    "trainable_summary",
+    "vision_parameter_names",
+    "save_processor",
+    "build_trainable_tiny",
+    "ensure_saveable",
+]
+
+PROJECTOR_NAMES = ("merger", "multi_modal_projector", "mm_projector")
+_VISION_PREFIXES = ("visual.", "vision_tower.", "vision_model.")
+
+
+def lm_target_regex(targets: Sequence[str]) -> str:
+    """PEFT ``target_modules`` regex (full match) for ``targets`` inside the language model's layers."""
+    names = "|".join(re.escape(t) for t in targets)
+    return rf".*language_model\.(?:model\.)?layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
+
+
+def resolve_base(cfg, workdir: str | Path | None = None) -> str:
+    """The base model path / hub id for ``cfg.model`` (``"tiny"`` builds or reuses the tiny model).
+
+    With ``tiny`` and an adapter whose recorded base folder exists, that folder is used
+    (GRPO continues on the exact model SFT trained).
+    """
+    name = cfg.model.name_or_path
+    if name != "tiny":
+        return name
+    if cfg.model.adapter:
+        acfg = Path(cfg.model.adapter) / "adapter_config.json"
+        if acfg.is_file():
+            base = json.loads(acfg.read_text()).get("base_model_name_or_path")
+            if base and Path(base).is_dir():
+                return base
+    out = Path(workdir or cfg.output_dir) / "base_model"
+    if not (out / "config.json").is_file():
+        build_trainable_tiny(out, seed=cfg.model.tiny_seed)
+    return str(out.resolve())
+
+
+#: Factor applied to the tiny model's (tied) token embeddings, see :func:`build_trainable_tiny`.
+TINY_EMBED_SCALE = 8.0
+
+
+def build_trainable_tiny(out_dir: str | Path, seed: int = 0, embed_scale: float = TINY_EMBED_SCALE) -> Path:
+    """:func:`tagfer.tiny.build_tiny_qwen25vl` with its tied embeddings scaled by ``embed_scale``.
+
+    Why: the tiny model ties ``lm_head`` to ``embed_tokens`` (init std 0.02, hidden 64), and
+    the final RMSNorm bounds the hidden state, so every logit stays within about ±1.3 and
+    no LoRA adapter (which leaves both frozen, as in the paper) can push the loss far below
+    ``ln(vocab)``. Scaling the embeddings ×8 gives the logits a usable range, so the CPU
+    smoke runs and tests can show real learning. Irrelevant for real checkpoints.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from tagfer.tiny import build_tiny_qwen25vl
+
+    out = build_tiny_qwen25vl(out_dir, seed=seed)
+    model = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.float32)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(embed_scale)
+    model.save_pretrained(str(out))
+    (out / "TINY_MODEL.md").write_text(
+        f"Tiny random Qwen2.5-VL (tagfer.tiny) with embeddings scaled x{embed_scale} by "
+        "tagfer.train.model.build_trainable_tiny — random weights, for tests and smoke runs only.\n"
+    )
+    return out
+
+
+def _device() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
+def vision_parameter_names(model) -> list[str]:
+    """Names of the vision-encoder parameters (projector included: it lives under ``visual``)."""
+    return [n for n, _ in model.named_parameters() if any(p in n for p in _VISION_PREFIXES)]
+
+
+def _projector_names(model) -> list[str]:
+    found = []
+    for n, _ in model.named_modules():
+        last = n.rsplit(".", 1)[-1]
+        if last in PROJECTOR_NAMES and last not in found:
+            found.append(last)
+    return found
+
+
+def load_for_training(cfg, workdir: str | Path | None = None):
+    """``(model, processor, base_path)`` ready for LoRA: SFT adapter merged if given, vision frozen.
+
+    Raises :class:`tagfer.vlm.ModelNotAvailable` when the weights are missing.
+    """
+    from tagfer.vlm import VLMConfig, load_vlm
+
+    base = resolve_base(cfg, workdir)
+    vcfg = VLMConfig(
+        model=base, adapter=cfg.model.adapter, dtype=cfg.model.dtype, device=_device(),
+        image_side=cfg.model.image_side, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
+        attn_implementation=cfg.model.attn_implementation,
+    )
+    vlm = load_vlm(vcfg)
+    model = vlm.model
+    if cfg.model.adapter:  # SFT → GRPO: fold the SFT adapter in; the result is also the KL reference
+        model = model.merge_and_unload()
+    model.train()
+    for n, p in model.named_parameters():
+        if any(v in n for v in _VISION_PREFIXES):
+            p.requires_grad_(False)
+    if not cfg.lora.enabled:  # full fine-tuning of the language model (+ projector if asked)
+        for n, p in model.named_parameters():
+            is_proj = any(f".{name}." in f".{n}" for name in PROJECTOR_NAMES)
+            if is_proj:
+                p.requires_grad_(cfg.lora.train_projector)
+            elif not any(v in n for v in _VISION_PREFIXES):
+                p.requires_grad_(True)
+    return model, vlm.processor, base
+
+
+def apply_lora(model, lora_cfg):
+    """Wrap ``model`` in a PEFT LoRA model per :class:`~tagfer.train.config.LoraSection` (no-op when disabled)."""
+    if not lora_cfg.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    modules_to_save = _projector_names(model) if lora_cfg.train_projector else None
+    pcfg = LoraConfig(
+        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+        target_modules=lm_target_regex(lora_cfg.targets), modules_to_save=modules_to_save or None,
+        task_type="CAUSAL_LM", bias="none",
+    )
+    peft_model = get_peft_model(model, pcfg)
+    bad = [n for n, p in peft_model.named_parameters()
+           if p.requires_grad and "lora_" in n and any(v in n for v in _VISION_PREFIXES)]
+    if bad:  # pragma: no cover - guarded by the anchored regex
+        raise RuntimeError(f"LoRA reached the vision encoder: {bad[:3]}")
+    return peft_model
+
+
+def trainable_summary(model) -> dict[str, Any]:
+    """Counts of trainable parameters by kind (lora / projector / other) and the total."""
+    out = {"lora": 0, "projector": 0, "other": 0, "total": 0, "trainable": 0}
+    for n, p in model.named_parameters():
+        out["total"] += p.numel()
+        if not p.requires_grad:
+            continue
+        out["trainable"] += p.numel()
+        if "lora_" in n:
+            out["lora"] += p.numel()
+        elif any(f".{name}." in n for name in PROJECTOR_NAMES):
+            out["projector"] += p.numel()
+        else:
+            out["other"] += p.numel()
+    return out
+
+
+def save_processor(processor, out: str | Path) -> None:
+    """Save a processor so :func:`tagfer.vlm.load_processor` reloads it.
+
+    The image-only Qwen2.5-VL processor (no video processor: it would need torchvision)
+    cannot go through ``ProcessorMixin.save_pretrained``; its tokenizer and image processor
+    are then saved on their own (which is what ``load_processor`` falls back to).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if getattr(processor, "video_processor", True) is not None:
+        try:
+            type(processor).save_pretrained(processor, str(out))
+            return
+        except Exception:  # fall through to saving the parts
+            pass
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None:
+        tok.save_pretrained(str(out))
+    ip = getattr(processor, "image_processor", None)
+    if ip is not None:
+        ip.save_pretrained(str(out))
+
+
+def ensure_saveable(processor):
+    """Make ``processor.save_pretrained`` (called by the trainers at every checkpoint) use :func:`save_processor`."""
+    import types
+
+    def _save(self, save_directory, *args, **kwargs):
+        save_processor(self, save_directory)
+
+    processor.save_pretrained = types.MethodType(_save, processor)
+    return processor

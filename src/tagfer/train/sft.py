@@ -1,0 +1,157 @@
+"""Stage 1: supervised fine-tuning on AU-grounded traces (TRL ``SFTTrainer`` + PEFT LoRA).
+
+Paper recipe (§5.1, App. C.1; preset ``sft_tag310k``): LoRA r 128 / alpha 256 / dropout 0.05
+on the language model's attention + MLP projections, vision encoder frozen, projector
+trained, AdamW 2e-5 cosine, weight decay 0.01, warm-up 3 %, grad clip 1.0, max length 2048,
+bf16, completion-only loss (the prompt and image tokens carry no loss).
+
+Outputs in ``output_dir``: ``config.yaml`` (the resolved config), ``checkpoint-N/`` (trainer
+checkpoints; a rerun resumes from the last one when ``resume``), ``best/`` (adapter +
+processor chosen by validation, see :class:`~tagfer.train.callbacks.ValidationCallback`),
+``final/`` (the adapter after the last step), ``train_log.jsonl``, ``result.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from tagfer.train.config import TrainConfig, dump_config
+from tagfer.train.model import save_processor
+
+__all__ = ["SFTResult", "run_sft", "training_args_common", "save_adapter", "last_checkpoint"]
+
+
+@dataclass
+class SFTResult:
+    output_dir: Path
+    final_dir: Path
+    best_dir: Path | None
+    best: dict[str, Any] | None
+    log_path: Path
+    train_loss: list[float] = field(default_factory=list)
+    trainable: dict[str, int] = field(default_factory=dict)
+
+
+def _bf16(setting: str) -> bool:
+    import torch
+
+    if setting == "auto":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return setting == "true"
+
+
+def _report_to(cfg: TrainConfig) -> list[str]:
+    if not cfg.log.tensorboard:
+        return []
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        from tagfer.cli._app import console
+
+        console.print("[yellow]log.tensorboard is on but tensorboard is not installed; JSONL log only[/]")
+        return []
+    return ["tensorboard"]
+
+
+def training_args_common(cfg: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments shared by ``SFTConfig`` and ``GRPOConfig``."""
+    o = cfg.optim
+    return dict(
+        output_dir=str(cfg.output_dir), learning_rate=o.learning_rate, weight_decay=o.weight_decay,
+        lr_scheduler_type=o.lr_scheduler, warmup_steps=o.warmup_ratio, max_grad_norm=o.max_grad_norm,
+        num_train_epochs=o.epochs, max_steps=o.max_steps, per_device_train_batch_size=o.batch_size,
+        gradient_accumulation_steps=o.grad_accum, bf16=_bf16(o.bf16), gradient_checkpointing=o.gradient_checkpointing,
+        seed=o.seed, data_seed=o.seed, save_strategy="steps", save_steps=o.save_steps,
+        save_total_limit=o.save_total_limit, logging_steps=cfg.log.logging_steps, report_to=_report_to(cfg),
+        remove_unused_columns=False, dataloader_num_workers=o.dataloader_workers, deepspeed=o.deepspeed,
+        disable_tqdm=not cfg.log.progress, optim="adamw_torch",
+    )
+
+
+def quiet_console(trainer, cfg: TrainConfig) -> None:
+    """Without progress bars, drop the trainer's print-every-log callback (the JSONL log has it all)."""
+    if not cfg.log.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` folder in ``output_dir`` (``None`` when there is none)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    p = Path(output_dir)
+    return get_last_checkpoint(str(p)) if p.is_dir() else None
+
+
+def save_adapter(model, processor, out_dir: str | Path) -> Path:
+    """Save the adapter (or full model) and the processor so :func:`tagfer.vlm.load_vlm` loads the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    save_processor(processor, out)
+    return out
+
+
+def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
+    """Run SFT as configured; returns where the adapters and the log are."""
+    import torch
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from tagfer.prompts import tag_prompt
+    from tagfer.train.callbacks import JsonlLogCallback, ValidationCallback, write_json
+    from tagfer.train.data import RowMaker, load_train_val
+    from tagfer.train.model import apply_lora, ensure_saveable, load_for_training, trainable_summary
+
+    if cfg.stage != "sft":
+        raise ValueError(f"run_sft needs stage: sft (got {cfg.stage!r})")
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    set_seed(cfg.optim.seed)
+    if not torch.cuda.is_available() and torch.get_num_threads() > 1 and __import__("os").environ.get("OMP_NUM_THREADS") == "1":
+        torch.set_num_threads(1)
+
+    model, processor, base = load_for_training(cfg)
+    ensure_saveable(processor)
+    model = apply_lora(model, cfg.lora)
+    summary = trainable_summary(model)
+    system, user = tag_prompt(cfg.data.system_prompt, cfg.data.user_prompt)
+    train_raw, val_raw = load_train_val(cfg)
+    train_ds = train_raw.with_transform(RowMaker("sft", system, user, cfg.model.image_side))
+
+    args = SFTConfig(
+        **training_args_common(cfg), max_length=cfg.sft.max_length, completion_only_loss=cfg.sft.completion_only_loss,
+        dataset_kwargs={"skip_prepare_dataset": True}, eval_strategy="no",
+    )
+    logger = JsonlLogCallback(out / cfg.log.jsonl, "sft")
+    cbs: list[Any] = [logger]
+    best_dir = out / "best"
+
+    def save_best(metrics: dict[str, Any]) -> None:
+        save_adapter(model, processor, best_dir)
+        write_json(best_dir / "best.json", metrics)
+
+    validator = None
+    if val_raw is not None and cfg.sft.val_samples > 0:
+        validator = ValidationCallback(val_raw, processor, cfg, system, user, logger, save_best)
+        cbs.append(validator)
+    cbs.extend(callbacks)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=processor, callbacks=cbs)
+    quiet_console(trainer, cfg)
+    resume = last_checkpoint(out) if cfg.resume else None
+    trainer.train(resume_from_checkpoint=resume)
+    final = save_adapter(model, processor, out / "final")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    best = validator.best if validator else None
+    if validator is None:  # no validation data: the final adapter is the best we know
+        save_adapter(model, processor, best_dir)
+        write_json(best_dir / "best.json", {"step": trainer.state.global_step, "note": "no validation data"})
+    result = SFTResult(out, final, best_dir, best, out / cfg.log.jsonl, losses, summary)
+    write_json(out / "result.json", {"final_dir": str(final), "best_dir": str(best_dir), "best": best,
+                                     "base_model": base, "trainable": summary, "steps": trainer.state.global_step})
+    return result

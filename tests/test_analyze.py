@@ -1,0 +1,321 @@
+"""tagfer.analyze and `tagfer analyze`: per-face analyses, frames, overlays, errors, JSON, --model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
+
+from tagfer.analyze import (
+    BOX_COLORS,
+    EXIT_FAILED,
+    EXIT_MALFORMED,
+    EXIT_USAGE,
+    Analysis,
+    Analyzer,
+    FACSEngine,
+    VLMEngine,
+    face_region,
+    reframe,
+)
+from tagfer.canvas import CanvasTransform
+from tagfer.cli import app
+from tagfer.errors import ItemError
+from tagfer.imageio import load_image
+from tagfer.trace import parse_trace
+
+runner = CliRunner()
+
+ANALYSIS_KEYS = {
+    "image", "face", "n_faces", "face_bbox", "frame", "frame_box", "canvas", "engine", "detector", "label",
+    "scores", "trace", "well_formed", "violations", "boxes", "box_aus", "box_colors", "segments",
+    "evidence_aus", "aus", "au_boxes", "r_fmt", "r_au",
+}
+RESULT_KEYS = {"image", "width", "height", "n_faces", "analyses", "overlays", "error"}
+
+
+def assert_grounded(a: Analysis) -> None:
+    """A facs analysis: well-formed, each box exactly the (active) detector box of the AU named before it."""
+    assert a.well_formed and a.violations == [] and a.r_fmt > 0
+    assert len(a.boxes) <= 3 and a.box_aus == a.evidence_aus
+    by_au = {d["au"]: d for d in a.aus}
+    for b, au in zip(a.boxes, a.box_aus):
+        assert by_au[au]["active"] and b == by_au[au]["box"]
+    assert a.label == max(a.scores, key=a.scores.get)
+    assert "".join(s["text"] for s in a.segments) == a.trace
+    assert [s["box"] for s in a.segments if s["box"] is not None] == list(range(len(a.boxes)))
+
+
+def test_astronaut(astronaut_analysis):
+    a = astronaut_analysis
+    assert_grounded(a)
+    assert a.label == "happiness" and a.engine == "facs" and a.frame == "face"
+    assert a.box_aus[0] == 12 and a.r_au == pytest.approx(1.0)
+    assert a.box_colors == list(BOX_COLORS[: len(a.boxes)])
+    # The face frame's AU12 box is the mouth: the lower half of the face canvas.
+    x1, y1, x2, y2 = a.boxes[0]
+    assert y1 > 512 * 0.35 and x2 - x1 > 512 * 0.4
+
+
+def test_grace(grace_analysis):
+    assert_grounded(grace_analysis)
+    assert grace_analysis.label == "happiness" and grace_analysis.box_aus[0] == 6
+
+
+def test_face_frame_boxes_are_the_image_frame_boxes_moved(mp_detector, astronaut_path):
+    """Reframing keeps scores and activations; boxes land on the same image pixels (to rounding)."""
+    img = load_image(astronaut_path)
+    (f,) = mp_detector.detect(img)
+    region = face_region(f.mesh.bbox, img.width, img.height, 0.15)
+    g = reframe(f, region, mp_detector.config)
+    assert [(d.au, d.score, d.active) for d in g.aus] == [(d.au, d.score, d.active) for d in f.aus]
+    full = CanvasTransform(img.width, img.height)
+    crop = CanvasTransform(region[2] - region[0], region[3] - region[1])
+    for d_img, d_face in zip(f.aus, g.aus):
+        px_a = np.array(full.box_to_image(d_img.box))
+        px_b = np.array(crop.box_to_image(d_face.box)) + np.array(region[:2] * 2)
+        assert np.abs(px_a - px_b).max() < 2.0, d_img.au
+
+
+def test_image_frame_uses_the_detector_boxes_unchanged(mp_detector, astronaut_path):
+    an = Analyzer(detector=mp_detector, frame="image")
+    (a,) = an.analyze_image(astronaut_path)
+    assert_grounded(a)
+    (f,) = mp_detector.detect(load_image(astronaut_path))
+    det_boxes = {d.au: list(d.box) for d in f.aus}
+    assert a.boxes and all(b == det_boxes[au] for b, au in zip(a.boxes, a.box_aus))
+    assert a.frame_box == [0.0, 0.0, 512.0, 512.0]
+
+
+def test_two_faces_left_to_right(facs_analyzer, two_faces_path):
+    res = facs_analyzer.run(two_faces_path)
+    assert res.ok and len(res.analyses) == 2
+    left, right = res.analyses
+    assert (left.face, right.face) == (0, 1) and left.n_faces == right.n_faces == 2
+    cx = [(a.face_bbox[0] + a.face_bbox[2]) / 2 for a in res.analyses]
+    assert cx[0] < cx[1]
+    assert right.face_bbox[0] >= 230  # Grace Hopper was pasted at x = 230
+    for a in res.analyses:
+        assert_grounded(a)
+    overlays = res.render_overlays()
+    assert len(overlays) == 2
+
+
+def test_no_face_and_bad_images(facs_analyzer, bad_inputs):
+    with pytest.raises(ItemError) as e:
+        facs_analyzer.analyze_image(bad_inputs["no_face"])
+    assert e.value.kind == "no_face" and "no face" in e.value.message
+    for kind in ("no_face", "corrupt", "not_an_image", "empty_file", "too_small", "not_found"):
+        res = facs_analyzer.run(bad_inputs[kind])
+        assert res.error["kind"] == kind and res.analyses == [] and res.to_json()["n_faces"] == 0
+
+
+def test_bytes_input_and_overlay_colours(facs_analyzer, astronaut_path):
+    res = facs_analyzer.run(astronaut_path.read_bytes(), name="upload.png")
+    assert res.ok and res.image == "upload.png"
+    (im,) = res.render_overlays()
+    px = np.asarray(im).reshape(-1, 3)
+    colours = {tuple(int(h[i : i + 2], 16) for i in (1, 3, 5)) for h in res.analyses[0].box_colors}
+    colours.add((0, 200, 70))  # detector green
+    for c in colours:
+        assert (px == np.array(c)).all(axis=1).sum() > 50, c  # every box colour is drawn
+
+
+class GarbageVLM:
+    """Stands in for tagfer.vlm.VLM: returns a fixed malformed completion per image."""
+
+    config = None
+
+    def __init__(self, text):
+        self.text = text
+        self.calls = []
+
+    def generate(self, images, users, system=None, **kw):
+        self.calls.append((images, users, system, kw))
+        return [self.text for _ in images]
+
+
+def test_model_output_is_reported_not_fixed(mp_detector, astronaut_path):
+    text = "Sure! <think>mouth <bbox>[300, 10, 20, 40]</bbox></think><answer>happy</answer> done"
+    vlm = GarbageVLM(text)
+    an = Analyzer(detector=mp_detector, engine=VLMEngine(vlm, name="garbage"))
+    (a,) = an.analyze_image(astronaut_path)
+    assert a.trace == text and not a.well_formed and a.r_fmt == 0
+    assert a.violations == list(parse_trace(text).violations)
+    assert "text_outside" in a.violations and "bbox_degenerate" in a.violations
+    assert a.label == "happiness" and a.scores is None and a.box_aus == [None]
+    images, users, system, kw = vlm.calls[0]
+    assert isinstance(images[0], Image.Image) and kw["temperature"] == 0.0
+    assert "512" in system and users[0]
+    (im,) = an.run(astronaut_path).render_overlays()  # a degenerate box is listed, not drawn
+    assert im.size[0] >= 512
+
+
+def test_engine_selection(mp_detector):
+    assert isinstance(Analyzer(detector=mp_detector).engine, FACSEngine)
+    assert isinstance(Analyzer(detector=mp_detector, engine=GarbageVLM("x")).engine, VLMEngine)
+    with pytest.raises(ValueError):
+        Analyzer(detector=mp_detector, frame="nope")
+
+
+# --------------------------------------------------------------------------- CLI
+def _json_lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def test_cli_json_schema_and_overlay(tmp_path, astronaut_path, grace_path):
+    r = runner.invoke(app, ["analyze", str(astronaut_path), str(grace_path), "--json", "--overlay", str(tmp_path / "ov")])
+    assert r.exit_code == 0, r.output
+    recs = _json_lines(r.stdout)
+    assert len(recs) == 2
+    for rec in recs:
+        assert set(rec) == RESULT_KEYS and rec["error"] is None and rec["n_faces"] == 1
+        (a,) = rec["analyses"]
+        assert set(a) == ANALYSIS_KEYS
+        assert a["label"] == "happiness" and a["well_formed"] and a["engine"] == "facs"
+        assert set(a["scores"]) == {"anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"}
+        assert all(set(d) >= {"au", "name", "score", "active", "box"} for d in a["aus"])
+        (ov,) = rec["overlays"]
+        assert Image.open(ov).size[0] >= 512
+
+
+def test_cli_pretty_and_single_overlay(tmp_path, astronaut_path):
+    out = tmp_path / "face.png"
+    r = runner.invoke(app, ["analyze", str(astronaut_path), "--scores", "--overlay", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "happiness" in r.stdout and "AU12" in r.stdout and "class scores" in r.stdout and "<bbox>" in r.stdout
+    assert out.is_file()
+
+
+def test_cli_no_face_and_usage_errors(tmp_path, astronaut_path, bad_inputs):
+    r = runner.invoke(app, ["analyze", str(bad_inputs["no_face"]), str(astronaut_path), "--json"])
+    assert r.exit_code == EXIT_FAILED
+    no_face, ok = _json_lines(r.stdout)
+    assert no_face["error"]["kind"] == "no_face" and no_face["analyses"] == [] and ok["error"] is None
+    r = runner.invoke(app, ["analyze", str(bad_inputs["no_face"])])
+    assert r.exit_code == EXIT_FAILED and "no face" in r.output
+    r = runner.invoke(app, ["analyze", str(astronaut_path), str(astronaut_path), "--overlay", str(tmp_path / "x.png")])
+    assert r.exit_code == EXIT_USAGE
+    r = runner.invoke(app, ["analyze", str(astronaut_path), "--model", str(tmp_path / "no_such_model")])
+    assert r.exit_code == EXIT_USAGE and "error" in r.output
+
+
+def test_cli_tiny_random_vlm_is_malformed(tiny_vlm_dir, astronaut_path):
+    r = runner.invoke(app, ["analyze", str(astronaut_path), "--model", str(tiny_vlm_dir), "--json", "--max-new-tokens", "24", "--device", "cpu"])
+    assert r.exit_code == EXIT_MALFORMED, r.output
+    (rec,) = _json_lines(r.stdout)
+    (a,) = rec["analyses"]
+    assert a["engine"] == str(tiny_vlm_dir) and a["scores"] is None
+    assert not a["well_formed"] and a["violations"] and a["r_fmt"] == 0
+    assert a["violations"] == list(parse_trace(a["trace"]).violations)
+
+
+def test_tiny_vlm_output_is_the_raw_generation(tiny_vlm, mp_detector, astronaut_path):
+    eng = VLMEngine(tiny_vlm, max_new_tokens=16)
+    an = Analyzer(detector=mp_detector, engine=eng)
+    (a,) = an.analyze_image(astronaut_path)
+    res = an.run(astronaut_path)
+    assert res.analyses[0].trace == a.trace  # greedy: deterministic
+    system, user = eng.system, eng.user
+    img = load_image(astronaut_path)
+    region = a.frame_box
+    pic = Image.fromarray(img.rgb[int(np.floor(region[1])) : int(np.ceil(region[3])), int(np.floor(region[0])) : int(np.ceil(region[2]))])
+    (direct,) = tiny_vlm.generate([pic], [user], system=system, max_new_tokens=16, temperature=0.0)
+    assert a.trace == direct  # reported exactly as generated
+
+
+# --------------------------------------------------------------------------- backends (OpenAI-compatible server)
+def test_openai_backend_engine_parses_the_reply(fake_openai, mp_detector, astronaut_path, facs_analyzer):
+    """A served model's answer goes through the one parser; its boxes are scored against the detector's."""
+    from tagfer.analyze import load_engine
+
+    ref = facs_analyzer.analyze_image(astronaut_path)[0]
+    b = ref.boxes[0]
+    reply = (f"<think>The face is bright. The mouth corners rise, AU12 <bbox>[{b[0]}, {b[1]}, {b[2]}, {b[3]}]</bbox>."
+             "</think>\n<answer>Happy</answer>")
+    seen = []
+
+    def script(req, i):
+        seen.append(req)
+        return reply
+
+    srv = fake_openai(script)
+    eng = load_engine(f"openai:{srv.url}", max_new_tokens=64)
+    an = Analyzer(detector=mp_detector, engine=eng)
+    (a,) = an.analyze_image(astronaut_path)
+    assert a.engine == f"openai:{srv.url}" and a.trace == reply
+    assert a.well_formed and a.label == "happiness" and a.box_aus == [12] and a.r_au == pytest.approx(1.0)
+    msgs = seen[0]["messages"]
+    assert msgs[0]["role"] == "system" and seen[0]["temperature"] == 0.0 and seen[0]["max_tokens"] == 64
+    assert any(part.get("type") == "image_url" for part in msgs[-1]["content"])
+    # CLI: same engine via --model, exit 0; then a malformed answer → exit 3
+    r = runner.invoke(app, ["analyze", str(astronaut_path), "--json", "--model", f"openai:{srv.url}"])
+    assert r.exit_code == 0, r.output
+    srv.reset(lambda req, i: "happy, I think")
+    r = runner.invoke(app, ["analyze", str(astronaut_path), "--json", "--model", f"openai:{srv.url}"])
+    assert r.exit_code == EXIT_MALFORMED
+    (a,) = _json_lines(r.stdout)[0]["analyses"]
+    assert a["trace"] == "happy, I think" and {"no_think", "no_answer"} <= set(a["violations"])
+
+
+def test_backend_failure_fails_the_image(fake_openai, mp_detector, astronaut_path):
+    from fakeserver import Reply
+
+    from tagfer.analyze import load_engine
+
+    srv = fake_openai(lambda req, i: Reply(status=400))
+    an = Analyzer(detector=mp_detector, engine=load_engine(f"openai:{srv.url}"))
+    res = an.run(astronaut_path)
+    assert not res.ok and res.error["kind"].startswith("generation_") and res.analyses == []
+
+
+def test_downscaled_decode_keeps_original_pixel_frame(mp_detector, astronaut_path, astronaut_analysis):
+    """Images decoded below full size (max_side) are analysed in original-pixel coordinates."""
+    an = Analyzer(detector=mp_detector, max_side=256)
+    res = an.run(astronaut_path)
+    (a,) = res.analyses
+    assert res.loaded.scale == 0.5 and (res.width, res.height) == (512, 512)
+    assert a.label == "happiness" and a.box_aus[0] == 12
+    assert np.abs(np.array(a.frame_box) - np.array(astronaut_analysis.frame_box)).max() < 8
+    (im,) = res.render_overlays()
+    assert im.size[0] >= 512
+
+
+model_text = st.lists(
+    st.one_of(
+        st.text(alphabet=st.characters(codec="utf-8", exclude_characters="<"), max_size=30),
+        st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "AU12 ", "AU 4 ", "happy", "<bbox>", "</bbox>"]),
+        st.tuples(*[st.integers(-50, 600)] * 4).map(lambda b: f"<bbox>[{b[0]}, {b[1]}, {b[2]}, {b[3]}]</bbox>"),
+    ),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=model_text)
+def test_any_model_output_is_reported_and_drawn(text, astronaut_analysis, facs_analyzer, astronaut_path):
+    """Whatever a model writes: segments rebuild it, each box gets a colour and a caption, the overlay draws."""
+    import dataclasses
+
+    from tagfer.analyze import _box_aus, _segments, box_color, render_overlay
+
+    p = parse_trace(text)
+    segs = _segments(p)
+    assert "".join(s["text"] for s in segs) == text
+    assert [s["box"] for s in segs if s["box"] is not None] == list(range(len(p.boxes)))
+    aus = _box_aus(p)
+    assert len(aus) == len(p.boxes)
+    a = dataclasses.replace(
+        astronaut_analysis, trace=text, boxes=[list(c) if c else None for c in p.box_coords], box_aus=aus,
+        box_colors=[box_color(i) for i in range(len(p.boxes))], segments=segs,
+    )
+    assert len(a.au_labels) == len(p.boxes)
+    render_overlay(_ASTRO_IMG.setdefault("img", load_image(astronaut_path)), a)
+
+
+_ASTRO_IMG: dict = {}

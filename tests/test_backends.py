@@ -1,0 +1,305 @@
+"""tagfer.backends: one interface over HF (tiny model), OpenAI-compatible servers (fake server)
+and vLLM (a stand-in module, since vLLM is not installed here)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import sys
+import threading
+import types
+
+import pytest
+from PIL import Image
+
+from fakeserver import Reply
+from tagfer.backends import (
+    Backend,
+    BackendUnavailable,
+    GenerationConfig,
+    GenRequest,
+    GenResult,
+    OpenAIBackend,
+    TransformersBackend,
+    VLLMBackend,
+    make_backend,
+    parse_spec,
+)
+from tagfer.openai_client import ClientConfig
+
+
+def ocfg(url: str, **kw) -> ClientConfig:
+    base = dict(model="m", api_key="", timeout_s=5.0, backoff_base_s=0.001, backoff_max_s=0.01, max_retries=1)
+    base.update(kw)
+    return ClientConfig(endpoints=[url], **base)
+
+
+def text_of(req_json: dict) -> str:
+    content = req_json["messages"][-1]["content"]
+    return content if isinstance(content, str) else next(p["text"] for p in content if p["type"] == "text")
+
+
+@pytest.fixture(scope="module")
+def srv(fake_openai):
+    return fake_openai()
+
+
+@pytest.fixture
+def obackend(srv):
+    b = OpenAIBackend(ocfg(srv.url))
+    yield b
+    b.close()
+
+
+# ----------------------------------------------------------------------------- config, specs
+
+def test_generation_config_presets_and_params():
+    assert GenerationConfig().openai_params() == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 512}
+    assert GenerationConfig.tag().temperature == 0.0
+    b = GenerationConfig.baseline(seed=3)
+    assert b.top_p == 0.9 and b.openai_params()["seed"] == 3
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("hf:/models/x", ("hf", "/models/x")),
+    ("transformers:Qwen/Qwen2.5-VL-7B-Instruct", ("hf", "Qwen/Qwen2.5-VL-7B-Instruct")),
+    ("/models/tag-7b", ("hf", "/models/tag-7b")),
+    ("Qwen/Qwen2.5-VL-7B-Instruct", ("hf", "Qwen/Qwen2.5-VL-7B-Instruct")),
+    ("openai:http://a:8000/v1,http://b:8000/v1", ("openai", "http://a:8000/v1,http://b:8000/v1")),
+    ("http://a:8000/v1", ("openai", "http://a:8000/v1")),
+    ("vllm:/models/x", ("vllm", "/models/x")),
+    ("C:/models/x", ("hf", "C:/models/x")),
+])
+def test_parse_spec(spec, expected):
+    assert parse_spec(spec) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "openai:", "vllm:  "])
+def test_parse_spec_rejects_empty(bad):
+    with pytest.raises(BackendUnavailable):
+        parse_spec(bad)
+
+
+def test_make_backend_openai_passes_client_options():
+    b = make_backend("openai:a:1,b:2", model="srv-model", per_endpoint_concurrency=7, concurrency=10, ordered=False, api_key="")
+    assert isinstance(b, OpenAIBackend) and isinstance(b, Backend)
+    cfg = b.client_config
+    assert cfg.endpoints == ["http://a:1/v1", "http://b:2/v1"] and cfg.model == "srv-model"
+    assert cfg.per_endpoint_concurrency == 7 and cfg.total_concurrency == 10 and b.ordered is False
+    with pytest.raises(TypeError):
+        make_backend("openai:a:1", no_such_option=1)
+
+
+def test_make_backend_vllm_without_vllm_is_clear(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm → ImportError
+    with pytest.raises(BackendUnavailable, match="pip install vllm"):
+        make_backend("vllm:/models/x")
+
+
+def test_result_json_roundtrip():
+    r = GenResult("a", None, {"kind": "timeout", "message": "m"}, {"k": 1}, {"backend": "openai"})
+    assert GenResult.from_json(r.to_json()) == r and not r.ok
+
+
+# ----------------------------------------------------------------------------- OpenAI backend
+
+def test_openai_backend_order_ids_errors_and_meta(srv, obackend, bad_inputs, astronaut_path):
+    def script(req, i):
+        t = text_of(req)
+        if t == "explode":
+            return Reply(status=500, text="server broke")
+        return Reply(text=f"answer to {t}", delay_s=0.05 if t == "q0" else 0.0)  # the first finishes last
+
+    srv.reset(script)
+    reqs = [
+        GenRequest("r0", "q0", image=astronaut_path, system="be brief", meta={"label": "happiness"}),
+        GenRequest("r1", "q1", image=bad_inputs["corrupt"]),
+        GenRequest("r2", "explode"),
+        GenRequest("r3", "q3", image=bad_inputs["not_found"]),
+        GenRequest("r4", "q4", image=Image.new("RGB", (400, 100), "white")),
+        GenRequest("r5", "q5", messages=[{"role": "user", "content": "q5"}]),
+    ]
+    seen = []
+    out = list(obackend.generate(reqs, GenerationConfig(max_new_tokens=64, seed=1), on_result=seen.append))
+    assert [r.id for r in out] == [f"r{i}" for i in range(6)] and seen == out
+    assert out[0].text == "answer to q0" and out[0].meta == {"label": "happiness"}
+    assert out[0].info["endpoint"] == srv.url and out[0].info["attempts"] == 1
+    assert out[1].error["kind"] == "corrupt" and out[1].text is None
+    assert out[2].error["kind"] == "http_500" and out[2].info["attempts"] == 2
+    assert out[3].error["kind"] == "not_found"
+    assert out[4].text == "answer to q4" and out[5].text == "answer to q5"
+    # what went over the wire
+    by_text = {text_of(r): r for r in srv.requests}
+    first = by_text["q0"]
+    assert first["messages"][0] == {"role": "system", "content": "be brief"}
+    assert first["max_tokens"] == 64 and first["seed"] == 1 and first["temperature"] == 0.0
+    url = by_text["q4"]["messages"][0]["content"][0]["image_url"]["url"]
+    img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert img.size == (224, 56)
+    assert len(srv.requests) == 5  # corrupt/missing images never reach the server; "explode" twice
+
+
+def test_openai_backend_unordered_yields_as_completed(srv):
+    srv.reset(lambda req, i: Reply(text=text_of(req), delay_s=0.3 if text_of(req) == "slow" else 0.0))
+    b = OpenAIBackend(ocfg(srv.url), ordered=False)
+    try:
+        out = list(b.generate([GenRequest("s", "slow")] + [GenRequest(f"f{i}", f"fast{i}") for i in range(5)]))
+    finally:
+        b.close()
+    assert out[-1].id == "s" and sorted(r.id for r in out) == sorted(["s"] + [f"f{i}" for i in range(5)])
+    assert all(r.text == {"s": "slow"}.get(r.id, f"fast{r.id[1:]}") for r in out)
+
+
+def test_openai_backend_reads_input_lazily(srv):
+    srv.reset(lambda req, i: "x")
+    pulled = []
+
+    def requests():
+        for i in range(100):
+            pulled.append(i)
+            yield GenRequest(str(i), f"q{i}")
+
+    b = OpenAIBackend(ocfg(srv.url), window=4)
+    try:
+        gen = b.generate(requests())
+        first = next(gen)
+        assert first.id == "0" and len(pulled) <= 5  # bounded look-ahead
+        rest = list(gen)
+    finally:
+        b.close()
+    assert len(rest) == 99 and [r.id for r in rest] == [str(i) for i in range(1, 100)]
+
+
+def test_openai_backend_early_close_then_reuse(srv):
+    srv.reset(lambda req, i: Reply(hang=True) if text_of(req).startswith("hang") else Reply(text="fine"))
+    b = OpenAIBackend(ocfg(srv.url, timeout_s=30.0), window=8)
+    try:
+        gen = b.generate([GenRequest("a", "quick")] + [GenRequest(f"h{i}", f"hang{i}") for i in range(5)])
+        assert next(gen).text == "fine"
+        gen.close()  # cancels the hanging requests instead of waiting 30 s
+        assert [r.text for r in b.generate([GenRequest("b", "quick")])] == ["fine"]
+    finally:
+        b.close()
+        b.close()  # idempotent
+
+
+def test_openai_backend_from_several_threads(srv):
+    srv.reset(lambda req, i: Reply(text=text_of(req).upper()))
+    b = OpenAIBackend(ocfg(srv.url))
+    results: dict[int, list[str]] = {}
+
+    def work(k: int) -> None:
+        results[k] = [r.text for r in b.generate([GenRequest(f"{k}-{i}", f"t{k}{i}") for i in range(10)])]
+
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        b.close()
+    assert results == {k: [f"T{k}{i}" for i in range(10)] for k in range(3)}
+
+
+def test_openai_backend_timeout_recorded(srv):
+    srv.reset(lambda req, i: Reply(hang=True))
+    b = OpenAIBackend(ocfg(srv.url, timeout_s=0.2, max_retries=1))
+    try:
+        (r,) = list(b.generate([GenRequest("h", "x")]))
+    finally:
+        b.close()
+    assert r.error["kind"] == "timeout" and r.info["attempts"] == 2
+
+
+# ----------------------------------------------------------------------------- Transformers backend
+
+def test_transformers_backend_tiny_model(tiny_vlm, bad_inputs, astronaut_path):
+    b = TransformersBackend(tiny_vlm, batch_size=3)
+    reqs = [
+        GenRequest("a", "What is the expression?", image=astronaut_path, system="sys A", meta={"i": 0}),
+        GenRequest("b", "What is the expression?", image=bad_inputs["corrupt"]),
+        GenRequest("c", "Describe.", image=Image.new("RGB", (64, 48), (120, 80, 60)), system="sys B"),
+        GenRequest("d", "Text only."),
+        GenRequest("e", "raw", messages=[{"role": "user", "content": "hi"}]),
+    ]
+    seen = []
+    out = list(b.generate(reqs, GenerationConfig(max_new_tokens=4), on_result=seen.append))
+    assert [r.id for r in out] == ["a", "b", "c", "d", "e"] and seen == out
+    for r in (out[0], out[2], out[3]):
+        assert r.ok and isinstance(r.text, str) and r.info["backend"] == "hf"
+    assert out[0].meta == {"i": 0}
+    assert out[1].error["kind"] == "corrupt"
+    assert out[4].error["kind"] == "unsupported"
+
+
+def test_transformers_backend_is_deterministic_when_greedy(tiny_vlm, astronaut_path):
+    b = TransformersBackend(tiny_vlm, batch_size=2)
+    reqs = [GenRequest(str(i), "Which emotion?", image=astronaut_path) for i in range(2)]
+    one = [r.text for r in b.generate(reqs, GenerationConfig(max_new_tokens=5))]
+    two = [r.text for r in b.generate(reqs, GenerationConfig(max_new_tokens=5))]
+    assert one == two and one[0] == one[1]
+
+
+def test_transformers_backend_isolates_a_failing_item(tiny_vlm, monkeypatch):
+    calls = []
+
+    def flaky(images, users, system=None, **kw):
+        calls.append(list(users))
+        if "poison" in users:
+            raise RuntimeError("boom")
+        return [f"out:{u}" for u in users]
+
+    monkeypatch.setattr(tiny_vlm, "generate", flaky)
+    b = TransformersBackend(tiny_vlm, batch_size=4)
+    out = list(b.generate([GenRequest(str(i), u) for i, u in enumerate(["x", "poison", "y", "z", "w"])]))
+    assert [r.text for r in out] == ["out:x", None, "out:y", "out:z", "out:w"]
+    assert out[1].error == {"kind": "generation_failed", "message": "RuntimeError: boom"}
+    assert calls[0] == ["x", "poison", "y", "z"] and ["poison"] in calls  # batch, then one by one
+
+
+# ----------------------------------------------------------------------------- vLLM backend (stand-in module)
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    mod = types.ModuleType("vllm")
+    log: dict = {"chat": []}
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class LLM:
+        def __init__(self, model, **kw):
+            log["init"] = (model, kw)
+
+        def chat(self, convs, sampling_params=None, use_tqdm=True):
+            log["chat"].append((convs, sampling_params.kw))
+            outs = []
+            for conv in convs:
+                user = conv[-1]["content"]
+                text = user if isinstance(user, str) else user[-1]["text"]
+                if text == "poison":
+                    raise RuntimeError("engine error")
+                outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"v:{text}", finish_reason="stop")]))
+            return outs
+
+    mod.LLM, mod.SamplingParams = LLM, SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    return log
+
+
+def test_vllm_backend_calls_engine(fake_vllm, bad_inputs, astronaut_path):
+    b = make_backend("vllm:/models/tag", chunk_size=3, tensor_parallel_size=2)
+    assert isinstance(b, VLLMBackend)
+    assert fake_vllm["init"] == ("/models/tag", {"tensor_parallel_size": 2, "limit_mm_per_prompt": {"image": 1}})
+    reqs = [GenRequest("a", "hello", image=astronaut_path, system="S"), GenRequest("b", "bad", image=bad_inputs["corrupt"]),
+            GenRequest("c", "poison"), GenRequest("d", "last")]
+    out = list(b.generate(reqs, GenerationConfig(temperature=0.7, top_p=0.9, max_new_tokens=32, seed=5)))
+    assert [r.id for r in out] == ["a", "b", "c", "d"]
+    assert out[0].text == "v:hello" and out[3].text == "v:last"
+    assert out[1].error["kind"] == "corrupt" and out[2].error["kind"] == "generation_failed"
+    convs, sp = fake_vllm["chat"][0]
+    assert sp == {"temperature": 0.7, "top_p": 0.9, "max_tokens": 32, "seed": 5}
+    assert convs[0][0] == {"role": "system", "content": "S"}
+    assert convs[0][1]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")

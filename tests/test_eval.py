@@ -1,0 +1,235 @@
+"""The prediction runner, AU ground truth and scoring (tagfer.eval), with the scripted server as the model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fakeserver import Reply
+from fixtures_evaluate import SMILE_BOXES, tag_answer, write_openface_csv
+from tagfer import eval as E
+from tagfer.backends import make_backend
+from tagfer.jsonl import read_jsonl
+from tagfer.labels import LABELS
+from tagfer.sources import open_source
+
+
+def _backend(srv, **kw):
+    return make_backend(f"openai:{srv.url}", max_retries=kw.pop("max_retries", 1), backoff_base_s=0.01, timeout_s=5, **kw)
+
+
+def _preds(path):
+    return [E.Prediction.from_json(r) for r in read_jsonl(path)]
+
+
+# ------------------------------------------------------------------ parsing
+def test_parse_prediction_strict_and_lenient():
+    p = E.parse_prediction(E.Prediction("a", "x", "test", None, "happiness"), tag_answer("Happy."))
+    assert p.pred == "happiness" and p.pred_from == "answer" and p.well_formed and p.boxes == [list(b) for b in SMILE_BOXES]
+    bare = E.parse_prediction(E.Prediction("a", "x", "test", None, "anger"), "Angry.")
+    assert bare.pred is None and not bare.well_formed and "no_answer" in bare.violations
+    lenient = E.parse_prediction(E.Prediction("a", "x", "test", None, "anger"), "Angry.", lenient=True)
+    assert lenient.pred == "anger" and lenient.pred_from == "lenient" and not lenient.well_formed
+    two = E.parse_prediction(E.Prediction("a", "x", "test", None, "anger"), "<think>x</think><answer>anger or fear</answer>", lenient=True)
+    assert two.pred is None and "answer_multiple_labels" in two.violations
+    cont = E.parse_prediction(E.Prediction("a", "x", "test", None, "anger"), "<think>x</think><answer>contempt</answer>")
+    assert cont.pred is None
+    none = E.parse_prediction(E.Prediction("a", "x", "test", None, "anger"), None)
+    assert none.pred is None and none.boxes == [] and not none.well_formed
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_parse_prediction_never_crashes_and_pred_is_a_label(text):
+    p = E.parse_prediction(E.Prediction("a", "x", "test", None, "anger"), text, lenient=True)
+    assert p.pred is None or p.pred in LABELS
+    assert p.well_formed == (not p.violations)
+    json.dumps(p.to_json())
+
+
+def test_generation_defaults_follow_the_paper():
+    assert E.generation_defaults() == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 512, "seed": 0}
+    b = E.generation_defaults(baseline=True, max_new_tokens=64, temperature=None)
+    assert b["top_p"] == 0.9 and b["temperature"] == 1.0 and b["max_new_tokens"] == 64
+
+
+def test_size_warning():
+    assert E.size_warning("rafdb", "test", 3068) is None
+    assert "3068" in E.size_warning("rafdb", "test", 4)
+    assert E.size_warning("rafdb", "train", 4) is None and E.size_warning("generic", "test", 4) is None
+    assert E.PAPER_TEST_SIZES == {"rafdb": 3068, "ferplus": 3517, "affectnet": 3500}
+
+
+# ------------------------------------------------------------------ runner against the scripted server
+def test_eval_rafdb_with_server_resume_and_errors(tmp_path, rafdb_root, eval_server):
+    # the "model" answers happiness for everything; the 2nd request gets a non-retryable 400
+    eval_server.reset(lambda req, i: Reply(status=400) if i == 1 else tag_answer("happiness"))
+    out = tmp_path / "preds.jsonl"
+    with _backend(eval_server, concurrency=1) as be:
+        s = E.eval_source(f"rafdb:{rafdb_root}", be, out, model="fake", limit=3)
+    assert s.processed == 3 and s.failed == 1 and s.errors == {"http_400": 1} and s.dataset_size == 4
+    assert any("3068" in w for w in s.warnings)  # 4 test images, not the paper's 3,068
+    preds = _preds(out)
+    assert [p.id for p in preds] == ["rafdb/test_0001", "rafdb/test_0002", "rafdb/test_0003"]
+    bad = preds[1]
+    assert bad.error["kind"] == "http_400" and bad.output is None and bad.pred is None
+    ok = preds[0]
+    assert ok.label == "happiness" and ok.pred == "happiness" and ok.well_formed and len(ok.boxes) == 3
+    assert ok.model == "fake" and ok.gen["temperature"] == 0.0 and ok.image.endswith("test_0001_aligned.jpg")
+    # the request carried the unified prompt and the image
+    blob = json.dumps(eval_server.requests[0])
+    assert "<answer>" in blob and "data:image/" in blob and '"temperature": 0.0' in blob and '"max_tokens": 512' in blob
+
+    # resume: only the 4th image is new; then retry the recorded error
+    eval_server.reset(lambda req, i: tag_answer("neutral"))
+    with _backend(eval_server) as be:
+        s2 = E.eval_source(f"rafdb:{rafdb_root}", be, out, model="fake")
+    assert s2.processed == 1 and s2.skipped == 3
+    with _backend(eval_server) as be:
+        s3 = E.eval_source(f"rafdb:{rafdb_root}", be, out, model="fake", retry_errors=True)
+    assert s3.retried_errors == 1 and s3.processed == 1 and s3.failed == 0
+    preds = _preds(out)
+    assert sorted(p.id for p in preds) == [f"rafdb/test_000{i}" for i in range(1, 5)]
+    assert all(p.error is None for p in preds)
+
+
+def test_eval_bytes_images_bad_outputs_and_bad_image(tmp_path, ferplus_root, eval_server, bad_inputs):
+    outputs = ["I cannot help with identifying people.", tag_answer("anger")[:40], '{"answer": "anger"}']
+    eval_server.reset(lambda req, i: outputs[i % 3])
+    out = tmp_path / "fer.jsonl"
+    with _backend(eval_server, concurrency=1) as be:
+        s = E.eval_source(f"ferplus:{ferplus_root}", be, out, model="fake", lenient=True)
+    preds = _preds(out)
+    assert s.processed == len(preds) == 3 and s.failed == 0
+    assert all(p.image is None and p.pred is None and not p.well_formed for p in preds)  # refusal, truncated, JSON
+    assert any("unclosed_tag" in p.violations or "no_answer" in p.violations for p in preds)
+
+    @dataclass
+    class Rec:
+        id: str
+        image_path: str
+        label: str = "fear"
+        source: str = "generic"
+        split: str = "test"
+        excluded: bool = False
+
+    recs = [Rec("g/corrupt", str(bad_inputs["corrupt"])), Rec("g/missing", str(bad_inputs["not_found"])), Rec("g/x", str(bad_inputs["corrupt"]), label="excluded", excluded=True)]
+    with _backend(eval_server) as be:
+        s = E.run_eval(recs, be, tmp_path / "bad.jsonl")
+    assert s.processed == 2 and s.failed == 2 and s.excluded == 1
+    kinds = {p.id: p.error["kind"] for p in _preds(tmp_path / "bad.jsonl")}
+    assert kinds == {"g/corrupt": "corrupt", "g/missing": "not_found"}
+
+
+def test_eval_tiny_model_through_transformers(tmp_path, rafdb_root, tiny_vlm):
+    from tagfer.backends import TransformersBackend
+
+    out = tmp_path / "tiny.jsonl"
+    be = TransformersBackend(tiny_vlm, batch_size=4)
+    s = E.eval_source(f"rafdb:{rafdb_root}", be, out, model="hf:tiny", gen=E.generation_defaults(max_new_tokens=12))
+    preds = _preds(out)
+    assert s.processed == 4 and len(preds) == 4 and all(p.error is None and isinstance(p.output, str) for p in preds)
+    assert all(p.gen["max_new_tokens"] == 12 for p in preds)
+
+
+# ------------------------------------------------------------------ AU truth and scoring
+def test_au_truth_detector_cache_and_scores(tmp_path, rafdb_root, eval_server, landmarker):
+    eval_server.reset(lambda req, i: tag_answer("happiness"))
+    preds_path = tmp_path / "p.jsonl"
+    with _backend(eval_server) as be:
+        E.eval_source(f"rafdb:{rafdb_root}", be, preds_path, model="fake")
+    from tagfer.detectors import DetectorSpec
+
+    cache = tmp_path / "au.jsonl"
+    seen = []
+    au = E.au_truth(preds_path, DetectorSpec(), cache, on_record=seen.append)
+    assert len(au) == 4 and len(seen) == 4 and all(v for v in au.values())  # real faces: active AUs with boxes
+    again = E.au_truth(preds_path, DetectorSpec(), cache, on_record=seen.append)
+    assert again == au and len(seen) == 4  # cached, nothing recomputed
+
+    images = [p.image for p in _preds(preds_path)]
+    csv_path = write_openface_csv(tmp_path / "of.csv", images, {12: 4.0, 6: 3.0, 4: 0.2})
+    cross = E.au_truth(preds_path, DetectorSpec(kind=f"openface:{csv_path}"), tmp_path / "x.jsonl")
+    assert all(v for v in cross.values()) and cross != au
+
+    out = tmp_path / "scores.json"
+    s = E.score_file(preds_path, out, au=au, cross_au=cross, au_source="mediapipe", cross_source="openface", png=tmp_path / "cm.png")
+    from tagfer.rewards import r_au
+
+    expected = [r_au([list(b) for b in SMILE_BOXES], au[p.id]) for p in _preds(preds_path)]
+    assert s["au_iou"]["value"] == pytest.approx(sum(expected) / 4) and s["au_iou"]["n_scored"] == 4
+    assert s["cross_au_iou"]["value"] is not None and s["cross_au_iou"]["n_scored"] == 4
+    assert s["accuracy"]["value"] == pytest.approx(0.25)  # only test_0001 is happiness
+    assert s["run"]["dataset"] == "rafdb" and s["run"]["model"] == "fake" and s["run"]["cross_detector"] == "openface"
+    assert json.loads(out.read_text())["n"] == 4 and (tmp_path / "cm.png").stat().st_size > 1000
+
+
+def test_score_joins_au_jsonl_by_path_and_skips_missing(tmp_path):
+    preds = [
+        {"id": "a", "source": "rafdb", "split": "test", "image": "/x/a.jpg", "label": "anger", "pred": "anger", "boxes": [[0, 0, 100, 100]], "well_formed": True},
+        {"id": "b", "source": "rafdb", "split": "test", "image": "/x/b.jpg", "label": "fear", "pred": None, "boxes": [], "well_formed": False, "error": {"kind": "timeout", "message": ""}},
+        {"id": "c", "source": "rafdb", "split": "test", "image": "/x/c.jpg", "label": "fear", "pred": "fear", "boxes": [[0, 0, 50, 50]], "well_formed": True},
+        {"id": "c", "source": "rafdb", "split": "test", "image": "/x/c.jpg", "label": "fear", "pred": "anger", "boxes": [[0, 0, 50, 50]], "well_formed": True},
+    ]
+    au_file = tmp_path / "au.jsonl"
+    lines = [
+        {"image": "/other/dir/a.jpg", "faces": [{"au_boxes": [[0, 0, 100, 100]]}], "error": None},  # joined by file name
+        {"image": "/x/b.jpg", "faces": [{"au_boxes": [[0, 0, 10, 10]]}], "error": None},
+        {"image": "/x/c.jpg", "faces": [], "error": {"kind": "no_face", "message": ""}},  # skipped
+    ]
+    au_file.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    s = E.score_predictions(preds, au=E.load_au_jsonl(au_file))
+    assert s["n"] == 3  # the duplicate "c" keeps its last record
+    assert s["accuracy"]["value"] == pytest.approx(1 / 3)
+    assert s["au_iou"]["value"] == pytest.approx(0.5) and s["au_iou"]["n_scored"] == 2 and s["au_iou"]["n_skipped"] == 1
+    assert s["errors"] == {"timeout": 1}
+
+
+def test_facs_baseline_backend(tmp_path, rafdb_root, bad_inputs):
+    from tagfer.eval import FACSBackend
+
+    out = tmp_path / "facs.jsonl"
+    with FACSBackend() as be:
+        s = E.eval_source(f"rafdb:{rafdb_root}", be, out, model="facs")
+        bad = E.run_eval([_Rec("g/noface", str(bad_inputs["no_face"]))], be, tmp_path / "bad.jsonl")
+    preds = _preds(out)
+    assert s.processed == 4 and s.failed == 0
+    assert all(p.well_formed and p.pred in LABELS and 1 <= len(p.boxes) <= 3 for p in preds)  # the engine writes valid TAG traces
+    assert bad.failed == 1 and _preds(tmp_path / "bad.jsonl")[0].error["kind"] == "no_face"
+
+
+@dataclass
+class _Rec:
+    id: str
+    image_path: str
+    label: str = "fear"
+    source: str = "generic"
+    split: str = "test"
+    excluded: bool = False
+
+
+def test_eval_cli_bad_arguments(tmp_path, rafdb_root, eval_server):
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    runner = CliRunner()
+    out = str(tmp_path / "p.jsonl")
+    r = runner.invoke(app, ["eval", "--model", "facs", "--dataset", "rafdb:/nonexistent", "--out", out])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    r = runner.invoke(app, ["eval", "--model", str(tmp_path / "no_model"), "--dataset", f"rafdb:{rafdb_root}", "--out", out])
+    assert r.exit_code == 2 and "cannot build backend" in r.output
+    r = runner.invoke(app, ["eval", "--model", "facs", "--dataset", f"rafdb:{rafdb_root}", "--split", "nope", "--out", out])
+    assert r.exit_code == 2
+    eval_server.reset(lambda req, i: Reply(status=500))
+    r = runner.invoke(app, ["eval", "--model", f"openai:{eval_server.url}", "--dataset", f"rafdb:{rafdb_root}", "--out", out,
+                            "--max-retries", "0", "--no-progress", "--image-format", "jpeg"])
+    assert r.exit_code == 1 and "4 failed: http_500=4" in r.output
+    assert "image/jpeg" in json.dumps(eval_server.requests[0])
+    r = runner.invoke(app, ["score", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "s.json")])
+    assert r.exit_code == 2

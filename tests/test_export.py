@@ -1,0 +1,140 @@
+"""Exports load in each framework's format (LLaMA-Factory ShareGPT, HF datasets/TRL, verl)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tagfer.export import export, iter_samples
+from tagfer.integrations.verl import compute_score, read_ground_truth
+from tagfer.jsonl import JsonlWriter
+from tagfer.prompts import tag_prompt
+from tagfer.records import TAGSample
+from tagfer.trace import parse_trace
+
+COMPLETION = (
+    "<think>\nThe face looks bright and relaxed overall. The mouth corners rise: AU12 <bbox>[150, 300, 330, 420]</bbox> lifted corners. "
+    "Cheeks are raised: AU6 <bbox>[80, 200, 430, 300]</bbox> crow's feet.\n</think>\n<answer>{label}</answer>"
+)
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory, face_crop_path, data_faces):
+    d = tmp_path_factory.mktemp("built")
+    (d / "images" / "ferplus").mkdir(parents=True)
+    data_faces[1].convert("L").resize((48, 48)).save(d / "images" / "ferplus" / "fer0000001.png")
+    samples = [
+        TAGSample("rafdb/train_00001", "rafdb", str(face_crop_path), "happiness", COMPLETION.format(label="happiness"), [[150, 300, 330, 420], [80, 200, 430, 300]], [12, 6], "t"),
+        TAGSample("rafdb/train_00002", "rafdb", str(face_crop_path), "sadness", COMPLETION.format(label="sadness"), [[150, 300, 330, 420]], [12], "t"),
+        TAGSample("ferplus/fer0000001", "ferplus", "images/ferplus/fer0000001.png", "neutral",
+                  "<think>\nCalm face, nothing moves.\n</think>\n<answer>neutral</answer>", [], [], "t"),
+    ]
+    with JsonlWriter(d / "accepted-00000-of-00002.jsonl") as w:
+        for s in samples[:2]:
+            w.write(s.to_json())
+    with JsonlWriter(d / "accepted-00001-of-00002.jsonl") as w:
+        w.write(samples[2].to_json())
+        w.write(samples[0].to_json())  # a duplicate id is exported once
+    return d
+
+
+@pytest.fixture(scope="module")
+def exported(build_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    summary = export(build_dir, out, ["all"])
+    return out, summary
+
+
+def test_iter_samples_dedupes_and_resolves(build_dir):
+    ss = list(iter_samples(build_dir))
+    assert [s.id for s in ss] == ["rafdb/train_00001", "rafdb/train_00002", "ferplus/fer0000001"]
+    assert all(Path(s.image).is_absolute() and Path(s.image).is_file() for s in ss)
+
+
+def test_llamafactory_sharegpt_rules(exported):
+    out, summary = exported
+    lf = out / "llamafactory"
+    info = json.loads((lf / "dataset_info.json").read_text())
+    assert set(info) == {"tag_sft", "tag_sft_nobbox", "tag_sft_rafdb", "tag_sft_ferplus"}
+    system, user = tag_prompt()
+    for name, entry in info.items():
+        assert entry["formatting"] == "sharegpt"
+        tags, cols = entry["tags"], entry["columns"]
+        rows = json.loads((lf / entry["file_name"]).read_text())
+        assert rows, name
+        for row in rows:
+            msgs = row[cols["messages"]]
+            # LLaMA-Factory: user at even positions, assistant at odd positions, ending with the assistant
+            for i, m in enumerate(msgs):
+                assert m[tags["role_tag"]] == (tags["user_tag"] if i % 2 == 0 else tags["assistant_tag"])
+            assert len(msgs) % 2 == 0
+            n_tokens = sum(m[tags["content_tag"]].count("<image>") for m in msgs)
+            assert n_tokens == len(row[cols["images"]]) == 1
+            assert msgs[0]["content"] == "<image>" + user and row[cols["system"]] == system
+            assert all(Path(p).is_file() for p in row["images"])
+            p = parse_trace(msgs[1]["content"])
+            assert p.well_formed
+            if "nobbox" in name:
+                assert "<bbox>" not in msgs[1]["content"] and p.boxes == ()
+    assert summary.files["llamafactory/tag_sft.json"] == 3 and summary.by_source == {"rafdb": 2, "ferplus": 1}
+
+
+def test_hf_dataset_and_parquet(exported):
+    import datasets
+    import pandas as pd
+
+    out, _ = exported
+    ds = datasets.load_from_disk(str(out / "hf" / "dataset"))
+    assert len(ds) == 3
+    assert {"prompt", "completion", "images", "label", "au_boxes", "aus", "source"} <= set(ds.column_names)
+    r = ds[0]
+    assert [m["role"] for m in r["prompt"]] == ["system", "user"]
+    assert [p["type"] for p in r["prompt"][1]["content"]] == ["image", "text"]
+    assert r["completion"][0]["role"] == "assistant"
+    assert parse_trace(r["completion"][0]["content"][0]["text"]).label == r["label"] == "happiness"
+    assert r["au_boxes"] == [[150, 300, 330, 420], [80, 200, 430, 300]] and r["aus"] == [12, 6]
+    df = pd.read_parquet(out / "hf" / "tag_sft_nobbox.parquet")
+    assert len(df) == 3 and not any("<bbox>" in c[0]["content"][0]["text"] for c in df["completion"])
+    by = {p.stem: len(pd.read_parquet(p)) for p in (out / "hf" / "by_source").glob("*.parquet")}
+    assert by == {"rafdb": 2, "ferplus": 1}
+    assert not (out / "hf" / ".cache").exists()
+
+
+def test_verl_parquet_columns_and_reward(exported):
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    out, _ = exported
+    t = pq.read_table(out / "verl" / "train.parquet")
+    assert set(t.column_names) == {"data_source", "prompt", "images", "ability", "reward_model", "extra_info"}
+    rows = t.to_pylist()
+    assert [r["data_source"] for r in rows] == ["tag/rafdb", "tag/rafdb", "tag/ferplus"]
+    for r in rows:
+        assert r["prompt"][1]["content"].startswith("<image>") and r["prompt"][0]["role"] == "system"
+        assert Image.open(io.BytesIO(r["images"][0]["bytes"])).size[0] > 0
+        gt = read_ground_truth(r["reward_model"]["ground_truth"], r["extra_info"])
+        assert gt["label"] == r["extra_info"]["label"]
+        assert r["reward_model"]["style"] == "rule"
+    gt0 = read_ground_truth(rows[0]["reward_model"]["ground_truth"])
+    assert gt0["au_boxes"] == [[150, 300, 330, 420], [80, 200, 430, 300]] and gt0["aus"] == [12, 6]
+    # the exported target itself earns the full reward under the verl integration
+    score = compute_score("tag/rafdb", COMPLETION.format(label="happiness"), rows[0]["reward_model"]["ground_truth"], rows[0]["extra_info"])
+    assert score["acc"] == 1.0 and score["au_scored"] == 1.0 and score["r_au"] == pytest.approx(1.0)
+    assert read_ground_truth(rows[2]["reward_model"]["ground_truth"])["au_boxes"] == []
+    assert len(pq.read_table(out / "verl" / "ferplus.parquet")) == 1
+
+
+def test_export_single_format_and_errors(build_dir, tmp_path):
+    s = export(build_dir, tmp_path / "v", ["verl"], embed_images=False, per_source=False)
+    assert set(s.files) == {"verl/train.parquet"}
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "v" / "verl" / "train.parquet").to_pylist()[0]["images"][0]["bytes"] is None
+    with pytest.raises(ValueError):
+        export(build_dir, tmp_path / "x", ["csv"])
+    with pytest.raises(FileNotFoundError):
+        export(tmp_path / "empty", tmp_path / "y", ["hf"])

@@ -1,0 +1,197 @@
+"""The FACS-prototype engine: scores, traces (strict grammar, exact detector boxes), samples."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tagfer.aus import AU_IDS, AUDetection, FaceAUs
+from tagfer.canvas import is_valid_box
+from tagfer.detectors import MediaPipeAUDetector
+from tagfer.facs import INHIBITORS, PROTOTYPES, FACSConfig, class_scores, evidence, explain, facs_sample
+from tagfer.imageio import load_image
+from tagfer.labels import LABELS
+from tagfer.records import TAGSample
+from tagfer.rewards import r_au, r_fmt
+from tagfer.trace import parse_trace
+
+
+def face(scores: dict[int, float], boxes: dict[int, tuple] | None = None, threshold: float = 0.3) -> FaceAUs:
+    dets = []
+    for i, au in enumerate(AU_IDS):
+        s = float(scores.get(au, 0.0))
+        box = (boxes or {}).get(au, (10 + i, 20 + i, 100 + 2 * i, 120 + 3 * i))
+        dets.append(AUDetection(au=au, score=s, active=s >= threshold, box=tuple(box)))
+    dets.sort(key=lambda d: (-d.score, d.au))
+    return FaceAUs(mesh=None, aus=dets, bbox_canvas=(0, 0, 511, 511))
+
+
+def check_trace(fa: FaceAUs, ex) -> None:
+    """Everything a facs trace must satisfy, whatever the input."""
+    p = parse_trace(ex.trace)
+    assert p.violations == (), (p.violations, ex.trace)
+    assert r_fmt(p) > 0
+    assert p.label == ex.label == max(LABELS, key=lambda c: (ex.scores[c], -LABELS.index(c)))
+    assert abs(sum(ex.scores.values()) - 1.0) < 1e-9 and all(v >= 0 for v in ex.scores.values())
+    assert len(p.boxes) <= 3 and len(p.boxes) == len(ex.boxes) == len(ex.evidence_aus)
+    by_au = {d.au: d for d in fa.aus}
+    for coords, au in zip(p.box_coords, ex.evidence_aus):
+        d = by_au[au]
+        assert d.active and coords == tuple(d.box)  # exactly the detector's box of an activated AU
+        assert is_valid_box(coords)
+    assert len(set(p.box_coords)) == len(p.box_coords)  # no box cited twice
+    # Each box is preceded by its AU's name; the global impression (before the first box) names none.
+    for b, au in zip(p.boxes, ex.evidence_aus):
+        assert re.search(rf"AU{au} \([^)]*\) $", ex.trace[: b.span[0]]), ex.trace
+    first = p.boxes[0].span[0] if p.boxes else ex.trace.index("</think>")
+    glob = ex.trace[len("<think>") :].split(". ")[0]
+    assert "AU" not in glob and first > len(glob)
+    if p.boxes:
+        assert r_au(p, fa.au_boxes) == pytest.approx(1.0)  # every cited box is an activated box
+
+
+# --------------------------------------------------------------------------- real faces
+@pytest.fixture(scope="module")
+def real_faces(mp_detector: MediaPipeAUDetector, astronaut_path, grace_path):
+    return {n: mp_detector.detect(load_image(p))[0] for n, p in (("astronaut", astronaut_path), ("grace", grace_path))}
+
+
+def test_astronaut_is_happiness_with_the_au12_mouth_box(real_faces):
+    fa = real_faces["astronaut"]
+    ex = explain(fa)
+    check_trace(fa, ex)
+    assert ex.label == "happiness" and ex.scores["happiness"] > 0.5
+    assert ex.evidence_aus[0] == 12  # the strongest supporting AU comes first
+    au12 = next(d for d in fa.aus if d.au == 12)
+    assert ex.boxes[0] == au12.box
+    assert ex.checks[0].role == "support"
+
+
+def test_grace_hopper_documented_behaviour(real_faces):
+    """Grace Hopper: cheek raiser (AU6) active, lip corner puller (AU12 ≈ 0.26) below the 0.3 threshold.
+
+    The engine scores from all AU scores, so the faint smile still counts towards happiness, but
+    only activated AUs get a box: the trace cites AU6 (support) and AU7 (contrary evidence), not
+    AU12, which is named without a box in the conclusion as a weaker sign.
+    """
+    fa = real_faces["grace"]
+    au12 = next(d for d in fa.aus if d.au == 12)
+    assert not au12.active and 0.15 <= au12.score < 0.3  # what the detector gives on this face
+    ex = explain(fa)
+    check_trace(fa, ex)
+    assert ex.label == "happiness"
+    assert 6 in ex.evidence_aus and 12 not in ex.evidence_aus
+    assert "AU12 (Lip Corner Puller) at 0.2" in ex.trace.split("</think>")[0].rsplit("<bbox>", 1)[-1]
+
+
+def test_deterministic(real_faces):
+    fa = real_faces["astronaut"]
+    assert explain(fa) == explain(fa)
+
+
+# --------------------------------------------------------------------------- synthetic faces
+def test_nothing_active_is_neutral_with_zero_boxes():
+    fa = face({12: 0.29, 6: 0.29, 4: 0.1})
+    ex = explain(fa)
+    check_trace(fa, ex)
+    assert ex.label == "neutral" and ex.boxes == () and ex.scores["neutral"] == 1.0
+    p = parse_trace(ex.trace)
+    assert p.well_formed and p.boxes == () and r_fmt(p) > 0
+    assert r_au(p, fa.au_boxes) is None  # skipped: no activated AU
+
+
+def test_gate_holds_even_when_inactive_scores_are_high():
+    """Per-AU thresholds can leave a high score inactive: no active prototype AU → neutral."""
+    fa = face({12: 0.9, 6: 0.9}, threshold=0.95)
+    assert class_scores(fa) == {c: float(c == "neutral") for c in LABELS}
+    assert explain(fa, FACSConfig(require_active=False)).label == "happiness"
+
+
+@pytest.mark.parametrize(
+    "scores,label,must_cite",
+    [
+        ({12: 0.9, 6: 0.7}, "happiness", {12, 6}),
+        ({1: 0.8, 4: 0.7, 15: 0.9}, "sadness", {15, 1, 4}),
+        ({1: 0.8, 2: 0.8, 5: 0.8, 26: 0.9}, "surprise", {26, 5}),
+        ({1: 0.7, 2: 0.6, 4: 0.7, 5: 0.9, 7: 0.6, 20: 0.9, 26: 0.6}, "fear", {5, 20}),
+        ({4: 0.9, 5: 0.6, 7: 0.8, 23: 0.8}, "anger", {4, 23, 7}),
+        ({9: 0.9, 10: 0.8, 16: 0.5}, "disgust", {9, 10}),
+        ({25: 0.9}, "neutral", {25}),  # active, but part of no prototype
+    ],
+)
+def test_prototypes_give_their_class(scores, label, must_cite):
+    fa = face(scores)
+    ex = explain(fa)
+    check_trace(fa, ex)
+    assert ex.label == label
+    assert must_cite <= set(ex.evidence_aus)
+
+
+def test_evidence_formula_and_monotonicity():
+    fa = face({12: 0.8, 6: 0.4, 15: 0.5})
+    ev = evidence(fa)
+    w, v = PROTOTYPES["happiness"], INHIBITORS["happiness"]
+    expected = (w[12] * 0.8 + w[6] * 0.4) / sum(w.values()) - v[15] * 0.5
+    assert ev["happiness"] == pytest.approx(expected)
+    assert ev["neutral"] == pytest.approx(0.5 * (1 - max(x for c, x in ev.items() if c != "neutral")))
+    lower = class_scores(face({12: 0.5, 6: 0.4, 15: 0.5}))["happiness"]
+    assert lower < class_scores(fa)["happiness"]
+
+
+def test_shared_boxes_are_cited_once():
+    lips = (200, 300, 320, 360)
+    fa = face({23: 0.9, 24: 0.8, 4: 0.9, 7: 0.7}, boxes={23: lips, 24: lips})
+    ex = explain(fa)
+    check_trace(fa, ex)
+    assert ex.label == "anger" and list(ex.boxes).count(lips) == 1
+
+
+def test_config_validation_and_max_regions():
+    with pytest.raises(ValueError):
+        FACSConfig(prototypes={"neutral": {1: 1.0}})
+    with pytest.raises(ValueError):
+        FACSConfig(prototypes={"anger": {4: -1.0}})
+    with pytest.raises(ValueError):
+        FACSConfig(neutral_base=0)
+    fa = face({4: 0.9, 5: 0.6, 7: 0.8, 23: 0.8})
+    assert len(explain(fa, FACSConfig(max_regions=1)).boxes) == 1
+    ex0 = explain(fa, FACSConfig(max_regions=0))
+    assert ex0.boxes == () and parse_trace(ex0.trace).well_formed
+
+
+au_scores = st.dictionaries(st.sampled_from(AU_IDS), st.floats(0, 1, allow_nan=False), max_size=len(AU_IDS))
+box = st.one_of(
+    st.tuples(st.integers(0, 500), st.integers(0, 500), st.integers(1, 11), st.integers(1, 11)).map(
+        lambda t: (t[0], t[1], t[0] + t[2], t[1] + t[3])
+    ),
+    st.tuples(*[st.sampled_from([0, 511, 300])] * 4),  # clipped at the border: often degenerate
+)
+au_boxes = st.dictionaries(st.sampled_from(AU_IDS), box, max_size=len(AU_IDS))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(au_scores, au_boxes, st.floats(0.05, 0.95))
+def test_every_trace_is_well_formed_and_grounded(scores, boxes, threshold):
+    fa = face(scores, boxes, threshold)
+    ex = explain(fa)
+    check_trace(fa, ex)
+    assert explain(fa) == ex
+    if not any(d.active for d in fa.aus):
+        assert ex.label == "neutral" and ex.boxes == ()
+
+
+# --------------------------------------------------------------------------- samples
+def test_facs_sample_accepts_only_the_right_label(real_faces):
+    fa = real_faces["astronaut"]
+    s = facs_sample(fa, label="Happy", id="generic/astro", source="generic", image="astro.png")
+    assert isinstance(s, TAGSample) and s.label == "happiness" and s.teacher == "facs" and s.split == "train"
+    assert s.completion == explain(fa).trace
+    assert s.au_boxes == [list(b) for b in fa.au_boxes] and s.aus == [d.au for d in fa.active]
+    assert s.meta["scores"]["happiness"] > 0.5 and s.meta["evidence_aus"][0] == 12
+    assert TAGSample.from_json(s.to_json()) == s
+    assert facs_sample(fa, label="sadness", id="x", source="generic", image="a.png") is None
+    with pytest.raises(ValueError):
+        facs_sample(fa, label="contempt", id="x", source="generic", image="a.png")

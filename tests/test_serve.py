@@ -1,0 +1,252 @@
+"""tagfer serve: the JSON API, upload limits, 50 concurrent requests on a real server, and the page in Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from tagfer.analyze import Analyzer
+from tagfer.serve import AnalyzerPool, create_app
+
+
+@pytest.fixture(scope="module")
+def app():
+    return create_app(lambda: Analyzer(), max_upload_mb=2, pool_size=2)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def live_server(app):
+    """The app on a real uvicorn server on loopback (own thread); yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    for _ in range(600):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    t.join(timeout=10)
+
+
+def _post(client, data: bytes, name="face.png", ctype="image/png"):
+    return client.post("/analyze", files={"file": (name, data, ctype)})
+
+
+def test_page_and_assets(client):
+    r = client.get("/")
+    assert r.status_code == 200 and 'id="drop"' in r.text and "/static/app.js" in r.text
+    js = client.get("/static/app.js")
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"] and "/analyze" in js.text
+    assert client.get("/static/style.css").status_code == 200
+    assert client.get("/static/../serve.py").status_code == 404
+    assert client.get("/static/index.py").status_code == 404
+    assert client.get("/health").json()["ok"] is True
+
+
+def test_analyze_json(client, astronaut_path):
+    r = _post(client, astronaut_path.read_bytes(), name="astronaut.png")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["error"] is None and body["image"] == "astronaut.png" and body["n_faces"] == 1
+    (a,) = body["analyses"]
+    assert a["label"] == "happiness" and a["well_formed"] and a["box_aus"][0] == 12
+    (url,) = body["overlays"]
+    assert url.startswith("data:image/png;base64,")
+    im = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert im.format == "PNG" and im.size[0] >= 512
+    r = client.post("/analyze?overlay=false", files={"file": ("a.png", astronaut_path.read_bytes(), "image/png")})
+    assert r.status_code == 200 and r.json()["overlays"] == []
+
+
+def test_two_faces(client, two_faces_path):
+    body = _post(client, two_faces_path.read_bytes()).json()
+    assert body["n_faces"] == 2 and len(body["overlays"]) == 2
+    xs = [a["face_bbox"][0] for a in body["analyses"]]
+    assert xs == sorted(xs)
+
+
+def test_errors(client, bad_inputs, astronaut_rgb):
+    r = _post(client, bad_inputs["no_face"].read_bytes(), "coffee.jpg", "image/jpeg")
+    assert r.status_code == 422 and r.json()["error"]["kind"] == "no_face" and "no face" in r.json()["error"]["message"]
+    r = _post(client, b"hello, not an image\n" * 10, "notes.txt", "text/plain")
+    assert r.status_code == 415 and r.json()["error"]["kind"] == "not_an_image"
+    r = _post(client, bad_inputs["corrupt"].read_bytes(), "c.jpg", "image/jpeg")
+    assert r.status_code == 422 and r.json()["error"]["kind"] == "corrupt"
+    r = _post(client, b"", "e.png")
+    assert r.status_code == 422 and r.json()["error"]["kind"] == "empty_file"
+    r = client.post("/analyze", content=b"\x89PNG...", headers={"content-type": "image/png"})
+    assert r.status_code == 415 and r.json()["error"]["kind"] == "unsupported_media_type"
+    r = client.post("/analyze", files={"other": ("a.png", b"x", "image/png")})
+    assert r.status_code == 422 and r.json()["error"]["kind"] == "missing_file"
+    # 3 MB of noise as PNG: above the 2 MB limit
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 255, (1100, 1100, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    assert len(buf.getvalue()) > 2 * 1024 * 1024
+    r = _post(client, buf.getvalue(), "big.png")
+    assert r.status_code == 413 and r.json()["error"]["kind"] == "too_large" and "2 MB" in r.json()["error"]["message"]
+
+
+def test_undeclared_length_is_still_limited(client):
+    """A chunked upload (no Content-Length) above the limit is cut off with 413."""
+    boundary = "xyz"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
+
+    def body():
+        yield head
+        for _ in range(40):
+            yield b"\0" * (64 * 1024)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = client.post("/analyze", content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413
+
+
+def test_pool_builds_at_most_size_analyzers():
+    made = []
+
+    class Fake:
+        def close(self):
+            pass
+
+    def factory():
+        made.append(Fake())
+        return made[-1]
+
+    pool = AnalyzerPool(factory, size=2)
+    seen = set()
+    barrier = threading.Barrier(4)
+
+    def use(_):
+        barrier.wait(timeout=5)
+        return pool.run(lambda a: (seen.add(id(a)), time.sleep(0.05)))
+
+    ts = [threading.Thread(target=use, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(made) == 2 and len(seen) == 2
+    pool.close()
+    assert pool.run(lambda a: a) is made[-1] and len(made) == 3  # closed analyzers are never lent again
+
+
+def test_50_concurrent_requests(live_server, astronaut_path, grace_path, two_faces_path):
+    files = [(astronaut_path, 1), (grace_path, 1), (two_faces_path, 2)]
+    payloads = [(p.name, p.read_bytes(), n) for p, n in files]
+
+    async def main():
+        limits = httpx.Limits(max_connections=50)
+        async with httpx.AsyncClient(base_url=live_server, timeout=300, limits=limits) as c:
+            async def one(i):
+                name, data, n = payloads[i % len(payloads)]
+                r = await c.post("/analyze?overlay=false", files={"file": (name, data, "image/png")})
+                return i, n, r
+
+            tasks = [asyncio.create_task(one(i)) for i in range(50)]
+            await asyncio.sleep(0.05)
+            health = await c.get("/health")  # the event loop answers while the analyses run
+            return health, await asyncio.gather(*tasks)
+
+    health, results = asyncio.run(main())
+    assert health.status_code == 200
+    assert len(results) == 50
+    for i, n, r in results:
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["n_faces"] == n and all(a["well_formed"] for a in body["analyses"])
+        assert body["analyses"][0]["label"] == "happiness" if n == 1 else len(body["analyses"]) == 2
+    # the same image gave the same answer every time (no cross-talk between pooled detectors)
+    traces = {}
+    for i, n, r in results:
+        traces.setdefault(i % 3, set()).add(r.json()["analyses"][0]["trace"])
+    assert all(len(v) == 1 for v in traces.values())
+
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_browser_upload_renders_overlay_and_coloured_trace(live_server, astronaut_path, two_faces_path, bad_inputs):
+    pw = pytest.importorskip("playwright.sync_api")
+    import os
+
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("no Chromium at /usr/bin/chromium")
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(live_server + "/")
+            page.set_input_files("#file", str(astronaut_path))
+            page.wait_for_function(
+                "() => { const i = document.querySelector('img.overlay'); return i && i.complete && i.naturalWidth > 0; }",
+                timeout=60_000,
+            )
+            assert page.eval_on_selector("img.overlay", "i => i.naturalWidth") >= 512
+            assert page.inner_text(".label") == "happiness"
+            marks = page.eval_on_selector_all(
+                ".trace mark.bbox", "ms => ms.map(m => [m.dataset.box, getComputedStyle(m).backgroundColor, m.textContent])"
+            )
+            swatches = dict(page.eval_on_selector_all(
+                ".legend li[data-box] .swatch", "ss => ss.map(s => [s.parentElement.dataset.box, getComputedStyle(s).backgroundColor])"
+            ))
+            assert 1 <= len(marks) <= 3 and len(swatches) == len(marks)
+            colours = set()
+            for box, colour, text in marks:
+                assert text.startswith("<bbox>[") and text.endswith("]</bbox>")
+                assert colour == swatches[box]
+                colours.add(colour)
+            assert len(colours) == len(marks)  # each box its own colour
+            assert marks[0][1] == "rgb(230, 30, 30)"  # first box red, as on the overlay
+            legend = page.inner_text(".legend")
+            assert "AU12" in legend and "detector" in legend
+            # a face-less image shows the server's message
+            page.set_input_files("#file", str(bad_inputs["no_face"]))
+            page.wait_for_selector("#status.error", timeout=60_000)
+            assert "no face" in page.inner_text("#status")
+            # drag and drop: a File dropped on the drop zone is analysed the same way
+            b64 = base64.b64encode(astronaut_path.read_bytes()).decode("ascii")
+            page.evaluate(
+                """b64 => {
+                    const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                    const dt = new DataTransfer();
+                    dt.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+                    const zone = document.getElementById("drop");
+                    zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: dt, bubbles: true, cancelable: true }));
+                    zone.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+                }""",
+                b64,
+            )
+            page.wait_for_function("() => document.getElementById('status').textContent.startsWith('dropped.png: 1 face')",
+                                   timeout=60_000)
+            assert page.inner_text(".label") == "happiness"
+            # two faces: two sections, two overlays
+            page.set_input_files("#file", str(two_faces_path))
+            page.wait_for_function("() => document.querySelectorAll('img.overlay').length === 2 && "
+                                   "[...document.querySelectorAll('img.overlay')].every(i => i.complete && i.naturalWidth > 0)",
+                                   timeout=60_000)
+        finally:
+            browser.close()

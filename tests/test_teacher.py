@@ -1,0 +1,156 @@
+"""Teacher prompt rendering and Stage III validation (tagfer.teacher)."""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tagfer.labels import LABELS, find_labels
+from tagfer.teacher import TEACHER_PROMPTS, TeacherPrompts, build_completion, check_quality, check_trace, extract_json, format_labels
+from tagfer.prompts import load_prompt
+from tagfer.trace import parse_trace
+
+ITEMS = [(12, 0.91, (191, 300, 330, 420)), (6, 0.72, (80, 200, 430, 300)), (25, 0.55, (200, 380, 320, 450))]
+COT = (
+    "Overall the face is relaxed, symmetric and bright, with an open gaze. "
+    "The mouth corners are drawn up and back: <AU12> [191, 300, 330, 420] the corners lift clearly. "
+    "Around the eyes the cheeks push up: <AU6> [80, 200, 430, 300] crow's feet appear. "
+    "Both signs together point to a genuine expression."
+)
+
+
+def reply(cot=COT, answer="happiness", **extra):
+    return json.dumps({"CoT": cot, "Answer": answer, **extra})
+
+
+def test_templates_name_no_label():
+    for name in TEACHER_PROMPTS:
+        assert find_labels(load_prompt(name)) == [], name
+
+
+def test_prompt_labels_only_in_candidate_list():
+    p = TeacherPrompts()
+    assert find_labels(p.quality_prompt()) == []
+    full = p.trace_prompt(ITEMS)
+    assert find_labels(full) == list(LABELS)
+    assert "AU12 0.91 [191, 300, 330, 420]" in full and "$" not in full
+    for k in (1, 2, 5):
+        for cands in list(combinations(LABELS, k))[:5]:
+            t = p.trace_prompt(ITEMS, cands)
+            assert find_labels(t) == list(cands)  # canonical order, nothing else
+            assert "remaining candidates" in t
+    noau = p.trace_prompt("", ["fear", "anger"])
+    assert find_labels(noau) == ["anger", "fear"] and "<AU" not in noau
+    with pytest.raises(ValueError):
+        p.trace_prompt(ITEMS, [])
+
+
+def test_prompt_override(tmp_path):
+    f = tmp_path / "mine.txt"
+    f.write_text("AUs:\n$au_list\nPick from $labels (max $max_regions).")
+    p = TeacherPrompts(trace=f, max_regions=2)
+    assert p.trace_prompt(ITEMS[:1]) == "AUs:\nAU12 0.91 [191, 300, 330, 420]\nPick from " + ", ".join(LABELS) + " (max 2)."
+
+
+def test_format_labels():
+    assert format_labels(["sadness", "anger"]) == "anger, sadness"
+    with pytest.raises(ValueError):
+        format_labels(["contempt"])
+
+
+def test_extract_json_variants():
+    obj = {"CoT": "a {b} \"c\"", "Answer": "fear"}
+    s = json.dumps(obj)
+    assert extract_json(s, ("cot", "answer")) == obj
+    assert extract_json(f"```json\n{s}\n```", ("cot", "answer")) == obj
+    assert extract_json(f"Here you go: {s} hope it helps {{", ("cot", "answer")) == obj
+    assert extract_json('{"x": 1} then ' + s, ("cot", "answer")) == obj
+    assert extract_json("{not json}", ("cot",)) is None
+    assert extract_json("no braces", ()) is None
+    assert extract_json(None, ()) is None  # type: ignore[arg-type]
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=8), st.one_of(st.text(max_size=30), st.integers(), st.booleans()), max_size=4), st.text(max_size=20), st.text(max_size=20))
+@settings(max_examples=200, deadline=None)
+def test_extract_json_property(obj, pre, post):
+    obj = {**obj, "Answer": "x"}
+    text = pre.replace("{", "(") + json.dumps(obj) + post
+    got = extract_json(text, ("answer",))
+    assert got is not None and got["Answer"] == "x"
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_check_trace_total(text):
+    r = check_trace(text, ITEMS)
+    assert r.ok is False or (r.completion and parse_trace(r.completion).well_formed)
+
+
+def test_quality_verdicts():
+    assert check_quality('{"suitable_for_training": true, "reason": "clear"}').suitable is True
+    v = check_quality('```json\n{"suitable_for_training": false, "reason": "dark"}\n```')
+    assert v.suitable is False and v.reason == "dark"
+    assert check_quality('{"suitable_for_training": "TRUE", "reason": ""}').suitable is True
+    for bad in ("yes", '{"suitable_for_training": "maybe"}', '{"suitable_for_training": 1}', '{"reason": "x"}', ""):
+        v = check_quality(bad)
+        assert v.suitable is None and not v.valid and v.problems
+
+
+def test_good_trace_converts():
+    r = check_trace(reply(answer="Happy."), ITEMS)
+    assert r.ok, r.problems
+    assert r.label == "happiness" and r.aus_used == [12, 6]
+    p = parse_trace(r.completion)
+    assert p.well_formed and p.label == "happiness"
+    assert p.box_coords == ((191, 300, 330, 420), (80, 200, 430, 300))
+    assert "AU12 <bbox>[191, 300, 330, 420]</bbox>" in r.completion
+    assert r.completion == build_completion(COT, "happiness")
+
+
+@pytest.mark.parametrize(
+    "cot,answer,needle",
+    [
+        (COT.replace("<AU12>", "<AU17>"), "happiness", "AU17 is not in the AU list"),
+        (COT.replace("330, 420", "331, 420"), "happiness", "differs from the AU list box"),
+        (COT.replace("<AU6> [80, 200, 430, 300]", "<AU12> [191, 300, 330, 420]"), "happiness", "more than once"),
+        (COT + " <AU25> [200, 380, 320, 450] and <AU6> [80, 200, 430, 300]", "happiness", "tagged more than once"),
+        (COT.replace("<AU12>", "<AU 12>"), "happiness", "malformed AU tag"),
+        ("The face. No tags here at all, only words.", "happiness", "at least 1 required"),
+        ("<AU12> [191, 300, 330, 420] straight to the point.", "happiness", "global analysis"),
+        (COT + " <think>", "happiness", "output tag"),
+        (COT, "happy or sad", "not one label"),
+        (COT, "contempt", "excluded class"),
+        (COT, "", "not one label"),
+    ],
+)
+def test_bad_traces(cot, answer, needle):
+    r = check_trace(reply(cot, answer), ITEMS)
+    assert not r.ok and r.completion is None
+    assert any(needle in p for p in r.problems), r.problems
+
+
+def test_too_many_regions_and_candidates():
+    four = [(1, 0.9, (10, 10, 50, 50)), (2, 0.8, (60, 10, 100, 50)), (4, 0.7, (110, 10, 150, 50)), (5, 0.6, (160, 10, 200, 50))]
+    cot = "A calm overall look at the face. " + " ".join(f"<AU{a}> [{b[0]}, {b[1]}, {b[2]}, {b[3]}] seen." for a, _, b in four)
+    r = check_trace(reply(cot, "fear"), four)
+    assert not r.ok and any("at most 3" in p for p in r.problems)
+    r = check_trace(reply(answer="happiness"), ITEMS, ["anger", "fear"])
+    assert not r.ok and r.label == "happiness" and any("not among the candidates" in p for p in r.problems)
+
+
+def test_noau_traces():
+    r = check_trace(reply("The whole face is calm; brows level; mouth closed.", "neutral"), [])
+    assert r.ok and r.aus_used == [] and parse_trace(r.completion).boxes == ()
+    r = check_trace(reply(COT, "happiness"), [])
+    assert not r.ok and any("not allowed" in p for p in r.problems)
+
+
+def test_malformed_json_and_types():
+    assert not check_trace("{'CoT': 'single quotes'}", ITEMS).ok
+    assert check_trace('{"CoT": 5, "Answer": "fear"}', ITEMS).problems[0].startswith("CoT is not")
+    assert not check_trace('{"CoT": "x", "Answer": 3}', ITEMS).ok
+    assert check_trace(json.dumps({"cot": COT, "answer": "happiness"}), ITEMS).ok  # keys are case-insensitive
