@@ -81,18 +81,34 @@ def stop_server(p) -> None:
 
 
 def run_once(url: str, n: int, conc: int, out: str) -> dict:
-    """One build in this process; returns requests, wall time, CPU time."""
+    """One build in this process; returns requests, wall time, CPU time. ``url``: comma-separated endpoints."""
     from tagfer.build import BuildConfig, run_build
 
-    cfg = BuildConfig(out=out, endpoints=[url], model="fake-vlm", concurrency=conc, per_endpoint=conc, quality=False,
+    eps = url.split(",")
+    cfg = BuildConfig(out=out, endpoints=eps, model="fake-vlm", concurrency=conc, per_endpoint=-(-conc // len(eps)), quality=False,
                       timeout_s=60, request_retries=2, tag_requests=False, au_workers=1)
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    def cpu_now() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    # steady state: the window between the 10% and the 90% completion marks (start-up and tail excluded)
+    lo, hi = int(0.1 * n), int(0.9 * n)
+    marks: dict[int, tuple[float, float]] = {}
+    done = [0]
+
+    def on_result(kind: str, obj: dict) -> None:
+        done[0] += 1
+        if done[0] in (lo, hi):
+            marks[done[0]] = (time.perf_counter(), cpu_now())
+
+    c0 = cpu_now()
     t0 = time.perf_counter()
-    s = run_build(cfg, records=records(n), detector=ConstantDetector())
+    s = run_build(cfg, records=records(n), detector=ConstantDetector(), on_result=on_result)
     wall = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    cpu = cpu_now() - c0
+    (ta, ca), (tb, cb) = marks[lo], marks[hi]
     return {"items": n, "accepted": s.accepted, "requests": s.requests, "wall_s": wall, "cpu_s": cpu,
+            "steady_rate": (hi - lo) / (tb - ta), "steady_cpu_ms": 1000 * (cb - ca) / (hi - lo),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -111,11 +127,13 @@ def main() -> None:
     ap.add_argument("--mem-small", type=int, default=1000)
     ap.add_argument("--mem-large", type=int, default=20000)
     ap.add_argument("--skip-mem", action="store_true")
+    ap.add_argument("--servers", type=int, default=4, help="fake server processes = endpoints (paper: 4 GPU servers, 128 each)")
     a = ap.parse_args()
 
-    srv, url = start_server(a.latency)
+    servers = [start_server(a.latency) for _ in range(a.servers)]
+    url = ",".join(u for _, u in servers)
     try:
-        print(f"1+2. throughput vs C/L (L = {a.latency} s, {a.items} items, one request per item)")
+        print(f"1+2. throughput vs C/L (L = {a.latency} s, {a.servers} endpoints, >= {a.items} items, one request per item)")
         for c in [int(x) for x in a.conc.split(",")]:
             n = max(a.items, 4 * c)
             with tempfile.TemporaryDirectory() as d:
@@ -123,10 +141,12 @@ def main() -> None:
             res = json.loads(r.stdout.strip().splitlines()[-1])
             rate = res["requests"] / res["wall_s"]
             limit = c / a.latency
-            print(f"   C={c:4d}: {res['requests']} requests in {res['wall_s']:.2f} s = {rate:7.1f} req/s; limit C/L = {limit:7.1f}; "
-                  f"ratio {rate / limit:.3f}; client CPU {1000 * res['cpu_s'] / res['requests']:.2f} ms/request; accepted {res['accepted']}/{res['items']}")
+            print(f"   C={c:4d}: limit C/L = {limit:7.1f} req/s; steady state {res['steady_rate']:7.1f} req/s, ratio {res['steady_rate'] / limit:.3f}, "
+                  f"client CPU {res['steady_cpu_ms']:.2f} ms/request; whole run incl. start-up {res['requests']} requests in {res['wall_s']:.1f} s "
+                  f"= {rate:.1f} req/s (ratio {rate / limit:.3f}, {1000 * res['cpu_s'] / res['requests']:.2f} ms CPU/request); accepted {res['accepted']}/{res['items']}")
     finally:
-        stop_server(srv)
+        for p, _ in servers:
+            stop_server(p)
     if a.skip_mem:
         return
     srv, url = start_server(a.mem_latency)

@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from tagfer.openai_client import ChatClient, ClientConfig, system_message, user_message  # noqa: E402
 
 
-def start_servers(n: int, latency: float) -> list[subprocess.Popen]:
+def start_servers(n: int, latency: float, raw: bool = True) -> list[subprocess.Popen]:
     procs = []
     for _ in range(n):
-        p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fakeserver.py"), "--latency", str(latency)],
+        p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fakeserver.py"), "--latency", str(latency)] + (["--raw"] if raw else []),
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs.append(p)
     return procs
@@ -83,8 +83,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--latency", default="0.2,2.0", help="comma-separated server latencies (s)")
     ap.add_argument("--conc", default="64,256,512")
-    ap.add_argument("--servers", type=int, default=4)
+    ap.add_argument("--servers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=8, help="requests per level = rounds × C at L=0.2 (fewer for larger L)")
+    ap.add_argument("--uvicorn", action="store_true", help="use the uvicorn fake server (heavier) instead of the raw responder")
     ap.add_argument("--image", action="store_true", help="send a 224-px PNG data URL with every request")
     a = ap.parse_args()
 
@@ -104,7 +105,7 @@ def main() -> None:
     print(f"{'L s':>5} {'C':>5} {'requests':>8} {'req/s':>8} {'C/L':>8} {'ratio':>6} {'client CPU ms/req':>18} "
           f"{'max in flight':>13} {'server CPU ms/req':>17} errors")
     for latency in (float(x) for x in a.latency.split(",")):
-        procs = start_servers(a.servers, latency)
+        procs = start_servers(a.servers, latency, raw=not a.uvicorn)
         try:
             urls = [p.stdout.readline().strip() for p in procs]
             rounds = max(3, round(a.rounds * 0.2 / latency)) if latency > 0.2 else a.rounds

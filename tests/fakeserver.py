@@ -13,7 +13,7 @@ measure the client, not the server.
 ``script``: a list of replies consumed in arrival order (when exhausted the server answers
 500 and records the fact in ``.script_errors``), or a callable
 ``(request_json, call_index) -> Reply | str``; None answers ``"ok"`` to everything.
-A ``str`` is shorthand for ``Reply(text=...)``.
+A ``str`` is shorthand for ``Reply(text=...)``. ``ssl_certfile``/``ssl_keyfile`` serve https.
 
 Faults (see :class:`Reply`): status codes with headers (429 + ``Retry-After``), a raw
 ``body`` (malformed JSON), ``delay_s`` (added to the server-wide ``latency_s``), ``hang``
@@ -21,7 +21,9 @@ Faults (see :class:`Reply`): status codes with headers (429 + ``Retry-After``), 
 the TCP connection without any response).
 
 Run standalone (used by benchmarks/ to keep server CPU out of the client's process):
-``python tests/fakeserver.py --latency 0.2 --port 0`` prints the base URL on stdout.
+``python tests/fakeserver.py --latency 0.2 --port 0`` prints the base URL on stdout; ``--raw``
+serves with a minimal asyncio responder instead of uvicorn (a few µs per request, no faults),
+so a benchmark on a small machine measures the client rather than the server.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ class FakeOpenAIServer:
     """
 
     def __init__(self, script: list | ScriptFn | None = None, latency_s: float = 0.0, model: str = "fake-vlm",
-                 record: bool = True, port: int = 0):
+                 record: bool = True, port: int = 0, ssl_certfile: str | None = None, ssl_keyfile: str | None = None):
+        self._ssl = (str(ssl_certfile), str(ssl_keyfile)) if ssl_certfile else None
         self.script = script
         self.latency_s = latency_s
         self.model = model
@@ -275,7 +278,7 @@ class FakeOpenAIServer:
         port = sock.getsockname()[1]
         config = uvicorn.Config(self, http=_protocol_class(self._transports, self), lifespan="off", log_level="error",
                                 access_log=False, backlog=2048, timeout_keep_alive=30, timeout_graceful_shutdown=1,
-                                ws="none")
+                                ws="none", **({"ssl_certfile": self._ssl[0], "ssl_keyfile": self._ssl[1]} if self._ssl else {}))
         self._server = uvicorn.Server(config)
         ready = threading.Event()
 
@@ -300,7 +303,7 @@ class FakeOpenAIServer:
             time.sleep(0.005)
         self._sock = sock
         self.port = port
-        self.url = f"http://127.0.0.1:{port}/v1"
+        self.url = f"{'https' if self._ssl else 'http'}://127.0.0.1:{port}/v1"
         return self
 
     def stop(self) -> None:
@@ -327,12 +330,86 @@ class FakeOpenAIServer:
         self.stop()
 
 
+class _RawBenchProtocol(asyncio.Protocol):
+    """Minimal keep-alive HTTP/1.1 responder for benchmarks: every POST gets the same chat
+    completion after ``latency`` seconds, GET gets the model list. Costs a few µs per request
+    so that a benchmark measures the client, not the server. No faults, no recording."""
+
+    stats = {"calls": 0, "in_flight": 0, "max_in_flight": 0}
+
+    def __init__(self, latency: float, chat_body: bytes, models_body: bytes):
+        self.latency, self.chat_body, self.models_body = latency, chat_body, models_body
+        self.buf = b""
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[:end].decode("latin-1")
+            length = 0
+            for line in head.split("\r\n")[1:]:
+                k, _, v = line.partition(":")
+                if k.strip().lower() == "content-length":
+                    length = int(v)
+            if len(self.buf) < end + 4 + length:
+                return
+            self.buf = self.buf[end + 4 + length:]
+            body = self.models_body if head.startswith("GET") else self.chat_body
+            st = self.stats
+            st["calls"] += 1
+            st["in_flight"] += 1
+            st["max_in_flight"] = max(st["max_in_flight"], st["in_flight"])
+            resp = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            asyncio.get_running_loop().call_later(self.latency, self._reply, resp)
+
+    def _reply(self, resp: bytes) -> None:
+        self.stats["in_flight"] -= 1
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(resp)
+
+
+def _serve_raw(latency: float, port: int, text: str, model: str = "fake-vlm") -> None:
+    chat = json.dumps({"id": "chatcmpl-raw", "object": "chat.completion", "created": 0, "model": model,
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+    models = json.dumps({"object": "list", "data": [{"id": model, "object": "model"}]}).encode()
+    stats = _RawBenchProtocol.stats
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _RawBenchProtocol(latency, chat, models), "127.0.0.1", port, backlog=4096)
+        print(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", flush=True)
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := (await reader.readline()).decode().strip():
+            if line == "stop":
+                break
+            if line == "stats":
+                print(json.dumps({**stats, "completed": stats["calls"] - stats["in_flight"], "cpu_s": time.process_time()}), flush=True)
+            if line == "reset":
+                stats.update(calls=0, max_in_flight=0)
+                print("{}", flush=True)
+        server.close()
+
+    asyncio.run(run())
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Run the fake OpenAI-compatible server (answers 'ok').")
     ap.add_argument("--latency", type=float, default=0.0, help="seconds each chat request waits")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--text", default="ok")
+    ap.add_argument("--raw", action="store_true", help="minimal asyncio responder (benchmarks), not uvicorn")
     a = ap.parse_args(argv)
+    if a.raw:
+        _serve_raw(a.latency, a.port, a.text)
+        return
     reply = Reply(text=a.text)
     srv = FakeOpenAIServer(lambda req, i: reply, latency_s=a.latency, record=False, port=a.port).start()
     print(srv.url, flush=True)

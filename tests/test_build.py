@@ -323,6 +323,13 @@ def test_shards_partition_the_data(tmp_path, fake_openai):
     assert parse_shard("2/8") == (2, 8)
     with pytest.raises(ValueError):
         BuildConfig(shard=(3, 3))
+    with pytest.raises(ValueError):
+        parse_shard("2-8")
+    for bad in (dict(no_au="maybe"), dict(last_candidate="never"), dict(max_regions=4)):
+        with pytest.raises(ValueError):
+            BuildConfig(**bad)
+    with pytest.raises(ValueError, match="teacher"):
+        run_build(BuildConfig(sources=[], out=str(tmp_path / "bad"), teacher="claude"))
 
 
 KILL_CHILD = r"""
@@ -340,7 +347,7 @@ def test_kill9_midway_then_resume_gives_the_same_accepted_set(tmp_path, fake_ope
     n = 60
     csv_path, table, truth, n_wrong, malformed = _dataset(tmp_path, n)
     script = stateless_script(truth, n_wrong, malformed)
-    srv = fake_openai(script, latency_s=0.02)
+    srv = fake_openai(script, latency_s=0.05)
     ref = run_build(config_for(csv_path, tmp_path / "ref", srv.url), detector=FakeAUDetector(table))
     ref_acc = accepted(tmp_path / "ref")
     assert ref.accepted == len(ref_acc) and 0 < ref.accepted < n

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -118,12 +117,14 @@ def test_eval_bytes_images_bad_outputs_and_bad_image(tmp_path, ferplus_root, eva
         split: str = "test"
         excluded: bool = False
 
-    recs = [Rec("g/corrupt", str(bad_inputs["corrupt"])), Rec("g/missing", str(bad_inputs["not_found"])), Rec("g/x", str(bad_inputs["corrupt"]), label="excluded", excluded=True)]
+    recs = [Rec("g/corrupt", str(bad_inputs["corrupt"])), Rec("g/missing", str(bad_inputs["not_found"])),
+            Rec("g/x", str(bad_inputs["corrupt"]), label="excluded", excluded=True), Rec("g/none", None)]
+    eval_server.reset(lambda req, i: tag_answer("fear"))
     with _backend(eval_server) as be:
         s = E.run_eval(recs, be, tmp_path / "bad.jsonl")
-    assert s.processed == 2 and s.failed == 2 and s.excluded == 1
+    assert s.processed == 3 and s.failed == 3 and s.excluded == 1 and eval_server.calls == 0
     kinds = {p.id: p.error["kind"] for p in _preds(tmp_path / "bad.jsonl")}
-    assert kinds == {"g/corrupt": "corrupt", "g/missing": "not_found"}
+    assert kinds == {"g/corrupt": "corrupt", "g/missing": "not_found", "g/none": "no_image"}
 
 
 def test_eval_tiny_model_through_transformers(tmp_path, rafdb_root, tiny_vlm):
@@ -233,3 +234,36 @@ def test_eval_cli_bad_arguments(tmp_path, rafdb_root, eval_server):
     assert "image/jpeg" in json.dumps(eval_server.requests[0])
     r = runner.invoke(app, ["score", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "s.json")])
     assert r.exit_code == 2
+
+
+def test_au_truth_for_images_stored_as_bytes(tmp_path, ferplus_root, eval_server, landmarker):
+    from tagfer.detectors import DetectorSpec
+
+    eval_server.reset(lambda req, i: tag_answer("happiness"))
+    preds_path = tmp_path / "fer.jsonl"
+    with _backend(eval_server) as be:
+        E.eval_source(f"ferplus:{ferplus_root}", be, preds_path, model="fake")
+    ids = [p.id for p in _preds(preds_path)]
+    # without the dataset the bytes cannot be found: recorded, skipped in AU IoU
+    no_ds = E.au_truth(preds_path, DetectorSpec(), tmp_path / "a.jsonl")
+    assert set(no_ds) == set(ids) and all(v is None for v in no_ds.values())
+    assert {r["error"]["kind"] for r in read_jsonl(tmp_path / "a.jsonl")} == {"no_image"}
+    cache = tmp_path / "b.jsonl"
+    E.au_truth(preds_path, DetectorSpec(), cache, dataset=f"ferplus:{ferplus_root}")
+    recs = list(read_jsonl(cache))
+    assert len(recs) == len(ids) and all(r["error"] is None or r["error"]["kind"] == "no_face" for r in recs)
+    assert any(r["error"] is None for r in recs)  # the 48x48 CSV faces were decoded and grounded
+    s = E.score_file(preds_path, au=E.load_au_jsonl(cache))
+    assert s["au_iou"]["n_scored"] + s["au_iou"]["n_skipped"] == len(ids)
+
+
+def test_prebuilt_messages_equal_the_backends_own(tmp_path, rafdb_root, eval_server):
+    recs = list(open_source(f"rafdb:{rafdb_root}", split="test"))
+    bodies = []
+    for workers in (0, 2):
+        eval_server.reset(lambda req, i: tag_answer("happiness"))
+        with _backend(eval_server, concurrency=1) as be:
+            s = E.run_eval(recs, be, tmp_path / f"w{workers}.jsonl", encode_workers=workers)
+        assert s.processed == 4 and s.failed == 0
+        bodies.append([q["messages"] for q in eval_server.requests])
+    assert bodies[0] == bodies[1]

@@ -138,3 +138,16 @@ def test_export_single_format_and_errors(build_dir, tmp_path):
         export(build_dir, tmp_path / "x", ["csv"])
     with pytest.raises(FileNotFoundError):
         export(tmp_path / "empty", tmp_path / "y", ["hf"])
+
+
+def test_trl_rows_render_with_the_qwen_chat_template(exported, tiny_vlm):
+    """The HF/TRL rows go through a Qwen2.5-VL processor's chat template: one image slot, the target at the end."""
+    import pyarrow.parquet as pq
+
+    out, _ = exported
+    row = pq.read_table(out / "hf" / "tag_sft.parquet").to_pylist()[0]
+    text = tiny_vlm.processor.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+    system, user = tag_prompt()
+    assert text.count("<|vision_start|>") == 1 and text.count("<|image_pad|>") == 1
+    assert system in text and user in text
+    assert text.rstrip().endswith(row["completion"][0]["content"][0]["text"] + "<|im_end|>")

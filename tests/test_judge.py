@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fakeserver import Reply
 from tagfer import judge as J
 from tagfer.backends import make_backend
 

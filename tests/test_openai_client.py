@@ -417,3 +417,49 @@ def test_broken_connection_is_not_reused(fake_openai):
     out = asyncio.run(go())
     assert [r.text for r in out] == ["a", "b", "c"] and out[0].attempts == 2
     assert srv.connections == 2  # the dropped one, then one kept-alive connection
+
+
+def test_injected_httpx_transport():
+    import httpx
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, str(request.url), request.headers["content-type"]))
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": "mock-model"}]})
+        body = __import__("json").loads(request.content)
+        return httpx.Response(200, json={"choices": [{"message": {"content": f"{body['model']}:{body['messages'][0]['content']}"},
+                                                       "finish_reason": "stop"}]})
+
+    async def go():
+        async with ChatClient(fast_cfg("http://mock:9/v1"), transport=httpx.MockTransport(handler)) as c:
+            return await c.chat(MSGS)
+
+    r = asyncio.run(go())
+    assert r.text == "mock-model:hello" and r.usage == {}
+    assert seen == [("GET", "http://mock:9/v1/models", "application/json"),
+                    ("POST", "http://mock:9/v1/chat/completions", "application/json")]
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl binary not available")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "k.pem"), "-out", str(d / "c.pem"),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return d / "c.pem", d / "k.pem"
+
+
+def test_https_endpoint_with_ca_bundle_and_untrusted_cert(fake_openai, self_signed):
+    cert, key = self_signed
+    srv = fake_openai(lambda req, i: "over tls", ssl_certfile=cert, ssl_keyfile=key)
+    assert srv.url.startswith("https://")
+    assert run_chat(fast_cfg(srv.url, model="m", verify=str(cert))).text == "over tls"
+    with pytest.raises(RequestFailed) as ei:  # default trust store: self-signed is refused, not retried
+        run_chat(fast_cfg(srv.url, model="m", max_retries=3))
+    assert ei.value.kind == "tls" and ei.value.attempts == 1

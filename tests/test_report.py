@@ -48,6 +48,8 @@ def test_main_table_layout_average_and_marks(tmp_path):
     assert "| TAG | **92.80** | **91.50** | **67.03** | **83.78** |" in md
     assert "| SFT | <u>89.02</u> | <u>81.01</u> | – | – |" in md
     assert "| Base | 56.75 | 66.36 | <u>33.89</u> | <u>52.33</u> |" in md
+    f1 = R.build_tables(runs, ["main"], metric="macro_f1")[0]
+    assert f1.title.startswith("macro_f1") and f1.values[1][0] == pytest.approx(82.80)
 
 
 def test_ranks_ties_share_marks():

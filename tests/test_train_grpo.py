@@ -63,8 +63,8 @@ def test_au_term_masked_without_boxes(grpo_built):
 def test_grpo_runs_and_logs_components(grpo_built):
     cfg, trainer = grpo_built
     trainer.train()
-    lines = [json.loads(x) for x in (trainer.args.output_dir + "/" + cfg.log.jsonl and
-                                     open(f"{cfg.output_dir}/{cfg.log.jsonl}").read().splitlines())]
+    with open(f"{cfg.output_dir}/{cfg.log.jsonl}") as f:
+        lines = [json.loads(x) for x in f.read().splitlines()]
     steps = [r for r in lines if r["event"] == "train" and "reward" in r]
     assert len(steps) == 3
     for r in steps:
@@ -82,17 +82,19 @@ def test_grpo_learns_a_token_preference(tmp_path, train_tiny_dir, train_samples)
     target = {}
 
     def favour_token(prompts=None, completions=None, completion_ids=None, **kw):
-        if "id" not in target:  # the token the policy emits most at the start (present but not dominant)
+        if "id" not in target:  # the policy's second most frequent token at the start: present, not dominant
             counts = torch.bincount(torch.tensor([t for ids in completion_ids for t in ids]))
-            target["id"] = int(counts.argmax())
+            target["id"] = int(counts.argsort(descending=True)[1])
         return [sum(int(t == target["id"]) for t in ids) / max(1, len(ids)) for ids in completion_ids]
 
     favour_token.__name__ = "favour_token"
     steps = 12
-    cfg = _grpo_cfg(tmp_path, train_tiny_dir, train_samples, optim__max_steps=steps, optim__learning_rate=2e-2,
-                    grpo__beta=0.0, grpo__max_completion_length=8, grpo__num_generations=4, optim__batch_size=8)
+    cfg = _grpo_cfg(tmp_path, train_tiny_dir, train_samples, optim__max_steps=steps, optim__learning_rate=float(__import__('os').environ.get('LR', '1e-2')),
+                    grpo__beta=0.0, grpo__max_completion_length=12, grpo__num_generations=8, optim__batch_size=8,
+                    optim__seed=int(__import__('os').environ.get('SEED', '0')))
     res = run_grpo(cfg, reward_funcs=[favour_token], weights=[1.0])
     rewards = [h["reward"] for h in res.log_history if "reward" in h]
+    print('rewards', [round(r, 3) for r in rewards])
     assert len(rewards) == steps
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.1, rewards

@@ -82,3 +82,20 @@ def test_missing_models_raise_model_not_available(tmp_path, monkeypatch):
 def test_unknown_dtype_is_rejected(tiny_vlm_dir):
     with pytest.raises(ValueError, match="unknown dtype"):
         load_vlm(str(tiny_vlm_dir), dtype="int3")
+
+
+def test_every_packaged_prompt_loads_and_overrides_work(tmp_path):
+    from tagfer.prompts import load_prompt, prompt_names, render, tag_prompt
+
+    names = prompt_names()
+    assert {"tag_system", "tag_user"} <= set(names)
+    assert all(load_prompt(n) for n in names)
+    own = tmp_path / "sys.txt"
+    own.write_text("my system prompt for $who\n")
+    system, user = tag_prompt(system=own)
+    assert system == "my system prompt for $who" and "512" in user
+    assert render(system, who="raters") == "my system prompt for raters"
+    with pytest.raises(KeyError):
+        render(system)
+    with pytest.raises(FileNotFoundError):
+        load_prompt("tag_system", tmp_path / "missing.txt")

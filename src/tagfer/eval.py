@@ -33,7 +33,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 from tagfer.errors import ItemError
 from tagfer.jsonl import JsonlWriter, done_keys, drop_records, read_jsonl
@@ -188,6 +188,7 @@ def run_eval(
     lenient: bool = False,
     limit: int | None = None,
     on_record: Callable[[Prediction], None] | None = None,
+    encode_workers: int | None = None,
 ) -> EvalSummary:
     """Predict every record not yet in ``out`` and append one :class:`Prediction` per record.
 
@@ -197,6 +198,9 @@ def run_eval(
     constant whatever the dataset size, and a remote backend keeps its concurrency full.
     Image and request failures come back as per-item errors and are recorded.
     ``limit``: predict at most this many new records (the dataset is still counted).
+    ``encode_workers``: for an OpenAI-compatible backend, threads that build the chat
+    messages (image load, resize, encode: the client's main CPU cost) ahead of the backend,
+    with :func:`tagfer.openai_client.user_message`; default ``min(4, CPUs)``, 0 = off.
     """
     from tagfer.backends import GenerationConfig, GenRequest
     from tagfer.prompts import tag_prompt
@@ -213,6 +217,18 @@ def run_eval(
         summary.retried_errors = drop_records(out, lambda r: r.get("error") is not None)
     done = done_keys(out, key="id") if resume else set()
     pending: dict[str, Prediction] = {}
+    writer = JsonlWriter(out)
+
+    def finish(p: Prediction) -> None:
+        writer.write(p.to_json())
+        summary.processed += 1
+        if p.error is not None:
+            summary.failed += 1
+            summary.errors[p.error["kind"]] = summary.errors.get(p.error["kind"], 0) + 1
+        elif p.pred == p.label:
+            summary.correct += 1
+        if on_record:
+            on_record(p)
 
     def requests() -> Iterator[Any]:
         seen: set[str] = set()
@@ -229,14 +245,22 @@ def run_eval(
                 continue  # keep counting the dataset size
             seen.add(rec.id)
             queued += 1
-            pending[rec.id] = Prediction(
-                id=rec.id, source=rec.source, split=rec.split, image=rec.image_path, label=rec.label, model=model, gen=dict(gen)
-            )
+            p = Prediction(id=rec.id, source=rec.source, split=rec.split, image=rec.image_path, label=rec.label, model=model, gen=dict(gen))
             image = rec.image_path if rec.image_path is not None else getattr(rec, "image_bytes", None)
+            if image is None:  # never ask a model about an image it cannot see
+                p.error = _err("no_image", "the dataset record has neither an image path nor image bytes")
+                finish(parse_prediction(p, None))
+                continue
+            pending[rec.id] = p
             yield GenRequest(id=rec.id, user=user, image=image, system=system)
 
-    with JsonlWriter(out) as writer:
-        for res in backend.generate(requests(), cfg):
+    reqs: Iterator[Any] = requests()
+    client_cfg = getattr(backend, "client_config", None)
+    workers = min(4, os.cpu_count() or 1) if encode_workers is None else encode_workers
+    if client_cfg is not None and workers > 0:
+        reqs = _prebuilt_messages(reqs, client_cfg, workers)
+    with writer:
+        for res in backend.generate(reqs, cfg):
             p = pending.pop(res.id)
             err = res.error
             if err is not None:
@@ -244,17 +268,42 @@ def run_eval(
             parse_prediction(p, res.text if err is None else None, lenient)
             lat = (res.info or {}).get("latency_s")
             p.latency_s = float(lat) if lat is not None else None
-            writer.write(p.to_json())
-            summary.processed += 1
-            if p.error is not None:
-                summary.failed += 1
-                summary.errors[p.error["kind"]] = summary.errors.get(p.error["kind"], 0) + 1
-            elif p.pred == p.label:
-                summary.correct += 1
-            if on_record:
-                on_record(p)
+            finish(p)
     summary.elapsed_s = time.perf_counter() - t0
     return summary
+
+
+def _prebuilt_messages(reqs: Iterator[Any], client_cfg: Any, workers: int) -> Iterator[Any]:
+    """Fill ``GenRequest.messages`` in a thread pool (bounded look-ahead, input order kept).
+
+    Pillow releases the GIL while decoding, resizing and encoding, so this spreads the
+    per-request image work over cores. A request whose image fails keeps its image instead,
+    so the backend reports the failure with its usual error kind.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tagfer.openai_client import system_message, user_message
+
+    def build(req: Any) -> Any:
+        try:
+            msgs = [system_message(req.system)] if req.system else []
+            images = [req.image] if req.image is not None else []
+            msgs.append(user_message(req.user, images, client_cfg.image_side, client_cfg.image_format))
+            req.messages = msgs
+        except Exception:  # noqa: BLE001 - the backend re-raises it as a per-item error
+            pass
+        return req
+
+    window = 4 * workers
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tagfer-encode") as pool:
+        pending: deque = deque()
+        for req in reqs:
+            pending.append(pool.submit(build, req))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def eval_source(
@@ -363,12 +412,13 @@ def au_truth(
 ) -> dict[str, list[list[int]] | None]:
     """Activated AU boxes per prediction id, from an AU detector, cached (resumably) in ``cache``.
 
-    ``spec``: a :class:`tagfer.detectors.DetectorSpec`. Images are read from the predictions'
+    ``spec``: a :class:`tagfer.detectors.DetectorSpec`; each image goes through
+    :func:`tagfer.grounding.ground_image` (largest face). Images are read from the predictions'
     ``image`` paths; predictions without a path (bytes images) are looked up in ``dataset``
     (a source spec) when given. Cache record: ``{"id", "image", "detector", "au_boxes" | null,
     "error"}``; an image the detector cannot use gets ``au_boxes: null`` (skipped in AU IoU).
     """
-    from tagfer.imageio import load_image
+    from tagfer.grounding import ground_image
 
     cache = Path(cache)
     done = done_keys(cache, key="id")
@@ -394,17 +444,12 @@ def au_truth(
                 for rid, path, _ in todo:
                     rec: dict[str, Any] = {"id": rid, "image": path, "detector": det.name, "au_boxes": None, "error": None}
                     source = path or byte_images.get(rid)
-                    try:
-                        if source is None:
-                            raise ItemError("no_image", "prediction has no image path and the dataset was not given")
-                        img = load_image(source)
-                        faces = det.detect(img, path or rid)
-                        face = max(faces, key=lambda f: f.mesh.area if f.mesh else 0.0)
-                        rec["au_boxes"] = [list(b) for b in face.au_boxes]
-                    except ItemError as e:
-                        rec["error"] = _err(e.kind, e.message)
-                    except Exception as e:
-                        rec["error"] = _err("internal", f"{type(e).__name__}: {e}")
+                    if source is None:
+                        rec["error"] = _err("no_image", "prediction has no image path and the dataset was not given")
+                    else:  # the grounding job's per-image step: largest face, errors recorded
+                        g = ground_image(det, source)
+                        rec["au_boxes"] = _first_face_boxes(g)
+                        rec["error"] = g.get("error")
                     w.write(rec)
                     if on_record:
                         on_record(rec)

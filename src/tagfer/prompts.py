@@ -12,7 +12,10 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-PROMPT_NAMES = ("tag_system", "tag_user")  # others (teacher prompts) are added by the data builder
+
+def prompt_names() -> list[str]:
+    """Names of every packaged template (TAG inference, teacher stages, LLM judge)."""
+    return sorted(p.name[:-4] for p in resources.files("tagfer").joinpath("prompts").iterdir() if p.name.endswith(".txt"))
 
 
 def prompt_path(name: str) -> Path:

@@ -210,9 +210,9 @@ def details_table(runs: Sequence[RunScores]) -> Table:
     return Table("details", "Details with bootstrap 95% CIs (%)", "Run / dataset", rows, cols, values, rank=False, text=text)
 
 
-def build_tables(runs: Sequence[RunScores], which: Sequence[str] = ("main", "ablation", "cross", "details")) -> list[Table]:
-    """The requested tables; ``cross`` is skipped when no run has a ``train_set``."""
-    makers = {"main": main_table, "ablation": ablation_table, "cross": cross_table, "details": details_table}
+def build_tables(runs: Sequence[RunScores], which: Sequence[str] = ("main", "ablation", "cross", "details"), metric: str = "accuracy") -> list[Table]:
+    """The requested tables; ``cross`` is skipped when no run has a ``train_set``. ``metric``: of the main table."""
+    makers = {"main": lambda r: main_table(r, metric), "ablation": ablation_table, "cross": cross_table, "details": details_table}
     unknown = [w for w in which if w not in makers]
     if unknown:
         raise ValueError(f"unknown table(s) {unknown}; choose from {sorted(makers)}")
@@ -272,9 +272,10 @@ def write_report(
     which: Sequence[str] = ("main", "ablation", "cross", "details"),
     title: str = "TAG evaluation report",
     csv_dir: str | os.PathLike | None = None,
+    metric: str = "accuracy",
 ) -> tuple[str, list[Path]]:
     """Write the markdown report and one CSV per table (``<stem>_<table>.csv``). Returns (markdown, csv paths)."""
-    tables = build_tables(runs, which)
+    tables = build_tables(runs, which, metric)
     md = f"# {title}\n\n" + "\n".join(to_markdown(t) for t in tables)
     md += "\nSources: " + ", ".join(f"`{r.path}`" for r in runs if r.path) + "\n"
     out = Path(out_md)

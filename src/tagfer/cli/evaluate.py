@@ -237,6 +237,7 @@ def report_cmd(
     tables: str = typer.Option("main,ablation,cross,details", "--tables", help="Comma-separated: main (Table 1), ablation (Tables 2-4), cross (Table 5), details."),
     title: str = typer.Option("TAG evaluation report", "--title"),
     csv_dir: Optional[Path] = typer.Option(None, "--csv-dir", help="Directory for the CSV tables (default: next to --out)."),
+    metric: str = typer.Option("accuracy", "--metric", help="Metric of the main table: accuracy | macro_f1 | au_iou | cross_au_iou | format_validity."),
 ) -> None:
     """Paper-style tables (models × datasets with average, ablation rows, cross-dataset matrix), best bold, second underlined."""
     from tagfer.report import load_scores, write_report
@@ -245,7 +246,7 @@ def report_cmd(
     if missing:
         _fail(f"score file(s) not found: {', '.join(missing)}")
     try:
-        md, csvs = write_report(load_scores(runs), out, [t.strip() for t in tables.split(",") if t.strip()], title, csv_dir)
+        md, csvs = write_report(load_scores(runs), out, [t.strip() for t in tables.split(",") if t.strip()], title, csv_dir, metric)
     except (ValueError, json.JSONDecodeError) as e:
         _fail(str(e))
     out_console.print(md)

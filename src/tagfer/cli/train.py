@@ -1,3 +1,151 @@
-"""Commands of this area register on tagfer.cli._app.app (being written)."""
+"""``tagfer train …``: SFT, GRPO, merging, LLaMA-Factory / verl export, training plots."""
 
-from tagfer.cli._app import app, console, out_console  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tagfer.cli._app import app, console, out_console
+
+train_app = typer.Typer(no_args_is_help=True, help="Train TAG: SFT with LoRA, GRPO with the AU-grounded reward.")
+app.add_typer(train_app, name="train")
+
+_CONFIG = typer.Option(..., "--config", "-c", help="Preset name (see `tagfer train presets`) or YAML file.")
+_SET = typer.Option(None, "--set", "-s", help="Override a field: key.sub=value (repeatable; value read as YAML).")
+
+
+def _load(config: str, sets: Optional[list[str]], stage: str | None = None):
+    from tagfer.train.config import ConfigError, load_config
+
+    overrides = list(sets or [])
+    if stage is not None:
+        overrides.insert(0, f"stage={stage}")
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        console.print(f"[red]config error[/] {e}")
+        raise typer.Exit(2)
+
+
+def _run(fn, *args, **kwargs):
+    from tagfer.vlm import ModelNotAvailable
+
+    try:
+        return fn(*args, **kwargs)
+    except ModelNotAvailable as e:
+        console.print(f"[red]model not available[/] {e}")
+        raise typer.Exit(3)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error[/] {e}")
+        raise typer.Exit(2)
+
+
+@train_app.command("presets")
+def presets() -> None:
+    """List the packaged presets."""
+    from tagfer.train.config import list_presets, load_raw
+
+    for name in list_presets():
+        raw = load_raw(name)
+        out_console.print(f"{name:16s} stage={raw.get('stage', 'sft'):5s} output_dir={raw.get('output_dir', '')}")
+
+
+@train_app.command("show")
+def show(config: str = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
+    """Print the fully resolved config (after extends and overrides) as YAML."""
+    from tagfer.train.config import dump_config
+
+    out_console.print(dump_config(_load(config, set_)), markup=False, highlight=False)
+
+
+@train_app.command("sft")
+def sft(config: str = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
+    """Supervised fine-tuning (stage 1). Resumes from the last checkpoint in output_dir."""
+    from tagfer.train.sft import run_sft
+
+    cfg = _load(config, set_, "sft")
+    console.print(f"SFT → {cfg.output_dir} (model {cfg.model.name_or_path}, data {cfg.data.train})")
+    res = _run(run_sft, cfg)
+    out_console.print(f"final adapter: {res.final_dir}\nbest adapter:  {res.best_dir}  {res.best or ''}\nlog: {res.log_path}")
+
+
+@train_app.command("grpo")
+def grpo(config: str = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
+    """GRPO with R_AU + R_ans + R_fmt (stage 2). Resumes from the last checkpoint in output_dir."""
+    from tagfer.train.grpo import run_grpo
+
+    cfg = _load(config, set_, "grpo")
+    console.print(f"GRPO → {cfg.output_dir} (model {cfg.model.name_or_path}, adapter {cfg.model.adapter}, "
+                  f"sources {cfg.data.sources or 'all'})")
+    res = _run(run_grpo, cfg)
+    out_console.print(f"final adapter: {res.final_dir}\nlog: {res.log_path}")
+
+
+@train_app.command("merge")
+def merge(
+    adapter: Path = typer.Argument(..., help="LoRA adapter folder (e.g. runs/sft/best)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Standalone model folder to write."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: recorded in the adapter)."),
+    dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
+) -> None:
+    """Merge an adapter into its base and save a standalone model + processor folder."""
+    from tagfer.train.merge import merge_adapter
+
+    res = _run(merge_adapter, adapter, out, base, dtype)
+    out_console.print(f"merged model: {res}")
+
+
+@train_app.command("export-llamafactory")
+def export_llamafactory(
+    config: str = _CONFIG, set_: Optional[list[str]] = _SET,
+    out: Path = typer.Option(..., "--out", "-o", help="YAML file to write."),
+    dataset: str = typer.Option("tag_sft", help="Dataset name in the exporter's dataset_info.json."),
+    dataset_dir: str = typer.Option("data/tag", help="Folder holding dataset_info.json (data exporter output)."),
+    deepspeed: Optional[str] = typer.Option(None, help="DeepSpeed JSON (e.g. the shipped ZeRO-2 file)."),
+) -> None:
+    """Write a LLaMA-Factory SFT YAML equivalent to the preset."""
+    from tagfer.train.interop import llamafactory_config, write_yaml
+
+    cfg = _load(config, set_, "sft")
+    p = write_yaml(llamafactory_config(cfg, dataset, dataset_dir, deepspeed), out,
+                   f"# LLaMA-Factory SFT config from tagfer preset {config}; run: llamafactory-cli train {out}")
+    out_console.print(f"wrote {p}")
+
+
+@train_app.command("export-verl")
+def export_verl(
+    config: str = _CONFIG, set_: Optional[list[str]] = _SET,
+    out: Path = typer.Option(..., "--out", "-o", help="YAML file to write (a .sh launch script is written beside it)."),
+    train_files: str = typer.Option("data/tag/verl/train.parquet", help="verl parquet with prompt/images/reward_model."),
+    val_files: Optional[str] = typer.Option(None),
+    gpus: int = typer.Option(4, help="GPUs per node."),
+    nnodes: int = typer.Option(1),
+) -> None:
+    """Write a verl GRPO config (+ launch script) whose reward is tagfer.integrations.verl.compute_score."""
+    from tagfer.train.interop import verl_command, verl_config, write_yaml
+
+    cfg = _load(config, set_, "grpo")
+    conf = verl_config(cfg, train_files, val_files, gpus, nnodes)
+    p = write_yaml(conf, out, f"# verl GRPO config from tagfer preset {config}")
+    sh = Path(out).with_suffix(".sh")
+    sh.write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + verl_command(conf) + "\n", encoding="utf-8")
+    sh.chmod(0o755)
+    out_console.print(f"wrote {p} and {sh}")
+
+
+@train_app.command("plot")
+def plot(
+    log: Path = typer.Argument(..., help="train_log.jsonl of a run."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Image file (default: LOG's folder/training_dynamics.png)."),
+    smooth: int = typer.Option(1, help="Moving-average window."),
+) -> None:
+    """Plot the training dynamics (paper Figure 5) from a JSONL log."""
+    from tagfer.train.plots import plot_training
+
+    if not log.is_file():
+        console.print(f"[red]error[/] no such log: {log}")
+        raise typer.Exit(2)
+    res = _run(plot_training, log, out or log.parent / "training_dynamics.png", smooth)
+    out_console.print(f"wrote {res}")

@@ -1,0 +1,196 @@
+"""Configs for users who train elsewhere: LLaMA-Factory (SFT) and verl (GRPO), from our presets.
+
+* :func:`llamafactory_config` — a LLaMA-Factory ``llamafactory-cli train`` YAML for the SFT
+  stage (the paper used LLaMA-Factory). Its ``dataset`` names an entry of the
+  ``dataset_info.json`` the data exporter writes next to the ShareGPT data (``dataset_dir``).
+* :func:`verl_config` — a verl ``main_ppo`` config (GRPO advantage estimator, K rollouts,
+  KL loss β, clip ε, LoRA) whose ``custom_reward_function`` points to
+  :func:`tagfer.integrations.verl.compute_score`; :func:`verl_command` gives the launch line.
+
+Both take the same :class:`~tagfer.train.config.TrainConfig`, so a preset is the single
+source of the hyperparameters. Field names follow LLaMA-Factory 0.9 / verl 0.4+ docs;
+check them against the version you install.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tagfer.train.config import TrainConfig
+
+__all__ = ["llamafactory_config", "verl_config", "verl_command", "write_yaml"]
+
+
+def _bf16(cfg: TrainConfig) -> bool:
+    return cfg.optim.bf16 != "false"
+
+
+def llamafactory_config(cfg: TrainConfig, dataset: str = "tag_sft", dataset_dir: str = "data/tag",
+                        deepspeed: str | None = None) -> dict[str, Any]:
+    """LLaMA-Factory SFT YAML (as a dict) equivalent to ``cfg`` (LoRA on the LM, vision frozen, projector trained)."""
+    o, lo, s = cfg.optim, cfg.lora, cfg.sft
+    side = cfg.model.image_side
+    out: dict[str, Any] = {
+        "model_name_or_path": cfg.model.name_or_path,
+        "image_max_pixels": side * side,
+        "trust_remote_code": True,
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora" if lo.enabled else "full",
+        "freeze_vision_tower": True,
+        "freeze_multi_modal_projector": not lo.train_projector,
+        "freeze_language_model": False,
+        "dataset": dataset,
+        "dataset_dir": dataset_dir,
+        "template": "qwen2_vl",
+        "cutoff_len": s.max_length,
+        "overwrite_cache": True,
+        "preprocessing_num_workers": 16,
+        "output_dir": str(Path(cfg.output_dir) / "llamafactory"),
+        "logging_steps": cfg.log.logging_steps,
+        "save_steps": o.save_steps,
+        "plot_loss": True,
+        "per_device_train_batch_size": o.batch_size,
+        "gradient_accumulation_steps": o.grad_accum,
+        "learning_rate": o.learning_rate,
+        "num_train_epochs": o.epochs,
+        "lr_scheduler_type": o.lr_scheduler,
+        "warmup_ratio": o.warmup_ratio,
+        "weight_decay": o.weight_decay,
+        "max_grad_norm": o.max_grad_norm,
+        "bf16": _bf16(cfg),
+        "ddp_timeout": 180000000,
+        "seed": o.seed,
+    }
+    if lo.enabled:
+        # LLaMA-Factory's "all" = every linear layer of the language model (the vision tower is frozen above).
+        out.update({"lora_rank": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout, "lora_target": "all"})
+    if deepspeed or o.deepspeed:
+        out["deepspeed"] = deepspeed or o.deepspeed
+    return out
+
+
+def verl_config(cfg: TrainConfig, train_files: str = "data/tag/verl/train.parquet",
+                val_files: str | None = None, n_gpus: int = 4, nnodes: int = 1) -> dict[str, Any]:
+    """verl GRPO config (nested dict, Hydra keys) equivalent to ``cfg``, with TAG's reward."""
+    from tagfer.integrations import verl as verl_reward
+
+    o, g, lo = cfg.optim, cfg.grpo, cfg.lora
+    r = cfg.reward
+    prompts_per_step = max(1, (o.batch_size * o.grad_accum * n_gpus * nnodes) // g.num_generations)
+    model_path = cfg.model.name_or_path
+    if cfg.model.adapter:
+        model_path = str(Path(cfg.model.adapter).parent / "merged")  # merge the SFT adapter first
+    return {
+        "algorithm": {"adv_estimator": "grpo", "use_kl_in_reward": False, "norm_adv_by_std_in_grpo": g.scale_rewards != "none"},
+        "data": {
+            "train_files": train_files,
+            "val_files": val_files or train_files,
+            "train_batch_size": prompts_per_step,
+            "max_prompt_length": 1024,
+            "max_response_length": g.max_completion_length,
+            "image_key": "images",
+            "filter_overlong_prompts": True,
+            "truncation": "error",
+        },
+        "actor_rollout_ref": {
+            "model": {
+                "path": model_path,
+                "lora_rank": lo.r if lo.enabled else 0,
+                "lora_alpha": lo.alpha,
+                "target_modules": "all-linear",
+                "exclude_modules": ".*visual.*",
+                "enable_gradient_checkpointing": o.gradient_checkpointing,
+                "use_remove_padding": True,
+            },
+            "actor": {
+                "optim": {"lr": o.learning_rate, "weight_decay": o.weight_decay,
+                          "lr_warmup_steps_ratio": o.warmup_ratio},
+                "grad_clip": o.max_grad_norm,
+                "clip_ratio": g.epsilon,
+                "ppo_mini_batch_size": prompts_per_step,
+                "ppo_micro_batch_size_per_gpu": max(1, o.batch_size // 2),
+                "use_kl_loss": g.beta > 0,
+                "kl_loss_coef": g.beta,
+                "kl_loss_type": "low_var_kl",
+                "loss_agg_mode": "seq-mean-token-mean" if g.loss_type == "grpo" else "token-mean",
+                "entropy_coeff": 0,
+                "fsdp_config": {"param_offload": False, "optimizer_offload": False},
+            },
+            "rollout": {
+                "name": "vllm",
+                "n": g.num_generations,
+                "temperature": g.temperature,
+                "top_p": g.top_p,
+                "gpu_memory_utilization": 0.6,
+                "tensor_model_parallel_size": 1,
+                "enable_chunked_prefill": False,
+                "enforce_eager": False,
+                "free_cache_engine": True,
+                "load_format": "safetensors",
+                "log_prob_micro_batch_size_per_gpu": 8,
+            },
+            "ref": {"log_prob_micro_batch_size_per_gpu": 8, "fsdp_config": {"param_offload": True}},
+        },
+        "custom_reward_function": {
+            "path": str(Path(verl_reward.__file__).resolve()),
+            "name": "compute_score",
+            "reward_kwargs": {"fmt_bonus": r.fmt_bonus, "w_au": r.w_au, "w_ans": r.w_ans, "w_fmt": r.w_fmt,
+                              "matching": r.matching, "au_reward": r.au_reward},
+        },
+        "trainer": {
+            "total_epochs": int(o.epochs) if o.epochs == int(o.epochs) else o.epochs,
+            "n_gpus_per_node": n_gpus,
+            "nnodes": nnodes,
+            "project_name": "tagfer",
+            "experiment_name": Path(cfg.output_dir).name,
+            "default_local_dir": str(Path(cfg.output_dir) / "verl"),
+            "save_freq": o.save_steps,
+            "test_freq": -1,
+            "logger": ["console"],
+        },
+    }
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def _hydra_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "True" if v else "False"
+    if isinstance(v, list):
+        return "[" + ",".join(f"'{x}'" if isinstance(x, str) else str(x) for x in v) + "]"
+    if v is None:
+        return "null"
+    return str(v)
+
+
+def verl_command(config: dict[str, Any]) -> str:
+    """``python3 -m verl.trainer.main_ppo key=value ...`` for a :func:`verl_config` dict.
+
+    ``reward_kwargs`` are new keys in verl's schema, so they get Hydra's ``+`` prefix.
+    """
+    parts = ["python3 -m verl.trainer.main_ppo"]
+    for k, v in _flatten(config):
+        prefix = "+" if ".reward_kwargs." in f".{k}" else ""
+        parts.append(f"  {prefix}{k}={_hydra_value(v)}")
+    return " \\\n".join(parts)
+
+
+def write_yaml(obj: dict[str, Any], path: str | Path, header: str = "") -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(obj, sort_keys=False)
+    p.write_text((header + "\n" if header else "") + text, encoding="utf-8")
+    return p
