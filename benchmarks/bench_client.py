@@ -3,7 +3,10 @@
     .venv/bin/python benchmarks/bench_client.py [--latency 0.2,2.0] [--conc 64,256,512] [--servers 4] [--image]
 
 With latency L per request and C requests in flight the ideal rate is C/L; the goal is a
-ratio >= 0.9 at C=512. The fake servers run in their own processes (tests/fakeserver.py)
+ratio >= 0.9 at C=512. ``--jitter j`` draws each latency uniformly from L·[1-j, 1+j] (same
+mean): with a fixed latency all C responses of a round arrive together and the event loop
+handles them as one burst before the next round is sent, so each round costs about
+L + C × (client time per request); real model latencies vary and bursts spread out. The fake servers run in their own processes (tests/fakeserver.py)
 so that the client's CPU time per request is measured alone (process CPU time of this
 process / requests). ``--servers N`` spreads the load over N endpoints (the paper: 4 GPU
 servers, 128 each); the per-endpoint limit is C/N.
@@ -25,10 +28,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from tagfer.openai_client import ChatClient, ClientConfig, system_message, user_message  # noqa: E402
 
 
-def start_servers(n: int, latency: float, raw: bool = True) -> list[subprocess.Popen]:
+def start_servers(n: int, latency: float, raw: bool = True, jitter: float = 0.0) -> list[subprocess.Popen]:
     procs = []
+    extra = ["--raw", "--jitter", str(jitter)] if raw else []
     for _ in range(n):
-        p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fakeserver.py"), "--latency", str(latency)] + (["--raw"] if raw else []),
+        p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fakeserver.py"), "--latency", str(latency)] + extra,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs.append(p)
     return procs
@@ -85,6 +89,7 @@ def main() -> None:
     ap.add_argument("--conc", default="64,256,512")
     ap.add_argument("--servers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=8, help="requests per level = rounds × C at L=0.2 (fewer for larger L)")
+    ap.add_argument("--jitter", default="0,0.5", help="comma-separated latency jitters j: latency uniform in L·[1-j, 1+j]")
     ap.add_argument("--uvicorn", action="store_true", help="use the uvicorn fake server (heavier) instead of the raw responder")
     ap.add_argument("--image", action="store_true", help="send a 224-px PNG data URL with every request")
     a = ap.parse_args()
@@ -102,13 +107,15 @@ def main() -> None:
     payload = len(json.dumps(messages))
 
     print(f"client: tagfer.openai_client.ChatClient; request body ≈ {payload / 1024:.1f} KiB; {a.servers} fake server process(es)")
-    print(f"{'L s':>5} {'C':>5} {'requests':>8} {'req/s':>8} {'C/L':>8} {'ratio':>6} {'client CPU ms/req':>18} "
+    print(f"{'L s':>5} {'jit':>4} {'C':>5} {'requests':>8} {'req/s':>8} {'C/L':>8} {'ratio':>6} {'client CPU ms/req':>18} "
           f"{'max in flight':>13} {'server CPU ms/req':>17} errors")
-    for latency in (float(x) for x in a.latency.split(",")):
-        procs = start_servers(a.servers, latency, raw=not a.uvicorn)
+    for latency, jitter in ((float(x), float(j)) for j in a.jitter.split(",") for x in a.latency.split(",")):
+        if jitter and a.uvicorn:
+            continue
+        procs = start_servers(a.servers, latency, raw=not a.uvicorn, jitter=jitter)
         try:
             urls = [p.stdout.readline().strip() for p in procs]
-            rounds = max(3, round(a.rounds * 0.2 / latency)) if latency > 0.2 else a.rounds
+            rounds = max(6, round(a.rounds * 0.2 / latency)) if latency > 0.2 else a.rounds
             for conc in (int(c) for c in a.conc.split(",")):
                 n = conc * rounds
                 server_stats(procs, "reset")
@@ -118,7 +125,7 @@ def main() -> None:
                 srv_cpu = (sum(s["cpu_s"] for s in stats) - cpu_srv0) / (n + conc)
                 rate = n / wall
                 ideal = conc / latency
-                print(f"{latency:>5.2f} {conc:>5} {n:>8} {rate:>8.0f} {ideal:>8.0f} {rate / ideal:>6.2f} {1000 * cpu / n:>18.3f} "
+                print(f"{latency:>5.2f} {jitter:>4.1f} {conc:>5} {n:>8} {rate:>8.0f} {ideal:>8.0f} {rate / ideal:>6.2f} {1000 * cpu / n:>18.3f} "
                       f"{sum(s['max_in_flight'] for s in stats):>13} {1000 * srv_cpu:>17.3f} {errors}", flush=True)
         finally:
             stop_servers(procs)

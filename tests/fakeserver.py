@@ -31,12 +31,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -337,8 +338,8 @@ class _RawBenchProtocol(asyncio.Protocol):
 
     stats = {"calls": 0, "in_flight": 0, "max_in_flight": 0}
 
-    def __init__(self, latency: float, chat_body: bytes, models_body: bytes):
-        self.latency, self.chat_body, self.models_body = latency, chat_body, models_body
+    def __init__(self, latency: float, chat_body: bytes, models_body: bytes, jitter: float = 0.0):
+        self.latency, self.chat_body, self.models_body, self.jitter = latency, chat_body, models_body, jitter
         self.buf = b""
         self.transport = None
 
@@ -366,7 +367,8 @@ class _RawBenchProtocol(asyncio.Protocol):
             st["in_flight"] += 1
             st["max_in_flight"] = max(st["max_in_flight"], st["in_flight"])
             resp = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-            asyncio.get_running_loop().call_later(self.latency, self._reply, resp)
+            wait = self.latency * (1.0 + self.jitter * (2.0 * random.random() - 1.0)) if self.jitter else self.latency
+            asyncio.get_running_loop().call_later(wait, self._reply, resp)
 
     def _reply(self, resp: bytes) -> None:
         self.stats["in_flight"] -= 1
@@ -374,7 +376,7 @@ class _RawBenchProtocol(asyncio.Protocol):
             self.transport.write(resp)
 
 
-def _serve_raw(latency: float, port: int, text: str, model: str = "fake-vlm") -> None:
+def _serve_raw(latency: float, port: int, text: str, model: str = "fake-vlm", jitter: float = 0.0) -> None:
     chat = json.dumps({"id": "chatcmpl-raw", "object": "chat.completion", "created": 0, "model": model,
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
@@ -383,7 +385,7 @@ def _serve_raw(latency: float, port: int, text: str, model: str = "fake-vlm") ->
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _RawBenchProtocol(latency, chat, models), "127.0.0.1", port, backlog=4096)
+        server = await loop.create_server(lambda: _RawBenchProtocol(latency, chat, models, jitter), "127.0.0.1", port, backlog=4096)
         print(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", flush=True)
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -406,9 +408,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--text", default="ok")
     ap.add_argument("--raw", action="store_true", help="minimal asyncio responder (benchmarks), not uvicorn")
+    ap.add_argument("--jitter", type=float, default=0.0, help="raw mode: latency uniform in L·[1-j, 1+j] (mean L)")
     a = ap.parse_args(argv)
     if a.raw:
-        _serve_raw(a.latency, a.port, a.text)
+        _serve_raw(a.latency, a.port, a.text, jitter=a.jitter)
         return
     reply = Reply(text=a.text)
     srv = FakeOpenAIServer(lambda req, i: reply, latency_s=a.latency, record=False, port=a.port).start()

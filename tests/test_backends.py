@@ -303,3 +303,15 @@ def test_vllm_backend_calls_engine(fake_vllm, bad_inputs, astronaut_path):
     assert sp == {"temperature": 0.7, "top_p": 0.9, "max_tokens": 32, "seed": 5}
     assert convs[0][0] == {"role": "system", "content": "S"}
     assert convs[0][1]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+def test_request_images_from_arrays_and_bad_objects(srv, obackend, astronaut_rgb):
+    import numpy as np
+
+    srv.reset(lambda req, i: "seen")
+    reqs = [GenRequest("arr", "x", image=astronaut_rgb), GenRequest("bad-arr", "x", image=np.zeros((4, 4, 7), dtype=np.float64)),
+            GenRequest("obj", "x", image=12345)]
+    out = list(obackend.generate(reqs))
+    assert out[0].text == "seen"
+    assert out[1].error["kind"] == "bad_array"
+    assert out[2].text is None and out[2].error["kind"] == "bad_request"  # an int is no image: recorded, not raised

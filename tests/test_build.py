@@ -266,6 +266,16 @@ def test_max_eliminations_exhausted_and_budget(tmp_path, fake_openai):
     assert rej["generic/item0001"]["reason"] == "budget" and rej["generic/item0001"]["requests"] == 3
 
 
+def test_duplicate_ids_in_the_stream_are_built_once(tmp_path, fake_openai):
+    csv_path, table = make_build_dataset(tmp_path / "d", ["fear"])
+    rows = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join(rows + [rows[1]]) + "\n")  # the same id twice
+    srv = fake_openai(stateless_script({"item0000": "fear"}, {"item0000": 0}, set()))
+    s = run_build(config_for(csv_path, tmp_path / "o", srv.url), detector=FakeAUDetector(table))
+    assert s.processed == 1 and s.already_done == 1
+    assert len(list(read_jsonl(output_paths(tmp_path / "o")["accepted"]))) == 1
+
+
 def test_teacher_failure_is_retryable_on_the_next_run(tmp_path, fake_openai):
     csv_path, table = make_build_dataset(tmp_path / "d", ["fear", "anger"])
     srv = fake_openai(lambda req, i: Reply(status=503))
@@ -483,3 +493,13 @@ def test_cli_build_export_stats_end_to_end(rafdb_root, tmp_path, fake_openai):
     assert st["accepted"] == 8 and st["by_class"]["happiness"] == 2
     r = runner.invoke(app, ["build", "--source", f"rafdb:{rafdb_root}", "--out", str(out), "--shard", "5/2"])
     assert r.exit_code == 2 and "shard" in r.output
+    # an unreachable teacher without --model fails fast with a clear message, and nothing is written
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = runner.invoke(app, ["build", "--source", f"rafdb:{rafdb_root}", "--out", str(tmp_path / "down"), "--endpoint", f"http://127.0.0.1:{port}/v1",
+                            "--request-retries", "0", "--no-progress"])
+    assert r.exit_code == 2 and "cannot discover the model name" in r.output
+    assert not accepted(tmp_path / "down") and not rejected(tmp_path / "down")

@@ -140,6 +140,15 @@ def test_export_single_format_and_errors(build_dir, tmp_path):
         export(tmp_path / "empty", tmp_path / "y", ["hf"])
 
 
+def test_export_error_midway_leaves_no_partial_files(build_dir, tmp_path):
+    good = list(iter_samples(build_dir))
+    bad = TAGSample("x/1", "x", str(tmp_path / "missing.png"), "fear", "<think>a</think><answer>fear</answer>")
+    with pytest.raises(FileNotFoundError):
+        export(build_dir, tmp_path / "z", ["all"], samples=good + [bad])  # verl embeds image bytes: the missing file fails
+    left = [p for p in (tmp_path / "z").rglob("*") if p.is_file()]
+    assert left == []
+
+
 def test_trl_rows_render_with_the_qwen_chat_template(exported, tiny_vlm):
     """The HF/TRL rows go through a Qwen2.5-VL processor's chat template: one image slot, the target at the end."""
     import pyarrow.parquet as pq

@@ -154,3 +154,28 @@ def test_malformed_json_and_types():
     assert check_trace('{"CoT": 5, "Answer": "fear"}', ITEMS).problems[0].startswith("CoT is not")
     assert not check_trace('{"CoT": "x", "Answer": 3}', ITEMS).ok
     assert check_trace(json.dumps({"cot": COT, "answer": "happiness"}), ITEMS).ok  # keys are case-insensitive
+
+
+_WORDS = st.text(alphabet=st.sampled_from("abcdefghijklmnopqrstuvwxyz ,.'"), min_size=0, max_size=40)
+
+
+@given(st.lists(st.sampled_from(range(3)), min_size=1, max_size=3, unique=True), st.lists(_WORDS, min_size=4, max_size=4),
+       st.sampled_from(LABELS), st.integers(0, 3), st.integers(-3, 3))
+@settings(max_examples=300, deadline=None)
+def test_check_trace_property(order, words, label, coord, delta):
+    """Any trace whose tags copy list entries verbatim is accepted; changing one coordinate always rejects it."""
+    cot = "Overall the face shows a clear pattern " + words[0]
+    for k, idx in enumerate(order):
+        a, _, b = ITEMS[idx]
+        cot += f" region {words[k + 1]} <AU{a}> [{b[0]}, {b[1]}, {b[2]}, {b[3]}] seen."
+    r = check_trace(reply(cot, label), ITEMS)
+    assert r.ok, r.problems
+    assert r.aus_used == [ITEMS[i][0] for i in order] and r.label == label
+    p = parse_trace(r.completion)
+    assert p.well_formed and p.box_coords == tuple(ITEMS[i][2] for i in order)
+    if delta:
+        a, _, b = ITEMS[order[0]]
+        bad = list(b)
+        bad[coord] += delta
+        altered = cot.replace(f"<AU{a}> [{b[0]}, {b[1]}, {b[2]}, {b[3]}]", f"<AU{a}> [{bad[0]}, {bad[1]}, {bad[2]}, {bad[3]}]")
+        assert not check_trace(reply(altered, label), ITEMS).ok

@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
@@ -50,7 +49,7 @@ __all__ = [
     "load_request_image",
 ]
 
-ImageLike = Image.Image | str | os.PathLike | bytes
+ImageLike = Image.Image | str | os.PathLike | bytes  # or an H×W×3 uint8 numpy array
 
 
 class BackendUnavailable(RuntimeError):
@@ -157,8 +156,13 @@ class Backend(Protocol):
 
 
 def load_request_image(image: ImageLike) -> Image.Image:
-    """RGB PIL image from a PIL image, path or bytes; bad input raises
-    :class:`tagfer.imageio.ImageError` (an :class:`ItemError`)."""
+    """RGB PIL image from a PIL image, an H×W(×3) uint8 array, a path or bytes; bad input
+    raises :class:`tagfer.imageio.ImageError` / :class:`ItemError`."""
+    if hasattr(image, "__array_interface__") and not isinstance(image, Image.Image):
+        try:
+            return Image.fromarray(image).convert("RGB")
+        except (TypeError, ValueError) as e:
+            raise ItemError("bad_array", f"cannot use array as an image: {e}") from e
     if isinstance(image, Image.Image):
         try:
             return image.convert("RGB") if image.mode != "RGB" else image
@@ -169,10 +173,12 @@ def load_request_image(image: ImageLike) -> Image.Image:
     return Image.fromarray(load_image(image).rgb)
 
 
-def _error_of(e: BaseException) -> tuple[str, str]:
+def _error_of(e: BaseException, kind: str = "bad_request") -> tuple[str, str]:
+    """(kind, message) of a per-item failure: an ItemError keeps its kind; anything else gets
+    ``kind`` and a message naming the exception type."""
     if isinstance(e, ItemError):
         return e.kind, e.message
-    return type(e).__name__, str(e) or type(e).__name__
+    return kind, f"{type(e).__name__}: {e}"
 
 
 def _emit(results: Iterable[GenResult], on_result: Callable[[GenResult], None] | None) -> Iterator[GenResult]:
@@ -317,8 +323,10 @@ class OpenAIBackend(_BackendBase):
     """Generation through OpenAI-compatible server(s) with :class:`ChatClient`.
 
     ``client_config``: a :class:`tagfer.openai_client.ClientConfig`; ``concurrency`` (optional)
-    lowers its ``total_concurrency``. Up to ``window`` requests (default 2 × the number that
-    can be in flight) are read ahead and submitted; images are encoded (resized to
+    lowers its ``total_concurrency``. Up to ``window`` requests (default: the number that can
+    be in flight plus 25%, at least 32 — the slack keeps servers busy while an ordered stream
+    waits for a slow head item; each holds its encoded image, ~0.1 MB as 224-px PNG) are read
+    ahead and submitted; images are encoded (resized to
     ``image_side``) in the calling thread while an event loop thread talks to the servers.
     The loop thread and its :class:`ChatClient` (connection pool, discovered model name) are
     created on first use and kept until :meth:`close`, so many small ``generate`` calls are
@@ -339,7 +347,8 @@ class OpenAIBackend(_BackendBase):
         if concurrency is not None:
             client_config = replace(client_config, total_concurrency=max(1, int(concurrency)))
         self.client_config = client_config
-        self.window = int(window) if window else 2 * client_config.max_in_flight
+        n = client_config.max_in_flight
+        self.window = int(window) if window else n + max(32, n // 4)
         self.ordered = ordered
         self._runner: _LoopThread | None = None
         self._client: Any = None
@@ -394,7 +403,7 @@ class OpenAIBackend(_BackendBase):
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - never lose an item
-                res = GenResult.failure(req, *_error_of(e), backend=self.name)
+                res = GenResult.failure(req, *_error_of(e, "client_error"), backend=self.name)
             done.put((seq, res))
 
         futures: dict[int, Any] = {}

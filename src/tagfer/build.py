@@ -260,11 +260,9 @@ class OpenAITeacher:
         self.name = config.model or "openai"
 
     async def open(self) -> None:
+        """Open the client; without a configured model name, ask the server (fails fast if unreachable)."""
         await self.client.open()
-        try:
-            self.name = await self.client.model()
-        except ItemError:
-            pass  # reported per item when the first request fails
+        self.name = await self.client.model()
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -456,7 +454,6 @@ def feedback(problems: list[str], limit: int = 5) -> str:
         if q not in out:
             out.append(q)
     return "Your previous reply was not usable: " + "; ".join(out[:limit]) + ". Follow the instructions and the reply format exactly."
-
 
 
 @dataclass
@@ -666,6 +663,7 @@ def _iter_records(config: BuildConfig, summary: BuildSummary, done: set[str], re
             if config.limit is not None and new >= config.limit:
                 return
             new += 1
+            done.add(rec.id)  # a repeated id later in the stream (duplicate rows, two sources named alike) is skipped
             yield rec
         if st is not None:
             summary.sources[spec] = st.to_json()
@@ -721,7 +719,8 @@ async def build(
 
     ``records`` replaces ``config.sources``; ``detector`` (an object with
     ``.detect(LoadedImage, key) -> list[FaceAUs]``) replaces the configured AU
-    detector; ``teacher`` replaces the one built from ``config.teacher``.
+    detector; ``teacher`` replaces the one built from ``config.teacher`` (it is
+    opened if it has ``open()``, and left open for the caller to close).
     ``on_result(kind, record)`` is called after each line is written.
     """
     out = Path(config.out)
@@ -788,8 +787,8 @@ async def build(
             sem.release()
 
     try:
-        if own_teacher:
-            await teacher.open()  # type: ignore[union-attr]
+        if teacher is not None and hasattr(teacher, "open"):
+            await teacher.open()  # idempotent; a teacher passed in is opened but not closed here
         for rec in _iter_records(config, summary, done, records):
             await sem.acquire()
             summary.processed += 1

@@ -151,6 +151,10 @@ class _JsonArrayWriter:
         self._f.close()
         os.replace(self._f.name, self.path)
 
+    def abort(self) -> None:
+        self._f.close()
+        Path(self._f.name).unlink(missing_ok=True)
+
 
 def _schemas():
     import pyarrow as pa
@@ -218,6 +222,10 @@ class _ParquetWriter:
         self._flush()
         self._w.close()
         os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._w.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -303,6 +311,8 @@ def export(
         for wr in writers.values():
             if ok:
                 wr.close()
+            else:  # an error mid-way: leave no half-written file behind (outputs are replaced atomically)
+                wr.abort()
     for key, wr in writers.items():
         summary.files[str(wr.path.relative_to(o))] = wr.n
     if "llamafactory" in fmts and ok:

@@ -104,7 +104,8 @@ class ClientConfig:
     send + wait + read); ``deadline_s`` (optional) bounds a whole request with retries.
     ``image_side``/``image_format``: how :meth:`ChatClient.image_part` encodes images.
     ``verify``: TLS certificate check for https endpoints — True (system/certifi CAs), a CA
-    bundle path, or False.
+    bundle path, or False. ``eject_after``: consecutive connection/timeout/5xx failures after
+    which an endpoint is avoided for a back-off period while others are healthy (0: never).
     """
 
     endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
@@ -122,6 +123,7 @@ class ClientConfig:
     image_format: str = "png"
     extra_headers: dict[str, str] = field(default_factory=dict)
     verify: bool | str = True
+    eject_after: int = 3
 
     def __post_init__(self) -> None:
         if isinstance(self.endpoints, str):
@@ -254,24 +256,45 @@ def system_message(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- scheduling
 
 class _Slots:
-    """Least-in-flight endpoint choice under per-endpoint and total limits (one event loop)."""
+    """Least-in-flight endpoint choice under per-endpoint and total limits (one event loop).
 
-    def __init__(self, n: int, per_endpoint: int, total: int):
+    Ejection: after ``eject_after`` consecutive transport/5xx failures an endpoint "cools
+    down" for ``min(cool_max, cool_base * 2**(streak - eject_after))`` seconds, during which
+    it gets no new attempts while any other endpoint is healthy (a dead server fails fast, so
+    least-in-flight alone would send it *more* work). The first attempt after the cool-down
+    is a probe; a success resets the streak. When every endpoint is cooling, all are used.
+    """
+
+    def __init__(self, n: int, per_endpoint: int, total: int, eject_after: int = 3,
+                 cool_base: float = 0.5, cool_max: float = 30.0):
         self.n = n
         self.per = per_endpoint
         self.total = total
         self.in_flight = [0] * n
         self.sum = 0
         self.served = [0] * n
+        self.streak = [0] * n
+        self.cool_until = [0.0] * n
+        self.eject_after = eject_after
+        self.cool_base = cool_base
+        self.cool_max = cool_max
         self._rr = 0
         self._cond = asyncio.Condition()
 
     def _pick(self, avoid: int | None) -> int | None:
         if self.sum >= self.total:
             return None
-        best, best_key = None, None
         n, rr = self.n, self._rr
+        cooling: list[bool] | None = None
+        if self.eject_after > 0 and n > 1:
+            now = time.monotonic()
+            cooling = [t > now for t in self.cool_until]
+            if all(cooling):
+                cooling = None
+        best, best_key = None, None
         for i in range(n):
+            if cooling is not None and cooling[i]:
+                continue
             k = self.in_flight[i]
             if k >= self.per:
                 continue
@@ -279,6 +302,17 @@ class _Slots:
             if best_key is None or key < best_key:
                 best, best_key = i, key
         return best
+
+    def record(self, i: int, healthy: bool) -> None:
+        """Update endpoint ``i``'s failure streak after an attempt (see class docstring)."""
+        if healthy:
+            self.streak[i] = 0
+            self.cool_until[i] = 0.0
+            return
+        self.streak[i] += 1
+        over = self.streak[i] - self.eject_after
+        if self.eject_after > 0 and over >= 0:
+            self.cool_until[i] = time.monotonic() + min(self.cool_max, self.cool_base * 2 ** min(over, 30))
 
     async def acquire(self, avoid: int | None = None) -> int:
         async with self._cond:
@@ -439,7 +473,13 @@ class _FastTransport(httpx.AsyncHTTPTransport):
 
     def __init__(self, max_idle: int, keepalive_expiry: float = 30.0, verify: bool | str = True):
         super().__init__(trust_env=False, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
-        ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
+        if isinstance(verify, (str, os.PathLike)):
+            import ssl
+
+            path = Path(verify)
+            ssl_context = ssl.create_default_context(capath=str(path)) if path.is_dir() else ssl.create_default_context(cafile=str(path))
+        else:
+            ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
         self._pool = _FreeListPool(ssl_context, keepalive_expiry, max_idle)  # type: ignore[assignment]
 
 
@@ -462,6 +502,7 @@ class ChatClient:
         self._slots: _Slots | None = None
         self._model: str | None = config.model
         self._model_lock: asyncio.Lock | None = None
+        self._model_error: tuple[float, RequestFailed] | None = None
 
     # -- lifecycle
     async def __aenter__(self) -> ChatClient:
@@ -481,7 +522,8 @@ class ChatClient:
         self._headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
         self._tr = self._transport or _FastTransport(max_idle=cfg.max_in_flight + 8, verify=cfg.verify)
         self._urls = {}
-        self._slots = _Slots(len(cfg.endpoints), cfg.per_endpoint_concurrency, cfg.total_concurrency)
+        self._slots = _Slots(len(cfg.endpoints), cfg.per_endpoint_concurrency, cfg.total_concurrency,
+                             cfg.eject_after, cfg.backoff_base_s, cfg.backoff_max_s)
         self._model_lock = asyncio.Lock()
 
     async def aclose(self) -> None:
@@ -546,9 +588,13 @@ class ChatClient:
                 snippet = body[:300].decode("utf-8", "replace")
                 ra = _retry_after_s(resp.headers.get("retry-after")) if retryable else None
                 raise _AttemptError(f"http_{status}", f"HTTP {status} from {url}: {snippet}", retryable, status, ra)
-            return parse(body), idx
+            result = parse(body)
+            self._slots.record(idx, True)
+            return result, idx
         except _AttemptError as e:
             e.endpoint = idx  # type: ignore[attr-defined]
+            unhealthy = e.kind in ("connection", "timeout") or (e.status is not None and e.status >= 500)
+            self._slots.record(idx, not unhealthy)
             raise
         finally:
             await self._slots.release(idx)
@@ -593,6 +639,11 @@ class ChatClient:
             return self._model
         assert self._model_lock is not None, "use `async with ChatClient(...)` first"
         async with self._model_lock:
+            failed = self._model_error
+            if self._model is None and failed is not None and time.monotonic() - failed[0] < max(1.0, self.config.backoff_max_s):
+                # a discovery that just failed is not repeated by every queued request
+                e = failed[1]
+                raise RequestFailed(e.kind, e.message, 0, e.status, e.endpoint)
             if self._model is None:
                 def parse(body: bytes) -> str:
                     try:
@@ -603,7 +654,9 @@ class ChatClient:
                 try:
                     self._model, _, _ = await self._with_retries("GET", "/models", None, parse, self.config.deadline_s)
                 except RequestFailed as e:
-                    raise RequestFailed(e.kind, f"cannot discover the model name: {e.message}", e.attempts, e.status, e.endpoint) from None
+                    err = RequestFailed(e.kind, f"cannot discover the model name: {e.message}", e.attempts, e.status, e.endpoint)
+                    self._model_error = (time.monotonic(), err)
+                    raise err from None
         return self._model
 
     async def chat(self, messages: list[dict[str, Any]], *, deadline_s: float | None = None, **params: Any) -> ChatResult:

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from tagfer.imageio import IMAGE_EXTENSIONS
-from tagfer.labels import EXCLUDED, LABELS, normalize_label
+from tagfer.labels import EXCLUDED, normalize_label
 
 __all__ = [
     "SourceRecord",

@@ -63,10 +63,15 @@ def build_cmd(
     except (TypeError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
+    from tagfer.errors import ItemError
+
     try:
         summary = run_build(cfg, progress=progress, console=console)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    except ItemError as e:  # e.g. the teacher server cannot be reached to discover the model name
+        console.print(f"[red]error:[/red] {e.kind}: {e.message}")
         raise typer.Exit(2)
     s = summary.to_json()
     out_console.print(

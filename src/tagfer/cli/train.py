@@ -101,14 +101,17 @@ def merge(
 def export_llamafactory(
     config: str = _CONFIG, set_: Optional[list[str]] = _SET,
     out: Path = typer.Option(..., "--out", "-o", help="YAML file to write."),
-    dataset: str = typer.Option("tag_sft", help="Dataset name in the exporter's dataset_info.json."),
-    dataset_dir: str = typer.Option("data/tag", help="Folder holding dataset_info.json (data exporter output)."),
-    deepspeed: Optional[str] = typer.Option(None, help="DeepSpeed JSON (e.g. the shipped ZeRO-2 file)."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset name in the exporter's dataset_info.json (default from the preset)."),
+    export_dir: str = typer.Option("tag_export", help="Output folder of `tagfer export` (holds llamafactory/dataset_info.json)."),
+    deepspeed: Optional[str] = typer.Option(None, help="zero2 | zero3 (shipped JSON files) or a DeepSpeed JSON path."),
 ) -> None:
     """Write a LLaMA-Factory SFT YAML equivalent to the preset."""
-    from tagfer.train.interop import llamafactory_config, write_yaml
+    from tagfer.train.interop import default_export_names, llamafactory_config, write_yaml
 
     cfg = _load(config, set_, "sft")
+    names = default_export_names(cfg, export_dir)
+    dataset = dataset or names["llamafactory_dataset"]
+    dataset_dir = names["llamafactory_dir"]
     p = write_yaml(llamafactory_config(cfg, dataset, dataset_dir, deepspeed), out,
                    f"# LLaMA-Factory SFT config from tagfer preset {config}; run: llamafactory-cli train {out}")
     out_console.print(f"wrote {p}")
@@ -118,15 +121,17 @@ def export_llamafactory(
 def export_verl(
     config: str = _CONFIG, set_: Optional[list[str]] = _SET,
     out: Path = typer.Option(..., "--out", "-o", help="YAML file to write (a .sh launch script is written beside it)."),
-    train_files: str = typer.Option("data/tag/verl/train.parquet", help="verl parquet with prompt/images/reward_model."),
+    train_files: Optional[str] = typer.Option(None, help="verl parquet (default: the exporter's verl/<source>.parquet)."),
     val_files: Optional[str] = typer.Option(None),
     gpus: int = typer.Option(4, help="GPUs per node."),
     nnodes: int = typer.Option(1),
+    export_dir: str = typer.Option("tag_export", help="Output folder of `tagfer export` (for the default data path)."),
 ) -> None:
     """Write a verl GRPO config (+ launch script) whose reward is tagfer.integrations.verl.compute_score."""
-    from tagfer.train.interop import verl_command, verl_config, write_yaml
+    from tagfer.train.interop import default_export_names, verl_command, verl_config, write_yaml
 
     cfg = _load(config, set_, "grpo")
+    train_files = train_files or default_export_names(cfg, export_dir)["verl_train"]
     conf = verl_config(cfg, train_files, val_files, gpus, nnodes)
     p = write_yaml(conf, out, f"# verl GRPO config from tagfer preset {config}")
     sh = Path(out).with_suffix(".sh")

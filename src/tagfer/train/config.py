@@ -142,7 +142,10 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """Optimiser and schedule (AdamW). ``bf16: auto`` = on when the device supports it."""
+    """Optimiser and schedule (AdamW). ``bf16: auto`` = on when the device supports it.
+
+    ``deepspeed``: ``zero2`` / ``zero3`` (the packaged JSON files) or a path to your own.
+    """
 
     learning_rate: float = 2e-5
     weight_decay: float = 0.01

@@ -313,10 +313,17 @@ class RowMaker:
     Pickles (module-level class), so dataloader workers can use it.
     """
 
+    #: resized images kept per path: GRPO reads each prompt row K times in a row.
+    cache_size = 64
+
     def __init__(self, stage: str, system: str, user: str, image_side: int = 224):
         if stage not in ("sft", "grpo"):
             raise ValueError(f"stage must be sft or grpo, got {stage!r}")
         self.stage, self.system, self.user, self.image_side = stage, system, user, image_side
+        self._cache: dict[str, Any] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": {}}
 
     def prompt(self) -> list[dict[str, Any]]:
         from tagfer.vlm import build_chat
@@ -324,6 +331,17 @@ class RowMaker:
         return build_chat(self.user, self.system, with_image=True)
 
     def image(self, path: str, data: bytes | None, sample_id: str = ""):
+        if not data and path in self._cache:
+            return self._cache[path].copy()
+        img = self._load(path, data, sample_id)
+        if not data:
+            if len(self._cache) >= self.cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[path] = img
+            return img.copy()
+        return img
+
+    def _load(self, path: str, data: bytes | None, sample_id: str = ""):
         from PIL import Image
 
         from tagfer.imageio import ImageError, load_image

@@ -2,10 +2,12 @@
 
 * :func:`llamafactory_config` — a LLaMA-Factory ``llamafactory-cli train`` YAML for the SFT
   stage (the paper used LLaMA-Factory). Its ``dataset`` names an entry of the
-  ``dataset_info.json`` the data exporter writes next to the ShareGPT data (``dataset_dir``).
+  ``dataset_info.json`` that ``tagfer export … --format llamafactory`` writes
+  (``<export>/llamafactory/``: ``tag_sft``, ``tag_sft_nobbox``, ``tag_sft_<source>``).
 * :func:`verl_config` — a verl ``main_ppo`` config (GRPO advantage estimator, K rollouts,
   KL loss β, clip ε, LoRA) whose ``custom_reward_function`` points to
-  :func:`tagfer.integrations.verl.compute_score`; :func:`verl_command` gives the launch line.
+  :func:`tagfer.integrations.verl.compute_score`; the data are the exporter's
+  ``<export>/verl/<source>.parquet`` files. :func:`verl_command` gives the launch line.
 
 Both take the same :class:`~tagfer.train.config.TrainConfig`, so a preset is the single
 source of the hyperparameters. Field names follow LLaMA-Factory 0.9 / verl 0.4+ docs;
@@ -21,11 +23,20 @@ import yaml
 
 from tagfer.train.config import TrainConfig
 
-__all__ = ["llamafactory_config", "verl_config", "verl_command", "write_yaml"]
+__all__ = ["llamafactory_config", "verl_config", "verl_command", "default_export_names", "write_yaml"]
 
 
 def _bf16(cfg: TrainConfig) -> bool:
     return cfg.optim.bf16 != "false"
+
+
+def default_export_names(cfg: TrainConfig, export_dir: str = "tag_export") -> dict[str, str]:
+    """Names/paths of the data exporter's files matching ``cfg`` (``llamafactory_dataset``,
+    ``llamafactory_dir``, ``verl_train``)."""
+    sources = list(cfg.data.sources)
+    name = "tag_sft_nobbox" if cfg.data.no_bbox else (f"tag_sft_{sources[0]}" if len(sources) == 1 else "tag_sft")
+    verl = f"{export_dir}/verl/{sources[0]}.parquet" if len(sources) == 1 else f"{export_dir}/verl/train.parquet"
+    return {"llamafactory_dataset": name, "llamafactory_dir": f"{export_dir}/llamafactory", "verl_train": verl}
 
 
 def llamafactory_config(cfg: TrainConfig, dataset: str = "tag_sft", dataset_dir: str = "data/tag",
@@ -69,7 +80,9 @@ def llamafactory_config(cfg: TrainConfig, dataset: str = "tag_sft", dataset_dir:
         # LLaMA-Factory's "all" = every linear layer of the language model (the vision tower is frozen above).
         out.update({"lora_rank": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout, "lora_target": "all"})
     if deepspeed or o.deepspeed:
-        out["deepspeed"] = deepspeed or o.deepspeed
+        from tagfer.train.sft import deepspeed_config_path
+
+        out["deepspeed"] = deepspeed_config_path(deepspeed or o.deepspeed)
     return out
 
 
@@ -194,3 +207,4 @@ def write_yaml(obj: dict[str, Any], path: str | Path, header: str = "") -> Path:
     text = yaml.safe_dump(obj, sort_keys=False)
     p.write_text((header + "\n" if header else "") + text, encoding="utf-8")
     return p
+

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from tagfer.train.config import TrainConfig, dump_config
 from tagfer.train.model import save_processor
 
-__all__ = ["SFTResult", "run_sft", "training_args_common", "save_adapter", "last_checkpoint"]
+__all__ = ["SFTResult", "run_sft", "training_args_common", "save_adapter", "last_checkpoint", "deepspeed_config_path"]
 
 
 @dataclass
@@ -42,6 +42,12 @@ def _bf16(setting: str) -> bool:
     return setting == "true"
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _report_to(cfg: TrainConfig) -> list[str]:
     if not cfg.log.tensorboard:
         return []
@@ -55,6 +61,13 @@ def _report_to(cfg: TrainConfig) -> list[str]:
     return ["tensorboard"]
 
 
+def deepspeed_config_path(value: str | None) -> str | None:
+    """``zero2`` / ``zero3`` → the packaged DeepSpeed JSON (``tagfer/train/deepspeed/``); paths pass through."""
+    if value in ("zero2", "zero3"):
+        return str(Path(__file__).parent / "deepspeed" / f"{value}.json")
+    return value
+
+
 def training_args_common(cfg: TrainConfig) -> dict[str, Any]:
     """Keyword arguments shared by ``SFTConfig`` and ``GRPOConfig``."""
     o = cfg.optim
@@ -62,11 +75,11 @@ def training_args_common(cfg: TrainConfig) -> dict[str, Any]:
         output_dir=str(cfg.output_dir), learning_rate=o.learning_rate, weight_decay=o.weight_decay,
         lr_scheduler_type=o.lr_scheduler, warmup_steps=o.warmup_ratio, max_grad_norm=o.max_grad_norm,
         num_train_epochs=o.epochs, max_steps=o.max_steps, per_device_train_batch_size=o.batch_size,
-        gradient_accumulation_steps=o.grad_accum, bf16=_bf16(o.bf16), gradient_checkpointing=o.gradient_checkpointing,
+        gradient_accumulation_steps=o.grad_accum, bf16=_bf16(o.bf16), activation_checkpointing=o.gradient_checkpointing,
         seed=o.seed, data_seed=o.seed, save_strategy="steps", save_steps=o.save_steps,
         save_total_limit=o.save_total_limit, logging_steps=cfg.log.logging_steps, report_to=_report_to(cfg),
-        remove_unused_columns=False, dataloader_num_workers=o.dataloader_workers, deepspeed=o.deepspeed,
-        disable_tqdm=not cfg.log.progress, optim="adamw_torch",
+        remove_unused_columns=False, dataloader_num_workers=o.dataloader_workers, deepspeed=deepspeed_config_path(o.deepspeed),
+        disable_tqdm=not cfg.log.progress, optim="adamw_torch", dataloader_pin_memory=_cuda(),
     )
 
 

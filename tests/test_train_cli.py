@@ -1,0 +1,81 @@
+"""`tagfer train …` commands (the fast ones; sft/grpo runs are covered by test_train_sft/grpo)."""
+
+from __future__ import annotations
+
+import yaml
+from typer.testing import CliRunner
+
+from tagfer.cli import app
+
+runner = CliRunner()
+
+
+def test_presets_and_show():
+    r = runner.invoke(app, ["train", "presets"])
+    assert r.exit_code == 0 and "grpo_rafdb" in r.output and "tiny_cpu" in r.output
+    r = runner.invoke(app, ["train", "show", "-c", "grpo_ferplus", "--set", "optim.learning_rate=2e-6"])
+    assert r.exit_code == 0
+    shown = yaml.safe_load(r.output)
+    assert shown["optim"]["learning_rate"] == 2e-6 and shown["data"]["sources"] == ["ferplus"]
+
+
+def test_bad_override_exits_with_field_name():
+    r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--set", "optim.lr=1"])
+    assert r.exit_code == 2
+    assert "optim.lr" in r.output
+
+
+def test_exports(tmp_path):
+    r = runner.invoke(app, ["train", "export-llamafactory", "-c", "sft_nobbox", "-o", str(tmp_path / "lf.yaml")])
+    assert r.exit_code == 0, r.output
+    lf = yaml.safe_load((tmp_path / "lf.yaml").read_text())
+    assert lf["lora_rank"] == 128 and lf["dataset"] == "tag_sft_nobbox"
+    r = runner.invoke(app, ["train", "export-verl", "-c", "grpo_rafdb", "-o", str(tmp_path / "verl.yaml")])
+    assert r.exit_code == 0, r.output
+    sh = (tmp_path / "verl.sh").read_text()
+    assert sh.count("compute_score") == 1 and "data.train_files=tag_export/verl/rafdb.parquet" in sh
+
+
+def test_missing_model_is_clear(tmp_path):
+    r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--set", "model.name_or_path=/nonexistent/model",
+                            "--set", f"output_dir={tmp_path}"])
+    assert r.exit_code == 3
+    assert "does not exist" in r.output
+
+
+def test_plot_missing_log(tmp_path):
+    r = runner.invoke(app, ["train", "plot", str(tmp_path / "none.jsonl")])
+    assert r.exit_code == 2
+
+
+def test_tiny_cpu_sft_then_grpo_end_to_end(tmp_path):
+    """The done criterion: `train sft` then `train grpo` on the tiny_cpu presets (shortened), then merge."""
+    import json
+
+    sft_dir, grpo_dir = tmp_path / "sft", tmp_path / "grpo"
+    r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--set", f"output_dir={sft_dir}",
+                            "--set", "optim.max_steps=3", "--set", "sft.eval_steps=2", "--set", "optim.save_steps=2"])
+    assert r.exit_code == 0, r.output
+    assert (sft_dir / "best" / "adapter_config.json").is_file()
+    assert (sft_dir / "checkpoint-2").is_dir()
+    r = runner.invoke(app, ["train", "grpo", "-c", "tiny_cpu_grpo", "--set", f"output_dir={grpo_dir}",
+                            "--set", f"model.adapter={sft_dir / 'best'}", "--set", "optim.max_steps=2"])
+    assert r.exit_code == 0, r.output
+    log = [json.loads(x) for x in (grpo_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log if x["event"] == "train" and "reward" in x] == [1, 2]
+    # GRPO continued from the SFT run's tiny base model
+    result = json.loads((grpo_dir / "result.json").read_text())
+    assert result["base_model"] == str((sft_dir / "base_model").resolve())
+    r = runner.invoke(app, ["train", "plot", str(grpo_dir / "train_log.jsonl")])
+    assert r.exit_code == 0 and (grpo_dir / "training_dynamics.png").is_file()
+    r = runner.invoke(app, ["train", "merge", str(grpo_dir / "final"), "-o", str(tmp_path / "merged")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "merged" / "config.json").is_file()
+    # a rerun with more steps resumes from the last SFT checkpoint instead of starting over
+    r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--set", f"output_dir={sft_dir}",
+                            "--set", "optim.max_steps=4", "--set", "sft.eval_steps=0", "--set", "optim.save_steps=2"])
+    assert r.exit_code == 0, r.output
+    steps = [x["step"] for x in (json.loads(y) for y in (sft_dir / "train_log.jsonl").read_text().splitlines())
+             if x["event"] == "train" and "loss" in x]
+    assert (sft_dir / "checkpoint-3").is_dir()  # the trainer also saves at the last step
+    assert steps == [1, 2, 3, 4]  # resumed from checkpoint-3: only step 4 was trained again (not 1..4)
