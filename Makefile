@@ -41,6 +41,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_au.py
 	$(PY) benchmarks/bench_rewards.py
 	$(PY) benchmarks/bench_analyze.py
+	$(PY) benchmarks/bench_client.py
+	$(PY) benchmarks/bench_build.py
+	$(PY) benchmarks/bench_eval.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -508,3 +508,16 @@ def test_all_endpoints_failing_still_reports_errors():
     with pytest.raises(RequestFailed) as ei:
         run_chat(cfg)
     assert ei.value.kind == "connection" and ei.value.attempts == 5  # never blocks on cooling endpoints
+
+
+def test_fake_server_reports_script_problems(srv):
+    srv.reset(["only one"])
+    cfg = fast_cfg(srv.url, model="m", max_retries=0)
+    assert run_chat(cfg).text == "only one"
+    with pytest.raises(RequestFailed) as ei:
+        run_chat(cfg)
+    assert ei.value.kind == "http_500" and "script exhausted" in srv.script_errors[0]
+    srv.reset(lambda req, i: 1 / 0)
+    with pytest.raises(RequestFailed):
+        run_chat(cfg)
+    assert srv.script_errors == ["script raised ZeroDivisionError: division by zero"]

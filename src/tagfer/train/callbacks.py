@@ -161,11 +161,9 @@ class ValidationCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.logger.write({"event": "validation", "stage": "sft", **{k: v for k, v in m.items() if k != "examples"},
                                "example": (m["examples"] or [""])[0][:500]})
-            if is_best:
-                self.best = {k: v for k, v in m.items() if k not in ("examples", "best")}
-                self.save_fn(self.best)
-        elif is_best:
+        if is_best:  # every rank: saving may need all ranks (DeepSpeed ZeRO-3 gathers the weights)
             self.best = {k: v for k, v in m.items() if k not in ("examples", "best")}
+            self.save_fn(self.best, state.is_world_process_zero)
         return m
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

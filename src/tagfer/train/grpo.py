@@ -123,14 +123,16 @@ def run_grpo(
 ) -> GRPOResult:
     """Run GRPO as configured (TAG rewards unless ``reward_funcs`` is given); returns the adapter folder and log."""
     from tagfer.train.callbacks import write_json
-    from tagfer.train.sft import last_checkpoint, save_adapter
+    from tagfer.train.sft import last_checkpoint
 
     trainer, logger, info = build_grpo_trainer(cfg, reward_funcs, weights, callbacks)
     out = Path(cfg.output_dir)
     resume = last_checkpoint(out) if cfg.resume else None
     trainer.train(resume_from_checkpoint=resume)
-    final = save_adapter(trainer.model, info["processor"], out / "final")
-    write_json(out / "result.json", {"final_dir": str(final), "base_model": info["base_model"],
-                                     "sft_adapter": cfg.model.adapter, "trainable": info["trainable"],
-                                     "steps": trainer.state.global_step})
+    final = out / "final"
+    trainer.save_model(str(final))  # adapter + processor (gathers ZeRO-3 shards)
+    if trainer.is_world_process_zero():
+        write_json(out / "result.json", {"final_dir": str(final), "base_model": info["base_model"],
+                                         "sft_adapter": cfg.model.adapter, "trainable": info["trainable"],
+                                         "steps": trainer.state.global_step})
     return GRPOResult(out, final, out / cfg.log.jsonl, list(trainer.state.log_history), info["trainable"])

@@ -145,9 +145,12 @@ def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
     cbs: list[Any] = [logger]
     best_dir = out / "best"
 
-    def save_best(metrics: dict[str, Any]) -> None:
-        save_adapter(model, processor, best_dir)
-        write_json(best_dir / "best.json", metrics)
+    holder: dict[str, Any] = {}
+
+    def save_best(metrics: dict[str, Any], main_process: bool = True) -> None:
+        holder["trainer"].save_model(str(best_dir))  # adapter + processor; gathers ZeRO-3 shards
+        if main_process:
+            write_json(best_dir / "best.json", metrics)
 
     validator = None
     if val_raw is not None and cfg.sft.val_samples > 0:
@@ -155,16 +158,20 @@ def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
         cbs.append(validator)
     cbs.extend(callbacks)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=processor, callbacks=cbs)
+    holder["trainer"] = trainer
     quiet_console(trainer, cfg)
     resume = last_checkpoint(out) if cfg.resume else None
     trainer.train(resume_from_checkpoint=resume)
-    final = save_adapter(model, processor, out / "final")
+    final = out / "final"
+    trainer.save_model(str(final))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     best = validator.best if validator else None
     if validator is None:  # no validation data: the final adapter is the best we know
-        save_adapter(model, processor, best_dir)
-        write_json(best_dir / "best.json", {"step": trainer.state.global_step, "note": "no validation data"})
+        trainer.save_model(str(best_dir))
+        if trainer.is_world_process_zero():
+            write_json(best_dir / "best.json", {"step": trainer.state.global_step, "note": "no validation data"})
     result = SFTResult(out, final, best_dir, best, out / cfg.log.jsonl, losses, summary)
-    write_json(out / "result.json", {"final_dir": str(final), "best_dir": str(best_dir), "best": best,
+    if trainer.is_world_process_zero():
+        write_json(out / "result.json", {"final_dir": str(final), "best_dir": str(best_dir), "best": best,
                                      "base_model": base, "trainable": summary, "steps": trainer.state.global_step})
     return result
