@@ -474,3 +474,16 @@ def test_strip_bboxes_removes_every_box_and_keeps_the_rest_parseable(case):
     p = parse_trace(stripped)
     assert "<bbox>" not in stripped and p.boxes == ()
     assert p.label == case[2]
+
+
+@relaxed
+@given(st.lists(st.sampled_from(["<bbox>", "</bbox>", "[1, 2, 3, 4]", "<think>", "</think>", "x"]), max_size=14).map("".join))
+def test_box_spans_never_overlap(text):
+    spans = [b.span for b in parse_trace(text).boxes]
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert all(text[s:e].lower().startswith("<") for s, e in spans)
+
+
+def test_nested_boxes_fold_into_one_unreadable_box():
+    p = parse_trace("<think>a <bbox><bbox>[0, 0, 9, 9]</bbox></bbox></think><answer>fear</answer>")
+    assert [b.coords for b in p.boxes] == [None] and "nested_tags" in p.violations

@@ -25,6 +25,11 @@ def test_bad_override_exits_with_field_name():
     assert "optim.lr" in r.output
 
 
+def test_stage_mismatch_is_refused():
+    r = runner.invoke(app, ["train", "sft", "-c", "grpo_rafdb"])
+    assert r.exit_code == 2 and "tagfer train grpo" in r.output
+
+
 def test_exports(tmp_path):
     r = runner.invoke(app, ["train", "export-llamafactory", "-c", "sft_nobbox", "-o", str(tmp_path / "lf.yaml")])
     assert r.exit_code == 0, r.output

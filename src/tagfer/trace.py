@@ -391,6 +391,10 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
                 elif name == "answer":
                     answers.append((opened[1], opened[2], start))
                 else:  # a box whose content is not four integers
+                    # Boxes nested inside this element (already flagged nested_tags) fold into it,
+                    # so box spans never overlap: one unreadable box per outermost element.
+                    while raw_boxes and raw_boxes[-1][0] > opened[1]:
+                        raw_boxes.pop()
                     raw_boxes.append((opened[1], end, _read_box(text[opened[2] : start]), opened[3]))
         if not stack and not outside and seg and not seg.isspace():
             outside = True

@@ -19,11 +19,12 @@ _SET = typer.Option(None, "--set", "-s", help="Override a field: key.sub=value (
 def _load(config: str, sets: Optional[list[str]], stage: str | None = None):
     from tagfer.train.config import ConfigError, load_config
 
-    overrides = list(sets or [])
-    if stage is not None:
-        overrides.insert(0, f"stage={stage}")
     try:
-        return load_config(config, overrides)
+        cfg = load_config(config, list(sets or []), validate=False)
+        if stage is not None and cfg.stage != stage:
+            raise ConfigError("stage", f"{config!r} is a {cfg.stage} config; use `tagfer train {cfg.stage}` "
+                                       f"(or --set stage={stage} to reuse it)")
+        return cfg.validate()
     except ConfigError as e:
         console.print(f"[red]config error[/] {e}")
         raise typer.Exit(2)
@@ -108,7 +109,7 @@ def export_llamafactory(
     """Write a LLaMA-Factory SFT YAML equivalent to the preset."""
     from tagfer.train.interop import default_export_names, llamafactory_config, write_yaml
 
-    cfg = _load(config, set_, "sft")
+    cfg = _load(config, set_)
     names = default_export_names(cfg, export_dir)
     dataset = dataset or names["llamafactory_dataset"]
     dataset_dir = names["llamafactory_dir"]
@@ -130,7 +131,7 @@ def export_verl(
     """Write a verl GRPO config (+ launch script) whose reward is tagfer.integrations.verl.compute_score."""
     from tagfer.train.interop import default_export_names, verl_command, verl_config, write_yaml
 
-    cfg = _load(config, set_, "grpo")
+    cfg = _load(config, set_)
     train_files = train_files or default_export_names(cfg, export_dir)["verl_train"]
     conf = verl_config(cfg, train_files, val_files, gpus, nnodes)
     p = write_yaml(conf, out, f"# verl GRPO config from tagfer preset {config}")
