@@ -38,3 +38,4 @@ def test_demo_writes_overlay(tmp_path):
     r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert r.exit_code == 0, r.output
     assert "AU12" in r.output and list((tmp_path / "demo").glob("*.png"))
+    assert "<answer>happiness</answer>" in r.output and (tmp_path / "demo" / "analyze_astronaut.png").is_file()

@@ -104,15 +104,20 @@ def demo_cmd(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Directory for the demo outputs."),
     sample: str = typer.Option("astronaut", "--sample", help="astronaut | grace_hopper"),
 ) -> None:
-    """Run AU grounding on a real face shipped by an installed package and write its overlay."""
+    """The offline tour on a real face shipped by an installed package: `tagfer analyze`
+    (label, grounded trace, red/green overlay) then the AU grounding record of `tagfer au`."""
+    from tagfer.cli.analyze import analyze_cmd
     from tagfer.detectors import DetectorSpec
     from tagfer.grounding import GroundingConfig, run_grounding
     from tagfer.samples import sample_face_path
 
-    img = sample_face_path(sample)
     out.mkdir(parents=True, exist_ok=True)
+    analyze_cmd(
+        images=[Path(f"sample:{sample}")], model=None, json_out=False, overlay=out / f"analyze_{sample}.png", scores=True,
+        frame="face", all_aus=False, max_faces=5, threshold=0.3, landmarker=None, max_new_tokens=512, device="auto",
+    )
     records: list[dict] = []
-    run_grounding([img], out / "au.jsonl", DetectorSpec(), GroundingConfig(overlays=str(out)), resume=False, on_record=records.append)
+    run_grounding([sample_face_path(sample)], out / "au.jsonl", DetectorSpec(), GroundingConfig(overlays=str(out)), resume=False, on_record=records.append)
     for rec in records:
         _print_faces(rec)
     if any(r.get("error") for r in records):
