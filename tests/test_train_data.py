@@ -115,3 +115,27 @@ def test_missing_data_is_clear(tmp_path):
         list(iter_records(str(tmp_path / "nope.jsonl")))
     with pytest.raises(ValueError, match="builtin:tiny"):
         list(iter_records("builtin:huge"))
+
+
+def test_export_with_image_feature_not_decoded(tmp_path):
+    """A parquet export with an Image column: existing paths are used, embedded bytes kept as bytes."""
+    import datasets
+
+    src = builtin_tiny(tmp_path / "d")
+    rows = _export_rows(src)
+    for r in rows:
+        r["images"] = [str(src.parent / r["images"][0])]
+    feats = datasets.Features({
+        "prompt": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+        "completion": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+        "images": datasets.List(datasets.Image()), "label": datasets.Value("string"),
+        "au_boxes": datasets.List(datasets.List(datasets.Value("int32"))), "aus": datasets.List(datasets.Value("int32")),
+        "source": datasets.Value("string"),
+    })
+    ds = datasets.Dataset.from_list(rows, features=feats)
+    ds.to_parquet(str(tmp_path / "tag_sft.parquet"))
+    recs = list(iter_records(str(tmp_path / "tag_sft.parquet")))
+    assert len(recs) == 8
+    assert all(r["image"] and r["image_bytes"] is None for r in recs) or all(r["image_bytes"] for r in recs)
+    row = RowMaker("sft", "s", "u")({k: [v] for k, v in recs[0].items()})
+    assert max(row["images"][0][0].size) == 224

@@ -9,7 +9,7 @@ import torch
 
 from fixtures_train import tiny_train_config
 
-STEPS = 30
+STEPS = 40  # 40 steps at lr 2e-2: "<think>Mouth" reproduced for seeds 0, 1, 2 (30 steps: not for seed 1)
 
 
 class _Capture:

@@ -99,3 +99,15 @@ def test_every_packaged_prompt_loads_and_overrides_work(tmp_path):
         render(system)
     with pytest.raises(FileNotFoundError):
         load_prompt("tag_system", tmp_path / "missing.txt")
+
+
+def test_image_only_processor_saves_and_reloads(tiny_vlm, tmp_path, astronaut_path):
+    from tagfer.vlm import load_processor
+
+    tiny_vlm.processor.save_pretrained(tmp_path / "proc")
+    again = load_processor(str(tmp_path / "proc"))
+    img = Image.open(astronaut_path)
+    a = tiny_vlm.processor(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[img], return_tensors="pt")
+    b = again(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[img], return_tensors="pt")
+    assert a["input_ids"].tolist() == b["input_ids"].tolist()
+    assert again.tokenizer.chat_template == tiny_vlm.processor.tokenizer.chat_template

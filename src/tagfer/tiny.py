@@ -103,11 +103,16 @@ def tiny_config(vocab_size: int):
     )
 
 
-def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0, embed_scale: float = 1.0) -> Path:
     """Write a tiny random Qwen2.5-VL (model, tokenizer, image processor) into ``out_dir``.
 
     The folder loads with :func:`tagfer.vlm.load_vlm` and with
     ``AutoModelForImageTextToText.from_pretrained``. Deterministic for a given ``seed``.
+
+    ``embed_scale`` multiplies the (tied) token embeddings. At init (std 0.02, hidden 64,
+    a final RMSNorm) every logit stays within about ±1.3, so an adapter that leaves the
+    embeddings frozen (LoRA, as in the paper) cannot push the loss far below ln(vocab);
+    training smoke runs use ×8 (:func:`tagfer.train.model.build_trainable_tiny`).
     """
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -118,6 +123,9 @@ def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0) -> Path:
     tok = build_tokenizer(out)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(tiny_config(len(tok)))
+    if embed_scale != 1.0:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(embed_scale)
     model.eval()
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -125,6 +133,7 @@ def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0) -> Path:
     # 224 px images → 16×16 patches of 14 px → 8×8 = 64 merged image tokens.
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14, merge_size=2).save_pretrained(str(out))
     (out / "TINY_MODEL.md").write_text(
-        "Tiny random Qwen2.5-VL written by tagfer.tiny.build_tiny_qwen25vl — random weights, for tests only.\n"
+        f"Tiny random Qwen2.5-VL written by tagfer.tiny.build_tiny_qwen25vl (seed {seed}, embeddings x{embed_scale})"
+        " — random weights, for tests and smoke runs only.\n"
     )
     return out

@@ -151,6 +151,16 @@ def _image_only_processor_class():
                     return
                 return super().check_argument_for_proper_class(argument_name, argument)
 
+            def save_pretrained(self, save_directory, *args, **kwargs):
+                """Save tokenizer (with chat template) and image processor; :func:`load_processor` reloads them.
+
+                ``ProcessorMixin.save_pretrained`` cannot run without a video processor.
+                """
+                Path(save_directory).mkdir(parents=True, exist_ok=True)
+                self.tokenizer.save_pretrained(str(save_directory))
+                self.image_processor.save_pretrained(str(save_directory))
+                return [str(save_directory)]
+
         _PROCESSOR_CLS = ImageOnlyQwen2_5_VLProcessor
     return _PROCESSOR_CLS
 

@@ -161,9 +161,12 @@ def _image_ref(value: Any, root: Path | None) -> tuple[str, bytes | None]:
     if isinstance(value, (bytes, bytearray)):
         return "", bytes(value)
     if isinstance(value, dict):
-        if value.get("bytes"):
-            return str(value.get("path") or ""), bytes(value["bytes"])
-        value = value.get("path") or value.get("image") or ""
+        path = value.get("path") or value.get("image") or ""
+        if isinstance(path, str) and path and root is not None and not os.path.isabs(path):
+            path = str(root / path)
+        if value.get("bytes") and not (isinstance(path, str) and path and os.path.isfile(path)):
+            return str(path or ""), bytes(value["bytes"])  # embedded only: keep the bytes
+        value = path
     if hasattr(value, "save") and hasattr(value, "size"):  # PIL image
         buf = io.BytesIO()
         value.convert("RGB").save(buf, format="PNG")
@@ -223,7 +226,20 @@ def _iter_hf(path: Path) -> Iterator[dict[str, Any]]:
             raise FileNotFoundError(f"no JSONL/Parquet data files in {path}")
         kind = "parquet" if files[0].suffix == ".parquet" else "json"
         ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
-    yield from ds
+    yield from _undecoded_images(ds)
+
+
+def _undecoded_images(ds):
+    """``ds`` with Image columns left as ``{"bytes", "path"}`` (no decode / re-encode of 300k images)."""
+    import datasets
+
+    for col in ("images", "image"):
+        feat = ds.features.get(col)
+        if isinstance(feat, datasets.Image):
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+        elif isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(getattr(feat, "feature", None), datasets.Image):
+            ds = ds.cast_column(col, datasets.List(datasets.Image(decode=False)))
+    return ds
 
 
 def iter_records(ref: str, image_root: str | Path | None = None, workdir: str | Path = ".") -> Iterator[dict[str, Any]]:

@@ -76,7 +76,7 @@ def build_grpo_trainer(
     from tagfer.prompts import tag_prompt
     from tagfer.train.callbacks import JsonlLogCallback
     from tagfer.train.data import RowMaker, load_train_val
-    from tagfer.train.model import apply_lora, ensure_saveable, load_for_training, trainable_summary
+    from tagfer.train.model import apply_lora, load_for_training, trainable_summary
     from tagfer.train.sft import quiet_console, training_args_common
 
     if cfg.stage != "grpo":
@@ -88,7 +88,6 @@ def build_grpo_trainer(
     dump_config(cfg, out / "config.yaml")
     set_seed(cfg.optim.seed)
     model, processor, base = load_for_training(cfg)
-    ensure_saveable(processor)
     model = apply_lora(model, cfg.lora)
     summary = trainable_summary(model)
     system, user = tag_prompt(cfg.data.system_prompt, cfg.data.user_prompt)

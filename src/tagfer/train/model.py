@@ -27,7 +27,6 @@ __all__ = [
     "vision_parameter_names",
     "save_processor",
     "build_trainable_tiny",
-    "ensure_saveable",
 ]
 
 PROJECTOR_NAMES = ("merger", "multi_modal_projector", "mm_projector")
@@ -66,29 +65,11 @@ TINY_EMBED_SCALE = 8.0
 
 
 def build_trainable_tiny(out_dir: str | Path, seed: int = 0, embed_scale: float = TINY_EMBED_SCALE) -> Path:
-    """:func:`tagfer.tiny.build_tiny_qwen25vl` with its tied embeddings scaled by ``embed_scale``.
-
-    Why: the tiny model ties ``lm_head`` to ``embed_tokens`` (init std 0.02, hidden 64), and
-    the final RMSNorm bounds the hidden state, so every logit stays within about ±1.3 and
-    no LoRA adapter (which leaves both frozen, as in the paper) can push the loss far below
-    ``ln(vocab)``. Scaling the embeddings ×8 gives the logits a usable range, so the CPU
-    smoke runs and tests can show real learning. Irrelevant for real checkpoints.
-    """
-    import torch
-    from transformers import AutoModelForImageTextToText
-
+    """:func:`tagfer.tiny.build_tiny_qwen25vl` with its tied embeddings scaled by ``embed_scale``
+    so that LoRA can really lower the loss (see that function). Irrelevant for real checkpoints."""
     from tagfer.tiny import build_tiny_qwen25vl
 
-    out = build_tiny_qwen25vl(out_dir, seed=seed)
-    model = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.float32)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(embed_scale)
-    model.save_pretrained(str(out))
-    (out / "TINY_MODEL.md").write_text(
-        f"Tiny random Qwen2.5-VL (tagfer.tiny) with embeddings scaled x{embed_scale} by "
-        "tagfer.train.model.build_trainable_tiny — random weights, for tests and smoke runs only.\n"
-    )
-    return out
+    return build_tiny_qwen25vl(out_dir, seed=seed, embed_scale=embed_scale)
 
 
 def _device() -> str:
@@ -182,34 +163,6 @@ def trainable_summary(model) -> dict[str, Any]:
 
 
 def save_processor(processor, out: str | Path) -> None:
-    """Save a processor so :func:`tagfer.vlm.load_processor` reloads it.
-
-    The image-only Qwen2.5-VL processor (no video processor: it would need torchvision)
-    cannot go through ``ProcessorMixin.save_pretrained``; its tokenizer and image processor
-    are then saved on their own (which is what ``load_processor`` falls back to).
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if getattr(processor, "video_processor", True) is not None:
-        try:
-            type(processor).save_pretrained(processor, str(out))
-            return
-        except Exception:  # fall through to saving the parts
-            pass
-    tok = getattr(processor, "tokenizer", None)
-    if tok is not None:
-        tok.save_pretrained(str(out))
-    ip = getattr(processor, "image_processor", None)
-    if ip is not None:
-        ip.save_pretrained(str(out))
-
-
-def ensure_saveable(processor):
-    """Make ``processor.save_pretrained`` (called by the trainers at every checkpoint) use :func:`save_processor`."""
-    import types
-
-    def _save(self, save_directory, *args, **kwargs):
-        save_processor(self, save_directory)
-
-    processor.save_pretrained = types.MethodType(_save, processor)
-    return processor
+    """Save a processor so :func:`tagfer.vlm.load_processor` reloads it (the image-only
+    Qwen2.5-VL processor of :mod:`tagfer.vlm` saves its tokenizer and image processor)."""
+    processor.save_pretrained(str(out))

@@ -110,14 +110,15 @@ def save_adapter(model, processor, out_dir: str | Path) -> Path:
 
 def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
     """Run SFT as configured; returns where the adapters and the log are."""
-    import torch
+    import json
+
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     from tagfer.prompts import tag_prompt
     from tagfer.train.callbacks import JsonlLogCallback, ValidationCallback, write_json
     from tagfer.train.data import RowMaker, load_train_val
-    from tagfer.train.model import apply_lora, ensure_saveable, load_for_training, trainable_summary
+    from tagfer.train.model import apply_lora, load_for_training, trainable_summary
 
     if cfg.stage != "sft":
         raise ValueError(f"run_sft needs stage: sft (got {cfg.stage!r})")
@@ -126,11 +127,8 @@ def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     set_seed(cfg.optim.seed)
-    if not torch.cuda.is_available() and torch.get_num_threads() > 1 and __import__("os").environ.get("OMP_NUM_THREADS") == "1":
-        torch.set_num_threads(1)
 
     model, processor, base = load_for_training(cfg)
-    ensure_saveable(processor)
     model = apply_lora(model, cfg.lora)
     summary = trainable_summary(model)
     system, user = tag_prompt(cfg.data.system_prompt, cfg.data.user_prompt)
@@ -155,6 +153,11 @@ def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
     validator = None
     if val_raw is not None and cfg.sft.val_samples > 0:
         validator = ValidationCallback(val_raw, processor, cfg, system, user, logger, save_best)
+        prev = best_dir / "best.json"
+        if cfg.resume and last_checkpoint(out) and prev.is_file():  # a resumed run must beat the earlier best
+            known = json.loads(prev.read_text())
+            if isinstance(known.get("score"), (int, float)):
+                validator.best = known
         cbs.append(validator)
     cbs.extend(callbacks)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=processor, callbacks=cbs)
