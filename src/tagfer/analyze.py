@@ -480,8 +480,8 @@ class Analyzer:
             from tagfer.detectors import MediaPipeAUDetector
             from tagfer.faces import FaceLandmarker
 
-            detector = MediaPipeAUDetector(landmarker=FaceLandmarker(model_path=landmarker_path, max_faces=max_faces))
-            detector._own = True  # closes the landmarker it was built with
+            lm = FaceLandmarker(model_path=landmarker_path, max_faces=max_faces)
+            detector = MediaPipeAUDetector(landmarker=lm, own_landmarker=True)
         self.detector = detector
         self.au_config: AUConfig = getattr(detector, "config", AUConfig())
         self.frame = frame

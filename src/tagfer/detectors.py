@@ -68,9 +68,13 @@ class MediaPipeAUDetector:
 
     name = "mediapipe"
 
-    def __init__(self, config: AUConfig = AUConfig(), landmarker: FaceLandmarker | None = None, **landmarker_kwargs):
+    def __init__(
+        self, config: AUConfig = AUConfig(), landmarker: FaceLandmarker | None = None, *,
+        own_landmarker: bool | None = None, **landmarker_kwargs,
+    ):
+        """``own_landmarker``: close the landmarker in :meth:`close` (default: only one built here)."""
         self.config = config
-        self._own = landmarker is None
+        self._own = landmarker is None if own_landmarker is None else own_landmarker
         self.landmarker = landmarker or FaceLandmarker(**landmarker_kwargs)
 
     def meshes(self, image: LoadedImage) -> list[FaceMesh]:
@@ -298,6 +302,6 @@ class DetectorSpec:
     def build(self) -> AUDetector:
         table = None if self.kind == "mediapipe" else AUTable.from_spec(self.kind)  # before opening the model
         lm = FaceLandmarker(model_path=self.landmarker_path, max_faces=self.max_faces, fallback=self.fallback)
-        det = MediaPipeAUDetector(self.config, landmarker=lm) if table is None else TableAUDetector(table, self.config, landmarker=lm)
-        det._own = True  # the detector closes the landmarker it was built with
-        return det
+        if table is None:
+            return MediaPipeAUDetector(self.config, landmarker=lm, own_landmarker=True)
+        return TableAUDetector(table, self.config, landmarker=lm, own_landmarker=True)

@@ -117,8 +117,7 @@ def analyze_cmd(
     except Exception as e:  # model / landmarker not available: a usage-level failure
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(EXIT_USAGE)
-    det = MediaPipeAUDetector(AUConfig(threshold=threshold), landmarker=lm)
-    det._own = True
+    det = MediaPipeAUDetector(AUConfig(threshold=threshold), landmarker=lm, own_landmarker=True)
     failed = malformed = 0
     with det, Analyzer(det, engine, frame=frame) as analyzer:
         for path in images:
