@@ -155,7 +155,7 @@ def _detector_truth(preds: Path, spec_text: str, cache: Path, dataset: Optional[
 @app.command("score")
 def score_cmd(
     preds: Path = typer.Argument(..., help="Predictions JSONL written by `tagfer eval`."),
-    out: Path = typer.Option(..., "--out", "-o", help="Score JSON (input of `tagfer report`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Score JSON (input of `tagfer report`); default PREDS with .scores.json."),
     detector: Optional[str] = typer.Option(None, "--detector", help="AU detector of training for AU IoU: mediapipe | openface:CSV | table:CSV."),
     au: Optional[Path] = typer.Option(None, "--au", help="Precomputed `tagfer au` JSONL of the test images (instead of --detector)."),
     cross_detector: Optional[str] = typer.Option(None, "--cross-detector", help="Independent detector for cross-detector AU IoU, e.g. openface:/path/openface.csv."),
@@ -177,6 +177,8 @@ def score_cmd(
 
     if not preds.is_file():
         _fail(f"{preds} not found")
+    if out is None:
+        out = preds.with_name(preds.name.removesuffix(".jsonl") + ".scores.json")
     if matching not in ("paper", "one_to_one"):
         _fail("--matching must be paper or one_to_one")
     au_map = cross_map = None
