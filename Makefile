@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_client.py
 	$(PY) benchmarks/bench_build.py
 	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
