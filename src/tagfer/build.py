@@ -703,6 +703,10 @@ class _Progress:
             except asyncio.CancelledError:
                 live.update(Text(self.line()))
                 raise
+            finally:
+                if not console.is_terminal:  # rich leaves the last frame unterminated off a terminal
+                    live.stop()
+                    console.line()
 
 
 async def build(
