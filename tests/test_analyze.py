@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,6 +183,23 @@ def test_cli_json_schema_and_overlay(tmp_path, astronaut_path, grace_path):
         assert all(set(d) >= {"au", "name", "score", "active", "box"} for d in a["aus"])
         (ov,) = rec["overlays"]
         assert Image.open(ov).size[0] >= 512
+
+
+def test_cli_walks_folders_and_rejects_empty_ones(tmp_path, astronaut_path, grace_path):
+    import shutil
+
+    d = tmp_path / "faces" / "sub"
+    d.mkdir(parents=True)
+    shutil.copy(astronaut_path, d / "a.png")
+    shutil.copy(grace_path, tmp_path / "faces" / "g.jpg")
+    (tmp_path / "faces" / "notes.txt").write_text("not an image, skipped inside folders")
+    r = runner.invoke(app, ["analyze", str(tmp_path / "faces"), "--json"])
+    assert r.exit_code == 0, r.output
+    recs = _json_lines(r.stdout)
+    assert sorted(Path(rec["image"]).name for rec in recs) == ["a.png", "g.jpg"]
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["analyze", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "no image found" in r.output
 
 
 def test_cli_pretty_and_single_overlay(tmp_path, astronaut_path):

@@ -77,7 +77,7 @@ def _print_result(res, show_scores: bool, show_all_aus: bool) -> None:
 
 @app.command("analyze", epilog=_EXIT_HELP)
 def analyze_cmd(
-    images: List[Path] = typer.Argument(..., help="Image files; sample:astronaut or sample:grace_hopper for a bundled real face."),
+    images: List[Path] = typer.Argument(..., help="Image files and/or folders (walked); sample:astronaut or sample:grace_hopper for a bundled real face."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="VLM folder or hub id (TAG checkpoint or base model), or a backend spec openai:URL / hf:PATH / vllm:PATH. Default: the offline FACS engine."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per image (one per line)."),
     overlay: Optional[Path] = typer.Option(None, "--overlay", "-o", help="Write overlays: OUT.png (one image) or a directory."),
@@ -100,9 +100,14 @@ def analyze_cmd(
         console.print(f"[red]error:[/red] --frame must be face or image, got {frame!r}")
         raise typer.Exit(EXIT_USAGE)
     try:
-        images = [_resolve_image(p) for p in images]
+        from tagfer.grounding import iter_images
+
+        images = [Path(x) for x in iter_images([_resolve_image(p) for p in images])]  # folders are walked
     except (ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(EXIT_USAGE)
+    if not images:
+        console.print("[red]error:[/red] no image found in the given folder(s)")
         raise typer.Exit(EXIT_USAGE)
     if overlay is not None and overlay.suffix.lower() == ".png" and len(images) > 1:
         console.print("[red]error:[/red] --overlay OUT.png takes one image; give a directory for several")
