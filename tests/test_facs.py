@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tagfer.aus import AU_IDS, AUDetection, FaceAUs
 from tagfer.canvas import is_valid_box
 from tagfer.detectors import MediaPipeAUDetector
-from tagfer.facs import INHIBITORS, PROTOTYPES, FACSConfig, class_scores, evidence, explain, facs_sample
+from tagfer.facs import INHIBITORS, PROTOTYPES, TRAINING_CONFIG, FACSConfig, class_scores, evidence, explain, facs_sample
 from tagfer.imageio import load_image
 from tagfer.labels import LABELS
 from tagfer.records import TAGSample
@@ -181,6 +181,10 @@ def test_every_trace_is_well_formed_and_grounded(scores, boxes, threshold):
     assert explain(fa) == ex
     if not any(d.active for d in fa.aus):
         assert ex.label == "neutral" and ex.boxes == ()
+    plain = explain(fa, TRAINING_CONFIG)  # same decision, same boxes, no numbers in the text
+    check_trace(fa, plain)
+    assert (plain.label, plain.boxes, plain.scores) == (ex.label, ex.boxes, ex.scores)
+    assert not re.search(r"\d\.\d", plain.trace)
 
 
 # --------------------------------------------------------------------------- samples
@@ -188,7 +192,7 @@ def test_facs_sample_accepts_only_the_right_label(real_faces):
     fa = real_faces["astronaut"]
     s = facs_sample(fa, label="Happy", id="generic/astro", source="generic", image="astro.png")
     assert isinstance(s, TAGSample) and s.label == "happiness" and s.teacher == "facs" and s.split == "train"
-    assert s.completion == explain(fa).trace
+    assert s.completion == explain(fa, TRAINING_CONFIG).trace and "1.00" not in s.completion
     assert s.au_boxes == [list(b) for b in fa.au_boxes] and s.aus == [d.au for d in fa.active]
     assert s.meta["scores"]["happiness"] > 0.5 and s.meta["evidence_aus"][0] == 12
     assert TAGSample.from_json(s.to_json()) == s

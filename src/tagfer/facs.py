@@ -83,6 +83,8 @@ __all__ = [
     "PROTOTYPES",
     "INHIBITORS",
     "FACSConfig",
+    "DEFAULT_CONFIG",
+    "TRAINING_CONFIG",
     "FACSExplanation",
     "RegionCheck",
     "evidence",
@@ -123,6 +125,9 @@ class FACSConfig:
     conclusion. ``require_active``: the "nothing active → neutral" gate.
     ``canvas``: boxes not valid on this canvas (degenerate after clipping at
     the image border) are never cited, so every trace stays well-formed.
+    ``numbers``: quote the detector's AU scores and the class scores in the
+    trace (on for ``tagfer analyze``, where they help a reader verify; off for
+    training samples, :data:`TRAINING_CONFIG`, since a model cannot observe them).
     """
 
     prototypes: Mapping[str, Mapping[int, float]] = field(default_factory=lambda: PROTOTYPES)
@@ -133,6 +138,7 @@ class FACSConfig:
     weak_level: float = 0.15
     require_active: bool = True
     canvas: int = CANVAS
+    numbers: bool = True
 
     def __post_init__(self) -> None:
         for c, proto in self.prototypes.items():
@@ -152,6 +158,8 @@ class FACSConfig:
 
 
 DEFAULT_CONFIG = FACSConfig()
+#: The engine as a teacher (:func:`facs_sample`): same decisions, no detector numbers in the text.
+TRAINING_CONFIG = FACSConfig(numbers=False)
 
 
 @dataclass(frozen=True)
@@ -308,6 +316,11 @@ _CHECK = (
     "Looking at the {region}, {look}; that is AU{au} ({name}) <bbox>{box}</bbox> with confidence {score:.2f}.",
     "In the {region}, {look}, which marks AU{au} ({name}) <bbox>{box}</bbox> (score {score:.2f}).",
 )
+_CHECK_PLAIN = (
+    "Checking the {region}: {look}. This is AU{au} ({name}) <bbox>{box}</bbox>.",
+    "Looking at the {region}, {look}; that is AU{au} ({name}) <bbox>{box}</bbox>.",
+    "In the {region}, {look}, which marks AU{au} ({name}) <bbox>{box}</bbox>.",
+)
 _ROLE_SUPPORT = (
     "It is a core cue of {label}.",
     "This movement belongs to the {label} pattern.",
@@ -348,7 +361,16 @@ _CONCLUDE_NEUTRAL = (
     "No region shows a coherent pattern of change, so the expression reads as neutral (score {p:.2f}, next {second} at {q:.2f}).",
     "Without a combination of movements that forms an emotion, the face is best described as neutral (score {p:.2f}; {second} follows at {q:.2f}).",
 )
+_CONCLUDE_PLAIN = (
+    "Weighing these regions, the pattern fits {label} best, ahead of {second}.",
+    "Putting the evidence together, {label} is the most consistent reading; {second} is the closest alternative.",
+)
+_CONCLUDE_NEUTRAL_PLAIN = (
+    "No region shows a coherent pattern of change, so the expression reads as neutral.",
+    "Without a combination of movements that forms an emotion, the face is best described as neutral.",
+)
 _WEAK = " A weaker sign points the same way: {items}, below the activation level."
+_WEAK_PLAIN = " A fainter sign points the same way: {items}."
 
 
 def _pick(options: Sequence[str], seed: int, k: int) -> str:
@@ -411,10 +433,10 @@ def _choose_checks(dets: Sequence[AUDetection], label: str, config: FACSConfig) 
     return chosen
 
 
-def _check_sentence(rc: RegionCheck, label: str, seed: int, k: int) -> str:
+def _check_sentence(rc: RegionCheck, label: str, seed: int, k: int, numbers: bool = True) -> str:
     d = rc.detection
     looks = _LOOK.get(d.au, (f"the area of AU{d.au} shows movement",) * 2)
-    text = _pick(_CHECK, seed, k).format(
+    text = _pick(_CHECK if numbers else _CHECK_PLAIN, seed, k).format(
         region=_REGION.get(d.au, "region"),
         look=_pick(looks, seed, k + 1),
         au=d.au,
@@ -448,18 +470,23 @@ def _explain(dets: Sequence[AUDetection], config: FACSConfig) -> FACSExplanation
         glob = _pick(_GLOBAL_ACTIVE, seed, 0).format(areas=_areas(sorted(active, key=lambda d: (-d.score, d.au))))
 
     parts = [glob]
-    parts += [_check_sentence(rc, label, seed, k) for k, rc in enumerate(checks, start=1)]
+    parts += [_check_sentence(rc, label, seed, k, config.numbers) for k, rc in enumerate(checks, start=1)]
     second = max((c for c in LABELS if c != label), key=lambda c: (scores[c], -LABELS.index(c)))
-    concl = _pick(_CONCLUDE_NEUTRAL if label == "neutral" else _CONCLUDE, seed, 5).format(
-        label=label, p=scores[label], second=second, q=scores[second]
-    )
+    if config.numbers:
+        conclude = _CONCLUDE_NEUTRAL if label == "neutral" else _CONCLUDE
+    else:
+        conclude = _CONCLUDE_NEUTRAL_PLAIN if label == "neutral" else _CONCLUDE_PLAIN
+    concl = _pick(conclude, seed, 5).format(label=label, p=scores[label], second=second, q=scores[second])
     if label != "neutral":
         proto = config.prototypes.get(label, {})
         weak = [d for d in dets if not d.active and d.au in proto and d.score >= config.weak_level]
         weak.sort(key=lambda d: (-proto[d.au] * d.score, d.au))
         if weak:
-            items = ", ".join(f"AU{d.au} ({AU_NAMES.get(d.au, '')}) at {d.score:.2f}" for d in weak[:2])
-            concl += _WEAK.format(items=items)
+            if config.numbers:
+                items = ", ".join(f"AU{d.au} ({AU_NAMES.get(d.au, '')}) at {d.score:.2f}" for d in weak[:2])
+                concl += _WEAK.format(items=items)
+            else:
+                concl += _WEAK_PLAIN.format(items=", ".join(f"AU{d.au} ({AU_NAMES.get(d.au, '')})" for d in weak[:2]))
     parts.append(concl)
     trace = f"<think>{' '.join(parts)}</think>\n<answer>{label}</answer>"
     return FACSExplanation(
@@ -486,13 +513,14 @@ def facs_sample(
     source: str,
     image: str,
     split: str = "train",
-    config: FACSConfig = DEFAULT_CONFIG,
+    config: FACSConfig = TRAINING_CONFIG,
 ) -> TAGSample | None:
     """A teacher-free SFT sample, or ``None`` unless the engine's label equals the ground truth.
 
     ``au_boxes``: the face's activated AU boxes (B_AU, ``FaceAUs.au_boxes``);
     ``aus``: activated AU numbers; ``teacher="facs"``; ``meta`` holds the
-    class scores and the cited AUs. Raises ``ValueError`` for a ground-truth
+    class scores and the cited AUs. The trace quotes no detector numbers
+    (:data:`TRAINING_CONFIG`): a model trained on it cannot observe them. Raises ``ValueError`` for a ground-truth
     label outside :data:`LABELS`.
     """
     truth = normalize_label(label)
