@@ -104,3 +104,35 @@ def test_decompression_bomb_refused(tmp_path, monkeypatch):
     with pytest.raises(ImageError) as ei:
         load_image(p)
     assert ei.value.kind == "too_large"
+
+
+def test_load_pil_matches_load_image_and_caps_the_side(tmp_path, astronaut_path, bad_inputs):
+    from tagfer.imageio import ImageError, load_image, load_pil
+
+    pil = load_pil(astronaut_path)
+    assert pil.mode == "RGB" and np.array_equal(np.asarray(pil), load_image(astronaut_path).rgb)
+    big = tmp_path / "big.jpg"
+    Image.fromarray(load_image(astronaut_path).rgb).resize((2000, 1500)).save(big, quality=92)
+    small = load_pil(big, max_side=448)  # JPEG draft decoding + resize
+    assert max(small.size) == 448 and abs(small.size[0] / small.size[1] - 2000 / 1500) < 0.01
+    for kind, path in bad_inputs.items():
+        if kind != "no_face":  # a valid image without a face
+            with pytest.raises(ImageError) as e:
+                load_pil(path)
+            assert e.value.kind == kind
+
+
+def test_model_image_encoding_of_a_big_jpeg_matches_a_full_resolution_resize(tmp_path, astronaut_path):
+    import base64
+    import io
+
+    from tagfer.openai_client import encode_image
+    from tagfer.vlm import resize_for_model
+
+    big = tmp_path / "big.jpg"
+    Image.open(astronaut_path).convert("RGB").resize((2048, 2048)).save(big, quality=95)
+    url = encode_image(big, 224, "png")
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"), dtype=np.float64)
+    ref = np.asarray(resize_for_model(Image.open(big), 224), dtype=np.float64)
+    assert got.shape == ref.shape == (224, 224, 3)
+    assert np.abs(got - ref).mean() < 3.0  # draft decoding changes pixels only slightly

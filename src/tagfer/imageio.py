@@ -88,6 +88,20 @@ def load_image(source: str | os.PathLike | bytes, max_side: int = 2048) -> Loade
 
     Raises :class:`ImageError` with a clear message for every unusable input.
     """
+    rgb, W, H, name = _decode(source, max_side)
+    arr = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    scale = arr.shape[1] / W
+    return LoadedImage(rgb=arr, width=int(W), height=int(H), scale=float(scale), source=name)
+
+
+def load_pil(source: str | os.PathLike | bytes, max_side: int = 2048) -> Image.Image:
+    """The same checks and decoding as :func:`load_image`, as an upright RGB PIL image
+    whose longer side is at most ``max_side`` (no NumPy copy; for model inputs)."""
+    return _decode(source, max_side)[0]
+
+
+def _decode(source: str | os.PathLike | bytes, max_side: int) -> tuple[Image.Image, int, int, str]:
+    """(upright RGB image ≤ max_side, original upright width, height, display name)."""
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
@@ -153,9 +167,7 @@ def load_image(source: str | os.PathLike | bytes, max_side: int = 2048) -> Loade
     if max(rgb.size) > max_side:
         f = max_side / max(rgb.size)
         rgb = rgb.resize((max(1, round(rgb.width * f)), max(1, round(rgb.height * f))), Image.Resampling.BILINEAR)
-    arr = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
-    scale = arr.shape[1] / W
-    return LoadedImage(rgb=arr, width=int(W), height=int(H), scale=float(scale), source=name)
+    return rgb, int(W), int(H), name
 
 
 def is_image_path(path: str | os.PathLike) -> bool:

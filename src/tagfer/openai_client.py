@@ -209,12 +209,14 @@ class _AttemptError(Exception):
 
 # ---------------------------------------------------------------------------- images
 
-def _to_pil(image: Image.Image | str | os.PathLike | bytes) -> Image.Image:
+def _to_pil(image: Image.Image | str | os.PathLike | bytes, side: int | None = None) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
-    from tagfer.imageio import load_image  # raises ImageError(kind, message) for bad input
+    from tagfer.imageio import load_pil  # raises ImageError(kind, message) for bad input
 
-    return Image.fromarray(load_image(image).rgb)
+    # Files are decoded at no more than twice the target side (JPEG draft mode for big photos);
+    # the final resize to ``side`` is done by the caller.
+    return load_pil(image, max_side=max(2 * side, 64) if side else 2048)
 
 
 def encode_image(image: Image.Image | str | os.PathLike | bytes, side: int | None = 224, fmt: str = "png") -> str:
@@ -222,7 +224,7 @@ def encode_image(image: Image.Image | str | os.PathLike | bytes, side: int | Non
     (None keeps the size). Paths/bytes are read with :func:`tagfer.imageio.load_image`
     (so a corrupt file raises :class:`tagfer.imageio.ImageError`)."""
     fmt = "jpeg" if fmt.lower() in ("jpg", "jpeg") else fmt.lower()
-    pil = _to_pil(image)
+    pil = _to_pil(image, side)
     if side:
         pil = resize_for_model(pil, side)
     buf = io.BytesIO()
