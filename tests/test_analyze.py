@@ -202,6 +202,32 @@ def test_cli_walks_folders_and_rejects_empty_ones(tmp_path, astronaut_path, grac
     assert r.exit_code == 2 and "no image found" in r.output
 
 
+def test_cli_out_file_streams_and_resumes(tmp_path, astronaut_path, grace_path, bad_inputs):
+    import shutil
+
+    d = tmp_path / "faces"
+    d.mkdir()
+    shutil.copy(astronaut_path, d / "a.png")
+    shutil.copy(bad_inputs["corrupt"], d / "b.jpg")
+    out = tmp_path / "analyses.jsonl"
+    r = runner.invoke(app, ["analyze", str(d), "--out", str(out), "--no-progress"])
+    assert r.exit_code == 1 and r.stdout == ""  # one image failed; nothing printed per image
+    first = _json_lines(out.read_text())
+    assert [Path(x["image"]).name for x in first] == ["a.png", "b.jpg"] and first[1]["error"]["kind"] == "corrupt"
+    shutil.copy(grace_path, d / "c.jpg")
+    r = runner.invoke(app, ["analyze", str(d), "--out", str(out), "--no-progress"])
+    recs = _json_lines(out.read_text())
+    assert [Path(x["image"]).name for x in recs] == ["a.png", "b.jpg", "c.jpg"]  # only the new image was analysed
+    assert recs[:2] == first and "2 already done" in r.output
+    shutil.copy(astronaut_path, d / "b.jpg")  # the corrupt file is repaired: --retry-errors redoes it
+    r = runner.invoke(app, ["analyze", str(d), "--out", str(out), "--no-progress", "--retry-errors"])
+    assert r.exit_code == 0, r.output
+    recs = _json_lines(out.read_text())
+    assert sorted(Path(x["image"]).name for x in recs) == ["a.png", "b.jpg", "c.jpg"] and not any(x["error"] for x in recs)
+    r = runner.invoke(app, ["analyze", str(d), "--out", str(out), "--no-progress", "--no-resume"])
+    assert len(_json_lines(out.read_text())) == 3
+
+
 def test_cli_pretty_and_single_overlay(tmp_path, astronaut_path):
     out = tmp_path / "face.png"
     r = runner.invoke(app, ["analyze", str(astronaut_path), "--scores", "--overlay", str(out)])

@@ -89,6 +89,10 @@ def analyze_cmd(
     landmarker: Optional[Path] = typer.Option(None, "--landmarker", help="Path to face_landmarker.task (default: bundled)."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Generation budget with --model."),
     device: str = typer.Option("auto", "--device", help="Device for --model: auto | cpu | cuda."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Append one JSON line per image to this file (as --json) instead of printing; resumable: images already in it are skipped."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="With --out: start over (overwrite the file)."),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="With --out: analyse again the images whose earlier record is an error."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="With --out: show a progress bar."),
 ) -> None:
     """Explain the expression of every face: label, TAG trace with boxes, detector AUs, overlay."""
     from tagfer.analyze import EXIT_FAILED, EXIT_MALFORMED, EXIT_USAGE, Analyzer, load_engine
@@ -109,6 +113,17 @@ def analyze_cmd(
     if not images:
         console.print("[red]error:[/red] no image found in the given folder(s)")
         raise typer.Exit(EXIT_USAGE)
+    n_given, skipped = len(images), 0
+    if out is not None:
+        from tagfer.jsonl import done_keys, drop_records
+
+        if no_resume and out.exists():
+            out.unlink()
+        if retry_errors and out.exists():
+            drop_records(out, lambda rec: bool(rec.get("error")))
+        done = done_keys(out, key="image") if out.exists() else set()
+        images = [p for p in images if str(p) not in done]
+        skipped = n_given - len(images)
     if overlay is not None and overlay.suffix.lower() == ".png" and len(images) > 1:
         console.print("[red]error:[/red] --overlay OUT.png takes one image; give a directory for several")
         raise typer.Exit(EXIT_USAGE)
@@ -124,11 +139,27 @@ def analyze_cmd(
         raise typer.Exit(EXIT_USAGE)
     det = MediaPipeAUDetector(AUConfig(threshold=threshold), landmarker=lm, own_landmarker=True)
     failed = malformed = 0
-    with det, Analyzer(det, engine, frame=frame) as analyzer:
+    from contextlib import ExitStack
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with ExitStack() as stack:
+        stack.enter_context(det)
+        analyzer = stack.enter_context(Analyzer(det, engine, frame=frame))
+        writer = bar = task = None
+        if out is not None:
+            from tagfer.jsonl import JsonlWriter
+
+            writer = stack.enter_context(JsonlWriter(out))
+            bar = stack.enter_context(Progress(
+                TextColumn("[bold]tagfer analyze"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[failed]} failed"),
+                TimeElapsedColumn(), console=console, disable=not progress,
+            ))
+            task = bar.add_task("analyze", total=len(images), failed=0)
         for path in images:
             res = analyzer.run(path)
             if res.ok and overlay is not None:
-                paths = _overlay_paths(overlay, res.image, len(res.analyses), single=len(images) == 1)
+                paths = _overlay_paths(overlay, res.image, len(res.analyses), single=n_given == 1)
                 from tagfer.overlay import save_png
 
                 for p, im in zip(paths, res.render_overlays()):
@@ -136,7 +167,10 @@ def analyze_cmd(
                 res.overlays = [str(p) for p in paths]
             failed += not res.ok
             malformed += res.malformed
-            if json_out:
+            if writer is not None:
+                writer.write(res.to_json())
+                bar.update(task, advance=1, failed=failed)
+            elif json_out:
                 out_console.file.write(json.dumps(res.to_json(), ensure_ascii=False) + "\n")
                 out_console.file.flush()
             else:
@@ -144,6 +178,8 @@ def analyze_cmd(
     close_engine = getattr(engine, "close", None)
     if close_engine is not None:
         close_engine()
+    if out is not None:
+        console.print(f"{len(images)} analysed ({failed} failed, {malformed} malformed), {skipped} already done → {out}")
     if failed:
         console.print(f"{failed} of {len(images)} image(s) failed")
         raise typer.Exit(EXIT_FAILED)
