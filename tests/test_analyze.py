@@ -224,8 +224,11 @@ def test_cli_out_file_streams_and_resumes(tmp_path, astronaut_path, grace_path, 
     assert r.exit_code == 0, r.output
     recs = _json_lines(out.read_text())
     assert sorted(Path(x["image"]).name for x in recs) == ["a.png", "b.jpg", "c.jpg"] and not any(x["error"] for x in recs)
-    r = runner.invoke(app, ["analyze", str(d), "--out", str(out), "--no-progress", "--no-resume"])
-    assert len(_json_lines(out.read_text())) == 3
+    r = runner.invoke(app, ["analyze", str(d), "--out", str(out), "--no-progress", "--no-resume", "--workers", "2"])
+    parallel = _json_lines(out.read_text())
+    assert [Path(x["image"]).name for x in parallel] == ["a.png", "b.jpg", "c.jpg"]  # input order kept
+    strip = lambda x: {k: v for k, v in x.items() if k != "overlays"}  # noqa: E731
+    assert [strip(x) for x in parallel] == [strip(x) for x in sorted(recs, key=lambda x: x["image"])]
 
 
 def test_cli_pretty_and_single_overlay(tmp_path, astronaut_path):

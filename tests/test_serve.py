@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from tagfer.analyze import Analyzer
-from tagfer.serve import AnalyzerPool, create_app
+from tagfer.analyze import AnalyzerPool
+from tagfer.serve import create_app
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import queue
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from tagfer.trace import ParsedTrace, find_au_mentions, parse_trace
 __all__ = [
     "BOX_COLORS",
     "Analysis",
+    "AnalyzerPool",
     "ImageResult",
     "EngineOutput",
     "FACSEngine",
@@ -467,6 +469,7 @@ class Analyzer:
         max_faces: int = 5,
         landmarker_path: str | None = None,
         max_side: int = 2048,
+        own_detector: bool | None = None,
     ):
         if frame not in ("face", "image"):
             raise ValueError(f"frame must be 'face' or 'image', got {frame!r}")
@@ -475,7 +478,7 @@ class Analyzer:
         elif hasattr(engine, "generate") and not hasattr(engine, "run"):
             engine = VLMEngine(engine)
         self.engine = engine
-        self._own_detector = detector is None
+        self._own_detector = detector is None if own_detector is None else own_detector
         if detector is None:
             from tagfer.detectors import MediaPipeAUDetector
             from tagfer.faces import FaceLandmarker
@@ -589,3 +592,52 @@ def _name(source: str | os.PathLike | bytes) -> str:
 
 
 Factory = Callable[[], Analyzer]
+
+
+class AnalyzerPool:
+    """At most ``size`` analyzers, created on demand by ``factory`` and lent one per request."""
+
+    def __init__(self, factory: Callable[[], Analyzer], size: int = 2):
+        if size < 1:
+            raise ValueError("pool size must be >= 1")
+        self.factory = factory
+        self.size = size
+        self._free: queue.LifoQueue[Analyzer] = queue.LifoQueue()
+        self._made: list[Analyzer] = []
+        self._lock = threading.Lock()
+
+    def warm(self) -> None:
+        """Build one analyzer now (fails fast on a missing model file)."""
+        a = self._get()
+        self._free.put(a)
+
+    def _get(self) -> Analyzer:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if len(self._made) < self.size:
+                a = self.factory()
+                self._made.append(a)
+                return a
+        return self._free.get()
+
+    def run(self, fn: Callable[[Analyzer], Any]) -> Any:
+        a = self._get()
+        try:
+            return fn(a)
+        finally:
+            self._free.put(a)
+
+    def close(self) -> None:
+        """Close every analyzer built so far; later requests build fresh ones."""
+        with self._lock:
+            while True:
+                try:
+                    self._free.get_nowait()
+                except queue.Empty:
+                    break
+            for a in self._made:
+                a.close()
+            self._made.clear()

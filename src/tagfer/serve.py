@@ -25,8 +25,6 @@ run in the threadpool (the event loop stays responsive) and borrow one analyzer 
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable
@@ -35,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from tagfer.analyze import Analyzer, ImageResult, png_data_url
+from tagfer.analyze import Analyzer, AnalyzerPool, ImageResult, png_data_url
 
 STATUS = {
     "too_large": 413,
@@ -61,55 +59,6 @@ class ServeConfig:
     pool_size: int = 2
     frame: str = "face"
     max_faces: int = 5
-
-
-class AnalyzerPool:
-    """At most ``size`` analyzers, created on demand by ``factory`` and lent one per request."""
-
-    def __init__(self, factory: Callable[[], Analyzer], size: int = 2):
-        if size < 1:
-            raise ValueError("pool size must be >= 1")
-        self.factory = factory
-        self.size = size
-        self._free: queue.LifoQueue[Analyzer] = queue.LifoQueue()
-        self._made: list[Analyzer] = []
-        self._lock = threading.Lock()
-
-    def warm(self) -> None:
-        """Build one analyzer now (fails fast on a missing model file)."""
-        a = self._get()
-        self._free.put(a)
-
-    def _get(self) -> Analyzer:
-        try:
-            return self._free.get_nowait()
-        except queue.Empty:
-            pass
-        with self._lock:
-            if len(self._made) < self.size:
-                a = self.factory()
-                self._made.append(a)
-                return a
-        return self._free.get()
-
-    def run(self, fn: Callable[[Analyzer], Any]) -> Any:
-        a = self._get()
-        try:
-            return fn(a)
-        finally:
-            self._free.put(a)
-
-    def close(self) -> None:
-        """Close every analyzer built so far; later requests build fresh ones."""
-        with self._lock:
-            while True:
-                try:
-                    self._free.get_nowait()
-                except queue.Empty:
-                    break
-            for a in self._made:
-                a.close()
-            self._made.clear()
 
 
 def _factory(config: ServeConfig) -> Callable[[], Analyzer]:

@@ -93,9 +93,10 @@ def analyze_cmd(
     no_resume: bool = typer.Option(False, "--no-resume", help="With --out: start over (overwrite the file)."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="With --out: analyse again the images whose earlier record is an error."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="With --out: show a progress bar."),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Images analysed in parallel (one detector each; a --model is shared). Output order is kept."),
 ) -> None:
     """Explain the expression of every face: label, TAG trace with boxes, detector AUs, overlay."""
-    from tagfer.analyze import EXIT_FAILED, EXIT_MALFORMED, EXIT_USAGE, Analyzer, load_engine
+    from tagfer.analyze import EXIT_FAILED, EXIT_MALFORMED, EXIT_USAGE, Analyzer, AnalyzerPool, load_engine
     from tagfer.aus import AUConfig
     from tagfer.detectors import MediaPipeAUDetector
     from tagfer.faces import FaceLandmarker
@@ -133,19 +134,27 @@ def analyze_cmd(
         else:
             with console.status(f"loading {model} …"):
                 engine = load_engine(model, max_new_tokens=max_new_tokens, device=None if device == "auto" else device)
-        lm = FaceLandmarker(model_path=str(landmarker) if landmarker else None, max_faces=max_faces)
+
+        def make_analyzer() -> Analyzer:
+            lm = FaceLandmarker(model_path=str(landmarker) if landmarker else None, max_faces=max_faces)
+            det = MediaPipeAUDetector(AUConfig(threshold=threshold), landmarker=lm, own_landmarker=True)
+            return Analyzer(det, engine, frame=frame, own_detector=True)
+
+        pool = AnalyzerPool(make_analyzer, size=workers)
+        pool.warm()  # fails fast on a missing landmarker model
     except Exception as e:  # model / landmarker not available: a usage-level failure
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(EXIT_USAGE)
-    det = MediaPipeAUDetector(AUConfig(threshold=threshold), landmarker=lm, own_landmarker=True)
     failed = malformed = 0
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
     from contextlib import ExitStack
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with ExitStack() as stack:
-        stack.enter_context(det)
-        analyzer = stack.enter_context(Analyzer(det, engine, frame=frame))
+        stack.callback(pool.close)
+        executor = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="tagfer-analyze"))
         writer = bar = task = None
         if out is not None:
             from tagfer.jsonl import JsonlWriter
@@ -156,8 +165,18 @@ def analyze_cmd(
                 TimeElapsedColumn(), console=console, disable=not progress,
             ))
             task = bar.add_task("analyze", total=len(images), failed=0)
-        for path in images:
-            res = analyzer.run(path)
+
+        def results():
+            """Results in input order, at most 2 × workers images in flight (constant memory)."""
+            pending: deque = deque()
+            for path in images:
+                pending.append(executor.submit(pool.run, lambda a, p=path: a.run(p)))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+        for res in results():
             if res.ok and overlay is not None:
                 paths = _overlay_paths(overlay, res.image, len(res.analyses), single=n_given == 1)
                 from tagfer.overlay import save_png

@@ -115,7 +115,7 @@ def demo_cmd(
     analyze_cmd(
         images=[Path(f"sample:{sample}")], model=None, json_out=False, overlay=out / f"analyze_{sample}.png", scores=True,
         frame="face", all_aus=False, max_faces=5, threshold=0.3, landmarker=None, max_new_tokens=512, device="auto",
-        out=None, no_resume=False, retry_errors=False, progress=False,
+        out=None, no_resume=False, retry_errors=False, progress=False, workers=1,
     )
     records: list[dict] = []
     run_grounding([sample_face_path(sample)], out / "au.jsonl", DetectorSpec(), GroundingConfig(overlays=str(out)), resume=False, on_record=records.append)
