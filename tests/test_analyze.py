@@ -366,3 +366,23 @@ def test_any_model_output_is_reported_and_drawn(text, astronaut_analysis, facs_a
 
 
 _ASTRO_IMG: dict = {}
+
+
+def test_cli_workers_send_concurrent_requests_to_a_served_model(fake_openai, tmp_path, astronaut_path):
+    import shutil
+
+    from fakeserver import Reply
+
+    reply = "<think>The mouth corners rise, AU12 <bbox>[100, 200, 300, 300]</bbox>.</think>\n<answer>happiness</answer>"
+    srv = fake_openai(lambda req, i: Reply(text=reply, delay_s=0.3))
+    d = tmp_path / "faces"
+    d.mkdir()
+    for i in range(6):
+        shutil.copy(astronaut_path, d / f"f{i}.png")
+    out = tmp_path / "a.jsonl"
+    r = runner.invoke(app, ["analyze", str(d), "--model", f"openai:{srv.url}", "--workers", "3", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    recs = _json_lines(out.read_text())
+    assert [Path(x["image"]).name for x in recs] == [f"f{i}.png" for i in range(6)]
+    assert all(x["analyses"][0]["trace"] == reply and x["analyses"][0]["well_formed"] for x in recs)
+    assert srv.max_in_flight >= 2  # images really were analysed concurrently

@@ -35,6 +35,7 @@ error instead.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import queue
@@ -299,7 +300,8 @@ class BackendEngine:
         self.user = u if user is None else user
         self.max_new_tokens = max_new_tokens
         self.name = name or getattr(backend, "name", "backend")
-        self._lock = threading.Lock()
+        # Served models take concurrent requests (``analyze --workers``); in-process ones are serialised.
+        self._lock = contextlib.nullcontext() if getattr(backend, "thread_safe", False) else threading.Lock()
 
     def run(self, faces: Sequence[tuple[Image.Image | None, FaceAUs]]) -> list[EngineOutput]:
         from tagfer.backends import GenerationConfig, GenRequest

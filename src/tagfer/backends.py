@@ -335,6 +335,9 @@ class OpenAIBackend(_BackendBase):
     Error kinds: :class:`RequestFailed` kinds (``timeout``, ``http_500``, ...) and image errors.
     """
 
+    #: ``generate`` may be called from several threads at once (one shared loop and client).
+    thread_safe = True
+
     name = "openai"
 
     def __init__(self, client_config: Any, concurrency: int | None = None, window: int | None = None, ordered: bool = True):
