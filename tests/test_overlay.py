@@ -1,4 +1,6 @@
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from tagfer.canvas import CanvasTransform
@@ -42,3 +44,16 @@ def test_au_overlay_focuses_on_small_faces(mp_detector, astronaut_rgb):
     full = au_overlay(astronaut_rgb, faces, focus=False)
     assert full.size == (512, 512)
     assert face_focus([(0, 0, 500, 500)], (512, 512)) is None
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.lists(st.tuples(st.floats(-50, 600), st.floats(-50, 600), st.floats(5, 200), st.floats(5, 40)), max_size=12))
+def test_place_captions_never_overlap(items):
+    from tagfer.overlay import place_captions
+
+    spots = place_captions([(x, y) for x, y, _, _ in items], [(w, h) for _, _, w, h in items], width=512)
+    rects = [(x, y, w, h) for (x, y), (_, _, w, h) in zip(spots, items)]
+    for i, (x, y, w, h) in enumerate(rects):
+        assert x >= 0 and y >= 0 and (x + w <= 512 or x == 0)
+        for px, py, pw, ph in rects[:i]:
+            assert not (x < px + pw and px < x + w and y < py + ph and py < y + h)

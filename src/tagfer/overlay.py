@@ -36,6 +36,23 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def place_captions(
+    anchors: Sequence[tuple[float, float]], sizes: Sequence[tuple[float, float]], width: float
+) -> list[tuple[float, float]]:
+    """Top-left corners for caption rectangles: each sits just above its box's top-left
+    corner (inside the image width; below the corner when there is no room above), then
+    moves down until it overlaps no caption placed before it. Pure; no two results overlap."""
+    placed: list[tuple[float, float, float, float]] = []
+    for (x1, y1), (tw, th) in zip(anchors, sizes, strict=True):
+        tx, ty = min(max(0.0, x1), max(0.0, width - tw)), y1 - th
+        if ty < 0:
+            ty = max(0.0, y1)
+        while any(tx < px + pw and px < tx + tw and ty < py + ph and py < ty + th for px, py, pw, ph in placed):
+            ty += th
+        placed.append((tx, ty, tw, th))
+    return [(x, y) for x, y, _, _ in placed]
+
+
 def draw_boxes(
     image: Image.Image | np.ndarray,
     boxes: Iterable[LabeledBox],
@@ -70,23 +87,19 @@ def draw_boxes(
     draw = ImageDraw.Draw(im)
     lw = max(2, round(max(im.size) / 250))
     font = _font(max(11, round(max(im.size) / 40)))
-    placed: list[tuple[float, float, float, float]] = []
-    for lb in boxes:
+    boxes = list(boxes)
+    drawn = []
+    for lb in boxes:  # every box first, then every label: a later box never covers a caption
         bx1, by1, bx2, by2 = tr.box_to_image(lb.box)
         x1, y1, x2, y2 = (bx1 - ox) * k, (by1 - oy) * k, (bx2 - ox) * k, (by2 - oy) * k
         draw.rectangle((x1, y1, x2, y2), outline=lb.color, width=lw)
-        if lb.label:
-            tb = draw.textbbox((0, 0), lb.label, font=font)
-            tw, th = tb[2] - tb[0] + 6, tb[3] - tb[1] + 6
-            tx, ty = x1, y1 - th
-            if ty < 0:
-                ty = y1
-            # Nudge labels down so they do not cover each other.
-            while any(abs(tx - px) < tw and abs(ty - py) < th for px, py, _, _ in placed):
-                ty += th
-            placed.append((tx, ty, tw, th))
-            draw.rectangle((tx, ty, tx + tw, ty + th), fill=lb.color)
-            draw.text((tx + 3, ty + 3 - tb[1]), lb.label, fill=(255, 255, 255), font=font)
+        drawn.append((lb, x1, y1))
+    labelled = [(lb, x1, y1, draw.textbbox((0, 0), lb.label, font=font)) for lb, x1, y1 in drawn if lb.label]
+    sizes = [(tb[2] - tb[0] + 6, tb[3] - tb[1] + 6) for _, _, _, tb in labelled]
+    spots = place_captions([(x1, y1) for _, x1, y1, _ in labelled], sizes, im.width)
+    for (lb, _, _, tb), (tw, th), (tx, ty) in zip(labelled, sizes, spots):
+        draw.rectangle((tx, ty, tx + tw, ty + th), fill=lb.color)
+        draw.text((tx + 3, ty + 3 - tb[1]), lb.label, fill=(255, 255, 255), font=font)
     return im
 
 
