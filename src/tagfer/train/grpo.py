@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tagfer.integrations.trl import TAGReward, make_reward_funcs, reward_weights
-from tagfer.train.config import TrainConfig, dump_config
+from tagfer.train.config import TrainConfig
 
 __all__ = ["LoggedTAGReward", "GRPOResult", "run_grpo", "tag_reward_funcs", "build_grpo_trainer"]
 
@@ -70,29 +70,13 @@ def build_grpo_trainer(
     callbacks: Sequence[Any] = (),
 ):
     """``(trainer, logger, info)`` — the configured ``GRPOTrainer`` before ``train()`` (also used by the benchmark)."""
-    from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer
 
-    from tagfer.prompts import tag_prompt
     from tagfer.train.callbacks import JsonlLogCallback
-    from tagfer.train.data import RowMaker, load_train_val
-    from tagfer.train.model import apply_lora, load_for_training, trainable_summary
-    from tagfer.train.sft import quiet_console, training_args_common
+    from tagfer.train.sft import prepare_run, quiet_console, training_args_common
 
-    if cfg.stage != "grpo":
-        raise ValueError(f"run_grpo needs stage: grpo (got {cfg.stage!r})")
-    cfg.validate()
-    _check_vllm(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    set_seed(cfg.optim.seed)
-    model, processor, base = load_for_training(cfg)
-    model = apply_lora(model, cfg.lora)
-    summary = trainable_summary(model)
-    system, user = tag_prompt(cfg.data.system_prompt, cfg.data.user_prompt)
-    train_raw, _ = load_train_val(cfg)
-    train_ds = train_raw.with_transform(RowMaker("grpo", system, user, cfg.model.image_side))
+    run = prepare_run(cfg, "grpo", check=_check_vllm)  # vLLM checked before anything is written
+    out, model, processor, base, summary, train_ds = run.out, run.model, run.processor, run.base, run.trainable, run.train_ds
     if reward_funcs is None:
         reward_funcs, default_weights = tag_reward_funcs(cfg)
         weights = default_weights if weights is None else weights

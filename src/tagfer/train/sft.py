@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tagfer.train.config import TrainConfig, dump_config
 from tagfer.train.model import save_processor
 
-__all__ = ["SFTResult", "run_sft", "training_args_common", "save_adapter", "last_checkpoint", "deepspeed_config_path"]
+__all__ = ["SFTResult", "RunSetup", "prepare_run", "run_sft", "training_args_common", "save_adapter", "last_checkpoint", "deepspeed_config_path"]
 
 
 @dataclass
@@ -108,32 +108,60 @@ def save_adapter(model, processor, out_dir: str | Path) -> Path:
     return out
 
 
-def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
-    """Run SFT as configured; returns where the adapters and the log are."""
-    import json
+@dataclass
+class RunSetup:
+    """What both stages start from: output folder, LoRA-wrapped model, processor, prompts, data."""
 
+    out: Path
+    model: Any
+    processor: Any
+    base: str
+    trainable: dict[str, int]
+    system: str
+    user: str
+    train_raw: Any
+    val_raw: Any
+    train_ds: Any
+
+
+def prepare_run(cfg: TrainConfig, stage: str, check: Callable[[TrainConfig], None] | None = None) -> RunSetup:
+    """The common start of SFT and GRPO: check the stage, validate (then ``check``, before any
+    file is written), write ``config.yaml``, seed, load the model with LoRA, read the data and
+    attach the row transform of ``stage``."""
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
 
     from tagfer.prompts import tag_prompt
-    from tagfer.train.callbacks import JsonlLogCallback, ValidationCallback, write_json
     from tagfer.train.data import RowMaker, load_train_val
     from tagfer.train.model import apply_lora, load_for_training, trainable_summary
 
-    if cfg.stage != "sft":
-        raise ValueError(f"run_sft needs stage: sft (got {cfg.stage!r})")
+    if cfg.stage != stage:
+        raise ValueError(f"run_{stage} needs stage: {stage} (got {cfg.stage!r})")
     cfg.validate()
+    if check is not None:
+        check(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     set_seed(cfg.optim.seed)
-
     model, processor, base = load_for_training(cfg)
     model = apply_lora(model, cfg.lora)
-    summary = trainable_summary(model)
     system, user = tag_prompt(cfg.data.system_prompt, cfg.data.user_prompt)
     train_raw, val_raw = load_train_val(cfg)
-    train_ds = train_raw.with_transform(RowMaker("sft", system, user, cfg.model.image_side))
+    train_ds = train_raw.with_transform(RowMaker(stage, system, user, cfg.model.image_side))
+    return RunSetup(out, model, processor, base, trainable_summary(model), system, user, train_raw, val_raw, train_ds)
+
+
+def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
+    """Run SFT as configured; returns where the adapters and the log are."""
+    import json
+
+    from trl import SFTConfig, SFTTrainer
+
+    from tagfer.train.callbacks import JsonlLogCallback, ValidationCallback, write_json
+
+    run = prepare_run(cfg, "sft")
+    out, model, processor, base, summary = run.out, run.model, run.processor, run.base, run.trainable
+    system, user, val_raw, train_ds = run.system, run.user, run.val_raw, run.train_ds
 
     args = SFTConfig(
         **training_args_common(cfg), max_length=cfg.sft.max_length, completion_only_loss=cfg.sft.completion_only_loss,
