@@ -108,17 +108,8 @@ def test_eval_bytes_images_bad_outputs_and_bad_image(tmp_path, ferplus_root, eva
     assert all(p.image is None and p.pred is None and not p.well_formed for p in preds)  # refusal, truncated, JSON
     assert any("unclosed_tag" in p.violations or "no_answer" in p.violations for p in preds)
 
-    @dataclass
-    class Rec:
-        id: str
-        image_path: str
-        label: str = "fear"
-        source: str = "generic"
-        split: str = "test"
-        excluded: bool = False
-
-    recs = [Rec("g/corrupt", str(bad_inputs["corrupt"])), Rec("g/missing", str(bad_inputs["not_found"])),
-            Rec("g/x", str(bad_inputs["corrupt"]), label="excluded", excluded=True), Rec("g/none", None)]
+    recs = [_Rec("g/corrupt", str(bad_inputs["corrupt"])), _Rec("g/missing", str(bad_inputs["not_found"])),
+            _Rec("g/x", str(bad_inputs["corrupt"]), label="excluded", excluded=True), _Rec("g/none", None)]
     eval_server.reset(lambda req, i: tag_answer("fear"))
     with _backend(eval_server) as be:
         s = E.run_eval(recs, be, tmp_path / "bad.jsonl")
