@@ -96,6 +96,34 @@ def analyze_cmd(
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="Images analysed in parallel (one detector each; a --model is shared). Output order is kept."),
 ) -> None:
     """Explain the expression of every face: label, TAG trace with boxes, detector AUs, overlay."""
+    analyze_images(
+        images, model=model, json_out=json_out, overlay=overlay, scores=scores, frame=frame, all_aus=all_aus,
+        max_faces=max_faces, threshold=threshold, landmarker=landmarker, max_new_tokens=max_new_tokens, device=device,
+        out=out, no_resume=no_resume, retry_errors=retry_errors, progress=progress, workers=workers,
+    )
+
+
+def analyze_images(
+    images: List[Path],
+    *,
+    model: Optional[str] = None,
+    json_out: bool = False,
+    overlay: Optional[Path] = None,
+    scores: bool = False,
+    frame: str = "face",
+    all_aus: bool = False,
+    max_faces: int = 5,
+    threshold: float = 0.3,
+    landmarker: Optional[Path] = None,
+    max_new_tokens: int = 512,
+    device: str = "auto",
+    out: Optional[Path] = None,
+    no_resume: bool = False,
+    retry_errors: bool = False,
+    progress: bool = True,
+    workers: int = 1,
+) -> None:
+    """The body of ``tagfer analyze`` with plain defaults (also run by ``tagfer demo``); options as documented there."""
     from tagfer.analyze import EXIT_FAILED, EXIT_MALFORMED, EXIT_USAGE, Analyzer, AnalyzerPool, load_engine
     from tagfer.aus import AUConfig
     from tagfer.detectors import MediaPipeAUDetector

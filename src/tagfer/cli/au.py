@@ -106,17 +106,13 @@ def demo_cmd(
 ) -> None:
     """The offline tour on a real face shipped by an installed package: `tagfer analyze`
     (label, grounded trace, red/green overlay) then the AU grounding record of `tagfer au`."""
-    from tagfer.cli.analyze import analyze_cmd
+    from tagfer.cli.analyze import analyze_images
     from tagfer.detectors import DetectorSpec
     from tagfer.grounding import GroundingConfig, run_grounding
     from tagfer.samples import sample_face_path
 
     out.mkdir(parents=True, exist_ok=True)
-    analyze_cmd(
-        images=[Path(f"sample:{sample}")], model=None, json_out=False, overlay=out / f"analyze_{sample}.png", scores=True,
-        frame="face", all_aus=False, max_faces=5, threshold=0.3, landmarker=None, max_new_tokens=512, device="auto",
-        out=None, no_resume=False, retry_errors=False, progress=False, workers=1,
-    )
+    analyze_images([Path(f"sample:{sample}")], overlay=out / f"analyze_{sample}.png", scores=True)
     records: list[dict] = []
     run_grounding([sample_face_path(sample)], out / "au.jsonl", DetectorSpec(), GroundingConfig(overlays=str(out)), resume=False, on_record=records.append)
     for rec in records:
