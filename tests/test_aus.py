@@ -263,6 +263,9 @@ BROWS = (107, 66, 105, 63, 70, 55, 65, 52, 53, 46, 336, 296, 334, 293, 300, 285,
     "au,moves,bs",
     [
         (4, {i: (0.0, 0.08) for i in BROWS}, {"browDownLeft": 0.8, "browDownRight": 0.8}),
+        # 1+4 (sadness, fear): inner brows raised but drawn together — AU4 from the narrowed gap
+        (4, {**{i: (0.05, -0.03) for i in (107, 66, 105, 55, 65)}, **{i: (-0.05, -0.03) for i in (336, 296, 334, 285, 295)}},
+         {"browDownLeft": 0.8, "browDownRight": 0.8}),
         (6, {i: (0.0, -0.06) for i in (50, 101, 280, 330)}, {}),
         (7, {145: (0.0, -0.03), 374: (0.0, -0.03), 159: (0.0, 0.01), 386: (0.0, 0.01)}, {"eyeSquintLeft": 0.8, "eyeSquintRight": 0.8}),
         (9, {48: (0.0, -0.1), 278: (0.0, -0.1)}, {}),

@@ -161,6 +161,7 @@ CALIBRATION: dict[str, tuple[float, float]] = {
     "eyeSquint": (0.25, 1.0),
     "mouthPress": (0.10, 1.0),
     "g_brow": (0.25, 0.19),
+    "g_browgap": (0.30, 0.26),
     "g_aperture": (0.09, 0.06),
     "g_cheek": (0.325, 0.285),
     "g_ala": (0.38, 0.30),
@@ -381,6 +382,8 @@ def geometric_cues(lm: np.ndarray, rotation: np.ndarray | None = None) -> dict[s
         "g_lowerlid": (lowerlid(33, 133, 145) + lowerlid(263, 362, 374)) / 2,
         # inner brow head above the inner eye corner (AU4 lowers it, AU1 raises it)
         "g_brow": ((y(133) - y(107)) + (y(362) - y(336))) / 2,
+        # distance between the inner brow heads (AU4 draws them together, also in 1+4)
+        "g_browgap": float(np.linalg.norm(p[336] - p[107])) / iod,
         # palpebral fissure: upper-lid centre to lower-lid centre (AU7 narrows it)
         "g_aperture": ((y(145) - y(159)) + (y(374) - y(386))) / 2,
         # infraorbital cheek (malar points 50/280 and 101/330) below the eye-corner line (AU6 raises it)
@@ -428,7 +431,8 @@ def au_scores(
         # Cues a smile (AU12) mimics are discounted by it: a strong AU12 lifts the alae and the
         # upper lip, widens and thins the mouth (FACS: AU12 appearance changes).
         free = 1.0 - smile
-        scores[4] = min(scores[4], c("g_brow"))  # browDown alone fires on low-set brows at rest
+        # browDown alone fires on low-set brows at rest: the brows must also be lowered or drawn together
+        scores[4] = min(scores[4], max(c("g_brow"), c("g_browgap")))
         scores[7] = min(scores[7], c("g_aperture"))  # eyeSquint alone fires on narrow eyes at rest
         scores[6] = max(scores[6], c("g_cheek"))  # cheek raise, not lid narrowing
         scores[9] = max(scores[9], c("g_ala") * free)
