@@ -20,36 +20,43 @@ A raw cue ``x`` becomes a score by a per-AU linear calibration
 ``clip((x - lo) / (hi - lo), 0, 1)``; ``(lo, hi)`` live in :data:`CALIBRATION`
 and can be overridden through :class:`AUConfig`. Left/right blendshapes are
 averaged. ``g`` below are landmark-geometry cues, measured in units of the
-inter-ocular distance (outer eye corners 33–263, "IOD") in the face's own
-rotated frame, so they are invariant to image scale and in-plane rotation.
+inter-ocular distance (outer eye corners 33–263, "IOD") on the **pose-normalised**
+mesh: the head rotation of MediaPipe's facial transformation matrix is undone
+(:func:`frontalize`) and the rest of the roll by the face frame, so they are
+invariant to image scale, in-plane rotation and head turn. ``s12`` is the AU12
+score; cues a smile mimics are multiplied by ``(1 - s12)``. Evidence for every
+constant: docs/au.md, "Calibration evidence".
 
 ====  ======================  =====================================================
 AU    name                    score
 ====  ======================  =====================================================
 1     Inner Brow Raiser       browInnerUp
 2     Outer Brow Raiser       browOuterUp (L/R)
-4     Brow Lowerer            browDown (L/R)
+4     Brow Lowerer            min(browDown, max(g_brow, g_browgap)): the blendshape
+                              and the geometry must agree. g_brow: inner brow head
+                              above the inner eye corner (0.25 → 0.19); g_browgap:
+                              inner brow heads' distance (0.30 → 0.26)
 5     Upper Lid Raiser        eyeWide (L/R)
-6     Cheek Raiser            max(cheekSquint, g_lowerlid): lower-eyelid centre raised
-                              towards the eye-corner line (distance / eye width;
-                              0.14 rest → 0.04 fully raised). cheekSquint alone is ~0
-                              on almost every face.
-7     Lid Tightener           eyeSquint (L/R), rest level 0.25 subtracted
-9     Nose Wrinkler           max(noseSneer, g_ala): alar base raised towards the inner
-                              eye corner (distance / IOD; 0.40 rest → 0.30 wrinkled).
-                              noseSneer alone is ~0 on almost every face.
-10    Upper Lip Raiser        mouthUpperUp (L/R)
-12    Lip Corner Puller       max(mouthSmile, g_corner): lip corners above the lip
-                              midpoint (/ IOD; -0.02 → 0.10)
+6     Cheek Raiser            max(cheekSquint, g_cheek): malar points (50, 101) below
+                              the eye-corner line (0.325 → 0.285). Not from the lids.
+7     Lid Tightener           min(eyeSquint − rest 0.25, g_aperture): lid-to-lid
+                              opening (0.09 → 0.06)
+9     Nose Wrinkler           max(noseSneer, g_ala·(1−s12)): alar base below the inner
+                              eye corner (0.38 → 0.30)
+10    Upper Lip Raiser        max(mouthUpperUp, g_upperlip·(1−s12)): subnasale to the
+                              upper lip top (0.165 → 0.12)
+12    Lip Corner Puller       max(mouthSmile, g_corner): lip corners above the upper
+                              lip's inner midpoint (-0.02 → 0.10)
 14    Dimpler                 mouthDimple (L/R)
-15    Lip Corner Depressor    mouthFrown (L/R)
+15    Lip Corner Depressor    max(mouthFrown, g_corner_mid): corners below the lips'
+                              midpoint (0.03 → 0.09 below)
 16    Lower Lip Depressor     mouthLowerDown (L/R)
 17    Chin Raiser             mouthShrugLower
 18    Lip Pucker              mouthPucker
-20    Lip Stretcher           mouthStretch (L/R)
+20    Lip Stretcher           max(mouthStretch, g_width·(1−s12)): mouth width
+                              (0.60 → 0.72)
 22    Lip Funneler            mouthFunnel
-23    Lip Tightener           mouthPress (L/R) × lip thinning, where thinning =
-                              clip((0.14 - red-lip height / IOD) / 0.08, 0, 1)
+23    Lip Tightener           g_thin·(1−s12)·(1−s26): red-lip height (0.19 → 0.13)
                               (no blendshape of its own)
 24    Lip Pressor             mouthPress (L/R), rest level 0.10 subtracted
 25    Lips Part               g_gap: inner-lip gap (landmarks 13–14) / IOD,
@@ -371,15 +378,9 @@ def geometric_cues(lm: np.ndarray, rotation: np.ndarray | None = None) -> dict[s
     def y(i: int) -> float:
         return float(p[i] @ ey) / iod
 
-    def lowerlid(outer: int, inner: int, lower: int) -> float:
-        mid = (p[outer] + p[inner]) / 2
-        w = float(np.linalg.norm(p[inner] - p[outer])) or 1.0
-        return float((p[lower] - mid) @ ey) / w
-
     eye_r, eye_l = (y(33) + y(133)) / 2, (y(263) + y(362)) / 2
     mouth_mid = (p[13] + p[14]) / 2
     return {
-        "g_lowerlid": (lowerlid(33, 133, 145) + lowerlid(263, 362, 374)) / 2,
         # inner brow head above the inner eye corner (AU4 lowers it, AU1 raises it)
         "g_brow": ((y(133) - y(107)) + (y(362) - y(336))) / 2,
         # distance between the inner brow heads (AU4 draws them together, also in 1+4)
@@ -391,7 +392,10 @@ def geometric_cues(lm: np.ndarray, rotation: np.ndarray | None = None) -> dict[s
         "g_ala": ((y(48) - y(133)) + (y(278) - y(362))) / 2,
         # subnasale (2) to the top of the upper lip (0) (AU10 shortens it)
         "g_upperlip": y(0) - y(2),
-        "g_corner": (float((mouth_mid - p[61]) @ ey) + float((mouth_mid - p[291]) @ ey)) / 2 / iod,
+        # lip corners above the upper lip's inner midpoint (AU12 lifts them; a dropped jaw does not)
+        "g_corner": (y(13) - y(61) + y(13) - y(291)) / 2,
+        # lip corners above the midpoint of the lips (AU15 pulls them below it)
+        "g_corner_mid": (float((mouth_mid - p[61]) @ ey) + float((mouth_mid - p[291]) @ ey)) / 2 / iod,
         # mouth width, corner to corner (AU20 lengthens it)
         "g_width": float(np.linalg.norm(p[291] - p[61])) / iod,
         "g_gap": float(np.linalg.norm(p[13] - p[14])) / iod,
@@ -437,7 +441,7 @@ def au_scores(
         scores[6] = max(scores[6], c("g_cheek"))  # cheek raise, not lid narrowing
         scores[9] = max(scores[9], c("g_ala") * free)
         scores[10] = max(scores[10], c("g_upperlip") * free)
-        scores[15] = max(scores[15], c("g_depress", "g_corner"))
+        scores[15] = max(scores[15], c("g_depress", "g_corner_mid"))
         scores[20] = max(scores[20], c("g_width") * free)
         scores[25] = c("g_gap")
         # AU23 narrows the red lips; a dropped jaw (AU26) stretches them thin too.
