@@ -42,6 +42,9 @@ PEAK_DIR = "examples/image_data/sample_image_directory/"
 SERIES_DIR = "examples/image_data/sample_image_series_directory/"
 ORDER = ("happiness", "surprise", "anger", "disgust", "fear", "sadness", "neutral")
 AU_CHECKS = {"anger": (4,), "disgust": (9, 10), "fear": (1, 4, 20), "sadness": (1, 15)}
+# Further AUs of each prototype, printed after the required ones.
+AU_MORE = {"anger": (7, 17, 23, 24), "disgust": (15, 17), "fear": (2, 5), "sadness": (4, 17),
+           "happiness": (6, 12), "surprise": (1, 2, 5, 26)}
 
 
 def dev_set(cache: Path) -> list[tuple[Path, str, str]]:
@@ -155,9 +158,9 @@ def main() -> None:
         print(f"\nconfusion: {name}")
         print(confusion(p, truth))
     print("\nAU activation rate per class (tagfer detector)")
-    for c in ("anger", "disgust", "fear", "sadness", "neutral"):
+    for c in ("anger", "disgust", "fear", "sadness", "happiness", "surprise", "neutral"):
         idx = [i for i, t in enumerate(truth) if t == c]
-        aus = sorted({a for v in AU_CHECKS.values() for a in v}) if c == "neutral" else AU_CHECKS[c]
+        aus = sorted({a for v in AU_CHECKS.values() for a in v}) if c == "neutral" else AU_CHECKS.get(c, ()) + AU_MORE.get(c, ())
         if not idx:
             print(f"  {c:9s} (no faces of this class in the dev set)")
             continue

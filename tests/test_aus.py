@@ -304,3 +304,12 @@ def test_smile_discounts_the_cues_it_mimics(faces):
     assert f.score(12) >= 0.8 and f.score(6) >= 0.5
     for au in (4, 9, 15, 20, 23):
         assert f.score(au) < 0.3, (au, f.score(au))
+
+
+def test_dropped_jaw_is_not_a_smile_or_a_frown(grace_mesh):
+    """Jaw drop (AU26): the lower lip and the corners follow the jaw; neither AU12 nor AU15 fires."""
+    front = frontalize(grace_mesh.landmarks, grace_mesh.rotation)
+    lower = (14, 17, 84, 181, 91, 146, 314, 405, 321, 375, 87, 178, 88, 95, 317, 402, 318, 324)
+    moved = _moved(front, {**{i: (0.0, 0.35) for i in lower}, 61: (0.0, 0.06), 291: (0.0, 0.06)})
+    s = au_scores({"jawOpen": 0.8}, moved)
+    assert s[25] >= 0.9 and s[12] < 0.3 and s[15] < 0.3
