@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_au.py
 	$(PY) benchmarks/bench_rewards.py
 	$(PY) benchmarks/bench_analyze.py
+	$(PY) benchmarks/bench_accuracy.py
 	$(PY) benchmarks/bench_client.py
 	$(PY) benchmarks/bench_build.py
 	$(PY) benchmarks/bench_eval.py

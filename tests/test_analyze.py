@@ -64,8 +64,10 @@ def test_astronaut(astronaut_analysis):
 
 
 def test_grace(grace_analysis):
+    """Changed by issue 13: her AU12 is at rest level after pose normalisation, so by FACS
+    (happiness needs AU12) the engine reads neutral; the active cheek raise is still cited."""
     assert_grounded(grace_analysis)
-    assert grace_analysis.label == "happiness" and grace_analysis.box_aus[0] == 6
+    assert grace_analysis.label == "neutral" and 6 in grace_analysis.box_aus
 
 
 def test_face_frame_boxes_are_the_image_frame_boxes_moved(mp_detector, astronaut_path):
@@ -178,7 +180,9 @@ def test_cli_json_schema_and_overlay(tmp_path, astronaut_path, grace_path):
         assert set(rec) == RESULT_KEYS and rec["error"] is None and rec["n_faces"] == 1
         (a,) = rec["analyses"]
         assert set(a) == ANALYSIS_KEYS
-        assert a["label"] == "happiness" and a["well_formed"] and a["engine"] == "facs"
+        # Grace Hopper's lip corners sit at rest height once pose is normalised: neutral (docs/au.md).
+        assert a["label"] == ("happiness" if "astronaut" in rec["image"] else "neutral")
+        assert a["well_formed"] and a["engine"] == "facs"
         assert set(a["scores"]) == {"anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"}
         assert all(set(d) >= {"au", "name", "score", "active", "box"} for d in a["aus"])
         (ov,) = rec["overlays"]

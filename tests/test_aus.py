@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tagfer.aus import AU_IDS, REGIONS, AUConfig, au_number, au_scores, geometric_cues, ground_face, region_boxes_px
+from tagfer.aus import AU_IDS, REGIONS, AUConfig, _face_frame, au_number, au_scores, frontalize, geometric_cues, ground_face, region_boxes_px
 from tagfer.canvas import CanvasTransform
 from tagfer.imageio import load_image
 from tagfer.trace import parse_au_list
@@ -187,3 +187,129 @@ def test_flipped_face_mirrors_boxes(mp_detector, face_crop_path, tmp_path):
         x1, y1, x2, y2 = ba[au]
         m = bb[au]
         assert abs((511 - x2) - m[0]) <= 12 and abs((511 - x1) - m[2]) <= 12 and abs(y1 - m[1]) <= 12
+
+
+# ------------------------------------------------------------------ pose normalisation and AU cues (issue 13)
+def _rot(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    y, p, r = np.deg2rad([yaw, pitch, roll])
+    rz = np.array([[np.cos(r), -np.sin(r), 0], [np.sin(r), np.cos(r), 0], [0, 0, 1]])
+    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+    rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
+    return rz @ ry @ rx
+
+
+def _turn(lm: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Turn the head by ``q`` (MediaPipe camera axes) about the landmark centroid, in image axes."""
+    flip = np.array([1.0, -1.0, -1.0])
+    c = lm[:, :3].mean(axis=0)
+    out = lm.copy()
+    out[:, :3] = ((lm[:, :3] - c) * flip) @ q.T * flip + c
+    return out
+
+
+@pytest.fixture(scope="module")
+def grace_mesh(mp_detector, grace_path):
+    m = mp_detector.meshes(load_image(grace_path))[0]
+    assert m.rotation is not None and m.rotation.shape == (3, 3)
+    return m
+
+
+@settings(max_examples=20, deadline=None)
+@given(yaw=st.floats(-40, 40), pitch=st.floats(-25, 25), roll=st.floats(-30, 30))
+def test_pose_normalisation_cancels_a_pure_rotation(grace_mesh, yaw, pitch, roll):
+    q = _rot(yaw, pitch, roll)
+    turned = _turn(grace_mesh.landmarks, q)
+    r1 = q @ grace_mesh.rotation  # what MediaPipe would report for the turned head
+    f0 = frontalize(grace_mesh.landmarks, grace_mesh.rotation)
+    np.testing.assert_allclose(frontalize(turned, r1), f0, atol=1e-6)
+    g0, g1 = geometric_cues(grace_mesh.landmarks, grace_mesh.rotation), geometric_cues(turned, r1)
+    for k in g0:
+        assert g1[k] == pytest.approx(g0[k], abs=1e-6)
+
+
+def test_unnormalised_cues_do_change_under_head_turn(grace_mesh):
+    turned = _turn(grace_mesh.landmarks, _rot(0, 20, 0))
+    g0, g1 = geometric_cues(grace_mesh.landmarks), geometric_cues(turned)
+    # A 20° nod moves the vertical cues by more than their rest-to-action calibration span.
+    assert abs(g1["g_corner"] - g0["g_corner"]) > 0.03 and abs(g1["g_brow"] - g0["g_brow"]) > 0.02
+
+
+def test_frontalize_uses_the_matrix_sign_convention(grace_mesh):
+    """Undoing MediaPipe's rotation brings the two outer eye corners to the same depth."""
+    lm, r = grace_mesh.landmarks, grace_mesh.rotation
+    turned = _turn(lm, _rot(30, 0, 0))
+    iod = np.linalg.norm(lm[263, :2] - lm[33, :2])
+    f = frontalize(turned, _rot(30, 0, 0) @ r)
+    assert abs(f[263, 2] - f[33, 2]) / iod < 0.05 < abs(turned[263, 2] - turned[33, 2]) / iod
+
+
+# Blendshapes of a face at rest with everything MediaPipe scores near zero.
+_REST_BS: dict[str, float] = {}
+
+
+def _moved(lm: np.ndarray, moves: dict[int, tuple[float, float]]) -> np.ndarray:
+    """Move points by (dx, dy) in IOD units of the face frame (x towards the subject's left eye, y down)."""
+    ex, ey, iod = _face_frame(lm)
+    out = lm.copy()
+    for i, (dx, dy) in moves.items():
+        out[i, :2] += (dx * ex + dy * ey) * iod
+    return out
+
+
+BROWS = (107, 66, 105, 63, 70, 55, 65, 52, 53, 46, 336, 296, 334, 293, 300, 285, 295, 282, 283, 276)
+
+
+@pytest.mark.parametrize(
+    "au,moves,bs",
+    [
+        (4, {i: (0.0, 0.08) for i in BROWS}, {"browDownLeft": 0.8, "browDownRight": 0.8}),
+        # 1+4 (sadness, fear): inner brows raised but drawn together — AU4 from the narrowed gap
+        (4, {**{i: (0.05, -0.03) for i in (107, 66, 105, 55, 65)}, **{i: (-0.05, -0.03) for i in (336, 296, 334, 285, 295)}},
+         {"browDownLeft": 0.8, "browDownRight": 0.8}),
+        (6, {i: (0.0, -0.06) for i in (50, 101, 280, 330)}, {}),
+        (7, {145: (0.0, -0.03), 374: (0.0, -0.03), 159: (0.0, 0.01), 386: (0.0, 0.01)}, {"eyeSquintLeft": 0.8, "eyeSquintRight": 0.8}),
+        (9, {48: (0.0, -0.1), 278: (0.0, -0.1)}, {}),
+        (10, {0: (0.0, -0.06), 37: (0.0, -0.06), 267: (0.0, -0.06)}, {}),
+        (15, {61: (0.0, 0.09), 291: (0.0, 0.09)}, {}),
+        (20, {61: (-0.09, 0.0), 291: (0.09, 0.0)}, {}),
+        (23, {0: (0.0, 0.03), 17: (0.0, -0.03)}, {}),
+    ],
+)
+def test_geometric_cue_responds_to_its_action(grace_mesh, au, moves, bs):
+    """Move the mesh points as the AU moves them (on Grace Hopper's pose-normalised mesh): its score rises."""
+    front = frontalize(grace_mesh.landmarks, grace_mesh.rotation)
+    base = au_scores(bs, front)[au]
+    moved = au_scores(bs, _moved(front, moves))[au]
+    assert moved >= base + 0.3 and moved >= 0.5, (base, moved)
+
+
+def test_blendshape_alone_does_not_make_au4_or_au7(grace_mesh):
+    """browDown / eyeSquint fire on low-set brows and narrow eyes at rest: the geometry must agree."""
+    front = frontalize(grace_mesh.landmarks, grace_mesh.rotation)
+    s = au_scores({"browDownLeft": 0.9, "browDownRight": 0.9, "eyeSquintLeft": 0.9, "eyeSquintRight": 0.9}, front)
+    assert s[4] < 0.3 and s[7] < 0.3
+
+
+def test_au6_does_not_fire_on_lid_tension_alone(grace_mesh):
+    front = frontalize(grace_mesh.landmarks, grace_mesh.rotation)
+    lids = {145: (0.0, -0.04), 374: (0.0, -0.04), 144: (0.0, -0.03), 153: (0.0, -0.03), 373: (0.0, -0.03), 380: (0.0, -0.03)}
+    bs = {"eyeSquintLeft": 0.9, "eyeSquintRight": 0.9}
+    assert au_scores(bs, _moved(front, lids))[6] == pytest.approx(au_scores(bs, front)[6])
+    assert au_scores(bs, _moved(front, lids))[7] >= 0.5
+
+
+def test_smile_discounts_the_cues_it_mimics(faces):
+    """The astronaut's broad smile widens and thins the mouth and lifts the alae: not AU20/AU23/AU9."""
+    f = faces["astronaut"][0]
+    assert f.score(12) >= 0.8 and f.score(6) >= 0.5
+    for au in (4, 9, 15, 20, 23):
+        assert f.score(au) < 0.3, (au, f.score(au))
+
+
+def test_dropped_jaw_is_not_a_smile_or_a_frown(grace_mesh):
+    """Jaw drop (AU26): the lower lip and the corners follow the jaw; neither AU12 nor AU15 fires."""
+    front = frontalize(grace_mesh.landmarks, grace_mesh.rotation)
+    lower = (14, 17, 84, 181, 91, 146, 314, 405, 321, 375, 87, 178, 88, 95, 317, 402, 318, 324)
+    moved = _moved(front, {**{i: (0.0, 0.35) for i in lower}, 61: (0.0, 0.06), 291: (0.0, 0.06)})
+    s = au_scores({"jawOpen": 0.8}, moved)
+    assert s[25] >= 0.9 and s[12] < 0.3 and s[15] < 0.3

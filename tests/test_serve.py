@@ -178,7 +178,8 @@ def test_50_concurrent_requests(live_server, astronaut_path, grace_path, two_fac
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["n_faces"] == n and all(a["well_formed"] for a in body["analyses"])
-        assert body["analyses"][0]["label"] == "happiness" if n == 1 else len(body["analyses"]) == 2
+        # astronaut: happiness; Grace Hopper: neutral since issue 13 (AU12 at rest level, docs/au.md)
+        assert body["analyses"][0]["label"] == ("happiness", "neutral")[i % 3] if n == 1 else len(body["analyses"]) == 2
     # the same image gave the same answer every time (no cross-talk between pooled detectors)
     traces = {}
     for i, n, r in results:

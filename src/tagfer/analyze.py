@@ -374,7 +374,7 @@ def reframe(face: FaceAUs, region: Sequence[float], config: AUConfig) -> FaceAUs
     lm[:, 1] -= y1
     bx1, by1, bx2, by2 = m.bbox
     mesh = FaceMesh(bbox=(bx1 - x1, by1 - y1, bx2 - x1, by2 - y1), landmarks=lm, blendshapes=m.blendshapes,
-                    head_pose=m.head_pose, source=m.source)
+                    head_pose=m.head_pose, source=m.source, rotation=m.rotation)
     tr = CanvasTransform(x2 - x1, y2 - y1, canvas=config.canvas)
     scores = {a.au: a.score for a in face.aus}
     active = {a.au: a.active for a in face.aus}

@@ -20,36 +20,43 @@ A raw cue ``x`` becomes a score by a per-AU linear calibration
 ``clip((x - lo) / (hi - lo), 0, 1)``; ``(lo, hi)`` live in :data:`CALIBRATION`
 and can be overridden through :class:`AUConfig`. Left/right blendshapes are
 averaged. ``g`` below are landmark-geometry cues, measured in units of the
-inter-ocular distance (outer eye corners 33–263, "IOD") in the face's own
-rotated frame, so they are invariant to image scale and in-plane rotation.
+inter-ocular distance (outer eye corners 33–263, "IOD") on the **pose-normalised**
+mesh: the head rotation of MediaPipe's facial transformation matrix is undone
+(:func:`frontalize`) and the rest of the roll by the face frame, so they are
+invariant to image scale, in-plane rotation and head turn. ``s12`` is the AU12
+score; cues a smile mimics are multiplied by ``(1 - s12)``. Evidence for every
+constant: docs/au.md, "Calibration evidence".
 
 ====  ======================  =====================================================
 AU    name                    score
 ====  ======================  =====================================================
 1     Inner Brow Raiser       browInnerUp
 2     Outer Brow Raiser       browOuterUp (L/R)
-4     Brow Lowerer            browDown (L/R)
+4     Brow Lowerer            min(browDown, max(g_brow, g_browgap)): the blendshape
+                              and the geometry must agree. g_brow: inner brow head
+                              above the inner eye corner (0.25 → 0.19); g_browgap:
+                              inner brow heads' distance (0.30 → 0.26)
 5     Upper Lid Raiser        eyeWide (L/R)
-6     Cheek Raiser            max(cheekSquint, g_lowerlid): lower-eyelid centre raised
-                              towards the eye-corner line (distance / eye width;
-                              0.14 rest → 0.04 fully raised). cheekSquint alone is ~0
-                              on almost every face.
-7     Lid Tightener           eyeSquint (L/R), rest level 0.25 subtracted
-9     Nose Wrinkler           max(noseSneer, g_ala): alar base raised towards the inner
-                              eye corner (distance / IOD; 0.40 rest → 0.30 wrinkled).
-                              noseSneer alone is ~0 on almost every face.
-10    Upper Lip Raiser        mouthUpperUp (L/R)
-12    Lip Corner Puller       max(mouthSmile, g_corner): lip corners above the lip
-                              midpoint (/ IOD; -0.02 → 0.10)
+6     Cheek Raiser            max(cheekSquint, g_cheek): malar points (50, 101) below
+                              the eye-corner line (0.325 → 0.285). Not from the lids.
+7     Lid Tightener           min(eyeSquint − rest 0.25, g_aperture): lid-to-lid
+                              opening (0.09 → 0.06)
+9     Nose Wrinkler           max(noseSneer, g_ala·(1−s12)): alar base below the inner
+                              eye corner (0.38 → 0.30)
+10    Upper Lip Raiser        max(mouthUpperUp, g_upperlip·(1−s12)): subnasale to the
+                              upper lip top (0.165 → 0.12)
+12    Lip Corner Puller       max(mouthSmile, g_corner): lip corners above the upper
+                              lip's inner midpoint (-0.02 → 0.10)
 14    Dimpler                 mouthDimple (L/R)
-15    Lip Corner Depressor    mouthFrown (L/R)
+15    Lip Corner Depressor    max(mouthFrown, g_corner_mid): corners below the lips'
+                              midpoint (0.03 → 0.09 below)
 16    Lower Lip Depressor     mouthLowerDown (L/R)
 17    Chin Raiser             mouthShrugLower
 18    Lip Pucker              mouthPucker
-20    Lip Stretcher           mouthStretch (L/R)
+20    Lip Stretcher           max(mouthStretch, g_width·(1−s12)): mouth width
+                              (0.60 → 0.72)
 22    Lip Funneler            mouthFunnel
-23    Lip Tightener           mouthPress (L/R) × lip thinning, where thinning =
-                              clip((0.14 - red-lip height / IOD) / 0.08, 0, 1)
+23    Lip Tightener           g_thin·(1−s12)·(1−s26): red-lip height (0.19 → 0.13)
                               (no blendshape of its own)
 24    Lip Pressor             mouthPress (L/R), rest level 0.10 subtracted
 25    Lips Part               g_gap: inner-lip gap (landmarks 13–14) / IOD,
@@ -155,15 +162,22 @@ REGIONS: dict[int, AURegion] = {
     45: AURegion((_EYE_R, _EYE_L), (0.05, 0.05, 0.05)),
 }
 
-# (lo, hi) of the linear calibration per raw cue (see module docstring).
+# (lo, hi) of the linear calibration per raw cue (see module docstring; the evidence for each
+# geometric constant is in docs/au.md, "Calibration evidence").
 CALIBRATION: dict[str, tuple[float, float]] = {
     "eyeSquint": (0.25, 1.0),
     "mouthPress": (0.10, 1.0),
-    "g_lowerlid": (0.14, 0.04),
-    "g_ala": (0.40, 0.30),
+    "g_brow": (0.25, 0.19),
+    "g_browgap": (0.30, 0.26),
+    "g_aperture": (0.09, 0.06),
+    "g_cheek": (0.325, 0.285),
+    "g_ala": (0.38, 0.30),
+    "g_upperlip": (0.165, 0.12),
     "g_corner": (-0.02, 0.10),
+    "g_depress": (-0.03, -0.09),
+    "g_width": (0.60, 0.72),
     "g_gap": (0.02, 0.10),
-    "g_thin": (0.14, 0.06),
+    "g_thin": (0.19, 0.13),
 }
 
 # AU → blendshape stem (averaged over Left/Right when both exist).
@@ -328,21 +342,62 @@ def _face_frame(lm: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     return ex, ey, iod
 
 
-def geometric_cues(lm: np.ndarray) -> dict[str, float]:
-    """Raw geometry cues (IOD units, see module docstring) from 478 landmarks (pixels)."""
+# Image axes (x right, y down, z away from the camera) → MediaPipe's metric camera axes (y up, z towards the viewer).
+_FLIP = np.array([1.0, -1.0, -1.0])
+
+
+def frontalize(landmarks: np.ndarray, rotation: np.ndarray | None) -> np.ndarray:
+    """Landmarks with the head rotation undone: ``R^T`` applied about the landmark centroid.
+
+    ``rotation`` is the 3×3 rotation of MediaPipe's facial transformation matrix
+    (canonical face → camera; :attr:`tagfer.faces.FaceMesh.rotation`); x, y are
+    pixels and z MediaPipe's relative depth in the same scale. ``None`` returns
+    the landmarks unchanged. Perspective is not undone (a weak-perspective
+    approximation, fine for faces that fill a small part of the field of view).
+    """
+    lm = np.asarray(landmarks, dtype=np.float64)
+    if rotation is None:
+        return lm
+    r = np.asarray(rotation, dtype=np.float64)[:3, :3]
+    c = lm[:, :3].mean(axis=0)
+    out = lm.copy()
+    out[:, :3] = ((lm[:, :3] - c) * _FLIP) @ r * _FLIP + c
+    return out
+
+
+def geometric_cues(lm: np.ndarray, rotation: np.ndarray | None = None) -> dict[str, float]:
+    """Raw geometry cues (IOD units, see module docstring) from 478 landmarks (pixels).
+
+    With ``rotation`` (the head rotation, :func:`frontalize`) the cues are measured
+    on the pose-normalised face; the face frame then also removes any residual roll.
+    """
+    lm = frontalize(lm, rotation)
     ex, ey, iod = _face_frame(lm)
     p = lm[:, :2]
 
-    def lowerlid(outer: int, inner: int, lower: int) -> float:
-        mid = (p[outer] + p[inner]) / 2
-        w = float(np.linalg.norm(p[inner] - p[outer])) or 1.0
-        return float((p[lower] - mid) @ ey) / w
+    def y(i: int) -> float:
+        return float(p[i] @ ey) / iod
 
+    eye_r, eye_l = (y(33) + y(133)) / 2, (y(263) + y(362)) / 2
     mouth_mid = (p[13] + p[14]) / 2
     return {
-        "g_lowerlid": (lowerlid(33, 133, 145) + lowerlid(263, 362, 374)) / 2,
-        "g_ala": (float((p[48] - p[133]) @ ey) + float((p[278] - p[362]) @ ey)) / 2 / iod,
-        "g_corner": (float((mouth_mid - p[61]) @ ey) + float((mouth_mid - p[291]) @ ey)) / 2 / iod,
+        # inner brow head above the inner eye corner (AU4 lowers it, AU1 raises it)
+        "g_brow": ((y(133) - y(107)) + (y(362) - y(336))) / 2,
+        # distance between the inner brow heads (AU4 draws them together, also in 1+4)
+        "g_browgap": float(np.linalg.norm(p[336] - p[107])) / iod,
+        # palpebral fissure: upper-lid centre to lower-lid centre (AU7 narrows it)
+        "g_aperture": ((y(145) - y(159)) + (y(374) - y(386))) / 2,
+        # infraorbital cheek (malar points 50/280 and 101/330) below the eye-corner line (AU6 raises it)
+        "g_cheek": (((y(50) + y(101)) / 2 - eye_r) + ((y(280) + y(330)) / 2 - eye_l)) / 2,
+        "g_ala": ((y(48) - y(133)) + (y(278) - y(362))) / 2,
+        # subnasale (2) to the top of the upper lip (0) (AU10 shortens it)
+        "g_upperlip": y(0) - y(2),
+        # lip corners above the upper lip's inner midpoint (AU12 lifts them; a dropped jaw does not)
+        "g_corner": (y(13) - y(61) + y(13) - y(291)) / 2,
+        # lip corners above the midpoint of the lips (AU15 pulls them below it)
+        "g_corner_mid": (float((mouth_mid - p[61]) @ ey) + float((mouth_mid - p[291]) @ ey)) / 2 / iod,
+        # mouth width, corner to corner (AU20 lengthens it)
+        "g_width": float(np.linalg.norm(p[291] - p[61])) / iod,
         "g_gap": float(np.linalg.norm(p[13] - p[14])) / iod,
         "g_thin": (float(np.linalg.norm(p[0] - p[13])) + float(np.linalg.norm(p[14] - p[17]))) / iod,
     }
@@ -355,18 +410,42 @@ def _bs(bs: Mapping[str, float], stem: str) -> float:
     return float(np.mean(pair)) if pair else 0.0
 
 
-def au_scores(blendshapes: Mapping[str, float], landmarks: np.ndarray | None, config: AUConfig = AUConfig()) -> dict[int, float]:
-    """Score every AU in :data:`AU_IDS` from blendshapes and (optionally) landmarks."""
+def au_scores(
+    blendshapes: Mapping[str, float],
+    landmarks: np.ndarray | None,
+    config: AUConfig = AUConfig(),
+    rotation: np.ndarray | None = None,
+) -> dict[int, float]:
+    """Score every AU in :data:`AU_IDS` from blendshapes and (optionally) landmarks.
+
+    ``rotation``: the head rotation (:attr:`tagfer.faces.FaceMesh.rotation`); when
+    given, geometric cues are measured on the pose-normalised face.
+    """
     raw = {au: _bs(blendshapes, stem) for au, stem in BLENDSHAPE_AU.items()}
     raw[28] = (_bs(blendshapes, "mouthRollUpper") + _bs(blendshapes, "mouthRollLower")) / 2
     scores = {au: _cal(v, config.cal(BLENDSHAPE_AU.get(au, ""))) for au, v in raw.items()}
     if landmarks is not None and len(landmarks) >= 468:
-        g = geometric_cues(np.asarray(landmarks, dtype=np.float64))
-        scores[6] = max(scores[6], _cal(g["g_lowerlid"], config.cal("g_lowerlid")))
-        scores[9] = max(scores[9], _cal(g["g_ala"], config.cal("g_ala")))
-        scores[12] = max(scores[12], _cal(g["g_corner"], config.cal("g_corner")))
-        scores[25] = _cal(g["g_gap"], config.cal("g_gap"))
-        scores[23] = scores[24] * _cal(g["g_thin"], config.cal("g_thin"))
+        g = geometric_cues(np.asarray(landmarks, dtype=np.float64), rotation)
+
+        def c(key: str, value: str | None = None) -> float:
+            return _cal(g[value or key], config.cal(key))
+
+        scores[12] = max(scores[12], c("g_corner"))
+        smile = scores[12]
+        # Cues a smile (AU12) mimics are discounted by it: a strong AU12 lifts the alae and the
+        # upper lip, widens and thins the mouth (FACS: AU12 appearance changes).
+        free = 1.0 - smile
+        # browDown alone fires on low-set brows at rest: the brows must also be lowered or drawn together
+        scores[4] = min(scores[4], max(c("g_brow"), c("g_browgap")))
+        scores[7] = min(scores[7], c("g_aperture"))  # eyeSquint alone fires on narrow eyes at rest
+        scores[6] = max(scores[6], c("g_cheek"))  # cheek raise, not lid narrowing
+        scores[9] = max(scores[9], c("g_ala") * free)
+        scores[10] = max(scores[10], c("g_upperlip") * free)
+        scores[15] = max(scores[15], c("g_depress", "g_corner_mid"))
+        scores[20] = max(scores[20], c("g_width") * free)
+        scores[25] = c("g_gap")
+        # AU23 narrows the red lips; a dropped jaw (AU26) stretches them thin too.
+        scores[23] = c("g_thin") * free * (1.0 - scores[26])
     else:
         scores.setdefault(25, 0.0)
         scores.setdefault(23, 0.0)
@@ -420,7 +499,7 @@ def ground_face(
     region are skipped. ``active`` overrides the threshold rule per AU (e.g.
     OpenFace's ``AUxx_c`` presence columns).
     """
-    sc = dict(au_scores(mesh.blendshapes, mesh.landmarks, config) if scores is None else scores)
+    sc = dict(au_scores(mesh.blendshapes, mesh.landmarks, config, getattr(mesh, "rotation", None)) if scores is None else scores)
     lm = np.asarray(mesh.landmarks, dtype=np.float64)
     ex, ey, iod = _face_frame(lm)
     u, v = lm[:, :2] @ ex, lm[:, :2] @ ey

@@ -86,6 +86,10 @@ class FaceMesh:
         blendshapes {name: score}     the 52 MediaPipe blendshapes in [0, 1]
         head_pose   {yaw, pitch, roll} degrees
         source      "mediapipe" | "dlib+mediapipe"
+
+    ``rotation`` (not serialised unless ``landmarks=True``): the 3×3 head rotation of
+    MediaPipe's facial transformation matrix (canonical face → camera), used by
+    :func:`tagfer.aus.frontalize` to undo head rotation before geometric cues.
     """
 
     bbox: tuple[float, float, float, float]
@@ -93,6 +97,7 @@ class FaceMesh:
     blendshapes: dict[str, float]
     head_pose: dict[str, float] = field(default_factory=dict)
     source: str = "mediapipe"
+    rotation: np.ndarray | None = None
 
     @property
     def area(self) -> float:
@@ -113,6 +118,8 @@ class FaceMesh:
         }
         if landmarks:
             out["landmarks"] = np.round(self.landmarks, 2).tolist()
+            if self.rotation is not None:
+                out["rotation"] = np.round(self.rotation, 5).tolist()
         return out
 
 
@@ -195,8 +202,10 @@ class FaceLandmarker:
             lm = np.array([(p.x * w, p.y * h, p.z * w) for p in pts], dtype=np.float64)
             bs = {c.category_name: float(c.score) for c in res.face_blendshapes[i]} if res.face_blendshapes else {}
             bs.pop("_neutral", None)
-            pose = head_pose_from_matrix(res.facial_transformation_matrixes[i]) if res.facial_transformation_matrixes else {}
-            faces.append(FaceMesh(bbox=_landmark_bbox(lm), landmarks=lm, blendshapes=bs, head_pose=pose))
+            mats = res.facial_transformation_matrixes
+            rot = np.asarray(mats[i], dtype=np.float64)[:3, :3].copy() if mats else None
+            pose = head_pose_from_matrix(mats[i]) if mats else {}
+            faces.append(FaceMesh(bbox=_landmark_bbox(lm), landmarks=lm, blendshapes=bs, head_pose=pose, rotation=rot))
         return faces
 
     def _dlib_faces(self, rgb: np.ndarray, known: list[FaceMesh]) -> list[FaceMesh]:
@@ -228,7 +237,7 @@ class FaceLandmarker:
                 lm = f.landmarks.copy()
                 lm[:, :2] = lm[:, :2] / up + np.array([x1, y1])
                 lm[:, 2] = lm[:, 2] / up
-                found.append(FaceMesh(bbox=_landmark_bbox(lm), landmarks=lm, blendshapes=f.blendshapes, head_pose=f.head_pose, source="dlib+mediapipe"))
+                found.append(FaceMesh(bbox=_landmark_bbox(lm), landmarks=lm, blendshapes=f.blendshapes, head_pose=f.head_pose, source="dlib+mediapipe", rotation=f.rotation))
         return found
 
     def detect(self, rgb: np.ndarray, scale: float = 1.0) -> list[FaceMesh]:

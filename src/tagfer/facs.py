@@ -35,11 +35,19 @@ class      prototype weights ``w``                                      inhibito
 happiness  AU12 1.0, AU6 0.6                                            AU15 0.3, AU4 0.2
 sadness    AU15 1.0, AU1 0.8, AU4 0.7, AU17 0.3                         AU12 0.5
 surprise   AU26 1.0, AU5 0.8, AU1 0.7, AU2 0.7                          AU4 0.3
-fear       AU5 1.0, AU20 1.0, AU1 0.6, AU4 0.6, AU2 0.5, AU7 0.5,       AU12 0.3
-           AU26 0.5
-anger      AU4 1.0, AU23 0.8, AU7 0.7, AU5 0.5, AU24 0.4                AU12 0.5
-disgust    AU9 1.0, AU10 0.8, AU15 0.4, AU16 0.4                        AU12 0.3
+fear       AU5 1.0, AU20 1.0, AU1 0.8, AU4 0.6, AU2 0.6, AU7 0.3,       AU12 0.3
+           AU26 0.4
+anger      AU4 1.0, AU23 0.8, AU7 0.7, AU17 0.6, AU24 0.6, AU5 0.3      AU12 0.5
+disgust    AU9 1.0, AU10 1.0, AU15 0.4, AU17 0.4, AU16 0.3              AU12 0.3
 =========  ===========================================================  ==================
+
+Where the weights come from: EMFACS prototypes (Ekman & Friesen) and the
+emotion criteria of the CK+ database (Lucey et al. 2010): happiness needs
+AU12; sadness AU1+4+15; surprise AU1+2 or AU5 with the jaw dropped; fear
+AU1+2+4 with AU5/AU20; anger AU4 with the lower-face AU23/AU24 (closed-mouth
+anger: 4+7+17+23/24, so AU17 and AU24 weigh 0.6); disgust AU9 or AU10 (equal
+weights: the still-image cues cannot tell them apart reliably), often with
+AU17. Reasons per weight: docs/au.md, "Engine weights".
 
 ``neutral_base = 0.5``. With the default activation threshold (0.3) an
 expression whose prototype is only weakly matched (best ``E_c`` below 1/3)
@@ -97,9 +105,9 @@ PROTOTYPES: dict[str, dict[int, float]] = {
     "happiness": {12: 1.0, 6: 0.6},
     "sadness": {15: 1.0, 1: 0.8, 4: 0.7, 17: 0.3},
     "surprise": {26: 1.0, 5: 0.8, 1: 0.7, 2: 0.7},
-    "fear": {5: 1.0, 20: 1.0, 1: 0.6, 4: 0.6, 2: 0.5, 7: 0.5, 26: 0.5},
-    "anger": {4: 1.0, 23: 0.8, 7: 0.7, 5: 0.5, 24: 0.4},
-    "disgust": {9: 1.0, 10: 0.8, 15: 0.4, 16: 0.4},
+    "fear": {5: 1.0, 20: 1.0, 1: 0.8, 4: 0.6, 2: 0.6, 7: 0.3, 26: 0.4},
+    "anger": {4: 1.0, 23: 0.8, 7: 0.7, 17: 0.6, 24: 0.6, 5: 0.3},
+    "disgust": {9: 1.0, 10: 1.0, 15: 0.4, 17: 0.4, 16: 0.3},
 }
 
 INHIBITORS: dict[str, dict[int, float]] = {
