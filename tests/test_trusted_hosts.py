@@ -1,0 +1,26 @@
+"""tagfer.trusted_hosts: the allow-list of Host names served by tagfer's local web servers."""
+
+from __future__ import annotations
+
+import pytest
+
+from tagfer.trusted_hosts import LOCAL_HOSTS, allowed_hosts, normalize_host
+
+
+def test_defaults_and_bound_host():
+    assert allowed_hosts() == list(LOCAL_HOSTS) == ["localhost", "127.0.0.1", "[::1]"]
+    assert allowed_hosts("127.0.0.1") == list(LOCAL_HOSTS)
+    assert allowed_hosts("10.0.0.5")[-1] == "10.0.0.5"
+    assert allowed_hosts("::1") == list(LOCAL_HOSTS)  # bracketed like a Host header
+    for wildcard in ("0.0.0.0", "::", "[::]", ""):  # not names a client uses: nothing added
+        assert allowed_hosts(wildcard) == list(LOCAL_HOSTS)
+    assert allowed_hosts("0.0.0.0", ["Box.LAN", "box.lan", "fe80::1"]) == [*LOCAL_HOSTS, "box.lan", "[fe80::1]"]
+    assert allowed_hosts(None, ["*"])[-1] == "*" and allowed_hosts(None, ["*.corp.example"])[-1] == "*.corp.example"
+
+
+@pytest.mark.parametrize("bad", ["http://x.lan", "x.lan:8000", "x.lan/path", "a b", "", "x..lan", "*x.lan", "[not-ip]"])
+def test_malformed_names_are_rejected(bad):
+    with pytest.raises(ValueError):
+        normalize_host(bad)
+    with pytest.raises(ValueError):
+        allowed_hosts(None, [bad])
