@@ -311,3 +311,21 @@ def test_study_cli_allowed_host_option(tmp_path, astronaut_path, monkeypatch):
         assert c.get("/api/health", headers={"host": "other.lan"}).status_code == 400
     r = CliRunner().invoke(app, [*args, "--allowed-host", "study.lan:80"])
     assert r.exit_code == 2 and "not a host name" in r.output
+
+
+def test_oversized_request_bodies_get_413_unread(study):
+    c, dbp = study
+    before = _dump(dbp)
+    big = {"name": "Ann", "pad": "x" * 100_000}
+    assert c.post("/api/start", json=big).status_code == 413  # declared length
+
+    def chunks():  # no Content-Length: cut off while streaming
+        yield b'{"name": "Ann", "pad": "'
+        for _ in range(64):
+            yield b"x" * 4096
+        yield b'"}'
+
+    r = c.post("/api/start", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert _dump(dbp) == before
+    assert c.post("/api/start", json={"name": "Ann", "pad": "x" * 1000}).status_code == 200  # small extras are fine

@@ -16,7 +16,8 @@ the token, so nobody can vote as another evaluator. Starting a registered name a
 token (``403`` otherwise). Names must be strings of 1 to 80 printable characters (``422``
 otherwise). ``GET /api/next`` writes nothing. The page keeps the name and the token in
 ``localStorage``, so a reload continues at the next pair. Only requests whose ``Host`` is
-localhost, 127.0.0.1, [::1] or an allowed host are served (:mod:`tagfer.trusted_hosts`).
+localhost, 127.0.0.1, [::1] or an allowed host are served (:mod:`tagfer.trusted_hosts`);
+request bodies above 16 KiB get 413 without being read.
 """
 
 from __future__ import annotations
@@ -40,6 +41,36 @@ def static_dir() -> Path:
 
 
 TOKEN_HEADER = "X-Study-Token"
+MAX_BODY = 16 * 1024  # request bodies are tiny JSON objects; larger ones get 413 unread
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for a request body above ``limit`` bytes, declared or as it streams."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.exceptions import HTTPException
+        from starlette.responses import JSONResponse
+
+        detail = f"request body above {self.limit} bytes"
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:  # an undeclared (chunked) body: stop reading, answer 413
+                raise HTTPException(413, detail)
+            return msg
+
+        await self.app(scope, limited, send)
 
 
 def create_app(pairs: Sequence[Pair], db_path: str | os.PathLike, seed: int = 0, *,
@@ -51,7 +82,8 @@ def create_app(pairs: Sequence[Pair], db_path: str | os.PathLike, seed: int = 0,
 
     db = StudyDB(db_path, pairs, seed=seed)
     app = FastAPI(title="tagfer A/B study", docs_url=None, redoc_url=None)  # no CDN-loaded docs page
-    add_host_check(app, allowed_hosts)
+    app.add_middleware(_BodyLimit)
+    add_host_check(app, allowed_hosts)  # added last: runs first
     app.state.db = db
     page = (static_dir() / "index.html").read_text(encoding="utf-8")
 
