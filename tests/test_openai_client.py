@@ -630,6 +630,19 @@ def test_huge_error_body_keeps_only_its_head(srv):
     assert peak < 4 * MB, peak  # not even the 8 MB cap: error bodies are read up to 64 KiB
 
 
+def test_undecodable_bodies(srv):
+    """An unknown Content-Encoding on a 200 is a bad_response (retried); on an error status the
+    status stays the kind (the body only feeds the message)."""
+    srv.reset(lambda req, i: Reply(body=b"\x00\x01", headers={"content-encoding": "br"}))
+    with pytest.raises(RequestFailed) as ei:
+        run_chat(fast_cfg(srv.url, model="m", max_retries=1))
+    assert ei.value.kind == "bad_response" and ei.value.attempts == 2 and "Content-Encoding" in ei.value.message
+    srv.reset(lambda req, i: Reply(status=429, body=b"not gzip at all", headers={"content-encoding": "gzip"}))
+    with pytest.raises(RequestFailed) as ei:
+        run_chat(fast_cfg(srv.url, model="m", max_retries=1))
+    assert ei.value.kind == "http_429" and ei.value.attempts == 2
+
+
 def test_gzip_reply_within_the_cap_is_inflated(srv):
     srv.reset([Reply(size=200_000, gzip=True)])
     r = run_chat(fast_cfg(srv.url, model="m", max_response_bytes=MB))

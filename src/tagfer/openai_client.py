@@ -670,9 +670,19 @@ class ChatClient:
             inflater = None
         except httpx.ResponseNotRead:
             chunks = resp.aiter_raw()
-            inflater = _inflater(resp.headers.get("content-encoding", ""))
+            try:
+                inflater = _inflater(resp.headers.get("content-encoding", ""))
+            except _AttemptError:
+                if ok:
+                    raise
+                return buf  # an error status keeps its kind; its body only fed the message
         async for raw in chunks:
-            data = raw if inflater is None else _inflate(inflater, raw, cap - len(buf))
+            try:
+                data = raw if inflater is None else _inflate(inflater, raw, cap - len(buf))
+            except _AttemptError:
+                if ok:
+                    raise
+                break
             if len(buf) + len(data) > cap:
                 if not ok:  # an error body only feeds the message: keep its head
                     buf += data[: cap - len(buf)]
