@@ -304,5 +304,8 @@ def test_serve_cli_allowed_host_option(monkeypatch):
         assert c.get("/health").status_code == 200
         assert c.get("/health", headers={"host": "192.168.1.7:8000"}).status_code == 200
         assert c.get("/health", headers={"host": "other.lan"}).status_code == 400
+    r = CliRunner().invoke(cli, ["serve", "--pool", "1", "--host", "0.0.0.0"])
+    assert r.exit_code == 0 and "--allowed-host" in r.output  # a wildcard bind says how to admit LAN names
+    assert seen["app"].state.allowed_hosts == ["localhost", "127.0.0.1", "[::1]"]
     r = CliRunner().invoke(cli, ["serve", "--allowed-host", "http://x.lan/"])
     assert r.exit_code == 2 and "not a host name" in r.output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tagfer.trusted_hosts import LOCAL_HOSTS, allowed_hosts, normalize_host
+from tagfer.trusted_hosts import LOCAL_HOSTS, allowed_hosts, bind_note, normalize_host
 
 
 def test_defaults_and_bound_host():
@@ -24,3 +24,9 @@ def test_malformed_names_are_rejected(bad):
         normalize_host(bad)
     with pytest.raises(ValueError):
         allowed_hosts(None, [bad])
+
+
+def test_bind_note_only_for_wildcard_binds_without_extra_names():
+    assert "--allowed-host" in bind_note("0.0.0.0") and "--allowed-host" in bind_note("::")
+    assert bind_note("0.0.0.0", ["box.lan"]) is None
+    assert bind_note("127.0.0.1") is None and bind_note("box.lan") is None

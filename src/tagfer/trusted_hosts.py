@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["LOCAL_HOSTS", "allowed_hosts", "add_host_check", "normalize_host"]
+__all__ = ["LOCAL_HOSTS", "allowed_hosts", "add_host_check", "bind_note", "normalize_host"]
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _WILDCARD_BINDS = {"", "0.0.0.0", "[::]"}
@@ -56,6 +56,15 @@ def allowed_hosts(bind: str | None = None, extra: Iterable[str] = ()) -> list[st
         if n not in hosts:
             hosts.append(n)
     return hosts
+
+
+def bind_note(bind: str, extra: Iterable[str] = ()) -> str | None:
+    """A hint for a server bound to every interface without ``--allowed-host`` (clients that use
+    its LAN name or address would get 400), else None."""
+    if extra or bind.strip() == "" or normalize_host(bind) not in _WILDCARD_BINDS:
+        return None
+    return (f"bound to {bind}: only requests addressed to localhost/127.0.0.1/[::1] are served; "
+            "add --allowed-host NAME for each name or address clients use")
 
 
 def add_host_check(app: Any, hosts: Iterable[str] | None = None) -> list[str]:

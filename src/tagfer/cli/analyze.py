@@ -250,7 +250,7 @@ def serve_cmd(
     import uvicorn
 
     from tagfer.serve import ServeConfig, create_app
-    from tagfer.trusted_hosts import allowed_hosts
+    from tagfer.trusted_hosts import allowed_hosts, bind_note
 
     try:
         hosts = allowed_hosts(host, allowed_host)  # a malformed name is a usage error (exit 2)
@@ -260,4 +260,6 @@ def serve_cmd(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     console.print(f"tagfer serve on http://{host}:{port}/  (engine: {model or 'facs'})")
+    if note := bind_note(host, allowed_host):
+        console.print(f"[yellow]note:[/yellow] {note}")
     uvicorn.run(app_, host=host, port=port, log_level="warning")

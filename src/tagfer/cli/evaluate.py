@@ -365,7 +365,7 @@ def study_serve_cmd(
 
     from tagfer.judge import read_pairs
     from tagfer.study.app import create_app
-    from tagfer.trusted_hosts import allowed_hosts
+    from tagfer.trusted_hosts import allowed_hosts, bind_note
 
     try:
         plist = read_pairs(pairs)
@@ -378,6 +378,8 @@ def study_serve_cmd(
     if missing:
         console.print(f"[yellow]warning:[/yellow] {len(missing)} image(s) not found, e.g. {missing[0]}")
     console.print(f"study of {len(plist)} pairs on http://{host}:{port}  (votes → {db})")
+    if note := bind_note(host, allowed_host):
+        console.print(f"[yellow]note:[/yellow] {note}")
     uvicorn.run(create_app(plist, db, seed=seed, allowed_hosts=hosts), host=host, port=port, log_level="warning")
 
 
