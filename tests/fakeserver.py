@@ -18,7 +18,10 @@ A ``str`` is shorthand for ``Reply(text=...)``. ``ssl_certfile``/``ssl_keyfile``
 Faults (see :class:`Reply`): status codes with headers (429 + ``Retry-After``), a raw
 ``body`` (malformed JSON), ``delay_s`` (added to the server-wide ``latency_s``), ``hang``
 (never answer; held until the client disconnects or the server stops), ``drop`` (close
-the TCP connection without any response).
+the TCP connection without any response), ``size`` (a chat completion of exactly that many
+bytes, streamed in 64 KiB pieces so the server itself stays small; with or without
+``Content-Length``), ``endless`` (a chunked body that never ends; streamed until the client
+goes away), ``gzip`` (the streamed body compressed on the fly: a compression bomb).
 
 Run standalone (used by benchmarks/ to keep server CPU out of the client's process):
 ``python tests/fakeserver.py --latency 0.2 --port 0`` prints the base URL on stdout; ``--raw``
@@ -32,6 +35,7 @@ import argparse
 import asyncio
 import json
 import random
+import zlib
 import socket
 import sys
 import threading
@@ -52,7 +56,10 @@ class Reply:
     (non-200 sends an OpenAI-style error body unless ``body`` is given); ``body``: raw
     response body (str/bytes/dict) replacing the normal one; ``headers``: extra headers;
     ``delay_s``: extra wait before answering; ``hang``: never answer; ``drop``: close the
-    connection without a response; ``finish_reason``: as reported in the choice."""
+    connection without a response; ``finish_reason``: as reported in the choice.
+    Huge bodies: ``size`` (total bytes of a streamed chat completion whose content is padded),
+    ``endless`` (stream forever), ``content_length`` (send ``Content-Length`` with ``size``;
+    False = chunked), ``gzip`` (``Content-Encoding: gzip``, compressed on the fly)."""
 
     text: str = ""
     status: int = 200
@@ -62,6 +69,10 @@ class Reply:
     body: str | bytes | dict | None = None
     headers: dict[str, str] | None = None
     finish_reason: str = "stop"
+    size: int | None = None
+    endless: bool = False
+    content_length: bool = True
+    gzip: bool = False
 
 
 ScriptFn = Callable[[dict, int], "Reply | str"]
@@ -129,6 +140,7 @@ class FakeOpenAIServer:
         self.completed = 0
         self.script_errors: list[str] = []
         self.connections = 0
+        self.streamed_bytes = 0  # body bytes handed to the socket by size/endless replies
         self._pos = 0
 
     def _next_reply(self, req: dict, index: int) -> Reply:
@@ -216,6 +228,9 @@ class FakeOpenAIServer:
                     return
                 raise RuntimeError("cannot find the connection to drop")
             headers = dict(reply.headers or {})
+            if reply.size is not None or reply.endless:
+                await self._stream(receive, send, reply, headers)
+                return
             if reply.body is not None:
                 body = reply.body
                 if isinstance(body, dict):
@@ -242,6 +257,51 @@ class FakeOpenAIServer:
         finally:
             self.in_flight -= 1
             self.completed += 1
+
+    _PAD = b"a" * (64 * 1024)
+
+    async def _stream(self, receive: Callable, send: Callable, reply: Reply, headers: dict[str, str]) -> None:
+        """A huge (``size``) or endless body in 64 KiB pieces; stops when the client goes away."""
+        head = b'{"choices": [{"finish_reason": "stop", "message": {"role": "assistant", "content": "'
+        tail = b'"}}]}'
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        hs = [(b"content-type", b"application/json")]
+        if reply.gzip:
+            hs.append((b"content-encoding", b"gzip"))
+        elif reply.size is not None and not reply.endless and reply.content_length:
+            hs.append((b"content-length", str(reply.size).encode()))
+        hs += [(k.lower().encode(), str(v).encode()) for k, v in headers.items()]
+        z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS) if reply.gzip else None
+        try:
+            await send({"type": "http.response.start", "status": reply.status, "headers": hs})
+            left = None if reply.endless else max(0, reply.size - len(head) - len(tail))
+            piece = head
+            while not gone.is_set() and not (self._stop is not None and self._stop.is_set()):
+                data = z.compress(piece) if z is not None else piece
+                if data:
+                    self.streamed_bytes += len(data)
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    await asyncio.sleep(0)  # let the disconnect watcher run
+                if left == 0:
+                    break
+                n = len(self._PAD) if left is None else min(left, len(self._PAD))
+                piece = self._PAD[:n]
+                if left is not None:
+                    left -= n
+            end = tail if left == 0 else b""
+            if z is not None:
+                end = z.compress(end) + z.flush()
+            if not gone.is_set():
+                await send({"type": "http.response.body", "body": end, "more_body": False})
+        finally:
+            watcher.cancel()
 
     async def _wait_disconnect(self, receive: Callable, timeout: float) -> None:
         """Wait until the client goes away (or the server stops, or ``timeout``)."""

@@ -212,6 +212,19 @@ def test_openai_backend_timeout_recorded(srv):
     assert r.error["kind"] == "timeout" and r.info["attempts"] == 2
 
 
+def test_openai_backend_records_an_oversized_reply_and_goes_on(srv):
+    """A runaway reply (endless body) fails only its item, as response_too_large; make_backend
+    passes the cap through to ClientConfig."""
+    srv.reset(lambda req, i: Reply(endless=True) if text_of(req) == "huge" else Reply(text=text_of(req).upper()))
+    b = make_backend(f"openai:{srv.url}", model="m", api_key="", max_response_bytes=256 * 1024, max_retries=3, timeout_s=30.0)
+    try:
+        out = list(b.generate([GenRequest("a", "one"), GenRequest("h", "huge"), GenRequest("c", "three")]))
+    finally:
+        b.close()
+    assert [r.id for r in out] == ["a", "h", "c"] and out[0].text == "ONE" and out[2].text == "THREE"
+    assert out[1].text is None and out[1].error["kind"] == "response_too_large" and out[1].info["attempts"] == 1
+
+
 # ----------------------------------------------------------------------------- Transformers backend
 
 def test_transformers_backend_tiny_model(tiny_vlm, bad_inputs, astronaut_path):

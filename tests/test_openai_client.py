@@ -521,3 +521,137 @@ def test_fake_server_reports_script_problems(srv):
     with pytest.raises(RequestFailed):
         run_chat(cfg)
     assert srv.script_errors == ["script raised ZeroDivisionError: division by zero"]
+
+
+# ----------------------------------------------------------------------------- response size cap
+
+MB = 1024 * 1024
+
+
+def _peak_while(fn):
+    """(result or exception, peak bytes traced by tracemalloc above the start) while ``fn`` runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - returned for the caller to check
+            out = e
+        return out, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("reply", [
+    Reply(size=100 * MB),                          # declared Content-Length: refused before reading
+    Reply(size=100 * MB, content_length=False),    # chunked, no length: reading stops at the cap
+    Reply(endless=True),                           # never ends: stops at the cap, long before the timeout
+    Reply(size=100 * MB, gzip=True),               # a ~100 KB gzip bomb: inflated only up to the cap
+], ids=["content-length", "chunked", "endless", "gzip-bomb"])
+def test_huge_body_is_cut_at_the_cap_with_bounded_memory(srv, reply):
+    srv.reset(lambda req, i: reply)
+    cfg = fast_cfg(srv.url, model="m", max_retries=3, timeout_s=60.0, max_response_bytes=1 * MB)
+    t0 = time.monotonic()
+    err, peak = _peak_while(lambda: run_chat(cfg))
+    assert isinstance(err, RequestFailed), err
+    assert err.kind == "response_too_large" and err.attempts == 1 and srv.calls == 1  # not retried
+    assert "max_response_bytes" in err.message
+    assert peak < 4 * MB, peak  # the cap plus copies, not 100 MB
+    assert time.monotonic() - t0 < 30  # stopped by the cap, not by the 60 s timeout
+    # the server could not push much more than the cap before the client hung up (socket buffers aside)
+    assert srv.streamed_bytes < 40 * MB
+
+
+def test_body_just_under_the_cap_is_read_and_the_connection_reused(srv):
+    srv.reset([Reply(size=MB - 10), Reply(size=MB - 10, content_length=False), "small"])
+
+    async def go():
+        async with ChatClient(fast_cfg(srv.url, model="m", max_response_bytes=MB)) as c:
+            return [await c.chat(MSGS) for _ in range(3)]
+
+    out = asyncio.run(go())
+    assert [len(r.text) for r in out[:2]] == [MB - 10 - 89] * 2 and out[2].text == "small"
+    assert srv.connections == 1  # fully read bodies leave the connection reusable
+
+
+def test_oversize_connection_is_not_reused(srv):
+    srv.reset([Reply(size=10 * MB, content_length=False), "after"])
+
+    async def go():
+        async with ChatClient(fast_cfg(srv.url, model="m", max_response_bytes=MB)) as c:
+            with pytest.raises(RequestFailed):
+                await c.chat(MSGS)
+            return await c.chat(MSGS)
+
+    assert asyncio.run(go()).text == "after" and srv.connections == 2  # the half-read one was closed
+
+
+def test_huge_bodies_at_high_concurrency_stay_within_the_shared_budget(fake_openai):
+    """16 requests each answered with an endless body: memory is bounded by max_buffered_bytes,
+    not by concurrency × max_response_bytes; requests over the shared budget retry."""
+    srv = fake_openai(lambda req, i: Reply(endless=True))
+    cfg = fast_cfg(srv.url, model="m", max_retries=1, timeout_s=60.0, max_response_bytes=4 * MB, max_buffered_bytes=4 * MB,
+                   per_endpoint_concurrency=16, total_concurrency=16)
+
+    async def go():
+        async with ChatClient(cfg, sleep=RecordingSleep()) as c:
+            return await asyncio.gather(*(c.chat(MSGS) for _ in range(16)), return_exceptions=True)
+
+    out, peak = _peak_while(lambda: asyncio.run(go()))
+    assert all(isinstance(e, RequestFailed) and e.kind in ("response_too_large", "response_budget") for e in out), out
+    assert "response_budget" in {e.kind for e in out}  # 16 × 4 MB cannot all fit in 4 MB
+    assert all(e.attempts == 2 for e in out if e.kind == "response_budget")  # retried once (max_retries=1)
+    assert sum(e.attempts for e in out) == srv.calls
+    # 16 × 4 MB would be 64 MB; what remains is the 4 MB budget plus each connection's socket buffers (~0.3 MB)
+    assert peak < 20 * MB, peak
+
+
+def test_model_list_body_is_capped_too(srv):
+    import httpx
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b'{"data": [{"id": "' + b"m" * (2 * MB) + b'"}]}')
+
+    async def go():
+        async with ChatClient(fast_cfg("http://mock:9/v1", max_response_bytes=MB), transport=httpx.MockTransport(handler)) as c:
+            return await c.chat(MSGS)
+
+    with pytest.raises(RequestFailed) as ei:
+        asyncio.run(go())
+    assert ei.value.kind == "response_too_large" and "cannot discover the model name" in ei.value.message
+
+
+def test_huge_error_body_keeps_only_its_head(srv):
+    srv.reset(lambda req, i: Reply(status=400, size=50 * MB, content_length=False))
+    err, peak = _peak_while(lambda: run_chat(fast_cfg(srv.url, model="m", max_response_bytes=8 * MB)))
+    assert isinstance(err, RequestFailed) and err.kind == "http_400" and err.attempts == 1
+    assert peak < 4 * MB, peak  # not even the 8 MB cap: error bodies are read up to 64 KiB
+
+
+def test_undecodable_bodies(srv):
+    """An unknown Content-Encoding on a 200 is a bad_response (retried); on an error status the
+    status stays the kind (the body only feeds the message)."""
+    srv.reset(lambda req, i: Reply(body=b"\x00\x01", headers={"content-encoding": "br"}))
+    with pytest.raises(RequestFailed) as ei:
+        run_chat(fast_cfg(srv.url, model="m", max_retries=1))
+    assert ei.value.kind == "bad_response" and ei.value.attempts == 2 and "Content-Encoding" in ei.value.message
+    srv.reset(lambda req, i: Reply(status=429, body=b"not gzip at all", headers={"content-encoding": "gzip"}))
+    with pytest.raises(RequestFailed) as ei:
+        run_chat(fast_cfg(srv.url, model="m", max_retries=1))
+    assert ei.value.kind == "http_429" and ei.value.attempts == 2
+
+
+def test_gzip_reply_within_the_cap_is_inflated(srv):
+    srv.reset([Reply(size=200_000, gzip=True)])
+    r = run_chat(fast_cfg(srv.url, model="m", max_response_bytes=MB))
+    assert len(r.text) == 200_000 - 89 and set(r.text) == {"a"}
+    assert srv.request_headers[0]["accept-encoding"] == "identity"
+
+
+def test_size_limits_are_validated():
+    with pytest.raises(ValueError):
+        ClientConfig(max_response_bytes=0, api_key="")
+    with pytest.raises(ValueError):
+        ClientConfig(max_response_bytes=10, max_buffered_bytes=5, api_key="")

@@ -26,7 +26,7 @@ def app():
 def client(app):
     from fastapi.testclient import TestClient
 
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:  # TestClient's own "testserver" is not a trusted host
         yield c
 
 
@@ -252,3 +252,61 @@ def test_browser_upload_renders_overlay_and_coloured_trace(live_server, astronau
                                    timeout=60_000)
         finally:
             browser.close()
+
+
+# ----------------------------------------------------------------------------- trusted hosts, no CDN docs
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.", "attacker"])
+def test_foreign_host_header_is_refused(client, astronaut_path, host):
+    """A DNS-rebinding page reaches 127.0.0.1 under its own name: every route answers 400."""
+    h = {"host": host}
+    assert client.get("/", headers=h).status_code == 400
+    assert client.get("/health", headers=h).status_code == 400
+    assert client.get("/openapi.json", headers=h).status_code == 400
+    r = client.post("/analyze", headers=h, files={"file": ("a.png", astronaut_path.read_bytes(), "image/png")})
+    assert r.status_code == 400 and "analyses" not in r.text
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST"])
+def test_local_host_headers_are_served(client, host):
+    assert client.get("/health", headers={"host": host}).json()["ok"] is True
+
+
+def test_foreign_host_refused_on_a_real_server(live_server):
+    with httpx.Client(base_url=live_server) as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/health", headers={"host": "rebind.evil.example"}).status_code == 400
+
+
+def test_no_cdn_docs_page_but_the_schema_is_served(client):
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    schema = client.get("/openapi.json").json()
+    assert "/analyze" in schema["paths"]
+    for asset in ("/", "/static/app.js", "/static/style.css"):  # the page itself loads nothing from elsewhere
+        text = client.get(asset).text
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text
+
+
+def test_serve_cli_allowed_host_option(monkeypatch):
+    """`tagfer serve --allowed-host NAME` (repeatable) adds names to the allow-list; a malformed one is a usage error."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app as cli
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: seen.update(app=app_, **kw))
+    r = CliRunner().invoke(cli, ["serve", "--pool", "1", "--host", "192.168.1.7", "--allowed-host", "tagfer.lan",
+                                 "--allowed-host", "::1"])
+    assert r.exit_code == 0, r.output
+    assert seen["app"].state.allowed_hosts == ["localhost", "127.0.0.1", "[::1]", "192.168.1.7", "tagfer.lan"]
+    with TestClient(seen["app"], base_url="http://tagfer.lan") as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/health", headers={"host": "192.168.1.7:8000"}).status_code == 200
+        assert c.get("/health", headers={"host": "other.lan"}).status_code == 400
+    r = CliRunner().invoke(cli, ["serve", "--pool", "1", "--host", "0.0.0.0"])
+    assert r.exit_code == 0 and "--allowed-host" in r.output  # a wildcard bind says how to admit LAN names
+    assert seen["app"].state.allowed_hosts == ["localhost", "127.0.0.1", "[::1]"]
+    r = CliRunner().invoke(cli, ["serve", "--allowed-host", "http://x.lan/"])
+    assert r.exit_code == 2 and "not a host name" in r.output

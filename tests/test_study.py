@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tagfer.judge import Pair
-from tagfer.study.db import DuplicateVote, StudyDB, export, fleiss_kappa, pairwise_agreement
+from tagfer.study.db import DuplicateVote, NameTaken, StudyDB, clean_name, export, fleiss_kappa, pairwise_agreement
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -80,7 +80,12 @@ def test_export_preferences_and_agreement(tmp_path, astronaut_path):
 
 @pytest.fixture()
 def browser():
-    from playwright.sync_api import sync_playwright
+    import os
+
+    pw = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("no Chromium at /usr/bin/chromium")
+    sync_playwright = pw.sync_playwright
 
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
@@ -123,13 +128,14 @@ def test_browser_full_session_resume_and_export(tmp_path, astronaut_path, browse
             page.wait_for_selector("#done:not(.hidden)")
             assert "5 / 5 done" in page.text_content("#progress")
             ctx.close()
-        # a new browser context as Ann again: already finished
+        # a new browser context (no token) cannot take Ann's name: refused, nothing shown
         ctx = browser.new_context()
         page = ctx.new_page()
         page.goto(srv.url)
         page.fill("#name", "Ann")
         page.click("#start")
-        page.wait_for_selector("#done:not(.hidden)")
+        page.wait_for_selector("#error:has-text('already in use')")
+        assert page.is_hidden("#task") and page.is_hidden("#done")
         ctx.close()
 
     with sqlite3.connect(dbp) as c:
@@ -164,3 +170,162 @@ def test_study_cli_pairs_and_bad_inputs(tmp_path, astronaut_path):
     assert len(lines) == 2 and lines[0]["a"]["name"] == "A" and lines[0]["b"]["text"].startswith("b-")
     r = CliRunner().invoke(app, ["study", "export", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "x.json")])
     assert r.exit_code == 2
+
+
+# ----------------------------------------------------------------------------- sessions, names, GET without writes
+
+@pytest.mark.parametrize("bad", [None, 5, 1.5, True, ["Ann"], {"n": "Ann"}, "", "   ", "a" * 81, "x" * 10_000,
+                                 "Ann\x00", "\u200b", "Ann\u202eLee"])
+def test_bad_evaluator_names_are_refused(bad):
+    with pytest.raises(ValueError):
+        clean_name(bad)
+
+
+def test_names_are_collapsed():
+    assert clean_name("  Ann \t  Lee\n") == "Ann Lee" and clean_name("é" * 80) == "é" * 80
+
+
+@pytest.fixture()
+def study(tmp_path, astronaut_path):
+    from fastapi.testclient import TestClient
+
+    from tagfer.study.app import create_app
+
+    app = create_app(_pairs(astronaut_path, 3), tmp_path / "s.sqlite", seed=2)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        yield c, tmp_path / "s.sqlite"
+
+
+def _dump(dbp) -> list[str]:
+    with sqlite3.connect(dbp) as c:
+        return list(c.iterdump())
+
+
+@pytest.mark.parametrize("payload", [{"name": None}, {"name": ["Ann"]}, {"name": 7}, {"name": {"x": 1}}, {"name": ""},
+                                     {"name": "a" * 81}, {}, ["Ann"], "Ann", {"name": "Ann", "token": 5}])
+def test_start_refuses_non_string_empty_or_overlong_names_with_422(study, payload):
+    c, dbp = study
+    before = _dump(dbp)
+    r = c.post("/api/start", json=payload)
+    assert r.status_code == 422, r.text
+    assert _dump(dbp) == before  # nothing registered
+
+
+def test_token_is_required_and_the_evaluator_cannot_be_impersonated(study):
+    c, _ = study
+    r = c.post("/api/start", json={"name": " Ann "})
+    assert r.status_code == 200
+    ann = r.json()
+    tok = ann["token"]
+    assert ann["evaluator"] == "Ann" and len(tok) >= 40 and not ann["done"]
+    # someone else cannot start a session as Ann, with no token or a guessed one
+    assert c.post("/api/start", json={"name": "Ann"}).status_code == 403
+    assert c.post("/api/start", json={"name": "Ann", "token": "x" * 43}).status_code == 403
+    # votes need a valid token; the name in the body means nothing
+    vote = {"name": "Ann", "pair_id": ann["pair_id"], "choice": "A"}
+    assert c.post("/api/vote", json=vote).status_code == 401
+    assert c.post("/api/vote", json=vote, headers={"X-Study-Token": "forged"}).status_code == 401
+    mal = c.post("/api/start", json={"name": "Mallory"}).json()["token"]
+    r = c.post("/api/vote", json=vote, headers={"X-Study-Token": mal})
+    assert r.status_code == 200 and r.json()["evaluator"] == "Mallory"
+    # ...so Ann's own vote on that pair is still hers to cast (no 409)
+    r = c.post("/api/vote", json=vote, headers={"X-Study-Token": tok})
+    assert r.status_code == 200 and r.json()["completed"] == 1 and r.json()["evaluator"] == "Ann"
+    assert c.post("/api/vote", json=vote, headers={"X-Study-Token": tok}).status_code == 409
+    # Ann resumes with her token (same token back)
+    again = c.post("/api/start", json={"name": "Ann", "token": tok})
+    assert again.status_code == 200 and again.json()["token"] == tok and again.json()["completed"] == 1
+    # malformed votes are 422, unknown pairs 404, bad choices 400
+    h = {"X-Study-Token": tok}
+    assert c.post("/api/vote", json={"pair_id": None, "choice": "A"}, headers=h).status_code == 422
+    assert c.post("/api/vote", json={"pair_id": ann["pair_id"], "choice": ["A"]}, headers=h).status_code == 422
+    assert c.post("/api/vote", json=["A"], headers=h).status_code == 422
+    assert c.post("/api/vote", json={"pair_id": "nope", "choice": "A"}, headers=h).status_code == 404
+    nxt = c.get("/api/next", headers=h).json()["pair_id"]
+    assert c.post("/api/vote", json={"pair_id": nxt, "choice": "maybe"}, headers=h).status_code == 400
+
+
+def test_get_next_writes_nothing(study):
+    c, dbp = study
+    tok = c.post("/api/start", json={"name": "Ann"}).json()["token"]
+    before = _dump(dbp)
+    for i in range(100):  # random names (the old API) and random tokens: 401, no row each
+        r = c.get(f"/api/next?name=rand{i}", headers={"X-Study-Token": f"guess{i}"})
+        assert r.status_code == 401
+    assert c.get("/api/next").status_code == 401
+    first = c.get("/api/next", headers={"X-Study-Token": tok}).json()
+    assert c.get("/api/next", headers={"X-Study-Token": tok}).json() == first
+    assert _dump(dbp) == before
+    # the order GET shows is the one stored at start, and the one a vote is scored against
+    with sqlite3.connect(dbp) as con:
+        (stored,) = con.execute("SELECT first FROM shown WHERE evaluator='Ann' AND pair_id=?", (first["pair_id"],)).fetchone()
+    pair = _pairs("x", 3)[int(first["pair_id"].split("_")[-1])]
+    assert first["responses"]["A"] == (pair.a if stored == "a" else pair.b)["text"]
+
+
+def test_study_app_host_check_and_no_cdn_docs(study):
+    c, dbp = study
+    before = _dump(dbp)
+    for host in ("evil.example", "evil.example:8765", "192.168.1.50"):
+        assert c.get("/", headers={"host": host}).status_code == 400
+        assert c.post("/api/start", json={"name": "Eve"}, headers={"host": host}).status_code == 400
+    assert _dump(dbp) == before
+    assert c.get("/", headers={"host": "localhost:8765"}).status_code == 200
+    assert c.get("/docs").status_code == 404 and c.get("/redoc").status_code == 404
+    assert "/api/vote" in c.get("/openapi.json").json()["paths"]
+    page = c.get("/").text
+    assert "http://" not in page and "https://" not in page  # the page loads nothing from elsewhere
+
+
+def test_database_from_before_tokens_is_migrated(tmp_path, astronaut_path):
+    dbp = tmp_path / "old.sqlite"
+    with sqlite3.connect(dbp) as c:  # the schema before tokens, with one evaluator
+        c.execute("CREATE TABLE evaluators(name TEXT PRIMARY KEY, created REAL NOT NULL)")
+        c.execute("INSERT INTO evaluators VALUES ('Ann', 0)")
+    db = StudyDB(dbp, _pairs(astronaut_path, 2))
+    name, tok = db.register("Ann")  # the first start claims the name
+    assert name == "Ann" and db.evaluator(tok) == "Ann" and db.evaluator("other") is None
+    with pytest.raises(NameTaken):
+        db.register("Ann")
+    assert db.register("Ann", tok) == ("Ann", tok)
+    with sqlite3.connect(dbp) as c:
+        (h,) = c.execute("SELECT token_hash FROM evaluators WHERE name='Ann'").fetchone()
+    assert len(h) == 64 and tok not in h  # only a hash is stored
+
+
+def test_study_cli_allowed_host_option(tmp_path, astronaut_path, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p.to_json()) + "\n" for p in _pairs(astronaut_path, 2)))
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: seen.update(app=app_, **kw))
+    args = ["study", "serve", "--pairs", str(tmp_path / "p.jsonl"), "--db", str(tmp_path / "s.sqlite")]
+    r = CliRunner().invoke(app, [*args, "--allowed-host", "study.lan"])
+    assert r.exit_code == 0, r.output
+    with TestClient(seen["app"], base_url="http://study.lan") as c:
+        assert c.get("/api/health").status_code == 200
+        assert c.get("/api/health", headers={"host": "other.lan"}).status_code == 400
+    r = CliRunner().invoke(app, [*args, "--allowed-host", "study.lan:80"])
+    assert r.exit_code == 2 and "not a host name" in r.output
+
+
+def test_oversized_request_bodies_get_413_unread(study):
+    c, dbp = study
+    before = _dump(dbp)
+    big = {"name": "Ann", "pad": "x" * 100_000}
+    assert c.post("/api/start", json=big).status_code == 413  # declared length
+
+    def chunks():  # no Content-Length: cut off while streaming
+        yield b'{"name": "Ann", "pad": "'
+        for _ in range(64):
+            yield b"x" * 4096
+        yield b'"}'
+
+    r = c.post("/api/start", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert _dump(dbp) == before
+    assert c.post("/api/start", json={"name": "Ann", "pad": "x" * 1000}).status_code == 200  # small extras are fine

@@ -332,7 +332,8 @@ class OpenAIBackend(_BackendBase):
     created on first use and kept until :meth:`close`, so many small ``generate`` calls are
     cheap; ``generate`` may be called from several threads at once.
     ``ordered=False`` yields in completion order instead of input order (ids still match).
-    Error kinds: :class:`RequestFailed` kinds (``timeout``, ``http_500``, ...) and image errors.
+    Error kinds: :class:`RequestFailed` kinds (``timeout``, ``http_500``, ``response_too_large``, ...)
+    and image errors.
     """
 
     #: ``generate`` may be called from several threads at once (one shared loop and client).

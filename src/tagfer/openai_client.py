@@ -31,7 +31,21 @@ Retries
     server's ``Retry-After`` (seconds or HTTP date, capped at ``backoff_max_s``) when
     larger. An optional per-request ``deadline_s`` bounds attempts plus waits. When the
     budget is spent :class:`RequestFailed` is raised with the kind of the last failure:
-    ``timeout``, ``connection``, ``bad_response``, or ``http_<status>``.
+    ``timeout``, ``connection``, ``bad_response``, ``response_too_large``,
+    ``response_budget`` or ``http_<status>``.
+
+Response size
+    Bodies are streamed and never read past ``max_response_bytes`` (default 4 MiB; a
+    1,024-token reply is a few KB): a declared ``Content-Length`` above it fails before
+    reading, an undeclared (chunked, endless) body stops at the cap, and gzip/deflate bodies
+    are inflated in bounded steps (a compression bomb is cut at the cap too). Such an
+    attempt fails with kind ``response_too_large`` and is *not* retried within the request
+    (the same prompt would most likely get the same runaway reply; each attempt would
+    download the cap again); the item is recorded as failed, and a re-run asks again. All
+    bodies being read at once share ``max_buffered_bytes`` (default 256 MiB), so memory
+    stays bounded whatever the concurrency: an attempt that would exceed it fails with
+    ``response_budget``, which *is* retried after a back-off (others have finished by then).
+    Error bodies (non-200) are read only up to 64 KiB, for the message.
 
 Images
     :func:`image_part` resizes an image (aspect preserved, longer side = ``side``, the
@@ -45,6 +59,7 @@ import asyncio
 import base64
 import email.utils
 import io
+import zlib
 import json
 import os
 import random
@@ -76,6 +91,7 @@ __all__ = [
 ]
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
+ERROR_BODY_BYTES = 64 * 1024  # most bytes read from a non-200 body (it only feeds the message)
 
 
 def normalize_endpoint(url: str) -> str:
@@ -106,6 +122,9 @@ class ClientConfig:
     ``verify``: TLS certificate check for https endpoints — True (system/certifi CAs), a CA
     bundle path, or False. ``eject_after``: consecutive connection/timeout/5xx failures after
     which an endpoint is avoided for a back-off period while others are healthy (0: never).
+    ``max_response_bytes``: largest response body read (decoded size; above it the attempt
+    fails with ``response_too_large``, not retried); ``max_buffered_bytes``: all bodies being
+    read at once together (above it ``response_budget``, retried) — see the module docstring.
     """
 
     endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
@@ -124,6 +143,8 @@ class ClientConfig:
     extra_headers: dict[str, str] = field(default_factory=dict)
     verify: bool | str = True
     eject_after: int = 3
+    max_response_bytes: int = 4 * 1024 * 1024
+    max_buffered_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if isinstance(self.endpoints, str):
@@ -135,6 +156,8 @@ class ClientConfig:
             raise ValueError("concurrency limits must be >= 1")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if self.max_response_bytes < 1 or self.max_buffered_bytes < self.max_response_bytes:
+            raise ValueError("max_response_bytes must be >= 1 and max_buffered_bytes >= max_response_bytes")
         fmt = self.image_format.lower()
         if fmt == "jpg":
             fmt = "jpeg"
@@ -179,8 +202,8 @@ class ChatResult:
 
 class RequestFailed(ItemError):
     """A chat request that failed for good. ``kind``: ``timeout``, ``connection``,
-    ``bad_response``, ``http_<status>`` (e.g. ``http_429``, ``http_500``, ``http_400``),
-    or ``no_model``; ``attempts``: attempts made; ``status``: last HTTP status if any."""
+    ``bad_response``, ``response_too_large``, ``response_budget``, ``http_<status>``
+    (e.g. ``http_429``, ``http_500``, ``http_400``), or ``no_model``; ``attempts``: attempts made; ``status``: last HTTP status if any."""
 
     def __init__(self, kind: str, message: str, attempts: int = 1, status: int | None = None, endpoint: str | None = None):
         super().__init__(kind, message)
@@ -350,6 +373,32 @@ def _retry_after_s(value: str | None) -> float | None:
     return max(0.0, dt.timestamp() - time.time())
 
 
+def _inflater(encoding: str) -> Any:
+    """A zlib decompressor for a ``Content-Encoding`` (None: identity); others are refused."""
+    enc = encoding.strip().lower()
+    if enc in ("", "identity"):
+        return None
+    if enc in ("gzip", "x-gzip", "deflate"):
+        return zlib.decompressobj(wbits=32 + zlib.MAX_WBITS)  # zlib or gzip header, detected
+    raise _AttemptError("bad_response", f"unsupported Content-Encoding {encoding!r} (identity, gzip, deflate)", True)
+
+
+def _inflate(d: Any, data: bytes, room: int) -> bytes:
+    """Inflate ``data`` with ``d`` but produce at most ``room + 1`` bytes (enough to tell "over")."""
+    out = bytearray()
+    while data and len(out) <= room:
+        try:
+            out += d.decompress(data, room - len(out) + 1)
+        except zlib.error as e:
+            raise _AttemptError("bad_response", f"corrupt compressed body: {e}", True) from None
+        data = d.unconsumed_tail
+    return bytes(out)
+
+
+async def _aiter_one(data: bytes):
+    yield data
+
+
 def _parse_completion(body: bytes) -> tuple[str, str | None, dict[str, Any], dict[str, Any]]:
     try:
         data = json.loads(body)
@@ -505,6 +554,7 @@ class ChatClient:
         self._model: str | None = config.model
         self._model_lock: asyncio.Lock | None = None
         self._model_error: tuple[float, RequestFailed] | None = None
+        self._buffered = 0  # bytes of response bodies being read by all attempts (one event loop)
 
     # -- lifecycle
     async def __aenter__(self) -> ChatClient:
@@ -518,7 +568,8 @@ class ChatClient:
         if self._tr is not None:
             return
         cfg = self.config
-        headers = {"content-type": "application/json", "accept": "application/json", **cfg.extra_headers}
+        headers = {"content-type": "application/json", "accept": "application/json", "accept-encoding": "identity",
+                   **cfg.extra_headers}
         if cfg.api_key:
             headers["authorization"] = f"Bearer {cfg.api_key}"
         self._headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
@@ -563,6 +614,7 @@ class ChatClient:
                        parse: Callable[[bytes], Any]) -> tuple[Any, int]:
         assert self._tr is not None and self._slots is not None, "use `async with ChatClient(...)` first"
         idx = await self._slots.acquire(avoid)
+        held = [0]  # bytes of this attempt's body counted in the shared budget (released below)
         url = self._urls.get((idx, path))
         if url is None:
             url = self._urls[(idx, path)] = httpx.URL(self.config.endpoints[idx] + path)
@@ -574,7 +626,7 @@ class ChatClient:
             try:
                 async with asyncio.timeout(timeout):  # the whole attempt, not just each read
                     resp = await self._tr.handle_async_request(request)
-                    body = await resp.aread()
+                    body = await self._read_body(resp, url, held)
             except (httpx.TimeoutException, TimeoutError) as e:
                 raise _AttemptError("timeout", f"{type(e).__name__} after {timeout:.3g}s from {url}", True) from None
             except (httpx.TransportError, OSError) as e:  # connect/read/write errors, dropped connections
@@ -599,7 +651,51 @@ class ChatClient:
             self._slots.record(idx, not unhealthy)
             raise
         finally:
+            self._buffered -= held[0]
             await self._slots.release(idx)
+
+    async def _read_body(self, resp: httpx.Response, url: httpx.URL, held: list[int]) -> bytes:
+        """Stream ``resp``'s body, never past the configured caps (module docstring, "Response
+        size"). ``held[0]`` tracks the bytes counted in the client-wide buffer budget."""
+        cfg = self.config
+        ok = resp.status_code == 200
+        cap = cfg.max_response_bytes if ok else min(cfg.max_response_bytes, ERROR_BODY_BYTES)
+        declared = resp.headers.get("content-length", "").strip()
+        if ok and declared.isdigit() and int(declared) > cap:
+            raise _AttemptError("response_too_large", f"{url} announced a body of {int(declared):,} bytes, "
+                                f"above max_response_bytes={cap:,}", False)
+        buf = bytearray()
+        try:  # a response built in memory (e.g. by httpx.MockTransport) is already read and decoded
+            chunks: Any = _aiter_one(resp.content)
+            inflater = None
+        except httpx.ResponseNotRead:
+            chunks = resp.aiter_raw()
+            try:
+                inflater = _inflater(resp.headers.get("content-encoding", ""))
+            except _AttemptError:
+                if ok:
+                    raise
+                return buf  # an error status keeps its kind; its body only fed the message
+        async for raw in chunks:
+            try:
+                data = raw if inflater is None else _inflate(inflater, raw, cap - len(buf))
+            except _AttemptError:
+                if ok:
+                    raise
+                break
+            if len(buf) + len(data) > cap:
+                if not ok:  # an error body only feeds the message: keep its head
+                    buf += data[: cap - len(buf)]
+                    break
+                raise _AttemptError("response_too_large", f"the body from {url} exceeded max_response_bytes={cap:,} "
+                                    "(reading stopped there)", False)
+            if self._buffered + len(data) > cfg.max_buffered_bytes:
+                raise _AttemptError("response_budget", f"response bodies being read at once exceed max_buffered_bytes="
+                                    f"{cfg.max_buffered_bytes:,}", True)
+            self._buffered += len(data)
+            held[0] += len(data)
+            buf += data
+        return buf  # type: ignore[return-value]  # bytearray: parsed as is, no copy
 
     async def _with_retries(self, method: str, path: str, payload: bytes | None, parse: Callable[[bytes], Any],
                             deadline_s: float | None) -> tuple[Any, int, int]:
@@ -621,6 +717,7 @@ class ChatClient:
                 result, idx = await self._attempt(method, path, payload, timeout, avoid, parse)
                 return result, idx, attempts
             except _AttemptError as e:
+                e.__traceback__ = None  # its frames hold the body read; keep only the message while waiting
                 last = e
                 avoid = getattr(e, "endpoint", None)
                 if not e.retryable or attempt == cfg.max_retries:

@@ -6,6 +6,7 @@ Routes
                          ``<bbox>`` highlighted in the colour of its box, the label and the scores.
     ``GET /static/...``  the page's assets.
     ``GET /health``      ``{"ok": true, "max_upload_mb": 10.0}``.
+    ``GET /openapi.json`` the API schema (no ``/docs`` page: Swagger UI would load from a CDN).
     ``POST /analyze``    multipart form with one ``file`` field → the JSON of
                          :class:`tagfer.analyze.ImageResult` (as ``tagfer analyze --json``), with
                          ``overlays`` holding one ``data:image/png;base64,…`` URL per face
@@ -17,6 +18,10 @@ Errors (JSON ``{"error": {"kind": ..., "message": ...}}``)
     422 ``no_face``, ``corrupt``, ``empty_file``, ``too_small``, ``missing_file``;
     500 ``internal``.
 
+Trusted hosts: only requests whose ``Host`` header is in ``allowed_hosts`` (default localhost,
+127.0.0.1, [::1]; see :mod:`tagfer.trusted_hosts`) are served, others get 400, so a
+DNS-rebinding page cannot drive the server from the user's browser.
+
 Concurrency: MediaPipe's landmarker is not thread-safe, so the app keeps a pool of
 ``pool_size`` analyzers (each with its own detector; built lazily, reused). Requests
 run in the threadpool (the event loop stays responsive) and borrow one analyzer each.
@@ -27,13 +32,14 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from tagfer.analyze import Analyzer, AnalyzerPool, ImageResult, png_data_url
+from tagfer.trusted_hosts import add_host_check
 
 STATUS = {
     "too_large": 413,
@@ -85,9 +91,12 @@ def create_app(
     analyzer_factory: Callable[[], Analyzer] | ServeConfig | None = None,
     max_upload_mb: float = 10.0,
     pool_size: int | None = None,
+    *,
+    allowed_hosts: Sequence[str] | None = None,
 ):
     """The FastAPI app. ``analyzer_factory``: a zero-argument callable building an
-    :class:`Analyzer`, or a :class:`ServeConfig` (default: the facs engine)."""
+    :class:`Analyzer`, or a :class:`ServeConfig` (default: the facs engine). ``allowed_hosts``:
+    the Host header values served (default :data:`tagfer.trusted_hosts.LOCAL_HOSTS`)."""
     if analyzer_factory is None or isinstance(analyzer_factory, ServeConfig):
         cfg = analyzer_factory or ServeConfig()
         factory = _factory(cfg)
@@ -103,7 +112,8 @@ def create_app(
         yield
         pool.close()  # release the detectors when the server stops
 
-    app = FastAPI(title="tagfer", docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title="tagfer", docs_url=None, redoc_url=None, lifespan=lifespan)  # /docs needs a CDN
+    add_host_check(app, allowed_hosts)
     app.state.pool = pool
     app.state.max_upload_bytes = limit
 

@@ -243,17 +243,23 @@ def serve_cmd(
     workers: int = typer.Option(2, "--pool", min=1, help="Analyzers (detectors) working in parallel."),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.01, help="Largest accepted upload."),
     frame: str = typer.Option("face", "--frame", help="face | image (see tagfer analyze)."),
+    allowed_host: List[str] = typer.Option([], "--allowed-host", help="Also serve requests with this Host name (repeatable; "
+                                           "localhost, 127.0.0.1, [::1] and --host always are; '*' turns the check off)."),
 ) -> None:
     """Web page + JSON API (POST /analyze) for grounded explanations. Localhost only by default."""
     import uvicorn
 
     from tagfer.serve import ServeConfig, create_app
+    from tagfer.trusted_hosts import allowed_hosts, bind_note
 
     try:
-        app_ = create_app(ServeConfig(model=model, pool_size=workers, frame=frame), max_upload_mb=max_upload_mb)
+        hosts = allowed_hosts(host, allowed_host)  # a malformed name is a usage error (exit 2)
+        app_ = create_app(ServeConfig(model=model, pool_size=workers, frame=frame), max_upload_mb=max_upload_mb, allowed_hosts=hosts)
         app_.state.pool.warm()
     except Exception as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     console.print(f"tagfer serve on http://{host}:{port}/  (engine: {model or 'facs'})")
+    if note := bind_note(host, allowed_host):
+        console.print(f"[yellow]note:[/yellow] {note}")
     uvicorn.run(app_, host=host, port=port, log_level="warning")

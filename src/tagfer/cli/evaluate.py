@@ -354,18 +354,22 @@ def study_pairs_cmd(
 def study_serve_cmd(
     pairs: Path = typer.Option(..., "--pairs", help="Pairs JSONL (from `tagfer study pairs`)."),
     db: Path = typer.Option(..., "--db", help="SQLite database of the votes (created; resumable)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (no authentication: keep it local)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (keep it local: no accounts, no TLS)."),
     port: int = typer.Option(8765, "--port"),
     seed: int = typer.Option(0, "--seed", help="Seed of the per-evaluator pair order and response order."),
+    allowed_host: List[str] = typer.Option([], "--allowed-host", help="Also serve requests with this Host name (repeatable; "
+                                           "localhost, 127.0.0.1, [::1] and --host always are; '*' turns the check off)."),
 ) -> None:
     """Serve the A/B study page: evaluators enter a name, then choose A / B / tie for each pair."""
     import uvicorn
 
     from tagfer.judge import read_pairs
     from tagfer.study.app import create_app
+    from tagfer.trusted_hosts import allowed_hosts, bind_note
 
     try:
         plist = read_pairs(pairs)
+        hosts = allowed_hosts(host, allowed_host)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     if not plist:
@@ -374,7 +378,9 @@ def study_serve_cmd(
     if missing:
         console.print(f"[yellow]warning:[/yellow] {len(missing)} image(s) not found, e.g. {missing[0]}")
     console.print(f"study of {len(plist)} pairs on http://{host}:{port}  (votes → {db})")
-    uvicorn.run(create_app(plist, db, seed=seed), host=host, port=port, log_level="warning")
+    if note := bind_note(host, allowed_host):
+        console.print(f"[yellow]note:[/yellow] {note}")
+    uvicorn.run(create_app(plist, db, seed=seed, allowed_hosts=hosts), host=host, port=port, log_level="warning")
 
 
 @study_app.command("export")

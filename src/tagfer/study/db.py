@@ -4,7 +4,8 @@ Schema (WAL journal; one connection per operation, so the web server's worker th
 never share one)::
 
     pairs(pair_id TEXT PRIMARY KEY, position INTEGER, a_name TEXT, b_name TEXT)
-    evaluators(name TEXT PRIMARY KEY, created REAL)
+    evaluators(name TEXT PRIMARY KEY, created REAL, token_hash TEXT UNIQUE)
+                                                       -- SHA-256 of the evaluator's session token
     shown(evaluator TEXT, pair_id TEXT, first TEXT CHECK(first IN ('a','b')),
           PRIMARY KEY (evaluator, pair_id))           -- the order shown, fixed once drawn
     votes(evaluator TEXT, pair_id TEXT, choice TEXT CHECK(choice IN ('A','B','tie')),
@@ -16,6 +17,10 @@ with ``Random(f"{seed}:{name}")``, so evaluators do not all start on the same pa
 for each pair the two responses in an order drawn at random once (seeded by seed, name and
 pair) and stored. Resuming = the first pair of the evaluator's sequence without a vote.
 
+Evaluators: :meth:`StudyDB.register` issues a random token for a new name (only its SHA-256 is
+stored); the name can then be taken up again only with that token, so nobody can vote as
+somebody else. Names are strings of 1 to 80 printable characters (whitespace runs collapsed).
+
 Aggregate (:func:`export`): per evaluator the percentages of votes for ``a``, ``b`` and tie;
 the study's preference = the mean of those over evaluators (each evaluator weighs the same).
 Agreement: mean pairwise percent agreement over evaluator pairs (on the pairs both rated)
@@ -24,8 +29,10 @@ and Fleiss' kappa over the pairs rated by every evaluator (categories a / b / ti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import random
 import sqlite3
 import time
@@ -38,7 +45,7 @@ import numpy as np
 
 from tagfer.judge import Pair
 
-__all__ = ["StudyDB", "DuplicateVote", "fleiss_kappa", "pairwise_agreement", "export"]
+__all__ = ["StudyDB", "DuplicateVote", "NameTaken", "clean_name", "fleiss_kappa", "pairwise_agreement", "export"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairs(pair_id TEXT PRIMARY KEY, position INTEGER NOT NULL, a_name TEXT, b_name TEXT);
@@ -61,11 +68,30 @@ class DuplicateVote(ValueError):
     """The evaluator already voted on this pair (the first vote is kept)."""
 
 
-def clean_name(name: str) -> str:
-    n = " ".join(str(name).split())
-    if not n or len(n) > 80:
-        raise ValueError("an evaluator name must have 1 to 80 characters")
+class NameTaken(PermissionError):
+    """The evaluator name is registered and the request did not carry its token."""
+
+
+MAX_NAME = 80
+
+
+def clean_name(name: Any) -> str:
+    """The evaluator name with whitespace runs collapsed; ValueError unless it is a string of
+    1 to 80 printable characters (null, numbers, lists, control or invisible characters are refused)."""
+    if not isinstance(name, str):
+        raise ValueError(f"an evaluator name must be a string, not {type(name).__name__}")
+    if len(name) > 4 * MAX_NAME:  # refused before any work on a huge input
+        raise ValueError(f"an evaluator name must have 1 to {MAX_NAME} characters")
+    n = " ".join(name.split())
+    if not n or len(n) > MAX_NAME:
+        raise ValueError(f"an evaluator name must have 1 to {MAX_NAME} characters")
+    if not n.isprintable():
+        raise ValueError("an evaluator name must not hold control or invisible characters")
     return n
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class StudyDB:
@@ -84,6 +110,10 @@ class StudyDB:
         try:
             init.execute("PRAGMA journal_mode=WAL")
             init.executescript(_SCHEMA)
+            cols = {r[1] for r in init.execute("PRAGMA table_info(evaluators)")}
+            if "token_hash" not in cols:  # a database from before tokens: its evaluators claim one at their next start
+                init.execute("ALTER TABLE evaluators ADD COLUMN token_hash TEXT")
+            init.execute("CREATE UNIQUE INDEX IF NOT EXISTS evaluators_token ON evaluators(token_hash)")
         finally:
             init.close()
         with self.connect() as c:
@@ -91,6 +121,16 @@ class StudyDB:
                 "INSERT OR IGNORE INTO pairs(pair_id, position, a_name, b_name) VALUES (?,?,?,?)",
                 [(p.id, i, p.a.get("name"), p.b.get("name")) for i, p in enumerate(self.pairs)],
             )
+
+    @contextmanager
+    def reader(self) -> Iterator[sqlite3.Connection]:
+        """A read-only connection: nothing can be written through it, and it takes no write lock."""
+        c = sqlite3.connect(f"file:{Path(self.path).resolve().as_posix()}?mode=ro", uri=True, timeout=30)
+        try:
+            c.execute("PRAGMA busy_timeout=30000")
+            yield c
+        finally:
+            c.close()
 
     @contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
@@ -108,11 +148,32 @@ class StudyDB:
             c.close()
 
     # ----------------------------------------------------------------- evaluators
-    def register(self, name: str) -> str:
+    def register(self, name: Any, token: str | None = None) -> tuple[str, str]:
+        """Start (or resume) a session: ``(clean name, token)``. A new name gets a fresh token;
+        a registered one needs its ``token`` (else :class:`NameTaken`). An evaluator stored
+        without a token (older database, or votes through :meth:`vote` only) gets one now."""
         name = clean_name(name)
         with self.connect() as c:
-            c.execute("INSERT OR IGNORE INTO evaluators(name, created) VALUES (?,?)", (name, time.time()))
-        return name
+            row = c.execute("SELECT token_hash FROM evaluators WHERE name=?", (name,)).fetchone()
+            if row is not None and row[0] is not None:
+                if isinstance(token, str) and secrets.compare_digest(_token_hash(token), row[0]):
+                    return name, token
+                raise NameTaken(f"the name {name!r} is already in use; continue in the browser where it was "
+                                "started, or choose another name")
+            new = secrets.token_urlsafe(32)
+            if row is None:
+                c.execute("INSERT INTO evaluators(name, created, token_hash) VALUES (?,?,?)", (name, time.time(), _token_hash(new)))
+            else:
+                c.execute("UPDATE evaluators SET token_hash=? WHERE name=?", (_token_hash(new), name))
+        return name, new
+
+    def evaluator(self, token: Any) -> str | None:
+        """The name registered with ``token`` (None for a missing or unknown token). Reads only."""
+        if not isinstance(token, str) or not token or len(token) > 256:
+            return None
+        with self.reader() as c:
+            row = c.execute("SELECT name FROM evaluators WHERE token_hash=?", (_token_hash(token),)).fetchone()
+        return None if row is None else row[0]
 
     def sequence(self, name: str) -> list[str]:
         """The evaluator's pair order (a seeded shuffle of the pairs file order)."""
@@ -121,18 +182,24 @@ class StudyDB:
         return ids
 
     def voted(self, name: str) -> set[str]:
-        with self.connect() as c:
+        with self.reader() as c:
             return {r[0] for r in c.execute("SELECT pair_id FROM votes WHERE evaluator=?", (name,))}
 
-    def first_shown(self, name: str, pair_id: str) -> str:
-        """Which system is shown as "A" to this evaluator for this pair (drawn once, then stored)."""
+    def first_shown(self, name: str, pair_id: str, record: bool = True) -> str:
+        """Which system is shown as "A" to this evaluator for this pair (drawn once, then stored;
+        ``record=False`` only reads: the stored order, else the draw, without storing it)."""
         draw = "a" if random.Random(f"{self.seed}:{name}:{pair_id}").random() < 0.5 else "b"
+        if not record:
+            with self.reader() as c:
+                row = c.execute("SELECT first FROM shown WHERE evaluator=? AND pair_id=?", (name, pair_id)).fetchone()
+            return draw if row is None else row[0]
         with self.connect() as c:
             c.execute("INSERT OR IGNORE INTO shown(evaluator, pair_id, first) VALUES (?,?,?)", (name, pair_id, draw))
             return c.execute("SELECT first FROM shown WHERE evaluator=? AND pair_id=?", (name, pair_id)).fetchone()[0]
 
-    def next_item(self, name: str) -> dict[str, Any]:
-        """The next unvoted pair for ``name`` with its responses in the stored order, or ``{"done": True}``."""
+    def next_item(self, name: str, record: bool = True) -> dict[str, Any]:
+        """The next unvoted pair for ``name`` with its responses in the stored order, or
+        ``{"done": True}``. ``record=False`` writes nothing (the web app's GET)."""
         name = clean_name(name)
         seq = self.sequence(name)
         done = self.voted(name)
@@ -141,7 +208,7 @@ class StudyDB:
             if pid in done:
                 continue
             pair = self.by_id[pid]
-            first = self.first_shown(name, pid)
+            first = self.first_shown(name, pid, record)
             second = "b" if first == "a" else "a"
             return {
                 **status, "done": False, "pair_id": pid, "position": self.position[pid],
