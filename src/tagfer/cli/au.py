@@ -20,6 +20,12 @@ def _au_config(top_k: int, threshold: float, bilateral: str, canvas: int):
     return AUConfig(threshold=threshold, top_k=top_k, bilateral=bilateral, canvas=canvas)
 
 
+def set_verbose(verbose: bool) -> None:
+    """``--verbose``: let MediaPipe's C++ log lines through (``TAGFER_VERBOSE``, inherited by workers)."""
+    if verbose:
+        os.environ["TAGFER_VERBOSE"] = "1"
+
+
 def _print_faces(rec: dict) -> None:
     if rec.get("error"):
         out_console.print(f"[red]✗ {rec['image']}: {rec['error']['kind']}: {rec['error']['message']}[/red]")
@@ -57,10 +63,14 @@ def au_cmd(
     no_resume: bool = typer.Option(False, "--no-resume", help="Start over: overwrite --out."),
     show: bool = typer.Option(False, "--show", help="Print each face's AUs as a table."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show MediaPipe's own log lines (hidden by default)."),
 ) -> None:
-    """Detect faces and activated AUs, and ground each AU in a box on the canvas. Exit code 1 if any image failed."""
+    """Detect faces and activated AUs, and ground each AU in a box on the canvas. Exit code 1 if any
+    requested image has an error record in --out (written now, or left by an earlier run)."""
     from tagfer.detectors import DetectorSpec
     from tagfer.grounding import GroundingConfig, run_grounding
+
+    set_verbose(verbose)
 
     spec = DetectorSpec(
         kind=detector,
@@ -94,8 +104,10 @@ def au_cmd(
     msg = f"{summary.processed} processed ({summary.failed} failed), {summary.skipped} already done → {out}"
     if summary.errors:
         msg += "  errors: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.errors.items()))
+    if summary.failed_before:
+        msg += f"\n{summary.failed_before} requested image(s) still have an error record from an earlier run (--retry-errors runs them again)"
     console.print(msg)
-    if summary.failed:
+    if summary.any_failed:
         raise typer.Exit(1)
 
 
@@ -103,9 +115,11 @@ def au_cmd(
 def demo_cmd(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Directory for the demo outputs."),
     sample: str = typer.Option("astronaut", "--sample", help="astronaut | grace_hopper"),
+    verbose: bool = typer.Option(False, "--verbose", help="Show MediaPipe's own log lines (hidden by default)."),
 ) -> None:
     """The offline tour on a real face shipped by an installed package: `tagfer analyze`
     (label, grounded trace, red/green overlay) then the AU grounding record of `tagfer au`."""
+    set_verbose(verbose)
     from tagfer.cli.analyze import analyze_images
     from tagfer.detectors import DetectorSpec
     from tagfer.grounding import GroundingConfig, run_grounding
