@@ -136,7 +136,7 @@ _WORKER: tuple[AUDetector, GroundingConfig] | None = None
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> str:
+def exit_with_parent(parent_pid: int, poll_s: float = 1.0, use_prctl: bool = True) -> str:
     """Make the calling (worker) process exit when the process ``parent_pid`` dies, even by SIGKILL.
 
     Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere (or if prctl fails) a daemon
@@ -144,7 +144,7 @@ def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> str:
     call is caught by the ``getppid`` check. Returns the mechanism used (``"prctl"`` or ``"watchdog"``).
     """
     how = "watchdog"
-    if sys.platform.startswith("linux"):
+    if use_prctl and sys.platform.startswith("linux"):
         try:
             import ctypes
 

@@ -46,7 +46,7 @@ def _print_faces(rec: dict) -> None:
 
 @app.command("au")
 def au_cmd(
-    inputs: List[Path] = typer.Argument(..., help="Image files and/or directories (walked recursively)."),
+    inputs: List[Path] = typer.Argument(..., help="Image files and/or directories (walked recursively); sample:astronaut or sample:grace_hopper for a bundled real face."),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSON Lines file (appended to; resumable)."),
     overlays: Optional[Path] = typer.Option(None, "--overlays", help="Write a PNG overlay per image into this directory."),
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="Worker processes."),
@@ -71,7 +71,13 @@ def au_cmd(
     from tagfer.grounding import GroundingConfig, run_grounding
 
     set_verbose(verbose)
+    from tagfer.cli.analyze import _resolve_image
 
+    try:
+        inputs = [_resolve_image(p) for p in inputs]  # sample:astronaut, as in tagfer analyze
+    except (ValueError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
     spec = DetectorSpec(
         kind=detector,
         config=_au_config(top_k, threshold, bilateral, canvas),
