@@ -425,7 +425,7 @@ def _shrink_to_rgb(im: Image.Image, max_side: int) -> Image.Image:
     w, h = im.size
     k = max(1, max(w, h) // max_side)
     rng = _value_range(im) if im.mode in _HIGH_BIT else None
-    if k == 1 and w * h <= _TILE_PIXELS:
+    if w * h <= _TILE_PIXELS:  # small: converted whole, the caller's bilinear resize does all the scaling
         return _to_rgb(im, rng)
     step = k * max(1, math.isqrt(_TILE_PIXELS) // k)  # a multiple of k: tiles reduce exactly like the whole
     out = Image.new("RGB", (-(-w // k), -(-h // k)))
