@@ -107,7 +107,8 @@ def decode_budget(budget: int | None = None) -> int:
 class ImageHeader:
     """What :func:`probe` learns from an image's header without decoding its pixels.
 
-    ``width``/``height``: upright full-resolution size; ``mode``: Pillow mode of the
+    ``width``/``height``: upright full-resolution size (as stored for a PNG whose EXIF chunk
+    comes after its pixels: finding it would mean decoding them); ``mode``: Pillow mode of the
     decoded pixels; ``decode_bytes``: the decode cost (module docstring) at the size
     the decoder will actually produce (JPEG draft scaling applied).
     """
@@ -268,6 +269,15 @@ def _open_regular(path: Path) -> io.BufferedReader:
     return f
 
 
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1–8; 1 when absent or malformed)."""
+    try:
+        orient = int(im.getexif().get(0x0112, 1))
+    except Exception:  # malformed EXIF: treat as upright
+        return 1
+    return orient if orient in _TRANSPOSE else 1
+
+
 def _file_kind(mode: int) -> str:
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
         if test(mode):
@@ -318,14 +328,6 @@ def _decode(source: str | os.PathLike | bytes, max_side: int, budget: int | None
                     raise ImageError("too_large", f"image has {w0}×{h0} pixels, above the {MAX_PIXELS:,} limit: {name}")
                 if min(w0, h0) < MIN_SIDE:
                     raise ImageError("too_small", f"image is {w0}×{h0} pixels; faces need at least {MIN_SIDE} pixels per side: {name}")
-                try:
-                    orient = int(im.getexif().get(0x0112, 1))
-                except Exception:  # malformed EXIF: treat as upright
-                    orient = 1
-                if orient not in _TRANSPOSE:
-                    orient = 1
-                # Upright full-resolution size: orientations 5–8 swap the axes.
-                W, H = (h0, w0) if orient in (5, 6, 7, 8) else (w0, h0)
                 # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale: cheap downscaling of huge photos.
                 if im.format in ("JPEG", "MPO") and max(w0, h0) > 2 * max_side:
                     f = max_side / max(w0, h0)
@@ -334,10 +336,16 @@ def _decode(source: str | os.PathLike | bytes, max_side: int, budget: int | None
                 cost = _decode_cost(im, fp)
                 if cost > limit:
                     raise ImageError("too_large", _too_large_msg(w0, h0, cost, limit, name, im.mode))
+                # Nothing above may decode pixels (Pillow's PNG getexif() does, to find a late eXIf chunk).
                 if header_only:
+                    orient = _orientation(im) if im.format != "PNG" or "exif" in im.info else 1
+                    W, H = (h0, w0) if orient in (5, 6, 7, 8) else (w0, h0)
                     return ImageHeader(str(im.format), int(W), int(H), im.mode, int(cost))
                 big = cost > _RELEASE_ABOVE
                 im.load()
+                orient = _orientation(im)
+                # Upright full-resolution size: orientations 5–8 swap the axes.
+                W, H = (h0, w0) if orient in (5, 6, 7, 8) else (w0, h0)
                 rgb = _shrink_to_rgb(im, max_side)
                 if orient != 1:
                     rgb = rgb.transpose(_TRANSPOSE[orient])
