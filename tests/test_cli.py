@@ -60,6 +60,18 @@ def test_rerun_exits_1_while_failed_records_remain(tmp_path, face_crop_path, bad
     assert runner.invoke(app, ["analyze", good, "--out", str(aout), "--no-progress"]).exit_code == 0
 
 
+@pytest.mark.timeout(60)
+def test_output_that_is_not_a_regular_file_is_a_usage_error(tmp_path, face_crop_path):
+    import os
+
+    fifo = tmp_path / "out.jsonl"
+    os.mkfifo(fifo)  # resuming reads --out first: a FIFO would block
+    for cmd in (["au", str(face_crop_path), "--out", str(fifo)], ["analyze", str(face_crop_path), "--out", str(fifo)],
+                ["au", str(face_crop_path), "--out", "/dev/null"]):
+        r = runner.invoke(app, cmd + ["--no-progress"])
+        assert r.exit_code == 2 and "not a regular file" in " ".join(r.output.split()), r.output
+
+
 # --------------------------------------------------------------------------- real processes
 MEDIAPIPE_NOISE = ("Logging before InitGoogle", "face_landmarker_graph.cc", "inference_feedback_manager.cc", "W0000")
 

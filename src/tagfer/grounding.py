@@ -88,6 +88,16 @@ def _walk(d: Path, recursive: bool) -> Iterator[str]:
             yield os.path.abspath(e.path)
 
 
+def check_output_path(out: str | os.PathLike) -> Path:
+    """``out`` as a Path if it can be a resumable JSON Lines output: absent, or a regular file.
+    A FIFO, device or directory (``/dev/stdout``, ``/dev/null``) is refused with ``ValueError``:
+    resuming reads the file first, which would block or lose the records."""
+    p = Path(out)
+    if (p.exists() or p.is_symlink()) and not p.is_file():
+        raise ValueError(f"output {p} is not a regular file (a FIFO, device, directory or broken link); give a file path")
+    return p
+
+
 def overlay_name(image_key: str) -> str:
     h = hashlib.blake2b(image_key.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
     return f"{Path(image_key).stem}_{h}.png"
@@ -217,7 +227,7 @@ def run_grounding(
 ) -> RunSummary:
     """Run the grounding job (see module docstring). ``on_record`` sees each new record (progress bars)."""
     summary = RunSummary()
-    out = Path(out)
+    out = check_output_path(out)
     if not resume and out.exists():
         out.unlink()
     if retry_errors and out.exists():

@@ -149,6 +149,13 @@ def analyze_images(
     n_given, skipped = len(images), 0
     failed_before = malformed_before = 0
     if out is not None:
+        from tagfer.grounding import check_output_path
+
+        try:
+            check_output_path(out)
+        except ValueError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(EXIT_USAGE)
         from tagfer.jsonl import drop_records, read_jsonl
 
         if no_resume and out.exists():

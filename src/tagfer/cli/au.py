@@ -86,6 +86,9 @@ def au_cmd(
     )
     gcfg = GroundingConfig(all_faces=all_faces, landmarks=landmarks, overlays=str(overlays) if overlays else None)
     try:
+        from tagfer.grounding import check_output_path
+
+        check_output_path(out)
         spec.build().close()  # fail fast on a missing model file / bad table before any work
     except Exception as e:
         console.print(f"[red]error:[/red] {e}")
