@@ -19,7 +19,7 @@ libwebp's two RGBA canvases. An image above the budget is refused with kind
 ``too_large`` without decoding. Default :data:`DECODE_BUDGET` = 256 MB, what a
 64-megapixel RGB photo costs; set ``TAGFER_DECODE_BUDGET_MB`` or pass
 ``budget=`` (bytes). Peak memory for one image is about the decode cost plus
-~20 MB (conversion works tile by tile on ≤ 1 M pixels); memory of decodes above
+~30 MB (conversion works tile by tile on ≤ 1 M pixels; ``benchmarks/bench_decode.py``); memory of decodes above
 32 MB is handed back to the OS afterwards (``malloc_trim``). :func:`probe` runs
 every header check alone (milliseconds; ``tagfer serve`` answers 413 with it).
 
