@@ -227,6 +227,13 @@ def test_jpeg_cost_follows_draft_scaling_and_progressive_buffers():
     with pytest.raises(ImageError) as ei:
         probe(jpeg_with_size(20000, 20000, progressive=True))
     assert ei.value.kind == "too_large"
+    # A baseline file whose first scan holds fewer components than the frame is multi-scan: buffered too.
+    data = bytearray(jpeg_with_size(3000, 2000, progressive=False))
+    single = probe(bytes(data)).decode_bytes
+    sos = data.index(b"\xff\xda")
+    assert data[sos + 4] == 3
+    data[sos + 4] = 1
+    assert probe(bytes(data)).decode_bytes >= single + 2 * 3000 * 2000
 
 
 def test_many_frame_gif_decodes_only_the_first_frame(tmp_path, monkeypatch):
