@@ -1,5 +1,9 @@
 import json
 import shutil
+import sys
+from pathlib import Path
+
+import pytest
 
 from typer.testing import CliRunner
 
@@ -39,3 +43,135 @@ def test_demo_writes_overlay(tmp_path):
     assert r.exit_code == 0, r.output
     assert "AU12" in r.output and list((tmp_path / "demo").glob("*.png"))
     assert "<answer>happiness</answer>" in r.output and (tmp_path / "demo" / "analyze_astronaut.png").is_file()
+
+
+def test_rerun_exits_1_while_failed_records_remain(tmp_path, face_crop_path, bad_inputs):
+    bad, good = str(bad_inputs["not_an_image"]), str(face_crop_path)
+    out = tmp_path / "au.jsonl"
+    assert runner.invoke(app, ["au", bad, good, "--out", str(out), "--no-progress"]).exit_code == 1
+    r = runner.invoke(app, ["au", bad, good, "--out", str(out), "--no-progress"])  # all skipped now
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and "0 processed" in text and "1 requested image(s) still have an error record" in text
+    assert runner.invoke(app, ["au", good, "--out", str(out), "--no-progress"]).exit_code == 0  # the failure is not requested
+    aout = tmp_path / "analyze.jsonl"
+    assert runner.invoke(app, ["analyze", bad, good, "--out", str(aout), "--no-progress"]).exit_code == 1
+    r = runner.invoke(app, ["analyze", bad, good, "--out", str(aout), "--no-progress"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 1 and "0 analysed" in text and "1 requested image(s) still have an error record" in text
+    assert len(aout.read_text().splitlines()) == 2  # nothing analysed twice
+    assert runner.invoke(app, ["analyze", good, "--out", str(aout), "--no-progress"]).exit_code == 0
+
+
+@pytest.mark.timeout(60)
+def test_output_that_is_not_a_regular_file_is_a_usage_error(tmp_path, face_crop_path):
+    import os
+
+    fifo = tmp_path / "out.jsonl"
+    os.mkfifo(fifo)  # resuming reads --out first: a FIFO would block
+    for cmd in (["au", str(face_crop_path), "--out", str(fifo)], ["analyze", str(face_crop_path), "--out", str(fifo)],
+                ["au", str(face_crop_path), "--out", "/dev/null"]):
+        r = runner.invoke(app, cmd + ["--no-progress"])
+        assert r.exit_code == 2 and "not a regular file" in " ".join(r.output.split()), r.output
+
+
+# --------------------------------------------------------------------------- real processes
+MEDIAPIPE_NOISE = ("Logging before InitGoogle", "face_landmarker_graph.cc", "inference_feedback_manager.cc", "W0000")
+
+
+def _cli(*args, timeout=180, **kw):
+    """Run ``python -m tagfer ARGS`` in a fresh process (no inherited log settings)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tagfer
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLOG_minloglevel", "TAGFER_VERBOSE")}
+    env["PYTHONPATH"] = str(Path(tagfer.__file__).resolve().parents[1])
+    return subprocess.run([sys.executable, "-m", "tagfer", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def test_fifo_is_recorded_and_mediapipe_logs_stay_hidden(tmp_path, face_crop_path):
+    """`tagfer au` / `tagfer analyze` on a FIFO (argument and inside a walked folder) next to good images:
+    the FIFO is recorded unreadable, the batch finishes, and stderr carries none of MediaPipe's C++ lines."""
+    import os
+
+    d = tmp_path / "walk"
+    d.mkdir()
+    os.mkfifo(d / "a_fifo.jpg")
+    shutil.copy(face_crop_path, d / "b_good.jpg")
+    os.mkfifo(tmp_path / "arg.jpg")
+    out = tmp_path / "au.jsonl"
+    r = _cli("au", tmp_path / "arg.jpg", d, "sample:astronaut", "--out", out, "--workers", "2", "--no-progress")
+    assert r.returncode == 1, r.stderr
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(x["error"] or {}).get("kind") for x in recs] == ["unreadable", "unreadable", None, None]
+    assert not [line for line in r.stderr.splitlines() if any(n in line for n in MEDIAPIPE_NOISE)], r.stderr
+    aout = tmp_path / "analyze.jsonl"
+    r = _cli("analyze", tmp_path / "arg.jpg", d, "sample:astronaut", "--out", aout, "--workers", "2", "--no-progress")
+    assert r.returncode == 1, r.stderr
+    recs = [json.loads(line) for line in aout.read_text().splitlines()]
+    assert [(x["error"] or {}).get("kind") for x in recs] == ["unreadable", "unreadable", None, None]
+    assert recs[3]["analyses"][0]["label"] == "happiness"
+    assert not [line for line in r.stderr.splitlines() if any(n in line for n in MEDIAPIPE_NOISE)], r.stderr
+    r = _cli("analyze", "sample:astronaut", "--json", "--verbose")  # --verbose lets them through
+    assert r.returncode == 0 and any(n in r.stderr for n in MEDIAPIPE_NOISE), r.stderr
+    assert json.loads(r.stdout)["analyses"][0]["label"] == "happiness"
+
+
+def _children(pid: int) -> set[int]:
+    import glob
+
+    kids: set[int] = set()
+    for f in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            kids |= {int(x) for x in open(f).read().split()}
+        except OSError:
+            pass
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigkill_of_au_leaves_no_worker_behind(tmp_path, astronaut_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import tagfer
+
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(300):
+        os.link(astronaut_path, d / f"{i:03d}.png")
+    out = tmp_path / "au.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(Path(tagfer.__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "tagfer", "au", str(d), "--out", str(out), "--workers", "2", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (out.exists() and out.stat().st_size > 0):  # workers are up and working
+            time.sleep(0.05)
+        workers = {c for c in _children(proc.pid) if _alive(c)}
+        assert len(workers) == 2 and proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], "workers outlived the killed parent"
+    finally:
+        proc.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)

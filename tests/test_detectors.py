@@ -139,3 +139,16 @@ def test_dlib_fallback_finds_small_faces(tmp_path, astronaut_rgb):
     xs = [(f.bbox[0] + f.bbox[2]) / 2 for f in found]
     assert xs == sorted(xs)
     assert any(f.source == "dlib+mediapipe" for f in found)
+
+
+@pytest.mark.timeout(30)
+def test_au_table_that_is_a_fifo_is_refused_unread(tmp_path):
+    import os
+
+    from tagfer.detectors import AUTable
+
+    fifo = tmp_path / "aus.csv"
+    os.mkfifo(fifo)  # reading it would block forever
+    for spec in (f"table:{fifo}", f"openface:{fifo}", f"openface:{tmp_path}"):
+        with pytest.raises(ValueError, match="not a regular file"):
+            AUTable.from_spec(spec)

@@ -1,5 +1,8 @@
 import json
+import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -148,3 +151,92 @@ def test_jsonl_writer_repairs_partial_tail(tmp_path):
         assert w.repaired_bytes == len('{"only": "partial"')
     assert q.read_text() == ""
     assert json.loads('{"a":4}') == {"a": 4}
+
+
+@pytest.mark.timeout(60)
+def test_fifo_device_and_link_loop_are_recorded_and_the_batch_goes_on(tmp_path, face_crop_path):
+    import os
+
+    d = tmp_path / "walk"
+    d.mkdir()
+    shutil.copy(face_crop_path, d / "b_good.jpg")
+    os.mkfifo(d / "a_fifo.jpg")  # inside a walked folder: would block the reader forever
+    os.symlink(d / "c_loop.jpg", d / "c_loop.jpg")
+    arg_fifo = tmp_path / "arg.png"
+    os.mkfifo(arg_fifo)
+    out = tmp_path / "au.jsonl"
+    for workers in (1, 2):
+        s = run_grounding([arg_fifo, d, "/dev/zero"], out, workers=workers, resume=False)
+        recs = {r["image"].rsplit("/", 1)[-1]: r for r in _records(out)}
+        assert list(recs) == ["arg.png", "a_fifo.jpg", "b_good.jpg", "c_loop.jpg", "zero"]
+        kinds = {n: (r["error"] or {}).get("kind") for n, r in recs.items()}
+        assert kinds == {"arg.png": "unreadable", "a_fifo.jpg": "unreadable", "b_good.jpg": None, "c_loop.jpg": "unreadable", "zero": "unreadable"}
+        assert "FIFO" in recs["a_fifo.jpg"]["error"]["message"] and "loop" in recs["c_loop.jpg"]["error"]["message"]
+        assert s.failed == 4 and s.errors == {"unreadable": 4}
+
+
+def test_rerun_keeps_counting_earlier_failures(tmp_path, face_crop_path, bad_inputs):
+    out = tmp_path / "au.jsonl"
+    bad, good = bad_inputs["not_an_image"], face_crop_path
+    first = run_grounding([bad, good], out)
+    assert first.failed == 1 and first.failed_before == 0 and first.any_failed
+    again = run_grounding([bad, good, bad], out)  # everything done already, the bad one asked twice
+    assert (again.processed, again.skipped, again.failed, again.failed_before) == (0, 3, 0, 1) and again.any_failed
+    only_good = run_grounding([good], out)
+    assert only_good.skipped == 1 and not only_good.any_failed
+    retried = run_grounding([bad], out, retry_errors=True)  # still bad: failed now, not "before"
+    assert (retried.processed, retried.failed, retried.failed_before) == (1, 1, 0)
+
+
+_ORPHAN_PARENT = r"""
+import multiprocessing as mp, sys, time
+sys.path.insert(0, sys.argv[1])
+from tagfer.grounding import exit_with_parent
+
+def child(parent, use_prctl, q):
+    q.put(exit_with_parent(parent, poll_s=0.2, use_prctl=use_prctl))
+    time.sleep(600)
+
+if __name__ == "__main__":
+    import os
+    q = mp.get_context("fork").Queue()
+    p = mp.get_context("fork").Process(target=child, args=(os.getpid(), sys.argv[2] == "prctl", q))
+    p.start()
+    print(p.pid, q.get(timeout=60), flush=True)
+    time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie nobody reaps is dead too
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["prctl", "watchdog"])
+def test_worker_exits_when_its_parent_is_killed(tmp_path, how):
+    import signal
+    import subprocess
+    import time
+
+    import tagfer
+
+    src = str(Path(tagfer.__file__).resolve().parents[1])
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_PARENT, src, how], stdout=subprocess.PIPE, text=True)
+    try:
+        pid_s, used = parent.stdout.readline().split()
+        child = int(pid_s)
+        assert used == how and not _gone(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(child), f"worker {child} outlived its parent ({how})"
+    finally:
+        parent.kill()
+        if "child" in locals() and not _gone(child):
+            os.kill(child, signal.SIGKILL)

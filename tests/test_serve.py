@@ -110,6 +110,25 @@ def test_errors(client, bad_inputs, astronaut_rgb):
     assert r.status_code == 413 and r.json()["error"]["kind"] == "too_large" and "2 MB" in r.json()["error"]["message"]
 
 
+def test_decompression_bombs_get_413_from_the_header_without_decoding(client, app, bombs, monkeypatch):
+    """Small files whose headers claim images above the decode budget: 413 before any analyzer is used."""
+    from PIL import ImageFile
+
+    reached: list[str] = []
+
+    def never(*a, **k):
+        reached.append("decoder or analyzer")
+        raise AssertionError("the bomb reached the decoder")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", never)
+    monkeypatch.setattr(app.state.pool, "run", never)
+    for name, path in bombs.items():
+        r = _post(client, path.read_bytes(), name, "application/octet-stream")
+        assert r.status_code == 413, (name, r.text)
+        assert r.json()["error"]["kind"] == "too_large" and "decode budget" in r.json()["error"]["message"]
+    assert reached == []
+
+
 def test_undeclared_length_is_still_limited(client):
     """A chunked upload (no Content-Length) above the limit is cut off with 413."""
     boundary = "xyz"

@@ -171,7 +171,7 @@ class AUTable:
         p = Path(path)
         table = cls(source=f"table:{p}")
         faces: dict[tuple[str, int], TableFace] = {}
-        with open(p, newline="", encoding="utf-8-sig") as fh:
+        with open(_regular_file(p), newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             cols = {c.strip().lower(): c for c in (reader.fieldnames or [])}
             for need in ("image", "au", "score"):
@@ -210,8 +210,18 @@ class AUTable:
 _KEY_COLUMNS = ("input", "image", "file", "filename", "path", "img")
 
 
+def _regular_file(path: Path) -> Path:
+    """``path`` if it is a regular file; a FIFO, socket or device would block or never end, so it is refused unread."""
+    import stat
+
+    st = os.stat(path)  # FileNotFoundError / ELOOP / permission errors as they are
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: not a regular file (a FIFO, socket, device or directory); an AU table must be a CSV file")
+    return path
+
+
 def _read_openface_csv(path: Path) -> Iterator[tuple[str, TableFace]]:
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    with open(_regular_file(path), newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         try:
             header = [h.strip() for h in next(reader)]

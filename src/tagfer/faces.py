@@ -15,14 +15,22 @@ the image side. With ``fallback="dlib"`` (extra ``tagfer[dlib]``) a HOG
 detector proposes the faces MediaPipe missed; each proposal is cropped with
 margin, upscaled and re-run through the landmarker, and its landmarks are
 mapped back to image pixels.
+
+Logging: MediaPipe's C++ log lines (``Logging before InitGoogle()``, graph and
+XNNPACK notices) are written straight to file descriptor 2 while the landmarker
+is created and first run; tagfer points fd 2 at /dev/null for those moments
+(:func:`quiet_native_stderr`) unless ``TAGFER_VERBOSE=1`` (``--verbose``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import math
 import os
+import sys
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +44,53 @@ NUM_LANDMARKS = 478
 
 # Mesh indices used for normalisation (MediaPipe canonical face mesh).
 OUTER_EYE_CORNERS = (33, 263)  # right eye outer corner, left eye outer corner (subject's)
+
+
+def native_logs_enabled() -> bool:
+    """True when MediaPipe's C++ log lines should reach stderr (``TAGFER_VERBOSE`` set, e.g. by ``--verbose``)."""
+    return os.environ.get("TAGFER_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+_QUIET_LOCK = threading.Lock()
+_quiet_depth = 0
+_saved_stderr_fd: int | None = None
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Send file descriptor 2 to /dev/null for the duration (C++ code writes there directly,
+    so ``sys.stderr`` cannot catch it), then restore it. Thread-safe and re-entrant: nested or
+    concurrent users share one redirection, undone when the last one leaves. Does nothing when
+    :func:`native_logs_enabled`. While it is active, anything written to stderr is lost, so keep it short."""
+    global _quiet_depth, _saved_stderr_fd
+    if native_logs_enabled():
+        yield
+        return
+    with _QUIET_LOCK:
+        if _quiet_depth == 0:
+            try:
+                sys.stderr.flush()
+            except Exception:  # a closed or replaced sys.stderr
+                pass
+            try:
+                saved = os.dup(2)
+            except OSError:  # no fd 2 at all: nothing to protect
+                saved = None
+            if saved is not None:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 2)
+                os.close(devnull)
+            _saved_stderr_fd = saved
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _saved_stderr_fd is not None:
+                os.dup2(_saved_stderr_fd, 2)
+                os.close(_saved_stderr_fd)
+                _saved_stderr_fd = None
 
 
 class ModelFileError(RuntimeError):
@@ -156,7 +211,8 @@ class FaceLandmarker:
     ):
         if fallback not in (None, "none", "dlib"):
             raise ValueError(f"unknown fallback detector {fallback!r}; use None or 'dlib'")
-        os.environ.setdefault("GLOG_minloglevel", "2")
+        if not native_logs_enabled():
+            os.environ.setdefault("GLOG_minloglevel", "2")
         from mediapipe.tasks.python import BaseOptions, vision
 
         self.model_path = find_landmarker_model(model_path)
@@ -176,7 +232,10 @@ class FaceLandmarker:
             except ImportError as e:  # pragma: no cover - depends on the extra
                 raise ImportError("the dlib fallback needs the extra: pip install 'tagfer[dlib]'") from e
             self._dlib = dlib.get_frontal_face_detector()
-        self._lm = vision.FaceLandmarker.create_from_options(opts)
+        # MediaPipe logs its graph setup (and first inference) in C++ straight to fd 2.
+        with quiet_native_stderr():
+            self._lm = vision.FaceLandmarker.create_from_options(opts)
+        self._first_run = True
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
@@ -195,7 +254,12 @@ class FaceLandmarker:
         import mediapipe as mp
 
         img = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb))
-        res = self._lm.detect(img)
+        if self._first_run:
+            with quiet_native_stderr():
+                res = self._lm.detect(img)
+            self._first_run = False
+        else:
+            res = self._lm.detect(img)
         h, w = rgb.shape[:2]
         faces = []
         for i, pts in enumerate(res.face_landmarks):

@@ -26,6 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import sys
+import threading
+import time
 import traceback
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -38,7 +42,7 @@ from tagfer.canvas import CANVAS
 from tagfer.detectors import AUDetector, DetectorSpec
 from tagfer.errors import ItemError
 from tagfer.imageio import is_image_path, load_image
-from tagfer.jsonl import JsonlWriter, done_keys, drop_records
+from tagfer.jsonl import JsonlWriter, drop_records, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,16 @@ def _walk(d: Path, recursive: bool) -> Iterator[str]:
                 yield from _walk(Path(e.path), recursive)
         elif is_image_path(e.name):
             yield os.path.abspath(e.path)
+
+
+def check_output_path(out: str | os.PathLike) -> Path:
+    """``out`` as a Path if it can be a resumable JSON Lines output: absent, or a regular file.
+    A FIFO, device or directory (``/dev/stdout``, ``/dev/null``) is refused with ``ValueError``:
+    resuming reads the file first, which would block or lose the records."""
+    p = Path(out)
+    if (p.exists() or p.is_symlink()) and not p.is_file():
+        raise ValueError(f"output {p} is not a regular file (a FIFO, device, directory or broken link); give a file path")
+    return p
 
 
 def overlay_name(image_key: str) -> str:
@@ -129,10 +143,44 @@ def ground_image(detector: AUDetector, key: str, config: GroundingConfig = Groun
 
 # --------------------------------------------------------------------------- workers
 _WORKER: tuple[AUDetector, GroundingConfig] | None = None
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _init_worker(spec: DetectorSpec, config: GroundingConfig) -> None:
+def exit_with_parent(parent_pid: int, poll_s: float = 1.0, use_prctl: bool = True) -> str:
+    """Make the calling (worker) process exit when the process ``parent_pid`` dies, even by SIGKILL.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere (or if prctl fails) a daemon
+    thread polls ``os.getppid()`` every ``poll_s`` seconds. A parent that died before this
+    call is caught by the ``getppid`` check. Returns the mechanism used (``"prctl"`` or ``"watchdog"``).
+    """
+    how = "watchdog"
+    if use_prctl and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
+                how = "prctl"
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # orphaned already (the parent died before the signal was armed)
+        os._exit(1)
+    if how == "watchdog":
+
+        def watch() -> None:
+            while True:
+                time.sleep(poll_s)
+                if os.getppid() != parent_pid:
+                    os._exit(1)
+
+        threading.Thread(target=watch, name="tagfer-parent-watchdog", daemon=True).start()
+    return how
+
+
+def _init_worker(spec: DetectorSpec, config: GroundingConfig, parent_pid: int | None = None) -> None:
     global _WORKER
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER = (spec.build(), config)
 
@@ -145,11 +193,13 @@ def _work(key: str) -> dict:
 
 @dataclass
 class RunSummary:
-    """Counts of one run: ``processed`` = records written now, ``skipped`` = already in the output."""
+    """Counts of one run: ``processed`` = records written now, ``skipped`` = already in the output,
+    ``failed_before`` = skipped inputs whose record in the output is an error (still failed)."""
 
     processed: int = 0
     failed: int = 0
     skipped: int = 0
+    failed_before: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     retried_errors: int = 0
     repaired_bytes: int = 0
@@ -157,6 +207,11 @@ class RunSummary:
     @property
     def ok(self) -> int:
         return self.processed - self.failed
+
+    @property
+    def any_failed(self) -> bool:
+        """True while a requested input has an error record (written now or left from a run before)."""
+        return bool(self.failed or self.failed_before)
 
 
 def run_grounding(
@@ -172,12 +227,12 @@ def run_grounding(
 ) -> RunSummary:
     """Run the grounding job (see module docstring). ``on_record`` sees each new record (progress bars)."""
     summary = RunSummary()
-    out = Path(out)
+    out = check_output_path(out)
     if not resume and out.exists():
         out.unlink()
     if retry_errors and out.exists():
         summary.retried_errors = drop_records(out, lambda r: r.get("error") is not None)
-    done = done_keys(out) if resume else set()
+    done, failed_done = _done_and_failed(out) if resume else (set(), set())
     with JsonlWriter(out) as writer:
         summary.repaired_bytes = writer.repaired_bytes
 
@@ -193,9 +248,13 @@ def run_grounding(
 
         def todo() -> Iterator[str]:
             seen: set[str] = set()
+            still_failed: set[str] = set()
             for key in iter_images(inputs):
                 if key in done or key in seen:
                     summary.skipped += 1
+                    if key in failed_done and key not in still_failed:
+                        still_failed.add(key)
+                        summary.failed_before += 1
                     continue
                 seen.add(key)
                 yield key
@@ -212,6 +271,21 @@ def run_grounding(
     return summary
 
 
+def _done_and_failed(out: Path) -> tuple[set[str], set[str]]:
+    """Keys already in ``out``, and those whose record is an error (one pass over the file)."""
+    done: set[str] = set()
+    failed: set[str] = set()
+    for rec in read_jsonl(out):
+        if "image" in rec:
+            key = str(rec["image"])
+            done.add(key)
+            if rec.get("error"):
+                failed.add(key)
+            else:
+                failed.discard(key)
+    return done, failed
+
+
 def _run_pool(keys: Iterator[str], spec, config, workers: int, emit, window: int) -> None:
     """Bounded, ordered parallel map. A crashed worker pool is rebuilt; an image that
     was in flight during two crashes is recorded as ``worker_crashed``."""
@@ -219,7 +293,7 @@ def _run_pool(keys: Iterator[str], spec, config, workers: int, emit, window: int
     pending: deque[tuple[str, Future | None]] = deque()
 
     def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(spec, config))
+        return ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(spec, config, os.getpid()))
 
     pool = new_pool()
     try:

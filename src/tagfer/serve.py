@@ -13,7 +13,8 @@ Routes
                          (``?overlay=false`` leaves them out).
 
 Errors (JSON ``{"error": {"kind": ..., "message": ...}}``)
-    413 ``too_large`` (upload above ``max_upload_mb``, or too many pixels);
+    413 ``too_large`` (upload above ``max_upload_mb``, or an image whose header is above the
+        decode budget of :mod:`tagfer.imageio`: answered from the header, nothing is decoded);
     415 ``not_an_image`` (not a decodable image) or ``unsupported_media_type`` (not multipart);
     422 ``no_face``, ``corrupt``, ``empty_file``, ``too_small``, ``missing_file``;
     500 ``internal``.
@@ -39,6 +40,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from tagfer.analyze import Analyzer, AnalyzerPool, ImageResult, png_data_url
+from tagfer.errors import ItemError
+from tagfer.imageio import probe
 from tagfer.trusted_hosts import add_host_check
 
 STATUS = {
@@ -162,6 +165,10 @@ def create_app(
             return error("too_large", f"file of {len(data):,} bytes is above the {mb} limit")
         if not data:
             return error("empty_file", "the uploaded file is empty")
+        try:  # header checks (decode budget, format, size) in milliseconds, before any decoding
+            probe(data)
+        except ItemError as e:
+            return error(e.kind, e.message)
 
         def work(a: Analyzer) -> dict:
             res: ImageResult = a.run(data, name=name)

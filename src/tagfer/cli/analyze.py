@@ -94,8 +94,12 @@ def analyze_cmd(
     retry_errors: bool = typer.Option(False, "--retry-errors", help="With --out: analyse again the images whose earlier record is an error."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="With --out: show a progress bar."),
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="Images analysed in parallel (one detector each; a --model is shared). Output order is kept."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show MediaPipe's own log lines (hidden by default)."),
 ) -> None:
     """Explain the expression of every face: label, TAG trace with boxes, detector AUs, overlay."""
+    from tagfer.cli.au import set_verbose
+
+    set_verbose(verbose)
     analyze_images(
         images, model=model, json_out=json_out, overlay=overlay, scores=scores, frame=frame, all_aus=all_aus,
         max_faces=max_faces, threshold=threshold, landmarker=landmarker, max_new_tokens=max_new_tokens, device=device,
@@ -143,15 +147,30 @@ def analyze_images(
         console.print("[red]error:[/red] no image found in the given folder(s)")
         raise typer.Exit(EXIT_USAGE)
     n_given, skipped = len(images), 0
+    failed_before = malformed_before = 0
     if out is not None:
-        from tagfer.jsonl import done_keys, drop_records
+        from tagfer.grounding import check_output_path
+
+        try:
+            check_output_path(out)
+        except ValueError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(EXIT_USAGE)
+        from tagfer.jsonl import drop_records, read_jsonl
 
         if no_resume and out.exists():
             out.unlink()
         if retry_errors and out.exists():
             drop_records(out, lambda rec: bool(rec.get("error")))
-        done = done_keys(out, key="image") if out.exists() else set()
-        images = [p for p in images if str(p) not in done]
+        earlier: dict[str, str] = {}  # image → "ok" | "failed" | "malformed" (the last record wins)
+        for rec in read_jsonl(out):
+            if "image" in rec:
+                bad_trace = any(not a.get("well_formed", True) for a in rec.get("analyses") or [] if isinstance(a, dict))
+                earlier[str(rec["image"])] = "failed" if rec.get("error") else "malformed" if bad_trace else "ok"
+        requested = {str(p) for p in images}
+        failed_before = sum(earlier.get(k) == "failed" for k in requested)  # a re-run must not hide them
+        malformed_before = sum(earlier.get(k) == "malformed" for k in requested)
+        images = [p for p in images if str(p) not in earlier]
         skipped = n_given - len(images)
     if overlay is not None and overlay.suffix.lower() == ".png" and len(images) > 1:
         console.print("[red]error:[/red] --overlay OUT.png takes one image; give a directory for several")
@@ -227,9 +246,13 @@ def analyze_images(
         close_engine()
     if out is not None:
         console.print(f"{len(images)} analysed ({failed} failed, {malformed} malformed), {skipped} already done → {out}")
-    if failed:
-        console.print(f"{failed} of {len(images)} image(s) failed")
+        if failed_before:
+            console.print(f"{failed_before} requested image(s) still have an error record from an earlier run (--retry-errors analyses them again)")
+    if failed or failed_before:
+        if failed:
+            console.print(f"{failed} of {len(images)} image(s) failed")
         raise typer.Exit(EXIT_FAILED)
+    malformed += malformed_before
     if malformed:
         console.print(f"{malformed} image(s) with a malformed model output (shown as written, with its violations)")
         raise typer.Exit(EXIT_MALFORMED)

@@ -20,6 +20,12 @@ def _au_config(top_k: int, threshold: float, bilateral: str, canvas: int):
     return AUConfig(threshold=threshold, top_k=top_k, bilateral=bilateral, canvas=canvas)
 
 
+def set_verbose(verbose: bool) -> None:
+    """``--verbose``: let MediaPipe's C++ log lines through (``TAGFER_VERBOSE``, inherited by workers)."""
+    if verbose:
+        os.environ["TAGFER_VERBOSE"] = "1"
+
+
 def _print_faces(rec: dict) -> None:
     if rec.get("error"):
         out_console.print(f"[red]✗ {rec['image']}: {rec['error']['kind']}: {rec['error']['message']}[/red]")
@@ -40,7 +46,7 @@ def _print_faces(rec: dict) -> None:
 
 @app.command("au")
 def au_cmd(
-    inputs: List[Path] = typer.Argument(..., help="Image files and/or directories (walked recursively)."),
+    inputs: List[Path] = typer.Argument(..., help="Image files and/or directories (walked recursively); sample:astronaut or sample:grace_hopper for a bundled real face."),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSON Lines file (appended to; resumable)."),
     overlays: Optional[Path] = typer.Option(None, "--overlays", help="Write a PNG overlay per image into this directory."),
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="Worker processes."),
@@ -57,11 +63,21 @@ def au_cmd(
     no_resume: bool = typer.Option(False, "--no-resume", help="Start over: overwrite --out."),
     show: bool = typer.Option(False, "--show", help="Print each face's AUs as a table."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show MediaPipe's own log lines (hidden by default)."),
 ) -> None:
-    """Detect faces and activated AUs, and ground each AU in a box on the canvas. Exit code 1 if any image failed."""
+    """Detect faces and activated AUs, and ground each AU in a box on the canvas. Exit code 1 if any
+    requested image has an error record in --out (written now, or left by an earlier run)."""
     from tagfer.detectors import DetectorSpec
     from tagfer.grounding import GroundingConfig, run_grounding
 
+    set_verbose(verbose)
+    from tagfer.cli.analyze import _resolve_image
+
+    try:
+        inputs = [_resolve_image(p) for p in inputs]  # sample:astronaut, as in tagfer analyze
+    except (ValueError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
     spec = DetectorSpec(
         kind=detector,
         config=_au_config(top_k, threshold, bilateral, canvas),
@@ -70,6 +86,9 @@ def au_cmd(
     )
     gcfg = GroundingConfig(all_faces=all_faces, landmarks=landmarks, overlays=str(overlays) if overlays else None)
     try:
+        from tagfer.grounding import check_output_path
+
+        check_output_path(out)
         spec.build().close()  # fail fast on a missing model file / bad table before any work
     except Exception as e:
         console.print(f"[red]error:[/red] {e}")
@@ -94,8 +113,10 @@ def au_cmd(
     msg = f"{summary.processed} processed ({summary.failed} failed), {summary.skipped} already done → {out}"
     if summary.errors:
         msg += "  errors: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.errors.items()))
+    if summary.failed_before:
+        msg += f"\n{summary.failed_before} requested image(s) still have an error record from an earlier run (--retry-errors runs them again)"
     console.print(msg)
-    if summary.failed:
+    if summary.any_failed:
         raise typer.Exit(1)
 
 
@@ -103,9 +124,11 @@ def au_cmd(
 def demo_cmd(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Directory for the demo outputs."),
     sample: str = typer.Option("astronaut", "--sample", help="astronaut | grace_hopper"),
+    verbose: bool = typer.Option(False, "--verbose", help="Show MediaPipe's own log lines (hidden by default)."),
 ) -> None:
     """The offline tour on a real face shipped by an installed package: `tagfer analyze`
     (label, grounded trace, red/green overlay) then the AU grounding record of `tagfer au`."""
+    set_verbose(verbose)
     from tagfer.cli.analyze import analyze_images
     from tagfer.detectors import DetectorSpec
     from tagfer.grounding import GroundingConfig, run_grounding
