@@ -114,7 +114,9 @@ def test_browser_full_session_resume_and_export(tmp_path, astronaut_path, browse
                 page.wait_for_selector(f"#progress:has-text('{step} / 5 done')")
                 pid = page.get_attribute("#task", "data-pair-id")
                 a_text = page.text_content("#resp-A")
-                assert page.evaluate("document.getElementById('image').naturalWidth") > 0  # the image was served
+                # the image was served (wait for its load: the text is shown before the image arrives)
+                page.wait_for_function("document.getElementById('image').complete", timeout=10_000)
+                assert page.evaluate("document.getElementById('image').naturalWidth") > 0
                 shown_by[(name, pid)] = "a" if a_text.startswith("TAG-") else "b"
                 tag_slot = "A" if a_text.startswith("TAG-") else "B"
                 other = "B" if tag_slot == "A" else "A"
