@@ -558,7 +558,7 @@ class Analyzer:
                     aus=[a.to_json() for a in fa.aus],
                     au_boxes=au_boxes,
                     r_fmt=r_fmt(parsed, cfg),
-                    r_au=r_au(parsed, au_boxes, matching=cfg.matching, canvas=cfg.canvas),
+                    r_au=r_au(parsed, au_boxes, matching=cfg.matching, canvas=cfg.canvas, au_count=cfg.au_count),
                     face_aus=fa,
                 )
             )
