@@ -123,7 +123,9 @@ def stats_cmd(
         raise typer.Exit(2)
     out_console.print(
         f"accepted {s['accepted']} / processed {s['processed']} (acceptance {s['acceptance_rate']:.1%}); "
-        f"no-candidate rate {s['candidate_pool']['no_candidate_rate']:.1%}; "
+        f"activated AUs/image {s['aus_per_image']['mean']} (none: {s['activation']['no_activated_rate']:.1%}); "
+        f"no-candidate rate {s['candidate_pool']['no_candidate_rate']:.1%} "
+        f"(of which activated: {s['activation']['no_candidate_but_activated_rate']:.1%}); "
         f"traces with 3 regions {s['aus_used_per_trace']['exactly_3_rate']:.1%}; "
         f"trace length mean {s['trace_tokens']['mean']} / max {s['trace_tokens']['max']} {s['trace_tokens']['tokenizer']} tokens"
     )
