@@ -164,3 +164,20 @@ def test_study_cli_pairs_and_bad_inputs(tmp_path, astronaut_path):
     assert len(lines) == 2 and lines[0]["a"]["name"] == "A" and lines[0]["b"]["text"].startswith("b-")
     r = CliRunner().invoke(app, ["study", "export", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "x.json")])
     assert r.exit_code == 2
+
+
+def test_page_asks_raters_to_weigh_correctness_with_the_rubric(tmp_path, astronaut_path):
+    """The paper's rubric weighs correctness beside faithfulness, precision and coherence: the page says so."""
+    import re
+    import urllib.request
+
+    from tagfer.study.app import StudyServer
+
+    with StudyServer(_pairs(astronaut_path, 1), tmp_path / "s.sqlite", seed=0) as srv:
+        html = urllib.request.urlopen(srv.url, timeout=10).read().decode("utf-8")
+    rubric = re.search(r'<div id="rubric" class="rubric">(.*?)</div>', html, re.DOTALL).group(1)
+    text = " ".join(re.sub(r"<[^>]+>", " ", rubric).split()).lower()
+    for criterion in ("correctness", "visual faithfulness", "anatomical precision", "logical coherence"):
+        assert criterion in text
+    assert "wrong expression should not win over a correct one" in text
+    assert '$("rubric-intro").innerHTML = $("rubric").innerHTML' in html  # shown before the first pair too
