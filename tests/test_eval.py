@@ -52,9 +52,9 @@ def test_parse_prediction_never_crashes_and_pred_is_a_label(text):
 
 
 def test_generation_defaults_follow_the_paper():
-    assert E.generation_defaults() == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 512, "seed": 0}
+    assert E.generation_defaults() == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 512, "seed": 0, "max_boxes": 3}
     b = E.generation_defaults(baseline=True, max_new_tokens=64, temperature=None)
-    assert b["top_p"] == 0.9 and b["temperature"] == 1.0 and b["max_new_tokens"] == 64
+    assert b["top_p"] == 0.9 and b["temperature"] == 1.0 and b["max_new_tokens"] == 64 and b["max_boxes"] is None
 
 
 def test_size_warning():

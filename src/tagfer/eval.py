@@ -135,7 +135,8 @@ def parse_prediction(pred: Prediction, output: str | None, lenient: bool = False
 # ---------------------------------------------------------------------------------- runner
 def generation_defaults(baseline: bool = False, **overrides: Any) -> dict[str, Any]:
     """The paper's decoding settings: TAG greedy; baselines top-p 0.9; 512 new tokens. ``None`` overrides are ignored."""
-    cfg: dict[str, Any] = {"temperature": 1.0 if baseline else 0.0, "top_p": 0.9 if baseline else 1.0, "max_new_tokens": 512, "seed": 0}
+    cfg: dict[str, Any] = {"temperature": 1.0 if baseline else 0.0, "top_p": 0.9 if baseline else 1.0, "max_new_tokens": 512, "seed": 0,
+                           "max_boxes": None if baseline else 3}  # TAG: at most three boxes, enforced at inference
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return cfg
 
@@ -208,7 +209,7 @@ def run_eval(
     t0 = time.perf_counter()
     system, user = prompt or tag_prompt()
     gen = gen or generation_defaults()
-    cfg = GenerationConfig(**{k: gen[k] for k in ("temperature", "top_p", "max_new_tokens", "seed") if k in gen})
+    cfg = GenerationConfig(**{k: gen[k] for k in ("temperature", "top_p", "max_new_tokens", "seed", "max_boxes") if k in gen})
     summary = EvalSummary()
     out = Path(out)
     if not resume and out.exists():

@@ -63,6 +63,7 @@ def eval_cmd(
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Override top-p (baseline 0.9)."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Most tokens generated per answer (paper: 512)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (where the backend supports it)."),
+    max_boxes: Optional[int] = typer.Option(None, "--max-boxes", min=0, help="Most <bbox> per answer, enforced at inference (default: 3 for TAG as in the paper, none with --baseline)."),
     system_prompt: Optional[Path] = typer.Option(None, "--system-prompt", help="File replacing the unified TAG system prompt."),
     user_prompt: Optional[Path] = typer.Option(None, "--user-prompt", help="File replacing the TAG user prompt."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name stored in the records (default: the spec)."),
@@ -98,7 +99,7 @@ def eval_cmd(
         kind = "facs" if model.split(":", 1)[0] == "facs" else parse_spec(model)[0]
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         _fail(str(e))
-    gen = generation_defaults(baseline, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    gen = generation_defaults(baseline, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_boxes=max_boxes)
     try:
         if kind == "facs":
             from tagfer.detectors import DetectorSpec
