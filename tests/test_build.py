@@ -542,3 +542,26 @@ def test_cli_build_export_stats_end_to_end(rafdb_root, tmp_path, fake_openai):
                             "--request-retries", "0", "--no-progress"])
     assert r.exit_code == 2 and "cannot discover the model name" in r.output
     assert not accepted(tmp_path / "down") and not rejected(tmp_path / "down")
+
+
+def test_cli_build_paper_options_reach_the_config(rafdb_root, tmp_path, fake_openai):
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    srv = fake_openai(echo_teacher)
+    runner = CliRunner()
+    base = ["build", "--source", f"rafdb:{rafdb_root}", "--endpoint", srv.url, "--au-workers", "1", "--no-progress", "--limit", "1"]
+    r = runner.invoke(app, base + ["--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "d" / "build_config.json").read_text())
+    default = BuildConfig()
+    assert (cfg["format_retry"], cfg["min_tags"], cfg["au_threshold"], cfg["au_candidate_threshold"]) == (
+        default.format_retry, default.min_tags, None, None) == ("repeat", 0, None, None)
+    r = runner.invoke(app, base + ["--out", str(tmp_path / "o"), "--format-retry", "feedback", "--min-tags", "2",
+                                   "--au-threshold", "0.2", "--au-candidate-threshold", "0.6"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "o" / "build_config.json").read_text())
+    assert (cfg["format_retry"], cfg["min_tags"], cfg["au_threshold"], cfg["au_candidate_threshold"]) == ("feedback", 2, 0.2, 0.6)
+    r = runner.invoke(app, base + ["--out", str(tmp_path / "x"), "--format-retry", "louder"])
+    assert r.exit_code == 2 and "format_retry" in r.output

@@ -93,6 +93,15 @@ def test_nobbox_element_mode_deletes_the_tags(build_dir, tmp_path):
         assert "<bbox>" not in row["messages"][1]["content"] and p.boxes == () and p.well_formed
     with pytest.raises(ValueError, match="nobbox_mode"):
         export(build_dir, tmp_path / "x", ["hf"], nobbox_mode="tags")
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    r = CliRunner().invoke(app, ["export", str(build_dir), "--to", str(tmp_path / "c"), "-f", "llamafactory", "--nobbox-mode", "element"])
+    assert r.exit_code == 0, r.output
+    assert "<bbox>" not in (tmp_path / "c" / "llamafactory" / "tag_sft_nobbox.json").read_text()
+    r = CliRunner().invoke(app, ["export", str(build_dir), "--to", str(tmp_path / "d"), "-f", "llamafactory"])
+    assert "<bbox></bbox>" in (tmp_path / "d" / "llamafactory" / "tag_sft_nobbox.json").read_text()
 
 
 def test_hf_dataset_and_parquet(exported):
