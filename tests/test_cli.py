@@ -25,6 +25,15 @@ def test_au_cli_exit_codes_and_resume(tmp_path, astronaut_path, bad_inputs):
     assert not (tmp_path / "ov").exists() or not any((tmp_path / "ov").iterdir())  # no overlay for a failed image
 
 
+def test_au_cli_candidate_threshold_is_separate_from_activation(tmp_path, astronaut_path):
+    out = tmp_path / "au.jsonl"
+    r = runner.invoke(app, ["au", str(astronaut_path), "--out", str(out), "--no-progress", "--candidate-threshold", "1.0"])
+    assert r.exit_code == 0, r.output
+    (face,) = json.loads(out.read_text())["faces"]
+    assert face["active"] and len(face["au_boxes"]) == len(face["active"])  # activated AUs keep their boxes
+    assert face["top"] == [] and face["au_list"] == ""  # but none is a confident candidate
+
+
 def test_au_cli_show_and_bad_detector(tmp_path, face_crop_path):
     out = tmp_path / "au.jsonl"
     r = runner.invoke(app, ["au", str(face_crop_path), "--out", str(out), "--no-progress", "--show"])
