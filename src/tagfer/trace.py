@@ -17,7 +17,8 @@ Tags
     names are well-formed (violation ``tag_case``). Whitespace around tags
     and inside ``[ ]`` is free.
 
-Well-formedness (what ``R_fmt`` checks, paper §3.3): no violation at all,
+Well-formedness (what the strict ``R_fmt`` checks; the paper's three §3.3 conditions, the
+default ``R_fmt``, are a subset: see :mod:`tagfer.rewards`): no violation at all,
 i.e. exactly one non-empty think block, at most ``max_boxes`` (3) boxes, all
 inside it, each exactly four integers ``0 ≤ v ≤ canvas-1`` with
 ``x1 < x2`` and ``y1 < y2``; exactly one answer span after the think block
