@@ -273,7 +273,7 @@ class VLMEngine:
         with self._lock:
             texts = self.vlm.generate(
                 images, [self.user] * len(images), system=self.system, max_new_tokens=self.max_new_tokens,
-                temperature=0.0, batch_size=self.batch_size,
+                temperature=0.0, batch_size=self.batch_size, max_boxes=3,  # the paper's limit at inference
             )
         return [EngineOutput(t) for t in texts]
 
