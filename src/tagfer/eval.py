@@ -81,6 +81,7 @@ class Prediction:
       model        str        model spec (``hf:PATH``, ``openai:URL``, ...)
       gen          obj        generation settings {temperature, top_p, max_new_tokens, seed}
       latency_s    float|null seconds spent on this item's request (backend-reported or batch share)
+      box_limit    obj|null   {"max_boxes", "boxes", "cut_at"}: a served reply cut after its last allowed box
     """
 
     id: str
@@ -98,6 +99,7 @@ class Prediction:
     model: str = ""
     gen: dict[str, Any] = field(default_factory=dict)
     latency_s: float | None = None
+    box_limit: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -269,6 +271,7 @@ def run_eval(
             parse_prediction(p, res.text if err is None else None, lenient)
             lat = (res.info or {}).get("latency_s")
             p.latency_s = float(lat) if lat is not None else None
+            p.box_limit = (res.info or {}).get("box_limit")
             finish(p)
     summary.elapsed_s = time.perf_counter() - t0
     return summary
