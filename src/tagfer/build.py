@@ -553,10 +553,10 @@ async def process_item(
             verdict = None
             qprompt = prompts.quality_prompt()
             for k in range(config.max_format_retries + 1):
+                text = await ask(qprompt, retry_temperature(k, first=True))
                 if k:  # a retry is a request sent again, not the failed reply before it
                     retries += 1
                     c.format_retries += 1
-                text = await ask(qprompt, retry_temperature(k, first=True))
                 v = check_quality(text)
                 if v.valid:
                     verdict = v
@@ -574,12 +574,12 @@ async def process_item(
             check = None
             for k in range(config.max_format_retries + 1):
                 prompt = base
-                if k:
+                if k and config.format_retry == "feedback" and check is not None and check.problems:
+                    prompt = base + "\n\n" + feedback(check.problems)
+                text = await ask(prompt, retry_temperature(k, first))
+                if k:  # counted once the request went out (a budget stop is not a retry)
                     retries += 1
                     c.format_retries += 1
-                    if config.format_retry == "feedback" and check is not None and check.problems:
-                        prompt = base + "\n\n" + feedback(check.problems)
-                text = await ask(prompt, retry_temperature(k, first))
                 check = check_trace(text, g.top, candidates, max_regions=config.max_regions, min_tags=config.min_tags)
                 if check.ok:
                     break
