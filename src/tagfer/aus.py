@@ -12,7 +12,8 @@ detections sorted by score (descending), and the derived views ``active``
 (AUs with ``score ≥ threshold``), ``top`` (the candidate pool: the ``top_k``
 best active AUs whose score is also ``≥ candidate_threshold``),
 ``au_boxes`` (one canvas box per active AU, the ``B_AU`` of Eq. 3: two AUs
-sharing a region give the same box twice, so ``n`` counts AUs) and ``au_list`` (the AU_LIST text a teacher prompt receives, one line per top AU,
+sharing a region give the same box twice, so ``n`` counts AUs) and
+``au_list`` (the AU_LIST text a teacher prompt receives, one line per top AU,
 formatted by :func:`tagfer.trace.format_au_list`).
 
 How each score is made (all scores in [0, 1])
