@@ -298,7 +298,7 @@ def main() -> None:
 
     groups = make_groups(args.groups, args.seed)
     texts = [t for g in groups for t in g[0]]
-    cfg = RewardConfig()
+    cfg = RewardConfig(format_rules="strict")  # the reference below implements the strict format rules
     check(groups, cfg)
     ok = sum(reward_breakdown(t, g[1], g[2], cfg).r_fmt > 0 for g in groups for t in g[0])
     print(

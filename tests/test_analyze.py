@@ -148,7 +148,9 @@ def test_model_output_is_reported_not_fixed(mp_detector, astronaut_path):
     vlm = GarbageVLM(text)
     an = Analyzer(detector=mp_detector, engine=VLMEngine(vlm, name="garbage"))
     (a,) = an.analyze_image(astronaut_path)
-    assert a.trace == text and not a.well_formed and a.r_fmt == 0
+    assert a.trace == text and not a.well_formed
+    assert vlm.calls[0][3]["max_boxes"] == 3  # at most three boxes, enforced while decoding
+    assert a.r_fmt == 0.5  # the paper's R_fmt conditions hold (one think, ≤ 3 boxes inside, one valid answer)
     assert a.violations == list(parse_trace(text).violations)
     assert "text_outside" in a.violations and "bbox_degenerate" in a.violations
     assert a.label == "happiness" and a.scores is None and a.box_aus == [None]

@@ -71,12 +71,13 @@ def test_face_crop_mouth_in_lower_half_of_canvas(faces):
 def test_record_views_and_au_list(faces):
     f = faces["astronaut"][0]
     assert [a.au for a in f.active] == [a.au for a in f.aus if a.score >= 0.3]
-    assert len(f.top) == min(3, len(f.active))
+    confident = [a for a in f.active if a.score >= AUConfig().candidate_threshold]
+    assert [a.au for a in f.top] == [a.au for a in confident[:3]]
     items = parse_au_list(f.au_list)
     assert [(it.au, tuple(it.box)) for it in items] == [(a.au, a.box) for a in f.top]
     for line, a in zip(f.au_list.splitlines(), f.top):
         assert line == f"AU{a.au} {a.score:.2f} [{a.box[0]}, {a.box[1]}, {a.box[2]}, {a.box[3]}]"
-    assert len(f.au_boxes) == len(set(f.au_boxes)) <= len(f.active)
+    assert f.au_boxes == [a.box for a in f.active]  # one box per activated AU: n counts AUs, shared boxes repeat
     js = f.to_json()
     assert js["top"] == [a.au for a in f.top] and js["au_list"] == f.au_list
 
@@ -85,12 +86,27 @@ def test_threshold_and_top_k_are_parameters(mp_detector, astronaut_path):
     img = load_image(astronaut_path)
     mesh = mp_detector.meshes(img)[0]
     tr = CanvasTransform(img.width, img.height)
-    lo = ground_face(mesh, tr, AUConfig(threshold=0.05, top_k=5))
+    lo = ground_face(mesh, tr, AUConfig(threshold=0.05, candidate_threshold=0.05, top_k=5))
     hi = ground_face(mesh, tr, AUConfig(threshold=0.9, top_k=1))
     assert len(lo.active) > len(hi.active) >= 1
     assert len(lo.top) == 5 and len(hi.top) == 1
     none = ground_face(mesh, tr, AUConfig(threshold=1.01))
     assert none.active == [] and none.au_list == "" and none.au_boxes == []
+
+
+def test_activation_and_candidate_thresholds_are_separate(mp_detector, astronaut_path):
+    """Activated AUs (B_AU) and the teacher's confident candidates are two thresholds (paper App. D)."""
+    img = load_image(astronaut_path)
+    mesh = mp_detector.meshes(img)[0]
+    tr = CanvasTransform(img.width, img.height)
+    default = ground_face(mesh, tr)
+    assert AUConfig().threshold < AUConfig().candidate_threshold
+    assert all(a.score >= 0.5 for a in default.top) and all(a.score >= 0.3 for a in default.active)
+    no_pool = ground_face(mesh, tr, AUConfig(threshold=0.3, candidate_threshold=1.01))
+    assert no_pool.top == [] and no_pool.au_list == ""  # no confident candidate ...
+    assert no_pool.active == default.active and len(no_pool.au_boxes) == len(default.active) >= 1  # ... R_AU still applies
+    one = ground_face(mesh, tr, AUConfig(threshold=0.3, candidate_threshold=0.3))
+    assert one.top == one.active[:3]  # a single threshold: the old behaviour
 
 
 def test_bilateral_split_boxes_inside_union(mp_detector, astronaut_path):

@@ -328,3 +328,41 @@ def test_request_images_from_arrays_and_bad_objects(srv, obackend, astronaut_rgb
     assert out[0].text == "seen"
     assert out[1].error["kind"] == "bad_array"
     assert out[2].text is None and out[2].error["kind"] == "bad_request"  # an int is no image: recorded, not raised
+
+
+# ----------------------------------------------------------------------------- at most three boxes
+
+FOUR_BOXES = ("<think>look. brow <bbox>[1, 2, 30, 40]</bbox> eyes <bbox>[5, 6, 70, 80]</bbox> "
+              "mouth <bbox>[9, 9, 90, 99]</bbox> chin <bbox>[0, 0, 10, 10]</bbox> so.</think><answer>fear</answer>")
+
+
+def test_limit_boxes_cuts_after_the_last_allowed_box_and_reports_it():
+    from tagfer.backends import limit_boxes
+
+    text, v = limit_boxes(FOUR_BOXES, 3)
+    assert text.endswith("mouth <bbox>[9, 9, 90, 99]</bbox>") and text.count("<bbox>") == 3
+    assert v == {"max_boxes": 3, "boxes": 4, "cut_at": len(text)}
+    assert limit_boxes(FOUR_BOXES, 4) == (FOUR_BOXES, None)
+    assert limit_boxes(FOUR_BOXES, None) == (FOUR_BOXES, None) and limit_boxes(None, 3) == (None, None)
+    unclosed = "a <bbox>[1, 2, 3, 4] b <BBOX>[1, 2, 3, 4]</bbox>"
+    assert limit_boxes(unclosed, 1)[0] == "a <bbox>[1, 2, 3, 4] b "  # no closing tag: cut at the next opening
+    assert limit_boxes(FOUR_BOXES, 0)[0] == "<think>look. brow "
+    assert GenerationConfig.tag().max_boxes == 3 and GenerationConfig.baseline().max_boxes is None
+    assert "max_boxes" not in GenerationConfig.tag().openai_params()
+
+
+def test_served_backends_truncate_a_fourth_box_and_record_it(srv, obackend, fake_vllm):
+    srv.reset(lambda req, i: Reply(text=FOUR_BOXES))
+    (tag,) = list(obackend.generate([GenRequest("t", "q")], GenerationConfig.tag()))
+    assert tag.text.count("<bbox>") == 3 and tag.info["box_limit"]["boxes"] == 4
+    (base,) = list(obackend.generate([GenRequest("b", "q")], GenerationConfig.baseline()))
+    assert base.text == FOUR_BOXES and "box_limit" not in base.info  # baselines are not restricted
+    b = make_backend("vllm:/models/tag")
+    (v,) = list(b.generate([GenRequest("v", FOUR_BOXES)], GenerationConfig.tag()))
+    assert v.text == limit_boxes_text(FOUR_BOXES) and v.info["box_limit"]["max_boxes"] == 3
+
+
+def limit_boxes_text(text: str) -> str:
+    from tagfer.backends import limit_boxes
+
+    return limit_boxes("v:" + text, 3)[0]

@@ -187,7 +187,8 @@ def test_retries_and_eliminations_recorded(scripted_run):
     # transport faults are absorbed by the client: no format retry, one request per stage
     assert m[6]["requests"] == 2 and m[7]["requests"] == 2 and m[8]["requests"] == 2
     rej = rejected(scripted_run["out"])
-    assert rej["generic/item0004"]["retries"] == 3 and "AU17 is not in the AU list" in rej["generic/item0004"]["detail"]
+    # max_format_retries=2: three requests, two of them retries (the last failed reply is not a retry)
+    assert rej["generic/item0004"]["retries"] == 2 and "AU17 is not in the AU list" in rej["generic/item0004"]["detail"]
     assert rej["generic/item0001"]["detail"] == "too dark"
 
 
@@ -223,6 +224,44 @@ def test_resume_is_a_no_op(scripted_run, fake_openai):
     s = run_build(scripted_run["cfg"], detector=FakeAUDetector(scripted_run["table"]))
     assert s.processed == 0 and s.already_done == 20 and srv.calls == 0
     assert (output_paths(out)["accepted"].read_bytes(), output_paths(out)["rejected"].read_bytes()) == before
+
+
+def _recording_teacher(replies: dict[str, list[str]], log: list[tuple[str, str, float]]):
+    def fn(req: dict, index: int):
+        item = req["user"].split("/")[-1]
+        log.append((item, prompt_of(req), req.get("temperature")))
+        return replies[item].pop(0)
+
+    return fn
+
+
+@pytest.mark.parametrize("mode", ["repeat", "feedback"])
+def test_format_retry_modes_and_retry_count(tmp_path, fake_openai, mode):
+    """"repeat" (default, the paper) re-sends the same request; "feedback" appends the problems and
+    raises the temperature. One allowed retry = two requests = retries 1 (issue 12's off-by-one)."""
+    csv_path, table = make_build_dataset(tmp_path / "d", ["fear", "anger"])
+    log: list[tuple[str, str, float]] = []
+    replies = {
+        "item0000": [MALFORMED, trace(0, "fear")],  # accepted after one retry
+        "item0001": [trace(1, "anger", au=17), trace(1, "anger", au=17)],  # fails twice: rejected
+    }
+    srv = fake_openai(_recording_teacher(replies, log))
+    kw = {} if mode == "repeat" else {"format_retry": "feedback"}
+    cfg = config_for(csv_path, tmp_path / "o", srv.url, quality=False, max_format_retries=1, temperature=0.0, retry_temperature=0.7, **kw)
+    assert BuildConfig().format_retry == "repeat"
+    s = run_build(cfg, detector=FakeAUDetector(table))
+    assert s.accepted == 1 and s.requests == 4 and s.format_retries == 2
+    assert accepted(tmp_path / "o")["generic/item0000"]["meta"]["retries"] == 1
+    rej = rejected(tmp_path / "o")["generic/item0001"]
+    assert rej["requests"] == 2 and rej["retries"] == 1
+    for item in ("item0000", "item0001"):
+        (p0, _, t0), (p1, _, t1) = [(p, i, t) for i, p, t in log if i == item]
+        if mode == "repeat":
+            assert (p1, t1) == (p0, t0) == (p1, 0.0)
+        else:
+            assert p1.startswith(p0) and "Your previous reply was not usable" in p1[len(p0):] and (t0, t1) == (0.0, 0.7)
+    with pytest.raises(ValueError, match="format_retry"):
+        BuildConfig(format_retry="louder")
 
 
 def test_feedback_never_echoes_labels():
@@ -503,3 +542,26 @@ def test_cli_build_export_stats_end_to_end(rafdb_root, tmp_path, fake_openai):
                             "--request-retries", "0", "--no-progress"])
     assert r.exit_code == 2 and "cannot discover the model name" in r.output
     assert not accepted(tmp_path / "down") and not rejected(tmp_path / "down")
+
+
+def test_cli_build_paper_options_reach_the_config(rafdb_root, tmp_path, fake_openai):
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    srv = fake_openai(echo_teacher)
+    runner = CliRunner()
+    base = ["build", "--source", f"rafdb:{rafdb_root}", "--endpoint", srv.url, "--au-workers", "1", "--no-progress", "--limit", "1"]
+    r = runner.invoke(app, base + ["--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "d" / "build_config.json").read_text())
+    default = BuildConfig()
+    assert (cfg["format_retry"], cfg["min_tags"], cfg["au_threshold"], cfg["au_candidate_threshold"]) == (
+        default.format_retry, default.min_tags, None, None) == ("repeat", 0, None, None)
+    r = runner.invoke(app, base + ["--out", str(tmp_path / "o"), "--format-retry", "feedback", "--min-tags", "2",
+                                   "--au-threshold", "0.2", "--au-candidate-threshold", "0.6"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "o" / "build_config.json").read_text())
+    assert (cfg["format_retry"], cfg["min_tags"], cfg["au_threshold"], cfg["au_candidate_threshold"]) == ("feedback", 2, 0.2, 0.6)
+    r = runner.invoke(app, base + ["--out", str(tmp_path / "x"), "--format-retry", "louder"])
+    assert r.exit_code == 2 and "format_retry" in r.output

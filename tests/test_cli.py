@@ -29,6 +29,16 @@ def test_au_cli_exit_codes_and_resume(tmp_path, astronaut_path, bad_inputs):
     assert not (tmp_path / "ov").exists() or not any((tmp_path / "ov").iterdir())  # no overlay for a failed image
 
 
+def test_au_cli_candidate_threshold_is_separate_from_activation(tmp_path, astronaut_path):
+    out = tmp_path / "au.jsonl"
+    r = runner.invoke(app, ["au", str(astronaut_path), "--out", str(out), "--no-progress", "--candidate-threshold", "0.99"])
+    assert r.exit_code == 0, r.output
+    (face,) = json.loads(out.read_text())["faces"]
+    assert len(face["au_boxes"]) == len(face["active"])  # every activated AU keeps its box (B_AU)
+    confident = [a["au"] for a in face["aus"] if a["active"] and a["score"] >= 0.99][:3]
+    assert face["top"] == confident and len(face["active"]) > len(confident)  # only confident ones are candidates
+
+
 def test_au_cli_show_and_bad_detector(tmp_path, face_crop_path):
     out = tmp_path / "au.jsonl"
     r = runner.invoke(app, ["au", str(face_crop_path), "--out", str(out), "--no-progress", "--show"])

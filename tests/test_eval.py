@@ -52,9 +52,9 @@ def test_parse_prediction_never_crashes_and_pred_is_a_label(text):
 
 
 def test_generation_defaults_follow_the_paper():
-    assert E.generation_defaults() == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 512, "seed": 0}
+    assert E.generation_defaults() == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 512, "seed": 0, "max_boxes": 3}
     b = E.generation_defaults(baseline=True, max_new_tokens=64, temperature=None)
-    assert b["top_p"] == 0.9 and b["temperature"] == 1.0 and b["max_new_tokens"] == 64
+    assert b["top_p"] == 0.9 and b["temperature"] == 1.0 and b["max_new_tokens"] == 64 and b["max_boxes"] is None
 
 
 def test_size_warning():
@@ -65,6 +65,18 @@ def test_size_warning():
 
 
 # ------------------------------------------------------------------ runner against the scripted server
+def test_eval_served_model_is_held_to_three_boxes(tmp_path, rafdb_root, eval_server):
+    four = "<think>look " + " ".join(f"r{i} <bbox>[{i}, 0, {i + 50}, 50]</bbox>" for i in range(4)) + "</think><answer>fear</answer>"
+    eval_server.reset(lambda req, i: four)
+    with _backend(eval_server) as be:
+        E.eval_source(f"rafdb:{rafdb_root}", be, tmp_path / "tag.jsonl", model="fake", limit=1)
+        E.eval_source(f"rafdb:{rafdb_root}", be, tmp_path / "base.jsonl", model="fake", limit=1, gen=E.generation_defaults(baseline=True))
+    (tag,) = _preds(tmp_path / "tag.jsonl")
+    assert len(tag.boxes) == 3 and tag.box_limit["boxes"] == 4 and tag.output.endswith("</bbox>") and tag.gen["max_boxes"] == 3
+    (base,) = _preds(tmp_path / "base.jsonl")
+    assert len(base.boxes) == 4 and base.box_limit is None and base.pred == "fear"
+
+
 def test_eval_rafdb_with_server_resume_and_errors(tmp_path, rafdb_root, eval_server):
     # the "model" answers happiness for everything; the 2nd request gets a non-retryable 400
     eval_server.reset(lambda req, i: Reply(status=400) if i == 1 else tag_answer("happiness"))

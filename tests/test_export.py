@@ -12,6 +12,7 @@ from tagfer.integrations.verl import compute_score, read_ground_truth
 from tagfer.jsonl import JsonlWriter
 from tagfer.prompts import tag_prompt
 from tagfer.records import TAGSample
+from tagfer.rewards import format_ok
 from tagfer.trace import parse_trace
 
 COMPLETION = (
@@ -75,10 +76,35 @@ def test_llamafactory_sharegpt_rules(exported):
             assert msgs[0]["content"] == "<image>" + user and row[cols["system"]] == system
             assert all(Path(p).is_file() for p in row["images"])
             p = parse_trace(msgs[1]["content"])
-            assert p.well_formed
-            if "nobbox" in name:
-                assert "<bbox>" not in msgs[1]["content"] and p.boxes == ()
+            if "nobbox" in name:  # the paper's reading: the coordinates go, empty <bbox></bbox> tags stay
+                assert all(b.coords is None for b in p.boxes)
+                assert msgs[1]["content"].count("<bbox></bbox>") == len(p.boxes) and format_ok(p, "paper")
+            else:
+                assert p.well_formed
     assert summary.files["llamafactory/tag_sft.json"] == 3 and summary.by_source == {"rafdb": 2, "ferplus": 1}
+
+
+def test_nobbox_element_mode_deletes_the_tags(build_dir, tmp_path):
+    out = tmp_path / "e"
+    export(build_dir, out, ["llamafactory", "hf"], nobbox_mode="element", per_source=False)
+    rows = json.loads((out / "llamafactory" / "tag_sft_nobbox.json").read_text())
+    for row in rows:
+        p = parse_trace(row["messages"][1]["content"])
+        assert "<bbox>" not in row["messages"][1]["content"] and p.boxes == () and p.well_formed
+    with pytest.raises(ValueError, match="nobbox_mode"):
+        export(build_dir, tmp_path / "x", ["hf"], nobbox_mode="tags")
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    r = CliRunner().invoke(app, ["export", str(build_dir), "--to", str(tmp_path / "c"), "-f", "llamafactory", "--nobbox-mode", "element"])
+    assert r.exit_code == 0, r.output
+    def answers(folder):
+        return " ".join(row["messages"][1]["content"] for row in json.loads((folder / "llamafactory" / "tag_sft_nobbox.json").read_text()))
+
+    assert "<bbox>" not in answers(tmp_path / "c")
+    r = CliRunner().invoke(app, ["export", str(build_dir), "--to", str(tmp_path / "d"), "-f", "llamafactory"])
+    assert "<bbox></bbox>" in answers(tmp_path / "d")
 
 
 def test_hf_dataset_and_parquet(exported):
@@ -96,7 +122,8 @@ def test_hf_dataset_and_parquet(exported):
     assert parse_trace(r["completion"][0]["content"][0]["text"]).label == r["label"] == "happiness"
     assert r["au_boxes"] == [[150, 300, 330, 420], [80, 200, 430, 300]] and r["aus"] == [12, 6]
     df = pd.read_parquet(out / "hf" / "tag_sft_nobbox.parquet")
-    assert len(df) == 3 and not any("<bbox>" in c[0]["content"][0]["text"] for c in df["completion"])
+    assert len(df) == 3 and sum(c[0]["content"][0]["text"].count("<bbox></bbox>") for c in df["completion"]) >= 2
+    assert not any("[" in c[0]["content"][0]["text"] for c in df["completion"])
     by = {p.stem: len(pd.read_parquet(p)) for p in (out / "hf" / "by_source").glob("*.parquet")}
     assert by == {"rafdb": 2, "ferplus": 1}
     assert not (out / "hf" / ".cache").exists()

@@ -26,7 +26,7 @@ def trace(*boxes, answer="disgust", aus=("AU17",)):
 
 GOOD = trace(CHIN)
 WRONG = trace(CHIN, answer="happy")
-BAD = "Sure! " + trace(CHIN)
+BAD = "<think>draft</think>" + trace(CHIN)  # two think blocks: fails the paper's R_fmt conditions too
 
 
 def test_adapters_import_without_the_trainers():

@@ -116,6 +116,32 @@ def test_run_judge_with_server_failures_retries_resume(tmp_path, eval_server, as
     assert len(again) == 12 and eval_server.calls == 0
 
 
+def _user_text(req) -> str:
+    user = next(m for m in req["messages"] if m["role"] == "user")
+    return " ".join(part.get("text", "") for part in user["content"] if isinstance(part, dict)) if isinstance(user["content"], list) else user["content"]
+
+
+def test_judge_sees_the_original_prompt_and_has_room_to_reason(tmp_path, eval_server, astronaut_path):
+    """The paper's judge gets the original prompt, the image and both responses; its budget defaults to 1024 tokens."""
+    from tagfer.prompts import tag_prompt
+
+    eval_server.reset(lambda req, i: json.dumps(GOOD))
+    be = make_backend(f"openai:{eval_server.url}", max_retries=0, timeout_s=5)
+    pairs = _pairs(astronaut_path, 2)
+    pairs[1].prompt = "Which emotion is this? Answer in one word."
+    J.run_judge(pairs, be, tmp_path / "j.jsonl", repeats=1)
+    by_pair = {re.search(r"\[TAG (p\d+)\]", _user_text(q)).group(1): q for q in eval_server.requests}
+    system, user = tag_prompt()
+    assert system in _user_text(by_pair["p0"]) and user in _user_text(by_pair["p0"])  # default: the unified TAG prompt
+    assert "Which emotion is this?" in _user_text(by_pair["p1"]) and system not in _user_text(by_pair["p1"])
+    assert all(q["max_tokens"] == J.JUDGE_MAX_NEW_TOKENS == 1024 for q in eval_server.requests)
+    eval_server.reset(lambda req, i: json.dumps(GOOD))
+    J.run_judge(pairs[:1], be, tmp_path / "k.jsonl", repeats=1, gen={"max_new_tokens": 300}, task_prompt="CUSTOM TASK")
+    (q,) = eval_server.requests
+    assert q["max_tokens"] == 300 and "CUSTOM TASK" in _user_text(q)
+    assert J.Pair.from_json(pairs[1].to_json()).prompt == pairs[1].prompt
+
+
 def test_order_biased_judge_shows_up_in_order_effect(tmp_path, eval_server, astronaut_path):
     eval_server.reset(lambda req, i: json.dumps(GOOD))  # always "A": the first shown wins
     be = make_backend(f"openai:{eval_server.url}", max_retries=0, timeout_s=5)

@@ -34,6 +34,7 @@ CHIN = (93, 306, 445, 417)  # AU17 in the paper's example
 CORNER = (191, 417, 328, 511)  # AU14
 EYES = (80, 323, 416, 407)
 BROW = (235, 119, 345, 188)
+STRICT = RewardConfig(format_rules="strict")
 
 
 def trace(*boxes, answer: str = "disgust", pre: str = "", post: str = "") -> str:
@@ -184,6 +185,24 @@ def test_one_to_one_uses_an_optimal_assignment():
 # ----------------------------------------------------------------------------------------
 
 
+X, Y, Z = CHIN, BROW, (0, 0, 40, 40)
+
+
+def test_n_counts_activated_aus_by_default_distinct_boxes_as_an_option():
+    # AU4 and AU9 sharing one box (the paper's figure): X, X, Y are three activated AUs.
+    shared = [X, X, Y]
+    assert r_au([X, Y, Z], shared) == pytest.approx(2 / 3)  # n = 3 AUs: (1 + 1 + 0) / 3
+    assert r_au([X, Y, Z], shared, au_count="boxes") == pytest.approx(1.0)  # n = 2 boxes: (1 + 1) / 2
+    assert r_au([X, Y], shared) == r_au([X, Y], shared, au_count="boxes") == 1.0  # k <= n: same
+    cfg = RewardConfig(au_count="boxes")
+    assert reward_breakdown(trace(X, Y, Z), "disgust", shared).r_au == pytest.approx(2 / 3)
+    assert reward_breakdown(trace(X, Y, Z), "disgust", shared, cfg).r_au == pytest.approx(1.0)
+    assert r_au_batch([[X, Y, Z]] * 2, [shared, shared]) == [pytest.approx(2 / 3)] * 2
+    assert r_au_batch([[X, Y, Z]] * 2, [shared, [X, Y]], au_count="boxes") == [1.0, 1.0]
+    with pytest.raises(ValueError, match="au_count"):
+        r_au([X], shared, au_count="regions")
+
+
 def test_hack_whole_canvas_box():
     whole = (0, 0, 511, 511)
     assert r_au([whole], [CHIN, CORNER]) < 0.2
@@ -203,7 +222,7 @@ def test_hack_ten_copies_of_the_best_box():
     au = [CHIN, CORNER]
     text = trace(*([CHIN] * 10))
     p = parse_trace(text)
-    assert "too_many_bboxes" in p.violations and r_fmt(text) == 0.0
+    assert "too_many_bboxes" in p.violations and r_fmt(text) == r_fmt(text, STRICT) == 0.0
     assert len(p.boxes) == 10
     assert r_au(text, au) == 1.0  # bounded, but paper matching is fooled
     one = r_au(text, au, "one_to_one")
@@ -213,7 +232,8 @@ def test_hack_ten_copies_of_the_best_box():
 
 def test_hack_boxes_outside_canvas_and_reversed():
     text = trace((-10, 306, 700, 417))
-    assert "bbox_out_of_canvas" in parse_trace(text).violations and r_fmt(text) == 0.0
+    assert "bbox_out_of_canvas" in parse_trace(text).violations and r_fmt(text, STRICT) == 0.0
+    assert r_fmt(text) == 0.5  # the paper's three conditions say nothing about coordinates
     assert 0.0 < r_au(text, [CHIN]) <= 1.0  # clipped, still measured
     rev = trace((445, 417, 93, 306))
     assert "bbox_degenerate" in parse_trace(rev).violations
@@ -234,7 +254,40 @@ def test_hack_boxes_outside_canvas_and_reversed():
     ],
 )
 def test_hack_malformed_outputs_get_no_format_bonus(text):
-    assert r_fmt(text) == 0.0
+    assert r_fmt(text, STRICT) == 0.0
+
+
+@pytest.mark.parametrize(
+    "text, paper",
+    [
+        (trace(CHIN), 0.5),
+        (trace(CHIN, answer=""), 0.0),  # no valid label
+        (trace(CHIN, answer="happiness or sadness"), 0.0),
+        (trace(CHIN, answer="contempt"), 0.0),
+        (trace(CHIN, CHIN, CHIN, CHIN), 0.0),  # more than three boxes
+        (trace(CHIN) + "<answer>anger</answer>", 0.0),  # two answer spans
+        ("<think>a</think><think>b</think><answer>anger</answer>", 0.0),  # two think blocks
+        (f"<bbox>{format_box(CHIN)}</bbox>" + trace(), 0.0),  # a box outside the think block
+        ("```\n" + trace(CHIN) + "\n```", 0.5),  # text outside the blocks: strict only
+        ("Here is my answer: " + trace(CHIN), 0.5),
+        (trace(CHIN).replace("<think>", "<THINK>").replace("</think>", "</THINK>"), 0.5),  # tag case: strict only
+        (trace((445, 417, 93, 306)), 0.5),  # reversed box: strict only
+        (trace().replace("strained.", "strained. <bbox></bbox>"), 0.5),  # empty box of the no-bbox ablation
+    ],
+)
+def test_r_fmt_paper_rules_check_the_three_conditions_strict_rules_everything(text, paper):
+    assert r_fmt(text) == paper
+    assert r_fmt(text, RewardConfig(format_rules="paper")) == paper
+    strict = r_fmt(text, STRICT)
+    assert strict <= paper
+    assert strict == (0.5 if parse_trace(text).well_formed else 0.0)
+
+
+def test_format_rules_is_validated():
+    with pytest.raises(ValueError, match="format_rules"):
+        RewardConfig(format_rules="loose")
+    with pytest.raises(ValueError, match="au_count"):
+        RewardConfig(au_count="regions")
 
 
 def test_r_ans_hacks():
@@ -373,7 +426,8 @@ def batches(draw: st.DrawFn):
     groups = []
     for _ in range(draw(st.integers(1, 4))):
         label = draw(st.sampled_from(LABELS))
-        au = draw(st.lists(boxes(), max_size=4))
+        pool = draw(st.lists(boxes(), min_size=1, max_size=3))
+        au = draw(st.lists(st.sampled_from(pool), max_size=4))  # repeated boxes: AUs sharing a region
         aus = draw(st.lists(st.integers(1, 30), max_size=4))
         texts = draw(st.lists(rollouts(), min_size=1, max_size=5))
         groups.append((texts, label, au, aus))
@@ -381,9 +435,9 @@ def batches(draw: st.DrawFn):
 
 
 @relaxed
-@given(batches(), MATCHINGS, st.sampled_from(["iou", "f1"]))
-def test_score_batch_and_score_group_equal_reward_breakdown(groups, matching, au_reward):
-    cfg = RewardConfig(matching=matching, au_reward=au_reward)
+@given(batches(), MATCHINGS, st.sampled_from(["iou", "f1"]), st.sampled_from(["aus", "boxes"]), st.sampled_from(["paper", "strict"]))
+def test_score_batch_and_score_group_equal_reward_breakdown(groups, matching, au_reward, au_count, format_rules):
+    cfg = RewardConfig(matching=matching, au_reward=au_reward, au_count=au_count, format_rules=format_rules)
     texts = [t for g in groups for t in g[0]]
     labels = [g[1] for g in groups for _ in g[0]]
     au_boxes = [g[2] for g in groups for _ in g[0]]
@@ -393,7 +447,7 @@ def test_score_batch_and_score_group_equal_reward_breakdown(groups, matching, au
     grouped = [b for texts_, label, au, u in groups for b in score_group(texts_, label, au, cfg, u)]
     assert grouped == expected
     if au_reward == "iou":
-        assert r_au_batch(texts, au_boxes, matching) == [b.r_au for b in expected]
+        assert r_au_batch(texts, au_boxes, matching, au_count=au_count) == [b.r_au for b in expected]
 
 
 def test_score_batch_handles_non_consecutive_equal_groups_and_numpy_truth():

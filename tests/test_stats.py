@@ -59,9 +59,27 @@ def test_exact_counts(build_dir):
     assert s["au_frequency"]["AU12"] == 3 and s["au_frequency"]["AU26"] == 1
     assert s["candidate_pool"]["histogram"] == {"0": 2, "1": 1, "2": 2, "3": 1}
     assert s["candidate_pool"]["no_candidate_rate"] == pytest.approx(2 / 6, abs=1e-4)
+    assert s["activation"]["no_activated_rate"] == pytest.approx(2 / 6, abs=1e-4)
+    assert s["activation"]["no_candidate_but_activated_rate"] == 0.0  # these records came from one threshold
+    assert (s["activation"]["au_threshold"], s["activation"]["au_candidate_threshold"]) == (0.3, 0.5)  # the AUConfig defaults
     assert s["aus_used_per_trace"]["histogram"] == {"0": 1, "1": 1, "2": 1, "3": 1} and s["aus_used_per_trace"]["exactly_3_rate"] == 0.25
     tok = s["trace_tokens"]
     assert tok["tokenizer"] == "whitespace" and tok["max"] == len(comp("sadness", 2, 20).split())
+
+
+def test_activation_and_candidate_rates_are_reported_separately(tmp_path):
+    """Two thresholds: images with activated AUs but no confident candidate (paper: ~21% without a candidate)."""
+    with JsonlWriter(tmp_path / "accepted.jsonl") as w:
+        w.write(acc(1, "rafdb", "happiness", [12, 6, 25, 26, 1], [12, 6, 25], 3))
+        w.write(acc(2, "rafdb", "sadness", [4, 15], [], 0))  # activated, no candidate: the no-AU prompt, R_AU applies
+        w.write(acc(3, "rafdb", "neutral", [], [], 0))  # nothing activated: R_AU skipped
+    with JsonlWriter(tmp_path / "rejected.jsonl") as w:
+        w.write(rej(1, "rafdb", "format", active=[12, 7, 9], top=[]))
+    (tmp_path / "build_config.json").write_text(json.dumps({"au_threshold": 0.2, "au_candidate_threshold": None}))
+    s = compute_stats(tmp_path)
+    assert s["aus_per_image"]["mean"] == pytest.approx(10 / 4)
+    assert s["candidate_pool"]["no_candidate_rate"] == pytest.approx(3 / 4)
+    assert s["activation"] == {"no_activated_rate": 0.25, "no_candidate_but_activated_rate": 0.5, "au_threshold": 0.2, "au_candidate_threshold": 0.5}
 
 
 def test_write_stats_json_and_plots(build_dir):

@@ -331,3 +331,19 @@ def test_oversized_request_bodies_get_413_unread(study):
     assert r.status_code == 413, r.text
     assert _dump(dbp) == before
     assert c.post("/api/start", json={"name": "Ann", "pad": "x" * 1000}).status_code == 200  # small extras are fine
+
+def test_page_asks_raters_to_weigh_correctness_with_the_rubric(tmp_path, astronaut_path):
+    """The paper's rubric weighs correctness beside faithfulness, precision and coherence: the page says so."""
+    import re
+    import urllib.request
+
+    from tagfer.study.app import StudyServer
+
+    with StudyServer(_pairs(astronaut_path, 1), tmp_path / "s.sqlite", seed=0) as srv:
+        html = urllib.request.urlopen(srv.url, timeout=10).read().decode("utf-8")
+    rubric = re.search(r'<div id="rubric" class="rubric">(.*?)</div>', html, re.DOTALL).group(1)
+    text = " ".join(re.sub(r"<[^>]+>", " ", rubric).split()).lower()
+    for criterion in ("correctness", "visual faithfulness", "anatomical precision", "logical coherence"):
+        assert criterion in text
+    assert "wrong expression should not win over a correct one" in text
+    assert '$("rubric-intro").innerHTML = $("rubric").innerHTML' in html  # shown before the first pair too

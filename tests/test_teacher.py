@@ -119,7 +119,6 @@ def test_good_trace_converts():
         (COT.replace("<AU6> [80, 200, 430, 300]", "<AU12> [191, 300, 330, 420]"), "happiness", "more than once"),
         (COT + " <AU25> [200, 380, 320, 450] and <AU6> [80, 200, 430, 300]", "happiness", "tagged more than once"),
         (COT.replace("<AU12>", "<AU 12>"), "happiness", "malformed AU tag"),
-        ("The face. No tags here at all, only words.", "happiness", "at least 1 required"),
         ("<AU12> [191, 300, 330, 420] straight to the point.", "happiness", "global analysis"),
         (COT + " <think>", "happiness", "output tag"),
         (COT, "happy or sad", "not one label"),
@@ -131,6 +130,53 @@ def test_bad_traces(cot, answer, needle):
     r = check_trace(reply(cot, answer), ITEMS)
     assert not r.ok and r.completion is None
     assert any(needle in p for p in r.problems), r.problems
+
+
+def test_zero_tags_allowed_by_default_min_tags_is_a_setting():
+    """App. D.3: the teacher may select zero AUs; a minimum is an option, not the default."""
+    cot = "Overall the face is relaxed and bright. The mouth corners lift and the cheeks rise; none of the listed units is needed."
+    r = check_trace(reply(cot, "happiness"), ITEMS)
+    assert r.ok and r.aus_used == [] and parse_trace(r.completion).boxes == ()
+    r = check_trace(reply(cot, "happiness"), ITEMS, min_tags=1)
+    assert not r.ok and any("at least 1 required" in p for p in r.problems)
+    assert check_trace(reply(COT, "happiness"), ITEMS, min_tags=2).ok
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        " The detector gives AU12 0.91, so this is clear.",
+        " AU12 (91%) dominates.",
+        " Its confidence of .72 supports it.",
+        " With a score of 0.4 the lips part.",
+        " The cheek raiser is at 0.72 here.",  # a listed confidence quoted without naming the AU
+        " AU6 has intensity 3.5.",
+    ],
+)
+def test_traces_stating_au_values_are_rejected(extra):
+    r = check_trace(reply(COT + extra, "happiness"), ITEMS)
+    assert not r.ok and any("AU confidences are not evidence" in p for p in r.problems), r.problems
+
+
+def test_numbers_that_are_not_au_values_pass():
+    cot = COT + " Both corners rise by about 2 mm and the gaze holds for 1.5 s."  # not listed, no AU or score nearby
+    assert check_trace(reply(cot, "happiness"), ITEMS).ok
+
+
+def test_trace_prompt_states_every_constraint_of_the_paper():
+    """App. D.3, in our words: global part without AUs, regions from visual impression, AU values never evidence
+    and no numbers about AUs, tags only as zoom markers named after observation, zero AUs allowed."""
+    p = TeacherPrompts()
+    for text in (p.trace_prompt(ITEMS), p.trace_prompt(ITEMS, ["anger", "fear"])):
+        low = " ".join(text.lower().split())
+        assert "do not mention any action unit in this part" in low
+        assert "from your own visual impression" in low and "not from the list or its confidences" in low
+        assert "it is not evidence" in low and "never be a reason" in low
+        assert "must not state any number about an action unit" in low
+        assert "only marks where to look" in low and "only after describing what you saw" in low
+        assert "you may tag zero action units" in low
+    noau = " ".join(p.trace_prompt("", LABELS).lower().split())
+    assert "from your own visual impression" in noau and "do not mention any action unit in this part" in noau
 
 
 def test_too_many_regions_and_candidates():

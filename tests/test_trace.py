@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tagfer.canvas import is_valid_box
 from tagfer.labels import LABELS
-from tagfer.rewards import r_fmt
+from tagfer.rewards import PAPER_FORMAT_VIOLATIONS, RewardConfig, r_fmt
 from tagfer.trace import (
     VIOLATIONS,
     AUItem,
@@ -323,7 +323,9 @@ def test_single_rule_mutations_of_valid_traces(case, code):
     broken = MUTATIONS[code](text)
     p = parse_trace(broken)
     assert code in p.violations, (code, broken, p.violations)
-    assert r_fmt(broken) == 0.0
+    assert r_fmt(broken, RewardConfig(format_rules="strict")) == 0.0
+    if code in PAPER_FORMAT_VIOLATIONS:  # one of the paper's three R_fmt conditions
+        assert r_fmt(broken) == 0.0
     assert r_fmt(text) > 0.0
 
 
@@ -459,21 +461,36 @@ def test_shared_boxes_in_the_au_list_are_fine():
 
 def test_strip_bboxes():
     text = "<think>The chin rises, AU17 <bbox>[93, 306, 445, 417]</bbox>, and AU14 <bbox>[1, 2, 3, 4]</bbox> tightens.</think>"
-    assert strip_bboxes(text) == "<think>The chin rises, AU17, and AU14 tightens.</think>"
-    assert strip_bboxes("a\n<bbox>[1, 2, 3, 4]</bbox> b") == "a\nb"
-    assert strip_bboxes("end <bbox>bad</bbox>") == "end"
+    assert strip_bboxes(text, keep_tags=False) == "<think>The chin rises, AU17, and AU14 tightens.</think>"
+    assert strip_bboxes("a\n<bbox>[1, 2, 3, 4]</bbox> b", keep_tags=False) == "a\nb"
+    assert strip_bboxes("end <bbox>bad</bbox>", keep_tags=False) == "end"
+    assert strip_bboxes("no boxes here", keep_tags=False) == "no boxes here"
+    assert strip_bboxes("mouth<bbox>[1, 2, 3, 4]</bbox>corner", keep_tags=False) == "mouth corner"
+    assert strip_bboxes("(<bbox>[1, 2, 3, 4]</bbox>)", keep_tags=False) == "()"
+
+
+def test_strip_bboxes_keeps_empty_tags_by_default():
+    """The paper deletes what <bbox> and </bbox> enclose and keeps every other token: the empty tags stay."""
+    text = "<think>The chin rises, AU17 <bbox>[93, 306, 445, 417]</bbox>, and AU14 <bbox> [1, 2, 3, 4] </bbox> tightens.</think>"
+    assert strip_bboxes(text) == "<think>The chin rises, AU17 <bbox></bbox>, and AU14 <bbox></bbox> tightens.</think>"
+    assert strip_bboxes("mouth<bbox>[1, 2, 3, 4]</bbox>corner") == "mouth<bbox></bbox>corner"
     assert strip_bboxes("no boxes here") == "no boxes here"
-    assert strip_bboxes("mouth<bbox>[1, 2, 3, 4]</bbox>corner") == "mouth corner"
-    assert strip_bboxes("(<bbox>[1, 2, 3, 4]</bbox>)") == "()"
 
 
 @relaxed
 @given(valid_traces())
 def test_strip_bboxes_removes_every_box_and_keeps_the_rest_parseable(case):
-    stripped = strip_bboxes(case[0])
+    stripped = strip_bboxes(case[0], keep_tags=False)
     p = parse_trace(stripped)
     assert "<bbox>" not in stripped and p.boxes == ()
     assert p.label == case[2]
+    kept = strip_bboxes(case[0])
+    q = parse_trace(kept)
+    assert kept.count("<bbox></bbox>") == len(parse_trace(case[0]).boxes) == len(q.boxes)
+    assert all(b.coords is None for b in q.boxes) and q.label == case[2]
+    spans = [b.span for b in parse_trace(case[0]).boxes]
+    outside = "".join(case[0][a:b] for a, b in zip([0] + [e for _, e in spans], [s for s, _ in spans] + [len(case[0])]))
+    assert kept.replace("<bbox></bbox>", "") == outside  # nothing but the coordinates went away
 
 
 @relaxed

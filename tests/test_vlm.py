@@ -111,3 +111,51 @@ def test_image_only_processor_saves_and_reloads(tiny_vlm, tmp_path, astronaut_pa
     b = again(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[img], return_tensors="pt")
     assert a["input_ids"].tolist() == b["input_ids"].tolist()
     assert again.tokenizer.chat_template == tiny_vlm.processor.tokenizer.chat_template
+
+
+FOUR_BOXES = ("<think>look. brow <bbox>[1, 2, 30, 40]</bbox> eyes <bbox>[5, 6, 70, 80]</bbox> "
+              "mouth <bbox>[9, 9, 90, 99]</bbox> chin <bbox>[0, 0, 10, 10]</bbox> so.</think><answer>fear</answer>")
+
+
+def test_box_limit_processor_forbids_a_fourth_box_while_decoding(tiny_vlm, astronaut_path, monkeypatch):
+    """A scripted push makes the tiny model write four boxes; with max_boxes=3 the fourth cannot open
+    and decoding goes on to the answer (the paper's limit, enforced in-process)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    from tagfer.vlm import BoxLimitProcessor, _open_suffix
+
+    assert [_open_suffix(t) for t in ("x", "x<", "x<b", "x<bb", "x<bbo", "x<bbox")] == [0, 1, 2, 3, 4, 0]
+    tok = tiny_vlm.tokenizer
+    target = tok(FOUR_BOXES, add_special_tokens=False)["input_ids"]
+
+    class Script:  # adds a large bonus to the next token of FOUR_BOXES
+        def __init__(self):
+            self.start = None
+
+        def __call__(self, input_ids, scores):
+            self.start = input_ids.shape[1] if self.start is None else self.start
+            step = input_ids.shape[1] - self.start
+            if step < len(target):
+                scores[:, target[step]] += 1e4
+            return scores
+
+    generate = tiny_vlm.model.generate
+
+    def scripted(**kw):
+        kw["logits_processor"] = LogitsProcessorList([Script(), *kw.get("logits_processor", [])])
+        return generate(**kw)
+
+    monkeypatch.setattr(tiny_vlm.model, "generate", scripted)
+    img = Image.open(astronaut_path)
+    free = tiny_vlm.generate([img], ["q"], max_new_tokens=len(target))[0]
+    assert free.count("<bbox") == 4  # the script alone writes four boxes
+    limited = tiny_vlm.generate([img], ["q"], max_new_tokens=len(target) + 2, max_boxes=3)[0]
+    assert limited.count("<bbox") == 3 and "<answer>fear</answer>" in limited
+    assert limited.split("chin")[0] == free.split("chin")[0]  # identical up to the fourth box
+    proc = BoxLimitProcessor(tok, 0, 3, tiny_vlm.token_texts())
+    texts = tiny_vlm.token_texts()
+    for k in range(5):  # exactly the tokens that complete "<bbox" after k of its characters
+        want = {i for i, t in enumerate(texts) if "<bbox" in "<bbox"[:k] + t}
+        assert set(proc.banned[k].tolist()) == want
+    assert sum(b.numel() for b in proc.banned) > 0

@@ -273,7 +273,7 @@ class VLMEngine:
         with self._lock:
             texts = self.vlm.generate(
                 images, [self.user] * len(images), system=self.system, max_new_tokens=self.max_new_tokens,
-                temperature=0.0, batch_size=self.batch_size,
+                temperature=0.0, batch_size=self.batch_size, max_boxes=3,  # the paper's limit at inference
             )
         return [EngineOutput(t) for t in texts]
 
@@ -558,7 +558,7 @@ class Analyzer:
                     aus=[a.to_json() for a in fa.aus],
                     au_boxes=au_boxes,
                     r_fmt=r_fmt(parsed, cfg),
-                    r_au=r_au(parsed, au_boxes, matching=cfg.matching, canvas=cfg.canvas),
+                    r_au=r_au(parsed, au_boxes, matching=cfg.matching, canvas=cfg.canvas, au_count=cfg.au_count),
                     face_aus=fa,
                 )
             )

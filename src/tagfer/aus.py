@@ -9,9 +9,11 @@ Records
 
 :class:`FaceAUs` — one face: its :class:`~tagfer.faces.FaceMesh`, all AU
 detections sorted by score (descending), and the derived views ``active``
-(AUs with ``score ≥ threshold``), ``top`` (the ``top_k`` best active AUs),
-``au_boxes`` (distinct canvas boxes of the active AUs, the ``B_AU`` of Eq. 3)
-and ``au_list`` (the AU_LIST text a teacher prompt receives, one line per top AU,
+(AUs with ``score ≥ threshold``), ``top`` (the candidate pool: the ``top_k``
+best active AUs whose score is also ``≥ candidate_threshold``),
+``au_boxes`` (one canvas box per active AU, the ``B_AU`` of Eq. 3: two AUs
+sharing a region give the same box twice, so ``n`` counts AUs) and
+``au_list`` (the AU_LIST text a teacher prompt receives, one line per top AU,
 formatted by :func:`tagfer.trace.format_au_list`).
 
 How each score is made (all scores in [0, 1])
@@ -208,14 +210,25 @@ BLENDSHAPE_AU: dict[int, str] = {
 class AUConfig:
     """Parameters of AU activation and boxes.
 
-    ``threshold``: an AU is *active* when its score ≥ threshold (paper-style
-    binary activation; per-AU overrides in ``thresholds``). ``top_k``: AUs in
-    the candidate pool / AU_LIST (paper: 3). ``bilateral``: "union" | "split".
+    Two thresholds, as in the paper (App. D), which tells apart the AUs a
+    detector *activates* (≈5–6 per image, the boxes R_AU and AU IoU compare
+    against) from the few *confident* candidates the teacher is shown (≈21% of
+    images have none):
+
+    ``threshold``: an AU is *active* (in ``B_AU``) when its score ≥ threshold
+    (per-AU overrides in ``thresholds``). ``candidate_threshold``: an active AU
+    also enters the candidate pool / AU_LIST when its score ≥ this value; the
+    pool keeps the ``top_k`` best (paper: 3). An image can thus have activated
+    AUs (R_AU applies) but no candidate (the teacher gets the no-AU prompt).
+    The defaults (0.3 / 0.5) are set for the MediaPipe heuristic scores; check
+    both rates with ``tagfer stats`` and tune them for your detector.
+    ``bilateral``: "union" | "split".
     ``calibration``: overrides of :data:`CALIBRATION`.
     """
 
     threshold: float = 0.3
     thresholds: Mapping[int, float] = field(default_factory=dict)
+    candidate_threshold: float = 0.5
     top_k: int = 3
     canvas: int = CANVAS
     bilateral: str = "union"
@@ -268,8 +281,8 @@ class FaceAUs:
          "head_pose": {...}, "source": "...", "blendshapes": {...},
          "aus": [AUDetection, ...],           # every scored AU, score-descending
          "active": [12, 10, ...],             # active AU numbers, score-descending
-         "top": [12, 10, 6],                  # the top_k active AUs
-         "au_boxes": [[...], ...],            # distinct canvas boxes of active AUs (B_AU)
+         "top": [12, 10, 6],                  # the candidate pool (top_k, score ≥ candidate_threshold)
+         "au_boxes": [[...], ...],            # one canvas box per active AU (B_AU; per side with split)
          "au_list": "AU12 0.83 [...]\\n..."}   # teacher-prompt text for the top AUs
     """
 
@@ -278,6 +291,7 @@ class FaceAUs:
     bbox_canvas: Box
     top_k: int = 3
     detector: str = "mediapipe"
+    candidate_threshold: float = 0.0
 
     @property
     def active(self) -> list[AUDetection]:
@@ -285,16 +299,13 @@ class FaceAUs:
 
     @property
     def top(self) -> list[AUDetection]:
-        return self.active[: self.top_k]
+        """The candidate pool: the ``top_k`` best active AUs scoring ≥ ``candidate_threshold``."""
+        return [a for a in self.active if a.score >= self.candidate_threshold][: self.top_k]
 
     @property
     def au_boxes(self) -> list[Box]:
-        seen: list[Box] = []
-        for a in self.active:
-            for b in a.boxes or (a.box,):
-                if b not in seen:
-                    seen.append(b)
-        return seen
+        """``B_AU``: one box per active AU (per side with ``bilateral="split"``), repeats kept."""
+        return [b for a in self.active for b in (a.boxes or (a.box,))]
 
     @property
     def au_list(self) -> str:
@@ -513,7 +524,10 @@ def ground_face(
         is_active = bool(active[au]) if active is not None and au in active else s >= config.threshold_for(au)
         dets.append(AUDetection(au=int(au), score=float(s), active=is_active, box=union, boxes=cboxes if len(cboxes) > 1 else ()))
     dets.sort(key=lambda d: (-d.score, d.au))
-    return FaceAUs(mesh=mesh, aus=dets, bbox_canvas=transform.box_to_canvas(mesh.bbox), top_k=config.top_k, detector=detector)
+    return FaceAUs(
+        mesh=mesh, aus=dets, bbox_canvas=transform.box_to_canvas(mesh.bbox), top_k=config.top_k, detector=detector,
+        candidate_threshold=config.candidate_threshold,
+    )
 
 
 def au_number(text: str | int) -> int:

@@ -16,7 +16,12 @@ result whose ``error`` is ``{"kind", "message"}`` — the batch never stops for 
 consumed lazily (bounded look-ahead), so 300k requests stream in constant memory.
 
 Generation settings (:class:`GenerationConfig`) follow the paper: TAG decodes greedily
-(temperature 0); baselines use top-p 0.9; at most 512 new tokens.
+(temperature 0); baselines use top-p 0.9; at most 512 new tokens. ``max_boxes`` (3 in
+:meth:`GenerationConfig.tag`, the paper's limit at inference): the in-process backend
+enforces it while decoding (:class:`tagfer.vlm.BoxLimitProcessor`); served backends
+(OpenAI-compatible, vLLM offline) cut a reply after its third box's closing tag and record
+the violation in ``info["box_limit"]`` (:func:`limit_boxes`), as does the in-process one
+should a box slip past the processor (e.g. an upper-case tag).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import asyncio
 import itertools
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -47,6 +53,7 @@ __all__ = [
     "make_backend",
     "parse_spec",
     "load_request_image",
+    "limit_boxes",
 ]
 
 ImageLike = Image.Image | str | os.PathLike | bytes  # or an H×W×3 uint8 numpy array
@@ -66,11 +73,12 @@ class GenerationConfig:
     top_p: float = 1.0
     max_new_tokens: int = 512
     seed: int | None = None
+    max_boxes: int | None = None
 
     @classmethod
     def tag(cls, **kw: Any) -> GenerationConfig:
-        """The paper's setting for TAG models: greedy, 512 new tokens."""
-        return cls(**{"temperature": 0.0, "top_p": 1.0, **kw})
+        """The paper's setting for TAG models: greedy, 512 new tokens, at most three boxes."""
+        return cls(**{"temperature": 0.0, "top_p": 1.0, "max_boxes": 3, **kw})
 
     @classmethod
     def baseline(cls, **kw: Any) -> GenerationConfig:
@@ -153,6 +161,40 @@ class Backend(Protocol):
                  on_result: Callable[[GenResult], None] | None = None) -> Iterator[GenResult]: ...
 
     def close(self) -> None: ...
+
+
+_BOX_OPEN = re.compile(r"<\s*bbox\s*>", re.IGNORECASE)
+_BOX_CLOSE = re.compile(r"<\s*/\s*bbox\s*>", re.IGNORECASE)
+
+
+def limit_boxes(text: str | None, max_boxes: int | None) -> tuple[str | None, dict[str, Any] | None]:
+    """Cut ``text`` after the closing tag of its ``max_boxes``-th box when more boxes follow.
+
+    Returns ``(text, None)`` when within the limit, else ``(cut text, {"max_boxes", "boxes",
+    "cut_at"})`` (``boxes``: openings in the full reply). Without a closing tag before the
+    next opening, the cut is at that next opening.
+    """
+    if text is None or max_boxes is None:
+        return text, None
+    opens = [m.start() for m in _BOX_OPEN.finditer(text)]
+    if len(opens) <= max_boxes:
+        return text, None
+    nxt = opens[max_boxes]
+    cut = nxt
+    if max_boxes > 0:
+        close = _BOX_CLOSE.search(text, opens[max_boxes - 1])
+        if close is not None and close.end() <= nxt:
+            cut = close.end()
+    return text[:cut], {"max_boxes": max_boxes, "boxes": len(opens), "cut_at": cut}
+
+
+def _limited(res: GenResult, max_boxes: int | None) -> GenResult:
+    """``res`` with its text cut to ``max_boxes`` boxes; the violation goes to ``info["box_limit"]``."""
+    text, violation = limit_boxes(res.text, max_boxes)
+    if violation is not None:
+        res.text = text
+        res.info["box_limit"] = violation
+    return res
 
 
 def load_request_image(image: ImageLike) -> Image.Image:
@@ -238,7 +280,7 @@ class TransformersBackend(_BackendBase):
         texts = self.vlm.generate(
             [p for _, _, p in items], [r.user for _, r, _ in items], system=system,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-            seed=config.seed, batch_size=len(items),
+            seed=config.seed, batch_size=len(items), max_boxes=config.max_boxes,
         )
         if len(texts) != len(items):
             raise RuntimeError(f"model returned {len(texts)} texts for {len(items)} requests")
@@ -280,7 +322,7 @@ class TransformersBackend(_BackendBase):
                                              {"backend": self.name, "model": model, "batch": 1, "latency_s": round(time.perf_counter() - t1, 4)})
                     except Exception as e1:  # noqa: BLE001
                         out[pos] = GenResult.failure(req, "generation_failed", f"{type(e1).__name__}: {e1}", backend=self.name)
-        return [out[i] for i in range(len(chunk))]
+        return [_limited(out[i], config.max_boxes) for i in range(len(chunk))]
 
 
 # ---------------------------------------------------------------------------- OpenAI-compatible
@@ -402,6 +444,7 @@ class OpenAIBackend(_BackendBase):
                 res = GenResult(req.id, r.text, None, dict(req.meta), {
                     "backend": self.name, "endpoint": r.endpoint, "attempts": r.attempts,
                     "latency_s": round(r.latency_s, 4), "finish_reason": r.finish_reason, "usage": r.usage})
+                res = _limited(res, config.max_boxes)
             except RequestFailed as e:
                 res = GenResult.failure(req, e.kind, e.message, backend=self.name, attempts=e.attempts, endpoint=e.endpoint)
             except asyncio.CancelledError:
@@ -532,7 +575,7 @@ class VLLMBackend(_BackendBase):
                             out[pos] = GenResult(req.id, text, None, dict(req.meta), {"backend": self.name, "finish_reason": fin, "batch": 1})
                         except Exception as e1:  # noqa: BLE001
                             out[pos] = GenResult.failure(req, "generation_failed", f"{type(e1).__name__}: {e1}", backend=self.name)
-            yield from _emit((out[i] for i in range(len(chunk))), on_result)
+            yield from _emit((_limited(out[i], config.max_boxes) for i in range(len(chunk))), on_result)
 
 
 # ---------------------------------------------------------------------------- specs

@@ -4,17 +4,21 @@ For every usable record of the train split of each source (:mod:`tagfer.sources`
 
 0. **Ground** — load the image, run the AU detector (:mod:`tagfer.detectors`,
    MediaPipe by default or an imported GraphAU/OpenFace table), keep the
-   largest face: activated AUs, their canvas boxes (``au_boxes``, B_AU) and
-   the top-K (``top_k=3``) AU list the teacher sees.
+   largest face: activated AUs (score ≥ ``au_threshold``), their canvas boxes
+   (``au_boxes``, B_AU, one per activated AU) and the candidate pool the teacher
+   sees: the top-K (``top_k=3``) activated AUs scoring ≥ ``au_candidate_threshold``.
+   The two thresholds are separate, as in the paper (App. D): ≈5–6 activated
+   AUs per image, but ≈21% of images without a confident candidate.
 1. **Stage I, quality** — the teacher judges the image
    (``teacher_quality``); a reply that is not a valid verdict is asked again
-   up to ``max_format_retries`` times, then the item is rejected (when in
-   doubt, reject); ``suitable_for_training: false`` rejects it.
+   up to ``max_format_retries`` times (see ``format_retry``), then the item
+   is rejected (when in doubt, reject); ``suitable_for_training: false``
+   rejects it.
 2. **Stage II, trace** — the teacher writes ``{"CoT", "Answer"}`` from the AU
    list and the full label list (``teacher_trace``).
 3. **Stage III, validation** — :func:`tagfer.teacher.check_trace`; a reply
-   that fails is asked again (``max_format_retries`` per round, optionally
-   with the list of problems appended, ``format_feedback``). A well-formed
+   that fails is asked again (``max_format_retries`` per round, see
+   ``format_retry``). A well-formed
    reply with the wrong label starts **label elimination**: the predicted
    label is removed from the candidates and the teacher is asked again with
    the remaining ones (``teacher_candidates``), never told the truth, until
@@ -26,9 +30,22 @@ For every usable record of the train split of each source (:mod:`tagfer.sources`
 
 Policies (all in :class:`BuildConfig`)
 --------------------------------------
-* ``no_au``: an image with no activated AU in the top-K pool (the paper: ~21%)
-  is asked with the no-AU prompt (``"noau"``, default; the sample gets
-  ``au_boxes=[]`` so R_AU is skipped for it in RL) or rejected (``"skip"``).
+* ``format_retry``: what a format retry sends. ``"repeat"`` (default, the
+  paper: "repeat the same request until the output is valid") sends the same
+  prompt at the same temperature; ``"feedback"`` (ours) appends the list of
+  problems found (:func:`feedback`) and uses ``retry_temperature``. The paper's
+  behaviour is the default because no measurement here shows the feedback
+  variant accepts more on a real teacher (our test server is scripted); with
+  a greedy teacher (``temperature=0``) a repeated request usually returns the
+  same reply, so set a non-zero ``temperature`` or use ``"feedback"`` there.
+  ``retries`` in a record counts the extra requests actually sent (a reply
+  that fails after the last allowed retry is not a retry).
+* ``no_au``: an image with no confident candidate (an empty AU list; the
+  paper: ~21%) is asked with the no-AU prompt (``"noau"``, default) or
+  rejected (``"skip"``). Its sample still carries the activated AUs' boxes,
+  so R_AU applies to it in RL unless the detector activated nothing.
+* ``min_tags`` (default 0, the paper: the teacher "may select zero" AUs):
+  the fewest ``<AUx>`` tags a trace with a non-empty AU list must hold.
 * ``last_candidate``: after eliminations only the true label can be left.
   ``"ask"`` (default, the paper: ask until the candidates are exhausted) still
   asks the teacher, with a one-label list — the trace is then a rationalisation
@@ -108,10 +125,12 @@ class BuildConfig:
     ``image_format`` (``jpeg``, quality 95, by default: several times smaller
     requests than PNG and cheaper to encode; ``png`` for lossless). Algorithm: ``top_k`` (3), ``max_regions`` (3), ``quality``
     (Stage I on/off), ``max_format_retries``, ``max_eliminations``,
-    ``last_candidate``, ``no_au``, ``format_feedback``, ``max_requests``,
+    ``last_candidate``, ``no_au``, ``format_retry``, ``max_requests``,
     ``min_tags``. Prompts: ``prompt_*`` override files. AU detector: ``detector``
     (a :class:`tagfer.detectors.DetectorSpec` kind: ``mediapipe``,
-    ``openface:PATH``, ``table:PATH``), ``au_threshold``, ``au_workers``.
+    ``openface:PATH``, ``table:PATH``), ``au_threshold`` (activation, B_AU),
+    ``au_candidate_threshold`` (the teacher's candidate pool; ``None`` = the
+    :class:`tagfer.aus.AUConfig` defaults), ``au_workers``.
     Jobs: ``max_in_flight`` items (default: 2 × concurrency), ``retry_failed``,
     ``fsync_every``, ``tag_requests`` (send the item id as the OpenAI ``user`` field).
     """
@@ -143,15 +162,16 @@ class BuildConfig:
     max_eliminations: int = 6
     last_candidate: str = "ask"
     no_au: str = "noau"
-    format_feedback: bool = True
+    format_retry: str = "repeat"
     max_requests: int = 32
-    min_tags: int = 1
+    min_tags: int = 0
     prompt_quality: str | None = None
     prompt_trace: str | None = None
     prompt_candidates: str | None = None
     prompt_trace_noau: str | None = None
     detector: str = "mediapipe"
     au_threshold: float | None = None
+    au_candidate_threshold: float | None = None
     au_workers: int = 2
     max_in_flight: int | None = None
     retry_failed: bool = True
@@ -169,6 +189,10 @@ class BuildConfig:
             raise ValueError(f"no_au must be 'noau' or 'skip', got {self.no_au!r}")
         if self.last_candidate not in ("ask", "stop"):
             raise ValueError(f"last_candidate must be 'ask' or 'stop', got {self.last_candidate!r}")
+        if self.format_retry not in ("repeat", "feedback"):
+            raise ValueError(f"format_retry must be 'repeat' or 'feedback', got {self.format_retry!r}")
+        if self.min_tags < 0:
+            raise ValueError("min_tags must be >= 0")
         if self.max_format_retries < 0 or self.max_eliminations < 0:
             raise ValueError("max_format_retries and max_eliminations must be >= 0")
         if not 1 <= self.max_regions <= 3:
@@ -328,7 +352,7 @@ class Grounded:
     image: Any  # PIL.Image (RGB)
     top: list[tuple[int, float, tuple[int, int, int, int]]]  # the top-K AU list items
     active: list[int]  # activated AU numbers, score-descending
-    au_boxes: list[list[int]]  # distinct canvas boxes of the activated AUs (B_AU)
+    au_boxes: list[list[int]]  # canvas boxes of the activated AUs, one per AU (B_AU)
     face: Any = None  # the tagfer.aus.FaceAUs (for the facs teacher)
     detector: str = ""
 
@@ -384,6 +408,8 @@ class _DetectorPool:
             kw: dict[str, Any] = {"top_k": self.config.top_k}
             if self.config.au_threshold is not None:
                 kw["threshold"] = self.config.au_threshold
+            if self.config.au_candidate_threshold is not None:
+                kw["candidate_threshold"] = self.config.au_candidate_threshold
             det = DetectorSpec(self.config.detector, AUConfig(**kw)).build()
             self._local.det = det
             with self._lock:
@@ -512,21 +538,29 @@ async def process_item(
             rec, reason, detail, retryable=retryable, retries=retries, eliminations=eliminations, predictions=predictions, requests=n_req, **info
         )
 
+    def retry_temperature(k: int, first: bool) -> float:
+        """The first try of the first round uses ``temperature``; a "repeat" retry sends the
+        same request again; "feedback" retries and later rounds use ``retry_temperature``."""
+        if k and config.format_retry == "feedback":
+            return config.retry_temperature
+        return config.temperature if first else config.retry_temperature
+
     if not g.top and config.no_au == "skip":
-        return rejected("no_au", "no activated AU in the top-K pool")
+        return rejected("no_au", "no confident AU candidate (empty AU list)")
     try:
         # ---- Stage I: quality
         if config.quality:
             verdict = None
             qprompt = prompts.quality_prompt()
             for k in range(config.max_format_retries + 1):
-                text = await ask(qprompt, config.temperature if k == 0 else config.retry_temperature)
+                text = await ask(qprompt, retry_temperature(k, first=True))
+                if k:  # a retry is a request sent again, not the failed reply before it
+                    retries += 1
+                    c.format_retries += 1
                 v = check_quality(text)
                 if v.valid:
                     verdict = v
                     break
-                retries += 1
-                c.format_retries += 1
             if verdict is None:
                 return rejected("quality_invalid", "no valid quality verdict: " + "; ".join(v.problems))
             info["quality_reason"] = verdict.reason
@@ -540,15 +574,15 @@ async def process_item(
             check = None
             for k in range(config.max_format_retries + 1):
                 prompt = base
-                if k and config.format_feedback and check is not None and check.problems:
+                if k and config.format_retry == "feedback" and check is not None and check.problems:
                     prompt = base + "\n\n" + feedback(check.problems)
-                temp = config.temperature if (first and k == 0) else config.retry_temperature
-                text = await ask(prompt, temp)
+                text = await ask(prompt, retry_temperature(k, first))
+                if k:  # counted once the request went out (a budget stop is not a retry)
+                    retries += 1
+                    c.format_retries += 1
                 check = check_trace(text, g.top, candidates, max_regions=config.max_regions, min_tags=config.min_tags)
                 if check.ok:
                     break
-                retries += 1
-                c.format_retries += 1
             first = False
             assert check is not None
             if not check.ok:
@@ -602,7 +636,7 @@ def facs_item(rec: SourceRecord, g: Grounded, config: BuildConfig) -> tuple[str,
 
     info = {"top": [a for a, _, _ in g.top], "active": g.active}
     if not g.top and config.no_au == "skip":
-        return "rejected", rejection(rec, "no_au", "no activated AU in the top-K pool", **info)
+        return "rejected", rejection(rec, "no_au", "no confident AU candidate (empty AU list)", **info)
     s = facs_sample(g.face, label=rec.label, id=rec.id, source=rec.source, image="", split=rec.split)
     if s is None:
         return "rejected", rejection(rec, "facs_mismatch", "the FACS engine's label differs from the ground truth", **info)

@@ -81,6 +81,7 @@ class Prediction:
       model        str        model spec (``hf:PATH``, ``openai:URL``, ...)
       gen          obj        generation settings {temperature, top_p, max_new_tokens, seed}
       latency_s    float|null seconds spent on this item's request (backend-reported or batch share)
+      box_limit    obj|null   {"max_boxes", "boxes", "cut_at"}: a served reply cut after its last allowed box
     """
 
     id: str
@@ -98,6 +99,7 @@ class Prediction:
     model: str = ""
     gen: dict[str, Any] = field(default_factory=dict)
     latency_s: float | None = None
+    box_limit: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,7 +137,8 @@ def parse_prediction(pred: Prediction, output: str | None, lenient: bool = False
 # ---------------------------------------------------------------------------------- runner
 def generation_defaults(baseline: bool = False, **overrides: Any) -> dict[str, Any]:
     """The paper's decoding settings: TAG greedy; baselines top-p 0.9; 512 new tokens. ``None`` overrides are ignored."""
-    cfg: dict[str, Any] = {"temperature": 1.0 if baseline else 0.0, "top_p": 0.9 if baseline else 1.0, "max_new_tokens": 512, "seed": 0}
+    cfg: dict[str, Any] = {"temperature": 1.0 if baseline else 0.0, "top_p": 0.9 if baseline else 1.0, "max_new_tokens": 512, "seed": 0,
+                           "max_boxes": None if baseline else 3}  # TAG: at most three boxes, enforced at inference
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return cfg
 
@@ -208,7 +211,7 @@ def run_eval(
     t0 = time.perf_counter()
     system, user = prompt or tag_prompt()
     gen = gen or generation_defaults()
-    cfg = GenerationConfig(**{k: gen[k] for k in ("temperature", "top_p", "max_new_tokens", "seed") if k in gen})
+    cfg = GenerationConfig(**{k: gen[k] for k in ("temperature", "top_p", "max_new_tokens", "seed", "max_boxes") if k in gen})
     summary = EvalSummary()
     out = Path(out)
     if not resume and out.exists():
@@ -268,6 +271,7 @@ def run_eval(
             parse_prediction(p, res.text if err is None else None, lenient)
             lat = (res.info or {}).get("latency_s")
             p.latency_s = float(lat) if lat is not None else None
+            p.box_limit = (res.info or {}).get("box_limit")
             finish(p)
     summary.elapsed_s = time.perf_counter() - t0
     return summary

@@ -3,7 +3,9 @@
 Layout written under ``OUT`` (``formats`` selects the groups)::
 
     llamafactory/tag_sft.json          LLaMA-Factory ShareGPT (messages + images + system)
-    llamafactory/tag_sft_nobbox.json   the no-bbox ablation (Table 3): boxes removed by tagfer.trace.strip_bboxes
+    llamafactory/tag_sft_nobbox.json   the no-bbox ablation (Table 3): coordinates removed by tagfer.trace.strip_bboxes
+                                       (``nobbox_mode="content"``, the paper: empty <bbox></bbox> tags stay;
+                                       ``"element"``: the tags go too)
     llamafactory/tag_sft_<source>.json one per source
     llamafactory/dataset_info.json     registers every file above
     hf/tag_sft.parquet                 TRL conversational prompt-completion rows
@@ -51,6 +53,8 @@ from tagfer.prompts import tag_prompt
 from tagfer.records import TAGSample
 from tagfer.trace import strip_bboxes
 
+NOBBOX_MODES = ("content", "element")
+
 __all__ = ["FORMATS", "iter_samples", "export", "ExportSummary", "sharegpt_row", "trl_row", "verl_row", "DATASET_NAME"]
 
 FORMATS = ("llamafactory", "hf", "verl")
@@ -85,8 +89,15 @@ def iter_samples(build_dir: str | os.PathLike) -> Iterator[TAGSample]:
 
 
 # --------------------------------------------------------------------------- rows
-def sharegpt_row(s: TAGSample, system: str, user: str, nobbox: bool = False) -> dict[str, Any]:
-    completion = strip_bboxes(s.completion) if nobbox else s.completion
+def _nobbox_completion(completion: str, mode: str) -> str:
+    """The no-bbox ablation's completion: ``"content"`` (paper) keeps empty ``<bbox></bbox>`` tags, ``"element"`` deletes them."""
+    if mode not in NOBBOX_MODES:
+        raise ValueError(f"nobbox_mode must be one of {NOBBOX_MODES}, got {mode!r}")
+    return strip_bboxes(completion, keep_tags=mode == "content")
+
+
+def sharegpt_row(s: TAGSample, system: str, user: str, nobbox: bool = False, nobbox_mode: str = "content") -> dict[str, Any]:
+    completion = _nobbox_completion(s.completion, nobbox_mode) if nobbox else s.completion
     return {
         "messages": [{"role": "user", "content": "<image>" + user}, {"role": "assistant", "content": completion}],
         "images": [s.image],
@@ -100,8 +111,8 @@ def _parts(text: str, image: bool = False) -> list[dict[str, Any]]:
     return parts
 
 
-def trl_row(s: TAGSample, system: str, user: str, nobbox: bool = False) -> dict[str, Any]:
-    completion = strip_bboxes(s.completion) if nobbox else s.completion
+def trl_row(s: TAGSample, system: str, user: str, nobbox: bool = False, nobbox_mode: str = "content") -> dict[str, Any]:
+    completion = _nobbox_completion(s.completion, nobbox_mode) if nobbox else s.completion
     return {
         "id": s.id,
         "prompt": [{"role": "system", "content": _parts(system)}, {"role": "user", "content": _parts(user, image=True)}],
@@ -251,14 +262,19 @@ def export(
     user_prompt: str | os.PathLike | None = None,
     embed_images: bool = True,
     nobbox: bool = True,
+    nobbox_mode: str = "content",
     per_source: bool = True,
     samples: Iterable[TAGSample] | None = None,
 ) -> ExportSummary:
     """Write the exports of ``build_dir`` (see module docstring) under ``out``; streams the samples once.
 
     ``system_prompt``/``user_prompt``: override files of the TAG prompt.
-    ``samples`` replaces reading ``build_dir``.
+    ``samples`` replaces reading ``build_dir``. ``nobbox_mode``: ``"content"``
+    (default, the paper: empty ``<bbox></bbox>`` tags stay) or ``"element"``
+    (the tags are deleted too).
     """
+    if nobbox_mode not in NOBBOX_MODES:
+        raise ValueError(f"nobbox_mode must be one of {NOBBOX_MODES}, got {nobbox_mode!r}")
     fmts = set(formats)
     if "all" in fmts:
         fmts = set(FORMATS)
@@ -291,7 +307,7 @@ def export(
                 if per_source:
                     w(f"lf:{src}", lambda: _JsonArrayWriter(lf / f"{DATASET_NAME}_{src}.json")).write(row)
                 if nobbox:
-                    w("lf:nobbox", lambda: _JsonArrayWriter(lf / f"{DATASET_NAME}_nobbox.json")).write(sharegpt_row(s, system, user, nobbox=True))
+                    w("lf:nobbox", lambda: _JsonArrayWriter(lf / f"{DATASET_NAME}_nobbox.json")).write(sharegpt_row(s, system, user, nobbox=True, nobbox_mode=nobbox_mode))
             if "hf" in fmts:
                 hf = o / "hf"
                 row = trl_row(s, system, user)
@@ -299,7 +315,7 @@ def export(
                 if per_source:
                     w(f"hf:{src}", lambda: _ParquetWriter(hf / "by_source" / f"{src}.parquet", trl_schema)).write(row)
                 if nobbox:
-                    w("hf:nobbox", lambda: _ParquetWriter(hf / f"{DATASET_NAME}_nobbox.parquet", trl_schema)).write(trl_row(s, system, user, nobbox=True))
+                    w("hf:nobbox", lambda: _ParquetWriter(hf / f"{DATASET_NAME}_nobbox.parquet", trl_schema)).write(trl_row(s, system, user, nobbox=True, nobbox_mode=nobbox_mode))
             if "verl" in fmts:
                 vd = o / "verl"
                 row = verl_row(s, system, user, idx, embed_images)

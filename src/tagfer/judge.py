@@ -7,14 +7,18 @@ Pairs
     The same pairs file feeds the human study (:mod:`tagfer.study`).
 
 Judging
-    For every pair and each of ``repeats`` seeds (paper: 3) the judge model sees the
-    image and the two responses *anonymised* (shown only as "A" and "B") in an order
+    For every pair and each of ``repeats`` seeds (paper: 3) the judge model sees, as
+    in the paper, the original prompt the two systems answered (``$task_prompt``: the
+    pair's ``prompt`` when it has one, else the unified TAG prompt every model is
+    evaluated with), the image and the two responses *anonymised* (shown only as "A" and "B") in an order
     drawn at random per (pair, seed) — so the order effect can be measured. It answers
     strict JSON: three 1–5 rubric scores per response (visual faithfulness, anatomical
     precision, logical coherence) and ``overall`` A/B/tie (prompt templates
     ``judge_system`` / ``judge_user``, overridable). The ground-truth label is *not*
     shown (*choice*: the rubric rates the reasoning; ``$label`` is available to a custom
-    template).
+    template). The judge may reason before its JSON, so its reply budget is
+    :data:`JUDGE_MAX_NEW_TOKENS` (1024) by default, configurable (``gen``,
+    ``tagfer judge --max-new-tokens``); a truncated reply is a recorded failure.
 
 Robustness
     :func:`parse_judgment` accepts the JSON object anywhere in the reply (code fences,
@@ -62,11 +66,14 @@ __all__ = [
     "JudgeParseError",
     "parse_judgment",
     "judge_prompt",
+    "default_task_prompt",
+    "JUDGE_MAX_NEW_TOKENS",
     "run_judge",
     "aggregate",
 ]
 
 CRITERIA = ("visual_faithfulness", "anatomical_precision", "logical_coherence")
+JUDGE_MAX_NEW_TOKENS = 1024  # room for a reasoning judge to finish its JSON
 SYSTEMS = ("a", "b")
 
 
@@ -75,7 +82,8 @@ class Pair:
     """Two systems' responses on one image. JSON::
 
     {"id": str, "image": str (path), "label": str | null (truth, never shown),
-     "a": {"name": str, "text": str}, "b": {"name": str, "text": str}}
+     "a": {"name": str, "text": str}, "b": {"name": str, "text": str},
+     "prompt": str | null}     # the prompt both systems answered (null: the unified TAG prompt)
     """
 
     id: str
@@ -83,6 +91,7 @@ class Pair:
     a: dict[str, str]
     b: dict[str, str]
     label: str | None = None
+    prompt: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,7 +104,9 @@ class Pair:
         for k in ("a", "b"):
             if not isinstance(d[k], dict) or not isinstance(d[k].get("text"), str):
                 raise ValueError(f"pair {d['id']}: {k!r} must be {{'name', 'text'}}")
-        return cls(id=str(d["id"]), image=str(d["image"]), a=dict(d["a"]), b=dict(d["b"]), label=d.get("label"))
+        prompt = d.get("prompt")
+        return cls(id=str(d["id"]), image=str(d["image"]), a=dict(d["a"]), b=dict(d["b"]), label=d.get("label"),
+                   prompt=prompt if isinstance(prompt, str) else None)
 
 
 def read_pairs(path: str | os.PathLike) -> list[Pair]:
@@ -264,11 +275,22 @@ def judge_prompt(system: str | Path | None = None, user: str | Path | None = Non
     return load_prompt("judge_system", system), load_prompt("judge_user", user)
 
 
-def _render(user_tpl: str, pair: Pair, order: tuple[str, str]) -> str:
+def default_task_prompt() -> str:
+    """The unified TAG prompt (system, then user text) that every evaluated model answers."""
+    from tagfer.prompts import tag_prompt
+
+    system, user = tag_prompt()
+    return f"{system}\n\n{user}"
+
+
+def _render(user_tpl: str, pair: Pair, order: tuple[str, str], task_prompt: str = "") -> str:
     from tagfer.prompts import render
 
     first, second = (getattr(pair, order[0]), getattr(pair, order[1]))
-    return render(user_tpl, response_a=first["text"], response_b=second["text"], label=pair.label or "")
+    return render(
+        user_tpl, response_a=first["text"], response_b=second["text"], label=pair.label or "",
+        task_prompt=pair.prompt or task_prompt,
+    )
 
 
 def _record(pair: Pair, seed: int, order: tuple[str, str], judge: str) -> dict[str, Any]:
@@ -310,17 +332,21 @@ def run_judge(
     max_retries: int = 2,
     judge_name: str = "",
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    task_prompt: str | None = None,
 ) -> list[dict[str, Any]]:
     """Judge every pair ``repeats`` times (seeds ``seed .. seed+repeats-1``); resumable JSONL in ``out``.
 
     ``gen``: decoding settings (*choice*: temperature 0.7, so that repeats differ; top-p 1.0,
-    256 new tokens); the repeat's seed is sent as the sampling seed, retries use other seeds.
+    :data:`JUDGE_MAX_NEW_TOKENS` new tokens); the repeat's seed is sent as the sampling seed,
+    retries use other seeds. ``task_prompt``: the original prompt shown to the judge for
+    pairs without their own (default: :func:`default_task_prompt`).
     Returns every judgment record now in ``out`` (old and new).
     """
     from tagfer.backends import GenerationConfig, GenRequest
 
     system, user_tpl = prompt or judge_prompt()
-    g = {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 256, **(gen or {})}
+    task = default_task_prompt() if task_prompt is None else task_prompt
+    g = {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": JUDGE_MAX_NEW_TOKENS, **(gen or {})}
     done = done_keys(out, key="key")
     todo: list[tuple[Pair, int]] = [(p, seed + r) for p in pairs for r in range(repeats) if f"{p.id}#{seed + r}" not in done]
     recs = {f"{p.id}#{s}": _record(p, s, shown_order(p.id, s), judge_name) for p, s in todo}
@@ -334,7 +360,7 @@ def run_judge(
             def requests() -> Iterator[Any]:
                 for k in keys:
                     rec, pair = recs[k], by_key[k]
-                    yield GenRequest(id=k, user=_render(user_tpl, pair, tuple(rec["shown"])), image=pair.image, system=system)
+                    yield GenRequest(id=k, user=_render(user_tpl, pair, tuple(rec["shown"]), task), image=pair.image, system=system)
 
             failed = []
             cfg = GenerationConfig(temperature=g["temperature"], top_p=g["top_p"], max_new_tokens=g["max_new_tokens"])

@@ -12,9 +12,19 @@ the sample's ground truth. The geometry is pure numpy on top of
     signal for this sample, trainers mask it); ``k = 0 < n`` → ``0.0``.
     Every ``<bbox>`` the response contains counts in ``k``, wherever it is
     and whether or not it is well-formed. Predicted coordinates are clipped
-    to ``0 .. canvas-1`` first (the paper clips predictions to the canvas);
-    a box that is unreadable, reversed (``x1 > x2``) or empty after clipping
-    has IoU 0 with everything but still counts in ``k``.
+    to ``0 .. canvas-1`` first — our choice, the paper says nothing about
+    out-of-canvas predictions (clipping keeps a box that overshoots the edge
+    comparable instead of scoring it 0); a box that is unreadable, reversed
+    (``x1 > x2``) or empty after clipping has IoU 0 with everything but still
+    counts in ``k``.
+
+    ``n`` (``au_count``). ``"aus"`` (default, the paper's definition: ``n``
+    is the number of *activated AUs*): every row of ``au_boxes`` counts, so
+    two AUs sharing one region box (the paper's own figure has AU4 and AU9 on
+    one box) count twice. ``"boxes"``: ``n`` is the number of *distinct*
+    boxes. They differ only when ``k > n_boxes``: predicted ``[X, Y, Z]``
+    against ``X, X, Y`` gives ``(1 + 1 + 0) / 3 = 0.667`` with ``"aus"`` and
+    ``(1 + 1) / 2 = 1.0`` with ``"boxes"``.
 
     Matching. ``"paper"`` takes each box's best AU box independently, so
     several predicted boxes may claim the same AU box: with ``n = 2``,
@@ -33,9 +43,18 @@ the sample's ground truth. The geometry is pure numpy on top of
 ``R_ans``
     1 iff the single answer span normalises to the ground-truth label.
 
-``R_fmt``
-    ``fmt_bonus`` iff the response is well-formed (no violation, see
-    :mod:`tagfer.trace`), else 0.
+``R_fmt`` (``format_rules``)
+    ``fmt_bonus`` iff the response passes the format rules, else 0.
+    ``"paper"`` (default): the three conditions of §3.3 — a single think
+    block, at most ``max_boxes`` boxes, all inside it, and exactly one answer
+    span holding one valid label (:data:`PAPER_FORMAT_VIOLATIONS` lists the
+    parser's codes that break them). ``"strict"``: no violation at all (see
+    :mod:`tagfer.trace`): also no text outside the blocks, lower-case tags,
+    boxes of four integers inside the canvas with ``x1 < x2``, ``y1 < y2``.
+    The paper's rules are the default because they are what the paper
+    rewards, and because the no-bbox ablation's empty ``<bbox></bbox>`` tags
+    (kept by default, see :func:`tagfer.trace.strip_bboxes`) would score 0
+    under the strict rules.
 
 Total: ``w_au·R_AU + w_ans·R_ans + w_fmt·R_fmt`` where a skipped ``R_AU``
 contributes 0 but stays ``None`` in :class:`RewardBreakdown`.
@@ -73,10 +92,32 @@ __all__ = [
     "score_batch",
     "score_group",
     "as_box_array",
+    "PAPER_FORMAT_VIOLATIONS",
+    "format_ok",
 ]
 
 Matching = Literal["paper", "one_to_one"]
 AUReward = Literal["iou", "f1"]
+AUCount = Literal["aus", "boxes"]
+FormatRules = Literal["paper", "strict"]
+
+# Parser violations that break one of the paper's three R_fmt conditions (§3.3):
+# a single think block; at most three boxes, inside it; exactly one answer span with a valid label.
+PAPER_FORMAT_VIOLATIONS: frozenset[str] = frozenset(
+    {
+        "not_text",
+        "no_think",
+        "multiple_think",
+        "no_answer",
+        "multiple_answer",
+        "answer_empty",
+        "answer_multiple_labels",
+        "answer_excluded",
+        "answer_unknown",
+        "bbox_outside_think",
+        "too_many_bboxes",
+    }
+)
 Completion = str | ParsedTrace
 
 
@@ -97,6 +138,10 @@ class RewardConfig:
         au_reward: ``"iou"`` (Eq. 3–4) or ``"f1"`` (the Table 4 variant).
         canvas: side of the virtual canvas, coordinates ``0 .. canvas-1``.
         max_boxes: most boxes a well-formed response may hold (paper: 3).
+        format_rules: ``"paper"`` (the three conditions of §3.3, default) or
+            ``"strict"`` (every parser rule); see the module docstring.
+        au_count: ``n`` of Eq. 4: ``"aus"`` (activated AUs, the paper) or
+            ``"boxes"`` (distinct AU boxes).
     """
 
     fmt_bonus: float = 0.5
@@ -107,8 +152,14 @@ class RewardConfig:
     au_reward: AUReward = "iou"
     canvas: int = CANVAS
     max_boxes: int = MAX_BOXES
+    format_rules: FormatRules = "paper"
+    au_count: AUCount = "aus"
 
     def __post_init__(self) -> None:
+        if self.format_rules not in ("paper", "strict"):
+            raise ValueError(f"format_rules must be 'paper' or 'strict', got {self.format_rules!r}")
+        if self.au_count not in ("aus", "boxes"):
+            raise ValueError(f"au_count must be 'aus' or 'boxes', got {self.au_count!r}")
         if self.matching not in ("paper", "one_to_one"):
             raise ValueError(f"matching must be 'paper' or 'one_to_one', got {self.matching!r}")
         if self.au_reward not in ("iou", "f1"):
@@ -269,6 +320,20 @@ def _one_to_one(ious: np.ndarray) -> float:
     return _top_mean(assigned + [0.0] * (k - len(assigned)), n)
 
 
+def _truth_boxes(au_boxes: Any, au_count: str) -> np.ndarray:
+    """Ground-truth boxes as ``(n, 4)``; ``au_count="boxes"`` keeps one row per distinct box (first-seen order)."""
+    truth = as_box_array(au_boxes)
+    if au_count == "boxes" and truth.shape[0] > 1:
+        _, first = np.unique(truth, axis=0, return_index=True)
+        truth = truth[np.sort(first)]
+    return truth
+
+
+def _check_au_count(au_count: str) -> None:
+    if au_count not in ("aus", "boxes"):
+        raise ValueError(f"au_count must be 'aus' or 'boxes', got {au_count!r}")
+
+
 def _r_au_from_ious(ious: np.ndarray, matching: str) -> float:
     if matching == "paper":
         return _top_mean(ious.max(axis=1).tolist() if ious.shape[0] else [], ious.shape[1])
@@ -280,16 +345,20 @@ def r_au(
     au_boxes: Any,
     matching: Matching = "paper",
     canvas: int = CANVAS,
+    au_count: AUCount = "aus",
 ) -> float | None:
     """``R_AU`` of Eq. 3–4 (see the module docstring for every edge case).
 
     ``pred_boxes``: a response (text or ParsedTrace) or a sequence of boxes
     (``None`` entries = unreadable boxes); ``au_boxes``: the activated AU
-    boxes on the canvas. Returns ``None`` when there is no AU box.
+    boxes on the canvas, one per activated AU. ``au_count``: what ``n``
+    counts (``"aus"``: rows of ``au_boxes``; ``"boxes"``: distinct boxes).
+    Returns ``None`` when there is no AU box.
     """
     if matching not in ("paper", "one_to_one"):
         raise ValueError(f"matching must be 'paper' or 'one_to_one', got {matching!r}")
-    truth = as_box_array(au_boxes)
+    _check_au_count(au_count)
+    truth = _truth_boxes(au_boxes, au_count)
     if truth.shape[0] == 0:
         return None
     rows = _pred_rows(pred_boxes)
@@ -335,9 +404,18 @@ def r_ans(completion: Completion, label: str, cfg: RewardConfig = DEFAULT_CONFIG
     return 1.0 if _parsed(completion, cfg).label == truth else 0.0
 
 
+def format_ok(parsed: ParsedTrace, rules: FormatRules = "paper") -> bool:
+    """Whether a parsed response passes the format rules (``"paper"``: §3.3's three conditions; ``"strict"``: no violation)."""
+    if rules == "strict":
+        return not parsed.violations
+    if rules == "paper":
+        return PAPER_FORMAT_VIOLATIONS.isdisjoint(parsed.violations)
+    raise ValueError(f"format_rules must be 'paper' or 'strict', got {rules!r}")
+
+
 def r_fmt(completion: Completion, cfg: RewardConfig = DEFAULT_CONFIG) -> float:
-    """``R_fmt``: ``cfg.fmt_bonus`` iff the response is well-formed, else 0.0."""
-    return cfg.fmt_bonus if _parsed(completion, cfg).well_formed else 0.0
+    """``R_fmt``: ``cfg.fmt_bonus`` iff the response passes ``cfg.format_rules``, else 0.0."""
+    return cfg.fmt_bonus if format_ok(_parsed(completion, cfg), cfg.format_rules) else 0.0
 
 
 def _total(au: float | None, ans: float, fmt: float, cfg: RewardConfig) -> RewardBreakdown:
@@ -358,7 +436,7 @@ def reward_breakdown(
     """All components of one rollout's reward (Eq. 5); the reference semantics of :func:`score_batch`."""
     p = _parsed(completion, cfg)
     if cfg.au_reward == "iou":
-        au = r_au(p, au_boxes, cfg.matching, cfg.canvas)
+        au = r_au(p, au_boxes, cfg.matching, cfg.canvas, cfg.au_count)
     else:
         au = r_au_f1(p, aus, cfg)
     return _total(au, r_ans(p, label, cfg), r_fmt(p, cfg), cfg)
@@ -396,6 +474,7 @@ def r_au_batch(
     au_boxes: Sequence[Any],
     matching: Matching = "paper",
     canvas: int = CANVAS,
+    au_count: AUCount = "aus",
 ) -> list[float | None]:
     """:func:`r_au` for many rollouts: ``preds[i]`` is scored against ``au_boxes[i]``.
 
@@ -406,6 +485,7 @@ def r_au_batch(
     """
     if matching not in ("paper", "one_to_one"):
         raise ValueError(f"matching must be 'paper' or 'one_to_one', got {matching!r}")
+    _check_au_count(au_count)
     count = len(preds)
     if count != len(au_boxes):
         raise ValueError(f"{count} rollouts but {len(au_boxes)} AU box lists")
@@ -420,7 +500,7 @@ def r_au_batch(
         stop = start + 1
         while stop < count and _same_boxes(au_boxes[stop], au_boxes[start]):
             stop += 1
-        truth = as_box_array(au_boxes[start])
+        truth = _truth_boxes(au_boxes[start], au_count)
         n = truth.shape[0]
         if n:
             truths.append(truth)
@@ -478,20 +558,21 @@ def score_batch(
         raise ValueError(f"{count} completions but {len(labels)} labels")
     if cfg.au_reward == "iou":
         boxes = au_boxes if au_boxes is not None else [None] * count
-        au_vals = r_au_batch(parsed, boxes, cfg.matching, cfg.canvas)
+        au_vals = r_au_batch(parsed, boxes, cfg.matching, cfg.canvas, cfg.au_count)
     else:
         annotated = aus if aus is not None else [None] * count
         if len(annotated) != count:
             raise ValueError(f"{count} completions but {len(annotated)} AU lists")
         au_vals = [r_au_f1(p, a, cfg) for p, a in zip(parsed, annotated)]
     bonus = cfg.fmt_bonus
+    rules = cfg.format_rules
     truths: dict[str, str] = {}
     out = []
     for p, label, au in zip(parsed, labels, au_vals):
         truth = truths.get(label) if isinstance(label, str) else None
         if truth is None:
             truth = truths[label] = _truth(label)
-        out.append(_total(au, 1.0 if p.label == truth else 0.0, 0.0 if p.violations else bonus, cfg))
+        out.append(_total(au, 1.0 if p.label == truth else 0.0, bonus if format_ok(p, rules) else 0.0, cfg))
     return out
 
 

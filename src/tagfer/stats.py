@@ -11,12 +11,20 @@ Summary JSON (``stats.json``)::
      "aus_per_image": {"mean", "histogram"},        # activated AUs, every grounded image
      "au_frequency": {"AU12": count, ...},          # activated AUs, every grounded image
      "candidate_pool": {"histogram": {size: count}, "no_candidate_rate": float},
+     "activation": {"no_activated_rate": float, "no_candidate_but_activated_rate": float,
+                    "au_threshold": float, "au_candidate_threshold": float},
      "aus_used_per_trace": {"mean", "histogram", "exactly_3_rate"},   # boxes in accepted targets
      "trace_tokens": {"mean", "max", "median", "tokenizer"}}
 
 "Grounded images" are accepted samples plus rejected items that got past AU
 detection (their records carry ``top``/``active``). Candidate pool = the top-K
-AU list given to the teacher (size 0 = no candidate; paper: ~21%). AUs used
+AU list given to the teacher (size 0 = no candidate; paper: ~21%). The two
+rates come from two thresholds (:class:`tagfer.aus.AUConfig`): activated AUs
+(``aus_per_image``, paper ≈5–6; ``no_activated_rate``: images whose R_AU is
+skipped) and confident candidates (``no_candidate_rate``;
+``no_candidate_but_activated_rate``: images the teacher sees without an AU
+list but whose R_AU still applies). The thresholds are read from
+``build_config.json`` (the AUConfig defaults when it leaves them unset). AUs used
 per trace = boxes in the accepted target (paper: 65% use exactly 3).
 Trace length: tokens of the completion with the given tokenizer (a
 transformers tokenizer folder), else the number of whitespace-separated
@@ -72,6 +80,23 @@ def _files(build_dir: Path, stem: str) -> list[Path]:
     return sorted(build_dir.glob(f"{stem}*.jsonl"))
 
 
+def _thresholds(build_dir: Path) -> dict[str, float]:
+    """The activation and candidate thresholds of the build (its build_config*.json, else the AUConfig defaults)."""
+    from tagfer.aus import AUConfig
+
+    out = {"au_threshold": AUConfig.threshold, "au_candidate_threshold": AUConfig.candidate_threshold}
+    for f in sorted(build_dir.glob("build_config*.json")):
+        try:
+            cfg = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        for key in out:
+            if isinstance(cfg.get(key), (int, float)):
+                out[key] = float(cfg[key])
+        break
+    return out
+
+
 def compute_stats(build_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> dict[str, Any]:
     """The summary dict (module docstring) of the build in ``build_dir``; plots need the raw counters (``_counters``)."""
     d = Path(build_dir)
@@ -98,13 +123,17 @@ def compute_stats(build_dir: str | os.PathLike, tokenizer: str | os.PathLike | N
     used: Counter = Counter()
     tokens: Counter = Counter()
     seen: set[str] = set()
+    pool_empty_active = 0
 
     def grounded(active: list[int] | None, top: list | None) -> None:
+        nonlocal pool_empty_active
         if active is None:
             return
         aus_per_image[len(active)] += 1
         au_freq.update(f"AU{int(a)}" for a in active)
         pool[len(top or [])] += 1
+        if not top and active:
+            pool_empty_active += 1
 
     for f in _files(d, "accepted"):
         for r in read_jsonl(f):
@@ -156,6 +185,11 @@ def compute_stats(build_dir: str | os.PathLike, tokenizer: str | os.PathLike | N
         "aus_per_image": {"mean": _mean(aus_per_image), "histogram": _hist(aus_per_image)},
         "au_frequency": dict(au_freq.most_common()),
         "candidate_pool": {"histogram": _hist(pool), "no_candidate_rate": round(pool[0] / n_pool, 4) if n_pool else 0.0},
+        "activation": {
+            "no_activated_rate": round(aus_per_image[0] / n_pool, 4) if n_pool else 0.0,
+            "no_candidate_but_activated_rate": round(pool_empty_active / n_pool, 4) if n_pool else 0.0,
+            **_thresholds(d),
+        },
         "aus_used_per_trace": {"mean": _mean(used), "histogram": _hist(used), "exactly_3_rate": round(used[3] / n_used, 4) if n_used else 0.0},
         "trace_tokens": {"mean": _mean(tokens), "max": max(tokens) if tokens else 0, "median": _median(tokens), "tokenizer": tok_name},
         "_counters": {"tokens": tokens},

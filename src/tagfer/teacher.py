@@ -35,7 +35,12 @@ tag rule (no new regexes):
   the candidate set;
 * every ``<AUx> [box]`` tag copies an AU and its box verbatim from the AU list,
   no AU twice, at most ``max_regions`` tags (:func:`tagfer.trace.validate_teacher_tags`);
-  with a non-empty AU list at least ``min_tags`` tags; with no AU list, no tag at all;
+  with a non-empty AU list at least ``min_tags`` tags (default 0: the paper
+  lets the teacher select zero AUs); with no AU list, no tag at all;
+* the CoT makes no numerical AU claim (App. D.3: AU values are never evidence):
+  it quotes no confidence of the AU list (``0.83``, ``.83``, ``83%``) and writes
+  no decimal or percentage next to an AU name or the words confidence, score,
+  probability, intensity (:func:`numeric_au_claims`);
 * the CoT opens with a global analysis: at least ``min_global_words`` words
   before the first tag;
 * the CoT contains none of the output-grammar tags (think/answer/bbox);
@@ -70,6 +75,7 @@ __all__ = [
     "check_quality",
     "check_trace",
     "build_completion",
+    "numeric_au_claims",
 ]
 
 TEACHER_PROMPTS = ("teacher_quality", "teacher_trace", "teacher_candidates", "teacher_trace_noau")
@@ -233,13 +239,41 @@ def _aus_tagged(cot: str, items: list[AUItem]) -> list[int]:
     return [au for _, au in sorted(pos)]
 
 
+_NUM = r"(?:\d+\.\d+|\.\d+|\d+(?:\.\d+)?\s*%)"
+_NEAR_AU = re.compile(r"\bAU[ _-]?\d{1,2}\b[^.\n<>]{0,40}?(" + _NUM + r")", re.IGNORECASE)
+_NEAR_WORD = re.compile(r"\b(?:confidence|confident|score|probability|likelihood|intensity)\b[^.\n<>]{0,25}?(" + _NUM + r")", re.IGNORECASE)
+_ANY_NUM = re.compile(r"(?<![\d.])" + _NUM)
+_TEACHER_TAG_SPAN = re.compile(r"<AU\d{1,2}>\s*\[[^\]]*\]")
+
+
+def _number_value(text: str) -> float:
+    t = text.replace(" ", "")
+    return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+
+
+def numeric_au_claims(cot: str, items: Sequence[AUItem] = ()) -> list[str]:
+    """Numbers a CoT states about AUs: listed confidences it quotes, decimals/percentages next to
+    an AU name or a word like "confidence". The ``<AUx> [box]`` tags themselves are ignored."""
+    text = _TEACHER_TAG_SPAN.sub(" ", cot)
+    scores = {round(float(it.score), 2) for it in items}
+    found: list[str] = []
+    for m in _ANY_NUM.finditer(text):
+        if round(_number_value(m.group(0)), 2) in scores and m.group(0) not in found:
+            found.append(m.group(0))
+    for rx in (_NEAR_AU, _NEAR_WORD):
+        for m in rx.finditer(text):
+            if m.group(1) not in found:
+                found.append(m.group(1))
+    return found
+
+
 def check_trace(
     text: str,
     au_list: str | Sequence[Any],
     candidates: Iterable[str] = LABELS,
     *,
     max_regions: int = MAX_BOXES,
-    min_tags: int = 1,
+    min_tags: int = 0,
     min_global_words: int = 3,
 ) -> TraceCheck:
     """Stage III format checks of one teacher reply (module docstring lists them)."""
@@ -273,6 +307,9 @@ def check_trace(
         if t in low:
             problems.append(f"CoT contains the output tag {t}>")
             break
+    claims = numeric_au_claims(cot, items)
+    if claims:
+        problems.append(f"the CoT states AU values ({', '.join(claims[:3])}): AU confidences are not evidence, describe what is visible")
     if items:
         problems.extend(validate_teacher_tags(cot, items, max_tags=max_regions))
         res.aus_used = _aus_tagged(cot, items)

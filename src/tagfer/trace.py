@@ -17,7 +17,8 @@ Tags
     names are well-formed (violation ``tag_case``). Whitespace around tags
     and inside ``[ ]`` is free.
 
-Well-formedness (what ``R_fmt`` checks, paper §3.3): no violation at all,
+Well-formedness (what the strict ``R_fmt`` checks; the paper's three §3.3 conditions, the
+default ``R_fmt``, are a subset: see :mod:`tagfer.rewards`): no violation at all,
 i.e. exactly one non-empty think block, at most ``max_boxes`` (3) boxes, all
 inside it, each exactly four integers ``0 ≤ v ≤ canvas-1`` with
 ``x1 < x2`` and ``y1 < y2``; exactly one answer span after the think block
@@ -595,14 +596,23 @@ _BBOX_ELEMENT = re.compile(r"(?P<pre>[ \t]*)<\s*bbox\s*>.*?<\s*/\s*bbox\s*>(?P<p
 _NO_SPACE_BEFORE = frozenset(".,;:!?)]}\n\r")
 
 
-def strip_bboxes(text: str) -> str:
-    """Delete every ``<bbox>…</bbox>`` element (the no-bbox ablation, Table 3).
+_BBOX_CONTENT = re.compile(r"(<\s*bbox\s*>).*?(<\s*/\s*bbox\s*>)", re.IGNORECASE | re.DOTALL)
 
-    Everything else is kept, AU names included. The spaces around a deleted
-    element collapse to one, or to none before punctuation, a line break or
-    the end of the text, and after a line break or the start of the text. An
-    element glued between two words (no spaces) leaves one space.
+
+def strip_bboxes(text: str, keep_tags: bool = True) -> str:
+    """The no-bbox ablation (Table 3): remove the coordinates of every box.
+
+    ``keep_tags=True`` (default, the paper read literally: it deletes the
+    content enclosed by ``<bbox>`` and ``</bbox>`` and keeps every other token
+    and the structure) leaves an empty ``<bbox></bbox>`` in place; nothing
+    else changes. ``keep_tags=False`` deletes the whole element, tags
+    included; the spaces around it collapse to one, or to none before
+    punctuation, a line break or the end of the text, and after a line break
+    or the start of the text. An element glued between two words (no spaces)
+    leaves one space. AU names are kept either way.
     """
+    if keep_tags:
+        return _BBOX_CONTENT.sub(r"\1\2", text)
 
     def repl(m: re.Match[str]) -> str:
         s = m.string

@@ -10,6 +10,12 @@ Images are resized so their longer side is ``image_side`` (paper: 224, aspect ra
 before the processor sees them; the processor's own pixel limits (``min_pixels`` /
 ``max_pixels``) can be set too. Boxes the model writes are on TAG's 512 canvas, which is
 independent of this resize (see :mod:`tagfer.canvas`).
+
+At most three boxes (the paper restricts the model to three ``<bbox>`` at inference):
+``generate(max_boxes=3)`` installs :class:`BoxLimitProcessor`, a logits processor that
+forbids every token completing a fourth ``<bbox`` in the generated text, so the model
+goes on with its reasoning and answer instead. Served backends cannot do this and
+truncate instead (:func:`tagfer.backends.limit_boxes`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,47 @@ from typing import Any, Sequence
 from PIL import Image
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+BOX_OPEN = "<bbox"
+
+
+def _open_suffix(text: str) -> int:
+    """Length of the longest end of ``text`` that is a proper prefix of ``<bbox`` (0..4)."""
+    for k in range(len(BOX_OPEN) - 1, 0, -1):
+        if text.endswith(BOX_OPEN[:k]):
+            return k
+    return 0
+
+
+class BoxLimitProcessor:
+    """A transformers logits processor: once the generated text of a row holds ``max_boxes``
+    ``<bbox`` openings, every token that would complete another one gets ``-inf``.
+
+    ``token_texts[i]`` is the decoded text of token ``i``; ``prompt_len`` the (left-padded)
+    prompt length, so only generated tokens count. For each ``k`` (how much of ``<bbox`` the
+    text already ends with) the banned token ids are precomputed once.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_len: int, max_boxes: int, token_texts: Sequence[str]):
+        import torch
+
+        self.tokenizer, self.prompt_len, self.max_boxes = tokenizer, int(prompt_len), int(max_boxes)
+        self.banned = [
+            torch.tensor([i for i, t in enumerate(token_texts) if BOX_OPEN in BOX_OPEN[:k] + t], dtype=torch.long)
+            for k in range(len(BOX_OPEN))
+        ]
+        space = [i for i, t in enumerate(token_texts) if t == " "]
+        self.fallback = space[0] if space else 0
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        for row in range(input_ids.shape[0]):
+            text = self.tokenizer.decode(input_ids[row, self.prompt_len :], skip_special_tokens=True)
+            if text.count(BOX_OPEN) < self.max_boxes:
+                continue
+            ban = self.banned[_open_suffix(text)].to(scores.device)
+            scores[row, ban] = float("-inf")
+            if bool(scores[row].isneginf().all()):  # a sampler kept only banned tokens
+                scores[row, self.fallback] = 0.0
+        return scores
 
 
 class ModelNotAvailable(RuntimeError):
@@ -179,6 +226,13 @@ class VLM:
         tok = getattr(processor, "tokenizer", processor)
         tok.padding_side = "left"
         self.tokenizer = tok
+        self._token_texts: list[str] | None = None
+
+    def token_texts(self) -> list[str]:
+        """Decoded text of every token id (computed once; used by :class:`BoxLimitProcessor`)."""
+        if self._token_texts is None:
+            self._token_texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        return self._token_texts
 
     @property
     def device(self):
@@ -207,8 +261,13 @@ class VLM:
         top_p: float = 1.0,
         seed: int | None = None,
         batch_size: int = 8,
+        max_boxes: int | None = None,
     ) -> list[str]:
-        """Completions for ``(image, user)`` pairs; greedy when ``temperature == 0`` (paper: TAG), else sampled."""
+        """Completions for ``(image, user)`` pairs; greedy when ``temperature == 0`` (paper: TAG), else sampled.
+
+        ``max_boxes``: at most this many ``<bbox>`` per completion, enforced while decoding
+        (:class:`BoxLimitProcessor`); ``None``: no limit.
+        """
         import torch
 
         if len(images) != len(users):
@@ -223,8 +282,14 @@ class VLM:
         out: list[str] = []
         for i in range(0, len(users), max(1, batch_size)):
             inputs = self.prepare(images[i : i + batch_size], users[i : i + batch_size], system)
+            extra: dict[str, Any] = {}
+            if max_boxes is not None:
+                from transformers import LogitsProcessorList
+
+                limit = BoxLimitProcessor(self.tokenizer, inputs["input_ids"].shape[1], max_boxes, self.token_texts())
+                extra["logits_processor"] = LogitsProcessorList([limit])
             with torch.inference_mode():
-                ids = self.model.generate(**inputs, **gen)
+                ids = self.model.generate(**inputs, **gen, **extra)
             new = ids[:, inputs["input_ids"].shape[1] :]
             out.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
         return out

@@ -14,10 +14,11 @@ from rich.table import Table
 from tagfer.cli._app import app, console, out_console
 
 
-def _au_config(top_k: int, threshold: float, bilateral: str, canvas: int):
+def _au_config(top_k: int, threshold: float, bilateral: str, canvas: int, candidate_threshold: float | None = None):
     from tagfer.aus import AUConfig
 
-    return AUConfig(threshold=threshold, top_k=top_k, bilateral=bilateral, canvas=canvas)
+    extra = {} if candidate_threshold is None else {"candidate_threshold": candidate_threshold}
+    return AUConfig(threshold=threshold, top_k=top_k, bilateral=bilateral, canvas=canvas, **extra)
 
 
 def set_verbose(verbose: bool) -> None:
@@ -52,6 +53,7 @@ def au_cmd(
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="Worker processes."),
     top_k: int = typer.Option(3, "--top-k", min=0, help="AUs in the candidate pool / AU_LIST (paper: 3)."),
     threshold: float = typer.Option(0.3, "--threshold", min=0.0, max=1.0, help="Activation threshold on AU scores."),
+    candidate_threshold: Optional[float] = typer.Option(None, "--candidate-threshold", min=0.0, max=1.0, help="Score an activated AU needs to enter the candidate pool / AU_LIST (default: AUConfig's)."),
     all_faces: bool = typer.Option(False, "--all-faces", help="Keep every face (default: the largest)."),
     detector: str = typer.Option("mediapipe", "--detector", help="mediapipe | openface:CSV_OR_DIR | table:LONG_CSV"),
     bilateral: str = typer.Option("union", "--bilateral", help="union: one box over both sides; split: one per side."),
@@ -80,7 +82,7 @@ def au_cmd(
         raise typer.Exit(2)
     spec = DetectorSpec(
         kind=detector,
-        config=_au_config(top_k, threshold, bilateral, canvas),
+        config=_au_config(top_k, threshold, bilateral, canvas, candidate_threshold),
         landmarker_path=str(landmarker) if landmarker else None,
         fallback=fallback,
     )

@@ -40,6 +40,10 @@ def build_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Stop after this many new items (trial runs)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="JSON file of BuildConfig fields (command-line options win)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live status line."),
+    format_retry: Optional[str] = typer.Option(None, "--format-retry", help="Format retries: repeat (default, the paper: the same request again) | feedback (problems appended, --retry-temperature)."),
+    min_tags: Optional[int] = typer.Option(None, "--min-tags", min=0, help="Fewest AU tags a trace must hold when it has an AU list (default 0: the paper lets the teacher select none)."),
+    au_threshold: Optional[float] = typer.Option(None, "--au-threshold", min=0.0, max=1.0, help="Activation threshold: AUs scoring at least this are activated (B_AU, R_AU targets). Default: tagfer.aus.AUConfig."),
+    au_candidate_threshold: Optional[float] = typer.Option(None, "--au-candidate-threshold", min=0.0, max=1.0, help="Confidence an activated AU needs to enter the teacher's top-K AU list. Default: tagfer.aus.AUConfig."),
 ) -> None:
     """Build TAG data: quality filter → AU-grounded traces → validation → label elimination (paper Algorithm 1)."""
     from tagfer.build import BuildConfig, run_build
@@ -58,6 +62,9 @@ def build_cmd(
         no_au=no_au, detector=detector, au_workers=au_workers, image_side=image_side, max_tokens=max_tokens,
         temperature=temperature, retry_temperature=retry_temperature, limit=limit, **prompts,
     )
+    # options left unset keep the BuildConfig defaults (or the --config file's values)
+    fields.update({k: v for k, v in (("format_retry", format_retry), ("min_tags", min_tags), ("au_threshold", au_threshold),
+                                     ("au_candidate_threshold", au_candidate_threshold)) if v is not None})
     try:
         cfg = BuildConfig(**fields)
     except (TypeError, ValueError) as e:
@@ -89,6 +96,7 @@ def export_cmd(
     fmt: List[str] = typer.Option(["all"], "--format", "-f", help="all | llamafactory | hf | verl (repeatable)."),
     embed_images: bool = typer.Option(True, "--embed-images/--no-embed-images", help="verl: embed image bytes in the parquet."),
     nobbox: bool = typer.Option(True, "--nobbox/--no-nobbox", help="Also write the no-bbox ablation variant."),
+    nobbox_mode: Optional[str] = typer.Option(None, "--nobbox-mode", help="content (default, the paper: coordinates removed, empty <bbox></bbox> kept) | element (the tags removed too)."),
     per_source: bool = typer.Option(True, "--per-source/--no-per-source", help="Also write per-dataset subsets."),
     system_prompt: Optional[Path] = typer.Option(None, "--system-prompt", help="Override file of the TAG system prompt."),
     user_prompt: Optional[Path] = typer.Option(None, "--user-prompt", help="Override file of the TAG user prompt."),
@@ -97,7 +105,8 @@ def export_cmd(
     from tagfer.export import export
 
     try:
-        s = export(build_dir, to, fmt, embed_images=embed_images, nobbox=nobbox, per_source=per_source, system_prompt=system_prompt, user_prompt=user_prompt)
+        extra = {"nobbox_mode": nobbox_mode} if nobbox_mode is not None else {}
+        s = export(build_dir, to, fmt, embed_images=embed_images, nobbox=nobbox, per_source=per_source, system_prompt=system_prompt, user_prompt=user_prompt, **extra)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
@@ -123,7 +132,9 @@ def stats_cmd(
         raise typer.Exit(2)
     out_console.print(
         f"accepted {s['accepted']} / processed {s['processed']} (acceptance {s['acceptance_rate']:.1%}); "
-        f"no-candidate rate {s['candidate_pool']['no_candidate_rate']:.1%}; "
+        f"activated AUs/image {s['aus_per_image']['mean']} (none: {s['activation']['no_activated_rate']:.1%}); "
+        f"no-candidate rate {s['candidate_pool']['no_candidate_rate']:.1%} "
+        f"(of which activated: {s['activation']['no_candidate_but_activated_rate']:.1%}); "
         f"traces with 3 regions {s['aus_used_per_trace']['exactly_3_rate']:.1%}; "
         f"trace length mean {s['trace_tokens']['mean']} / max {s['trace_tokens']['max']} {s['trace_tokens']['tokenizer']} tokens"
     )

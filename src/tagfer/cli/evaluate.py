@@ -63,6 +63,7 @@ def eval_cmd(
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Override top-p (baseline 0.9)."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Most tokens generated per answer (paper: 512)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (where the backend supports it)."),
+    max_boxes: Optional[int] = typer.Option(None, "--max-boxes", min=0, help="Most <bbox> per answer, enforced at inference (default: 3 for TAG as in the paper, none with --baseline)."),
     system_prompt: Optional[Path] = typer.Option(None, "--system-prompt", help="File replacing the unified TAG system prompt."),
     user_prompt: Optional[Path] = typer.Option(None, "--user-prompt", help="File replacing the TAG user prompt."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name stored in the records (default: the spec)."),
@@ -98,7 +99,7 @@ def eval_cmd(
         kind = "facs" if model.split(":", 1)[0] == "facs" else parse_spec(model)[0]
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         _fail(str(e))
-    gen = generation_defaults(baseline, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    gen = generation_defaults(baseline, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_boxes=max_boxes)
     try:
         if kind == "facs":
             from tagfer.detectors import DetectorSpec
@@ -268,12 +269,12 @@ def judge_cmd(
     repeats: int = typer.Option(3, "--repeats", min=1, help="Judgments per pair with different seeds (paper: 3)."),
     seed: int = typer.Option(0, "--seed", help="First seed (order randomisation and sampling)."),
     temperature: float = typer.Option(0.7, "--temperature", min=0.0),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=16),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=16, help="Judge reply budget (a reasoning judge needs room before its JSON)."),
     max_retries: int = typer.Option(2, "--max-retries", min=0, help="Re-asks after a malformed reply or failed request."),
     served_model: Optional[str] = typer.Option(None, "--served-model", help="openai: model name sent to the server."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1),
     system_prompt: Optional[Path] = typer.Option(None, "--system-prompt", help="File replacing the judge system prompt."),
-    user_prompt: Optional[Path] = typer.Option(None, "--user-prompt", help="File replacing the judge user template ($response_a, $response_b, $label)."),
+    user_prompt: Optional[Path] = typer.Option(None, "--user-prompt", help="File replacing the judge user template ($task_prompt, $response_a, $response_b, $label)."),
     summary: Optional[Path] = typer.Option(None, "--summary", help="Aggregate JSON (default: <out>.summary.json)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:

@@ -156,7 +156,7 @@ class TAGReward:
                 aus = _column(kwargs, "aus", n, name)
                 return [_r_au_f1(p, a, cfg) for p, a in zip(parsed, aus)]
             boxes = _column(kwargs, "au_boxes", n, name)
-            return r_au_batch(parsed, boxes, cfg.matching, cfg.canvas)
+            return r_au_batch(parsed, boxes, cfg.matching, cfg.canvas, cfg.au_count)
         labels = _column(kwargs, "label", n, name)
         if cfg.au_reward == "f1":
             out = score_batch(parsed, labels, None, cfg, _column(kwargs, "aus", n, name))
