@@ -49,18 +49,3 @@ def test_full_finetune_keeps_vision_frozen(train_tiny_dir):
             assert not p.requires_grad, n
         elif "language_model" in n:
             assert p.requires_grad, n
-
-
-def test_use_vllm_without_vllm_is_clear():
-    pytest.importorskip("trl")
-    try:
-        import vllm  # noqa: F401
-
-        pytest.skip("vllm installed")
-    except ImportError:
-        pass
-    from tagfer.train.config import load_config
-    from tagfer.train.grpo import _check_vllm
-
-    with pytest.raises(RuntimeError, match="vLLM is not installed"):
-        _check_vllm(load_config("tiny_cpu_grpo", ["grpo.use_vllm=true"]))

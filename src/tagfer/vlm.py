@@ -215,7 +215,8 @@ class VLM:
             raise ValueError(f"{len(images)} images for {len(users)} prompts")
         if seed is not None:
             torch.manual_seed(seed)
-        gen: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+        gen: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id,
+                               "use_cache": True}
         if temperature > 0:
             gen.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
