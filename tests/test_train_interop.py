@@ -16,30 +16,64 @@ def test_llamafactory_yaml_matches_preset(tmp_path):
     lf = llamafactory_config(cfg, dataset="tag_sft", dataset_dir="data/tag")
     assert lf["stage"] == "sft" and lf["finetuning_type"] == "lora"
     assert (lf["lora_rank"], lf["lora_alpha"], lf["lora_dropout"]) == (128, 256, 0.05)
-    assert lf["freeze_vision_tower"] is True and lf["freeze_multi_modal_projector"] is False
+    # with LoRA, LLaMA-Factory trains the projector only as an additional target (freeze_* applies to freeze/full)
+    assert lf["additional_target"] == "merger" and lf["freeze_vision_tower"] is True
     assert (lf["learning_rate"], lf["lr_scheduler_type"], lf["warmup_ratio"]) == (2e-5, "cosine", 0.03)
     assert (lf["weight_decay"], lf["max_grad_norm"], lf["cutoff_len"]) == (0.01, 1.0, 2048)
-    assert lf["image_max_pixels"] == 224 * 224 and lf["dataset"] == "tag_sft"
+    assert (lf["image_min_pixels"], lf["image_max_pixels"]) == (56 * 56, 224 * 224) and lf["dataset"] == "tag_sft"
     p = write_yaml(lf, tmp_path / "lf.yaml", "# header")
     assert yaml.safe_load(p.read_text()) == lf
+    frozen = llamafactory_config(load_config("sft_tag310k", ["lora.train_projector=false"]))
+    assert "additional_target" not in frozen
 
 
-def test_verl_config_has_grpo_hparams_and_reward():
-    import tagfer.integrations.verl as vr
-    from tagfer.train.interop import verl_command, verl_config
+def _key_paths(d, prefix=""):
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        yield key
+        if isinstance(v, dict):
+            yield from _key_paths(v, key)
+
+
+def test_verl_config_keys_exist_in_verl_schema():
+    """Every key of the YAML is a key of verl 0.9.1's merged ppo_trainer defaults (struct mode would refuse others)."""
+    from pathlib import Path
+
+    from tagfer.train.interop import verl_config
+
+    pinned = Path(__file__).parent / "pinned" / "verl-0.9.1-ppo_trainer.keys"
+    schema = {line.strip() for line in pinned.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    assert "reward.custom_reward_function.path" in schema and "custom_reward_function.reward_kwargs" not in schema
+    for preset in ("grpo_rafdb", "grpo_f1", "grpo_rlvr"):
+        unknown = [k for k in _key_paths(verl_config(load_config(preset))) if k not in schema]
+        assert unknown == [], (preset, unknown)
+
+
+def test_verl_config_has_grpo_hparams_and_portable_reward(tmp_path):
+    from tagfer.integrations.verl import compute_score
+    from tagfer.train.interop import VERL_REWARD_PATH, verl_reward_overrides, write_verl_files
 
     cfg = load_config("grpo_f1")
+    from tagfer.train.interop import verl_config
+
     v = verl_config(cfg, n_gpus=4)
     a = v["actor_rollout_ref"]
     assert v["algorithm"]["adv_estimator"] == "grpo"
     assert a["rollout"]["n"] == 8 and a["actor"]["kl_loss_coef"] == 0.04 and a["actor"]["clip_ratio"] == 0.2
     assert a["actor"]["optim"]["lr"] == 1e-6 and a["actor"]["grad_clip"] == 1.0 and v["trainer"]["total_epochs"] == 2
-    crf = v["custom_reward_function"]
-    assert crf["path"] == vr.__file__ and crf["name"] == "compute_score"
-    assert crf["reward_kwargs"]["au_reward"] == "f1"
-    cmd = verl_command(v)
-    assert "custom_reward_function.name=compute_score" in cmd
-    assert "+custom_reward_function.reward_kwargs.au_reward=f1" in cmd
+    crf = v["reward"]["custom_reward_function"]
+    assert crf == {"path": "pkg://tagfer.integrations.verl", "name": "compute_score"} and VERL_REWARD_PATH == crf["path"]
+    import importlib
+
+    module = importlib.import_module(crf["path"][len("pkg://"):])  # what verl's load_extern_object does
+    assert getattr(module, crf["name"]) is compute_score
+    assert verl_reward_overrides(cfg) == ["+reward.custom_reward_function.reward_kwargs.au_reward=f1"]
+    assert verl_reward_overrides(load_config("grpo_rafdb")) == []
+    y, sh = write_verl_files(cfg, tmp_path / "verl.yaml", "data/verl/rafdb.parquet", name="grpo_f1")
+    cmd = sh.read_text()
+    assert "reward.custom_reward_function.name=compute_score" in cmd
+    assert "+reward.custom_reward_function.reward_kwargs.au_reward=f1" in cmd
+    assert "reward_kwargs" not in yaml.safe_load(y.read_text())["reward"]["custom_reward_function"]
 
 
 def test_default_export_names():

@@ -65,6 +65,80 @@ def resize_for_model(image: Image.Image, side: int = 224) -> Image.Image:
     return img if size == (w, h) else img.resize(size, Image.BICUBIC)
 
 
+#: Qwen2-VL family: 14 px patches merged 2x2, so one image token covers 28x28 px.
+PATCH_FACTOR = 28
+QWEN_MIN_PIXELS = 56 * 56
+
+
+def smart_resize(height: int, width: int, factor: int = PATCH_FACTOR, min_pixels: int = QWEN_MIN_PIXELS,
+                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+    """Qwen2-VL's processor rule (also qwen_vl_utils' ``fetch_image``): both sides rounded to a multiple
+    of ``factor``, the area kept within ``[min_pixels, max_pixels]``. Returns ``(height, width)``."""
+    import math
+
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """The one image rule of tagfer: training, evaluation, analysis and every export/interop config.
+
+    1. resize so the longer side is ``side`` px, aspect kept, up or down (paper: 224;
+       :func:`resize_for_model`); ``side=0`` keeps the image;
+    2. the processor then rounds each side to a multiple of 28 px within
+       ``[min_pixels, max_pixels]`` (:func:`smart_resize`); ``max_pixels`` defaults to
+       ``side²`` (never binding after step 1) and ``min_pixels`` to Qwen's 56².
+
+    Exports store the pixels of step 1 (so LLaMA-Factory, verl and stock TRL see the same
+    image as tagfer) and the bounds of step 2 (LLaMA-Factory ``image_min/max_pixels``,
+    verl per-image ``min_pixels``/``max_pixels``). A 100x100 RAF-DB face thus gives
+    224x224 px = 64 image tokens everywhere, not 16 in one trainer and 64 in another.
+    """
+
+    side: int = 224
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    @classmethod
+    def of(cls, cfg: Any) -> "ImagePolicy":
+        """The policy of any config with ``image_side`` / ``min_pixels`` / ``max_pixels`` attributes."""
+        return cls(int(getattr(cfg, "image_side", 224)), getattr(cfg, "min_pixels", None), getattr(cfg, "max_pixels", None))
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """``(min_pixels, max_pixels)`` actually applied by the processor."""
+        lo = self.min_pixels if self.min_pixels is not None else QWEN_MIN_PIXELS
+        hi = self.max_pixels if self.max_pixels is not None else (self.side * self.side if self.side > 0 else 16384 * 28 * 28)
+        return lo, max(lo, hi)
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        """Step 1: the resized RGB image."""
+        return resize_for_model(image, self.side)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` after step 1 (same arithmetic as :func:`resize_for_model`)."""
+        if self.side <= 0:
+            return width, height
+        s = self.side / max(width, height)
+        return max(1, round(width * s)), max(1, round(height * s))
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Image tokens a Qwen2-VL-family model gets for an original ``width x height`` image."""
+        w, h = self.resized_size(width, height)
+        hh, ww = smart_resize(h, w, PATCH_FACTOR, *self.bounds)
+        return (hh // PATCH_FACTOR) * (ww // PATCH_FACTOR)
+
+
 def build_chat(user: str, system: str | None = None, with_image: bool = True, assistant: str | None = None) -> list[dict]:
     """Chat messages in the HF multimodal format: [system], user (image part first, then text), [assistant]."""
     msgs: list[dict] = []
