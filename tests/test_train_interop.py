@@ -100,3 +100,128 @@ def test_plot_from_log(tmp_path):
     assert "r_au" not in data["train"]  # None values are skipped
     out = plot_training(log, tmp_path / "fig.png")
     assert out.stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------------ one image policy
+
+
+def _lf_preprocess(image, image_max_pixels, image_min_pixels):
+    """LLaMA-Factory 0.9.5's ``Qwen2VLPlugin._preprocess_image`` (data/mm_plugin.py; llamafactory needs
+    torchvision, which this project never installs, so its documented rule is mirrored here)."""
+    import math
+
+    if image.width * image.height > image_max_pixels:
+        f = math.sqrt(image_max_pixels / (image.width * image.height))
+        image = image.resize((int(image.width * f), int(image.height * f)))
+    if image.width * image.height < image_min_pixels:
+        f = math.sqrt(image_min_pixels / (image.width * image.height))
+        image = image.resize((int(image.width * f), int(image.height * f)))
+    image = image.convert("RGB")
+    if min(image.width, image.height) < 28:
+        image = image.resize((max(image.width, 28), max(image.height, 28)))
+    return image
+
+
+def _verl_fetch_image(entry):
+    """verl 0.9.1 ``RLHFDataset._build_messages`` + qwen_vl_utils ``fetch_image``: open the bytes (or path),
+    smart-resize within the row's ``min_pixels``/``max_pixels`` (qwen_vl_utils' defaults for a plain path)."""
+    import io
+
+    from PIL import Image
+
+    from tagfer.vlm import smart_resize
+
+    if isinstance(entry, str):
+        image, lo, hi = Image.open(entry), 4 * 28 * 28, 16384 * 28 * 28
+    else:
+        assert entry["bytes"] is not None
+        image, lo, hi = Image.open(io.BytesIO(entry["bytes"])), entry["min_pixels"], entry["max_pixels"]
+    image = image.convert("RGB")
+    h, w = smart_resize(image.height, image.width, 28, lo, hi)
+    return image.resize((w, h))
+
+
+def test_one_sample_gives_the_same_image_tokens_in_every_trainer(tmp_path, train_tiny_dir):
+    """A 100x100 RAF-DB-like face, a 48x48 FERPlus-like face and a 120x90 crop: tagfer's rows through TRL's
+    collator, the TRL/HF export through TRL's collator, the LLaMA-Factory export through its preprocessing with
+    the exported YAML's keys, and the verl parquet through verl's image path all give the policy's count."""
+    import json
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from tagfer.export import export
+    from tagfer.prompts import tag_prompt
+    from tagfer.records import TAGSample
+    from tagfer.train.data import RowMaker, record_from_sample
+    from tagfer.train.interop import llamafactory_config
+    from tagfer.vlm import ImagePolicy, load_processor
+
+    processor = load_processor(str(train_tiny_dir))
+    pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    collator = DataCollatorForVisionLanguageModeling(processor)
+    cfg = load_config("sft_tag310k")
+    policy = ImagePolicy.of(cfg.model)
+    sizes = [(100, 100), (48, 48), (120, 90)]
+    samples = []
+    for i, (w, h) in enumerate(sizes):
+        p = tmp_path / f"face{i}.png"
+        Image.new("L" if i == 1 else "RGB", (w, h), 90 + 40 * i).save(p)
+        samples.append(TAGSample(f"rafdb/{i}", "rafdb", str(p), "happiness",
+                                 "<think>AU12 <bbox>[150, 300, 360, 420]</bbox>.</think><answer>happiness</answer>",
+                                 [[150, 300, 360, 420]], [12], "t", split="train"))
+    out = tmp_path / "export"
+    export(tmp_path, out, samples=samples, nobbox=False, per_source=False)
+    system, user = tag_prompt()
+
+    def n_tokens(batch):
+        return [int((row == pad_id).sum()) for row in batch["input_ids"]]
+
+    expected = [policy.image_tokens(w, h) for w, h in sizes]
+    assert expected[0] == 64 and expected[1] == 64  # 224 x 224 after the policy's resize
+    # the bug this guards against: the original pixels give 100x100 -> 16 tokens, 48x48 -> 4
+    assert n_tokens(processor(images=[Image.open(samples[0].image).convert("RGB")], text=["<|vision_start|><|image_pad|><|vision_end|>"], return_tensors="pt", padding=True))[0] == 16
+
+    maker = RowMaker("sft", system, user, cfg.model.image_side)
+    recs = [record_from_sample(s) for s in samples]
+    rows = maker({k: [r[k] for r in recs] for k in recs[0]})
+    tagfer = n_tokens(collator([{k: rows[k][i] for k in rows} for i in range(len(samples))]))
+
+    table = pq.read_table(out / "hf" / "tag_sft.parquet").to_pylist()
+    trl_rows = [{"prompt": r["prompt"], "completion": r["completion"], "images": [Image.open(r["images"][0])]} for r in table]
+    trl_export = n_tokens(collator(trl_rows))
+
+    lf_yaml = llamafactory_config(cfg)
+    lf_rows = json.loads((out / "llamafactory" / "tag_sft.json").read_text())
+    lf_images = [_lf_preprocess(Image.open(r["images"][0]), lf_yaml["image_max_pixels"], lf_yaml["image_min_pixels"])
+                 for r in lf_rows]
+    llamafactory = n_tokens(processor(images=lf_images, text=["<|vision_start|><|image_pad|><|vision_end|>"] * 3, return_tensors="pt", padding=True))
+
+    verl_rows = pq.read_table(out / "verl" / "train.parquet").to_pylist()
+    verl_images = [_verl_fetch_image(r["images"][0]) for r in verl_rows]
+    verl = n_tokens(processor(images=verl_images, text=["<|vision_start|><|image_pad|><|vision_end|>"] * 3, return_tensors="pt", padding=True))
+    export(tmp_path, tmp_path / "paths", ["verl"], embed_images=False, per_source=False, samples=samples)
+    verl_paths = [_verl_fetch_image(r["images"][0]) for r in pq.read_table(tmp_path / "paths" / "verl" / "train.parquet").to_pylist()]
+    verl_plain = n_tokens(processor(images=verl_paths, text=["<|vision_start|><|image_pad|><|vision_end|>"] * 3, return_tensors="pt", padding=True))
+
+    assert tagfer == trl_export == llamafactory == verl == verl_plain == expected, (tagfer, trl_export, llamafactory, verl, verl_plain)
+    summary = json.loads((out / "export_summary.json").read_text())
+    assert summary["image_policy"] == {"side": 224, "min_pixels": 56 * 56, "max_pixels": 224 * 224}
+
+
+def test_smart_resize_matches_transformers():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+    from tagfer.vlm import smart_resize
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.integers(28, 3000), st.integers(28, 3000), st.sampled_from([(3136, 50176), (3136, 12845056), (784, 1003520)]))
+    def check(h, w, bounds):
+        if max(h, w) / min(h, w) > 200:
+            return
+        assert smart_resize(h, w, 28, *bounds) == tuple(hf_smart_resize(h, w, 28, *bounds))
+
+    check()
