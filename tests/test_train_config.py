@@ -34,6 +34,8 @@ def test_paper_numbers_in_presets():
     assert load_config("sft_nobbox").data.no_bbox is True
     # extends keeps the parent's other fields
     assert load_config("grpo_affectnet").grpo.beta == 0.04
+    # GPU presets: vLLM rollouts when available (else the merged-LoRA transformers fallback, with a warning)
+    assert g.grpo.use_vllm == "auto" and g.grpo.vllm_mode == "colocate" and g.grpo.merged_rollouts
 
 
 def test_overrides_every_type():

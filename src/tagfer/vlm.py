@@ -6,7 +6,8 @@ in-process teacher. ``model`` is a local folder or a hub id; a folder holding a 
 (``adapter_config.json``) loads its base model and the adapter. On a machine without the
 weights and without internet the error (:class:`ModelNotAvailable`) says what to download.
 
-Images are resized so their longer side is ``image_side`` (paper: 224, aspect ratio kept)
+Images follow :class:`ImagePolicy`, the one image rule of training, evaluation, analysis and
+the exports: resized so their longer side is ``image_side`` (paper: 224, aspect ratio kept)
 before the processor sees them; the processor's own pixel limits (``min_pixels`` /
 ``max_pixels``) can be set too. Boxes the model writes are on TAG's 512 canvas, which is
 independent of this resize (see :mod:`tagfer.canvas`).
@@ -265,7 +266,7 @@ class VLM:
             msgs = build_chat(user, system, with_image=img is not None)
             texts.append(self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
             if img is not None:
-                pics.append(resize_for_model(img, self.config.image_side))
+                pics.append(ImagePolicy.of(self.config).apply(img))
         kw: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
         if pics:
             kw["images"] = pics
@@ -305,6 +306,29 @@ class VLM:
         return out
 
 
+#: A model folder holding this file has a config but no weights: :func:`load_vlm` builds the model
+#: with random weights directly on the device (benchmarks of real sizes without a download;
+#: :func:`tagfer.tiny.build_random_skeleton`). The file's JSON gives the seed.
+RANDOM_INIT_MARKER = "tagfer_random_init.json"
+
+
+def _random_model(path: Path, dtype, device: str, kw: dict[str, Any]):
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    seed = int(json.loads((path / RANDOM_INIT_MARKER).read_text() or "{}").get("seed", 0))
+    config = AutoConfig.from_pretrained(str(path))
+    extra = {"attn_implementation": kw["attn_implementation"]} if kw.get("attn_implementation") else {}
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, **extra)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    except OSError:
+        pass
+    return model
+
+
 def load_vlm(config: VLMConfig | str | os.PathLike, **overrides: Any) -> VLM:
     """Load model + processor as described by ``config`` (a :class:`VLMConfig` or a path / hub id).
 
@@ -333,7 +357,10 @@ def load_vlm(config: VLMConfig | str | os.PathLike, **overrides: Any) -> VLM:
     if cfg.attn_implementation:
         kw["attn_implementation"] = cfg.attn_implementation
     try:
-        model = AutoModelForImageTextToText.from_pretrained(model_path, **kw)
+        if Path(model_path, RANDOM_INIT_MARKER).is_file():  # a weightless skeleton: random init on the device
+            model = _random_model(Path(model_path), dtype, device, kw)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(model_path, **kw)
         proc_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
         processor = load_processor(proc_src, cfg.min_pixels, cfg.max_pixels)
     except OSError as e:
