@@ -36,9 +36,9 @@ T0 = time.time()
 
 #: per size: trace tokens, SFT (warm-up, measured) steps, GRPO steps, K, completion length, per-device batch
 DEFAULTS = {
-    "tiny": dict(trace_tokens=48, sft_warmup=1, sft_steps=3, grpo_steps=2, k=4, completion=24, batch=4, accum=1),
-    "3b": dict(trace_tokens=400, sft_warmup=2, sft_steps=8, grpo_steps=2, k=8, completion=1024, batch=8, accum=8),
-    "7b": dict(trace_tokens=400, sft_warmup=2, sft_steps=8, grpo_steps=2, k=8, completion=1024, batch=8, accum=8),
+    "tiny": dict(trace_tokens=48, sft_warmup=1, sft_steps=3, grpo_steps=4, k=4, completion=24, batch=4, accum=1),
+    "3b": dict(trace_tokens=400, sft_warmup=2, sft_steps=8, grpo_steps=3, k=8, completion=1024, batch=8, accum=8),
+    "7b": dict(trace_tokens=400, sft_warmup=2, sft_steps=8, grpo_steps=3, k=8, completion=1024, batch=8, accum=8),
 }
 
 
@@ -111,12 +111,17 @@ def probe_callback(stage: str, res: dict, deadline: float, warmup: int):
 
     class Probe(TrainerCallback):
         def __init__(self):
-            self.times, self.t, self.before = [], None, {}
+            self.times, self.t, self.before, self.with_grad = [], None, {}, set()
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             self.before = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
             res["trainable_tensors"] = len(self.before)
             res["trainable_low_precision"] = low_precision_trainable(model)
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            for n, p in model.named_parameters():
+                if n in self.before and n not in self.with_grad and p.grad is not None and bool(p.grad.any()):
+                    self.with_grad.add(n)
 
         def on_step_begin(self, args, state, control, **kw):
             sync()
@@ -137,6 +142,7 @@ def probe_callback(stage: str, res: dict, deadline: float, warmup: int):
             same = [n for n, b in self.before.items() if torch_equal(now[n], b)]
             res["tensors_changed"] = len(self.before) - len(same)
             res["tensors_unchanged"] = same[:10]
+            res["tensors_with_gradient"] = len(self.with_grad)
             measured = self.times[warmup:] or self.times
             res["steps"] = len(self.times)
             res["s_per_step"] = statistics.median(measured) if measured else None
@@ -157,7 +163,8 @@ def run_sft_stage(args, skeleton: Path, data: Path, d: dict) -> tuple[dict, str 
     res: dict = {"stage": "sft"}
     over = [f"output_dir={args.work}/sft", f"model.name_or_path={skeleton}", f"data.train={data}", "data.val_size=0",
             f"optim.max_steps={d['sft_warmup'] + d['sft_steps']}", "optim.grad_accum=1", f"optim.batch_size={d['batch']}",
-            "optim.save_steps=100000", "log.tensorboard=false", "log.progress=false", "resume=false"]
+            "optim.save_steps=100000", "log.tensorboard=false", "log.progress=false", "log.logging_steps=1",
+            "resume=false"]
     cfg = load_config("sft_tag310k", over + list(args.set_sft))
     reset_peak()
     probe = probe_callback("sft", res, T0 + args.budget_s * args.sft_share, d["sft_warmup"])
@@ -266,18 +273,25 @@ def main(argv=None) -> dict:
 
     print()
     print(f"tagfer bench_gpu — size {args.size}, {device}, {report['total_s']:.0f} s in all")
-    print(f"{'stage':6} {'s/step':>8} {'samples/s':>10} {'rollout tok/s':>14} {'peak GB':>8} {'changed':>9} {'bf16/fp16':>9}")
+    print(f"{'stage':6} {'s/step':>8} {'samples/s':>10} {'rollout tok/s':>14} {'peak GB':>8} {'changed':>9} "
+          f"{'had grad':>9} {'bf16/fp16':>9}")
     for key in ("sft", "grpo"):
         r = report.get(key)
         if not r:
             continue
         changed = f"{r.get('tensors_changed', 0)}/{r.get('trainable_tensors', 0)}"
+        grads = f"{r.get('tensors_with_gradient', 0)}/{r.get('trainable_tensors', 0)}"
         print(f"{key:6} {fmt(r.get('s_per_step')):>8} {fmt(r.get('samples_per_s')):>10} "
-              f"{fmt(r.get('rollout_tokens_per_s')):>14} {fmt(r.get('peak_gb')):>8} {changed:>9} "
+              f"{fmt(r.get('rollout_tokens_per_s')):>14} {fmt(r.get('peak_gb')):>8} {changed:>9} {grads:>9} "
               f"{len(r.get('trainable_low_precision', [])):>9}")
     every = all(report[k].get("tensors_changed") == report[k].get("trainable_tensors") for k in ("sft", "grpo") if k in report)
     print(f"every trainable tensor changed: {every}; no trainable tensor in bf16/fp16: "
           f"{all(not report[k].get('trainable_low_precision') for k in ('sft', 'grpo') if k in report)}")
+    for k in ("sft", "grpo"):
+        left = report.get(k, {}).get("tensors_unchanged") or []
+        if left and all(".lora_A." in n for n in left):
+            print(f"{k}: only LoRA A tensors unchanged — B starts at 0, so A's gradient is ~0 until B has moved "
+                  "(needs more steps at this lr); see 'had grad'")
     if "grpo" in report:
         g = report["grpo"]
         print(f"grpo rollouts: {g['rollouts']}, merged LoRA: {g['merged_rollouts']}, "
