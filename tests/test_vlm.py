@@ -111,3 +111,29 @@ def test_image_only_processor_saves_and_reloads(tiny_vlm, tmp_path, astronaut_pa
     b = again(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[img], return_tensors="pt")
     assert a["input_ids"].tolist() == b["input_ids"].tolist()
     assert again.tokenizer.chat_template == tiny_vlm.processor.tokenizer.chat_template
+
+
+def test_random_skeleton_loads_with_random_weights_on_the_device(tmp_path):
+    """A weightless skeleton (config + tokenizer + marker) loads through load_vlm as a seeded random model:
+    same seed, same weights; another seed, other weights; the model generates."""
+    import json
+
+    import torch
+    from PIL import Image
+
+    from tagfer.tiny import build_random_skeleton
+    from tagfer.vlm import RANDOM_INIT_MARKER, load_vlm
+
+    a = build_random_skeleton(tmp_path / "a", "tiny", seed=3)
+    assert not list(a.glob("*.safetensors")) and (a / RANDOM_INIT_MARKER).is_file()
+    v1, v2 = load_vlm(str(a), device="cpu"), load_vlm(str(a), device="cpu")
+    w1 = dict(v1.model.named_parameters())
+    assert all(torch.equal(p, w1[n]) for n, p in v2.model.named_parameters())
+    b = build_random_skeleton(tmp_path / "b", "tiny", seed=4)
+    w3 = dict(load_vlm(str(b), device="cpu").model.named_parameters())
+    assert any(not torch.equal(p, w3[n]) for n, p in w1.items())
+    out = v1.generate([Image.new("RGB", (100, 100), 128)], ["Which expression?"], max_new_tokens=4)
+    assert len(out) == 1 and isinstance(out[0], str)
+    assert json.loads((a / RANDOM_INIT_MARKER).read_text())["size"] == "tiny"
+    with pytest.raises(ValueError, match="unknown size"):
+        build_random_skeleton(tmp_path / "c", "70b")
