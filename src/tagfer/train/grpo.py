@@ -11,7 +11,12 @@ Paper settings (preset ``grpo_rafdb`` and siblings): K = 8 rollouts, β = 0.04, 
 ``loss_type="grpo"`` (TRL's defaults differ), AdamW 1e-6, weight decay 0.01, grad clip 1.0,
 2 epochs, LoRA, vision frozen, one run per dataset (``data.sources``). The SFT adapter
 (``model.adapter``) is merged first, so the frozen merged model is also the KL reference
-(TRL uses the adapter-disabled model as reference). ``grpo.use_vllm`` switches rollouts to vLLM.
+(TRL uses the adapter-disabled model as reference).
+
+Rollouts: ``grpo.use_vllm`` (``auto`` in the GPU presets) uses TRL's vLLM generation when vLLM is
+installed; otherwise TRL's transformers generation runs on LoRA weights merged into the base for
+the rollout and restored exactly afterwards (:mod:`tagfer.train.rollout`). TRL's config comes from
+:func:`tagfer.train.trl_args.trl_kwargs` (one table; ``trl.*`` keys pass through).
 """
 
 from __future__ import annotations
