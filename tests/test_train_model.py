@@ -107,3 +107,17 @@ def test_keep_fp32_masters_keeps_the_forward_in_the_model_dtype():
     assert y.dtype == torch.bfloat16 and net[0](torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
     y.float().sum().backward()
     assert net[0].weight.grad.dtype == torch.float32
+
+
+def test_fp32_master_hooks_follow_an_engine_that_casts_back():
+    """DeepSpeed bf16 casts the whole model back to bf16 (and keeps its own fp32 masters): the hooks must
+    then feed bf16 inputs, not fp32, or the matmul would mix dtypes."""
+    import torch
+
+    from tagfer.train.model import keep_fp32_masters
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)).to(torch.bfloat16)
+    net[1].requires_grad_(False)
+    keep_fp32_masters(net)
+    net.to(torch.bfloat16)  # what an engine's bf16 wrapper does
+    assert net(torch.randn(3, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16

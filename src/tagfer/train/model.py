@@ -180,6 +180,8 @@ def keep_fp32_masters(model) -> list[str]:
     fp32 and floating outputs back to the parameter's original dtype, so what flows between
     modules keeps the model's dtype (under the trainer's bf16 autocast the matmuls still run
     in bf16) while the optimiser updates fp32 weights. Idempotent; frozen parameters untouched.
+    Under DeepSpeed bf16 (which casts the model to bf16 and keeps its own fp32 master copy) the
+    hooks follow the parameter's dtype at call time, so they never mix dtypes.
     """
     import torch
 
@@ -193,8 +195,10 @@ def keep_fp32_masters(model) -> list[str]:
             p.data = p.data.float()
         mod._tagfer_fp32_master = low
 
-        def pre(_m, args, kwargs):
-            return _cast_floats(args, torch.float32), _cast_floats(kwargs, torch.float32)
+        def pre(_m, args, kwargs, ref=own[0]):
+            # the parameter's dtype at call time: fp32, unless an engine (DeepSpeed bf16) cast it back,
+            # in which case that engine keeps the fp32 master copy and inputs must follow the weights
+            return _cast_floats(args, ref.dtype), _cast_floats(kwargs, ref.dtype)
 
         def post(_m, _args, out, low=low):
             return _cast_floats(out, low)
