@@ -8,7 +8,8 @@ The model is a weightless skeleton (:func:`tagfer.tiny.build_random_skeleton`) t
 
 Printed per stage: seconds per optimiser step (median, warm-up steps excluded), samples/s,
 rollout tokens/s (GRPO), peak memory, trainable tensors that changed / all (and any that
-are stored in bf16/fp16: there should be none, see ``keep_fp32_masters``), the loss.
+are stored in bf16/fp16: there should be none, see ``keep_fp32_masters``), and a side-by-side
+decode probe: ms per decode step with the LoRA unmerged vs merged (``--no-probe`` skips it).
 
     python benchmarks/bench_gpu.py --size 7b                 # one GPU, <= 5 minutes (budget guard)
     OMP_NUM_THREADS=1 python benchmarks/bench_gpu.py --size tiny   # the same path on a CPU, seconds
@@ -36,9 +37,9 @@ T0 = time.time()
 
 #: per size: trace tokens, SFT (warm-up, measured) steps, GRPO steps, K, completion length, per-device batch
 DEFAULTS = {
-    "tiny": dict(trace_tokens=48, sft_warmup=1, sft_steps=3, grpo_steps=4, k=4, completion=24, batch=4, accum=1),
-    "3b": dict(trace_tokens=400, sft_warmup=2, sft_steps=8, grpo_steps=3, k=8, completion=1024, batch=8, accum=8),
-    "7b": dict(trace_tokens=400, sft_warmup=2, sft_steps=8, grpo_steps=3, k=8, completion=1024, batch=8, accum=8),
+    "tiny": dict(trace_tokens=48, sft_warmup=1, sft_steps=3, grpo_steps=4, k=4, completion=24, batch=4, accum=1, probe_tokens=32),
+    "3b": dict(trace_tokens=400, sft_warmup=2, sft_steps=8, grpo_steps=3, k=8, completion=1024, batch=8, accum=8, probe_tokens=128),
+    "7b": dict(trace_tokens=400, sft_warmup=2, sft_steps=8, grpo_steps=3, k=8, completion=1024, batch=8, accum=8, probe_tokens=128),
 }
 
 
@@ -211,6 +212,8 @@ def run_grpo_stage(args, skeleton: Path, data: Path, adapter: str | None, d: dic
 
     trainer._generate_single_turn = timed
     trainer.train()
+    if not args.no_probe:
+        res["decode_probe"] = decode_probe(trainer, cfg.optim.batch_size * cfg.optim.grad_accum, d["probe_tokens"])
     res["merged_rollouts"] = getattr(trainer, "rollout_merged_layers", 0) > 0
     res["completions_per_step"] = cfg.optim.batch_size * cfg.optim.grad_accum
     res["samples_per_s"] = res["completions_per_step"] / res["s_per_step"] if res.get("s_per_step") else None
@@ -221,6 +224,38 @@ def run_grpo_stage(args, skeleton: Path, data: Path, adapter: str | None, d: dic
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     res["loss_finite"] = bool(losses) and all(math.isfinite(x) for x in losses)
     return res
+
+
+def decode_probe(trainer, batch: int, new_tokens: int, prompt_len: int = 350) -> dict:
+    """ms per decode step of HF generate on the GRPO policy, side by side: LoRA unmerged (PEFT) vs merged
+    (:func:`tagfer.train.rollout.merged_lora`); same random text prompts, greedy, EOS suppressed, cache on."""
+    import torch
+
+    from tagfer.train.rollout import merged_lora
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.eval()
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(20, 1000, (batch, prompt_len), generator=g).to(dev)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+              pad_token_id=0, attention_mask=torch.ones_like(ids))
+
+    def run() -> float:
+        with torch.no_grad():
+            model.generate(input_ids=ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+            sync()
+            t = time.perf_counter()
+            model.generate(input_ids=ids, **kw)
+            sync()
+        return (time.perf_counter() - t) / new_tokens * 1000
+
+    unmerged = run()
+    with merged_lora(model) as n:
+        merged = run() if n else None
+    model.train()
+    return {"batch": batch, "new_tokens": new_tokens, "ms_per_step_unmerged": unmerged, "ms_per_step_merged": merged,
+            "speedup": unmerged / merged if merged else None}
 
 
 def fmt(v, spec: str = ".3g") -> str:
@@ -234,6 +269,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget-s", type=float, default=300.0, help="whole run; stages stop taking steps past it")
     ap.add_argument("--sft-share", type=float, default=0.35, help="share of the budget SFT may use")
     ap.add_argument("--skip-grpo", action="store_true")
+    ap.add_argument("--no-probe", action="store_true", help="skip the merged-vs-unmerged decode probe")
     ap.add_argument("--set-sft", action="append", default=[], help="extra --set for the SFT config (repeatable)")
     ap.add_argument("--set-grpo", action="append", default=[], help="extra --set for the GRPO config (repeatable)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -296,6 +332,11 @@ def main(argv=None) -> dict:
         g = report["grpo"]
         print(f"grpo rollouts: {g['rollouts']}, merged LoRA: {g['merged_rollouts']}, "
               f"{fmt(g.get('rollout_s_per_step'))} s of generation per step")
+        p = g.get("decode_probe")
+        if p:
+            print(f"decode probe (batch {p['batch']}, {p['new_tokens']} new tokens, side by side): "
+                  f"unmerged {fmt(p['ms_per_step_unmerged'])} ms/step, merged {fmt(p['ms_per_step_merged'])} ms/step, "
+                  f"merged is {fmt(p['speedup'])}x faster")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
     if tmp is not None:
