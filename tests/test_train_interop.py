@@ -207,7 +207,7 @@ def test_one_sample_gives_the_same_image_tokens_in_every_trainer(tmp_path, train
 
     assert tagfer == trl_export == llamafactory == verl == verl_plain == expected, (tagfer, trl_export, llamafactory, verl, verl_plain)
     summary = json.loads((out / "export_summary.json").read_text())
-    assert summary["image_policy"] == {"side": 224, "min_pixels": 56 * 56, "max_pixels": 224 * 224}
+    assert summary["image_policy"] == {"side": 224, "min_pixels": 56 * 56, "max_pixels": 224 * 224, "format": "jpeg"}
 
 
 def test_smart_resize_matches_transformers():

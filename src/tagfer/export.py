@@ -146,8 +146,12 @@ def _image_policy():
     return ImagePolicy()
 
 
-def _policy_image(s: TAGSample, policy: Any, out_dir: Path, created: list[Path] | None = None) -> TAGSample:
-    """``s`` pointing to its image resized by ``policy`` (written once to ``out_dir``; unchanged when side is 0)."""
+def _policy_image(s: TAGSample, policy: Any, out_dir: Path, created: list[Path] | None = None,
+                  image_format: str = "jpeg") -> TAGSample:
+    """``s`` pointing to its image resized by ``policy`` (written once to ``out_dir``; unchanged when side is 0).
+
+    ``jpeg`` (quality 95, default) keeps a 300k-sample export small (~15-20 KB per 224 px face, vs
+    ~70 KB as PNG); the size, hence the image tokens, is exact either way; ``png`` is lossless."""
     import dataclasses
     import hashlib
 
@@ -156,13 +160,15 @@ def _policy_image(s: TAGSample, policy: Any, out_dir: Path, created: list[Path] 
     if policy.side <= 0 or not s.image:
         return s
     key = hashlib.sha1(f"{s.image}|{policy.side}".encode()).hexdigest()[:12]
-    dest = out_dir / f"{_safe(s.id)[-80:]}_{key}.png"
+    if image_format not in ("jpeg", "png"):
+        raise ValueError(f"image_format must be jpeg or png, got {image_format!r}")
+    dest = out_dir / f"{_safe(s.id)[-80:]}_{key}.{'jpg' if image_format == 'jpeg' else 'png'}"
     if not dest.is_file():
         out_dir.mkdir(parents=True, exist_ok=True)
         with Image.open(s.image) as im:
             img = policy.apply(im)
         tmp = dest.with_name(dest.name + ".tmp")
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="JPEG", quality=95) if image_format == "jpeg" else img.save(tmp, format="PNG")
         os.replace(tmp, dest)
         if created is not None:
             created.append(dest)
@@ -295,12 +301,14 @@ def export(
     per_source: bool = True,
     samples: Iterable[TAGSample] | None = None,
     image_policy: Any = None,
+    image_format: str = "jpeg",
 ) -> ExportSummary:
     """Write the exports of ``build_dir`` (see module docstring) under ``out``; streams the samples once.
 
     ``system_prompt``/``user_prompt``: override files of the TAG prompt.
     ``samples`` replaces reading ``build_dir``. ``image_policy``: a :class:`tagfer.vlm.ImagePolicy`
-    (default: longer side 224), applied once per image into ``OUT/images/``.
+    (default: longer side 224), applied once per image into ``OUT/images/`` as ``image_format``
+    (``jpeg`` q95 or lossless ``png``).
     """
     fmts = set(formats)
     if "all" in fmts:
@@ -326,7 +334,7 @@ def export(
     ok = False
     try:
         for idx, s in enumerate(src_iter):
-            s = _policy_image(s, policy, o / "images", created_images)
+            s = _policy_image(s, policy, o / "images", created_images, image_format)
             summary.samples += 1
             summary.by_source[s.source] = summary.by_source.get(s.source, 0) + 1
             src = _safe(s.source)
@@ -391,5 +399,6 @@ def export(
         summary.files["hf/dataset"] = summary.files.get(f"hf/{DATASET_NAME}.parquet", 0)
     lo, hi = policy.bounds
     (o / "export_summary.json").write_text(json.dumps(
-        {**summary.to_json(), "image_policy": {"side": policy.side, "min_pixels": lo, "max_pixels": hi}}, indent=2))
+        {**summary.to_json(), "image_policy": {"side": policy.side, "min_pixels": lo, "max_pixels": hi,
+                                               "format": image_format}}, indent=2))
     return summary
