@@ -169,3 +169,23 @@ def test_use_vllm_auto_falls_back_with_a_warning(monkeypatch):
     with pytest.raises(RuntimeError, match="vLLM is not installed"):
         use_vllm_now(load_config("grpo_rafdb", ["grpo.use_vllm=true"]))
     assert use_vllm_now(load_config("grpo_rafdb", ["grpo.use_vllm=false"])) is False
+
+
+def test_use_vllm_with_a_stand_in_vllm_module(monkeypatch):
+    """vLLM importable (a stand-in module, as in test_backends) but no GPU here: ``auto`` still falls back
+    (and says why), ``true`` selects TRL's vLLM path in the derived TRL arguments."""
+    import sys
+    import types
+
+    import torch
+
+    from tagfer.train.trl_args import trl_kwargs, use_vllm_now
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: auto would pick vLLM")
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    with pytest.warns(RuntimeWarning, match="no CUDA device"):
+        assert use_vllm_now(load_config("grpo_rafdb", ["grpo.use_vllm=auto"])) is False
+    cfg = load_config("grpo_rafdb", ["grpo.use_vllm=true", "grpo.vllm_mode=server", "trl.vllm_server_base_url=http://gpu0:8000"])
+    kw = trl_kwargs(cfg, "grpo")
+    assert kw["use_vllm"] is True and kw["vllm_mode"] == "server" and kw["vllm_server_base_url"] == "http://gpu0:8000"
