@@ -183,7 +183,11 @@ def test_use_vllm_with_a_stand_in_vllm_module(monkeypatch):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: auto would pick vLLM")
-    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    import importlib.machinery
+
+    stand_in = types.ModuleType("vllm")
+    stand_in.__spec__ = importlib.machinery.ModuleSpec("vllm", None)  # find_spec("vllm") is asked on the way
+    monkeypatch.setitem(sys.modules, "vllm", stand_in)
     with pytest.warns(RuntimeWarning, match="no CUDA device"):
         assert use_vllm_now(load_config("grpo_rafdb", ["grpo.use_vllm=auto"])) is False
     cfg = load_config("grpo_rafdb", ["grpo.use_vllm=true", "grpo.vllm_mode=server", "trl.vllm_server_base_url=http://gpu0:8000"])
