@@ -62,7 +62,12 @@ def test_au_term_masked_without_boxes(grpo_built):
 
 def test_grpo_runs_and_logs_components(grpo_built):
     cfg, trainer = grpo_built
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "base_layer" in n}
     trainer.train()
+    # rollouts ran on merged LoRA weights (7 projections x 2 layers), KV cache on; the frozen base is bit-exact after
+    assert trainer.rollout_merged_layers == 14 and trainer.generation_config.use_cache is True
+    after = dict(trainer.model.named_parameters())
+    assert base and all(torch.equal(after[n], w) for n, w in base.items())
     with open(f"{cfg.output_dir}/{cfg.log.jsonl}") as f:
         lines = [json.loads(x) for x in f.read().splitlines()]
     steps = [r for r in lines if r["event"] == "train" and "reward" in r]
@@ -98,3 +103,37 @@ def test_grpo_learns_a_token_preference(tmp_path, train_tiny_dir, train_samples)
     assert len(rewards) == steps
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.1, rewards
+
+
+def test_merged_lora_matches_unmerged_and_restores_the_base_exactly(train_tiny_dir):
+    """bf16 model: outputs inside the block equal PEFT's unmerged forward (to bf16 rounding); afterwards every
+    base tensor is bit-identical, where a plain merge + unmerge in bf16 leaves rounding drift."""
+    from tagfer.train.config import load_config
+    from tagfer.train.model import apply_lora, load_for_training
+    from tagfer.train.rollout import lora_layers, merged_lora
+
+    cfg = load_config("tiny_cpu", [f"model.name_or_path={train_tiny_dir}", "model.dtype=bfloat16", "lora.r=4",
+                                   "lora.train_projector=false"])
+    model = apply_lora(load_for_training(cfg)[0], cfg.lora).eval()
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    ids = torch.randint(10, 200, (2, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float()
+        with merged_lora(model) as n:
+            assert n == 14 and not lora_layers(model)  # all merged
+            merged = model(input_ids=ids).logits.float()
+        assert len(lora_layers(model)) == 14  # unmerged again
+        again = model(input_ids=ids).logits.float()
+    assert torch.equal(again, ref)
+    assert (merged - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], w) for k, w in base.items())
+    layer = lora_layers(model)[0]
+    w0 = layer.get_base_layer().weight.detach().clone()
+    layer.merge()
+    layer.unmerge()  # the naive way drifts in bf16: the reason merged_lora keeps the original tensor
+    assert not torch.equal(layer.get_base_layer().weight, w0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -51,16 +52,72 @@ def test_full_finetune_keeps_vision_frozen(train_tiny_dir):
             assert p.requires_grad, n
 
 
-def test_use_vllm_without_vllm_is_clear():
-    pytest.importorskip("trl")
-    try:
-        import vllm  # noqa: F401
+def test_trainable_params_keep_fp32_masters_and_projector_trains_in_bf16(tmp_path, train_tiny_dir, train_samples):
+    """A bf16 model: every trainable tensor is fp32 (LoRA by PEFT, the projector copy by keep_fp32_masters),
+    the frozen model stays bf16, and a few small-lr steps change every projector tensor — in bf16 the
+    ln_q weights (|w| ≈ 1, ulp 2^-7) would not move at lr 1e-4."""
+    import torch
 
-        pytest.skip("vllm installed")
-    except ImportError:
-        pass
-    from tagfer.train.config import load_config
-    from tagfer.train.grpo import _check_vllm
+    from fixtures_train import tiny_train_config
+    from tagfer.train.model import low_precision_trainable
+    from tagfer.train.sft import run_sft
 
-    with pytest.raises(RuntimeError, match="vLLM is not installed"):
-        _check_vllm(load_config("tiny_cpu_grpo", ["grpo.use_vllm=true"]))
+    seen = {}
+
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen["low"] = low_precision_trainable(model)
+            seen["frozen_dtypes"] = {str(p.dtype) for p in model.parameters() if not p.requires_grad}
+            seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()
+                              if p.requires_grad and "merger" in n}
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters() if n in seen["before"]}
+            seen["dtypes"] = {n: p.dtype for n, p in model.named_parameters() if n in seen["before"]}
+
+    cfg = tiny_train_config(tmp_path, train_tiny_dir, train_samples, model__dtype="bfloat16", optim__learning_rate=1e-4,
+                            optim__max_steps=3, optim__batch_size=4, optim__bf16="true", lora__r=4,
+                            trl__use_cpu=True)  # bf16 autocast on the CPU, passed through to TRL
+    res = run_sft(cfg, callbacks=[Snapshot()])
+    assert seen["low"] == [], seen["low"]
+    assert seen["frozen_dtypes"] == {"torch.bfloat16"}
+    assert res.trainable["projector"] > 0 and seen["before"]
+    assert any("ln_q" in n for n in seen["before"])
+    for n, before in seen["before"].items():
+        assert seen["dtypes"][n] == torch.float32, n
+        changed = (seen["after"][n] != before).float().mean().item()
+        assert changed > 0.9, (n, changed)
+    assert all(math.isfinite(x) for x in res.train_loss)
+
+
+def test_keep_fp32_masters_keeps_the_forward_in_the_model_dtype():
+    import torch
+
+    from tagfer.train.model import keep_fp32_masters, low_precision_trainable
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
+    net[2].requires_grad_(False)
+    assert low_precision_trainable(net) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert keep_fp32_masters(net) == ["0", "1"] and keep_fp32_masters(net) == []  # idempotent
+    assert low_precision_trainable(net) == [] and net[2].weight.dtype == torch.bfloat16
+    y = net(torch.randn(2, 8, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and net[0](torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert net[0].weight.grad.dtype == torch.float32
+
+
+def test_fp32_master_hooks_follow_an_engine_that_casts_back():
+    """DeepSpeed bf16 casts the whole model back to bf16 (and keeps its own fp32 masters): the hooks must
+    then feed bf16 inputs, not fp32, or the matmul would mix dtypes."""
+    import torch
+
+    from tagfer.train.model import keep_fp32_masters
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)).to(torch.bfloat16)
+    net[1].requires_grad_(False)
+    keep_fp32_masters(net)
+    net.to(torch.bfloat16)  # what an engine's bf16 wrapper does
+    assert net(torch.randn(3, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -159,3 +159,29 @@ def test_box_limit_processor_forbids_a_fourth_box_while_decoding(tiny_vlm, astro
         want = {i for i, t in enumerate(texts) if "<bbox" in "<bbox"[:k] + t}
         assert set(proc.banned[k].tolist()) == want
     assert sum(b.numel() for b in proc.banned) > 0
+
+
+def test_random_skeleton_loads_with_random_weights_on_the_device(tmp_path):
+    """A weightless skeleton (config + tokenizer + marker) loads through load_vlm as a seeded random model:
+    same seed, same weights; another seed, other weights; the model generates."""
+    import json
+
+    import torch
+    from PIL import Image
+
+    from tagfer.tiny import build_random_skeleton
+    from tagfer.vlm import RANDOM_INIT_MARKER, load_vlm
+
+    a = build_random_skeleton(tmp_path / "a", "tiny", seed=3)
+    assert not list(a.glob("*.safetensors")) and (a / RANDOM_INIT_MARKER).is_file()
+    v1, v2 = load_vlm(str(a), device="cpu"), load_vlm(str(a), device="cpu")
+    w1 = dict(v1.model.named_parameters())
+    assert all(torch.equal(p, w1[n]) for n, p in v2.model.named_parameters())
+    b = build_random_skeleton(tmp_path / "b", "tiny", seed=4)
+    w3 = dict(load_vlm(str(b), device="cpu").model.named_parameters())
+    assert any(not torch.equal(p, w3[n]) for n, p in w1.items())
+    out = v1.generate([Image.new("RGB", (100, 100), 128)], ["Which expression?"], max_new_tokens=4)
+    assert len(out) == 1 and isinstance(out[0], str)
+    assert json.loads((a / RANDOM_INIT_MARKER).read_text())["size"] == "tiny"
+    with pytest.raises(ValueError, match="unknown size"):
+        build_random_skeleton(tmp_path / "c", "70b")

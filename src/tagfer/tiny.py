@@ -137,3 +137,59 @@ def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0, embed_scale: float =
         " — random weights, for tests and smoke runs only.\n"
     )
     return out
+
+
+#: Model sizes :func:`build_random_skeleton` knows: text / vision dimensions of the real checkpoints.
+SIZES = {
+    "tiny": {"text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, mrope_section=[2, 3, 3]),
+             "vision": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56,
+                            fullatt_block_indexes=[1])},
+    # Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct config.json (the vocabulary is the skeleton tokenizer's)
+    "3b": {"text": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                        num_key_value_heads=2, mrope_section=[16, 24, 24]),
+           "vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                          fullatt_block_indexes=[7, 15, 23, 31])},
+    "7b": {"text": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                        num_key_value_heads=4, mrope_section=[16, 24, 24]),
+           "vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                          fullatt_block_indexes=[7, 15, 23, 31])},
+}
+
+
+def build_random_skeleton(out_dir: str | Path, size: str = "tiny", seed: int = 0, vocab_size: int = 152064) -> Path:
+    """A weightless Qwen2.5-VL folder of ``size`` (:data:`SIZES`): config, tokenizer, image processor and
+    the :data:`tagfer.vlm.RANDOM_INIT_MARKER` file, so :func:`tagfer.vlm.load_vlm` (and training) builds
+    the model with random weights directly on the device. ``vocab_size`` = embedding rows (7B: 152064;
+    the tokenizer's ids are the first rows). For GPU benchmarks of real sizes; outputs are garbage."""
+    from transformers import GenerationConfig, Qwen2_5_VLConfig
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    from tagfer.vlm import RANDOM_INIT_MARKER
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out)
+    ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    text = dict(SIZES[size]["text"])
+    mrope = text.pop("mrope_section")
+    vocab = len(tok) if size == "tiny" else max(vocab_size, len(tok))
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu",
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=size == "tiny", **text),
+        vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu",
+                           out_hidden_size=text["hidden_size"], **SIZES[size]["vision"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=size == "tiny",
+    )
+    cfg.save_pretrained(str(out))
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     bos_token_id=tok.pad_token_id).save_pretrained(str(out))
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14, merge_size=2).save_pretrained(str(out))
+    (out / RANDOM_INIT_MARKER).write_text(json.dumps({"seed": seed, "size": size}))
+    return out

@@ -6,7 +6,8 @@ in-process teacher. ``model`` is a local folder or a hub id; a folder holding a 
 (``adapter_config.json``) loads its base model and the adapter. On a machine without the
 weights and without internet the error (:class:`ModelNotAvailable`) says what to download.
 
-Images are resized so their longer side is ``image_side`` (paper: 224, aspect ratio kept)
+Images follow :class:`ImagePolicy`, the one image rule of training, evaluation, analysis and
+the exports: resized so their longer side is ``image_side`` (paper: 224, aspect ratio kept)
 before the processor sees them; the processor's own pixel limits (``min_pixels`` /
 ``max_pixels``) can be set too. Boxes the model writes are on TAG's 512 canvas, which is
 independent of this resize (see :mod:`tagfer.canvas`).
@@ -110,6 +111,80 @@ def resize_for_model(image: Image.Image, side: int = 224) -> Image.Image:
     s = side / max(w, h)
     size = (max(1, round(w * s)), max(1, round(h * s)))
     return img if size == (w, h) else img.resize(size, Image.BICUBIC)
+
+
+#: Qwen2-VL family: 14 px patches merged 2x2, so one image token covers 28x28 px.
+PATCH_FACTOR = 28
+QWEN_MIN_PIXELS = 56 * 56
+
+
+def smart_resize(height: int, width: int, factor: int = PATCH_FACTOR, min_pixels: int = QWEN_MIN_PIXELS,
+                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+    """Qwen2-VL's processor rule (also qwen_vl_utils' ``fetch_image``): both sides rounded to a multiple
+    of ``factor``, the area kept within ``[min_pixels, max_pixels]``. Returns ``(height, width)``."""
+    import math
+
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """The one image rule of tagfer: training, evaluation, analysis and every export/interop config.
+
+    1. resize so the longer side is ``side`` px, aspect kept, up or down (paper: 224;
+       :func:`resize_for_model`); ``side=0`` keeps the image;
+    2. the processor then rounds each side to a multiple of 28 px within
+       ``[min_pixels, max_pixels]`` (:func:`smart_resize`); ``max_pixels`` defaults to
+       ``side²`` (never binding after step 1) and ``min_pixels`` to Qwen's 56².
+
+    Exports store the pixels of step 1 (so LLaMA-Factory, verl and stock TRL see the same
+    image as tagfer) and the bounds of step 2 (LLaMA-Factory ``image_min/max_pixels``,
+    verl per-image ``min_pixels``/``max_pixels``). A 100x100 RAF-DB face thus gives
+    224x224 px = 64 image tokens everywhere, not 16 in one trainer and 64 in another.
+    """
+
+    side: int = 224
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    @classmethod
+    def of(cls, cfg: Any) -> "ImagePolicy":
+        """The policy of any config with ``image_side`` / ``min_pixels`` / ``max_pixels`` attributes."""
+        return cls(int(getattr(cfg, "image_side", 224)), getattr(cfg, "min_pixels", None), getattr(cfg, "max_pixels", None))
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """``(min_pixels, max_pixels)`` actually applied by the processor."""
+        lo = self.min_pixels if self.min_pixels is not None else QWEN_MIN_PIXELS
+        hi = self.max_pixels if self.max_pixels is not None else (self.side * self.side if self.side > 0 else 16384 * 28 * 28)
+        return lo, max(lo, hi)
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        """Step 1: the resized RGB image."""
+        return resize_for_model(image, self.side)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` after step 1 (same arithmetic as :func:`resize_for_model`)."""
+        if self.side <= 0:
+            return width, height
+        s = self.side / max(width, height)
+        return max(1, round(width * s)), max(1, round(height * s))
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Image tokens a Qwen2-VL-family model gets for an original ``width x height`` image."""
+        w, h = self.resized_size(width, height)
+        hh, ww = smart_resize(h, w, PATCH_FACTOR, *self.bounds)
+        return (hh // PATCH_FACTOR) * (ww // PATCH_FACTOR)
 
 
 def build_chat(user: str, system: str | None = None, with_image: bool = True, assistant: str | None = None) -> list[dict]:
@@ -245,7 +320,7 @@ class VLM:
             msgs = build_chat(user, system, with_image=img is not None)
             texts.append(self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
             if img is not None:
-                pics.append(resize_for_model(img, self.config.image_side))
+                pics.append(ImagePolicy.of(self.config).apply(img))
         kw: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
         if pics:
             kw["images"] = pics
@@ -274,7 +349,8 @@ class VLM:
             raise ValueError(f"{len(images)} images for {len(users)} prompts")
         if seed is not None:
             torch.manual_seed(seed)
-        gen: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+        gen: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id,
+                               "use_cache": True}
         if temperature > 0:
             gen.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
@@ -293,6 +369,29 @@ class VLM:
             new = ids[:, inputs["input_ids"].shape[1] :]
             out.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
         return out
+
+
+#: A model folder holding this file has a config but no weights: :func:`load_vlm` builds the model
+#: with random weights directly on the device (benchmarks of real sizes without a download;
+#: :func:`tagfer.tiny.build_random_skeleton`). The file's JSON gives the seed.
+RANDOM_INIT_MARKER = "tagfer_random_init.json"
+
+
+def _random_model(path: Path, dtype, device: str, kw: dict[str, Any]):
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    seed = int(json.loads((path / RANDOM_INIT_MARKER).read_text() or "{}").get("seed", 0))
+    config = AutoConfig.from_pretrained(str(path))
+    extra = {"attn_implementation": kw["attn_implementation"]} if kw.get("attn_implementation") else {}
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, **extra)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    except OSError:
+        pass
+    return model
 
 
 def load_vlm(config: VLMConfig | str | os.PathLike, **overrides: Any) -> VLM:
@@ -323,7 +422,10 @@ def load_vlm(config: VLMConfig | str | os.PathLike, **overrides: Any) -> VLM:
     if cfg.attn_implementation:
         kw["attn_implementation"] = cfg.attn_implementation
     try:
-        model = AutoModelForImageTextToText.from_pretrained(model_path, **kw)
+        if Path(model_path, RANDOM_INIT_MARKER).is_file():  # a weightless skeleton: random init on the device
+            model = _random_model(Path(model_path), dtype, device, kw)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(model_path, **kw)
         proc_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
         processor = load_processor(proc_src, cfg.min_pixels, cfg.max_pixels)
     except OSError as e:

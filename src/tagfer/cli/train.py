@@ -129,15 +129,11 @@ def export_verl(
     export_dir: str = typer.Option("tag_export", help="Output folder of `tagfer export` (for the default data path)."),
 ) -> None:
     """Write a verl GRPO config (+ launch script) whose reward is tagfer.integrations.verl.compute_score."""
-    from tagfer.train.interop import default_export_names, verl_command, verl_config, write_yaml
+    from tagfer.train.interop import default_export_names, write_verl_files
 
     cfg = _load(config, set_)
     train_files = train_files or default_export_names(cfg, export_dir)["verl_train"]
-    conf = verl_config(cfg, train_files, val_files, gpus, nnodes)
-    p = write_yaml(conf, out, f"# verl GRPO config from tagfer preset {config}")
-    sh = Path(out).with_suffix(".sh")
-    sh.write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + verl_command(conf) + "\n", encoding="utf-8")
-    sh.chmod(0o755)
+    p, sh = write_verl_files(cfg, out, train_files, val_files, gpus, nnodes, name=config)
     out_console.print(f"wrote {p} and {sh}")
 
 

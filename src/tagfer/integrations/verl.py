@@ -6,10 +6,11 @@ taken from ``reward_model.ground_truth`` of the parquet row and ``extra_info``
 from its ``extra_info`` column; a dict result must hold ``"score"`` (the
 scalar reward) and every other key is logged per sample. Configure::
 
-    custom_reward_function.path=/path/to/tagfer/integrations/verl.py
-    custom_reward_function.name=compute_score
-    # optional RewardConfig overrides, passed through as keyword arguments:
-    +custom_reward_function.reward_kwargs.matching=one_to_one
+    reward.custom_reward_function.path=pkg://tagfer.integrations.verl   # verl 0.9.1
+    reward.custom_reward_function.name=compute_score
+    # optional RewardConfig overrides, passed through as keyword arguments (not schema
+    # keys, so only as Hydra command-line additions, never inside a merged YAML):
+    +reward.custom_reward_function.reward_kwargs.matching=one_to_one
 
 ``ground_truth`` may be
 

@@ -89,7 +89,8 @@ class JsonlLogCallback(TrainerCallback):
 
 
 def validate_model(model, processor, samples, cfg, system: str, user: str) -> dict[str, Any]:
-    """Greedy-decode ``samples`` (flat records) and score them with the reward module's parser.
+    """Greedy-decode ``samples`` (flat records, in batches of ``sft.val_batch_size``, from merged LoRA
+    weights) and score them with the reward module's parser.
 
     accuracy = mean ``R_ans``; au_iou = mean IoU-form ``R_AU`` over samples with AU boxes
     (``None`` when none has any); fmt_rate = share of well-formed outputs.
@@ -103,11 +104,14 @@ def validate_model(model, processor, samples, cfg, system: str, user: str) -> di
     reward_cfg = cfg.reward.replace(au_reward="iou")
     vlm = VLM(model, processor, VLMConfig(model=str(cfg.model.name_or_path), image_side=cfg.model.image_side))
     images = [Image.fromarray(load_image(s["image_bytes"] or s["image"]).rgb) for s in samples]
+    from tagfer.train.rollout import merged_lora
+
     was_training = model.training
     model.eval()
-    try:
-        texts = vlm.generate(images, [user] * len(images), system=system, max_new_tokens=cfg.sft.val_max_new_tokens,
-                             temperature=0.0, batch_size=cfg.sft.val_batch_size)
+    try:  # batched greedy decoding from merged LoRA weights, KV cache on (restored exactly afterwards)
+        with merged_lora(model):
+            texts = vlm.generate(images, [user] * len(images), system=system, max_new_tokens=cfg.sft.val_max_new_tokens,
+                                 temperature=0.0, batch_size=cfg.sft.val_batch_size)
     finally:
         if was_training:
             model.train()

@@ -14,7 +14,7 @@ mapping whose sections mirror :class:`TrainConfig`::
     grpo:  {num_generations: 8, beta: 0.04, epsilon: 0.2, loss_type: grpo, ...}
     reward: {fmt_bonus: 0.5, w_au: 1.0, matching: paper, au_reward: iou}   # tagfer.rewards.RewardConfig
     log:   {logging_steps: 10, tensorboard: false}
-
+    trl:   {torch_compile: false, ...}   # any other TRL SFTConfig/GRPOConfig argument, passed through
 Every field can be overridden with a dotted ``key=value`` (``--set optim.learning_rate=1e-5``;
 values are read as YAML, so ``[rafdb, ferplus]``, ``null``, ``true`` work). Unknown fields
 and wrong types raise :class:`ConfigError` naming the dotted field.
@@ -190,8 +190,11 @@ class GRPOSection:
     """GRPO specifics (TRL ``GRPOConfig``; paper: K=8, beta=0.04, epsilon=0.2).
 
     ``max_completion_length``: traces average 389 tokens (max 1221) in the paper's
-    data; 1024 keeps almost all. ``use_vllm``: vLLM rollouts (``vllm_mode``
-    colocate | server) when vLLM is installed.
+    data; 1024 keeps almost all. ``use_vllm``: vLLM rollouts (``vllm_mode`` colocate
+    | server; server options such as ``vllm_server_base_url`` go in the ``trl`` section);
+    ``auto`` = vLLM when it is installed and a GPU is present, else a warning and the
+    transformers fallback. ``merged_rollouts``: the fallback generates from LoRA weights
+    merged into the base (restored exactly afterwards, :mod:`tagfer.train.rollout`).
     """
 
     num_generations: int = 8
@@ -202,7 +205,8 @@ class GRPOSection:
     max_completion_length: int = 1024
     temperature: float = 1.0
     top_p: float = 1.0
-    use_vllm: bool = False
+    use_vllm: bool | Literal["auto"] = False
+    merged_rollouts: bool = True
     vllm_mode: Literal["colocate", "server"] = "colocate"
     vllm_gpu_memory_utilization: float = 0.3
     generation_batch_size: int | None = None
@@ -234,6 +238,9 @@ class TrainConfig:
     grpo: GRPOSection = field(default_factory=GRPOSection)
     reward: RewardConfig = field(default_factory=RewardConfig)
     log: LogSection = field(default_factory=LogSection)
+    #: Extra TRL ``SFTConfig`` / ``GRPOConfig`` arguments passed through unchanged (``--set trl.foo=...``);
+    #: checked against TRL's own fields when the trainer is built (:func:`tagfer.train.trl_args.trl_kwargs`).
+    trl: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
         """Range checks that types alone do not catch; raises :class:`ConfigError`."""
@@ -328,6 +335,10 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         if v in allowed and type(v) is type(next(a for a in allowed if a == v)):
             return v
         raise ConfigError(name, f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(name, f"expected a mapping of names to values, got {value!r} ({type(value).__name__})")
+        return dict(value)
     if origin is list:
         (arg,) = typing.get_args(tp) or (Any,)
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):

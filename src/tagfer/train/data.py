@@ -361,13 +361,13 @@ class RowMaker:
         from PIL import Image
 
         from tagfer.imageio import ImageError, load_image
-        from tagfer.vlm import resize_for_model
+        from tagfer.vlm import ImagePolicy
 
         try:
             loaded = load_image(data if data else path)
         except ImageError as e:
             raise ImageError(e.kind, f"sample {sample_id!r}: {e}") from e
-        return resize_for_model(Image.fromarray(loaded.rgb), self.image_side)
+        return ImagePolicy(self.image_side).apply(Image.fromarray(loaded.rgb))
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         n = len(batch["id"])

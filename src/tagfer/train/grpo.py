@@ -11,7 +11,12 @@ Paper settings (preset ``grpo_rafdb`` and siblings): K = 8 rollouts, β = 0.04, 
 ``loss_type="grpo"`` (TRL's defaults differ), AdamW 1e-6, weight decay 0.01, grad clip 1.0,
 2 epochs, LoRA, vision frozen, one run per dataset (``data.sources``). The SFT adapter
 (``model.adapter``) is merged first, so the frozen merged model is also the KL reference
-(TRL uses the adapter-disabled model as reference). ``grpo.use_vllm`` switches rollouts to vLLM.
+(TRL uses the adapter-disabled model as reference).
+
+Rollouts: ``grpo.use_vllm`` (``auto`` in the GPU presets) uses TRL's vLLM generation when vLLM is
+installed; otherwise TRL's transformers generation runs on LoRA weights merged into the base for
+the rollout and restored exactly afterwards (:mod:`tagfer.train.rollout`). TRL's config comes from
+:func:`tagfer.train.trl_args.trl_kwargs` (one table; ``trl.*`` keys pass through).
 """
 
 from __future__ import annotations
@@ -52,17 +57,6 @@ class GRPOResult:
     trainable: dict[str, int] = field(default_factory=dict)
 
 
-def _check_vllm(cfg: TrainConfig) -> None:
-    if cfg.grpo.use_vllm:
-        try:
-            import vllm  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError(
-                "grpo.use_vllm is set but vLLM is not installed (pip install vllm, on a CUDA machine); "
-                "set grpo.use_vllm=false for transformers rollouts"
-            ) from e
-
-
 def build_grpo_trainer(
     cfg: TrainConfig,
     reward_funcs: Sequence[Callable] | None = None,
@@ -70,29 +64,24 @@ def build_grpo_trainer(
     callbacks: Sequence[Any] = (),
 ):
     """``(trainer, logger, info)`` — the configured ``GRPOTrainer`` before ``train()`` (also used by the benchmark)."""
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     from tagfer.train.callbacks import JsonlLogCallback
-    from tagfer.train.sft import prepare_run, quiet_console, training_args_common
+    from tagfer.train.rollout import MergedRolloutGRPOTrainer
+    from tagfer.train.sft import prepare_run, quiet_console
+    from tagfer.train.trl_args import trl_kwargs
 
-    run = prepare_run(cfg, "grpo", check=_check_vllm)  # vLLM checked before anything is written
+    # trl.* keys and grpo.use_vllm (raises when true without vLLM) checked before anything is written
+    run = prepare_run(cfg, "grpo", check=lambda c: trl_kwargs(c, "grpo"))
     out, model, processor, base, summary, train_ds = run.out, run.model, run.processor, run.base, run.trainable, run.train_ds
     if reward_funcs is None:
         reward_funcs, default_weights = tag_reward_funcs(cfg)
         weights = default_weights if weights is None else weights
-    g = cfg.grpo
-    args = GRPOConfig(
-        **training_args_common(cfg),
-        num_generations=g.num_generations, beta=g.beta, epsilon=g.epsilon, loss_type=g.loss_type,
-        scale_rewards=g.scale_rewards, max_completion_length=g.max_completion_length, temperature=g.temperature,
-        top_p=g.top_p, use_vllm=g.use_vllm, vllm_mode=g.vllm_mode,
-        vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization, generation_batch_size=g.generation_batch_size,
-        reward_weights=list(weights) if weights is not None else None, log_completions=g.log_completions,
-    )
+    args = GRPOConfig(**trl_kwargs(cfg, "grpo", reward_weights=list(weights) if weights is not None else None))
     logger = JsonlLogCallback(out / cfg.log.jsonl, "grpo")
-    trainer = GRPOTrainer(
+    trainer = MergedRolloutGRPOTrainer(
         model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=train_ds, processing_class=processor,
-        callbacks=[logger, *callbacks],
+        callbacks=[logger, *callbacks], merged_rollouts=cfg.grpo.merged_rollouts,
     )
     quiet_console(trainer, cfg)
     return trainer, logger, {"base_model": base, "trainable": summary, "processor": processor}

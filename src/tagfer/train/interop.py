@@ -5,25 +5,35 @@
   ``dataset_info.json`` that ``tagfer export … --format llamafactory`` writes
   (``<export>/llamafactory/``: ``tag_sft``, ``tag_sft_nobbox``, ``tag_sft_<source>``).
 * :func:`verl_config` — a verl ``main_ppo`` config (GRPO advantage estimator, K rollouts,
-  KL loss β, clip ε, LoRA) whose ``custom_reward_function`` points to
-  :func:`tagfer.integrations.verl.compute_score`; the data are the exporter's
-  ``<export>/verl/<source>.parquet`` files. :func:`verl_command` gives the launch line.
+  KL loss β, clip ε, LoRA) whose ``reward.custom_reward_function`` is
+  ``pkg://tagfer.integrations.verl`` / ``compute_score`` (portable: any machine where tagfer
+  is installed); the data are the exporter's ``<export>/verl/<source>.parquet`` files. Every
+  key exists in verl 0.9.1's ``ppo_trainer`` schema, so the YAML merges into verl's defaults
+  (tested against a pinned copy of its keys). Reward settings that differ from the defaults
+  (``grpo_f1``, ``grpo_rlvr``) are not schema keys: :func:`verl_reward_overrides` gives them
+  as Hydra ``+reward.custom_reward_function.reward_kwargs.*`` overrides, which
+  :func:`verl_command` appends to the launch line.
 
 Both take the same :class:`~tagfer.train.config.TrainConfig`, so a preset is the single
-source of the hyperparameters. Field names follow LLaMA-Factory 0.9 / verl 0.4+ docs;
-check them against the version you install.
+source of the hyperparameters, and both carry the image policy
+(:class:`tagfer.vlm.ImagePolicy`) the exports were written with. Checked against
+LLaMA-Factory 0.9.5 and verl 0.9.1.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
 from tagfer.train.config import TrainConfig
 
-__all__ = ["llamafactory_config", "verl_config", "verl_command", "default_export_names", "write_yaml"]
+__all__ = ["llamafactory_config", "verl_config", "verl_command", "verl_reward_overrides", "default_export_names",
+           "write_yaml", "write_verl_files", "VERL_REWARD_PATH"]
+
+#: verl's ``pkg://`` module path for TAG's reward (works wherever tagfer is importable).
+VERL_REWARD_PATH = "pkg://tagfer.integrations.verl"
 
 
 def _bf16(cfg: TrainConfig) -> bool:
@@ -42,11 +52,15 @@ def default_export_names(cfg: TrainConfig, export_dir: str = "tag_export") -> di
 def llamafactory_config(cfg: TrainConfig, dataset: str = "tag_sft", dataset_dir: str = "data/tag",
                         deepspeed: str | None = None) -> dict[str, Any]:
     """LLaMA-Factory SFT YAML (as a dict) equivalent to ``cfg`` (LoRA on the LM, vision frozen, projector trained)."""
+    from tagfer.vlm import ImagePolicy
+
     o, lo, s = cfg.optim, cfg.lora, cfg.sft
-    side = cfg.model.image_side
+    min_px, max_px = ImagePolicy.of(cfg.model).bounds
     out: dict[str, Any] = {
         "model_name_or_path": cfg.model.name_or_path,
-        "image_max_pixels": side * side,
+        # the export holds images already resized by the policy: these bounds leave them as they are
+        "image_min_pixels": min_px,
+        "image_max_pixels": max_px,
         "trust_remote_code": True,
         "stage": "sft",
         "do_train": True,
@@ -79,6 +93,8 @@ def llamafactory_config(cfg: TrainConfig, dataset: str = "tag_sft", dataset_dir:
     if lo.enabled:
         # LLaMA-Factory's "all" = every linear layer of the language model (the vision tower is frozen above).
         out.update({"lora_rank": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout, "lora_target": "all"})
+        if lo.train_projector:  # with LoRA, LLaMA-Factory trains the projector only as an additional target
+            out["additional_target"] = "merger"
     if deepspeed or o.deepspeed:
         from tagfer.train.sft import deepspeed_config_path
 
@@ -89,10 +105,7 @@ def llamafactory_config(cfg: TrainConfig, dataset: str = "tag_sft", dataset_dir:
 def verl_config(cfg: TrainConfig, train_files: str = "data/tag/verl/train.parquet",
                 val_files: str | None = None, n_gpus: int = 4, nnodes: int = 1) -> dict[str, Any]:
     """verl GRPO config (nested dict, Hydra keys) equivalent to ``cfg``, with TAG's reward."""
-    from tagfer.integrations import verl as verl_reward
-
     o, g, lo = cfg.optim, cfg.grpo, cfg.lora
-    r = cfg.reward
     prompts_per_step = max(1, (o.batch_size * o.grad_accum * n_gpus * nnodes) // g.num_generations)
     model_path = cfg.model.name_or_path
     if cfg.model.adapter:
@@ -108,6 +121,8 @@ def verl_config(cfg: TrainConfig, train_files: str = "data/tag/verl/train.parque
             "image_key": "images",
             "filter_overlong_prompts": True,
             "truncation": "error",
+            # image policy: the parquet's images are pre-resized and carry {min,max}_pixels per image
+            # (data.mm_processor_kwargs is an empty struct node in verl's schema: no new keys allowed there)
         },
         "actor_rollout_ref": {
             "model": {
@@ -148,12 +163,7 @@ def verl_config(cfg: TrainConfig, train_files: str = "data/tag/verl/train.parque
             },
             "ref": {"log_prob_micro_batch_size_per_gpu": 8, "fsdp_config": {"param_offload": True}},
         },
-        "custom_reward_function": {
-            "path": str(Path(verl_reward.__file__).resolve()),
-            "name": "compute_score",
-            "reward_kwargs": {"fmt_bonus": r.fmt_bonus, "w_au": r.w_au, "w_ans": r.w_ans, "w_fmt": r.w_fmt,
-                              "matching": r.matching, "au_reward": r.au_reward},
-        },
+        "reward": {"custom_reward_function": {"path": VERL_REWARD_PATH, "name": "compute_score"}},
         "trainer": {
             "total_epochs": int(o.epochs) if o.epochs == int(o.epochs) else o.epochs,
             "n_gpus_per_node": n_gpus,
@@ -166,6 +176,22 @@ def verl_config(cfg: TrainConfig, train_files: str = "data/tag/verl/train.parque
             "logger": ["console"],
         },
     }
+
+
+def verl_reward_overrides(cfg: TrainConfig) -> list[str]:
+    """Hydra ``+key=value`` overrides for the :class:`~tagfer.rewards.RewardConfig` fields where ``cfg``
+    differs from the defaults (verl passes ``reward_kwargs`` to ``compute_score``)."""
+    import dataclasses
+
+    from tagfer.rewards import RewardConfig
+
+    default = RewardConfig()
+    out = []
+    for f in dataclasses.fields(RewardConfig):
+        v = getattr(cfg.reward, f.name)
+        if v != getattr(default, f.name):
+            out.append(f"+reward.custom_reward_function.reward_kwargs.{f.name}={_hydra_value(v)}")
+    return out
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -189,15 +215,13 @@ def _hydra_value(v: Any) -> str:
     return str(v)
 
 
-def verl_command(config: dict[str, Any]) -> str:
-    """``python3 -m verl.trainer.main_ppo key=value ...`` for a :func:`verl_config` dict.
-
-    ``reward_kwargs`` are new keys in verl's schema, so they get Hydra's ``+`` prefix.
-    """
+def verl_command(config: dict[str, Any], reward_overrides: Sequence[str] = ()) -> str:
+    """``python3 -m verl.trainer.main_ppo key=value ...`` for a :func:`verl_config` dict, plus
+    :func:`verl_reward_overrides` (new keys in verl's schema: Hydra's ``+`` prefix)."""
     parts = ["python3 -m verl.trainer.main_ppo"]
     for k, v in _flatten(config):
-        prefix = "+" if ".reward_kwargs." in f".{k}" else ""
-        parts.append(f"  {prefix}{k}={_hydra_value(v)}")
+        parts.append(f"  {k}={_hydra_value(v)}")
+    parts.extend(f"  {o}" for o in reward_overrides)
     return " \\\n".join(parts)
 
 
@@ -208,3 +232,18 @@ def write_yaml(obj: dict[str, Any], path: str | Path, header: str = "") -> Path:
     p.write_text((header + "\n" if header else "") + text, encoding="utf-8")
     return p
 
+
+
+def write_verl_files(cfg: TrainConfig, out: str | Path, train_files: str, val_files: str | None = None, n_gpus: int = 4,
+                     nnodes: int = 1, name: str = "") -> tuple[Path, Path]:
+    """Write ``out`` (the verl YAML, schema keys only) and ``out.sh`` (the launch line with the reward overrides)."""
+    conf = verl_config(cfg, train_files, val_files, n_gpus, nnodes)
+    extra = verl_reward_overrides(cfg)
+    header = f"# verl GRPO config from tagfer preset {name}".rstrip()
+    if extra:
+        header += "\n# reward settings beyond verl's schema are in the .sh launcher: " + " ".join(extra)
+    p = write_yaml(conf, out, header)
+    sh = Path(out).with_suffix(".sh")
+    sh.write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + verl_command(conf, extra) + "\n", encoding="utf-8")
+    sh.chmod(0o755)
+    return p, sh

@@ -7,6 +7,10 @@
 * The projector (Qwen2.5-VL's ``visual.merger``; ``multi_modal_projector`` / ``mm_projector``
   in other VLMs) is trained in full when ``lora.train_projector``: it goes to PEFT's
   ``modules_to_save``, so a trainable copy is saved inside the adapter and merged later.
+* Trainable parameters that are not LoRA (the projector copy, any ``modules_to_save``, the
+  language model in full fine-tuning) keep fp32 master weights when the model is bf16/fp16
+  (:func:`keep_fp32_masters`): an Adam step of lr 2e-5 is below half a bf16 ulp for most
+  projector weights and would be rounded away every step. PEFT already keeps LoRA in fp32.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ __all__ = [
     "vision_parameter_names",
     "save_processor",
     "build_trainable_tiny",
+    "keep_fp32_masters",
+    "low_precision_trainable",
 ]
 
 PROJECTOR_NAMES = ("merger", "multi_modal_projector", "mm_projector")
@@ -143,6 +149,64 @@ def apply_lora(model, lora_cfg):
     if bad:  # pragma: no cover - guarded by the anchored regex
         raise RuntimeError(f"LoRA reached the vision encoder: {bad[:3]}")
     return peft_model
+
+
+_LOW = ("torch.bfloat16", "torch.float16")
+
+
+def low_precision_trainable(model) -> list[str]:
+    """Names of trainable parameters stored in bf16/fp16 (should be none after :func:`keep_fp32_masters`)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and str(p.dtype) in _LOW]
+
+
+def _cast_floats(obj, dtype):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_cast_floats(o, dtype) for o in obj]
+    if type(obj) is dict:
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def keep_fp32_masters(model) -> list[str]:
+    """Upcast every trainable bf16/fp16 parameter to fp32; returns the names of the modules changed.
+
+    Each module that directly owns such a parameter gets hooks: floating inputs are cast to
+    fp32 and floating outputs back to the parameter's original dtype, so what flows between
+    modules keeps the model's dtype (under the trainer's bf16 autocast the matmuls still run
+    in bf16) while the optimiser updates fp32 weights. Idempotent; frozen parameters untouched.
+    Under DeepSpeed bf16 (which casts the model to bf16 and keeps its own fp32 master copy) the
+    hooks follow the parameter's dtype at call time, so they never mix dtypes.
+    """
+    import torch
+
+    changed = []
+    for name, mod in model.named_modules():
+        own = [p for p in mod.parameters(recurse=False) if p.requires_grad and str(p.dtype) in _LOW]
+        if not own or getattr(mod, "_tagfer_fp32_master", None) is not None:
+            continue
+        low = own[0].dtype
+        for p in own:
+            p.data = p.data.float()
+        mod._tagfer_fp32_master = low
+
+        def pre(_m, args, kwargs, ref=own[0]):
+            # the parameter's dtype at call time: fp32, unless an engine (DeepSpeed bf16) cast it back,
+            # in which case that engine keeps the fp32 master copy and inputs must follow the weights
+            return _cast_floats(args, ref.dtype), _cast_floats(kwargs, ref.dtype)
+
+        def post(_m, _args, out, low=low):
+            return _cast_floats(out, low)
+
+        mod.register_forward_pre_hook(pre, with_kwargs=True)
+        mod.register_forward_hook(post)
+        changed.append(name)
+    return changed
 
 
 def trainable_summary(model) -> dict[str, Any]:

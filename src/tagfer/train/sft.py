@@ -19,8 +19,9 @@ from typing import Any, Callable, Sequence
 
 from tagfer.train.config import TrainConfig, dump_config
 from tagfer.train.model import save_processor
+from tagfer.train.trl_args import deepspeed_config_path, trl_kwargs
 
-__all__ = ["SFTResult", "RunSetup", "prepare_run", "run_sft", "training_args_common", "save_adapter", "last_checkpoint", "deepspeed_config_path"]
+__all__ = ["SFTResult", "RunSetup", "prepare_run", "run_sft", "save_adapter", "last_checkpoint", "deepspeed_config_path"]
 
 
 @dataclass
@@ -32,55 +33,6 @@ class SFTResult:
     log_path: Path
     train_loss: list[float] = field(default_factory=list)
     trainable: dict[str, int] = field(default_factory=dict)
-
-
-def _bf16(setting: str) -> bool:
-    import torch
-
-    if setting == "auto":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    return setting == "true"
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _report_to(cfg: TrainConfig) -> list[str]:
-    if not cfg.log.tensorboard:
-        return []
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        from tagfer.cli._app import console
-
-        console.print("[yellow]log.tensorboard is on but tensorboard is not installed; JSONL log only[/]")
-        return []
-    return ["tensorboard"]
-
-
-def deepspeed_config_path(value: str | None) -> str | None:
-    """``zero2`` / ``zero3`` → the packaged DeepSpeed JSON (``tagfer/train/deepspeed/``); paths pass through."""
-    if value in ("zero2", "zero3"):
-        return str(Path(__file__).parent / "deepspeed" / f"{value}.json")
-    return value
-
-
-def training_args_common(cfg: TrainConfig) -> dict[str, Any]:
-    """Keyword arguments shared by ``SFTConfig`` and ``GRPOConfig``."""
-    o = cfg.optim
-    return dict(
-        output_dir=str(cfg.output_dir), learning_rate=o.learning_rate, weight_decay=o.weight_decay,
-        lr_scheduler_type=o.lr_scheduler, warmup_steps=o.warmup_ratio, max_grad_norm=o.max_grad_norm,
-        num_train_epochs=o.epochs, max_steps=o.max_steps, per_device_train_batch_size=o.batch_size,
-        gradient_accumulation_steps=o.grad_accum, bf16=_bf16(o.bf16), activation_checkpointing=o.gradient_checkpointing,
-        seed=o.seed, data_seed=o.seed, save_strategy="steps", save_steps=o.save_steps,
-        save_total_limit=o.save_total_limit, logging_steps=cfg.log.logging_steps, report_to=_report_to(cfg),
-        remove_unused_columns=False, dataloader_num_workers=o.dataloader_workers, deepspeed=deepspeed_config_path(o.deepspeed),
-        disable_tqdm=not cfg.log.progress, optim="adamw_torch", dataloader_pin_memory=_cuda(),
-    )
 
 
 def quiet_console(trainer, cfg: TrainConfig) -> None:
@@ -132,7 +84,7 @@ def prepare_run(cfg: TrainConfig, stage: str, check: Callable[[TrainConfig], Non
 
     from tagfer.prompts import tag_prompt
     from tagfer.train.data import RowMaker, load_train_val
-    from tagfer.train.model import apply_lora, load_for_training, trainable_summary
+    from tagfer.train.model import apply_lora, keep_fp32_masters, load_for_training, trainable_summary
 
     if cfg.stage != stage:
         raise ValueError(f"run_{stage} needs stage: {stage} (got {cfg.stage!r})")
@@ -145,6 +97,7 @@ def prepare_run(cfg: TrainConfig, stage: str, check: Callable[[TrainConfig], Non
     set_seed(cfg.optim.seed)
     model, processor, base = load_for_training(cfg)
     model = apply_lora(model, cfg.lora)
+    keep_fp32_masters(model)  # projector / modules_to_save: fp32 master weights in a bf16 model
     system, user = tag_prompt(cfg.data.system_prompt, cfg.data.user_prompt)
     train_raw, val_raw = load_train_val(cfg)
     train_ds = train_raw.with_transform(RowMaker(stage, system, user, cfg.model.image_side))
@@ -159,14 +112,11 @@ def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
 
     from tagfer.train.callbacks import JsonlLogCallback, ValidationCallback, write_json
 
-    run = prepare_run(cfg, "sft")
+    run = prepare_run(cfg, "sft", check=lambda c: trl_kwargs(c, "sft"))  # trl.* keys checked before any file is written
     out, model, processor, base, summary = run.out, run.model, run.processor, run.base, run.trainable
     system, user, val_raw, train_ds = run.system, run.user, run.val_raw, run.train_ds
 
-    args = SFTConfig(
-        **training_args_common(cfg), max_length=cfg.sft.max_length, completion_only_loss=cfg.sft.completion_only_loss,
-        dataset_kwargs={"skip_prepare_dataset": True}, eval_strategy="no",
-    )
+    args = SFTConfig(**trl_kwargs(cfg, "sft"))
     logger = JsonlLogCallback(out / cfg.log.jsonl, "sft")
     cbs: list[Any] = [logger]
     best_dir = out / "best"
