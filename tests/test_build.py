@@ -79,7 +79,7 @@ def config_for(csv_path: Path, out: Path, url: str, **kw) -> BuildConfig:
         timeout_s=1.0, request_retries=3, backoff_base_s=0.01, backoff_max_s=0.05, au_workers=1,
     )
     base.update(kw)
-    return BuildConfig(**base)
+    return BuildConfig.from_dict(base)
 
 
 def accepted(out: Path, shard=(0, 1)) -> dict[str, dict]:
@@ -347,7 +347,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 from fixtures_data import FakeAUDetector
 from tagfer.build import BuildConfig, run_build
-cfg = BuildConfig(**json.loads(sys.argv[2]))
+cfg = BuildConfig.from_dict(json.loads(sys.argv[2]))
 table = json.loads(open(sys.argv[3]).read())
 run_build(cfg, detector=FakeAUDetector(table))
 """

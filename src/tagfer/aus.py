@@ -83,7 +83,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from tagfer.canvas import CANVAS, Box, CanvasTransform, union_box
+from tagfer.canvas import CANVAS, TOP_K, Box, CanvasTransform, union_box
 from tagfer.faces import FaceMesh
 
 AU_NAMES: dict[int, str] = {
@@ -202,7 +202,7 @@ class AUConfig:
 
     threshold: float = 0.3
     thresholds: Mapping[int, float] = field(default_factory=dict)
-    top_k: int = 3
+    top_k: int = TOP_K
     canvas: int = CANVAS
     bilateral: str = "union"
     calibration: Mapping[str, tuple[float, float]] = field(default_factory=dict)
@@ -262,7 +262,7 @@ class FaceAUs:
     mesh: FaceMesh | None
     aus: list[AUDetection]
     bbox_canvas: Box
-    top_k: int = 3
+    top_k: int = TOP_K
     detector: str = "mediapipe"
 
     @property
