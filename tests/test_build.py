@@ -503,3 +503,75 @@ def test_cli_build_export_stats_end_to_end(rafdb_root, tmp_path, fake_openai):
                             "--request-retries", "0", "--no-progress"])
     assert r.exit_code == 2 and "cannot discover the model name" in r.output
     assert not accepted(tmp_path / "down") and not rejected(tmp_path / "down")
+
+
+def test_cli_build_honours_the_config_file(rafdb_root, tmp_path, fake_openai):
+    """Issue 14 #5: every field of --config reaches the build (endpoint, model, quality, top_k, max_tokens, limit, concurrency)."""
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    seen: list[dict] = []
+
+    def recording(req: dict, index: int):
+        seen.append(req)
+        return echo_teacher(req, index)
+
+    srv = fake_openai(recording)
+    out = tmp_path / "cfg_built"
+    cfg = {"sources": [f"rafdb:{rafdb_root}"], "out": str(out), "quality": False, "top_k": 2, "max_tokens": 77,
+           "endpoints": [srv.url], "model": "fake", "limit": 3, "concurrency": 64, "au_workers": 1, "timeout_s": 5}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(app, ["build", "--config", str(tmp_path / "cfg.json"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    written = json.loads(output_paths(out)["config"].read_text())
+    assert (written["quality"], written["top_k"], written["max_tokens"], written["limit"]) == (False, 2, 77, 3)
+    assert written["client"]["total_concurrency"] == 64 and written["client"]["endpoints"] == [srv.url]
+    assert written["client"]["model"] == "fake"
+    assert len(accepted(out)) + len(rejected(out)) == 3  # limit
+    assert seen and all(q["model"] == "fake" and q["max_tokens"] == 77 for q in seen)
+    assert not any("suitable_for_training" in prompt_of(q) for q in seen)  # no Stage I
+    au_lines = [[ln for ln in prompt_of(q).splitlines() if ln.startswith("AU") and "[" in ln] for q in seen]
+    assert max(len(x) for x in au_lines) == 2  # top_k from the file
+
+
+def _cli_build(rafdb_root, out: Path, url: str, *extra: str):
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    args = ["build", "--source", f"rafdb:{rafdb_root}", "--out", str(out), "--endpoint", url, "--model", "fake-vlm", "--limit", "2",
+            "--au-workers", "1", "--timeout", "2", "--request-retries", "0", "--no-quality", "--no-progress", *extra]
+    return CliRunner().invoke(app, args)
+
+
+def test_cli_build_exit_code_says_items_could_not_be_processed(rafdb_root, tmp_path, fake_openai):
+    """Issue 14 #8: 500s, garbage bodies and a dead endpoint → exit 1 (retryable); validation rejections → exit 0."""
+    import socket
+
+    for name, script in (("http500", lambda req, i: Reply(status=500, text="boom")),
+                         ("garbage", lambda req, i: Reply(body=b"<html>not a completion</html>"))):
+        srv = fake_openai(script)
+        r = _cli_build(rafdb_root, tmp_path / name, srv.url)
+        assert r.exit_code == 1, (name, r.output)
+        rej = rejected(tmp_path / name)
+        assert len(rej) == 2 and all(v["reason"] == "teacher_error" and v["retryable"] for v in rej.values())
+        assert "could not be processed" in " ".join(r.output.split())
+        summary = json.loads(output_paths(tmp_path / name)["summary"].read_text())
+        assert summary["failed"] == 2
+    with socket.socket() as sock:  # nothing listening (with --model, so the build starts)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = _cli_build(rafdb_root, tmp_path / "down", f"http://127.0.0.1:{port}/v1")
+    assert r.exit_code == 1, r.output
+    assert {v["reason"] for v in rejected(tmp_path / "down").values()} == {"teacher_error"}
+    # a teacher that answers, but never validly: rejected by validation, which is a normal outcome → 0
+    srv = fake_openai(lambda req, i: "I cannot comply with the format.")
+    r = _cli_build(rafdb_root, tmp_path / "invalid", srv.url, "--max-format-retries", "0")
+    assert r.exit_code == 0, r.output
+    assert {v["reason"] for v in rejected(tmp_path / "invalid").values()} == {"format"}
+    # the failed items are retried on a re-run; once they succeed the exit code is 0 again
+    srv = fake_openai(echo_teacher)
+    r = _cli_build(rafdb_root, tmp_path / "http500", srv.url)
+    assert r.exit_code == 0, r.output
+    assert len(accepted(tmp_path / "http500")) == 2 and not rejected(tmp_path / "http500")
