@@ -386,3 +386,19 @@ def test_cli_workers_send_concurrent_requests_to_a_served_model(fake_openai, tmp
     assert [Path(x["image"]).name for x in recs] == [f"f{i}.png" for i in range(6)]
     assert all(x["analyses"][0]["trace"] == reply and x["analyses"][0]["well_formed"] for x in recs)
     assert srv.max_in_flight >= 2  # images really were analysed concurrently
+
+
+def test_one_canvas_for_detector_trace_and_record(landmarker, astronaut_path):
+    """The Analyzer parses and records on the detector's canvas; a reward config on another canvas is refused."""
+    from tagfer.aus import AUConfig
+    from tagfer.detectors import MediaPipeAUDetector
+    from tagfer.rewards import RewardConfig
+
+    det = MediaPipeAUDetector(AUConfig(canvas=256), landmarker=landmarker)
+    with pytest.raises(ValueError, match="canvas"):
+        Analyzer(detector=det, reward_config=RewardConfig(canvas=512), own_detector=False)
+    an = Analyzer(detector=det, frame="image", own_detector=False)
+    (a,) = an.analyze_image(astronaut_path)
+    assert an.reward_config.canvas == a.canvas == 256
+    assert a.well_formed and a.boxes and all(0 <= v <= 255 for b in a.boxes for v in b)
+    assert a.r_au is not None and a.r_au > 0.99  # the FACS engine cites the detector's own boxes, on the same canvas

@@ -467,7 +467,7 @@ class Analyzer:
         *,
         frame: str = "face",
         face_margin: float = 0.15,
-        reward_config: RewardConfig = RewardConfig(),
+        reward_config: RewardConfig | None = None,
         max_faces: int = 5,
         landmarker_path: str | None = None,
         max_side: int = 2048,
@@ -489,6 +489,11 @@ class Analyzer:
             detector = MediaPipeAUDetector(landmarker=lm, own_landmarker=True)
         self.detector = detector
         self.au_config: AUConfig = getattr(detector, "config", AUConfig())
+        # one canvas: the detector's boxes, the parsed trace and the recorded Analysis.canvas
+        if reward_config is None:
+            reward_config = RewardConfig(canvas=self.au_config.canvas)
+        elif reward_config.canvas != self.au_config.canvas:
+            raise ValueError(f"reward_config.canvas ({reward_config.canvas}) differs from the detector's canvas ({self.au_config.canvas})")
         self.frame = frame
         self.face_margin = face_margin
         self.reward_config = reward_config
@@ -514,7 +519,7 @@ class Analyzer:
             from tagfer.detectors import DetectionError
 
             raise DetectionError("no_face", f"no face found in {name}")
-        canvas = self.au_config.canvas
+        canvas = self.reward_config.canvas  # == self.au_config.canvas (checked in __init__)
         prepared: list[tuple[Image.Image | None, FaceAUs, tuple[float, float, float, float]]] = []
         needs_pixels = getattr(self.engine, "needs_pixels", True)
         for f in faces:
