@@ -239,6 +239,7 @@ def test_cli_pretty_and_single_overlay(tmp_path, astronaut_path):
     assert out.is_file()
 
 
+@pytest.mark.model
 def test_cli_no_face_and_usage_errors(tmp_path, astronaut_path, bad_inputs):
     r = runner.invoke(app, ["analyze", str(bad_inputs["no_face"]), str(astronaut_path), "--json"])
     assert r.exit_code == EXIT_FAILED
@@ -343,6 +344,7 @@ model_text = st.lists(
 ).map("".join)
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=model_text)
 def test_any_model_output_is_reported_and_drawn(text, astronaut_analysis, facs_analyzer, astronaut_path):

@@ -319,6 +319,7 @@ def _dataset(tmp_path, n):
     return csv_path, table, truth, n_wrong, malformed
 
 
+@pytest.mark.slow
 def test_shards_partition_the_data(tmp_path, fake_openai):
     csv_path, table, truth, n_wrong, malformed = _dataset(tmp_path, 30)
     srv = fake_openai(stateless_script(truth, n_wrong, malformed))
@@ -353,6 +354,7 @@ run_build(cfg, detector=FakeAUDetector(table))
 """
 
 
+@pytest.mark.slow
 def test_kill9_midway_then_resume_gives_the_same_accepted_set(tmp_path, fake_openai):
     n = 60
     csv_path, table, truth, n_wrong, malformed = _dataset(tmp_path, n)
@@ -460,6 +462,7 @@ def echo_teacher(req: dict, index: int):
     return json.dumps({"CoT": cot, "Answer": find_labels(p)[0]})
 
 
+@pytest.mark.slow
 def test_cli_build_export_stats_end_to_end(rafdb_root, tmp_path, fake_openai):
     import datasets
     from typer.testing import CliRunner

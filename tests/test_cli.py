@@ -127,3 +127,34 @@ def test_build_bad_config_is_a_usage_error(tmp_path):
     assert r.exit_code == 2 and "missing.json" in flat(r)
     r = runner.invoke(app, ["build", "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "--source" in flat(r)
+
+
+def test_build_help_states_the_dataclass_defaults():
+    """The build options have no defaults of their own; where their help names one, it is BuildConfig's."""
+    import re
+
+    import typer
+
+    from tagfer.build import CLIENT_KEYS, BuildConfig
+
+    cfg = BuildConfig()
+    rename = {"timeout": "timeout_s", "endpoint": "endpoints", "source": "sources"}
+    cmd = typer.main.get_command(app).commands["build"]
+    checked = 0
+    for p in cmd.params:
+        if p.name in ("progress", "config_file", "prompt_dir"):
+            continue
+        assert p.default is None, f"--{p.name} declares its own default {p.default!r}"
+        m = re.search(r"\(default:? ([^,;)]+)", p.help or "")
+        if not m:
+            continue
+        field = rename.get(p.name, p.name)
+        value = getattr(cfg.client, CLIENT_KEYS[field]) if field in CLIENT_KEYS else getattr(cfg, field)
+        shown = m.group(1).split()[0]
+        if value is None:  # described in words ("the server's first model")
+            continue
+        value = value[0] if isinstance(value, list) else "/".join(map(str, value)) if isinstance(value, tuple) else value
+        expected = {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+        assert shown in (expected, f"{value:g}" if isinstance(value, float) else expected), (p.name, shown, value)
+        checked += 1
+    assert checked >= 8

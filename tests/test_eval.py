@@ -205,6 +205,7 @@ class _Rec:
     excluded: bool = False
 
 
+@pytest.mark.model
 def test_eval_cli_bad_arguments(tmp_path, rafdb_root, eval_server):
     from typer.testing import CliRunner
 

@@ -86,6 +86,7 @@ def test_exif_rotation_gives_upright_image(tmp_path, astronaut_rgb, orientation,
     assert np.abs(out.rgb.astype(float) - np.asarray(upright, dtype=float)).mean() < 6
 
 
+@pytest.mark.slow
 def test_huge_image_is_downscaled_with_original_size(tmp_path):
     p = tmp_path / "huge.jpg"
     Image.new("RGB", (12000, 9000), (90, 120, 150)).save(p, quality=70)

@@ -312,6 +312,12 @@ class FaceAUs:
 
 
 # --------------------------------------------------------------------------- geometry
+def largest_face(faces: Sequence[FaceAUs]) -> FaceAUs:
+    """The face TAG works on when an image has several: the largest landmark mesh (a face
+    without a mesh counts as size 0; ties keep the first). ``faces`` must not be empty."""
+    return max(faces, key=lambda f: f.mesh.area if getattr(f, "mesh", None) is not None else 0.0)
+
+
 def _cal(x: float, lohi: tuple[float, float]) -> float:
     lo, hi = lohi
     if hi == lo:

@@ -69,9 +69,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
+from tagfer.canvas import TOP_K
 from tagfer.errors import ItemError
 from tagfer.jsonl import JsonlWriter, done_keys, drop_records, read_jsonl
-from tagfer.canvas import TOP_K
 from tagfer.labels import LABELS
 from tagfer.openai_client import ClientConfig
 from tagfer.records import TAGSample
@@ -227,7 +227,8 @@ class BuildConfig:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["shard"] = list(self.shard)
-        d["client"].pop("api_key", None)  # never written to disk
+        for secret in ("api_key", "extra_headers"):  # credentials are never written to disk
+            d["client"].pop(secret, None)
         return d
 
 
@@ -299,12 +300,12 @@ class OpenAITeacher:
         return self.client.image_part(image)
 
     async def ask(self, prompt: str, prepared: Any, *, temperature: float, item_id: str) -> tuple[str, int]:
-        from tagfer.openai_client import user_message
+        from tagfer.openai_client import chat_messages
 
         params: dict[str, Any] = {"temperature": temperature, "max_tokens": self.max_tokens}
         if self.tag_requests:
             params["user"] = item_id
-        r = await self.client.chat([user_message(prompt, [prepared])], **params)
+        r = await self.client.chat(chat_messages(prompt, [prepared]), **params)
         return r.text, r.attempts
 
 
@@ -371,13 +372,14 @@ def ground_record(rec: SourceRecord, detector: Any) -> Grounded:
     """Load + detect (runs in a worker thread). Raises ``ItemError`` (image errors, no face)."""
     from PIL import Image
 
+    from tagfer.aus import largest_face
     from tagfer.detectors import DetectionError
 
     img = rec.load()
     faces = detector.detect(img, rec.image_path or rec.id)
     if not faces:
         raise DetectionError("no_face", f"no face found in {rec.image_path or rec.id}")
-    face = max(faces, key=lambda f: f.mesh.area if getattr(f, "mesh", None) is not None else 0.0)
+    face = largest_face(faces)
     top = [(a.au, float(a.score), tuple(int(v) for v in a.box)) for a in face.top]
     return Grounded(
         image=Image.fromarray(img.rgb),

@@ -286,14 +286,12 @@ def _prebuilt_messages(reqs: Iterator[Any], client_cfg: Any, workers: int) -> It
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    from tagfer.openai_client import system_message, user_message
+    from tagfer.openai_client import chat_messages
 
     def build(req: Any) -> Any:
         try:
-            msgs = [system_message(req.system)] if req.system else []
             images = [req.image] if req.image is not None else []
-            msgs.append(user_message(req.user, images, client_cfg.image_side, client_cfg.image_format))
-            req.messages = msgs
+            req.messages = chat_messages(req.user, images, req.system, client_cfg.image_side, client_cfg.image_format)
         except Exception:  # noqa: BLE001 - the backend re-raises it as a per-item error
             pass
         return req
@@ -347,6 +345,7 @@ class FACSBackend:
 
     def generate(self, requests: Iterable[Any], config: Any = None, on_result: Callable[[Any], None] | None = None) -> Iterator[Any]:
         from tagfer.backends import GenResult
+        from tagfer.aus import largest_face
         from tagfer.facs import explain
         from tagfer.imageio import load_image
 
@@ -357,7 +356,7 @@ class FACSBackend:
                     raise ItemError("no_image", "the FACS engine needs an image")
                 img = load_image(req.image)
                 faces = self.detector.detect(img, req.image if isinstance(req.image, str) else None)
-                face = max(faces, key=lambda f: f.mesh.area if f.mesh else 0.0)
+                face = largest_face(faces)
                 res = GenResult(req.id, explain(face).trace, None, dict(req.meta),
                                 {"backend": self.name, "latency_s": round(time.perf_counter() - t0, 4)})
             except ItemError as e:
