@@ -578,3 +578,25 @@ def test_cli_build_exit_code_says_items_could_not_be_processed(rafdb_root, tmp_p
     r = _cli_build(rafdb_root, tmp_path / "http500", srv.url)
     assert r.exit_code == 0, r.output
     assert len(accepted(tmp_path / "http500")) == 2 and not rejected(tmp_path / "http500")
+
+
+def test_build_config_holds_the_one_client_config():
+    from tagfer.openai_client import ClientConfig
+
+    d = BuildConfig()
+    assert isinstance(d.client, ClientConfig) and d.client.image_format == "jpeg"
+    # every other client default is ClientConfig's own (declared once)
+    base = ClientConfig(api_key="")
+    assert all(getattr(d.client, f) == getattr(base, f) for f in ("total_concurrency", "per_endpoint_concurrency", "timeout_s", "max_retries", "endpoints"))
+    c = BuildConfig.from_dict({"concurrency": 9, "request_retries": 1, "client": {"max_retries": 4, "timeout_s": 7.0, "api_key": "sk-x",
+                                                                                "extra_headers": {"Authorization": "Bearer y"}}})
+    assert (c.client.total_concurrency, c.client.max_retries, c.client.timeout_s) == (9, 1, 7.0)  # a flat key wins over client
+    assert (c.concurrency, c.request_retries, c.timeout_s) == (9, 1, 7.0)  # read-only aliases of client
+    assert c.in_flight == 18
+    j = c.to_json()
+    assert "api_key" not in j["client"] and "extra_headers" not in j["client"] and "sk-x" not in json.dumps(j)
+    assert BuildConfig.from_dict(j).client.total_concurrency == 9
+    with pytest.raises(ValueError, match="'retries'.*known keys"):
+        BuildConfig.from_dict({"retries": 3})
+    with pytest.raises(TypeError):
+        BuildConfig(request_retries=3)  # the flat names are read-only: construct with from_dict or client=

@@ -232,6 +232,13 @@ class BuildConfig:
         return d
 
 
+# Read-only aliases of the client settings under the build's flat names (``config.model``,
+# ``config.request_retries``, ...): the values live once, in ``config.client``.
+for _flat, _field in CLIENT_KEYS.items():
+    setattr(BuildConfig, _flat, property(lambda self, _f=_field: getattr(self.client, _f), doc=f"``client.{_field}`` (read-only)."))
+del _flat, _field
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"2/8"`` → ``(2, 8)`` (0-based index)."""
     try:
