@@ -77,6 +77,7 @@ from tagfer.openai_client import ClientConfig
 from tagfer.records import TAGSample
 from tagfer.sources import SourceRecord, SourceStats, open_source
 from tagfer.teacher import TeacherPrompts, check_quality, check_trace
+from tagfer.trace import MAX_BOXES
 
 __all__ = [
     "BuildConfig",
@@ -155,7 +156,7 @@ class BuildConfig:
     retry_temperature: float = 0.7
     max_tokens: int = 1024
     top_k: int = TOP_K
-    max_regions: int = 3
+    max_regions: int = MAX_BOXES
     quality: bool = True
     max_format_retries: int = 2
     max_eliminations: int = 6
@@ -191,8 +192,8 @@ class BuildConfig:
             raise ValueError(f"last_candidate must be 'ask' or 'stop', got {self.last_candidate!r}")
         if self.max_format_retries < 0 or self.max_eliminations < 0:
             raise ValueError("max_format_retries and max_eliminations must be >= 0")
-        if not 1 <= self.max_regions <= 3:
-            raise ValueError("max_regions must be 1..3 (the TAG grammar allows at most three boxes)")
+        if not 1 <= self.max_regions <= MAX_BOXES:
+            raise ValueError(f"max_regions must be 1..{MAX_BOXES} (the TAG grammar allows at most {MAX_BOXES} boxes)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
