@@ -187,3 +187,18 @@ def test_flipped_face_mirrors_boxes(mp_detector, face_crop_path, tmp_path):
         x1, y1, x2, y2 = ba[au]
         m = bb[au]
         assert abs((511 - x2) - m[0]) <= 12 and abs((511 - x1) - m[2]) <= 12 and abs(y1 - m[1]) <= 12
+
+
+def test_largest_face_is_the_biggest_mesh_first_on_ties():
+    from types import SimpleNamespace
+
+    from tagfer.aus import largest_face
+
+    def face(name, area):
+        return SimpleNamespace(name=name, mesh=None if area is None else SimpleNamespace(area=area))
+
+    assert largest_face([face("a", 10.0), face("b", 30.0), face("c", 20.0)]).name == "b"
+    assert largest_face([face("none", None), face("tiny", 0.5)]).name == "tiny"  # no mesh counts as 0
+    assert largest_face([face("first", 5.0), face("second", 5.0)]).name == "first"
+    with pytest.raises(ValueError):
+        largest_face([])

@@ -137,3 +137,19 @@ def test_model_image_encoding_of_a_big_jpeg_matches_a_full_resolution_resize(tmp
     ref = np.asarray(resize_for_model(Image.open(big), 224), dtype=np.float64)
     assert got.shape == ref.shape == (224, 224, 3)
     assert np.abs(got - ref).mean() < 3.0  # draft decoding changes pixels only slightly
+
+
+def test_data_url_round_trips_png_and_jpeg():
+    import base64
+
+    from tagfer.imageio import data_url
+
+    im = Image.fromarray(np.arange(48 * 32 * 3, dtype=np.uint8).reshape(32, 48, 3))
+    png = data_url(im)
+    assert png.startswith("data:image/png;base64,")
+    back = Image.open(io.BytesIO(base64.b64decode(png.split(",", 1)[1])))
+    assert back.format == "PNG" and np.array_equal(np.asarray(back.convert("RGB")), np.asarray(im))  # lossless, not resized
+    jpg = data_url(im, "JPG")
+    assert jpg.startswith("data:image/jpeg;base64,") and Image.open(io.BytesIO(base64.b64decode(jpg.split(",", 1)[1]))).size == (48, 32)
+    with pytest.raises(ValueError, match="gif"):
+        data_url(im, "gif")

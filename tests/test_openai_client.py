@@ -521,3 +521,14 @@ def test_fake_server_reports_script_problems(srv):
     with pytest.raises(RequestFailed):
         run_chat(cfg)
     assert srv.script_errors == ["script raised ZeroDivisionError: division by zero"]
+
+
+def test_chat_messages_system_then_user_with_images_first():
+    from tagfer.openai_client import chat_messages
+
+    assert chat_messages("hi") == [{"role": "user", "content": "hi"}]
+    msgs = chat_messages("look", [Image.new("RGB", (40, 20))], system="be brief", side=None, fmt="jpeg")
+    assert [m["role"] for m in msgs] == ["system", "user"] and msgs[0]["content"] == "be brief"
+    parts = msgs[1]["content"]
+    assert [p["type"] for p in parts] == ["image_url", "text"] and parts[0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert _decode_data_url(parts[0]["image_url"]["url"]).size == (40, 20) and parts[1]["text"] == "look"
