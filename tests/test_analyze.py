@@ -401,6 +401,8 @@ def test_one_canvas_for_detector_trace_and_record(landmarker, astronaut_path):
         Analyzer(detector=det, reward_config=RewardConfig(canvas=512), own_detector=False)
     an = Analyzer(detector=det, frame="image", own_detector=False)
     (a,) = an.analyze_image(astronaut_path)
-    assert an.reward_config.canvas == a.canvas == 256
+    assert an.reward_config.canvas == a.canvas == an.engine.config.canvas == 256  # the FACS engine validates boxes there too
+    with pytest.raises(ValueError, match="FACS engine's canvas"):
+        Analyzer(detector=det, engine=FACSEngine(), own_detector=False)
     assert a.well_formed and a.boxes and all(0 <= v <= 255 for b in a.boxes for v in b)
     assert a.r_au is not None and a.r_au > 0.99  # the FACS engine cites the detector's own boxes, on the same canvas

@@ -39,7 +39,7 @@ import os
 import queue
 import threading
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -471,7 +471,8 @@ class Analyzer:
     ):
         if frame not in ("face", "image"):
             raise ValueError(f"frame must be 'face' or 'image', got {frame!r}")
-        if isinstance(engine, str) or engine is None:
+        from_spec = isinstance(engine, str) or engine is None
+        if from_spec:
             engine = load_engine(engine)
         elif hasattr(engine, "generate") and not hasattr(engine, "run"):
             engine = VLMEngine(engine)
@@ -490,6 +491,11 @@ class Analyzer:
             reward_config = RewardConfig(canvas=self.au_config.canvas)
         elif reward_config.canvas != self.au_config.canvas:
             raise ValueError(f"reward_config.canvas ({reward_config.canvas}) differs from the detector's canvas ({self.au_config.canvas})")
+        engine_canvas = getattr(getattr(self.engine, "config", None), "canvas", None)
+        if isinstance(self.engine, FACSEngine) and engine_canvas != self.au_config.canvas:
+            if not from_spec:
+                raise ValueError(f"the FACS engine's canvas ({engine_canvas}) differs from the detector's ({self.au_config.canvas})")
+            self.engine = FACSEngine(replace(self.engine.config, canvas=self.au_config.canvas))  # built here: follow the detector
         self.frame = frame
         self.face_margin = face_margin
         self.reward_config = reward_config
