@@ -281,11 +281,14 @@ def test_teacher_failure_is_retryable_on_the_next_run(tmp_path, fake_openai):
     srv = fake_openai(lambda req, i: Reply(status=503))
     cfg = config_for(csv_path, tmp_path / "o", srv.url, request_retries=1)
     s = run_build(cfg, detector=FakeAUDetector(table))
-    assert s.reasons == {"teacher_error": 2}
+    assert s.reasons == {"teacher_error": 2} and s.failed == 2 and s.exit_code == 1
     assert all(r["retryable"] and "http_503" in r["detail"] for r in rejected(tmp_path / "o").values())
+    # without retry_failed the records stay, are not retried, and still count as failed
+    kept = run_build(BuildConfig.from_dict({**cfg.to_json(), "retry_failed": False}), detector=FakeAUDetector(table))
+    assert kept.processed == 0 and kept.failed == 2 and kept.exit_code == 1
     srv.reset(Script({"item0000": [quality(), trace(0, "fear")], "item0001": [quality(), trace(1, "anger")]}))
     s = run_build(cfg, detector=FakeAUDetector(table))
-    assert s.dropped_retryable == 2 and s.accepted == 2
+    assert s.dropped_retryable == 2 and s.accepted == 2 and s.failed == 0 and s.exit_code == 0
     assert set(accepted(tmp_path / "o")) == {"generic/item0000", "generic/item0001"}
     assert rejected(tmp_path / "o") == {}
 
