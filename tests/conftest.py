@@ -1,18 +1,11 @@
-"""Shared fixtures (real sample faces, one MediaPipe landmarker per session) and the test tiers.
+"""Shared fixtures: real sample faces and one MediaPipe landmarker per session.
 
-Tiers (``make test-fast`` / ``make test``): a test is marked ``model`` when it uses a fixture
-that loads a transformers model (:data:`MODEL_FIXTURES`), ``browser`` when it drives Chromium
-(:data:`BROWSER_FIXTURES`, or the mark itself); a whole module opts in with a module-level
-``pytestmark = pytest.mark.model`` (or ``slow``/``browser``). ``-m "not slow and not model and
-not browser"`` (the fast tier) does not even import the modules so marked, and fails a test
-that imports transformers or Playwright without its mark.
+The test tiers (``make test-fast`` / ``make test``) are the plugin ``tests/tiers.py``.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,61 +100,5 @@ def bad_inputs(tmp_path_factory, astronaut_rgb) -> dict[str, Path]:
     return out
 
 
-# Per-area fixture modules (one owner each), registered as plugins.
-pytest_plugins = ["fixtures_vlm", "fixtures_backends", "fixtures_analyze", "fixtures_data", "fixtures_train", "fixtures_evaluate"]
-
-# --------------------------------------------------------------------------- tiers
-#: Fixtures that build or load a transformers model: a test using one (directly or through
-#: another fixture) is marked ``model``.
-MODEL_FIXTURES = frozenset({"tiny_vlm_dir", "tiny_vlm", "train_tiny_dir"})
-#: Fixtures that launch Chromium: a test using one is marked ``browser``.
-BROWSER_FIXTURES = frozenset({"browser"})
-#: Modules a fast-tier test must not import (what ``model`` and ``browser`` tests need).
-_HEAVY = {"transformers": "model", "playwright": "browser"}
-_MODULE_MARK = re.compile(r"^pytestmark\s*=.*$", re.M)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "model: builds or loads a (tiny) transformers model; not in make test-fast")
-    config.addinivalue_line("markers", "browser: drives Chromium through Playwright; not in make test-fast")
-
-
-def _excluded_marks(config: pytest.Config) -> set[str]:
-    """Marks the ``-m`` expression excludes outright (``not slow and not model`` → {slow, model})."""
-    expr = config.getoption("markexpr", "") or ""
-    return set(re.findall(r"\bnot\s+(\w+)", expr))
-
-
-def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    """Skip importing a test module whose module-level ``pytestmark`` names an excluded mark
-    (so e.g. ``import torch`` at its top never runs in the fast tier)."""
-    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
-        return None
-    excluded = _excluded_marks(config)
-    if not excluded:
-        return None
-    m = _MODULE_MARK.search(collection_path.read_text(encoding="utf-8"))
-    if m and excluded & set(re.findall(r"mark\.(\w+)", m.group(0))):
-        return True
-    return None
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        names = set(getattr(item, "fixturenames", ()))
-        if names & MODEL_FIXTURES:
-            item.add_marker(pytest.mark.model)
-        if names & BROWSER_FIXTURES:
-            item.add_marker(pytest.mark.browser)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item):
-    """In a run that excludes ``model``/``browser``, fail a test that imports their libraries unmarked."""
-    before = set(sys.modules)
-    result = yield
-    excluded = _excluded_marks(item.config)
-    for mod, mark in _HEAVY.items():
-        if mark in excluded and mod in sys.modules and mod not in before:
-            pytest.fail(f"{item.nodeid} imported {mod}: mark it @pytest.mark.{mark} (or use a fixture of that tier)", pytrace=False)
-    return result
+# pytester (for test_tiers.py), the test tiers (tests/tiers.py) and the per-area fixture modules (one owner each).
+pytest_plugins = ["pytester", "tiers", "fixtures_vlm", "fixtures_backends", "fixtures_analyze", "fixtures_data", "fixtures_train", "fixtures_evaluate"]
