@@ -118,6 +118,10 @@ def test_build_bad_config_is_a_usage_error(tmp_path):
     assert r.exit_code == 2 and "retries" in flat(r)
     r, _ = _empty_build(tmp_path, config={"shard": "5/2"})
     assert r.exit_code == 2 and "shard" in flat(r)
+    r, _ = _empty_build(tmp_path, config={"quality": "false"})  # a string is not a boolean (it would be truthy)
+    assert r.exit_code == 2 and "quality must be true or false" in flat(r)
+    r, _ = _empty_build(tmp_path, config={"concurrency": "64"})
+    assert r.exit_code == 2 and "concurrency must be an integer" in flat(r)
     bad = tmp_path / "bad.json"
     for text, words in (("{not json", "not valid JSON"), ("[1, 2]", "JSON object")):
         bad.write_text(text)

@@ -178,6 +178,8 @@ class BuildConfig:
     tag_requests: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.sources, str):
+            self.sources = [self.sources]
         if isinstance(self.client, dict):
             self.client = teacher_client(**self.client)
         if isinstance(self.shard, str):
@@ -216,6 +218,11 @@ class BuildConfig:
         client.update({CLIENT_KEYS[k]: v for k, v in data.items() if k in CLIENT_KEYS})
         if client.get("api_key") is None:
             client.pop("api_key", None)  # None = the client's default ($OPENAI_API_KEY)
+        for name, value in kw.items():
+            _check_type(cls, name, value, name)
+        for name, value in client.items():
+            flat = next((k for k, f in CLIENT_KEYS.items() if f == name), f"client.{name}")
+            _check_type(ClientConfig, name, value, flat)
         return cls(client=teacher_client(**client), **kw)
 
     @property
@@ -231,6 +238,22 @@ class BuildConfig:
         for secret in ("api_key", "extra_headers"):  # credentials are never written to disk
             d["client"].pop(secret, None)
         return d
+
+
+def _check_type(cls: type, name: str, value: Any, key: str) -> None:
+    """``ValueError`` when ``value`` cannot be a ``cls.name`` of the kind its default is (bool, int,
+    float, str): e.g. ``"quality": "false"`` in a JSON file. Fields defaulting to None are not checked."""
+    default = next((f.default for f in dataclasses.fields(cls) if f.name == name), dataclasses.MISSING)
+    if value is None or default is None or default is dataclasses.MISSING:
+        return
+    kind = type(default)
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+          isinstance(value, str) if kind is str else True)
+    if not ok:
+        want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+        raise ValueError(f"{key} must be {want}, got {value!r}")
 
 
 # Read-only aliases of the client settings under the build's flat names (``config.model``,
