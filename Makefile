@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export GLOG_minloglevel := 2
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install browser test demo bench clean
+.PHONY: install browser test test-fast demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The fast tier: no model (transformers is never imported), no browser, no slow end-to-end runs.
+# Tests are classified in tests/conftest.py (fixtures and module-level pytestmark).
+FAST := not slow and not model and not browser
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "$(FAST)"
 
 demo: $(STAMP)
 	$(VENV)/bin/tagfer analyze sample:astronaut --scores --overlay demo_out/analyze_astronaut.png

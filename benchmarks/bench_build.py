@@ -84,8 +84,8 @@ def run_once(url: str, n: int, conc: int, out: str) -> dict:
     from tagfer.build import BuildConfig, run_build
 
     eps = url.split(",")
-    cfg = BuildConfig(out=out, endpoints=eps, model="fake-vlm", concurrency=conc, per_endpoint=-(-conc // len(eps)), quality=False,
-                      timeout_s=60, request_retries=2, tag_requests=False, au_workers=1)
+    cfg = BuildConfig.from_dict(dict(out=out, endpoints=eps, model="fake-vlm", concurrency=conc, per_endpoint=-(-conc // len(eps)), quality=False,
+                      timeout_s=60, request_retries=2, tag_requests=False, au_workers=1))
     def cpu_now() -> float:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime

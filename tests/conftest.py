@@ -1,4 +1,7 @@
-"""Shared fixtures: real sample faces and one MediaPipe landmarker per session."""
+"""Shared fixtures: real sample faces and one MediaPipe landmarker per session.
+
+The test tiers (``make test-fast`` / ``make test``) are the plugin ``tests/tiers.py``.
+"""
 
 from __future__ import annotations
 
@@ -97,11 +100,5 @@ def bad_inputs(tmp_path_factory, astronaut_rgb) -> dict[str, Path]:
     return out
 
 
-# Per-area fixture modules (one owner each); star-imported so pytest sees their fixtures.
-from fixtures_vlm import *  # noqa: E402,F401,F403
-from fixtures_backends import *  # noqa: E402,F401,F403
-from fixtures_analyze import *  # noqa: E402,F401,F403
-from fixtures_data import *  # noqa: E402,F401,F403
-from fixtures_train import *  # noqa: E402,F401,F403
-from fixtures_evaluate import *  # noqa: E402,F401,F403
-from fixtures_imageio import *  # noqa: E402,F401,F403
+# pytester (for test_tiers.py), the test tiers (tests/tiers.py) and the per-area fixture modules (one owner each).
+pytest_plugins = ["pytester", "tiers", "fixtures_vlm", "fixtures_backends", "fixtures_analyze", "fixtures_data", "fixtures_train", "fixtures_evaluate", "fixtures_imageio"]

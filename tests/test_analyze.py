@@ -245,6 +245,7 @@ def test_cli_pretty_and_single_overlay(tmp_path, astronaut_path):
     assert out.is_file()
 
 
+@pytest.mark.model
 def test_cli_no_face_and_usage_errors(tmp_path, astronaut_path, bad_inputs):
     r = runner.invoke(app, ["analyze", str(bad_inputs["no_face"]), str(astronaut_path), "--json"])
     assert r.exit_code == EXIT_FAILED
@@ -349,6 +350,7 @@ model_text = st.lists(
 ).map("".join)
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=model_text)
 def test_any_model_output_is_reported_and_drawn(text, astronaut_analysis, facs_analyzer, astronaut_path):
@@ -392,3 +394,21 @@ def test_cli_workers_send_concurrent_requests_to_a_served_model(fake_openai, tmp
     assert [Path(x["image"]).name for x in recs] == [f"f{i}.png" for i in range(6)]
     assert all(x["analyses"][0]["trace"] == reply and x["analyses"][0]["well_formed"] for x in recs)
     assert srv.max_in_flight >= 2  # images really were analysed concurrently
+
+
+def test_one_canvas_for_detector_trace_and_record(landmarker, astronaut_path):
+    """The Analyzer parses and records on the detector's canvas; a reward config on another canvas is refused."""
+    from tagfer.aus import AUConfig
+    from tagfer.detectors import MediaPipeAUDetector
+    from tagfer.rewards import RewardConfig
+
+    det = MediaPipeAUDetector(AUConfig(canvas=256), landmarker=landmarker)
+    with pytest.raises(ValueError, match="canvas"):
+        Analyzer(detector=det, reward_config=RewardConfig(canvas=512), own_detector=False)
+    an = Analyzer(detector=det, frame="image", own_detector=False)
+    (a,) = an.analyze_image(astronaut_path)
+    assert an.reward_config.canvas == a.canvas == an.engine.config.canvas == 256  # the FACS engine validates boxes there too
+    with pytest.raises(ValueError, match="FACS engine's canvas"):
+        Analyzer(detector=det, engine=FACSEngine(), own_detector=False)
+    assert a.well_formed and a.boxes and all(0 <= v <= 255 for b in a.boxes for v in b)
+    assert a.r_au is not None and a.r_au > 0.99  # the FACS engine cites the detector's own boxes, on the same canvas

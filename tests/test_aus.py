@@ -329,3 +329,18 @@ def test_dropped_jaw_is_not_a_smile_or_a_frown(grace_mesh):
     moved = _moved(front, {**{i: (0.0, 0.35) for i in lower}, 61: (0.0, 0.06), 291: (0.0, 0.06)})
     s = au_scores({"jawOpen": 0.8}, moved)
     assert s[25] >= 0.9 and s[12] < 0.3 and s[15] < 0.3
+
+
+def test_largest_face_is_the_biggest_mesh_first_on_ties():
+    from types import SimpleNamespace
+
+    from tagfer.aus import largest_face
+
+    def face(name, area):
+        return SimpleNamespace(name=name, mesh=None if area is None else SimpleNamespace(area=area))
+
+    assert largest_face([face("a", 10.0), face("b", 30.0), face("c", 20.0)]).name == "b"
+    assert largest_face([face("none", None), face("tiny", 0.5)]).name == "tiny"  # no mesh counts as 0
+    assert largest_face([face("first", 5.0), face("second", 5.0)]).name == "first"
+    with pytest.raises(ValueError):
+        largest_face([])

@@ -79,7 +79,7 @@ def config_for(csv_path: Path, out: Path, url: str, **kw) -> BuildConfig:
         timeout_s=1.0, request_retries=3, backoff_base_s=0.01, backoff_max_s=0.05, au_workers=1,
     )
     base.update(kw)
-    return BuildConfig(**base)
+    return BuildConfig.from_dict(base)
 
 
 def accepted(out: Path, shard=(0, 1)) -> dict[str, dict]:
@@ -320,11 +320,14 @@ def test_teacher_failure_is_retryable_on_the_next_run(tmp_path, fake_openai):
     srv = fake_openai(lambda req, i: Reply(status=503))
     cfg = config_for(csv_path, tmp_path / "o", srv.url, request_retries=1)
     s = run_build(cfg, detector=FakeAUDetector(table))
-    assert s.reasons == {"teacher_error": 2}
+    assert s.reasons == {"teacher_error": 2} and s.failed == 2 and s.exit_code == 1
     assert all(r["retryable"] and "http_503" in r["detail"] for r in rejected(tmp_path / "o").values())
+    # without retry_failed the records stay, are not retried, and still count as failed
+    kept = run_build(BuildConfig.from_dict({**cfg.to_json(), "retry_failed": False}), detector=FakeAUDetector(table))
+    assert kept.processed == 0 and kept.failed == 2 and kept.exit_code == 1
     srv.reset(Script({"item0000": [quality(), trace(0, "fear")], "item0001": [quality(), trace(1, "anger")]}))
     s = run_build(cfg, detector=FakeAUDetector(table))
-    assert s.dropped_retryable == 2 and s.accepted == 2
+    assert s.dropped_retryable == 2 and s.accepted == 2 and s.failed == 0 and s.exit_code == 0
     assert set(accepted(tmp_path / "o")) == {"generic/item0000", "generic/item0001"}
     assert rejected(tmp_path / "o") == {}
 
@@ -358,6 +361,7 @@ def _dataset(tmp_path, n):
     return csv_path, table, truth, n_wrong, malformed
 
 
+@pytest.mark.slow
 def test_shards_partition_the_data(tmp_path, fake_openai):
     csv_path, table, truth, n_wrong, malformed = _dataset(tmp_path, 30)
     srv = fake_openai(stateless_script(truth, n_wrong, malformed))
@@ -386,12 +390,13 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 from fixtures_data import FakeAUDetector
 from tagfer.build import BuildConfig, run_build
-cfg = BuildConfig(**json.loads(sys.argv[2]))
+cfg = BuildConfig.from_dict(json.loads(sys.argv[2]))
 table = json.loads(open(sys.argv[3]).read())
 run_build(cfg, detector=FakeAUDetector(table))
 """
 
 
+@pytest.mark.slow
 def test_kill9_midway_then_resume_gives_the_same_accepted_set(tmp_path, fake_openai):
     n = 60
     csv_path, table, truth, n_wrong, malformed = _dataset(tmp_path, n)
@@ -499,6 +504,7 @@ def echo_teacher(req: dict, index: int):
     return json.dumps({"CoT": cot, "Answer": find_labels(p)[0]})
 
 
+@pytest.mark.slow
 def test_cli_build_export_stats_end_to_end(rafdb_root, tmp_path, fake_openai):
     import datasets
     from typer.testing import CliRunner
@@ -565,3 +571,97 @@ def test_cli_build_paper_options_reach_the_config(rafdb_root, tmp_path, fake_ope
     assert (cfg["format_retry"], cfg["min_tags"], cfg["au_threshold"], cfg["au_candidate_threshold"]) == ("feedback", 2, 0.2, 0.6)
     r = runner.invoke(app, base + ["--out", str(tmp_path / "x"), "--format-retry", "louder"])
     assert r.exit_code == 2 and "format_retry" in r.output
+
+
+def test_cli_build_honours_the_config_file(rafdb_root, tmp_path, fake_openai):
+    """Issue 14 #5: every field of --config reaches the build (endpoint, model, quality, top_k, max_tokens, limit, concurrency)."""
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    seen: list[dict] = []
+
+    def recording(req: dict, index: int):
+        seen.append(req)
+        return echo_teacher(req, index)
+
+    srv = fake_openai(recording)
+    out = tmp_path / "cfg_built"
+    cfg = {"sources": [f"rafdb:{rafdb_root}"], "out": str(out), "quality": False, "top_k": 2, "max_tokens": 77,
+           "endpoints": [srv.url], "model": "fake", "limit": 3, "concurrency": 64, "au_workers": 1, "timeout_s": 5}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(app, ["build", "--config", str(tmp_path / "cfg.json"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    written = json.loads(output_paths(out)["config"].read_text())
+    assert (written["quality"], written["top_k"], written["max_tokens"], written["limit"]) == (False, 2, 77, 3)
+    assert written["client"]["total_concurrency"] == 64 and written["client"]["endpoints"] == [srv.url]
+    assert written["client"]["model"] == "fake"
+    assert len(accepted(out)) + len(rejected(out)) == 3  # limit
+    assert seen and all(q["model"] == "fake" and q["max_tokens"] == 77 for q in seen)
+    assert not any("suitable_for_training" in prompt_of(q) for q in seen)  # no Stage I
+    au_lines = [[ln for ln in prompt_of(q).splitlines() if ln.startswith("AU") and "[" in ln] for q in seen]
+    assert max(len(x) for x in au_lines) == 2  # top_k from the file
+
+
+def _cli_build(rafdb_root, out: Path, url: str, *extra: str):
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    args = ["build", "--source", f"rafdb:{rafdb_root}", "--out", str(out), "--endpoint", url, "--model", "fake-vlm", "--limit", "2",
+            "--au-workers", "1", "--timeout", "2", "--request-retries", "0", "--no-quality", "--no-progress", *extra]
+    return CliRunner().invoke(app, args)
+
+
+def test_cli_build_exit_code_says_items_could_not_be_processed(rafdb_root, tmp_path, fake_openai):
+    """Issue 14 #8: 500s, garbage bodies and a dead endpoint → exit 1 (retryable); validation rejections → exit 0."""
+    import socket
+
+    for name, script in (("http500", lambda req, i: Reply(status=500, text="boom")),
+                         ("garbage", lambda req, i: Reply(body=b"<html>not a completion</html>"))):
+        srv = fake_openai(script)
+        r = _cli_build(rafdb_root, tmp_path / name, srv.url)
+        assert r.exit_code == 1, (name, r.output)
+        rej = rejected(tmp_path / name)
+        assert len(rej) == 2 and all(v["reason"] == "teacher_error" and v["retryable"] for v in rej.values())
+        assert "could not be processed" in " ".join(r.output.split())
+        summary = json.loads(output_paths(tmp_path / name)["summary"].read_text())
+        assert summary["failed"] == 2
+    with socket.socket() as sock:  # nothing listening (with --model, so the build starts)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = _cli_build(rafdb_root, tmp_path / "down", f"http://127.0.0.1:{port}/v1")
+    assert r.exit_code == 1, r.output
+    assert {v["reason"] for v in rejected(tmp_path / "down").values()} == {"teacher_error"}
+    # a teacher that answers, but never validly: rejected by validation, which is a normal outcome → 0
+    srv = fake_openai(lambda req, i: "I cannot comply with the format.")
+    r = _cli_build(rafdb_root, tmp_path / "invalid", srv.url, "--max-format-retries", "0")
+    assert r.exit_code == 0, r.output
+    assert {v["reason"] for v in rejected(tmp_path / "invalid").values()} == {"format"}
+    # the failed items are retried on a re-run; once they succeed the exit code is 0 again
+    srv = fake_openai(echo_teacher)
+    r = _cli_build(rafdb_root, tmp_path / "http500", srv.url)
+    assert r.exit_code == 0, r.output
+    assert len(accepted(tmp_path / "http500")) == 2 and not rejected(tmp_path / "http500")
+
+
+def test_build_config_holds_the_one_client_config():
+    from tagfer.openai_client import ClientConfig
+
+    d = BuildConfig()
+    assert isinstance(d.client, ClientConfig) and d.client.image_format == "jpeg"
+    # every other client default is ClientConfig's own (declared once)
+    base = ClientConfig(api_key="")
+    assert all(getattr(d.client, f) == getattr(base, f) for f in ("total_concurrency", "per_endpoint_concurrency", "timeout_s", "max_retries", "endpoints"))
+    c = BuildConfig.from_dict({"concurrency": 9, "request_retries": 1, "client": {"max_retries": 4, "timeout_s": 7.0, "api_key": "sk-x",
+                                                                                "extra_headers": {"Authorization": "Bearer y"}}})
+    assert (c.client.total_concurrency, c.client.max_retries, c.client.timeout_s) == (9, 1, 7.0)  # a flat key wins over client
+    assert (c.concurrency, c.request_retries, c.timeout_s) == (9, 1, 7.0)  # read-only aliases of client
+    assert c.in_flight == 18
+    j = c.to_json()
+    assert "api_key" not in j["client"] and "extra_headers" not in j["client"] and "sk-x" not in json.dumps(j)
+    assert BuildConfig.from_dict(j).client.total_concurrency == 9
+    with pytest.raises(ValueError, match="'retries'.*known keys"):
+        BuildConfig.from_dict({"retries": 3})
+    with pytest.raises(TypeError):
+        BuildConfig(request_retries=3)  # the flat names are read-only: construct with from_dict or client=

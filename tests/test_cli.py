@@ -185,3 +185,126 @@ def test_sigkill_of_au_leaves_no_worker_behind(tmp_path, astronaut_path):
         for w in workers:
             if _alive(w):
                 os.kill(w, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- `--config` precedence (tagfer build)
+def flat(r) -> str:
+    """CLI output with rich's line wrapping undone."""
+    return " ".join(r.output.split())
+
+
+def _empty_build(tmp_path, *flags: str, config: dict | None = None):
+    """`tagfer build` over a dataset with no rows: resolves and writes build_config.json without contacting a server."""
+    csv = tmp_path / "empty.csv"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    csv.write_text("path,label\n")
+    args = ["build", "--no-progress", *flags]
+    if config is not None:
+        cfg_file = tmp_path / "cfg.json"
+        cfg_file.write_text(json.dumps({"sources": [f"generic:{csv}"], "out": str(tmp_path / "o"), "model": "m", **config}))
+        args += ["--config", str(cfg_file)]
+    else:
+        args += ["--source", f"generic:{csv}", "--out", str(tmp_path / "o"), "--model", "m"]
+    r = runner.invoke(app, args)
+    written = tmp_path / "o" / "build_config.json"
+    return r, (json.loads(written.read_text()) if written.is_file() else None)
+
+
+def test_build_config_file_values_are_kept(tmp_path):
+    from tagfer.build import BuildConfig
+
+    file = {"quality": False, "top_k": 2, "max_tokens": 77, "endpoints": ["http://10.0.0.9:9000/v1"], "limit": 3, "concurrency": 64,
+            "per_endpoint": 16, "request_retries": 1, "timeout_s": 9.5, "max_eliminations": 4, "no_au": "skip"}
+    r, got = _empty_build(tmp_path, config=file)
+    assert r.exit_code == 0, r.output
+    assert (got["quality"], got["top_k"], got["max_tokens"], got["limit"], got["max_eliminations"], got["no_au"]) == (False, 2, 77, 3, 4, "skip")
+    c = got["client"]
+    assert c["endpoints"] == ["http://10.0.0.9:9000/v1"] and c["model"] == "m"
+    assert (c["total_concurrency"], c["per_endpoint_concurrency"], c["max_retries"], c["timeout_s"]) == (64, 16, 1, 9.5)
+    # every key in neither the file nor a flag has the dataclass default
+    default = BuildConfig().to_json()
+    for k in set(default) - set(file) - {"sources", "out", "client"}:
+        assert got[k] == default[k], k
+    for k in ("backoff_base_s", "image_side", "image_format", "connect_timeout_s"):
+        assert c[k] == default["client"][k], k
+
+
+def test_build_explicit_flag_beats_file_beats_default(tmp_path):
+    from tagfer.build import BuildConfig
+
+    file = {"quality": False, "concurrency": 64, "max_tokens": 77, "top_k": 2}
+    r, got = _empty_build(tmp_path, "--concurrency", "8", "--quality", "--top-k", "1", config=file)
+    assert r.exit_code == 0, r.output
+    assert got["client"]["total_concurrency"] == 8 and got["quality"] is True and got["top_k"] == 1  # flags
+    assert got["max_tokens"] == 77  # file
+    d = BuildConfig()
+    assert got["client"]["per_endpoint_concurrency"] == d.client.per_endpoint_concurrency  # neither: default
+    assert got["client"]["timeout_s"] == d.client.timeout_s and got["max_format_retries"] == d.max_format_retries
+    # without any file, an absent flag is the dataclass default too (no second default in the CLI)
+    r, got = _empty_build(tmp_path / "noflags")
+    assert r.exit_code == 0, r.output
+    assert got["quality"] is d.quality and got["top_k"] == d.top_k and got["max_tokens"] == d.max_tokens
+    assert got["client"]["total_concurrency"] == d.client.total_concurrency and got["client"]["endpoints"] == d.client.endpoints
+
+
+def test_build_config_old_and_nested_client_keys(tmp_path):
+    r, got = _empty_build(tmp_path, "--per-endpoint", "5", config={"client": {"max_retries": 0, "per_endpoint_concurrency": 99}})
+    assert r.exit_code == 0, r.output
+    assert got["client"]["max_retries"] == 0 and got["client"]["per_endpoint_concurrency"] == 5
+    # a build_config.json is itself a valid --config (round trip)
+    from tagfer.build import BuildConfig
+
+    assert BuildConfig.from_dict(got).to_json() == got
+
+
+def test_build_bad_config_is_a_usage_error(tmp_path):
+    r, got = _empty_build(tmp_path, config={"qualty": False, "concurrency": 3})
+    assert r.exit_code == 2 and "qualty" in flat(r) and got is None
+    r, _ = _empty_build(tmp_path, config={"client": {"retries": 1}})
+    assert r.exit_code == 2 and "retries" in flat(r)
+    r, _ = _empty_build(tmp_path, config={"shard": "5/2"})
+    assert r.exit_code == 2 and "shard" in flat(r)
+    r, _ = _empty_build(tmp_path, config={"quality": "false"})  # a string is not a boolean (it would be truthy)
+    assert r.exit_code == 2 and "quality must be true or false" in flat(r)
+    r, _ = _empty_build(tmp_path, config={"concurrency": "64"})
+    assert r.exit_code == 2 and "concurrency must be an integer" in flat(r)
+    bad = tmp_path / "bad.json"
+    for text, words in (("{not json", "not valid JSON"), ("[1, 2]", "JSON object")):
+        bad.write_text(text)
+        r = runner.invoke(app, ["build", "--config", str(bad), "--source", "generic:x.csv", "--out", str(tmp_path / "b")])
+        assert r.exit_code == 2 and words in flat(r), r.output
+    r = runner.invoke(app, ["build", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "missing.json" in flat(r)
+    r = runner.invoke(app, ["build", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "--source" in flat(r)
+
+
+def test_build_help_states_the_dataclass_defaults():
+    """The build options have no defaults of their own; where their help names one, it is BuildConfig's."""
+    import re
+
+    import typer
+
+    from tagfer.build import CLIENT_KEYS, BuildConfig
+
+    cfg = BuildConfig()
+    rename = {"timeout": "timeout_s", "endpoint": "endpoints", "source": "sources"}
+    cmd = typer.main.get_command(app).commands["build"]
+    checked = 0
+    for p in cmd.params:
+        if p.name in ("progress", "config_file", "prompt_dir"):
+            continue
+        assert p.default is None, f"--{p.name} declares its own default {p.default!r}"
+        m = re.search(r"\(default:? ([^,;)]+)", p.help or "")
+        if not m:
+            continue
+        field = rename.get(p.name, p.name)
+        value = getattr(cfg.client, CLIENT_KEYS[field]) if field in CLIENT_KEYS else getattr(cfg, field)
+        shown = m.group(1).split()[0]
+        if value is None:  # described in words ("the server's first model")
+            continue
+        value = value[0] if isinstance(value, list) else "/".join(map(str, value)) if isinstance(value, tuple) else value
+        expected = {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+        assert shown in (expected, f"{value:g}" if isinstance(value, float) else expected), (p.name, shown, value)
+        checked += 1
+    assert checked >= 8

@@ -122,6 +122,7 @@ def test_spec_builds_and_closes(tmp_path):
         DetectorSpec(kind="graphau:x").build()
 
 
+@pytest.mark.slow
 def test_dlib_fallback_finds_small_faces(tmp_path, astronaut_rgb):
     pytest.importorskip("dlib")
     from tagfer.faces import FaceLandmarker

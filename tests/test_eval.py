@@ -217,6 +217,7 @@ class _Rec:
     excluded: bool = False
 
 
+@pytest.mark.model
 def test_eval_cli_bad_arguments(tmp_path, rafdb_root, eval_server):
     from typer.testing import CliRunner
 
@@ -270,3 +271,56 @@ def test_prebuilt_messages_equal_the_backends_own(tmp_path, rafdb_root, eval_ser
         assert s.processed == 4 and s.failed == 0
         bodies.append([q["messages"] for q in eval_server.requests])
     assert bodies[0] == bodies[1]
+
+
+# ------------------------------------------------------------------ one canvas: a mismatch is an error, never a rescale
+def test_au_boxes_on_another_canvas_are_refused(tmp_path):
+    preds = [{"id": "a", "source": "rafdb", "split": "test", "image": "/x/a.jpg", "label": "anger", "pred": "anger",
+              "boxes": [[0, 0, 100, 100]], "well_formed": True}]
+    au_file = tmp_path / "au256.jsonl"
+    au_file.write_text(json.dumps({"image": "/x/a.jpg", "canvas": 256, "faces": [{"au_boxes": [[0, 0, 50, 50]]}], "error": None}) + "\n")
+    with pytest.raises(E.CanvasMismatch, match=r"256×256 canvas .* 512×512.*--canvas 512"):
+        E.load_au_jsonl(au_file)
+    # read on its own canvas, the same file is accepted and scored there
+    s = E.score_predictions(preds, au=E.load_au_jsonl(au_file, canvas=256), canvas=256)
+    assert s["au_iou"]["value"] == pytest.approx(0.25)
+    # an error record carries no boxes and no canvas check; a record without canvas is on the default one
+    au_file.write_text(json.dumps({"image": "/x/a.jpg", "faces": [{"au_boxes": [[0, 0, 100, 100]]}], "error": None}) + "\n")
+    assert E.load_au_jsonl(au_file)["a.jpg"] == [[0, 0, 100, 100]]
+
+
+def test_au_truth_refuses_a_detector_or_cache_on_another_canvas(tmp_path):
+    from tagfer.aus import AUConfig
+    from tagfer.detectors import DetectorSpec
+
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"id": "a", "image": str(tmp_path / "a.jpg"), "label": "anger"}) + "\n")
+    with pytest.raises(E.CanvasMismatch, match="256"):  # checked before any image is read or model opened
+        E.au_truth(preds, DetectorSpec(config=AUConfig(canvas=256)), tmp_path / "c.jsonl")
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text(json.dumps({"id": "a", "image": None, "detector": "mediapipe", "au_boxes": [[1, 1, 9, 9]], "error": None, "canvas": 300}) + "\n")
+    with pytest.raises(E.CanvasMismatch, match="300"):
+        E.au_truth(preds, DetectorSpec(), cache)
+
+
+def test_score_cli_rejects_tagfer_au_output_on_another_canvas(tmp_path, face_crop_path):
+    """`tagfer au --canvas 256` output is not scored as if it were on the 512 canvas (issue 11 item 6)."""
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    runner = CliRunner()
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"id": "x/1", "source": "rafdb", "split": "test", "image": str(face_crop_path), "label": "happiness",
+                                 "pred": "happiness", "boxes": [list(b) for b in SMILE_BOXES], "well_formed": True}) + "\n")
+    for side in (256, 512):
+        au = tmp_path / f"au{side}.jsonl"
+        r = runner.invoke(app, ["au", str(face_crop_path), "--out", str(au), "--canvas", str(side), "--no-progress"])
+        assert r.exit_code == 0, r.output
+        r = runner.invoke(app, ["score", str(preds), "--au", str(au), "--out", str(tmp_path / f"s{side}.json"), "--n-boot", "0"])
+        if side == 256:
+            assert r.exit_code == 2 and "canvas" in r.output and "--canvas 512" in " ".join(r.output.split()), r.output
+            assert not (tmp_path / "s256.json").exists()
+        else:
+            assert r.exit_code == 0, r.output
+            assert json.loads((tmp_path / "s512.json").read_text())["au_iou"]["n_scored"] == 1

@@ -182,6 +182,7 @@ box = st.one_of(
 au_boxes = st.dictionaries(st.sampled_from(AU_IDS), box, max_size=len(AU_IDS))
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(au_scores, au_boxes, st.floats(0.05, 0.95))
 def test_every_trace_is_well_formed_and_grounded(scores, boxes, threshold):

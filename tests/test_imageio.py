@@ -87,6 +87,7 @@ def test_exif_rotation_gives_upright_image(tmp_path, astronaut_rgb, orientation,
     assert np.abs(out.rgb.astype(float) - np.asarray(upright, dtype=float)).mean() < 6
 
 
+@pytest.mark.slow
 def test_huge_image_is_downscaled_with_original_size(tmp_path):
     p = tmp_path / "huge.jpg"
     Image.new("RGB", (12000, 9000), (90, 120, 150)).save(p, quality=70)
@@ -358,3 +359,19 @@ def test_permission_denied_is_unreadable(tmp_path, astronaut_path):
     with pytest.raises(ImageError) as ei:
         load_image(p)
     assert ei.value.kind == "unreadable" and "ermission" in ei.value.message
+
+
+def test_data_url_round_trips_png_and_jpeg():
+    import base64
+
+    from tagfer.imageio import data_url
+
+    im = Image.fromarray(np.arange(48 * 32 * 3, dtype=np.uint8).reshape(32, 48, 3))
+    png = data_url(im)
+    assert png.startswith("data:image/png;base64,")
+    back = Image.open(io.BytesIO(base64.b64decode(png.split(",", 1)[1])))
+    assert back.format == "PNG" and np.array_equal(np.asarray(back.convert("RGB")), np.asarray(im))  # lossless, not resized
+    jpg = data_url(im, "JPG")
+    assert jpg.startswith("data:image/jpeg;base64,") and Image.open(io.BytesIO(base64.b64decode(jpg.split(",", 1)[1]))).size == (48, 32)
+    with pytest.raises(ValueError, match="gif"):
+        data_url(im, "gif")

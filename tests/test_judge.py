@@ -184,3 +184,19 @@ def test_make_pairs_and_cli(tmp_path, eval_server, astronaut_path):
     assert "first shown wins" in r.output
     r = CliRunner().invoke(app, ["judge", "--judge", f"openai:{eval_server.url}", "--out", str(tmp_path / "x.jsonl")])
     assert r.exit_code == 2
+
+
+def test_judge_cli_exit_code_says_judgments_failed(tmp_path, eval_server, astronaut_path):
+    """As `eval` and `au` (issue 14 #8's sibling): failed judgments → exit 1, all valid → 0."""
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    J.write_pairs(_pairs(astronaut_path), tmp_path / "pairs.jsonl")
+    args = ["judge", "--judge", f"openai:{eval_server.url}", "--pairs", str(tmp_path / "pairs.jsonl"), "--max-retries", "0", "--no-progress"]
+    eval_server.reset(_judge_prefers_tag(fail_always={"p2"}))
+    r = CliRunner().invoke(app, args + ["--out", str(tmp_path / "bad.jsonl")])
+    assert r.exit_code == 1 and "3 judgment(s) failed" in " ".join(r.output.split()), r.output
+    eval_server.reset(_judge_prefers_tag())
+    r = CliRunner().invoke(app, args + ["--out", str(tmp_path / "good.jsonl")])
+    assert r.exit_code == 0, r.output

@@ -54,6 +54,7 @@ labels_pairs = st.integers(1, 60).flatmap(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(labels_pairs)
 def test_against_sklearn(pair):

@@ -655,3 +655,14 @@ def test_size_limits_are_validated():
         ClientConfig(max_response_bytes=0, api_key="")
     with pytest.raises(ValueError):
         ClientConfig(max_response_bytes=10, max_buffered_bytes=5, api_key="")
+
+
+def test_chat_messages_system_then_user_with_images_first():
+    from tagfer.openai_client import chat_messages
+
+    assert chat_messages("hi") == [{"role": "user", "content": "hi"}]
+    msgs = chat_messages("look", [Image.new("RGB", (40, 20))], system="be brief", side=None, fmt="jpeg")
+    assert [m["role"] for m in msgs] == ["system", "user"] and msgs[0]["content"] == "be brief"
+    parts = msgs[1]["content"]
+    assert [p["type"] for p in parts] == ["image_url", "text"] and parts[0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert _decode_data_url(parts[0]["image_url"]["url"]).size == (40, 20) and parts[1]["text"] == "look"

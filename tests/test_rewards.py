@@ -151,6 +151,7 @@ def test_r_au_monotone_when_a_box_moves_towards_its_best_au_box(pred, au, data):
     assert r_au(new, au) >= r_au(pred, au) - 1e-12
 
 
+@pytest.mark.slow
 @relaxed
 @given(BOX_LISTS, BOX_LISTS, boxes())
 def test_r_au_adding_a_weak_box_changes_nothing_when_k_ge_n(pred, au, extra):
@@ -434,6 +435,7 @@ def batches(draw: st.DrawFn):
     return groups
 
 
+@pytest.mark.slow
 @relaxed
 @given(batches(), MATCHINGS, st.sampled_from(["iou", "f1"]), st.sampled_from(["aus", "boxes"]), st.sampled_from(["paper", "strict"]))
 def test_score_batch_and_score_group_equal_reward_breakdown(groups, matching, au_reward, au_count, format_rules):

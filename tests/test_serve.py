@@ -173,6 +173,7 @@ def test_pool_builds_at_most_size_analyzers():
     assert pool.run(lambda a: a) is made[-1] and len(made) == 3  # closed analyzers are never lent again
 
 
+@pytest.mark.slow
 def test_50_concurrent_requests(live_server, astronaut_path, grace_path, two_faces_path):
     files = [(astronaut_path, 1), (grace_path, 1), (two_faces_path, 2)]
     payloads = [(p.name, p.read_bytes(), n) for p, n in files]
@@ -210,6 +211,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+@pytest.mark.browser
 def test_browser_upload_renders_overlay_and_coloured_trace(live_server, astronaut_path, two_faces_path, bad_inputs):
     pw = pytest.importorskip("playwright.sync_api")
     import os

@@ -205,6 +205,7 @@ def test_canonical_split():
         canonical_split("dev")
 
 
+@pytest.mark.slow
 def test_readers_stream_in_constant_memory(tmp_path):
     """A 10k-row AffectNet CSV is read lazily: memory does not grow with the rows read."""
     root = tmp_path / "big"

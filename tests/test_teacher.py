@@ -225,3 +225,27 @@ def test_check_trace_property(order, words, label, coord, delta):
         bad[coord] += delta
         altered = cot.replace(f"<AU{a}> [{b[0]}, {b[1]}, {b[2]}, {b[3]}]", f"<AU{a}> [{bad[0]}, {bad[1]}, {bad[2]}, {bad[3]}]")
         assert not check_trace(reply(altered, label), ITEMS).ok
+
+
+# --------------------------------------------------------------------------- one JSON extractor (teacher and judge)
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8), lambda c: st.lists(c, max_size=3), max_leaves=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(obj=st.dictionaries(st.text(max_size=6).filter(lambda k: k.lower() != "decoy"), _json_values, min_size=1, max_size=4),
+       before=st.text(max_size=20).filter(lambda t: "{" not in t and "`" not in t),
+       after=st.text(max_size=20).filter(lambda t: "`" not in t),
+       tag=st.sampled_from(["", "json", "JSON", "jsonc", "javascript"]))
+def test_json_objects_finds_a_fenced_object_before_loose_ones(obj, before, after, tag):
+    from tagfer import judge
+    from tagfer.teacher import json_objects
+
+    loose = {"decoy": True}
+    text = f"{before}{json.dumps(loose)} ```{tag}\n{json.dumps(obj)}\n``` {after}"
+    found = list(json_objects(text))
+    assert found[0] == obj and loose in found  # fenced first, then the loose text
+    assert extract_json(text, ["decoy"]) == loose
+    # the judge reads replies with the same extractor (one fence rule for both)
+    reply = {"A": dict.fromkeys(judge.CRITERIA, 4), "B": dict.fromkeys(judge.CRITERIA, 2), "overall": "A", "reason": "x"}
+    parsed = judge.parse_judgment(f"{before}```{tag}\n{json.dumps(reply)}\n```{after}")
+    assert parsed["overall"] == "A"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -41,6 +42,7 @@ def test_exports(tmp_path):
     assert sh.count("compute_score") == 1 and "data.train_files=tag_export/verl/rafdb.parquet" in sh
 
 
+@pytest.mark.model
 def test_missing_model_is_clear(tmp_path):
     r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--set", "model.name_or_path=/nonexistent/model",
                             "--set", f"output_dir={tmp_path}"])
@@ -53,6 +55,7 @@ def test_plot_missing_log(tmp_path):
     assert r.exit_code == 2
 
 
+@pytest.mark.model
 def test_tiny_cpu_sft_then_grpo_end_to_end(tmp_path):
     """The done criterion: `train sft` then `train grpo` on the tiny_cpu presets (shortened), then merge."""
     import json

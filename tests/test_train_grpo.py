@@ -10,6 +10,8 @@ import torch
 
 from fixtures_train import tiny_train_config
 
+pytestmark = pytest.mark.model  # imports torch at the top and trains the tiny model: not in the fast tier
+
 
 def _grpo_cfg(out, model_dir, data, **kw):
     base = dict(optim__learning_rate=1e-3, optim__max_steps=3, optim__batch_size=4, grpo__num_generations=4,

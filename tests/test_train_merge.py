@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytestmark = pytest.mark.model  # imports torch at the top and trains the tiny model: not in the fast tier
+
 
 def test_save_merge_load_identical_logits(tmp_path, train_tiny_dir, astronaut_path):
     from PIL import Image

@@ -9,6 +9,8 @@ import torch
 
 from fixtures_train import tiny_train_config
 
+pytestmark = pytest.mark.model  # imports torch at the top and trains the tiny model: not in the fast tier
+
 STEPS = 40  # 40 steps at lr 2e-2: "<think>Mouth" reproduced for seeds 0, 1, 2 (30 steps: not for seed 1)
 
 

@@ -68,6 +68,7 @@ def test_saved_tiny_model_reloads_with_identical_logits(tiny_vlm, tiny_vlm_dir, 
     assert torch.equal(l1, l2)
 
 
+@pytest.mark.model
 def test_missing_models_raise_model_not_available(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotAvailable, match="does not exist"):

@@ -92,7 +92,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from tagfer.canvas import CANVAS, Box, CanvasTransform, union_box
+from tagfer.canvas import CANVAS, TOP_K, Box, CanvasTransform, union_box
 from tagfer.faces import FaceMesh
 
 AU_NAMES: dict[int, str] = {
@@ -229,7 +229,7 @@ class AUConfig:
     threshold: float = 0.3
     thresholds: Mapping[int, float] = field(default_factory=dict)
     candidate_threshold: float = 0.5
-    top_k: int = 3
+    top_k: int = TOP_K
     canvas: int = CANVAS
     bilateral: str = "union"
     calibration: Mapping[str, tuple[float, float]] = field(default_factory=dict)
@@ -289,7 +289,7 @@ class FaceAUs:
     mesh: FaceMesh | None
     aus: list[AUDetection]
     bbox_canvas: Box
-    top_k: int = 3
+    top_k: int = TOP_K
     detector: str = "mediapipe"
     candidate_threshold: float = 0.0
 
@@ -337,6 +337,12 @@ class FaceAUs:
 
 
 # --------------------------------------------------------------------------- geometry
+def largest_face(faces: Sequence[FaceAUs]) -> FaceAUs:
+    """The face TAG works on when an image has several: the largest landmark mesh (a face
+    without a mesh counts as size 0; ties keep the first). ``faces`` must not be empty."""
+    return max(faces, key=lambda f: f.mesh.area if getattr(f, "mesh", None) is not None else 0.0)
+
+
 def _cal(x: float, lohi: tuple[float, float]) -> float:
     lo, hi = lohi
     if hi == lo:

@@ -419,15 +419,13 @@ class OpenAIBackend(_BackendBase):
             runner.stop(client.aclose)
 
     def _messages(self, req: GenRequest) -> list[dict[str, Any]]:
-        from tagfer.openai_client import system_message, user_message
+        from tagfer.openai_client import chat_messages
 
         if req.messages is not None:
             return req.messages
         cfg = self.client_config
-        msgs = [system_message(req.system)] if req.system else []
         images = [load_request_image(req.image)] if req.image is not None else []
-        msgs.append(user_message(req.user, images, cfg.image_side, cfg.image_format))
-        return msgs
+        return chat_messages(req.user, images, req.system, cfg.image_side, cfg.image_format)
 
     def generate(self, requests: Iterable[GenRequest], config: GenerationConfig | None = None,
                  on_result: Callable[[GenResult], None] | None = None) -> Iterator[GenResult]:
@@ -528,14 +526,12 @@ class VLLMBackend(_BackendBase):
         self.image_format = image_format
 
     def _messages(self, req: GenRequest) -> list[dict[str, Any]]:
-        from tagfer.openai_client import system_message, user_message
+        from tagfer.openai_client import chat_messages
 
         if req.messages is not None:
             return req.messages
-        msgs = [system_message(req.system)] if req.system else []
         images = [load_request_image(req.image)] if req.image is not None else []
-        msgs.append(user_message(req.user, images, self.image_side, self.image_format))
-        return msgs
+        return chat_messages(req.user, images, req.system, self.image_side, self.image_format)
 
     def _sampling(self, config: GenerationConfig):
         return self._vllm.SamplingParams(temperature=config.temperature, top_p=config.top_p,

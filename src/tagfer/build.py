@@ -86,15 +86,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
+from tagfer.canvas import TOP_K
 from tagfer.errors import ItemError
-from tagfer.jsonl import JsonlWriter, done_keys, drop_records
+from tagfer.jsonl import JsonlWriter, done_keys, drop_records, read_jsonl
 from tagfer.labels import LABELS
+from tagfer.openai_client import ClientConfig
 from tagfer.records import TAGSample
 from tagfer.sources import SourceRecord, SourceStats, open_source
 from tagfer.teacher import TeacherPrompts, check_quality, check_trace
+from tagfer.trace import MAX_BOXES
 
 __all__ = [
     "BuildConfig",
+    "CLIENT_KEYS",
+    "teacher_client",
     "BuildSummary",
     "Teacher",
     "OpenAITeacher",
@@ -109,6 +114,29 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- config
+#: Old flat keys of a build config (and of the CLI) → the :class:`ClientConfig` field they set.
+CLIENT_KEYS = {
+    "endpoints": "endpoints",
+    "model": "model",
+    "api_key": "api_key",
+    "concurrency": "total_concurrency",
+    "per_endpoint": "per_endpoint_concurrency",
+    "timeout_s": "timeout_s",
+    "request_retries": "max_retries",
+    "backoff_base_s": "backoff_base_s",
+    "backoff_max_s": "backoff_max_s",
+    "image_side": "image_side",
+    "image_format": "image_format",
+}
+
+
+def teacher_client(**kw: Any) -> ClientConfig:
+    """The teacher's client settings: :class:`ClientConfig`'s defaults (the paper's 128 per
+    endpoint, 512 in total), except JPEG images (several times smaller requests than PNG)."""
+    kw.setdefault("image_format", "jpeg")
+    return ClientConfig(**kw)
+
+
 @dataclass
 class BuildConfig:
     """Everything a build needs (written to ``build_config.json``).
@@ -116,14 +144,15 @@ class BuildConfig:
     Sources and output: ``sources`` (specs for :func:`tagfer.sources.open_source`),
     ``split`` (train: only train splits feed the builder), ``out``, ``shard`` (i, N),
     ``limit`` (stop after this many new items, for trials).
-    Teacher: ``teacher`` = ``"openai"`` (``endpoints``, ``model``, ``api_key``),
+    Teacher: ``teacher`` = ``"openai"`` (the endpoints of ``client``),
     ``"hf:PATH"`` (in-process transformers) or ``"facs"`` (offline engine,
-    :func:`tagfer.facs.facs_sample`). Client: ``concurrency`` (total, paper 512),
-    ``per_endpoint`` (paper 128), ``timeout_s``, ``request_retries``, ``backoff_*``.
+    :func:`tagfer.facs.facs_sample`). ``client``: the one
+    :class:`tagfer.openai_client.ClientConfig` of the teacher (endpoints, model, api_key,
+    concurrency, timeout, retries, back-off, ``image_side`` 224 and ``image_format``
+    jpeg); :meth:`from_dict` also takes its fields under the CLI's flat names
+    (:data:`CLIENT_KEYS`: ``concurrency``, ``per_endpoint``, ``request_retries``, ...).
     Decoding: ``temperature`` (first try), ``retry_temperature`` (format retries and
-    elimination rounds), ``max_tokens``, ``image_side`` (224, aspect preserved),
-    ``image_format`` (``jpeg``, quality 95, by default: several times smaller
-    requests than PNG and cheaper to encode; ``png`` for lossless). Algorithm: ``top_k`` (3), ``max_regions`` (3), ``quality``
+    elimination rounds), ``max_tokens``. Algorithm: ``top_k`` (3), ``max_regions`` (3), ``quality``
     (Stage I on/off), ``max_format_retries``, ``max_eliminations``,
     ``last_candidate``, ``no_au``, ``format_retry``, ``max_requests``,
     ``min_tags``. Prompts: ``prompt_*`` override files. AU detector: ``detector``
@@ -141,22 +170,12 @@ class BuildConfig:
     shard: tuple[int, int] = (0, 1)
     limit: int | None = None
     teacher: str = "openai"
-    endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
-    model: str | None = None
-    api_key: str | None = None
-    concurrency: int = 512
-    per_endpoint: int = 128
-    timeout_s: float = 300.0
-    request_retries: int = 5
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 30.0
+    client: ClientConfig = field(default_factory=teacher_client)
     temperature: float = 0.0
     retry_temperature: float = 0.7
     max_tokens: int = 1024
-    image_side: int = 224
-    image_format: str = "jpeg"
-    top_k: int = 3
-    max_regions: int = 3
+    top_k: int = TOP_K
+    max_regions: int = MAX_BOXES
     quality: bool = True
     max_format_retries: int = 2
     max_eliminations: int = 6
@@ -179,6 +198,10 @@ class BuildConfig:
     tag_requests: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.sources, str):
+            self.sources = [self.sources]
+        if isinstance(self.client, dict):
+            self.client = teacher_client(**self.client)
         if isinstance(self.shard, str):
             self.shard = parse_shard(self.shard)
         self.shard = (int(self.shard[0]), int(self.shard[1]))
@@ -195,12 +218,40 @@ class BuildConfig:
             raise ValueError("min_tags must be >= 0")
         if self.max_format_retries < 0 or self.max_eliminations < 0:
             raise ValueError("max_format_retries and max_eliminations must be >= 0")
-        if not 1 <= self.max_regions <= 3:
-            raise ValueError("max_regions must be 1..3 (the TAG grammar allows at most three boxes)")
+        if not 1 <= self.max_regions <= MAX_BOXES:
+            raise ValueError(f"max_regions must be 1..{MAX_BOXES} (the TAG grammar allows at most {MAX_BOXES} boxes)")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BuildConfig":
+        """A config from a mapping (a ``--config`` file, ``build_config.json``): BuildConfig fields,
+        a nested ``client`` mapping of :class:`ClientConfig` fields, and the flat client keys of
+        :data:`CLIENT_KEYS` (which win over ``client``). Unknown keys raise ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a build config must be a JSON object, got {type(data).__name__}")
+        own = {f.name for f in dataclasses.fields(cls)}
+        client_fields = {f.name for f in dataclasses.fields(ClientConfig)}
+        unknown = sorted(k for k in data if k not in own and k not in CLIENT_KEYS)
+        if unknown:
+            known = sorted((own - {"client"}) | set(CLIENT_KEYS) | {"client"})
+            raise ValueError(f"unknown build config key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
+        kw = {k: v for k, v in data.items() if k in own and k != "client"}
+        client = dict(data.get("client") or {})
+        bad = sorted(k for k in client if k not in client_fields)
+        if bad:
+            raise ValueError(f"unknown client key(s) {', '.join(map(repr, bad))}; known: {', '.join(sorted(client_fields))}")
+        client.update({CLIENT_KEYS[k]: v for k, v in data.items() if k in CLIENT_KEYS})
+        if client.get("api_key") is None:
+            client.pop("api_key", None)  # None = the client's default ($OPENAI_API_KEY)
+        for name, value in kw.items():
+            _check_type(cls, name, value, name)
+        for name, value in client.items():
+            flat = next((k for k, f in CLIENT_KEYS.items() if f == name), f"client.{name}")
+            _check_type(ClientConfig, name, value, flat)
+        return cls(client=teacher_client(**client), **kw)
 
     @property
     def in_flight(self) -> int:
-        return self.max_in_flight or max(4, 2 * self.concurrency)
+        return self.max_in_flight or max(4, 2 * self.client.total_concurrency)
 
     def prompts(self) -> TeacherPrompts:
         return TeacherPrompts(self.prompt_quality, self.prompt_trace, self.prompt_candidates, self.prompt_trace_noau, self.max_regions)
@@ -208,8 +259,32 @@ class BuildConfig:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["shard"] = list(self.shard)
-        d.pop("api_key", None)  # never written to disk
+        for secret in ("api_key", "extra_headers"):  # credentials are never written to disk
+            d["client"].pop(secret, None)
         return d
+
+
+def _check_type(cls: type, name: str, value: Any, key: str) -> None:
+    """``ValueError`` when ``value`` cannot be a ``cls.name`` of the kind its default is (bool, int,
+    float, str): e.g. ``"quality": "false"`` in a JSON file. Fields defaulting to None are not checked."""
+    default = next((f.default for f in dataclasses.fields(cls) if f.name == name), dataclasses.MISSING)
+    if value is None or default is None or default is dataclasses.MISSING:
+        return
+    kind = type(default)
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+          isinstance(value, str) if kind is str else True)
+    if not ok:
+        want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+        raise ValueError(f"{key} must be {want}, got {value!r}")
+
+
+# Read-only aliases of the client settings under the build's flat names (``config.model``,
+# ``config.request_retries``, ...): the values live once, in ``config.client``.
+for _flat, _field in CLIENT_KEYS.items():
+    setattr(BuildConfig, _flat, property(lambda self, _f=_field: getattr(self.client, _f), doc=f"``client.{_field}`` (read-only)."))
+del _flat, _field
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -260,28 +335,13 @@ class OpenAITeacher:
     """The teacher behind OpenAI-compatible endpoints, via :class:`tagfer.openai_client.ChatClient`."""
 
     def __init__(self, config: BuildConfig):
-        from tagfer.openai_client import ChatClient, ClientConfig
+        from tagfer.openai_client import ChatClient
 
-        kw: dict[str, Any] = {}
-        if config.api_key is not None:
-            kw["api_key"] = config.api_key
-        self.client_config = ClientConfig(
-            endpoints=list(config.endpoints),
-            model=config.model,
-            per_endpoint_concurrency=config.per_endpoint,
-            total_concurrency=config.concurrency,
-            timeout_s=config.timeout_s,
-            max_retries=config.request_retries,
-            backoff_base_s=config.backoff_base_s,
-            backoff_max_s=config.backoff_max_s,
-            image_side=config.image_side,
-            image_format=config.image_format,
-            **kw,
-        )
+        self.client_config = config.client
         self.client = ChatClient(self.client_config)
         self.max_tokens = config.max_tokens
         self.tag_requests = config.tag_requests
-        self.name = config.model or "openai"
+        self.name = config.client.model or "openai"
 
     async def open(self) -> None:
         """Open the client; without a configured model name, ask the server (fails fast if unreachable)."""
@@ -295,12 +355,12 @@ class OpenAITeacher:
         return self.client.image_part(image)
 
     async def ask(self, prompt: str, prepared: Any, *, temperature: float, item_id: str) -> tuple[str, int]:
-        from tagfer.openai_client import user_message
+        from tagfer.openai_client import chat_messages
 
         params: dict[str, Any] = {"temperature": temperature, "max_tokens": self.max_tokens}
         if self.tag_requests:
             params["user"] = item_id
-        r = await self.client.chat([user_message(prompt, [prepared])], **params)
+        r = await self.client.chat(chat_messages(prompt, [prepared]), **params)
         return r.text, r.attempts
 
 
@@ -320,7 +380,7 @@ class LocalTeacher:
     def from_spec(cls, spec: str, config: BuildConfig) -> "LocalTeacher":
         from tagfer.backends import make_backend
 
-        return cls(make_backend(spec, image_side=config.image_side), config.max_tokens)
+        return cls(make_backend(spec, image_side=config.client.image_side), config.max_tokens)
 
     async def open(self) -> None:
         pass
@@ -367,13 +427,14 @@ def ground_record(rec: SourceRecord, detector: Any) -> Grounded:
     """Load + detect (runs in a worker thread). Raises ``ItemError`` (image errors, no face)."""
     from PIL import Image
 
+    from tagfer.aus import largest_face
     from tagfer.detectors import DetectionError
 
     img = rec.load()
     faces = detector.detect(img, rec.image_path or rec.id)
     if not faces:
         raise DetectionError("no_face", f"no face found in {rec.image_path or rec.id}")
-    face = max(faces, key=lambda f: f.mesh.area if getattr(f, "mesh", None) is not None else 0.0)
+    face = largest_face(faces)
     top = [(a.au, float(a.score), tuple(int(v) for v in a.box)) for a in face.top]
     return Grounded(
         image=Image.fromarray(img.rgb),
@@ -647,7 +708,12 @@ def facs_item(rec: SourceRecord, g: Grounded, config: BuildConfig) -> tuple[str,
 # --------------------------------------------------------------------------- the job
 @dataclass
 class BuildSummary:
-    """Counts of one run (``build_summary.json``)."""
+    """Counts of one run (``build_summary.json``).
+
+    ``rejected`` counts every rejection; ``failed`` those that are not a verdict on the item
+    but a failure to process it (``retryable: true``: ``teacher_error``, ``internal``), plus,
+    with ``retry_failed=False``, the retryable records kept from earlier runs.
+    """
 
     seen: int = 0
     excluded: int = 0
@@ -664,6 +730,12 @@ class BuildSummary:
     elapsed_s: float = 0.0
     sources: dict[str, Any] = field(default_factory=dict)
     dropped_retryable: int = 0
+    failed: int = 0  # items that could not be processed (retryable rejections), this run and kept from earlier ones
+
+    @property
+    def exit_code(self) -> int:
+        """0: every item built or rejected by validation; 1: some items could not be processed (retryable)."""
+        return 1 if self.failed else 0
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -769,6 +841,8 @@ async def build(
     t0 = time.monotonic()
     if config.retry_failed:
         summary.dropped_retryable = drop_records(paths["rejected"], lambda r: bool(r.get("retryable")))
+    else:
+        summary.failed = sum(1 for r in read_jsonl(paths["rejected"]) if r.get("retryable"))
     done = done_keys(paths["accepted"], "id") | done_keys(paths["rejected"], "id")
     paths["config"].write_text(json.dumps(config.to_json(), indent=2))
 
@@ -800,6 +874,7 @@ async def build(
             rej_w.write(obj)
             summary.rejected += 1
             summary.reasons[obj["reason"]] += 1
+            summary.failed += bool(obj.get("retryable"))
         if on_result is not None:
             on_result(kind, obj)
 

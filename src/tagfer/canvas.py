@@ -28,7 +28,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+#: Side of the virtual canvas (the paper's ``canvas=512``): the one default every config and record refers to.
 CANVAS = 512
+#: AUs in the teacher's / model's AU list (the paper's ``top_k=3``); kept here beside ``CANVAS`` so every
+#: layer (and the CLI's defaults) reads the paper's grounding constants without importing the detector.
+TOP_K = 3
 
 Box = tuple[int, int, int, int]
 

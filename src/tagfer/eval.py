@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from tagfer.canvas import CANVAS
 from tagfer.errors import ItemError
 from tagfer.jsonl import JsonlWriter, done_keys, drop_records, read_jsonl
 from tagfer.labels import LABELS, normalize_label
@@ -52,6 +53,8 @@ __all__ = [
     "FACSBackend",
     "au_truth",
     "load_au_jsonl",
+    "check_canvas",
+    "CanvasMismatch",
     "score_predictions",
     "score_file",
 ]
@@ -287,14 +290,12 @@ def _prebuilt_messages(reqs: Iterator[Any], client_cfg: Any, workers: int) -> It
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    from tagfer.openai_client import system_message, user_message
+    from tagfer.openai_client import chat_messages
 
     def build(req: Any) -> Any:
         try:
-            msgs = [system_message(req.system)] if req.system else []
             images = [req.image] if req.image is not None else []
-            msgs.append(user_message(req.user, images, client_cfg.image_side, client_cfg.image_format))
-            req.messages = msgs
+            req.messages = chat_messages(req.user, images, req.system, client_cfg.image_side, client_cfg.image_format)
         except Exception:  # noqa: BLE001 - the backend re-raises it as a per-item error
             pass
         return req
@@ -348,6 +349,7 @@ class FACSBackend:
 
     def generate(self, requests: Iterable[Any], config: Any = None, on_result: Callable[[Any], None] | None = None) -> Iterator[Any]:
         from tagfer.backends import GenResult
+        from tagfer.aus import largest_face
         from tagfer.facs import explain
         from tagfer.imageio import load_image
 
@@ -358,7 +360,7 @@ class FACSBackend:
                     raise ItemError("no_image", "the FACS engine needs an image")
                 img = load_image(req.image)
                 faces = self.detector.detect(img, req.image if isinstance(req.image, str) else None)
-                face = max(faces, key=lambda f: f.mesh.area if f.mesh else 0.0)
+                face = largest_face(faces)
                 res = GenResult(req.id, explain(face).trace, None, dict(req.meta),
                                 {"backend": self.name, "latency_s": round(time.perf_counter() - t0, 4)})
             except ItemError as e:
@@ -390,14 +392,33 @@ def _first_face_boxes(rec: dict) -> list[list[int]] | None:
     return [list(map(int, b)) for b in faces[0].get("au_boxes") or []]
 
 
-def load_au_jsonl(path: str | os.PathLike) -> dict[str, list[list[int]] | None]:
+class CanvasMismatch(ValueError):
+    """AU boxes on one canvas offered for scoring on another (never rescaled silently)."""
+
+
+def check_canvas(found: Any, expected: int, where: str) -> None:
+    """Raise :class:`CanvasMismatch` when a record's ``canvas`` differs from ``expected``
+    (a record without one is taken to be on the default canvas, :data:`tagfer.canvas.CANVAS`)."""
+    got = CANVAS if found is None else found
+    if got != expected:
+        raise CanvasMismatch(
+            f"{where}: AU boxes are on a {got}×{got} canvas but predictions are scored on {expected}×{expected}; "
+            f"ground the images again on the same canvas (tagfer au --canvas {expected})"
+        )
+
+
+def load_au_jsonl(path: str | os.PathLike, canvas: int = CANVAS) -> dict[str, list[list[int]] | None]:
     """A ``tagfer au`` output (or an :func:`au_truth` cache) → key → AU boxes (None = failed image).
 
     Keys: the record's ``id`` when present (cache), else its ``image`` path, plus the file
-    name of that path so a prediction can be joined by path or by name.
+    name of that path so a prediction can be joined by path or by name. Every record's
+    ``canvas`` must equal ``canvas`` (the canvas the predictions are scored on):
+    :class:`CanvasMismatch` otherwise.
     """
     out: dict[str, list[list[int]] | None] = {}
-    for rec in read_jsonl(path):
+    for i, rec in enumerate(read_jsonl(path), 1):
+        if not rec.get("error"):
+            check_canvas(rec.get("canvas"), canvas, f"{path} (record {i}, {rec.get('image') or rec.get('id')})")
         boxes = rec["au_boxes"] if "au_boxes" in rec and "faces" not in rec else _first_face_boxes(rec)
         if rec.get("id"):
             out[str(rec["id"])] = boxes
@@ -413,6 +434,7 @@ def au_truth(
     cache: str | os.PathLike,
     dataset: str | None = None,
     on_record: Callable[[dict], None] | None = None,
+    canvas: int = CANVAS,
 ) -> dict[str, list[list[int]] | None]:
     """Activated AU boxes per prediction id, from an AU detector, cached (resumably) in ``cache``.
 
@@ -420,10 +442,14 @@ def au_truth(
     :func:`tagfer.grounding.ground_image` (largest face). Images are read from the predictions'
     ``image`` paths; predictions without a path (bytes images) are looked up in ``dataset``
     (a source spec) when given. Cache record: ``{"id", "image", "detector", "au_boxes" | null,
-    "error"}``; an image the detector cannot use gets ``au_boxes: null`` (skipped in AU IoU).
+    "error", "canvas"}``; an image the detector cannot use gets ``au_boxes: null`` (skipped in AU IoU).
+    The detector's canvas (``spec.config.canvas``) and the cache's must be ``canvas``
+    (:class:`CanvasMismatch` otherwise).
     """
     from tagfer.grounding import ground_image
 
+    det_config = getattr(spec, "config", None)
+    check_canvas(getattr(det_config, "canvas", None), canvas, f"AU detector {getattr(spec, 'kind', spec)!r}")
     cache = Path(cache)
     done = done_keys(cache, key="id")
     todo: list[tuple[str, str | None, str]] = []  # id, path, split
@@ -446,7 +472,8 @@ def au_truth(
         try:
             with JsonlWriter(cache) as w:
                 for rid, path, _ in todo:
-                    rec: dict[str, Any] = {"id": rid, "image": path, "detector": det.name, "au_boxes": None, "error": None}
+                    rec: dict[str, Any] = {"id": rid, "image": path, "detector": det.name, "au_boxes": None, "error": None,
+                                           "canvas": getattr(det_config, "canvas", CANVAS)}
                     source = path or byte_images.get(rid)
                     if source is None:
                         rec["error"] = _err("no_image", "prediction has no image path and the dataset was not given")
@@ -459,7 +486,11 @@ def au_truth(
                         on_record(rec)
         finally:
             det.close()
-    return {str(r["id"]): r.get("au_boxes") for r in read_jsonl(cache)}
+    out: dict[str, list[list[int]] | None] = {}
+    for r in read_jsonl(cache):
+        check_canvas(r.get("canvas"), canvas, f"AU cache {cache}")
+        out[str(r["id"])] = r.get("au_boxes")
+    return out
 
 
 def _join(truth: dict[str, Any], pred: dict[str, Any]) -> Any:
@@ -484,11 +515,13 @@ def score_predictions(
     cross_au: dict[str, Any] | None = None,
     bootstrap: Any = None,
     matching: str = "paper",
+    canvas: int = CANVAS,
 ) -> dict[str, Any]:
     """Metrics (:func:`tagfer.metrics.compute_scores`) of prediction records joined with AU boxes.
 
     ``au`` / ``cross_au``: key → activated AU boxes (id, image path or file name);
-    a missing or empty entry skips that sample's AU IoU. Per-sample AU IoU is
+    a missing or empty entry skips that sample's AU IoU (the boxes must be on ``canvas``, the
+    canvas the predictions' boxes are parsed on: checked by :func:`load_au_jsonl` / :func:`au_truth`). Per-sample AU IoU is
     :func:`tagfer.rewards.r_au_batch` (Eq. 3–4, ``matching`` as in :class:`~tagfer.rewards.RewardConfig`).
     """
     import numpy as np
@@ -506,7 +539,7 @@ def score_predictions(
         if table is None:
             return None
         gt = [_join(table, r) or [] for r in rows]
-        return r_au_batch(pred_boxes, gt, matching)
+        return r_au_batch(pred_boxes, gt, matching, canvas)
 
     inp = ScoreInputs(
         truth=truth[keep],

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from tagfer.aus import largest_face
 from tagfer.canvas import CANVAS
 from tagfer.detectors import AUDetector, DetectorSpec
 from tagfer.errors import ItemError
@@ -114,7 +115,7 @@ def ground_image(detector: AUDetector, key: str, config: GroundingConfig = Groun
         faces = detector.detect(img, key)
         n = len(faces)
         if not config.all_faces and faces:
-            faces = [max(faces, key=lambda f: f.mesh.area if f.mesh else 0.0)]
+            faces = [largest_face(faces)]
         rec = {
             "image": key,
             "width": img.width,

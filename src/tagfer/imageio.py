@@ -451,3 +451,20 @@ def is_image_path(path: str | os.PathLike) -> bool:
 
 # Never let PIL silently accept truncated files.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def data_url(image: Image.Image, fmt: str = "png") -> str:
+    """``data:image/<fmt>;base64,…`` of a PIL image, as is (no resize): ``png`` at zlib level 1
+    (~4× quicker than PNG's default, ~15% larger) or ``jpeg``/``jpg`` at quality 95.
+    The one encoder of images for model requests and web pages."""
+    import base64
+
+    fmt = "jpeg" if fmt.lower() in ("jpg", "jpeg") else fmt.lower()
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        image.save(buf, format="JPEG", quality=95)
+    elif fmt == "png":
+        image.save(buf, format="PNG", compress_level=1)
+    else:
+        raise ValueError(f"unsupported image format {fmt!r}")
+    return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode("ascii")

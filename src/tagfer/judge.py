@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tagfer.jsonl import JsonlWriter, done_keys, read_jsonl
+from tagfer.teacher import json_objects
 
 __all__ = [
     "CRITERIA",
@@ -190,22 +191,6 @@ class JudgeParseError(ValueError):
         self.message = message
 
 
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S | re.I)
-
-
-def _json_objects(text: str) -> Iterator[Any]:
-    """Every JSON object that can be decoded starting at a ``{`` in ``text`` (fenced blocks first)."""
-    dec = json.JSONDecoder()
-    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    for c in candidates:
-        for m in re.finditer(r"\{", c):
-            try:
-                obj, _ = dec.raw_decode(c, m.start())
-            except json.JSONDecodeError:
-                continue
-            yield obj
-
-
 def _score(v: Any) -> int | None:
     if isinstance(v, bool):
         return None
@@ -255,7 +240,7 @@ def parse_judgment(text: str | None) -> dict[str, Any]:
         raise JudgeParseError("no_json", "the reply holds no JSON object")
     first_error: JudgeParseError | None = None
     found = False
-    for obj in _json_objects(text):
+    for obj in json_objects(text):  # the one extractor, shared with the teacher
         found = True
         try:
             return _check(obj)

@@ -56,7 +56,6 @@ Images
 from __future__ import annotations
 
 import asyncio
-import base64
 import email.utils
 import io
 import zlib
@@ -74,6 +73,7 @@ import httpx
 from PIL import Image
 
 from tagfer.errors import ItemError
+from tagfer.imageio import data_url
 from tagfer.vlm import resize_for_model  # light import (PIL only)
 
 __all__ = [
@@ -85,6 +85,7 @@ __all__ = [
     "encode_image",
     "user_message",
     "system_message",
+    "chat_messages",
     "chat_many",
     "normalize_endpoint",
     "RETRYABLE_STATUS",
@@ -246,18 +247,10 @@ def encode_image(image: Image.Image | str | os.PathLike | bytes, side: int | Non
     """``data:image/<fmt>;base64,...`` URL of ``image`` resized to longer side ``side``
     (None keeps the size). Paths/bytes are read with :func:`tagfer.imageio.load_image`
     (so a corrupt file raises :class:`tagfer.imageio.ImageError`)."""
-    fmt = "jpeg" if fmt.lower() in ("jpg", "jpeg") else fmt.lower()
     pil = _to_pil(image, side)
     if side:
         pil = resize_for_model(pil, side)
-    buf = io.BytesIO()
-    if fmt == "jpeg":
-        pil.save(buf, format="JPEG", quality=95)
-    elif fmt == "png":
-        pil.save(buf, format="PNG", compress_level=1)
-    else:
-        raise ValueError(f"unsupported image format {fmt!r}")
-    return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return data_url(pil, fmt)
 
 
 def image_part(image: Image.Image | str | os.PathLike | bytes, side: int | None = 224, fmt: str = "png") -> dict[str, Any]:
@@ -276,6 +269,12 @@ def user_message(text: str, images: Sequence[Any] = (), side: int | None = 224, 
 
 def system_message(text: str) -> dict[str, Any]:
     return {"role": "system", "content": text}
+
+
+def chat_messages(user: str, images: Sequence[Any] = (), system: str | None = None, side: int | None = 224, fmt: str = "png") -> list[dict[str, Any]]:
+    """The messages of one request: an optional system message, then :func:`user_message`
+    (images before the text). The one builder of OpenAI-style chats (backends, eval)."""
+    return ([system_message(system)] if system else []) + [user_message(user, images, side, fmt)]
 
 
 # ---------------------------------------------------------------------------- scheduling

@@ -71,6 +71,7 @@ __all__ = [
     "QualityVerdict",
     "TraceCheck",
     "extract_json",
+    "json_objects",
     "format_labels",
     "check_quality",
     "check_trace",
@@ -134,16 +135,12 @@ _FENCE = re.compile(r"```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)```", re.DOTALL)
 _DECODER = json.JSONDecoder()
 
 
-def extract_json(text: str, required: Sequence[str] = ()) -> dict[str, Any] | None:
-    """The first JSON object in ``text`` holding every key of ``required`` (case-insensitive).
-
-    Looks inside ```` ``` ```` fences first, then anywhere in the text (the
-    object may be preceded or followed by chatter). Returns the object with its
-    original keys, or ``None``.
-    """
+def json_objects(text: str) -> Iterator[dict[str, Any]]:
+    """Every JSON object in an LLM reply, in order: inside ```` ``` ```` fences first (any
+    language tag), then anywhere in the text (chatter before or after is ignored).
+    The one extractor of JSON from model replies (teacher and judge)."""
     if not isinstance(text, str) or "{" not in text:
-        return None
-    need = {k.lower() for k in required}
+        return
     chunks = [m.group(1) for m in _FENCE.finditer(text)] + [text]
     for chunk in chunks:
         i = chunk.find("{")
@@ -152,10 +149,16 @@ def extract_json(text: str, required: Sequence[str] = ()) -> dict[str, Any] | No
                 obj, _ = _DECODER.raw_decode(chunk, i)
             except json.JSONDecodeError:
                 obj = None
-            if isinstance(obj, dict) and need <= {str(k).lower() for k in obj}:
-                return obj
+            if isinstance(obj, dict):
+                yield obj
             i = chunk.find("{", i + 1)
-    return None
+
+
+def extract_json(text: str, required: Sequence[str] = ()) -> dict[str, Any] | None:
+    """The first JSON object in ``text`` (:func:`json_objects`) holding every key of ``required``
+    (case-insensitive), with its original keys; ``None`` when there is none."""
+    need = {k.lower() for k in required}
+    return next((obj for obj in json_objects(text) if need <= {str(k).lower() for k in obj}), None)
 
 
 def _get(obj: dict[str, Any], key: str) -> Any:

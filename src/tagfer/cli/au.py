@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from tagfer.canvas import CANVAS, TOP_K
 from tagfer.cli._app import app, console, out_console
 
 
@@ -51,13 +52,13 @@ def au_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output JSON Lines file (appended to; resumable)."),
     overlays: Optional[Path] = typer.Option(None, "--overlays", help="Write a PNG overlay per image into this directory."),
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="Worker processes."),
-    top_k: int = typer.Option(3, "--top-k", min=0, help="AUs in the candidate pool / AU_LIST (paper: 3)."),
+    top_k: int = typer.Option(TOP_K, "--top-k", min=0, help="AUs in the candidate pool / AU_LIST (paper: 3)."),
     threshold: float = typer.Option(0.3, "--threshold", min=0.0, max=1.0, help="Activation threshold on AU scores."),
     candidate_threshold: Optional[float] = typer.Option(None, "--candidate-threshold", min=0.0, max=1.0, help="Score an activated AU needs to enter the candidate pool / AU_LIST (default: AUConfig's)."),
     all_faces: bool = typer.Option(False, "--all-faces", help="Keep every face (default: the largest)."),
     detector: str = typer.Option("mediapipe", "--detector", help="mediapipe | openface:CSV_OR_DIR | table:LONG_CSV"),
     bilateral: str = typer.Option("union", "--bilateral", help="union: one box over both sides; split: one per side."),
-    canvas: int = typer.Option(512, "--canvas", min=16, help="Virtual canvas side."),
+    canvas: int = typer.Option(CANVAS, "--canvas", min=16, help="Virtual canvas side."),
     fallback: Optional[str] = typer.Option(None, "--fallback", help="Small-face fallback detector: dlib (extra tagfer[dlib])."),
     landmarker: Optional[Path] = typer.Option(None, "--landmarker", help="Path to face_landmarker.task (default: bundled)."),
     landmarks: bool = typer.Option(False, "--landmarks", help="Include the 478 landmarks in each record."),

@@ -2,84 +2,87 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from tagfer.cli._app import app, console, out_console
+from tagfer.cli._app import app, console, layered_config, out_console, usage_error
 
 
+# Options of `tagfer build` default to None ("not given"): the only defaults are BuildConfig's (docs/data.md),
+# and layered_config() applies explicit flag > --config file > default.
 @app.command("build")
 def build_cmd(
-    source: List[str] = typer.Option(..., "--source", "-s", help="Dataset spec, repeatable: rafdb:DIR, ferplus:DIR, affectnet:DIR, generic:CSV_OR_DIR (options after '?', e.g. ferplus:DIR?vote=majority)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (accepted.jsonl, rejected.jsonl, images/); re-running resumes."),
-    endpoint: List[str] = typer.Option(["http://127.0.0.1:8000/v1"], "--endpoint", "-e", help="OpenAI-compatible base URL, repeatable (one per GPU server)."),
+    source: Optional[List[str]] = typer.Option(None, "--source", "-s", help="Dataset spec, repeatable: rafdb:DIR, ferplus:DIR, affectnet:DIR, generic:CSV_OR_DIR (options after '?', e.g. ferplus:DIR?vote=majority). Required here or in --config."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (accepted.jsonl, rejected.jsonl, images/); re-running resumes. Required here or in --config."),
+    endpoint: Optional[List[str]] = typer.Option(None, "--endpoint", "-e", help="OpenAI-compatible base URL, repeatable (one per GPU server; default http://127.0.0.1:8000/v1)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name sent to the server (default: the server's first model)."),
-    teacher: str = typer.Option("openai", "--teacher", help="openai (the endpoints) | hf:PATH (in-process transformers) | facs (offline FACS engine)."),
-    split: str = typer.Option("train", "--split", help="Split to build from (the paper: train only)."),
-    shard: str = typer.Option("0/1", "--shard", help="i/N: process only this shard of the ids (hash of the id); N machines, one each."),
-    concurrency: int = typer.Option(512, "--concurrency", "-c", min=1, help="Total concurrent requests (paper: 512)."),
-    per_endpoint: int = typer.Option(128, "--per-endpoint", min=1, help="Concurrent requests per endpoint (paper: 128 per GPU)."),
-    timeout: float = typer.Option(300.0, "--timeout", min=0.1, help="Seconds per request attempt."),
-    request_retries: int = typer.Option(5, "--request-retries", min=0, help="Transport retries per request (429/5xx/timeouts/drops)."),
-    top_k: int = typer.Option(3, "--top-k", min=0, help="AUs in the teacher's AU list (paper: 3)."),
-    quality: bool = typer.Option(True, "--quality/--no-quality", help="Stage I image-quality judge."),
-    max_format_retries: int = typer.Option(2, "--max-format-retries", min=0, help="Re-asks per round after an invalid reply."),
-    max_eliminations: int = typer.Option(6, "--max-eliminations", min=0, help="Wrong labels eliminated before giving up (6 = until exhausted)."),
-    last_candidate: str = typer.Option("ask", "--last-candidate", help="ask (paper: keep asking with one label left) | stop (reject instead)."),
-    no_au: str = typer.Option("noau", "--no-au", help="Images without activated AU: noau (no-AU prompt) | skip (reject)."),
-    detector: str = typer.Option("mediapipe", "--detector", help="AU detector: mediapipe | openface:CSV_OR_DIR | table:LONG_CSV."),
-    au_workers: int = typer.Option(2, "--au-workers", min=1, help="Threads running the AU detector."),
-    image_side: int = typer.Option(224, "--image-side", min=28, help="Longer image side sent to the teacher (paper: 224)."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", min=16, help="Max new tokens per teacher reply."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Temperature of the first try."),
-    retry_temperature: float = typer.Option(0.7, "--retry-temperature", min=0.0, help="Temperature of retries and elimination rounds."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="openai (the endpoints, default) | hf:PATH (in-process transformers) | facs (offline FACS engine)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to build from (default train, as the paper)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/N: process only this shard of the ids (hash of the id); N machines, one each (default 0/1)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", min=1, help="Total concurrent requests (paper: 512)."),
+    per_endpoint: Optional[int] = typer.Option(None, "--per-endpoint", min=1, help="Concurrent requests per endpoint (paper: 128 per GPU)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", min=0.1, help="Seconds per request attempt (ClientConfig.timeout_s)."),
+    request_retries: Optional[int] = typer.Option(None, "--request-retries", min=0, help="Transport retries per request (429/5xx/timeouts/drops)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="AUs in the teacher's AU list (paper: 3)."),
+    quality: Optional[bool] = typer.Option(None, "--quality/--no-quality", help="Stage I image-quality judge (default on)."),
+    max_format_retries: Optional[int] = typer.Option(None, "--max-format-retries", min=0, help="Re-asks per round after an invalid reply (default 2)."),
+    max_eliminations: Optional[int] = typer.Option(None, "--max-eliminations", min=0, help="Wrong labels eliminated before giving up (default 6 = until exhausted)."),
+    last_candidate: Optional[str] = typer.Option(None, "--last-candidate", help="ask (default, the paper: keep asking with one label left) | stop (reject instead)."),
+    no_au: Optional[str] = typer.Option(None, "--no-au", help="Images without activated AU: noau (default, no-AU prompt) | skip (reject)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="AU detector: mediapipe (default) | openface:CSV_OR_DIR | table:LONG_CSV."),
+    au_workers: Optional[int] = typer.Option(None, "--au-workers", min=1, help="Threads running the AU detector (default 2)."),
+    image_side: Optional[int] = typer.Option(None, "--image-side", min=28, help="Longer image side sent to the teacher (paper: 224)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=16, help="Max new tokens per teacher reply (default 1024)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Temperature of the first try (default 0)."),
+    retry_temperature: Optional[float] = typer.Option(None, "--retry-temperature", min=0.0, help="Temperature of retries and elimination rounds (default 0.7)."),
     prompt_dir: Optional[Path] = typer.Option(None, "--prompt-dir", help="Folder with your own teacher_quality/trace/candidates/trace_noau.txt (missing ones: packaged)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Stop after this many new items (trial runs)."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="JSON file of BuildConfig fields (command-line options win)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="JSON object of BuildConfig fields (docs/data.md); an option given on the command line wins over the file, the file over the defaults."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live status line."),
     format_retry: Optional[str] = typer.Option(None, "--format-retry", help="Format retries: repeat (default, the paper: the same request again) | feedback (problems appended, --retry-temperature)."),
     min_tags: Optional[int] = typer.Option(None, "--min-tags", min=0, help="Fewest AU tags a trace must hold when it has an AU list (default 0: the paper lets the teacher select none)."),
     au_threshold: Optional[float] = typer.Option(None, "--au-threshold", min=0.0, max=1.0, help="Activation threshold: AUs scoring at least this are activated (B_AU, R_AU targets). Default: tagfer.aus.AUConfig."),
     au_candidate_threshold: Optional[float] = typer.Option(None, "--au-candidate-threshold", min=0.0, max=1.0, help="Confidence an activated AU needs to enter the teacher's top-K AU list. Default: tagfer.aus.AUConfig."),
 ) -> None:
-    """Build TAG data: quality filter → AU-grounded traces → validation → label elimination (paper Algorithm 1)."""
-    from tagfer.build import BuildConfig, run_build
+    """Build TAG data: quality filter → AU-grounded traces → validation → label elimination (paper Algorithm 1).
 
-    fields = json.loads(config_file.read_text()) if config_file else {}
+    Exit code 0 when every item was built or rejected by validation, 1 when some items could not be
+    processed (teacher/transport errors, internal failures: recorded as retryable, re-run to retry them),
+    2 on bad options or config, or when the build cannot start.
+    """
+    from tagfer.build import BuildConfig, run_build
+    from tagfer.errors import ItemError
+
     prompts = {}
     if prompt_dir:
         for key in ("quality", "trace", "candidates", "trace_noau"):
             p = prompt_dir / f"teacher_{key}.txt"
             if p.is_file():
                 prompts[f"prompt_{key}"] = str(p)
-    fields.update(
-        sources=list(source), out=str(out), endpoints=list(endpoint), model=model, teacher=teacher, split=split, shard=shard,
-        concurrency=concurrency, per_endpoint=per_endpoint, timeout_s=timeout, request_retries=request_retries, top_k=top_k,
-        quality=quality, max_format_retries=max_format_retries, max_eliminations=max_eliminations, last_candidate=last_candidate,
-        no_au=no_au, detector=detector, au_workers=au_workers, image_side=image_side, max_tokens=max_tokens,
-        temperature=temperature, retry_temperature=retry_temperature, limit=limit, **prompts,
-    )
-    # options left unset keep the BuildConfig defaults (or the --config file's values)
-    fields.update({k: v for k, v in (("format_retry", format_retry), ("min_tags", min_tags), ("au_threshold", au_threshold),
-                                     ("au_candidate_threshold", au_candidate_threshold)) if v is not None})
+    fields = layered_config(config_file, dict(
+        sources=list(source) if source else None, out=str(out) if out is not None else None, endpoints=list(endpoint) if endpoint else None,
+        model=model, teacher=teacher, split=split, shard=shard, concurrency=concurrency, per_endpoint=per_endpoint, timeout_s=timeout,
+        request_retries=request_retries, top_k=top_k, quality=quality, max_format_retries=max_format_retries,
+        max_eliminations=max_eliminations, last_candidate=last_candidate, no_au=no_au, detector=detector, au_workers=au_workers,
+        image_side=image_side, max_tokens=max_tokens, temperature=temperature, retry_temperature=retry_temperature, limit=limit, format_retry=format_retry, min_tags=min_tags,
+        au_threshold=au_threshold, au_candidate_threshold=au_candidate_threshold, **prompts,
+    ))
+    if not fields.get("sources"):
+        usage_error("no dataset: give --source (or \"sources\" in --config)")
+    if not fields.get("out"):
+        usage_error("no output folder: give --out (or \"out\" in --config)")
     try:
-        cfg = BuildConfig(**fields)
+        cfg = BuildConfig.from_dict(fields)
     except (TypeError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
-    from tagfer.errors import ItemError
-
+        usage_error(f"bad build config: {e}")
     try:
         summary = run_build(cfg, progress=progress, console=console)
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
+        usage_error(str(e))
     except ItemError as e:  # e.g. the teacher server cannot be reached to discover the model name
-        console.print(f"[red]error:[/red] {e.kind}: {e.message}")
-        raise typer.Exit(2)
+        usage_error(f"{e.kind}: {e.message}")
     s = summary.to_json()
     out_console.print(
         f"accepted {s['accepted']}  rejected {s['rejected']}  (this run: {s['processed']} items, {s['already_done']} already done, "
@@ -87,6 +90,12 @@ def build_cmd(
     )
     if s["reasons"]:
         out_console.print("rejections: " + ", ".join(f"{k} {v}" for k, v in sorted(s["reasons"].items(), key=lambda kv: -kv[1])))
+    if summary.exit_code:
+        console.print(
+            f"[yellow]{summary.failed} item(s) could not be processed[/yellow] (teacher/transport errors or internal failures, "
+            f"recorded as retryable in {cfg.out}): run the same command again to retry them"
+        )
+        raise typer.Exit(1)
 
 
 @app.command("export")

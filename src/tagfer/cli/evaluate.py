@@ -278,7 +278,10 @@ def judge_cmd(
     summary: Optional[Path] = typer.Option(None, "--summary", help="Aggregate JSON (default: <out>.summary.json)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """LLM-as-judge A/B: anonymised, order randomised per pair and seed, 1-5 rubric scores + overall A/B/tie."""
+    """LLM-as-judge A/B: anonymised, order randomised per pair and seed, 1-5 rubric scores + overall A/B/tie.
+
+    Exit code 1 when some judgments failed (malformed replies after the retries, failed requests), 2 on bad arguments.
+    """
     from tagfer.backends import make_backend, parse_spec
     from tagfer.judge import aggregate, judge_prompt, make_pairs, read_pairs, run_judge
 
@@ -323,6 +326,11 @@ def judge_cmd(
         f"order effect: first shown wins {f(o['first_shown_wins_pct'])}, second {f(o['second_shown_wins_pct'])} of {o['decisive']} decisive\n"
         f"summary → {summary}"
     )
+    failed = agg["n_judgments"] - agg["n_valid"]
+    if failed:  # as eval and au: exit 1 while failed judgments remain in OUT
+        console.print(f"[yellow]{failed} judgment(s) failed[/yellow] (recorded in {out} with their error; "
+                      "remove those lines to ask again)")
+        raise typer.Exit(1)
 
 
 @study_app.command("pairs")
