@@ -42,7 +42,7 @@ def build_cmd(
     config_file: Optional[Path] = typer.Option(None, "--config", help="JSON object of BuildConfig fields (docs/data.md); an option given on the command line wins over the file, the file over the defaults."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live status line."),
     format_retry: Optional[str] = typer.Option(None, "--format-retry", help="Format retries: repeat (default, the paper: the same request again) | feedback (problems appended, --retry-temperature)."),
-    min_tags: Optional[int] = typer.Option(None, "--min-tags", min=0, help="Fewest AU tags a trace must hold when it has an AU list (default 0: the paper lets the teacher select none)."),
+    min_tags: Optional[int] = typer.Option(None, "--min-tags", min=0, help="Fewest AU tags a trace must hold when it has an AU list (default 0; the paper lets the teacher select none)."),
     au_threshold: Optional[float] = typer.Option(None, "--au-threshold", min=0.0, max=1.0, help="Activation threshold: AUs scoring at least this are activated (B_AU, R_AU targets). Default: tagfer.aus.AUConfig."),
     au_candidate_threshold: Optional[float] = typer.Option(None, "--au-candidate-threshold", min=0.0, max=1.0, help="Confidence an activated AU needs to enter the teacher's top-K AU list. Default: tagfer.aus.AUConfig."),
 ) -> None:
