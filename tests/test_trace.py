@@ -20,6 +20,7 @@ from tagfer.trace import (
     convert_teacher_tags,
     format_au_list,
     format_box,
+    is_blank,
     parse_au_list,
     parse_trace,
     strip_bboxes,
@@ -49,7 +50,7 @@ SAFE_TEXT = st.text(
     alphabet=st.characters(codec="utf-8", exclude_characters="<>", exclude_categories=("Cs",)),
     min_size=1,
     max_size=60,
-).filter(lambda s: not s.isspace())
+).filter(lambda s: not is_blank(s))
 WS = st.sampled_from(["", " ", "\n", "\n\n", "  \t"])
 COORD = st.integers(0, 511)
 

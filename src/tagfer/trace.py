@@ -62,6 +62,7 @@ the no-bbox ablation (:func:`strip_bboxes`, Table 3). All pure, no I/O.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
@@ -74,6 +75,7 @@ __all__ = [
     "BBox",
     "ParsedTrace",
     "parse_trace",
+    "is_blank",
     "format_box",
     "AUItem",
     "format_au_list",
@@ -111,20 +113,27 @@ VIOLATIONS: tuple[str, ...] = (
 
 # Box content: exactly four (possibly negative) ASCII integers of at most 9
 # digits (the cap keeps int() cheap and safe on adversarial input).
-_INT = r"\s*(-?[0-9]{1,9})\s*"
+# Every whitespace run is possessive ("\s*+"): no backtracking, so a "<"
+# followed by a million spaces costs one scan of them, not a million.
+_INT = r"\s*+(-?[0-9]{1,9})\s*+"
 _BOX_LIST = r"\[" + ",".join([_INT] * 4) + r"\]"
-_BOX_CONTENT = re.compile(r"\s*" + _BOX_LIST + r"\s*")
+_BOX_CONTENT = re.compile(r"\s*+" + _BOX_LIST + r"\s*+")
+# Tag names are ASCII, matched case-insensitively in ASCII only ("(?ai:"):
+# look-alikes that Unicode case folding would equate with them (dotless
+# "ı" U+0131, long "ſ" U+017F, Kelvin "K" U+212A, fullwidth letters) are
+# not tag names, so "<thınk>" is plain text.
+_BBOX = r"(?ai:bbox)"
 # The tokenizer: either a complete well-spelled box element (coordinates
 # captured by the regex engine, the common case) or a single tag (optional
 # "/" then a name; whitespace tolerated inside the angle brackets).
-# re.split with this pattern yields, per token, 8 groups then the following text.
+# Groups: 1 box element (2-5 its coordinates), 6 tag, 7 slash, 8 name.
 # The leading "<" is kept outside the alternation so that the regex engine can
 # jump from "<" to "<" (an alternation at the start costs ~30x more).
 _TOKEN = re.compile(
-    r"<(?i:(\s*bbox\s*>\s*" + _BOX_LIST + r"\s*<\s*/\s*bbox\s*>)"
-    r"|(\s*(/?)\s*(think|answer|bbox)\s*>))"
+    r"<(?:(\s*+" + _BBOX + r"\s*+>\s*+" + _BOX_LIST + r"\s*+<\s*+/\s*+" + _BBOX + r"\s*+>)"
+    r"|(\s*+(/?)\s*+((?ai:think|answer|bbox))\s*+>))"
 )
-_STRIDE = 9
+_NON_SPACE = re.compile(r"\S")
 # AU mentions: "AU12", "AU 4", "AU-6", "<AU6>", "AU04"; not "AU120". The
 # pattern starts with a literal so the regex engine can skip ahead fast; the
 # "not preceded by a letter or digit" rule ("TAU1") is checked in Python.
@@ -202,8 +211,9 @@ class ParsedTrace:
         return tuple([b.coords for b in self.boxes])
 
 
-def _read_box(content: str) -> tuple[int, int, int, int] | None:
-    m = _BOX_CONTENT.fullmatch(content)
+def _read_box(content: str, start: int = 0, end: int | None = None) -> tuple[int, int, int, int] | None:
+    """The four integers of ``content[start:end]`` (read in place, no copy), or ``None``."""
+    m = _BOX_CONTENT.fullmatch(content, start, len(content) if end is None else end)
     if m is None:
         return None
     x1, y1, x2, y2 = m.groups()
@@ -226,6 +236,35 @@ _CANONICAL = re.compile(
     r"</think>\s*+<answer>([^<]*+)</answer>\s*+"
 )
 _CANONICAL_BOX_GROUPS = (2, 7, 12)
+
+
+# Characters that show as something: letters, numbers, punctuation, symbols
+# (Unicode general categories L*, N*, P*, S*), except these letters/symbols
+# that render as blank space: Hangul fillers and the blank Braille pattern.
+_VISIBLE_CATEGORIES = frozenset("LNPS")
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+_ASCII_VISIBLE = re.compile(r"[!-~]")
+
+
+def is_blank(text: str | None) -> bool:
+    """True when ``text`` shows nothing: no character is a letter, number, punctuation mark or symbol.
+
+    So whitespace, zero-width and other format characters (U+200B, U+200D,
+    U+2060, U+FEFF, soft hyphen; category Cf), controls (Cc), separators
+    (Z*), combining marks with nothing to combine with (M*), private-use,
+    surrogate and unassigned code points, and the blank-looking Hangul
+    fillers / Braille blank count as empty. A think block for which this
+    holds is ``think_empty``. Linear time; stops at the first visible character.
+    """
+    if not text or text.isspace():
+        return True
+    if text.isascii():
+        return _ASCII_VISIBLE.search(text) is None
+    category = unicodedata.category
+    for ch in text:
+        if category(ch)[0] in _VISIBLE_CATEGORIES and ch not in _BLANK_GLYPHS:
+            return False
+    return True
 
 
 def _add(codes: list[str], code: str) -> None:
@@ -288,7 +327,7 @@ def _parse_canonical(text: str, m: re.Match[str], canvas: int, max_boxes: int) -
     g = m.groups()
     think = g[0]
     codes: list[str] = []
-    if not think or think.isspace():
+    if is_blank(think):
         codes.append("think_empty")
     ans = g[16].strip()
     label = normalize_label(ans)
@@ -328,25 +367,23 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
     codes: list[str] = []  # violation codes, first-met order, unique
     add = partial(_add, codes)
 
-    # _TOKEN.split gives [text, box, x1, y1, x2, y2, tag, slash, name, text, ...]
-    # (box and tag without their leading "<"):
-    # walking it with running offsets is cheaper than one Match object per tag.
-    parts = _TOKEN.split(text)
-    head = parts[0]
-    outside = bool(head) and not head.isspace()
-    pos = len(head)
+    # One token (Match) at a time, so nothing per tag is kept beyond the open-element stack
+    # and the records below: memory stays linear with a small constant even for tag soup.
+    outside = False  # non-whitespace text outside every element
+    pos = 0  # end of the previous token
     stack: list[tuple[str, int, int, bool]] = []  # name, tag start, content start, inside think
     depth = {"think": 0, "answer": 0, "bbox": 0}  # open elements per name (keeps the walk linear)
     thinks: list[tuple[int, int, int]] = []  # tag start, content start, content end
     answers: list[tuple[int, int, int]] = []
     raw_boxes: list[tuple[int, int, tuple[int, int, int, int] | None, bool]] = []  # start, end, coords, in think
-    for i in range(1, len(parts), _STRIDE):
-        box_tok = parts[i]
-        seg = parts[i + 8]
-        start = pos
+    non_space = _NON_SPACE.search
+    for m in _TOKEN.finditer(text):
+        start, end = m.span()
+        if not stack and not outside and start > pos and non_space(text, pos, start):
+            outside = True
+        pos = end
+        box_tok, x1, y1, x2, y2, _, slash, name = m.groups()
         if box_tok is not None:  # a complete <bbox>[x1, y1, x2, y2]</bbox>
-            end = start + 1 + len(box_tok)
-            pos = end + len(seg)
             if box_tok.count("bbox") != 2:
                 add("tag_case")
             if stack:
@@ -355,12 +392,9 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
                     add("nested_tags")
             else:
                 in_think = False
-            coords = (int(parts[i + 1]), int(parts[i + 2]), int(parts[i + 3]), int(parts[i + 4]))
+            coords = (int(x1), int(y1), int(x2), int(y2))
             raw_boxes.append((start, end, coords, in_think))
         else:
-            tag, slash, name = parts[i + 5], parts[i + 6], parts[i + 7]
-            end = start + 1 + len(tag)
-            pos = end + len(seg)
             if name not in _LOWER_NAMES:
                 add("tag_case")
                 name = name.lower()
@@ -389,15 +423,19 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
                 if name == "think":
                     thinks.append((opened[1], opened[2], start))
                 elif name == "answer":
+                    # Like boxes, answers nested inside this one (already nested_tags) fold into it:
+                    # answer spans never overlap, so their texts total at most len(text).
+                    while answers and answers[-1][0] > opened[1]:
+                        answers.pop()
                     answers.append((opened[1], opened[2], start))
                 else:  # a box whose content is not four integers
                     # Boxes nested inside this element (already flagged nested_tags) fold into it,
                     # so box spans never overlap: one unreadable box per outermost element.
                     while raw_boxes and raw_boxes[-1][0] > opened[1]:
                         raw_boxes.pop()
-                    raw_boxes.append((opened[1], end, _read_box(text[opened[2] : start]), opened[3]))
-        if not stack and not outside and seg and not seg.isspace():
-            outside = True
+                    raw_boxes.append((opened[1], end, _read_box(text, opened[2], start), opened[3]))
+    if not stack and not outside and pos < len(text) and non_space(text, pos):
+        outside = True
     if stack:
         add("unclosed_tag")
 
@@ -409,7 +447,7 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
             add("multiple_think")
         first_think = min(thinks)
         think = text[first_think[1] : first_think[2]]
-        if not think or think.isspace():
+        if is_blank(think):
             add("think_empty")
 
     label: str | None = None
