@@ -31,7 +31,9 @@ first met):
 ``not_text``                input is not a string (or bytes)
 ``no_think``                no complete ``<think>…</think>`` block
 ``multiple_think``          more than one think block
-``think_empty``             the think block holds only whitespace
+``think_empty``             the think block shows no reasoning: apart from
+                            its boxes it holds only whitespace or other
+                            invisible characters (:func:`is_blank`)
 ``no_answer``               no complete ``<answer>…</answer>`` span
 ``multiple_answer``         more than one answer span
 ``answer_before_think``     the answer span starts before the think block
@@ -267,6 +269,21 @@ def is_blank(text: str | None) -> bool:
     return True
 
 
+def _reasoning_blank(text: str, start: int, end: int, box_spans: Iterable[tuple[int, int]]) -> bool:
+    """:func:`is_blank` of ``text[start:end]`` with the box elements at ``box_spans`` (sorted) left out.
+
+    Boxes are not reasoning: a think block holding boxes and nothing visible is empty.
+    """
+    pos = start
+    for b_start, b_end in box_spans:
+        if b_start < pos or b_end > end:
+            continue
+        if not is_blank(text[pos:b_start]):
+            return False
+        pos = b_end
+    return is_blank(text[pos:end])
+
+
 def _add(codes: list[str], code: str) -> None:
     if code not in codes:
         codes.append(code)
@@ -327,7 +344,10 @@ def _parse_canonical(text: str, m: re.Match[str], canvas: int, max_boxes: int) -
     g = m.groups()
     think = g[0]
     codes: list[str] = []
-    if is_blank(think):
+    if g[1] is None:
+        if is_blank(think):
+            codes.append("think_empty")
+    elif _reasoning_blank(text, m.start(1), m.end(1), [m.span(k) for k in _CANONICAL_BOX_GROUPS if g[k - 1] is not None]):
         codes.append("think_empty")
     ans = g[16].strip()
     label = normalize_label(ans)
@@ -439,6 +459,9 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
     if stack:
         add("unclosed_tag")
 
+    if len(raw_boxes) > 1:
+        raw_boxes.sort()  # closing order differs from opening order only when boxes nest
+
     think: str | None = None
     if not thinks:
         add("no_think")
@@ -447,7 +470,7 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
             add("multiple_think")
         first_think = min(thinks)
         think = text[first_think[1] : first_think[2]]
-        if is_blank(think):
+        if _reasoning_blank(text, first_think[1], first_think[2], [(b[0], b[1]) for b in raw_boxes]):
             add("think_empty")
 
     label: str | None = None
@@ -466,8 +489,6 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
     if outside:
         add("text_outside")
 
-    if len(raw_boxes) > 1:
-        raw_boxes.sort()  # closing order differs from opening order only when boxes nest
     boxes = _make_boxes(raw_boxes, canvas, max_boxes, add)
 
     return ParsedTrace(text, think, boxes, answer_texts, label, tuple(codes), canvas, max_boxes)
@@ -569,7 +590,8 @@ def parse_au_list(text: str) -> list[AUItem]:
 # here so that a tag without one can be reported.
 _TEACHER_TAG = re.compile(r"<AU([1-9][0-9]?)>(?:[ \t]*(\[[^\[\]<>\n]*\]))?")
 # Anything that looks like an attempt at an AU tag, to catch "<AU 12>", "<au12>", "<AU12 >".
-_LOOSE_AU_TAG = re.compile(r"<\s*/?\s*AU[^<>\n]{0,12}>", re.IGNORECASE)
+# Possessive whitespace runs: "<" + a million spaces is one scan, not a quadratic one.
+_LOOSE_AU_TAG = re.compile(r"<\s*+/?\s*+(?ai:AU)[^<>\n]{0,12}>", re.IGNORECASE)
 
 
 def convert_teacher_tags(text: str) -> str:
@@ -629,7 +651,8 @@ def validate_teacher_tags(text: str, au_list: str | Iterable[Any], max_tags: int
     return problems
 
 
-_BBOX_ELEMENT = re.compile(r"(?P<pre>[ \t]*)<\s*bbox\s*>.*?<\s*/\s*bbox\s*>(?P<post>[ \t]*)", re.IGNORECASE | re.DOTALL)
+# One box tag, opening or closing (group 1: the slash). Possessive runs keep the scan linear.
+_BBOX_TAG = re.compile(r"<\s*+(/?)\s*+(?ai:bbox)\s*+>")
 _NO_SPACE_BEFORE = frozenset(".,;:!?)]}\n\r")
 
 
@@ -639,18 +662,37 @@ def strip_bboxes(text: str) -> str:
     Everything else is kept, AU names included. The spaces around a deleted
     element collapse to one, or to none before punctuation, a line break or
     the end of the text, and after a line break or the start of the text. An
-    element glued between two words (no spaces) leaves one space.
+    element glued between two words (no spaces) leaves one space. An element
+    runs from an opening tag to the first closing tag after it; opening tags
+    with no closing tag after them stay. One pass over the text (linear time).
     """
-
-    def repl(m: re.Match[str]) -> str:
-        s = m.string
-        before = s[m.start() - 1] if m.start() > 0 else "\n"
-        after = s[m.end()] if m.end() < len(s) else "\n"
-        if not (m.group("pre") or m.group("post")):  # glued: "word<bbox>…</bbox>word" keeps the words apart
-            return " " if before.isalnum() and after.isalnum() else ""
-        if before in "\n\r" or after in _NO_SPACE_BEFORE:
-            return ""
-        return " "
-
-    return _BBOX_ELEMENT.sub(repl, text)
-
+    out: list[str] = []
+    last = 0  # end of the previous deleted element (and its trailing spaces)
+    n = len(text)
+    tags = _BBOX_TAG.finditer(text)
+    for m in tags:
+        if m.group(1):  # a closing tag with no opening tag before it: kept as text
+            continue
+        close = next((c for c in tags if c.group(1)), None)
+        if close is None:  # no closing tag anywhere after this one
+            break
+        start, end = m.start(), close.end()
+        pre = start
+        while pre > last and text[pre - 1] in " \t":
+            pre -= 1
+        post = end
+        while post < n and text[post] in " \t":
+            post += 1
+        before = text[pre - 1] if pre > 0 else "\n"
+        after = text[post] if post < n else "\n"
+        if pre == start and post == end:  # glued: "word<bbox>…</bbox>word" keeps the words apart
+            sep = " " if before.isalnum() and after.isalnum() else ""
+        elif before in "\n\r" or after in _NO_SPACE_BEFORE:
+            sep = ""
+        else:
+            sep = " "
+        out.append(text[last:pre])
+        out.append(sep)
+        last = post
+    out.append(text[last:])
+    return "".join(out)
