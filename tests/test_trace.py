@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from fixtures_text import CONFUSABLES, FUZZ_CHAR, unicode_tag_soup
 from tagfer.canvas import is_valid_box
 from tagfer.labels import LABELS
 from tagfer.rewards import r_fmt
@@ -493,34 +494,6 @@ def test_nested_boxes_fold_into_one_unreadable_box():
 # ----------------------------------------------------------------------------------------
 # Hardening (issue 14): look-alike tag names, invisible reasoning, linear size
 # ----------------------------------------------------------------------------------------
-
-# Characters Unicode case folding or compatibility mapping relate to ASCII letters of the tag
-# names (dotless i, dotted I, long s, Kelvin sign, fullwidth forms, ligatures), plus invisible ones.
-CONFUSABLES = "ıİſKﬁﬆÞ＜＞／ｔｈｉｎｋａｎｓｗｅｒｂｏｘ\u0307\u0131\u200b\u200d\u2060\ufeff\u00a0\u3000\u2028"
-FUZZ_CHAR = st.one_of(
-    st.characters(codec="utf-8", exclude_categories=("Cs",)), st.sampled_from(CONFUSABLES), st.sampled_from("<>/[], ")
-)
-
-
-@st.composite
-def unicode_tag_soup(draw: st.DrawFn) -> str:
-    """Tags whose names, brackets and surroundings carry arbitrary Unicode, mixed with real tags."""
-    out = []
-    for _ in range(draw(st.integers(0, 10))):
-        kind = draw(st.sampled_from(["tag", "fuzzed_tag", "text", "box"]))
-        if kind == "text":
-            out.append(draw(st.text(FUZZ_CHAR, max_size=8)))
-            continue
-        name = draw(st.sampled_from(["think", "answer", "bbox"]))
-        if kind == "fuzzed_tag":
-            name = "".join(draw(FUZZ_CHAR) if draw(st.integers(0, 3)) == 0 else c for c in name)
-            name = draw(st.sampled_from([name, name.upper(), name.title()]))
-        body = f"[{draw(st.integers(-5, 600))}, 2, 30, 40]" if kind == "box" else ""
-        slash = draw(st.sampled_from(["", "/"]))
-        inside = draw(st.text(FUZZ_CHAR, max_size=2))
-        out.append(f"<{slash}{inside}{name}{draw(st.text(FUZZ_CHAR, max_size=2))}>{body}")
-    return "".join(out)
-
 
 @pytest.mark.parametrize(
     "text",
