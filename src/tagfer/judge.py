@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from tagfer.jsonl import JsonlWriter, done_keys, read_jsonl
+from tagfer.jsonl import JsonlWriter, decode_json_at, done_keys, read_jsonl
 
 __all__ = [
     "CRITERIA",
@@ -179,18 +179,17 @@ class JudgeParseError(ValueError):
         self.message = message
 
 
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S | re.I)
+_FENCE = re.compile(r"```(?:json)?+\s*+(.*?)```", re.S | re.I)  # possessive: linear on "```   …"
 
 
 def _json_objects(text: str) -> Iterator[Any]:
     """Every JSON object that can be decoded starting at a ``{`` in ``text`` (fenced blocks first)."""
-    dec = json.JSONDecoder()
     candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
     for c in candidates:
         for m in re.finditer(r"\{", c):
             try:
-                obj, _ = dec.raw_decode(c, m.start())
-            except json.JSONDecodeError:
+                obj = decode_json_at(c, m.start())
+            except ValueError:
                 continue
             yield obj
 

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from tagfer.jsonl import decode_json_at
 from tagfer.labels import EXCLUDED, LABELS, normalize_label
 from tagfer.prompts import load_prompt, render
 from tagfer.trace import MAX_BOXES, AUItem, ParsedTrace, convert_teacher_tags, format_au_list, parse_au_list, parse_trace, validate_teacher_tags
@@ -124,8 +125,7 @@ class TeacherPrompts:
 
 
 # --------------------------------------------------------------------------- JSON
-_FENCE = re.compile(r"```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)```", re.DOTALL)
-_DECODER = json.JSONDecoder()
+_FENCE = re.compile(r"```[a-zA-Z0-9_-]*+[ \t]*+\n?+(.*?)```", re.DOTALL)  # possessive: linear on "```aaaa…"
 
 
 def extract_json(text: str, required: Sequence[str] = ()) -> dict[str, Any] | None:
@@ -143,8 +143,8 @@ def extract_json(text: str, required: Sequence[str] = ()) -> dict[str, Any] | No
         i = chunk.find("{")
         while i >= 0:
             try:
-                obj, _ = _DECODER.raw_decode(chunk, i)
-            except json.JSONDecodeError:
+                obj = decode_json_at(chunk, i)
+            except ValueError:
                 obj = None
             if isinstance(obj, dict) and need <= {str(k).lower() for k in obj}:
                 return obj
