@@ -40,7 +40,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_au.py
 	$(PY) benchmarks/bench_rewards.py
-	$(PY) benchmarks/bench_parse.py --siblings
+	$(PY) benchmarks/bench_parse.py --siblings --trl
 	$(PY) benchmarks/bench_analyze.py
 	$(PY) benchmarks/bench_client.py
 	$(PY) benchmarks/bench_build.py

@@ -18,7 +18,9 @@ as ``x prev`` (time per byte at this size / time per byte at the previous size)
 staying near 1 and as a flat ``B/byte``; ``x canon`` is the time per byte over
 that of the canonical trace of the same size. ``--siblings`` adds the other
 parsers of model output (strip_bboxes, validate_teacher_tags,
-find_au_mentions, extract_json, parse_judgment) on their worst shapes.
+find_au_mentions, extract_json, parse_judgment) on their worst shapes;
+``--trl`` times one GRPO step of the three TRL reward functions with the
+content-keyed parse cache against parsing the batch in each function.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ try:
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from tagfer.integrations import trl as tag_trl  # noqa: E402
 from tagfer.integrations.verl import compute_score  # noqa: E402
 from tagfer.judge import JudgeParseError, parse_judgment  # noqa: E402
 from tagfer.teacher import extract_json  # noqa: E402
@@ -131,11 +134,36 @@ def _ratio(t: float, n: int, prev: tuple[float, int] | None) -> str:
     return f"{(t / n) / (prev[0] / prev[1]):5.2f}"
 
 
+def bench_trl() -> None:
+    """One step (128 rollouts of ~2 KB) of make_reward_funcs(): content-keyed cache vs no cache."""
+    comps = [_trace(SENTENCE * 22 + f"step {i} " + BOXES) for i in range(128)]
+    cols = {"label": ["happiness"] * 128, "au_boxes": [GROUND_TRUTH["au_boxes"]] * 128}
+    funcs = tag_trl.make_reward_funcs()
+
+    def step(batches: list[list[str]]) -> None:
+        tag_trl._LAST_PARSE = ((0, 0), [], [])
+        for f, batch in zip(funcs, batches):
+            f(completions=batch, **cols)
+
+    same = _best(lambda: step([comps] * 3), 1)
+    copies = [comps] + [[c.encode().decode() for c in comps] for _ in range(2)]  # equal text, new objects
+    equal = _best(lambda: step(copies), 1)
+    cached = tag_trl._parse_completions
+    tag_trl._parse_completions = lambda c, cfg: [parse_trace(tag_trl.completion_text(x), cfg.canvas, cfg.max_boxes) for x in c]
+    try:
+        uncached = _best(lambda: step([comps] * 3), 1)
+    finally:
+        tag_trl._parse_completions = cached
+    print(f"\nTRL step, 3 reward functions x 128 rollouts: cache hit on the same list {same * 1e3:.2f} ms, "
+          f"on equal copies {equal * 1e3:.2f} ms, no cache {uncached * 1e3:.2f} ms ({uncached / same:.1f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-mb", type=float, default=10.0, help="largest input size in MB (default 10)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape names")
     ap.add_argument("--siblings", action="store_true", help="also time the other parsers of model output")
+    ap.add_argument("--trl", action="store_true", help="also time the TRL parse cache")
     args = ap.parse_args()
     sizes = [n for n in (10_000, 100_000, 1_000_000, 10_000_000) if n <= args.max_mb * 1_000_000]
     names = [s for s in args.shapes.split(",") if s]
@@ -177,6 +205,8 @@ def main() -> None:
                 print(f"{name:24s} {size / 1e6:7.2f}M {t:9.4f} {t / size * 1e9:7.1f} {_ratio(t, size, prev)} "
                       f"{peak / 1e6:8.1f} {peak / size:6.1f}", flush=True)
                 prev = (t, size)
+    if args.trl:
+        bench_trl()
 
 
 if __name__ == "__main__":
