@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -194,7 +195,7 @@ def check_quality(text: str) -> QualityVerdict:
 
 
 # --------------------------------------------------------------------------- Stage III
-_GRAMMAR_TAGS = ("<think", "</think", "<answer", "</answer", "<bbox", "</bbox")
+_GRAMMAR_TAG = re.compile(r"<\s*+/?\s*+(?:think|answer|bbox)", re.IGNORECASE)
 _AU_TAG_START = "<AU"
 
 
@@ -269,10 +270,11 @@ def check_trace(
     if cot is None or not cot.strip():
         return res
     low = cot.lower()
-    for t in _GRAMMAR_TAGS:
-        if t in low:
-            problems.append(f"CoT contains the output tag {t}>")
-            break
+    # output tags and their look-alikes: NFKC folds fullwidth forms, Unicode case-insensitive
+    # matching equates "ı", "ſ", "K" (Kelvin) with i, s, k; the student parser reads none of them
+    grammar_tag = _GRAMMAR_TAG.search(unicodedata.normalize("NFKC", cot))
+    if grammar_tag is not None:
+        problems.append(f"CoT contains the output tag {grammar_tag.group(0)!r}")
     if items:
         problems.extend(validate_teacher_tags(cot, items, max_tags=max_regions))
         res.aus_used = _aus_tagged(cot, items)
