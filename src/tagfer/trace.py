@@ -139,7 +139,7 @@ _NON_SPACE = re.compile(r"\S")
 # AU mentions: "AU12", "AU 4", "AU-6", "<AU6>", "AU04"; not "AU120". The
 # pattern starts with a literal so the regex engine can skip ahead fast; the
 # "not preceded by a letter or digit" rule ("TAU1") is checked in Python.
-_AU_MENTION = re.compile(r"AU[ _-]?0*([1-9][0-9]?)(?![0-9])")
+_AU_MENTION = re.compile(r"AU[ _-]?+0*+([1-9][0-9]?)(?![0-9])")
 _WORD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
 
