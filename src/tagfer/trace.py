@@ -15,10 +15,19 @@ Tags
     optional whitespace inside the angle brackets (``< /Answer >``), so the
     answer can still be read from a sloppy response, but only lower-case
     names are well-formed (violation ``tag_case``). Whitespace around tags
-    and inside ``[ ]`` is free.
+    and inside ``[ ]`` is free. Case is folded in ASCII only: Unicode
+    look-alikes of the names (dotless "ı", long "ſ", Kelvin "K", fullwidth
+    forms) are plain text, never tags.
+
+Guarantees: :func:`parse_trace` never raises, runs in time linear in the
+input for every input (no backtracking regex, no rescanned segment) and
+keeps memory linear in it (one token at a time; nested answers fold into
+the outermost one as nested boxes do, so stored texts never overlap).
+``benchmarks/bench_parse.py`` measures both on adversarial shapes.
 
 Well-formedness (what ``R_fmt`` checks, paper §3.3): no violation at all,
-i.e. exactly one non-empty think block, at most ``max_boxes`` (3) boxes, all
+i.e. exactly one think block with visible reasoning besides its boxes
+(:func:`is_blank`), at most ``max_boxes`` (3) boxes, all
 inside it, each exactly four integers ``0 ≤ v ≤ canvas-1`` with
 ``x1 < x2`` and ``y1 < y2``; exactly one answer span after the think block
 whose content normalises to one of the seven labels; nothing but whitespace
