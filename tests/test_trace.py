@@ -628,3 +628,28 @@ def test_strip_bboxes_matches_the_regex_definition(text):
 def test_loose_au_tag_check_still_reports_spaced_tags():
     assert any("malformed AU tag" in p for p in validate_teacher_tags("<  AU 12 >", []))
     assert validate_teacher_tags("<" + " " * 200_000, []) == []
+
+
+def test_text_subclasses_are_read_through_the_base_class():
+    good = "<think>x</think><answer>happy</answer>"
+
+    class Hostile(str):
+        def __str__(self):
+            raise RuntimeError("no")
+
+        def __getitem__(self, i):
+            raise RuntimeError("no")
+
+    class HostileBytes(bytes):
+        def __bytes__(self):
+            raise RuntimeError("no")
+
+        def decode(self, *a):
+            raise RuntimeError("no")
+
+    class Pretender:
+        __class__ = property(lambda self: str)
+
+    assert parse_trace(Hostile(good)).well_formed and type(parse_trace(Hostile(good)).text) is str
+    assert parse_trace(HostileBytes(good.encode())).label == "happiness"
+    assert parse_trace(Pretender()).violations == ("not_text",)

@@ -511,13 +511,19 @@ def parse_trace(text: Any, canvas: int = CANVAS, max_boxes: int = MAX_BOXES) -> 
     Canonical-looking text (the usual case) takes a single-regex fast path;
     anything else gets the full tag walk. Both give identical results.
     """
+    if type(text) is str:  # the usual case
+        return _parse(text, canvas, max_boxes)
     if isinstance(text, ParsedTrace):
         return text
-    if isinstance(text, (bytes, bytearray)):
-        text = bytes(text).decode("utf-8", errors="replace")
-    if not isinstance(text, str):
-        return ParsedTrace(text="", violations=("not_text",), canvas=canvas, max_boxes=max_boxes)
-    return _parse(str(text), canvas, max_boxes)
+    try:  # the base-class methods: a subclass's own __str__/__bytes__/decode are never called
+        if isinstance(text, str):
+            return _parse(str.__getitem__(text, slice(None)), canvas, max_boxes)
+        if isinstance(text, (bytes, bytearray)):
+            decode = bytes.decode if isinstance(text, bytes) else bytearray.decode
+            return _parse(decode(text, "utf-8", "replace"), canvas, max_boxes)
+    except TypeError:  # an object that only pretends to be text (a __class__ property)
+        pass
+    return ParsedTrace(text="", violations=("not_text",), canvas=canvas, max_boxes=max_boxes)
 
 
 # ----------------------------------------------------------------------------------------
