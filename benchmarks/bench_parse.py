@@ -78,7 +78,7 @@ SHAPES: dict[str, Callable[[int], str]] = {
     "many_boxes": lambda n: _trace(_fill("<bbox>[1, 2, 30, 40]</bbox>", n - 50)),
     "box_spaces": lambda n: "<think><bbox>" + " " * (n - 60) + "[1, 2, 3, 4]</bbox></think><answer>happy</answer>",
     "lookalike_tags": lambda n: _fill("<th\u0131nk>x</th\u0131nk><an\u017fwer>happy</an\u017fwer>", n),
-    "zero_width_think": lambda n: _trace(_fill("\u200b\u200d\u2060", n - 120) + BOXES),
+    "zero_width_think": lambda n: _trace(_fill("\u200b\u200d\u2060", (n - 120) // 3) + BOXES),  # 3 UTF-8 bytes each
     "special_tokens": lambda n: _trace(SENTENCE + BOXES) + _fill("<|im_end|>", n - 200),
 }
 

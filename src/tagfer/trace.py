@@ -353,11 +353,13 @@ def _parse_canonical(text: str, m: re.Match[str], canvas: int, max_boxes: int) -
     g = m.groups()
     think = g[0]
     codes: list[str] = []
-    if g[1] is None:
-        if is_blank(think):
+    c = think[:1]
+    if not ("!" <= c <= "~" and c != "<"):  # else: visible reasoning right at the start (the usual case)
+        if g[1] is None:
+            if is_blank(think):
+                codes.append("think_empty")
+        elif _reasoning_blank(text, m.start(1), m.end(1), [m.span(k) for k in _CANONICAL_BOX_GROUPS if g[k - 1] is not None]):
             codes.append("think_empty")
-    elif _reasoning_blank(text, m.start(1), m.end(1), [m.span(k) for k in _CANONICAL_BOX_GROUPS if g[k - 1] is not None]):
-        codes.append("think_empty")
     ans = g[16].strip()
     label = normalize_label(ans)
     if label is None or label == EXCLUDED:
@@ -479,7 +481,8 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
             add("multiple_think")
         first_think = min(thinks)
         think = text[first_think[1] : first_think[2]]
-        if _reasoning_blank(text, first_think[1], first_think[2], [(b[0], b[1]) for b in raw_boxes]):
+        c = think[:1]
+        if not ("!" <= c <= "~" and c != "<") and _reasoning_blank(text, first_think[1], first_think[2], [(b[0], b[1]) for b in raw_boxes]):
             add("think_empty")
 
     label: str | None = None
