@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fixtures_text import FUZZ_CHAR, unicode_tag_soup
@@ -181,6 +181,7 @@ ADVERSARIAL = st.one_of(unicode_tag_soup(), st.text(FUZZ_CHAR, max_size=40))
 
 @settings(deadline=None, max_examples=150)
 @given(st.lists(ADVERSARIAL, min_size=1, max_size=4))
+@example(["<th\u0131nk>x</th\u0131nk><answer>happiness</answer>", "<an\u017fwer>happy</AN\u017fWER>", "<\u212abox>"])
 def test_reward_paths_never_raise_on_unicode_in_and_around_tags(texts):
     n = len(texts)
     labels, boxes, aus = ["happiness"] * n, [[CHIN]] * n, [[12]] * n

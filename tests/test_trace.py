@@ -526,6 +526,9 @@ def test_ascii_case_variants_are_still_tags():
 
 @settings(deadline=None, max_examples=400)
 @given(st.one_of(unicode_tag_soup(), st.text(FUZZ_CHAR, max_size=40)))
+@example("<th\u0131nk>x</th\u0131nk><answer>happiness</answer>")
+@example("<think>x</think><AN\u017fWER>happy</AN\u017fWER>")
+@example("<bbox>[1, 2, 3, 4]</bbox><th\u0130nk></th\u0130nk>")
 def test_parser_is_total_on_unicode_in_and_around_tags(text):
     p = parse_trace(text)
     assert set(p.violations) <= set(VIOLATIONS)
