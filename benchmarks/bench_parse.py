@@ -15,7 +15,9 @@ and each size from 10 KB up to ``--max-mb`` MB (x10 steps), in one run:
 
 Times are the best of several runs (more at small sizes). Linear growth shows
 as ``x prev`` (time per byte at this size / time per byte at the previous size)
-staying near 1 and as a flat ``B/byte``; ``x canon`` is the time per byte over
+staying near 1 (a quadratic parser gives ~10 per x10 step) and ``x 10K`` (the
+same against the smallest size) staying far below the size ratio (1000 at
+10 MB), and as a flat ``B/byte``; ``x canon`` is the time per byte over
 that of the canonical trace of the same size. ``--siblings`` adds the other
 parsers of model output (strip_bboxes, validate_teacher_tags,
 find_au_mentions, extract_json, parse_judgment) on their worst shapes;
@@ -175,10 +177,10 @@ def main() -> None:
 
     print(f"parse_trace and compute_score, sizes {', '.join(f'{n // 1000} KB' for n in sizes)}; best-of runs, one core")
     print(f"{'shape':17s} {'size':>8s} {'parse s':>9s} {'ns/B':>7s} {'x prev':>6s} {'x canon':>7s} "
-          f"{'reward s':>9s} {'x prev':>6s} {'peak MB':>8s} {'B/byte':>6s}")
+          f"{'x 10K':>6s} {'reward s':>9s} {'x prev':>6s} {'peak MB':>8s} {'B/byte':>6s}")
     canon: dict[int, float] = {}
     for name in names:
-        prev_p = prev_r = None
+        prev_p = prev_r = first = None
         for n in sizes:
             text = SHAPES[name](n)
             size = len(text.encode("utf-8"))
@@ -188,7 +190,9 @@ def main() -> None:
             if name == "canonical":
                 canon[n] = tp / size
             xc = (tp / size) / canon[n] if canon.get(n) else float("nan")
+            first = first or (tp, size)
             print(f"{name:17s} {size / 1e6:7.2f}M {tp:9.4f} {tp / size * 1e9:7.1f} {_ratio(tp, size, prev_p)} {xc:7.1f} "
+                  f"{_ratio(tp, size, first if first[1] != size else None)} "
                   f"{tr:9.4f} {_ratio(tr, size, prev_r)} {peak / 1e6:8.1f} {peak / size:6.1f}", flush=True)
             prev_p, prev_r = (tp, size), (tr, size)
             del text
