@@ -54,6 +54,7 @@ demo: $(STAMP)
 bench: $(STAMP) $(PEERS)
 	$(PY) benchmarks/bench_au.py
 	$(PY) benchmarks/bench_rewards.py
+	$(PY) benchmarks/bench_parse.py --siblings --trl
 	$(PY) benchmarks/bench_analyze.py
 	TAGFER_PEER_PYTHON=$(PEERS) $(PY) benchmarks/bench_accuracy.py
 	$(PY) benchmarks/bench_client.py

@@ -324,3 +324,19 @@ def test_score_cli_rejects_tagfer_au_output_on_another_canvas(tmp_path, face_cro
         else:
             assert r.exit_code == 0, r.output
             assert json.loads((tmp_path / "s512.json").read_text())["au_iou"]["n_scored"] == 1
+
+
+def test_eval_records_replies_with_look_alike_tags(tmp_path, rafdb_root, eval_server):
+    # issue 14: a served model answering with "<thınk>"/"<anſwer>" crashed eval with 0 records written
+    replies = ["<th\u0131nk>x</th\u0131nk><answer>happiness</answer>", "<think>x</think><an\u017fwer>happiness</an\u017fwer>",
+               "<think>\u200b<bbox>[1, 2, 30, 40]</bbox></think><answer>happiness</answer>"]
+    eval_server.reset(lambda req, i: replies[i % 3])
+    out = tmp_path / "lookalike.jsonl"
+    with _backend(eval_server, concurrency=1) as be:
+        s = E.eval_source(f"rafdb:{rafdb_root}", be, out, model="fake", limit=3)
+    preds = _preds(out)
+    assert s.processed == 3 and s.failed == 0 and len(preds) == 3
+    assert all(p.error is None and not p.well_formed for p in preds)
+    assert [p.pred for p in preds] == ["happiness", None, "happiness"]
+    assert "text_outside" in preds[0].violations and "no_answer" in preds[1].violations
+    assert preds[2].violations == ["think_empty"]

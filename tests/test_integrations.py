@@ -8,11 +8,16 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from fixtures_text import FUZZ_CHAR, unicode_tag_soup
 
 from tagfer.integrations import trl as tag_trl
 from tagfer.integrations.trl import TAGReward, completion_text, make_reward_funcs, reward_weights
 from tagfer.integrations.verl import compute_score, read_ground_truth
-from tagfer.rewards import RewardConfig, reward_breakdown
+from tagfer.integrations.verl import _strip_trailing_special
+from tagfer.rewards import RewardConfig, reward_breakdown, score_batch
 from tagfer.trace import format_box
 
 CHIN = [93, 306, 445, 417]
@@ -146,6 +151,67 @@ def test_trl_parses_each_completion_list_once():
     finally:
         tag_trl.parse_trace = real
     assert len(calls) == 2
+
+
+def test_trl_cache_follows_the_content_not_the_list_object():
+    completions = [GOOD, GOOD]
+    assert tag_trl.r_fmt(completions=completions) == [0.5, 0.5]
+    completions[1] = BAD  # same list object, new content
+    assert tag_trl.r_fmt(completions=completions) == [0.5, 0.0]
+    completions.append(GOOD)
+    assert tag_trl.r_fmt(completions=completions) == [0.5, 0.0, 0.5]
+    messages = [[{"role": "assistant", "content": GOOD}]]
+    assert tag_trl.r_fmt(completions=messages) == [0.5]
+    messages[0][0]["content"] = BAD  # mutated in place, deep inside
+    assert tag_trl.r_fmt(completions=messages) == [0.0]
+    payload = bytearray(GOOD.encode())
+    assert tag_trl.r_fmt(completions=[payload]) == [0.5]
+    payload[:6] = b"Sure! "  # a mutable bytes completion changed in place
+    assert tag_trl.r_fmt(completions=[payload]) == [0.0]
+
+
+def test_trl_cache_is_keyed_on_canvas_and_max_boxes():
+    two = trace(CHIN, CORNER)
+    assert TAGReward("r_fmt")(completions=[two]) == [0.5]
+    assert TAGReward("r_fmt", RewardConfig(max_boxes=1))(completions=[two]) == [0.0]
+
+
+ADVERSARIAL = st.one_of(unicode_tag_soup(), st.text(FUZZ_CHAR, max_size=40))
+
+
+@settings(deadline=None, max_examples=150)
+@given(st.lists(ADVERSARIAL, min_size=1, max_size=4))
+@example(["<th\u0131nk>x</th\u0131nk><answer>happiness</answer>", "<an\u017fwer>happy</AN\u017fWER>", "<\u212abox>"])
+def test_reward_paths_never_raise_on_unicode_in_and_around_tags(texts):
+    n = len(texts)
+    labels, boxes, aus = ["happiness"] * n, [[CHIN]] * n, [[12]] * n
+    for cfg in (RewardConfig(), RewardConfig(au_reward="f1")):
+        expected = [reward_breakdown(t, "happiness", [CHIN], cfg, [12]).total for t in texts]
+        assert [b.total for b in score_batch(texts, labels, boxes, cfg, aus)] == pytest.approx(expected)
+        cols = {"label": labels, "au_boxes": boxes, "aus": aus}
+        assert TAGReward("total", cfg)(completions=texts, **cols) == pytest.approx(expected)
+        for f in make_reward_funcs(cfg):
+            assert all(v is None or 0.0 <= v <= 1.0 for v in f(completions=texts, **cols))
+    for t in texts:
+        out = compute_score("rafdb", t, {"label": "happiness", "au_boxes": [CHIN]})
+        assert set(out) == KEYS and all(isinstance(v, float) for v in out.values())
+
+
+def test_issue_examples_score_without_raising():
+    for text in ("<thınk>x</thınk><answer>happiness</answer>", "<think>x</think><anſwer>happiness</anſwer>"):
+        assert compute_score("rafdb", text, "happiness")["r_fmt"] == 0.0
+        assert tag_trl.tag_reward(completions=[text, GOOD], label=["happiness", "disgust"], au_boxes=[[], [CHIN]])[1] > 0
+    zero_width = "<think>\u200b\u200b<bbox>[93, 306, 445, 417]</bbox>\u200b</think><answer>disgust</answer>"
+    out = compute_score("rafdb", zero_width, {"label": "disgust", "au_boxes": [CHIN]})
+    assert out["r_fmt"] == 0.0 and out["score"] == 2.0  # was 2.5, the maximum
+
+
+def test_verl_strips_many_trailing_special_tokens_in_one_pass():
+    assert _strip_trailing_special(GOOD + " <|im_end|>\n<|endoftext|>  ") == GOOD
+    assert _strip_trailing_special("x<|a|>" * 3) == "x<|a|>x<|a|>x"
+    assert _strip_trailing_special("<|a|>" * 100_000) == ""
+    assert _strip_trailing_special("keep <|not special|>") == "keep <|not special|>"
+    assert _strip_trailing_special("|>") == "|>"
 
 
 def test_trl_values_are_floats_or_none():

@@ -179,6 +179,14 @@ def test_malformed_body_retried_then_bad_response(srv):
     assert ei.value.kind == "bad_response" and ei.value.attempts == 4 and srv.calls == 4
 
 
+def test_deeply_nested_body_is_a_bad_response_not_a_crash(srv):
+    # json.loads raises RecursionError (not ValueError) past the recursion limit
+    srv.reset([Reply(body="[" * 100_000), Reply(body='{"choices": ' + "[" * 100_000)])
+    with pytest.raises(RequestFailed) as ei:
+        run_chat(fast_cfg(srv.url, model="m", max_retries=1))
+    assert ei.value.kind == "bad_response" and ei.value.attempts == 2
+
+
 def test_malformed_then_good(srv):
     srv.reset([Reply(body="{not json"), "good"])
     assert run_chat(fast_cfg(srv.url, model="m")).attempts == 2

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fixtures_text import unicode_tag_soup
 from tagfer.labels import LABELS, find_labels
 from tagfer.teacher import TEACHER_PROMPTS, TeacherPrompts, build_completion, check_quality, check_trace, extract_json, format_labels
 from tagfer.prompts import load_prompt
@@ -249,3 +250,19 @@ def test_json_objects_finds_a_fenced_object_before_loose_ones(obj, before, after
     reply = {"A": dict.fromkeys(judge.CRITERIA, 4), "B": dict.fromkeys(judge.CRITERIA, 2), "overall": "A", "reason": "x"}
     parsed = judge.parse_judgment(f"{before}```{tag}\n{json.dumps(reply)}\n```{after}")
     assert parsed["overall"] == "A"
+
+
+@pytest.mark.parametrize("tag", ["<th\u0131nk>", "</an\u017fwer>", "<THIN\u212a>", "\uff1c\uff42\uff42\uff4f\uff58\uff1e", "< /think >"])
+def test_look_alike_output_tags_in_the_cot_are_a_format_problem(tag):
+    # build re-asks on format problems; the parser used to raise KeyError here (-> "internal")
+    r = check_trace(reply(COT + " " + tag + "x", "happiness"), ITEMS)
+    assert not r.ok and any("output tag" in p for p in r.problems), r.problems
+
+
+@settings(max_examples=150, deadline=None)
+@given(unicode_tag_soup(), st.sampled_from(LABELS))
+def test_check_trace_never_raises_on_unicode_in_and_around_tags(cot, label):
+    r = check_trace(reply(COT + cot, label), ITEMS)
+    assert r.ok == (not r.problems) and (r.completion is None or r.parsed.well_formed)
+    r = check_trace(cot, ITEMS)  # the raw text as a reply
+    assert isinstance(r.problems, list)

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from fixtures_text import CONFUSABLES, FUZZ_CHAR, unicode_tag_soup
 from tagfer.canvas import is_valid_box
 from tagfer.labels import LABELS
 from tagfer.rewards import PAPER_FORMAT_VIOLATIONS, RewardConfig, r_fmt
@@ -20,6 +21,7 @@ from tagfer.trace import (
     convert_teacher_tags,
     format_au_list,
     format_box,
+    is_blank,
     parse_au_list,
     parse_trace,
     strip_bboxes,
@@ -49,7 +51,7 @@ SAFE_TEXT = st.text(
     alphabet=st.characters(codec="utf-8", exclude_characters="<>", exclude_categories=("Cs",)),
     min_size=1,
     max_size=60,
-).filter(lambda s: not s.isspace())
+).filter(lambda s: not is_blank(s))
 WS = st.sampled_from(["", " ", "\n", "\n\n", "  \t"])
 COORD = st.integers(0, 511)
 
@@ -504,3 +506,170 @@ def test_box_spans_never_overlap(text):
 def test_nested_boxes_fold_into_one_unreadable_box():
     p = parse_trace("<think>a <bbox><bbox>[0, 0, 9, 9]</bbox></bbox></think><answer>fear</answer>")
     assert [b.coords for b in p.boxes] == [None] and "nested_tags" in p.violations
+
+
+# ----------------------------------------------------------------------------------------
+# Hardening (issue 14): look-alike tag names, invisible reasoning, linear size
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<thınk>x</thınk><answer>happiness</answer>",
+        "<think>x</think><anſwer>happiness</anſwer>",
+        "<think>x</think><ANſWER>happiness</ANſWER>",
+        "<thin\u212a>x</thin\u212a><answer>happiness</answer>",
+        "<ｔｈｉｎｋ>x</ｔｈｉｎｋ><answer>happiness</answer>",
+        "＜think＞x＜/think＞<answer>happiness</answer>",
+        "<think>x</think><answer>happiness</answer><bbox\u0307>",
+    ],
+)
+def test_look_alike_tag_names_are_text_not_tags(text):
+    p = parse_trace(text)
+    assert not p.well_formed
+    # the look-alike is not a tag: it is never reported as a badly written tag
+    assert "tag_case" not in p.violations
+    assert set(p.violations) & {"no_think", "no_answer", "text_outside"}
+
+
+def test_look_alike_inside_think_is_plain_reasoning_text():
+    p = parse_trace("<think>the <thınk> and <anſwer> are just words</think><answer>happy</answer>")
+    assert p.well_formed and "<thınk>" in p.think and p.label == "happiness"
+
+
+def test_ascii_case_variants_are_still_tags():
+    assert parse_trace("<THINK>x</THINK><Answer>happy</Answer>").violations == ("tag_case",)
+
+
+@settings(deadline=None, max_examples=400)
+@given(st.one_of(unicode_tag_soup(), st.text(FUZZ_CHAR, max_size=40)))
+@example("<th\u0131nk>x</th\u0131nk><answer>happiness</answer>")
+@example("<think>x</think><AN\u017fWER>happy</AN\u017fWER>")
+@example("<bbox>[1, 2, 3, 4]</bbox><th\u0130nk></th\u0130nk>")
+def test_parser_is_total_on_unicode_in_and_around_tags(text):
+    p = parse_trace(text)
+    assert set(p.violations) <= set(VIOLATIONS)
+    assert p == _parse_general(text, 512, 3)  # fast path and walk agree here too
+    assert sum(len(a) for a in p.answers) <= len(text)  # answer texts never overlap
+    for b in p.boxes:
+        assert text[b.span[0]] == "<" and text[b.span[1] - 1] == ">"
+    p.au_mentions, p.answer_labels, p.box_coords, r_fmt(p)
+
+
+def test_nested_answers_fold_into_the_outermost_one():
+    p = parse_trace("<think>x</think><answer><answer><answer>happy</answer></answer></answer>")
+    assert p.answers == ("<answer><answer>happy</answer></answer>",)
+    assert "nested_tags" in p.violations and p.label is None and not p.well_formed
+    q = parse_trace("<answer>" * 1000 + "</answer>" * 1000)
+    assert len(q.answers) == 1 and sum(map(len, q.answers)) < len(q.text)
+
+
+@pytest.mark.parametrize(
+    "think",
+    [
+        "\u200b", "\u200b\u200c\u200d\u2060", "\ufeff \u00ad", " \u200b\n\u200b ", "\u0301\u0308", "\x00\x07",
+        "\u3164\u115f", "\u2800\u2800", "\u2028\u2029\u3000\u00a0", "\U000e0020\U000e0041",
+    ],
+)
+def test_invisible_reasoning_counts_as_empty(think):
+    box = "<bbox>[10, 20, 200, 220]</bbox>"
+    for text in (f"<think>{think}</think><answer>happy</answer>", f"<think>{think}{box}{think}</think><answer>happy</answer>"):
+        p = parse_trace(text)
+        assert "think_empty" in p.violations, (text, p.violations)
+        assert r_fmt(text) == 0.0
+        assert p == _parse_general(text, 512, 3)
+
+
+@pytest.mark.parametrize("think", [".", "x", "\u200bx", "😀", "١", "漢", "\u00a0\u00e9", "a\u0301"])
+def test_visible_reasoning_is_not_empty(think):
+    assert not is_blank(think)
+    assert parse_trace(f"<think>{think}</think><answer>happy</answer>").well_formed
+
+
+@relaxed
+@given(st.text(st.one_of(st.characters(codec="utf-8", exclude_categories=("Cs",)), st.sampled_from(CONFUSABLES))))
+def test_is_blank_is_the_absence_of_letters_numbers_punctuation_and_symbols(text):
+    import unicodedata
+
+    visible = [c for c in text if unicodedata.category(c)[0] in "LNPS" and c not in "\u115f\u1160\u3164\uffa0\u2800"]
+    assert is_blank(text) == (not visible)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<" + " " * 300_000,
+        "<" + "\n" * 300_000,
+        "< " * 200_000,
+        "<think>look <" + " " * 300_000 + " done</think><answer>happy</answer>",
+        "<answer>" * 30_000 + "</answer>" * 30_000,
+        "<think><answer><bbox>" * 15_000 + "</bbox></answer></think>" * 15_000,
+        "<bbox>" * 100_000,
+        "<bbox>" + " " * 300_000 + "[1, 2, 3, 4]",
+        "<think>" + "\u200b" * 300_000 + "</think><answer>happy</answer>",
+    ],
+    ids=["lt_spaces", "lt_newlines", "lt_space_pairs", "lt_in_think", "nested_answer", "nested_mix", "open_boxes",
+         "box_spaces", "zero_width_think"],
+)
+def test_adversarial_shapes_parse_in_linear_time(text):
+    # These took minutes to hours (quadratic) before; a generous bound guards against a regression,
+    # the size/time/memory table is benchmarks/bench_parse.py.
+    t0 = time.perf_counter()
+    p = parse_trace(text)
+    assert time.perf_counter() - t0 < 5.0
+    assert p.well_formed == text.startswith("<think>look")
+
+
+def _strip_bboxes_regex(text: str) -> str:
+    """The former regex implementation of strip_bboxes (quadratic on unclosed tags), as a reference."""
+    import re
+
+    pat = re.compile(r"(?P<pre>[ \t]*)<\s*bbox\s*>.*?<\s*/\s*bbox\s*>(?P<post>[ \t]*)", re.IGNORECASE | re.DOTALL)
+
+    def repl(m):
+        s = m.string
+        before = s[m.start() - 1] if m.start() > 0 else "\n"
+        after = s[m.end()] if m.end() < len(s) else "\n"
+        if not (m.group("pre") or m.group("post")):
+            return " " if before.isalnum() and after.isalnum() else ""
+        if before in "\n\r" or after in ".,;:!?)]}\n\r":
+            return ""
+        return " "
+
+    return pat.sub(repl, text)
+
+
+@settings(deadline=None, max_examples=400)
+@given(st.lists(st.sampled_from(["<bbox>", "</bbox>", "< BBOX >", "</ bbox>", "[1, 2, 3, 4]", " ", "\t", "\n", "x", ".", "<"]), max_size=16).map("".join))
+def test_strip_bboxes_matches_the_regex_definition(text):
+    assert strip_bboxes(text) == _strip_bboxes_regex(text)
+
+
+def test_loose_au_tag_check_still_reports_spaced_tags():
+    assert any("malformed AU tag" in p for p in validate_teacher_tags("<  AU 12 >", []))
+    assert validate_teacher_tags("<" + " " * 200_000, []) == []
+
+
+def test_text_subclasses_are_read_through_the_base_class():
+    good = "<think>x</think><answer>happy</answer>"
+
+    class Hostile(str):
+        def __str__(self):
+            raise RuntimeError("no")
+
+        def __getitem__(self, i):
+            raise RuntimeError("no")
+
+    class HostileBytes(bytes):
+        def __bytes__(self):
+            raise RuntimeError("no")
+
+        def decode(self, *a):
+            raise RuntimeError("no")
+
+    class Pretender:
+        __class__ = property(lambda self: str)
+
+    assert parse_trace(Hostile(good)).well_formed and type(parse_trace(Hostile(good)).text) is str
+    assert parse_trace(HostileBytes(good.encode())).label == "happiness"
+    assert parse_trace(Pretender()).violations == ("not_text",)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -133,3 +134,43 @@ def drop_records(path: str | os.PathLike, predicate: Callable[[dict], bool]) -> 
         os.fsync(dst.fileno())
     os.replace(tmp, p)
     return dropped
+
+
+
+_DECODER = json.JSONDecoder()
+# JSON's skeleton: a whole string (escapes included), a bracket, or a stray quote (an unterminated string).
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]++|\\.)*+"|[\[\]{}]|"', re.DOTALL)
+MAX_JSON_DEPTH = 64
+# Fast refusal (in the regex engine) of the common too-deep shapes "{{{{…", "[[[…", '{"a":{"a":…'.
+_TOO_DEEP = re.compile(r'(?:[\[{]\s*+(?:"(?:[^"\\]++|\\.)*+"\s*+:\s*+)?+){%d}' % (MAX_JSON_DEPTH + 1), re.DOTALL)
+
+
+def decode_json_at(text: str, start: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The JSON object or array beginning at ``text[start]``, else ``ValueError``.
+
+    Equal to ``json.JSONDecoder().raw_decode(text, start)[0]`` for such a
+    value, but a scan of the brackets and strings first finds where it closes,
+    so a failed attempt costs at most the text up to its closing bracket (or
+    ``max_depth`` levels of it), never ``len(text)``: ``raw_decode`` builds each
+    error's line number from ``text[:start]``, and trying every ``{`` of a long
+    reply that way is quadratic. Nesting deeper than ``max_depth`` is refused
+    (no RecursionError).
+    """
+    if start >= len(text) or text[start] not in "{[":
+        raise ValueError("no JSON object or array starts here")
+    if max_depth == MAX_JSON_DEPTH and _TOO_DEEP.match(text, start):
+        raise ValueError(f"JSON nested deeper than {max_depth} levels")
+    depth = 0
+    for m in _JSON_TOKENS.finditer(text, start):
+        tok = m.group()
+        if tok == "{" or tok == "[":
+            depth += 1
+            if depth > max_depth:
+                raise ValueError(f"JSON nested deeper than {max_depth} levels")
+        elif tok == "}" or tok == "]":
+            depth -= 1
+            if depth == 0:
+                return _DECODER.raw_decode(text[start : m.end()])[0]
+        elif tok == '"':
+            break  # an unterminated string: the value never closes
+    raise ValueError("the JSON value is not closed")

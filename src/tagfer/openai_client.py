@@ -412,7 +412,7 @@ def _parse_completion(body: bytes) -> tuple[str, str | None, dict[str, Any], dic
             raise TypeError(f"content is {type(text).__name__}")
         usage = data.get("usage") or {}
         return text, choice.get("finish_reason"), usage if isinstance(usage, dict) else {}, data
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:  # RecursionError: JSON nested too deep
         snippet = body[:200].decode("utf-8", "replace")
         raise _AttemptError("bad_response", f"not a chat completion ({type(e).__name__}: {e}): {snippet!r}", True) from None
 
@@ -746,7 +746,7 @@ class ChatClient:
                 def parse(body: bytes) -> str:
                     try:
                         return str(json.loads(body)["data"][0]["id"])
-                    except (ValueError, KeyError, IndexError, TypeError) as e:
+                    except (ValueError, KeyError, IndexError, TypeError, RecursionError) as e:
                         raise _AttemptError("bad_response", f"GET /models: unexpected body ({e}): {body[:200]!r}", True) from None
 
                 try:

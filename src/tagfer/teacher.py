@@ -57,10 +57,12 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
+from tagfer.jsonl import decode_json_at
 from tagfer.labels import EXCLUDED, LABELS, normalize_label
 from tagfer.prompts import load_prompt, render
 from tagfer.trace import MAX_BOXES, AUItem, ParsedTrace, convert_teacher_tags, format_au_list, parse_au_list, parse_trace, validate_teacher_tags
@@ -131,8 +133,7 @@ class TeacherPrompts:
 
 
 # --------------------------------------------------------------------------- JSON
-_FENCE = re.compile(r"```[a-zA-Z0-9_-]*[ \t]*\n?(.*?)```", re.DOTALL)
-_DECODER = json.JSONDecoder()
+_FENCE = re.compile(r"```[a-zA-Z0-9_-]*+[ \t]*+\n?+(.*?)```", re.DOTALL)  # possessive: linear on "```aaaa…"
 
 
 def json_objects(text: str) -> Iterator[dict[str, Any]]:
@@ -146,8 +147,8 @@ def json_objects(text: str) -> Iterator[dict[str, Any]]:
         i = chunk.find("{")
         while i >= 0:
             try:
-                obj, _ = _DECODER.raw_decode(chunk, i)
-            except json.JSONDecodeError:
+                obj = decode_json_at(chunk, i)
+            except ValueError:
                 obj = None
             if isinstance(obj, dict):
                 yield obj
@@ -203,7 +204,7 @@ def check_quality(text: str) -> QualityVerdict:
 
 
 # --------------------------------------------------------------------------- Stage III
-_GRAMMAR_TAGS = ("<think", "</think", "<answer", "</answer", "<bbox", "</bbox")
+_GRAMMAR_TAG = re.compile(r"<\s*+/?\s*+(?:think|answer|bbox)", re.IGNORECASE)
 _AU_TAG_START = "<AU"
 
 
@@ -306,10 +307,11 @@ def check_trace(
     if cot is None or not cot.strip():
         return res
     low = cot.lower()
-    for t in _GRAMMAR_TAGS:
-        if t in low:
-            problems.append(f"CoT contains the output tag {t}>")
-            break
+    # output tags and their look-alikes: NFKC folds fullwidth forms, Unicode case-insensitive
+    # matching equates "ı", "ſ", "K" (Kelvin) with i, s, k; the student parser reads none of them
+    grammar_tag = _GRAMMAR_TAG.search(unicodedata.normalize("NFKC", cot))
+    if grammar_tag is not None:
+        problems.append(f"CoT contains the output tag {grammar_tag.group(0)!r}")
     claims = numeric_au_claims(cot, items)
     if claims:
         problems.append(f"the CoT states AU values ({', '.join(claims[:3])}): AU confidences are not evidence, describe what is visible")

@@ -15,11 +15,20 @@ Tags
     optional whitespace inside the angle brackets (``< /Answer >``), so the
     answer can still be read from a sloppy response, but only lower-case
     names are well-formed (violation ``tag_case``). Whitespace around tags
-    and inside ``[ ]`` is free.
+    and inside ``[ ]`` is free. Case is folded in ASCII only: Unicode
+    look-alikes of the names (dotless "ı", long "ſ", Kelvin "K", fullwidth
+    forms) are plain text, never tags.
+
+Guarantees: :func:`parse_trace` never raises, runs in time linear in the
+input for every input (no backtracking regex, no rescanned segment) and
+keeps memory linear in it (one token at a time; nested answers fold into
+the outermost one as nested boxes do, so stored texts never overlap).
+``benchmarks/bench_parse.py`` measures both on adversarial shapes.
 
 Well-formedness (what the strict ``R_fmt`` checks; the paper's three §3.3 conditions, the
 default ``R_fmt``, are a subset: see :mod:`tagfer.rewards`): no violation at all,
-i.e. exactly one non-empty think block, at most ``max_boxes`` (3) boxes, all
+i.e. exactly one think block with visible reasoning besides its boxes
+(:func:`is_blank`), at most ``max_boxes`` (3) boxes, all
 inside it, each exactly four integers ``0 ≤ v ≤ canvas-1`` with
 ``x1 < x2`` and ``y1 < y2``; exactly one answer span after the think block
 whose content normalises to one of the seven labels; nothing but whitespace
@@ -32,7 +41,9 @@ first met):
 ``not_text``                input is not a string (or bytes)
 ``no_think``                no complete ``<think>…</think>`` block
 ``multiple_think``          more than one think block
-``think_empty``             the think block holds only whitespace
+``think_empty``             the think block shows no reasoning: apart from
+                            its boxes it holds only whitespace or other
+                            invisible characters (:func:`is_blank`)
 ``no_answer``               no complete ``<answer>…</answer>`` span
 ``multiple_answer``         more than one answer span
 ``answer_before_think``     the answer span starts before the think block
@@ -63,6 +74,7 @@ the no-bbox ablation (:func:`strip_bboxes`, Table 3). All pure, no I/O.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
@@ -75,6 +87,7 @@ __all__ = [
     "BBox",
     "ParsedTrace",
     "parse_trace",
+    "is_blank",
     "format_box",
     "AUItem",
     "format_au_list",
@@ -112,24 +125,31 @@ VIOLATIONS: tuple[str, ...] = (
 
 # Box content: exactly four (possibly negative) ASCII integers of at most 9
 # digits (the cap keeps int() cheap and safe on adversarial input).
-_INT = r"\s*(-?[0-9]{1,9})\s*"
+# Every whitespace run is possessive ("\s*+"): no backtracking, so a "<"
+# followed by a million spaces costs one scan of them, not a million.
+_INT = r"\s*+(-?[0-9]{1,9})\s*+"
 _BOX_LIST = r"\[" + ",".join([_INT] * 4) + r"\]"
-_BOX_CONTENT = re.compile(r"\s*" + _BOX_LIST + r"\s*")
+_BOX_CONTENT = re.compile(r"\s*+" + _BOX_LIST + r"\s*+")
+# Tag names are ASCII, matched case-insensitively in ASCII only ("(?ai:"):
+# look-alikes that Unicode case folding would equate with them (dotless
+# "ı" U+0131, long "ſ" U+017F, Kelvin "K" U+212A, fullwidth letters) are
+# not tag names, so "<thınk>" is plain text.
+_BBOX = r"(?ai:bbox)"
 # The tokenizer: either a complete well-spelled box element (coordinates
 # captured by the regex engine, the common case) or a single tag (optional
 # "/" then a name; whitespace tolerated inside the angle brackets).
-# re.split with this pattern yields, per token, 8 groups then the following text.
+# Groups: 1 box element (2-5 its coordinates), 6 tag, 7 slash, 8 name.
 # The leading "<" is kept outside the alternation so that the regex engine can
 # jump from "<" to "<" (an alternation at the start costs ~30x more).
 _TOKEN = re.compile(
-    r"<(?i:(\s*bbox\s*>\s*" + _BOX_LIST + r"\s*<\s*/\s*bbox\s*>)"
-    r"|(\s*(/?)\s*(think|answer|bbox)\s*>))"
+    r"<(?:(\s*+" + _BBOX + r"\s*+>\s*+" + _BOX_LIST + r"\s*+<\s*+/\s*+" + _BBOX + r"\s*+>)"
+    r"|(\s*+(/?)\s*+((?ai:think|answer|bbox))\s*+>))"
 )
-_STRIDE = 9
+_NON_SPACE = re.compile(r"\S")
 # AU mentions: "AU12", "AU 4", "AU-6", "<AU6>", "AU04"; not "AU120". The
 # pattern starts with a literal so the regex engine can skip ahead fast; the
 # "not preceded by a letter or digit" rule ("TAU1") is checked in Python.
-_AU_MENTION = re.compile(r"AU[ _-]?0*([1-9][0-9]?)(?![0-9])")
+_AU_MENTION = re.compile(r"AU[ _-]?+0*+([1-9][0-9]?)(?![0-9])")
 _WORD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
 
@@ -203,8 +223,9 @@ class ParsedTrace:
         return tuple([b.coords for b in self.boxes])
 
 
-def _read_box(content: str) -> tuple[int, int, int, int] | None:
-    m = _BOX_CONTENT.fullmatch(content)
+def _read_box(content: str, start: int = 0, end: int | None = None) -> tuple[int, int, int, int] | None:
+    """The four integers of ``content[start:end]`` (read in place, no copy), or ``None``."""
+    m = _BOX_CONTENT.fullmatch(content, start, len(content) if end is None else end)
     if m is None:
         return None
     x1, y1, x2, y2 = m.groups()
@@ -227,6 +248,50 @@ _CANONICAL = re.compile(
     r"</think>\s*+<answer>([^<]*+)</answer>\s*+"
 )
 _CANONICAL_BOX_GROUPS = (2, 7, 12)
+
+
+# Characters that show as something: letters, numbers, punctuation, symbols
+# (Unicode general categories L*, N*, P*, S*), except these letters/symbols
+# that render as blank space: Hangul fillers and the blank Braille pattern.
+_VISIBLE_CATEGORIES = frozenset("LNPS")
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+_ASCII_VISIBLE = re.compile(r"[!-~]")
+
+
+def is_blank(text: str | None) -> bool:
+    """True when ``text`` shows nothing: no character is a letter, number, punctuation mark or symbol.
+
+    So whitespace, zero-width and other format characters (U+200B, U+200D,
+    U+2060, U+FEFF, soft hyphen; category Cf), controls (Cc), separators
+    (Z*), combining marks with nothing to combine with (M*), private-use,
+    surrogate and unassigned code points, and the blank-looking Hangul
+    fillers / Braille blank count as empty. A think block for which this
+    holds is ``think_empty``. Linear time; stops at the first visible character.
+    """
+    if not text or text.isspace():
+        return True
+    if text.isascii():
+        return _ASCII_VISIBLE.search(text) is None
+    category = unicodedata.category
+    for ch in text:
+        if category(ch)[0] in _VISIBLE_CATEGORIES and ch not in _BLANK_GLYPHS:
+            return False
+    return True
+
+
+def _reasoning_blank(text: str, start: int, end: int, box_spans: Iterable[tuple[int, int]]) -> bool:
+    """:func:`is_blank` of ``text[start:end]`` with the box elements at ``box_spans`` (sorted) left out.
+
+    Boxes are not reasoning: a think block holding boxes and nothing visible is empty.
+    """
+    pos = start
+    for b_start, b_end in box_spans:
+        if b_start < pos or b_end > end:
+            continue
+        if not is_blank(text[pos:b_start]):
+            return False
+        pos = b_end
+    return is_blank(text[pos:end])
 
 
 def _add(codes: list[str], code: str) -> None:
@@ -289,8 +354,13 @@ def _parse_canonical(text: str, m: re.Match[str], canvas: int, max_boxes: int) -
     g = m.groups()
     think = g[0]
     codes: list[str] = []
-    if not think or think.isspace():
-        codes.append("think_empty")
+    c = think[:1]
+    if not ("!" <= c <= "~" and c != "<"):  # else: visible reasoning right at the start (the usual case)
+        if g[1] is None:
+            if is_blank(think):
+                codes.append("think_empty")
+        elif _reasoning_blank(text, m.start(1), m.end(1), [m.span(k) for k in _CANONICAL_BOX_GROUPS if g[k - 1] is not None]):
+            codes.append("think_empty")
     ans = g[16].strip()
     label = normalize_label(ans)
     if label is None or label == EXCLUDED:
@@ -329,25 +399,23 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
     codes: list[str] = []  # violation codes, first-met order, unique
     add = partial(_add, codes)
 
-    # _TOKEN.split gives [text, box, x1, y1, x2, y2, tag, slash, name, text, ...]
-    # (box and tag without their leading "<"):
-    # walking it with running offsets is cheaper than one Match object per tag.
-    parts = _TOKEN.split(text)
-    head = parts[0]
-    outside = bool(head) and not head.isspace()
-    pos = len(head)
+    # One token (Match) at a time, so nothing per tag is kept beyond the open-element stack
+    # and the records below: memory stays linear with a small constant even for tag soup.
+    outside = False  # non-whitespace text outside every element
+    pos = 0  # end of the previous token
     stack: list[tuple[str, int, int, bool]] = []  # name, tag start, content start, inside think
     depth = {"think": 0, "answer": 0, "bbox": 0}  # open elements per name (keeps the walk linear)
     thinks: list[tuple[int, int, int]] = []  # tag start, content start, content end
     answers: list[tuple[int, int, int]] = []
     raw_boxes: list[tuple[int, int, tuple[int, int, int, int] | None, bool]] = []  # start, end, coords, in think
-    for i in range(1, len(parts), _STRIDE):
-        box_tok = parts[i]
-        seg = parts[i + 8]
-        start = pos
+    non_space = _NON_SPACE.search
+    for m in _TOKEN.finditer(text):
+        start, end = m.span()
+        if not stack and not outside and start > pos and non_space(text, pos, start):
+            outside = True
+        pos = end
+        box_tok, x1, y1, x2, y2, _, slash, name = m.groups()
         if box_tok is not None:  # a complete <bbox>[x1, y1, x2, y2]</bbox>
-            end = start + 1 + len(box_tok)
-            pos = end + len(seg)
             if box_tok.count("bbox") != 2:
                 add("tag_case")
             if stack:
@@ -356,12 +424,9 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
                     add("nested_tags")
             else:
                 in_think = False
-            coords = (int(parts[i + 1]), int(parts[i + 2]), int(parts[i + 3]), int(parts[i + 4]))
+            coords = (int(x1), int(y1), int(x2), int(y2))
             raw_boxes.append((start, end, coords, in_think))
         else:
-            tag, slash, name = parts[i + 5], parts[i + 6], parts[i + 7]
-            end = start + 1 + len(tag)
-            pos = end + len(seg)
             if name not in _LOWER_NAMES:
                 add("tag_case")
                 name = name.lower()
@@ -390,17 +455,24 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
                 if name == "think":
                     thinks.append((opened[1], opened[2], start))
                 elif name == "answer":
+                    # Like boxes, answers nested inside this one (already nested_tags) fold into it:
+                    # answer spans never overlap, so their texts total at most len(text).
+                    while answers and answers[-1][0] > opened[1]:
+                        answers.pop()
                     answers.append((opened[1], opened[2], start))
                 else:  # a box whose content is not four integers
                     # Boxes nested inside this element (already flagged nested_tags) fold into it,
                     # so box spans never overlap: one unreadable box per outermost element.
                     while raw_boxes and raw_boxes[-1][0] > opened[1]:
                         raw_boxes.pop()
-                    raw_boxes.append((opened[1], end, _read_box(text[opened[2] : start]), opened[3]))
-        if not stack and not outside and seg and not seg.isspace():
-            outside = True
+                    raw_boxes.append((opened[1], end, _read_box(text, opened[2], start), opened[3]))
+    if not stack and not outside and pos < len(text) and non_space(text, pos):
+        outside = True
     if stack:
         add("unclosed_tag")
+
+    if len(raw_boxes) > 1:
+        raw_boxes.sort()  # closing order differs from opening order only when boxes nest
 
     think: str | None = None
     if not thinks:
@@ -410,7 +482,8 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
             add("multiple_think")
         first_think = min(thinks)
         think = text[first_think[1] : first_think[2]]
-        if not think or think.isspace():
+        c = think[:1]
+        if not ("!" <= c <= "~" and c != "<") and _reasoning_blank(text, first_think[1], first_think[2], [(b[0], b[1]) for b in raw_boxes]):
             add("think_empty")
 
     label: str | None = None
@@ -429,8 +502,6 @@ def _parse_general(text: str, canvas: int, max_boxes: int) -> ParsedTrace:
     if outside:
         add("text_outside")
 
-    if len(raw_boxes) > 1:
-        raw_boxes.sort()  # closing order differs from opening order only when boxes nest
     boxes = _make_boxes(raw_boxes, canvas, max_boxes, add)
 
     return ParsedTrace(text, think, boxes, answer_texts, label, tuple(codes), canvas, max_boxes)
@@ -444,13 +515,19 @@ def parse_trace(text: Any, canvas: int = CANVAS, max_boxes: int = MAX_BOXES) -> 
     Canonical-looking text (the usual case) takes a single-regex fast path;
     anything else gets the full tag walk. Both give identical results.
     """
+    if type(text) is str:  # the usual case
+        return _parse(text, canvas, max_boxes)
     if isinstance(text, ParsedTrace):
         return text
-    if isinstance(text, (bytes, bytearray)):
-        text = bytes(text).decode("utf-8", errors="replace")
-    if not isinstance(text, str):
-        return ParsedTrace(text="", violations=("not_text",), canvas=canvas, max_boxes=max_boxes)
-    return _parse(str(text), canvas, max_boxes)
+    try:  # the base-class methods: a subclass's own __str__/__bytes__/decode are never called
+        if isinstance(text, str):
+            return _parse(str.__getitem__(text, slice(None)), canvas, max_boxes)
+        if isinstance(text, (bytes, bytearray)):
+            decode = bytes.decode if isinstance(text, bytes) else bytearray.decode
+            return _parse(decode(text, "utf-8", "replace"), canvas, max_boxes)
+    except TypeError:  # an object that only pretends to be text (a __class__ property)
+        pass
+    return ParsedTrace(text="", violations=("not_text",), canvas=canvas, max_boxes=max_boxes)
 
 
 # ----------------------------------------------------------------------------------------
@@ -532,7 +609,8 @@ def parse_au_list(text: str) -> list[AUItem]:
 # here so that a tag without one can be reported.
 _TEACHER_TAG = re.compile(r"<AU([1-9][0-9]?)>(?:[ \t]*(\[[^\[\]<>\n]*\]))?")
 # Anything that looks like an attempt at an AU tag, to catch "<AU 12>", "<au12>", "<AU12 >".
-_LOOSE_AU_TAG = re.compile(r"<\s*/?\s*AU[^<>\n]{0,12}>", re.IGNORECASE)
+# Possessive whitespace runs: "<" + a million spaces is one scan, not a quadratic one.
+_LOOSE_AU_TAG = re.compile(r"<\s*+/?\s*+(?ai:AU)[^<>\n]{0,12}>", re.IGNORECASE)
 
 
 def convert_teacher_tags(text: str) -> str:
@@ -592,11 +670,9 @@ def validate_teacher_tags(text: str, au_list: str | Iterable[Any], max_tags: int
     return problems
 
 
-_BBOX_ELEMENT = re.compile(r"(?P<pre>[ \t]*)<\s*bbox\s*>.*?<\s*/\s*bbox\s*>(?P<post>[ \t]*)", re.IGNORECASE | re.DOTALL)
+# One box tag, opening or closing (group 1: the slash). Possessive runs keep the scan linear.
+_BBOX_TAG = re.compile(r"<\s*+(/?)\s*+(?ai:bbox)\s*+>")
 _NO_SPACE_BEFORE = frozenset(".,;:!?)]}\n\r")
-
-
-_BBOX_CONTENT = re.compile(r"(<\s*bbox\s*>).*?(<\s*/\s*bbox\s*>)", re.IGNORECASE | re.DOTALL)
 
 
 def strip_bboxes(text: str, keep_tags: bool = True) -> str:
@@ -604,25 +680,48 @@ def strip_bboxes(text: str, keep_tags: bool = True) -> str:
 
     ``keep_tags=True`` (default, the paper read literally: it deletes the
     content enclosed by ``<bbox>`` and ``</bbox>`` and keeps every other token
-    and the structure) leaves an empty ``<bbox></bbox>`` in place; nothing
-    else changes. ``keep_tags=False`` deletes the whole element, tags
-    included; the spaces around it collapse to one, or to none before
-    punctuation, a line break or the end of the text, and after a line break
-    or the start of the text. An element glued between two words (no spaces)
-    leaves one space. AU names are kept either way.
+    and the structure) leaves an empty ``<bbox></bbox>`` in place (the tags as
+    written); nothing else changes. ``keep_tags=False`` deletes the whole
+    element, tags included; AU names are kept either way. The spaces around a
+    deleted element collapse to one, or to none before punctuation, a line
+    break or the end of the text, and after a line break or the start of the
+    text. An element glued between two words (no spaces) leaves one space. An
+    element runs from an opening tag to the first closing tag after it;
+    opening tags with no closing tag after them stay. One pass over the text
+    (linear time).
     """
-    if keep_tags:
-        return _BBOX_CONTENT.sub(r"\1\2", text)
-
-    def repl(m: re.Match[str]) -> str:
-        s = m.string
-        before = s[m.start() - 1] if m.start() > 0 else "\n"
-        after = s[m.end()] if m.end() < len(s) else "\n"
-        if not (m.group("pre") or m.group("post")):  # glued: "word<bbox>…</bbox>word" keeps the words apart
-            return " " if before.isalnum() and after.isalnum() else ""
-        if before in "\n\r" or after in _NO_SPACE_BEFORE:
-            return ""
-        return " "
-
-    return _BBOX_ELEMENT.sub(repl, text)
-
+    out: list[str] = []
+    last = 0  # end of the previous rewritten element (and, when deleting, its trailing spaces)
+    n = len(text)
+    tags = _BBOX_TAG.finditer(text)
+    for m in tags:
+        if m.group(1):  # a closing tag with no opening tag before it: kept as text
+            continue
+        close = next((c for c in tags if c.group(1)), None)
+        if close is None:  # no closing tag anywhere after this one
+            break
+        start, end = m.start(), close.end()
+        if keep_tags:
+            out.append(text[last:start])
+            out.append(m.group(0) + close.group(0))
+            last = end
+            continue
+        pre = start
+        while pre > last and text[pre - 1] in " \t":
+            pre -= 1
+        post = end
+        while post < n and text[post] in " \t":
+            post += 1
+        before = text[pre - 1] if pre > 0 else "\n"
+        after = text[post] if post < n else "\n"
+        if pre == start and post == end:  # glued: "word<bbox>…</bbox>word" keeps the words apart
+            sep = " " if before.isalnum() and after.isalnum() else ""
+        elif before in "\n\r" or after in _NO_SPACE_BEFORE:
+            sep = ""
+        else:
+            sep = " "
+        out.append(text[last:pre])
+        out.append(sep)
+        last = post
+    out.append(text[last:])
+    return "".join(out)

@@ -25,10 +25,11 @@ Usage::
     trainer = GRPOTrainer(model=..., args=args, reward_funcs=make_reward_funcs(cfg), train_dataset=ds)
 
 Each callable is a module-level class instance carrying a ``__name__``, so it
-pickles and TRL logs it as ``rewards/r_au/mean`` etc. TRL hands the same
-``completions`` list object to every reward function of a step; the parses of
-the last list seen are kept (by identity), so three reward functions cost one
-parse per completion.
+pickles and TRL logs it as ``rewards/r_au/mean`` etc. The parses of the last
+batch are kept, keyed on its *content* (the completion texts, compared by
+value, plus canvas and max_boxes): the three reward functions of one step
+cost one parse per completion, and a list that was mutated or rebuilt between
+calls is parsed afresh, never answered from a stale cache.
 """
 
 from __future__ import annotations
@@ -91,18 +92,33 @@ def completion_text(completion: Any) -> Any:
     return completion
 
 
-# (completions object, (canvas, max_boxes), parsed traces) of the last call.
-_LAST_PARSE: tuple[Any, tuple[int, int], list[ParsedTrace]] = (None, (0, 0), [])
+_NOT_TEXT = object()  # cache key of a completion that is not text (it parses as not_text)
+
+
+def _text_key(text: Any) -> Any:
+    """An immutable value standing for what ``parse_trace(text)`` reads (compared with ``==``)."""
+    if isinstance(text, (str, bytes, ParsedTrace)):
+        return text
+    if isinstance(text, bytearray):
+        return bytes(text)
+    return _NOT_TEXT
+
+
+# ((canvas, max_boxes), completion texts, parsed traces) of the last call.
+_LAST_PARSE: tuple[tuple[int, int], list[Any], list[ParsedTrace]] = ((0, 0), [], [])
 
 
 def _parse_completions(completions: Sequence[Any] | None, cfg: RewardConfig) -> list[ParsedTrace]:
+    """Parse every completion; reuses the last call's parses when the texts are equal (by value)."""
     global _LAST_PARSE
     key = (cfg.canvas, cfg.max_boxes)
-    last, last_key, parsed = _LAST_PARSE
-    if completions is not None and last is completions and last_key == key and len(parsed) == len(completions):
+    texts = [_text_key(completion_text(c)) for c in completions or ()]
+    last_key, last_texts, parsed = _LAST_PARSE
+    # list == compares element by element, identical string objects in O(1) each
+    if last_key == key and last_texts == texts:
         return parsed
-    parsed = [parse_trace(completion_text(c), cfg.canvas, cfg.max_boxes) for c in completions or ()]
-    _LAST_PARSE = (completions, key, parsed)
+    parsed = [parse_trace(t, cfg.canvas, cfg.max_boxes) if t is not _NOT_TEXT else parse_trace(None) for t in texts]
+    _LAST_PARSE = (key, texts, parsed)
     return parsed
 
 

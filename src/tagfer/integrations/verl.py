@@ -48,13 +48,16 @@ _SPECIAL_NAME = re.compile(r"[A-Za-z0-9_]+")
 def _strip_trailing_special(text: str) -> str:
     """Drop chat special tokens left at the end when a response was decoded
     without ``skip_special_tokens`` (``<|im_end|>``, ``<|endoftext|>``)."""
-    t = text.rstrip()
-    while t.endswith("|>"):
-        i = t.rfind("<|")
-        if i < 0 or not _SPECIAL_NAME.fullmatch(t, i + 2, len(t) - 2):
+    # Works on an end index and slices once: a reply of a million "<|x|>" stays linear.
+    end = len(text.rstrip())
+    while text.endswith("|>", 0, end):
+        i = text.rfind("<|", 0, end)
+        if i < 0 or not _SPECIAL_NAME.fullmatch(text, i + 2, end - 2):
             break
-        t = t[:i].rstrip()
-    return t
+        end = i
+        while end and text[end - 1].isspace():
+            end -= 1
+    return text[:end]
 
 
 def _maybe_json(value: Any) -> Any:
