@@ -46,7 +46,8 @@ the sample's ground truth. The geometry is pure numpy on top of
 ``R_fmt`` (``format_rules``)
     ``fmt_bonus`` iff the response passes the format rules, else 0.
     ``"paper"`` (default): the three conditions of §3.3 — a single think
-    block, at most ``max_boxes`` boxes, all inside it, and exactly one answer
+    block (holding visible reasoning besides its boxes: an empty or invisible-only
+    think block is no think block, our reading), at most ``max_boxes`` boxes, all inside it, and exactly one answer
     span holding one valid label (:data:`PAPER_FORMAT_VIOLATIONS` lists the
     parser's codes that break them). ``"strict"``: no violation at all (see
     :mod:`tagfer.trace`): also no text outside the blocks, lower-case tags,
@@ -103,10 +104,14 @@ FormatRules = Literal["paper", "strict"]
 
 # Parser violations that break one of the paper's three R_fmt conditions (§3.3):
 # a single think block; at most three boxes, inside it; exactly one answer span with a valid label.
+# Our reading of "a think block": one that holds reasoning. A think block with nothing visible in it
+# besides its boxes (empty, whitespace, zero-width or other invisible characters: trace.is_blank) is
+# no reasoning at all and would let a policy collect R_fmt without thinking (issue 14 #12).
 PAPER_FORMAT_VIOLATIONS: frozenset[str] = frozenset(
     {
         "not_text",
         "no_think",
+        "think_empty",
         "multiple_think",
         "no_answer",
         "multiple_answer",
