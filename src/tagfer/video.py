@@ -177,11 +177,15 @@ class FrameRecord:
          "faces": [FaceRecord, ...],            # left to right; [] when no face is visible
          "error": null}                         # or {"kind": "decode_error", "message": ...}
 
+    An error that is not one decoded frame's (an undecodable packet, a file cut short) has
+    ``"frame": null`` and the time where it happened; kinds ``decode_error``, ``corrupt``,
+    ``truncated``, ``internal``.
+
     Boxes on the canvas refer to the whole frame (``CanvasTransform`` of width × height).
     """
 
     video: str
-    frame: int
+    frame: int | None  # None on a bad-packet error record
     t: float
     width: int | None = None
     height: int | None = None
@@ -243,7 +247,9 @@ class VideoSummary:
     """The last record of a video (``"record": "video"``); its presence marks the video done. JSON::
 
         {"video": "...", "record": "video", "width": .., "height": .., "fps": 25.0, "duration": 2.0,
-         "frames_decoded": 50, "frames_sampled": 50, "frames_failed": 0, "faces_seen": 1,
+         "frames_sampled": 50,                # frame records written by this run (errors included)
+         "frames_failed": 0, "frames_resumed": 0,   # error records; records of the run(s) resumed
+         "faces_seen": 1,                      # distinct face ids
          "segments": 3, "segments_file": "...", "annotated": "...", "plot": "...",
          "error": null}     # or {"kind": "corrupt" | "no_face" | "zero_length" | ..., "message": ...}
     """
@@ -253,7 +259,6 @@ class VideoSummary:
     height: int | None = None
     fps: float | None = None
     duration: float | None = None
-    frames_decoded: int = 0
     frames_sampled: int = 0
     frames_failed: int = 0
     frames_resumed: int = 0
@@ -276,7 +281,7 @@ class Frame:
     """A decoded frame: ``index`` in the stream, ``t`` seconds, ``image`` (downscaled RGB + original size)
     or ``error`` (a frame that could not be decoded)."""
 
-    index: int
+    index: int | None  # None for an error not tied to one decoded frame (a bad packet)
     t: float
     image: LoadedImage | None = None
     error: VideoError | None = None
@@ -335,7 +340,10 @@ def open_video(path: str) -> tuple[Any, Any, VideoInfo]:
     except av.error.FFmpegError as e:  # not a container FFmpeg knows, or one cut short (mp4 without its index)
         raise VideoError("corrupt", f"{path}: cannot be opened as a video: {e}") from e
     if not c.streams.video:
+        empty = not c.streams
         c.close()
+        if empty:
+            raise VideoError("zero_length", f"{path} holds no stream at all (a video with no frame)")
         raise VideoError("not_a_video", f"{path} has no video stream")
     s = c.streams.video[0]
     s.thread_type = "AUTO"
@@ -380,15 +388,17 @@ def iter_frames(path: str, config: VideoConfig = VideoConfig(), skip_through: in
             except StopIteration:
                 break
             except av.error.FFmpegError as e:  # the container itself is broken from here on
-                yield Frame(index, max(last_t, 0.0), error=VideoError("corrupt", f"demuxing stopped: {e}"))
-                break
+                yield Frame(None, max(last_t, 0.0), error=VideoError("corrupt", f"demuxing stopped: {e}"))
+                return
             try:
                 frames = packet.decode()
                 bad = 0
             except av.error.FFmpegError as e:
                 bad += 1
+                if index <= skip_through:  # recorded by the run being resumed
+                    continue
                 pt = float(packet.pts * packet.time_base) - (t0 or 0.0) if packet.pts is not None and packet.time_base else last_t
-                yield Frame(index, max(pt, 0.0), error=VideoError("decode_error", f"undecodable packet at {pt:.3f}s: {e}"))
+                yield Frame(None, max(pt, 0.0), error=VideoError("decode_error", f"undecodable packet at {pt:.3f}s: {e}"))
                 if bad >= MAX_BAD_PACKETS:
                     break
                 continue
@@ -410,9 +420,10 @@ def iter_frames(path: str, config: VideoConfig = VideoConfig(), skip_through: in
                     continue
                 rgb = vf.to_ndarray(format="rgb24", width=tw, height=th)
                 yield Frame(i, t, LoadedImage(rgb, info.width, info.height, scale, source=path))
-        if config.end is None and info.duration and last_t >= 0 and last_t < info.duration - 3.0 / rate:
-            yield Frame(index, last_t, error=VideoError(
-                "truncated", f"decoding stopped at {last_t:.2f}s of the {info.duration:.2f}s the file announces"))
+        if config.end is None and info.duration and last_t < info.duration - 3.0 / rate:
+            where = f"at {last_t:.2f}s" if last_t >= 0 else "before the first frame"
+            yield Frame(None, max(last_t, 0.0), error=VideoError(
+                "truncated", f"decoding stopped {where} of the {info.duration:.2f}s the file announces"))
     finally:
         container.close()
 
@@ -482,11 +493,14 @@ class FaceTracker:
 
 
 # ----------------------------------------------------------------------------- per frame
-def analyse_frame(landmarker: Any, frame: Frame, tracker: FaceTracker, config: VideoConfig, video: str) -> FrameRecord:
-    """Detect, ground, score and track the faces of one decoded frame."""
+def analyse_frame(landmarker: Any, frame: Frame, tracker: FaceTracker, config: VideoConfig, video: str,
+                  timestamp_ms: int | None = None) -> FrameRecord:
+    """Detect, ground, score and track the faces of one decoded frame (``timestamp_ms``: for the
+    landmarker's video mode, strictly increasing; default the frame's time)."""
     img = frame.image
-    assert img is not None
-    meshes = landmarker.detect(img.rgb, scale=img.scale, timestamp_ms=round(frame.t * 1000))
+    assert img is not None and frame.index is not None
+    ts = round(frame.t * 1000) if timestamp_ms is None else timestamp_ms
+    meshes = landmarker.detect(img.rgb, scale=img.scale, timestamp_ms=ts)
     tr = CanvasTransform(img.width, img.height, canvas=config.au.canvas)
     faces = [ground_face(m, tr, config.au, detector="mediapipe") for m in meshes]
     ids = tracker.update(frame.t, [f.mesh.bbox for f in faces])  # type: ignore[union-attr]
@@ -762,7 +776,7 @@ class FrameFile:
 
     def __iter__(self) -> Iterator[dict]:
         for r in read_jsonl(self.path):
-            if r.get("video") == self.video and r.get("record") == "frame":
+            if r.get("video") == self.video and r.get("record") == "frame" and r.get("frame") is not None:
                 yield r
 
 
@@ -787,7 +801,7 @@ def _progress(out: Path, video: str, tracker: FaceTracker) -> tuple[int, bool, i
             continue
         if r.get("record") == "video":
             done = True
-        elif r.get("record") == "frame":
+        elif r.get("record") == "frame" and r.get("frame") is not None:
             n += 1
             last = max(last, int(r["frame"]))
             tracker.tracks = {k: v for k, v in tracker.tracks.items() if float(r["t"]) - v[1] <= tracker.max_gap}
@@ -812,6 +826,7 @@ def run_video(video: str, out: str | os.PathLike, config: VideoConfig = VideoCon
     if done:
         return summ
     info: list[VideoInfo] = []
+    last_ms = -1
     with JsonlWriter(out) as writer:
         def emit(d: dict) -> None:
             writer.write(d)
@@ -826,10 +841,11 @@ def run_video(video: str, out: str | os.PathLike, config: VideoConfig = VideoCon
                         summ.frames_failed += 1
                         emit(FrameRecord(video, fr.index, fr.t, error={"kind": fr.error.kind, "message": fr.error.message}).to_json())
                         if fr.error.kind in ("corrupt", "truncated"):
-                            summ.error = {"kind": "corrupt", "message": fr.error.message}
+                            summ.error = {"kind": fr.error.kind, "message": fr.error.message}
                         continue
+                    last_ms = max(round(fr.t * 1000), last_ms + 1)
                     try:
-                        rec = analyse_frame(lm, fr, tracker, config, video)
+                        rec = analyse_frame(lm, fr, tracker, config, video, last_ms)
                     except Exception as e:  # a library failure on one frame: recorded, the clip goes on
                         summ.frames_failed += 1
                         rec = FrameRecord(video, fr.index, fr.t, error={"kind": "internal", "message": f"{type(e).__name__}: {e}"})
@@ -867,7 +883,6 @@ def run_video(video: str, out: str | os.PathLike, config: VideoConfig = VideoCon
         except Exception as e:  # outputs after the analysis: the frame records are already safe
             if summ.error is None:
                 summ.error = {"kind": "render_failed", "message": f"{type(e).__name__}: {e}"}
-        summ.frames_decoded = total
         emit(summ.to_json())
     return summ
 
