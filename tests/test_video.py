@@ -353,3 +353,31 @@ def test_cli_analyze_and_au_on_videos(tmp_path, happy_clip, bad_videos):
     assert res.exit_code == 1
     (rec,) = list(read_jsonl(tmp_path / "b.jsonl"))
     assert rec["error"]["kind"] == "corrupt" and json.dumps(rec)
+
+
+def test_video_writer_gif_webp_keep_frames_and_times(tmp_path, clip_faces):
+    from PIL import Image
+
+    from tagfer.video_render import VideoWriter
+
+    a, g = clip_faces["astronaut"], clip_faces["grace"]
+    for ext in ("gif", "webp"):
+        p = write_clip(tmp_path / f"x.{ext}", [a, g, a], times=[0.0, 0.1, 0.5])
+        im = Image.open(p)
+        assert im.n_frames == 3 and im.size == a.shape[1::-1]
+        if ext == "gif":
+            im.seek(1)
+            assert im.info["duration"] == pytest.approx(400, abs=20)  # the frames' own times, not a fixed rate
+    with pytest.raises(ValueError):
+        VideoWriter(tmp_path / "x.txt")
+    with pytest.raises(RuntimeError):  # a failed encode leaves no file under the final name
+        with VideoWriter(tmp_path / "y.mp4") as w:
+            w.write(a, 0.0)
+            raise RuntimeError("stop")
+    assert not list(tmp_path.glob("y*"))
+
+
+def test_worse_exit_code_order():
+    from tagfer.cli.video import worse_exit
+
+    assert worse_exit(0, 3) == 3 and worse_exit(3, 1) == 1 and worse_exit(1, 2) == 2 and worse_exit(0, 0) == 0

@@ -206,7 +206,7 @@ class SegmentRecord:
         {"video": "...", "face_id": 0, "label": "happiness",
          "onset": 0.48, "apex": 0.92, "offset": 1.60,       # seconds
          "start_frame": 12, "apex_frame": 23, "end_frame": 40, "n_frames": 29,
-         "peak": 0.93, "mean": 0.88,                          # smoothed class score of the label
+         "peak": 0.93, "mean": 0.88,                          # the label's smoothed score: at the apex, mean
          "aus": [{"au": 12, "score": 0.95}, ...],             # prototype AUs active at the apex (smoothed)
          "trace": "<think>…</think>\\n<answer>happiness</answer>",   # facs engine on the apex frame
          "trace_label": "happiness", "evidence_aus": [12, 6, 25],
@@ -346,7 +346,6 @@ def open_video(path: str) -> tuple[Any, Any, VideoInfo]:
             raise VideoError("zero_length", f"{path} holds no stream at all (a video with no frame)")
         raise VideoError("not_a_video", f"{path} has no video stream")
     s = c.streams.video[0]
-    s.thread_type = "AUTO"
     w, h = s.codec_context.width, s.codec_context.height
     if not w or not h:
         c.close()
@@ -597,7 +596,6 @@ def smooth_series(times: Sequence[float], values: Sequence[Sequence[float]], con
 @dataclass
 class _Run:
     label: str
-    samples: list[tuple[int, float, float]] = field(default_factory=list)  # (frame, t, score of label)
     apex: tuple[int, float, float, Any, np.ndarray | None] | None = None  # frame, t, score, payload, smoothed
     apex_agrees: bool = False
     n: int = 0

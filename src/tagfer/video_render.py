@@ -14,7 +14,7 @@ from __future__ import annotations
 import fractions
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
