@@ -381,3 +381,20 @@ def test_worse_exit_code_order():
     from tagfer.cli.video import worse_exit
 
     assert worse_exit(0, 3) == 3 and worse_exit(3, 1) == 1 and worse_exit(1, 2) == 2 and worse_exit(0, 0) == 0
+
+
+def test_cli_au_mixes_videos_and_images(tmp_path, happy_clip, astronaut_path):
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    out = tmp_path / "au.jsonl"
+    args = ["au", happy_clip, str(astronaut_path), "--out", str(out), "--fps", "5", "--smooth", "ema:0.4", "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    recs = list(read_jsonl(out))
+    assert sum(1 for r in recs if r.get("record") == "frame") == 10 and sum(1 for r in recs if "image" in r) == 1
+    assert {s["smoothing"] for s in read_jsonl(segments_path(out))} == {"ema tau 0.2s"}
+    res = CliRunner().invoke(app, args)  # everything done: nothing added
+    assert res.exit_code == 0 and len(list(read_jsonl(out))) == len(recs)
+    assert CliRunner().invoke(app, ["au", happy_clip, "--out", str(out), "--smooth", "median:3"]).exit_code == 2
