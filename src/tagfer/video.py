@@ -447,6 +447,53 @@ def _iter_folder(path: str, config: VideoConfig, sampler: Sampler, skip_through:
             yield Frame(i, t, error=VideoError("decode_error", f"{name}: {e.kind}: {e.message}"))
 
 
+def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, at most ``depth`` ahead (decoding overlaps the
+    landmarker, which releases the GIL); exceptions are re-raised here, in order."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for x in items:
+                if not put((x, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # handed to the consumer
+            put((done, e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None and stop.is_set():
+                close()
+
+    th = threading.Thread(target=work, name="tagfer-video-decode", daemon=True)
+    th.start()
+    try:
+        while True:
+            x, err = q.get()
+            if x is done:
+                if err is not None:
+                    raise err
+                return
+            yield x
+    finally:
+        stop.set()
+        th.join()
+
+
 # ----------------------------------------------------------------------------- tracking
 class FaceTracker:
     """Stable face ids across frames: greedy matching on IoU of face boxes (≥ ``iou_min``),
@@ -834,7 +881,7 @@ def run_video(video: str, out: str | os.PathLike, config: VideoConfig = VideoCon
 
         try:
             with FaceLandmarker(config.landmarker_path, max_faces=config.max_faces, running_mode="video") as lm:
-                for fr in iter_frames(video, config, skip_through=last, info_out=info):
+                for fr in prefetch(iter_frames(video, config, skip_through=last, info_out=info)):
                     summ.frames_sampled += 1
                     if fr.error is not None:
                         summ.frames_failed += 1
