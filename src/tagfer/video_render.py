@@ -125,13 +125,13 @@ _TB = fractions.Fraction(1, 1000)
 
 def render_video(video: str, records: Iterable[dict], path: str | os.PathLike, config) -> str:
     """Write the annotated clip (format from the suffix: .mp4, .gif, .webp); returns its path."""
-    from tagfer.video import iter_frames
+    from tagfer.video import iter_frames, prefetch
 
     recs = iter(records)
     cur = next(recs, None)
     w = VideoWriter(path, fps=config.fps or 25.0)
     try:
-        for fr in iter_frames(video, config):
+        for fr in prefetch(iter_frames(video, config)):
             if fr.image is None:
                 continue
             while cur is not None and cur["frame"] < fr.index:
