@@ -104,4 +104,3 @@ from fixtures_analyze import *  # noqa: E402,F401,F403
 from fixtures_data import *  # noqa: E402,F401,F403
 from fixtures_train import *  # noqa: E402,F401,F403
 from fixtures_evaluate import *  # noqa: E402,F401,F403
-from fixtures_video import *  # noqa: E402,F401,F403

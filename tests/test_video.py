@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from fixtures_video import *  # noqa: F401,F403  (session clips; imported here, not in conftest: only these tests use them)
 from fixtures_video import CLIP_FPS, HAPPY_FRAMES, write_clip
 from tagfer.jsonl import read_jsonl
 from tagfer.labels import LABELS
@@ -97,6 +98,19 @@ def test_segments_follow_label_runs_without_smoothing():
     assert [a["au"] for a in hap.aus] == [12, 6]  # the happiness prototype AUs active at the apex
     assert hap.trace_label == "happiness" and parse_trace(hap.trace).well_formed
     assert hap.evidence_aus[0] == 12 and hap.boxes[0] == [300, 300, 400, 400]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["neutral", "happiness", "surprise"]), min_size=1, max_size=60), st.sampled_from([0.0, 0.1, 0.3]))
+def test_segments_partition_the_frames(labels, min_duration):
+    segs = list(segments_from_records(_records(labels), SmoothingConfig("none", min_duration=min_duration)))
+    covered = [f for s in segs for f in range(s.start_frame, s.end_frame + 1)]
+    assert covered == list(range(len(labels)))  # every frame once, in order, no overlap
+    assert all(a.label != b.label for a, b in zip(segs, segs[1:]))
+    assert all(s.start_frame <= s.apex_frame <= s.end_frame and labels[s.apex_frame] == s.label for s in segs)
+    if min_duration == 0.0:
+        runs = [lab for i, lab in enumerate(labels) if i == 0 or lab != labels[i - 1]]
+        assert [s.label for s in segs] == runs
 
 
 def test_short_blip_stays_in_its_segment_and_a_gap_splits():
