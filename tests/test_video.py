@@ -349,7 +349,7 @@ def test_truncated_stream_is_recorded_not_lost(tmp_path, clip_faces):
 
 
 # ----------------------------------------------------------------------------- CLI
-def test_cli_analyze_and_au_on_videos(tmp_path, happy_clip, bad_videos):
+def test_cli_analyze_and_au_on_videos(tmp_path, happy_clip, bad_videos, astronaut_path):
     from typer.testing import CliRunner
 
     from tagfer.cli import app
@@ -367,6 +367,14 @@ def test_cli_analyze_and_au_on_videos(tmp_path, happy_clip, bad_videos):
     assert res.exit_code == 1
     (rec,) = list(read_jsonl(tmp_path / "b.jsonl"))
     assert rec["error"]["kind"] == "corrupt" and json.dumps(rec)
+    # --retry-errors with an image in the run: the failed video is done again, its new record kept
+    for _ in range(2):
+        res = r.invoke(app, ["au", str(bad_videos["corrupt"]), str(astronaut_path), "--out", str(tmp_path / "b.jsonl"),
+                             "--retry-errors", "--no-progress"])
+        assert res.exit_code == 1
+        recs = list(read_jsonl(tmp_path / "b.jsonl"))
+        assert [x["error"]["kind"] for x in recs if x.get("record") == "video"] == ["corrupt"]  # redone, kept once
+        assert [x["error"] for x in recs if "image" in x] == [None]
 
 
 def test_video_writer_gif_webp_keep_frames_and_times(tmp_path, clip_faces):

@@ -120,6 +120,9 @@ def analyze_cmd(
         if not images or code == 2:
             raise typer.Exit(code)
         no_resume = False  # the file now holds this run's video records
+        if retry_errors:
+            _video.drop_image_errors(out)
+            retry_errors = False  # the image pass must not drop the video records just written
     try:
         analyze_images(
             images, model=model, json_out=json_out, overlay=overlay, scores=scores, frame=frame, all_aus=all_aus,

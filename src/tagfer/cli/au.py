@@ -85,6 +85,9 @@ def au_cmd(
                                   progress=progress, show=show)
         if not inputs or vcode == 2:
             raise typer.Exit(vcode)
+        if retry_errors:
+            _video.drop_image_errors(out)
+            retry_errors = False  # the image job must not drop the video records just written
     from tagfer.detectors import DetectorSpec
     from tagfer.grounding import GroundingConfig, run_grounding
 

@@ -68,6 +68,15 @@ def _print_segments(summ, out: Path) -> None:
     out_console.print(t)
 
 
+def drop_image_errors(out: Optional[Path]) -> None:
+    """``--retry-errors`` with videos in the run: drop the failed *image* records here, so that the
+    image job (told not to retry) leaves the video records — frame errors, summaries — alone."""
+    from tagfer.jsonl import drop_records
+
+    if out is not None and out.exists():
+        drop_records(out, lambda r: "image" in r and bool(r.get("error")))
+
+
 def run_videos(videos: List[str], out: Optional[Path], config, *, no_resume: bool = False, retry_errors: bool = False,
                progress: bool = True, show: bool = False) -> int:
     """Run every video into ``out``; returns the exit code (0 ok, 1 a video or frame failed, 2 usage)."""
