@@ -56,6 +56,7 @@ bench: $(STAMP) $(PEERS)
 	$(PY) benchmarks/bench_rewards.py
 	$(PY) benchmarks/bench_parse.py --siblings --trl
 	$(PY) benchmarks/bench_analyze.py
+	$(PY) benchmarks/bench_video.py
 	TAGFER_PEER_PYTHON=$(PEERS) $(PY) benchmarks/bench_accuracy.py
 	$(PY) benchmarks/bench_client.py
 	$(PY) benchmarks/bench_build.py

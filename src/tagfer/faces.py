@@ -200,6 +200,8 @@ class FaceLandmarker:
 
     ``max_faces``: faces searched per image; :meth:`detect` returns them sorted
     left to right. ``fallback``: ``None`` or ``"dlib"`` (HOG proposals for small faces).
+    ``running_mode="video"``: MediaPipe's VIDEO mode (faces tracked between frames);
+    :meth:`detect` then needs each frame's ``timestamp_ms``, strictly increasing (no fallback).
     """
 
     def __init__(
@@ -208,9 +210,13 @@ class FaceLandmarker:
         max_faces: int = 5,
         min_detection_confidence: float = 0.5,
         fallback: str | None = None,
+        running_mode: str = "image",
     ):
         if fallback not in (None, "none", "dlib"):
             raise ValueError(f"unknown fallback detector {fallback!r}; use None or 'dlib'")
+        if running_mode not in ("image", "video") or (running_mode == "video" and fallback == "dlib"):
+            raise ValueError(f"running_mode must be 'image' or 'video' (video has no fallback), got {running_mode!r}")
+        self.running_mode = running_mode
         if not native_logs_enabled():
             os.environ.setdefault("GLOG_minloglevel", "2")
         from mediapipe.tasks.python import BaseOptions, vision
@@ -219,7 +225,7 @@ class FaceLandmarker:
         self.max_faces = max_faces
         opts = vision.FaceLandmarkerOptions(
             base_options=BaseOptions(model_asset_path=str(self.model_path)),
-            running_mode=vision.RunningMode.IMAGE,
+            running_mode=vision.RunningMode.VIDEO if running_mode == "video" else vision.RunningMode.IMAGE,
             num_faces=max_faces,
             min_face_detection_confidence=min_detection_confidence,
             output_face_blendshapes=True,
@@ -250,16 +256,22 @@ class FaceLandmarker:
         self.close()
 
     # -- detection -----------------------------------------------------------------------
-    def _run(self, rgb: np.ndarray) -> list[FaceMesh]:
+    def _run(self, rgb: np.ndarray, timestamp_ms: int | None = None) -> list[FaceMesh]:
         import mediapipe as mp
 
         img = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb))
+        if self.running_mode == "video" and timestamp_ms is None:
+            raise ValueError("a landmarker in video mode needs each frame's timestamp_ms")
+
+        def run():
+            return self._lm.detect_for_video(img, int(timestamp_ms)) if self.running_mode == "video" else self._lm.detect(img)
+
         if self._first_run:
             with quiet_native_stderr():
-                res = self._lm.detect(img)
+                res = run()
             self._first_run = False
         else:
-            res = self._lm.detect(img)
+            res = run()
         h, w = rgb.shape[:2]
         faces = []
         for i, pts in enumerate(res.face_landmarks):
@@ -304,13 +316,14 @@ class FaceLandmarker:
                 found.append(FaceMesh(bbox=_landmark_bbox(lm), landmarks=lm, blendshapes=f.blendshapes, head_pose=f.head_pose, source="dlib+mediapipe", rotation=f.rotation))
         return found
 
-    def detect(self, rgb: np.ndarray, scale: float = 1.0) -> list[FaceMesh]:
+    def detect(self, rgb: np.ndarray, scale: float = 1.0, timestamp_ms: int | None = None) -> list[FaceMesh]:
         """All faces in an RGB uint8 array, left to right, in original-pixel coordinates.
 
         ``scale`` is the factor by which ``rgb`` was downscaled from the original
         image (``LoadedImage.scale``); coordinates are divided by it.
+        ``timestamp_ms``: the frame's time (video mode only).
         """
-        faces = self._run(rgb)
+        faces = self._run(rgb, timestamp_ms)
         if self._dlib is not None and len(faces) < self.max_faces:
             faces += self._dlib_faces(rgb, faces)
         if scale != 1.0:

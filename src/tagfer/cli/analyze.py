@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from tagfer.cli._app import app, console, out_console
+from tagfer.cli import video as _video
 
 _EXIT_HELP = "Exit codes: 0 ok; 1 an image failed (unreadable, no face); 2 bad options / model not available; 3 a model output is malformed."
 
@@ -94,17 +95,48 @@ def analyze_cmd(
     retry_errors: bool = typer.Option(False, "--retry-errors", help="With --out: analyse again the images whose earlier record is an error."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="With --out: show a progress bar."),
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="Images analysed in parallel (one detector each; a --model is shared). Output order is kept."),
+    fps: Optional[float] = _video.FPS, start: float = _video.START, end: Optional[float] = _video.END,
+    video: bool = _video.FRAMES_FOLDER, folder_fps: float = _video.FOLDER_FPS, smooth: str = _video.SMOOTH,
+    render: str = _video.RENDER, media: Optional[Path] = _video.MEDIA,
     verbose: bool = typer.Option(False, "--verbose", help="Show MediaPipe's own log lines (hidden by default)."),
 ) -> None:
-    """Explain the expression of every face: label, TAG trace with boxes, detector AUs, overlay."""
+    """Explain the expression of every face: label, TAG trace with boxes, detector AUs, overlay.
+    Videos (.mp4 .webm .mov .avi …, folders with --video) need --out: frames, segments, annotated video, plot (docs/video.md)."""
     from tagfer.cli.au import set_verbose
+    from tagfer.video import split_video_inputs
 
     set_verbose(verbose)
-    analyze_images(
-        images, model=model, json_out=json_out, overlay=overlay, scores=scores, frame=frame, all_aus=all_aus,
-        max_faces=max_faces, threshold=threshold, landmarker=landmarker, max_new_tokens=max_new_tokens, device=device,
-        out=out, no_resume=no_resume, retry_errors=retry_errors, progress=progress, workers=workers,
-    )
+
+    images, videos = split_video_inputs(images, frames_folder=video)
+    code = 0
+    if videos:
+        if model not in (None, "facs"):
+            console.print("[red]error:[/red] videos are explained by the offline facs engine only (no --model)")
+            raise typer.Exit(2)
+        try:
+            vcfg = _video.video_config(fps=fps, start=start, end=end, folder_fps=folder_fps, smooth=smooth, render=render,
+                                       media=media or (out.with_name(out.stem + "_media") if out else None),
+                                       threshold=threshold, max_faces=max_faces, landmarker=landmarker)
+        except ValueError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2)
+        code = _video.run_videos(videos, out, vcfg, no_resume=no_resume, retry_errors=retry_errors, progress=progress, show=not json_out)
+        if not images or code == 2:
+            raise typer.Exit(code)
+        no_resume = False  # the file now holds this run's video records
+        if retry_errors:
+            _video.drop_image_errors(out)
+            retry_errors = False  # the image pass must not drop the video records just written
+    try:
+        analyze_images(
+            images, model=model, json_out=json_out, overlay=overlay, scores=scores, frame=frame, all_aus=all_aus,
+            max_faces=max_faces, threshold=threshold, landmarker=landmarker, max_new_tokens=max_new_tokens, device=device,
+            out=out, no_resume=no_resume, retry_errors=retry_errors, progress=progress, workers=workers,
+        )
+    except typer.Exit as e:
+        code = _video.worse_exit(code, e.exit_code)
+    if code:
+        raise typer.Exit(code)
 
 
 def analyze_images(

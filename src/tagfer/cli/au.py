@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tagfer.canvas import CANVAS, TOP_K
 from tagfer.cli._app import app, console, out_console
+from tagfer.cli import video as _video
 
 
 def _au_config(top_k: int, threshold: float, bilateral: str, canvas: int, candidate_threshold: float | None = None):
@@ -66,14 +67,43 @@ def au_cmd(
     no_resume: bool = typer.Option(False, "--no-resume", help="Start over: overwrite --out."),
     show: bool = typer.Option(False, "--show", help="Print each face's AUs as a table."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    fps: Optional[float] = _video.FPS, start: float = _video.START, end: Optional[float] = _video.END,
+    video: bool = _video.FRAMES_FOLDER, folder_fps: float = _video.FOLDER_FPS, smooth: str = _video.SMOOTH,
+    render: str = _video.RENDER, media: Optional[Path] = _video.MEDIA,
     verbose: bool = typer.Option(False, "--verbose", help="Show MediaPipe's own log lines (hidden by default)."),
 ) -> None:
     """Detect faces and activated AUs, and ground each AU in a box on the canvas. Exit code 1 if any
-    requested image has an error record in --out (written now, or left by an earlier run)."""
+    requested image has an error record in --out (written now, or left by an earlier run).
+
+    Videos (.mp4 .webm .mov .avi …, or folders with --video): one line per sampled frame, then segments
+    (docs/video.md)."""
+    from tagfer.video import split_video_inputs
+
+    set_verbose(verbose)
+
+    inputs, videos = split_video_inputs(inputs, frames_folder=video)
+    vcode = 0
+    if videos:
+        if detector != "mediapipe":
+            console.print("[red]error:[/red] videos are analysed with the mediapipe detector only")
+            raise typer.Exit(2)
+        try:
+            vcfg = _video.video_config(fps=fps, start=start, end=end, folder_fps=folder_fps, smooth=smooth, render=render,
+                                       media=media or overlays, threshold=threshold, top_k=top_k, bilateral=bilateral,
+                                       canvas=canvas, landmarker=landmarker)
+        except ValueError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2)
+        vcode = _video.run_videos(videos, out, vcfg, no_resume=no_resume, retry_errors=retry_errors,
+                                  progress=progress, show=show)
+        if not inputs or vcode == 2:
+            raise typer.Exit(vcode)
+        if retry_errors:
+            _video.drop_image_errors(out)
+            retry_errors = False  # the image job must not drop the video records just written
     from tagfer.detectors import DetectorSpec
     from tagfer.grounding import GroundingConfig, run_grounding
 
-    set_verbose(verbose)
     from tagfer.cli.analyze import _resolve_image
 
     try:
@@ -112,14 +142,14 @@ def au_cmd(
             if show:
                 _print_faces(rec)
 
-        summary = run_grounding(inputs, out, spec, gcfg, workers=workers, resume=not no_resume, retry_errors=retry_errors, on_record=on_record)
+        summary = run_grounding(inputs, out, spec, gcfg, workers=workers, resume=not no_resume or bool(videos), retry_errors=retry_errors, on_record=on_record)
     msg = f"{summary.processed} processed ({summary.failed} failed), {summary.skipped} already done → {out}"
     if summary.errors:
         msg += "  errors: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.errors.items()))
     if summary.failed_before:
         msg += f"\n{summary.failed_before} requested image(s) still have an error record from an earlier run (--retry-errors runs them again)"
     console.print(msg)
-    if summary.any_failed:
+    if summary.any_failed or vcode:
         raise typer.Exit(1)
 
 

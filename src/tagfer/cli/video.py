@@ -1,0 +1,127 @@
+"""Video inputs of ``tagfer au`` and ``tagfer analyze`` (the job itself is :mod:`tagfer.video`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tagfer.cli._app import console, out_console
+
+# Options shared by `tagfer au` and `tagfer analyze` (video inputs only).
+FPS = typer.Option(None, "--fps", min=0.001, help="Video: frames analysed per second (default: every frame).")
+START = typer.Option(0.0, "--start", min=0.0, help="Video: first second analysed.")
+END = typer.Option(None, "--end", min=0.0, help="Video: last second analysed (default: the end).")
+FRAMES_FOLDER = typer.Option(False, "--video", help="Read each folder given as one video (its images are frames in name order).")
+FOLDER_FPS = typer.Option(25.0, "--folder-fps", min=0.001, help="Video: frame rate of a folder of frames.")
+SMOOTH = typer.Option("window:0.5", "--smooth", help="Video: temporal filter window:SECONDS (centred, no lag) | ema:SECONDS (causal, lag = SECONDS/2) | none.")
+RENDER = typer.Option("mp4", "--render", help="Video: annotated output mp4 | gif | webp | none.")
+MEDIA = typer.Option(None, "--media", help="Video: folder for the annotated video and the plot (analyze: OUT_media next to --out; au: --overlays).")
+
+EXIT_PRIORITY = (2, 1, 3, 0)  # usage beats a failed input beats a malformed output
+
+
+def worse_exit(a: int, b: int) -> int:
+    """The exit code to report when two parts of one run ended with ``a`` and ``b``."""
+    rank = {c: i for i, c in enumerate(EXIT_PRIORITY)}
+    return min((a, b), key=lambda c: rank.get(c, 0))
+
+
+def parse_smooth(spec: str):
+    from tagfer.video import SmoothingConfig
+
+    method, _, w = spec.partition(":")
+    method = method.strip().lower()
+    if method == "none":
+        return SmoothingConfig(method="none")
+    return SmoothingConfig(method=method, window=float(w) if w else 0.5)
+
+
+def video_config(*, fps, start, end, folder_fps, smooth, render, media, threshold=0.3, top_k=3, bilateral="union",
+                 canvas=512, max_faces=5, landmarker=None):
+    """A :class:`tagfer.video.VideoConfig` from the command-line values (ValueError for bad ones)."""
+    from tagfer.aus import AUConfig
+    from tagfer.video import VideoConfig
+
+    return VideoConfig(
+        fps=fps, start=start, end=end, folder_fps=folder_fps, smoothing=parse_smooth(smooth), render=render,
+        plot=media is not None, media_dir=str(media) if media is not None else None, max_faces=max_faces,
+        landmarker_path=str(landmarker) if landmarker else None,
+        au=AUConfig(threshold=threshold, top_k=top_k, bilateral=bilateral, canvas=canvas),
+    )
+
+
+def _print_segments(summ, out: Path) -> None:
+    from rich.table import Table
+
+    from tagfer.jsonl import read_jsonl
+    from tagfer.video import segments_path
+
+    t = Table(title=f"{Path(summ.video).name}: expression segments (seconds)")
+    for c in ("face", "label", "onset", "apex", "offset", "peak", "AUs"):
+        t.add_column(c)
+    for s in read_jsonl(segments_path(out)):
+        if s.get("video") == summ.video:
+            aus = " ".join(f"AU{a['au']} {a['score']:.2f}" for a in s["aus"])
+            t.add_row(f"#{s['face_id']}", s["label"], f"{s['onset']:.2f}", f"{s['apex']:.2f}", f"{s['offset']:.2f}", f"{s['peak']:.2f}", aus)
+    out_console.print(t)
+
+
+def drop_image_errors(out: Optional[Path]) -> None:
+    """``--retry-errors`` with videos in the run: drop the failed *image* records here, so that the
+    image job (told not to retry) leaves the video records — frame errors, summaries — alone."""
+    from tagfer.jsonl import drop_records
+
+    if out is not None and out.exists():
+        drop_records(out, lambda r: "image" in r and bool(r.get("error")))
+
+
+def run_videos(videos: List[str], out: Optional[Path], config, *, no_resume: bool = False, retry_errors: bool = False,
+               progress: bool = True, show: bool = False) -> int:
+    """Run every video into ``out``; returns the exit code (0 ok, 1 a video or frame failed, 2 usage)."""
+    from tagfer.faces import FaceLandmarker
+    from tagfer.video import drop_failed_videos, run_video, segments_path
+
+    if out is None:
+        console.print("[red]error:[/red] a video needs --out FILE.jsonl (one JSON line per frame)")
+        return 2
+    try:
+        FaceLandmarker(config.landmarker_path, running_mode="video").close()  # fail fast on a missing model file
+    except Exception as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    if no_resume:
+        for p in (out, segments_path(out)):
+            p.unlink(missing_ok=True)
+    if retry_errors and out.exists():
+        drop_failed_videos(out)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    code = 0
+    with Progress(TextColumn("[bold]video {task.fields[name]}"), BarColumn(), TextColumn("{task.completed} frames"),
+                  TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(), console=console, disable=not progress) as bar:
+        for v in videos:
+            task = bar.add_task("video", total=None, name=Path(v).name, failed=0)
+            failed = [0]
+
+            def on_record(rec: dict, task=task) -> None:
+                if rec.get("record") == "frame":
+                    failed[0] += bool(rec.get("error"))
+                    bar.update(task, advance=1, failed=failed[0])
+
+            summ = run_video(v, out, config, on_record=on_record)
+            msg = f"{v}: {summ.frames_sampled} frame(s) analysed ({summ.frames_failed} failed), {summ.frames_resumed} already done"
+            if summ.faces_seen:
+                msg += f", {summ.faces_seen} face(s), {summ.segments} segment(s) → {summ.segments_file}"
+            for what in ("annotated", "plot"):
+                if getattr(summ, what):
+                    msg += f"; {what}: {getattr(summ, what)}"
+            console.print(msg)
+            if summ.error:
+                console.print(f"[red]✗ {v}: {summ.error['kind']}: {summ.error['message']}[/red]")
+            if summ.error or summ.frames_failed:
+                code = 1
+            if show and summ.segments:
+                _print_segments(summ, out)
+    return code

@@ -1,0 +1,454 @@
+"""tagfer.video / tagfer.video_render: sampling, smoothing, segments, tracking (pure), and the
+whole job on clips built from the real sample faces (fixtures_video.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from fixtures_video import *  # noqa: F401,F403  (session clips; imported here, not in conftest: only these tests use them)
+from fixtures_video import CLIP_FPS, HAPPY_FRAMES, write_clip
+from tagfer.jsonl import read_jsonl
+from tagfer.labels import LABELS
+from tagfer.trace import parse_trace
+from tagfer.video import (
+    FaceTracker,
+    FrameFile,
+    Sampler,
+    Segmenter,
+    SmoothingConfig,
+    VideoConfig,
+    run_video,
+    segments_from_records,
+    segments_path,
+    smooth_series,
+)
+
+FRAME = 1.0 / CLIP_FPS
+
+
+# ----------------------------------------------------------------------------- pure parts
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 200), min_size=1, max_size=80), st.sampled_from([1.0, 3.0, 7.5, 12.0, 30.0]))
+def test_sampler_keeps_first_frame_of_each_sampling_interval(gaps_ms, fps):
+    times = np.cumsum([0] + gaps_ms) / 1000.0
+    s = Sampler(fps)
+    kept = [t for t in times if s.keep(float(t))]
+    slot = [math.floor((t - times[0]) * fps + 1e-6) for t in times]
+    expected = [t for i, t in enumerate(times) if i == 0 or slot[i] != slot[i - 1]]
+    assert kept == expected
+
+
+def test_sampler_start_end_bounds():
+    s = Sampler(None, start=0.5, end=1.0)
+    kept = [t for t in np.arange(0, 2, 0.1) if s.keep(round(float(t), 3))]
+    assert kept[0] == pytest.approx(0.5) and kept[-1] == pytest.approx(1.0) and len(kept) == 6
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=60), st.sampled_from(["window", "ema", "none"]))
+def test_smoothing_stays_within_range_and_keeps_constants(vals, method):
+    t = np.arange(len(vals)) * FRAME
+    cfg = SmoothingConfig(method=method, window=0.3)
+    out = smooth_series(t, [[v, 0.25] for v in vals], cfg)
+    assert out.shape == (len(vals), 2)
+    assert out[:, 0].min() >= min(vals) - 1e-9 and out[:, 0].max() <= max(vals) + 1e-9
+    assert np.allclose(out[:, 1], 0.25)
+    if method == "none":
+        assert np.allclose(out[:, 0], vals)
+
+
+def test_centred_window_has_no_lag_and_ema_lags_by_tau():
+    t = np.arange(100) * FRAME
+    peak = np.maximum(0.0, 1.0 - np.abs(t - 2.0) / 0.5)  # symmetric peak at 2.0 s
+    win = smooth_series(t, peak[:, None], SmoothingConfig("window", 0.4))[:, 0]
+    assert t[np.argmax(win)] == pytest.approx(2.0)
+    step = (t >= 1.0).astype(float)
+    ema = smooth_series(t, step[:, None], SmoothingConfig("ema", 0.4))[:, 0]  # tau = 0.2 s
+    for k in (1, 5, 10):  # after k samples of the step: 1 - exp(-k·Δt/tau); k·Δt = tau → 1 - 1/e
+        i = int(np.argmin(np.abs(t - (1.0 + (k - 1) * FRAME))))
+        assert ema[i] == pytest.approx(1 - math.exp(-k * FRAME / 0.2), abs=1e-9)
+    assert SmoothingConfig("ema", 0.4).lag == pytest.approx(0.2) and SmoothingConfig("window", 0.4).lag == 0.0
+
+
+def _face(fid: int, label: str, frame_box=(10, 10, 90, 90)) -> dict:
+    scores = {c: (0.8 if c == label else 0.2 / 6) for c in LABELS}
+    au12 = 0.9 if label == "happiness" else 0.05
+    return {"face_id": fid, "bbox": list(frame_box), "label": label, "scores": scores,
+            "aus": [{"au": 12, "score": au12, "active": au12 >= 0.3, "box": [300, 300, 400, 400]},
+                    {"au": 6, "score": au12 * 0.8, "active": au12 >= 0.3, "box": [150, 150, 350, 250]}]}
+
+
+def _records(labels: list[str | None], fid: int = 0) -> list[dict]:
+    return [{"video": "v", "record": "frame", "frame": i, "t": i * FRAME, "faces": [] if lab is None else [_face(fid, lab)],
+             "error": None} for i, lab in enumerate(labels)]
+
+
+def test_segments_follow_label_runs_without_smoothing():
+    labels = ["neutral"] * 10 + ["happiness"] * 20 + ["neutral"] * 10
+    segs = list(segments_from_records(_records(labels), SmoothingConfig("none", min_duration=0.1)))
+    assert [(s.label, s.start_frame, s.end_frame) for s in segs] == [("neutral", 0, 9), ("happiness", 10, 29), ("neutral", 30, 39)]
+    hap = segs[1]
+    assert hap.onset == pytest.approx(10 * FRAME) and hap.offset == pytest.approx(29 * FRAME)
+    assert 10 <= hap.apex_frame <= 29 and hap.n_frames == 20
+    assert [a["au"] for a in hap.aus] == [12, 6]  # the happiness prototype AUs active at the apex
+    assert hap.trace_label == "happiness" and parse_trace(hap.trace).well_formed
+    assert hap.evidence_aus[0] == 12 and hap.boxes[0] == [300, 300, 400, 400]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["neutral", "happiness", "surprise"]), min_size=1, max_size=60), st.sampled_from([0.0, 0.1, 0.3]))
+def test_segments_partition_the_frames(labels, min_duration):
+    segs = list(segments_from_records(_records(labels), SmoothingConfig("none", min_duration=min_duration)))
+    covered = [f for s in segs for f in range(s.start_frame, s.end_frame + 1)]
+    assert covered == list(range(len(labels)))  # every frame once, in order, no overlap
+    assert all(a.label != b.label for a, b in zip(segs, segs[1:]))
+    assert all(s.start_frame <= s.apex_frame <= s.end_frame and labels[s.apex_frame] == s.label for s in segs)
+    if min_duration == 0.0:
+        runs = [lab for i, lab in enumerate(labels) if i == 0 or lab != labels[i - 1]]
+        assert [s.label for s in segs] == runs
+
+
+def test_short_blip_stays_in_its_segment_and_a_gap_splits():
+    labels = ["happiness"] * 15 + ["surprise"] * 2 + ["happiness"] * 15  # 2 frames = 0.04 s < min_duration
+    segs = list(segments_from_records(_records(labels), SmoothingConfig("none", min_duration=0.2)))
+    assert [(s.label, s.start_frame, s.end_frame) for s in segs] == [("happiness", 0, 31)]
+    gap = ["happiness"] * 10 + [None] * 40 + ["happiness"] * 10  # face gone 1.6 s > max_gap
+    segs = list(segments_from_records(_records(gap), SmoothingConfig("none", max_gap=1.0)))
+    assert [(s.start_frame, s.end_frame) for s in segs] == [(0, 9), (50, 59)]
+
+
+def test_segmenter_boundary_is_where_the_new_label_first_appeared():
+    sg = Segmenter("v", 0, SmoothingConfig("none", min_duration=0.2), [6, 12])
+    out = []
+    for i, lab in enumerate(["neutral"] * 8 + ["happiness"] * 12):
+        from tagfer.video import face_samples
+
+        rec = _records([lab])[0] | {"frame": i, "t": i * FRAME}
+        for _, s in face_samples(rec, [6, 12]):
+            s.smoothed = s.values
+            out += sg.push(s)
+    out += sg.flush()
+    assert [(s.label, s.start_frame, s.end_frame) for s in out] == [("neutral", 0, 7), ("happiness", 8, 19)]
+
+
+def test_tracker_keeps_ids_through_moves_and_renews_after_gap():
+    tr = FaceTracker(iou_min=0.3, max_gap=0.5)
+    assert tr.update(0.0, [[0, 0, 50, 50], [100, 0, 150, 50]]) == [0, 1]
+    assert tr.update(0.04, [[105, 2, 155, 52], [3, 1, 53, 51]]) == [1, 0]  # order of detection does not matter
+    assert tr.update(0.08, [[30, 0, 80, 50]]) == [0]  # a fast move: no IoU overlap needed, centre close
+    assert tr.update(1.0, [[30, 0, 80, 50]]) == [2]  # lost for longer than max_gap: a new face
+
+
+# ----------------------------------------------------------------------------- real clips
+@pytest.fixture(scope="session")
+def happy_run(tmp_path_factory, happy_clip):
+    d = tmp_path_factory.mktemp("happy_run")
+    out = d / "frames.jsonl"
+    summ = run_video(happy_clip, out, VideoConfig(media_dir=str(d / "media")))
+    return summ, out, [r for r in read_jsonl(out)]
+
+
+def test_frames_of_a_real_clip(happy_run, happy_clip):
+    summ, out, recs = happy_run
+    frames = [r for r in recs if r["record"] == "frame"]
+    assert summ.error is None and summ.frames_sampled == 48 and summ.faces_seen == 1
+    assert [r["frame"] for r in frames] == list(range(48))
+    assert [r["t"] for r in frames] == pytest.approx([i * FRAME for i in range(48)], abs=1e-3)
+    assert all(r["n_faces"] == 1 and r["faces"][0]["face_id"] == 0 for r in frames)
+    lo, hi = HAPPY_FRAMES
+    labels = [r["faces"][0]["label"] for r in frames]
+    assert labels == ["happiness" if lo <= i <= hi else "neutral" for i in range(48)]
+    f = frames[20]["faces"][0]
+    assert 12 in f["active"] and set(f["scores"]) == set(LABELS) and len(f["bbox"]) == 4
+    assert recs[-1]["record"] == "video" and recs[-1]["video"] == happy_clip
+
+
+def test_segments_of_a_real_clip_follow_the_frames(happy_run):
+    summ, out, _ = happy_run
+    segs = list(read_jsonl(segments_path(out)))
+    assert summ.segments == len(segs) == 3
+    assert [s["label"] for s in segs] == ["neutral", "happiness", "neutral"]
+    hap = segs[1]
+    lo, hi = HAPPY_FRAMES
+    tol = 0.25 + FRAME  # half the default 0.5 s window, plus one frame
+    assert abs(hap["onset"] - lo * FRAME) <= tol and abs(hap["offset"] - hi * FRAME) <= tol
+    assert lo <= hap["apex_frame"] <= hi and hap["peak"] > 0.8
+    assert hap["aus"][0]["au"] in (12, 6) and {a["au"] for a in hap["aus"]} >= {12}
+    parsed = parse_trace(hap["trace"])
+    assert parsed.well_formed and parsed.label == "happiness" and hap["trace_label"] == "happiness"
+    assert [list(b) for b in parsed.box_coords] == hap["boxes"]
+    # Without smoothing the boundaries are exactly the cuts of the clip.
+    raw = list(segments_from_records(FrameFile(out, summ.video), SmoothingConfig("none")))
+    assert [(s.label, s.start_frame, s.end_frame) for s in raw] == [("neutral", 0, lo - 1), ("happiness", lo, hi), ("neutral", hi + 1, 47)]
+
+
+def test_annotated_video_and_plot(happy_run):
+    import av
+    from PIL import Image
+
+    summ, _, _ = happy_run
+    with av.open(summ.annotated) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 48
+
+    def orange(a):  # the happiness caption colour (#ff7f0e), allowing for compression
+        return int(((np.abs(a.astype(int) - [255, 127, 14]) < 40).all(axis=-1)).sum())
+
+    assert orange(frames[20]) > 500 and orange(frames[2]) < 100  # Grace has a few orange-ish pixels of her own
+    im = Image.open(summ.plot)
+    assert im.format == "PNG" and im.width > 400 and im.height > 300
+
+
+def test_resume_after_a_kill_gives_the_same_records(tmp_path, happy_clip, happy_run):
+    out = tmp_path / "f.jsonl"
+    n = [0]
+
+    class Killed(Exception):
+        pass
+
+    def die(rec):
+        n[0] += 1
+        if n[0] == 20:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_video(happy_clip, out, VideoConfig(), on_record=die)
+    with open(out, "a") as f:
+        f.write('{"video": "half a li')  # a partial last line, as a kill mid-write leaves
+    summ = run_video(happy_clip, out, VideoConfig())
+    assert summ.frames_resumed == 20 and summ.frames_sampled == 28
+    frames = [r for r in read_jsonl(out) if r.get("record") == "frame"]
+    ref = [r for r in happy_run[2] if r.get("record") == "frame"]
+    assert [r["frame"] for r in frames] == list(range(48))
+    assert [(r["faces"][0]["face_id"], r["faces"][0]["label"]) for r in frames] == [(r["faces"][0]["face_id"], r["faces"][0]["label"]) for r in ref]
+    again = run_video(happy_clip, out, VideoConfig())  # done: nothing more is written
+    assert again.frames_sampled == 0 and sum(1 for r in read_jsonl(out) if r.get("record") == "video") == 1
+
+
+def test_faces_entering_and_leaving_get_their_own_ids(tmp_path, enter_leave_clip):
+    out = tmp_path / "f.jsonl"
+    summ = run_video(enter_leave_clip, out, VideoConfig())
+    frames = [r for r in read_jsonl(out) if r.get("record") == "frame"]
+    ids = [[f["face_id"] for f in r["faces"]] for r in frames]
+    assert ids == [[0]] * 10 + [[]] * 15 + [[1]] * 15
+    assert frames[30]["faces"][0]["bbox"][0] > 320 - 192 - 5  # the astronaut is on the right
+    segs = list(read_jsonl(segments_path(out)))
+    assert summ.faces_seen == 2 and [(s["face_id"], s["label"]) for s in segs] == [(0, "neutral"), (1, "happiness")]
+
+
+def test_fps_start_end_sampling_on_a_real_clip(tmp_path, happy_clip):
+    out = tmp_path / "f.jsonl"
+    run_video(happy_clip, out, VideoConfig(fps=10, start=0.4, end=1.2))
+    ts = [r["t"] for r in read_jsonl(out) if r.get("record") == "frame"]
+    assert ts[0] == pytest.approx(0.4, abs=1e-3) and ts[-1] <= 1.2 + 1e-6
+    assert len(ts) == 9 and min(np.diff(ts)) >= 0.08 - 1e-6
+
+
+def test_folder_of_frames_is_a_video(tmp_path, clip_faces):
+    from PIL import Image
+
+    d = tmp_path / "frames"
+    d.mkdir()
+    for i in range(12):  # natural order: frame_2 before frame_10
+        Image.fromarray(clip_faces["astronaut" if i >= 6 else "grace"]).save(d / f"frame_{i}.png")
+    out = tmp_path / "f.jsonl"
+    summ = run_video(str(d), out, VideoConfig(folder_fps=10))
+    frames = [r for r in read_jsonl(out) if r.get("record") == "frame"]
+    assert summ.error is None and [r["t"] for r in frames] == pytest.approx([i / 10 for i in range(12)])
+    assert [r["faces"][0]["label"] for r in frames] == ["neutral"] * 6 + ["happiness"] * 6
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="session")
+def bad_videos(tmp_path_factory, clip_faces):
+    import av
+
+    d = tmp_path_factory.mktemp("bad_videos")
+    a = clip_faces["astronaut"]
+    out = {}
+    c = av.open(str(d / "zero.mp4"), "w")
+    s = c.add_stream("libx264", rate=25)
+    s.width = s.height = 64
+    s.pix_fmt = "yuv420p"
+    c.start_encoding()
+    c.close()
+    out["zero_length"] = d / "zero.mp4"
+    (d / "text.mp4").write_text("not a video\n")
+    out["corrupt"] = d / "text.mp4"
+    (d / "empty.webm").write_bytes(b"")
+    out["empty_file"] = d / "empty.webm"
+    full = write_clip(d / "full.mp4", [a] * 20)
+    raw = open(full, "rb").read()
+    (d / "cut.mp4").write_bytes(raw[: len(raw) // 2])  # the index (moov) is at the end: unopenable
+    out["corrupt_cut"] = d / "cut.mp4"
+    out["no_face"] = write_clip(d / "gray.mp4", [np.full((96, 96, 3), 128, np.uint8)] * 5)
+    out["vfr"] = write_clip(d / "vfr.mp4", [a] * 6, times=[0.0, 0.04, 0.3, 0.32, 0.9, 1.5])
+    big = np.full((2160, 3840, 3), 90, np.uint8)
+    from PIL import Image
+
+    big[500:1700, 1400:2600] = np.asarray(Image.fromarray(a).resize((1200, 1200)))
+    out["4k"] = write_clip(d / "4k.mp4", [big] * 2)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["zero_length", "corrupt", "empty_file", "corrupt_cut", "no_face"])
+def test_bad_videos_get_a_clear_per_file_error(tmp_path, bad_videos, kind):
+    out = tmp_path / "f.jsonl"
+    summ = run_video(str(bad_videos[kind]), out, VideoConfig())
+    assert summ.error is not None and summ.error["kind"] == kind.split("_cut")[0]
+    last = list(read_jsonl(out))[-1]
+    assert last["record"] == "video" and last["error"]["kind"] == summ.error["kind"]
+
+
+def test_variable_frame_rate_keeps_true_times(tmp_path, bad_videos):
+    out = tmp_path / "f.jsonl"
+    summ = run_video(str(bad_videos["vfr"]), out, VideoConfig())
+    ts = [r["t"] for r in read_jsonl(out) if r.get("record") == "frame"]
+    assert summ.error is None and ts == pytest.approx([0.0, 0.04, 0.3, 0.32, 0.9, 1.5], abs=2e-3)
+
+
+def test_4k_frames_are_downscaled_and_boxes_stay_in_original_pixels(tmp_path, bad_videos):
+    out = tmp_path / "f.jsonl"
+    summ = run_video(str(bad_videos["4k"]), out, VideoConfig(max_side=960))
+    fr = next(r for r in read_jsonl(out) if r.get("record") == "frame")
+    assert summ.error is None and (fr["width"], fr["height"]) == (3840, 2160)
+    x1, y1, x2, y2 = fr["faces"][0]["bbox"]
+    assert 1400 <= x1 < x2 <= 2600 and 500 <= y1 < y2 <= 1700 and fr["faces"][0]["label"] == "happiness"
+
+
+def test_truncated_stream_is_recorded_not_lost(tmp_path, clip_faces):
+    import av
+
+    p = tmp_path / "clip.webm"  # WebM keeps its frames decodable when the file is cut
+    c = av.open(str(p), "w")
+    s = c.add_stream("libvpx", rate=25)
+    s.width = s.height = 192
+    s.pix_fmt = "yuv420p"
+    s.options = {"lag-in-frames": "0", "g": "1"}
+    for i in range(40):
+        f = av.VideoFrame.from_ndarray(clip_faces["astronaut"], format="rgb24")
+        f.pts = i
+        for pkt in s.encode(f):
+            c.mux(pkt)
+    for pkt in s.encode():
+        c.mux(pkt)
+    c.close()
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) * 6 // 10])
+    out = tmp_path / "f.jsonl"
+    summ = run_video(str(p), out, VideoConfig())
+    recs = list(read_jsonl(out))
+    good = [r for r in recs if r.get("record") == "frame" and not r["error"]]
+    assert 10 <= len(good) < 40 and all(r["n_faces"] == 1 for r in good)
+    assert summ.error["kind"] == "truncated" and any((r.get("error") or {}).get("kind") == "truncated" for r in recs if r.get("record") == "frame")
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_analyze_and_au_on_videos(tmp_path, happy_clip, bad_videos, astronaut_path):
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    r = CliRunner()
+    out = tmp_path / "a.jsonl"
+    res = r.invoke(app, ["analyze", happy_clip, "--out", str(out), "--fps", "12.5", "--render", "gif", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    media = list((tmp_path / "a_media").iterdir())
+    assert sorted(p.suffix for p in media) == [".gif", ".png"]
+    assert [s["label"] for s in read_jsonl(segments_path(out))] == ["neutral", "happiness", "neutral"]
+    assert sum(1 for x in read_jsonl(out) if x.get("record") == "frame") == 24
+    assert r.invoke(app, ["analyze", happy_clip]).exit_code == 2  # a video needs --out
+    res = r.invoke(app, ["au", str(bad_videos["corrupt"]), "--out", str(tmp_path / "b.jsonl"), "--no-progress"])
+    assert res.exit_code == 1
+    (rec,) = list(read_jsonl(tmp_path / "b.jsonl"))
+    assert rec["error"]["kind"] == "corrupt" and json.dumps(rec)
+    # --retry-errors with an image in the run: the failed video is done again, its new record kept
+    for _ in range(2):
+        res = r.invoke(app, ["au", str(bad_videos["corrupt"]), str(astronaut_path), "--out", str(tmp_path / "b.jsonl"),
+                             "--retry-errors", "--no-progress"])
+        assert res.exit_code == 1
+        recs = list(read_jsonl(tmp_path / "b.jsonl"))
+        assert [x["error"]["kind"] for x in recs if x.get("record") == "video"] == ["corrupt"]  # redone, kept once
+        assert [x["error"] for x in recs if "image" in x] == [None]
+
+
+def test_video_writer_gif_webp_keep_frames_and_times(tmp_path, clip_faces):
+    from PIL import Image
+
+    from tagfer.video_render import VideoWriter
+
+    a, g = clip_faces["astronaut"], clip_faces["grace"]
+    for ext in ("gif", "webp"):
+        p = write_clip(tmp_path / f"x.{ext}", [a, g, a], times=[0.0, 0.1, 0.5])
+        im = Image.open(p)
+        assert im.n_frames == 3 and im.size == a.shape[1::-1]
+        if ext == "gif":
+            im.seek(1)
+            assert im.info["duration"] == pytest.approx(400, abs=20)  # the frames' own times, not a fixed rate
+    with pytest.raises(ValueError):
+        VideoWriter(tmp_path / "x.txt")
+    with pytest.raises(RuntimeError):  # a failed encode leaves no file under the final name
+        with VideoWriter(tmp_path / "y.mp4") as w:
+            w.write(a, 0.0)
+            raise RuntimeError("stop")
+    assert not list(tmp_path.glob("y*"))
+
+
+def test_worse_exit_code_order():
+    from tagfer.cli.video import worse_exit
+
+    assert worse_exit(0, 3) == 3 and worse_exit(3, 1) == 1 and worse_exit(1, 2) == 2 and worse_exit(0, 0) == 0
+
+
+def test_cli_au_mixes_videos_and_images(tmp_path, happy_clip, astronaut_path):
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    out = tmp_path / "au.jsonl"
+    args = ["au", happy_clip, str(astronaut_path), "--out", str(out), "--fps", "5", "--smooth", "ema:0.4", "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    recs = list(read_jsonl(out))
+    assert sum(1 for r in recs if r.get("record") == "frame") == 10 and sum(1 for r in recs if "image" in r) == 1
+    assert {s["smoothing"] for s in read_jsonl(segments_path(out))} == {"ema tau 0.2s"}
+    res = CliRunner().invoke(app, args)  # everything done: nothing added
+    assert res.exit_code == 0 and len(list(read_jsonl(out))) == len(recs)
+    assert CliRunner().invoke(app, ["au", happy_clip, "--out", str(out), "--smooth", "median:3"]).exit_code == 2
+
+
+def test_prefetch_keeps_order_raises_in_order_and_stops_early():
+    from tagfer.video import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def boom():
+        yield 1
+        yield 2
+        raise ValueError("bad file")
+
+    got = []
+    with pytest.raises(ValueError, match="bad file"):
+        for x in prefetch(boom()):
+            got.append(x)
+    assert got == [1, 2]
+    closed = []
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.append(True)
+
+    for x in prefetch(endless()):
+        if x == 5:
+            break
+    assert closed == [True]  # the producer was closed, not left running
