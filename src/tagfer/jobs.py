@@ -164,7 +164,8 @@ def ordered_map(
     name: str = "tagfer-job",
 ) -> Iterator[R]:
     """``fn(item)`` for each item, yielded in input order, at most ``window`` (default
-    ``2 × workers``) items in flight. ``workers <= 1`` without ``processes`` runs inline.
+    ``2 × workers``) items in flight. ``workers=0`` runs inline (no thread); one worker
+    thread still overlaps ``fn`` with the consumer's own work.
 
     ``processes=True``: ``fn`` and the items must be picklable; ``initializer(*initargs)``
     runs once in each worker; a broken pool is rebuilt and an item in flight during two
@@ -172,7 +173,7 @@ def ordered_map(
     An exception raised by ``fn`` propagates to the caller when its item's turn comes.
     """
     window = max(1, window or 2 * max(1, workers))
-    if workers <= 1 and not processes:
+    if workers <= 0 and not processes:
         for it in items:
             yield fn(it)
         return
