@@ -15,7 +15,7 @@ import pytest
 
 from fakeserver import Reply
 from fixtures_data import FakeAUDetector, fake_au_rows, make_build_dataset
-from tagfer.build import BuildConfig, LocalTeacher, feedback, output_paths, parse_shard, run_build, shard_of
+from tagfer.build import BackendTeacher, BuildConfig, feedback, output_paths, parse_shard, run_build, shard_of
 from tagfer.jsonl import read_jsonl
 from tagfer.labels import LABELS, find_labels
 from tagfer.records import TAGSample
@@ -477,12 +477,12 @@ def test_tiny_random_vlm_garbage_is_rejected_cleanly(tiny_vlm, tmp_path):
     from tagfer.backends import TransformersBackend
 
     csv_path, table = make_build_dataset(tmp_path / "d", ["fear", "anger"])
-    teacher = LocalTeacher(TransformersBackend(tiny_vlm), max_tokens=12)
+    teacher = BackendTeacher(TransformersBackend(tiny_vlm), max_tokens=12)
     cfg = BuildConfig(sources=[f"generic:{csv_path}"], out=str(tmp_path / "o"), max_format_retries=0)
     s = run_build(cfg, detector=FakeAUDetector(table), teacher=teacher)
     assert s.accepted == 0 and s.reasons == {"quality_invalid": 2}
     cfg2 = BuildConfig(sources=[f"generic:{csv_path}"], out=str(tmp_path / "o2"), quality=False, max_format_retries=1)
-    s = run_build(cfg2, detector=FakeAUDetector(table), teacher=LocalTeacher(TransformersBackend(tiny_vlm), max_tokens=12))
+    s = run_build(cfg2, detector=FakeAUDetector(table), teacher=BackendTeacher(TransformersBackend(tiny_vlm), max_tokens=12))
     assert s.accepted == 0 and s.reasons == {"format": 2} and s.requests == 4
 
 

@@ -741,6 +741,8 @@ COMMON_OPTIONS = frozenset({
     "image_side",     # hf, openai, vllm: longer image side sent to the model
     "image_format",   # openai, vllm: png | jpeg
     "detector",       # facs: AU detector kind (mediapipe, openface:CSV, ...)
+    "client",         # openai: a base ClientConfig (the spec's URLs replace its endpoints)
+    "tag_requests",   # openai: send each request's id as the OpenAI `user` field
 })
 
 _KINDS: dict[str, BackendKind] = {}
@@ -791,8 +793,7 @@ def make_backend(spec: Any, **kw: Any) -> Backend:
 
     Keyword arguments: :data:`COMMON_OPTIONS` (ignored by kinds that do not use them), plus the
     kind's own — ``hf``: :class:`tagfer.vlm.VLMConfig` fields (adapter, dtype, ...); ``openai``:
-    ``window``/``ordered``/``tag_requests``, ``client`` (a base :class:`ClientConfig`) and
-    ClientConfig fields (model, per_endpoint_concurrency, ...); ``vllm``: ``chunk_size`` and
+    ``window``/``ordered`` and :class:`ClientConfig` fields (model, per_endpoint_concurrency, ...); ``vllm``: ``chunk_size`` and
     ``vllm.LLM`` engine arguments; ``facs``: ``config`` (a :class:`tagfer.facs.FACSConfig`).
     """
     if not isinstance(spec, str):
@@ -824,7 +825,8 @@ def _build_openai(target: str, kw: dict[str, Any]) -> Backend:
 
     from tagfer.openai_client import ClientConfig
 
-    kw = _drop(kw, ("concurrency", "served_model", "api_key", "max_retries", "timeout_s", "image_side", "image_format"))
+    kw = _drop(kw, ("concurrency", "served_model", "api_key", "max_retries", "timeout_s", "image_side", "image_format",
+                    "client", "tag_requests"))
     own = {k: kw.pop(k) for k in ("concurrency", "window", "ordered", "tag_requests") if k in kw}
     served = kw.pop("served_model", None)
     if served:
