@@ -225,7 +225,7 @@ def run_grounding(
                     emit(ground_image(det, key, config))
             finally:
                 det.close()
-        else:  # worker processes (MediaPipe is not thread-safe); a crashed worker costs at most its images
+        else:  # worker processes (MediaPipe is not thread-safe); a crash costs only the image that causes it
             for rec in ordered_map(_work, todo(), workers=workers, window=max_in_flight or 4 * workers, processes=True,
                                    initializer=_init_worker, initargs=(spec, config), on_crash=_crashed):
                 emit(rec)
@@ -233,4 +233,4 @@ def run_grounding(
 
 
 def _crashed(key: str) -> dict:
-    return error_record(key, "worker_crashed", "the worker process died twice while processing this image")
+    return error_record(key, "worker_crashed", "the worker process died while processing this image (run alone)")

@@ -14,9 +14,9 @@ Two pieces, used together or apart:
     memory whatever the stream's length), results yielded in input order, in worker
     threads (``processes=False``: for work that releases the GIL or waits on I/O) or worker
     processes. A process pool that breaks (a worker killed by the OS, a crash in native
-    code) is rebuilt and the items in flight are run again; an item that was in flight
-    during two breaks gets ``on_crash(item)`` as its result, so one poisonous input cannot
-    stop a batch. Worker processes exit with the parent, even when it is ``kill -9``-ed
+    code) is rebuilt and the items that were in flight are run again, one at a time; an item
+    that breaks the pool on its own gets ``on_crash(item)`` as its result, so one poisonous
+    input costs only itself and cannot stop a batch. Worker processes exit with the parent, even when it is ``kill -9``-ed
     (:func:`exit_with_parent`).
 
 Records are written by the caller with :class:`tagfer.jsonl.JsonlWriter` (flushed per
@@ -168,8 +168,8 @@ def ordered_map(
     thread still overlaps ``fn`` with the consumer's own work.
 
     ``processes=True``: ``fn`` and the items must be picklable; ``initializer(*initargs)``
-    runs once in each worker; a broken pool is rebuilt and an item in flight during two
-    breaks yields ``on_crash(item)`` (without ``on_crash`` the ``BrokenProcessPool`` is raised).
+    runs once in each worker; a broken pool is rebuilt and the item that breaks it when run
+    alone yields ``on_crash(item)`` (without ``on_crash`` the ``BrokenProcessPool`` is raised).
     An exception raised by ``fn`` propagates to the caller when its item's turn comes.
     """
     window = max(1, window or 2 * max(1, workers))
@@ -194,9 +194,22 @@ def ordered_map(
     yield from _process_map(fn, items, workers, window, initializer, initargs, on_crash)
 
 
+def _submit(pool: ProcessPoolExecutor, fn: Callable, item: Any) -> Future:
+    """``pool.submit``, or a future holding the ``BrokenProcessPool`` when the pool broke already."""
+    try:
+        return pool.submit(fn, item)
+    except BrokenProcessPool as e:
+        f: Future = Future()
+        f.set_exception(e)
+        return f
+
+
 def _process_map(fn, items, workers, window, initializer, initargs, on_crash) -> Iterator:
-    crashes: dict[int, int] = {}
-    pending: deque[tuple[int, Any, Future | None]] = deque()  # (sequence number, item, future | None = given up)
+    """The process flavour of :func:`ordered_map`. After a break, the items that were in flight
+    are run again one at a time (``isolating``), so the one that kills a worker on its own is
+    found exactly and its neighbours are not lost."""
+    pending: deque[list] = deque()  # [item, future | None (not submitted yet)], input order
+    isolating = 0  # head items still to run alone after a break
 
     def new_pool() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=workers, initializer=_process_init, initargs=(os.getpid(), initializer, initargs))
@@ -204,39 +217,40 @@ def _process_map(fn, items, workers, window, initializer, initargs, on_crash) ->
     pool = new_pool()
     try:
         it = iter(items)
-        seq = 0
         exhausted = False
         while True:
-            while not exhausted and len(pending) < window:
+            while not isolating and not exhausted and len(pending) < window:
                 try:
                     item = next(it)
                 except StopIteration:
                     exhausted = True
                     break
-                pending.append((seq, item, pool.submit(fn, item)))
-                seq += 1
-            # Items given up on (future None) are yielded when they reach the front, keeping input order.
-            while pending and pending[0][2] is None:
-                _, item, _ = pending.popleft()
-                yield on_crash(item)  # type: ignore[misc]
+                pending.append([item, _submit(pool, fn, item)])
             if not pending:
                 break
-            n, item, fut = pending[0]
+            head = pending[0]
+            if head[1] is None:
+                head[1] = _submit(pool, fn, head[0])
             try:
-                res = fut.result()  # type: ignore[union-attr]
+                res = head[1].result()
             except BrokenProcessPool:
                 if on_crash is None:
                     raise
                 pool.shutdown(wait=False, cancel_futures=True)
                 pool = new_pool()
-                survivors = list(pending)
-                pending.clear()
-                for k, x, _ in survivors:
-                    crashes[k] = crashes.get(k, 0) + 1
-                    pending.append((k, x, None if crashes[k] >= 2 else pool.submit(fn, x)))
+                if isolating:  # it ran alone: it is the culprit
+                    pending.popleft()
+                    isolating -= 1
+                    yield on_crash(head[0])
+                else:  # every item in flight is a suspect: run each alone
+                    isolating = len(pending)
+                for entry in pending:
+                    if entry[1] is not None and not (entry[1].done() and entry[1].exception() is None):
+                        entry[1] = None  # lost with the pool (a finished result is kept)
                 continue
             pending.popleft()
-            crashes.pop(n, None)
+            if isolating:
+                isolating -= 1
             yield res
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
