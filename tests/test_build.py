@@ -665,3 +665,20 @@ def test_build_config_holds_the_one_client_config():
         BuildConfig.from_dict({"retries": 3})
     with pytest.raises(TypeError):
         BuildConfig(request_retries=3)  # the flat names are read-only: construct with from_dict or client=
+
+
+def test_teacher_comes_from_the_model_registry(monkeypatch, tmp_path):
+    import sys
+
+    from tagfer.backends import FACSBackend, OpenAIBackend
+    from tagfer.build import teacher_backend
+
+    cfg = BuildConfig.from_dict({"endpoints": ["http://h0:1/v1", "http://h1:1/v1"], "model": "teach", "per_endpoint": 7})
+    b = teacher_backend(cfg)
+    assert isinstance(b, OpenAIBackend) and b.client_config == cfg.client and b.tag_requests  # one ClientConfig, not a copy
+    b = teacher_backend(BuildConfig.from_dict({"teacher": "openai:http://other:2/v1", "model": "teach", "tag_requests": False}))
+    assert b.client_config.endpoints == ["http://other:2/v1"] and b.client_config.model == "teach" and not b.tag_requests
+    assert isinstance(teacher_backend(BuildConfig(teacher="facs")), FACSBackend)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed: a clear usage error, no traceback
+    with pytest.raises(ValueError, match="teacher 'vllm:/m'.*pip install vllm"):
+        run_build(BuildConfig(sources=[], out=str(tmp_path / "v"), teacher="vllm:/m"))

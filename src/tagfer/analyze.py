@@ -254,6 +254,9 @@ class FACSEngine:
             out.append(EngineOutput(ex.trace, dict(ex.scores), list(ex.evidence_aus)))
         return out
 
+    def close(self) -> None:
+        self.backend.close()
+
 
 class GenerationError(ItemError):
     """The model backend failed for a face (``kind``: ``generation_<backend error kind>``)."""
