@@ -756,10 +756,12 @@ def analyze_batch(
         summary.skipped = summary.given - len(paths)
     if overlay is not None and Path(overlay).suffix.lower() == ".png" and len(paths) > 1:
         raise BatchSetupError("--overlay OUT.png takes one image; give a directory for several")
-    own_engine = None
+    own_engine = None  # an engine built here from a spec is closed here; one handed in stays the caller's
     try:
         if factory is None:
-            own_engine = eng = load_engine(engine, max_new_tokens=max_new_tokens, device=device) if not hasattr(engine, "run") else engine
+            eng = engine if hasattr(engine, "run") else load_engine(engine, max_new_tokens=max_new_tokens, device=device)
+            if engine is None or isinstance(engine, str):
+                own_engine = eng
 
             def factory() -> Analyzer:
                 from tagfer.aus import AUConfig
@@ -773,7 +775,7 @@ def analyze_batch(
         pool = AnalyzerPool(factory, size=workers)
         pool.warm()  # fails fast on a missing landmarker model
     except Exception as e:  # model / landmarker not available: the batch cannot start
-        if own_engine is not None and own_engine is not engine:
+        if own_engine is not None:
             getattr(own_engine, "close", lambda: None)()
         raise BatchSetupError(str(e)) from e
     if on_start is not None:
@@ -801,6 +803,6 @@ def analyze_batch(
         if writer is not None:
             writer.close()
         pool.close()
-        if own_engine is not None and own_engine is not engine:
+        if own_engine is not None:
             getattr(own_engine, "close", lambda: None)()
     return summary
