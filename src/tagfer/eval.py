@@ -29,6 +29,7 @@ AffectNet 3,500) when a full test split is evaluated; a different count is a war
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -200,7 +201,8 @@ def run_eval(
     """Predict every record not yet in ``out`` and append one :class:`Prediction` per record.
 
     ``records``: :class:`tagfer.sources.SourceRecord` objects (``id``, ``source``, ``split``,
-    ``label``, ``image_path``, ``image``). ``backend``: a :class:`tagfer.backends.Backend`;
+    ``label``, ``image_path``, ``image``). ``backend``: a :class:`tagfer.backends.Backend`, or a
+    model spec (resolved by :func:`tagfer.backends.make_backend`, closed at the end);
     requests stream through it lazily (it bounds its own look-ahead), so memory stays
     constant whatever the dataset size, and a remote backend keeps its concurrency full.
     Image and request failures come back as per-item errors and are recorded.
@@ -213,6 +215,12 @@ def run_eval(
     from tagfer.prompts import tag_prompt
 
     t0 = time.perf_counter()
+    own = isinstance(backend, str)  # a model spec: resolved by the one registry, closed here
+    if own:
+        from tagfer.backends import make_backend
+
+        model = model or backend  # the spec names the model in the records
+        backend = make_backend(backend)
     system, user = prompt or tag_prompt()
     gen = gen or generation_defaults()
     cfg = GenerationConfig(**{k: gen[k] for k in ("temperature", "top_p", "max_new_tokens", "seed", "max_boxes") if k in gen})
@@ -263,7 +271,9 @@ def run_eval(
     workers = min(4, os.cpu_count() or 1) if encode_workers is None else encode_workers
     if client_cfg is not None and workers > 0:
         reqs = _prebuilt_messages(reqs, client_cfg, workers)
-    with writer:
+    with writer, contextlib.ExitStack() as stack:
+        if own:
+            stack.callback(backend.close)
         for res in backend.generate(reqs, cfg):
             p = pending.pop(res.id)
             err = res.error
