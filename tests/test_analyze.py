@@ -28,6 +28,7 @@ from tagfer.canvas import CanvasTransform
 from tagfer.cli import app
 from tagfer.errors import ItemError
 from tagfer.imageio import load_image
+from tagfer.jsonl import read_jsonl
 from tagfer.trace import parse_trace
 
 runner = CliRunner()
@@ -412,3 +413,68 @@ def test_one_canvas_for_detector_trace_and_record(landmarker, astronaut_path):
         Analyzer(detector=det, engine=FACSEngine(), own_detector=False)
     assert a.well_formed and a.boxes and all(0 <= v <= 255 for b in a.boxes for v in b)
     assert a.r_au is not None and a.r_au > 0.99  # the FACS engine cites the detector's own boxes, on the same canvas
+
+
+# --------------------------------------------------------------------------- batches (Python API)
+class _ScriptBackend:
+    """A Backend object handed to the library directly (no spec): answers the same text for every face."""
+
+    name = "script"
+    thread_safe = True
+    batch_size = 4
+
+    def __init__(self, text):
+        self.text = text
+        self.closed = False
+
+    def model_name(self):
+        return "script"
+
+    def generate(self, requests, config=None, on_result=None):
+        from tagfer.backends import GenResult
+
+        for r in requests:
+            yield GenResult(r.id, self.text, None, {}, {})
+
+    def close(self):
+        self.closed = True
+
+
+def test_analyze_batch_resumes_writes_overlays_and_sets_the_exit_code(tmp_path, mp_detector, astronaut_path, grace_path, bad_inputs):
+    import shutil
+
+    from tagfer.analyze import EXIT_OK, BatchSetupError, analyze_batch
+
+    d = tmp_path / "faces"
+    d.mkdir()
+    shutil.copy(astronaut_path, d / "a.png")
+    shutil.copy(bad_inputs["corrupt"], d / "b.jpg")
+    out, ov = tmp_path / "a.jsonl", tmp_path / "ov"
+    good = "<think>The mouth corners rise, AU12 <bbox>[180, 300, 330, 420]</bbox>.</think>\n<answer>happiness</answer>"
+    backend = _ScriptBackend(good)
+    factory = lambda: Analyzer(detector=mp_detector, engine=backend)  # noqa: E731 - a Backend object is an engine
+    seen, started = [], []
+    s = analyze_batch([d], factory=factory, out=out, overlay=ov, on_start=started.append, on_result=seen.append)
+    assert started == [2] and [Path(r.image).name for r in seen] == ["a.png", "b.jpg"]
+    assert (s.given, s.analysed, s.failed, s.malformed, s.skipped) == (2, 2, 1, 0, 0) and s.exit_code == EXIT_FAILED
+    assert seen[0].analyses[0].engine == "script" and seen[0].analyses[0].well_formed
+    assert seen[0].overlays and all(Path(p).is_file() and Path(p).parent == ov for p in seen[0].overlays)
+    assert [r["image"] for r in read_jsonl(out)] == [r.image for r in seen]
+    shutil.copy(grace_path, d / "c.jpg")
+    s = analyze_batch([d], factory=factory, out=out)  # resume: only the new image; the failure is still reported
+    assert (s.analysed, s.skipped, s.failed_before, s.exit_code) == (1, 2, 1, EXIT_FAILED)
+    shutil.copy(astronaut_path, d / "b.jpg")
+    s = analyze_batch([d], factory=factory, out=out, retry_errors=True)
+    assert (s.analysed, s.skipped, s.failed, s.failed_before, s.exit_code) == (1, 2, 0, 0, EXIT_OK)
+    assert sorted(Path(r["image"]).name for r in read_jsonl(out)) == ["a.png", "b.jpg", "c.jpg"]
+    backend.text = "happy, I think"  # a malformed answer: exit 3, and still 3 on a re-run that skips it
+    s = analyze_batch([d / "a.png"], factory=factory, out=tmp_path / "m.jsonl")
+    assert (s.malformed, s.exit_code) == (1, EXIT_MALFORMED)
+    s = analyze_batch([d / "a.png"], factory=factory, out=tmp_path / "m.jsonl")
+    assert (s.analysed, s.malformed_before, s.exit_code) == (0, 1, EXIT_MALFORMED)
+    assert not backend.closed  # an engine handed in stays the caller's
+    (tmp_path / "empty").mkdir()
+    for bad, match in ((dict(images=[tmp_path / "empty"]), "no image"), (dict(images=[d], frame="nope"), "frame"),
+                       (dict(images=[d], overlay=tmp_path / "one.png", resume=False, out=tmp_path / "x.jsonl"), "one image")):
+        with pytest.raises(BatchSetupError, match=match):
+            analyze_batch(factory=factory, **bad)

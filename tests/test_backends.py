@@ -16,6 +16,7 @@ from fakeserver import Reply
 from tagfer.backends import (
     Backend,
     BackendUnavailable,
+    FACSBackend,
     GenerationConfig,
     GenRequest,
     GenResult,
@@ -366,3 +367,155 @@ def limit_boxes_text(text: str) -> str:
     from tagfer.backends import limit_boxes
 
     return limit_boxes("v:" + text, 3)[0]
+
+
+# ----------------------------------------------------------------------------- the registry (one way to call a model)
+
+class _FakeVLM:
+    """Stands in for a loaded tagfer.vlm.VLM (no transformers import)."""
+
+    def __init__(self, cfg):
+        self.config = cfg
+
+    def generate(self, images, users, system=None, **kw):
+        return ["<think>x</think><answer>fear</answer>" for _ in images]
+
+
+@pytest.fixture
+def fake_load_vlm(monkeypatch):
+    import tagfer.vlm
+
+    made = []
+
+    def load(cfg, **kw):
+        made.append(cfg)
+        return _FakeVLM(cfg)
+
+    monkeypatch.setattr(tagfer.vlm, "load_vlm", load)
+    return made
+
+
+SPEC_KINDS = [
+    ("hf:/models/x", TransformersBackend),
+    ("transformers:Org/model", TransformersBackend),
+    ("/models/tag-7b", TransformersBackend),  # a bare path
+    ("Org/model", TransformersBackend),  # a hub id
+    ("openai:http://127.0.0.1:9/v1,http://127.0.0.1:10/v1", OpenAIBackend),
+    ("http://127.0.0.1:9/v1", OpenAIBackend),
+    ("vllm:/models/x", VLLMBackend),
+    ("facs", FACSBackend),
+    ("facs:openface:/data/of.csv", FACSBackend),
+]
+
+
+@pytest.mark.parametrize("spec,cls", SPEC_KINDS)
+def test_every_spec_kind_resolves_to_the_same_object_in_analyze_and_eval(spec, cls, fake_load_vlm, fake_vllm):
+    """`tagfer eval` builds its model with make_backend; `tagfer analyze` with load_engine: same spec, same backend."""
+    from tagfer.analyze import load_engine
+
+    common = dict(batch_size=2, device="cpu", concurrency=3, served_model="srv", api_key="", max_retries=0, timeout_s=5.0,
+                  image_format="jpeg")  # the eval command line passes them all; each kind takes what it uses
+    b = make_backend(spec, **common)
+    assert type(b) is cls and isinstance(b, Backend)
+    eng = load_engine(spec, device="cpu")
+    assert type(eng.backend) is cls
+    if cls is TransformersBackend:
+        assert b.vlm.config.model == spec.split(":", 1)[-1] and b.vlm.config.device == "cpu" and b.batch_size == 2
+        assert eng.name == spec and not b.thread_safe
+    elif cls is OpenAIBackend:
+        cfg = b.client_config
+        assert cfg.model == "srv" and cfg.total_concurrency == 3 and cfg.max_retries == 0 and cfg.image_format == "jpeg"
+        assert b.thread_safe and b.batch_size == cfg.max_in_flight
+    elif cls is VLLMBackend:
+        assert b.chunk_size == b.batch_size == 2
+    else:
+        assert b.spec.kind == (spec.split(":", 1)[1] if ":" in spec else "mediapipe")
+        assert b._detector is None  # the detector is built on first use (analyze never needs it)
+    for x in (b, eng):
+        x.close()
+
+
+def test_unknown_or_empty_specs_are_clear_errors(tmp_path):
+    with pytest.raises(BackendUnavailable, match=r"unknown model kind 'gpt4'.*hf:PATH.*openai:URL.*vllm:PATH.*facs"):
+        make_backend("gpt4:turbo")
+    with pytest.raises(BackendUnavailable, match="empty model spec"):
+        make_backend("  ")
+    with pytest.raises(TypeError):
+        make_backend(42)
+    with pytest.raises(TypeError):  # an option no kind knows is not silently dropped
+        make_backend("facs", no_such_option=1)
+    odd = tmp_path / "ab:cd"
+    odd.mkdir()
+    assert parse_spec(str(odd)) == ("hf", str(odd))  # an existing path with a colon is a path
+    assert parse_spec("facs") == ("facs", "") and parse_spec("FACS:table:/x.csv") == ("facs", "table:/x.csv")
+
+
+class _Probe:
+    """A new backend: everything it takes is the registry entry below."""
+
+    name = "probe"
+    thread_safe = False
+    batch_size = 1
+    reply = "<think>The mouth corners rise.</think>\n<answer>happiness</answer>"
+
+    def __init__(self, target):
+        self.target = target
+
+    def model_name(self):
+        return self.target
+
+    def generate(self, requests, config=None, on_result=None):
+        for r in requests:
+            yield GenResult(r.id, self.reply, None, dict(r.meta), {"backend": "probe"})
+
+    def close(self):
+        pass
+
+
+def test_a_new_backend_is_one_registration(monkeypatch, tmp_path, rafdb_root, astronaut_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    import tagfer.backends as B
+    from tagfer.cli import app
+
+    monkeypatch.setattr(B, "_KINDS", dict(B._KINDS))
+    built = []
+    B.register_backend("probe", lambda target, kw: built.append(target) or _Probe(target), usage="probe:NAME")
+    assert "probe:NAME" in B.backend_kinds()
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval", "--model", "probe:p1", "--dataset", f"rafdb:{rafdb_root}", "--out", str(tmp_path / "p.jsonl"),
+                            "--no-progress", "--batch-size", "3", "--concurrency", "2"])
+    assert r.exit_code == 0, r.output
+    preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert preds and all(p["output"] == _Probe.reply and p["pred"] == "happiness" and p["model"] == "probe:p1" for p in preds)
+    r = runner.invoke(app, ["analyze", str(astronaut_path), "--json", "--model", "probe:p2"])
+    assert r.exit_code == 0, r.output
+    (a,) = json.loads(r.stdout.splitlines()[-1])["analyses"]
+    assert a["engine"] == "probe:p2" and a["trace"] == _Probe.reply and a["label"] == "happiness"
+    assert built == ["p1", "p2"]
+    r = runner.invoke(app, ["eval", "--model", "nope:x", "--dataset", f"rafdb:{rafdb_root}", "--out", str(tmp_path / "q.jsonl")])
+    assert r.exit_code == 2 and "unknown model kind 'nope'" in r.output
+
+
+def test_openai_backend_prepared_images_tags_and_async_requests(srv):
+    """The teacher's path: an image encoded once, the item id as `user`, awaited from another event loop."""
+    import asyncio
+
+    srv.reset(lambda req, i: f"{req.get('user')}:{text_of(req)}")
+    b = OpenAIBackend(ocfg(srv.url), tag_requests=True)
+    try:
+        part = b.prepare_image(Image.new("RGB", (64, 48), (200, 10, 10)))
+        assert part["type"] == "image_url" and part["image_url"]["url"].startswith("data:image/png;base64,")
+
+        async def ask():
+            return await asyncio.gather(*(b.agenerate(GenRequest(f"item{i}", f"q{i}", image=part)) for i in range(3)))
+
+        out = asyncio.run(ask())
+        assert [r.text for r in out] == ["item0:q0", "item1:q1", "item2:q2"] and out[0].info["attempts"] == 1
+        assert b.model_name() == "m"
+        bad = asyncio.run(b.agenerate(GenRequest("x", "q", image=b"not an image")))
+        assert bad.error is not None and bad.text is None
+    finally:
+        b.close()

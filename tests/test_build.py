@@ -15,7 +15,7 @@ import pytest
 
 from fakeserver import Reply
 from fixtures_data import FakeAUDetector, fake_au_rows, make_build_dataset
-from tagfer.build import BuildConfig, LocalTeacher, feedback, output_paths, parse_shard, run_build, shard_of
+from tagfer.build import BackendTeacher, BuildConfig, feedback, output_paths, parse_shard, run_build, shard_of
 from tagfer.jsonl import read_jsonl
 from tagfer.labels import LABELS, find_labels
 from tagfer.records import TAGSample
@@ -477,12 +477,12 @@ def test_tiny_random_vlm_garbage_is_rejected_cleanly(tiny_vlm, tmp_path):
     from tagfer.backends import TransformersBackend
 
     csv_path, table = make_build_dataset(tmp_path / "d", ["fear", "anger"])
-    teacher = LocalTeacher(TransformersBackend(tiny_vlm), max_tokens=12)
+    teacher = BackendTeacher(TransformersBackend(tiny_vlm), max_tokens=12)
     cfg = BuildConfig(sources=[f"generic:{csv_path}"], out=str(tmp_path / "o"), max_format_retries=0)
     s = run_build(cfg, detector=FakeAUDetector(table), teacher=teacher)
     assert s.accepted == 0 and s.reasons == {"quality_invalid": 2}
     cfg2 = BuildConfig(sources=[f"generic:{csv_path}"], out=str(tmp_path / "o2"), quality=False, max_format_retries=1)
-    s = run_build(cfg2, detector=FakeAUDetector(table), teacher=LocalTeacher(TransformersBackend(tiny_vlm), max_tokens=12))
+    s = run_build(cfg2, detector=FakeAUDetector(table), teacher=BackendTeacher(TransformersBackend(tiny_vlm), max_tokens=12))
     assert s.accepted == 0 and s.reasons == {"format": 2} and s.requests == 4
 
 
@@ -665,3 +665,20 @@ def test_build_config_holds_the_one_client_config():
         BuildConfig.from_dict({"retries": 3})
     with pytest.raises(TypeError):
         BuildConfig(request_retries=3)  # the flat names are read-only: construct with from_dict or client=
+
+
+def test_teacher_comes_from_the_model_registry(monkeypatch, tmp_path):
+    import sys
+
+    from tagfer.backends import FACSBackend, OpenAIBackend
+    from tagfer.build import teacher_backend
+
+    cfg = BuildConfig.from_dict({"endpoints": ["http://h0:1/v1", "http://h1:1/v1"], "model": "teach", "per_endpoint": 7})
+    b = teacher_backend(cfg)
+    assert isinstance(b, OpenAIBackend) and b.client_config == cfg.client and b.tag_requests  # one ClientConfig, not a copy
+    b = teacher_backend(BuildConfig.from_dict({"teacher": "openai:http://other:2/v1", "model": "teach", "tag_requests": False}))
+    assert b.client_config.endpoints == ["http://other:2/v1"] and b.client_config.model == "teach" and not b.tag_requests
+    assert isinstance(teacher_backend(BuildConfig(teacher="facs")), FACSBackend)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed: a clear usage error, no traceback
+    with pytest.raises(ValueError, match="teacher 'vllm:/m'.*pip install vllm"):
+        run_build(BuildConfig(sources=[], out=str(tmp_path / "v"), teacher="vllm:/m"))

@@ -207,6 +207,17 @@ def test_facs_baseline_backend(tmp_path, rafdb_root, bad_inputs):
     assert bad.failed == 1 and _preds(tmp_path / "bad.jsonl")[0].error["kind"] == "no_face"
 
 
+def test_run_eval_takes_a_model_spec(tmp_path, rafdb_root, eval_server):
+    """A spec string goes through the one registry (tagfer.backends.make_backend) and names the model."""
+    eval_server.reset(lambda req, i: tag_answer("happiness"))
+    spec = f"openai:{eval_server.url}"
+    s = E.eval_source(f"rafdb:{rafdb_root}", spec, tmp_path / "p.jsonl", limit=2)
+    preds = _preds(tmp_path / "p.jsonl")
+    assert s.processed == 2 and [p.model for p in preds] == [spec, spec] and all(p.pred == "happiness" for p in preds)
+    with pytest.raises(Exception, match="unknown model kind"):
+        E.eval_source(f"rafdb:{rafdb_root}", "gpt9:x", tmp_path / "q.jsonl")
+
+
 @dataclass
 class _Rec:
     id: str

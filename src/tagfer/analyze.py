@@ -49,7 +49,7 @@ from tagfer.aus import AUConfig, FaceAUs, ground_face
 from tagfer.canvas import CanvasTransform, clip_box
 from tagfer.errors import ItemError
 from tagfer.faces import FaceMesh
-from tagfer.facs import DEFAULT_CONFIG as DEFAULT_FACS, FACSConfig, explain
+from tagfer.facs import DEFAULT_CONFIG as DEFAULT_FACS, FACSConfig
 from tagfer.imageio import LoadedImage, data_url, load_image
 from tagfer.rewards import RewardConfig, r_au, r_fmt
 from tagfer.trace import ParsedTrace, find_au_mentions, parse_trace
@@ -65,11 +65,16 @@ __all__ = [
     "BackendEngine",
     "GenerationError",
     "Analyzer",
+    "engine_for",
     "load_engine",
     "face_region",
     "reframe",
     "render_overlay",
     "png_data_url",
+    "BatchSummary",
+    "BatchSetupError",
+    "analyze_batch",
+    "overlay_paths",
     "EXIT_OK",
     "EXIT_FAILED",
     "EXIT_USAGE",
@@ -227,53 +232,30 @@ class Engine(Protocol):
 
 
 class FACSEngine:
-    """The offline default (:mod:`tagfer.facs`); needs only the detector's AUs. Thread-safe (pure)."""
+    """The offline default: the ``facs`` backend (:class:`tagfer.backends.FACSBackend`) explaining
+    the faces the analyzer's detector found (no second detection, no pixels). Thread-safe (pure)."""
 
     name = "facs"
     needs_pixels = False
 
-    def __init__(self, config: FACSConfig = DEFAULT_FACS):
-        self.config = config
+    def __init__(self, config: FACSConfig = DEFAULT_FACS, backend: Any = None):
+        from tagfer.backends import FACSBackend
+
+        self.backend = backend if backend is not None else FACSBackend(config=config)
+
+    @property
+    def config(self) -> FACSConfig:
+        return self.backend.config
 
     def run(self, faces: Sequence[tuple[Image.Image | None, FaceAUs]]) -> list[EngineOutput]:
         out = []
         for _, fa in faces:
-            ex = explain(fa, self.config)
+            ex = self.backend.explain(fa)
             out.append(EngineOutput(ex.trace, dict(ex.scores), list(ex.evidence_aus)))
         return out
 
-
-class VLMEngine:
-    """A VLM (``tagfer.vlm.VLM``, or anything with its ``generate``) prompted with the unified TAG prompt.
-
-    Greedy decoding (paper: temperature 0 for TAG). Generation is serialised by a lock
-    (one model, one forward at a time).
-    """
-
-    needs_pixels = True
-
-    def __init__(self, vlm: Any, name: str | None = None, system: str | None = None, user: str | None = None,
-                 max_new_tokens: int = 512, batch_size: int = 4):
-        from tagfer.prompts import tag_prompt
-
-        s, u = tag_prompt()
-        self.vlm = vlm
-        self.system = s if system is None else system
-        self.user = u if user is None else user
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        cfg = getattr(vlm, "config", None)
-        self.name = name or str(getattr(cfg, "adapter", None) or getattr(cfg, "model", None) or "vlm")
-        self._lock = threading.Lock()
-
-    def run(self, faces: Sequence[tuple[Image.Image | None, FaceAUs]]) -> list[EngineOutput]:
-        images = [im for im, _ in faces]
-        with self._lock:
-            texts = self.vlm.generate(
-                images, [self.user] * len(images), system=self.system, max_new_tokens=self.max_new_tokens,
-                temperature=0.0, batch_size=self.batch_size, max_boxes=3,  # the paper's limit at inference
-            )
-        return [EngineOutput(t) for t in texts]
+    def close(self) -> None:
+        self.backend.close()
 
 
 class GenerationError(ItemError):
@@ -281,10 +263,12 @@ class GenerationError(ItemError):
 
 
 class BackendEngine:
-    """Any :class:`tagfer.backends.Backend` (``hf:PATH``, ``openai:URL[,URL]``, ``vllm:PATH``)
-    prompted with the unified TAG prompt, greedy (``GenerationConfig.tag``). A backend failure
-    for a face (timeout, HTTP error) fails the image with :class:`GenerationError`; an answer
-    that does not follow the grammar is reported as malformed, never repaired."""
+    """Any :class:`tagfer.backends.Backend` (``hf:PATH``, ``openai:URL[,URL]``, ``vllm:PATH``, a bare
+    path) prompted with the unified TAG prompt, greedy (``GenerationConfig.tag``: at most three
+    boxes, the paper's limit at inference). A backend failure for a face (timeout, HTTP error,
+    a generation that raised) fails the image with :class:`GenerationError`; an answer that does
+    not follow the grammar is reported as malformed, never repaired. Backends that are not
+    ``thread_safe`` (in-process models) are called by one thread at a time."""
 
     needs_pixels = True
 
@@ -311,7 +295,9 @@ class BackendEngine:
         for r in results:
             if r.error is not None or r.text is None:
                 err = r.error or {"kind": "empty", "message": "no text returned"}
-                raise GenerationError(f"generation_{err.get('kind', 'failed')}", f"model backend failed: {err.get('message', '')}")
+                kind = str(err.get("kind", "failed"))
+                raise GenerationError(kind if kind.startswith("generation") else f"generation_{kind}",
+                                      f"model backend failed: {err.get('message', '')}")
             out.append(EngineOutput(r.text))
         return out
 
@@ -321,31 +307,43 @@ class BackendEngine:
             close()
 
 
-_BACKEND_PREFIXES = ("hf:", "transformers:", "openai:", "vllm:", "http://", "https://")
+class VLMEngine(BackendEngine):
+    """A loaded VLM (``tagfer.vlm.VLM``, or anything with its ``generate``) as an engine: the
+    ``hf`` backend (:class:`tagfer.backends.TransformersBackend`) around it."""
+
+    def __init__(self, vlm: Any, name: str | None = None, system: str | None = None, user: str | None = None,
+                 max_new_tokens: int = 512, batch_size: int = 4):
+        from tagfer.backends import TransformersBackend
+
+        backend = TransformersBackend(vlm, batch_size=batch_size)
+        super().__init__(backend, name or backend.model_name(), system, user, max_new_tokens)
+        self.vlm = vlm
 
 
-def load_engine(model: str | None = None, *, max_new_tokens: int = 512, device: str | None = None,
-                **backend_kw: Any) -> FACSEngine | VLMEngine | BackendEngine:
-    """Engine from a ``--model`` value.
+def engine_for(backend: Any, name: str | None = None, max_new_tokens: int = 512) -> FACSEngine | BackendEngine:
+    """The analysis engine of a :class:`tagfer.backends.Backend`: the facs backend explains the
+    detector's faces directly (:class:`FACSEngine`); any other is prompted (:class:`BackendEngine`)."""
+    from tagfer.backends import FACSBackend
 
-    ``None``/``"facs"`` → :class:`FACSEngine`; a backend spec (``hf:PATH``, ``openai:URL[,URL]``,
-    ``vllm:PATH``, ``http(s)://…``) → :class:`BackendEngine` via :func:`tagfer.backends.make_backend`;
-    anything else is a model folder or hub id loaded in-process with :func:`tagfer.vlm.load_vlm`.
+    if isinstance(backend, FACSBackend):
+        return FACSEngine(backend=backend)
+    return BackendEngine(backend, name=name, max_new_tokens=max_new_tokens)
+
+
+def load_engine(model: Any = None, *, max_new_tokens: int = 512, device: str | None = None,
+                **backend_kw: Any) -> FACSEngine | BackendEngine:
+    """Engine from a ``--model`` value: a spec resolved by the one registry,
+    :func:`tagfer.backends.make_backend` (``None`` = ``"facs"``; ``hf:PATH`` or a bare path / hub id,
+    ``openai:URL[,URL]``, ``vllm:PATH``), or a backend object. ``device`` and ``backend_kw``
+    go to the registry (:data:`tagfer.backends.COMMON_OPTIONS` and the kind's own options).
     Raises :class:`tagfer.vlm.ModelNotAvailable` / ``BackendUnavailable`` (or ImportError without
     the ``train`` extra).
     """
-    if model is None or model == "facs":
-        return FACSEngine()
-    if model.lower().startswith(_BACKEND_PREFIXES):
-        from tagfer.backends import make_backend
+    from tagfer.backends import make_backend
 
-        if device is not None and model.lower().startswith(("hf:", "transformers:")):
-            backend_kw.setdefault("device", device)
-        return BackendEngine(make_backend(model, **backend_kw), name=model, max_new_tokens=max_new_tokens)
-    from tagfer.vlm import load_vlm
-
-    kw = {"device": device} if device is not None else {}
-    return VLMEngine(load_vlm(model, **kw), name=model, max_new_tokens=max_new_tokens)
+    spec = "facs" if model is None else model
+    backend = make_backend(spec, device=device, **backend_kw)
+    return engine_for(backend, name=spec if isinstance(spec, str) else None, max_new_tokens=max_new_tokens)
 
 
 # ----------------------------------------------------------------------------- frames
@@ -471,9 +469,13 @@ class Analyzer:
     ):
         if frame not in ("face", "image"):
             raise ValueError(f"frame must be 'face' or 'image', got {frame!r}")
+        from tagfer.backends import Backend
+
         from_spec = isinstance(engine, str) or engine is None
         if from_spec:
             engine = load_engine(engine)
+        elif isinstance(engine, Backend):
+            engine = engine_for(engine)
         elif hasattr(engine, "generate") and not hasattr(engine, "run"):
             engine = VLMEngine(engine)
         self.engine = engine
@@ -650,3 +652,157 @@ class AnalyzerPool:
             for a in self._made:
                 a.close()
             self._made.clear()
+
+
+# ----------------------------------------------------------------------------- batches
+@dataclass
+class BatchSummary:
+    """Counts of one :func:`analyze_batch` run. ``given``: images requested (folders walked);
+    ``skipped``: already in ``out``; ``failed_before`` / ``malformed_before``: skipped images whose
+    record in ``out`` is an error / holds a malformed trace (a re-run does not hide them)."""
+
+    given: int = 0
+    analysed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    malformed: int = 0
+    failed_before: int = 0
+    malformed_before: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """The ``tagfer analyze`` exit code: 1 while an image has failed, else 3 while a trace is malformed, else 0."""
+        if self.failed or self.failed_before:
+            return EXIT_FAILED
+        return EXIT_MALFORMED if self.malformed or self.malformed_before else EXIT_OK
+
+
+class BatchSetupError(ValueError):
+    """A batch that cannot start: bad options, no image, model or landmarker not available (exit code 2)."""
+
+
+def overlay_paths(overlay: str | os.PathLike, image_key: str, n_faces: int, single: bool) -> list[str]:
+    """Overlay file per face: ``OUT.png`` (+ ``OUT_face1.png`` …) for one image, else ``DIR/<stem>_<hash>_face<i>.png``."""
+    from pathlib import Path
+
+    from tagfer.grounding import overlay_name
+
+    out = Path(overlay)
+    if single and out.suffix.lower() == ".png":
+        return [str(out if i == 0 else out.with_name(f"{out.stem}_face{i}.png")) for i in range(n_faces)]
+    stem = overlay_name(image_key)[: -len(".png")]
+    return [str(out / f"{stem}_face{i}.png") for i in range(n_faces)]
+
+
+def _earlier_status(rec: dict) -> str:
+    bad_trace = any(not a.get("well_formed", True) for a in rec.get("analyses") or [] if isinstance(a, dict))
+    return "failed" if rec.get("error") else "malformed" if bad_trace else "ok"
+
+
+def analyze_batch(
+    images: Sequence[str | os.PathLike],
+    *,
+    engine: Any = None,
+    out: str | os.PathLike | None = None,
+    overlay: str | os.PathLike | None = None,
+    resume: bool = True,
+    retry_errors: bool = False,
+    workers: int = 1,
+    frame: str = "face",
+    max_faces: int = 5,
+    threshold: float = 0.3,
+    landmarker: str | os.PathLike | None = None,
+    max_new_tokens: int = 512,
+    device: str | None = None,
+    factory: Callable[[], Analyzer] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_result: Callable[[ImageResult], None] | None = None,
+) -> BatchSummary:
+    """Analyse image files and folders (walked, :func:`tagfer.grounding.iter_images`) with
+    ``workers`` analyzers in parallel, results in input order (``on_result`` sees each).
+
+    ``engine``: a model spec or backend (:func:`load_engine`; None = facs) shared by the
+    analyzers; ``factory`` replaces the analyzer set-up (detector options are then ignored).
+    ``out``: append one :meth:`ImageResult.to_json` line per image, resumable through the one job
+    runner (:func:`tagfer.jobs.resume_from`: images already there are skipped,
+    ``retry_errors`` runs the failed ones again, ``resume=False`` starts over). ``overlay``:
+    ``OUT.png`` for one image or a folder (:func:`overlay_paths`); written paths go to
+    ``ImageResult.overlays``. ``on_start(n)`` gets the number of images to analyse.
+    Raises :class:`BatchSetupError` before any work when the batch cannot start.
+    """
+    from pathlib import Path
+
+    from tagfer.grounding import check_output_path, iter_images
+    from tagfer.jobs import ordered_map, resume_from
+
+    if frame not in ("face", "image"):
+        raise BatchSetupError(f"--frame must be face or image, got {frame!r}")
+    try:
+        paths = list(iter_images(images))
+    except (ValueError, RuntimeError) as e:
+        raise BatchSetupError(str(e)) from e
+    if not paths:
+        raise BatchSetupError("no image found in the given folder(s)")
+    summary = BatchSummary(given=len(paths))
+    if out is not None:
+        try:
+            check_output_path(out)
+        except ValueError as e:
+            raise BatchSetupError(str(e)) from e
+        earlier = resume_from(out, "image", resume=resume, retry_errors=retry_errors, status=_earlier_status)
+        summary.failed_before = earlier.count(paths, "failed")
+        summary.malformed_before = earlier.count(paths, "malformed")
+        paths = [p for p in paths if p not in earlier]
+        summary.skipped = summary.given - len(paths)
+    if overlay is not None and Path(overlay).suffix.lower() == ".png" and len(paths) > 1:
+        raise BatchSetupError("--overlay OUT.png takes one image; give a directory for several")
+    own_engine = None  # an engine built here from a spec is closed here; one handed in stays the caller's
+    try:
+        if factory is None:
+            eng = engine if hasattr(engine, "run") else load_engine(engine, max_new_tokens=max_new_tokens, device=device)
+            if engine is None or isinstance(engine, str):
+                own_engine = eng
+
+            def factory() -> Analyzer:
+                from tagfer.aus import AUConfig
+                from tagfer.detectors import MediaPipeAUDetector
+                from tagfer.faces import FaceLandmarker
+
+                lm = FaceLandmarker(model_path=str(landmarker) if landmarker else None, max_faces=max_faces)
+                det = MediaPipeAUDetector(AUConfig(threshold=threshold), landmarker=lm, own_landmarker=True)
+                return Analyzer(det, eng, frame=frame, own_detector=True)
+
+        pool = AnalyzerPool(factory, size=workers)
+        pool.warm()  # fails fast on a missing landmarker model
+    except Exception as e:  # model / landmarker not available: the batch cannot start
+        if own_engine is not None:
+            getattr(own_engine, "close", lambda: None)()
+        raise BatchSetupError(str(e)) from e
+    if on_start is not None:
+        on_start(len(paths))
+    from tagfer.jsonl import JsonlWriter
+
+    writer = JsonlWriter(out) if out is not None else None
+    try:
+        for res in ordered_map(lambda p: pool.run(lambda a: a.run(p)), paths, workers=workers, name="tagfer-analyze"):
+            if res.ok and overlay is not None:
+                from tagfer.overlay import save_png
+
+                files = overlay_paths(overlay, res.image, len(res.analyses), single=summary.given == 1)
+                for f, im in zip(files, res.render_overlays()):
+                    save_png(im, f)
+                res.overlays = files
+            summary.analysed += 1
+            summary.failed += not res.ok
+            summary.malformed += res.malformed
+            if writer is not None:
+                writer.write(res.to_json())
+            if on_result is not None:
+                on_result(res)
+    finally:
+        if writer is not None:
+            writer.close()
+        pool.close()
+        if own_engine is not None:
+            getattr(own_engine, "close", lambda: None)()
+    return summary

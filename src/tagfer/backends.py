@@ -1,14 +1,18 @@
-"""One inference interface for evaluation, ``tagfer analyze`` and the data builder's teacher.
+"""The one way to call a model: the :class:`Backend` interface and the registry :func:`make_backend`.
 
-A :class:`Backend` turns a stream of :class:`GenRequest` (id, user text, optional image and
-system prompt) into a stream of :class:`GenResult` (id, text or error). Three backends:
+``tagfer analyze``, ``tagfer eval``, the judge and the data builder's teacher all take a
+:class:`Backend`, made from a model spec by :func:`make_backend` (the only place that reads a
+``--model`` value). A :class:`Backend` turns a stream of :class:`GenRequest` (id, image, and
+the chat: user text and optional system prompt, or ready ``messages``) into a stream of
+:class:`GenResult` (id, text or error). Registered kinds (:func:`register_backend` adds one):
 
-- :class:`TransformersBackend` — in-process HF model via :mod:`tagfer.vlm` (``hf:PATH``).
-- :class:`OpenAIBackend` — any OpenAI-compatible server(s) via
-  :class:`tagfer.openai_client.ChatClient` (``openai:URL[,URL...]``): vLLM/SGLang servers,
+- ``hf:PATH`` or a bare path / hub id — :class:`TransformersBackend`, in-process via :mod:`tagfer.vlm`.
+- ``openai:URL[,URL...]`` or a bare ``http(s)://`` URL — :class:`OpenAIBackend`, any
+  OpenAI-compatible server(s) via :class:`tagfer.openai_client.ChatClient`: vLLM/SGLang servers,
   one per GPU, or a hosted API. This is the paper's teacher set-up (512 concurrent requests).
-- :class:`VLLMBackend` — vLLM's offline engine in-process (``vllm:PATH``); vLLM is imported
+- ``vllm:PATH`` — :class:`VLLMBackend`, vLLM's offline engine in-process; vLLM is imported
   lazily and is not installed in this repository's environment.
+- ``facs`` / ``facs:DETECTOR`` — :class:`FACSBackend`, the offline FACS-prototype engine.
 
 Guarantees shared by all backends: results come back in input order, one per request, with
 the request's id; a bad item (unreadable image, server failure, generation error) becomes a
@@ -50,7 +54,12 @@ __all__ = [
     "TransformersBackend",
     "OpenAIBackend",
     "VLLMBackend",
+    "FACSBackend",
+    "BackendKind",
+    "COMMON_OPTIONS",
     "make_backend",
+    "register_backend",
+    "backend_kinds",
     "parse_spec",
     "load_request_image",
     "limit_boxes",
@@ -60,7 +69,7 @@ ImageLike = Image.Image | str | os.PathLike | bytes  # or an H×W×3 uint8 numpy
 
 
 class BackendUnavailable(RuntimeError):
-    """The backend cannot be built here (e.g. vLLM not installed, bad spec string)."""
+    """The backend cannot be built here (e.g. vLLM not installed, bad or unknown spec string)."""
 
 
 @dataclass
@@ -149,13 +158,26 @@ class GenResult:
 
 @runtime_checkable
 class Backend(Protocol):
-    """Anything that streams :class:`GenResult` for :class:`GenRequest` in input order.
+    """The one inference interface: anything that streams :class:`GenResult` for
+    :class:`GenRequest` (an image and a chat: user/system text or ready ``messages``) in
+    input order. Built from a spec string by :func:`make_backend` (the one registry).
 
     ``on_result(result)`` is called for each result just before it is yielded (use it for
     progress bars or writing JSONL). ``generate`` never raises for a single bad item.
+
+    Capabilities: ``thread_safe`` — ``generate`` may be called from several threads at once
+    (callers serialise otherwise); ``batch_size`` — how many requests the backend works on
+    together (callers size their look-ahead by it); ``model_name()`` — the model answering
+    (a served model's name is asked from the server). Optional: ``prepare_image(image)``
+    (encode an image once for several requests: the value goes in ``GenRequest.image``)
+    and ``async agenerate(request, config)`` (one request from an asyncio loop).
     """
 
     name: str
+    thread_safe: bool
+    batch_size: int
+
+    def model_name(self) -> str: ...
 
     def generate(self, requests: Iterable[GenRequest], config: GenerationConfig,
                  on_result: Callable[[GenResult], None] | None = None) -> Iterator[GenResult]: ...
@@ -215,6 +237,11 @@ def load_request_image(image: ImageLike) -> Image.Image:
     return Image.fromarray(load_image(image).rgb)
 
 
+def _image_or_part(image: Any) -> Any:
+    """An image for :func:`tagfer.openai_client.chat_messages`: a prepared content part as is, else an RGB PIL image."""
+    return image if isinstance(image, dict) else load_request_image(image)
+
+
 def _error_of(e: BaseException, kind: str = "bad_request") -> tuple[str, str]:
     """(kind, message) of a per-item failure: an ItemError keeps its kind; anything else gets
     ``kind`` and a message naming the exception type."""
@@ -232,6 +259,14 @@ def _emit(results: Iterable[GenResult], on_result: Callable[[GenResult], None] |
 
 class _BackendBase:
     name = "base"
+    thread_safe = False
+    batch_size = 1
+
+    def model_name(self) -> str:
+        return self.name
+
+    def warm(self) -> None:
+        """Build what is built lazily now (fail fast on a missing model file)."""
 
     def close(self) -> None:
         pass
@@ -263,10 +298,17 @@ class TransformersBackend(_BackendBase):
     name = "hf"
 
     def __init__(self, vlm_or_config: Any, batch_size: int = 8, **load_kw: Any):
-        from tagfer.vlm import VLM, load_vlm
+        if hasattr(vlm_or_config, "generate"):  # a loaded tagfer.vlm.VLM, or anything with its generate()
+            self.vlm = vlm_or_config
+        else:
+            from tagfer.vlm import load_vlm
 
-        self.vlm = vlm_or_config if isinstance(vlm_or_config, VLM) else load_vlm(vlm_or_config, **load_kw)
+            self.vlm = load_vlm(vlm_or_config, **load_kw)
         self.batch_size = max(1, int(batch_size))
+
+    def model_name(self) -> str:
+        cfg = getattr(self.vlm, "config", None)
+        return str(getattr(cfg, "adapter", None) or getattr(cfg, "model", None) or self.name)
 
     def generate(self, requests: Iterable[GenRequest], config: GenerationConfig | None = None,
                  on_result: Callable[[GenResult], None] | None = None) -> Iterator[GenResult]:
@@ -289,7 +331,7 @@ class TransformersBackend(_BackendBase):
     def _run_chunk(self, chunk: list[GenRequest], config: GenerationConfig) -> list[GenResult]:
         out: dict[int, GenResult] = {}
         groups: dict[str | None, list[tuple[int, GenRequest, Image.Image | None]]] = {}
-        model = str(getattr(self.vlm.config, "model", ""))
+        model = str(getattr(getattr(self.vlm, "config", None), "model", ""))
         for pos, req in enumerate(chunk):
             if req.messages is not None:
                 out[pos] = GenResult.failure(req, "unsupported", "TransformersBackend takes user/image/system, not raw messages", backend=self.name)
@@ -383,7 +425,8 @@ class OpenAIBackend(_BackendBase):
 
     name = "openai"
 
-    def __init__(self, client_config: Any, concurrency: int | None = None, window: int | None = None, ordered: bool = True):
+    def __init__(self, client_config: Any, concurrency: int | None = None, window: int | None = None, ordered: bool = True,
+                 tag_requests: bool = False):
         from dataclasses import replace
 
         from tagfer.openai_client import ClientConfig
@@ -396,6 +439,8 @@ class OpenAIBackend(_BackendBase):
         n = client_config.max_in_flight
         self.window = int(window) if window else n + max(32, n // 4)
         self.ordered = ordered
+        self.tag_requests = tag_requests
+        self.batch_size = n
         self._runner: _LoopThread | None = None
         self._client: Any = None
         self._lock = threading.Lock()
@@ -424,32 +469,58 @@ class OpenAIBackend(_BackendBase):
         if req.messages is not None:
             return req.messages
         cfg = self.client_config
-        images = [load_request_image(req.image)] if req.image is not None else []
+        images = [_image_or_part(req.image)] if req.image is not None else []
         return chat_messages(req.user, images, req.system, cfg.image_side, cfg.image_format)
+
+    def prepare_image(self, image: ImageLike) -> dict[str, Any]:
+        """The image encoded once as an OpenAI content part (reused by several requests)."""
+        from tagfer.openai_client import image_part
+
+        return image_part(load_request_image(image), self.client_config.image_side, self.client_config.image_format)
+
+    def model_name(self) -> str:
+        """The served model's name: the configured one, else asked from the server (``RequestFailed`` if unreachable)."""
+        runner, client = self._ensure()
+        return runner.run(client.model())
+
+    async def _one(self, client: Any, req: GenRequest, msgs: list[dict[str, Any]], params: dict[str, Any],
+                   config: GenerationConfig) -> GenResult:
+        from tagfer.openai_client import RequestFailed
+
+        if self.tag_requests:
+            params = {**params, "user": req.id}
+        try:
+            r = await client.chat(msgs, **params)
+            res = GenResult(req.id, r.text, None, dict(req.meta), {
+                "backend": self.name, "endpoint": r.endpoint, "attempts": r.attempts,
+                "latency_s": round(r.latency_s, 4), "finish_reason": r.finish_reason, "usage": r.usage})
+            return _limited(res, config.max_boxes)
+        except RequestFailed as e:
+            return GenResult.failure(req, e.kind, e.message, backend=self.name, attempts=e.attempts, endpoint=e.endpoint)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - never lose an item
+            return GenResult.failure(req, *_error_of(e, "client_error"), backend=self.name)
+
+    async def agenerate(self, req: GenRequest, config: GenerationConfig | None = None) -> GenResult:
+        """One request awaited from any asyncio loop (the data builder's); it runs on the backend's loop."""
+        config = config or GenerationConfig()
+        runner, client = self._ensure()
+        try:
+            msgs = self._messages(req)
+        except Exception as e:  # noqa: BLE001 - bad image etc.
+            return GenResult.failure(req, *_error_of(e), backend=self.name)
+        return await asyncio.wrap_future(runner.submit(self._one(client, req, msgs, config.openai_params(), config)))
 
     def generate(self, requests: Iterable[GenRequest], config: GenerationConfig | None = None,
                  on_result: Callable[[GenResult], None] | None = None) -> Iterator[GenResult]:
-        from tagfer.openai_client import RequestFailed
-
         config = config or GenerationConfig()
         params = config.openai_params()
         done: queue.SimpleQueue[tuple[int, GenResult]] = queue.SimpleQueue()
         runner, client = self._ensure()
 
         async def one(seq: int, req: GenRequest, msgs: list[dict[str, Any]]) -> None:
-            try:
-                r = await client.chat(msgs, **params)
-                res = GenResult(req.id, r.text, None, dict(req.meta), {
-                    "backend": self.name, "endpoint": r.endpoint, "attempts": r.attempts,
-                    "latency_s": round(r.latency_s, 4), "finish_reason": r.finish_reason, "usage": r.usage})
-                res = _limited(res, config.max_boxes)
-            except RequestFailed as e:
-                res = GenResult.failure(req, e.kind, e.message, backend=self.name, attempts=e.attempts, endpoint=e.endpoint)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - never lose an item
-                res = GenResult.failure(req, *_error_of(e, "client_error"), backend=self.name)
-            done.put((seq, res))
+            done.put((seq, await self._one(client, req, msgs, params, config)))
 
         futures: dict[int, Any] = {}
         try:
@@ -521,7 +592,7 @@ class VLLMBackend(_BackendBase):
         engine_kwargs.setdefault("limit_mm_per_prompt", {"image": 1})
         self.model_path = str(model_path)
         self.llm = vllm.LLM(model=self.model_path, **engine_kwargs)
-        self.chunk_size = max(1, int(chunk_size))
+        self.chunk_size = self.batch_size = max(1, int(chunk_size))
         self.image_side = image_side
         self.image_format = image_format
 
@@ -530,8 +601,11 @@ class VLLMBackend(_BackendBase):
 
         if req.messages is not None:
             return req.messages
-        images = [load_request_image(req.image)] if req.image is not None else []
+        images = [_image_or_part(req.image)] if req.image is not None else []
         return chat_messages(req.user, images, req.system, self.image_side, self.image_format)
+
+    def model_name(self) -> str:
+        return self.model_path
 
     def _sampling(self, config: GenerationConfig):
         return self._vllm.SamplingParams(temperature=config.temperature, top_p=config.top_p,
@@ -574,46 +648,212 @@ class VLLMBackend(_BackendBase):
             yield from _emit((_limited(out[i], config.max_boxes) for i in range(len(chunk))), on_result)
 
 
-# ---------------------------------------------------------------------------- specs
+# ---------------------------------------------------------------------------- FACS engine
+
+class FACSBackend(_BackendBase):
+    """The offline FACS-prototype engine (:func:`tagfer.facs.explain`) as a model (spec ``facs[:DETECTOR]``).
+
+    Each image is grounded by the AU detector (``spec``, a :class:`tagfer.detectors.DetectorSpec`,
+    default MediaPipe; built on first use, or by :meth:`warm`) and the engine writes a TAG trace
+    from the largest face's AUs; the prompt and decoding settings are ignored (the engine is
+    deterministic). Failures (no face, unreadable image) are per-item errors, like any backend's.
+    :meth:`explain` serves callers that grounded the face already (``tagfer analyze``, ``build``).
+    """
+
+    name = "facs"
+
+    def __init__(self, spec: Any = None, config: Any = None):
+        from tagfer.facs import DEFAULT_CONFIG
+
+        self.spec = spec
+        self.config = config if config is not None else DEFAULT_CONFIG
+        self._detector: Any = None
+
+    @property
+    def detector(self) -> Any:
+        if self._detector is None:
+            from tagfer.detectors import DetectorSpec
+
+            self._detector = (self.spec or DetectorSpec()).build()
+        return self._detector
+
+    def warm(self) -> None:
+        self.detector  # noqa: B018 - builds it
+
+    def explain(self, face: Any) -> Any:
+        """The engine's :class:`tagfer.facs.Explanation` of one grounded face (:class:`tagfer.aus.FaceAUs`)."""
+        from tagfer.facs import explain
+
+        return explain(face, self.config)
+
+    def generate(self, requests: Iterable[GenRequest], config: GenerationConfig | None = None,
+                 on_result: Callable[[GenResult], None] | None = None) -> Iterator[GenResult]:
+        from tagfer.aus import largest_face
+        from tagfer.imageio import load_image
+
+        for req in requests:
+            t0 = time.perf_counter()
+            try:
+                if req.image is None:
+                    raise ItemError("no_image", "the FACS engine needs an image")
+                img = load_image(req.image)
+                faces = self.detector.detect(img, req.image if isinstance(req.image, str) else None)
+                res = GenResult(req.id, self.explain(largest_face(faces)).trace, None, dict(req.meta),
+                                {"backend": self.name, "latency_s": round(time.perf_counter() - t0, 4)})
+            except ItemError as e:
+                res = GenResult.failure(req, e.kind, e.message, backend=self.name)
+            except Exception as e:  # noqa: BLE001 - recorded per item
+                res = GenResult.failure(req, "internal", f"{type(e).__name__}: {e}", backend=self.name)
+            if on_result is not None:
+                on_result(res)
+            yield res
+
+    def close(self) -> None:
+        if self._detector is not None:
+            self._detector.close()
+            self._detector = None
+
+
+# ---------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class BackendKind:
+    """One entry of the registry: ``build(target, options)`` makes the backend of a spec
+    ``KIND:TARGET``; ``needs_target``: False when ``KIND`` alone is a spec (``facs``)."""
+
+    name: str
+    build: Callable[[str, dict[str, Any]], Any]
+    needs_target: bool = True
+    usage: str = ""
+
+
+#: Options any caller may pass to :func:`make_backend` whatever the spec; a kind that has no
+#: use for one ignores it (so one command line can offer them all). Other keyword arguments
+#: go to the kind's own constructor (an unknown one is a ``TypeError``).
+COMMON_OPTIONS = frozenset({
+    "batch_size",     # hf: images per generate call; vllm: chunk size
+    "device",         # hf
+    "concurrency",    # openai: requests in flight in total
+    "served_model",   # openai: the model name sent
+    "api_key",        # openai (None: $OPENAI_API_KEY)
+    "max_retries",    # openai
+    "timeout_s",      # openai: seconds per attempt
+    "image_side",     # hf, openai, vllm: longer image side sent to the model
+    "image_format",   # openai, vllm: png | jpeg
+    "detector",       # facs: AU detector kind (mediapipe, openface:CSV, ...)
+    "client",         # openai: a base ClientConfig (the spec's URLs replace its endpoints)
+    "tag_requests",   # openai: send each request's id as the OpenAI `user` field
+})
+
+_KINDS: dict[str, BackendKind] = {}
+_ALIASES: dict[str, str] = {}
+_KIND_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_+.-]+")  # two letters at least: "C:/models" is a drive, not a kind
+
+
+def register_backend(name: str, build: Callable[[str, dict[str, Any]], Any], *, aliases: Iterable[str] = (),
+                     needs_target: bool = True, usage: str = "") -> None:
+    """Add (or replace) a backend kind: ``build(target, options)`` gets the text after ``name:``
+    and the keyword arguments (:data:`COMMON_OPTIONS` included) and returns a :class:`Backend`.
+    A new backend is this one call."""
+    _KINDS[name] = BackendKind(name, build, needs_target, usage or f"{name}:TARGET")
+    for a in aliases:
+        _ALIASES[a] = name
+
+
+def backend_kinds() -> list[str]:
+    """The spec forms the registry knows, for help texts and error messages."""
+    return [k.usage for k in _KINDS.values()]
+
 
 def parse_spec(spec: str) -> tuple[str, str]:
-    """``"hf:PATH"`` → ("hf", PATH); ``"openai:URL[,URL]"``; ``"vllm:PATH"``; a bare path or
-    hub id means ``hf``. URLs keep their own ``http:`` scheme."""
+    """``"hf:PATH"`` → ("hf", PATH); ``"openai:URL[,URL]"``; ``"vllm:PATH"``; ``"facs"`` /
+    ``"facs:DETECTOR"``; a bare ``http(s)://`` URL means ``openai``; a bare path or hub id means
+    ``hf``. ``WORD:…`` with an unknown WORD (and no such file) raises :class:`BackendUnavailable`."""
     spec = spec.strip()
     if not spec:
-        raise BackendUnavailable("empty backend spec; use hf:PATH, openai:URL[,URL...] or vllm:PATH")
-    kind, sep, rest = spec.partition(":")
-    if sep and kind.lower() in ("hf", "transformers", "openai", "vllm"):
-        kind = "hf" if kind.lower() == "transformers" else kind.lower()
-        if not rest.strip():
-            raise BackendUnavailable(f"backend spec {spec!r} has nothing after '{kind}:'")
+        raise BackendUnavailable(f"empty model spec; use one of: {', '.join(backend_kinds())}")
+    head, sep, rest = spec.partition(":")
+    kind = _ALIASES.get(head.lower(), head.lower())
+    entry = _KINDS.get(kind)
+    if entry is not None and (sep or not entry.needs_target):
+        if entry.needs_target and not rest.strip():
+            raise BackendUnavailable(f"model spec {spec!r} has nothing after '{head}:' (use {entry.usage})")
         return kind, rest.strip()
-    if sep and kind.lower() in ("http", "https"):
+    if sep and kind in ("http", "https"):
         return "openai", spec
+    if sep and _KIND_WORD.fullmatch(head) and not os.path.exists(spec):
+        raise BackendUnavailable(f"unknown model kind {head!r} in {spec!r}; use one of: {', '.join(backend_kinds())} "
+                                 "(a bare path or hub id means hf)")
     return "hf", spec
 
 
-def make_backend(spec: str, **kw: Any) -> Backend:
-    """Build a backend from a spec string (see :func:`parse_spec`).
+def make_backend(spec: Any, **kw: Any) -> Backend:
+    """The one registry: a :class:`Backend` from a model spec (see :func:`parse_spec`); a
+    backend object is returned as is, so every API taking a spec also takes a backend.
 
-    ``hf``: kw ``batch_size`` plus :class:`tagfer.vlm.VLMConfig` fields (adapter, dtype,
-    device, image_side, ...). ``openai``: kw ``concurrency``/``window``/``ordered`` plus
-    :class:`ClientConfig` fields (model, api_key, per_endpoint_concurrency, timeout_s, ...).
-    ``vllm``: kw ``chunk_size``/``image_side`` plus ``vllm.LLM`` engine arguments.
-    Unknown kw for hf/openai raise ``TypeError``.
+    Keyword arguments: :data:`COMMON_OPTIONS` (ignored by kinds that do not use them), plus the
+    kind's own — ``hf``: :class:`tagfer.vlm.VLMConfig` fields (adapter, dtype, ...); ``openai``:
+    ``window``/``ordered`` and :class:`ClientConfig` fields (model, per_endpoint_concurrency, ...); ``vllm``: ``chunk_size`` and
+    ``vllm.LLM`` engine arguments; ``facs``: ``config`` (a :class:`tagfer.facs.FACSConfig`).
     """
+    if not isinstance(spec, str):
+        if isinstance(spec, Backend):
+            return spec
+        raise TypeError(f"a model spec is a string or a Backend, got {type(spec).__name__}")
     kind, target = parse_spec(spec)
-    if kind == "hf":
-        from tagfer.vlm import VLMConfig
+    return _KINDS[kind].build(target, dict(kw))
 
-        batch_size = kw.pop("batch_size", 8)
-        return TransformersBackend(VLMConfig(model=target, **kw), batch_size=batch_size)
-    if kind == "openai":
-        from tagfer.openai_client import ClientConfig
 
-        bk = {k: kw.pop(k) for k in ("concurrency", "window", "ordered") if k in kw}
-        endpoints = [u for u in target.split(",") if u.strip()]
-        return OpenAIBackend(ClientConfig(endpoints=endpoints, **kw), **bk)
-    if kind == "vllm":
-        return VLLMBackend(target, **kw)
-    raise BackendUnavailable(f"unknown backend kind {kind!r}")  # pragma: no cover
+def _drop(kw: dict[str, Any], keep: Iterable[str] = ()) -> dict[str, Any]:
+    """``kw`` without the common options this kind does not use (those in ``keep`` stay)."""
+    unused = COMMON_OPTIONS - set(keep)
+    return {k: v for k, v in kw.items() if k not in unused}
+
+
+def _build_hf(target: str, kw: dict[str, Any]) -> Backend:
+    from tagfer.vlm import VLMConfig
+
+    kw = _drop(kw, ("batch_size", "device", "image_side"))
+    batch_size = kw.pop("batch_size", 8)
+    if kw.get("device") is None:
+        kw.pop("device", None)
+    return TransformersBackend(VLMConfig(model=target, **kw), batch_size=batch_size)
+
+
+def _build_openai(target: str, kw: dict[str, Any]) -> Backend:
+    from dataclasses import replace
+
+    from tagfer.openai_client import ClientConfig
+
+    kw = _drop(kw, ("concurrency", "served_model", "api_key", "max_retries", "timeout_s", "image_side", "image_format",
+                    "client", "tag_requests"))
+    own = {k: kw.pop(k) for k in ("concurrency", "window", "ordered", "tag_requests") if k in kw}
+    served = kw.pop("served_model", None)
+    if served:
+        kw["model"] = served
+    base = kw.pop("client", None)
+    kw = {k: v for k, v in kw.items() if v is not None or k == "model"}  # None = the ClientConfig default
+    endpoints = [u for u in target.split(",") if u.strip()]
+    cfg = replace(base, endpoints=endpoints, **kw) if base is not None else ClientConfig(endpoints=endpoints, **kw)
+    return OpenAIBackend(cfg, **own)
+
+
+def _build_vllm(target: str, kw: dict[str, Any]) -> Backend:
+    kw = _drop(kw, ("batch_size", "image_side", "image_format"))
+    if "batch_size" in kw:
+        kw["chunk_size"] = max(1, int(kw.pop("batch_size")))
+    return VLLMBackend(target, **kw)
+
+
+def _build_facs(target: str, kw: dict[str, Any]) -> Backend:
+    from tagfer.detectors import DetectorSpec
+
+    kw = _drop(kw, ("detector",))
+    detector = target or kw.pop("detector", None) or "mediapipe"
+    return FACSBackend(DetectorSpec(kind=detector), **kw)
+
+
+register_backend("hf", _build_hf, aliases=("transformers",), usage="hf:PATH")
+register_backend("openai", _build_openai, usage="openai:URL[,URL...]")
+register_backend("vllm", _build_vllm, usage="vllm:PATH")
+register_backend("facs", _build_facs, needs_target=False, usage="facs[:DETECTOR]")

@@ -88,7 +88,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from tagfer.canvas import TOP_K
 from tagfer.errors import ItemError
-from tagfer.jsonl import JsonlWriter, done_keys, drop_records, read_jsonl
+from tagfer.jobs import resume_from
+from tagfer.jsonl import JsonlWriter
 from tagfer.labels import LABELS
 from tagfer.openai_client import ClientConfig
 from tagfer.records import TAGSample
@@ -102,8 +103,8 @@ __all__ = [
     "teacher_client",
     "BuildSummary",
     "Teacher",
-    "OpenAITeacher",
-    "LocalTeacher",
+    "BackendTeacher",
+    "teacher_backend",
     "Grounded",
     "shard_of",
     "output_paths",
@@ -144,9 +145,9 @@ class BuildConfig:
     Sources and output: ``sources`` (specs for :func:`tagfer.sources.open_source`),
     ``split`` (train: only train splits feed the builder), ``out``, ``shard`` (i, N),
     ``limit`` (stop after this many new items, for trials).
-    Teacher: ``teacher`` = ``"openai"`` (the endpoints of ``client``),
-    ``"hf:PATH"`` (in-process transformers) or ``"facs"`` (offline engine,
-    :func:`tagfer.facs.facs_sample`). ``client``: the one
+    Teacher: ``teacher`` = a model spec of the one registry (:func:`tagfer.backends.make_backend`):
+    ``"openai"`` (the endpoints of ``client``), ``"openai:URL[,URL]"``, ``"hf:PATH"`` (in-process
+    transformers), ``"vllm:PATH"``, or ``"facs"`` (offline engine, :func:`tagfer.facs.facs_sample`). ``client``: the one
     :class:`tagfer.openai_client.ClientConfig` of the teacher (endpoints, model, api_key,
     concurrency, timeout, retries, back-off, ``image_side`` 224 and ``image_format``
     jpeg); :meth:`from_dict` also takes its fields under the CLI's flat names
@@ -331,77 +332,71 @@ class Teacher(Protocol):
         """Reply text and the number of transport attempts it took."""
 
 
-class OpenAITeacher:
-    """The teacher behind OpenAI-compatible endpoints, via :class:`tagfer.openai_client.ChatClient`."""
+class BackendTeacher:
+    """The teacher: any :class:`tagfer.backends.Backend` (the one inference interface) asked
+    one image + one prompt at a time from the builder's event loop.
 
-    def __init__(self, config: BuildConfig):
-        from tagfer.openai_client import ChatClient
-
-        self.client_config = config.client
-        self.client = ChatClient(self.client_config)
-        self.max_tokens = config.max_tokens
-        self.tag_requests = config.tag_requests
-        self.name = config.client.model or "openai"
-
-    async def open(self) -> None:
-        """Open the client; without a configured model name, ask the server (fails fast if unreachable)."""
-        await self.client.open()
-        self.name = await self.client.model()
-
-    async def close(self) -> None:
-        await self.client.aclose()
-
-    def prepare(self, image: Any) -> Any:
-        return self.client.image_part(image)
-
-    async def ask(self, prompt: str, prepared: Any, *, temperature: float, item_id: str) -> tuple[str, int]:
-        from tagfer.openai_client import chat_messages
-
-        params: dict[str, Any] = {"temperature": temperature, "max_tokens": self.max_tokens}
-        if self.tag_requests:
-            params["user"] = item_id
-        r = await self.client.chat(chat_messages(prompt, [prepared]), **params)
-        return r.text, r.attempts
-
-
-class LocalTeacher:
-    """An in-process teacher (:class:`tagfer.backends.TransformersBackend`): one request at a time in a worker thread.
-
-    For small jobs and tests; at scale serve the teacher with vLLM and use :class:`OpenAITeacher`.
+    A backend with ``agenerate`` (the OpenAI-compatible one: the paper's set-up, hundreds of
+    requests in flight) is awaited directly; any other runs in worker threads, one at a time
+    unless it is ``thread_safe`` (in-process models: for small jobs and tests; at scale serve
+    the teacher with vLLM and use ``openai:``). The image is encoded once per item
+    (``prepare_image``) and reused by every request of the item.
     """
 
     def __init__(self, backend: Any, max_tokens: int = 1024, name: str | None = None):
         self.backend = backend
         self.max_tokens = max_tokens
-        self.name = name or str(getattr(getattr(getattr(backend, "vlm", None), "config", None), "model", "hf"))
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tagfer-teacher")
-
-    @classmethod
-    def from_spec(cls, spec: str, config: BuildConfig) -> "LocalTeacher":
-        from tagfer.backends import make_backend
-
-        return cls(make_backend(spec, image_side=config.client.image_side), config.max_tokens)
+        self.name = name or ""
+        workers = max(1, int(getattr(backend, "batch_size", 1))) if getattr(backend, "thread_safe", False) else 1
+        self._pool = ThreadPoolExecutor(min(workers, 64), thread_name_prefix="tagfer-teacher")
 
     async def open(self) -> None:
-        pass
+        """The model's name for the samples (a served model's is asked: fails fast if unreachable)."""
+        if not self.name:
+            model_name = getattr(self.backend, "model_name", None)
+            name = await asyncio.get_running_loop().run_in_executor(self._pool, model_name) if model_name else None
+            self.name = str(name or getattr(self.backend, "name", "teacher"))
 
-    async def close(self) -> None:
+    async def close(self, close_backend: bool = True) -> None:
+        if close_backend:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self.backend.close)
         self._pool.shutdown(wait=True)
 
     def prepare(self, image: Any) -> Any:
-        return image
+        prep = getattr(self.backend, "prepare_image", None)
+        return prep(image) if prep is not None else image
 
-    def _run(self, prompt: str, image: Any, temperature: float, item_id: str) -> str:
-        from tagfer.backends import GenerationConfig, GenRequest
-
-        (res,) = list(self.backend.generate([GenRequest(item_id, user=prompt, image=image)], GenerationConfig(temperature=temperature, max_new_tokens=self.max_tokens)))
-        if res.error:
-            raise ItemError(str(res.error.get("kind", "generation_failed")), str(res.error.get("message", "")))
-        return res.text or ""
+    def _one(self, req: Any, cfg: Any) -> Any:
+        return next(iter(self.backend.generate([req], cfg)))
 
     async def ask(self, prompt: str, prepared: Any, *, temperature: float, item_id: str) -> tuple[str, int]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._run, prompt, prepared, temperature, item_id), 1
+        from tagfer.backends import GenerationConfig, GenRequest
+
+        req = GenRequest(item_id, user=prompt, image=prepared)
+        cfg = GenerationConfig(temperature=temperature, max_new_tokens=self.max_tokens)
+        agenerate = getattr(self.backend, "agenerate", None)
+        if agenerate is not None:
+            res = await agenerate(req, cfg)
+        else:
+            res = await asyncio.get_running_loop().run_in_executor(self._pool, self._one, req, cfg)
+        if res.error:
+            raise ItemError(str(res.error.get("kind", "generation_failed")), str(res.error.get("message", "")))
+        return res.text or "", int((res.info or {}).get("attempts", 1))
+
+
+def teacher_backend(config: BuildConfig) -> Any:
+    """The teacher's :class:`tagfer.backends.Backend` from ``config.teacher`` through the one registry
+    (:func:`tagfer.backends.make_backend`): ``"openai"`` means the endpoints of ``config.client``;
+    ``openai:URL`` takes the client's other settings; ``facs`` is the offline engine."""
+    from tagfer.backends import backend_kinds, make_backend, parse_spec
+
+    spec = config.teacher.strip()
+    if spec.lower() == "openai":
+        spec = "openai:" + ",".join(config.client.endpoints)
+    elif parse_spec(spec)[0] == "hf" and ":" not in spec:  # a 300k-item job names its teacher's kind
+        raise ValueError(f"teacher must be openai or a model spec with its kind ({', '.join(backend_kinds())}), "
+                         f"got {config.teacher!r} (for a local model write hf:{config.teacher})")
+    return make_backend(spec, client=config.client, image_side=config.client.image_side, tag_requests=config.tag_requests)
 
 
 # --------------------------------------------------------------------------- grounding
@@ -829,8 +824,9 @@ async def build(
 
     ``records`` replaces ``config.sources``; ``detector`` (an object with
     ``.detect(LoadedImage, key) -> list[FaceAUs]``) replaces the configured AU
-    detector; ``teacher`` replaces the one built from ``config.teacher`` (it is
-    opened if it has ``open()``, and left open for the caller to close).
+    detector; ``teacher`` (a :class:`Teacher` or a :class:`tagfer.backends.Backend`) replaces the
+    one built from ``config.teacher`` (it is opened if it has ``open()``, and left open for the
+    caller to close).
     ``on_result(kind, record)`` is called after each line is written.
     """
     out = Path(config.out)
@@ -839,22 +835,30 @@ async def build(
     summary = BuildSummary()
     counters = _Counters()
     t0 = time.monotonic()
-    if config.retry_failed:
-        summary.dropped_retryable = drop_records(paths["rejected"], lambda r: bool(r.get("retryable")))
-    else:
-        summary.failed = sum(1 for r in read_jsonl(paths["rejected"]) if r.get("retryable"))
-    done = done_keys(paths["accepted"], "id") | done_keys(paths["rejected"], "id")
+    earlier = resume_from([paths["accepted"], paths["rejected"]], "id", retry_errors=config.retry_failed,
+                          is_error=lambda r: bool(r.get("retryable")))  # the one resume set-up (tagfer.jobs)
+    summary.dropped_retryable = earlier.retried
+    if not config.retry_failed:
+        summary.failed = len(earlier.failed)
+    done = earlier.done
     paths["config"].write_text(json.dumps(config.to_json(), indent=2))
 
-    use_facs = config.teacher == "facs"
-    own_teacher = teacher is None and not use_facs
-    if own_teacher:
-        if config.teacher == "openai":
-            teacher = OpenAITeacher(config)
-        elif config.teacher.startswith("hf:"):
-            teacher = LocalTeacher.from_spec(config.teacher, config)
-        else:
-            raise ValueError(f"teacher must be openai, hf:PATH or facs, got {config.teacher!r}")
+    from tagfer.backends import Backend, BackendUnavailable, FACSBackend
+
+    own_teacher = teacher is None
+    if teacher is None:
+        try:
+            teacher = teacher_backend(config)
+        except BackendUnavailable as e:
+            raise ValueError(f"teacher {config.teacher!r}: {e}") from e
+    use_facs = isinstance(teacher, FACSBackend)  # the offline engine writes from the grounded face: no prompts
+    if use_facs:
+        if own_teacher:
+            teacher.close()
+        teacher, own_teacher = None, False
+    wrapped = not own_teacher and isinstance(teacher, Backend)
+    if wrapped or (own_teacher and teacher is not None):
+        teacher = BackendTeacher(teacher, config.max_tokens)  # a backend passed in stays the caller's to close
     prompts = config.prompts()
     dpool = _DetectorPool(config, detector)
     io_pool = ThreadPoolExecutor(max(2, config.au_workers), thread_name_prefix="tagfer-io")
@@ -921,8 +925,8 @@ async def build(
         rej_w.close()
         dpool.close()
         io_pool.shutdown(wait=True)
-        if own_teacher:
-            await teacher.close()  # type: ignore[union-attr]
+        if own_teacher or wrapped:
+            await teacher.close(close_backend=own_teacher)  # type: ignore[union-attr]
         summary.requests, summary.attempts = counters.requests, counters.attempts
         summary.format_retries, summary.eliminations = counters.format_retries, counters.eliminations
         summary.elapsed_s = round(time.monotonic() - t0, 3)

@@ -29,15 +29,17 @@ AffectNet 3,500) when a full test split is evaluated; a different count is a war
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from tagfer.backends import FACSBackend  # noqa: F401 - the `facs` model spec's backend, documented here too
 from tagfer.canvas import CANVAS
-from tagfer.errors import ItemError
-from tagfer.jsonl import JsonlWriter, done_keys, drop_records, read_jsonl
+from tagfer.jobs import ordered_map, resume_from
+from tagfer.jsonl import JsonlWriter, read_jsonl
 from tagfer.labels import LABELS, normalize_label
 from tagfer.trace import parse_trace
 
@@ -199,7 +201,8 @@ def run_eval(
     """Predict every record not yet in ``out`` and append one :class:`Prediction` per record.
 
     ``records``: :class:`tagfer.sources.SourceRecord` objects (``id``, ``source``, ``split``,
-    ``label``, ``image_path``, ``image``). ``backend``: a :class:`tagfer.backends.Backend`;
+    ``label``, ``image_path``, ``image``). ``backend``: a :class:`tagfer.backends.Backend`, or a
+    model spec (resolved by :func:`tagfer.backends.make_backend`, closed at the end);
     requests stream through it lazily (it bounds its own look-ahead), so memory stays
     constant whatever the dataset size, and a remote backend keeps its concurrency full.
     Image and request failures come back as per-item errors and are recorded.
@@ -212,16 +215,19 @@ def run_eval(
     from tagfer.prompts import tag_prompt
 
     t0 = time.perf_counter()
+    own = isinstance(backend, str)  # a model spec: resolved by the one registry, closed here
+    if own:
+        from tagfer.backends import make_backend
+
+        model = model or backend  # the spec names the model in the records
+        backend = make_backend(backend)
     system, user = prompt or tag_prompt()
     gen = gen or generation_defaults()
     cfg = GenerationConfig(**{k: gen[k] for k in ("temperature", "top_p", "max_new_tokens", "seed", "max_boxes") if k in gen})
     summary = EvalSummary()
     out = Path(out)
-    if not resume and out.exists():
-        out.unlink()
-    if retry_errors and out.exists():
-        summary.retried_errors = drop_records(out, lambda r: r.get("error") is not None)
-    done = done_keys(out, key="id") if resume else set()
+    done = resume_from(out, "id", resume=resume, retry_errors=retry_errors)
+    summary.retried_errors = done.retried
     pending: dict[str, Prediction] = {}
     writer = JsonlWriter(out)
 
@@ -265,7 +271,9 @@ def run_eval(
     workers = min(4, os.cpu_count() or 1) if encode_workers is None else encode_workers
     if client_cfg is not None and workers > 0:
         reqs = _prebuilt_messages(reqs, client_cfg, workers)
-    with writer:
+    with writer, contextlib.ExitStack() as stack:
+        if own:
+            stack.callback(backend.close)
         for res in backend.generate(reqs, cfg):
             p = pending.pop(res.id)
             err = res.error
@@ -287,9 +295,6 @@ def _prebuilt_messages(reqs: Iterator[Any], client_cfg: Any, workers: int) -> It
     per-request image work over cores. A request whose image fails keeps its image instead,
     so the backend reports the failure with its usual error kind.
     """
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
     from tagfer.openai_client import chat_messages
 
     def build(req: Any) -> Any:
@@ -300,15 +305,7 @@ def _prebuilt_messages(reqs: Iterator[Any], client_cfg: Any, workers: int) -> It
             pass
         return req
 
-    window = 4 * workers
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tagfer-encode") as pool:
-        pending: deque = deque()
-        for req in reqs:
-            pending.append(pool.submit(build, req))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    yield from ordered_map(build, reqs, workers=workers, window=4 * workers, name="tagfer-encode")
 
 
 def eval_source(
@@ -329,56 +326,6 @@ def eval_source(
     if warning:
         summary.warnings.append(warning)
     return summary
-
-
-class FACSBackend:
-    """The offline FACS-prototype engine (:func:`tagfer.facs.explain`) as a baseline "model" (``--model facs``).
-
-    Each image is grounded by the AU detector (``spec``, default MediaPipe) and the
-    engine writes a TAG trace from the largest face's AUs; the prompt and decoding settings
-    are ignored (the engine is deterministic). Failures (no face, unreadable image) are
-    per-item errors, like any backend's.
-    """
-
-    name = "facs"
-
-    def __init__(self, spec: Any = None):
-        from tagfer.detectors import DetectorSpec
-
-        self.detector = (spec or DetectorSpec()).build()
-
-    def generate(self, requests: Iterable[Any], config: Any = None, on_result: Callable[[Any], None] | None = None) -> Iterator[Any]:
-        from tagfer.backends import GenResult
-        from tagfer.aus import largest_face
-        from tagfer.facs import explain
-        from tagfer.imageio import load_image
-
-        for req in requests:
-            t0 = time.perf_counter()
-            try:
-                if req.image is None:
-                    raise ItemError("no_image", "the FACS engine needs an image")
-                img = load_image(req.image)
-                faces = self.detector.detect(img, req.image if isinstance(req.image, str) else None)
-                face = largest_face(faces)
-                res = GenResult(req.id, explain(face).trace, None, dict(req.meta),
-                                {"backend": self.name, "latency_s": round(time.perf_counter() - t0, 4)})
-            except ItemError as e:
-                res = GenResult.failure(req, e.kind, e.message, backend=self.name)
-            except Exception as e:  # noqa: BLE001 - recorded per item
-                res = GenResult.failure(req, "internal", f"{type(e).__name__}: {e}", backend=self.name)
-            if on_result is not None:
-                on_result(res)
-            yield res
-
-    def close(self) -> None:
-        self.detector.close()
-
-    def __enter__(self) -> "FACSBackend":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------------------------- AU truth
@@ -451,7 +398,7 @@ def au_truth(
     det_config = getattr(spec, "config", None)
     check_canvas(getattr(det_config, "canvas", None), canvas, f"AU detector {getattr(spec, 'kind', spec)!r}")
     cache = Path(cache)
-    done = done_keys(cache, key="id")
+    done = resume_from(cache, "id").done
     todo: list[tuple[str, str | None, str]] = []  # id, path, split
     for rec in read_jsonl(preds_path):
         rid = str(rec.get("id"))

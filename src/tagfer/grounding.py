@@ -26,14 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import sys
-import threading
-import time
 import traceback
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -43,7 +36,11 @@ from tagfer.canvas import CANVAS
 from tagfer.detectors import AUDetector, DetectorSpec
 from tagfer.errors import ItemError
 from tagfer.imageio import is_image_path, load_image
-from tagfer.jsonl import JsonlWriter, drop_records, read_jsonl
+from tagfer.jobs import exit_with_parent, ordered_map, resume_from
+from tagfer.jsonl import JsonlWriter
+
+__all__ = ["GroundingConfig", "iter_images", "check_output_path", "overlay_name", "error_record", "ground_image",
+           "RunSummary", "run_grounding", "exit_with_parent"]
 
 
 @dataclass(frozen=True)
@@ -144,44 +141,8 @@ def ground_image(detector: AUDetector, key: str, config: GroundingConfig = Groun
 
 # --------------------------------------------------------------------------- workers
 _WORKER: tuple[AUDetector, GroundingConfig] | None = None
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def exit_with_parent(parent_pid: int, poll_s: float = 1.0, use_prctl: bool = True) -> str:
-    """Make the calling (worker) process exit when the process ``parent_pid`` dies, even by SIGKILL.
-
-    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere (or if prctl fails) a daemon
-    thread polls ``os.getppid()`` every ``poll_s`` seconds. A parent that died before this
-    call is caught by the ``getppid`` check. Returns the mechanism used (``"prctl"`` or ``"watchdog"``).
-    """
-    how = "watchdog"
-    if use_prctl and sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
-                how = "prctl"
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # orphaned already (the parent died before the signal was armed)
-        os._exit(1)
-    if how == "watchdog":
-
-        def watch() -> None:
-            while True:
-                time.sleep(poll_s)
-                if os.getppid() != parent_pid:
-                    os._exit(1)
-
-        threading.Thread(target=watch, name="tagfer-parent-watchdog", daemon=True).start()
-    return how
-
-
-def _init_worker(spec: DetectorSpec, config: GroundingConfig, parent_pid: int | None = None) -> None:
+def _init_worker(spec: DetectorSpec, config: GroundingConfig) -> None:
     global _WORKER
-    if parent_pid is not None:
-        exit_with_parent(parent_pid)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER = (spec.build(), config)
 
@@ -229,11 +190,8 @@ def run_grounding(
     """Run the grounding job (see module docstring). ``on_record`` sees each new record (progress bars)."""
     summary = RunSummary()
     out = check_output_path(out)
-    if not resume and out.exists():
-        out.unlink()
-    if retry_errors and out.exists():
-        summary.retried_errors = drop_records(out, lambda r: r.get("error") is not None)
-    done, failed_done = _done_and_failed(out) if resume else (set(), set())
+    earlier = resume_from(out, "image", resume=resume, retry_errors=retry_errors)
+    summary.retried_errors = earlier.retried
     with JsonlWriter(out) as writer:
         summary.repaired_bytes = writer.repaired_bytes
 
@@ -251,9 +209,9 @@ def run_grounding(
             seen: set[str] = set()
             still_failed: set[str] = set()
             for key in iter_images(inputs):
-                if key in done or key in seen:
+                if key in earlier or key in seen:
                     summary.skipped += 1
-                    if key in failed_done and key not in still_failed:
+                    if earlier.status.get(key) == "failed" and key not in still_failed:
                         still_failed.add(key)
                         summary.failed_before += 1
                     continue
@@ -267,68 +225,12 @@ def run_grounding(
                     emit(ground_image(det, key, config))
             finally:
                 det.close()
-        else:
-            _run_pool(todo(), spec, config, workers, emit, max_in_flight or 4 * workers)
+        else:  # worker processes (MediaPipe is not thread-safe); a crash costs only the image that causes it
+            for rec in ordered_map(_work, todo(), workers=workers, window=max_in_flight or 4 * workers, processes=True,
+                                   initializer=_init_worker, initargs=(spec, config), on_crash=_crashed):
+                emit(rec)
     return summary
 
 
-def _done_and_failed(out: Path) -> tuple[set[str], set[str]]:
-    """Keys already in ``out``, and those whose record is an error (one pass over the file)."""
-    done: set[str] = set()
-    failed: set[str] = set()
-    for rec in read_jsonl(out):
-        if "image" in rec:
-            key = str(rec["image"])
-            done.add(key)
-            if rec.get("error"):
-                failed.add(key)
-            else:
-                failed.discard(key)
-    return done, failed
-
-
-def _run_pool(keys: Iterator[str], spec, config, workers: int, emit, window: int) -> None:
-    """Bounded, ordered parallel map. A crashed worker pool is rebuilt; an image that
-    was in flight during two crashes is recorded as ``worker_crashed``."""
-    crashes: dict[str, int] = {}
-    pending: deque[tuple[str, Future | None]] = deque()
-
-    def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(spec, config, os.getpid()))
-
-    pool = new_pool()
-    try:
-        it = iter(keys)
-        exhausted = False
-        while True:
-            while not exhausted and len(pending) < window:
-                try:
-                    k = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                pending.append((k, pool.submit(_work, k)))
-            # Items given up on (future None) are recorded when they reach the front, keeping input order.
-            while pending and pending[0][1] is None:
-                k, _ = pending.popleft()
-                emit(error_record(k, "worker_crashed", "the worker process died twice while processing this image"))
-            if not pending:
-                break
-            key, fut = pending[0]
-            try:
-                rec = fut.result()  # type: ignore[union-attr]
-            except BrokenProcessPool:
-                pool.shutdown(wait=False, cancel_futures=True)
-                pool = new_pool()
-                survivors = []
-                for k, _ in pending:
-                    crashes[k] = crashes.get(k, 0) + 1
-                    survivors.append(k)
-                pending.clear()
-                for k in survivors:
-                    pending.append((k, None if crashes[k] >= 2 else pool.submit(_work, k)))
-                continue
-            pending.popleft()
-            emit(rec)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+def _crashed(key: str) -> dict:
+    return error_record(key, "worker_crashed", "the worker process died while processing this image (run alone)")

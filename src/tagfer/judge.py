@@ -54,7 +54,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from tagfer.jsonl import JsonlWriter, done_keys, read_jsonl
+from tagfer.jobs import resume_from
+from tagfer.jsonl import JsonlWriter, read_jsonl
 from tagfer.teacher import json_objects
 
 __all__ = [
@@ -332,7 +333,7 @@ def run_judge(
     system, user_tpl = prompt or judge_prompt()
     task = default_task_prompt() if task_prompt is None else task_prompt
     g = {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": JUDGE_MAX_NEW_TOKENS, **(gen or {})}
-    done = done_keys(out, key="key")
+    done = resume_from(out, "key")  # the one resume set-up; a failed judgment stays recorded
     todo: list[tuple[Pair, int]] = [(p, seed + r) for p in pairs for r in range(repeats) if f"{p.id}#{seed + r}" not in done]
     recs = {f"{p.id}#{s}": _record(p, s, shown_order(p.id, s), judge_name) for p, s in todo}
     by_key = {f"{p.id}#{s}": p for p, s in todo}

@@ -14,16 +14,6 @@ from tagfer.cli import video as _video
 _EXIT_HELP = "Exit codes: 0 ok; 1 an image failed (unreadable, no face); 2 bad options / model not available; 3 a model output is malformed."
 
 
-def _overlay_paths(out: Path, image_key: str, n_faces: int, single: bool) -> list[Path]:
-    """Overlay file per face: ``OUT.png`` (+ ``OUT_face1.png`` …) for one image, else ``DIR/<stem>_<hash>_face<i>.png``."""
-    if single and out.suffix.lower() == ".png":
-        return [out if i == 0 else out.with_name(f"{out.stem}_face{i}.png") for i in range(n_faces)]
-    from tagfer.grounding import overlay_name
-
-    stem = overlay_name(image_key)[: -len(".png")]
-    return [out / f"{stem}_face{i}.png" for i in range(n_faces)]
-
-
 def _resolve_image(p: Path) -> Path:
     """``sample:astronaut`` / ``sample:grace_hopper`` → the real face shipped by an installed package."""
     s = str(p)
@@ -159,134 +149,64 @@ def analyze_images(
     progress: bool = True,
     workers: int = 1,
 ) -> None:
-    """The body of ``tagfer analyze`` with plain defaults (also run by ``tagfer demo``); options as documented there."""
-    from tagfer.analyze import EXIT_FAILED, EXIT_MALFORMED, EXIT_USAGE, Analyzer, AnalyzerPool, load_engine
-    from tagfer.aus import AUConfig
-    from tagfer.detectors import MediaPipeAUDetector
-    from tagfer.faces import FaceLandmarker
-
-    if frame not in ("face", "image"):
-        console.print(f"[red]error:[/red] --frame must be face or image, got {frame!r}")
-        raise typer.Exit(EXIT_USAGE)
-    try:
-        from tagfer.grounding import iter_images
-
-        images = [Path(x) for x in iter_images([_resolve_image(p) for p in images])]  # folders are walked
-    except (ValueError, RuntimeError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(EXIT_USAGE)
-    if not images:
-        console.print("[red]error:[/red] no image found in the given folder(s)")
-        raise typer.Exit(EXIT_USAGE)
-    n_given, skipped = len(images), 0
-    failed_before = malformed_before = 0
-    if out is not None:
-        from tagfer.grounding import check_output_path
-
-        try:
-            check_output_path(out)
-        except ValueError as e:
-            console.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(EXIT_USAGE)
-        from tagfer.jsonl import drop_records, read_jsonl
-
-        if no_resume and out.exists():
-            out.unlink()
-        if retry_errors and out.exists():
-            drop_records(out, lambda rec: bool(rec.get("error")))
-        earlier: dict[str, str] = {}  # image → "ok" | "failed" | "malformed" (the last record wins)
-        for rec in read_jsonl(out):
-            if "image" in rec:
-                bad_trace = any(not a.get("well_formed", True) for a in rec.get("analyses") or [] if isinstance(a, dict))
-                earlier[str(rec["image"])] = "failed" if rec.get("error") else "malformed" if bad_trace else "ok"
-        requested = {str(p) for p in images}
-        failed_before = sum(earlier.get(k) == "failed" for k in requested)  # a re-run must not hide them
-        malformed_before = sum(earlier.get(k) == "malformed" for k in requested)
-        images = [p for p in images if str(p) not in earlier]
-        skipped = n_given - len(images)
-    if overlay is not None and overlay.suffix.lower() == ".png" and len(images) > 1:
-        console.print("[red]error:[/red] --overlay OUT.png takes one image; give a directory for several")
-        raise typer.Exit(EXIT_USAGE)
-    try:
-        if model is None:
-            engine = "facs"
-        else:
-            with console.status(f"loading {model} …"):
-                engine = load_engine(model, max_new_tokens=max_new_tokens, device=None if device == "auto" else device)
-
-        def make_analyzer() -> Analyzer:
-            lm = FaceLandmarker(model_path=str(landmarker) if landmarker else None, max_faces=max_faces)
-            det = MediaPipeAUDetector(AUConfig(threshold=threshold), landmarker=lm, own_landmarker=True)
-            return Analyzer(det, engine, frame=frame, own_detector=True)
-
-        pool = AnalyzerPool(make_analyzer, size=workers)
-        pool.warm()  # fails fast on a missing landmarker model
-    except Exception as e:  # model / landmarker not available: a usage-level failure
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(EXIT_USAGE)
-    failed = malformed = 0
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
+    """The body of ``tagfer analyze`` with plain defaults (also run by ``tagfer demo``): the work is
+    :func:`tagfer.analyze.analyze_batch`; this prints and sets the exit code."""
     from contextlib import ExitStack
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with ExitStack() as stack:
-        stack.callback(pool.close)
-        executor = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="tagfer-analyze"))
-        writer = bar = task = None
-        if out is not None:
-            from tagfer.jsonl import JsonlWriter
+    from tagfer.analyze import EXIT_FAILED, EXIT_MALFORMED, EXIT_USAGE, BatchSetupError, analyze_batch
 
-            writer = stack.enter_context(JsonlWriter(out))
+    try:
+        images = [_resolve_image(p) for p in images]
+    except (ValueError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(EXIT_USAGE)
+    with ExitStack() as stack:
+        bar = task = None
+        if out is not None:
             bar = stack.enter_context(Progress(
                 TextColumn("[bold]tagfer analyze"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[failed]} failed"),
                 TimeElapsedColumn(), console=console, disable=not progress,
             ))
-            task = bar.add_task("analyze", total=len(images), failed=0)
+        failed = [0]
 
-        def results():
-            """Results in input order, at most 2 × workers images in flight (constant memory)."""
-            pending: deque = deque()
-            for path in images:
-                pending.append(executor.submit(pool.run, lambda a, p=path: a.run(p)))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+        def on_start(n: int) -> None:
+            nonlocal task
+            if bar is not None:
+                task = bar.add_task("analyze", total=n, failed=0)
 
-        for res in results():
-            if res.ok and overlay is not None:
-                paths = _overlay_paths(overlay, res.image, len(res.analyses), single=n_given == 1)
-                from tagfer.overlay import save_png
-
-                for p, im in zip(paths, res.render_overlays()):
-                    save_png(im, p)
-                res.overlays = [str(p) for p in paths]
-            failed += not res.ok
-            malformed += res.malformed
-            if writer is not None:
-                writer.write(res.to_json())
-                bar.update(task, advance=1, failed=failed)
+        def on_result(res) -> None:
+            failed[0] += not res.ok
+            if bar is not None:
+                bar.update(task, advance=1, failed=failed[0])
             elif json_out:
                 out_console.file.write(json.dumps(res.to_json(), ensure_ascii=False) + "\n")
                 out_console.file.flush()
             else:
                 _print_result(res, scores, all_aus)
-    close_engine = getattr(engine, "close", None)
-    if close_engine is not None:
-        close_engine()
+
+        if model is not None:
+            console.print(f"loading {model} …")
+        try:
+            summary = analyze_batch(
+                images, engine=model, out=out, overlay=overlay, resume=not no_resume, retry_errors=retry_errors, workers=workers,
+                frame=frame, max_faces=max_faces, threshold=threshold, landmarker=landmarker, max_new_tokens=max_new_tokens,
+                device=None if device == "auto" else device, on_start=on_start, on_result=on_result,
+            )
+        except BatchSetupError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(EXIT_USAGE)
     if out is not None:
-        console.print(f"{len(images)} analysed ({failed} failed, {malformed} malformed), {skipped} already done → {out}")
-        if failed_before:
-            console.print(f"{failed_before} requested image(s) still have an error record from an earlier run (--retry-errors analyses them again)")
-    if failed or failed_before:
-        if failed:
-            console.print(f"{failed} of {len(images)} image(s) failed")
+        console.print(f"{summary.analysed} analysed ({summary.failed} failed, {summary.malformed} malformed), {summary.skipped} already done → {out}")
+        if summary.failed_before:
+            console.print(f"{summary.failed_before} requested image(s) still have an error record from an earlier run (--retry-errors analyses them again)")
+    if summary.exit_code == EXIT_FAILED:
+        if summary.failed:
+            console.print(f"{summary.failed} of {summary.analysed} image(s) failed")
         raise typer.Exit(EXIT_FAILED)
-    malformed += malformed_before
-    if malformed:
-        console.print(f"{malformed} image(s) with a malformed model output (shown as written, with its violations)")
+    if summary.exit_code == EXIT_MALFORMED:
+        console.print(f"{summary.malformed + summary.malformed_before} image(s) with a malformed model output (shown as written, with its violations)")
         raise typer.Exit(EXIT_MALFORMED)
 
 

@@ -18,7 +18,7 @@ def build_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (accepted.jsonl, rejected.jsonl, images/); re-running resumes. Required here or in --config."),
     endpoint: Optional[List[str]] = typer.Option(None, "--endpoint", "-e", help="OpenAI-compatible base URL, repeatable (one per GPU server; default http://127.0.0.1:8000/v1)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name sent to the server (default: the server's first model)."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="openai (the endpoints, default) | hf:PATH (in-process transformers) | facs (offline FACS engine)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="openai (the endpoints, default) | openai:URL[,URL] | hf:PATH (in-process transformers) | vllm:PATH | facs (offline FACS engine)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to build from (default train, as the paper)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/N: process only this shard of the ids (hash of the id); N machines, one each (default 0/1)."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", min=1, help="Total concurrent requests (paper: 512)."),

@@ -28,30 +28,6 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _backend_kwargs(kind: str, batch_size: int, concurrency: Optional[int], served_model: Optional[str], api_key_env: Optional[str],
-                    device: str, max_retries: Optional[int], timeout: Optional[float]) -> dict:
-    import os
-
-    if kind == "hf":
-        return {"batch_size": batch_size, "device": device}
-    if kind == "openai":
-        kw: dict = {}
-        if concurrency:
-            kw["concurrency"] = concurrency
-        if served_model:
-            kw["model"] = served_model
-        if api_key_env:
-            kw["api_key"] = os.environ.get(api_key_env, "")
-        if max_retries is not None:
-            kw["max_retries"] = max_retries
-        if timeout is not None:
-            kw["timeout_s"] = timeout
-        return kw
-    if kind == "vllm":
-        return {"chunk_size": max(batch_size, 1)}
-    return {}
-
-
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option(..., "--model", "-m", help="hf:PATH | openai:URL[,URL] | vllm:PATH (a bare path = hf) | facs[:DETECTOR] (offline FACS engine baseline)."),
@@ -85,6 +61,8 @@ def eval_cmd(
 
     Exit code 1 when some items failed (they are recorded; re-run with --retry-errors), 2 on bad arguments.
     """
+    import os
+
     from tagfer.backends import BackendUnavailable, make_backend, parse_spec
     from tagfer.eval import eval_source, generation_defaults
     from tagfer.prompts import tag_prompt
@@ -96,22 +74,17 @@ def eval_cmd(
         if not Path(ds_path).exists():
             _fail(f"dataset path {ds_path} does not exist")
         prompt = tag_prompt(system_prompt, user_prompt)
-        kind = "facs" if model.split(":", 1)[0] == "facs" else parse_spec(model)[0]
+        parse_spec(model)  # a bad or unknown spec is a usage error before anything is loaded
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         _fail(str(e))
     gen = generation_defaults(baseline, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_boxes=max_boxes)
-    try:
-        if kind == "facs":
-            from tagfer.detectors import DetectorSpec
-            from tagfer.eval import FACSBackend
-
-            det = model.split(":", 1)[1] if ":" in model else "mediapipe"
-            backend = FACSBackend(DetectorSpec(kind=det))
-        else:
-            kw = _backend_kwargs(kind, batch_size, concurrency, served_model, api_key_env, device, max_retries, timeout)
-            if kind == "openai":
-                kw["image_format"] = image_format
-            backend = make_backend(model, **kw)
+    try:  # the registry: every option goes to every kind; a kind ignores those it has no use for
+        backend = make_backend(
+            model, batch_size=batch_size, device=device, concurrency=concurrency, served_model=served_model,
+            api_key=os.environ.get(api_key_env, "") if api_key_env else None, max_retries=max_retries, timeout_s=timeout,
+            image_format=image_format,
+        )
+        getattr(backend, "warm", lambda: None)()  # e.g. the facs engine's detector: fail fast
     except Exception as e:  # missing weights, vLLM not installed, bad URL ...
         _fail(f"cannot build backend {model!r}: {type(e).__name__}: {e}")
     console.print(f"eval {name or model} on {dataset} ({split}); decoding {gen}")
@@ -282,7 +255,7 @@ def judge_cmd(
 
     Exit code 1 when some judgments failed (malformed replies after the retries, failed requests), 2 on bad arguments.
     """
-    from tagfer.backends import make_backend, parse_spec
+    from tagfer.backends import BackendUnavailable, make_backend, parse_spec
     from tagfer.judge import aggregate, judge_prompt, make_pairs, read_pairs, run_judge
 
     try:
@@ -293,16 +266,13 @@ def judge_cmd(
         else:
             _fail("give --pairs, or both --a and --b")
         prompt = judge_prompt(system_prompt, user_prompt)
-        kind, _ = parse_spec(judge)
-    except (ValueError, FileNotFoundError) as e:
+        parse_spec(judge)
+    except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         _fail(str(e))
     if not plist:
         _fail("no pairs to judge (no image answered by both systems?)")
-    kw: dict = {}
-    if kind == "openai":
-        kw = {k: v for k, v in (("model", served_model), ("concurrency", concurrency)) if v}
     try:
-        backend = make_backend(judge, **kw)
+        backend = make_backend(judge, served_model=served_model, concurrency=concurrency)
     except Exception as e:
         _fail(f"cannot build judge backend {judge!r}: {type(e).__name__}: {e}")
     with _progress(enabled=progress) as bar:

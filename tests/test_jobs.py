@@ -1,0 +1,107 @@
+"""tagfer.jobs: the one resume set-up and the ordered, bounded parallel map."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tagfer.jobs import Resume, ordered_map, resume_from
+from tagfer.jsonl import read_jsonl
+
+
+def _write(path, records, torn: str = "") -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + torn, encoding="utf-8")
+
+
+def test_resume_reads_last_status_per_key(tmp_path):
+    out = tmp_path / "o.jsonl"
+    _write(out, [{"image": "a", "error": {"kind": "corrupt"}}, {"image": "b", "error": None}, {"image": "a", "error": None},
+                 {"image": "c", "error": {"kind": "no_face"}}, {"other": 1}], torn='{"image": "d"')
+    r = resume_from(out)
+    assert r.status == {"a": "ok", "b": "ok", "c": "failed"}  # the torn last line is not a record; "a" was retried OK
+    assert "a" in r and "d" not in r and r.failed == {"c"} and r.retried == 0
+    assert r.count(["a", "c", "c", "zz"]) == 1  # distinct requested keys that failed before
+    assert len(list(read_jsonl(out))) == 5  # reading never rewrites
+
+
+def test_retry_errors_drops_error_records_and_no_resume_starts_over(tmp_path):
+    out = tmp_path / "o.jsonl"
+    _write(out, [{"id": "a", "error": {"kind": "timeout"}}, {"id": "b", "error": None}, {"id": "c", "error": {"kind": "x"}}])
+    r = resume_from(out, "id", retry_errors=True)
+    assert r.retried == 2 and r.done == {"b"} and r.failed == set()
+    assert [x["id"] for x in read_jsonl(out)] == ["b"]
+    r = resume_from(out, "id", resume=False)
+    assert r.done == set() and not out.exists()
+    assert resume_from(tmp_path / "missing.jsonl").done == set()
+
+
+def test_resume_over_several_files_with_custom_error_and_status(tmp_path):
+    acc, rej = tmp_path / "accepted.jsonl", tmp_path / "rejected.jsonl"
+    _write(acc, [{"id": "1"}, {"id": "2"}])
+    _write(rej, [{"id": "3", "retryable": True}, {"id": "4", "retryable": False}])
+    retryable = lambda r: bool(r.get("retryable"))  # noqa: E731
+    r = resume_from([acc, rej], "id", is_error=retryable)
+    assert r.done == {"1", "2", "3", "4"} and r.failed == {"3"}
+    r = resume_from([acc, rej], "id", retry_errors=True, is_error=retryable)
+    assert r.retried == 1 and r.done == {"1", "2", "4"}
+    r = resume_from(acc, "id", status=lambda rec: "odd" if int(rec["id"]) % 2 else "even")
+    assert r.status == {"1": "odd", "2": "even"} and isinstance(r, Resume)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 1000), max_size=40), st.integers(0, 4), st.integers(1, 6))
+def test_thread_map_keeps_order_and_bounds_the_look_ahead(items, workers, window):
+    pulled = [0]
+    lock = threading.Lock()
+    worst = [0]
+
+    def source():
+        for x in items:
+            with lock:
+                pulled[0] += 1
+            yield x
+
+    got = []
+    for y in ordered_map(lambda x: x * 2, source(), workers=workers, window=window):
+        got.append(y)
+        with lock:
+            worst[0] = max(worst[0], pulled[0] - len(got))
+    assert got == [x * 2 for x in items]
+    assert worst[0] <= window  # never more than `window` items read ahead of the consumer (constant memory)
+
+
+def test_thread_map_raises_the_item_error_in_order():
+    def fn(x):
+        if x == 3:
+            raise ValueError("bad item 3")
+        return x
+
+    got = []
+    with pytest.raises(ValueError, match="bad item 3"):
+        for y in ordered_map(fn, range(6), workers=2):
+            got.append(y)
+    assert got == [0, 1, 2]
+
+
+def _die_on_boom(x: str) -> str:
+    if x == "boom":
+        os._exit(3)  # a worker killed mid-item (native crash, OOM killer)
+    return x.upper()
+
+
+def test_process_map_survives_a_crashing_item():
+    items = ["a", "b", "boom", "c", "d", "e"]
+    got = list(ordered_map(_die_on_boom, items, workers=2, window=3, processes=True, on_crash=lambda x: f"crashed:{x}"))
+    assert got == ["A", "B", "crashed:boom", "C", "D", "E"]  # input order; only the poisonous item is lost
+
+
+def test_process_map_without_on_crash_raises():
+    from concurrent.futures.process import BrokenProcessPool
+
+    with pytest.raises(BrokenProcessPool):
+        list(ordered_map(_die_on_boom, ["boom"], workers=1, processes=True))
