@@ -139,3 +139,29 @@ def test_export_with_image_feature_not_decoded(tmp_path):
     assert all(r["image"] and r["image_bytes"] is None for r in recs) or all(r["image_bytes"] for r in recs)
     row = RowMaker("sft", "s", "u")({k: [v] for k, v in recs[0].items()})
     assert max(row["images"][0][0].size) == 224
+
+
+def test_build_export_train_gives_the_build_records(tmp_path):
+    """accepted.jsonl → tagfer export → the train data loader: the same records (Arrow dataset included) as
+    loading the build directly; with the default image policy only ``image`` differs (the resized copy)."""
+    import shutil
+
+    from tagfer.export import export
+    from tagfer.train.data import build_record_dataset
+    from tagfer.vlm import ImagePolicy
+
+    build = tmp_path / "build"
+    shutil.copytree(builtin_tiny(tmp_path / "d").parent, build)
+    (build / "samples.jsonl").rename(build / "accepted.jsonl")
+    direct = list(iter_records(str(build / "accepted.jsonl")))
+    assert direct[0]["meta"] and direct[0]["teacher"] == "template"  # every field travels, not only the trainer's
+    export(build, tmp_path / "same", ["hf"], image_policy=ImagePolicy(side=0))
+    for ref in ("hf/tag_sft.parquet", "hf/dataset", "hf/by_source"):
+        assert sorted(iter_records(str(tmp_path / "same" / ref)), key=lambda r: r["id"]) == sorted(direct, key=lambda r: r["id"]), ref
+    ds = {name: build_record_dataset(lambda ref=ref: iter_records(ref), tmp_path / "cache" / name, name)
+          for name, ref in (("direct", str(build / "accepted.jsonl")), ("export", str(tmp_path / "same" / "hf" / "dataset")))}
+    assert ds["direct"].to_list() == ds["export"].to_list() == direct
+    export(build, tmp_path / "resized", ["hf"])
+    resized = list(iter_records(str(tmp_path / "resized" / "hf" / "tag_sft.parquet")))
+    assert [{**r, "image": ""} for r in resized] == [{**r, "image": ""} for r in direct]
+    assert all(r["image"].startswith(str(tmp_path / "resized" / "images")) for r in resized)

@@ -24,11 +24,14 @@ Conventions
   ``{messages, images, system}``, ``tags`` role/content/user/assistant; the
   messages alternate user/assistant starting with user; the user turn holds
   exactly one ``<image>`` token, matching the one entry of ``images``.
-* HF/TRL rows: ``prompt`` = [system, user] and ``completion`` = [assistant]
+* HF/TRL rows (:meth:`tagfer.records.TAGSample.to_trl_row`, schema
+  :func:`tagfer.records.trl_schema`): ``prompt`` = [system, user] and ``completion`` = [assistant]
   messages whose ``content`` is a list of parts ``{"type": "text"|"image",
   "text": str|null}`` (TRL's conversational VLM format; the image part is a
   placeholder for ``images[0]``); plus ``images`` (list of paths), ``id``,
-  ``label``, ``au_boxes``, ``aus``, ``source``, ``split``, ``teacher``.
+  ``label``, ``au_boxes``, ``aus`` (int32), ``source``, ``split``, ``teacher``,
+  ``meta`` (JSON text): every field of the sample, so ``tagfer train`` reads
+  an export back to the same samples (:meth:`~tagfer.records.TAGSample.from_trl_row`).
 * verl rows: ``data_source`` (``tag/<source>``), ``prompt`` (chat messages,
   ``<image>`` in the user content), ``images`` (``[{"bytes", "min_pixels",
   "max_pixels"}]`` — PNG bytes verl opens, plus the policy's per-image bounds —
@@ -57,7 +60,7 @@ from typing import Any, Iterable, Iterator
 
 from tagfer.jsonl import read_jsonl
 from tagfer.prompts import tag_prompt
-from tagfer.records import TAGSample
+from tagfer.records import TAGSample, trl_schema
 from tagfer.trace import strip_bboxes
 
 NOBBOX_MODES = ("content", "element")
@@ -90,9 +93,7 @@ def iter_samples(build_dir: str | os.PathLike) -> Iterator[TAGSample]:
             if s.id in seen:
                 continue
             seen.add(s.id)
-            if s.image and not os.path.isabs(s.image):
-                s.image = str((base / s.image).resolve())
-            yield s
+            yield s.with_image_root(base)
 
 
 # --------------------------------------------------------------------------- rows
@@ -112,26 +113,9 @@ def sharegpt_row(s: TAGSample, system: str, user: str, nobbox: bool = False, nob
     }
 
 
-def _parts(text: str, image: bool = False) -> list[dict[str, Any]]:
-    parts: list[dict[str, Any]] = [{"type": "image", "text": None}] if image else []
-    parts.append({"type": "text", "text": text})
-    return parts
-
-
 def trl_row(s: TAGSample, system: str, user: str, nobbox: bool = False, nobbox_mode: str = "content") -> dict[str, Any]:
-    completion = _nobbox_completion(s.completion, nobbox_mode) if nobbox else s.completion
-    return {
-        "id": s.id,
-        "prompt": [{"role": "system", "content": _parts(system)}, {"role": "user", "content": _parts(user, image=True)}],
-        "completion": [{"role": "assistant", "content": _parts(completion)}],
-        "images": [s.image],
-        "label": s.label,
-        "au_boxes": [list(map(int, b)) for b in s.au_boxes],
-        "aus": [int(a) for a in s.aus],
-        "source": s.source,
-        "split": s.split,
-        "teacher": s.teacher,
-    }
+    """The HF/TRL row (:meth:`tagfer.records.TAGSample.to_trl_row`), optionally of the no-bbox ablation."""
+    return s.to_trl_row(system, user, _nobbox_completion(s.completion, nobbox_mode) if nobbox else None)
 
 
 def verl_row(s: TAGSample, system: str, user: str, index: int, embed_images: bool = True,
@@ -214,24 +198,9 @@ class _JsonArrayWriter:
 
 
 def _schemas(embed_images: bool = True):
+    """(HF/TRL schema — the one in :mod:`tagfer.records` —, verl schema)."""
     import pyarrow as pa
 
-    part = pa.struct([("type", pa.string()), ("text", pa.string())])
-    msg = pa.struct([("role", pa.string()), ("content", pa.list_(part))])
-    trl = pa.schema(
-        [
-            ("id", pa.string()),
-            ("prompt", pa.list_(msg)),
-            ("completion", pa.list_(msg)),
-            ("images", pa.list_(pa.string())),
-            ("label", pa.string()),
-            ("au_boxes", pa.list_(pa.list_(pa.int64()))),
-            ("aus", pa.list_(pa.int64())),
-            ("source", pa.string()),
-            ("split", pa.string()),
-            ("teacher", pa.string()),
-        ]
-    )
     verl = pa.schema(
         [
             ("data_source", pa.string()),
@@ -246,7 +215,7 @@ def _schemas(embed_images: bool = True):
             ),
         ]
     )
-    return trl, verl
+    return trl_schema(), verl
 
 
 class _ParquetWriter:
@@ -335,7 +304,7 @@ def export(
     o = Path(out)
     o.mkdir(parents=True, exist_ok=True)
     system, user = tag_prompt(system_prompt, user_prompt)
-    trl_schema, verl_schema = _schemas(embed_images)
+    hf_schema, verl_schema = _schemas(embed_images)
     policy = image_policy or _image_policy()
     created_images: list[Path] = []
     writers: dict[str, Any] = {}
@@ -365,11 +334,11 @@ def export(
             if "hf" in fmts:
                 hf = o / "hf"
                 row = trl_row(s, system, user)
-                w("hf", lambda: _ParquetWriter(hf / f"{DATASET_NAME}.parquet", trl_schema)).write(row)
+                w("hf", lambda: _ParquetWriter(hf / f"{DATASET_NAME}.parquet", hf_schema)).write(row)
                 if per_source:
-                    w(f"hf:{src}", lambda: _ParquetWriter(hf / "by_source" / f"{src}.parquet", trl_schema)).write(row)
+                    w(f"hf:{src}", lambda: _ParquetWriter(hf / "by_source" / f"{src}.parquet", hf_schema)).write(row)
                 if nobbox:
-                    w("hf:nobbox", lambda: _ParquetWriter(hf / f"{DATASET_NAME}_nobbox.parquet", trl_schema)).write(trl_row(s, system, user, nobbox=True, nobbox_mode=nobbox_mode))
+                    w("hf:nobbox", lambda: _ParquetWriter(hf / f"{DATASET_NAME}_nobbox.parquet", hf_schema)).write(trl_row(s, system, user, nobbox=True, nobbox_mode=nobbox_mode))
             if "verl" in fmts:
                 vd = o / "verl"
                 row = verl_row(s, system, user, idx, embed_images, policy.bounds)

@@ -10,8 +10,9 @@ Sources accepted by :func:`iter_records` (``data.train`` / ``data.val`` in the c
 * ``builtin:tiny`` — :func:`builtin_tiny`, a few generated samples on the two shipped
   sample faces (smoke runs only: the traces are templates, the labels illustrative).
 
-Everything is normalised to one flat record (:data:`RECORD_COLUMNS`), written once to an
-Arrow dataset (memory-mapped: constant memory over 300k samples), and turned into TRL
+Everything is normalised to one flat record — a :class:`~tagfer.records.TAGSample`'s Arrow
+row (:meth:`~tagfer.records.TAGSample.to_arrow_row`, schema :func:`tagfer.records.sample_schema`,
+columns :data:`RECORD_COLUMNS`) — written once to an Arrow dataset (memory-mapped: constant memory over 300k samples), and turned into TRL
 rows on the fly by a dataset transform, which loads the image (:func:`tagfer.imageio.load_image`)
 and resizes it (:func:`tagfer.vlm.resize_for_model`, longer side 224). The prompt is the
 unified TAG prompt (:func:`tagfer.prompts.tag_prompt`), the same words as evaluation.
@@ -26,14 +27,12 @@ TRL rows::
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tagfer.jsonl import read_jsonl
-from tagfer.records import TAGSample
+from tagfer.records import SAMPLE_COLUMNS, TAGSample, sample_schema, trl_completion
 
 __all__ = [
     "RECORD_COLUMNS",
@@ -49,7 +48,8 @@ __all__ = [
 ]
 
 BUILTIN_PREFIX = "builtin:"
-RECORD_COLUMNS = ("id", "source", "image", "image_bytes", "label", "completion", "au_boxes", "aus", "split")
+#: columns of a flat training record: the sample's Arrow row (:data:`tagfer.records.SAMPLE_COLUMNS`).
+RECORD_COLUMNS = SAMPLE_COLUMNS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,82 +127,14 @@ def builtin_tiny(out_dir: str | Path) -> Path:
 # reading and normalising
 
 
-def _text_of(value: Any) -> str:
-    """Assistant text of an export ``completion`` (string, message, or list of messages/parts)."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        return _text_of(value.get("content", value.get("text", "")))
-    if isinstance(value, (list, tuple)):
-        texts = []
-        for part in value:
-            if isinstance(part, dict) and "role" in part:
-                if part["role"] == "assistant":
-                    texts.append(_text_of(part.get("content")))
-            elif isinstance(part, dict):
-                if part.get("type", "text") == "text":
-                    texts.append(str(part.get("text", "")))
-            elif isinstance(part, str):
-                texts.append(part)
-        return "".join(texts)
-    return str(value)
-
-
-def _image_ref(value: Any, root: Path | None) -> tuple[str, bytes | None]:
-    """(path, bytes) of one image reference: a path, a ``{"path", "bytes"}`` dict or a PIL image."""
-    if isinstance(value, (list, tuple)):
-        if not value:
-            return "", None
-        value = value[0]
-    if value is None:
-        return "", None
-    if isinstance(value, (bytes, bytearray)):
-        return "", bytes(value)
-    if isinstance(value, dict):
-        path = value.get("path") or value.get("image") or ""
-        if isinstance(path, str) and path and root is not None and not os.path.isabs(path):
-            path = str(root / path)
-        if value.get("bytes") and not (isinstance(path, str) and path and os.path.isfile(path)):
-            return str(path or ""), bytes(value["bytes"])  # embedded only: keep the bytes
-        value = path
-    if hasattr(value, "save") and hasattr(value, "size"):  # PIL image
-        buf = io.BytesIO()
-        value.convert("RGB").save(buf, format="PNG")
-        return "", buf.getvalue()
-    p = str(value)
-    if p and root is not None and not os.path.isabs(p):
-        p = str(root / p)
-    return p, None
-
-
 def record_from_sample(s: TAGSample, root: Path | None = None) -> dict[str, Any]:
-    """The flat training record of a :class:`TAGSample` (relative image paths resolved under ``root``)."""
-    path, _ = _image_ref(s.image, root)
-    return {"id": s.id, "source": s.source, "image": path, "image_bytes": None, "label": s.label,
-            "completion": s.completion, "au_boxes": [list(map(int, b)) for b in s.au_boxes],
-            "aus": [int(a) for a in s.aus], "split": s.split or ""}
+    """The flat training record of a :class:`TAGSample`: its Arrow row, relative image paths resolved under ``root``."""
+    return s.with_image_root(root).to_arrow_row()
 
 
 def record_from_export(row: dict[str, Any], root: Path | None = None, index: int = 0) -> dict[str, Any]:
-    """The flat training record of one row of the data exporter's HF export."""
-    if "completion" not in row or "label" not in row:
-        raise ValueError(f"export row lacks 'completion'/'label' (columns: {sorted(row)})")
-    images = row.get("images", row.get("image"))
-    path, data = _image_ref(images, root)
-    source = str(row.get("source") or "")
-    return {
-        "id": str(row.get("id") or f"{source or 'export'}/{index}"),
-        "source": source,
-        "image": path,
-        "image_bytes": data,
-        "label": str(row["label"]),
-        "completion": _text_of(row["completion"]),
-        "au_boxes": [[int(v) for v in b] for b in (row.get("au_boxes") or [])],
-        "aus": [int(a) for a in (row.get("aus") or [])],
-        "split": str(row.get("split") or ""),
-    }
+    """The flat training record of one row of an HF export (:meth:`TAGSample.from_trl_row`)."""
+    return TAGSample.from_trl_row(row, root, index).to_arrow_row()
 
 
 def _is_tagsample(row: dict[str, Any]) -> bool:
@@ -307,13 +239,7 @@ def build_record_dataset(records_fn: Callable[[], Iterable[dict[str, Any]]], cac
     """An Arrow ``datasets.Dataset`` of flat records (streamed to disk, memory-mapped)."""
     import datasets
 
-    features = datasets.Features({
-        "id": datasets.Value("string"), "source": datasets.Value("string"), "image": datasets.Value("string"),
-        "image_bytes": datasets.Value("binary"), "label": datasets.Value("string"),
-        "completion": datasets.Value("string"),
-        "au_boxes": datasets.List(datasets.List(datasets.Value("int32"))),
-        "aus": datasets.List(datasets.Value("int32")), "split": datasets.Value("string"),
-    })
+    features = datasets.Features.from_arrow_schema(sample_schema())
     ds = datasets.Dataset.from_generator(
         _gen, gen_kwargs={"records_fn": records_fn, "fingerprint": fingerprint}, features=features,
         cache_dir=str(cache_dir),
@@ -374,9 +300,7 @@ class RowMaker:
         images = [[self.image(batch["image"][i], batch["image_bytes"][i], batch["id"][i])] for i in range(n)]
         out: dict[str, list[Any]] = {"prompt": [self.prompt() for _ in range(n)], "images": images}
         if self.stage == "sft":
-            out["completion"] = [
-                [{"role": "assistant", "content": [{"type": "text", "text": c}]}] for c in batch["completion"]
-            ]
+            out["completion"] = [trl_completion(c) for c in batch["completion"]]
         else:
             out["label"] = list(batch["label"])
             out["au_boxes"] = [[list(b) for b in boxes] for boxes in batch["au_boxes"]]
