@@ -104,6 +104,7 @@ def test_circular_extends(tmp_path):
         load_raw(str(tmp_path / "a.yaml"))
 
 
+@pytest.mark.model  # imports TRL (its SFTConfig/GRPOConfig fields)
 def test_trl_mapping_derives_every_trl_argument_from_one_table():
     """TRL's config is built from tagfer's fields through one table; warm-up is TRL's fractional warmup_steps."""
     from trl import GRPOConfig
