@@ -18,24 +18,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-#: Qwen2.5-VL's special tokens, in Qwen's order; they take the first ids of the tiny vocab.
-SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-)
+from tagfer.families import DEFAULT_FAMILY, Family, get_family
 
-#: A chat template for the tiny tokenizer (Qwen's ChatML layout): ``content`` may be a
-#: string or a list of parts; an image part becomes vision_start + image_pad + vision_end.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+#: Qwen2.5-VL's special tokens, in Qwen's order; they take the first ids of the tiny vocab.
+SPECIAL_TOKENS = get_family("qwen2_5_vl").tiny.special_tokens
+
+#: The tiny Qwen tokenizer's chat template (ChatML): ``content`` may be a string or a list
+#: of parts; an image part becomes vision_start + image_pad + vision_end.
+CHAT_TEMPLATE = get_family("qwen2_5_vl").tiny.chat_template
+
+#: Families :func:`build_tiny` can build (each has a config recipe below).
+TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "gemma3")
 
 
 def _corpus() -> list[str]:
@@ -53,58 +46,141 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1024):
-    """Train a byte-level BPE on :func:`_corpus` and wrap it as a ``Qwen2Tokenizer``."""
+def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1024, family: str = DEFAULT_FAMILY):
+    """Train a byte-level BPE on :func:`_corpus` with ``family``'s special tokens (first ids) and
+    chat template, wrapped as a ``Qwen2Tokenizer`` (the wrapper class does not matter to the models)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
+    spec = get_family(family).tiny
+    specials = list(spec.special_tokens)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        vocab_size=vocab_size, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     bpe.train_from_iterator(_corpus(), trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
-    tok = Qwen2Tokenizer(
-        vocab=state["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-    )
-    tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")]})
-    tok.chat_template = CHAT_TEMPLATE
-    for t in SPECIAL_TOKENS:
-        assert tok.convert_tokens_to_ids(t) == SPECIAL_TOKENS.index(t), t
+    named = {"eos_token": spec.eos, "pad_token": spec.pad}
+    if spec.bos:
+        named["bos_token"] = spec.bos
+    if spec.attrs:
+        named["extra_special_tokens"] = dict(spec.attrs)
+    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None, **named)
+    tok.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in named.values()
+                                                          and t not in spec.attrs.values()]})
+    tok.chat_template = spec.chat_template
+    for t in specials:
+        assert tok.convert_tokens_to_ids(t) == specials.index(t), t
     if out_dir is not None:
         tok.save_pretrained(str(out_dir))
     return tok
 
 
-def tiny_config(vocab_size: int):
-    """The tiny ``Qwen2_5_VLConfig`` (ids of the vision tokens follow :data:`SPECIAL_TOKENS`)."""
+def _ids(family: Family) -> dict[str, int]:
+    """Config fields that hold special-token ids, set to the tiny tokenizer's ids."""
+    index = {t: i for i, t in enumerate(family.tiny.special_tokens)}
+    return {key: index[tok] for key, tok in family.tiny.config_ids.items()}
+
+
+def _text_ids(family: Family) -> dict[str, int]:
+    index = {t: i for i, t in enumerate(family.tiny.special_tokens)}
+    return dict(bos_token_id=index[family.tiny.bos or family.tiny.pad], eos_token_id=index[family.tiny.eos],
+                pad_token_id=index[family.tiny.pad])
+
+
+def _qwen2_5_vl_config(vocab_size: int, family: Family):
     from transformers import Qwen2_5_VLConfig
 
-    ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     # head_dim = 64 / 4 = 16; mrope_section must sum to head_dim / 2 = 8.
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=True,
+            tie_word_embeddings=True, **_text_ids(family),
         ),
         vision_config=dict(
             depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
         ),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, **_ids(family),
     )
 
 
-def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0, embed_scale: float = 1.0) -> Path:
-    """Write a tiny random Qwen2.5-VL (model, tokenizer, image processor) into ``out_dir``.
+def _qwen3_vl_config(vocab_size: int, family: Family):
+    from transformers import Qwen3VLConfig
+
+    # 16 px patches, 2x2 merge; one DeepStack tap (vision layer 0) feeds the first decoder layer.
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
+                             "mrope_interleaved": True},
+            tie_word_embeddings=True, **_text_ids(family),
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0],
+        ),
+        tie_word_embeddings=True, **_ids(family),
+    )
+
+
+#: Gemma 3 tiny: SigLIP on 112 px images (8x8 patches of 14 px) pooled to 4x4 = 16 soft tokens.
+GEMMA3_IMAGE_SIZE, GEMMA3_IMAGE_TOKENS = 112, 16
+
+
+def _gemma3_config(vocab_size: int, family: Family):
+    from transformers import Gemma3Config
+
+    return Gemma3Config(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+            max_position_embeddings=4096, sliding_window=512, layer_types=["sliding_attention", "full_attention"],
+            tie_word_embeddings=True, **_text_ids(family),
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, image_size=GEMMA3_IMAGE_SIZE, patch_size=14,
+        ),
+        mm_tokens_per_image=GEMMA3_IMAGE_TOKENS, tie_word_embeddings=True, **_ids(family),
+    )
+
+
+_CONFIGS = {"qwen2_5_vl": _qwen2_5_vl_config, "qwen3_vl": _qwen3_vl_config, "gemma3": _gemma3_config}
+
+
+def tiny_config(vocab_size: int, family: str = DEFAULT_FAMILY):
+    """The tiny transformers config of ``family`` (special-token ids follow the family's tiny tokens)."""
+    fam = get_family(family)
+    if fam.name not in _CONFIGS:
+        raise ValueError(f"no tiny recipe for family {fam.name!r}; choose from {', '.join(_CONFIGS)}")
+    return _CONFIGS[fam.name](vocab_size, fam)
+
+
+def _save_processor_files(out: Path, family: Family, tok) -> None:
+    """The tiny PIL image processor (and Gemma 3's processor config: its image sequence length)."""
+    import importlib
+
+    cls = getattr(importlib.import_module(family.image_processor[0]), family.image_processor[1])
+    if family.name == "gemma3":
+        ip = cls(size={"height": GEMMA3_IMAGE_SIZE, "width": GEMMA3_IMAGE_SIZE})
+    else:  # 224 px images → 8x8 (Qwen2.5-VL, 28 px per token) or 7x7 (Qwen3-VL, 32 px) image tokens
+        patch = family.patch_factor // 2
+        ip = cls(min_pixels=family.min_pixels, max_pixels=224 * 224, patch_size=patch, merge_size=2)
+    ip.save_pretrained(str(out))
+    if family.name == "gemma3":
+        (out / "processor_config.json").write_text(json.dumps(
+            {"processor_class": family.processor, "image_seq_length": GEMMA3_IMAGE_TOKENS}, indent=2))
+
+
+def build_tiny(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: int = 0, embed_scale: float = 1.0) -> Path:
+    """Write a tiny random model of ``family`` (:data:`TINY_FAMILIES`: model, tokenizer, image processor).
 
     The folder loads with :func:`tagfer.vlm.load_vlm` and with
     ``AutoModelForImageTextToText.from_pretrained``. Deterministic for a given ``seed``.
@@ -115,14 +191,14 @@ def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0, embed_scale: float =
     training smoke runs use ×8 (:func:`tagfer.train.model.build_trainable_tiny`).
     """
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers import AutoModelForImageTextToText
 
+    fam = get_family(family)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out)
+    tok = build_tokenizer(out, family=fam.name)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(len(tok)))
+    model = AutoModelForImageTextToText.from_config(tiny_config(len(tok), fam.name))
     if embed_scale != 1.0:
         with torch.no_grad():
             model.get_input_embeddings().weight.mul_(embed_scale)
@@ -130,13 +206,17 @@ def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0, embed_scale: float =
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(str(out))
-    # 224 px images → 16×16 patches of 14 px → 8×8 = 64 merged image tokens.
-    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14, merge_size=2).save_pretrained(str(out))
+    _save_processor_files(out, fam, tok)
     (out / "TINY_MODEL.md").write_text(
-        f"Tiny random Qwen2.5-VL written by tagfer.tiny.build_tiny_qwen25vl (seed {seed}, embeddings x{embed_scale})"
+        f"Tiny random {fam.name} written by tagfer.tiny.build_tiny (seed {seed}, embeddings x{embed_scale})"
         " — random weights, for tests and smoke runs only.\n"
     )
     return out
+
+
+def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0, embed_scale: float = 1.0) -> Path:
+    """:func:`build_tiny` for Qwen2.5-VL (the paper's backbone)."""
+    return build_tiny(out_dir, "qwen2_5_vl", seed=seed, embed_scale=embed_scale)
 
 
 #: Model sizes :func:`build_random_skeleton` knows: text / vision dimensions of the real checkpoints.

@@ -239,52 +239,88 @@ def _peft_base(path: Path) -> str | None:
     return None
 
 
-def load_processor(path_or_id: str, min_pixels: int | None = None, max_pixels: int | None = None):
-    """The checkpoint's processor; falls back to tokenizer + PIL image processor when the full
-    processor cannot be built here (Qwen's video processor needs torchvision, which we never install)."""
+def load_processor(path_or_id: str, min_pixels: int | None = None, max_pixels: int | None = None,
+                   family: Any = None):
+    """The checkpoint's processor; falls back to tokenizer + PIL image processor of the model's
+    family (:mod:`tagfer.families`) when the full processor cannot be built here (Qwen's video
+    processor and the fast image processors need torchvision, which we never install).
+
+    ``family``: a :class:`~tagfer.families.Family` or name; None reads ``config.json``."""
+    import importlib
+
     from transformers import AutoProcessor, AutoTokenizer
 
+    from tagfer.families import Family, UnknownFamily, family_of, get_family
+
+    fam = family if isinstance(family, Family) else get_family(family) if family else None
+    if fam is None:
+        try:
+            fam = family_of(path_or_id)
+        except UnknownFamily:
+            fam = None
     kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    try:
-        proc = AutoProcessor.from_pretrained(path_or_id, **kw)
-        if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
-            return proc
-    except (ImportError, OSError, ValueError, TypeError):
-        pass
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
-
+    if fam is not None and not fam.pixel_limits:
+        kw = {}
+    if fam is None or not fam.video_processor:  # no video processor in the way: the stock processor
+        try:
+            proc = AutoProcessor.from_pretrained(path_or_id, **kw)
+            if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
+                return proc
+        except (ImportError, OSError, ValueError, TypeError):
+            if fam is None:
+                raise
+    if fam is None:  # pragma: no cover - AutoProcessor returned a bare tokenizer / image processor
+        raise ValueError(f"{path_or_id}: no image processor and unknown model family")
     tok = AutoTokenizer.from_pretrained(path_or_id)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path_or_id, **kw)
-    return _image_only_processor_class()(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template)
+    image_cls = getattr(importlib.import_module(fam.image_processor[0]), fam.image_processor[1])
+    image_processor = image_cls.from_pretrained(path_or_id, **kw)
+    extra = _processor_config(path_or_id)
+    return _image_only_processor_class(fam.processor)(
+        image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template, **extra)
 
 
-_PROCESSOR_CLS = None
+def _processor_config(path_or_id: str) -> dict[str, Any]:
+    """Processor init arguments saved in ``processor_config.json`` (e.g. Gemma 3's ``image_seq_length``)."""
+    f = Path(path_or_id) / "processor_config.json"
+    if not f.is_file():
+        return {}
+    cfg = json.loads(f.read_text())
+    return {k: v for k, v in cfg.items() if k not in ("processor_class", "chat_template", "auto_map")}
 
 
-def _image_only_processor_class():
-    """A Qwen2.5-VL processor that accepts ``video_processor=None`` (images only)."""
-    global _PROCESSOR_CLS
-    if _PROCESSOR_CLS is None:
-        from transformers import Qwen2_5_VLProcessor
+_PROCESSOR_CLS: dict[str, type] = {}
 
-        class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-            def check_argument_for_proper_class(self, argument_name, argument):  # video_processor may be None
-                if argument_name == "video_processor" and argument is None:
-                    return
-                return super().check_argument_for_proper_class(argument_name, argument)
 
-            def save_pretrained(self, save_directory, *args, **kwargs):
-                """Save tokenizer (with chat template) and image processor; :func:`load_processor` reloads them.
+def _image_only_processor_class(name: str = "Qwen2_5_VLProcessor"):
+    """The transformers processor class ``name``, accepting ``video_processor=None`` (images only)."""
+    if name not in _PROCESSOR_CLS:
+        import transformers
 
-                ``ProcessorMixin.save_pretrained`` cannot run without a video processor.
-                """
-                Path(save_directory).mkdir(parents=True, exist_ok=True)
-                self.tokenizer.save_pretrained(str(save_directory))
-                self.image_processor.save_pretrained(str(save_directory))
-                return [str(save_directory)]
+        base = getattr(transformers, name)
 
-        _PROCESSOR_CLS = ImageOnlyQwen2_5_VLProcessor
-    return _PROCESSOR_CLS
+        def check_argument_for_proper_class(self, argument_name, argument):  # video_processor may be None
+            if argument_name == "video_processor" and argument is None:
+                return
+            return base.check_argument_for_proper_class(self, argument_name, argument)
+
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            """Save tokenizer (with chat template), image processor and init arguments; :func:`load_processor`
+            reloads them. ``ProcessorMixin.save_pretrained`` cannot run without a video processor."""
+            out = Path(save_directory)
+            out.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save_pretrained(str(out))
+            self.image_processor.save_pretrained(str(out))
+            seq = getattr(self, "image_seq_length", None)
+            if seq is not None:
+                (out / "processor_config.json").write_text(
+                    json.dumps({"processor_class": name, "image_seq_length": seq}, indent=2))
+            return [str(out)]
+
+        _PROCESSOR_CLS[name] = type(f"ImageOnly{name}", (base,), {
+            "check_argument_for_proper_class": check_argument_for_proper_class,
+            "save_pretrained": save_pretrained, "__doc__": f"{name} without a video processor (images only).",
+        })
+    return _PROCESSOR_CLS[name]
 
 
 class VLM:
@@ -322,8 +358,8 @@ class VLM:
             if img is not None:
                 pics.append(ImagePolicy.of(self.config).apply(img))
         kw: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
-        if pics:
-            kw["images"] = pics
+        if pics:  # one list per request (Gemma 3 needs it); a batch mixing text-only requests: flat
+            kw["images"] = [[p] for p in pics] if len(pics) == len(texts) else pics
         return self.processor(**kw).to(self.device)
 
     def generate(
@@ -394,6 +430,15 @@ def _random_model(path: Path, dtype, device: str, kw: dict[str, Any]):
     return model
 
 
+def _family_or_none(model):
+    from tagfer.families import UnknownFamily, family_of
+
+    try:
+        return family_of(model)
+    except UnknownFamily:
+        return None
+
+
 def load_vlm(config: VLMConfig | str | os.PathLike, **overrides: Any) -> VLM:
     """Load model + processor as described by ``config`` (a :class:`VLMConfig` or a path / hub id).
 
@@ -427,7 +472,7 @@ def load_vlm(config: VLMConfig | str | os.PathLike, **overrides: Any) -> VLM:
         else:
             model = AutoModelForImageTextToText.from_pretrained(model_path, **kw)
         proc_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
-        processor = load_processor(proc_src, cfg.min_pixels, cfg.max_pixels)
+        processor = load_processor(proc_src, cfg.min_pixels, cfg.max_pixels, family=_family_or_none(model))
     except OSError as e:
         raise _not_available(model_path, e) from e
     if adapter:
