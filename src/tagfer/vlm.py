@@ -1,6 +1,9 @@
 """Loading a vision–language model (Qwen2.5-VL by default, any HF image-text-to-text VLM) and
 generating from it.
 
+What differs between model families (processor class, PIL image processor, image tokens) comes
+from the registry in :mod:`tagfer.families`; Qwen2.5-VL, Qwen3-VL and Gemma 3 are tested here.
+
 One entry point, :func:`load_vlm`, used by training, evaluation, ``tagfer analyze`` and the
 in-process teacher. ``model`` is a local folder or a hub id; a folder holding a PEFT adapter
 (``adapter_config.json``) loads its base model and the adapter. On a machine without the
@@ -180,11 +183,12 @@ class ImagePolicy:
         s = self.side / max(width, height)
         return max(1, round(width * s)), max(1, round(height * s))
 
-    def image_tokens(self, width: int, height: int) -> int:
-        """Image tokens a Qwen2-VL-family model gets for an original ``width x height`` image."""
-        w, h = self.resized_size(width, height)
-        hh, ww = smart_resize(h, w, PATCH_FACTOR, *self.bounds)
-        return (hh // PATCH_FACTOR) * (ww // PATCH_FACTOR)
+    def image_tokens(self, width: int, height: int, family: str = "qwen2_5_vl", config: Any = None) -> int:
+        """Image tokens a model of ``family`` (:mod:`tagfer.families`) gets for an original ``width x height``
+        image; fixed-count families (Gemma 3) read the count from the model ``config``."""
+        from tagfer.families import get_family
+
+        return get_family(family).image_tokens(self, width, height, config)
 
 
 def build_chat(user: str, system: str | None = None, with_image: bool = True, assistant: str | None = None) -> list[dict]:
