@@ -249,7 +249,8 @@ def load_processor(path_or_id: str, min_pixels: int | None = None, max_pixels: i
     family (:mod:`tagfer.families`) when the full processor cannot be built here (Qwen's video
     processor and the fast image processors need torchvision, which we never install).
 
-    ``family``: a :class:`~tagfer.families.Family` or name; None reads ``config.json``."""
+    ``family``: a :class:`~tagfer.families.Family` or name; None reads ``config.json`` (an adapter
+    folder: its base model's); a folder with neither falls back to Qwen2.5-VL's PIL image processor."""
     import importlib
 
     from transformers import AutoProcessor, AutoTokenizer
@@ -258,10 +259,13 @@ def load_processor(path_or_id: str, min_pixels: int | None = None, max_pixels: i
 
     fam = family if isinstance(family, Family) else get_family(family) if family else None
     if fam is None:
-        try:
-            fam = family_of(path_or_id)
-        except UnknownFamily:
-            fam = None
+        base = _peft_base(Path(path_or_id))
+        for src in (path_or_id, base):
+            try:
+                fam = family_of(src) if src else None
+            except UnknownFamily:
+                continue
+            break
     kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     if fam is not None and not fam.pixel_limits:
         kw = {}
@@ -271,10 +275,8 @@ def load_processor(path_or_id: str, min_pixels: int | None = None, max_pixels: i
             if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
                 return proc
         except (ImportError, OSError, ValueError, TypeError):
-            if fam is None:
-                raise
-    if fam is None:  # pragma: no cover - AutoProcessor returned a bare tokenizer / image processor
-        raise ValueError(f"{path_or_id}: no image processor and unknown model family")
+            pass
+    fam = fam or get_family("qwen2_5_vl")
     tok = AutoTokenizer.from_pretrained(path_or_id)
     image_cls = getattr(importlib.import_module(fam.image_processor[0]), fam.image_processor[1])
     image_processor = image_cls.from_pretrained(path_or_id, **kw)
