@@ -93,9 +93,10 @@ def test_tiny_loads_generates_and_counts_image_tokens(family_tiny_dir, astronaut
     inputs = vlm.prepare([img], ["Which expression?"], "sys")
     n = int((inputs["input_ids"] == _image_token_id(vlm.model)).sum())
     assert n == fam.image_tokens(ImagePolicy.of(vlm.config), *img.size, vlm.model.config) > 0
-    a = vlm.generate([img, img.rotate(90)], ["Which expression?"] * 2, "sys", max_new_tokens=6)
-    b = vlm.generate([img, img.rotate(90)], ["Which expression?"] * 2, "sys", max_new_tokens=6)
-    assert a == b and len(a) == 2  # greedy
+    a = vlm.generate([img, None, img.rotate(90)], ["Which expression?"] * 3, "sys", max_new_tokens=6)
+    b = vlm.generate([img, None, img.rotate(90)], ["Which expression?"] * 3, "sys", max_new_tokens=6)
+    assert a == b and len(a) == 3  # greedy, a text-only request inside an image batch
+    assert vlm.generate([img], ["Which expression?"], "sys", max_new_tokens=6) == a[:1]  # batching changes nothing
     vlm.processor.save_pretrained(str(tmp_path / "proc"))  # what adapters and merged models carry
     again = load_processor(str(tmp_path / "proc"), family=fam)
     chat = vlm.processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],

@@ -361,11 +361,10 @@ class VLM:
         for img, user in zip(images, users, strict=True):
             msgs = build_chat(user, system, with_image=img is not None)
             texts.append(self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-            if img is not None:
-                pics.append(ImagePolicy.of(self.config).apply(img))
+            pics.append([ImagePolicy.of(self.config).apply(img)] if img is not None else [])
         kw: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
-        if pics:  # one list per request (Gemma 3 needs it); a batch mixing text-only requests: flat
-            kw["images"] = [[p] for p in pics] if len(pics) == len(texts) else pics
+        if any(pics):  # one list per request (Gemma 3 needs it; text-only requests: an empty list)
+            kw["images"] = pics
         return self.processor(**kw).to(self.device)
 
     def generate(
