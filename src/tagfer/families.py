@@ -16,11 +16,10 @@ This module imports nothing heavy; transformers classes are named, not imported.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-__all__ = ["Family", "FAMILIES", "UnknownFamily", "get_family", "family_of", "family_names"]
+__all__ = ["Family", "FAMILIES", "DEFAULT_FAMILY", "UnknownFamily", "get_family", "family_of"]
 
 
 class UnknownFamily(ValueError):
@@ -203,10 +202,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 DEFAULT_FAMILY = "qwen2_5_vl"
 
 
-def family_names() -> list[str]:
-    return list(FAMILIES)
-
-
 def get_family(name: str) -> Family:
     """The family called ``name`` (a registry key or a ``model_type``)."""
     if name in FAMILIES:
@@ -239,10 +234,3 @@ def family_of(obj: Any) -> Family:
         raise UnknownFamily(f"cannot tell the model type of {type(obj).__name__}")
     return get_family(str(mt))
 
-
-def grid_side(tokens: int) -> int:
-    """Side of the square token grid holding ``tokens`` (for fixed-count families' pooling)."""
-    side = int(math.isqrt(tokens))
-    if side * side != tokens:
-        raise ValueError(f"{tokens} image tokens are not a square grid")
-    return side

@@ -1,16 +1,19 @@
-"""A tiny random Qwen2.5-VL with a locally trained tokenizer, for tests and CPU smoke runs.
+"""Tiny random VLMs with a locally trained tokenizer, for tests and CPU smoke runs.
 
 No weights can be downloaded on an offline machine, yet every model code path (loading,
 chat template, image tokens, generation, LoRA, SFT, GRPO, merging) must run for real.
-:func:`build_tiny_qwen25vl` writes a folder that :func:`tagfer.vlm.load_vlm` loads like
-any hub checkpoint: ``config.json`` + weights, a byte-level BPE tokenizer wrapped as
-``Qwen2Tokenizer`` (trained here on TAG-style text so traces encode compactly), a chat
-template written for TAG, and a PIL image processor (``Qwen2VLImageProcessorPil``; the
-default one imports torchvision).
+:func:`build_tiny` writes a folder of one family (:data:`TINY_FAMILIES`: Qwen2.5-VL — the
+paper's backbone, :func:`build_tiny_qwen25vl` —, Qwen3-VL, Gemma 3; see :mod:`tagfer.families`)
+that :func:`tagfer.vlm.load_vlm` loads like any hub checkpoint: ``config.json`` + weights built
+from the family's transformers config, a byte-level BPE tokenizer wrapped as ``Qwen2Tokenizer``
+(trained here on TAG-style text so traces encode compactly; the family's special and image
+tokens take the first ids), a chat template in the family's turn layout written for TAG, and
+the family's PIL image processor (the fast ones import torchvision).
 
 Sizes (recipe in ``shared/notes/offline-stack.md``): text hidden 64, 2 layers, 4 heads
-(2 KV), vision depth 2, hidden 32, patch 14, merge 2 — about 0.3 M parameters; a
-224×224 image becomes 64 image tokens. Outputs of the random model are garbage by design.
+(2 KV), vision depth 2, hidden 32 — about 0.3 M parameters. A 224×224 image becomes 64
+image tokens (Qwen2.5-VL: 14 px patches, 2×2 merge), 49 (Qwen3-VL: 16 px patches) or 16
+(Gemma 3: 112 px SigLIP input, 8×8 patches pooled to 4×4). Outputs are garbage by design.
 """
 
 from __future__ import annotations
@@ -26,10 +29,6 @@ SPECIAL_TOKENS = get_family("qwen2_5_vl").tiny.special_tokens
 #: The tiny Qwen tokenizer's chat template (ChatML): ``content`` may be a string or a list
 #: of parts; an image part becomes vision_start + image_pad + vision_end.
 CHAT_TEMPLATE = get_family("qwen2_5_vl").tiny.chat_template
-
-#: Families :func:`build_tiny` can build (each has a config recipe below).
-TINY_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "gemma3")
-
 
 def _corpus() -> list[str]:
     """TAG-flavoured training text for the tiny BPE (prompts, labels, AU names, boxes)."""
@@ -154,6 +153,18 @@ def _gemma3_config(vocab_size: int, family: Family):
 
 _CONFIGS = {"qwen2_5_vl": _qwen2_5_vl_config, "qwen3_vl": _qwen3_vl_config, "gemma3": _gemma3_config}
 
+#: Per family: the tiny PIL image processor's arguments and extra processor init arguments. 224 px
+#: images → 8x8 (Qwen2.5-VL, 28 px per token) or 7x7 (Qwen3-VL, 32 px) image tokens; Gemma 3: 16.
+_PROCESSORS: dict[str, tuple[dict, dict]] = {
+    "qwen2_5_vl": (dict(min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14, merge_size=2), {}),
+    "qwen3_vl": (dict(min_pixels=64 * 64, max_pixels=224 * 224, patch_size=16, merge_size=2), {}),
+    "gemma3": (dict(size={"height": GEMMA3_IMAGE_SIZE, "width": GEMMA3_IMAGE_SIZE}),
+               {"image_seq_length": GEMMA3_IMAGE_TOKENS}),
+}
+
+#: Families :func:`build_tiny` can build.
+TINY_FAMILIES = tuple(_CONFIGS)
+
 
 def tiny_config(vocab_size: int, family: str = DEFAULT_FAMILY):
     """The tiny transformers config of ``family`` (special-token ids follow the family's tiny tokens)."""
@@ -163,20 +174,15 @@ def tiny_config(vocab_size: int, family: str = DEFAULT_FAMILY):
     return _CONFIGS[fam.name](vocab_size, fam)
 
 
-def _save_processor_files(out: Path, family: Family, tok) -> None:
-    """The tiny PIL image processor (and Gemma 3's processor config: its image sequence length)."""
+def _save_processor_files(out: Path, family: Family) -> None:
+    """The tiny PIL image processor (and processor init arguments, e.g. Gemma 3's image sequence length)."""
     import importlib
 
     cls = getattr(importlib.import_module(family.image_processor[0]), family.image_processor[1])
-    if family.name == "gemma3":
-        ip = cls(size={"height": GEMMA3_IMAGE_SIZE, "width": GEMMA3_IMAGE_SIZE})
-    else:  # 224 px images → 8x8 (Qwen2.5-VL, 28 px per token) or 7x7 (Qwen3-VL, 32 px) image tokens
-        patch = family.patch_factor // 2
-        ip = cls(min_pixels=family.min_pixels, max_pixels=224 * 224, patch_size=patch, merge_size=2)
-    ip.save_pretrained(str(out))
-    if family.name == "gemma3":
-        (out / "processor_config.json").write_text(json.dumps(
-            {"processor_class": family.processor, "image_seq_length": GEMMA3_IMAGE_TOKENS}, indent=2))
+    image_kw, processor_kw = _PROCESSORS[family.name]
+    cls(**image_kw).save_pretrained(str(out))
+    if processor_kw:
+        (out / "processor_config.json").write_text(json.dumps({"processor_class": family.processor, **processor_kw}, indent=2))
 
 
 def build_tiny(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: int = 0, embed_scale: float = 1.0) -> Path:
@@ -206,7 +212,7 @@ def build_tiny(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: int = 0,
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(str(out))
-    _save_processor_files(out, fam, tok)
+    _save_processor_files(out, fam)
     (out / "TINY_MODEL.md").write_text(
         f"Tiny random {fam.name} written by tagfer.tiny.build_tiny (seed {seed}, embeddings x{embed_scale})"
         " — random weights, for tests and smoke runs only.\n"
