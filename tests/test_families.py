@@ -144,18 +144,24 @@ def test_sft_loss_halves(family_sft):
     assert min(losses[-2:]) <= 0.5 * losses[0], losses
 
 
-def test_sft_adapter_merges_and_loads(family_sft, family_tiny_dir, astronaut_path, tmp_path):
+@pytest.fixture(scope="module")
+def family_merged(family_sft, tmp_path_factory):
+    from tagfer.train.merge import merge_adapter
+
+    return merge_adapter(family_sft[1].final_dir, tmp_path_factory.mktemp("family_merged") / "merged")
+
+
+def test_sft_adapter_merges_and_loads(family_sft, family_merged, family_tiny_dir, astronaut_path):
     """The adapter folder and the merged model load with load_vlm and decode alike; the adapter changed the model."""
     import torch
     from PIL import Image
 
-    from tagfer.train.merge import merge_adapter
     from tagfer.vlm import load_vlm
 
     _, res = family_sft
     img = Image.open(astronaut_path)
     adapted = load_vlm(str(res.final_dir), device="cpu")
-    merged = load_vlm(str(merge_adapter(res.final_dir, tmp_path / "merged")), device="cpu")
+    merged = load_vlm(str(family_merged), device="cpu")
     base = load_vlm(str(family_tiny_dir), device="cpu")
     args = ([img], [SHORT_USER], SHORT_SYSTEM)
     with torch.no_grad():
@@ -163,6 +169,19 @@ def test_sft_adapter_merges_and_loads(family_sft, family_tiny_dir, astronaut_pat
     assert torch.allclose(logits[0], logits[1], atol=1e-4), (logits[0] - logits[1]).abs().max()
     assert (logits[0] - logits[2]).abs().max() > 1e-2
     assert adapted.generate(*args, max_new_tokens=6) == merged.generate(*args, max_new_tokens=6)
+
+
+def test_eval_runs_on_the_merged_model(family_merged, rafdb_root, tmp_path):
+    """`tagfer eval`'s transformers path on the trained family model: every image gets a recorded prediction."""
+    from tagfer import eval as E
+    from tagfer.backends import TransformersBackend
+
+    out = tmp_path / "preds.jsonl"
+    be = TransformersBackend(str(family_merged), batch_size=4, device="cpu")
+    s = E.eval_source(f"rafdb:{rafdb_root}", be, out, model=f"hf:{family_merged}", gen=E.generation_defaults(max_new_tokens=8))
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    assert s.processed == 4 and s.failed == 0 and len(rows) == 4
+    assert all(r["error"] is None and isinstance(r["output"], str) for r in rows)
 
 
 def test_grpo_reward_rises(family_tiny_dir, train_samples, short_prompts, tmp_path):
