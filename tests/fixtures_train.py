@@ -54,7 +54,7 @@ def tiny_train_config(out_dir, model_dir, data, stage="sft", **overrides):
 
 
 #: Families beyond Qwen2.5-VL whose tiny models go through the whole training path (tests/test_families.py).
-NEW_FAMILIES = ("qwen3_vl", "gemma3")
+NEW_FAMILIES = ("qwen3_vl", "gemma3", "llava_onevision")
 
 
 @pytest.fixture(scope="session", params=NEW_FAMILIES)

@@ -26,6 +26,9 @@ NAMES = {
     "gemma3": ("model.language_model.layers.1.mlp.down_proj",
                "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj",
                "model.multi_modal_projector.mm_input_projection_weight"),
+    "llava_onevision": ("model.language_model.layers.0.self_attn.o_proj",
+                        "model.vision_tower.vision_model.encoder.layers.1.self_attn.v_proj",
+                        "model.multi_modal_projector.linear_1"),
 }
 
 
@@ -71,6 +74,8 @@ def test_fixed_image_tokens_come_from_the_config():
     assert fam.image_tokens(ImagePolicy(224), 100, 700, Cfg()) == 256
     with pytest.raises(ValueError, match="mm_tokens_per_image"):
         fam.image_tokens(ImagePolicy(224), 100, 100)
+    with pytest.raises(ValueError, match="processor"):  # any-resolution tiling: only the processor knows
+        get_family("llava_onevision").image_tokens(ImagePolicy(224), 100, 100)
 
 
 # --- each new family's tiny model, end to end -----------------------------------------------------------
@@ -92,7 +97,7 @@ def test_tiny_loads_generates_and_counts_image_tokens(family_tiny_dir, astronaut
     img = Image.open(astronaut_path).convert("RGB").crop((0, 0, 300, 180))  # not square
     inputs = vlm.prepare([img], ["Which expression?"], "sys")
     n = int((inputs["input_ids"] == _image_token_id(vlm.model)).sum())
-    assert n == fam.image_tokens(ImagePolicy.of(vlm.config), *img.size, vlm.model.config) > 0
+    assert n == fam.image_tokens(ImagePolicy.of(vlm.config), *img.size, vlm.model.config, vlm.processor) > 0
     a = vlm.generate([img, None, img.rotate(90)], ["Which expression?"] * 3, "sys", max_new_tokens=6)
     b = vlm.generate([img, None, img.rotate(90)], ["Which expression?"] * 3, "sys", max_new_tokens=6)
     assert a == b and len(a) == 3  # greedy, a text-only request inside an image batch

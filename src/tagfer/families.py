@@ -7,7 +7,7 @@ language model's decoder layers are (LoRA targets), how many image tokens an ima
 and the special tokens / chat template of the tiny random model of :mod:`tagfer.tiny`.
 
 Families tested here (tiny random models, SFT + GRPO learning tests): ``qwen2_5_vl``
-(the paper's backbone), ``qwen3_vl`` and ``gemma3``. Any other model is loaded by
+(the paper's backbone), ``qwen3_vl``, ``gemma3`` and ``llava_onevision``. Any other model is loaded by
 ``AutoModelForImageTextToText`` / ``AutoProcessor`` as usual; :func:`family_of` raises
 :class:`UnknownFamily` only where training needs the module layout.
 
@@ -56,10 +56,15 @@ class Family:
     projector         module names of the vision→text projector (``lora.train_projector``); a
                       ``ModuleList`` among them stands for its items (PEFT wraps modules, not lists)
     lm_layers         regex (no anchors) of the language model's decoder layer list
-    patch_factor      pixels per image token side (patch × merge) for grid families; 0: fixed count
+    tokens            how an image's token count is found: ``grid`` (Qwen: one token per
+                      ``patch_factor``² px of the rounded image), ``fixed`` (Gemma 3: the config's
+                      ``fixed_tokens_key``), ``processor`` (LLaVA-OneVision's any-resolution tiling:
+                      the processor's own count)
+    patch_factor      pixels per image token side (patch × merge) of grid families
     fixed_tokens_key  config field holding the image-token count of fixed-count families
     pixel_limits      the image processor takes ``min_pixels`` / ``max_pixels``
     min_pixels        the processor's lower pixel bound when none is set
+    processor_args    processor init arguments that an image-only processor saves and reloads
     tiny              tokenizer spec of :mod:`tagfer.tiny`'s random model
     """
 
@@ -71,11 +76,13 @@ class Family:
     vision: tuple[str, ...]
     projector: tuple[str, ...]
     lm_layers: str
-    patch_factor: int
     tiny: TinySpec
+    tokens: str = "grid"
+    patch_factor: int = 0
     fixed_tokens_key: str = ""
     pixel_limits: bool = True
     min_pixels: int = 56 * 56
+    processor_args: tuple[str, ...] = ()
 
     def is_vision(self, param_name: str) -> bool:
         """Whether a parameter / module name lies inside the vision tower (projector included if under it)."""
@@ -106,20 +113,25 @@ class Family:
                         found.append(p)
         return found
 
-    def image_tokens(self, policy: Any, width: int, height: int, config: Any = None) -> int:
+    def image_tokens(self, policy: Any, width: int, height: int, config: Any = None, processor: Any = None) -> int:
         """Image tokens an original ``width x height`` image becomes under ``policy`` (:class:`tagfer.vlm.ImagePolicy`).
 
         Grid families (Qwen): the resized image rounded to ``patch_factor`` within the policy's
-        pixel bounds; fixed families (Gemma 3): the config's count, whatever the image.
+        pixel bounds; fixed families (Gemma 3): the model ``config``'s count, whatever the image;
+        ``processor`` families (LLaVA-OneVision): the loaded ``processor``'s count for the resized image.
         """
-        if not self.patch_factor:
+        w, h = policy.resized_size(width, height)
+        if self.tokens == "fixed":
             value = getattr(config, self.fixed_tokens_key, None) if config is not None else None
             if value is None:
                 raise ValueError(f"{self.name}: the image-token count is in the model config ({self.fixed_tokens_key})")
             return int(value)
+        if self.tokens == "processor":
+            if processor is None:
+                raise ValueError(f"{self.name}: the image-token count depends on the processor's tiling; pass processor=")
+            return int(processor._get_num_multimodal_tokens(image_sizes=[[h, w]])["num_image_tokens"][0])
         from tagfer.vlm import smart_resize
 
-        w, h = policy.resized_size(width, height)
         lo, hi = policy.bounds
         lo = lo if policy.min_pixels is not None else self.min_pixels
         hh, ww = smart_resize(h, w, self.patch_factor, lo, max(lo, hi))
@@ -171,6 +183,13 @@ _GEMMA_TINY = TinySpec(
                 "image_token_index": "<image_soft_token>"},
 )
 
+#: LLaVA-OneVision (Qwen2 language model): ChatML with an ``<image>`` placeholder the processor expands.
+_LLAVA_OV_TINY = TinySpec(
+    ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"), eos="<|im_end|>", pad="<|endoftext|>",
+    chat_template=_CHATML.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n"),
+    config_ids={"image_token_index": "<image>", "video_token_index": "<video>"},
+)
+
 _QWEN_LM = r"language_model\.(?:model\.)?layers"
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -193,8 +212,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family(  # SigLIP tower, pooled to a fixed number of soft tokens per image
         name="gemma3", model_types=("gemma3",), processor="Gemma3Processor",
         image_processor=("transformers.models.gemma3", "Gemma3ImageProcessorPil"), video_processor=False,
-        vision=("vision_tower",), projector=("multi_modal_projector",), lm_layers=_QWEN_LM, patch_factor=0,
+        vision=("vision_tower",), projector=("multi_modal_projector",), lm_layers=_QWEN_LM, tokens="fixed",
         fixed_tokens_key="mm_tokens_per_image", pixel_limits=False, tiny=_GEMMA_TINY,
+    ),
+    Family(  # SigLIP tower on any-resolution tiles (base view + a grid of crops, newline tokens per row)
+        name="llava_onevision", model_types=("llava_onevision",), processor="LlavaOnevisionProcessor",
+        image_processor=("transformers.models.llava_onevision", "LlavaOnevisionImageProcessorPil"),
+        video_processor=True, vision=("vision_tower",), projector=("multi_modal_projector",), lm_layers=_QWEN_LM,
+        tokens="processor", pixel_limits=False, tiny=_LLAVA_OV_TINY,
+        processor_args=("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio"),
     ),
 )}
 

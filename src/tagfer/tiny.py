@@ -151,7 +151,32 @@ def _gemma3_config(vocab_size: int, family: Family):
     )
 
 
-_CONFIGS = {"qwen2_5_vl": _qwen2_5_vl_config, "qwen3_vl": _qwen3_vl_config, "gemma3": _gemma3_config}
+#: LLaVA-OneVision tiny: SigLIP on 56 px tiles (4x4 patches of 14 px = 16 tokens per tile); a 2x2 grid of
+#: tiles at most beside the base view, so a 224 px square face is 16 + 8x8 + 8 newlines = 88 tokens.
+LLAVA_OV_TILE = 56
+LLAVA_OV_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
+
+def _llava_onevision_config(vocab_size: int, family: Family):
+    from transformers import LlavaOnevisionConfig
+
+    return LlavaOnevisionConfig(
+        text_config=dict(
+            model_type="qwen2", vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+            **_text_ids(family),
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, image_size=LLAVA_OV_TILE, patch_size=14,
+        ),
+        image_grid_pinpoints=LLAVA_OV_PINPOINTS, vision_feature_select_strategy="full", vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9", tie_word_embeddings=True, **_ids(family),
+    )
+
+
+_CONFIGS = {"qwen2_5_vl": _qwen2_5_vl_config, "qwen3_vl": _qwen3_vl_config, "gemma3": _gemma3_config,
+            "llava_onevision": _llava_onevision_config}
 
 #: Per family: the tiny PIL image processor's arguments and extra processor init arguments. 224 px
 #: images → 8x8 (Qwen2.5-VL, 28 px per token) or 7x7 (Qwen3-VL, 32 px) image tokens; Gemma 3: 16.
@@ -160,6 +185,11 @@ _PROCESSORS: dict[str, tuple[dict, dict]] = {
     "qwen3_vl": (dict(min_pixels=64 * 64, max_pixels=224 * 224, patch_size=16, merge_size=2), {}),
     "gemma3": (dict(size={"height": GEMMA3_IMAGE_SIZE, "width": GEMMA3_IMAGE_SIZE}),
                {"image_seq_length": GEMMA3_IMAGE_TOKENS}),
+    "llava_onevision": (dict(size={"height": LLAVA_OV_TILE, "width": LLAVA_OV_TILE},
+                             crop_size={"height": LLAVA_OV_TILE, "width": LLAVA_OV_TILE},
+                             image_grid_pinpoints=LLAVA_OV_PINPOINTS),
+                        {"num_image_tokens": (LLAVA_OV_TILE // 14) ** 2, "vision_feature_select_strategy": "full",
+                         "vision_aspect_ratio": "anyres_max_9"}),
 }
 
 #: Families :func:`build_tiny` can build.

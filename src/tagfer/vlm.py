@@ -2,7 +2,8 @@
 generating from it.
 
 What differs between model families (processor class, PIL image processor, image tokens) comes
-from the registry in :mod:`tagfer.families`; Qwen2.5-VL, Qwen3-VL and Gemma 3 are tested here.
+from the registry in :mod:`tagfer.families`; Qwen2.5-VL, Qwen3-VL, Gemma 3 and LLaVA-OneVision are
+tested here.
 
 One entry point, :func:`load_vlm`, used by training, evaluation, ``tagfer analyze`` and the
 in-process teacher. ``model`` is a local folder or a hub id; a folder holding a PEFT adapter
@@ -183,12 +184,14 @@ class ImagePolicy:
         s = self.side / max(width, height)
         return max(1, round(width * s)), max(1, round(height * s))
 
-    def image_tokens(self, width: int, height: int, family: str = "qwen2_5_vl", config: Any = None) -> int:
+    def image_tokens(self, width: int, height: int, family: str = "qwen2_5_vl", config: Any = None,
+                     processor: Any = None) -> int:
         """Image tokens a model of ``family`` (:mod:`tagfer.families`) gets for an original ``width x height``
-        image; fixed-count families (Gemma 3) read the count from the model ``config``."""
+        image (:meth:`tagfer.families.Family.image_tokens`: Gemma 3 needs the model ``config``,
+        LLaVA-OneVision the ``processor``)."""
         from tagfer.families import get_family
 
-        return get_family(family).image_tokens(self, width, height, config)
+        return get_family(family).image_tokens(self, width, height, config, processor)
 
 
 def build_chat(user: str, system: str | None = None, with_image: bool = True, assistant: str | None = None) -> list[dict]:
@@ -281,7 +284,7 @@ def load_processor(path_or_id: str, min_pixels: int | None = None, max_pixels: i
     image_cls = getattr(importlib.import_module(fam.image_processor[0]), fam.image_processor[1])
     image_processor = image_cls.from_pretrained(path_or_id, **kw)
     extra = _processor_config(path_or_id)
-    return _image_only_processor_class(fam.processor)(
+    return _image_only_processor_class(fam.processor, fam.processor_args)(
         image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template, **extra)
 
 
@@ -297,8 +300,9 @@ def _processor_config(path_or_id: str) -> dict[str, Any]:
 _PROCESSOR_CLS: dict[str, type] = {}
 
 
-def _image_only_processor_class(name: str = "Qwen2_5_VLProcessor"):
-    """The transformers processor class ``name``, accepting ``video_processor=None`` (images only)."""
+def _image_only_processor_class(name: str = "Qwen2_5_VLProcessor", args_to_save: tuple[str, ...] = ()):
+    """The transformers processor class ``name``, accepting ``video_processor=None`` (images only);
+    ``args_to_save``: its init arguments written to ``processor_config.json`` by ``save_pretrained``."""
     if name not in _PROCESSOR_CLS:
         import transformers
 
@@ -316,10 +320,9 @@ def _image_only_processor_class(name: str = "Qwen2_5_VLProcessor"):
             out.mkdir(parents=True, exist_ok=True)
             self.tokenizer.save_pretrained(str(out))
             self.image_processor.save_pretrained(str(out))
-            seq = getattr(self, "image_seq_length", None)
-            if seq is not None:
-                (out / "processor_config.json").write_text(
-                    json.dumps({"processor_class": name, "image_seq_length": seq}, indent=2))
+            args = {a: getattr(self, a) for a in args_to_save if getattr(self, a, None) is not None}
+            if args:
+                (out / "processor_config.json").write_text(json.dumps({"processor_class": name, **args}, indent=2))
             return [str(out)]
 
         _PROCESSOR_CLS[name] = type(f"ImageOnly{name}", (base,), {
