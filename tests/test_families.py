@@ -13,7 +13,9 @@ from fixtures_train import SHORT_SYSTEM, SHORT_USER, tiny_train_config
 from tagfer.families import FAMILIES, UnknownFamily, family_of, get_family
 from tagfer.vlm import ImagePolicy
 
-SFT_STEPS = 14  # qwen3_vl: loss 10.3 → 4.3 after 10 steps (seed 0), so a margin beyond halving needs a few more
+#: SFT steps of the family learning runs. Measured (seeds 0-2, short prompts): after 20 steps the loss is at most
+#: 0.44x its first value (llava_onevision 0.43-0.44, qwen3_vl ≤ 0.33, gemma3 ≈ 0.13); 0.6 leaves a margin.
+SFT_STEPS, SFT_MAX_RATIO = 20, 0.6
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 #: Real module names of each family (from the transformers modelling code): LM layer projections, vision
@@ -142,11 +144,11 @@ def family_sft(family_tiny_dir, train_samples, short_prompts, tmp_path_factory):
     return cfg, run_sft(cfg)
 
 
-def test_sft_loss_halves(family_sft):
+def test_sft_loss_falls(family_sft):
     _, res = family_sft
     losses = res.train_loss
     assert len(losses) == SFT_STEPS and losses[0] > 1.0
-    assert min(losses[-2:]) <= 0.5 * losses[0], losses
+    assert min(losses[-2:]) <= SFT_MAX_RATIO * losses[0], losses
 
 
 @pytest.fixture(scope="module")
