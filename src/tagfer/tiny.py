@@ -3,7 +3,8 @@
 No weights can be downloaded on an offline machine, yet every model code path (loading,
 chat template, image tokens, generation, LoRA, SFT, GRPO, merging) must run for real.
 :func:`build_tiny` writes a folder of one family (:data:`TINY_FAMILIES`: Qwen2.5-VL — the
-paper's backbone, :func:`build_tiny_qwen25vl` —, Qwen3-VL, Gemma 3; see :mod:`tagfer.families`)
+paper's backbone, :func:`build_tiny_qwen25vl` —, Qwen3-VL, Gemma 3, LLaVA-OneVision; see
+:mod:`tagfer.families`)
 that :func:`tagfer.vlm.load_vlm` loads like any hub checkpoint: ``config.json`` + weights built
 from the family's transformers config, a byte-level BPE tokenizer wrapped as ``Qwen2Tokenizer``
 (trained here on TAG-style text so traces encode compactly; the family's special and image
@@ -13,7 +14,8 @@ the family's PIL image processor (the fast ones import torchvision).
 Sizes (recipe in ``shared/notes/offline-stack.md``): text hidden 64, 2 layers, 4 heads
 (2 KV), vision depth 2, hidden 32 — about 0.3 M parameters. A 224×224 image becomes 64
 image tokens (Qwen2.5-VL: 14 px patches, 2×2 merge), 49 (Qwen3-VL: 16 px patches) or 16
-(Gemma 3: 112 px SigLIP input, 8×8 patches pooled to 4×4). Outputs are garbage by design.
+(Gemma 3: 112 px SigLIP input, 8×8 patches pooled to 4×4) or 88 (LLaVA-OneVision: 56 px tiles
+of 16 tokens, base view + 2×2 crops + 8 newlines). Outputs are garbage by design.
 """
 
 from __future__ import annotations

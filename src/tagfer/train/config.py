@@ -83,7 +83,7 @@ class ModelSection:
     ``image_side``: images are resized so the longer side is this many pixels,
     aspect preserved (paper: 224). ``min_pixels``/``max_pixels``: processor limits.
     ``family``: the model family (:mod:`tagfer.families`: ``qwen2_5_vl``, ``qwen3_vl``,
-    ``gemma3``…) that says which modules are LoRA targets, vision tower and projector;
+    ``gemma3``, ``llava_onevision``…) that says which modules are LoRA targets, vision tower and projector;
     ``auto`` reads ``model_type`` from the checkpoint's config. With ``name_or_path: tiny``
     it picks the tiny random model to build (``auto``: Qwen2.5-VL).
     """
