@@ -258,5 +258,9 @@ def family_of(obj: Any) -> Family:
         mt = getattr(conf, "model_type", None)
     if not mt:
         raise UnknownFamily(f"cannot tell the model type of {type(obj).__name__}")
-    return get_family(str(mt))
+    try:
+        return get_family(str(mt))
+    except UnknownFamily as e:
+        raise UnknownFamily(f"{e} (model_type {mt!r}: set model.family to a family with the same module layout,"
+                            " or add an entry to tagfer.families.FAMILIES)") from None
 
