@@ -1,4 +1,4 @@
-"""tagfer.families: the per-family registry, and each new family's tiny model through load → LoRA → SFT → GRPO → merge."""
+"""tagfer.families: the registry, and each new family's tiny model through load, LoRA, SFT, GRPO, merge, eval, analyze."""
 
 from __future__ import annotations
 
@@ -241,3 +241,51 @@ def test_model_family_setting_picks_the_tiny_model_and_is_checked(tmp_path):
     assert family_of(resolve_base(cfg)).name == "qwen3_vl"  # the folder of another family is rebuilt
     with pytest.raises(ConfigError, match="model.family"):
         load_config("tiny_cpu", ["model.family=llama9"])
+
+
+def test_full_finetune_trains_lm_and_projector_not_vision(family_tiny_dir):
+    from tagfer.train.config import load_config
+    from tagfer.train.model import load_for_training
+
+    cfg = load_config("tiny_cpu", [f"model.name_or_path={family_tiny_dir}", "lora.enabled=false"])
+    model = load_for_training(cfg)[0]
+    fam = family_of(model)
+    kinds = {"vision": set(), "projector": set(), "lm": set()}
+    for n, p in model.named_parameters():
+        kind = "projector" if fam.is_projector(n) else "vision" if fam.is_vision(n) else "lm" if "language_model" in n else None
+        if kind:
+            kinds[kind].add(p.requires_grad)
+    assert kinds == {"vision": {False}, "projector": {True}, "lm": {True}}
+
+
+def test_bf16_training_keeps_fp32_projector_masters(family_tiny_dir, train_samples, short_prompts, tmp_path):
+    """A bf16 model of each family: no bf16 trainable tensor, and 3 small-lr steps move every projector tensor."""
+    import math
+
+    import torch
+    from transformers import TrainerCallback
+
+    from tagfer.train.model import low_precision_trainable
+    from tagfer.train.sft import run_sft
+
+    seen: dict = {}
+
+    class Snapshot(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            fam = family_of(model)
+            seen["low"] = low_precision_trainable(model)
+            seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()
+                              if p.requires_grad and fam.is_projector(n)}
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters() if n in seen["before"]}
+
+    cfg = tiny_train_config(tmp_path, family_tiny_dir, train_samples, model__dtype="bfloat16", optim__learning_rate=1e-4,
+                            optim__max_steps=3, optim__batch_size=4, optim__bf16="true", lora__r=4, trl__use_cpu=True,
+                            **short_prompts)
+    res = run_sft(cfg, callbacks=[Snapshot()])
+    assert seen["low"] == [] and seen["before"], seen
+    for n, before in seen["before"].items():
+        assert seen["after"][n].dtype == torch.float32, n
+        assert (seen["after"][n] != before).float().mean().item() > 0.9, n
+    assert all(math.isfinite(x) for x in res.train_loss)
