@@ -51,3 +51,28 @@ def tiny_train_config(out_dir, model_dir, data, stage="sft", **overrides):
         "log": {"logging_steps": 1, "progress": False},
     }
     return load_config(base, {k.replace("__", "."): v for k, v in overrides.items()})
+
+
+#: Families beyond Qwen2.5-VL whose tiny models go through the whole training path (tests/test_families.py).
+NEW_FAMILIES = ("qwen3_vl", "gemma3", "llava_onevision")
+
+
+@pytest.fixture(scope="session", params=NEW_FAMILIES)
+def family_tiny_dir(request, tmp_path_factory) -> Path:
+    """A tiny random model of each new family, prepared for training (embeddings scaled)."""
+    from tagfer.train.model import build_trainable_tiny
+
+    return build_trainable_tiny(tmp_path_factory.mktemp(f"tiny_{request.param}") / "base", seed=0, family=request.param)
+
+
+#: Short prompts for the family learning runs: a few text tokens instead of TAG's ~450 keep each step cheap.
+SHORT_SYSTEM, SHORT_USER = "Explain the facial expression.", "Which expression?"
+
+
+@pytest.fixture(scope="session")
+def short_prompts(tmp_path_factory) -> dict[str, str]:
+    """Config overrides (dotted keys with ``__``) pointing data.system_prompt / user_prompt at short prompt files."""
+    d = tmp_path_factory.mktemp("short_prompts")
+    (d / "system.txt").write_text(SHORT_SYSTEM)
+    (d / "user.txt").write_text(SHORT_USER)
+    return {"data__system_prompt": str(d / "system.txt"), "data__user_prompt": str(d / "user.txt")}

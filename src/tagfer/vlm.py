@@ -1,6 +1,10 @@
 """Loading a vision–language model (Qwen2.5-VL by default, any HF image-text-to-text VLM) and
 generating from it.
 
+What differs between model families (processor class, PIL image processor, image tokens) comes
+from the registry in :mod:`tagfer.families`; Qwen2.5-VL, Qwen3-VL, Gemma 3 and LLaVA-OneVision are
+tested here.
+
 One entry point, :func:`load_vlm`, used by training, evaluation, ``tagfer analyze`` and the
 in-process teacher. ``model`` is a local folder or a hub id; a folder holding a PEFT adapter
 (``adapter_config.json``) loads its base model and the adapter. On a machine without the
@@ -180,11 +184,14 @@ class ImagePolicy:
         s = self.side / max(width, height)
         return max(1, round(width * s)), max(1, round(height * s))
 
-    def image_tokens(self, width: int, height: int) -> int:
-        """Image tokens a Qwen2-VL-family model gets for an original ``width x height`` image."""
-        w, h = self.resized_size(width, height)
-        hh, ww = smart_resize(h, w, PATCH_FACTOR, *self.bounds)
-        return (hh // PATCH_FACTOR) * (ww // PATCH_FACTOR)
+    def image_tokens(self, width: int, height: int, family: str = "qwen2_5_vl", config: Any = None,
+                     processor: Any = None) -> int:
+        """Image tokens a model of ``family`` (:mod:`tagfer.families`) gets for an original ``width x height``
+        image (:meth:`tagfer.families.Family.image_tokens`: Gemma 3 needs the model ``config``,
+        LLaVA-OneVision the ``processor``)."""
+        from tagfer.families import get_family
+
+        return get_family(family).image_tokens(self, width, height, config, processor)
 
 
 def build_chat(user: str, system: str | None = None, with_image: bool = True, assistant: str | None = None) -> list[dict]:
@@ -239,52 +246,90 @@ def _peft_base(path: Path) -> str | None:
     return None
 
 
-def load_processor(path_or_id: str, min_pixels: int | None = None, max_pixels: int | None = None):
-    """The checkpoint's processor; falls back to tokenizer + PIL image processor when the full
-    processor cannot be built here (Qwen's video processor needs torchvision, which we never install)."""
+def load_processor(path_or_id: str, min_pixels: int | None = None, max_pixels: int | None = None,
+                   family: Any = None):
+    """The checkpoint's processor; falls back to tokenizer + PIL image processor of the model's
+    family (:mod:`tagfer.families`) when the full processor cannot be built here (Qwen's video
+    processor and the fast image processors need torchvision, which we never install).
+
+    ``family``: a :class:`~tagfer.families.Family` or name; None reads ``config.json`` (an adapter
+    folder: its base model's); a folder with neither falls back to Qwen2.5-VL's PIL image processor."""
+    import importlib
+
     from transformers import AutoProcessor, AutoTokenizer
 
+    from tagfer.families import Family, UnknownFamily, family_of, get_family
+
+    fam = family if isinstance(family, Family) else get_family(family) if family else None
+    if fam is None:
+        base = _peft_base(Path(path_or_id))
+        for src in (path_or_id, base):
+            try:
+                fam = family_of(src) if src else None
+            except UnknownFamily:
+                continue
+            break
     kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    try:
-        proc = AutoProcessor.from_pretrained(path_or_id, **kw)
-        if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
-            return proc
-    except (ImportError, OSError, ValueError, TypeError):
-        pass
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
-
+    if fam is not None and not fam.pixel_limits:
+        kw = {}
+    if fam is None or not fam.video_processor:  # no video processor in the way: the stock processor
+        try:
+            proc = AutoProcessor.from_pretrained(path_or_id, **kw)
+            if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
+                return proc
+        except (ImportError, OSError, ValueError, TypeError):
+            pass
+    fam = fam or get_family("qwen2_5_vl")
     tok = AutoTokenizer.from_pretrained(path_or_id)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path_or_id, **kw)
-    return _image_only_processor_class()(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template)
+    image_cls = getattr(importlib.import_module(fam.image_processor[0]), fam.image_processor[1])
+    image_processor = image_cls.from_pretrained(path_or_id, **kw)
+    extra = _processor_config(path_or_id)
+    return _image_only_processor_class(fam.processor, fam.processor_args)(
+        image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template, **extra)
 
 
-_PROCESSOR_CLS = None
+def _processor_config(path_or_id: str) -> dict[str, Any]:
+    """Processor init arguments saved in ``processor_config.json`` (e.g. Gemma 3's ``image_seq_length``)."""
+    f = Path(path_or_id) / "processor_config.json"
+    if not f.is_file():
+        return {}
+    cfg = json.loads(f.read_text())
+    return {k: v for k, v in cfg.items() if k not in ("processor_class", "chat_template", "auto_map")}
 
 
-def _image_only_processor_class():
-    """A Qwen2.5-VL processor that accepts ``video_processor=None`` (images only)."""
-    global _PROCESSOR_CLS
-    if _PROCESSOR_CLS is None:
-        from transformers import Qwen2_5_VLProcessor
+_PROCESSOR_CLS: dict[str, type] = {}
 
-        class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-            def check_argument_for_proper_class(self, argument_name, argument):  # video_processor may be None
-                if argument_name == "video_processor" and argument is None:
-                    return
-                return super().check_argument_for_proper_class(argument_name, argument)
 
-            def save_pretrained(self, save_directory, *args, **kwargs):
-                """Save tokenizer (with chat template) and image processor; :func:`load_processor` reloads them.
+def _image_only_processor_class(name: str = "Qwen2_5_VLProcessor", args_to_save: tuple[str, ...] = ()):
+    """The transformers processor class ``name``, accepting ``video_processor=None`` (images only);
+    ``args_to_save``: its init arguments written to ``processor_config.json`` by ``save_pretrained``."""
+    if name not in _PROCESSOR_CLS:
+        import transformers
 
-                ``ProcessorMixin.save_pretrained`` cannot run without a video processor.
-                """
-                Path(save_directory).mkdir(parents=True, exist_ok=True)
-                self.tokenizer.save_pretrained(str(save_directory))
-                self.image_processor.save_pretrained(str(save_directory))
-                return [str(save_directory)]
+        base = getattr(transformers, name)
 
-        _PROCESSOR_CLS = ImageOnlyQwen2_5_VLProcessor
-    return _PROCESSOR_CLS
+        def check_argument_for_proper_class(self, argument_name, argument):  # video_processor may be None
+            if argument_name == "video_processor" and argument is None:
+                return
+            return base.check_argument_for_proper_class(self, argument_name, argument)
+
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            """Save tokenizer (with chat template), image processor and init arguments; :func:`load_processor`
+            reloads them. ``ProcessorMixin.save_pretrained`` cannot run without a video processor."""
+            out = Path(save_directory)
+            out.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save_pretrained(str(out))
+            self.image_processor.save_pretrained(str(out))
+            args = {a: getattr(self, a) for a in args_to_save if getattr(self, a, None) is not None}
+            if args:
+                (out / "processor_config.json").write_text(json.dumps({"processor_class": name, **args}, indent=2))
+            return [str(out)]
+
+        _PROCESSOR_CLS[name] = type(f"ImageOnly{name}", (base,), {
+            "check_argument_for_proper_class": check_argument_for_proper_class,
+            "save_pretrained": save_pretrained, "__doc__": f"{name} without a video processor (images only).",
+        })
+    return _PROCESSOR_CLS[name]
 
 
 class VLM:
@@ -319,10 +364,9 @@ class VLM:
         for img, user in zip(images, users, strict=True):
             msgs = build_chat(user, system, with_image=img is not None)
             texts.append(self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-            if img is not None:
-                pics.append(ImagePolicy.of(self.config).apply(img))
+            pics.append([ImagePolicy.of(self.config).apply(img)] if img is not None else [])
         kw: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
-        if pics:
+        if any(pics):  # one list per request (Gemma 3 needs it; text-only requests: an empty list)
             kw["images"] = pics
         return self.processor(**kw).to(self.device)
 
@@ -394,6 +438,15 @@ def _random_model(path: Path, dtype, device: str, kw: dict[str, Any]):
     return model
 
 
+def _family_or_none(model):
+    from tagfer.families import UnknownFamily, family_of
+
+    try:
+        return family_of(model)
+    except UnknownFamily:
+        return None
+
+
 def load_vlm(config: VLMConfig | str | os.PathLike, **overrides: Any) -> VLM:
     """Load model + processor as described by ``config`` (a :class:`VLMConfig` or a path / hub id).
 
@@ -427,7 +480,7 @@ def load_vlm(config: VLMConfig | str | os.PathLike, **overrides: Any) -> VLM:
         else:
             model = AutoModelForImageTextToText.from_pretrained(model_path, **kw)
         proc_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
-        processor = load_processor(proc_src, cfg.min_pixels, cfg.max_pixels)
+        processor = load_processor(proc_src, cfg.min_pixels, cfg.max_pixels, family=_family_or_none(model))
     except OSError as e:
         raise _not_available(model_path, e) from e
     if adapter:

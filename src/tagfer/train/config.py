@@ -82,6 +82,10 @@ class ModelSection:
     SFT model is then also GRPO's KL reference).
     ``image_side``: images are resized so the longer side is this many pixels,
     aspect preserved (paper: 224). ``min_pixels``/``max_pixels``: processor limits.
+    ``family``: the model family (:mod:`tagfer.families`: ``qwen2_5_vl``, ``qwen3_vl``,
+    ``gemma3``, ``llava_onevision``…) that says which modules are LoRA targets, vision tower and projector;
+    ``auto`` reads ``model_type`` from the checkpoint's config. With ``name_or_path: tiny``
+    it picks the tiny random model to build (``auto``: Qwen2.5-VL).
     """
 
     name_or_path: str = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -92,6 +96,7 @@ class ModelSection:
     min_pixels: int | None = None
     max_pixels: int | None = None
     tiny_seed: int = 0
+    family: str = "auto"
 
 
 @dataclass
@@ -265,6 +270,13 @@ class TrainConfig:
         if lo.enabled and not lo.targets:
             raise ConfigError("lora.targets", "needs at least one projection name")
         pos("model.image_side", self.model.image_side)
+        if self.model.family != "auto":
+            from tagfer.families import UnknownFamily, get_family
+
+            try:
+                get_family(self.model.family)
+            except UnknownFamily as e:
+                raise ConfigError("model.family", str(e)) from None
         pos("sft.max_length", s.max_length)
         pos("sft.val_max_new_tokens", s.val_max_new_tokens)
         pos("sft.val_batch_size", s.val_batch_size)

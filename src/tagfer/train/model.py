@@ -1,12 +1,15 @@
 """Model preparation for training: base resolution, loading (via :mod:`tagfer.vlm`), LoRA, freezing.
 
-* LoRA goes on the language model only: the target pattern is anchored on
-  ``language_model.layers.N.(self_attn|mlp).<proj>`` because Qwen2.5-VL's vision blocks
-  also hold ``gate_proj``/``up_proj``/``down_proj``.
+The module layout comes from the model's family (:mod:`tagfer.families`, detected from the
+config's ``model_type`` or set by ``model.family``):
+
+* LoRA goes on the language model only: the target pattern is anchored on the family's
+  decoder layers (``language_model.layers.N.(self_attn|mlp).<proj>``) because vision blocks
+  also hold ``gate_proj``/``up_proj``/``down_proj`` (Qwen) or ``q_proj``… (SigLIP).
 * The vision encoder is frozen (``requires_grad=False``) in every mode.
-* The projector (Qwen2.5-VL's ``visual.merger``; ``multi_modal_projector`` / ``mm_projector``
-  in other VLMs) is trained in full when ``lora.train_projector``: it goes to PEFT's
-  ``modules_to_save``, so a trainable copy is saved inside the adapter and merged later.
+* The projector (Qwen2.5-VL's ``visual.merger``, Qwen3-VL's merger + DeepStack mergers,
+  Gemma 3's ``multi_modal_projector``) is trained in full when ``lora.train_projector``: it
+  goes to PEFT's ``modules_to_save``, so a trainable copy is saved inside the adapter and merged later.
 * Trainable parameters that are not LoRA (the projector copy, any ``modules_to_save``, the
   language model in full fine-tuning) keep fp32 master weights when the model is bf16/fp16
   (:func:`keep_fp32_masters`): an Adam step of lr 2e-5 is below half a bf16 ulp for most
@@ -17,12 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = [
-    "PROJECTOR_NAMES",
+    "model_family",
     "lm_target_regex",
     "resolve_base",
     "load_for_training",
@@ -35,14 +37,24 @@ __all__ = [
     "low_precision_trainable",
 ]
 
-PROJECTOR_NAMES = ("merger", "multi_modal_projector", "mm_projector")
-_VISION_PREFIXES = ("visual.", "vision_tower.", "vision_model.")
 
 
-def lm_target_regex(targets: Sequence[str]) -> str:
-    """PEFT ``target_modules`` regex (full match) for ``targets`` inside the language model's layers."""
-    names = "|".join(re.escape(t) for t in targets)
-    return rf".*language_model\.(?:model\.)?layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
+def model_family(model, name: str = "auto"):
+    """The :class:`~tagfer.families.Family` of ``model``: ``name`` when not ``"auto"``, else the one
+    :func:`load_for_training` recorded, else detected from ``model.config.model_type``."""
+    from tagfer.families import family_of, get_family
+
+    if name and name != "auto":
+        return get_family(name)
+    recorded = getattr(model, "_tagfer_family", None)
+    return get_family(recorded) if recorded else family_of(model)
+
+
+def lm_target_regex(targets: Sequence[str], family: str = "qwen2_5_vl") -> str:
+    """PEFT ``target_modules`` regex (full match) for ``targets`` inside ``family``'s language-model layers."""
+    from tagfer.families import get_family
+
+    return get_family(family).lora_target_regex(targets)
 
 
 def resolve_base(cfg, workdir: str | Path | None = None) -> str:
@@ -54,6 +66,7 @@ def resolve_base(cfg, workdir: str | Path | None = None) -> str:
     name = cfg.model.name_or_path
     if name != "tiny":
         return name
+    family = "qwen2_5_vl" if cfg.model.family == "auto" else cfg.model.family
     if cfg.model.adapter:
         acfg = Path(cfg.model.adapter) / "adapter_config.json"
         if acfg.is_file():
@@ -61,8 +74,8 @@ def resolve_base(cfg, workdir: str | Path | None = None) -> str:
             if base and Path(base).is_dir():
                 return base
     out = Path(workdir or cfg.output_dir) / "base_model"
-    if not (out / "config.json").is_file():
-        build_trainable_tiny(out, seed=cfg.model.tiny_seed)
+    if not (out / "config.json").is_file() or _model_type(out) != family:
+        build_trainable_tiny(out, seed=cfg.model.tiny_seed, family=family)
     return str(out.resolve())
 
 
@@ -70,12 +83,17 @@ def resolve_base(cfg, workdir: str | Path | None = None) -> str:
 TINY_EMBED_SCALE = 8.0
 
 
-def build_trainable_tiny(out_dir: str | Path, seed: int = 0, embed_scale: float = TINY_EMBED_SCALE) -> Path:
-    """:func:`tagfer.tiny.build_tiny_qwen25vl` with its tied embeddings scaled by ``embed_scale``
+def build_trainable_tiny(out_dir: str | Path, seed: int = 0, embed_scale: float = TINY_EMBED_SCALE,
+                         family: str = "qwen2_5_vl") -> Path:
+    """:func:`tagfer.tiny.build_tiny` of ``family`` with its tied embeddings scaled by ``embed_scale``
     so that LoRA can really lower the loss (see that function). Irrelevant for real checkpoints."""
-    from tagfer.tiny import build_tiny_qwen25vl
+    from tagfer.tiny import build_tiny
 
-    return build_tiny_qwen25vl(out_dir, seed=seed, embed_scale=embed_scale)
+    return build_tiny(out_dir, family, seed=seed, embed_scale=embed_scale)
+
+
+def _model_type(folder: Path) -> str | None:
+    return json.loads((folder / "config.json").read_text()).get("model_type")
 
 
 def _device() -> str:
@@ -87,17 +105,9 @@ def _device() -> str:
 
 
 def vision_parameter_names(model) -> list[str]:
-    """Names of the vision-encoder parameters (projector included: it lives under ``visual``)."""
-    return [n for n, _ in model.named_parameters() if any(p in n for p in _VISION_PREFIXES)]
-
-
-def _projector_names(model) -> list[str]:
-    found = []
-    for n, _ in model.named_modules():
-        last = n.rsplit(".", 1)[-1]
-        if last in PROJECTOR_NAMES and last not in found:
-            found.append(last)
-    return found
+    """Names of the vision-encoder parameters (Qwen's projector included: it lives under ``visual``)."""
+    fam = model_family(model)
+    return [n for n, _ in model.named_parameters() if fam.is_vision(n)]
 
 
 def load_for_training(cfg, workdir: str | Path | None = None):
@@ -117,16 +127,17 @@ def load_for_training(cfg, workdir: str | Path | None = None):
     model = vlm.model
     if cfg.model.adapter:  # SFT → GRPO: fold the SFT adapter in; the result is also the KL reference
         model = model.merge_and_unload()
+    fam = model_family(model, cfg.model.family)
+    model._tagfer_family = fam.name
     model.train()
     for n, p in model.named_parameters():
-        if any(v in n for v in _VISION_PREFIXES):
+        if fam.is_vision(n):
             p.requires_grad_(False)
     if not cfg.lora.enabled:  # full fine-tuning of the language model (+ projector if asked)
         for n, p in model.named_parameters():
-            is_proj = any(f".{name}." in f".{n}" for name in PROJECTOR_NAMES)
-            if is_proj:
+            if fam.is_projector(n):
                 p.requires_grad_(cfg.lora.train_projector)
-            elif not any(v in n for v in _VISION_PREFIXES):
+            elif not fam.is_vision(n):
                 p.requires_grad_(True)
     return model, vlm.processor, base
 
@@ -137,15 +148,16 @@ def apply_lora(model, lora_cfg):
         return model
     from peft import LoraConfig, get_peft_model
 
-    modules_to_save = _projector_names(model) if lora_cfg.train_projector else None
+    fam = model_family(model)
+    modules_to_save = fam.projector_modules(model) if lora_cfg.train_projector else None
     pcfg = LoraConfig(
         r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-        target_modules=lm_target_regex(lora_cfg.targets), modules_to_save=modules_to_save or None,
+        target_modules=fam.lora_target_regex(lora_cfg.targets), modules_to_save=modules_to_save or None,
         task_type="CAUSAL_LM", bias="none",
     )
     peft_model = get_peft_model(model, pcfg)
     bad = [n for n, p in peft_model.named_parameters()
-           if p.requires_grad and "lora_" in n and any(v in n for v in _VISION_PREFIXES)]
+           if p.requires_grad and "lora_" in n and fam.is_vision(n)]
     if bad:  # pragma: no cover - guarded by the anchored regex
         raise RuntimeError(f"LoRA reached the vision encoder: {bad[:3]}")
     return peft_model
@@ -212,6 +224,7 @@ def keep_fp32_masters(model) -> list[str]:
 def trainable_summary(model) -> dict[str, Any]:
     """Counts of trainable parameters by kind (lora / projector / other) and the total."""
     out = {"lora": 0, "projector": 0, "other": 0, "total": 0, "trainable": 0}
+    fam = model_family(model)
     for n, p in model.named_parameters():
         out["total"] += p.numel()
         if not p.requires_grad:
@@ -219,7 +232,7 @@ def trainable_summary(model) -> dict[str, Any]:
         out["trainable"] += p.numel()
         if "lora_" in n:
             out["lora"] += p.numel()
-        elif any(f".{name}." in n for name in PROJECTOR_NAMES):
+        elif fam.is_projector(n):
             out["projector"] += p.numel()
         else:
             out["other"] += p.numel()
@@ -228,5 +241,5 @@ def trainable_summary(model) -> dict[str, Any]:
 
 def save_processor(processor, out: str | Path) -> None:
     """Save a processor so :func:`tagfer.vlm.load_processor` reloads it (the image-only
-    Qwen2.5-VL processor of :mod:`tagfer.vlm` saves its tokenizer and image processor)."""
+    processors of :mod:`tagfer.vlm` save their tokenizer, image processor and init arguments)."""
     processor.save_pretrained(str(out))
