@@ -43,10 +43,10 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 # The fast tier: no model (transformers is never imported), no browser, no slow end-to-end runs.
-# Tests are classified in tests/conftest.py (fixtures and module-level pytestmark).
+# Tests are classified in tests/tiers.py (fixtures and marks); the tier runs on every core (pytest-xdist).
 FAST := not slow and not model and not browser
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "$(FAST)"
+	$(PY) -m pytest -q -n auto -m "$(FAST)"
 
 demo: $(STAMP)
 	$(VENV)/bin/tagfer analyze sample:astronaut --scores --overlay demo_out/analyze_astronaut.png

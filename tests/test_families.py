@@ -13,6 +13,8 @@ from fixtures_train import SHORT_SYSTEM, SHORT_USER, tiny_train_config
 from tagfer.families import FAMILIES, UnknownFamily, family_of, get_family
 from tagfer.vlm import ImagePolicy
 
+pytestmark = pytest.mark.model  # every test here builds or trains a tiny model of a family
+
 #: SFT steps of the family learning runs. Measured (seeds 0-2, short prompts): after 20 steps the loss is at most
 #: 0.44x its first value (llava_onevision 0.43-0.44, qwen3_vl ≤ 0.33, gemma3 ≈ 0.13); 0.6 leaves a margin.
 SFT_STEPS, SFT_MAX_RATIO = 20, 0.6

@@ -20,6 +20,7 @@ def test_presets_and_show():
     assert shown["optim"]["learning_rate"] == 2e-6 and shown["data"]["sources"] == ["ferplus"]
 
 
+@pytest.mark.model  # validating the config imports TRL
 def test_bad_override_exits_with_field_name():
     r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--set", "optim.lr=1"])
     assert r.exit_code == 2

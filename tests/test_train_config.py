@@ -9,6 +9,7 @@ from tagfer.train.config import ConfigError, TrainConfig, dump_config, list_pres
 PAPER_PRESETS = ["sft_tag310k", "grpo_rafdb", "grpo_ferplus", "grpo_affectnet", "grpo_rlvr", "grpo_f1", "sft_nobbox", "tiny_cpu"]
 
 
+@pytest.mark.model  # validates trl.* keys against TRL's config classes (imports TRL)
 def test_all_presets_present_and_valid():
     names = list_presets()
     for p in PAPER_PRESETS + ["tiny_cpu_grpo"]:
@@ -119,6 +120,7 @@ def test_trl_mapping_derives_every_trl_argument_from_one_table():
     assert args.get_warmup_steps(200) == 10  # 5 % of 200 steps: a ratio, not 0.05 steps
 
 
+@pytest.mark.model  # validates trl.* keys against TRL's config classes (imports TRL)
 def test_trl_section_passes_any_trl_argument_through():
     from trl import GRPOConfig, SFTConfig
 
@@ -145,6 +147,7 @@ def test_trl_section_passes_any_trl_argument_through():
         ("trl.beta=0.1", r"trl\.beta: is set by tagfer from grpo\.beta"),
     ],
 )
+@pytest.mark.model  # validates trl.* keys against TRL's config classes (imports TRL)
 def test_unknown_or_derived_trl_argument_is_a_clear_error(override, message):
     from tagfer.train.trl_args import trl_kwargs
 
@@ -172,6 +175,7 @@ def test_use_vllm_auto_falls_back_with_a_warning(monkeypatch):
     assert use_vllm_now(load_config("grpo_rafdb", ["grpo.use_vllm=false"])) is False
 
 
+@pytest.mark.model  # builds TRL's GRPOConfig
 def test_use_vllm_with_a_stand_in_vllm_module(monkeypatch):
     """vLLM importable (a stand-in module, as in test_backends) but no GPU here: ``auto`` still falls back
     (and says why), ``true`` selects TRL's vLLM path in the derived TRL arguments."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from tagfer.train.config import load_config
@@ -210,6 +211,7 @@ def test_one_sample_gives_the_same_image_tokens_in_every_trainer(tmp_path, train
     assert summary["image_policy"] == {"side": 224, "min_pixels": 56 * 56, "max_pixels": 224 * 224, "format": "jpeg"}
 
 
+@pytest.mark.model  # imports transformers
 def test_smart_resize_matches_transformers():
     from hypothesis import given, settings
     from hypothesis import strategies as st

@@ -162,6 +162,7 @@ def test_box_limit_processor_forbids_a_fourth_box_while_decoding(tiny_vlm, astro
     assert sum(b.numel() for b in proc.banned) > 0
 
 
+@pytest.mark.model  # builds and loads a random model
 def test_random_skeleton_loads_with_random_weights_on_the_device(tmp_path):
     """A weightless skeleton (config + tokenizer + marker) loads through load_vlm as a seeded random model:
     same seed, same weights; another seed, other weights; the model generates."""
