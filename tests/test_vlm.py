@@ -162,6 +162,34 @@ def test_box_limit_processor_forbids_a_fourth_box_while_decoding(tiny_vlm, astro
     assert sum(b.numel() for b in proc.banned) > 0
 
 
+@pytest.mark.model  # the tiny model's tokenizer
+def test_box_limit_processor_counts_incrementally_as_the_whole_text_would(tiny_vlm):
+    """The processor reads one token per step; its opening count and suffix equal those of the
+    whole decoded text after every step (token pieces that spell "<bbox" across steps included)."""
+    import random
+
+    import torch
+
+    from tagfer.vlm import BOX_OPEN, BoxLimitProcessor, _open_suffix
+
+    texts = tiny_vlm.token_texts()
+    pieces = [i for i, t in enumerate(texts) if t and t in "<bbox>"]  # "<", "b", "bo", "<bb", ...: openings span tokens
+    rng = random.Random(0)
+    openings = 0
+    for trial in range(20):
+        rows = [[rng.choice(pieces) if rng.random() < 0.8 else rng.randrange(len(texts)) for _ in range(40)] for _ in range(3)]
+        proc = BoxLimitProcessor(tiny_vlm.tokenizer, 2, 99, texts)
+        ids = torch.tensor([[0, 0] + r for r in rows])
+        for n in range(1, 41):
+            proc(ids[:, : 2 + n], torch.zeros(3, len(texts)))
+            for row in range(3):
+                whole = "".join(texts[i] for i in rows[row][:n])
+                assert proc._count[row] == whole.count(BOX_OPEN)
+                assert _open_suffix(proc._tail[row]) == _open_suffix(whole)
+        openings += sum(proc._count)
+    assert openings > 0  # the random streams did spell openings
+
+
 @pytest.mark.model  # builds and loads a random model
 def test_random_skeleton_loads_with_random_weights_on_the_device(tmp_path):
     """A weightless skeleton (config + tokenizer + marker) loads through load_vlm as a seeded random model:

@@ -51,26 +51,47 @@ class BoxLimitProcessor:
 
     ``token_texts[i]`` is the decoded text of token ``i``; ``prompt_len`` the (left-padded)
     prompt length, so only generated tokens count. For each ``k`` (how much of ``<bbox`` the
-    text already ends with) the banned token ids are precomputed once.
+    text already ends with) the banned token ids are precomputed once. Each step reads only the
+    new token of each row (its text from ``token_texts``), keeping per row the number of
+    openings so far and the last four characters: O(1) per row and step, where decoding the
+    whole generated text every step would cost O(length) (O(length²) per sequence). Rows keep
+    their place between steps (greedy or sampled decoding, as tagfer generates; not beam search).
     """
 
     def __init__(self, tokenizer: Any, prompt_len: int, max_boxes: int, token_texts: Sequence[str]):
         import torch
 
         self.tokenizer, self.prompt_len, self.max_boxes = tokenizer, int(prompt_len), int(max_boxes)
+        self.token_texts = token_texts
         self.banned = [
             torch.tensor([i for i, t in enumerate(token_texts) if BOX_OPEN in BOX_OPEN[:k] + t], dtype=torch.long)
             for k in range(len(BOX_OPEN))
         ]
         space = [i for i, t in enumerate(token_texts) if t == " "]
         self.fallback = space[0] if space else 0
+        self._seen = 0  # generated tokens already read (the same for every row)
+        self._count: list[int] = []  # "<bbox" openings per row
+        self._tail: list[str] = []  # last len("<bbox") - 1 characters per row: no whole opening fits in it
+
+    def _read(self, input_ids: Any) -> None:
+        new = input_ids[:, self.prompt_len + self._seen :].tolist()  # one device→host copy per step
+        if not self._count:
+            self._count, self._tail = [0] * len(new), [""] * len(new)
+        keep = len(BOX_OPEN) - 1
+        for row, ids in enumerate(new):
+            for i in ids:
+                i = int(i)
+                s = self._tail[row] + (self.token_texts[i] if 0 <= i < len(self.token_texts) else "")
+                self._count[row] += s.count(BOX_OPEN)  # the tail is too short to hold one: all are new
+                self._tail[row] = s[-keep:]
+        self._seen += len(new[0]) if new else 0
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
+        self._read(input_ids)
         for row in range(input_ids.shape[0]):
-            text = self.tokenizer.decode(input_ids[row, self.prompt_len :], skip_special_tokens=True)
-            if text.count(BOX_OPEN) < self.max_boxes:
+            if self._count[row] < self.max_boxes:
                 continue
-            ban = self.banned[_open_suffix(text)].to(scores.device)
+            ban = self.banned[_open_suffix(self._tail[row])].to(scores.device)
             scores[row, ban] = float("-inf")
             if bool(scores[row].isneginf().all()):  # a sampler kept only banned tokens
                 scores[row, self.fallback] = 0.0
