@@ -280,8 +280,8 @@ def test_prebuilt_messages_equal_the_backends_own(tmp_path, rafdb_root, eval_ser
         with _backend(eval_server, concurrency=1) as be:
             s = E.run_eval(recs, be, tmp_path / f"w{workers}.jsonl", encode_workers=workers)
         assert s.processed == 4 and s.failed == 0
-        bodies.append([q["messages"] for q in eval_server.requests])
-    assert bodies[0] == bodies[1]
+        bodies.append(sorted(json.dumps(q["messages"], sort_keys=True) for q in eval_server.requests))
+    assert bodies[0] == bodies[1]  # the same requests (arrival order may differ with parallel encoding)
 
 
 # ------------------------------------------------------------------ one canvas: a mismatch is an error, never a rescale
@@ -348,6 +348,8 @@ def test_eval_records_replies_with_look_alike_tags(tmp_path, rafdb_root, eval_se
     preds = _preds(out)
     assert s.processed == 3 and s.failed == 0 and len(preds) == 3
     assert all(p.error is None and not p.well_formed for p in preds)
-    assert [p.pred for p in preds] == ["happiness", None, "happiness"]
-    assert "text_outside" in preds[0].violations and "no_answer" in preds[1].violations
-    assert preds[2].violations == ["think_empty"]
+    # which image got which reply depends on arrival order (images are encoded in parallel): check the set
+    assert sorted(p.pred or "" for p in preds) == ["", "happiness", "happiness"]
+    assert sum("text_outside" in p.violations for p in preds) >= 1
+    assert any(p.pred is None and "no_answer" in p.violations for p in preds)
+    assert any(p.violations == ["think_empty"] for p in preds)
