@@ -49,7 +49,7 @@ AU_MORE = {"anger": (7, 17, 23, 24), "disgust": (15, 17), "fear": (2, 5), "sadne
 
 def dev_set(cache: Path) -> list[tuple[Path, str, str]]:
     """(image, label, kind) of the development set; downloads EmoPy 0.0.5 once into ``cache``."""
-    from tagfer.samples import sample_face_path
+    from tagfer.core.samples import sample_face_path
 
     root = cache / "emopy"
     wheels = sorted(root.glob("EmoPy-0.0.5*.whl"))
@@ -118,8 +118,8 @@ def main() -> None:
 
     from PIL import Image
 
-    from tagfer.analyze import Analyzer
-    from tagfer.imageio import load_image
+    from tagfer.core.imageio import load_image
+    from tagfer.explainer.analyze import Analyzer
 
     items = dev_set(args.cache)
     truth, ours, active, times, bare = [], [], [], [], []

@@ -53,10 +53,10 @@ def main() -> None:
     except (AttributeError, OSError):
         pinned = "not pinned"
 
-    from tagfer.analyze import Analyzer, png_data_url
-    from tagfer.facs import explain
-    from tagfer.imageio import load_image
-    from tagfer.samples import sample_face_path
+    from tagfer.au.facs import explain
+    from tagfer.core.imageio import load_image
+    from tagfer.core.samples import sample_face_path
+    from tagfer.explainer.analyze import Analyzer, png_data_url
 
     paths = [sample_face_path("astronaut"), sample_face_path("grace_hopper")]
     print(f"tagfer analyze benchmark ({pinned}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, n={args.n})")
@@ -91,7 +91,7 @@ def main() -> None:
     rows = [
         ("analysis per face, end to end (decode → trace → rewards)", full),
         ("bare MediaPipe landmarker on decoded pixels", bare),
-        ("image decode alone (tagfer.imageio.load_image)", decode),
+        ("image decode alone (tagfer.core.imageio.load_image)", decode),
         ("facs engine alone (scores + trace)", engine),
         ("overlay as served (render + PNG level 1 + base64)", ov),
     ]

@@ -32,7 +32,7 @@ def make_images(d: Path, n: int) -> list[Path]:
     import numpy as np
     from PIL import Image, ImageEnhance
 
-    from tagfer.samples import sample_face_path
+    from tagfer.core.samples import sample_face_path
 
     astro = Image.open(sample_face_path("astronaut")).convert("RGB").crop((150, 40, 300, 200))
     grace = Image.open(sample_face_path("grace_hopper")).convert("RGB").crop((120, 90, 405, 375))
@@ -53,7 +53,7 @@ def make_images(d: Path, n: int) -> list[Path]:
 def bare_landmarker(paths: list[Path]) -> float:
     import mediapipe as mp
 
-    from tagfer.faces import FaceLandmarker
+    from tagfer.au.faces import FaceLandmarker
 
     with FaceLandmarker() as fl:
         fl._lm.detect(mp.Image.create_from_file(str(paths[0])))  # warm-up
@@ -64,8 +64,8 @@ def bare_landmarker(paths: list[Path]) -> float:
 
 
 def job(paths: list[Path], out: Path, workers: int) -> float:
-    from tagfer.detectors import DetectorSpec
-    from tagfer.grounding import run_grounding
+    from tagfer.au.detectors import DetectorSpec
+    from tagfer.au.grounding import run_grounding
 
     if out.exists():
         out.unlink()
@@ -78,9 +78,9 @@ def job(paths: list[Path], out: Path, workers: int) -> float:
 
 def job_warm(paths: list[Path], out: Path) -> float:
     """One worker, excluding the one-off model load (as the bare call excludes it)."""
-    from tagfer.detectors import DetectorSpec
-    from tagfer.grounding import GroundingConfig, ground_image
-    from tagfer.jsonl import JsonlWriter
+    from tagfer.au.detectors import DetectorSpec
+    from tagfer.au.grounding import GroundingConfig, ground_image
+    from tagfer.core.jsonl import JsonlWriter
 
     det = DetectorSpec().build()
     try:
@@ -101,8 +101,8 @@ def job_warm(paths: list[Path], out: Path) -> float:
 def peak_rss_of_job(image_dir: Path, n: int, out: Path) -> int:
     code = f"""
 import resource, sys
-from tagfer.grounding import run_grounding
-from tagfer.detectors import DetectorSpec
+from tagfer.au.grounding import run_grounding
+from tagfer.au.detectors import DetectorSpec
 import glob
 files = sorted(glob.glob({str(image_dir)!r} + '/*.jpg'))[:{n}]
 s = run_grounding(files, {str(out)!r}, DetectorSpec(), resume=False)

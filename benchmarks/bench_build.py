@@ -41,7 +41,7 @@ class ConstantDetector:
     name = "constant"
 
     def detect(self, image, key=None):
-        from tagfer.aus import AUDetection, FaceAUs
+        from tagfer.au.aus import AUDetection, FaceAUs
 
         return [FaceAUs(None, [AUDetection(a, s, True, b) for a, s, b in ROWS], (0, 0, 511, 511), top_k=3, detector="constant")]
 
@@ -54,7 +54,7 @@ def records(n: int):
 
     from PIL import Image
 
-    from tagfer.sources import SourceRecord
+    from tagfer.data.sources import SourceRecord
 
     buf = io.BytesIO()
     Image.new("RGB", (48, 48), (120, 90, 60)).save(buf, format="PNG")
@@ -81,7 +81,7 @@ def stop_server(p) -> None:
 
 def run_once(url: str, n: int, conc: int, out: str) -> dict:
     """One build in this process; returns requests, wall time, CPU time. ``url``: comma-separated endpoints."""
-    from tagfer.build import BuildConfig, run_build
+    from tagfer.data.build import BuildConfig, run_build
 
     eps = url.split(",")
     cfg = BuildConfig.from_dict(dict(out=out, endpoints=eps, model="fake-vlm", concurrency=conc, per_endpoint=-(-conc // len(eps)), quality=False,

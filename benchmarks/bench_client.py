@@ -1,4 +1,4 @@
-"""Throughput of tagfer.openai_client.ChatClient against fake servers with fixed latency.
+"""Throughput of tagfer.models.openai_client.ChatClient against fake servers with fixed latency.
 
     .venv/bin/python benchmarks/bench_client.py [--latency 0.2,2.0] [--conc 64,256,512] [--servers 4] [--image]
 
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tagfer.openai_client import ChatClient, ClientConfig, system_message, user_message  # noqa: E402
+from tagfer.models.openai_client import ChatClient, ClientConfig, system_message, user_message  # noqa: E402
 
 
 def start_servers(n: int, latency: float, raw: bool = True, jitter: float = 0.0) -> list[subprocess.Popen]:
@@ -94,19 +94,19 @@ def main() -> None:
     ap.add_argument("--image", action="store_true", help="send a 224-px PNG data URL with every request")
     a = ap.parse_args()
 
-    from tagfer.openai_client import image_part
-    from tagfer.prompts import tag_prompt
+    from tagfer.models.openai_client import image_part
+    from tagfer.models.prompts import tag_prompt
 
     system, user = tag_prompt()
     images = []
     if a.image:
-        from tagfer.samples import sample_face_path
+        from tagfer.core.samples import sample_face_path
 
         images = [image_part(sample_face_path("astronaut"), 224)]
     messages = [system_message(system), user_message(user, images)]
     payload = len(json.dumps(messages))
 
-    print(f"client: tagfer.openai_client.ChatClient; request body ≈ {payload / 1024:.1f} KiB; {a.servers} fake server process(es)")
+    print(f"client: tagfer.models.openai_client.ChatClient; request body ≈ {payload / 1024:.1f} KiB; {a.servers} fake server process(es)")
     print(f"{'L s':>5} {'jit':>4} {'C':>5} {'requests':>8} {'req/s':>8} {'C/L':>8} {'ratio':>6} {'client CPU ms/req':>18} "
           f"{'max in flight':>13} {'server CPU ms/req':>17} errors")
     for latency, jitter in ((float(x), float(j)) for j in a.jitter.split(",") for x in a.latency.split(",")):

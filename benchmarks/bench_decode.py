@@ -1,4 +1,4 @@
-"""Decompression bombs vs the decode budget (`tagfer.imageio`), measured side by side in one run.
+"""Decompression bombs vs the decode budget (`tagfer.core.imageio`), measured side by side in one run.
 
     python benchmarks/bench_decode.py
 
@@ -33,7 +33,7 @@ def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-from tagfer.imageio import ImageError, load_image
+from tagfer.core.imageio import ImageError, load_image
 import numpy, PIL.Image  # imported before the baseline
 base = rss("VmRSS")
 t = time.perf_counter()

@@ -2,13 +2,13 @@
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/bench_eval.py [--latency 0.2] [--concurrency 8 32 64] [--n-score 10000]
 
-1. ``tagfer.eval.run_eval`` through ``OpenAIBackend`` against the scripted server
+1. ``tagfer.evaluation.eval.run_eval`` through ``OpenAIBackend`` against the scripted server
    (``tests/fakeserver.py``, started as a separate process so its CPU is not counted in
    ours) answering a TAG trace after ``--latency`` seconds. With concurrency C and latency
    L the ceiling is C/L predictions/s; the goal is ≥ 0.9 of it. Each run predicts
    ``--per-slot`` × C images (a 224×224 JPEG loaded, resized and base64-encoded per request,
    as in a real run) and writes the predictions JSONL.
-2. ``tagfer.eval.score_predictions`` on ``--n-score`` synthetic predictions (3 boxes each,
+2. ``tagfer.evaluation.eval.score_predictions`` on ``--n-score`` synthetic predictions (3 boxes each,
    3–6 AU boxes per image, 7 classes, 10% malformed): parsing excluded (records are already
    parsed, as ``tagfer score`` reads them), AU IoU and cross-detector AU IoU included,
    1,000 bootstrap resamples. Goal < 2 s. Parsing 10,000 responses is timed separately.
@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tagfer.labels import LABELS  # noqa: E402
+from tagfer.core.labels import LABELS  # noqa: E402
 
 ANSWER = (
     "<think>The face is relaxed with a broad smile. Mouth: AU12 (Lip Corner Puller) <bbox>[150, 300, 360, 420]</bbox> "
@@ -64,9 +64,9 @@ def start_server(latency: float) -> tuple[subprocess.Popen, str]:
 def bench_throughput(latency: float, concurrencies: list[int], per_slot: int, tmp: Path, image_format: str = "jpeg") -> list[dict]:
     from PIL import Image
 
-    from tagfer.backends import make_backend
-    from tagfer.eval import run_eval
-    from tagfer.samples import sample_face_path
+    from tagfer.core.samples import sample_face_path
+    from tagfer.evaluation.eval import run_eval
+    from tagfer.models.backends import make_backend
 
     img = tmp / "face.jpg"
     Image.open(sample_face_path("astronaut")).convert("RGB").resize((224, 224)).save(img, quality=90)
@@ -117,8 +117,8 @@ def synthetic_predictions(n: int, seed: int = 0) -> tuple[list[dict], dict, dict
 
 
 def bench_scoring(n: int, reps: int) -> dict:
-    from tagfer.eval import Prediction, parse_prediction, score_predictions
-    from tagfer.metrics import Bootstrap
+    from tagfer.evaluation.eval import Prediction, parse_prediction, score_predictions
+    from tagfer.evaluation.metrics import Bootstrap
 
     preds, au, cross = synthetic_predictions(n)
     best = float("inf")

@@ -3,8 +3,8 @@
 What it runs is tagfer's own code: ``run_sft`` with the ``sft_tag310k`` preset, then
 ``build_grpo_trainer`` + ``train()`` with the ``grpo_rafdb`` preset (vLLM when installed,
 else the merged-LoRA transformers fallback), on synthetic TAG samples of realistic length.
-The model is a weightless skeleton (:func:`tagfer.tiny.build_random_skeleton`) that
-:func:`tagfer.vlm.load_vlm` initialises randomly, directly on the device — no download.
+The model is a weightless skeleton (:func:`tagfer.models.tiny.build_random_skeleton`) that
+:func:`tagfer.models.vlm.load_vlm` initialises randomly, directly on the device — no download.
 
 Printed per stage: seconds per optimiser step (median, warm-up steps excluded), samples/s,
 rollout tokens/s (GRPO), peak memory, trainable tensors that changed / all (and any that
@@ -77,9 +77,9 @@ def synthetic_samples(out: Path, tok, n: int, trace_tokens: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from tagfer.labels import LABELS
-    from tagfer.records import TAGSample
-    from tagfer.trace import format_box
+    from tagfer.core.labels import LABELS
+    from tagfer.core.records import TAGSample
+    from tagfer.traces.trace import format_box
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -283,7 +283,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from tagfer.tiny import build_random_skeleton
+    from tagfer.models.tiny import build_random_skeleton
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     say(f"size {args.size} on {device}; torch {torch.__version__}")

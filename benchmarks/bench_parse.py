@@ -7,7 +7,7 @@ used to be quadratic or to raise: "<" followed by spaces, nested tags, tag
 floods, look-alike tag names, invisible reasoning, trailing special tokens)
 and each size from 10 KB up to ``--max-mb`` MB (x10 steps), in one run:
 
-* ``parse``  — :func:`tagfer.trace.parse_trace`;
+* ``parse``  — :func:`tagfer.traces.trace.parse_trace`;
 * ``reward`` — the verl reward :func:`tagfer.integrations.verl.compute_score`
   (special-token strip + parse + R_AU + R_ans + R_fmt);
 * ``peak``   — tracemalloc peak of one reward call (a separate run, since
@@ -43,11 +43,11 @@ try:
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from tagfer.data.teacher import extract_json  # noqa: E402
+from tagfer.evaluation.judge import JudgeParseError, parse_judgment  # noqa: E402
 from tagfer.integrations import trl as tag_trl  # noqa: E402
 from tagfer.integrations.verl import compute_score  # noqa: E402
-from tagfer.judge import JudgeParseError, parse_judgment  # noqa: E402
-from tagfer.teacher import extract_json  # noqa: E402
-from tagfer.trace import find_au_mentions, parse_trace, strip_bboxes, validate_teacher_tags  # noqa: E402
+from tagfer.traces.trace import find_au_mentions, parse_trace, strip_bboxes, validate_teacher_tags  # noqa: E402
 
 GROUND_TRUTH = {"label": "happiness", "au_boxes": [[191, 300, 330, 420], [93, 306, 445, 417]]}
 SENTENCE = "The mouth corners are pulled up and back while the cheeks rise, AU12 and AU6 together. "

@@ -6,10 +6,10 @@ Builds GRPO-like batches (groups of 8 rollouts per prompt, ~2,000 characters of
 reasoning, 3 boxes each, 3–6 AU boxes per sample, ~15% malformed rollouts) and
 times, in the same run and on the same rollouts:
 
-* ``batched``   — tagfer.rewards.score_group, one call per group of 8;
-* ``per step``  — tagfer.rewards.score_batch, one call per 16 groups (128
+* ``batched``   — tagfer.traces.rewards.score_group, one call per group of 8;
+* ``per step``  — tagfer.traces.rewards.score_batch, one call per 16 groups (128
                   rollouts), the way TRL scores a whole step at once;
-* ``single``    — tagfer.rewards.reward_breakdown, one call per rollout;
+* ``single``    — tagfer.traces.rewards.reward_breakdown, one call per rollout;
 * ``reference`` — a straightforward re-implementation written below with plain
                   Python loops and regexes (no numpy, no tagfer parser).
 
@@ -36,8 +36,8 @@ try:
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from tagfer.labels import LABELS, normalize_label  # noqa: E402
-from tagfer.rewards import RewardConfig, reward_breakdown, score_batch, score_group  # noqa: E402
+from tagfer.core.labels import LABELS, normalize_label  # noqa: E402
+from tagfer.traces.rewards import RewardConfig, reward_breakdown, score_batch, score_group  # noqa: E402
 
 CANVAS = 512
 GROUP = 8

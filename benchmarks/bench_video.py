@@ -34,8 +34,8 @@ def make_clip(path: Path, n: int, side: int = 192, fps: int = 25) -> str:
     import numpy as np
     from PIL import Image
 
-    from tagfer.samples import sample_face_path
-    from tagfer.video_render import VideoWriter
+    from tagfer.au.video_render import VideoWriter
+    from tagfer.core.samples import sample_face_path
 
     astro = Image.open(sample_face_path("astronaut")).convert("RGB").crop((110, 20, 350, 260))
     grace = Image.open(sample_face_path("grace_hopper")).convert("RGB").crop((0, 20, 512, 532))
@@ -55,7 +55,7 @@ def bare_landmarker(clip: str) -> tuple[float, int]:
     import av
     import mediapipe as mp
 
-    from tagfer.faces import FaceLandmarker
+    from tagfer.au.faces import FaceLandmarker
 
     with FaceLandmarker(running_mode="video") as fl:
         t = time.perf_counter()
@@ -69,7 +69,7 @@ def bare_landmarker(clip: str) -> tuple[float, int]:
 
 
 def job(clip: str, out: Path, media: Path | None = None) -> float:
-    from tagfer.video import VideoConfig, run_video
+    from tagfer.au.video import VideoConfig, run_video
 
     for p in out.parent.glob(out.stem + "*"):
         if p.is_file():
@@ -84,7 +84,7 @@ def job(clip: str, out: Path, media: Path | None = None) -> float:
 def memory_of_job(clip: str, out: Path) -> tuple[int, int, int]:
     code = f"""
 import resource, tracemalloc
-from tagfer.video import VideoConfig, run_video
+from tagfer.au.video import VideoConfig, run_video
 tracemalloc.start()
 s = run_video({clip!r}, {str(out)!r}, VideoConfig(), resume=False)
 assert s.error is None, s

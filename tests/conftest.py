@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tagfer.samples import sample_face_path
+from tagfer.core.samples import sample_face_path
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +42,7 @@ def grace_rgb(grace_path) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def landmarker():
-    from tagfer.faces import FaceLandmarker
+    from tagfer.au.faces import FaceLandmarker
 
     with FaceLandmarker() as lm:
         yield lm
@@ -50,7 +50,7 @@ def landmarker():
 
 @pytest.fixture(scope="session")
 def mp_detector(landmarker):
-    from tagfer.detectors import MediaPipeAUDetector
+    from tagfer.au.detectors import MediaPipeAUDetector
 
     return MediaPipeAUDetector(landmarker=landmarker)
 

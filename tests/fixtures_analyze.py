@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def facs_analyzer(mp_detector):
     """The default analyzer (facs engine, face frame) on the session's MediaPipe detector."""
-    from tagfer.analyze import Analyzer
+    from tagfer.explainer.analyze import Analyzer
 
     return Analyzer(detector=mp_detector)
 

@@ -317,8 +317,8 @@ class FakeAUDetector:
         self.top_k = top_k
 
     def detect(self, image, key=None):
-        from tagfer.aus import AUDetection, FaceAUs
-        from tagfer.detectors import DetectionError
+        from tagfer.au.aus import AUDetection, FaceAUs
+        from tagfer.au.detectors import DetectionError
 
         rows = self.table.get(str(key))
         if rows is None:

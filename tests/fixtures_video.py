@@ -21,7 +21,7 @@ def face_square(rgb: np.ndarray, box: tuple[int, int, int, int], side: int = CLI
 
 def write_clip(path, frames, fps: float = CLIP_FPS, times=None) -> str:
     """Encode RGB frames (an iterable) with PyAV through tagfer's own writer; ``times`` in seconds."""
-    from tagfer.video_render import VideoWriter
+    from tagfer.au.video_render import VideoWriter
 
     with VideoWriter(path, fps=fps, crf=18) as w:
         for i, f in enumerate(frames):

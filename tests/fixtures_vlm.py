@@ -11,14 +11,14 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory):
     """Folder of a tiny random Qwen2.5-VL (model, tokenizer, image processor)."""
-    from tagfer.tiny import build_tiny_qwen25vl
+    from tagfer.models.tiny import build_tiny_qwen25vl
 
     return build_tiny_qwen25vl(tmp_path_factory.mktemp("tiny_qwen25vl"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tiny_vlm_dir):
-    """The tiny model loaded through :func:`tagfer.vlm.load_vlm` (CPU, fp32). Do not train it in place."""
-    from tagfer.vlm import load_vlm
+    """The tiny model loaded through :func:`tagfer.models.vlm.load_vlm` (CPU, fp32). Do not train it in place."""
+    from tagfer.models.vlm import load_vlm
 
     return load_vlm(str(tiny_vlm_dir), device="cpu")

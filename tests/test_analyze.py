@@ -1,4 +1,4 @@
-"""tagfer.analyze and `tagfer analyze`: per-face analyses, frames, overlays, errors, JSON, --model."""
+"""tagfer.explainer.analyze and `tagfer analyze`: per-face analyses, frames, overlays, errors, JSON, --model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from tagfer.analyze import (
+from tagfer.explainer.analyze import (
     BOX_COLORS,
     EXIT_FAILED,
     EXIT_MALFORMED,
@@ -24,12 +24,12 @@ from tagfer.analyze import (
     face_region,
     reframe,
 )
-from tagfer.canvas import CanvasTransform
 from tagfer.cli import app
-from tagfer.errors import ItemError
-from tagfer.imageio import load_image
-from tagfer.jsonl import read_jsonl
-from tagfer.trace import parse_trace
+from tagfer.core.canvas import CanvasTransform
+from tagfer.core.errors import ItemError
+from tagfer.core.imageio import load_image
+from tagfer.core.jsonl import read_jsonl
+from tagfer.traces.trace import parse_trace
 
 runner = CliRunner()
 
@@ -131,7 +131,7 @@ def test_bytes_input_and_overlay_colours(facs_analyzer, astronaut_path):
 
 
 class GarbageVLM:
-    """Stands in for tagfer.vlm.VLM: returns a fixed malformed completion per image."""
+    """Stands in for tagfer.models.vlm.VLM: returns a fixed malformed completion per image."""
 
     config = None
 
@@ -287,7 +287,7 @@ def test_tiny_vlm_output_is_the_raw_generation(tiny_vlm, mp_detector, astronaut_
 # --------------------------------------------------------------------------- backends (OpenAI-compatible server)
 def test_openai_backend_engine_parses_the_reply(fake_openai, mp_detector, astronaut_path, facs_analyzer):
     """A served model's answer goes through the one parser; its boxes are scored against the detector's."""
-    from tagfer.analyze import load_engine
+    from tagfer.explainer.analyze import load_engine
 
     ref = facs_analyzer.analyze_image(astronaut_path)[0]
     b = ref.boxes[0]
@@ -321,7 +321,7 @@ def test_openai_backend_engine_parses_the_reply(fake_openai, mp_detector, astron
 def test_backend_failure_fails_the_image(fake_openai, mp_detector, astronaut_path):
     from fakeserver import Reply
 
-    from tagfer.analyze import load_engine
+    from tagfer.explainer.analyze import load_engine
 
     srv = fake_openai(lambda req, i: Reply(status=400))
     an = Analyzer(detector=mp_detector, engine=load_engine(f"openai:{srv.url}"))
@@ -358,7 +358,7 @@ def test_any_model_output_is_reported_and_drawn(text, astronaut_analysis, facs_a
     """Whatever a model writes: segments rebuild it, each box gets a colour and a caption, the overlay draws."""
     import dataclasses
 
-    from tagfer.analyze import _box_aus, _segments, box_color, render_overlay
+    from tagfer.explainer.analyze import _box_aus, _segments, box_color, render_overlay
 
     p = parse_trace(text)
     segs = _segments(p)
@@ -399,9 +399,9 @@ def test_cli_workers_send_concurrent_requests_to_a_served_model(fake_openai, tmp
 
 def test_one_canvas_for_detector_trace_and_record(landmarker, astronaut_path):
     """The Analyzer parses and records on the detector's canvas; a reward config on another canvas is refused."""
-    from tagfer.aus import AUConfig
-    from tagfer.detectors import MediaPipeAUDetector
-    from tagfer.rewards import RewardConfig
+    from tagfer.au.aus import AUConfig
+    from tagfer.au.detectors import MediaPipeAUDetector
+    from tagfer.traces.rewards import RewardConfig
 
     det = MediaPipeAUDetector(AUConfig(canvas=256), landmarker=landmarker)
     with pytest.raises(ValueError, match="canvas"):
@@ -431,7 +431,7 @@ class _ScriptBackend:
         return "script"
 
     def generate(self, requests, config=None, on_result=None):
-        from tagfer.backends import GenResult
+        from tagfer.models.backends import GenResult
 
         for r in requests:
             yield GenResult(r.id, self.text, None, {}, {})
@@ -443,7 +443,7 @@ class _ScriptBackend:
 def test_analyze_batch_resumes_writes_overlays_and_sets_the_exit_code(tmp_path, mp_detector, astronaut_path, grace_path, bad_inputs):
     import shutil
 
-    from tagfer.analyze import EXIT_OK, BatchSetupError, analyze_batch
+    from tagfer.explainer.analyze import EXIT_OK, BatchSetupError, analyze_batch
 
     d = tmp_path / "faces"
     d.mkdir()

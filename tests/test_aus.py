@@ -4,10 +4,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tagfer.aus import AU_IDS, REGIONS, AUConfig, _face_frame, au_number, au_scores, frontalize, geometric_cues, ground_face, region_boxes_px
-from tagfer.canvas import CanvasTransform
-from tagfer.imageio import load_image
-from tagfer.trace import parse_au_list
+from tagfer.au.aus import AU_IDS, REGIONS, AUConfig, _face_frame, au_number, au_scores, frontalize, geometric_cues, ground_face, region_boxes_px
+from tagfer.core.canvas import CanvasTransform
+from tagfer.core.imageio import load_image
+from tagfer.traces.trace import parse_au_list
 
 MOUTH_AUS = (10, 12, 14, 15, 16, 17, 18, 20, 22, 23, 24, 25, 26, 28)
 BROW_AUS = (1, 2, 4)
@@ -334,7 +334,7 @@ def test_dropped_jaw_is_not_a_smile_or_a_frown(grace_mesh):
 def test_largest_face_is_the_biggest_mesh_first_on_ties():
     from types import SimpleNamespace
 
-    from tagfer.aus import largest_face
+    from tagfer.au.aus import largest_face
 
     def face(name, area):
         return SimpleNamespace(name=name, mesh=None if area is None else SimpleNamespace(area=area))

@@ -1,4 +1,4 @@
-"""tagfer.backends: one interface over HF (tiny model), OpenAI-compatible servers (fake server)
+"""tagfer.models.backends: one interface over HF (tiny model), OpenAI-compatible servers (fake server)
 and vLLM (a stand-in module, since vLLM is not installed here)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fakeserver import Reply
-from tagfer.backends import (
+from tagfer.models.backends import (
     Backend,
     BackendUnavailable,
     FACSBackend,
@@ -26,7 +26,7 @@ from tagfer.backends import (
     make_backend,
     parse_spec,
 )
-from tagfer.openai_client import ClientConfig
+from tagfer.models.openai_client import ClientConfig
 
 
 def ocfg(url: str, **kw) -> ClientConfig:
@@ -338,7 +338,7 @@ FOUR_BOXES = ("<think>look. brow <bbox>[1, 2, 30, 40]</bbox> eyes <bbox>[5, 6, 7
 
 
 def test_limit_boxes_cuts_after_the_last_allowed_box_and_reports_it():
-    from tagfer.backends import limit_boxes
+    from tagfer.models.backends import limit_boxes
 
     text, v = limit_boxes(FOUR_BOXES, 3)
     assert text.endswith("mouth <bbox>[9, 9, 90, 99]</bbox>") and text.count("<bbox>") == 3
@@ -364,7 +364,7 @@ def test_served_backends_truncate_a_fourth_box_and_record_it(srv, obackend, fake
 
 
 def limit_boxes_text(text: str) -> str:
-    from tagfer.backends import limit_boxes
+    from tagfer.models.backends import limit_boxes
 
     return limit_boxes("v:" + text, 3)[0]
 
@@ -372,7 +372,7 @@ def limit_boxes_text(text: str) -> str:
 # ----------------------------------------------------------------------------- the registry (one way to call a model)
 
 class _FakeVLM:
-    """Stands in for a loaded tagfer.vlm.VLM (no transformers import)."""
+    """Stands in for a loaded tagfer.models.vlm.VLM (no transformers import)."""
 
     def __init__(self, cfg):
         self.config = cfg
@@ -383,7 +383,7 @@ class _FakeVLM:
 
 @pytest.fixture
 def fake_load_vlm(monkeypatch):
-    import tagfer.vlm
+    import tagfer.models.vlm
 
     made = []
 
@@ -391,7 +391,7 @@ def fake_load_vlm(monkeypatch):
         made.append(cfg)
         return _FakeVLM(cfg)
 
-    monkeypatch.setattr(tagfer.vlm, "load_vlm", load)
+    monkeypatch.setattr(tagfer.models.vlm, "load_vlm", load)
     return made
 
 
@@ -411,7 +411,7 @@ SPEC_KINDS = [
 @pytest.mark.parametrize("spec,cls", SPEC_KINDS)
 def test_every_spec_kind_resolves_to_the_same_object_in_analyze_and_eval(spec, cls, fake_load_vlm, fake_vllm):
     """`tagfer eval` builds its model with make_backend; `tagfer analyze` with load_engine: same spec, same backend."""
-    from tagfer.analyze import load_engine
+    from tagfer.explainer.analyze import load_engine
 
     common = dict(batch_size=2, device="cpu", concurrency=3, served_model="srv", api_key="", max_retries=0, timeout_s=5.0,
                   image_format="jpeg")  # the eval command line passes them all; each kind takes what it uses
@@ -477,8 +477,8 @@ def test_a_new_backend_is_one_registration(monkeypatch, tmp_path, rafdb_root, as
 
     from typer.testing import CliRunner
 
-    import tagfer.backends as B
     from tagfer.cli import app
+    import tagfer.models.backends as B
 
     monkeypatch.setattr(B, "_KINDS", dict(B._KINDS))
     built = []

@@ -15,11 +15,11 @@ import pytest
 
 from fakeserver import Reply
 from fixtures_data import FakeAUDetector, fake_au_rows, make_build_dataset
-from tagfer.build import BackendTeacher, BuildConfig, feedback, output_paths, parse_shard, run_build, shard_of
-from tagfer.jsonl import read_jsonl
-from tagfer.labels import LABELS, find_labels
-from tagfer.records import TAGSample
-from tagfer.trace import parse_trace
+from tagfer.core.jsonl import read_jsonl
+from tagfer.core.labels import LABELS, find_labels
+from tagfer.core.records import TAGSample
+from tagfer.data.build import BackendTeacher, BuildConfig, feedback, output_paths, parse_shard, run_build, shard_of
+from tagfer.traces.trace import parse_trace
 
 TESTS = Path(__file__).parent
 
@@ -389,7 +389,7 @@ KILL_CHILD = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from fixtures_data import FakeAUDetector
-from tagfer.build import BuildConfig, run_build
+from tagfer.data.build import BuildConfig, run_build
 cfg = BuildConfig.from_dict(json.loads(sys.argv[2]))
 table = json.loads(open(sys.argv[3]).read())
 run_build(cfg, detector=FakeAUDetector(table))
@@ -474,7 +474,7 @@ def test_ferplus_bytes_images_are_written(ferplus_root, tmp_path):
 
 
 def test_tiny_random_vlm_garbage_is_rejected_cleanly(tiny_vlm, tmp_path):
-    from tagfer.backends import TransformersBackend
+    from tagfer.models.backends import TransformersBackend
 
     csv_path, table = make_build_dataset(tmp_path / "d", ["fear", "anger"])
     teacher = BackendTeacher(TransformersBackend(tiny_vlm), max_tokens=12)
@@ -489,7 +489,7 @@ def test_tiny_random_vlm_garbage_is_rejected_cleanly(tiny_vlm, tmp_path):
 # --------------------------------------------------------------------------- CLI end to end
 def echo_teacher(req: dict, index: int):
     """Copies the first AU lines of the prompt into tags and answers the first candidate (elimination does the rest)."""
-    from tagfer.trace import parse_au_list
+    from tagfer.traces.trace import parse_au_list
 
     p = prompt_of(req)
     if "suitable_for_training" in p:
@@ -646,7 +646,7 @@ def test_cli_build_exit_code_says_items_could_not_be_processed(rafdb_root, tmp_p
 
 
 def test_build_config_holds_the_one_client_config():
-    from tagfer.openai_client import ClientConfig
+    from tagfer.models.openai_client import ClientConfig
 
     d = BuildConfig()
     assert isinstance(d.client, ClientConfig) and d.client.image_format == "jpeg"
@@ -670,8 +670,8 @@ def test_build_config_holds_the_one_client_config():
 def test_teacher_comes_from_the_model_registry(monkeypatch, tmp_path):
     import sys
 
-    from tagfer.backends import FACSBackend, OpenAIBackend
-    from tagfer.build import teacher_backend
+    from tagfer.data.build import teacher_backend
+    from tagfer.models.backends import FACSBackend, OpenAIBackend
 
     cfg = BuildConfig.from_dict({"endpoints": ["http://h0:1/v1", "http://h1:1/v1"], "model": "teach", "per_endpoint": 7})
     b = teacher_backend(cfg)

@@ -1,4 +1,4 @@
-"""Tests for tagfer.canvas: the letterbox transform, box helpers and IoU."""
+"""Tests for tagfer.core.canvas: the letterbox transform, box helpers and IoU."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tagfer.canvas import CANVAS, CanvasTransform, clip_box, iou, iou_matrix, iou_pairs, is_valid_box
+from tagfer.core.canvas import CANVAS, CanvasTransform, clip_box, iou, iou_matrix, iou_pairs, is_valid_box
 
 relaxed = settings(deadline=None)
 

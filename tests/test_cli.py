@@ -211,7 +211,7 @@ def _empty_build(tmp_path, *flags: str, config: dict | None = None):
 
 
 def test_build_config_file_values_are_kept(tmp_path):
-    from tagfer.build import BuildConfig
+    from tagfer.data.build import BuildConfig
 
     file = {"quality": False, "top_k": 2, "max_tokens": 77, "endpoints": ["http://10.0.0.9:9000/v1"], "limit": 3, "concurrency": 64,
             "per_endpoint": 16, "request_retries": 1, "timeout_s": 9.5, "max_eliminations": 4, "no_au": "skip"}
@@ -230,7 +230,7 @@ def test_build_config_file_values_are_kept(tmp_path):
 
 
 def test_build_explicit_flag_beats_file_beats_default(tmp_path):
-    from tagfer.build import BuildConfig
+    from tagfer.data.build import BuildConfig
 
     file = {"quality": False, "concurrency": 64, "max_tokens": 77, "top_k": 2}
     r, got = _empty_build(tmp_path, "--concurrency", "8", "--quality", "--top-k", "1", config=file)
@@ -252,7 +252,7 @@ def test_build_config_old_and_nested_client_keys(tmp_path):
     assert r.exit_code == 0, r.output
     assert got["client"]["max_retries"] == 0 and got["client"]["per_endpoint_concurrency"] == 5
     # a build_config.json is itself a valid --config (round trip)
-    from tagfer.build import BuildConfig
+    from tagfer.data.build import BuildConfig
 
     assert BuildConfig.from_dict(got).to_json() == got
 
@@ -285,7 +285,7 @@ def test_build_help_states_the_dataclass_defaults():
 
     import typer
 
-    from tagfer.build import CLIENT_KEYS, BuildConfig
+    from tagfer.data.build import CLIENT_KEYS, BuildConfig
 
     cfg = BuildConfig()
     rename = {"timeout": "timeout_s", "endpoint": "endpoints", "source": "sources"}

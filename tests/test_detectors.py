@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tagfer.aus import AUConfig
-from tagfer.detectors import AUDetector, AUTable, DetectionError, DetectorSpec, MediaPipeAUDetector, TableAUDetector
-from tagfer.imageio import load_image
+from tagfer.au.aus import AUConfig
+from tagfer.au.detectors import AUDetector, AUTable, DetectionError, DetectorSpec, MediaPipeAUDetector, TableAUDetector
+from tagfer.core.imageio import load_image
 
 
 def _openface_csv(path, rows, with_key=False, with_landmarks=None):
@@ -125,7 +125,7 @@ def test_spec_builds_and_closes(tmp_path):
 @pytest.mark.slow
 def test_dlib_fallback_finds_small_faces(tmp_path, astronaut_rgb):
     pytest.importorskip("dlib")
-    from tagfer.faces import FaceLandmarker
+    from tagfer.au.faces import FaceLandmarker
 
     face = Image.fromarray(astronaut_rgb[40:230, 130:320]).resize((70, 70))
     group = Image.new("RGB", (1600, 900), (170, 170, 160))
@@ -146,7 +146,7 @@ def test_dlib_fallback_finds_small_faces(tmp_path, astronaut_rgb):
 def test_au_table_that_is_a_fifo_is_refused_unread(tmp_path):
     import os
 
-    from tagfer.detectors import AUTable
+    from tagfer.au.detectors import AUTable
 
     fifo = tmp_path / "aus.csv"
     os.mkfifo(fifo)  # reading it would block forever

@@ -1,4 +1,4 @@
-"""The prediction runner, AU ground truth and scoring (tagfer.eval), with the scripted server as the model."""
+"""The prediction runner, AU ground truth and scoring (tagfer.evaluation.eval), with the scripted server as the model."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from fakeserver import Reply
 from fixtures_evaluate import SMILE_BOXES, tag_answer, write_openface_csv
-from tagfer import eval as E
-from tagfer.backends import make_backend
-from tagfer.jsonl import read_jsonl
-from tagfer.labels import LABELS
-from tagfer.sources import open_source
+from tagfer.evaluation import eval as E
+from tagfer.models.backends import make_backend
+from tagfer.core.jsonl import read_jsonl
+from tagfer.core.labels import LABELS
+from tagfer.data.sources import open_source
 
 
 def _backend(srv, **kw):
@@ -131,7 +131,7 @@ def test_eval_bytes_images_bad_outputs_and_bad_image(tmp_path, ferplus_root, eva
 
 
 def test_eval_tiny_model_through_transformers(tmp_path, rafdb_root, tiny_vlm):
-    from tagfer.backends import TransformersBackend
+    from tagfer.models.backends import TransformersBackend
 
     out = tmp_path / "tiny.jsonl"
     be = TransformersBackend(tiny_vlm, batch_size=4)
@@ -147,7 +147,7 @@ def test_au_truth_detector_cache_and_scores(tmp_path, rafdb_root, eval_server, l
     preds_path = tmp_path / "p.jsonl"
     with _backend(eval_server) as be:
         E.eval_source(f"rafdb:{rafdb_root}", be, preds_path, model="fake")
-    from tagfer.detectors import DetectorSpec
+    from tagfer.au.detectors import DetectorSpec
 
     cache = tmp_path / "au.jsonl"
     seen = []
@@ -163,7 +163,7 @@ def test_au_truth_detector_cache_and_scores(tmp_path, rafdb_root, eval_server, l
 
     out = tmp_path / "scores.json"
     s = E.score_file(preds_path, out, au=au, cross_au=cross, au_source="mediapipe", cross_source="openface", png=tmp_path / "cm.png")
-    from tagfer.rewards import r_au
+    from tagfer.traces.rewards import r_au
 
     expected = [r_au([list(b) for b in SMILE_BOXES], au[p.id]) for p in _preds(preds_path)]
     assert s["au_iou"]["value"] == pytest.approx(sum(expected) / 4) and s["au_iou"]["n_scored"] == 4
@@ -195,7 +195,7 @@ def test_score_joins_au_jsonl_by_path_and_skips_missing(tmp_path):
 
 
 def test_facs_baseline_backend(tmp_path, rafdb_root, bad_inputs):
-    from tagfer.eval import FACSBackend
+    from tagfer.evaluation.eval import FACSBackend
 
     out = tmp_path / "facs.jsonl"
     with FACSBackend() as be:
@@ -208,7 +208,7 @@ def test_facs_baseline_backend(tmp_path, rafdb_root, bad_inputs):
 
 
 def test_run_eval_takes_a_model_spec(tmp_path, rafdb_root, eval_server):
-    """A spec string goes through the one registry (tagfer.backends.make_backend) and names the model."""
+    """A spec string goes through the one registry (tagfer.models.backends.make_backend) and names the model."""
     eval_server.reset(lambda req, i: tag_answer("happiness"))
     spec = f"openai:{eval_server.url}"
     s = E.eval_source(f"rafdb:{rafdb_root}", spec, tmp_path / "p.jsonl", limit=2)
@@ -252,7 +252,7 @@ def test_eval_cli_bad_arguments(tmp_path, rafdb_root, eval_server):
 
 
 def test_au_truth_for_images_stored_as_bytes(tmp_path, ferplus_root, eval_server, landmarker):
-    from tagfer.detectors import DetectorSpec
+    from tagfer.au.detectors import DetectorSpec
 
     eval_server.reset(lambda req, i: tag_answer("happiness"))
     preds_path = tmp_path / "fer.jsonl"
@@ -301,8 +301,8 @@ def test_au_boxes_on_another_canvas_are_refused(tmp_path):
 
 
 def test_au_truth_refuses_a_detector_or_cache_on_another_canvas(tmp_path):
-    from tagfer.aus import AUConfig
-    from tagfer.detectors import DetectorSpec
+    from tagfer.au.aus import AUConfig
+    from tagfer.au.detectors import DetectorSpec
 
     preds = tmp_path / "p.jsonl"
     preds.write_text(json.dumps({"id": "a", "image": str(tmp_path / "a.jpg"), "label": "anger"}) + "\n")

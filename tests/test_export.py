@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tagfer.export import export, iter_samples
+from tagfer.core.jsonl import JsonlWriter
+from tagfer.core.records import TAGSample
+from tagfer.data.export import export, iter_samples
 from tagfer.integrations.verl import compute_score, read_ground_truth
-from tagfer.jsonl import JsonlWriter
-from tagfer.prompts import tag_prompt
-from tagfer.records import TAGSample
-from tagfer.rewards import format_ok
-from tagfer.trace import parse_trace
+from tagfer.models.prompts import tag_prompt
+from tagfer.traces.rewards import format_ok
+from tagfer.traces.trace import parse_trace
 
 COMPLETION = (
     "<think>\nThe face looks bright and relaxed overall. The mouth corners rise: AU12 <bbox>[150, 300, 330, 420]</bbox> lifted corners. "

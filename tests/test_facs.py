@@ -8,15 +8,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tagfer.aus import AU_IDS, AUDetection, FaceAUs
-from tagfer.canvas import is_valid_box
-from tagfer.detectors import MediaPipeAUDetector
-from tagfer.facs import INHIBITORS, PROTOTYPES, TRAINING_CONFIG, FACSConfig, class_scores, evidence, explain, facs_sample
-from tagfer.imageio import load_image
-from tagfer.labels import LABELS
-from tagfer.records import TAGSample
-from tagfer.rewards import r_au, r_fmt
-from tagfer.trace import parse_trace
+from tagfer.au.aus import AU_IDS, AUDetection, FaceAUs
+from tagfer.au.detectors import MediaPipeAUDetector
+from tagfer.au.facs import INHIBITORS, PROTOTYPES, TRAINING_CONFIG, FACSConfig, class_scores, evidence, explain, facs_sample
+from tagfer.core.canvas import is_valid_box
+from tagfer.core.imageio import load_image
+from tagfer.core.labels import LABELS
+from tagfer.core.records import TAGSample
+from tagfer.traces.rewards import r_au, r_fmt
+from tagfer.traces.trace import parse_trace
 
 
 def face(scores: dict[int, float], boxes: dict[int, tuple] | None = None, threshold: float = 0.3) -> FaceAUs:

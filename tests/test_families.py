@@ -1,4 +1,4 @@
-"""tagfer.families: the registry, and each new family's tiny model through load, LoRA, SFT, GRPO, merge, eval, analyze."""
+"""tagfer.models.families: the registry, and each new family's tiny model through load, LoRA, SFT, GRPO, merge, eval, analyze."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fixtures_train import SHORT_SYSTEM, SHORT_USER, tiny_train_config
-from tagfer.families import FAMILIES, UnknownFamily, family_of, get_family
-from tagfer.vlm import ImagePolicy
+from tagfer.models.families import FAMILIES, UnknownFamily, family_of, get_family
+from tagfer.models.vlm import ImagePolicy
 
 pytestmark = pytest.mark.model  # every test here builds or trains a tiny model of a family
 
@@ -60,7 +60,7 @@ def test_lora_regex_vision_and_projector_names(name):
 @given(st.integers(16, 2000), st.integers(16, 2000), st.sampled_from([0, 112, 224, 448]))
 def test_grid_image_tokens_follow_the_processor_rule(w, h, side):
     """One token per 28 px (Qwen2.5-VL) / 32 px (Qwen3-VL) cell of the resized image, rounded by smart_resize."""
-    from tagfer.vlm import smart_resize
+    from tagfer.models.vlm import smart_resize
 
     pol = ImagePolicy(side)
     rw, rh = pol.resized_size(w, h)
@@ -93,7 +93,7 @@ def test_tiny_loads_generates_and_counts_image_tokens(family_tiny_dir, astronaut
     import torch
     from PIL import Image
 
-    from tagfer.vlm import load_processor, load_vlm
+    from tagfer.models.vlm import load_processor, load_vlm
 
     vlm = load_vlm(str(family_tiny_dir), device="cpu")
     fam = family_of(vlm.model)
@@ -165,7 +165,7 @@ def test_sft_adapter_merges_and_loads(family_sft, family_merged, family_tiny_dir
     import torch
     from PIL import Image
 
-    from tagfer.vlm import load_vlm
+    from tagfer.models.vlm import load_vlm
 
     _, res = family_sft
     img = Image.open(astronaut_path)
@@ -182,8 +182,8 @@ def test_sft_adapter_merges_and_loads(family_sft, family_merged, family_tiny_dir
 
 def test_eval_runs_on_the_merged_model(family_merged, rafdb_root, tmp_path):
     """`tagfer eval`'s transformers path on the trained family model: every image gets a recorded prediction."""
-    from tagfer import eval as E
-    from tagfer.backends import TransformersBackend
+    from tagfer.evaluation import eval as E
+    from tagfer.models.backends import TransformersBackend
 
     out = tmp_path / "preds.jsonl"
     be = TransformersBackend(str(family_merged), batch_size=4, device="cpu")
@@ -221,8 +221,8 @@ def test_analyze_cli_runs_the_family_model(family_tiny_dir, astronaut_path):
     """`tagfer analyze --model` on the family's tiny model: its (random, hence malformed) trace is parsed and reported."""
     from typer.testing import CliRunner
 
-    from tagfer.analyze import EXIT_MALFORMED
     from tagfer.cli import app
+    from tagfer.explainer.analyze import EXIT_MALFORMED
 
     r = CliRunner().invoke(app, ["analyze", str(astronaut_path), "--model", str(family_tiny_dir), "--json",
                                  "--max-new-tokens", "12", "--device", "cpu"])

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tagfer.detectors import DetectorSpec
-from tagfer.grounding import GroundingConfig, ground_image, iter_images, overlay_name, run_grounding
-from tagfer.jsonl import JsonlWriter, read_jsonl
+from tagfer.au.detectors import DetectorSpec
+from tagfer.au.grounding import GroundingConfig, ground_image, iter_images, overlay_name, run_grounding
+from tagfer.core.jsonl import JsonlWriter, read_jsonl
 
 
 @pytest.fixture()
@@ -191,7 +191,7 @@ def test_rerun_keeps_counting_earlier_failures(tmp_path, face_crop_path, bad_inp
 _ORPHAN_PARENT = r"""
 import multiprocessing as mp, sys, time
 sys.path.insert(0, sys.argv[1])
-from tagfer.grounding import exit_with_parent
+from tagfer.au.grounding import exit_with_parent
 
 def child(parent, use_prctl, q):
     q.put(exit_with_parent(parent, poll_s=0.2, use_prctl=use_prctl))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tagfer.imageio import ImageError, load_image, load_pil
+from tagfer.core.imageio import ImageError, load_image, load_pil
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "not_an_image", "empty_file", "too_small", "not_found"])
@@ -98,7 +98,7 @@ def test_huge_image_is_downscaled_with_original_size(tmp_path):
 
 
 def test_decompression_bomb_refused(tmp_path, monkeypatch):
-    import tagfer.imageio as tio
+    import tagfer.core.imageio as tio
 
     monkeypatch.setattr(tio, "MAX_PIXELS", 1000)
     p = tmp_path / "big.png"
@@ -109,7 +109,7 @@ def test_decompression_bomb_refused(tmp_path, monkeypatch):
 
 
 def test_load_pil_matches_load_image_and_caps_the_side(tmp_path, astronaut_path, bad_inputs):
-    from tagfer.imageio import ImageError, load_image, load_pil
+    from tagfer.core.imageio import ImageError, load_image, load_pil
 
     pil = load_pil(astronaut_path)
     assert pil.mode == "RGB" and np.array_equal(np.asarray(pil), load_image(astronaut_path).rgb)
@@ -128,8 +128,8 @@ def test_model_image_encoding_of_a_big_jpeg_matches_a_full_resolution_resize(tmp
     import base64
     import io
 
-    from tagfer.openai_client import encode_image
-    from tagfer.vlm import resize_for_model
+    from tagfer.models.openai_client import encode_image
+    from tagfer.models.vlm import resize_for_model
 
     big = tmp_path / "big.jpg"
     Image.open(astronaut_path).convert("RGB").resize((2048, 2048)).save(big, quality=95)
@@ -166,7 +166,7 @@ def no_decoding(monkeypatch):
 def test_bombs_are_refused_from_the_header_without_decoding(bombs, no_decoding, name):
     import tracemalloc
 
-    from tagfer.imageio import probe
+    from tagfer.core.imageio import probe
 
     path = bombs[name]
     assert path.stat().st_size < 4096
@@ -185,7 +185,7 @@ def test_bombs_are_refused_from_the_header_without_decoding(bombs, no_decoding, 
 
 @pytest.mark.parametrize("mode,fmt,bpp", [("L", "PNG", 1), ("I;16", "PNG", 2), ("RGB", "PNG", 4), ("RGBA", "PNG", 4), ("F", "TIFF", 4), ("I", "TIFF", 4), ("P", "GIF", 1)])
 def test_decode_cost_is_pixels_times_bytes_per_pixel(tmp_path, mode, fmt, bpp):
-    from tagfer.imageio import probe
+    from tagfer.core.imageio import probe
 
     p = tmp_path / f"x.{fmt.lower()}"
     Image.new(mode, (300, 200)).save(p, format=fmt)
@@ -198,7 +198,7 @@ def test_decode_cost_is_pixels_times_bytes_per_pixel(tmp_path, mode, fmt, bpp):
 
 
 def test_decode_budget_from_the_environment(tmp_path, monkeypatch):
-    from tagfer.imageio import DECODE_BUDGET, decode_budget
+    from tagfer.core.imageio import DECODE_BUDGET, decode_budget
 
     p = tmp_path / "x.png"
     Image.new("RGB", (300, 300)).save(p)  # 360 kB decoded
@@ -219,7 +219,7 @@ def test_decode_budget_from_the_environment(tmp_path, monkeypatch):
 def test_jpeg_cost_follows_draft_scaling_and_progressive_buffers():
     from fixtures_imageio import jpeg_with_size
 
-    from tagfer.imageio import probe
+    from tagfer.core.imageio import probe
 
     base = probe(jpeg_with_size(20000, 20000, progressive=False))  # decoded at 1/8 scale
     assert (base.width, base.height) == (20000, 20000) and base.decode_bytes == 2500 * 2500 * 4
@@ -254,7 +254,7 @@ def test_many_frame_gif_decodes_only_the_first_frame(tmp_path, monkeypatch):
 @pytest.mark.parametrize("mode", ["I;16", "F", "I", "P", "RGBA", "L", "1"])
 @pytest.mark.parametrize("size,max_side", [((517, 389), 100), ((389, 517), 64), ((300, 40), 60)])
 def test_tiled_reduction_equals_whole_image_reduction(monkeypatch, mode, size, max_side):
-    import tagfer.imageio as tio
+    import tagfer.core.imageio as tio
 
     rng = np.random.default_rng(0)
     w, h = size
@@ -364,7 +364,7 @@ def test_permission_denied_is_unreadable(tmp_path, astronaut_path):
 def test_data_url_round_trips_png_and_jpeg():
     import base64
 
-    from tagfer.imageio import data_url
+    from tagfer.core.imageio import data_url
 
     im = Image.fromarray(np.arange(48 * 32 * 3, dtype=np.uint8).reshape(32, 48, 3))
     png = data_url(im)

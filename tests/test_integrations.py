@@ -17,8 +17,8 @@ from tagfer.integrations import trl as tag_trl
 from tagfer.integrations.trl import TAGReward, completion_text, make_reward_funcs, reward_weights
 from tagfer.integrations.verl import compute_score, read_ground_truth
 from tagfer.integrations.verl import _strip_trailing_special
-from tagfer.rewards import RewardConfig, reward_breakdown, score_batch
-from tagfer.trace import format_box
+from tagfer.traces.rewards import RewardConfig, reward_breakdown, score_batch
+from tagfer.traces.trace import format_box
 
 CHIN = [93, 306, 445, 417]
 CORNER = [191, 417, 328, 511]
@@ -89,12 +89,12 @@ def test_trl_reward_funcs(conversational):
     completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
     prompts = ["p"] * 4
     kwargs = dict(prompts=prompts, completions=completions, completion_ids=[[1]] * 4, **COLUMNS)
-    au = tag_trl.r_au(**kwargs)
+    au = tag_trl.r_au_reward(**kwargs)
     assert au[0] == pytest.approx(1.0)  # k=1 < n=2: mean over one box
     assert au[2] is None  # n = 0 → masked
-    assert tag_trl.r_ans(**kwargs) == [1.0, 0.0, 1.0, 1.0]
-    assert tag_trl.r_fmt(**kwargs) == [0.5, 0.5, 0.5, 0.0]
-    f1 = tag_trl.r_au_f1(**kwargs)
+    assert tag_trl.r_ans_reward(**kwargs) == [1.0, 0.0, 1.0, 1.0]
+    assert tag_trl.r_fmt_reward(**kwargs) == [0.5, 0.5, 0.5, 0.0]
+    f1 = tag_trl.r_au_f1_reward(**kwargs)
     assert f1[0] == pytest.approx(2 * 1 / (1 + 2)) and f1[1] == 1.0 and f1[2] is None and f1[3] == 0.0
     totals = tag_trl.tag_reward(**kwargs)
     expected = [
@@ -123,16 +123,16 @@ def test_trl_one_to_one_factory_penalises_repeats():
     funcs = make_reward_funcs(RewardConfig(matching="one_to_one"))
     out = funcs[0](completions=[trace(CHIN, CHIN)], au_boxes=[[CHIN, [0, 0, 50, 50]]])
     assert out == [pytest.approx(0.5)]
-    assert tag_trl.r_au(completions=[trace(CHIN, CHIN)], au_boxes=[[CHIN, [0, 0, 50, 50]]]) == [1.0]
+    assert tag_trl.r_au_reward(completions=[trace(CHIN, CHIN)], au_boxes=[[CHIN, [0, 0, 50, 50]]]) == [1.0]
 
 
 def test_trl_missing_column_is_a_clear_error():
     with pytest.raises(ValueError, match="au_boxes"):
-        tag_trl.r_au(prompts=["p"], completions=[GOOD], label=["disgust"])
+        tag_trl.r_au_reward(prompts=["p"], completions=[GOOD], label=["disgust"])
     with pytest.raises(ValueError, match="label"):
-        tag_trl.r_ans(prompts=["p"], completions=[GOOD])
+        tag_trl.r_ans_reward(prompts=["p"], completions=[GOOD])
     with pytest.raises(ValueError, match="rows"):
-        tag_trl.r_ans(prompts=["p"], completions=[GOOD], label=["a", "b"])
+        tag_trl.r_ans_reward(prompts=["p"], completions=[GOOD], label=["a", "b"])
 
 
 def test_trl_parses_each_completion_list_once():
@@ -155,19 +155,19 @@ def test_trl_parses_each_completion_list_once():
 
 def test_trl_cache_follows_the_content_not_the_list_object():
     completions = [GOOD, GOOD]
-    assert tag_trl.r_fmt(completions=completions) == [0.5, 0.5]
+    assert tag_trl.r_fmt_reward(completions=completions) == [0.5, 0.5]
     completions[1] = BAD  # same list object, new content
-    assert tag_trl.r_fmt(completions=completions) == [0.5, 0.0]
+    assert tag_trl.r_fmt_reward(completions=completions) == [0.5, 0.0]
     completions.append(GOOD)
-    assert tag_trl.r_fmt(completions=completions) == [0.5, 0.0, 0.5]
+    assert tag_trl.r_fmt_reward(completions=completions) == [0.5, 0.0, 0.5]
     messages = [[{"role": "assistant", "content": GOOD}]]
-    assert tag_trl.r_fmt(completions=messages) == [0.5]
+    assert tag_trl.r_fmt_reward(completions=messages) == [0.5]
     messages[0][0]["content"] = BAD  # mutated in place, deep inside
-    assert tag_trl.r_fmt(completions=messages) == [0.0]
+    assert tag_trl.r_fmt_reward(completions=messages) == [0.0]
     payload = bytearray(GOOD.encode())
-    assert tag_trl.r_fmt(completions=[payload]) == [0.5]
+    assert tag_trl.r_fmt_reward(completions=[payload]) == [0.5]
     payload[:6] = b"Sure! "  # a mutable bytes completion changed in place
-    assert tag_trl.r_fmt(completions=[payload]) == [0.0]
+    assert tag_trl.r_fmt_reward(completions=[payload]) == [0.0]
 
 
 def test_trl_cache_is_keyed_on_canvas_and_max_boxes():
@@ -215,7 +215,7 @@ def test_verl_strips_many_trailing_special_tokens_in_one_pass():
 
 
 def test_trl_values_are_floats_or_none():
-    out = tag_trl.r_au(completions=["junk", GOOD], au_boxes=[[CHIN], None])
+    out = tag_trl.r_au_reward(completions=["junk", GOOD], au_boxes=[[CHIN], None])
     assert out == [0.0, None]
 
 

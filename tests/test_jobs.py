@@ -1,4 +1,4 @@
-"""tagfer.jobs: the one resume set-up and the ordered, bounded parallel map."""
+"""tagfer.core.jobs: the one resume set-up and the ordered, bounded parallel map."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tagfer.jobs import Resume, ordered_map, resume_from
-from tagfer.jsonl import read_jsonl
+from tagfer.core.jobs import Resume, ordered_map, resume_from
+from tagfer.core.jsonl import read_jsonl
 
 
 def _write(path, records, torn: str = "") -> None:

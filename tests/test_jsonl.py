@@ -1,4 +1,4 @@
-"""Tests for tagfer.jsonl.decode_json_at (JSON values inside free text: teacher and judge replies)."""
+"""Tests for tagfer.core.jsonl.decode_json_at (JSON values inside free text: teacher and judge replies)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tagfer.jsonl import MAX_JSON_DEPTH, decode_json_at
-from tagfer.judge import JudgeParseError, parse_judgment
-from tagfer.teacher import extract_json
+from tagfer.core.jsonl import MAX_JSON_DEPTH, decode_json_at
+from tagfer.data.teacher import extract_json
+from tagfer.evaluation.judge import JudgeParseError, parse_judgment
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),

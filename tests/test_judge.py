@@ -1,4 +1,4 @@
-"""LLM-as-judge (tagfer.judge): strict parsing, anonymised random order, retries, aggregation; the scripted server as the judge."""
+"""LLM-as-judge (tagfer.evaluation.judge): strict parsing, anonymised random order, retries, aggregation; the scripted server as the judge."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tagfer import judge as J
-from tagfer.backends import make_backend
+from tagfer.evaluation import judge as J
+from tagfer.models.backends import make_backend
 
 GOOD = {"A": {"visual_faithfulness": 4, "anatomical_precision": 5, "logical_coherence": 3}, "B": {"visual_faithfulness": 2, "anatomical_precision": 2, "logical_coherence": 2}, "overall": "A", "reason": "A is grounded."}
 
@@ -123,7 +123,7 @@ def _user_text(req) -> str:
 
 def test_judge_sees_the_original_prompt_and_has_room_to_reason(tmp_path, eval_server, astronaut_path):
     """The paper's judge gets the original prompt, the image and both responses; its budget defaults to 1024 tokens."""
-    from tagfer.prompts import tag_prompt
+    from tagfer.models.prompts import tag_prompt
 
     eval_server.reset(lambda req, i: json.dumps(GOOD))
     be = make_backend(f"openai:{eval_server.url}", max_retries=0, timeout_s=5)

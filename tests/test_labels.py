@@ -1,4 +1,4 @@
-"""Tests for tagfer.labels: the 7-class label space and the one normaliser."""
+"""Tests for tagfer.core.labels: the 7-class label space and the one normaliser."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tagfer.labels import EXCLUDED, LABELS, SYNONYMS, find_labels, label_index, normalize_label
+from tagfer.core.labels import EXCLUDED, LABELS, SYNONYMS, find_labels, label_index, normalize_label
 
 relaxed = settings(deadline=None)
 

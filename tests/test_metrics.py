@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values and scikit-learn (tagfer.metrics)."""
+"""Metrics against hand-computed values and scikit-learn (tagfer.evaluation.metrics)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from tagfer import metrics as M
-from tagfer.labels import LABELS
+from tagfer.core.labels import LABELS
+from tagfer.evaluation import metrics as M
 
 K = len(LABELS)
 

@@ -1,4 +1,4 @@
-"""tagfer.openai_client against the scripted fake server: retries, limits, balancing, images."""
+"""tagfer.models.openai_client against the scripted fake server: retries, limits, balancing, images."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fakeserver import Reply
-from tagfer.imageio import ImageError
-from tagfer.openai_client import (
+from tagfer.core.imageio import ImageError
+from tagfer.models.openai_client import (
     ChatClient,
     ClientConfig,
     RequestFailed,
@@ -666,7 +666,7 @@ def test_size_limits_are_validated():
 
 
 def test_chat_messages_system_then_user_with_images_first():
-    from tagfer.openai_client import chat_messages
+    from tagfer.models.openai_client import chat_messages
 
     assert chat_messages("hi") == [{"role": "user", "content": "hi"}]
     msgs = chat_messages("look", [Image.new("RGB", (40, 20))], system="be brief", side=None, fmt="jpeg")

@@ -3,8 +3,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tagfer.canvas import CanvasTransform
-from tagfer.overlay import GREEN, RED, LabeledBox, au_overlay, draw_boxes, face_focus
+from tagfer.au.overlay import GREEN, RED, LabeledBox, au_overlay, draw_boxes, face_focus
+from tagfer.core.canvas import CanvasTransform
 
 
 def _is(px, color, tol=40):
@@ -33,7 +33,7 @@ def test_label_has_colour_and_small_images_are_upscaled():
 
 
 def test_au_overlay_focuses_on_small_faces(mp_detector, astronaut_rgb):
-    from tagfer.imageio import LoadedImage
+    from tagfer.core.imageio import LoadedImage
 
     faces = mp_detector.detect(LoadedImage(astronaut_rgb, 512, 512))
     region = face_focus([faces[0].mesh.bbox], (512, 512))
@@ -49,7 +49,7 @@ def test_au_overlay_focuses_on_small_faces(mp_detector, astronaut_rgb):
 @settings(deadline=None, max_examples=200)
 @given(st.lists(st.tuples(st.floats(-50, 600), st.floats(-50, 600), st.floats(5, 200), st.floats(5, 40)), max_size=12))
 def test_place_captions_never_overlap(items):
-    from tagfer.overlay import place_captions
+    from tagfer.au.overlay import place_captions
 
     spots = place_captions([(x, y) for x, y, _, _ in items], [(w, h) for _, _, w, h in items], width=512)
     rects = [(x, y, w, h) for (x, y), (_, _, w, h) in zip(spots, items)]

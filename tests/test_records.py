@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tagfer.labels import LABELS
-from tagfer.records import (
+from tagfer.core.labels import LABELS
+from tagfer.core.records import (
     BOX_DTYPE, SAMPLE_COLUMNS, TRL_COLUMNS, TAGSample, sample_schema, trl_prompt, trl_schema,
 )
 

@@ -1,4 +1,4 @@
-"""Report tables (tagfer.report): layout, averages, best/second marks, CSV output."""
+"""Report tables (tagfer.evaluation.report): layout, averages, best/second marks, CSV output."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tagfer import report as R
+from tagfer.evaluation import report as R
 
 
 def _score(tmp_path, name, dataset, acc, au=None, xau=None, train_set=None, fname=None):

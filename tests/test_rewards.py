@@ -1,4 +1,4 @@
-"""Tests for tagfer.rewards: Eq. 3–5, edge cases, hacking attempts, batched == single."""
+"""Tests for tagfer.traces.rewards: Eq. 3–5, edge cases, hacking attempts, batched == single."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from tagfer.canvas import iou, iou_matrix
-from tagfer.labels import LABELS
-from tagfer.rewards import (
+from tagfer.core.canvas import iou, iou_matrix
+from tagfer.core.labels import LABELS
+from tagfer.traces.rewards import (
     RewardBreakdown,
     RewardConfig,
     as_box_array,
@@ -26,7 +26,7 @@ from tagfer.rewards import (
     score_group,
     total_reward,
 )
-from tagfer.trace import format_box, parse_trace
+from tagfer.traces.trace import format_box, parse_trace
 
 relaxed = settings(deadline=None)
 

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from tagfer.analyze import Analyzer
-from tagfer.analyze import AnalyzerPool
-from tagfer.serve import create_app
+from tagfer.explainer.analyze import Analyzer
+from tagfer.explainer.analyze import AnalyzerPool
+from tagfer.explainer.serve import create_app
 
 
 @pytest.fixture(scope="module")

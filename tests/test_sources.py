@@ -19,9 +19,9 @@ from fixtures_data import (
     GENERIC_FOLDER_EXPECTED,
     RAFDB_EXPECTED,
 )
-from tagfer.imageio import load_image
-from tagfer.labels import EXCLUDED, LABELS
-from tagfer.sources import (
+from tagfer.core.imageio import load_image
+from tagfer.core.labels import EXCLUDED, LABELS
+from tagfer.data.sources import (
     FERPLUS_COLUMNS,
     SourceStats,
     canonical_split,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tagfer.jsonl import JsonlWriter
-from tagfer.stats import compute_stats, write_stats
+from tagfer.core.jsonl import JsonlWriter
+from tagfer.data.stats import compute_stats, write_stats
 
 
 def comp(label: str, n_boxes: int, words: int = 0) -> str:

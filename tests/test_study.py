@@ -1,4 +1,4 @@
-"""The human A/B study (tagfer.study): database rules, agreement statistics, and a real browser session."""
+"""The human A/B study (tagfer.evaluation.study): database rules, agreement statistics, and a real browser session."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from tagfer.judge import Pair
-from tagfer.study.db import DuplicateVote, NameTaken, StudyDB, clean_name, export, fleiss_kappa, pairwise_agreement
+from tagfer.evaluation.judge import Pair
+from tagfer.evaluation.study.db import DuplicateVote, NameTaken, StudyDB, clean_name, export, fleiss_kappa, pairwise_agreement
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -98,7 +98,7 @@ def test_browser_full_session_resume_and_export(tmp_path, astronaut_path, browse
     from typer.testing import CliRunner
 
     from tagfer.cli import app
-    from tagfer.study.app import StudyServer
+    from tagfer.evaluation.study.app import StudyServer
 
     pairs = _pairs(astronaut_path, 5)
     dbp = tmp_path / "study.sqlite"
@@ -191,7 +191,7 @@ def test_names_are_collapsed():
 def study(tmp_path, astronaut_path):
     from fastapi.testclient import TestClient
 
-    from tagfer.study.app import create_app
+    from tagfer.evaluation.study.app import create_app
 
     app = create_app(_pairs(astronaut_path, 3), tmp_path / "s.sqlite", seed=2)
     with TestClient(app, base_url="http://127.0.0.1") as c:
@@ -337,7 +337,7 @@ def test_page_asks_raters_to_weigh_correctness_with_the_rubric(tmp_path, astrona
     import re
     import urllib.request
 
-    from tagfer.study.app import StudyServer
+    from tagfer.evaluation.study.app import StudyServer
 
     with StudyServer(_pairs(astronaut_path, 1), tmp_path / "s.sqlite", seed=0) as srv:
         html = urllib.request.urlopen(srv.url, timeout=10).read().decode("utf-8")

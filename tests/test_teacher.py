@@ -1,4 +1,4 @@
-"""Teacher prompt rendering and Stage III validation (tagfer.teacher)."""
+"""Teacher prompt rendering and Stage III validation (tagfer.data.teacher)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fixtures_text import unicode_tag_soup
-from tagfer.labels import LABELS, find_labels
-from tagfer.teacher import TEACHER_PROMPTS, TeacherPrompts, build_completion, check_quality, check_trace, extract_json, format_labels
-from tagfer.prompts import load_prompt
-from tagfer.trace import parse_trace
+from tagfer.core.labels import LABELS, find_labels
+from tagfer.data.teacher import TEACHER_PROMPTS, TeacherPrompts, build_completion, check_quality, check_trace, extract_json, format_labels
+from tagfer.models.prompts import load_prompt
+from tagfer.traces.trace import parse_trace
 
 ITEMS = [(12, 0.91, (191, 300, 330, 420)), (6, 0.72, (80, 200, 430, 300)), (25, 0.55, (200, 380, 320, 450))]
 COT = (
@@ -238,8 +238,8 @@ _json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(
        after=st.text(max_size=20).filter(lambda t: "`" not in t),
        tag=st.sampled_from(["", "json", "JSON", "jsonc", "javascript"]))
 def test_json_objects_finds_a_fenced_object_before_loose_ones(obj, before, after, tag):
-    from tagfer import judge
-    from tagfer.teacher import json_objects
+    from tagfer.data.teacher import json_objects
+    from tagfer.evaluation import judge
 
     loose = {"decoy": True}
     text = f"{before}{json.dumps(loose)} ```{tag}\n{json.dumps(obj)}\n``` {after}"

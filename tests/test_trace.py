@@ -1,4 +1,4 @@
-"""Tests for tagfer.trace: the grammar, violations, AU_LIST and teacher-tag helpers."""
+"""Tests for tagfer.traces.trace: the grammar, violations, AU_LIST and teacher-tag helpers."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fixtures_text import CONFUSABLES, FUZZ_CHAR, unicode_tag_soup
-from tagfer.canvas import is_valid_box
-from tagfer.labels import LABELS
-from tagfer.rewards import PAPER_FORMAT_VIOLATIONS, RewardConfig, r_fmt
-from tagfer.trace import (
+from tagfer.core.canvas import is_valid_box
+from tagfer.core.labels import LABELS
+from tagfer.traces.rewards import PAPER_FORMAT_VIOLATIONS, RewardConfig, r_fmt
+from tagfer.traces.trace import (
     VIOLATIONS,
     AUItem,
     BBox,

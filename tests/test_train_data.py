@@ -10,7 +10,7 @@ from tagfer.train.data import RowMaker, builtin_tiny, filter_records, iter_recor
 
 
 def test_builtin_tiny_is_deterministic_and_well_formed(tmp_path):
-    from tagfer.trace import parse_trace
+    from tagfer.traces.trace import parse_trace
 
     a = builtin_tiny(tmp_path / "a").read_text()
     b = builtin_tiny(tmp_path / "b").read_text()
@@ -84,8 +84,8 @@ def test_filters_and_no_bbox(tmp_path):
 
 
 def test_rowmaker_sft_and_grpo(tmp_path):
-    from tagfer.prompts import tag_prompt
-    from tagfer.vlm import build_chat
+    from tagfer.models.prompts import tag_prompt
+    from tagfer.models.vlm import build_chat
 
     recs = list(iter_records(str(builtin_tiny(tmp_path / "d"))))
     batch = {k: [r[k] for r in recs[:2]] for k in recs[0]}
@@ -101,7 +101,7 @@ def test_rowmaker_sft_and_grpo(tmp_path):
 
 
 def test_bad_image_names_sample(tmp_path):
-    from tagfer.imageio import ImageError
+    from tagfer.core.imageio import ImageError
 
     (tmp_path / "bad.png").write_text("not an image")
     batch = {"id": ["s/1"], "image": [str(tmp_path / "bad.png")], "image_bytes": [None], "label": ["anger"],
@@ -146,9 +146,9 @@ def test_build_export_train_gives_the_build_records(tmp_path):
     loading the build directly; with the default image policy only ``image`` differs (the resized copy)."""
     import shutil
 
-    from tagfer.export import export
+    from tagfer.data.export import export
+    from tagfer.models.vlm import ImagePolicy
     from tagfer.train.data import build_record_dataset
-    from tagfer.vlm import ImagePolicy
 
     build = tmp_path / "build"
     shutil.copytree(builtin_tiny(tmp_path / "d").parent, build)

@@ -86,7 +86,7 @@ def test_default_export_names():
 
 
 def test_plot_from_log(tmp_path):
-    from tagfer.jsonl import JsonlWriter
+    from tagfer.core.jsonl import JsonlWriter
     from tagfer.train.plots import plot_training, read_log
 
     log = tmp_path / "train_log.jsonl"
@@ -130,7 +130,7 @@ def _verl_fetch_image(entry):
 
     from PIL import Image
 
-    from tagfer.vlm import smart_resize
+    from tagfer.models.vlm import smart_resize
 
     if isinstance(entry, str):
         image, lo, hi = Image.open(entry), 4 * 28 * 28, 16384 * 28 * 28
@@ -152,12 +152,12 @@ def test_one_sample_gives_the_same_image_tokens_in_every_trainer(tmp_path, train
     from PIL import Image
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    from tagfer.export import export
-    from tagfer.prompts import tag_prompt
-    from tagfer.records import TAGSample
+    from tagfer.core.records import TAGSample
+    from tagfer.data.export import export
+    from tagfer.models.prompts import tag_prompt
+    from tagfer.models.vlm import ImagePolicy, load_processor
     from tagfer.train.data import RowMaker, record_from_sample
     from tagfer.train.interop import llamafactory_config
-    from tagfer.vlm import ImagePolicy, load_processor
 
     processor = load_processor(str(train_tiny_dir))
     pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -217,7 +217,7 @@ def test_smart_resize_matches_transformers():
     from hypothesis import strategies as st
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-    from tagfer.vlm import smart_resize
+    from tagfer.models.vlm import smart_resize
 
     @settings(max_examples=200, deadline=None)
     @given(st.integers(28, 3000), st.integers(28, 3000), st.sampled_from([(3136, 50176), (3136, 12845056), (784, 1003520)]))

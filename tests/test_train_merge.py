@@ -11,11 +11,11 @@ pytestmark = pytest.mark.model  # imports torch at the top and trains the tiny m
 def test_save_merge_load_identical_logits(tmp_path, train_tiny_dir, astronaut_path):
     from PIL import Image
 
+    from tagfer.models.vlm import VLM, VLMConfig, load_vlm
     from tagfer.train.config import LoraSection
     from tagfer.train.merge import merge_adapter
     from tagfer.train.model import apply_lora
     from tagfer.train.sft import save_adapter
-    from tagfer.vlm import VLM, VLMConfig, load_vlm
 
     vlm = load_vlm(VLMConfig(model=str(train_tiny_dir), device="cpu"))
     model = apply_lora(vlm.model, LoraSection(r=4, alpha=8, dropout=0.0))

@@ -54,15 +54,15 @@ def test_sft_loss_falls_by_half(sft_run):
 def test_sft_greedy_reproduces_target_prefix(sft_run, train_samples):
     from PIL import Image
 
-    from tagfer.vlm import VLM, VLMConfig
+    from tagfer.models.vlm import VLM, VLMConfig
 
     cfg, _, model = sft_run
-    from tagfer.vlm import load_processor
+    from tagfer.models.vlm import load_processor
 
     proc = load_processor(cfg.model.name_or_path)
     rec = json.loads(train_samples.read_text().splitlines()[0])
     vlm = VLM(model, proc, VLMConfig(model=cfg.model.name_or_path))
-    from tagfer.prompts import tag_prompt
+    from tagfer.models.prompts import tag_prompt
 
     system, user = tag_prompt()
     model.eval()
@@ -73,7 +73,7 @@ def test_sft_greedy_reproduces_target_prefix(sft_run, train_samples):
     assert target.startswith(prefix)
     assert out.startswith(prefix), (out, target)
     # the untrained model does not produce it
-    from tagfer.vlm import load_vlm
+    from tagfer.models.vlm import load_vlm
 
     before = load_vlm(VLMConfig(model=cfg.model.name_or_path, device="cpu")).generate([image], [user], system=system,
                                                                                        max_new_tokens=12)[0]

@@ -1,10 +1,10 @@
-"""tagfer.trusted_hosts: the allow-list of Host names served by tagfer's local web servers."""
+"""tagfer.core.trusted_hosts: the allow-list of Host names served by tagfer's local web servers."""
 
 from __future__ import annotations
 
 import pytest
 
-from tagfer.trusted_hosts import LOCAL_HOSTS, allowed_hosts, bind_note, normalize_host
+from tagfer.core.trusted_hosts import LOCAL_HOSTS, allowed_hosts, bind_note, normalize_host
 
 
 def test_defaults_and_bound_host():

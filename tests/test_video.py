@@ -1,4 +1,4 @@
-"""tagfer.video / tagfer.video_render: sampling, smoothing, segments, tracking (pure), and the
+"""tagfer.au.video / tagfer.au.video_render: sampling, smoothing, segments, tracking (pure), and the
 whole job on clips built from the real sample faces (fixtures_video.py)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from hypothesis import given, settings, strategies as st
 
 from fixtures_video import *  # noqa: F401,F403  (session clips; imported here, not in conftest: only these tests use them)
 from fixtures_video import CLIP_FPS, HAPPY_FRAMES, write_clip
-from tagfer.jsonl import read_jsonl
-from tagfer.labels import LABELS
-from tagfer.trace import parse_trace
-from tagfer.video import (
+from tagfer.core.jsonl import read_jsonl
+from tagfer.core.labels import LABELS
+from tagfer.traces.trace import parse_trace
+from tagfer.au.video import (
     FaceTracker,
     FrameFile,
     Sampler,
@@ -126,7 +126,7 @@ def test_segmenter_boundary_is_where_the_new_label_first_appeared():
     sg = Segmenter("v", 0, SmoothingConfig("none", min_duration=0.2), [6, 12])
     out = []
     for i, lab in enumerate(["neutral"] * 8 + ["happiness"] * 12):
-        from tagfer.video import face_samples
+        from tagfer.au.video import face_samples
 
         rec = _records([lab])[0] | {"frame": i, "t": i * FRAME}
         for _, s in face_samples(rec, [6, 12]):
@@ -380,7 +380,7 @@ def test_cli_analyze_and_au_on_videos(tmp_path, happy_clip, bad_videos, astronau
 def test_video_writer_gif_webp_keep_frames_and_times(tmp_path, clip_faces):
     from PIL import Image
 
-    from tagfer.video_render import VideoWriter
+    from tagfer.au.video_render import VideoWriter
 
     a, g = clip_faces["astronaut"], clip_faces["grace"]
     for ext in ("gif", "webp"):
@@ -423,7 +423,7 @@ def test_cli_au_mixes_videos_and_images(tmp_path, happy_clip, astronaut_path):
 
 
 def test_prefetch_keeps_order_raises_in_order_and_stops_early():
-    from tagfer.video import prefetch
+    from tagfer.au.video import prefetch
 
     assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tagfer.vlm import ModelNotAvailable, VLMConfig, build_chat, load_vlm, resize_for_model
+from tagfer.models.vlm import ModelNotAvailable, VLMConfig, build_chat, load_vlm, resize_for_model
 
 
 @pytest.mark.parametrize("size", [(48, 48), (640, 480), (100, 300), (224, 224)])
@@ -86,7 +86,7 @@ def test_unknown_dtype_is_rejected(tiny_vlm_dir):
 
 
 def test_every_packaged_prompt_loads_and_overrides_work(tmp_path):
-    from tagfer.prompts import load_prompt, prompt_names, render, tag_prompt
+    from tagfer.models.prompts import load_prompt, prompt_names, render, tag_prompt
 
     names = prompt_names()
     assert {"tag_system", "tag_user"} <= set(names)
@@ -103,7 +103,7 @@ def test_every_packaged_prompt_loads_and_overrides_work(tmp_path):
 
 
 def test_image_only_processor_saves_and_reloads(tiny_vlm, tmp_path, astronaut_path):
-    from tagfer.vlm import load_processor
+    from tagfer.models.vlm import load_processor
 
     tiny_vlm.processor.save_pretrained(tmp_path / "proc")
     again = load_processor(str(tmp_path / "proc"))
@@ -124,7 +124,7 @@ def test_box_limit_processor_forbids_a_fourth_box_while_decoding(tiny_vlm, astro
     import torch
     from transformers import LogitsProcessorList
 
-    from tagfer.vlm import BoxLimitProcessor, _open_suffix
+    from tagfer.models.vlm import BoxLimitProcessor, _open_suffix
 
     assert [_open_suffix(t) for t in ("x", "x<", "x<b", "x<bb", "x<bbo", "x<bbox")] == [0, 1, 2, 3, 4, 0]
     tok = tiny_vlm.tokenizer
@@ -170,7 +170,7 @@ def test_box_limit_processor_counts_incrementally_as_the_whole_text_would(tiny_v
 
     import torch
 
-    from tagfer.vlm import BOX_OPEN, BoxLimitProcessor, _open_suffix
+    from tagfer.models.vlm import BOX_OPEN, BoxLimitProcessor, _open_suffix
 
     texts = tiny_vlm.token_texts()
     pieces = [i for i, t in enumerate(texts) if t and t in "<bbox>"]  # "<", "b", "bo", "<bb", ...: openings span tokens
@@ -199,8 +199,8 @@ def test_random_skeleton_loads_with_random_weights_on_the_device(tmp_path):
     import torch
     from PIL import Image
 
-    from tagfer.tiny import build_random_skeleton
-    from tagfer.vlm import RANDOM_INIT_MARKER, load_vlm
+    from tagfer.models.tiny import build_random_skeleton
+    from tagfer.models.vlm import RANDOM_INIT_MARKER, load_vlm
 
     a = build_random_skeleton(tmp_path / "a", "tiny", seed=3)
     assert not list(a.glob("*.safetensors")) and (a / RANDOM_INIT_MARKER).is_file()

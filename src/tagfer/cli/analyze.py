@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 import json
 from pathlib import Path
 from typing import List, Optional
 
+from rich.table import Table
+from rich.text import Text
 import typer
 
 from tagfer.cli._app import app, console, out_console
@@ -18,16 +21,14 @@ def _resolve_image(p: Path) -> Path:
     """``sample:astronaut`` / ``sample:grace_hopper`` → the real face shipped by an installed package."""
     s = str(p)
     if s.startswith("sample:"):
-        from tagfer.samples import sample_face_path
+        from tagfer.core.samples import sample_face_path  # lazy: keeps `tagfer --help` fast
 
         return sample_face_path(s.split(":", 1)[1])
     return p
 
 
 def _print_result(res, show_scores: bool, show_all_aus: bool) -> None:
-    from rich.panel import Panel
-    from rich.table import Table
-    from rich.text import Text
+    from rich.panel import Panel  # lazy (start-up time): rich.panel
 
     if res.error:
         out_console.print(f"[red]✗ {res.image}: {res.error['kind']}: {res.error['message']}[/red]")
@@ -92,8 +93,8 @@ def analyze_cmd(
 ) -> None:
     """Explain the expression of every face: label, TAG trace with boxes, detector AUs, overlay.
     Videos (.mp4 .webm .mov .avi …, folders with --video) need --out: frames, segments, annotated video, plot (docs/video.md)."""
-    from tagfer.cli.au import set_verbose
-    from tagfer.video import split_video_inputs
+    from tagfer.au.video import split_video_inputs  # lazy (start-up time): PIL
+    from tagfer.cli.au import set_verbose  # lazy: circular import
 
     set_verbose(verbose)
 
@@ -150,12 +151,12 @@ def analyze_images(
     workers: int = 1,
 ) -> None:
     """The body of ``tagfer analyze`` with plain defaults (also run by ``tagfer demo``): the work is
-    :func:`tagfer.analyze.analyze_batch`; this prints and sets the exit code."""
-    from contextlib import ExitStack
-
+    :func:`tagfer.explainer.analyze.analyze_batch`; this prints and sets the exit code."""
+    # lazy (start-up time): rich.progress
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tagfer.analyze import EXIT_FAILED, EXIT_MALFORMED, EXIT_USAGE, BatchSetupError, analyze_batch
+    # lazy (start-up time): PIL
+    from tagfer.explainer.analyze import EXIT_FAILED, EXIT_MALFORMED, EXIT_USAGE, BatchSetupError, analyze_batch
 
     try:
         images = [_resolve_image(p) for p in images]
@@ -222,10 +223,10 @@ def serve_cmd(
                                            "localhost, 127.0.0.1, [::1] and --host always are; '*' turns the check off)."),
 ) -> None:
     """Web page + JSON API (POST /analyze) for grounded explanations. Localhost only by default."""
-    import uvicorn
+    import uvicorn  # lazy (start-up time): uvicorn
 
-    from tagfer.serve import ServeConfig, create_app
-    from tagfer.trusted_hosts import allowed_hosts, bind_note
+    from tagfer.core.trusted_hosts import allowed_hosts, bind_note  # lazy: keeps `tagfer --help` fast
+    from tagfer.explainer.serve import ServeConfig, create_app  # lazy (start-up time): fastapi, starlette
 
     try:
         hosts = allowed_hosts(host, allowed_host)  # a malformed name is a usage error (exit 2)

@@ -11,13 +11,13 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from tagfer.canvas import CANVAS, TOP_K
+from tagfer.core.canvas import CANVAS, TOP_K
 from tagfer.cli._app import app, console, out_console
 from tagfer.cli import video as _video
 
 
 def _au_config(top_k: int, threshold: float, bilateral: str, canvas: int, candidate_threshold: float | None = None):
-    from tagfer.aus import AUConfig
+    from tagfer.au.aus import AUConfig  # lazy: keeps `tagfer --help` fast
 
     extra = {} if candidate_threshold is None else {"candidate_threshold": candidate_threshold}
     return AUConfig(threshold=threshold, top_k=top_k, bilateral=bilateral, canvas=canvas, **extra)
@@ -77,7 +77,7 @@ def au_cmd(
 
     Videos (.mp4 .webm .mov .avi …, or folders with --video): one line per sampled frame, then segments
     (docs/video.md)."""
-    from tagfer.video import split_video_inputs
+    from tagfer.au.video import split_video_inputs  # lazy (start-up time): PIL
 
     set_verbose(verbose)
 
@@ -101,10 +101,10 @@ def au_cmd(
         if retry_errors:
             _video.drop_image_errors(out)
             retry_errors = False  # the image job must not drop the video records just written
-    from tagfer.detectors import DetectorSpec
-    from tagfer.grounding import GroundingConfig, run_grounding
+    from tagfer.au.detectors import DetectorSpec  # lazy (start-up time): PIL
+    from tagfer.au.grounding import GroundingConfig, run_grounding  # lazy (start-up time): PIL
 
-    from tagfer.cli.analyze import _resolve_image
+    from tagfer.cli.analyze import _resolve_image  # lazy: circular import
 
     try:
         inputs = [_resolve_image(p) for p in inputs]  # sample:astronaut, as in tagfer analyze
@@ -119,7 +119,7 @@ def au_cmd(
     )
     gcfg = GroundingConfig(all_faces=all_faces, landmarks=landmarks, overlays=str(overlays) if overlays else None)
     try:
-        from tagfer.grounding import check_output_path
+        from tagfer.au.grounding import check_output_path  # lazy (start-up time): PIL
 
         check_output_path(out)
         spec.build().close()  # fail fast on a missing model file / bad table before any work
@@ -127,6 +127,7 @@ def au_cmd(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
 
+    # lazy (start-up time): rich.progress
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -162,10 +163,10 @@ def demo_cmd(
     """The offline tour on a real face shipped by an installed package: `tagfer analyze`
     (label, grounded trace, red/green overlay) then the AU grounding record of `tagfer au`."""
     set_verbose(verbose)
-    from tagfer.cli.analyze import analyze_images
-    from tagfer.detectors import DetectorSpec
-    from tagfer.grounding import GroundingConfig, run_grounding
-    from tagfer.samples import sample_face_path
+    from tagfer.au.detectors import DetectorSpec  # lazy (start-up time): PIL
+    from tagfer.au.grounding import GroundingConfig, run_grounding  # lazy (start-up time): PIL
+    from tagfer.cli.analyze import analyze_images  # lazy: circular import
+    from tagfer.core.samples import sample_face_path  # lazy: keeps `tagfer --help` fast
 
     out.mkdir(parents=True, exist_ok=True)
     analyze_images([Path(f"sample:{sample}")], overlay=out / f"analyze_{sample}.png", scores=True)

@@ -43,8 +43,8 @@ def build_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live status line."),
     format_retry: Optional[str] = typer.Option(None, "--format-retry", help="Format retries: repeat (default, the paper: the same request again) | feedback (problems appended, --retry-temperature)."),
     min_tags: Optional[int] = typer.Option(None, "--min-tags", min=0, help="Fewest AU tags a trace must hold when it has an AU list (default 0; the paper lets the teacher select none)."),
-    au_threshold: Optional[float] = typer.Option(None, "--au-threshold", min=0.0, max=1.0, help="Activation threshold: AUs scoring at least this are activated (B_AU, R_AU targets). Default: tagfer.aus.AUConfig."),
-    au_candidate_threshold: Optional[float] = typer.Option(None, "--au-candidate-threshold", min=0.0, max=1.0, help="Confidence an activated AU needs to enter the teacher's top-K AU list. Default: tagfer.aus.AUConfig."),
+    au_threshold: Optional[float] = typer.Option(None, "--au-threshold", min=0.0, max=1.0, help="Activation threshold: AUs scoring at least this are activated (B_AU, R_AU targets). Default: tagfer.au.aus.AUConfig."),
+    au_candidate_threshold: Optional[float] = typer.Option(None, "--au-candidate-threshold", min=0.0, max=1.0, help="Confidence an activated AU needs to enter the teacher's top-K AU list. Default: tagfer.au.aus.AUConfig."),
 ) -> None:
     """Build TAG data: quality filter → AU-grounded traces → validation → label elimination (paper Algorithm 1).
 
@@ -52,8 +52,8 @@ def build_cmd(
     processed (teacher/transport errors, internal failures: recorded as retryable, re-run to retry them),
     2 on bad options or config, or when the build cannot start.
     """
-    from tagfer.build import BuildConfig, run_build
-    from tagfer.errors import ItemError
+    from tagfer.core.errors import ItemError  # lazy: keeps `tagfer --help` fast
+    from tagfer.data.build import BuildConfig, run_build  # lazy (start-up time): httpx, PIL
 
     prompts = {}
     if prompt_dir:
@@ -111,7 +111,7 @@ def export_cmd(
     user_prompt: Optional[Path] = typer.Option(None, "--user-prompt", help="Override file of the TAG user prompt."),
 ) -> None:
     """Write LLaMA-Factory ShareGPT + dataset_info.json, HF datasets/parquet (TRL) and verl parquet from a build."""
-    from tagfer.export import export
+    from tagfer.data.export import export  # lazy: keeps `tagfer --help` fast
 
     try:
         extra = {"nobbox_mode": nobbox_mode} if nobbox_mode is not None else {}
@@ -132,7 +132,7 @@ def stats_cmd(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG figures."),
 ) -> None:
     """Counts by source and class, acceptance/retry/elimination rates, AU statistics, trace lengths (JSON + PNG)."""
-    from tagfer.stats import write_stats
+    from tagfer.data.stats import write_stats  # lazy: keeps `tagfer --help` fast
 
     try:
         s = write_stats(build_dir, out, tokenizer, plots)

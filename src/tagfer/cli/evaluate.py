@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
+from rich.table import Table
 import typer
 
 from tagfer.cli._app import app, console, out_console
@@ -15,6 +17,7 @@ app.add_typer(study_app, name="study")
 
 
 def _progress(total: int | None = None, enabled: bool = True):
+    # lazy (start-up time): rich.progress
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
@@ -61,12 +64,10 @@ def eval_cmd(
 
     Exit code 1 when some items failed (they are recorded; re-run with --retry-errors), 2 on bad arguments.
     """
-    import os
-
-    from tagfer.backends import BackendUnavailable, make_backend, parse_spec
-    from tagfer.eval import eval_source, generation_defaults
-    from tagfer.prompts import tag_prompt
-    from tagfer.sources import canonical_split, parse_source_spec
+    from tagfer.data.sources import canonical_split, parse_source_spec  # lazy (start-up time): PIL
+    from tagfer.evaluation.eval import eval_source, generation_defaults  # lazy (start-up time): PIL
+    from tagfer.models.backends import BackendUnavailable, make_backend, parse_spec  # lazy (start-up time): PIL
+    from tagfer.models.prompts import tag_prompt  # lazy: keeps `tagfer --help` fast
 
     try:
         split = canonical_split(split)
@@ -116,9 +117,9 @@ def eval_cmd(
 
 
 def _detector_truth(preds: Path, spec_text: str, cache: Path, dataset: Optional[str], au_threshold: float, progress: bool, label: str):
-    from tagfer.aus import AUConfig
-    from tagfer.detectors import DetectorSpec
-    from tagfer.eval import au_truth
+    from tagfer.au.aus import AUConfig  # lazy: keeps `tagfer --help` fast
+    from tagfer.au.detectors import DetectorSpec  # lazy (start-up time): PIL
+    from tagfer.evaluation.eval import au_truth  # lazy (start-up time): PIL
 
     spec = DetectorSpec(kind=spec_text, config=AUConfig(threshold=au_threshold))
     with _progress(enabled=progress) as bar:
@@ -146,8 +147,8 @@ def score_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Accuracy, per-class recall, macro-F1, confusion matrix, format validity, boxes per answer, AU IoU, cross-detector AU IoU (bootstrap 95% CIs)."""
-    from tagfer.eval import load_au_jsonl, score_file
-    from tagfer.metrics import Bootstrap
+    from tagfer.evaluation.eval import load_au_jsonl, score_file  # lazy (start-up time): PIL
+    from tagfer.evaluation.metrics import Bootstrap  # lazy: keeps `tagfer --help` fast
 
     if not preds.is_file():
         _fail(f"{preds} not found")
@@ -180,15 +181,13 @@ def score_cmd(
 
 
 def _slug(spec: str) -> str:
-    import hashlib
+    import hashlib  # lazy: keeps `tagfer --help` fast
 
     kind = spec.split(":", 1)[0]
     return kind if ":" not in spec else f"{kind}-{hashlib.blake2b(spec.encode(), digest_size=3).hexdigest()}"
 
 
 def _print_scores(s: dict) -> None:
-    from rich.table import Table
-
     def fmt(b):
         if not b or b.get("value") is None:
             return "–"
@@ -216,7 +215,7 @@ def report_cmd(
     metric: str = typer.Option("accuracy", "--metric", help="Metric of the main table: accuracy | macro_f1 | au_iou | cross_au_iou | format_validity."),
 ) -> None:
     """Paper-style tables (models × datasets with average, ablation rows, cross-dataset matrix), best bold, second underlined."""
-    from tagfer.report import load_scores, write_report
+    from tagfer.evaluation.report import load_scores, write_report  # lazy: keeps `tagfer --help` fast
 
     missing = [str(r) for r in runs if not r.is_file()]
     if missing:
@@ -255,8 +254,9 @@ def judge_cmd(
 
     Exit code 1 when some judgments failed (malformed replies after the retries, failed requests), 2 on bad arguments.
     """
-    from tagfer.backends import BackendUnavailable, make_backend, parse_spec
-    from tagfer.judge import aggregate, judge_prompt, make_pairs, read_pairs, run_judge
+    # lazy (start-up time): multiprocessing, importlib
+    from tagfer.evaluation.judge import aggregate, judge_prompt, make_pairs, read_pairs, run_judge
+    from tagfer.models.backends import BackendUnavailable, make_backend, parse_spec  # lazy (start-up time): PIL
 
     try:
         if pairs is not None:
@@ -316,7 +316,7 @@ def study_pairs_cmd(
     image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="Where to write those images (default: <out>_images/)."),
 ) -> None:
     """Sample pairs of responses (same image, two systems) for the judge and the human study."""
-    from tagfer.judge import make_pairs, write_pairs
+    from tagfer.evaluation.judge import make_pairs, write_pairs  # lazy (start-up time): multiprocessing, importlib
 
     for p in (preds_a, preds_b):
         if not p.is_file():
@@ -340,11 +340,11 @@ def study_serve_cmd(
                                            "localhost, 127.0.0.1, [::1] and --host always are; '*' turns the check off)."),
 ) -> None:
     """Serve the A/B study page: evaluators enter a name, then choose A / B / tie for each pair."""
-    import uvicorn
+    import uvicorn  # lazy (start-up time): uvicorn
 
-    from tagfer.judge import read_pairs
-    from tagfer.study.app import create_app
-    from tagfer.trusted_hosts import allowed_hosts, bind_note
+    from tagfer.core.trusted_hosts import allowed_hosts, bind_note  # lazy: keeps `tagfer --help` fast
+    from tagfer.evaluation.judge import read_pairs  # lazy (start-up time): multiprocessing, importlib
+    from tagfer.evaluation.study.app import create_app  # lazy (start-up time): multiprocessing, importlib
 
     try:
         plist = read_pairs(pairs)
@@ -368,7 +368,7 @@ def study_export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Aggregate JSON."),
 ) -> None:
     """Preference percentages averaged over evaluators, pairwise agreement and Fleiss' kappa."""
-    from tagfer.study.db import export
+    from tagfer.evaluation.study.db import export  # lazy (start-up time): multiprocessing, importlib
 
     try:
         agg = export(db, out)

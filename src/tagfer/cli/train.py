@@ -17,7 +17,7 @@ _SET = typer.Option(None, "--set", "-s", help="Override a field: key.sub=value (
 
 
 def _load(config: str, sets: Optional[list[str]], stage: str | None = None):
-    from tagfer.train.config import ConfigError, load_config
+    from tagfer.train.config import ConfigError, load_config  # lazy (start-up time): yaml
 
     try:
         cfg = load_config(config, list(sets or []), validate=False)
@@ -31,7 +31,7 @@ def _load(config: str, sets: Optional[list[str]], stage: str | None = None):
 
 
 def _run(fn, *args, **kwargs):
-    from tagfer.vlm import ModelNotAvailable
+    from tagfer.models.vlm import ModelNotAvailable  # lazy (start-up time): PIL
 
     try:
         return fn(*args, **kwargs)
@@ -46,7 +46,7 @@ def _run(fn, *args, **kwargs):
 @train_app.command("presets")
 def presets() -> None:
     """List the packaged presets."""
-    from tagfer.train.config import list_presets, load_raw
+    from tagfer.train.config import list_presets, load_raw  # lazy (start-up time): yaml
 
     for name in list_presets():
         raw = load_raw(name)
@@ -56,7 +56,7 @@ def presets() -> None:
 @train_app.command("show")
 def show(config: str = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
     """Print the fully resolved config (after extends and overrides) as YAML."""
-    from tagfer.train.config import dump_config
+    from tagfer.train.config import dump_config  # lazy (start-up time): yaml
 
     out_console.print(dump_config(_load(config, set_)), markup=False, highlight=False)
 
@@ -64,7 +64,7 @@ def show(config: str = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
 @train_app.command("sft")
 def sft(config: str = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
     """Supervised fine-tuning (stage 1). Resumes from the last checkpoint in output_dir."""
-    from tagfer.train.sft import run_sft
+    from tagfer.train.sft import run_sft  # lazy (start-up time): yaml
 
     cfg = _load(config, set_, "sft")
     console.print(f"SFT → {cfg.output_dir} (model {cfg.model.name_or_path}, data {cfg.data.train})")
@@ -75,7 +75,7 @@ def sft(config: str = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
 @train_app.command("grpo")
 def grpo(config: str = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
     """GRPO with R_AU + R_ans + R_fmt (stage 2). Resumes from the last checkpoint in output_dir."""
-    from tagfer.train.grpo import run_grpo
+    from tagfer.train.grpo import run_grpo  # lazy (start-up time): yaml
 
     cfg = _load(config, set_, "grpo")
     console.print(f"GRPO → {cfg.output_dir} (model {cfg.model.name_or_path}, adapter {cfg.model.adapter}, "
@@ -92,7 +92,7 @@ def merge(
     dtype: str = typer.Option("auto", help="auto | bfloat16 | float16 | float32"),
 ) -> None:
     """Merge an adapter into its base and save a standalone model + processor folder."""
-    from tagfer.train.merge import merge_adapter
+    from tagfer.train.merge import merge_adapter  # lazy (start-up time): yaml
 
     res = _run(merge_adapter, adapter, out, base, dtype)
     out_console.print(f"merged model: {res}")
@@ -107,7 +107,7 @@ def export_llamafactory(
     deepspeed: Optional[str] = typer.Option(None, help="zero2 | zero3 (shipped JSON files) or a DeepSpeed JSON path."),
 ) -> None:
     """Write a LLaMA-Factory SFT YAML equivalent to the preset."""
-    from tagfer.train.interop import default_export_names, llamafactory_config, write_yaml
+    from tagfer.train.interop import default_export_names, llamafactory_config, write_yaml  # lazy (start-up time): yaml
 
     cfg = _load(config, set_)
     names = default_export_names(cfg, export_dir)
@@ -129,7 +129,7 @@ def export_verl(
     export_dir: str = typer.Option("tag_export", help="Output folder of `tagfer export` (for the default data path)."),
 ) -> None:
     """Write a verl GRPO config (+ launch script) whose reward is tagfer.integrations.verl.compute_score."""
-    from tagfer.train.interop import default_export_names, write_verl_files
+    from tagfer.train.interop import default_export_names, write_verl_files  # lazy (start-up time): yaml
 
     cfg = _load(config, set_)
     train_files = train_files or default_export_names(cfg, export_dir)["verl_train"]
@@ -144,7 +144,7 @@ def plot(
     smooth: int = typer.Option(1, help="Moving-average window."),
 ) -> None:
     """Plot the training dynamics (paper Figure 5) from a JSONL log."""
-    from tagfer.train.plots import plot_training
+    from tagfer.train.plots import plot_training  # lazy (start-up time): yaml
 
     if not log.is_file():
         console.print(f"[red]error[/] no such log: {log}")

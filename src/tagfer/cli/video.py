@@ -1,10 +1,11 @@
-"""Video inputs of ``tagfer au`` and ``tagfer analyze`` (the job itself is :mod:`tagfer.video`)."""
+"""Video inputs of ``tagfer au`` and ``tagfer analyze`` (the job itself is :mod:`tagfer.au.video`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import List, Optional
 
+from rich.table import Table
 import typer
 
 from tagfer.cli._app import console, out_console
@@ -29,7 +30,7 @@ def worse_exit(a: int, b: int) -> int:
 
 
 def parse_smooth(spec: str):
-    from tagfer.video import SmoothingConfig
+    from tagfer.au.video import SmoothingConfig  # lazy (start-up time): PIL
 
     method, _, w = spec.partition(":")
     method = method.strip().lower()
@@ -40,9 +41,9 @@ def parse_smooth(spec: str):
 
 def video_config(*, fps, start, end, folder_fps, smooth, render, media, threshold=0.3, top_k=3, bilateral="union",
                  canvas=512, max_faces=5, landmarker=None):
-    """A :class:`tagfer.video.VideoConfig` from the command-line values (ValueError for bad ones)."""
-    from tagfer.aus import AUConfig
-    from tagfer.video import VideoConfig
+    """A :class:`tagfer.au.video.VideoConfig` from the command-line values (ValueError for bad ones)."""
+    from tagfer.au.aus import AUConfig  # lazy: keeps `tagfer --help` fast
+    from tagfer.au.video import VideoConfig  # lazy (start-up time): PIL
 
     return VideoConfig(
         fps=fps, start=start, end=end, folder_fps=folder_fps, smoothing=parse_smooth(smooth), render=render,
@@ -53,10 +54,8 @@ def video_config(*, fps, start, end, folder_fps, smooth, render, media, threshol
 
 
 def _print_segments(summ, out: Path) -> None:
-    from rich.table import Table
-
-    from tagfer.jsonl import read_jsonl
-    from tagfer.video import segments_path
+    from tagfer.au.video import segments_path  # lazy (start-up time): PIL
+    from tagfer.core.jsonl import read_jsonl  # lazy: keeps `tagfer --help` fast
 
     t = Table(title=f"{Path(summ.video).name}: expression segments (seconds)")
     for c in ("face", "label", "onset", "apex", "offset", "peak", "AUs"):
@@ -71,7 +70,7 @@ def _print_segments(summ, out: Path) -> None:
 def drop_image_errors(out: Optional[Path]) -> None:
     """``--retry-errors`` with videos in the run: drop the failed *image* records here, so that the
     image job (told not to retry) leaves the video records — frame errors, summaries — alone."""
-    from tagfer.jsonl import drop_records
+    from tagfer.core.jsonl import drop_records  # lazy: keeps `tagfer --help` fast
 
     if out is not None and out.exists():
         drop_records(out, lambda r: "image" in r and bool(r.get("error")))
@@ -80,8 +79,8 @@ def drop_image_errors(out: Optional[Path]) -> None:
 def run_videos(videos: List[str], out: Optional[Path], config, *, no_resume: bool = False, retry_errors: bool = False,
                progress: bool = True, show: bool = False) -> int:
     """Run every video into ``out``; returns the exit code (0 ok, 1 a video or frame failed, 2 usage)."""
-    from tagfer.faces import FaceLandmarker
-    from tagfer.video import drop_failed_videos, run_video, segments_path
+    from tagfer.au.faces import FaceLandmarker  # lazy: keeps `tagfer --help` fast
+    from tagfer.au.video import drop_failed_videos, run_video, segments_path  # lazy (start-up time): PIL
 
     if out is None:
         console.print("[red]error:[/red] a video needs --out FILE.jsonl (one JSON line per frame)")
@@ -96,7 +95,7 @@ def run_videos(videos: List[str], out: Optional[Path], config, *, no_resume: boo
             p.unlink(missing_ok=True)
     if retry_errors and out.exists():
         drop_failed_videos(out)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # lazy (start-up time): rich.progress
 
     code = 0
     with Progress(TextColumn("[bold]video {task.fields[name]}"), BarColumn(), TextColumn("{task.completed} frames"),

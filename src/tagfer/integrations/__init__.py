@@ -1,4 +1,4 @@
-"""Adapters from :mod:`tagfer.rewards` to RL trainers.
+"""Adapters from :mod:`tagfer.traces.rewards` to RL trainers.
 
 * :mod:`tagfer.integrations.trl` — reward callables for TRL's ``GRPOTrainer``.
 * :mod:`tagfer.integrations.verl` — ``compute_score`` for verl's custom reward function.

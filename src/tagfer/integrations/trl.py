@@ -17,7 +17,7 @@ Dataset columns read:
 Usage::
 
     from trl import GRPOConfig, GRPOTrainer
-    from tagfer.rewards import RewardConfig
+    from tagfer.traces.rewards import RewardConfig
     from tagfer.integrations.trl import make_reward_funcs, reward_weights
 
     cfg = RewardConfig(matching="paper")
@@ -25,7 +25,9 @@ Usage::
     trainer = GRPOTrainer(model=..., args=args, reward_funcs=make_reward_funcs(cfg), train_dataset=ds)
 
 Each callable is a module-level class instance carrying a ``__name__``, so it
-pickles and TRL logs it as ``rewards/r_au/mean`` etc. The parses of the last
+pickles and TRL logs it as ``rewards/r_au/mean`` etc. The ready-made ones are
+``r_au_reward``, ``r_au_f1_reward``, ``r_ans_reward``, ``r_fmt_reward`` and ``tag_reward``:
+named apart from the functions :func:`tagfer.r_au`, :func:`tagfer.r_ans`… that they call. The parses of the last
 batch are kept, keyed on its *content* (the completion texts, compared by
 value, plus canvas and max_boxes): the three reward functions of one step
 cost one parse per completion, and a list that was mutated or rebuilt between
@@ -36,19 +38,19 @@ from __future__ import annotations
 
 from typing import Any, Literal, Sequence
 
-from tagfer.rewards import DEFAULT_CONFIG, RewardConfig, r_ans as _r_ans, r_au_batch, r_au_f1 as _r_au_f1
-from tagfer.rewards import r_fmt as _r_fmt, score_batch
-from tagfer.trace import ParsedTrace, parse_trace
+from tagfer.traces.rewards import DEFAULT_CONFIG, RewardConfig, r_ans as _r_ans, r_au_batch, r_au_f1 as _r_au_f1
+from tagfer.traces.rewards import r_fmt as _r_fmt, score_batch
+from tagfer.traces.trace import ParsedTrace, parse_trace
 
 __all__ = [
     "TAGReward",
     "completion_text",
     "make_reward_funcs",
     "reward_weights",
-    "r_au",
-    "r_au_f1",
-    "r_ans",
-    "r_fmt",
+    "r_au_reward",
+    "r_au_f1_reward",
+    "r_ans_reward",
+    "r_fmt_reward",
     "tag_reward",
 ]
 
@@ -194,8 +196,8 @@ def reward_weights(cfg: RewardConfig = DEFAULT_CONFIG) -> list[float]:
     return [cfg.w_au, cfg.w_ans, cfg.w_fmt]
 
 
-r_au = TAGReward("r_au")
-r_au_f1 = TAGReward("r_au", RewardConfig(au_reward="f1"))
-r_ans = TAGReward("r_ans")
-r_fmt = TAGReward("r_fmt")
+r_au_reward = TAGReward("r_au")
+r_au_f1_reward = TAGReward("r_au", RewardConfig(au_reward="f1"))
+r_ans_reward = TAGReward("r_ans")
+r_fmt_reward = TAGReward("r_fmt")
 tag_reward = TAGReward("total")

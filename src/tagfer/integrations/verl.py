@@ -20,7 +20,7 @@ scalar reward) and every other key is logged per sample. Configure::
 
 ``au_boxes`` / ``aus`` missing from ``ground_truth`` are also looked up in
 ``extra_info``. ``extra_info["reward_config"]`` (a dict, or JSON) overrides
-:class:`~tagfer.rewards.RewardConfig` fields for that sample, and so do the
+:class:`~tagfer.traces.rewards.RewardConfig` fields for that sample, and so do the
 keyword arguments (verl's ``reward_kwargs``); keyword arguments that are not
 RewardConfig fields are ignored, unknown names in ``reward_config`` raise.
 
@@ -37,7 +37,7 @@ import json
 import re
 from typing import Any, Mapping
 
-from tagfer.rewards import DEFAULT_CONFIG, RewardConfig, reward_breakdown
+from tagfer.traces.rewards import DEFAULT_CONFIG, RewardConfig, reward_breakdown
 
 __all__ = ["compute_score", "read_ground_truth"]
 

@@ -20,9 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from transformers import TrainerCallback
 
-from tagfer.jsonl import JsonlWriter
+from tagfer.core.jsonl import JsonlWriter
+from tagfer.models.vlm import VLM, VLMConfig
+from tagfer.traces.rewards import reward_breakdown
 
 __all__ = ["JsonlLogCallback", "ValidationCallback", "derived_metrics", "validate_model"]
 
@@ -95,16 +98,12 @@ def validate_model(model, processor, samples, cfg, system: str, user: str) -> di
     accuracy = mean ``R_ans``; au_iou = mean IoU-form ``R_AU`` over samples with AU boxes
     (``None`` when none has any); fmt_rate = share of well-formed outputs.
     """
-    from PIL import Image
-
-    from tagfer.imageio import load_image
-    from tagfer.rewards import reward_breakdown
-    from tagfer.vlm import VLM, VLMConfig
+    from tagfer.core.imageio import load_image  # lazy (start-up time): PIL
 
     reward_cfg = cfg.reward.replace(au_reward="iou")
     vlm = VLM(model, processor, VLMConfig(model=str(cfg.model.name_or_path), image_side=cfg.model.image_side))
     images = [Image.fromarray(load_image(s["image_bytes"] or s["image"]).rgb) for s in samples]
-    from tagfer.train.rollout import merged_lora
+    from tagfer.train.rollout import merged_lora  # lazy (start-up time): transformers, trl
 
     was_training = model.training
     model.eval()

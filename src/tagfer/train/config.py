@@ -1,6 +1,6 @@
 """Training configuration: one dataclass tree, loaded from YAML with strict validation.
 
-A config file (or a packaged preset, ``tagfer/presets/<name>.yaml``) is a nested
+A config file (or a packaged preset, ``tagfer/train/presets/<name>.yaml``) is a nested
 mapping whose sections mirror :class:`TrainConfig`::
 
     stage: sft                 # sft | grpo
@@ -12,7 +12,7 @@ mapping whose sections mirror :class:`TrainConfig`::
     optim: {learning_rate: 2.0e-5, lr_scheduler: cosine, warmup_ratio: 0.03, ...}
     sft:   {max_length: 2048, ...}
     grpo:  {num_generations: 8, beta: 0.04, epsilon: 0.2, loss_type: grpo, ...}
-    reward: {fmt_bonus: 0.5, w_au: 1.0, matching: paper, au_reward: iou}   # tagfer.rewards.RewardConfig
+    reward: {fmt_bonus: 0.5, w_au: 1.0, matching: paper, au_reward: iou}   # tagfer.traces.rewards.RewardConfig
     log:   {logging_steps: 10, tensorboard: false}
     trl:   {torch_compile: false, ...}   # any other TRL SFTConfig/GRPOConfig argument, passed through
 Every field can be overridden with a dotted ``key=value`` (``--set optim.learning_rate=1e-5``;
@@ -33,7 +33,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from tagfer.rewards import RewardConfig
+from tagfer.models.families import UnknownFamily, get_family
+from tagfer.traces.rewards import RewardConfig
 
 __all__ = [
     "ConfigError",
@@ -56,7 +57,7 @@ __all__ = [
     "dump_config",
 ]
 
-PRESETS_PACKAGE = "tagfer/presets"  # package data folder (pyproject: "presets/*.yaml")
+PRESETS_PACKAGE = "tagfer/train/presets"  # package data folder (pyproject: "train/presets/*.yaml")
 
 #: LoRA targets of the paper: every attention and MLP projection of the language model.
 LM_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -75,14 +76,14 @@ class ModelSection:
     """The base model.
 
     ``name_or_path``: hub id or local folder; ``"tiny"`` builds the tiny random
-    Qwen2.5-VL (:func:`tagfer.tiny.build_tiny_qwen25vl`, seed ``tiny_seed``) under
+    Qwen2.5-VL (:func:`tagfer.models.tiny.build_tiny_qwen25vl`, seed ``tiny_seed``) under
     ``<output_dir>/base_model`` — for CPU smoke runs and tests only.
     ``adapter``: a LoRA adapter folder (e.g. the SFT result) merged into the base
     before a new adapter is trained (GRPO starts from the SFT model; the merged
     SFT model is then also GRPO's KL reference).
     ``image_side``: images are resized so the longer side is this many pixels,
     aspect preserved (paper: 224). ``min_pixels``/``max_pixels``: processor limits.
-    ``family``: the model family (:mod:`tagfer.families`: ``qwen2_5_vl``, ``qwen3_vl``,
+    ``family``: the model family (:mod:`tagfer.models.families`: ``qwen2_5_vl``, ``qwen3_vl``,
     ``gemma3``, ``llava_onevision``…) that says which modules are LoRA targets, vision tower and projector;
     ``auto`` reads ``model_type`` from the checkpoint's config. With ``name_or_path: tiny``
     it picks the tiny random model to build (``auto``: Qwen2.5-VL).
@@ -271,8 +272,6 @@ class TrainConfig:
             raise ConfigError("lora.targets", "needs at least one projection name")
         pos("model.image_side", self.model.image_side)
         if self.model.family != "auto":
-            from tagfer.families import UnknownFamily, get_family
-
             try:
                 get_family(self.model.family)
             except UnknownFamily as e:
@@ -423,13 +422,13 @@ def to_dict(obj: Any) -> Any:
 
 def list_presets() -> list[str]:
     """Names of the packaged presets."""
-    root = resources.files("tagfer") / "presets"
+    root = resources.files("tagfer.train") / "presets"
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
 def preset_path(name: str) -> Path:
     """Packaged preset file of ``name``; raises ``ConfigError`` listing the presets when unknown."""
-    p = Path(str(resources.files("tagfer") / "presets" / f"{name}.yaml"))
+    p = Path(str(resources.files("tagfer.train") / "presets" / f"{name}.yaml"))
     if not p.is_file():
         raise ConfigError("", f"no preset or config file {name!r}; presets: {', '.join(list_presets())}")
     return p

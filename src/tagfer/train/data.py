@@ -2,7 +2,7 @@
 
 Sources accepted by :func:`iter_records` (``data.train`` / ``data.val`` in the config):
 
-* a TAGSample JSONL file (:class:`tagfer.records.TAGSample`, one per line);
+* a TAGSample JSONL file (:class:`tagfer.core.records.TAGSample`, one per line);
 * the data exporter's Hugging Face export — a ``save_to_disk`` folder, or a folder /
   file of JSONL or Parquet — with columns ``prompt`` / ``completion`` (chat messages or
   text), ``images`` (paths, ``{"path", "bytes"}`` dicts or PIL images), ``label``,
@@ -10,12 +10,12 @@ Sources accepted by :func:`iter_records` (``data.train`` / ``data.val`` in the c
 * ``builtin:tiny`` — :func:`builtin_tiny`, a few generated samples on the two shipped
   sample faces (smoke runs only: the traces are templates, the labels illustrative).
 
-Everything is normalised to one flat record — a :class:`~tagfer.records.TAGSample`'s Arrow
-row (:meth:`~tagfer.records.TAGSample.to_arrow_row`, schema :func:`tagfer.records.sample_schema`,
+Everything is normalised to one flat record — a :class:`~tagfer.core.records.TAGSample`'s Arrow
+row (:meth:`~tagfer.core.records.TAGSample.to_arrow_row`, schema :func:`tagfer.core.records.sample_schema`,
 columns :data:`RECORD_COLUMNS`) — written once to an Arrow dataset (memory-mapped: constant memory over 300k samples), and turned into TRL
-rows on the fly by a dataset transform, which loads the image (:func:`tagfer.imageio.load_image`)
-and resizes it (:func:`tagfer.vlm.resize_for_model`, longer side 224). The prompt is the
-unified TAG prompt (:func:`tagfer.prompts.tag_prompt`), the same words as evaluation.
+rows on the fly by a dataset transform, which loads the image (:func:`tagfer.core.imageio.load_image`)
+and resizes it (:func:`tagfer.models.vlm.resize_for_model`, longer side 224). The prompt is the
+unified TAG prompt (:func:`tagfer.models.prompts.tag_prompt`), the same words as evaluation.
 
 TRL rows::
 
@@ -31,8 +31,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from tagfer.jsonl import read_jsonl
-from tagfer.records import SAMPLE_COLUMNS, TAGSample, sample_schema, trl_completion
+from tagfer.core.jsonl import read_jsonl
+from tagfer.core.labels import LABELS
+from tagfer.core.records import SAMPLE_COLUMNS, TAGSample, sample_schema, trl_completion
+from tagfer.core.samples import sample_face_path
+from tagfer.traces.trace import format_box, strip_bboxes
 
 __all__ = [
     "RECORD_COLUMNS",
@@ -48,7 +51,7 @@ __all__ = [
 ]
 
 BUILTIN_PREFIX = "builtin:"
-#: columns of a flat training record: the sample's Arrow row (:data:`tagfer.records.SAMPLE_COLUMNS`).
+#: columns of a flat training record: the sample's Arrow row (:data:`tagfer.core.records.SAMPLE_COLUMNS`).
 RECORD_COLUMNS = SAMPLE_COLUMNS
 
 
@@ -64,11 +67,7 @@ def builtin_tiny(out_dir: str | Path) -> Path:
     samples have no AU box (``au_boxes: []``) so the R_AU skip path is exercised.
     Deterministic; rewritten only when missing.
     """
-    from PIL import Image, ImageOps
-
-    from tagfer.labels import LABELS
-    from tagfer.samples import sample_face_path
-    from tagfer.trace import format_box
+    from PIL import Image, ImageOps  # lazy (start-up time): PIL
 
     out = Path(out_dir)
     path = out / "samples.jsonl"
@@ -142,7 +141,7 @@ def _is_tagsample(row: dict[str, Any]) -> bool:
 
 
 def _iter_hf(path: Path) -> Iterator[dict[str, Any]]:
-    import datasets
+    import datasets  # lazy (start-up time): datasets, pyarrow
 
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()
                           or (path / "dataset_dict.json").is_file()):
@@ -163,7 +162,7 @@ def _iter_hf(path: Path) -> Iterator[dict[str, Any]]:
 
 def _undecoded_images(ds):
     """``ds`` with Image columns left as ``{"bytes", "path"}`` (no decode / re-encode of 300k images)."""
-    import datasets
+    import datasets  # lazy (start-up time): datasets, pyarrow
 
     for col in ("images", "image"):
         feat = ds.features.get(col)
@@ -202,8 +201,6 @@ def filter_records(
     no_bbox: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Keep records of ``sources`` (all when empty) and ``split``; optionally strip boxes (Table 3 ablation)."""
-    from tagfer.trace import strip_bboxes
-
     keep = {s.lower() for s in sources}
     n = 0
     for r in records:
@@ -237,7 +234,7 @@ def _gen(records_fn: Callable[[], Iterable[dict[str, Any]]], fingerprint: str) -
 
 def build_record_dataset(records_fn: Callable[[], Iterable[dict[str, Any]]], cache_dir: str | Path, fingerprint: str):
     """An Arrow ``datasets.Dataset`` of flat records (streamed to disk, memory-mapped)."""
-    import datasets
+    import datasets  # lazy (start-up time): datasets, pyarrow
 
     features = datasets.Features.from_arrow_schema(sample_schema())
     ds = datasets.Dataset.from_generator(
@@ -268,7 +265,7 @@ class RowMaker:
         return {**self.__dict__, "_cache": {}}
 
     def prompt(self) -> list[dict[str, Any]]:
-        from tagfer.vlm import build_chat
+        from tagfer.models.vlm import build_chat  # lazy (start-up time): PIL
 
         return build_chat(self.user, self.system, with_image=True)
 
@@ -284,10 +281,10 @@ class RowMaker:
         return img
 
     def _load(self, path: str, data: bytes | None, sample_id: str = ""):
-        from PIL import Image
+        from PIL import Image  # lazy (start-up time): PIL
 
-        from tagfer.imageio import ImageError, load_image
-        from tagfer.vlm import ImagePolicy
+        from tagfer.core.imageio import ImageError, load_image  # lazy (start-up time): PIL
+        from tagfer.models.vlm import ImagePolicy  # lazy (start-up time): PIL
 
         try:
             loaded = load_image(data if data else path)

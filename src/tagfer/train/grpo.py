@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 
 from tagfer.integrations.trl import TAGReward, make_reward_funcs, reward_weights
 from tagfer.train.config import TrainConfig
+from tagfer.train.sft import last_checkpoint, prepare_run, quiet_console
+from tagfer.train.trl_args import trl_kwargs
 
 __all__ = ["LoggedTAGReward", "GRPOResult", "run_grpo", "tag_reward_funcs", "build_grpo_trainer"]
 
@@ -43,7 +45,7 @@ class LoggedTAGReward(TAGReward):
 
 
 def tag_reward_funcs(cfg: TrainConfig) -> tuple[list[Callable], list[float]]:
-    """``(reward_funcs, reward_weights)`` for the config's :class:`~tagfer.rewards.RewardConfig`."""
+    """``(reward_funcs, reward_weights)`` for the config's :class:`~tagfer.traces.rewards.RewardConfig`."""
     funcs = [LoggedTAGReward(f.component, cfg.reward, f.__name__) for f in make_reward_funcs(cfg.reward)]
     return funcs, reward_weights(cfg.reward)
 
@@ -64,12 +66,10 @@ def build_grpo_trainer(
     callbacks: Sequence[Any] = (),
 ):
     """``(trainer, logger, info)`` — the configured ``GRPOTrainer`` before ``train()`` (also used by the benchmark)."""
-    from trl import GRPOConfig
+    from trl import GRPOConfig  # lazy (start-up time): trl
 
-    from tagfer.train.callbacks import JsonlLogCallback
-    from tagfer.train.rollout import MergedRolloutGRPOTrainer
-    from tagfer.train.sft import prepare_run, quiet_console
-    from tagfer.train.trl_args import trl_kwargs
+    from tagfer.train.callbacks import JsonlLogCallback  # lazy (start-up time): torch, transformers
+    from tagfer.train.rollout import MergedRolloutGRPOTrainer  # lazy (start-up time): torch, transformers
 
     # trl.* keys and grpo.use_vllm (raises when true without vLLM) checked before anything is written
     run = prepare_run(cfg, "grpo", check=lambda c: trl_kwargs(c, "grpo"))
@@ -94,8 +94,7 @@ def run_grpo(
     callbacks: Sequence[Any] = (),
 ) -> GRPOResult:
     """Run GRPO as configured (TAG rewards unless ``reward_funcs`` is given); returns the adapter folder and log."""
-    from tagfer.train.callbacks import write_json
-    from tagfer.train.sft import last_checkpoint
+    from tagfer.train.callbacks import write_json  # lazy (start-up time): torch, transformers
 
     trainer, logger, info = build_grpo_trainer(cfg, reward_funcs, weights, callbacks)
     out = Path(cfg.output_dir)

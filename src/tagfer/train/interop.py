@@ -16,18 +16,21 @@
 
 Both take the same :class:`~tagfer.train.config.TrainConfig`, so a preset is the single
 source of the hyperparameters, and both carry the image policy
-(:class:`tagfer.vlm.ImagePolicy`) the exports were written with. Checked against
+(:class:`tagfer.models.vlm.ImagePolicy`) the exports were written with. Checked against
 LLaMA-Factory 0.9.5 and verl 0.9.1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
+from tagfer.traces.rewards import RewardConfig
 from tagfer.train.config import TrainConfig
+from tagfer.train.sft import deepspeed_config_path
 
 __all__ = ["llamafactory_config", "verl_config", "verl_command", "verl_reward_overrides", "default_export_names",
            "write_yaml", "write_verl_files", "VERL_REWARD_PATH"]
@@ -52,7 +55,7 @@ def default_export_names(cfg: TrainConfig, export_dir: str = "tag_export") -> di
 def llamafactory_config(cfg: TrainConfig, dataset: str = "tag_sft", dataset_dir: str = "data/tag",
                         deepspeed: str | None = None) -> dict[str, Any]:
     """LLaMA-Factory SFT YAML (as a dict) equivalent to ``cfg`` (LoRA on the LM, vision frozen, projector trained)."""
-    from tagfer.vlm import ImagePolicy
+    from tagfer.models.vlm import ImagePolicy  # lazy (start-up time): PIL
 
     o, lo, s = cfg.optim, cfg.lora, cfg.sft
     min_px, max_px = ImagePolicy.of(cfg.model).bounds
@@ -96,8 +99,6 @@ def llamafactory_config(cfg: TrainConfig, dataset: str = "tag_sft", dataset_dir:
         if lo.train_projector:  # with LoRA, LLaMA-Factory trains the projector only as an additional target
             out["additional_target"] = "merger"
     if deepspeed or o.deepspeed:
-        from tagfer.train.sft import deepspeed_config_path
-
         out["deepspeed"] = deepspeed_config_path(deepspeed or o.deepspeed)
     return out
 
@@ -179,12 +180,8 @@ def verl_config(cfg: TrainConfig, train_files: str = "data/tag/verl/train.parque
 
 
 def verl_reward_overrides(cfg: TrainConfig) -> list[str]:
-    """Hydra ``+key=value`` overrides for the :class:`~tagfer.rewards.RewardConfig` fields where ``cfg``
+    """Hydra ``+key=value`` overrides for the :class:`~tagfer.traces.rewards.RewardConfig` fields where ``cfg``
     differs from the defaults (verl passes ``reward_kwargs`` to ``compute_score``)."""
-    import dataclasses
-
-    from tagfer.rewards import RewardConfig
-
     default = RewardConfig()
     out = []
     for f in dataclasses.fields(RewardConfig):

@@ -1,7 +1,7 @@
 """Merge a LoRA adapter into its base model and save a standalone folder.
 
 The result holds the full weights (``config.json`` + safetensors) and the processor
-(tokenizer + image processor), so :func:`tagfer.vlm.load_vlm` — and therefore evaluation,
+(tokenizer + image processor), so :func:`tagfer.models.vlm.load_vlm` — and therefore evaluation,
 ``tagfer analyze`` and vLLM serving — load it like any checkpoint, without PEFT. Trained
 ``modules_to_save`` copies (the projector) replace the base modules in the merge.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tagfer.train.model import save_processor
+
 __all__ = ["merge_adapter"]
 
 
@@ -18,10 +20,9 @@ def merge_adapter(adapter: str | Path, out_dir: str | Path, base: str | None = N
     """Merge ``adapter`` (a PEFT folder) into ``base`` (default: the base recorded in the adapter).
 
     Returns ``out_dir``. Raises ``FileNotFoundError`` when ``adapter`` is not an adapter
-    folder and :class:`tagfer.vlm.ModelNotAvailable` when the base weights are missing.
+    folder and :class:`tagfer.models.vlm.ModelNotAvailable` when the base weights are missing.
     """
-    from tagfer.train.model import save_processor
-    from tagfer.vlm import VLMConfig, load_vlm
+    from tagfer.models.vlm import VLMConfig, load_vlm  # lazy (start-up time): PIL
 
     adapter = Path(adapter)
     acfg = adapter / "adapter_config.json"

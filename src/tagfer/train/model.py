@@ -1,6 +1,6 @@
-"""Model preparation for training: base resolution, loading (via :mod:`tagfer.vlm`), LoRA, freezing.
+"""Model preparation for training: base resolution, loading (via :mod:`tagfer.models.vlm`), LoRA, freezing.
 
-The module layout comes from the model's family (:mod:`tagfer.families`, detected from the
+The module layout comes from the model's family (:mod:`tagfer.models.families`, detected from the
 config's ``model_type`` or set by ``model.family``):
 
 * LoRA goes on the language model only: the target pattern is anchored on the family's
@@ -23,6 +23,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from tagfer.models.families import family_of, get_family
+from tagfer.models.tiny import build_tiny
+
 __all__ = [
     "model_family",
     "lm_target_regex",
@@ -40,10 +43,8 @@ __all__ = [
 
 
 def model_family(model, name: str = "auto"):
-    """The :class:`~tagfer.families.Family` of ``model``: ``name`` when not ``"auto"``, else the one
+    """The :class:`~tagfer.models.families.Family` of ``model``: ``name`` when not ``"auto"``, else the one
     :func:`load_for_training` recorded, else detected from ``model.config.model_type``."""
-    from tagfer.families import family_of, get_family
-
     if name and name != "auto":
         return get_family(name)
     recorded = getattr(model, "_tagfer_family", None)
@@ -52,7 +53,7 @@ def model_family(model, name: str = "auto"):
 
 def lm_target_regex(targets: Sequence[str], family: str = "qwen2_5_vl") -> str:
     """PEFT ``target_modules`` regex (full match) for ``targets`` inside ``family``'s language-model layers."""
-    from tagfer.families import get_family
+    from tagfer.models.families import get_family
 
     return get_family(family).lora_target_regex(targets)
 
@@ -85,10 +86,8 @@ TINY_EMBED_SCALE = 8.0
 
 def build_trainable_tiny(out_dir: str | Path, seed: int = 0, embed_scale: float = TINY_EMBED_SCALE,
                          family: str = "qwen2_5_vl") -> Path:
-    """:func:`tagfer.tiny.build_tiny` of ``family`` with its tied embeddings scaled by ``embed_scale``
+    """:func:`tagfer.models.tiny.build_tiny` of ``family`` with its tied embeddings scaled by ``embed_scale``
     so that LoRA can really lower the loss (see that function). Irrelevant for real checkpoints."""
-    from tagfer.tiny import build_tiny
-
     return build_tiny(out_dir, family, seed=seed, embed_scale=embed_scale)
 
 
@@ -97,7 +96,7 @@ def _model_type(folder: Path) -> str | None:
 
 
 def _device() -> str:
-    import torch
+    import torch  # lazy (start-up time): torch
 
     if not torch.cuda.is_available():
         return "cpu"
@@ -113,9 +112,9 @@ def vision_parameter_names(model) -> list[str]:
 def load_for_training(cfg, workdir: str | Path | None = None):
     """``(model, processor, base_path)`` ready for LoRA: SFT adapter merged if given, vision frozen.
 
-    Raises :class:`tagfer.vlm.ModelNotAvailable` when the weights are missing.
+    Raises :class:`tagfer.models.vlm.ModelNotAvailable` when the weights are missing.
     """
-    from tagfer.vlm import VLMConfig, load_vlm
+    from tagfer.models.vlm import VLMConfig, load_vlm  # lazy (start-up time): PIL
 
     base = resolve_base(cfg, workdir)
     vcfg = VLMConfig(
@@ -146,7 +145,7 @@ def apply_lora(model, lora_cfg):
     """Wrap ``model`` in a PEFT LoRA model per :class:`~tagfer.train.config.LoraSection` (no-op when disabled)."""
     if not lora_cfg.enabled:
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # lazy (start-up time): torch, transformers
 
     fam = model_family(model)
     modules_to_save = fam.projector_modules(model) if lora_cfg.train_projector else None
@@ -172,7 +171,7 @@ def low_precision_trainable(model) -> list[str]:
 
 
 def _cast_floats(obj, dtype):
-    import torch
+    import torch  # lazy (start-up time): torch
 
     if isinstance(obj, torch.Tensor):
         return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
@@ -195,7 +194,7 @@ def keep_fp32_masters(model) -> list[str]:
     Under DeepSpeed bf16 (which casts the model to bf16 and keeps its own fp32 master copy) the
     hooks follow the parameter's dtype at call time, so they never mix dtypes.
     """
-    import torch
+    import torch  # lazy (start-up time): torch
 
     changed = []
     for name, mod in model.named_modules():
@@ -240,6 +239,6 @@ def trainable_summary(model) -> dict[str, Any]:
 
 
 def save_processor(processor, out: str | Path) -> None:
-    """Save a processor so :func:`tagfer.vlm.load_processor` reloads it (the image-only
-    processors of :mod:`tagfer.vlm` save their tokenizer, image processor and init arguments)."""
+    """Save a processor so :func:`tagfer.models.vlm.load_processor` reloads it (the image-only
+    processors of :mod:`tagfer.models.vlm` save their tokenizer, image processor and init arguments)."""
     processor.save_pretrained(str(out))

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tagfer.jsonl import read_jsonl
+from tagfer.core.jsonl import read_jsonl
 
 __all__ = ["read_log", "plot_training", "PANELS"]
 
@@ -46,10 +46,10 @@ def read_log(path: str | Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
 
 def plot_training(log: str | Path, out: str | Path, smooth: int = 1) -> Path:
     """Write the training-dynamics figure of ``log`` to ``out`` (PNG/PDF/SVG by suffix)."""
-    import matplotlib
+    import matplotlib  # lazy (start-up time): matplotlib, PIL
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy (start-up time): matplotlib, PIL
 
     data = read_log(log)
     train, val = data["train"], data["validation"]

@@ -24,6 +24,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
+from peft.tuners.lora import LoraLayer
 from trl import GRPOTrainer
 
 __all__ = ["lora_layers", "merged_lora", "MergedRolloutGRPOTrainer"]
@@ -31,8 +32,6 @@ __all__ = ["lora_layers", "merged_lora", "MergedRolloutGRPOTrainer"]
 
 def lora_layers(model) -> list:
     """PEFT LoRA layers of ``model`` that have an active adapter and are not merged yet."""
-    from peft.tuners.lora import LoraLayer
-
     return [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged and m.active_adapters]
 
 

@@ -14,10 +14,14 @@ processor chosen by validation, see :class:`~tagfer.train.callbacks.ValidationCa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tagfer.models.prompts import tag_prompt
 from tagfer.train.config import TrainConfig, dump_config
+from tagfer.train.data import RowMaker, load_train_val
+from tagfer.train.model import apply_lora, keep_fp32_masters, load_for_training, trainable_summary
 from tagfer.train.model import save_processor
 from tagfer.train.trl_args import deepspeed_config_path, trl_kwargs
 
@@ -38,21 +42,21 @@ class SFTResult:
 def quiet_console(trainer, cfg: TrainConfig) -> None:
     """Without progress bars, drop the trainer's print-every-log callback (the JSONL log has it all)."""
     if not cfg.log.progress:
-        from transformers.trainer_callback import PrinterCallback
+        from transformers.trainer_callback import PrinterCallback  # lazy (start-up time): torch, transformers
 
         trainer.remove_callback(PrinterCallback)
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
     """The newest ``checkpoint-N`` folder in ``output_dir`` (``None`` when there is none)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.trainer_utils import get_last_checkpoint  # lazy (start-up time): torch, transformers
 
     p = Path(output_dir)
     return get_last_checkpoint(str(p)) if p.is_dir() else None
 
 
 def save_adapter(model, processor, out_dir: str | Path) -> Path:
-    """Save the adapter (or full model) and the processor so :func:`tagfer.vlm.load_vlm` loads the folder."""
+    """Save the adapter (or full model) and the processor so :func:`tagfer.models.vlm.load_vlm` loads the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
@@ -80,11 +84,7 @@ def prepare_run(cfg: TrainConfig, stage: str, check: Callable[[TrainConfig], Non
     """The common start of SFT and GRPO: check the stage, validate (then ``check``, before any
     file is written), write ``config.yaml``, seed, load the model with LoRA, read the data and
     attach the row transform of ``stage``."""
-    from transformers import set_seed
-
-    from tagfer.prompts import tag_prompt
-    from tagfer.train.data import RowMaker, load_train_val
-    from tagfer.train.model import apply_lora, keep_fp32_masters, load_for_training, trainable_summary
+    from transformers import set_seed  # lazy (start-up time): transformers, PIL
 
     if cfg.stage != stage:
         raise ValueError(f"run_{stage} needs stage: {stage} (got {cfg.stage!r})")
@@ -106,10 +106,9 @@ def prepare_run(cfg: TrainConfig, stage: str, check: Callable[[TrainConfig], Non
 
 def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
     """Run SFT as configured; returns where the adapters and the log are."""
-    import json
+    from trl import SFTConfig, SFTTrainer  # lazy (start-up time): trl
 
-    from trl import SFTConfig, SFTTrainer
-
+    # lazy (start-up time): torch, transformers
     from tagfer.train.callbacks import JsonlLogCallback, ValidationCallback, write_json
 
     run = prepare_run(cfg, "sft", check=lambda c: trl_kwargs(c, "sft"))  # trl.* keys checked before any file is written

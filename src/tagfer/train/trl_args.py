@@ -14,8 +14,10 @@ below 1 as a fraction of the total steps, so ``optim.warmup_ratio`` (always < 1)
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any, Callable
+import warnings
 
 from tagfer.train.config import ConfigError, TrainConfig
 
@@ -23,7 +25,7 @@ __all__ = ["DERIVED", "trl_kwargs", "trl_config", "use_vllm_now", "deepspeed_con
 
 
 def _bf16(setting: str) -> bool:
-    import torch
+    import torch  # lazy (start-up time): torch
 
     if setting == "auto":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
@@ -31,7 +33,7 @@ def _bf16(setting: str) -> bool:
 
 
 def _cuda(cfg: TrainConfig) -> bool:
-    import torch
+    import torch  # lazy (start-up time): torch
 
     return torch.cuda.is_available()
 
@@ -76,13 +78,11 @@ def use_vllm_now(cfg: TrainConfig, warn: bool = True) -> bool:
                 "set grpo.use_vllm=auto to fall back to transformers rollouts, or false"
             )
         return True
-    import torch
+    import torch  # lazy (start-up time): torch
 
     if have and torch.cuda.is_available():
         return True
     if warn:
-        import warnings
-
         why = "vLLM is not installed" if not have else "no CUDA device"
         warnings.warn(
             f"grpo.use_vllm=auto: {why}, so GRPO rollouts use transformers generate from merged LoRA weights "
@@ -148,11 +148,11 @@ DERIVED: dict[str, tuple[str, str, _Getter]] = {
 
 def _trl_class(stage: str):
     if stage == "sft":
-        from trl import SFTConfig
+        from trl import SFTConfig  # lazy (start-up time): trl
 
         return SFTConfig
     if stage == "grpo":
-        from trl import GRPOConfig
+        from trl import GRPOConfig  # lazy (start-up time): trl
 
         return GRPOConfig
     raise ValueError(f"stage must be sft or grpo, got {stage!r}")
@@ -172,8 +172,6 @@ def trl_kwargs(cfg: TrainConfig, stage: str | None = None, **extra: Any) -> dict
         if key in DERIVED and DERIVED[key][0] in ("both", stage):
             raise ConfigError(f"trl.{key}", f"is set by tagfer from {DERIVED[key][1]}; set that instead")
         if key not in known:
-            import difflib
-
             near = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f" (did you mean {', '.join(near)}?)" if near else ""
             raise ConfigError(f"trl.{key}", f"not an argument of TRL's {cls.__name__}{hint}")

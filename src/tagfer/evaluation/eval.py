@@ -1,0 +1,555 @@
+"""Evaluation with the paper's protocol (§5, App. B, C.2): predictions, AU ground truth, scores.
+
+Three steps, each a function and a CLI command:
+
+1. :func:`run_eval` (``tagfer eval``) streams a test set (:func:`tagfer.data.sources.open_source`,
+   7-class protocol: contempt and non-emotion codes are excluded by the readers), asks a
+   model (:mod:`tagfer.models.backends`) with the unified TAG prompt (:func:`tagfer.models.prompts.tag_prompt`)
+   and writes one :class:`Prediction` per image to a JSON Lines file — resumable (ids
+   already in the file are skipped), a failed image or request becomes a recorded
+   per-item ``error``, never a crashed run. Decoding defaults follow the paper: TAG
+   models greedy (temperature 0); baselines (``baseline=True``) top-p 0.9 sampling
+   (*choice*: temperature 1.0 with it); at most 512 new tokens.
+2. :func:`au_truth` grounds each test image with an AU detector
+   (:class:`tagfer.au.detectors.DetectorSpec`, e.g. ``mediapipe`` — the training detector —
+   or ``openface:CSV`` for the cross-detector IoU) or reads a precomputed ``tagfer au``
+   JSONL, and caches the activated AU boxes per prediction id (resumable JSONL).
+3. :func:`score_file` (``tagfer score``) joins predictions with AU boxes and computes the
+   metrics of :mod:`tagfer.evaluation.metrics` into one score JSON (input of :mod:`tagfer.evaluation.report`).
+
+Parsing: the label and boxes come from :func:`tagfer.traces.trace.parse_trace` (the one parser;
+the label is its :func:`tagfer.core.labels.normalize_label` of the single answer span).
+``lenient=True`` (*choice*, off by default) also accepts a response with no answer span
+whose whole text is one label (e.g. a closed model replying "Happiness."); the record
+says which rule produced the label (``pred_from``).
+
+Test-set sizes are checked against the paper's (RAF-DB 3,068, FERPlus 3,517,
+AffectNet 3,500) when a full test split is evaluated; a different count is a warning.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from tagfer.core.canvas import CANVAS
+from tagfer.core.jobs import ordered_map, resume_from
+from tagfer.core.jsonl import JsonlWriter, read_jsonl
+from tagfer.core.labels import LABELS, normalize_label
+from tagfer.evaluation.metrics import save_confusion_png
+from tagfer.evaluation.metrics import Bootstrap, ScoreInputs, compute_scores, encode_labels
+from tagfer.models.backends import GenerationConfig, GenRequest, make_backend
+from tagfer.models.backends import FACSBackend  # noqa: F401 - the `facs` model spec's backend, documented here too
+from tagfer.models.prompts import tag_prompt
+from tagfer.traces.rewards import r_au_batch
+from tagfer.traces.trace import parse_trace
+
+__all__ = [
+    "PAPER_TEST_SIZES",
+    "Prediction",
+    "parse_prediction",
+    "EvalSummary",
+    "generation_defaults",
+    "run_eval",
+    "size_warning",
+    "eval_source",
+    "FACSBackend",
+    "au_truth",
+    "load_au_jsonl",
+    "check_canvas",
+    "CanvasMismatch",
+    "score_predictions",
+    "score_file",
+]
+
+#: Test-set sizes of the paper (7 classes, contempt removed).
+PAPER_TEST_SIZES = {"rafdb": 3068, "ferplus": 3517, "affectnet": 3500}
+
+
+@dataclass
+class Prediction:
+    """One model answer on one test image (one JSON line of ``tagfer eval``).
+
+    Schema::
+
+      id           str        the dataset record id (``"rafdb/test_0001"``), the resume key
+      source       str        dataset kind (rafdb | ferplus | affectnet | generic | ...)
+      split        str        train | val | test
+      image        str|null   image path (null for images stored as bytes, e.g. FER2013 CSV pixels)
+      label        str        ground truth, one of LABELS
+      output       str|null   the raw model response (null when the request failed)
+      pred         str|null   parsed label (one of LABELS) or null (no / invalid answer)
+      pred_from    str|null   "answer" (the <answer> span) or "lenient" (whole text, see module doc)
+      boxes        list       [[x1, y1, x2, y2] | null, ...] every <bbox> in order (null = unreadable)
+      violations   list[str]  grammar violation codes (:mod:`tagfer.traces.trace`)
+      well_formed  bool       no violation at all (what R_fmt rewards)
+      error        obj|null   {"kind", "message"} for a per-item failure (image or request)
+      model        str        model spec (``hf:PATH``, ``openai:URL``, ...)
+      gen          obj        generation settings {temperature, top_p, max_new_tokens, seed}
+      latency_s    float|null seconds spent on this item's request (backend-reported or batch share)
+      box_limit    obj|null   {"max_boxes", "boxes", "cut_at"}: a served reply cut after its last allowed box
+    """
+
+    id: str
+    source: str
+    split: str
+    image: str | None
+    label: str
+    output: str | None = None
+    pred: str | None = None
+    pred_from: str | None = None
+    boxes: list[list[int] | None] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    well_formed: bool = False
+    error: dict[str, str] | None = None
+    model: str = ""
+    gen: dict[str, Any] = field(default_factory=dict)
+    latency_s: float | None = None
+    box_limit: dict[str, int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Prediction":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        missing = {"id", "source", "split", "label"} - known.keys()
+        if missing:
+            raise ValueError(f"prediction record lacks field(s): {', '.join(sorted(missing))}")
+        known.setdefault("image", None)
+        return cls(**known)
+
+
+def parse_prediction(pred: Prediction, output: str | None, lenient: bool = False) -> Prediction:
+    """Fill ``output``, ``pred``, ``boxes``, ``violations``, ``well_formed`` from a response text."""
+    pred.output = output
+    if output is None:
+        pred.pred, pred.pred_from, pred.boxes, pred.violations, pred.well_formed = None, None, [], [], False
+        return pred
+    parsed = parse_trace(output)
+    label = parsed.label if parsed.label in LABELS else None
+    source = "answer" if label else None
+    if label is None and lenient and not parsed.answers:
+        alt = normalize_label(output)
+        if alt in LABELS:
+            label, source = alt, "lenient"
+    pred.pred, pred.pred_from = label, source
+    pred.boxes = [list(c) if c is not None else None for c in parsed.box_coords]
+    pred.violations = list(parsed.violations)
+    pred.well_formed = parsed.well_formed
+    return pred
+
+
+# ---------------------------------------------------------------------------------- runner
+def generation_defaults(baseline: bool = False, **overrides: Any) -> dict[str, Any]:
+    """The paper's decoding settings: TAG greedy; baselines top-p 0.9; 512 new tokens. ``None`` overrides are ignored."""
+    cfg: dict[str, Any] = {"temperature": 1.0 if baseline else 0.0, "top_p": 0.9 if baseline else 1.0, "max_new_tokens": 512, "seed": 0,
+                           "max_boxes": None if baseline else 3}  # TAG: at most three boxes, enforced at inference
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+@dataclass
+class EvalSummary:
+    """Counts of one ``run_eval`` call. ``processed``: records written now; ``skipped``: already done."""
+
+    processed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    correct: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    dataset_size: int = 0
+    excluded: int = 0
+    warnings: list[str] = field(default_factory=list)
+    retried_errors: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def size_warning(kind: str, split: str, count: int) -> str | None:
+    """A warning when a full test split's size differs from the paper's (None when it matches or is unknown)."""
+    want = PAPER_TEST_SIZES.get(kind)
+    if split != "test" or want is None or count == want:
+        return None
+    return (
+        f"{kind} test split has {count} images after removing excluded classes; the paper evaluates on {want}. "
+        "Numbers are not directly comparable with the paper's."
+    )
+
+
+def _err(kind: str, message: str) -> dict[str, str]:
+    return {"kind": str(kind), "message": str(message)[:500]}
+
+
+def run_eval(
+    records: Iterable[Any],
+    backend: Any,
+    out: str | os.PathLike,
+    *,
+    model: str = "",
+    gen: dict[str, Any] | None = None,
+    prompt: tuple[str, str] | None = None,
+    resume: bool = True,
+    retry_errors: bool = False,
+    lenient: bool = False,
+    limit: int | None = None,
+    on_record: Callable[[Prediction], None] | None = None,
+    encode_workers: int | None = None,
+) -> EvalSummary:
+    """Predict every record not yet in ``out`` and append one :class:`Prediction` per record.
+
+    ``records``: :class:`tagfer.data.sources.SourceRecord` objects (``id``, ``source``, ``split``,
+    ``label``, ``image_path``, ``image``). ``backend``: a :class:`tagfer.models.backends.Backend`, or a
+    model spec (resolved by :func:`tagfer.models.backends.make_backend`, closed at the end);
+    requests stream through it lazily (it bounds its own look-ahead), so memory stays
+    constant whatever the dataset size, and a remote backend keeps its concurrency full.
+    Image and request failures come back as per-item errors and are recorded.
+    ``limit``: predict at most this many new records (the dataset is still counted).
+    ``encode_workers``: for an OpenAI-compatible backend, threads that build the chat
+    messages (image load, resize, encode: the client's main CPU cost) ahead of the backend,
+    with :func:`tagfer.models.openai_client.user_message`; default ``min(4, CPUs)``, 0 = off.
+    """
+    t0 = time.perf_counter()
+    own = isinstance(backend, str)  # a model spec: resolved by the one registry, closed here
+    if own:
+        model = model or backend  # the spec names the model in the records
+        backend = make_backend(backend)
+    system, user = prompt or tag_prompt()
+    gen = gen or generation_defaults()
+    cfg = GenerationConfig(**{k: gen[k] for k in ("temperature", "top_p", "max_new_tokens", "seed", "max_boxes") if k in gen})
+    summary = EvalSummary()
+    out = Path(out)
+    done = resume_from(out, "id", resume=resume, retry_errors=retry_errors)
+    summary.retried_errors = done.retried
+    pending: dict[str, Prediction] = {}
+    writer = JsonlWriter(out)
+
+    def finish(p: Prediction) -> None:
+        writer.write(p.to_json())
+        summary.processed += 1
+        if p.error is not None:
+            summary.failed += 1
+            summary.errors[p.error["kind"]] = summary.errors.get(p.error["kind"], 0) + 1
+        elif p.pred == p.label:
+            summary.correct += 1
+        if on_record:
+            on_record(p)
+
+    def requests() -> Iterator[Any]:
+        seen: set[str] = set()
+        queued = 0
+        for rec in records:
+            if getattr(rec, "excluded", False) or rec.label not in LABELS:
+                summary.excluded += 1
+                continue
+            summary.dataset_size += 1
+            if rec.id in done or rec.id in seen:
+                summary.skipped += 1
+                continue
+            if limit is not None and queued >= limit:
+                continue  # keep counting the dataset size
+            seen.add(rec.id)
+            queued += 1
+            p = Prediction(id=rec.id, source=rec.source, split=rec.split, image=rec.image_path, label=rec.label, model=model, gen=dict(gen))
+            image = rec.image_path if rec.image_path is not None else getattr(rec, "image_bytes", None)
+            if image is None:  # never ask a model about an image it cannot see
+                p.error = _err("no_image", "the dataset record has neither an image path nor image bytes")
+                finish(parse_prediction(p, None))
+                continue
+            pending[rec.id] = p
+            yield GenRequest(id=rec.id, user=user, image=image, system=system)
+
+    reqs: Iterator[Any] = requests()
+    client_cfg = getattr(backend, "client_config", None)
+    workers = min(4, os.cpu_count() or 1) if encode_workers is None else encode_workers
+    if client_cfg is not None and workers > 0:
+        reqs = _prebuilt_messages(reqs, client_cfg, workers)
+    with writer, contextlib.ExitStack() as stack:
+        if own:
+            stack.callback(backend.close)
+        for res in backend.generate(reqs, cfg):
+            p = pending.pop(res.id)
+            err = res.error
+            if err is not None:
+                p.error = _err(err.get("kind", "backend_error"), err.get("message", ""))
+            parse_prediction(p, res.text if err is None else None, lenient)
+            lat = (res.info or {}).get("latency_s")
+            p.latency_s = float(lat) if lat is not None else None
+            p.box_limit = (res.info or {}).get("box_limit")
+            finish(p)
+    summary.elapsed_s = time.perf_counter() - t0
+    return summary
+
+
+def _prebuilt_messages(reqs: Iterator[Any], client_cfg: Any, workers: int) -> Iterator[Any]:
+    """Fill ``GenRequest.messages`` in a thread pool (bounded look-ahead, input order kept).
+
+    Pillow releases the GIL while decoding, resizing and encoding, so this spreads the
+    per-request image work over cores. A request whose image fails keeps its image instead,
+    so the backend reports the failure with its usual error kind.
+    """
+    from tagfer.models.openai_client import chat_messages  # lazy (start-up time): httpx, PIL
+
+    def build(req: Any) -> Any:
+        try:
+            images = [req.image] if req.image is not None else []
+            req.messages = chat_messages(req.user, images, req.system, client_cfg.image_side, client_cfg.image_format)
+        except Exception:  # noqa: BLE001 - the backend re-raises it as a per-item error
+            pass
+        return req
+
+    yield from ordered_map(build, reqs, workers=workers, window=4 * workers, name="tagfer-encode")
+
+
+def eval_source(
+    dataset: str,
+    backend: Any,
+    out: str | os.PathLike,
+    split: str = "test",
+    check_size: bool = True,
+    **kw: Any,
+) -> EvalSummary:
+    """:func:`run_eval` over ``open_source(dataset, split)`` plus the test-set size check."""
+    from tagfer.data.sources import SourceStats, open_source, parse_source_spec  # lazy (start-up time): PIL
+
+    stats = SourceStats()
+    summary = run_eval(open_source(dataset, split=split, stats=stats), backend, out, **kw)
+    kind = parse_source_spec(dataset)[0]
+    warning = size_warning(kind, split, summary.dataset_size) if check_size else None
+    if warning:
+        summary.warnings.append(warning)
+    return summary
+
+
+# ---------------------------------------------------------------------------------- AU truth
+def _first_face_boxes(rec: dict) -> list[list[int]] | None:
+    """Activated AU boxes of the first face of a grounding record; None when the image failed."""
+    if rec.get("error"):
+        return None
+    faces = rec.get("faces") or []
+    if not faces:
+        return None
+    return [list(map(int, b)) for b in faces[0].get("au_boxes") or []]
+
+
+class CanvasMismatch(ValueError):
+    """AU boxes on one canvas offered for scoring on another (never rescaled silently)."""
+
+
+def check_canvas(found: Any, expected: int, where: str) -> None:
+    """Raise :class:`CanvasMismatch` when a record's ``canvas`` differs from ``expected``
+    (a record without one is taken to be on the default canvas, :data:`tagfer.core.canvas.CANVAS`)."""
+    got = CANVAS if found is None else found
+    if got != expected:
+        raise CanvasMismatch(
+            f"{where}: AU boxes are on a {got}×{got} canvas but predictions are scored on {expected}×{expected}; "
+            f"ground the images again on the same canvas (tagfer au --canvas {expected})"
+        )
+
+
+def load_au_jsonl(path: str | os.PathLike, canvas: int = CANVAS) -> dict[str, list[list[int]] | None]:
+    """A ``tagfer au`` output (or an :func:`au_truth` cache) → key → AU boxes (None = failed image).
+
+    Keys: the record's ``id`` when present (cache), else its ``image`` path, plus the file
+    name of that path so a prediction can be joined by path or by name. Every record's
+    ``canvas`` must equal ``canvas`` (the canvas the predictions are scored on):
+    :class:`CanvasMismatch` otherwise.
+    """
+    out: dict[str, list[list[int]] | None] = {}
+    for i, rec in enumerate(read_jsonl(path), 1):
+        if not rec.get("error"):
+            check_canvas(rec.get("canvas"), canvas, f"{path} (record {i}, {rec.get('image') or rec.get('id')})")
+        boxes = rec["au_boxes"] if "au_boxes" in rec and "faces" not in rec else _first_face_boxes(rec)
+        if rec.get("id"):
+            out[str(rec["id"])] = boxes
+        if rec.get("image"):
+            out[str(rec["image"])] = boxes
+            out.setdefault(os.path.basename(str(rec["image"])), boxes)
+    return out
+
+
+def au_truth(
+    preds_path: str | os.PathLike,
+    spec: Any,
+    cache: str | os.PathLike,
+    dataset: str | None = None,
+    on_record: Callable[[dict], None] | None = None,
+    canvas: int = CANVAS,
+) -> dict[str, list[list[int]] | None]:
+    """Activated AU boxes per prediction id, from an AU detector, cached (resumably) in ``cache``.
+
+    ``spec``: a :class:`tagfer.au.detectors.DetectorSpec`; each image goes through
+    :func:`tagfer.au.grounding.ground_image` (largest face). Images are read from the predictions'
+    ``image`` paths; predictions without a path (bytes images) are looked up in ``dataset``
+    (a source spec) when given. Cache record: ``{"id", "image", "detector", "au_boxes" | null,
+    "error", "canvas"}``; an image the detector cannot use gets ``au_boxes: null`` (skipped in AU IoU).
+    The detector's canvas (``spec.config.canvas``) and the cache's must be ``canvas``
+    (:class:`CanvasMismatch` otherwise).
+    """
+    from tagfer.au.grounding import ground_image  # lazy (start-up time): PIL
+
+    det_config = getattr(spec, "config", None)
+    check_canvas(getattr(det_config, "canvas", None), canvas, f"AU detector {getattr(spec, 'kind', spec)!r}")
+    cache = Path(cache)
+    done = resume_from(cache, "id").done
+    todo: list[tuple[str, str | None, str]] = []  # id, path, split
+    for rec in read_jsonl(preds_path):
+        rid = str(rec.get("id"))
+        if rid not in done:
+            todo.append((rid, rec.get("image"), rec.get("split", "test")))
+            done.add(rid)
+    if todo:
+        byte_ids = {rid for rid, path, _ in todo if not path}
+        byte_images: dict[str, bytes] = {}
+        if byte_ids and dataset:
+            from tagfer.data.sources import open_source  # lazy (start-up time): PIL
+
+            for split in sorted({s for rid, p, s in todo if rid in byte_ids}):
+                for src in open_source(dataset, split=split):
+                    if src.id in byte_ids and src.image_bytes is not None:
+                        byte_images[src.id] = src.image_bytes
+        det = spec.build()
+        try:
+            with JsonlWriter(cache) as w:
+                for rid, path, _ in todo:
+                    rec: dict[str, Any] = {"id": rid, "image": path, "detector": det.name, "au_boxes": None, "error": None,
+                                           "canvas": getattr(det_config, "canvas", CANVAS)}
+                    source = path or byte_images.get(rid)
+                    if source is None:
+                        rec["error"] = _err("no_image", "prediction has no image path and the dataset was not given")
+                    else:  # the grounding job's per-image step: largest face, errors recorded
+                        g = ground_image(det, source)
+                        rec["au_boxes"] = _first_face_boxes(g)
+                        rec["error"] = g.get("error")
+                    w.write(rec)
+                    if on_record:
+                        on_record(rec)
+        finally:
+            det.close()
+    out: dict[str, list[list[int]] | None] = {}
+    for r in read_jsonl(cache):
+        check_canvas(r.get("canvas"), canvas, f"AU cache {cache}")
+        out[str(r["id"])] = r.get("au_boxes")
+    return out
+
+
+def _join(truth: dict[str, Any], pred: dict[str, Any]) -> Any:
+    for key in (pred.get("id"), pred.get("image"), os.path.basename(pred.get("image") or "") or None):
+        if key is not None and key in truth:
+            return truth[key]
+    return None
+
+
+# ---------------------------------------------------------------------------------- scoring
+def _latest(preds: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Predictions with duplicates (same id) resolved to the last one written."""
+    last: dict[str, dict[str, Any]] = {}
+    for p in preds:
+        last[str(p.get("id"))] = p
+    return iter(last.values())
+
+
+def score_predictions(
+    preds: Iterable[dict[str, Any]],
+    au: dict[str, Any] | None = None,
+    cross_au: dict[str, Any] | None = None,
+    bootstrap: Any = None,
+    matching: str = "paper",
+    canvas: int = CANVAS,
+) -> dict[str, Any]:
+    """Metrics (:func:`tagfer.evaluation.metrics.compute_scores`) of prediction records joined with AU boxes.
+
+    ``au`` / ``cross_au``: key → activated AU boxes (id, image path or file name);
+    a missing or empty entry skips that sample's AU IoU (the boxes must be on ``canvas``, the
+    canvas the predictions' boxes are parsed on: checked by :func:`load_au_jsonl` / :func:`au_truth`). Per-sample AU IoU is
+    :func:`tagfer.traces.rewards.r_au_batch` (Eq. 3–4, ``matching`` as in :class:`~tagfer.traces.rewards.RewardConfig`).
+    """
+    rows = list(_latest(preds))
+    truth = encode_labels([normalize_label(r["label"]) for r in rows])
+    keep = [i for i, t in enumerate(truth) if t >= 0]
+    rows = [rows[i] for i in keep]
+    pred_boxes = [r.get("boxes") or [] for r in rows]
+
+    def ious(table: dict[str, Any] | None) -> list[float | None] | None:
+        if table is None:
+            return None
+        gt = [_join(table, r) or [] for r in rows]
+        return r_au_batch(pred_boxes, gt, matching, canvas)
+
+    inp = ScoreInputs(
+        truth=truth[keep],
+        pred=encode_labels([r.get("pred") for r in rows]),
+        well_formed=np.asarray([bool(r.get("well_formed")) for r in rows]),
+        n_boxes=np.asarray([len(b) for b in pred_boxes], dtype=np.int64),
+        au_iou=ious(au),
+        cross_au_iou=ious(cross_au),
+        errors=[(r.get("error") or {}).get("kind") for r in rows],
+        violations=[r.get("violations") or [] for r in rows],
+    )
+    scores = compute_scores(inp, cfg=bootstrap or Bootstrap())
+    scores["dropped_labels"] = len(truth) - len(keep)
+    return scores
+
+
+def score_file(
+    preds_path: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    au: dict[str, Any] | None = None,
+    cross_au: dict[str, Any] | None = None,
+    au_source: str | None = None,
+    cross_source: str | None = None,
+    name: str | None = None,
+    train_set: str | None = None,
+    variant: str | None = None,
+    png: str | os.PathLike | None = None,
+    bootstrap: Any = None,
+    matching: str = "paper",
+) -> dict[str, Any]:
+    """Score a predictions JSONL; write the score JSON (and a confusion PNG) when paths are given.
+
+    The ``run`` block (read by :mod:`tagfer.evaluation.report`) takes the model, dataset and split of
+    the predictions (most common values) unless overridden.
+    """
+    preds = list(read_jsonl(preds_path))
+    if not preds:
+        raise ValueError(f"{preds_path}: no prediction records")
+    scores = score_predictions(preds, au, cross_au, bootstrap, matching)
+
+    def common(key: str) -> Any:
+        c = Counter(str(p.get(key)) for p in preds if p.get(key) is not None)
+        return c.most_common(1)[0][0] if c else None
+
+    model = common("model")
+    gen = next((p.get("gen") for p in preds if p.get("gen")), {})
+    run = {
+        "name": name or (Path(model).name if model else Path(preds_path).stem),
+        "model": model,
+        "dataset": common("source"),
+        "split": common("split"),
+        "train_set": train_set,
+        "variant": variant,
+        "gen": gen,
+        "predictions": str(preds_path),
+        "au_detector": au_source,
+        "cross_detector": cross_source,
+    }
+    scores = {"run": run, **scores}
+    if png:
+        save_confusion_png(scores["confusion"], str(png), title=f"{run['name']} on {run['dataset']}")
+        scores["confusion_png"] = str(png)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(scores, indent=2), encoding="utf-8")
+    return scores

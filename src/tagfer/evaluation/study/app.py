@@ -1,0 +1,193 @@
+"""The study's web app: a FastAPI application over :class:`tagfer.evaluation.study.db.StudyDB`.
+
+Routes::
+
+    GET  /                        the page (static/index.html: name form, image, A/B/tie buttons)
+    POST /api/start   {name, token?}  start or resume a session → {token, ...the next item}
+    GET  /api/next                the next unvoted pair: {done, pair_id, position, total, completed, responses{A,B}}
+    POST /api/vote    {pair_id, choice}  record A / B / tie → the next item (409 on a second vote)
+    GET  /api/image/{position}    the pair's image file
+    GET  /api/health              {"ok": true, "pairs": N}
+    GET  /openapi.json            the API schema (no /docs page: it would load Swagger UI from a CDN)
+
+Sessions: ``/api/start`` issues a random token for a new name; ``/api/next`` and ``/api/vote``
+need it in the ``X-Study-Token`` header (401 without a valid one), and the name is taken from
+the token, so nobody can vote as another evaluator. Starting a registered name again needs its
+token (``403`` otherwise). Names must be strings of 1 to 80 printable characters (``422``
+otherwise). ``GET /api/next`` writes nothing. The page keeps the name and the token in
+``localStorage``, so a reload continues at the next pair. Only requests whose ``Host`` is
+localhost, 127.0.0.1, [::1] or an allowed host are served (:mod:`tagfer.core.trusted_hosts`);
+request bodies above 16 KiB get 413 without being read.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+import socket
+from typing import Any, Sequence
+
+from tagfer.core.trusted_hosts import add_host_check, allowed_hosts
+from tagfer.evaluation.judge import Pair
+from tagfer.evaluation.study.db import DuplicateVote, NameTaken, StudyDB
+
+__all__ = ["create_app", "StudyServer", "static_dir"]
+
+
+def static_dir() -> Path:
+    return Path(str(resources.files("tagfer.evaluation.study") / "static"))
+
+
+TOKEN_HEADER = "X-Study-Token"
+MAX_BODY = 16 * 1024  # request bodies are tiny JSON objects; larger ones get 413 unread
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for a request body above ``limit`` bytes, declared or as it streams."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.exceptions import HTTPException  # lazy (start-up time): starlette
+        from starlette.responses import JSONResponse  # lazy (start-up time): starlette
+
+        detail = f"request body above {self.limit} bytes"
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:  # an undeclared (chunked) body: stop reading, answer 413
+                raise HTTPException(413, detail)
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+def create_app(pairs: Sequence[Pair], db_path: str | os.PathLike, seed: int = 0, *,
+               allowed_hosts: Sequence[str] | None = None):
+    """The FastAPI application for ``pairs`` stored in ``db_path``; ``allowed_hosts``: the Host
+    header values served (default localhost, 127.0.0.1, [::1])."""
+    from fastapi import Body, FastAPI, Header, HTTPException  # lazy (start-up time): fastapi, starlette
+    from fastapi.responses import FileResponse, HTMLResponse  # lazy (start-up time): fastapi, starlette
+
+    db = StudyDB(db_path, pairs, seed=seed)
+    app = FastAPI(title="tagfer A/B study", docs_url=None, redoc_url=None)  # no CDN-loaded docs page
+    app.add_middleware(_BodyLimit)
+    add_host_check(app, allowed_hosts)  # added last: runs first
+    app.state.db = db
+    page = (static_dir() / "index.html").read_text(encoding="utf-8")
+
+    def bad(e: Exception, status: int = 400):
+        raise HTTPException(status_code=status, detail=str(e))
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        return {"ok": True, "pairs": len(db.pairs)}
+
+    def who(token: str | None) -> str:
+        name = db.evaluator(token)
+        if name is None:
+            raise HTTPException(status_code=401, detail=f"no valid {TOKEN_HEADER} header: start a session first")
+        return name
+
+    @app.post("/api/start")
+    def start(payload: Any = Body(...)) -> dict[str, Any]:
+        if not isinstance(payload, dict):
+            bad(ValueError("send a JSON object {\"name\": ...}"), 422)
+        token = payload.get("token")
+        if token is not None and not isinstance(token, str):
+            bad(ValueError("token must be a string"), 422)
+        try:
+            name, token = db.register(payload.get("name"), token)
+        except NameTaken as e:
+            bad(e, 403)
+        except ValueError as e:
+            bad(e, 422)
+        return {"token": token, **db.next_item(name)}  # a POST: the order shown is stored here
+
+    @app.get("/api/next")
+    def next_item(x_study_token: str | None = Header(None)) -> dict[str, Any]:
+        return db.next_item(who(x_study_token), record=False)  # reads only
+
+    @app.post("/api/vote")
+    def vote(payload: Any = Body(...), x_study_token: str | None = Header(None)) -> dict[str, Any]:
+        name = who(x_study_token)
+        if not isinstance(payload, dict) or not all(isinstance(payload.get(k), str) for k in ("pair_id", "choice")):
+            bad(ValueError("send a JSON object with string fields pair_id and choice"), 422)
+        try:
+            db.vote(name, payload["pair_id"], payload["choice"])
+        except DuplicateVote as e:
+            bad(e, 409)
+        except KeyError as e:
+            bad(e, 404)
+        except ValueError as e:
+            bad(e)
+        return db.next_item(name)
+
+    @app.get("/api/image/{position}")
+    def image(position: int):
+        if not 0 <= position < len(db.pairs):
+            raise HTTPException(status_code=404, detail="no such pair")
+        path = Path(db.pairs[position].image)
+        if not path.is_file():
+            raise HTTPException(status_code=404, detail="image file missing")
+        return FileResponse(path)
+
+    return app
+
+
+class StudyServer:
+    """Run the app with uvicorn in a background thread (tests, notebooks): ``with StudyServer(...) as s: s.url``."""
+
+    def __init__(self, pairs: Sequence[Pair], db_path: str | os.PathLike, seed: int = 0, host: str = "127.0.0.1", port: int = 0,
+                 allowed: Sequence[str] = ()):
+        self.app = create_app(pairs, db_path, seed, allowed_hosts=allowed_hosts(host, allowed))
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.host, self.port = host, port
+        self.url = f"http://{host}:{port}"
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "StudyServer":
+        import uvicorn  # lazy (start-up time): uvicorn
+
+        cfg = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(cfg)
+        self._thread = threading.Thread(target=self._server.run, name="tagfer-study", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("study server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> "StudyServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
