@@ -58,7 +58,7 @@ REGIONS_68: dict[int, Region68] = {
     6: Region68(((40, 41), (46, 47)), (-0.1, 0.55), (0.6, 0.4)),     # cheeks below the eyes
     7: Region68((_EYE_R, _EYE_L), (0.0, 0.0), (0.7, 0.35)),          # lids
     9: Region68(((27, 28, 29),), (0.0, 0.0), (0.55, 0.55)),          # nasal root and sides
-    10: Region68(((31, 50), (35, 52)), (0.0, 0.0), (0.4, 0.35)),     # between nostril wing and upper lip
+    10: Region68(((31, 50), (35, 52)), (-0.15, -0.05), (0.55, 0.45)),  # between nostril wing and upper lip
     12: Region68(((48,), (54,)), (-0.1, -0.1), (0.5, 0.5)),          # lip corners, pulled up and out
     14: Region68(((48,), (54,)), (-0.25, 0.0), (0.4, 0.4)),          # dimples beside the corners
     15: Region68(((48,), (54,)), (0.0, 0.35), (0.45, 0.45)),         # below the corners
