@@ -29,7 +29,8 @@ API (stable)
     a head that is not a known kind or alias but looks like one (a word of 2+ characters) raises
     :attr:`error` listing the valid kinds, with "did you mean X?" — unless the whole spec is an
     existing path and a ``default`` kind is set. Options: ``?k=v&k2=v2`` (percent-decoded).
-``get(kind) -> obj``; ``entry(kind) -> Entry``; ``kind in registry`` (aliases included)
+``get(kind) -> obj`` (also ``registry[kind]``); ``entry(kind) -> Entry``; ``kind in registry``
+(aliases included)
 ``create(spec, *args, **kw)``
     ``obj(target, *args, **{**options, **kw})`` for the parsed spec (keyword arguments win over
     spec options); an option a builder without ``**kwargs`` does not take raises :attr:`error`
@@ -218,6 +219,8 @@ class Registry:
         """The object registered as ``kind`` (an alias works)."""
         return self.entry(kind).obj
 
+    __getitem__ = get
+
     def list(self, pattern: str | None = None) -> list[str]:
         """Kind names (aliases left out), sorted; ``pattern``: an fnmatch filter (``"open*"``)."""
         load_plugins()
@@ -231,10 +234,13 @@ class Registry:
     def _unknown(self, head: str, spec: str) -> str:
         known = list(self._entries) + list(self._aliases)
         close = difflib.get_close_matches(str(head).lower(), known, n=1, cutoff=0.6)
-        hint = f"; did you mean {self._aliases.get(close[0], close[0])!r}?" if close else ""
-        tail = f" (a bare path means {self.default})" if self.default else ""
-        return (f"unknown {self.name} kind {head!r} in {spec!r}{hint} Valid kinds: "
-                f"{', '.join(self.usages()) or '(none registered)'}{tail}")
+        where = "" if str(head) == str(spec) else f" in {spec!r}"
+        parts = [f"unknown {self.name} kind {head!r}{where}"]
+        if close:
+            parts.append(f"did you mean {self._aliases.get(close[0], close[0])!r}?")
+        parts.append(f"valid kinds: {', '.join(self.usages()) or '(none registered)'}"
+                     + (f" (a bare path means {self.default})" if self.default else ""))
+        return "; ".join(parts)
 
     # -- specs ------------------------------------------------------------------------------
     def _split_options(self, target: str, spec: str) -> tuple[str, dict[str, str]]:
