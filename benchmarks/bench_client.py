@@ -58,6 +58,7 @@ def load_client(name: str, tmp: Path) -> tuple[ModuleType, dict[str, Any]]:
         path.write_text(src)
         spec = importlib.util.spec_from_file_location(f"bench_client_{path.stem}", path)
         mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
         spec.loader.exec_module(mod)  # type: ignore[union-attr]
         return mod, {}
     raise SystemExit(f"unknown client {name!r}: tagfer, one-pool or git:REF")
