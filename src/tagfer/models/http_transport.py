@@ -234,6 +234,16 @@ class PooledTransport(httpx.AsyncBaseTransport):
         return httpx.Response(response.status_code, headers=response.headers,
                               stream=_ShardStream(response.stream, shard), extensions=response.extensions)
 
+    @property
+    def in_flight(self) -> int:
+        """Requests sent whose response is not closed yet."""
+        return sum(sh.busy for _, shards, _free in self._origins.values() for sh in shards)
+
+    @property
+    def shards(self) -> int:
+        """Shards opened so far, all origins together (each holds up to ``shard_size`` connections)."""
+        return sum(len(shards) for _, shards, _free in self._origins.values())
+
     async def aclose(self) -> None:
         self._closed = True
         origins, self._origins = self._origins, {}
