@@ -206,6 +206,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
         return proxy_for(url, self._proxies)
 
     def _new_shard(self, proxy: str | None, free: list[_Shard]) -> _Shard:
+        # trust_env=False: the proxy was chosen above (per origin); the CA context is built already
         transport = httpx.AsyncHTTPTransport(verify=self._ssl, trust_env=False, limits=self._limits,
                                              proxy=httpx.Proxy(proxy) if proxy else None)
         return _Shard(transport, self.shard_size, free)
