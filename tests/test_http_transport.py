@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import functools
 import json
 import re
 from pathlib import Path
@@ -278,15 +279,18 @@ def _private_in(tree: ast.AST) -> set[str]:
     return names
 
 
+@functools.cache
 def _sources(package: str) -> list[ast.Module]:
     root = Path(__import__(package).__file__).parent
     return [ast.parse(p.read_text(encoding="utf-8")) for p in root.rglob("*.py")]
 
 
+@functools.cache
 def _private_names(package: str) -> set[str]:
     return set().union(*(_private_in(tree) for tree in _sources(package)))
 
 
+@functools.cache
 def _class_privates(base: str) -> set[str]:
     """Private names of an httpx class named in a ``class X(httpx.Base)`` statement and its bases
     (found by class name in the httpx/httpcore sources: httpx sets ``__module__ = "httpx"``)."""
