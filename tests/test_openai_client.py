@@ -15,12 +15,11 @@ from PIL import Image
 
 from fakeserver import Reply
 from tagfer.core.imageio import ImageError
+from tagfer.models.chat_retries import Slots, retry_after_s
 from tagfer.models.openai_client import (
     ChatClient,
     ClientConfig,
     RequestFailed,
-    _retry_after_s,
-    _Slots,
     chat_many,
     encode_image,
     image_part,
@@ -380,16 +379,16 @@ def test_api_key_default_from_env(monkeypatch):
 
 
 def test_retry_after_parsing():
-    assert _retry_after_s("3") == 3.0 and _retry_after_s("0.5") == 0.5 and _retry_after_s("-2") == 0.0
-    assert _retry_after_s(None) is None and _retry_after_s("soon") is None
+    assert retry_after_s("3") == 3.0 and retry_after_s("0.5") == 0.5 and retry_after_s("-2") == 0.0
+    assert retry_after_s(None) is None and retry_after_s("soon") is None
     future = email.utils.formatdate(time.time() + 60, usegmt=True)
-    assert 55 <= _retry_after_s(future) <= 61
+    assert 55 <= retry_after_s(future) <= 61
 
 
 @given(st.lists(st.sampled_from(["acq", "rel"]), max_size=60), st.integers(1, 4), st.integers(1, 5), st.integers(1, 8))
 def test_slots_respect_limits_and_pick_least_loaded(ops, n, per, total):
     async def go():
-        slots = _Slots(n, per, total)
+        slots = Slots(n, per, total)
         held: list[int] = []
         for op in ops:
             if op == "acq":

@@ -6,14 +6,18 @@ paper's teacher set-up (Qwen2.5-VL-32B on 4 GPUs: 128 concurrent requests per GP
 512 in total) and for evaluating models behind an API.
 
 HTTP
-    Requests go straight to an ``httpx.AsyncHTTPTransport`` whose pool is replaced by an
-    O(1) free list of HTTP/1.1 connections (:class:`_FreeListPool`). ``httpx.AsyncClient``'s
+    Requests go straight to a :class:`tagfer.models.http_transport.PooledTransport` (a public
+    ``httpx.AsyncBaseTransport``: per-origin shards of 16 keep-alive HTTP/1.1 connections,
+    each shard an ordinary ``httpx.AsyncHTTPTransport``). ``httpx.AsyncClient``'s
     per-request layers (cookies, auth, redirects, URL merging) are skipped: they cost ~30% of
-    the client's CPU and a chat API needs none of them. httpcore's own pool rescans every
-    connection per request, which at 512 in flight cost ~25 ms CPU per request; with the
-    free list the client spends ~0.7 ms per request (``benchmarks/bench_client.py``). Any
-    ``httpx.AsyncBaseTransport`` (e.g. ``httpx.MockTransport``) can be injected instead.
-    ``timeout_s`` bounds a whole attempt (connect, send, wait, read), not each read.
+    the client's CPU and a chat API needs none of them. One httpcore pool for all 512
+    connections re-examines every connection per request (~25 ms CPU per request at 512 in
+    flight); with small shards the client spends ~1 ms per request
+    (``benchmarks/bench_client.py``). Proxies come from the environment (``HTTP_PROXY``,
+    ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``) unless ``trust_env=False``; loopback
+    endpoints always go direct. Any ``httpx.AsyncBaseTransport`` (e.g.
+    ``httpx.MockTransport``) can be injected instead. ``timeout_s`` bounds a whole attempt
+    (connect, send, wait, read), not each read.
 
 Concurrency
     A request holds one slot of ``total_concurrency`` and one slot of its endpoint's
@@ -47,35 +51,31 @@ Response size
     ``response_budget``, which *is* retried after a back-off (others have finished by then).
     Error bodies (non-200) are read only up to 64 KiB, for the message.
 
-Images
-    :func:`image_part` resizes an image (aspect preserved, longer side = ``side``, the
-    paper's 224) with :func:`tagfer.models.vlm.resize_for_model` and embeds it as a base64
-    ``data:`` URL.
+Layout
+    Messages and images: :mod:`tagfer.models.chat_messages` (re-exported here); retry policy
+    and endpoint scheduling: :mod:`tagfer.models.chat_retries`; HTTP and proxies:
+    :mod:`tagfer.models.http_transport`; running from sync code: :mod:`tagfer.core.aio`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import io
-import zlib
 import json
 import os
-import random
-import threading
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-import ssl
 from typing import Any
 
 import httpx
 from PIL import Image
 
+from tagfer.core.aio import run_sync
 from tagfer.core.errors import ItemError
-from tagfer.core.imageio import data_url, load_pil
-from tagfer.models.vlm import resize_for_model  # light import (PIL only)
+from tagfer.models.chat_messages import chat_messages, encode_image, image_part, system_message, user_message
+from tagfer.models.chat_retries import RETRYABLE_STATUS, AttemptError, Slots, backoff_s, retry_after_s
+from tagfer.models.http_transport import PooledTransport
 
 __all__ = [
     "ClientConfig",
@@ -90,9 +90,11 @@ __all__ = [
     "chat_many",
     "normalize_endpoint",
     "RETRYABLE_STATUS",
+    "run_coroutine_sync",
 ]
 
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
+# Kept under the old name for data/build.py; new code uses tagfer.core.aio.run_sync.
+run_coroutine_sync = run_sync
 ERROR_BODY_BYTES = 64 * 1024  # most bytes read from a non-200 body (it only feeds the message)
 
 
@@ -122,7 +124,10 @@ class ClientConfig:
     send + wait + read); ``deadline_s`` (optional) bounds a whole request with retries.
     ``image_side``/``image_format``: how :meth:`ChatClient.image_part` encodes images.
     ``verify``: TLS certificate check for https endpoints — True (system/certifi CAs), a CA
-    bundle path, or False. ``eject_after``: consecutive connection/timeout/5xx failures after
+    bundle path, or False. ``trust_env``: honour ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``/
+    ``NO_PROXY`` and ``SSL_CERT_FILE``/``SSL_CERT_DIR`` (False: always connect directly);
+    ``proxy``: one proxy URL for all endpoints, overriding the environment (loopback endpoints
+    are never proxied). ``eject_after``: consecutive connection/timeout/5xx failures after
     which an endpoint is avoided for a back-off period while others are healthy (0: never).
     ``max_response_bytes``: largest response body read (decoded size; above it the attempt
     fails with ``response_too_large``, not retried); ``max_buffered_bytes``: all bodies being
@@ -144,6 +149,8 @@ class ClientConfig:
     image_format: str = "png"
     extra_headers: dict[str, str] = field(default_factory=dict)
     verify: bool | str = True
+    trust_env: bool = True
+    proxy: str | None = None
     eject_after: int = 3
     max_response_bytes: int = 4 * 1024 * 1024
     max_buffered_bytes: int = 256 * 1024 * 1024
@@ -220,158 +227,6 @@ class RequestFailed(ItemError):
         return (RequestFailed, (self.kind, self.message, self.attempts, self.status, self.endpoint))
 
 
-class _AttemptError(Exception):
-    """Internal: one failed attempt (retryable or not)."""
-
-    def __init__(self, kind: str, message: str, retryable: bool, status: int | None = None, retry_after: float | None = None):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.retryable = retryable
-        self.status = status
-        self.retry_after = retry_after
-
-
-# ---------------------------------------------------------------------------- images
-
-def _to_pil(image: Image.Image | str | os.PathLike | bytes, side: int | None = None) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB") if image.mode != "RGB" else image
-
-    # Files are decoded at no more than twice the target side (JPEG draft mode for big photos);
-    # the final resize to ``side`` is done by the caller.
-    return load_pil(image, max_side=max(2 * side, 64) if side else 2048)
-
-
-def encode_image(image: Image.Image | str | os.PathLike | bytes, side: int | None = 224, fmt: str = "png") -> str:
-    """``data:image/<fmt>;base64,...`` URL of ``image`` resized to longer side ``side``
-    (None keeps the size). Paths/bytes are read with :func:`tagfer.core.imageio.load_image`
-    (so a corrupt file raises :class:`tagfer.core.imageio.ImageError`)."""
-    pil = _to_pil(image, side)
-    if side:
-        pil = resize_for_model(pil, side)
-    return data_url(pil, fmt)
-
-
-def image_part(image: Image.Image | str | os.PathLike | bytes, side: int | None = 224, fmt: str = "png") -> dict[str, Any]:
-    """OpenAI content part ``{"type": "image_url", "image_url": {"url": "data:..."}}``."""
-    return {"type": "image_url", "image_url": {"url": encode_image(image, side, fmt)}}
-
-
-def user_message(text: str, images: Sequence[Any] = (), side: int | None = 224, fmt: str = "png") -> dict[str, Any]:
-    """A user message; images (PIL, path, bytes or ready content parts) come before the text."""
-    if not images:
-        return {"role": "user", "content": text}
-    parts = [im if isinstance(im, dict) else image_part(im, side, fmt) for im in images]
-    parts.append({"type": "text", "text": text})
-    return {"role": "user", "content": parts}
-
-
-def system_message(text: str) -> dict[str, Any]:
-    return {"role": "system", "content": text}
-
-
-def chat_messages(user: str, images: Sequence[Any] = (), system: str | None = None, side: int | None = 224, fmt: str = "png") -> list[dict[str, Any]]:
-    """The messages of one request: an optional system message, then :func:`user_message`
-    (images before the text). The one builder of OpenAI-style chats (backends, eval)."""
-    return ([system_message(system)] if system else []) + [user_message(user, images, side, fmt)]
-
-
-# ---------------------------------------------------------------------------- scheduling
-
-class _Slots:
-    """Least-in-flight endpoint choice under per-endpoint and total limits (one event loop).
-
-    Ejection: after ``eject_after`` consecutive transport/5xx failures an endpoint "cools
-    down" for ``min(cool_max, cool_base * 2**(streak - eject_after))`` seconds, during which
-    it gets no new attempts while any other endpoint is healthy (a dead server fails fast, so
-    least-in-flight alone would send it *more* work). The first attempt after the cool-down
-    is a probe; a success resets the streak. When every endpoint is cooling, all are used.
-    """
-
-    def __init__(self, n: int, per_endpoint: int, total: int, eject_after: int = 3,
-                 cool_base: float = 0.5, cool_max: float = 30.0):
-        self.n = n
-        self.per = per_endpoint
-        self.total = total
-        self.in_flight = [0] * n
-        self.sum = 0
-        self.served = [0] * n
-        self.streak = [0] * n
-        self.cool_until = [0.0] * n
-        self.eject_after = eject_after
-        self.cool_base = cool_base
-        self.cool_max = cool_max
-        self._rr = 0
-        self._cond = asyncio.Condition()
-
-    def _pick(self, avoid: int | None) -> int | None:
-        if self.sum >= self.total:
-            return None
-        n, rr = self.n, self._rr
-        cooling: list[bool] | None = None
-        if self.eject_after > 0 and n > 1:
-            now = time.monotonic()
-            cooling = [t > now for t in self.cool_until]
-            if all(cooling):
-                cooling = None
-        best, best_key = None, None
-        for i in range(n):
-            if cooling is not None and cooling[i]:
-                continue
-            k = self.in_flight[i]
-            if k >= self.per:
-                continue
-            key = (i == avoid and n > 1, k, (i - rr) % n)
-            if best_key is None or key < best_key:
-                best, best_key = i, key
-        return best
-
-    def record(self, i: int, healthy: bool) -> None:
-        """Update endpoint ``i``'s failure streak after an attempt (see class docstring)."""
-        if healthy:
-            self.streak[i] = 0
-            self.cool_until[i] = 0.0
-            return
-        self.streak[i] += 1
-        over = self.streak[i] - self.eject_after
-        if self.eject_after > 0 and over >= 0:
-            self.cool_until[i] = time.monotonic() + min(self.cool_max, self.cool_base * 2 ** min(over, 30))
-
-    async def acquire(self, avoid: int | None = None) -> int:
-        async with self._cond:
-            while (i := self._pick(avoid)) is None:
-                await self._cond.wait()
-            self.in_flight[i] += 1
-            self.sum += 1
-            self._rr = (i + 1) % self.n
-            return i
-
-    async def release(self, i: int) -> None:
-        async with self._cond:
-            self.in_flight[i] -= 1
-            self.sum -= 1
-            self.served[i] += 1
-            self._cond.notify()
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        dt = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if dt is None:
-        return None
-    return max(0.0, dt.timestamp() - time.time())
-
-
 def _inflater(encoding: str) -> Any:
     """A zlib decompressor for a ``Content-Encoding`` (None: identity); others are refused."""
     enc = encoding.strip().lower()
@@ -379,7 +234,7 @@ def _inflater(encoding: str) -> Any:
         return None
     if enc in ("gzip", "x-gzip", "deflate"):
         return zlib.decompressobj(wbits=32 + zlib.MAX_WBITS)  # zlib or gzip header, detected
-    raise _AttemptError("bad_response", f"unsupported Content-Encoding {encoding!r} (identity, gzip, deflate)", True)
+    raise AttemptError("bad_response", f"unsupported Content-Encoding {encoding!r} (identity, gzip, deflate)", True)
 
 
 def _inflate(d: Any, data: bytes, room: int) -> bytes:
@@ -389,7 +244,7 @@ def _inflate(d: Any, data: bytes, room: int) -> bytes:
         try:
             out += d.decompress(data, room - len(out) + 1)
         except zlib.error as e:
-            raise _AttemptError("bad_response", f"corrupt compressed body: {e}", True) from None
+            raise AttemptError("bad_response", f"corrupt compressed body: {e}", True) from None
         data = d.unconsumed_tail
     return bytes(out)
 
@@ -414,121 +269,7 @@ def _parse_completion(body: bytes) -> tuple[str, str | None, dict[str, Any], dic
         return text, choice.get("finish_reason"), usage if isinstance(usage, dict) else {}, data
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:  # RecursionError: JSON nested too deep
         snippet = body[:200].decode("utf-8", "replace")
-        raise _AttemptError("bad_response", f"not a chat completion ({type(e).__name__}: {e}): {snippet!r}", True) from None
-
-
-# ---------------------------------------------------------------------------- connection pool
-
-class _FreeListPool:
-    """An httpcore-compatible pool with O(1) checkout: a LIFO list of idle HTTP/1.1
-    connections per origin. httpcore's own pool rescans every connection on every request
-    and response (O(connections²) work at 512 in flight, which capped throughput near
-    30 req/s); the :class:`_Slots` limiter already bounds concurrency, so this pool never
-    queues: a request takes an idle connection or opens a new one, and the connection goes
-    back to the list when its response is closed. Connections beyond ``max_idle`` are closed.
-    """
-
-    def __init__(self, ssl_context: Any, keepalive_expiry: float | None, max_idle: int):
-        self._ssl_context = ssl_context
-        self._keepalive_expiry = keepalive_expiry
-        self._max_idle = max_idle
-        self._idle: dict[Any, list[Any]] = {}
-        self._n_idle = 0
-        self._open: dict[Any, tuple] = {}  # open connection -> its origin key
-
-    async def __aenter__(self) -> _FreeListPool:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        conns, self._open, self._idle, self._n_idle = list(self._open), {}, {}, 0
-        for c in conns:
-            try:
-                await c.aclose()
-            except Exception:  # noqa: BLE001 - closing anyway
-                pass
-
-    async def _discard(self, conn: Any) -> None:
-        self._open.pop(conn, None)
-        try:
-            await conn.aclose()
-        except Exception:  # noqa: BLE001
-            pass
-
-    async def _checkout(self, origin: Any) -> Any:
-        import httpcore  # lazy (start-up time): anyio
-
-        key = (origin.scheme, origin.host, origin.port)
-        idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            self._n_idle -= 1
-            if conn.is_idle() and not conn.has_expired():
-                return conn
-            await self._discard(conn)
-        conn = httpcore.AsyncHTTPConnection(origin=origin, ssl_context=self._ssl_context,
-                                            keepalive_expiry=self._keepalive_expiry, http1=True, http2=False)
-        self._open[conn] = key
-        return conn
-
-    async def _checkin(self, conn: Any) -> None:
-        key = self._open.get(conn)
-        if key is not None and conn.is_idle() and self._n_idle < self._max_idle:
-            self._idle.setdefault(key, []).append(conn)
-            self._n_idle += 1
-        else:
-            await self._discard(conn)
-
-    async def handle_async_request(self, request: Any) -> Any:
-        import httpcore  # lazy (start-up time): anyio
-
-        for _ in range(3):
-            conn = await self._checkout(request.url.origin)
-            try:
-                response = await conn.handle_async_request(request)
-            except httpcore.ConnectionNotAvailable:  # a kept-alive connection went stale: take another
-                await self._discard(conn)
-                continue
-            except BaseException:
-                await self._discard(conn)
-                raise
-            return httpcore.Response(status=response.status, headers=response.headers,
-                                     content=_ReturningStream(response.stream, conn, self),
-                                     extensions=response.extensions)
-        raise httpx.ConnectError("no usable connection after 3 tries")
-
-
-class _ReturningStream:
-    """Response body stream that gives its connection back to the pool when closed."""
-
-    def __init__(self, stream: Any, conn: Any, pool: _FreeListPool):
-        self._stream, self._conn, self._pool = stream, conn, pool
-
-    async def __aiter__(self):
-        async for part in self._stream:
-            yield part
-
-    async def aclose(self) -> None:
-        try:
-            if hasattr(self._stream, "aclose"):
-                await self._stream.aclose()
-        finally:
-            await self._pool._checkin(self._conn)
-
-
-class _FastTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport (request/response conversion, exception mapping) over :class:`_FreeListPool`."""
-
-    def __init__(self, max_idle: int, keepalive_expiry: float = 30.0, verify: bool | str = True):
-        super().__init__(trust_env=False, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
-        if isinstance(verify, (str, os.PathLike)):
-            path = Path(verify)
-            ssl_context = ssl.create_default_context(capath=str(path)) if path.is_dir() else ssl.create_default_context(cafile=str(path))
-        else:
-            ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
-        self._pool = _FreeListPool(ssl_context, keepalive_expiry, max_idle)  # type: ignore[assignment]
+        raise AttemptError("bad_response", f"not a chat completion ({type(e).__name__}: {e}): {snippet!r}", True) from None
 
 
 # ---------------------------------------------------------------------------- client
@@ -543,11 +284,11 @@ class ChatClient:
                  transport: httpx.AsyncBaseTransport | None = None):
         self.config = config
         self._sleep = sleep or asyncio.sleep
-        self._transport = transport
+        self._given_transport = transport
         self._tr: httpx.AsyncBaseTransport | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._urls: dict[tuple[int, str], httpx.URL] = {}
-        self._slots: _Slots | None = None
+        self._slots: Slots | None = None
         self._model: str | None = config.model
         self._model_lock: asyncio.Lock | None = None
         self._model_error: tuple[float, RequestFailed] | None = None
@@ -570,9 +311,9 @@ class ChatClient:
         if cfg.api_key:
             headers["authorization"] = f"Bearer {cfg.api_key}"
         self._headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
-        self._tr = self._transport or _FastTransport(max_idle=cfg.max_in_flight + 8, verify=cfg.verify)
+        self._tr = self._given_transport or PooledTransport(verify=cfg.verify, trust_env=cfg.trust_env, proxy=cfg.proxy)
         self._urls = {}
-        self._slots = _Slots(len(cfg.endpoints), cfg.per_endpoint_concurrency, cfg.total_concurrency,
+        self._slots = Slots(len(cfg.endpoints), cfg.per_endpoint_concurrency, cfg.total_concurrency,
                              cfg.eject_after, cfg.backoff_base_s, cfg.backoff_max_s)
         self._model_lock = asyncio.Lock()
 
@@ -600,13 +341,6 @@ class ChatClient:
         return user_message(text, images, self.config.image_side, self.config.image_format)
 
     # -- core
-    def _backoff(self, retry: int, retry_after: float | None) -> float:
-        cfg = self.config
-        d = min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** (retry - 1))) * random.uniform(0.5, 1.0)
-        if retry_after is not None:
-            d = max(d, min(retry_after, cfg.backoff_max_s))
-        return d
-
     async def _attempt(self, method: str, path: str, payload: bytes | None, timeout: float, avoid: int | None,
                        parse: Callable[[bytes], Any]) -> tuple[Any, int]:
         assert self._tr is not None and self._slots is not None, "use `async with ChatClient(...)` first"
@@ -625,11 +359,11 @@ class ChatClient:
                     resp = await self._tr.handle_async_request(request)
                     body = await self._read_body(resp, url, held)
             except (httpx.TimeoutException, TimeoutError) as e:
-                raise _AttemptError("timeout", f"{type(e).__name__} after {timeout:.3g}s from {url}", True) from None
+                raise AttemptError("timeout", f"{type(e).__name__} after {timeout:.3g}s from {url}", True) from None
             except (httpx.TransportError, OSError) as e:  # connect/read/write errors, dropped connections
                 if "CERTIFICATE_VERIFY_FAILED" in str(e) or "WRONG_VERSION_NUMBER" in str(e):
-                    raise _AttemptError("tls", f"TLS failure with {url}: {e}", False) from None
-                raise _AttemptError("connection", f"{type(e).__name__}: {e or 'connection failed'} ({url})", True) from None
+                    raise AttemptError("tls", f"TLS failure with {url}: {e}", False) from None
+                raise AttemptError("connection", f"{type(e).__name__}: {e or 'connection failed'} ({url})", True) from None
             finally:
                 if resp is not None:
                     await resp.aclose()
@@ -637,13 +371,13 @@ class ChatClient:
             if status != 200:
                 retryable = status in RETRYABLE_STATUS or status >= 500
                 snippet = body[:300].decode("utf-8", "replace")
-                ra = _retry_after_s(resp.headers.get("retry-after")) if retryable else None
-                raise _AttemptError(f"http_{status}", f"HTTP {status} from {url}: {snippet}", retryable, status, ra)
+                ra = retry_after_s(resp.headers.get("retry-after")) if retryable else None
+                raise AttemptError(f"http_{status}", f"HTTP {status} from {url}: {snippet}", retryable, status, ra)
             result = parse(body)
             self._slots.record(idx, True)
             return result, idx
-        except _AttemptError as e:
-            e.endpoint = idx  # type: ignore[attr-defined]
+        except AttemptError as e:
+            e.endpoint = idx
             unhealthy = e.kind in ("connection", "timeout") or (e.status is not None and e.status >= 500)
             self._slots.record(idx, not unhealthy)
             raise
@@ -659,7 +393,7 @@ class ChatClient:
         cap = cfg.max_response_bytes if ok else min(cfg.max_response_bytes, ERROR_BODY_BYTES)
         declared = resp.headers.get("content-length", "").strip()
         if ok and declared.isdigit() and int(declared) > cap:
-            raise _AttemptError("response_too_large", f"{url} announced a body of {int(declared):,} bytes, "
+            raise AttemptError("response_too_large", f"{url} announced a body of {int(declared):,} bytes, "
                                 f"above max_response_bytes={cap:,}", False)
         buf = bytearray()
         try:  # a response built in memory (e.g. by httpx.MockTransport) is already read and decoded
@@ -669,14 +403,14 @@ class ChatClient:
             chunks = resp.aiter_raw()
             try:
                 inflater = _inflater(resp.headers.get("content-encoding", ""))
-            except _AttemptError:
+            except AttemptError:
                 if ok:
                     raise
                 return buf  # an error status keeps its kind; its body only fed the message
         async for raw in chunks:
             try:
                 data = raw if inflater is None else _inflate(inflater, raw, cap - len(buf))
-            except _AttemptError:
+            except AttemptError:
                 if ok:
                     raise
                 break
@@ -684,10 +418,10 @@ class ChatClient:
                 if not ok:  # an error body only feeds the message: keep its head
                     buf += data[: cap - len(buf)]
                     break
-                raise _AttemptError("response_too_large", f"the body from {url} exceeded max_response_bytes={cap:,} "
+                raise AttemptError("response_too_large", f"the body from {url} exceeded max_response_bytes={cap:,} "
                                     "(reading stopped there)", False)
             if self._buffered + len(data) > cfg.max_buffered_bytes:
-                raise _AttemptError("response_budget", f"response bodies being read at once exceed max_buffered_bytes="
+                raise AttemptError("response_budget", f"response bodies being read at once exceed max_buffered_bytes="
                                     f"{cfg.max_buffered_bytes:,}", True)
             self._buffered += len(data)
             held[0] += len(data)
@@ -699,7 +433,7 @@ class ChatClient:
         cfg = self.config
         start = time.monotonic()
         deadline = start + deadline_s if deadline_s else None
-        last: _AttemptError | None = None
+        last: AttemptError | None = None
         avoid: int | None = None
         attempts = 0
         for attempt in range(cfg.max_retries + 1):
@@ -713,19 +447,19 @@ class ChatClient:
             try:
                 result, idx = await self._attempt(method, path, payload, timeout, avoid, parse)
                 return result, idx, attempts
-            except _AttemptError as e:
+            except AttemptError as e:
                 e.__traceback__ = None  # its frames hold the body read; keep only the message while waiting
                 last = e
-                avoid = getattr(e, "endpoint", None)
+                avoid = e.endpoint
                 if not e.retryable or attempt == cfg.max_retries:
                     break
-                wait = self._backoff(attempt + 1, e.retry_after)
+                wait = backoff_s(attempt + 1, cfg.backoff_base_s, cfg.backoff_max_s, e.retry_after)
                 if deadline is not None and time.monotonic() + wait >= deadline:
                     break
                 await self._sleep(wait)
         if last is None:
             raise RequestFailed("timeout", f"deadline of {deadline_s}s spent before any attempt", attempts)
-        ep = cfg.endpoints[last.endpoint] if getattr(last, "endpoint", None) is not None else None  # type: ignore[attr-defined]
+        ep = cfg.endpoints[last.endpoint] if last.endpoint is not None else None
         note = "" if not last.retryable else f" (gave up after {attempts} attempt{'s' * (attempts != 1)})"
         raise RequestFailed(last.kind, last.message + note, attempts, last.status, ep)
 
@@ -745,7 +479,7 @@ class ChatClient:
                     try:
                         return str(json.loads(body)["data"][0]["id"])
                     except (ValueError, KeyError, IndexError, TypeError, RecursionError) as e:
-                        raise _AttemptError("bad_response", f"GET /models: unexpected body ({e}): {body[:200]!r}", True) from None
+                        raise AttemptError("bad_response", f"GET /models: unexpected body ({e}): {body[:200]!r}", True) from None
 
                 try:
                     self._model, _, _ = await self._with_retries("GET", "/models", None, parse, self.config.deadline_s)
@@ -767,30 +501,6 @@ class ChatClient:
             "POST", "/chat/completions", payload, _parse_completion,
             deadline_s if deadline_s is not None else self.config.deadline_s)
         return ChatResult(text, finish, usage, self.config.endpoints[idx], attempts, time.monotonic() - t0, raw)
-
-
-# ---------------------------------------------------------------------------- sync helper
-
-def run_coroutine_sync(coro: Awaitable[Any]) -> Any:
-    """Run ``coro`` to completion from sync code, even if this thread already runs a loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coro)  # type: ignore[arg-type]
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = e
-
-    th = threading.Thread(target=target, name="tagfer-chat-sync")
-    th.start()
-    th.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def chat_many(config: ClientConfig, messages_list: Iterable[list[dict[str, Any]]], params: dict[str, Any] | None = None,
@@ -816,4 +526,4 @@ def chat_many(config: ClientConfig, messages_list: Iterable[list[dict[str, Any]]
             await asyncio.gather(*(one(i, m) for i, m in enumerate(items)))
         return out  # type: ignore[return-value]
 
-    return run_coroutine_sync(run())
+    return run_sync(run())
