@@ -43,6 +43,7 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Most tokens generated per answer (paper: 512)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (where the backend supports it)."),
     max_boxes: Optional[int] = typer.Option(None, "--max-boxes", min=0, help="Most <bbox> per answer, enforced at inference (default: 3 for TAG as in the paper, none with --baseline)."),
+    box_request: Optional[str] = typer.Option(None, "--box-request", help="openai: also ask the server to hold the box limit while decoding: structured_outputs (vLLM >= 0.10.2) | guided_regex (older vLLM). Replies are repaired either way."),
     system_prompt: Optional[Path] = typer.Option(None, "--system-prompt", help="File replacing the unified TAG system prompt."),
     user_prompt: Optional[Path] = typer.Option(None, "--user-prompt", help="File replacing the TAG user prompt."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name stored in the records (default: the spec)."),
@@ -65,7 +66,7 @@ def eval_cmd(
     Exit code 1 when some items failed (they are recorded; re-run with --retry-errors), 2 on bad arguments.
     """
     from tagfer.data.sources import canonical_split, parse_source_spec  # lazy (start-up time): PIL
-    from tagfer.evaluation.eval import eval_source, generation_defaults  # lazy (start-up time): PIL
+    from tagfer.evaluation.eval import BOX_REQUESTS, eval_source, generation_defaults  # lazy (start-up time): PIL
     from tagfer.models.backends import BackendUnavailable, make_backend, parse_spec  # lazy (start-up time): PIL
     from tagfer.models.prompts import tag_prompt  # lazy: keeps `tagfer --help` fast
 
@@ -76,9 +77,12 @@ def eval_cmd(
             _fail(f"dataset path {ds_path} does not exist")
         prompt = tag_prompt(system_prompt, user_prompt)
         parse_spec(model)  # a bad or unknown spec is a usage error before anything is loaded
+        if box_request is not None and box_request not in BOX_REQUESTS:
+            raise ValueError(f"--box-request must be one of {', '.join(BOX_REQUESTS)}, got {box_request!r}")
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         _fail(str(e))
-    gen = generation_defaults(baseline, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_boxes=max_boxes)
+    gen = generation_defaults(baseline, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_boxes=max_boxes,
+                              box_request=box_request)
     try:  # the registry: every option goes to every kind; a kind ignores those it has no use for
         backend = make_backend(
             model, batch_size=batch_size, device=device, concurrency=concurrency, served_model=served_model,
