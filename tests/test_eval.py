@@ -225,6 +225,9 @@ def test_au_truth_detector_cache_and_scores(tmp_path, rafdb_root, eval_server, l
     csv_path = write_openface_csv(tmp_path / "of.csv", images, {12: 4.0, 6: 3.0, 4: 0.2})
     cross = E.au_truth(preds_path, DetectorSpec(kind=f"openface:{csv_path}"), tmp_path / "x.jsonl")
     assert all(v for v in cross.values()) and cross != au
+    assert E.au_geometries(cache) == {"mediapipe-regions": 4}  # recorded per image; OpenFace's own geometry once its table says so
+    geo = E.au_geometries(tmp_path / "x.jsonl")
+    assert sum(geo.values()) == 4 and set(geo) <= {"mediapipe-regions", "openface-landmarks", "openface"}
 
     out = tmp_path / "scores.json"
     s = E.score_file(preds_path, out, au=au, cross_au=cross, au_source="mediapipe", cross_source="openface", png=tmp_path / "cm.png")
@@ -418,3 +421,30 @@ def test_eval_records_replies_with_look_alike_tags(tmp_path, rafdb_root, eval_se
     assert sum("text_outside" in p.violations for p in preds) >= 1
     assert any(p.pred is None and "no_answer" in p.violations for p in preds)
     assert any(p.violations == ["think_empty"] for p in preds)
+
+
+def test_score_cli_prints_both_validities_and_the_cross_detector_geometry(tmp_path):
+    """`tagfer score` reports the paper's R_fmt validity beside the strict one, and which geometry the
+    cross-detector boxes had (an AU table that names none is MediaPipe's regions)."""
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    good = tag_answer("happiness")
+    preds = tmp_path / "p.jsonl"
+    with open(preds, "w") as f:
+        for i, text in enumerate([good, "Note: " + good]):
+            p = E.parse_prediction(E.Prediction(f"r/{i}", "rafdb", "test", f"/x/{i}.jpg", "happiness", model="m"), text)
+            f.write(json.dumps(p.to_json()) + "\n")
+    au = tmp_path / "au.jsonl"
+    au.write_text("".join(json.dumps({"image": f"/x/{i}.jpg", "faces": [{"au_boxes": [list(SMILE_BOXES[0])]}], "error": None}) + "\n" for i in range(2)))
+    cross = tmp_path / "of.jsonl"
+    cross.write_text("".join(json.dumps({"image": f"/x/{i}.jpg", "geometry": "openface-landmarks",
+                                         "faces": [{"au_boxes": [list(SMILE_BOXES[1])]}], "error": None}) + "\n" for i in range(2)))
+    r = CliRunner().invoke(app, ["score", str(preds), "--au", str(au), "--cross-au", str(cross), "--n-boot", "50", "--out", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    assert "paper's R_fmt rules" in r.output and "strict grammar" in r.output and "openface-landmarks" in r.output
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["format_validity_paper"]["value"] == 1.0 and s["format_validity_strict"]["value"] == 0.5
+    assert s["run"]["cross_geometry"] == {"openface-landmarks": 2} and s["cross_au_iou"]["geometry"] == {"openface-landmarks": 2}
+    assert s["run"]["au_geometry"] == {"mediapipe-regions": 2}

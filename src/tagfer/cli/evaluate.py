@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from rich.table import Table
 import typer
@@ -151,7 +151,7 @@ def score_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Accuracy, per-class recall, macro-F1, confusion matrix, format validity, boxes per answer, AU IoU, cross-detector AU IoU (bootstrap 95% CIs)."""
-    from tagfer.evaluation.eval import load_au_jsonl, score_file  # lazy (start-up time): PIL
+    from tagfer.evaluation.eval import au_geometries, load_au_jsonl, score_file  # lazy (start-up time): PIL
     from tagfer.evaluation.metrics import Bootstrap  # lazy: keeps `tagfer --help` fast
 
     if not preds.is_file():
@@ -162,21 +162,25 @@ def score_cmd(
         _fail("--matching must be paper or one_to_one")
     au_map = cross_map = None
     au_source = cross_source = None
+    au_geo = cross_geo = None
     try:
         if au is not None:
-            au_map, au_source = load_au_jsonl(au), str(au)
+            au_map, au_source, au_geo = load_au_jsonl(au), str(au), au_geometries(au)
         elif detector:
             cache = out.with_name(f"{preds.stem}.au-{_slug(detector)}.jsonl")
             au_map, au_source = _detector_truth(preds, detector, cache, dataset, au_threshold, progress, "detector"), detector
+            au_geo = au_geometries(cache)
         if cross_au is not None:
-            cross_map, cross_source = load_au_jsonl(cross_au), str(cross_au)
+            cross_map, cross_source, cross_geo = load_au_jsonl(cross_au), str(cross_au), au_geometries(cross_au)
         elif cross_detector:
             cache = out.with_name(f"{preds.stem}.au-{_slug(cross_detector)}.jsonl")
             cross_map, cross_source = _detector_truth(preds, cross_detector, cache, dataset, au_threshold, progress, "cross"), cross_detector
+            cross_geo = au_geometries(cache)
         png = png or out.with_suffix(".confusion.png")
         s = score_file(
             preds, out, au=au_map, cross_au=cross_map, au_source=au_source, cross_source=cross_source, name=name,
             train_set=train_set, variant=variant, png=png, bootstrap=Bootstrap(n_boot=n_boot, seed=seed), matching=matching,
+            au_geometry=au_geo, cross_geometry=cross_geo,
         )
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
@@ -191,6 +195,13 @@ def _slug(spec: str) -> str:
     return kind if ":" not in spec else f"{kind}-{hashlib.blake2b(spec.encode(), digest_size=3).hexdigest()}"
 
 
+def geometry_text(geo: Any) -> str:
+    """``{"openface-landmarks": 3000, "mediapipe-regions": 68}`` → ``openface-landmarks 3000, mediapipe-regions 68``."""
+    from tagfer.evaluation.report import geometry_label  # lazy: keeps `tagfer --help` fast
+
+    return geometry_label(geo)
+
+
 def _print_scores(s: dict) -> None:
     def fmt(b):
         if not b or b.get("value") is None:
@@ -201,12 +212,18 @@ def _print_scores(s: dict) -> None:
     t = Table(title=f"{s['run']['name']} on {s['run']['dataset']} ({s['run']['split']}), n={s['n']}")
     t.add_column("metric")
     t.add_column("% [95% CI]")
-    for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("format_validity", "format validity"), ("au_iou", "AU IoU"), ("cross_au_iou", "cross-detector AU IoU")):
-        t.add_row(label, fmt(s.get(key)))
+    rows = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("format_validity_paper", "format validity (paper's R_fmt rules)"),
+            ("format_validity_strict", "format validity (strict grammar)"), ("au_iou", "AU IoU"), ("cross_au_iou", "cross-detector AU IoU"))
+    for key, label in rows:
+        t.add_row(label, fmt(s.get(key) or (s.get("format_validity") if key == "format_validity_strict" else None)))
     for c, v in s["per_class"].items():
         t.add_row(f"recall {c} (n={v['support']})", "–" if v["recall"] is None else f"{100 * v['recall']:.2f}")
     out_console.print(t)
-    out_console.print(f"boxes per answer: {s['boxes_histogram']}; errors: {s['errors'] or 'none'}")
+    out_console.print(f"boxes per answer: {s['boxes_histogram']}; box limit: {s.get('box_limit') or 'none'}; errors: {s['errors'] or 'none'}")
+    run = s.get("run") or {}
+    for label, key in (("AU IoU", "au_geometry"), ("cross-detector AU IoU", "cross_geometry")):
+        if run.get(key):
+            out_console.print(f"{label} boxes from: {geometry_text(run[key])}")
 
 
 @app.command("report")
@@ -216,7 +233,7 @@ def report_cmd(
     tables: str = typer.Option("main,ablation,cross,details", "--tables", help="Comma-separated: main (Table 1), ablation (Tables 2-4), cross (Table 5), details."),
     title: str = typer.Option("TAG evaluation report", "--title"),
     csv_dir: Optional[Path] = typer.Option(None, "--csv-dir", help="Directory for the CSV tables (default: next to --out)."),
-    metric: str = typer.Option("accuracy", "--metric", help="Metric of the main table: accuracy | macro_f1 | au_iou | cross_au_iou | format_validity."),
+    metric: str = typer.Option("accuracy", "--metric", help="Metric of the main table: accuracy | macro_f1 | au_iou | cross_au_iou | format_validity_paper | format_validity_strict."),
 ) -> None:
     """Paper-style tables (models × datasets with average, ablation rows, cross-dataset matrix), best bold, second underlined."""
     from tagfer.evaluation.report import load_scores, write_report  # lazy: keeps `tagfer --help` fast

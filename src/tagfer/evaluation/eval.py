@@ -51,7 +51,7 @@ from tagfer.models.backends import GenerationConfig, GenRequest, make_backend
 from tagfer.traces.boxtags import limit_boxes, vllm_extra_body
 from tagfer.models.backends import FACSBackend  # noqa: F401 - the `facs` model spec's backend, documented here too
 from tagfer.models.prompts import tag_prompt
-from tagfer.traces.rewards import r_au_batch
+from tagfer.traces.rewards import PAPER_FORMAT_VIOLATIONS, r_au_batch
 from tagfer.traces.trace import parse_trace
 
 __all__ = [
@@ -73,6 +73,8 @@ __all__ = [
     "CanvasMismatch",
     "score_predictions",
     "score_file",
+    "au_geometries",
+    "DEFAULT_GEOMETRY",
 ]
 
 #: Test-set sizes of the paper (7 classes, contempt removed).
@@ -95,7 +97,8 @@ class Prediction:
       pred_from    str|null   "answer" (the <answer> span) or "lenient" (whole text, see module doc)
       boxes        list       [[x1, y1, x2, y2] | null, ...] every <bbox> in order (null = unreadable)
       violations   list[str]  grammar violation codes (:mod:`tagfer.traces.trace`)
-      well_formed  bool       no violation at all (what R_fmt rewards)
+      well_formed  bool       no grammar violation at all (the strict R_fmt rules; the paper's R_fmt
+                              checks only PAPER_FORMAT_VIOLATIONS, see ``format_validity_paper``)
       error        obj|null   {"kind", "message"} for a per-item failure (image or request)
       model        str        model spec (``hf:PATH``, ``openai:URL``, ...)
       gen          obj        generation settings {temperature, top_p, max_new_tokens, seed}
@@ -538,6 +541,10 @@ def au_truth(
                         g = ground_image(det, source)
                         rec["au_boxes"] = _first_face_boxes(g)
                         rec["error"] = g.get("error")
+                        faces = g.get("faces") or [{}]
+                        # which boxes these are (e.g. OpenFace's own landmarks vs MediaPipe's regions)
+                        rec["geometry"] = (faces[0].get("geometry") if isinstance(faces[0], dict) else None) \
+                            or getattr(det, "geometry", None) or DEFAULT_GEOMETRY
                     w.write(rec)
                     if on_record:
                         on_record(rec)
@@ -564,6 +571,33 @@ def _latest(preds: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for p in preds:
         last[str(p.get("id"))] = p
     return iter(last.values())
+
+
+def _paper_valid(rec: dict[str, Any]) -> bool:
+    """The paper's R_fmt conditions (§3.3) hold for a prediction record: a reply without any of
+    :data:`tagfer.traces.rewards.PAPER_FORMAT_VIOLATIONS` (a failed request has no reply)."""
+    if rec.get("well_formed"):
+        return True
+    replied = rec.get("output") is not None if "output" in rec else not rec.get("error")
+    return replied and PAPER_FORMAT_VIOLATIONS.isdisjoint(rec.get("violations") or ())
+
+
+#: The geometry of a table's AU boxes when the table does not say: MediaPipe's landmark regions.
+DEFAULT_GEOMETRY = "mediapipe-regions"
+
+
+def au_geometries(path: str | os.PathLike) -> dict[str, int]:
+    """How many records of an AU JSONL (an :func:`au_truth` cache or a ``tagfer au`` output) got
+    their boxes from each geometry (``geometry`` of the record or of its first face; records
+    without one count as :data:`DEFAULT_GEOMETRY`); failed records are not counted."""
+    counts: dict[str, int] = {}
+    for rec in read_jsonl(path):
+        if rec.get("error"):
+            continue
+        faces = rec.get("faces") or []
+        g = rec.get("geometry") or (faces[0].get("geometry") if faces and isinstance(faces[0], dict) else None) or DEFAULT_GEOMETRY
+        counts[str(g)] = counts.get(str(g), 0) + 1
+    return counts
 
 
 def score_predictions(
@@ -597,6 +631,8 @@ def score_predictions(
         truth=truth[keep],
         pred=encode_labels([r.get("pred") for r in rows]),
         well_formed=np.asarray([bool(r.get("well_formed")) for r in rows]),
+        paper_valid=np.asarray([_paper_valid(r) for r in rows]),
+        box_limit=[r.get("box_limit") if isinstance(r.get("box_limit"), str) else ("cut" if r.get("box_limit") else None) for r in rows],
         n_boxes=np.asarray([len(b) for b in pred_boxes], dtype=np.int64),
         au_iou=ious(au),
         cross_au_iou=ious(cross_au),
@@ -622,11 +658,15 @@ def score_file(
     png: str | os.PathLike | None = None,
     bootstrap: Any = None,
     matching: str = "paper",
+    au_geometry: dict[str, int] | None = None,
+    cross_geometry: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Score a predictions JSONL; write the score JSON (and a confusion PNG) when paths are given.
 
     The ``run`` block (read by :mod:`tagfer.evaluation.report`) takes the model, dataset and split of
-    the predictions (most common values) unless overridden.
+    the predictions (most common values) unless overridden. ``au_geometry`` / ``cross_geometry``
+    (:func:`au_geometries` of the AU tables) say which box geometry each AU IoU was measured
+    against; they go to the run block and to the ``au_iou`` / ``cross_au_iou`` blocks.
     """
     preds = list(read_jsonl(preds_path))
     if not preds:
@@ -650,7 +690,12 @@ def score_file(
         "predictions": str(preds_path),
         "au_detector": au_source,
         "cross_detector": cross_source,
+        "au_geometry": au_geometry,
+        "cross_geometry": cross_geometry,
     }
+    for key, geo in (("au_iou", au_geometry), ("cross_au_iou", cross_geometry)):
+        if isinstance(scores.get(key), dict) and geo is not None:
+            scores[key]["geometry"] = geo
     scores = {"run": run, **scores}
     if png:
         save_confusion_png(scores["confusion"], str(png), title=f"{run['name']} on {run['dataset']}")
