@@ -227,7 +227,7 @@ def test_au_truth_detector_cache_and_scores(tmp_path, rafdb_root, eval_server, l
     assert all(v for v in cross.values()) and cross != au
     assert E.au_geometries(cache) == {"mediapipe-regions": 4}  # recorded per image; OpenFace's own geometry once its table says so
     geo = E.au_geometries(tmp_path / "x.jsonl")
-    assert sum(geo.values()) == 4 and set(geo) <= {"mediapipe-regions", "openface-landmarks", "openface"}
+    assert sum(geo.values()) == 4  # whichever geometry the OpenFace table used, every image says it
 
     out = tmp_path / "scores.json"
     s = E.score_file(preds_path, out, au=au, cross_au=cross, au_source="mediapipe", cross_source="openface", png=tmp_path / "cm.png")
