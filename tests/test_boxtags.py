@@ -79,12 +79,14 @@ def test_limit_boxes_keeps_everything_but_the_extra_box_elements(text, k):
         return
     assert info["mode"] == "repaired" and info["boxes"] == n and info["max_boxes"] == k
     assert B.count_box_openings(out) == k and B.limit_boxes(out, k) == (out, None)
-    removed = info["removed"]
-    assert len(removed) == n - k and all(B.BOX_TAG.match(text, s) for s, _ in removed)
+    removed = info["spans"]
+    assert info["removed"] == len(removed) == n - k and all(B.BOX_TAG.match(text, s) for s, _ in removed)
     # every tag outside the removed elements survives, in order: think/answer structure is never touched
     kept = [m.group(0) for m in B.TAG.finditer(text) if not any(s <= m.start() < e for s, e in removed)]
     assert [m.group(0) for m in B.TAG.finditer(out)] == kept
-    assert parse_trace(out).answers == parse_trace(text).answers
+    before = parse_trace(text).answers
+    if not any(B.count_box_openings(a) for a in before):  # an answer that holds a box loses that box, nothing else
+        assert parse_trace(out).answers == before
 
 
 def test_limit_boxes_removes_elements_and_unclosed_openings():
@@ -95,6 +97,9 @@ def test_limit_boxes_removes_elements_and_unclosed_openings():
     out, _ = B.limit_boxes(unclosed, 1)
     assert out == "<think>x <bbox>[1, 1, 5, 5]</bbox> y [2, 2 </think><answer>fear</answer>"  # the answer is never swallowed
     assert B.limit_boxes(None, 3) == (None, None) and B.limit_boxes(four, None) == (four, None)
+    many = "<think>look" + " x <bbox>[1, 1, 5, 5]</bbox>" * 100 + "</think><answer>fear</answer>"
+    out, info = B.limit_boxes(many, 3)
+    assert info["removed"] == 97 and len(info["spans"]) == B.MAX_LISTED_SPANS and parse_trace(out).well_formed
 
 
 def test_vllm_request_fields_and_sampling_arguments():
@@ -115,3 +120,9 @@ def test_vllm_request_fields_and_sampling_arguments():
     assert B.vllm_sampling_kwargs(old, 2)["guided_decoding"].regex == B.box_limit_regex(2)
     with pytest.raises(RuntimeError):
         B.vllm_sampling_kwargs(types.SimpleNamespace(), 3)
+
+
+def test_a_removal_that_would_join_a_new_opening_is_still_held_to_the_limit():
+    for text, k in (("<bbox<bbox>>", 0), ("a <bbox>[1, 1, 5, 5]</bbox> <bbox<bbox>[2, 2, 6, 6]</bbox>> b", 1), ("<bbox" * 50 + ">" * 50, 0)):
+        out, info = B.limit_boxes(text, k)
+        assert B.count_box_openings(out) <= k and info["mode"] == "repaired", (text, out)

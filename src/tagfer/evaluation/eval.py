@@ -107,7 +107,7 @@ class Prediction:
                               decoding: in-process processor, or a decode-time limit asked of the server),
                               "repaired" (the reply had more boxes; the extra box elements were removed,
                               the rest kept), "none" (reply unaltered, no decode-time limit); null: failed item
-      box_limit_info obj|null {"mode", "max_boxes", "boxes", "removed"} when repaired (or a backend's own note)
+      box_limit_info obj|null {"mode", "max_boxes", "boxes", "removed", "spans"} when repaired (or a backend's own note)
       raw_output   str|null   the reply as the model wrote it, when ``output`` is its repaired form
       prompt       str|null   key of the prompt answered (:func:`prompt_key`: hash of system + user text)
       prompt_text  obj|null   {"system", "user"}: the prompt itself, on the first record each run writes

@@ -146,6 +146,10 @@ def remove_spans(text: str, spans: list[tuple[int, int]]) -> str:
     return "".join(out)
 
 
+#: Spans of removed elements listed in a repair's info (the count is always exact).
+MAX_LISTED_SPANS = 32
+
+
 def limit_boxes(text: str | None, max_boxes: int | None) -> tuple[str | None, dict[str, Any] | None]:
     """Hold a reply to ``max_boxes`` boxes after the fact: remove the later box elements, keep the rest.
 
@@ -155,24 +159,50 @@ def limit_boxes(text: str | None, max_boxes: int | None) -> tuple[str | None, di
     closing box tag after it, when no other tag of the grammar comes in between; otherwise
     (an unclosed box) the opening tag alone. Returns ``(text, None)`` when the reply has at
     most ``max_boxes`` openings (or no limit / no text), else ``(repaired text, {"mode":
-    "repaired", "max_boxes", "boxes": openings in the reply, "removed": [[start, end], …]
-    spans of the reply})``. Linear time.
+    "repaired", "max_boxes", "boxes": openings in the reply, "removed": elements removed,
+    "spans": [[start, end], …] of the first :data:`MAX_LISTED_SPANS` of them in the reply})``.
+    Linear time; one tag is looked at a time (memory: the removed spans).
     """
     if text is None or max_boxes is None:
         return text, None
-    tags = list(TAG.finditer(text))
-    opens = [k for k, m in enumerate(tags) if not m.group(1) and m.group(2).lower() == "bbox"]
-    if len(opens) <= max_boxes:
+    n_open = count_box_openings(text)
+    if n_open <= max_boxes:
         return text, None
     spans: list[tuple[int, int]] = []
-    for k in opens[max(0, max_boxes):]:
-        start, end = tags[k].span()
-        nxt = tags[k + 1] if k + 1 < len(tags) else None
-        if nxt is not None and nxt.group(1) and nxt.group(2).lower() == "bbox":
-            end = nxt.end()
-        spans.append((start, end))
-    info = {"mode": "repaired", "max_boxes": int(max_boxes), "boxes": len(opens), "removed": [list(s) for s in spans]}
-    return remove_spans(text, spans), info
+    seen = 0
+    pending: tuple[int, int] | None = None  # an extra opening whose element end is not known yet
+    for m in TAG.finditer(text):
+        is_box = m.group(2).lower() == "bbox"
+        if pending is not None:
+            spans.append((pending[0], m.end()) if is_box and m.group(1) else pending)
+            pending = None
+        if is_box and not m.group(1):
+            seen += 1
+            if seen > max_boxes:
+                pending = m.span()
+    if pending is not None:
+        spans.append(pending)
+    info = {"mode": "repaired", "max_boxes": int(max_boxes), "boxes": n_open, "removed": len(spans),
+            "spans": [list(sp) for sp in spans[:MAX_LISTED_SPANS]]}
+    out = remove_spans(text, spans)
+    if count_box_openings(out) > max_boxes:  # a removal joined two pieces into a new opening ("<bbox<bbox>>")
+        out = _drop_extra_stems(out, max_boxes)
+    return out, info
+
+
+def _drop_extra_stems(text: str, max_boxes: int) -> str:
+    """``text`` without each character that would complete a stem once ``max_boxes`` openings are
+    done: what the decode-time limit does, at character level. Linear; only for odd texts."""
+    out: list[str] = []
+    state = count = 0
+    for ch in text:
+        nxt, opened, m = advance(state, ch)
+        if m >= 0 and count >= max_boxes:
+            state = 0  # the character is dropped: the pending stem is broken
+            continue
+        out.append(ch)
+        state, count = nxt, count + opened
+    return "".join(out)
 
 
 # ------------------------------------------------------------------------ decode-time limit as a regex
