@@ -19,7 +19,7 @@ staying near 1 (a quadratic parser gives ~10 per x10 step) and ``x 10K`` (the
 same against the smallest size) staying far below the size ratio (1000 at
 10 MB), and as a flat ``B/byte``; ``x canon`` is the time per byte over
 that of the canonical trace of the same size. ``--siblings`` adds the other
-parsers of model output (strip_bboxes, validate_teacher_tags,
+parsers of model output (strip_bboxes, limit_boxes, the box automaton, validate_teacher_tags,
 find_au_mentions, extract_json, parse_judgment) on their worst shapes;
 ``--trl`` times one GRPO step of the three TRL reward functions with the
 content-keyed parse cache against parsing the batch in each function.
@@ -47,6 +47,7 @@ from tagfer.data.teacher import extract_json  # noqa: E402
 from tagfer.evaluation.judge import JudgeParseError, parse_judgment  # noqa: E402
 from tagfer.integrations import trl as tag_trl  # noqa: E402
 from tagfer.integrations.verl import compute_score  # noqa: E402
+from tagfer.traces.boxtags import advance, limit_boxes  # noqa: E402
 from tagfer.traces.trace import find_au_mentions, parse_trace, strip_bboxes, validate_teacher_tags  # noqa: E402
 
 GROUND_TRUTH = {"label": "happiness", "au_boxes": [[191, 300, 330, 420], [93, 306, 445, 417]]}
@@ -97,6 +98,10 @@ SIBLINGS: dict[str, tuple[Callable[[str], object], Callable[[int], str]]] = {
     "strip_bboxes open": (strip_bboxes, lambda n: _fill("<bbox>", n)),
     "strip_bboxes spaces": (strip_bboxes, lambda n: " " * n),
     "strip_bboxes canonical": (strip_bboxes, SHAPES["canonical"]),
+    "limit_boxes open": (lambda t: limit_boxes(t, 3), lambda n: _fill("<bbox>", n)),
+    "limit_boxes elements": (lambda t: limit_boxes(t, 3), lambda n: _fill("x <bbox>[1, 2, 30, 40]</bbox>", n)),
+    "limit_boxes lt_spaces": (lambda t: limit_boxes(t, 3), lambda n: "<" + " " * (n - 1)),
+    "box automaton pieces": (lambda t: advance(0, t), lambda n: _fill("< b", n)),
     "teacher_tags lt_spaces": (lambda t: validate_teacher_tags(t, []), lambda n: "<" + " " * (n - 1)),
     "au_mentions zeros": (find_au_mentions, lambda n: "AU" + "0" * (n - 2)),
     "extract_json braces": (lambda t: extract_json(t, ("cot", "answer")), lambda n: "{" * n),

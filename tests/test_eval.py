@@ -65,16 +65,81 @@ def test_size_warning():
 
 
 # ------------------------------------------------------------------ runner against the scripted server
-def test_eval_served_model_is_held_to_three_boxes(tmp_path, rafdb_root, eval_server):
-    four = "<think>look " + " ".join(f"r{i} <bbox>[{i}, 0, {i + 50}, 50]</bbox>" for i in range(4)) + "</think><answer>fear</answer>"
-    eval_server.reset(lambda req, i: four)
+FOUR = ("<think>look " + " ".join(f"r{i} <bbox>[{i}, 0, {i + 50}, 50]</bbox>" for i in range(4))
+        + " so the brows are raised.</think><answer>fear</answer>")
+
+
+class _InProcess:
+    """A stand-in for the in-process backend (name "hf": it limits boxes while decoding): it replies
+    what BoxLimitProcessor lets a model write that wanted FOUR: the 4th box never opens."""
+
+    name = "hf"
+
+    def __init__(self, text):
+        self.text, self.seen = text, []
+
+    def generate(self, requests, config, on_result=None):
+        from tagfer.models.backends import GenResult
+
+        for r in requests:
+            self.seen.append(config.max_boxes)
+            yield GenResult(r.id, self.text, None, {}, {"latency_s": 0.0})
+
+
+def test_eval_served_model_writing_four_boxes_keeps_its_answer_and_scores_as_in_process(tmp_path, rafdb_root, eval_server):
+    """A served reply with a 4th box loses that box element, not its answer: same prediction and scores as
+    the in-process path, where the 4th box cannot be written; the record says it was repaired."""
+    eval_server.reset(lambda req, i: FOUR)
     with _backend(eval_server) as be:
-        E.eval_source(f"rafdb:{rafdb_root}", be, tmp_path / "tag.jsonl", model="fake", limit=1)
+        E.eval_source(f"rafdb:{rafdb_root}", be, tmp_path / "tag.jsonl", model="fake", limit=2)
         E.eval_source(f"rafdb:{rafdb_root}", be, tmp_path / "base.jsonl", model="fake", limit=1, gen=E.generation_defaults(baseline=True))
-    (tag,) = _preds(tmp_path / "tag.jsonl")
-    assert len(tag.boxes) == 3 and tag.box_limit["boxes"] == 4 and tag.output.endswith("</bbox>") and tag.gen["max_boxes"] == 3
+    assert all("structured_outputs" not in r and "guided_regex" not in r for r in eval_server.requests)  # not asked for
+    tag = _preds(tmp_path / "tag.jsonl")
+    assert all(t.pred == "fear" and len(t.boxes) == 3 and t.well_formed and t.box_limit == "repaired" for t in tag)
+    assert tag[0].raw_output == FOUR and tag[0].box_limit_info["boxes"] == 4 and tag[0].gen["max_boxes"] == 3
+    assert "r3 so the brows" in tag[0].output and "<answer>fear</answer>" in tag[0].output
     (base,) = _preds(tmp_path / "base.jsonl")
-    assert len(base.boxes) == 4 and base.box_limit is None and base.pred == "fear"
+    assert len(base.boxes) == 4 and base.box_limit == "none" and base.raw_output is None and base.pred == "fear"
+
+    # the in-process path: the model writes "r3" and goes on without the box
+    in_process = FOUR.replace(" <bbox>[3, 0, 53, 50]</bbox>", "")
+    be = _InProcess(in_process)
+    E.eval_source(f"rafdb:{rafdb_root}", be, tmp_path / "hf.jsonl", model="hf", limit=2)
+    hf = _preds(tmp_path / "hf.jsonl")
+    assert be.seen == [3, 3] and all(h.box_limit == "decode" for h in hf)  # the limit went to the decoder
+    assert [h.output for h in hf] == [t.output for t in tag]
+    au = {t.id: [[0, 0, 50, 50], [3, 0, 53, 50]] for t in tag}
+    served_scores = E.score_predictions([t.to_json() for t in tag], au, bootstrap=None)
+    hf_scores = E.score_predictions([h.to_json() for h in hf], au, bootstrap=None)
+    for k in ("accuracy", "format_validity", "au_iou", "boxes_histogram", "confusion"):
+        assert served_scores[k] == hf_scores[k], k
+
+
+def test_eval_asks_a_vllm_server_for_the_box_limit_while_decoding(tmp_path, rafdb_root, eval_server):
+    """With gen["box_request"] the request body carries vLLM's structured-output regex; it accepts a
+    3-box trace and refuses the 4th box. A server that honours it replies within the limit (mode
+    "decode"); one that ignores it gets its reply repaired."""
+    import re
+
+    from tagfer.traces.boxtags import box_limit_regex
+
+    three = FOUR.replace(" <bbox>[3, 0, 53, 50]</bbox>", "")
+    for api in ("structured_outputs", "guided_regex"):
+        eval_server.reset(lambda req, i: three if i == 0 else FOUR)
+        gen = E.generation_defaults(box_request=api)
+        with _backend(eval_server, concurrency=1) as be:
+            E.eval_source(f"rafdb:{rafdb_root}", be, tmp_path / f"{api}.jsonl", model="fake", limit=2, gen=gen)
+        bodies = eval_server.requests
+        sent = [b["structured_outputs"]["regex"] if api == "structured_outputs" else b["guided_regex"] for b in bodies]
+        regex = sent[0]
+        assert len(sent) == 2 and set(sent) == {box_limit_regex(3)}
+        assert re.fullmatch(regex, three) and re.fullmatch(regex, tag_answer("fear"))
+        assert not re.fullmatch(regex, FOUR) and not re.fullmatch(regex, three.replace("r2", "r2 < BBox >[1, 1, 9, 9]</bbox>"))
+        honoured, ignored = sorted(_preds(tmp_path / f"{api}.jsonl"), key=lambda p: p.output != three)
+        assert honoured.box_limit == "decode" and honoured.raw_output is None and honoured.pred == "fear"
+        assert ignored.box_limit == "repaired" and ignored.pred == "fear" and ignored.gen["box_request"] == api
+    with pytest.raises(ValueError, match="box_request"):
+        E.run_eval([], _backend(eval_server), tmp_path / "x.jsonl", gen=E.generation_defaults(box_request="json"))
 
 
 def test_eval_rafdb_with_server_resume_and_errors(tmp_path, rafdb_root, eval_server):
@@ -160,6 +225,9 @@ def test_au_truth_detector_cache_and_scores(tmp_path, rafdb_root, eval_server, l
     csv_path = write_openface_csv(tmp_path / "of.csv", images, {12: 4.0, 6: 3.0, 4: 0.2})
     cross = E.au_truth(preds_path, DetectorSpec(kind=f"openface:{csv_path}"), tmp_path / "x.jsonl")
     assert all(v for v in cross.values()) and cross != au
+    assert E.au_geometries(cache) == {"mediapipe-regions": 4}  # recorded per image; OpenFace's own geometry once its table says so
+    geo = E.au_geometries(tmp_path / "x.jsonl")
+    assert sum(geo.values()) == 4  # whichever geometry the OpenFace table used, every image says it
 
     out = tmp_path / "scores.json"
     s = E.score_file(preds_path, out, au=au, cross_au=cross, au_source="mediapipe", cross_source="openface", png=tmp_path / "cm.png")
@@ -353,3 +421,30 @@ def test_eval_records_replies_with_look_alike_tags(tmp_path, rafdb_root, eval_se
     assert sum("text_outside" in p.violations for p in preds) >= 1
     assert any(p.pred is None and "no_answer" in p.violations for p in preds)
     assert any(p.violations == ["think_empty"] for p in preds)
+
+
+def test_score_cli_prints_both_validities_and_the_cross_detector_geometry(tmp_path):
+    """`tagfer score` reports the paper's R_fmt validity beside the strict one, and which geometry the
+    cross-detector boxes had (an AU table that names none is MediaPipe's regions)."""
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    good = tag_answer("happiness")
+    preds = tmp_path / "p.jsonl"
+    with open(preds, "w") as f:
+        for i, text in enumerate([good, "Note: " + good]):
+            p = E.parse_prediction(E.Prediction(f"r/{i}", "rafdb", "test", f"/x/{i}.jpg", "happiness", model="m"), text)
+            f.write(json.dumps(p.to_json()) + "\n")
+    au = tmp_path / "au.jsonl"
+    au.write_text("".join(json.dumps({"image": f"/x/{i}.jpg", "faces": [{"au_boxes": [list(SMILE_BOXES[0])]}], "error": None}) + "\n" for i in range(2)))
+    cross = tmp_path / "of.jsonl"
+    cross.write_text("".join(json.dumps({"image": f"/x/{i}.jpg", "geometry": "openface-landmarks",
+                                         "faces": [{"au_boxes": [list(SMILE_BOXES[1])]}], "error": None}) + "\n" for i in range(2)))
+    r = CliRunner().invoke(app, ["score", str(preds), "--au", str(au), "--cross-au", str(cross), "--n-boot", "50", "--out", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    assert "paper's R_fmt rules" in r.output and "strict grammar" in r.output and "openface-landmarks" in r.output
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["format_validity_paper"]["value"] == 1.0 and s["format_validity_strict"]["value"] == 0.5
+    assert s["run"]["cross_geometry"] == {"openface-landmarks": 2} and s["cross_au_iou"]["geometry"] == {"openface-landmarks": 2}
+    assert s["run"]["au_geometry"] == {"mediapipe-regions": 2}

@@ -200,3 +200,48 @@ def test_judge_cli_exit_code_says_judgments_failed(tmp_path, eval_server, astron
     eval_server.reset(_judge_prefers_tag())
     r = CliRunner().invoke(app, args + ["--out", str(tmp_path / "good.jsonl")])
     assert r.exit_code == 0, r.output
+
+
+def test_eval_system_prompt_reaches_the_judge_through_study_pairs(tmp_path, eval_server, rafdb_root):
+    """`tagfer eval --system-prompt X` → `tagfer study pairs` → `tagfer judge`: the judge's request holds X,
+    the query the systems answered (the records store its key on every line and its text once per run)."""
+    from typer.testing import CliRunner
+
+    from fixtures_evaluate import tag_answer
+    from tagfer.cli import app
+
+    (tmp_path / "sys.txt").write_text("SYSTEM-X: look at the eyebrows first.")
+    runner = CliRunner()
+    eval_server.reset(lambda req, i: tag_answer("happiness"))
+    for name, extra in (("a", ["--system-prompt", str(tmp_path / "sys.txt")]), ("b", ["--system-prompt", str(tmp_path / "sys.txt"), "--baseline"])):
+        r = runner.invoke(app, ["eval", "--model", f"openai:{eval_server.url}", "--dataset", f"rafdb:{rafdb_root}", "--limit", "2",
+                                "--out", str(tmp_path / f"{name}.jsonl"), "--no-progress", "--max-retries", "0", *extra])
+        assert r.exit_code == 0, r.output
+    assert all("SYSTEM-X" in json.dumps(q) for q in eval_server.requests)  # the models answered X
+    recs = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len({r["prompt"] for r in recs}) == 1 and [r["prompt_text"] is not None for r in recs] == [True, False]
+    r = runner.invoke(app, ["study", "pairs", "--a", str(tmp_path / "a.jsonl"), "--b", str(tmp_path / "b.jsonl"),
+                            "--out", str(tmp_path / "pairs.jsonl")])
+    assert r.exit_code == 0, r.output
+    pairs = J.read_pairs(tmp_path / "pairs.jsonl")
+    assert len(pairs) == 2 and all(p.prompt.startswith("SYSTEM-X") for p in pairs)
+    eval_server.reset(lambda req, i: json.dumps(GOOD))
+    r = runner.invoke(app, ["judge", "--judge", f"openai:{eval_server.url}", "--pairs", str(tmp_path / "pairs.jsonl"),
+                            "--out", str(tmp_path / "j.jsonl"), "--repeats", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert len(eval_server.requests) == 2 and all("SYSTEM-X: look at the eyebrows first." in _user_text(q) for q in eval_server.requests)
+
+
+def test_pairs_of_systems_that_answered_different_prompts_show_both(tmp_path, astronaut_path):
+    def preds(path, system):
+        rec = {"id": "r/1", "source": "rafdb", "split": "test", "image": str(astronaut_path), "label": "fear", "output": "x",
+               "error": None, "model": path.stem, "prompt": f"k-{system}", "prompt_text": {"system": system, "user": "Which emotion?"}}
+        path.write_text(json.dumps(rec) + "\n")
+        return path
+
+    (same,) = J.make_pairs(preds(tmp_path / "a.jsonl", "S1"), preds(tmp_path / "b.jsonl", "S1"))
+    assert same.prompt == "S1\n\nWhich emotion?" and "prompt" not in same.a
+    (diff,) = J.make_pairs(preds(tmp_path / "a.jsonl", "S1"), preds(tmp_path / "c.jsonl", "S2"))
+    assert diff.prompt is None and diff.a["prompt"].startswith("S1") and diff.b["prompt"].startswith("S2")
+    shown = J._render("$task_prompt", diff, ("b", "a"), "DEFAULT")
+    assert shown.index("S2") < shown.index("S1") and "DEFAULT" not in shown  # in the order the responses are shown

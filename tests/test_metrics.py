@@ -101,8 +101,30 @@ def test_format_ci_uses_the_same_resamples():
     p = t.copy()
     wf = np.array([True] * 50 + [False] * 50)  # well-formed exactly when the truth is class 0
     cfg = M.Bootstrap(n_boot=500)
-    cms, means = M._bootstrap_labels(t, p, wf, K, cfg)
-    np.testing.assert_allclose(means, cms[:, 0, 0] / 100)
+    pv = np.array([True] * 75 + [False] * 25)  # a second flag: paper-valid on class 0 and half of class 1
+    cms, (m_wf, m_pv) = M._bootstrap_labels(t, p, [wf, pv], K, cfg)
+    np.testing.assert_allclose(m_wf, cms[:, 0, 0] / 100)
+    assert (m_pv >= m_wf).all() and (m_pv <= m_wf + (cms[:, 1, 1] / 100) + 1e-12).all() and m_pv.std() > 0
+
+
+def test_format_validity_reports_the_papers_rules_and_the_strict_grammar():
+    """R_fmt's rules (paper §3.3) and the strict grammar are two figures: a reply with text outside the
+    blocks or a degenerate box passes the first and fails the second; a failed request fails both."""
+    from tagfer.evaluation.eval import parse_prediction, Prediction, score_predictions
+
+    good = "<think>calm face, AU12 <bbox>[10, 10, 60, 60]</bbox></think><answer>happiness</answer>"
+    texts = [good, "Sure! " + good, good.replace("[10, 10, 60, 60]", "[60, 10, 10, 60]"), "no tags at all", None]
+    recs = []
+    for i, text in enumerate(texts):
+        rec = parse_prediction(Prediction(str(i), "rafdb", "test", None, "happiness"), text)
+        if text is None:
+            rec.error = {"kind": "timeout", "message": ""}
+        recs.append(rec.to_json())
+    s = score_predictions(recs, bootstrap=M.Bootstrap(n_boot=200))
+    assert s["format_validity_paper"]["value"] == pytest.approx(3 / 5)
+    assert s["format_validity_strict"]["value"] == pytest.approx(1 / 5) == s["format_validity"]["value"]
+    lo, hi = s["format_validity_paper"]["ci"]
+    assert lo <= 0.6 <= hi and lo < hi
 
 
 def test_ci_brackets_point_estimate_and_shrinks_with_n():

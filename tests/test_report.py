@@ -148,3 +148,22 @@ def test_end_to_end_cli_eval_score_report(tmp_path, rafdb_root, ferplus_root, ti
     assert "| Tiny-TAG |" in md and "RAF-DB AU IoU" in md
     r = runner.invoke(app, ["report", str(tmp_path / "nope.json"), "--out", str(report)])
     assert r.exit_code == 2
+
+
+def test_details_show_both_format_validities_and_the_box_geometry_of_each_au_table(tmp_path):
+    """A new score file has format_validity_paper / _strict and the geometries; an old one (only
+    format_validity, the strict figure) still reads, in the strict column."""
+    new = json.loads(_score(tmp_path, "TAG", "rafdb", 0.9, au=0.5, xau=0.3).read_text())
+    new["format_validity_paper"] = {"value": 0.97, "ci": [0.95, 0.99]}
+    new["format_validity_strict"] = {"value": 0.81, "ci": [0.78, 0.84]}
+    new["run"].update(au_geometry={"mediapipe-regions": 100}, cross_geometry={"openface-landmarks": 96, "mediapipe-regions": 4})
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    old = _score(tmp_path, "Old", "rafdb", 0.8, fname="old.json")  # format_validity 0.9 only
+    t = R.details_table(R.load_scores([tmp_path / "new.json", old]))
+    col = {c: j for j, c in enumerate(t.columns)}
+    assert t.values[0][col["Format valid (paper)"]] == pytest.approx(97.0) and t.values[0][col["Format valid (strict)"]] == pytest.approx(81.0)
+    assert t.text[0][col["AU boxes"]] == "mediapipe-regions"
+    assert t.text[0][col["X-IoU boxes"]] == "openface-landmarks 96, mediapipe-regions 4"
+    assert t.values[1][col["Format valid (paper)"]] is None and t.values[1][col["Format valid (strict)"]] == pytest.approx(90.0)
+    md, _ = R.write_report(R.load_scores([tmp_path / "new.json", old]), tmp_path / "r.md")
+    assert "Format valid (paper)" in md and "97.00 [95.0, 99.0]" in md and "openface-landmarks 96" in md

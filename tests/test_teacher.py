@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from fixtures_text import unicode_tag_soup
 from tagfer.core.labels import LABELS, find_labels
-from tagfer.data.teacher import TEACHER_PROMPTS, TeacherPrompts, build_completion, check_quality, check_trace, extract_json, format_labels
+from tagfer.data.teacher import TEACHER_PROMPTS, TeacherPrompts, build_completion, check_quality, check_trace, extract_json, format_labels, global_part
 from tagfer.models.prompts import load_prompt
 from tagfer.traces.trace import parse_trace
 
@@ -266,3 +266,52 @@ def test_check_trace_never_raises_on_unicode_in_and_around_tags(cot, label):
     assert r.ok == (not r.problems) and (r.completion is None or r.parsed.well_formed)
     r = check_trace(cot, ITEMS)  # the raw text as a reply
     assert isinstance(r.problems, list)
+
+
+@pytest.mark.parametrize(
+    "cot",
+    [
+        "AU12 AU6 AU25 are visible on this face. " + COT,  # the global part lists AUs
+        COT.replace("with an open gaze.", "with an open gaze and AU6 at the eyes."),
+        "The face, AU 12 and all, looks bright.\n" + COT,
+        "Broad smile with AU12 throughout.",  # no tag at all: the whole CoT is the global part
+    ],
+)
+def test_a_global_part_that_names_aus_is_rejected(cot):
+    """App. D.3/F: the global analysis comes without AUs; a reply naming them there is asked again."""
+    r = check_trace(reply(cot, "happiness"), ITEMS)
+    assert not r.ok and r.completion is None
+    assert any("the global analysis names AU" in p for p in r.problems), r.problems
+
+
+def test_global_part_ends_before_the_sentence_of_the_first_tag():
+    assert global_part(COT) == "Overall the face is relaxed, symmetric and bright, with an open gaze."
+    assert global_part("Broad smile.\nMouth: AU12 <AU12> [1, 2, 3, 4] up.") == "Broad smile.\n"  # "AU12" belongs to the region
+    assert check_trace(reply("Broad smile overall, eyes bright. Mouth: AU12, the lip corner puller <AU12> [191, 300, 330, 420] lifts."), ITEMS).ok
+    assert global_part("no tags here AU4") == "no tags here AU4" and global_part("<AU4> [1, 2, 3, 4]") == ""
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [" The lips also part, which is AU27.", " AU4 is absent.", " Compare <AU12> with AU 17."],
+)
+def test_a_reply_naming_an_au_not_in_the_list_is_rejected(extra):
+    """App. D.3: no new AUs, in a tag or in plain text."""
+    r = check_trace(reply(COT + extra, "happiness"), ITEMS)
+    assert not r.ok and any("not in the AU list (no new AUs)" in p for p in r.problems), r.problems
+    assert check_trace(reply(COT + " AU25 plays no part here.", "happiness"), ITEMS).ok  # AU25 is listed
+    r = check_trace(reply("The whole face is calm; AU4 is absent.", "neutral"), [])
+    assert not r.ok and any("no AU may be named without an AU list" in p for p in r.problems)
+
+
+def test_our_rules_beyond_the_paper_are_switchable():
+    """At most N tags and no AU tagged twice are ours (docs/data.md): each can be turned off."""
+    twice = COT + " Once more the corners: <AU12> [191, 300, 330, 420] still up."
+    assert not check_trace(reply(twice, "happiness"), ITEMS).ok
+    r = check_trace(reply(twice, "happiness"), ITEMS, unique_tags=False)
+    assert r.ok, r.problems
+    four = [(1, 0.9, (10, 10, 50, 50)), (2, 0.8, (60, 10, 100, 50)), (4, 0.7, (110, 10, 150, 50)), (5, 0.6, (160, 10, 200, 50))]
+    cot = "A calm overall look at the face. " + " ".join(f"<AU{a}> [{b[0]}, {b[1]}, {b[2]}, {b[3]}] seen." for a, _, b in four)
+    assert not check_trace(reply(cot, "fear"), four).ok
+    r = check_trace(reply(cot, "fear"), four, max_regions=None)
+    assert r.ok and len(parse_trace(r.completion, max_boxes=4).boxes) == 4

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -124,9 +125,9 @@ def test_box_limit_processor_forbids_a_fourth_box_while_decoding(tiny_vlm, astro
     import torch
     from transformers import LogitsProcessorList
 
-    from tagfer.models.vlm import BoxLimitProcessor, _open_suffix
+    from tagfer.models.vlm import BoxLimitProcessor
+    from tagfer.traces.boxtags import advance
 
-    assert [_open_suffix(t) for t in ("x", "x<", "x<b", "x<bb", "x<bbo", "x<bbox")] == [0, 1, 2, 3, 4, 0]
     tok = tiny_vlm.tokenizer
     target = tok(FOUR_BOXES, add_special_tokens=False)["input_ids"]
 
@@ -156,21 +157,25 @@ def test_box_limit_processor_forbids_a_fourth_box_while_decoding(tiny_vlm, astro
     assert limited.split("chin")[0] == free.split("chin")[0]  # identical up to the fourth box
     proc = BoxLimitProcessor(tok, 0, 3, tiny_vlm.token_texts())
     texts = tiny_vlm.token_texts()
-    for k in range(5):  # exactly the tokens that complete "<bbox" after k of its characters
-        want = {i for i, t in enumerate(texts) if "<bbox" in "<bbox"[:k] + t}
-        assert set(proc.banned[k].tolist()) == want
-    assert sum(b.numel() for b in proc.banned) > 0
+    for state, prefix in enumerate(("", "<", "<b", "<bb", "<bbo", "<bbox")):  # the automaton's states, spelled
+        assert advance(0, prefix)[0] == state
+        want = {i for i, t in enumerate(texts) if re.search(r"<\s*(?ai:bbox)", prefix + t)
+                and not re.fullmatch(r"<\s*(?ai:bbox)\s*", prefix)}  # tokens completing a stem from there
+        got = set(proc.table.banned(state, 0, "cpu").tolist())
+        assert got == want, state
+    assert sum(proc.table.banned(s, 0, "cpu").numel() for s in range(6)) > 0
 
 
 @pytest.mark.model  # the tiny model's tokenizer
 def test_box_limit_processor_counts_incrementally_as_the_whole_text_would(tiny_vlm):
-    """The processor reads one token per step; its opening count and suffix equal those of the
-    whole decoded text after every step (token pieces that spell "<bbox" across steps included)."""
+    """The processor reads one token per step; its opening count and automaton state equal those of
+    the whole decoded text after every step (token pieces that spell "<bbox>" across steps included)."""
     import random
 
     import torch
 
-    from tagfer.models.vlm import BOX_OPEN, BoxLimitProcessor, _open_suffix
+    from tagfer.models.vlm import BoxLimitProcessor
+    from tagfer.traces.boxtags import advance, count_box_openings
 
     texts = tiny_vlm.token_texts()
     pieces = [i for i, t in enumerate(texts) if t and t in "<bbox>"]  # "<", "b", "bo", "<bb", ...: openings span tokens
@@ -184,8 +189,8 @@ def test_box_limit_processor_counts_incrementally_as_the_whole_text_would(tiny_v
             proc(ids[:, : 2 + n], torch.zeros(3, len(texts)))
             for row in range(3):
                 whole = "".join(texts[i] for i in rows[row][:n])
-                assert proc._count[row] == whole.count(BOX_OPEN)
-                assert _open_suffix(proc._tail[row]) == _open_suffix(whole)
+                assert proc._count[row] == count_box_openings(whole)
+                assert proc._state[row] == advance(0, whole)[0]
         openings += sum(proc._count)
     assert openings > 0  # the random streams did spell openings
 
@@ -215,3 +220,74 @@ def test_random_skeleton_loads_with_random_weights_on_the_device(tmp_path):
     assert json.loads((a / RANDOM_INIT_MARKER).read_text())["size"] == "tiny"
     with pytest.raises(ValueError, match="unknown size"):
         build_random_skeleton(tmp_path / "c", "70b")
+
+
+# ------------------------------------------------------------------ the box limit on a hand-made vocabulary
+#: Token texts that split box tags oddly: every spelling the parser reads can be assembled from them.
+ODD_VOCAB = ["<", " ", "\t", "\u3000", "b", "B", "bo", "Bo", "ox", "oX", "x", "X", ">", " >", "< b", "box>", "<BB",
+             "ox >", "<bbox>", "</bbox>", "[1, 2, 30, 40]", " look", ".", "<think>", "</think>", "<answer>", "fear",
+             "</answer>", "<bbox><bbox", "<b", "/", "o", "bbox", "<bbo"]
+
+
+def test_box_limit_processor_bans_every_spelling_the_parser_reads():
+    """Decoding with random scores over a vocabulary whose tokens split "< bbox >" at odd places: with
+    the processor no text ever holds more than max_boxes openings (the parser's count), and the
+    processor's count is the parser's after every step; without it the same streams do exceed."""
+    import random
+
+    import torch
+
+    from tagfer.models.vlm import BoxLimitProcessor
+    from tagfer.traces.boxtags import count_box_openings
+    from tagfer.traces.trace import parse_trace
+
+    rng = random.Random(1)
+    over_without = 0
+    for trial in range(60):
+        limit = trial % 4
+        proc = BoxLimitProcessor(None, 1, limit, ODD_VOCAB)
+        ids = [[0], [0]]
+        texts = ["", ""]
+        for step in range(60):
+            scores = torch.tensor([[rng.random() for _ in ODD_VOCAB] for _ in ids])
+            free = scores.argmax(dim=1).tolist()
+            out = proc(torch.tensor(ids), scores.clone())
+            for row in range(2):
+                i = int(out[row].argmax())
+                ids[row].append(i)
+                texts[row] += ODD_VOCAB[i]
+                over_without += count_box_openings(texts[row][: -len(ODD_VOCAB[i]) or None] + ODD_VOCAB[free[row]]) > limit
+                assert count_box_openings(texts[row]) <= limit, texts[row]
+        proc(torch.tensor(ids), torch.zeros(2, len(ODD_VOCAB)))
+        assert proc._count == [count_box_openings(t) for t in texts]
+        assert all(len(parse_trace(t).boxes) <= limit for t in texts)
+    assert over_without > 0  # the unconstrained choice would have opened more boxes
+
+
+def test_box_limit_processor_bans_exactly_the_tokens_that_start_another_box():
+    import torch
+
+    from tagfer.models.vlm import BoxLimitProcessor
+
+    proc = BoxLimitProcessor(None, 0, 1, ODD_VOCAB)
+    tok = {t: i for i, t in enumerate(ODD_VOCAB)}
+
+    def allowed_after(prefix_tokens):
+        p = BoxLimitProcessor(None, 0, 1, ODD_VOCAB)
+        ids = torch.tensor([[tok[t] for t in prefix_tokens]]) if prefix_tokens else torch.zeros(1, 0, dtype=torch.long)
+        out = p(ids, torch.zeros(1, len(ODD_VOCAB)))
+        return {ODD_VOCAB[i] for i in range(len(ODD_VOCAB)) if out[0, i] == 0}
+
+    start = allowed_after([])
+    assert "<bbox>" in start and "<bbox><bbox" not in start  # one box allowed, not two in one token
+    after_one = allowed_after(["<bbox>", "[1, 2, 30, 40]", "</bbox>", " look"])
+    # tokens that would complete a stem are out; partial stems ("<BB", "<bbo") are fine, and "bbox" alone opens nothing
+    assert {"<bbox>", "<BB", "<bbo", "<bbox><bbox", "bbox"} & after_one == {"<BB", "<bbo", "bbox"}
+    after_bbo = allowed_after(["<bbox>", "</bbox>", "<bbo"])
+    assert not {"x", "X"} & after_bbo and {"ox", "oX", "o"} <= after_bbo  # "<bboox" is no stem
+    assert {"<", "<b", " look", "</bbox>"} <= after_one  # a "<" may still start other tags
+    half = allowed_after(["<bbox>", "</bbox>", "<", "\u3000"])  # "<" + ideographic space pending: "bbox" completes a stem
+    assert "bbox" not in half and {"b", "B", "bo", "o", " ", "<think>"} <= half
+    stem = allowed_after(["<bbox>", "</bbox>", "< b", "B"])  # "< bB" pending: "o" is fine, "ox" completes the stem
+    assert "o" in stem and not {"ox", "oX", "ox >"} & stem
+    assert proc.fallback == ODD_VOCAB.index(" ")

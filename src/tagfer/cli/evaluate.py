@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from rich.table import Table
 import typer
@@ -43,6 +43,7 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Most tokens generated per answer (paper: 512)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (where the backend supports it)."),
     max_boxes: Optional[int] = typer.Option(None, "--max-boxes", min=0, help="Most <bbox> per answer, enforced at inference (default: 3 for TAG as in the paper, none with --baseline)."),
+    box_request: Optional[str] = typer.Option(None, "--box-request", help="openai: also ask the server to hold the box limit while decoding: structured_outputs (vLLM >= 0.10.2) | guided_regex (older vLLM). Replies are repaired either way."),
     system_prompt: Optional[Path] = typer.Option(None, "--system-prompt", help="File replacing the unified TAG system prompt."),
     user_prompt: Optional[Path] = typer.Option(None, "--user-prompt", help="File replacing the TAG user prompt."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name stored in the records (default: the spec)."),
@@ -65,7 +66,7 @@ def eval_cmd(
     Exit code 1 when some items failed (they are recorded; re-run with --retry-errors), 2 on bad arguments.
     """
     from tagfer.data.sources import canonical_split, parse_source_spec  # lazy (start-up time): PIL
-    from tagfer.evaluation.eval import eval_source, generation_defaults  # lazy (start-up time): PIL
+    from tagfer.evaluation.eval import BOX_REQUESTS, eval_source, generation_defaults  # lazy (start-up time): PIL
     from tagfer.models.backends import BackendUnavailable, make_backend, parse_spec  # lazy (start-up time): PIL
     from tagfer.models.prompts import tag_prompt  # lazy: keeps `tagfer --help` fast
 
@@ -76,9 +77,12 @@ def eval_cmd(
             _fail(f"dataset path {ds_path} does not exist")
         prompt = tag_prompt(system_prompt, user_prompt)
         parse_spec(model)  # a bad or unknown spec is a usage error before anything is loaded
+        if box_request is not None and box_request not in BOX_REQUESTS:
+            raise ValueError(f"--box-request must be one of {', '.join(BOX_REQUESTS)}, got {box_request!r}")
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         _fail(str(e))
-    gen = generation_defaults(baseline, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_boxes=max_boxes)
+    gen = generation_defaults(baseline, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, max_boxes=max_boxes,
+                              box_request=box_request)
     try:  # the registry: every option goes to every kind; a kind ignores those it has no use for
         backend = make_backend(
             model, batch_size=batch_size, device=device, concurrency=concurrency, served_model=served_model,
@@ -147,7 +151,7 @@ def score_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Accuracy, per-class recall, macro-F1, confusion matrix, format validity, boxes per answer, AU IoU, cross-detector AU IoU (bootstrap 95% CIs)."""
-    from tagfer.evaluation.eval import load_au_jsonl, score_file  # lazy (start-up time): PIL
+    from tagfer.evaluation.eval import au_geometries, load_au_jsonl, score_file  # lazy (start-up time): PIL
     from tagfer.evaluation.metrics import Bootstrap  # lazy: keeps `tagfer --help` fast
 
     if not preds.is_file():
@@ -158,21 +162,25 @@ def score_cmd(
         _fail("--matching must be paper or one_to_one")
     au_map = cross_map = None
     au_source = cross_source = None
+    au_geo = cross_geo = None
     try:
         if au is not None:
-            au_map, au_source = load_au_jsonl(au), str(au)
+            au_map, au_source, au_geo = load_au_jsonl(au), str(au), au_geometries(au)
         elif detector:
             cache = out.with_name(f"{preds.stem}.au-{_slug(detector)}.jsonl")
             au_map, au_source = _detector_truth(preds, detector, cache, dataset, au_threshold, progress, "detector"), detector
+            au_geo = au_geometries(cache)
         if cross_au is not None:
-            cross_map, cross_source = load_au_jsonl(cross_au), str(cross_au)
+            cross_map, cross_source, cross_geo = load_au_jsonl(cross_au), str(cross_au), au_geometries(cross_au)
         elif cross_detector:
             cache = out.with_name(f"{preds.stem}.au-{_slug(cross_detector)}.jsonl")
             cross_map, cross_source = _detector_truth(preds, cross_detector, cache, dataset, au_threshold, progress, "cross"), cross_detector
+            cross_geo = au_geometries(cache)
         png = png or out.with_suffix(".confusion.png")
         s = score_file(
             preds, out, au=au_map, cross_au=cross_map, au_source=au_source, cross_source=cross_source, name=name,
             train_set=train_set, variant=variant, png=png, bootstrap=Bootstrap(n_boot=n_boot, seed=seed), matching=matching,
+            au_geometry=au_geo, cross_geometry=cross_geo,
         )
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
@@ -187,6 +195,13 @@ def _slug(spec: str) -> str:
     return kind if ":" not in spec else f"{kind}-{hashlib.blake2b(spec.encode(), digest_size=3).hexdigest()}"
 
 
+def geometry_text(geo: Any) -> str:
+    """``{"openface-landmarks": 3000, "mediapipe-regions": 68}`` → ``openface-landmarks 3000, mediapipe-regions 68``."""
+    from tagfer.evaluation.report import geometry_label  # lazy: keeps `tagfer --help` fast
+
+    return geometry_label(geo)
+
+
 def _print_scores(s: dict) -> None:
     def fmt(b):
         if not b or b.get("value") is None:
@@ -197,12 +212,18 @@ def _print_scores(s: dict) -> None:
     t = Table(title=f"{s['run']['name']} on {s['run']['dataset']} ({s['run']['split']}), n={s['n']}")
     t.add_column("metric")
     t.add_column("% [95% CI]")
-    for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("format_validity", "format validity"), ("au_iou", "AU IoU"), ("cross_au_iou", "cross-detector AU IoU")):
-        t.add_row(label, fmt(s.get(key)))
+    rows = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("format_validity_paper", "format validity (paper's R_fmt rules)"),
+            ("format_validity_strict", "format validity (strict grammar)"), ("au_iou", "AU IoU"), ("cross_au_iou", "cross-detector AU IoU"))
+    for key, label in rows:
+        t.add_row(label, fmt(s.get(key) or (s.get("format_validity") if key == "format_validity_strict" else None)))
     for c, v in s["per_class"].items():
         t.add_row(f"recall {c} (n={v['support']})", "–" if v["recall"] is None else f"{100 * v['recall']:.2f}")
     out_console.print(t)
-    out_console.print(f"boxes per answer: {s['boxes_histogram']}; errors: {s['errors'] or 'none'}")
+    out_console.print(f"boxes per answer: {s['boxes_histogram']}; box limit: {s.get('box_limit') or 'none'}; errors: {s['errors'] or 'none'}")
+    run = s.get("run") or {}
+    for label, key in (("AU IoU", "au_geometry"), ("cross-detector AU IoU", "cross_geometry")):
+        if run.get(key):
+            out_console.print(f"{label} boxes from: {geometry_text(run[key])}")
 
 
 @app.command("report")
@@ -212,7 +233,7 @@ def report_cmd(
     tables: str = typer.Option("main,ablation,cross,details", "--tables", help="Comma-separated: main (Table 1), ablation (Tables 2-4), cross (Table 5), details."),
     title: str = typer.Option("TAG evaluation report", "--title"),
     csv_dir: Optional[Path] = typer.Option(None, "--csv-dir", help="Directory for the CSV tables (default: next to --out)."),
-    metric: str = typer.Option("accuracy", "--metric", help="Metric of the main table: accuracy | macro_f1 | au_iou | cross_au_iou | format_validity."),
+    metric: str = typer.Option("accuracy", "--metric", help="Metric of the main table: accuracy | macro_f1 | au_iou | cross_au_iou | format_validity_paper | format_validity_strict."),
 ) -> None:
     """Paper-style tables (models × datasets with average, ablation rows, cross-dataset matrix), best bold, second underlined."""
     from tagfer.evaluation.report import load_scores, write_report  # lazy: keeps `tagfer --help` fast

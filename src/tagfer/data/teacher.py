@@ -33,10 +33,17 @@ tag rule (no new regexes):
   see :func:`extract_json`);
 * ``Answer`` normalises (:func:`tagfer.core.labels.normalize_label`) to a label of
   the candidate set;
-* every ``<AUx> [box]`` tag copies an AU and its box verbatim from the AU list,
-  no AU twice, at most ``max_regions`` tags (:func:`tagfer.traces.trace.validate_teacher_tags`);
-  with a non-empty AU list at least ``min_tags`` tags (default 0: the paper
-  lets the teacher select zero AUs); with no AU list, no tag at all;
+* every ``<AUx> [box]`` tag copies an AU and its box verbatim from the AU list
+  (:func:`tagfer.traces.trace.validate_teacher_tags`); with a non-empty AU list at least
+  ``min_tags`` tags (default 0: the paper lets the teacher select zero AUs); with no AU
+  list, no tag at all;
+* the CoT names no AU outside the AU list, tagged or in plain text ("AU25 is visible"
+  with AU25 not listed; App. D.3: "no new AUs");
+* the global part names no AU (App. D.3/F: the global analysis comes "without AUs"): the
+  sentences before the one holding the first tag (the whole CoT when it has no tag) contain
+  no AU name ("AU12 AU6 AU25 are visible…" is rejected);
+* rules of ours, beyond the paper, each switchable: no AU tagged twice (``unique_tags``),
+  at most ``max_regions`` tags (``None``: no limit);
 * the CoT makes no numerical AU claim (App. D.3: AU values are never evidence):
   it quotes no confidence of the AU list (``0.83``, ``.83``, ``83%``) and writes
   no decimal or percentage next to an AU name or the words confidence, score,
@@ -65,7 +72,8 @@ from typing import Any, Iterable, Iterator, Sequence
 from tagfer.core.jsonl import decode_json_at
 from tagfer.core.labels import EXCLUDED, LABELS, normalize_label
 from tagfer.models.prompts import load_prompt, render
-from tagfer.traces.trace import MAX_BOXES, AUItem, ParsedTrace, convert_teacher_tags, format_au_list, parse_au_list, parse_trace, validate_teacher_tags
+from tagfer.traces.trace import (MAX_BOXES, AUItem, ParsedTrace, convert_teacher_tags, find_au_mentions, format_au_list, parse_au_list,
+                                 parse_trace, validate_teacher_tags)
 
 __all__ = [
     "TEACHER_PROMPTS",
@@ -77,6 +85,7 @@ __all__ = [
     "format_labels",
     "check_quality",
     "check_trace",
+    "global_part",
     "build_completion",
     "numeric_au_claims",
 ]
@@ -271,16 +280,33 @@ def numeric_au_claims(cot: str, items: Sequence[AUItem] = ()) -> list[str]:
     return found
 
 
+_SENTENCE_END = re.compile(r"[.!?\n]")
+
+
+def global_part(cot: str) -> str:
+    """The global analysis of a teacher CoT: the text before the sentence that holds the first
+    ``<AUx>`` tag (sentences end at ``.``, ``!``, ``?`` or a line break); the whole CoT without tags."""
+    first = cot.find(_AU_TAG_START)
+    if first < 0:
+        return cot
+    ends = [m.end() for m in _SENTENCE_END.finditer(cot, 0, first)]
+    return cot[: ends[-1]] if ends else ""
+
+
 def check_trace(
     text: str,
     au_list: str | Sequence[Any],
     candidates: Iterable[str] = LABELS,
     *,
-    max_regions: int = MAX_BOXES,
+    max_regions: int | None = MAX_BOXES,
     min_tags: int = 0,
     min_global_words: int = 3,
+    unique_tags: bool = True,
 ) -> TraceCheck:
-    """Stage III format checks of one teacher reply (module docstring lists them)."""
+    """Stage III format checks of one teacher reply (module docstring lists them).
+
+    Paper rules (App. D.3/F) are always on; ``max_regions`` (``None``: any number of tags),
+    ``unique_tags`` and ``min_global_words`` are ours (documented in docs/data.md)."""
     items = parse_au_list(au_list) if isinstance(au_list, str) else [AUItem(*i) if not isinstance(i, AUItem) else i for i in au_list]
     cands = set(candidates)
     obj = extract_json(text, ("cot", "answer"))
@@ -315,8 +341,19 @@ def check_trace(
     claims = numeric_au_claims(cot, items)
     if claims:
         problems.append(f"the CoT states AU values ({', '.join(claims[:3])}): AU confidences are not evidence, describe what is visible")
+    listed = {it.au for it in items}
+    unlisted = sorted({au for au, _ in find_au_mentions(cot)} - listed)
+    if unlisted and items:  # without a list, the rule below names the problem
+        problems.append(f"the CoT names {', '.join(f'AU{a}' for a in unlisted)}, not in the AU list (no new AUs)")
+    global_aus = list(dict.fromkeys(au for au, _ in find_au_mentions(global_part(cot))))
+    if global_aus:
+        problems.append(f"the global analysis names {', '.join(f'AU{a}' for a in global_aus)}: "
+                        "it describes the whole face without AUs; AUs come with the regions")
     if items:
-        problems.extend(validate_teacher_tags(cot, items, max_tags=max_regions))
+        tag_problems = validate_teacher_tags(cot, items, max_tags=max_regions)
+        if not unique_tags:
+            tag_problems = [p for p in tag_problems if not p.endswith("is tagged more than once")]
+        problems.extend(tag_problems)
         res.aus_used = _aus_tagged(cot, items)
         n_tags = cot.count(_AU_TAG_START)
         if n_tags < min_tags:
@@ -329,10 +366,12 @@ def check_trace(
         tag_problems = validate_teacher_tags(cot, [], max_tags=None)
         if tag_problems or _AU_TAG_START.lower() in low:
             problems.append("AU tags are not allowed without an AU list")
+        elif unlisted:
+            problems.append(f"the CoT names {', '.join(f'AU{a}' for a in unlisted)}: no AU may be named without an AU list")
     if problems:
         return res
     completion = build_completion(cot, label)  # type: ignore[arg-type]
-    parsed = parse_trace(completion, max_boxes=max_regions)
+    parsed = parse_trace(completion, max_boxes=max_regions if max_regions is not None else len(completion))
     if not parsed.well_formed:
         problems.extend(f"completion: {v}" for v in parsed.violations)
         res.parsed = parsed

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 from collections import Counter
 import contextlib
+import hashlib
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -47,14 +48,18 @@ from tagfer.core.labels import LABELS, normalize_label
 from tagfer.evaluation.metrics import save_confusion_png
 from tagfer.evaluation.metrics import Bootstrap, ScoreInputs, compute_scores, encode_labels
 from tagfer.models.backends import GenerationConfig, GenRequest, make_backend
+from tagfer.traces.boxtags import limit_boxes, vllm_extra_body
 from tagfer.models.backends import FACSBackend  # noqa: F401 - the `facs` model spec's backend, documented here too
 from tagfer.models.prompts import tag_prompt
-from tagfer.traces.rewards import r_au_batch
+from tagfer.traces.rewards import PAPER_FORMAT_VIOLATIONS, r_au_batch
 from tagfer.traces.trace import parse_trace
 
 __all__ = [
     "PAPER_TEST_SIZES",
     "Prediction",
+    "prompt_key",
+    "prompt_texts",
+    "BOX_REQUESTS",
     "parse_prediction",
     "EvalSummary",
     "generation_defaults",
@@ -68,6 +73,8 @@ __all__ = [
     "CanvasMismatch",
     "score_predictions",
     "score_file",
+    "au_geometries",
+    "DEFAULT_GEOMETRY",
 ]
 
 #: Test-set sizes of the paper (7 classes, contempt removed).
@@ -90,12 +97,20 @@ class Prediction:
       pred_from    str|null   "answer" (the <answer> span) or "lenient" (whole text, see module doc)
       boxes        list       [[x1, y1, x2, y2] | null, ...] every <bbox> in order (null = unreadable)
       violations   list[str]  grammar violation codes (:mod:`tagfer.traces.trace`)
-      well_formed  bool       no violation at all (what R_fmt rewards)
+      well_formed  bool       no grammar violation at all (the strict R_fmt rules; the paper's R_fmt
+                              checks only PAPER_FORMAT_VIOLATIONS, see ``format_validity_paper``)
       error        obj|null   {"kind", "message"} for a per-item failure (image or request)
       model        str        model spec (``hf:PATH``, ``openai:URL``, ...)
       gen          obj        generation settings {temperature, top_p, max_new_tokens, seed}
       latency_s    float|null seconds spent on this item's request (backend-reported or batch share)
-      box_limit    obj|null   {"max_boxes", "boxes", "cut_at"}: a served reply cut after its last allowed box
+      box_limit    str|null   how the box limit (``gen.max_boxes``) was met: "decode" (enforced while
+                              decoding: in-process processor, or a decode-time limit asked of the server),
+                              "repaired" (the reply had more boxes; the extra box elements were removed,
+                              the rest kept), "none" (reply unaltered, no decode-time limit); null: failed item
+      box_limit_info obj|null {"mode", "max_boxes", "boxes", "removed", "spans"} when repaired (or a backend's own note)
+      raw_output   str|null   the reply as the model wrote it, when ``output`` is its repaired form
+      prompt       str|null   key of the prompt answered (:func:`prompt_key`: hash of system + user text)
+      prompt_text  obj|null   {"system", "user"}: the prompt itself, on the first record each run writes
     """
 
     id: str
@@ -113,7 +128,11 @@ class Prediction:
     model: str = ""
     gen: dict[str, Any] = field(default_factory=dict)
     latency_s: float | None = None
-    box_limit: dict[str, int] | None = None
+    box_limit: str | None = None
+    box_limit_info: dict[str, Any] | None = None
+    raw_output: str | None = None
+    prompt: str | None = None
+    prompt_text: dict[str, str | None] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +145,21 @@ class Prediction:
             raise ValueError(f"prediction record lacks field(s): {', '.join(sorted(missing))}")
         known.setdefault("image", None)
         return cls(**known)
+
+
+def prompt_key(system: str | None, user: str) -> str:
+    """A short stable key of a (system, user) prompt: the first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(json.dumps([system, user], ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def prompt_texts(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, str | None]]:
+    """``prompt key → {"system", "user"}`` from prediction records (the records that carry the text)."""
+    out: dict[str, dict[str, str | None]] = {}
+    for r in records:
+        key, text = r.get("prompt"), r.get("prompt_text")
+        if isinstance(key, str) and isinstance(text, dict) and isinstance(text.get("user"), str):
+            out.setdefault(key, {"system": text.get("system"), "user": text["user"]})
+    return out
 
 
 def parse_prediction(pred: Prediction, output: str | None, lenient: bool = False) -> Prediction:
@@ -155,6 +189,65 @@ def generation_defaults(baseline: bool = False, **overrides: Any) -> dict[str, A
                            "max_boxes": None if baseline else 3}  # TAG: at most three boxes, enforced at inference
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return cfg
+
+
+#: Decode-time box limits a served model can be asked for (``gen["box_request"]``): vLLM's
+#: structured outputs (``{"structured_outputs": {"regex": …}}``, vLLM ≥ 0.10.2) or the older
+#: ``guided_regex`` field (vLLM ≤ 0.11). Without one, a served reply is repaired after the fact.
+BOX_REQUESTS = ("structured_outputs", "guided_regex")
+
+
+@dataclass
+class _RequestConfig(GenerationConfig):
+    """Decoding settings plus fields for the request body of an OpenAI-compatible server."""
+
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    def openai_params(self) -> dict[str, Any]:
+        return {**super().openai_params(), **self.extra_body}
+
+
+def _decodes_box_limit(backend: Any) -> bool:
+    """Whether ``backend`` enforces ``max_boxes`` while decoding (in-process transformers does)."""
+    flag = getattr(backend, "decodes_box_limit", None)
+    return bool(flag) if flag is not None else getattr(backend, "name", None) == "hf"
+
+
+def _box_limit_plan(backend: Any, cfg: GenerationConfig, box_request: str | None) -> tuple[GenerationConfig, str]:
+    """The config the backend gets and the mode of a reply that needs no repair.
+
+    A backend that limits boxes while decoding gets ``max_boxes`` (mode ``decode``). Any other
+    gets no limit (so it never cuts a reply) and its replies go through
+    :func:`tagfer.traces.boxtags.limit_boxes` here; with ``box_request`` an OpenAI-compatible
+    backend also sends the decode-time limit in the request body (mode ``decode``)."""
+    if cfg.max_boxes is None:
+        return cfg, "none"
+    if _decodes_box_limit(backend):
+        return cfg, "decode"
+    base = {f.name: getattr(cfg, f.name) for f in fields(GenerationConfig)}
+    base["max_boxes"] = None
+    if box_request is not None:
+        if box_request not in BOX_REQUESTS:
+            raise ValueError(f"unknown box_request {box_request!r}: use one of {', '.join(BOX_REQUESTS)}")
+        if getattr(backend, "client_config", None) is not None:  # an OpenAI-compatible backend
+            return _RequestConfig(**base, extra_body=vllm_extra_body(cfg.max_boxes, box_request)), "decode"
+    return GenerationConfig(**base), "none"
+
+
+def _apply_box_limit(p: Prediction, text: str | None, info: dict[str, Any], max_boxes: int | None, mode: str) -> str | None:
+    """Record how the box limit was met and return the text to parse (repaired when needed)."""
+    if text is None:
+        return None
+    note = info.get("box_limit")
+    if isinstance(note, str):
+        mode = note
+    elif isinstance(note, dict):  # a backend that limited the reply itself
+        mode, p.box_limit_info = str(note.get("mode", "cut")), note
+    fixed, lim = limit_boxes(text, max_boxes)
+    if lim is not None:
+        p.raw_output, p.box_limit_info, mode, text = text, lim, "repaired", fixed
+    p.box_limit = mode
+    return text
 
 
 @dataclass
@@ -219,6 +312,15 @@ def run_eval(
     ``encode_workers``: for an OpenAI-compatible backend, threads that build the chat
     messages (image load, resize, encode: the client's main CPU cost) ahead of the backend,
     with :func:`tagfer.models.openai_client.user_message`; default ``min(4, CPUs)``, 0 = off.
+
+    Box limit (``gen["max_boxes"]``): a backend that limits boxes while decoding (in-process
+    ``hf``) gets it; any other backend gets no limit and each reply with more boxes is repaired
+    here (:func:`tagfer.traces.boxtags.limit_boxes`: the extra box elements go, the answer stays),
+    so a served model scores as the in-process path would. ``gen["box_request"]``
+    (:data:`BOX_REQUESTS`) also asks an OpenAI-compatible (vLLM) server to hold the limit while
+    decoding. Each record says how the limit was met (``box_limit``). Each record carries the key
+    of its prompt (``prompt``), the first one of a run also its text (``prompt_text``), so the
+    judge can be shown the query the model answered.
     """
     t0 = time.perf_counter()
     own = isinstance(backend, str)  # a model spec: resolved by the one registry, closed here
@@ -228,6 +330,9 @@ def run_eval(
     system, user = prompt or tag_prompt()
     gen = gen or generation_defaults()
     cfg = GenerationConfig(**{k: gen[k] for k in ("temperature", "top_p", "max_new_tokens", "seed", "max_boxes") if k in gen})
+    backend_cfg, limit_mode = _box_limit_plan(backend, cfg, gen.get("box_request"))
+    key = prompt_key(system, user)
+    first_record = [True]
     summary = EvalSummary()
     out = Path(out)
     done = resume_from(out, "id", resume=resume, retry_errors=retry_errors)
@@ -236,6 +341,9 @@ def run_eval(
     writer = JsonlWriter(out)
 
     def finish(p: Prediction) -> None:
+        p.prompt = key
+        if first_record[0]:  # the prompt's text once per run; every record has its key
+            p.prompt_text, first_record[0] = {"system": system, "user": user}, False
         writer.write(p.to_json())
         summary.processed += 1
         if p.error is not None:
@@ -278,15 +386,16 @@ def run_eval(
     with writer, contextlib.ExitStack() as stack:
         if own:
             stack.callback(backend.close)
-        for res in backend.generate(reqs, cfg):
+        for res in backend.generate(reqs, backend_cfg):
             p = pending.pop(res.id)
             err = res.error
             if err is not None:
                 p.error = _err(err.get("kind", "backend_error"), err.get("message", ""))
-            parse_prediction(p, res.text if err is None else None, lenient)
-            lat = (res.info or {}).get("latency_s")
+            info = res.info or {}
+            text = _apply_box_limit(p, res.text if err is None else None, info, cfg.max_boxes, limit_mode)
+            parse_prediction(p, text, lenient)
+            lat = info.get("latency_s")
             p.latency_s = float(lat) if lat is not None else None
-            p.box_limit = (res.info or {}).get("box_limit")
             finish(p)
     summary.elapsed_s = time.perf_counter() - t0
     return summary
@@ -432,6 +541,10 @@ def au_truth(
                         g = ground_image(det, source)
                         rec["au_boxes"] = _first_face_boxes(g)
                         rec["error"] = g.get("error")
+                        faces = g.get("faces") or [{}]
+                        # which boxes these are (e.g. OpenFace's own landmarks vs MediaPipe's regions)
+                        rec["geometry"] = (faces[0].get("geometry") if isinstance(faces[0], dict) else None) \
+                            or getattr(det, "geometry", None) or DEFAULT_GEOMETRY
                     w.write(rec)
                     if on_record:
                         on_record(rec)
@@ -458,6 +571,33 @@ def _latest(preds: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for p in preds:
         last[str(p.get("id"))] = p
     return iter(last.values())
+
+
+def _paper_valid(rec: dict[str, Any]) -> bool:
+    """The paper's R_fmt conditions (§3.3) hold for a prediction record: a reply without any of
+    :data:`tagfer.traces.rewards.PAPER_FORMAT_VIOLATIONS` (a failed request has no reply)."""
+    if rec.get("well_formed"):
+        return True
+    replied = rec.get("output") is not None if "output" in rec else not rec.get("error")
+    return replied and PAPER_FORMAT_VIOLATIONS.isdisjoint(rec.get("violations") or ())
+
+
+#: The geometry of a table's AU boxes when the table does not say: MediaPipe's landmark regions.
+DEFAULT_GEOMETRY = "mediapipe-regions"
+
+
+def au_geometries(path: str | os.PathLike) -> dict[str, int]:
+    """How many records of an AU JSONL (an :func:`au_truth` cache or a ``tagfer au`` output) got
+    their boxes from each geometry (``geometry`` of the record or of its first face; records
+    without one count as :data:`DEFAULT_GEOMETRY`); failed records are not counted."""
+    counts: dict[str, int] = {}
+    for rec in read_jsonl(path):
+        if rec.get("error"):
+            continue
+        faces = rec.get("faces") or []
+        g = rec.get("geometry") or (faces[0].get("geometry") if faces and isinstance(faces[0], dict) else None) or DEFAULT_GEOMETRY
+        counts[str(g)] = counts.get(str(g), 0) + 1
+    return counts
 
 
 def score_predictions(
@@ -491,6 +631,8 @@ def score_predictions(
         truth=truth[keep],
         pred=encode_labels([r.get("pred") for r in rows]),
         well_formed=np.asarray([bool(r.get("well_formed")) for r in rows]),
+        paper_valid=np.asarray([_paper_valid(r) for r in rows]),
+        box_limit=[r.get("box_limit") if isinstance(r.get("box_limit"), str) else ("cut" if r.get("box_limit") else None) for r in rows],
         n_boxes=np.asarray([len(b) for b in pred_boxes], dtype=np.int64),
         au_iou=ious(au),
         cross_au_iou=ious(cross_au),
@@ -516,11 +658,15 @@ def score_file(
     png: str | os.PathLike | None = None,
     bootstrap: Any = None,
     matching: str = "paper",
+    au_geometry: dict[str, int] | None = None,
+    cross_geometry: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Score a predictions JSONL; write the score JSON (and a confusion PNG) when paths are given.
 
     The ``run`` block (read by :mod:`tagfer.evaluation.report`) takes the model, dataset and split of
-    the predictions (most common values) unless overridden.
+    the predictions (most common values) unless overridden. ``au_geometry`` / ``cross_geometry``
+    (:func:`au_geometries` of the AU tables) say which box geometry each AU IoU was measured
+    against; they go to the run block and to the ``au_iou`` / ``cross_au_iou`` blocks.
     """
     preds = list(read_jsonl(preds_path))
     if not preds:
@@ -544,7 +690,12 @@ def score_file(
         "predictions": str(preds_path),
         "au_detector": au_source,
         "cross_detector": cross_source,
+        "au_geometry": au_geometry,
+        "cross_geometry": cross_geometry,
     }
+    for key, geo in (("au_iou", au_geometry), ("cross_au_iou", cross_geometry)):
+        if isinstance(scores.get(key), dict) and geo is not None:
+            scores[key]["geometry"] = geo
     scores = {"run": run, **scores}
     if png:
         save_confusion_png(scores["confusion"], str(png), title=f"{run['name']} on {run['dataset']}")

@@ -70,6 +70,7 @@ __all__ = [
     "parse_judgment",
     "judge_prompt",
     "default_task_prompt",
+    "task_prompt_text",
     "JUDGE_MAX_NEW_TOKENS",
     "run_judge",
     "aggregate",
@@ -87,6 +88,11 @@ class Pair:
     {"id": str, "image": str (path), "label": str | null (truth, never shown),
      "a": {"name": str, "text": str}, "b": {"name": str, "text": str},
      "prompt": str | null}     # the prompt both systems answered (null: the unified TAG prompt)
+
+    :func:`make_pairs` takes ``prompt`` from the prediction records (``tagfer eval`` stores each
+    record's prompt key and the prompt text once per run). When the two systems answered
+    different prompts, ``prompt`` is null and each side carries its own (``a["prompt"]``,
+    ``b["prompt"]``); the judge is then shown both, in the order the responses are shown.
     """
 
     id: str
@@ -140,14 +146,24 @@ def make_pairs(
     Images stored as bytes (FER2013-style CSV) have no path: with ``dataset`` (source
     spec) and ``image_dir`` they are written there as PNG files; otherwise they are skipped.
     """
+    prompts: dict[str, dict[str, str | None]] = {}
+
     def load(path):
         out = {}
         for r in read_jsonl(path):
+            key, text = r.get("prompt"), r.get("prompt_text")
+            if isinstance(key, str) and isinstance(text, dict) and isinstance(text.get("user"), str):
+                prompts.setdefault(key, {"system": text.get("system"), "user": text["user"]})
             if r.get("error") is None and isinstance(r.get("output"), str):
                 out[str(r["id"])] = r
         return out
 
     ra, rb = load(preds_a), load(preds_b)
+
+    def prompt_of(rec: dict[str, Any]) -> str | None:
+        text = prompts.get(rec.get("prompt")) if isinstance(rec.get("prompt"), str) else None
+        return task_prompt_text(text["system"], text["user"]) if text else None
+
     na = name_a or next((r.get("model") for r in ra.values()), None) or "a"
     nb = name_b or next((r.get("model") for r in rb.values()), None) or "b"
     common = sorted(set(ra) & set(rb))
@@ -168,16 +184,16 @@ def make_pairs(
     usable = [i for i in common if ra[i].get("image") or rb[i].get("image") or i in written]
     if n is not None and n < len(usable):
         usable = sorted(random.Random(seed).sample(usable, n))
-    return [
-        Pair(
-            id=i,
-            image=ra[i].get("image") or rb[i].get("image") or written[i],
-            a={"name": str(na), "text": ra[i]["output"]},
-            b={"name": str(nb), "text": rb[i]["output"]},
-            label=ra[i].get("label"),
-        )
-        for i in usable
-    ]
+    pairs = []
+    for i in usable:
+        pa, pb = prompt_of(ra[i]), prompt_of(rb[i])
+        a = {"name": str(na), "text": ra[i]["output"]}
+        b = {"name": str(nb), "text": rb[i]["output"]}
+        if pa is not None and pb is not None and pa != pb:  # the systems answered different prompts: keep each
+            a["prompt"], b["prompt"] = pa, pb
+        pairs.append(Pair(id=i, image=ra[i].get("image") or rb[i].get("image") or written[i], a=a, b=b,
+                          label=ra[i].get("label"), prompt=pa if pa == pb or pb is None else pb if pa is None else None))
+    return pairs
 
 
 def shown_order(pair_id: str, seed: int) -> tuple[str, str]:
@@ -260,17 +276,25 @@ def judge_prompt(system: str | Path | None = None, user: str | Path | None = Non
     return load_prompt("judge_system", system), load_prompt("judge_user", user)
 
 
+def task_prompt_text(system: str | None, user: str) -> str:
+    """A model's prompt as the judge reads it: the system text, a blank line, the user text."""
+    return f"{system}\n\n{user}" if system else user
+
+
 def default_task_prompt() -> str:
     """The unified TAG prompt (system, then user text) that every evaluated model answers."""
     system, user = tag_prompt()
-    return f"{system}\n\n{user}"
+    return task_prompt_text(system, user)
 
 
 def _render(user_tpl: str, pair: Pair, order: tuple[str, str], task_prompt: str = "") -> str:
     first, second = (getattr(pair, order[0]), getattr(pair, order[1]))
+    shown = pair.prompt
+    if shown is None and isinstance(first.get("prompt"), str) and isinstance(second.get("prompt"), str):
+        shown = f"Response A answered:\n{first['prompt']}\n\nResponse B answered:\n{second['prompt']}"
     return render(
         user_tpl, response_a=first["text"], response_b=second["text"], label=pair.label or "",
-        task_prompt=pair.prompt or task_prompt,
+        task_prompt=shown or task_prompt,
     )
 
 

@@ -16,8 +16,14 @@ macro-F1
     mean over the classes *present* (support > 0 or predicted at least once; the
     scikit-learn convention) of ``F1_c = 2·tp / (2·tp + fp + fn)``; an invalid
     prediction is a false negative of its true class and nobody's false positive.
-format validity
-    share of responses with no grammar violation (:func:`tagfer.traces.trace.parse_trace`).
+format validity, two figures
+    ``format_validity_paper``: share of responses that pass the paper's three R_fmt
+    conditions (§3.3: one think block, at most three boxes inside it, one answer span with
+    one valid label; :data:`tagfer.traces.rewards.PAPER_FORMAT_VIOLATIONS`) — what the
+    default R_fmt rewards. ``format_validity_strict``: share with no grammar violation at all
+    (:func:`tagfer.traces.trace.parse_trace`, ``ParsedTrace.well_formed``; the strict R_fmt).
+    A failed request is invalid under both. ``format_validity`` is kept as an alias of the
+    strict figure for older readers.
 boxes histogram
     number of ``<bbox>`` elements per response: 0, 1, 2, 3 and ``>3``.
 AU IoU
@@ -188,23 +194,30 @@ def bootstrap_confusions(truth: Sequence[int], pred: Sequence[int], k: int = len
 
 
 def _bootstrap_labels(
-    truth: Sequence[int], pred: Sequence[int], flags: Sequence[float] | None, k: int, cfg: Bootstrap
+    truth: Sequence[int], pred: Sequence[int], flags: Sequence[Sequence[float]] | None, k: int, cfg: Bootstrap
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Resampled confusion matrices and, on the *same* resamples, the mean of binary ``flags`` (e.g. well-formed).
+    """Resampled confusion matrices and, on the *same* resamples, the means of binary ``flags``
+    (a list of per-sample flag arrays, e.g. [well-formed, paper-valid]): ``(n_boot, k, k+1)``
+    and ``(len(flags), n_boot)``.
 
     A resample's statistics depend only on how many of its ``n`` draws fall in each joint
-    cell (truth, prediction, flag), and those counts follow ``Multinomial(n, observed cell
+    cell (truth, prediction, flags), and those counts follow ``Multinomial(n, observed cell
     shares)`` exactly, so they are drawn directly: O(n_boot × cells), independent of ``n``.
     """
     codes = _codes(np.asarray(truth), np.asarray(pred), k)
     n, cells = codes.size, k * (k + 1)
+    nf = len(flags) if flags is not None else 0
     if n == 0 or cfg.n_boot <= 0:
-        return np.zeros((0, k, k + 1), dtype=np.int64), np.zeros(0)
-    f = np.zeros(n, dtype=np.int64) if flags is None else (np.asarray(flags, dtype=np.float64) > 0).astype(np.int64)
-    joint = np.bincount(codes * 2 + f, minlength=2 * cells)
+        return np.zeros((0, k, k + 1), dtype=np.int64), np.zeros((nf, 0))
+    bits = np.zeros(n, dtype=np.int64)
+    for j, f in enumerate(flags or ()):
+        bits |= (np.asarray(f, dtype=np.float64) > 0).astype(np.int64) << j
+    m = 1 << nf
+    joint = np.bincount(codes * m + bits, minlength=m * cells)
     rng = np.random.default_rng(cfg.seed)
-    draws = rng.multinomial(n, joint / n, size=cfg.n_boot).reshape(cfg.n_boot, k, k + 1, 2)
-    means = draws[..., 1].sum(axis=(1, 2)) / n if flags is not None else np.zeros(0)
+    draws = rng.multinomial(n, joint / n, size=cfg.n_boot).reshape(cfg.n_boot, k, k + 1, m)
+    per_bits = draws.sum(axis=(1, 2))  # (n_boot, m)
+    means = np.stack([per_bits[:, [c for c in range(m) if c >> j & 1]].sum(axis=1) / n for j in range(nf)]) if nf else np.zeros((0, cfg.n_boot))
     return draws.sum(axis=-1), means
 
 
@@ -231,7 +244,9 @@ def percentile_ci(samples: np.ndarray, level: float = 0.95) -> tuple[float, floa
 class ScoreInputs:
     """Aligned per-sample arrays for :func:`compute_scores` (one entry per scored sample).
 
-    ``truth``/``pred``: label codes; ``well_formed``: grammar check passed;
+    ``truth``/``pred``: label codes; ``well_formed``: no grammar violation (strict);
+    ``paper_valid``: the paper's R_fmt conditions hold (``None``: taken as ``well_formed``);
+    ``box_limit``: per-sample box-limit mode of the prediction (counted);
     ``n_boxes``: boxes in the response; ``au_iou`` / ``cross_au_iou``: per-sample
     R_AU against the training detector / an independent detector (``None`` = skipped;
     the whole list ``None`` = not computed); ``errors``: per-sample error kind or None.
@@ -245,6 +260,8 @@ class ScoreInputs:
     cross_au_iou: list[float | None] | None = None
     errors: list[str | None] | None = None
     violations: list[Sequence[str]] | None = None
+    paper_valid: np.ndarray | None = None
+    box_limit: list[str | None] | None = None
 
 
 def _value(v: float, ci: tuple[float, float] | None) -> dict[str, Any]:
@@ -263,19 +280,21 @@ def _au_block(values: list[float | None] | None, cfg: Bootstrap) -> dict[str, An
 def compute_scores(inp: ScoreInputs, classes: Sequence[str] = LABELS, cfg: Bootstrap = Bootstrap()) -> dict[str, Any]:
     """Every metric of the module docstring as a JSON-ready dict (values are fractions in [0, 1]).
 
-    Keys: ``n``, ``accuracy``, ``macro_f1``, ``format_validity``, ``au_iou``,
+    Keys: ``n``, ``accuracy``, ``macro_f1``, ``format_validity_paper``,
+    ``format_validity_strict`` (and its alias ``format_validity``), ``au_iou``,
     ``cross_au_iou`` (each ``{"value", "ci"[, "n_scored", "n_skipped"]}``),
     ``per_class`` (``{label: {"recall", "recall_ci", "f1", "support"}}``),
     ``confusion`` (``{"labels", "columns", "matrix"}``), ``boxes_histogram``,
-    ``errors`` and ``violations`` (counts by kind), ``bootstrap`` (settings).
+    ``errors``, ``violations`` and ``box_limit`` (counts by kind / mode), ``bootstrap`` (settings).
     """
     k = len(classes)
     truth = np.asarray(inp.truth, dtype=np.int64)
     pred = np.asarray(inp.pred, dtype=np.int64)
     wf = np.asarray(inp.well_formed, dtype=np.float64)
+    pv = wf if inp.paper_valid is None else np.asarray(inp.paper_valid, dtype=np.float64)
     cm = confusion_matrix(truth, pred, k)
     point = _stats_from_confusion(cm)
-    boot_cm, boot_wf = _bootstrap_labels(truth, pred, wf, k, cfg)
+    boot_cm, (boot_wf, boot_pv) = _bootstrap_labels(truth, pred, [wf, pv], k, cfg)
     boot = _stats_from_confusion(boot_cm) if truth.size else None
     support = cm.sum(axis=1)
 
@@ -295,6 +314,11 @@ def compute_scores(inp: ScoreInputs, classes: Sequence[str] = LABELS, cfg: Boots
             "support": int(support[i]),
         }
     fv = float(wf.mean()) if wf.size else float("nan")
+    fp = float(pv.mean()) if pv.size else float("nan")
+    limits: dict[str, int] = {}
+    for mode in inp.box_limit or ():
+        if mode:
+            limits[str(mode)] = limits.get(str(mode), 0) + 1
     errors: dict[str, int] = {}
     for e in inp.errors or ():
         if e:
@@ -307,7 +331,9 @@ def compute_scores(inp: ScoreInputs, classes: Sequence[str] = LABELS, cfg: Boots
         "n": int(truth.size),
         "accuracy": _value(float(point["accuracy"]) if truth.size else float("nan"), ci("accuracy")),
         "macro_f1": _value(float(point["macro_f1"]) if truth.size else float("nan"), ci("macro_f1")),
-        "format_validity": _value(fv, percentile_ci(boot_wf, cfg.level)),
+        "format_validity_paper": _value(fp, percentile_ci(boot_pv, cfg.level)),
+        "format_validity_strict": _value(fv, percentile_ci(boot_wf, cfg.level)),
+        "format_validity": _value(fv, percentile_ci(boot_wf, cfg.level)),  # alias of the strict figure (older readers)
         "au_iou": _au_block(inp.au_iou, cfg),
         "cross_au_iou": _au_block(inp.cross_au_iou, cfg),
         "per_class": per_class,
@@ -316,6 +342,7 @@ def compute_scores(inp: ScoreInputs, classes: Sequence[str] = LABELS, cfg: Boots
         "mean_boxes": float(np.mean(inp.n_boxes)) if len(inp.n_boxes) else None,
         "errors": errors,
         "violations": dict(sorted(violations.items(), key=lambda kv: -kv[1])),
+        "box_limit": limits,
         "bootstrap": {"n_boot": cfg.n_boot, "seed": cfg.seed, "level": cfg.level},
     }
 

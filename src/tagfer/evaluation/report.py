@@ -18,8 +18,9 @@ Tables (every value in percent, two decimals; in each column the best value is
     rows = training set (``run.train_set``), columns = test dataset, accuracy.
     Runs without ``train_set`` are left out of this table.
 ``details``
-    per run × dataset: accuracy, macro-F1, format validity, AU IoU, cross AU IoU,
-    each with its bootstrap 95% CI, and n.
+    per run × dataset: accuracy, macro-F1, format validity under the paper's R_fmt rules and
+    under the strict grammar, AU IoU, cross AU IoU, each with its bootstrap 95% CI, the box
+    geometry of each AU table (e.g. OpenFace's own landmarks or MediaPipe's regions), and n.
 
 Markdown goes to one file; each table is also written as CSV (plain numbers,
 no markup) next to it.
@@ -45,6 +46,7 @@ __all__ = [
     "ablation_table",
     "cross_table",
     "details_table",
+    "geometry_label",
     "build_tables",
     "to_markdown",
     "write_report",
@@ -198,15 +200,42 @@ def _fmt_ci(block: Any) -> str:
     return s
 
 
+def geometry_label(geo: Any) -> str:
+    """The box geometry of an AU table as text: ``{"openface-landmarks": 3000}`` → ``openface-landmarks``;
+    several → each with its count (``openface-landmarks 3000, mediapipe-regions 68``)."""
+    if not geo:
+        return ""
+    if isinstance(geo, str):
+        return geo
+    if isinstance(geo, dict):
+        items = sorted(geo.items(), key=lambda kv: -kv[1])
+        return items[0][0] if len(items) == 1 else ", ".join(f"{k} {v}" for k, v in items)
+    return str(geo)
+
+
+def _validity(r: RunScores, key: str) -> Any:
+    """A format-validity block; score files from before the split have one ``format_validity`` (the strict figure)."""
+    block = r.scores.get(key)
+    if block is None and key == "format_validity_strict":
+        block = r.scores.get("format_validity")
+    return block
+
+
 def details_table(runs: Sequence[RunScores]) -> Table:
-    """Every run × dataset with CIs (not ranked)."""
-    keys = [("accuracy", "Acc"), ("macro_f1", "Macro-F1"), ("format_validity", "Format valid"), ("au_iou", "AU IoU"), ("cross_au_iou", "X-IoU")]
+    """Every run × dataset with CIs (not ranked), both format-validity figures and the box geometry
+    each AU IoU was measured against."""
+    keys = [("accuracy", "Acc"), ("macro_f1", "Macro-F1"), ("format_validity_paper", "Format valid (paper)"),
+            ("format_validity_strict", "Format valid (strict)"), ("au_iou", "AU IoU"), ("cross_au_iou", "X-IoU")]
     rows, values, text = [], [], []
     for r in runs:
+        blocks = [_validity(r, k) if k.startswith("format_validity") else r.scores.get(k) for k, _ in keys]
+        run = r.scores.get("run") or {}
+        geos = [geometry_label(run.get("au_geometry")), geometry_label(run.get("cross_geometry"))]
         rows.append(f"{r.name} / {dataset_name(r.dataset)}")
-        values.append([_pct(r.metric(k)) for k, _ in keys] + [float(r.scores.get("n", 0))])
-        text.append([_fmt_ci(r.scores.get(k)) for k, _ in keys] + [str(r.scores.get("n", ""))])
-    cols = [lab for _, lab in keys] + ["n"]
+        values.append([_pct(b.get("value")) if isinstance(b, dict) and b.get("value") is not None else None for b in blocks]
+                      + [None, None, float(r.scores.get("n", 0))])
+        text.append([_fmt_ci(b) for b in blocks] + geos + [str(r.scores.get("n", ""))])
+    cols = [lab for _, lab in keys] + ["AU boxes", "X-IoU boxes", "n"]
     return Table("details", "Details with bootstrap 95% CIs (%)", "Run / dataset", rows, cols, values, rank=False, text=text)
 
 

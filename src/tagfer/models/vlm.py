@@ -18,9 +18,11 @@ independent of this resize (see :mod:`tagfer.core.canvas`).
 
 At most three boxes (the paper restricts the model to three ``<bbox>`` at inference):
 ``generate(max_boxes=3)`` installs :class:`BoxLimitProcessor`, a logits processor that
-forbids every token completing a fourth ``<bbox`` in the generated text, so the model
-goes on with its reasoning and answer instead. Served backends cannot do this and
-truncate instead (:func:`tagfer.models.backends.limit_boxes`).
+forbids every token that would start a fourth box opening (any spelling the parser reads,
+:mod:`tagfer.traces.boxtags`), so the model goes on with its reasoning and answer instead.
+Replies generated without it (served models) are held to the same limit by
+:func:`tagfer.traces.boxtags.limit_boxes` (extra box elements removed, answer kept) or, on
+vLLM, by the same language as a decode-time regex (:func:`tagfer.traces.boxtags.box_limit_regex`).
 """
 
 from __future__ import annotations
@@ -36,66 +38,105 @@ from typing import Any, Sequence
 from PIL import Image
 
 from tagfer.models.families import Family, UnknownFamily, family_of, get_family
+from tagfer.traces.boxtags import STEM, advance
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-BOX_OPEN = "<bbox"
+
+_BAN_TABLES: dict[int, tuple[Sequence[str], "_BanTable"]] = {}  # id(token_texts) -> (the list, its table)
 
 
-def _open_suffix(text: str) -> int:
-    """Length of the longest end of ``text`` that is a proper prefix of ``<bbox`` (0..4)."""
-    for k in range(len(BOX_OPEN) - 1, 0, -1):
-        if text.endswith(BOX_OPEN[:k]):
-            return k
-    return 0
+class _BanTable:
+    """For each automaton state of :func:`tagfer.traces.boxtags.advance`: the tokens that complete a
+    box stem from it, with ``m`` (openings the token completes before that stem). Built once per
+    vocabulary (~1 s for 152k tokens: most tokens hold no ``<`` and are skipped after a few tests)."""
+
+    def __init__(self, token_texts: Sequence[str]):
+        self.ids: list[list[int]] = []
+        self.m: list[list[int]] = []
+        for state in range(STEM + 1):
+            ids, ms = [], []
+            for i, t in enumerate(token_texts):
+                if state == 0 and "<" not in t:
+                    continue
+                m = advance(state, t)[2]
+                if m >= 0:
+                    ids.append(i)
+                    ms.append(m)
+            self.ids.append(ids)
+            self.m.append(ms)
+        self._tensors: dict[tuple[int, int, Any], Any] = {}
+
+    def banned(self, state: int, need: int, device: Any) -> Any:
+        """Ids of the tokens that, read from ``state``, complete a stem after at least ``need``
+        openings of their own (``need = max_boxes - openings so far``, at least 0)."""
+        key = (state, need, str(device))
+        if key not in self._tensors:
+            import torch  # lazy (start-up time): torch
+
+            ids = [i for i, m in zip(self.ids[state], self.m[state]) if m >= need]
+            self._tensors[key] = torch.tensor(ids, dtype=torch.long, device=device)
+        return self._tensors[key]
+
+
+def _ban_table(token_texts: Sequence[str]) -> _BanTable:
+    hit = _BAN_TABLES.get(id(token_texts))
+    if hit is not None and hit[0] is token_texts:
+        return hit[1]
+    table = _BanTable(token_texts)
+    if len(_BAN_TABLES) > 4:
+        _BAN_TABLES.clear()
+    _BAN_TABLES[id(token_texts)] = (token_texts, table)
+    return table
 
 
 class BoxLimitProcessor:
-    """A transformers logits processor: once the generated text of a row holds ``max_boxes``
-    ``<bbox`` openings, every token that would complete another one gets ``-inf``.
+    """A transformers logits processor: once the generated text of a row holds ``max_boxes`` box
+    openings, every token that would complete the stem of another one gets ``-inf``.
 
-    ``token_texts[i]`` is the decoded text of token ``i``; ``prompt_len`` the (left-padded)
-    prompt length, so only generated tokens count. For each ``k`` (how much of ``<bbox`` the
-    text already ends with) the banned token ids are precomputed once. Each step reads only the
-    new token of each row (its text from ``token_texts``), keeping per row the number of
-    openings so far and the last four characters: O(1) per row and step, where decoding the
-    whole generated text every step would cost O(length) (O(length²) per sequence). Rows keep
-    their place between steps (greedy or sampled decoding, as tagfer generates; not beam search).
+    "A box opening" is the one definition of :mod:`tagfer.traces.boxtags` (the parser's): ``<bbox>``,
+    ``< bbox >``, ``<BBOX>``, …, with the pieces split over tokens in any way (``"<"``, ``" "``,
+    ``"Bb"``, ``"ox"``). ``token_texts[i]`` is the decoded text of token ``i``; ``prompt_len`` the
+    (left-padded) prompt length, so only generated tokens count. Each step reads only the new
+    token of each row and moves that row's automaton (:func:`tagfer.traces.boxtags.advance`: a
+    state and an opening count): O(1) per row and step, where decoding the whole generated text
+    every step would cost O(length) (O(length²) per sequence). The banned tokens per automaton
+    state are precomputed once per vocabulary. A token that holds a whole opening and then
+    another stem (``"<bbox><bbox"``) is banned as soon as that second stem would pass the limit.
+    Rows keep their place between steps (greedy or sampled decoding, as tagfer generates; not
+    beam search).
     """
 
     def __init__(self, tokenizer: Any, prompt_len: int, max_boxes: int, token_texts: Sequence[str]):
-        import torch  # lazy (start-up time): torch
-
         self.tokenizer, self.prompt_len, self.max_boxes = tokenizer, int(prompt_len), int(max_boxes)
         self.token_texts = token_texts
-        self.banned = [
-            torch.tensor([i for i, t in enumerate(token_texts) if BOX_OPEN in BOX_OPEN[:k] + t], dtype=torch.long)
-            for k in range(len(BOX_OPEN))
-        ]
+        self.table = _ban_table(token_texts)
         space = [i for i, t in enumerate(token_texts) if t == " "]
         self.fallback = space[0] if space else 0
         self._seen = 0  # generated tokens already read (the same for every row)
-        self._count: list[int] = []  # "<bbox" openings per row
-        self._tail: list[str] = []  # last len("<bbox") - 1 characters per row: no whole opening fits in it
+        self._count: list[int] = []  # box openings per row
+        self._state: list[int] = []  # automaton state per row (0: nothing pending, 5: a stem awaiting ">")
 
     def _read(self, input_ids: Any) -> None:
         new = input_ids[:, self.prompt_len + self._seen :].tolist()  # one device→host copy per step
         if not self._count:
-            self._count, self._tail = [0] * len(new), [""] * len(new)
-        keep = len(BOX_OPEN) - 1
+            self._count, self._state = [0] * len(new), [0] * len(new)
+        texts = self.token_texts
         for row, ids in enumerate(new):
+            state, count = self._state[row], self._count[row]
             for i in ids:
                 i = int(i)
-                s = self._tail[row] + (self.token_texts[i] if 0 <= i < len(self.token_texts) else "")
-                self._count[row] += s.count(BOX_OPEN)  # the tail is too short to hold one: all are new
-                self._tail[row] = s[-keep:]
+                state, opened, _ = advance(state, texts[i] if 0 <= i < len(texts) else "")
+                count += opened
+            self._state[row], self._count[row] = state, count
         self._seen += len(new[0]) if new else 0
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         self._read(input_ids)
         for row in range(input_ids.shape[0]):
-            if self._count[row] < self.max_boxes:
+            need = max(0, self.max_boxes - self._count[row])
+            ban = self.table.banned(self._state[row], need, scores.device)
+            if not ban.numel():
                 continue
-            ban = self.banned[_open_suffix(self._tail[row])].to(scores.device)
             scores[row, ban] = float("-inf")
             if bool(scores[row].isneginf().all()):  # a sampler kept only banned tokens
                 scores[row, self.fallback] = 0.0

@@ -80,6 +80,7 @@ from functools import partial
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from tagfer.core.canvas import CANVAS, is_valid_box
+from tagfer.traces.boxtags import BBOX_NAME, BOX_TAG, TAG_NAMES, remove_spans
 from tagfer.core.labels import EXCLUDED, find_labels, normalize_label
 
 __all__ = [
@@ -134,16 +135,17 @@ _BOX_CONTENT = re.compile(r"\s*+" + _BOX_LIST + r"\s*+")
 # look-alikes that Unicode case folding would equate with them (dotless
 # "ı" U+0131, long "ſ" U+017F, Kelvin "K" U+212A, fullwidth letters) are
 # not tag names, so "<thınk>" is plain text.
-_BBOX = r"(?ai:bbox)"
+# The tag spelling (name, whitespace, case) is defined once, in tagfer.traces.boxtags.
+_BBOX = BBOX_NAME
 # The tokenizer: either a complete well-spelled box element (coordinates
 # captured by the regex engine, the common case) or a single tag (optional
-# "/" then a name; whitespace tolerated inside the angle brackets).
+# "/" then a name; whitespace tolerated inside the angle brackets: boxtags.TAG).
 # Groups: 1 box element (2-5 its coordinates), 6 tag, 7 slash, 8 name.
 # The leading "<" is kept outside the alternation so that the regex engine can
 # jump from "<" to "<" (an alternation at the start costs ~30x more).
 _TOKEN = re.compile(
     r"<(?:(\s*+" + _BBOX + r"\s*+>\s*+" + _BOX_LIST + r"\s*+<\s*+/\s*+" + _BBOX + r"\s*+>)"
-    r"|(\s*+(/?)\s*+((?ai:think|answer|bbox))\s*+>))"
+    r"|(\s*+(/?)\s*+(" + TAG_NAMES + r")\s*+>))"
 )
 _NON_SPACE = re.compile(r"\S")
 # AU mentions: "AU12", "AU 4", "AU-6", "<AU6>", "AU04"; not "AU120". The
@@ -670,11 +672,6 @@ def validate_teacher_tags(text: str, au_list: str | Iterable[Any], max_tags: int
     return problems
 
 
-# One box tag, opening or closing (group 1: the slash). Possessive runs keep the scan linear.
-_BBOX_TAG = re.compile(r"<\s*+(/?)\s*+(?ai:bbox)\s*+>")
-_NO_SPACE_BEFORE = frozenset(".,;:!?)]}\n\r")
-
-
 def strip_bboxes(text: str, keep_tags: bool = True) -> str:
     """The no-bbox ablation (Table 3): remove the coordinates of every box.
 
@@ -690,38 +687,23 @@ def strip_bboxes(text: str, keep_tags: bool = True) -> str:
     opening tags with no closing tag after them stay. One pass over the text
     (linear time).
     """
-    out: list[str] = []
-    last = 0  # end of the previous rewritten element (and, when deleting, its trailing spaces)
-    n = len(text)
-    tags = _BBOX_TAG.finditer(text)
+    spans: list[tuple[int, int]] = []
+    kept: list[str] = []
+    last = 0
+    tags = BOX_TAG.finditer(text)  # the one definition of a box tag (tagfer.traces.boxtags)
     for m in tags:
         if m.group(1):  # a closing tag with no opening tag before it: kept as text
             continue
         close = next((c for c in tags if c.group(1)), None)
         if close is None:  # no closing tag anywhere after this one
             break
-        start, end = m.start(), close.end()
         if keep_tags:
-            out.append(text[last:start])
-            out.append(m.group(0) + close.group(0))
-            last = end
-            continue
-        pre = start
-        while pre > last and text[pre - 1] in " \t":
-            pre -= 1
-        post = end
-        while post < n and text[post] in " \t":
-            post += 1
-        before = text[pre - 1] if pre > 0 else "\n"
-        after = text[post] if post < n else "\n"
-        if pre == start and post == end:  # glued: "word<bbox>…</bbox>word" keeps the words apart
-            sep = " " if before.isalnum() and after.isalnum() else ""
-        elif before in "\n\r" or after in _NO_SPACE_BEFORE:
-            sep = ""
+            kept.append(text[last:m.start()])
+            kept.append(m.group(0) + close.group(0))
+            last = close.end()
         else:
-            sep = " "
-        out.append(text[last:pre])
-        out.append(sep)
-        last = post
-    out.append(text[last:])
-    return "".join(out)
+            spans.append((m.start(), close.end()))
+    if keep_tags:
+        kept.append(text[last:])
+        return "".join(kept)
+    return remove_spans(text, spans)
