@@ -31,13 +31,12 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 import importlib
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
 from PIL import Image
 
-from tagfer.models.families import Family, UnknownFamily, family_of, get_family
+from tagfer.models.families import Family, UnknownFamily, family_of, get_family, smart_resize
 from tagfer.traces.boxtags import STEM, advance
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -188,23 +187,6 @@ PATCH_FACTOR = 28
 QWEN_MIN_PIXELS = 56 * 56
 
 
-def smart_resize(height: int, width: int, factor: int = PATCH_FACTOR, min_pixels: int = QWEN_MIN_PIXELS,
-                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
-    """Qwen2-VL's processor rule (also qwen_vl_utils' ``fetch_image``): both sides rounded to a multiple
-    of ``factor``, the area kept within ``[min_pixels, max_pixels]``. Returns ``(height, width)``."""
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
-
-
 @dataclass(frozen=True)
 class ImagePolicy:
     """The one image rule of tagfer: training, evaluation, analysis and every export/interop config.
@@ -253,7 +235,6 @@ class ImagePolicy:
         """Image tokens a model of ``family`` (:mod:`tagfer.models.families`) gets for an original ``width x height``
         image (:meth:`tagfer.models.families.Family.image_tokens`: Gemma 3 needs the model ``config``,
         LLaVA-OneVision the ``processor``)."""
-        from tagfer.models.families import get_family
 
         return get_family(family).image_tokens(self, width, height, config, processor)
 
@@ -500,7 +481,6 @@ def _random_model(path: Path, dtype, device: str, kw: dict[str, Any]):
 
 
 def _family_or_none(model):
-    from tagfer.models.families import UnknownFamily, family_of
 
     try:
         return family_of(model)
