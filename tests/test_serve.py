@@ -21,7 +21,7 @@ from tagfer.explainer.serve import create_app
 
 @pytest.fixture(scope="module")
 def app():
-    return create_app(lambda: Analyzer(), max_upload_mb=2, pool_size=2)
+    return create_app(lambda: Analyzer(), max_upload_mb=2, pool_size=2, max_pending=64)  # 50 at once in test_50_…
 
 
 @pytest.fixture(scope="module")

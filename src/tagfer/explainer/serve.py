@@ -183,17 +183,19 @@ def create_app(
 
     @app.post("/analyze")
     async def analyze(request: Request, overlay: bool = True) -> Response:
+        mb = f"{max_upload_mb:g} MB"
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
+            return error("too_large", f"upload of {int(declared):,} bytes is above the {mb} limit",
+                         headers={"Connection": "close"})
         if app.state.pending >= pending_cap:  # nothing awaited between the test and the increment
+            # a declared body within the limit is drained by the server (the client reads the 503); others are cut
+            close = {} if declared is not None and declared.isdigit() else {"Connection": "close"}
             return error("busy", f"{pending_cap} uploads are already being analysed; try again shortly",
-                         headers={"Retry-After": "2", "Connection": "close"})
+                         headers={"Retry-After": "2", **close})
         app.state.pending += 1
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
         try:
-            mb = f"{max_upload_mb:g} MB"
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
-                return error("too_large", f"upload of {int(declared):,} bytes is above the {mb} limit",
-                             headers={"Connection": "close"})
             ctype = request.headers.get("content-type", "")
             if not ctype.startswith("multipart/form-data"):
                 return error("unsupported_media_type", "send the image as multipart/form-data with a 'file' field")
