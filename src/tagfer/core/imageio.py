@@ -15,7 +15,7 @@ stores it (1 for 1-bit, L and P; 2 for 16-bit grey ``I;16``; 4 for RGB, RGBA,
 CMYK, 32-bit ``I`` and float ``F``), at the size the decoder will produce (after
 JPEG draft scaling), plus known decoder buffers: libjpeg's full-resolution DCT
 coefficients for progressive and multi-scan JPEGs (2 bytes per sample),
-libwebp's two RGBA canvases, libtiff's buffer of one decoded strip or tile of a
+libwebp's three RGBA canvases, libtiff's buffer of one decoded strip or tile of a
 compressed TIFF at the file's own bit depth (a single-strip 16-bit RGBA TIFF
 holds 8 bytes per pixel there besides Pillow's 4; an RGBA strip for JPEG/YCbCr
 TIFFs), and, for an image whose longer side is between ``max_side`` and twice
@@ -23,7 +23,9 @@ it, the full-size RGB copy made before the final resize. An image above the budg
 ``too_large`` without decoding. Default :data:`DECODE_BUDGET` = 256 MB, what a
 64-megapixel RGB photo costs; set ``TAGFER_DECODE_BUDGET_MB`` or pass
 ``budget=`` (bytes). Peak memory for one image is about the decode cost plus
-~30 MB (conversion works tile by tile on ≤ 1 M pixels; ``benchmarks/bench_decode.py``); memory of decodes above
+~30–60 MB whatever the image's size (conversion works tile by tile on ≤ 1 M pixels; the
+box-reduced RGB output, ≤ 37 MB, and its final resize are held besides; measured per format
+by ``benchmarks/bench_decode.py --images``); memory of decodes above
 32 MB is handed back to the OS afterwards (``malloc_trim``). :func:`probe` runs
 every header check alone (milliseconds; ``tagfer serve`` answers 413 with it).
 Header floods: Pillow walks the structures before the pixels one at a time in Python, so a
@@ -231,7 +233,7 @@ def _decode_cost(im: Image.Image, fp, max_side: int = 2048) -> int:
     if im.format == "TIFF":
         cost += _tiff_buffer(im)
     if im.format == "WEBP":
-        cost += 2 * w * h * 4  # libwebp's animation decoder keeps two RGBA canvases besides Pillow's
+        cost += 3 * w * h * 4  # libwebp's animation decoder: three RGBA canvases besides Pillow's (measured)
     elif im.format in ("JPEG", "MPO"):
         layers = getattr(im, "layer", None) or []
         progressive = bool(im.info.get("progressive") or im.info.get("progression"))
@@ -444,8 +446,8 @@ def _decode(source: str | os.PathLike | bytes, max_side: int, budget: int | None
                 except ImportError:  # Pillow without WebP: Image.open below refuses the file
                     _get_size = lambda _head: None  # noqa: E731
                 size = _get_size(head)  # libwebp allocates its canvases when the file is opened
-                if size and size[0] * size[1] * 12 > limit:
-                    raise ImageError("too_large", _too_large_msg(size[0], size[1], size[0] * size[1] * 12, limit, name))
+                if size and size[0] * size[1] * 16 > limit:
+                    raise ImageError("too_large", _too_large_msg(size[0], size[1], size[0] * size[1] * 16, limit, name))
             _check_header_items(fp, head, name)
             with _OPEN_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, with the budget
