@@ -1,6 +1,7 @@
 """Decompression bombs vs the decode budget (`tagfer.core.imageio`), measured side by side in one run.
 
-    python benchmarks/bench_decode.py
+    python benchmarks/bench_decode.py            # the bombs below and every image format
+    python benchmarks/bench_decode.py --images   # only the per-format table (peak RSS vs decode cost)
 
 Builds real bombs (every pixel row present, all zeros: a few hundred KB on disk) and, each in a
 fresh process, loads them with ``load_image`` and reports: file size, outcome, wall time, peak
@@ -12,6 +13,12 @@ RSS above the process baseline (VmHWM) and RSS left after the call. Rows:
    cost is the memory overhead ratio (target ≈ 1) and "after" shows the memory is given back;
 4. the same with a 1 GB budget and the RGB-converting path of a 10000×10000 RGB PNG (400 MB).
 Needs about 1 GB of free memory at most (row 4).
+
+Image formats (:func:`image_formats`): one file per format and layout that Pillow decodes
+differently (PNG 8/16-bit, JPEG baseline/progressive, WebP, GIF, BMP, TIFF raw / one Deflate
+strip of 16-bit RGBA / many strips / small and large tiles / 8-bit grey, and sizes on both
+sides of ``max_side``), each loaded in a fresh process: decode cost (``probe``), peak RSS
+above the baseline, and ``peak - cost``, which the docs promise stays within ~30–60 MB.
 """
 
 from __future__ import annotations
@@ -87,5 +94,74 @@ def main() -> None:
             del t
 
 
+IMAGE_CHILD = CHILD.replace("from tagfer.core.imageio import ImageError, load_image",
+                            "from tagfer.core.imageio import ImageError, load_image, probe\nimport PIL.Image; PIL.Image.init()")
+IMAGE_CHILD = IMAGE_CHILD.replace("print(json.dumps({", "print(json.dumps({'cost': probe(sys.argv[1], budget=int(sys.argv[2])).decode_bytes, ")
+
+
+def image_formats(budget: int = 2_000_000_000) -> None:
+    """Peak RSS vs decode cost for each image format and layout (module docstring)."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from fixtures_imageio import tiff_image  # the test suite's TIFF writer (strips, tiles, 16-bit RGBA)
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    rng = np.random.default_rng(0)
+
+    def photo(w: int, h: int) -> Image.Image:  # smooth gradients + noise: compresses like a photo
+        y, x = np.mgrid[0:h, 0:w]
+        base = ((x * 255 // max(1, w - 1))[..., None] + (y * 255 // max(1, h - 1))[..., None] + np.array([0, 60, 120])) % 256
+        return Image.fromarray((base + rng.integers(0, 8, (h, w, 3))).astype(np.uint8))
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        big, mid = photo(6000, 4000), photo(3000, 2000)
+        rows: list[tuple[str, Path]] = []
+
+        def save(name: str, im: Image.Image, fname: str, **kw) -> None:
+            im.save(d / fname, **kw)
+            rows.append((name, d / fname))
+
+        save("PNG 8-bit RGB 6000×4000", big, "a.png", compress_level=1)
+        save("PNG 16-bit grey 6000×4000", Image.fromarray((np.asarray(big.convert("L"), dtype=np.uint16) * 257)), "g16.png", compress_level=1)
+        save("JPEG baseline 6000×4000", big, "a.jpg", quality=90)
+        save("JPEG progressive 6000×4000", big, "p.jpg", quality=90, progressive=True)
+        save("JPEG progressive 3000×2000", mid, "pm.jpg", quality=90, progressive=True)
+        save("WebP 6000×4000", big, "a.webp", quality=80, method=0)
+        save("GIF 6000×4000", big.convert("P"), "a.gif")
+        save("BMP 24-bit 6000×4000", big, "a.bmp")
+        save("PNG 8-bit RGB 3000×2000", mid, "m.png", compress_level=1)
+        for name, kw in [
+            ("TIFF raw 16-bit RGBA 6000×4000", dict(w=6000, h=4000, compression=1)),
+            ("TIFF 1 strip 16-bit RGBA 6000×4000", dict(w=6000, h=4000)),
+            ("TIFF 64-row strips 16-bit RGBA", dict(w=6000, h=4000, rows_per_strip=64)),
+            ("TIFF 256² tiles 16-bit RGBA", dict(w=6000, h=4000, tile=256)),
+            ("TIFF 4096² tiles 16-bit RGBA", dict(w=6000, h=4000, tile=4096)),
+            ("TIFF 1 strip 8-bit grey 8000²", dict(w=8000, h=8000, bits=8, spp=1)),
+            ("TIFF 1 strip 16-bit RGBA 3000²", dict(w=3000, h=3000)),
+        ]:
+            p = d / (name.replace(" ", "_").replace("²", "") + ".tif")
+            p.write_bytes(tiff_image(**kw))
+            rows.append((name, p))
+        del big, mid
+        print(f"\n{'format':36s} {'file':>8s} {'decode cost':>11s} {'peak RSS':>9s} {'peak-cost':>9s} {'outcome':>22s}")
+        worst = -1e18
+        for name, path in rows:
+            r = subprocess.run([sys.executable, "-c", IMAGE_CHILD, str(path), str(budget), src], capture_output=True, text=True, timeout=600)
+            if r.returncode:
+                print(name, "failed:", r.stderr[-300:])
+                continue
+            m = json.loads(r.stdout)
+            over = m["peak"] - m["cost"]
+            worst = max(worst, over)
+            print(f"{name:36s} {path.stat().st_size / 1e6:7.1f}M {m['cost'] / 1e6:9.0f}MB {m['peak'] / 1e6:7.0f}MB "
+                  f"{over / 1e6:7.0f}MB {m['outcome']:>22s}")
+        print(f"worst peak - cost: {worst / 1e6:.0f} MB (docs: ~30–60 MB whatever the size)")
+
+
 if __name__ == "__main__":
-    main()
+    if "--images" not in sys.argv[1:]:
+        main()
+    image_formats()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-__all__ = ["png_bomb", "tiff_bomb", "bmp_bomb", "gif_bomb", "webp_bomb", "jpeg_with_size", "bombs", "many_frame_gif"]
+__all__ = ["png_bomb", "tiff_bomb", "tiff_image", "header_flood", "bmp_bomb", "gif_bomb", "webp_bomb", "jpeg_with_size", "bombs", "many_frame_gif"]
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -106,3 +106,86 @@ def bombs(tmp_path_factory) -> dict[str, Path]:
         (d / name).write_bytes(data)
         out[name] = d / name
     return out
+
+
+def tiff_image(w: int, h: int, bits: int = 16, spp: int = 4, compression: int = 8, rows_per_strip: int | None = None,
+               tile: int | None = None) -> bytes:
+    """A complete little-endian TIFF of zeros: ``spp`` samples of ``bits`` each (4 = RGBA with
+    alpha), Deflate (8), LZW is not written (5 falls back to 8), or raw (1); one strip by default,
+    ``rows_per_strip`` rows per strip, or ``tile``×``tile`` tiles. Built in streaming fashion."""
+    import struct
+    import zlib
+
+    bpp = spp * bits // 8
+    if tile:
+        parts = [(tile * bpp * tile)] * (-(-w // tile) * -(-h // tile))
+    else:
+        rps = rows_per_strip or h
+        parts = [min(rps, h - y) * w * bpp for y in range(0, h, rps)]
+    blobs: list[bytes] = []
+    cache: dict[int, bytes] = {}
+    for n in parts:
+        if n not in cache:
+            if compression == 1:
+                cache[n] = bytes(n)
+            else:
+                z = zlib.compressobj(9)
+                step = 1 << 20
+                cache[n] = b"".join([z.compress(bytes(min(step, n - i))) for i in range(0, n, step)] + [z.flush()])
+        blobs.append(cache[n])
+    photometric = 2 if spp >= 3 else 1
+    entries = [(256, 4, [w]), (257, 4, [h]), (258, 3, [bits] * spp), (259, 3, [1 if compression == 1 else 8]),
+               (262, 3, [photometric]), (277, 3, [spp]), (284, 3, [1])]
+    if spp in (2, 4):
+        entries.append((338, 3, [2]))  # unassociated alpha
+    if tile:
+        entries += [(322, 4, [tile]), (323, 4, [tile]), (324, 4, "offsets"), (325, 4, [len(b) for b in blobs])]
+    else:
+        entries += [(273, 4, "offsets"), (278, 4, [rows_per_strip or h]), (279, 4, [len(b) for b in blobs])]
+    entries.sort()
+    ifd_size = 2 + 12 * len(entries) + 4
+    extra_at = 8 + ifd_size
+    extras = b""
+    n_parts = len(blobs)
+    extra_len = sum(len(v if v != "offsets" else [0] * n_parts) * (2 if t == 3 else 4) for _, t, v in entries
+                    if len(v if v != "offsets" else [0] * n_parts) * (2 if t == 3 else 4) > 4)
+    data_at = extra_at + extra_len
+    offsets, pos = [], data_at
+    for b in blobs:
+        offsets.append(pos)
+        pos += len(b)
+    ifd = struct.pack("<H", len(entries))
+    for tag, typ, vals in entries:
+        vals = offsets if vals == "offsets" else vals
+        raw = struct.pack("<" + ("H" if typ == 3 else "I") * len(vals), *vals)
+        if len(raw) <= 4:
+            ifd += struct.pack("<HHI", tag, typ, len(vals)) + raw.ljust(4, b"\0")
+        else:
+            ifd += struct.pack("<HHII", tag, typ, len(vals), extra_at + len(extras))
+            extras += raw
+    ifd += b"\0\0\0\0"
+    return b"II*\0" + struct.pack("<I", 8) + ifd + extras + b"".join(blobs)
+
+
+def header_flood(fmt: str, n: int) -> bytes:
+    """A valid 64×64 image with ``n`` empty header structures before its pixels: PNG chunks,
+    JPEG APP1 markers or GIF comment extensions (Pillow walks them one by one in Python)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    if fmt == "png":
+        ihdr = struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0)
+        return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"abCd", b"") * n
+                + _chunk(b"IDAT", zlib.compress(bytes(65 * 64))) + _chunk(b"IEND", b""))
+    buf = io.BytesIO()
+    if fmt == "gif":
+        Image.new("L", (64, 64), 128).save(buf, "GIF")
+        g = buf.getvalue()
+        at = 13 + ((3 << ((g[10] & 7) + 1)) if g[10] & 0x80 else 0)  # after the header and global colour table
+        return g[:at] + b"\x21\xfe\x01a\x00" * n + g[at:]
+    Image.new("RGB", (64, 64)).save(buf, "JPEG")
+    j = buf.getvalue()
+    return j[:2] + b"\xff\xe1\x00\x02" * n + j[2:]

@@ -222,7 +222,7 @@ def test_jpeg_cost_follows_draft_scaling_and_progressive_buffers():
     from tagfer.core.imageio import probe
 
     base = probe(jpeg_with_size(20000, 20000, progressive=False))  # decoded at 1/8 scale
-    assert (base.width, base.height) == (20000, 20000) and base.decode_bytes == 2500 * 2500 * 4
+    assert (base.width, base.height) == (20000, 20000) and base.decode_bytes == 2500 * 2500 * 4 * 2  # drafted pixels + the full-size RGB copy (2048 < 2500 < 4096)
     small_progressive = probe(jpeg_with_size(3000, 2000, progressive=True))  # coefficients buffered at full size
     assert small_progressive.decode_bytes >= 2 * 3000 * 2000 + 3000 * 2000 * 4 // 4
     with pytest.raises(ImageError) as ei:
@@ -375,3 +375,46 @@ def test_data_url_round_trips_png_and_jpeg():
     assert jpg.startswith("data:image/jpeg;base64,") and Image.open(io.BytesIO(base64.b64decode(jpg.split(",", 1)[1]))).size == (48, 32)
     with pytest.raises(ValueError, match="gif"):
         data_url(im, "gif")
+
+
+# ----------------------------------------------------------------------------- decoder buffers, header floods (issue 21 #5)
+from fixtures_imageio import header_flood, tiff_image
+from tagfer.core.imageio import probe
+
+
+@pytest.mark.parametrize("kw, buffer", [
+    (dict(w=2000, h=1000), 2000 * 1000 * 8),  # one 16-bit RGBA strip: 8 bytes per pixel in libtiff
+    (dict(w=2000, h=1000, rows_per_strip=100), 2000 * 100 * 8),
+    (dict(w=2000, h=1000, tile=256), 256 * 256 * 8),
+    (dict(w=2000, h=1000, bits=16, spp=1), 2000 * 1000 * 2),
+    (dict(w=2000, h=1000, compression=1), 0),  # raw: Pillow reads it in small blocks
+])
+def test_tiff_cost_includes_libtiffs_strip_or_tile_buffer(kw, buffer):
+    h = probe(tiff_image(**kw))
+    pixels = 2000 * 1000 * (2 if kw.get("spp") == 1 else 4)
+    assert h.format == "TIFF" and h.decode_bytes == pixels + buffer
+
+
+def test_single_strip_16bit_rgba_tiff_is_refused_at_its_real_cost():
+    """The reported bomb: costed at the pixels alone (256 MB at 8000²) it decoded at 785 MB peak."""
+    data = tiff_image(8000, 8000)
+    assert len(data) < 2_000_000
+    with pytest.raises(ImageError) as e:
+        load_image(data)
+    assert e.value.kind == "too_large" and "768 MB" in e.value.message
+    img = load_image(tiff_image(300, 200))  # a small one decodes (RGBA composited on white)
+    assert img.rgb.shape == (200, 300, 3) and int(img.rgb.min()) == 255
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "gif"])
+def test_header_floods_are_refused_in_milliseconds(fmt):
+    import time
+
+    ok = header_flood(fmt, 1000)
+    assert probe(ok).width == 64 and load_image(ok).rgb.shape == (64, 64, 3)  # a long but sane header is fine
+    flood = header_flood(fmt, 400_000)
+    t = time.perf_counter()
+    with pytest.raises(ImageError) as e:
+        probe(flood)
+    assert e.value.kind == "too_large" and "header flood" in e.value.message
+    assert time.perf_counter() - t < 0.5  # Pillow took 1.5–6 s on such files (10 MB)

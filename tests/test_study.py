@@ -115,7 +115,8 @@ def test_browser_full_session_resume_and_export(tmp_path, astronaut_path, browse
                 pid = page.get_attribute("#task", "data-pair-id")
                 a_text = page.text_content("#resp-A")
                 # the image was served (wait for its load: the text is shown before the image arrives)
-                page.wait_for_function("document.getElementById('image').complete", timeout=10_000)
+                page.wait_for_function("document.getElementById('image').complete && "
+                                       "document.getElementById('image').naturalWidth > 0", timeout=10_000)
                 assert page.evaluate("document.getElementById('image').naturalWidth") > 0
                 shown_by[(name, pid)] = "a" if a_text.startswith("TAG-") else "b"
                 tag_slot = "A" if a_text.startswith("TAG-") else "B"
@@ -347,3 +348,113 @@ def test_page_asks_raters_to_weigh_correctness_with_the_rubric(tmp_path, astrona
         assert criterion in text
     assert "wrong expression should not win over a correct one" in text
     assert '$("rubric-intro").innerHTML = $("rubric").innerHTML' in html  # shown before the first pair too
+
+
+# ----------------------------------------------------------------------------- names, registration limits, image token (issue 21 #10)
+from tagfer.evaluation.study.db import StudyFull, name_key
+
+
+@pytest.mark.parametrize("twin", ["ALICE", "ａｌｉｃｅ", "alice\u0301", "alicé", " Alice ", "\U0001d41a\U0001d425ice",  # bold math a, l
+                                  "\u0430\u04cf\u0456\u0441\u0435"])  # all Cyrillic: а ӏ і с е
+def test_look_alike_names_are_the_same_evaluator(tmp_path, astronaut_path, twin):
+    db = StudyDB(tmp_path / "s.sqlite", _pairs(astronaut_path, 2))
+    name, tok = db.register("Alice")
+    assert name_key(twin) == name_key("Alice") == "alice"
+    with pytest.raises(NameTaken):
+        db.register(twin)
+    assert db.register(twin, tok) == ("Alice", tok)  # the owner may type it either way
+
+
+@pytest.mark.parametrize("mixed", ["\u0430lice", "Alic\u0435", "p\u03b1ul", "Ann \u0410nn"])  # Cyrillic а/е, Greek α
+def test_names_mixing_look_alike_alphabets_are_refused(mixed):
+    with pytest.raises(ValueError, match="mix alphabets"):
+        clean_name(mixed)
+
+
+@pytest.mark.parametrize("name", ["Alicia", "Ann Lee", "Αλίκη", "Алиса", "山田 はなこ", "José", "O'Brien-Smith"])
+def test_distinct_names_in_one_alphabet_are_accepted(tmp_path, astronaut_path, name):
+    db = StudyDB(tmp_path / "s.sqlite", _pairs(astronaut_path, 1))
+    db.register("Alice")
+    assert db.register(name)[0] == name
+
+
+def test_older_database_gets_name_keys(tmp_path, astronaut_path):
+    dbp = tmp_path / "old.sqlite"
+    StudyDB(dbp, _pairs(astronaut_path, 1)).register("Bob")
+    with sqlite3.connect(dbp) as c:  # as written before name keys
+        c.execute("DROP INDEX evaluators_key")
+        c.execute("ALTER TABLE evaluators DROP COLUMN name_key")
+    db = StudyDB(dbp, _pairs(astronaut_path, 1))
+    with pytest.raises(NameTaken):
+        db.register("BOB")
+
+
+def test_registration_is_rate_limited_per_client_and_capped_per_study(tmp_path, astronaut_path):
+    from fastapi.testclient import TestClient
+
+    from tagfer.evaluation.study.app import create_app
+
+    app = create_app(_pairs(astronaut_path, 1), tmp_path / "s.sqlite", registrations_per_client=3, registration_window_s=60)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        codes = [c.post("/api/start", json={"name": f"bot{i}"}).status_code for i in range(10)]  # one client, in a loop
+        assert codes == [200] * 3 + [429] * 7
+        r = c.post("/api/start", json={"name": "bot99"})
+        assert 1 <= int(r.headers["retry-after"]) <= 60 and "too many new names" in r.json()["detail"]
+        tok = c.post("/api/start", json={"name": "bot0"}).status_code  # resuming is not a new name...
+        assert tok == 403  # ...(without the token it is refused as before, not rate-limited)
+    with sqlite3.connect(tmp_path / "s.sqlite") as con:
+        assert con.execute("SELECT COUNT(*) FROM evaluators").fetchone()[0] == 3
+    app = create_app(_pairs(astronaut_path, 1), tmp_path / "t.sqlite", max_evaluators=2, registrations_per_client=100)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        toks = [c.post("/api/start", json={"name": n}).json()["token"] for n in ("Ann", "Bob")]
+        r = c.post("/api/start", json={"name": "Cy"})
+        assert r.status_code == 403 and "full" in r.json()["detail"]
+        assert c.post("/api/start", json={"name": "Ann", "token": toks[0]}).status_code == 200  # members resume
+    with pytest.raises(StudyFull):
+        StudyDB(tmp_path / "t.sqlite", _pairs(astronaut_path, 1), max_evaluators=2).register("Dee")
+
+
+def test_rate_limit_window_and_clients_are_separate():
+    from tagfer.evaluation.study.app import RateLimit
+
+    rl = RateLimit(2, 10.0, max_clients=3)
+    assert [rl.hit("a", t) for t in (0, 1)] == [0.0, 0.0]
+    assert rl.hit("a", 2) == pytest.approx(8.0) and rl.hit("b", 2) == 0.0  # another client is not held up
+    assert rl.hit("a", 10.5) == 0.0  # the first event left the window
+    for c in "cdef":
+        rl.hit(c, 11)
+    assert len(rl._seen) == 3  # memory bounded in the number of clients
+
+
+def test_image_needs_a_token_and_cross_origin_posts_are_refused(study):
+    c, dbp = study
+    assert c.get("/api/image/0").status_code == 401
+    assert c.get("/api/image/0", headers={"X-Study-Token": "guess"}).status_code == 401
+    tok = c.post("/api/start", json={"name": "Ann"}).json()["token"]
+    r = c.get("/api/image/0", headers={"X-Study-Token": tok})
+    assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
+    before = _dump(dbp)
+    for h in ({"origin": "http://evil.example"}, {"origin": "null"}, {"sec-fetch-site": "cross-site"}):
+        r = c.post("/api/start", json={"name": "Eve"}, headers=h)
+        assert r.status_code == 403 and "cross-origin" in r.json()["detail"]
+        assert c.post("/api/vote", json={"pair_id": "x", "choice": "A"}, headers={**h, "X-Study-Token": tok}).status_code == 403
+    assert _dump(dbp) == before
+    assert c.post("/api/start", json={"name": "Eve"}, headers={"origin": "http://127.0.0.1"}).status_code == 200
+
+
+def test_stalled_request_body_is_closed(tmp_path, astronaut_path, monkeypatch):
+    import socket
+
+    from tagfer.evaluation.study import app as study_app
+    from tagfer.evaluation.study.app import StudyServer
+
+    monkeypatch.setattr(study_app, "BODY_TIMEOUT_S", 0.5)
+    with StudyServer(_pairs(astronaut_path, 1), tmp_path / "s.sqlite") as srv:
+        s = socket.create_connection((srv.host, srv.port), timeout=10)
+        s.sendall(f"POST /api/start HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: 100\r\n\r\n{{\"name\": ".encode())
+        got = b""
+        while chunk := s.recv(65536):  # answered and closed (a socket timeout would fail the test)
+            got += chunk
+        s.close()
+    assert got.startswith(b"HTTP/1.1 408") and b"stalled" in got

@@ -14,14 +14,25 @@ gives the *decode cost*: pixels × bytes per pixel of the decoded mode as Pillow
 stores it (1 for 1-bit, L and P; 2 for 16-bit grey ``I;16``; 4 for RGB, RGBA,
 CMYK, 32-bit ``I`` and float ``F``), at the size the decoder will produce (after
 JPEG draft scaling), plus known decoder buffers: libjpeg's full-resolution DCT
-coefficients for progressive and multi-scan JPEGs (2 bytes per sample) and
-libwebp's two RGBA canvases. An image above the budget is refused with kind
+coefficients for progressive and multi-scan JPEGs (2 bytes per sample),
+libwebp's three RGBA canvases, libtiff's buffer of one decoded strip or tile of a
+compressed TIFF at the file's own bit depth (a single-strip 16-bit RGBA TIFF
+holds 8 bytes per pixel there besides Pillow's 4; an RGBA strip for JPEG/YCbCr
+TIFFs), and, for an image whose longer side is between ``max_side`` and twice
+it, the full-size RGB copy made before the final resize. An image above the budget is refused with kind
 ``too_large`` without decoding. Default :data:`DECODE_BUDGET` = 256 MB, what a
 64-megapixel RGB photo costs; set ``TAGFER_DECODE_BUDGET_MB`` or pass
 ``budget=`` (bytes). Peak memory for one image is about the decode cost plus
-~30 MB (conversion works tile by tile on ≤ 1 M pixels; ``benchmarks/bench_decode.py``); memory of decodes above
+~30–60 MB whatever the image's size (conversion works tile by tile on ≤ 1 M pixels; the
+box-reduced RGB output, ≤ 37 MB, and its final resize are held besides; measured per format
+by ``benchmarks/bench_decode.py --images``); memory of decodes above
 32 MB is handed back to the OS afterwards (``malloc_trim``). :func:`probe` runs
 every header check alone (milliseconds; ``tagfer serve`` answers 413 with it).
+Header floods: Pillow walks the structures before the pixels one at a time in Python, so a
+PNG with more than :data:`MAX_HEADER_ITEMS` chunks before its image data, a JPEG with as many
+markers (or stray bytes) before its frame header, or a GIF with as many extension blocks
+before its first image is refused ``too_large`` after a scan of milliseconds (825k empty PNG
+chunks took Pillow 3.5 s).
 
 Files: only regular files are read. A FIFO, socket or device (``/dev/zero``)
 is ``unreadable`` without being opened for reading (the open is non-blocking
@@ -60,6 +71,8 @@ DECODE_BUDGET = 256_000_000
 # Formats decoded (only these plugins are tried; the JPEG one also opens MPO, what many cameras write).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP")
 MIN_SIDE = 16
+# Header structures (PNG chunks, JPEG markers, GIF blocks) allowed before the pixels (module docstring).
+MAX_HEADER_ITEMS = 4096
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
 
@@ -181,12 +194,46 @@ def _jpeg_first_scan_components(fp) -> int | None:
         fp.seek(pos)
 
 
-def _decode_cost(im: Image.Image, fp) -> int:
+def _tiff_buffer(im: Image.Image) -> int:
+    """Bytes libtiff decodes into before Pillow copies them: one strip or tile of a compressed
+    TIFF at the file's own depth (raw files are read in small blocks by Pillow itself)."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return 0
+    try:
+        compression = int(tags.get(259, 1))
+        if compression == 1:
+            return 0
+        w, h = im.size
+        spp = max(1, int(tags.get(277, 1)))
+        bps = tags.get(258, (1,))
+        bps = [int(b) for b in bps] if isinstance(bps, (tuple, list)) else [int(bps)] * spp
+        bits = sum(bps) if int(tags.get(284, 1)) == 1 else max(bps)  # contiguous: all samples; planar: one
+        if 322 in tags and 323 in tags:
+            tw, tl = int(tags[322]), int(tags[323])
+            buf = -(-tw * bits // 8) * tl
+            rgba = tw * tl * 4
+        else:
+            rps = tags.get(278, h)
+            rps = min(h, int(rps[0] if isinstance(rps, (tuple, list)) else rps) or h)
+            buf = -(-w * bits // 8) * rps
+            rgba = w * rps * 4
+        ycbcr = compression in (6, 7) or int(tags.get(262, 0)) == 6  # read through libtiff's RGBA interface
+        return max(buf, rgba) if ycbcr else buf
+    except (TypeError, ValueError, IndexError):
+        return 0
+
+
+def _decode_cost(im: Image.Image, fp, max_side: int = 2048) -> int:
     """Bytes the decoder will hold for ``im`` at its (possibly drafted) size (module docstring)."""
     w, h = im.size
     cost = w * h * bytes_per_pixel(im.mode)
+    if w * h > _TILE_PIXELS and max_side < max(w, h) < 2 * max_side:
+        cost += w * h * 4  # _shrink_to_rgb cannot box-reduce: a full-size RGB copy before the resize
+    if im.format == "TIFF":
+        cost += _tiff_buffer(im)
     if im.format == "WEBP":
-        cost += 2 * w * h * 4  # libwebp's animation decoder keeps two RGBA canvases besides Pillow's
+        cost += 3 * w * h * 4  # libwebp's animation decoder: three RGBA canvases besides Pillow's (measured)
     elif im.format in ("JPEG", "MPO"):
         layers = getattr(im, "layer", None) or []
         progressive = bool(im.info.get("progressive") or im.info.get("progression"))
@@ -198,6 +245,92 @@ def _decode_cost(im: Image.Image, fp) -> int:
             samples = sum(lay[1] * lay[2] for lay in layers) / (hmax * vmax) if layers else 3
             cost += int(2 * ow * oh * samples)
     return int(cost)
+
+
+def _count_png(fp, limit: int) -> int:
+    """Chunks before the first IDAT (stops past ``limit``)."""
+    fp.seek(8)
+    n = 0
+    while n <= limit:
+        head = fp.read(8)
+        if len(head) < 8 or head[4:8] in (b"IDAT", b"IEND"):
+            break
+        n += 1
+        fp.seek(int.from_bytes(head[:4], "big") + 4, 1)
+    return n
+
+
+def _count_jpeg(fp, limit: int) -> int:
+    """Markers, fill and stray bytes before the frame header (SOFn) (stops past ``limit``)."""
+    fp.seek(2)
+    n = 0
+    while n <= limit:
+        b = fp.read(1)
+        if not b:
+            break
+        n += 1
+        if b != b"\xff":
+            continue  # a stray byte: Pillow skips these one by one too
+        m = fp.read(1)
+        if not m:
+            break
+        if m == b"\xff":
+            fp.seek(-1, 1)
+            continue
+        c = m[0]
+        if 0xC0 <= c <= 0xCF and c not in (0xC4, 0xC8, 0xCC):
+            break  # the frame header: Pillow stops here
+        if c in (0x01, 0xD8) or 0xD0 <= c <= 0xD7 or c == 0x00:
+            continue
+        ln = fp.read(2)
+        if len(ln) < 2:
+            break
+        fp.seek(max(0, int.from_bytes(ln, "big") - 2), 1)
+    return n
+
+
+def _count_gif(fp, limit: int) -> int:
+    """Blocks, sub-blocks and stray bytes before the first image descriptor (stops past ``limit``)."""
+    fp.seek(6)
+    lsd = fp.read(7)
+    if len(lsd) < 7:
+        return 0
+    if lsd[4] & 0x80:  # global colour table
+        fp.seek(3 << ((lsd[4] & 7) + 1), 1)
+    n = 0
+    while n <= limit:
+        b = fp.read(1)
+        if not b or b in (b",", b";"):
+            break
+        n += 1
+        if b != b"!":
+            continue
+        fp.read(1)  # extension label
+        while n <= limit:
+            size = fp.read(1)
+            if not size or size == b"\0":
+                break
+            n += 1
+            fp.seek(size[0], 1)
+    return n
+
+
+def _check_header_items(fp, head: bytes, name: str) -> None:
+    """Refuse a header flood (module docstring) before Pillow walks it."""
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        kind, count, what = "PNG", _count_png, "chunks before its image data"
+    elif head[:2] == b"\xff\xd8":
+        kind, count, what = "JPEG", _count_jpeg, "markers or stray bytes before its frame header"
+    elif head[:6] in (b"GIF87a", b"GIF89a"):
+        kind, count, what = "GIF", _count_gif, "extension blocks before its first image"
+    else:
+        return
+    try:
+        n = count(fp, MAX_HEADER_ITEMS)
+    finally:
+        fp.seek(0)
+    if n > MAX_HEADER_ITEMS:
+        raise ImageError("too_large", f"{kind} with more than {MAX_HEADER_ITEMS:,} {what} (a header flood): {name}")
 
 
 def _release_memory() -> None:
@@ -313,8 +446,9 @@ def _decode(source: str | os.PathLike | bytes, max_side: int, budget: int | None
                 except ImportError:  # Pillow without WebP: Image.open below refuses the file
                     _get_size = lambda _head: None  # noqa: E731
                 size = _get_size(head)  # libwebp allocates its canvases when the file is opened
-                if size and size[0] * size[1] * 12 > limit:
-                    raise ImageError("too_large", _too_large_msg(size[0], size[1], size[0] * size[1] * 12, limit, name))
+                if size and size[0] * size[1] * 16 > limit:
+                    raise ImageError("too_large", _too_large_msg(size[0], size[1], size[0] * size[1] * 16, limit, name))
+            _check_header_items(fp, head, name)
             with _OPEN_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, with the budget
                 old_max = Image.MAX_IMAGE_PIXELS
@@ -334,7 +468,7 @@ def _decode(source: str | os.PathLike | bytes, max_side: int, budget: int | None
                     f = max_side / max(w0, h0)
                     im._tagfer_full_size = (w0, h0)  # type: ignore[attr-defined]
                     im.draft("RGB", (max(1, int(w0 * f)), max(1, int(h0 * f))))
-                cost = _decode_cost(im, fp)
+                cost = _decode_cost(im, fp, max_side)
                 if cost > limit:
                     raise ImageError("too_large", _too_large_msg(w0, h0, cost, limit, name, im.mode))
                 # Nothing above may decode pixels (Pillow's PNG getexif() does, to find a late eXIf chunk).

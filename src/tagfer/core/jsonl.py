@@ -5,6 +5,12 @@ each line. A run killed mid-write leaves at most one partial last line;
 :class:`JsonlWriter` cuts it off when it reopens the file, so a resumed run
 never sees a corrupt record and never loses a complete one. :func:`done_keys`
 reads the keys already written so a resumed run skips them.
+
+One run at a time per file: :class:`JsonlWriter` and :func:`drop_records` hold an advisory
+lock (:func:`output_lock`: ``fcntl.flock`` on a sidecar ``.NAME.lock`` next to the file,
+removed when released) while they append or rewrite. A second process on the same file gets
+:class:`OutputLocked` at once (the CLI prints its message and exits 2) instead of writing
+every record a second time. Locks are re-entrant within a process.
 """
 
 from __future__ import annotations
@@ -12,8 +18,143 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no advisory locks
+    fcntl = None  # type: ignore[assignment]
+
+
+class OutputLocked(RuntimeError):
+    """Another process is writing the same JSONL file (it holds its lock)."""
+
+    exit_code = 2
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self.message = (f"{self.path} is being written by another run (lock {_lock_path(Path(path))} is held); "
+                        "wait for it to finish or choose another --out")
+        super().__init__(self.message)
+
+
+def _cli_error(path: Path) -> OutputLocked:
+    """:class:`OutputLocked`, also the CLI's ``ClickException`` (exit code 2), so that every ``tagfer``
+    command prints the message and exits 2 without catching it itself (typer vendors click as
+    ``typer._click``; typer is pinned in pyproject.toml)."""
+    global _CLI_LOCKED
+    if _CLI_LOCKED is None:
+        try:
+            from typer._click.exceptions import ClickException  # lazy: only when a lock is refused
+        except ImportError:  # pragma: no cover - another typer: click's own
+            try:
+                from click import ClickException
+            except ImportError:
+                ClickException = None
+        if ClickException is None:  # pragma: no cover
+            _CLI_LOCKED = OutputLocked
+        else:
+            class _Locked(OutputLocked, ClickException):
+                exit_code = 2
+
+                def format_message(self) -> str:
+                    return self.message
+
+            _CLI_LOCKED = _Locked
+    return _CLI_LOCKED(path)
+
+
+_CLI_LOCKED: Any = None
+_HELD: dict[str, list] = {}  # resolved data path -> [lock fd, lock path, count] (re-entrant in a process)
+_HELD_LOCK = threading.Lock()
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def _key(path: Path) -> str:
+    return str(path.parent.resolve() / path.name)
+
+
+def acquire_output_lock(path: str | os.PathLike) -> None:
+    """Take the advisory lock of ``path`` (re-entrant within a process). Raises :class:`OutputLocked`
+    at once if another process holds it."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    key = _key(p)
+    with _HELD_LOCK:
+        if key in _HELD:
+            _HELD[key][2] += 1
+            return
+        if fcntl is None:  # pragma: no cover
+            _HELD[key] = [None, None, 1]
+            return
+        lp = _lock_path(p)
+        for _ in range(100):
+            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise _cli_error(p) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:  # the holder before us may have removed the file after we opened it: lock the current one
+                same = os.stat(lp).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                _HELD[key] = [fd, lp, 1]
+                return
+            os.close(fd)
+        raise OSError(f"could not take the lock {lp}")  # pragma: no cover
+
+
+def release_output_lock(path: str | os.PathLike) -> None:
+    """Release one hold of ``path``'s lock; the last one removes the sidecar file and unlocks."""
+    key = _key(Path(path))
+    with _HELD_LOCK:
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[2] -= 1
+        if held[2] > 0:
+            return
+        del _HELD[key]
+        fd, lp = held[0], held[1]
+        if fd is not None:
+            try:
+                os.unlink(lp)  # while still locked: a waiting opener sees the inode change and retries
+            except OSError:
+                pass
+            os.close(fd)
+
+
+def remove_output(path: str | os.PathLike) -> bool:
+    """Delete ``path`` (a run that starts over) under its lock, so that a run still writing it is
+    never left appending to a deleted file (:class:`OutputLocked` instead). True if it existed."""
+    p = Path(path)
+    with output_lock(p):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            return False
+    return True
+
+
+@contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the advisory lock of ``path`` (module docstring) for the ``with`` block."""
+    acquire_output_lock(path)
+    try:
+        yield
+    finally:
+        release_output_lock(path)
 
 
 def _truncate_partial_tail(path: Path) -> int:
@@ -54,8 +195,13 @@ class JsonlWriter:
     def __init__(self, path: str | os.PathLike, fsync_every: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.repaired_bytes = _truncate_partial_tail(self.path)
-        self._f = open(self.path, "a", encoding="utf-8")
+        acquire_output_lock(self.path)  # before the tail is cut: another run may be writing that line
+        try:
+            self.repaired_bytes = _truncate_partial_tail(self.path)
+            self._f = open(self.path, "a", encoding="utf-8")
+        except BaseException:
+            release_output_lock(self.path)
+            raise
         self.fsync_every = fsync_every
         self._n = 0
 
@@ -69,8 +215,11 @@ class JsonlWriter:
 
     def close(self) -> None:
         if not self._f.closed:
-            self._f.flush()
-            self._f.close()
+            try:
+                self._f.flush()
+                self._f.close()
+            finally:
+                release_output_lock(self.path)
 
     def __enter__(self) -> "JsonlWriter":
         return self
@@ -121,6 +270,11 @@ def drop_records(path: str | os.PathLike, predicate: Callable[[dict], bool]) -> 
     p = Path(path)
     if not p.exists():
         return 0
+    with output_lock(p):
+        return _drop_records(p, predicate)
+
+
+def _drop_records(p: Path, predicate: Callable[[dict], bool]) -> int:
     _truncate_partial_tail(p)
     tmp = p.with_name(p.name + ".tmp")
     dropped = 0

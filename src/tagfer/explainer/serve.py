@@ -13,27 +13,47 @@ Routes
                          (``?overlay=false`` leaves them out).
 
 Errors (JSON ``{"error": {"kind": ..., "message": ...}}``)
+    403 ``cross_origin`` (a state-changing request sent by a page of another origin: see below);
+    408 ``body_timeout`` (the upload stalled: no data for ``body_timeout_s`` seconds, or not
+        complete after ``body_deadline_s``; the connection is closed);
     413 ``too_large`` (upload above ``max_upload_mb``, or an image whose header is above the
         decode budget of :mod:`tagfer.core.imageio`: answered from the header, nothing is decoded);
     415 ``not_an_image`` (not a decodable image) or ``unsupported_media_type`` (not multipart);
     422 ``no_face``, ``corrupt``, ``empty_file``, ``too_small``, ``missing_file``;
+    503 ``busy`` (``max_pending`` uploads are already in flight; with ``Retry-After``);
     500 ``internal``.
 
-Trusted hosts: only requests whose ``Host`` header is in ``allowed_hosts`` (default localhost,
-127.0.0.1, [::1]; see :mod:`tagfer.core.trusted_hosts`) are served, others get 400, so a
-DNS-rebinding page cannot drive the server from the user's browser.
+Trusted hosts and origins: only requests whose ``Host`` header is in ``allowed_hosts`` (default
+localhost, 127.0.0.1, [::1]; see :mod:`tagfer.core.trusted_hosts`) are served, others get 400, so a
+DNS-rebinding page cannot drive the server from the user's browser. ``POST`` requests are also
+refused (403) when their ``Origin`` is neither the server's own nor in ``allowed_origins``
+(``Origin: null`` included), or, without an ``Origin``, when ``Sec-Fetch-Site`` is not
+``same-origin``/``none``: any web page the user visits could otherwise make the browser post to it.
+Clients that are not browsers send neither header and are served.
+
+Load: at most ``max_pending`` uploads are in flight at once (being received, checked, waiting
+for an analyzer or analysed); one more is answered 503 at once, before its body is read. An
+upload is streamed to a temporary file (at most ``SPOOL_BYTES`` of it in memory), the analyzer
+reads it from there, so a queued upload holds almost no memory. Everything that parses the
+upload (the multipart form, the header checks of :func:`tagfer.core.imageio.probe`, decoding)
+runs in worker threads: the event loop only moves bytes, so ``/health`` and the page answer
+while uploads are checked.
 
 Concurrency: MediaPipe's landmarker is not thread-safe, so the app keeps a pool of
 ``pool_size`` analyzers (each with its own detector; built lazily, reused). Requests
-run in the threadpool (the event loop stays responsive) and borrow one analyzer each.
+borrow one analyzer each.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import tempfile
+import threading
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable, Sequence
+from typing import IO, Any, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -41,10 +61,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from tagfer.core.errors import ItemError
 from tagfer.core.imageio import probe
-from tagfer.core.trusted_hosts import add_host_check
+from tagfer.core.trusted_hosts import add_host_check, add_origin_check
 from tagfer.explainer.analyze import Analyzer, AnalyzerPool, ImageResult, load_engine, png_data_url
 
 STATUS = {
+    "cross_origin": 403,
+    "body_timeout": 408,
     "too_large": 413,
     "not_an_image": 415,
     "unsupported_media_type": 415,
@@ -56,7 +78,10 @@ STATUS = {
     "not_found": 422,
     "unreadable": 422,
     "internal": 500,
+    "busy": 503,
 }
+SPOOL_BYTES = 1 << 20  # an upload keeps at most this much in memory; the rest goes to a temporary file
+MAX_FORM_PARTS = 16
 
 
 @dataclass(frozen=True)
@@ -94,10 +119,21 @@ def create_app(
     pool_size: int | None = None,
     *,
     allowed_hosts: Sequence[str] | None = None,
+    allowed_origins: Sequence[str] = (),
+    max_pending: int | None = None,
+    check_workers: int = 1,
+    body_timeout_s: float = 15.0,
+    body_deadline_s: float = 300.0,
 ):
     """The FastAPI app. ``analyzer_factory``: a zero-argument callable building an
     :class:`Analyzer`, or a :class:`ServeConfig` (default: the facs engine). ``allowed_hosts``:
-    the Host header values served (default :data:`tagfer.core.trusted_hosts.LOCAL_HOSTS`)."""
+    the Host header values served (default :data:`tagfer.core.trusted_hosts.LOCAL_HOSTS`);
+    ``allowed_origins``: other origins (``http://host:port``) whose pages may post uploads.
+    ``max_pending``: uploads in flight at once (default 4 per analyzer), more get 503;
+    ``check_workers``: uploads parsed and header-checked at once (these steps run Python code,
+    which holds the GIL: more threads would not check faster, only slow the event loop down);
+    ``body_timeout_s``: longest wait for the next piece of an upload, ``body_deadline_s``: longest
+    time to receive a whole one (408 and the connection closed after either)."""
     if analyzer_factory is None or isinstance(analyzer_factory, ServeConfig):
         cfg = analyzer_factory or ServeConfig()
         factory = _factory(cfg)
@@ -105,8 +141,15 @@ def create_app(
     else:
         factory = analyzer_factory
         size = pool_size or 2
+    pending_cap = max_pending if max_pending is not None else 4 * size
+    if pending_cap < 1 or check_workers < 1:
+        raise ValueError("max_pending and check_workers must be >= 1")
+    checking = threading.BoundedSemaphore(check_workers)
+    if not (body_timeout_s > 0 and body_deadline_s > 0):  # also refuses NaN
+        raise ValueError("body_timeout_s and body_deadline_s must be positive")
     pool = AnalyzerPool(factory, size)
     limit = int(max_upload_mb * 1024 * 1024)
+    assets = {name: _asset(name) for name in ("index.html", *_ASSETS)}  # read once: no disk I/O per request
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -114,25 +157,28 @@ def create_app(
         pool.close()  # release the detectors when the server stops
 
     app = FastAPI(title="tagfer", docs_url=None, redoc_url=None, lifespan=lifespan)  # /docs needs a CDN
-    add_host_check(app, allowed_hosts)
+    add_origin_check(app, allowed_origins)
+    add_host_check(app, allowed_hosts)  # added last: runs first
     app.state.pool = pool
     app.state.max_upload_bytes = limit
+    app.state.max_pending = pending_cap
+    app.state.pending = 0  # uploads in flight (only touched on the event loop)
 
-    def error(kind: str, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"kind": kind, "message": message}}, status_code=STATUS.get(kind, 422))
+    def error(kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"kind": kind, "message": message}}, status_code=STATUS.get(kind, 422), headers=headers)
 
     @app.get("/", response_class=HTMLResponse)
-    def index() -> HTMLResponse:
-        return HTMLResponse(_asset("index.html").decode("utf-8"))
+    async def index() -> HTMLResponse:
+        return HTMLResponse(assets["index.html"].decode("utf-8"))
 
     @app.get("/static/{name}")
-    def static(name: str) -> Response:
+    async def static(name: str) -> Response:
         if name not in _ASSETS:
             return JSONResponse({"error": {"kind": "not_found", "message": f"no asset {name!r}"}}, status_code=404)
-        return Response(_asset(name), media_type=_ASSETS[name])
+        return Response(assets[name], media_type=_ASSETS[name])
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:  # async: answered on the event loop, never queued behind worker threads
         return {"ok": True, "max_upload_mb": max_upload_mb}
 
     @app.post("/analyze")
@@ -140,62 +186,158 @@ def create_app(
         mb = f"{max_upload_mb:g} MB"
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
-            return error("too_large", f"upload of {int(declared):,} bytes is above the {mb} limit")
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("multipart/form-data"):
-            return error("unsupported_media_type", "send the image as multipart/form-data with a 'file' field")
-        # Read the body ourselves so that an undeclared or chunked upload cannot exceed the limit.
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > limit + 64 * 1024:
-                return error("too_large", f"upload is above the {mb} limit")
+            return error("too_large", f"upload of {int(declared):,} bytes is above the {mb} limit",
+                         headers={"Connection": "close"})
+        if app.state.pending >= pending_cap:  # nothing awaited between the test and the increment
+            # a declared body within the limit is drained by the server (the client reads the 503); others are cut
+            close = {} if declared is not None and declared.isdigit() else {"Connection": "close"}
+            return error("busy", f"{pending_cap} uploads are already being analysed; try again shortly",
+                         headers={"Retry-After": "2", **close})
+        app.state.pending += 1
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
         try:
-            form = await _parse_form(request, bytes(body))
-        except Exception as e:
-            return error("missing_file", f"could not read the multipart form: {e}")
-        upload = form.get("file")
-        if upload is None or not hasattr(upload, "read"):
-            return error("missing_file", "no 'file' field in the form")
-        data = await upload.read()
-        name = getattr(upload, "filename", None) or "upload"
-        if len(data) > limit:
-            return error("too_large", f"file of {len(data):,} bytes is above the {mb} limit")
-        if not data:
-            return error("empty_file", "the uploaded file is empty")
-        try:  # header checks (decode budget, format, size) in milliseconds, before any decoding
-            probe(data)
-        except ItemError as e:
-            return error(e.kind, e.message)
+            ctype = request.headers.get("content-type", "")
+            if not ctype.startswith("multipart/form-data"):
+                return error("unsupported_media_type", "send the image as multipart/form-data with a 'file' field")
+            failed = await _receive_body(request, spool, limit + 64 * 1024, body_timeout_s, body_deadline_s)
+            if failed is not None:
+                return error(*failed, headers={"Connection": "close"})  # the rest of the body is never read
 
-        def work(a: Analyzer) -> dict:
-            res: ImageResult = a.run(data, name=name)
-            out = res.to_json()
-            if res.ok and overlay:
-                out["overlays"] = [png_data_url(im) for im in res.render_overlays()]
-            return out
+            def work() -> dict:  # in a worker thread: parsing, checks, decoding and analysis
+                with tempfile.TemporaryDirectory(prefix="tagfer-upload-") as d:
+                    path = os.path.join(d, "upload")
+                    with checking:
+                        failed = _check_upload(spool, ctype, path, limit, mb)
+                    if isinstance(failed, dict):
+                        return failed
+                    name = failed
 
-        out = await run_in_threadpool(pool.run, work)
-        if out["error"]:
-            resp = error(out["error"]["kind"], out["error"]["message"])
-            return resp
-        return JSONResponse(out)
+                    def analyse(a: Analyzer) -> dict:
+                        res: ImageResult = a.run(path, name=name or "upload")
+                        out = res.to_json()
+                        if res.ok and overlay:
+                            out["overlays"] = [png_data_url(im) for im in res.render_overlays()]
+                        return out
+
+                    return pool.run(analyse)
+
+            out = await run_in_threadpool(work)
+            if out["error"]:
+                return error(out["error"]["kind"], out["error"]["message"])
+            return JSONResponse(out)
+        finally:
+            spool.close()
+            app.state.pending -= 1
 
     return app
 
 
-async def _parse_form(request, body: bytes):
-    """Parse a multipart body already read into memory (starlette's parser on a replayed stream)."""
-    from starlette.requests import Request
+def _check_upload(spool: IO[bytes], ctype: str, path: str, limit: int, mb: str) -> str | dict:
+    """Parse the multipart body in ``spool`` into the file ``path`` and run the header checks:
+    the upload's file name, or the JSON error."""
+    try:
+        name, size = _extract_file(spool, ctype, path)
+    except ValueError as e:
+        return {"error": {"kind": "missing_file", "message": f"could not read the multipart form: {e}"}}
+    finally:
+        spool.close()
+    if name is None:
+        return {"error": {"kind": "missing_file", "message": "no 'file' field in the form"}}
+    if size > limit:
+        return {"error": {"kind": "too_large", "message": f"file of {size:,} bytes is above the {mb} limit"}}
+    if not size:
+        return {"error": {"kind": "empty_file", "message": "the uploaded file is empty"}}
+    try:  # header checks (decode budget, format, size) before any decoding
+        probe(path)
+    except ItemError as e:
+        return {"error": {"kind": e.kind, "message": e.message}}
+    return name
 
-    sent = False
 
-    async def receive() -> dict:
-        nonlocal sent
-        if sent:
-            return {"type": "http.request", "body": b"", "more_body": False}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
+async def _receive_body(request: Request, sink: IO[bytes], cap: int, idle_s: float, deadline_s: float) -> tuple[str, str] | None:
+    """Copy the request body into ``sink``; None when complete, else ``(kind, message)``: above
+    ``cap`` bytes, no data for ``idle_s`` seconds, not complete within ``deadline_s``, or the
+    client went away."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    seen = 0
+    while True:
+        wait = min(idle_s, end - loop.time())
+        try:
+            if wait <= 0:
+                raise asyncio.TimeoutError
+            msg = await asyncio.wait_for(request.receive(), wait)
+        except asyncio.TimeoutError:
+            return "body_timeout", (f"the upload stalled: no data for {idle_s:g} s" if loop.time() < end
+                                    else f"the upload was not complete after {deadline_s:g} s")
+        if msg["type"] == "http.disconnect":
+            return "body_timeout", "the client closed the connection before the upload was complete"
+        chunk = msg.get("body", b"")
+        seen += len(chunk)
+        if seen > cap:
+            return "too_large", f"upload is above the {cap / 1024 / 1024:.3g} MB limit"
+        if chunk:
+            sink.write(chunk)  # the first SPOOL_BYTES in memory, the rest to a temporary file
+        if not msg.get("more_body", False):
+            sink.seek(0)
+            return None
 
-    replay = Request(request.scope, receive)
-    return await replay.form(max_files=1, max_fields=16)
+
+def _extract_file(body: IO[bytes], content_type: str, dest: str) -> tuple[str | None, int]:
+    """Parse a multipart body (from a file) and write its first ``file`` field to ``dest``:
+    ``(filename or "" , bytes written)``, or ``(None, 0)`` without one. ValueError for a malformed
+    form or one with more than :data:`MAX_FORM_PARTS` parts."""
+    from python_multipart.multipart import MultipartParser, parse_options_header  # lazy (start-up time)
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ValueError("no boundary in the Content-Type header")
+    state: dict[str, Any] = {"parts": 0, "field": b"", "headers": {}, "target": None, "name": None, "size": 0}
+    with open(dest, "wb") as out:
+        def on_part_begin() -> None:
+            state["parts"] += 1
+            if state["parts"] > MAX_FORM_PARTS:
+                raise ValueError(f"more than {MAX_FORM_PARTS} parts")
+            state["headers"], state["target"] = {}, None
+
+        def on_header_field(data: bytes, start: int, end: int) -> None:
+            state["field"] += data[start:end]
+
+        def on_header_value(data: bytes, start: int, end: int) -> None:
+            key = state["field"].lower()
+            state["headers"][key] = state["headers"].get(key, b"") + data[start:end]
+
+        def on_header_end() -> None:
+            state["field"] = b""
+
+        def on_headers_finished() -> None:
+            _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
+            if disp.get(b"name") == b"file" and state["name"] is None:
+                state["name"] = disp.get(b"filename", b"").decode("utf-8", "replace")
+                state["target"] = out
+
+        def on_part_data(data: bytes, start: int, end: int) -> None:
+            if state["target"] is not None:
+                state["target"].write(data[start:end])
+                state["size"] += end - start
+
+        def on_part_end() -> None:
+            state["target"] = None
+
+        parser = MultipartParser(boundary, {
+            "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+            "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        })
+        try:
+            while chunk := body.read(64 * 1024):
+                parser.write(chunk)
+            parser.finalize()
+        except ValueError:
+            raise
+        except Exception as e:  # python-multipart's own parse errors
+            raise ValueError(str(e) or type(e).__name__) from e
+    if state["name"] is None:
+        return None, 0
+    return os.path.basename(state["name"].replace("\\", "/")), int(state["size"])

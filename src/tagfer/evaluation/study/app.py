@@ -6,22 +6,29 @@ Routes::
     POST /api/start   {name, token?}  start or resume a session → {token, ...the next item}
     GET  /api/next                the next unvoted pair: {done, pair_id, position, total, completed, responses{A,B}}
     POST /api/vote    {pair_id, choice}  record A / B / tie → the next item (409 on a second vote)
-    GET  /api/image/{position}    the pair's image file
+    GET  /api/image/{position}    the pair's image file (needs the token too)
     GET  /api/health              {"ok": true, "pairs": N}
     GET  /openapi.json            the API schema (no /docs page: it would load Swagger UI from a CDN)
 
 Sessions: ``/api/start`` issues a random token for a new name; ``/api/next`` and ``/api/vote``
 need it in the ``X-Study-Token`` header (401 without a valid one), and the name is taken from
 the token, so nobody can vote as another evaluator. Starting a registered name again needs its
-token (``403`` otherwise). Names must be strings of 1 to 80 printable characters (``422``
-otherwise). ``GET /api/next`` writes nothing. The page keeps the name and the token in
+token (``403`` otherwise); names are compared by :func:`tagfer.evaluation.study.db.name_key`
+(case, width, accents and look-alike letters do not make a new name; mixed alphabets are
+refused). Names must be strings of 1 to 80 printable characters (``422`` otherwise). New
+evaluators are limited: ``registrations_per_client`` new names per client address per
+``registration_window_s`` (``429`` with ``Retry-After`` beyond) and ``max_evaluators`` per study
+(``403``). ``GET /api/next`` writes nothing. The page keeps the name and the token in
 ``localStorage``, so a reload continues at the next pair. Only requests whose ``Host`` is
-localhost, 127.0.0.1, [::1] or an allowed host are served (:mod:`tagfer.core.trusted_hosts`);
-request bodies above 16 KiB get 413 without being read.
+localhost, 127.0.0.1, [::1] or an allowed host are served (:mod:`tagfer.core.trusted_hosts`), and
+POSTs sent by pages of other origins are refused (403); request bodies above 16 KiB get 413
+without being read, and a body that stalls for ``BODY_TIMEOUT_S`` seconds gets 408 (connection closed).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import os
 import threading
 import time
@@ -30,9 +37,9 @@ from pathlib import Path
 import socket
 from typing import Any, Sequence
 
-from tagfer.core.trusted_hosts import add_host_check, allowed_hosts
+from tagfer.core.trusted_hosts import add_host_check, add_origin_check, allowed_hosts
 from tagfer.evaluation.judge import Pair
-from tagfer.evaluation.study.db import DuplicateVote, NameTaken, StudyDB
+from tagfer.evaluation.study.db import MAX_EVALUATORS, DuplicateVote, NameTaken, StudyDB, StudyFull, TooManyRegistrations
 
 __all__ = ["create_app", "StudyServer", "static_dir"]
 
@@ -43,6 +50,36 @@ def static_dir() -> Path:
 
 TOKEN_HEADER = "X-Study-Token"
 MAX_BODY = 16 * 1024  # request bodies are tiny JSON objects; larger ones get 413 unread
+BODY_TIMEOUT_S = 10.0  # longest wait for the next piece of a request body
+
+
+class RateLimit:
+    """At most ``n`` events per ``window_s`` seconds per client (sliding window; at most
+    ``max_clients`` clients remembered, the least recently seen forgotten first). Thread-safe."""
+
+    def __init__(self, n: int, window_s: float, max_clients: int = 10_000):
+        if n < 1 or not window_s > 0:
+            raise ValueError("a rate limit needs n >= 1 and a positive window")
+        self.n, self.window_s, self.max_clients = n, float(window_s), max_clients
+        self._seen: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def hit(self, client: str, now: float | None = None) -> float:
+        """Record one event of ``client``: 0.0 if allowed, else the seconds until one is (nothing recorded)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            q = self._seen.pop(client, None) or collections.deque()
+            while q and q[0] <= now - self.window_s:
+                q.popleft()
+            wait = 0.0
+            if len(q) >= self.n:
+                wait = q[0] + self.window_s - now
+            else:
+                q.append(now)
+            self._seen[client] = q
+            while len(self._seen) > self.max_clients:
+                self._seen.popitem(last=False)
+            return wait
 
 
 class _BodyLimit:
@@ -65,7 +102,11 @@ class _BodyLimit:
 
         async def limited() -> dict:
             nonlocal seen
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+            except asyncio.TimeoutError:  # a stalled body: answer 408 and close the connection
+                raise HTTPException(408, f"the request body stalled for {BODY_TIMEOUT_S:g} s",
+                                    headers={"Connection": "close"}) from None
             seen += len(msg.get("body", b""))
             if seen > self.limit:  # an undeclared (chunked) body: stop reading, answer 413
                 raise HTTPException(413, detail)
@@ -75,15 +116,21 @@ class _BodyLimit:
 
 
 def create_app(pairs: Sequence[Pair], db_path: str | os.PathLike, seed: int = 0, *,
-               allowed_hosts: Sequence[str] | None = None):
+               allowed_hosts: Sequence[str] | None = None, allowed_origins: Sequence[str] = (),
+               max_evaluators: int = MAX_EVALUATORS, registrations_per_client: int = 5,
+               registration_window_s: float = 600.0):
     """The FastAPI application for ``pairs`` stored in ``db_path``; ``allowed_hosts``: the Host
-    header values served (default localhost, 127.0.0.1, [::1])."""
-    from fastapi import Body, FastAPI, Header, HTTPException  # lazy (start-up time): fastapi, starlette
+    header values served (default localhost, 127.0.0.1, [::1]); ``allowed_origins``: other origins
+    whose pages may post; new evaluators: at most ``registrations_per_client`` per client address
+    per ``registration_window_s`` seconds and ``max_evaluators`` in all."""
+    from fastapi import Body, FastAPI, Header, HTTPException, Request  # lazy (start-up time): fastapi, starlette
     from fastapi.responses import FileResponse, HTMLResponse  # lazy (start-up time): fastapi, starlette
 
-    db = StudyDB(db_path, pairs, seed=seed)
+    db = StudyDB(db_path, pairs, seed=seed, max_evaluators=max_evaluators)
+    limiter = RateLimit(registrations_per_client, registration_window_s)
     app = FastAPI(title="tagfer A/B study", docs_url=None, redoc_url=None)  # no CDN-loaded docs page
     app.add_middleware(_BodyLimit)
+    add_origin_check(app, allowed_origins, error=lambda message: {"detail": message})
     add_host_check(app, allowed_hosts)  # added last: runs first
     app.state.db = db
     page = (static_dir() / "index.html").read_text(encoding="utf-8")
@@ -105,20 +152,31 @@ def create_app(pairs: Sequence[Pair], db_path: str | os.PathLike, seed: int = 0,
             raise HTTPException(status_code=401, detail=f"no valid {TOKEN_HEADER} header: start a session first")
         return name
 
-    @app.post("/api/start")
-    def start(payload: Any = Body(...)) -> dict[str, Any]:
+    def start(request, payload: Any = Body(...)) -> dict[str, Any]:
         if not isinstance(payload, dict):
             bad(ValueError("send a JSON object {\"name\": ...}"), 422)
         token = payload.get("token")
         if token is not None and not isinstance(token, str):
             bad(ValueError("token must be a string"), 422)
+        client = request.client.host if request.client else "?"
+
+        def allow_new() -> None:
+            wait = limiter.hit(client)
+            if wait > 0:
+                raise TooManyRegistrations(f"too many new names from {client}: try again in {wait:.0f} s", wait)
+
         try:
-            name, token = db.register(payload.get("name"), token)
-        except NameTaken as e:
+            name, token = db.register(payload.get("name"), token, allow_new=allow_new)
+        except TooManyRegistrations as e:
+            raise HTTPException(status_code=429, detail=str(e), headers={"Retry-After": str(max(1, round(e.retry_after)))})
+        except (NameTaken, StudyFull) as e:
             bad(e, 403)
         except ValueError as e:
             bad(e, 422)
         return {"token": token, **db.next_item(name)}  # a POST: the order shown is stored here
+
+    start.__annotations__["request"] = Request  # the lazily imported class (annotations are strings here)
+    app.post("/api/start")(start)
 
     @app.get("/api/next")
     def next_item(x_study_token: str | None = Header(None)) -> dict[str, Any]:
@@ -140,7 +198,8 @@ def create_app(pairs: Sequence[Pair], db_path: str | os.PathLike, seed: int = 0,
         return db.next_item(name)
 
     @app.get("/api/image/{position}")
-    def image(position: int):
+    def image(position: int, x_study_token: str | None = Header(None)):
+        who(x_study_token)
         if not 0 <= position < len(db.pairs):
             raise HTTPException(status_code=404, detail="no such pair")
         path = Path(db.pairs[position].image)
@@ -155,8 +214,8 @@ class StudyServer:
     """Run the app with uvicorn in a background thread (tests, notebooks): ``with StudyServer(...) as s: s.url``."""
 
     def __init__(self, pairs: Sequence[Pair], db_path: str | os.PathLike, seed: int = 0, host: str = "127.0.0.1", port: int = 0,
-                 allowed: Sequence[str] = ()):
-        self.app = create_app(pairs, db_path, seed, allowed_hosts=allowed_hosts(host, allowed))
+                 allowed: Sequence[str] = (), **options: Any):
+        self.app = create_app(pairs, db_path, seed, allowed_hosts=allowed_hosts(host, allowed), **options)
         if port == 0:
             with socket.socket() as s:
                 s.bind((host, 0))

@@ -4,8 +4,9 @@ Schema (WAL journal; one connection per operation, so the web server's worker th
 never share one)::
 
     pairs(pair_id TEXT PRIMARY KEY, position INTEGER, a_name TEXT, b_name TEXT)
-    evaluators(name TEXT PRIMARY KEY, created REAL, token_hash TEXT UNIQUE)
-                                                       -- SHA-256 of the evaluator's session token
+    evaluators(name TEXT PRIMARY KEY, created REAL, token_hash TEXT UNIQUE, name_key TEXT)
+                                                       -- SHA-256 of the evaluator's session token;
+                                                       -- name_key: name_key(name), one evaluator each
     shown(evaluator TEXT, pair_id TEXT, first TEXT CHECK(first IN ('a','b')),
           PRIMARY KEY (evaluator, pair_id))           -- the order shown, fixed once drawn
     votes(evaluator TEXT, pair_id TEXT, choice TEXT CHECK(choice IN ('A','B','tie')),
@@ -20,6 +21,11 @@ pair) and stored. Resuming = the first pair of the evaluator's sequence without 
 Evaluators: :meth:`StudyDB.register` issues a random token for a new name (only its SHA-256 is
 stored); the name can then be taken up again only with that token, so nobody can vote as
 somebody else. Names are strings of 1 to 80 printable characters (whitespace runs collapsed).
+Two names are the same evaluator when their :func:`name_key` is equal (NFKC, case folded,
+accents and other combining marks removed, Cyrillic and Greek letters that look like Latin ones
+folded to them), so "Alice", "ＡＬＩＣＥ", "alicé" and an all-Cyrillic "аlісе" are one name; a
+name that mixes Latin, Cyrillic, Greek or other look-alike alphabets is refused. A study takes
+at most ``max_evaluators`` evaluators (:class:`StudyFull` beyond).
 
 Aggregate (:func:`export`): per evaluator the percentages of votes for ``a``, ``b`` and tie;
 the study's preference = the mean of those over evaluators (each evaluator weighs the same).
@@ -36,6 +42,7 @@ import secrets
 import random
 import sqlite3
 import time
+import unicodedata
 from contextlib import contextmanager
 from itertools import combinations
 from pathlib import Path
@@ -45,7 +52,8 @@ import numpy as np
 
 from tagfer.evaluation.judge import Pair
 
-__all__ = ["StudyDB", "DuplicateVote", "NameTaken", "clean_name", "fleiss_kappa", "pairwise_agreement", "export"]
+__all__ = ["StudyDB", "DuplicateVote", "NameTaken", "StudyFull", "TooManyRegistrations", "clean_name", "name_key",
+           "fleiss_kappa", "pairwise_agreement", "export"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairs(pair_id TEXT PRIMARY KEY, position INTEGER NOT NULL, a_name TEXT, b_name TEXT);
@@ -72,7 +80,31 @@ class NameTaken(PermissionError):
     """The evaluator name is registered and the request did not carry its token."""
 
 
+class StudyFull(PermissionError):
+    """The study has its maximum number of evaluators; no new name is registered."""
+
+
+class TooManyRegistrations(PermissionError):
+    """This client registered too many new names lately (``retry_after``: seconds to wait)."""
+
+    def __init__(self, message: str, retry_after: float = 60.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 MAX_NAME = 80
+MAX_EVALUATORS = 200
+# Letters of Cyrillic, Greek and Armenian that look like Latin ones (after case folding).
+_CONFUSABLES = str.maketrans({
+    "а": "a", "е": "e", "ё": "e", "һ": "h", "і": "i", "ї": "i", "ј": "j", "к": "k", "ӏ": "l", 
+    "о": "o", "р": "p", "с": "c", "ѕ": "s", "у": "y", "х": "x", "ԁ": "d", "ԛ": "q", "ԝ": "w",
+    "ɡ": "g", "ʏ": "y", "ᴠ": "v",
+    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "τ": "t", "υ": "u",
+    "χ": "x", "γ": "y", "ϲ": "c", "ϳ": "j", "ѵ": "v",
+    "ո": "n", "ս": "u", "օ": "o", "ց": "g", "հ": "h", "զ": "q",
+})
+# Alphabets with letters that look alike: a name may use only one of them.
+_LOOKALIKE_SCRIPTS = frozenset({"LATIN", "CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE", "COPTIC", "GEORGIAN"})
 
 
 def clean_name(name: Any) -> str:
@@ -87,7 +119,33 @@ def clean_name(name: Any) -> str:
         raise ValueError(f"an evaluator name must have 1 to {MAX_NAME} characters")
     if not n.isprintable():
         raise ValueError("an evaluator name must not hold control or invisible characters")
+    _check_scripts(n)
+    if not name_key(n):
+        raise ValueError("an evaluator name must hold a visible character")
     return n
+
+
+def _script(ch: str) -> str:
+    """The alphabet of a letter, from its Unicode name ("CYRILLIC SMALL LETTER A" -> "CYRILLIC")."""
+    name = unicodedata.name(ch, "")
+    return name.split(" ", 1)[0] if name else "UNKNOWN"
+
+
+def name_key(name: str) -> str:
+    """The identity of an evaluator name (module docstring): NFKC, case folded, combining marks
+    removed, look-alike Cyrillic/Greek/Armenian letters folded to Latin, whitespace collapsed."""
+    n = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", name).casefold())
+    n = "".join(ch for ch in n if unicodedata.category(ch) not in ("Mn", "Me", "Cf"))
+    n = unicodedata.normalize("NFKC", n).casefold().translate(_CONFUSABLES)
+    return " ".join(n.split())
+
+
+def _check_scripts(name: str) -> None:
+    """ValueError for a name that mixes look-alike alphabets (Latin "alice" with a Cyrillic "а")."""
+    scripts = {_script(ch) for ch in unicodedata.normalize("NFKC", name) if ch.isalpha()} & _LOOKALIKE_SCRIPTS
+    if len(scripts) > 1:
+        raise ValueError("an evaluator name must not mix alphabets (" + ", ".join(sorted(s.title() for s in scripts))
+                         + "): letters that look alike would pass for another name")
 
 
 def _token_hash(token: str) -> str:
@@ -97,9 +155,13 @@ def _token_hash(token: str) -> str:
 class StudyDB:
     """The study database for one pairs list (pairs are registered on open)."""
 
-    def __init__(self, path: str | os.PathLike, pairs: Sequence[Pair] = (), seed: int = 0):
+    def __init__(self, path: str | os.PathLike, pairs: Sequence[Pair] = (), seed: int = 0,
+                 max_evaluators: int = MAX_EVALUATORS):
         self.path = str(path)
         self.seed = seed
+        if max_evaluators < 1:
+            raise ValueError("max_evaluators must be >= 1")
+        self.max_evaluators = max_evaluators
         self.pairs = list(pairs)
         self.by_id = {p.id: p for p in self.pairs}
         self.position = {p.id: i for i, p in enumerate(self.pairs)}
@@ -114,6 +176,12 @@ class StudyDB:
             if "token_hash" not in cols:  # a database from before tokens: its evaluators claim one at their next start
                 init.execute("ALTER TABLE evaluators ADD COLUMN token_hash TEXT")
             init.execute("CREATE UNIQUE INDEX IF NOT EXISTS evaluators_token ON evaluators(token_hash)")
+            if "name_key" not in cols:  # a database from before name keys: computed once here
+                init.execute("ALTER TABLE evaluators ADD COLUMN name_key TEXT")
+            rows = init.execute("SELECT name FROM evaluators WHERE name_key IS NULL").fetchall()
+            init.executemany("UPDATE evaluators SET name_key=? WHERE name=?", [(name_key(r[0]), r[0]) for r in rows])
+            init.execute("CREATE INDEX IF NOT EXISTS evaluators_key ON evaluators(name_key)")
+            init.commit()
         finally:
             init.close()
         with self.connect() as c:
@@ -148,22 +216,33 @@ class StudyDB:
             c.close()
 
     # ----------------------------------------------------------------- evaluators
-    def register(self, name: Any, token: str | None = None) -> tuple[str, str]:
-        """Start (or resume) a session: ``(clean name, token)``. A new name gets a fresh token;
-        a registered one needs its ``token`` (else :class:`NameTaken`). An evaluator stored
-        without a token (older database, or votes through :meth:`vote` only) gets one now."""
+    def register(self, name: Any, token: str | None = None, allow_new: Any = None) -> tuple[str, str]:
+        """Start (or resume) a session: ``(name as registered, token)``. A new name gets a fresh
+        token; a registered one (the same :func:`name_key`) needs its ``token`` (else
+        :class:`NameTaken`). An evaluator stored without a token (older database, or votes through
+        :meth:`vote` only) gets one now. A new evaluator beyond ``max_evaluators`` raises
+        :class:`StudyFull`; ``allow_new()`` (the web app's rate limit) is asked before one is added
+        and may raise :class:`TooManyRegistrations`."""
         name = clean_name(name)
+        key = name_key(name)
         with self.connect() as c:
-            row = c.execute("SELECT token_hash FROM evaluators WHERE name=?", (name,)).fetchone()
-            if row is not None and row[0] is not None:
-                if isinstance(token, str) and secrets.compare_digest(_token_hash(token), row[0]):
-                    return name, token
+            row = c.execute("SELECT name, token_hash FROM evaluators WHERE name_key=? ORDER BY created LIMIT 1", (key,)).fetchone()
+            if row is not None and row[1] is not None:
+                if isinstance(token, str) and secrets.compare_digest(_token_hash(token), row[1]):
+                    return row[0], token
                 raise NameTaken(f"the name {name!r} is already in use; continue in the browser where it was "
                                 "started, or choose another name")
             new = secrets.token_urlsafe(32)
             if row is None:
-                c.execute("INSERT INTO evaluators(name, created, token_hash) VALUES (?,?,?)", (name, time.time(), _token_hash(new)))
+                (n,) = c.execute("SELECT COUNT(*) FROM evaluators").fetchone()
+                if n >= self.max_evaluators:
+                    raise StudyFull(f"the study is full: it takes {self.max_evaluators} evaluators")
+                if allow_new is not None:
+                    allow_new()
+                c.execute("INSERT INTO evaluators(name, created, token_hash, name_key) VALUES (?,?,?,?)",
+                          (name, time.time(), _token_hash(new), key))
             else:
+                name = row[0]
                 c.execute("UPDATE evaluators SET token_hash=? WHERE name=?", (_token_hash(new), name))
         return name, new
 
@@ -228,7 +307,8 @@ class StudyDB:
         winner = "tie" if choice == "tie" else (first if choice == "A" else ("b" if first == "a" else "a"))
         try:
             with self.connect() as c:
-                c.execute("INSERT OR IGNORE INTO evaluators(name, created) VALUES (?,?)", (name, time.time()))
+                c.execute("INSERT OR IGNORE INTO evaluators(name, created, name_key) VALUES (?,?,?)",
+                          (name, time.time(), name_key(name)))
                 c.execute(
                     "INSERT INTO votes(evaluator, pair_id, choice, winner, first, created) VALUES (?,?,?,?,?,?)",
                     (name, pair_id, choice, winner, first, time.time()),
