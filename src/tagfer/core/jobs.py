@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tagfer.core.jsonl import drop_records, read_jsonl
+from tagfer.core.jsonl import drop_records, read_jsonl, remove_output
 
 __all__ = ["Resume", "resume_from", "has_error", "ordered_map", "exit_with_parent"]
 
@@ -98,7 +98,7 @@ def resume_from(
     if not resume:
         for p in files:
             if p.exists():
-                p.unlink()
+                remove_output(p)
         return out
     if retry_errors:
         out.retried = sum(drop_records(p, is_error) for p in files if p.exists())
