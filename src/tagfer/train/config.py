@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import SchedulerType
 from trl import GRPOConfig, SFTConfig, TrlParser
 
@@ -435,11 +434,23 @@ CONFIG_CLASSES: dict[str, type] = {"sft": TagferSFTConfig, "grpo": TagferGRPOCon
 # parsing: TRL's parser + presets, extends and typed YAML values
 
 
+#: usual short names and the names of tagfer's earlier nested config → the field to use.
+_RENAMED = {
+    "lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps", "warmup_ratio": "warmup_steps", "lr_scheduler": "lr_scheduler_type",
+    "name_or_path": "model_name_or_path", "family": "model_family", "r": "lora_r", "alpha": "lora_alpha",
+    "dropout": "lora_dropout", "targets": "lora_target_modules", "enabled": "use_peft", "train": "train_data",
+    "val": "val_data", "jsonl": "log_jsonl", "progress": "disable_tqdm", "tensorboard": "report_to",
+    "w_au": "reward_weights", "w_ans": "reward_weights", "w_fmt": "reward_weights", "matching": "au_matching",
+    "dataloader_workers": "dataloader_num_workers", "epsilon_clip": "epsilon", "kl": "beta",
+}
+
+
 class TagParser(TrlParser):
     """:class:`~trl.TrlParser` for one tagfer config class; errors raise :class:`ConfigError` instead of exiting."""
 
     def __init__(self, cls: type, prog: str | None = None):
-        super().__init__(cls, prog=prog)
+        super().__init__(cls, prog=prog, allow_abbrev=False)  # `--lr` must not silently mean another field
         self.config_class = cls
         self.field_actions: dict[str, Any] = {}
         for a in self._actions:  # the first action of a dest (not the `--no_x` complement of a bool)
@@ -455,7 +466,7 @@ class TagParser(TrlParser):
         if other:
             return ConfigError(key, f"is a field of {other[0].__name__}, not of {self.config_class.__name__} "
                                     "(wrong stage?)")
-        near = difflib.get_close_matches(key, sorted(self.field_actions), n=3)
+        near = [_RENAMED[key]] if key in _RENAMED else difflib.get_close_matches(key, sorted(self.field_actions), n=3)
         hint = f" (did you mean {', '.join(near)}?)" if near else ""
         return ConfigError(key, f"unknown field of {self.config_class.__name__}{hint}; "
                                 "`tagfer train fields sft|grpo` lists them")
@@ -492,7 +503,7 @@ class TagParser(TrlParser):
             if v not in ok:
                 raise ConfigError(name, f"must be one of {', '.join(repr(c) for c in ok)}, got {value!r}")
             return value
-        if tp is string_to_bool:
+        if getattr(tp, "__name__", "") == "string_to_bool":  # TRL and transformers each have one
             if isinstance(value, bool):
                 return value
             raise ConfigError(name, f"expected true/false, got {value!r} ({type(value).__name__})")
