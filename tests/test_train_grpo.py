@@ -14,8 +14,8 @@ pytestmark = pytest.mark.model  # imports torch at the top and trains the tiny m
 
 
 def _grpo_cfg(out, model_dir, data, **kw):
-    base = dict(optim__learning_rate=1e-3, optim__max_steps=3, optim__batch_size=4, grpo__num_generations=4,
-                grpo__max_completion_length=16, lora__train_projector=False)
+    base = dict(learning_rate=1e-3, max_steps=3, per_device_train_batch_size=4, num_generations=4,
+                max_completion_length=16, train_projector=False)
     base.update(kw)
     return tiny_train_config(out, model_dir, data, stage="grpo", **base)
 
@@ -70,7 +70,7 @@ def test_grpo_runs_and_logs_components(grpo_built):
     assert trainer.rollout_merged_layers == 14 and trainer.generation_config.use_cache is True
     after = dict(trainer.model.named_parameters())
     assert base and all(torch.equal(after[n], w) for n, w in base.items())
-    with open(f"{cfg.output_dir}/{cfg.log.jsonl}") as f:
+    with open(f"{cfg.output_dir}/{cfg.log_jsonl}") as f:
         lines = [json.loads(x) for x in f.read().splitlines()]
     steps = [r for r in lines if r["event"] == "train" and "reward" in r]
     assert len(steps) == 3
@@ -79,7 +79,7 @@ def test_grpo_runs_and_logs_components(grpo_built):
             assert key in r, key
         assert "r_au" in r  # None when no sample of the step had AU boxes
         assert 0.0 <= r["au_scored"] <= 1.0
-        assert r["completion_length"] <= cfg.grpo.max_completion_length
+        assert r["completion_length"] <= cfg.max_completion_length
 
 
 def test_grpo_learns_a_token_preference(tmp_path, train_tiny_dir, train_samples):
@@ -96,12 +96,10 @@ def test_grpo_learns_a_token_preference(tmp_path, train_tiny_dir, train_samples)
 
     favour_token.__name__ = "favour_token"
     steps = 12
-    cfg = _grpo_cfg(tmp_path, train_tiny_dir, train_samples, optim__max_steps=steps, optim__learning_rate=float(__import__('os').environ.get('LR', '1e-2')),
-                    grpo__beta=0.0, grpo__max_completion_length=12, grpo__num_generations=8, optim__batch_size=8,
-                    optim__seed=int(__import__('os').environ.get('SEED', '0')))
+    cfg = _grpo_cfg(tmp_path, train_tiny_dir, train_samples, max_steps=steps, learning_rate=1e-2, beta=0.0,
+                    max_completion_length=12, num_generations=8, per_device_train_batch_size=8, seed=0)
     res = run_grpo(cfg, reward_funcs=[favour_token], weights=[1.0])
     rewards = [h["reward"] for h in res.log_history if "reward" in h]
-    print('rewards', [round(r, 3) for r in rewards])
     assert len(rewards) == steps
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.1, rewards
@@ -114,9 +112,9 @@ def test_merged_lora_matches_unmerged_and_restores_the_base_exactly(train_tiny_d
     from tagfer.train.model import apply_lora, load_for_training
     from tagfer.train.rollout import lora_layers, merged_lora
 
-    cfg = load_config("tiny_cpu", [f"model.name_or_path={train_tiny_dir}", "model.dtype=bfloat16", "lora.r=4",
-                                   "lora.train_projector=false"])
-    model = apply_lora(load_for_training(cfg)[0], cfg.lora).eval()
+    cfg = load_config("tiny_cpu", ["--model_name_or_path", str(train_tiny_dir), "--dtype", "bfloat16", "--lora_r", "4",
+                                   "--train_projector", "false"])
+    model = apply_lora(load_for_training(cfg)[0], cfg).eval()
     torch.manual_seed(0)
     for n, p in model.named_parameters():
         if "lora_B" in n:
