@@ -104,7 +104,7 @@ def test_rowmaker_sft_and_grpo(tmp_path):
 
 
 def test_trace_aus_are_the_aus_the_trace_names_once_each_in_order():
-    text = ("<think>Global look. AU12 (Lip Corner Puller) <bbox>[1, 2, 30, 40]</bbox> then au6, and AU12 again; "
+    text = ("<think>Global look. AU12 (Lip Corner Puller) <bbox>[1, 2, 30, 40]</bbox> then AU6, and AU12 again; "
             "AU25.</think><answer>happiness</answer>")
     assert trace_aus(text) == [12, 6, 25]
     assert trace_aus("<think>No units named.</think><answer>neutral</answer>") == []
