@@ -9,8 +9,7 @@ import pytest
 
 
 def test_target_regex_anchored_on_language_model():
-    from tagfer.train.config import LM_PROJECTIONS
-    from tagfer.train.model import lm_target_regex
+    from tagfer.train.model import LM_PROJECTIONS, lm_target_regex
 
     rx = re.compile(lm_target_regex(LM_PROJECTIONS))
     for name in ("model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.27.mlp.down_proj",

@@ -33,6 +33,7 @@ from trl import GRPOConfig, SFTConfig
 
 from tagfer.models.families import UnknownFamily, get_family
 from tagfer.traces.rewards import RewardConfig
+from tagfer.train.model import LM_PROJECTIONS
 from tagfer.train.parser import TagParser
 from tagfer.train.presets import STAGES, ConfigError, load_raw
 
@@ -43,7 +44,6 @@ __all__ = [
     "TagferGRPOConfig",
     "TrainConfig",
     "CONFIG_CLASSES",
-    "LM_PROJECTIONS",
     "TagParser",
     "load_config",
     "parse_config",
@@ -53,8 +53,6 @@ __all__ = [
     "use_vllm_now",
 ]
 
-#: LoRA targets of the paper: every attention and MLP projection of the language model.
-LM_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING, **meta: Any):

@@ -27,6 +27,7 @@ from tagfer.models.families import family_of, get_family
 from tagfer.models.tiny import build_tiny
 
 __all__ = [
+    "LM_PROJECTIONS",
     "model_family",
     "lm_target_regex",
     "resolve_base",
@@ -41,6 +42,9 @@ __all__ = [
     "low_precision_trainable",
 ]
 
+
+#: LoRA targets of the paper: every attention and MLP projection of the language model.
+LM_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def model_family(model, name: str = "auto"):
