@@ -84,8 +84,8 @@ def main(argv=None) -> dict:
     rss0 = _rss_mb()
     # ---- SFT
     sft_times: list[float] = []
-    cfg = load_config("tiny_cpu", [f"output_dir={work}/sft", f"optim.max_steps={args.steps + 1}", "sft.eval_steps=0",
-                                   "optim.save_steps=100000", "resume=false"])
+    cfg = load_config("tiny_cpu", {"output_dir": f"{work}/sft", "max_steps": args.steps + 1, "val_steps": 0,
+                                   "save_steps": 100000, "resume": False})
     t = time.perf_counter()
     run_sft(cfg, callbacks=[_step_callback(sft_times)])
     sft_total = time.perf_counter() - t
@@ -93,11 +93,11 @@ def main(argv=None) -> dict:
 
     # ---- GRPO with the TAG rewards, timing rewards and the data transform
     grpo_times: list[float] = []
-    gcfg = load_config("tiny_cpu_grpo", [
-        f"output_dir={work}/grpo", f"model.adapter={work}/sft/best", f"optim.max_steps={args.steps + 1}",
-        f"grpo.num_generations={args.generations}", f"optim.batch_size={args.generations}",
-        f"grpo.max_completion_length={args.completion}", "optim.save_steps=100000", "resume=false",
-    ])
+    gcfg = load_config("tiny_cpu_grpo", {
+        "output_dir": f"{work}/grpo", "adapter": f"{work}/sft/best", "max_steps": args.steps + 1,
+        "num_generations": args.generations, "per_device_train_batch_size": args.generations,
+        "max_completion_length": args.completion, "save_steps": 100000, "resume": False,
+    })
     reward_timer, data_timer = Timer(), Timer()
     funcs, weights = tag_reward_funcs(gcfg)
     trainer, _, _ = build_grpo_trainer(gcfg, [reward_timer.wrap(f) for f in funcs], weights,

@@ -36,21 +36,23 @@ def train_samples(tmp_path_factory) -> Path:
 
 
 def tiny_train_config(out_dir, model_dir, data, stage="sft", **overrides):
-    """A TrainConfig on the tiny model, 1 thread-friendly; ``overrides`` are dotted keys."""
+    """A TagferSFTConfig / TagferGRPOConfig on the tiny model, 1 thread-friendly; ``overrides`` are field names."""
     from tagfer.train.config import load_config
 
     base = {
         "stage": stage, "output_dir": str(out_dir), "resume": False,
-        "model": {"name_or_path": str(model_dir)},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-        "data": {"train": str(data)},
-        "optim": {"learning_rate": 2e-2, "lr_scheduler": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
-                  "max_steps": 10, "batch_size": 8, "grad_accum": 1, "bf16": "false", "seed": 0, "save_steps": 1000},
-        "sft": {"max_length": 2048, "eval_steps": 0, "val_samples": 0},
-        "grpo": {"num_generations": 4, "max_completion_length": 16},
-        "log": {"logging_steps": 1, "progress": False},
+        "model_name_or_path": str(model_dir),
+        "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+        "train_data": str(data),
+        "learning_rate": 2e-2, "lr_scheduler_type": "constant", "warmup_steps": 0.0, "weight_decay": 0.0,
+        "max_steps": 10, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "bf16": False,
+        "activation_checkpointing": False, "seed": 0, "save_steps": 1000, "logging_steps": 1, "disable_tqdm": True,
     }
-    return load_config(base, {k.replace("__", "."): v for k, v in overrides.items()})
+    if stage == "sft":
+        base.update({"max_length": 2048, "val_steps": 0, "val_samples": 0})
+    else:
+        base.update({"num_generations": 4, "max_completion_length": 16})
+    return load_config({**base, **overrides})
 
 
 #: Families beyond Qwen2.5-VL whose tiny models go through the whole training path (tests/test_families.py).
@@ -71,8 +73,8 @@ SHORT_SYSTEM, SHORT_USER = "Explain the facial expression.", "Which expression?"
 
 @pytest.fixture(scope="session")
 def short_prompts(tmp_path_factory) -> dict[str, str]:
-    """Config overrides (dotted keys with ``__``) pointing data.system_prompt / user_prompt at short prompt files."""
+    """Config overrides pointing system_prompt / user_prompt at short prompt files."""
     d = tmp_path_factory.mktemp("short_prompts")
     (d / "system.txt").write_text(SHORT_SYSTEM)
     (d / "user.txt").write_text(SHORT_USER)
-    return {"data__system_prompt": str(d / "system.txt"), "data__user_prompt": str(d / "user.txt")}
+    return {"system_prompt": str(d / "system.txt"), "user_prompt": str(d / "user.txt")}

@@ -281,7 +281,7 @@ def test_verl_bad_ground_truth():
 
 
 def test_read_ground_truth():
-    assert read_ground_truth("sad") == {"label": "sad", "au_boxes": None, "aus": None}
+    assert read_ground_truth("sad") == {"label": "sad", "au_boxes": None, "aus": None, "trace_aus": None}
     assert read_ground_truth({"label": "sad", "aus": [1]}, {"au_boxes": [CHIN]})["au_boxes"] == [CHIN]
 
 
@@ -291,3 +291,46 @@ def test_trl_sees_our_names_and_sync_callables():
     funcs = make_reward_funcs() + [tag_trl.tag_reward]
     assert [utils.get_callable_name(f) for f in funcs] == ["r_au", "r_ans", "r_fmt", "tag_reward"]
     assert not any(utils.is_async_callable(f) for f in funcs)
+
+
+# --- the F1 variant's reference set (issue 20 #6c): a documented, switchable reading
+
+F1_TEXT = "<think>Smile. AU12 <bbox>[1, 2, 30, 40]</bbox> and AU6 around the eyes.</think><answer>happiness</answer>"
+
+
+def test_f1_reference_default_is_every_activated_au():
+    """Default ("activated", the paper's "annotated AUs"): named {12, 6} against the 5 activated AUs → 2·2/(2+5)."""
+    cfg = RewardConfig(au_reward="f1")
+    cols = {"label": ["happiness"], "au_boxes": [[]], "aus": [[12, 6, 25, 1, 2]], "trace_aus": [[12, 6]]}
+    r_au = make_reward_funcs(cfg)[0]
+    assert r_au.f1_reference == "activated" and r_au.__name__ == "r_au_f1"
+    assert r_au(completions=[F1_TEXT], **cols) == pytest.approx([4 / 7])
+    total = TAGReward("total", cfg)(completions=[F1_TEXT], **cols)
+    assert total == pytest.approx([4 / 7 + 1.0 + cfg.fmt_bonus])
+
+
+def test_f1_reference_trace_scores_against_the_aus_the_trace_names():
+    """Alternative ("trace"): the same response against the trace's own AUs {12, 6} → F1 1.0; the column is required."""
+    cfg = RewardConfig(au_reward="f1")
+    cols = {"label": ["happiness"], "au_boxes": [[]], "aus": [[12, 6, 25, 1, 2]], "trace_aus": [[12, 6]]}
+    r_au = make_reward_funcs(cfg, f1_reference="trace")[0]
+    assert r_au(completions=[F1_TEXT], **cols) == pytest.approx([1.0])
+    assert TAGReward("total", cfg, f1_reference="trace")(completions=[F1_TEXT], **cols) == pytest.approx([2.0 + cfg.fmt_bonus])
+    with pytest.raises(ValueError, match="trace_aus"):
+        r_au(completions=[F1_TEXT], label=["happiness"], au_boxes=[[]], aus=[[12]])
+    with pytest.raises(ValueError, match="f1_reference"):
+        TAGReward("r_au", cfg, f1_reference="all")
+    # the IoU form does not read either column
+    iou_cols = {**cols, "au_boxes": [[[1, 2, 30, 40]]]}
+    assert make_reward_funcs(RewardConfig(), f1_reference="trace")[0](completions=[F1_TEXT], **iou_cols) == [1.0]
+
+
+def test_verl_f1_reference_switch():
+    gt = {"label": "happiness", "aus": [12, 6, 25, 1, 2], "trace_aus": [12, 6]}
+    assert compute_score("rafdb", F1_TEXT, gt, au_reward="f1")["r_au"] == pytest.approx(4 / 7)
+    assert compute_score("rafdb", F1_TEXT, gt, au_reward="f1", f1_reference="trace")["r_au"] == pytest.approx(1.0)
+    via_extra = compute_score("rafdb", F1_TEXT, {"label": "happiness", "aus": [12]}, {"trace_aus": [12, 6]},
+                              au_reward="f1", f1_reference="trace")
+    assert via_extra["r_au"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="trace_aus"):
+        compute_score("rafdb", F1_TEXT, {"label": "happiness", "aus": [12]}, au_reward="f1", f1_reference="trace")

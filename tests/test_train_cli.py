@@ -11,27 +11,45 @@ from tagfer.cli import app
 runner = CliRunner()
 
 
-def test_presets_and_show():
+def test_presets():
     r = runner.invoke(app, ["train", "presets"])
     assert r.exit_code == 0 and "grpo_rafdb" in r.output and "tiny_cpu" in r.output
-    r = runner.invoke(app, ["train", "show", "-c", "grpo_ferplus", "--set", "optim.learning_rate=2e-6"])
-    assert r.exit_code == 0
+
+
+@pytest.mark.model  # the config classes subclass TRL's
+def test_show_with_trl_style_overrides():
+    r = runner.invoke(app, ["train", "show", "-c", "grpo_ferplus", "--learning_rate", "2e-6", "--sources", "ferplus",
+                            "rafdb", "--use_vllm", "false"])
+    assert r.exit_code == 0, r.output
     shown = yaml.safe_load(r.output)
-    assert shown["optim"]["learning_rate"] == 2e-6 and shown["data"]["sources"] == ["ferplus"]
+    assert shown["learning_rate"] == 2e-6 and shown["sources"] == ["ferplus", "rafdb"] and shown["stage"] == "grpo"
+
+
+@pytest.mark.model
+def test_fields_lists_tag_and_trl_fields_with_help():
+    r = runner.invoke(app, ["train", "fields", "grpo"])
+    assert r.exit_code == 0
+    for flag in ("--adapter_mode", "--au_f1_reference", "--importance_sampling_level", "--beta", "--lora_r"):
+        assert flag in r.output
+    assert "literal 'we keep LoRA adapters trainable'" in " ".join(r.output.split())
 
 
 @pytest.mark.model  # validating the config imports TRL
 def test_bad_override_exits_with_field_name():
-    r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--set", "optim.lr=1"])
+    r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--lr", "1"])
     assert r.exit_code == 2
-    assert "optim.lr" in r.output
+    assert "lr: unknown field" in r.output and "learning_rate" in r.output
+    r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--lora_r", "many"])
+    assert r.exit_code == 2 and "lora_r" in r.output
 
 
+@pytest.mark.model
 def test_stage_mismatch_is_refused():
     r = runner.invoke(app, ["train", "sft", "-c", "grpo_rafdb"])
     assert r.exit_code == 2 and "tagfer train grpo" in r.output
 
 
+@pytest.mark.model
 def test_exports(tmp_path):
     r = runner.invoke(app, ["train", "export-llamafactory", "-c", "sft_nobbox", "-o", str(tmp_path / "lf.yaml")])
     assert r.exit_code == 0, r.output
@@ -45,8 +63,8 @@ def test_exports(tmp_path):
 
 @pytest.mark.model
 def test_missing_model_is_clear(tmp_path):
-    r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--set", "model.name_or_path=/nonexistent/model",
-                            "--set", f"output_dir={tmp_path}"])
+    r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--model_name_or_path", "/nonexistent/model",
+                            "--output_dir", str(tmp_path)])
     assert r.exit_code == 3
     assert "does not exist" in r.output
 
@@ -62,13 +80,13 @@ def test_tiny_cpu_sft_then_grpo_end_to_end(tmp_path):
     import json
 
     sft_dir, grpo_dir = tmp_path / "sft", tmp_path / "grpo"
-    r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--set", f"output_dir={sft_dir}",
-                            "--set", "optim.max_steps=3", "--set", "sft.eval_steps=2", "--set", "optim.save_steps=2"])
+    r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--output_dir", str(sft_dir),
+                            "--max_steps", "3", "--val_steps", "2", "--save_steps", "2"])
     assert r.exit_code == 0, r.output
     assert (sft_dir / "best" / "adapter_config.json").is_file()
     assert (sft_dir / "checkpoint-2").is_dir()
-    r = runner.invoke(app, ["train", "grpo", "-c", "tiny_cpu_grpo", "--set", f"output_dir={grpo_dir}",
-                            "--set", f"model.adapter={sft_dir / 'best'}", "--set", "optim.max_steps=2"])
+    r = runner.invoke(app, ["train", "grpo", "-c", "tiny_cpu_grpo", "--output_dir", str(grpo_dir),
+                            "--adapter", str(sft_dir / "best"), "--max_steps", "2"])
     assert r.exit_code == 0, r.output
     log = [json.loads(x) for x in (grpo_dir / "train_log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log if x["event"] == "train" and "reward" in x] == [1, 2]
@@ -81,8 +99,8 @@ def test_tiny_cpu_sft_then_grpo_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "merged" / "config.json").is_file()
     # a rerun with more steps resumes from the last SFT checkpoint instead of starting over
-    r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--set", f"output_dir={sft_dir}",
-                            "--set", "optim.max_steps=4", "--set", "sft.eval_steps=0", "--set", "optim.save_steps=2"])
+    r = runner.invoke(app, ["train", "sft", "-c", "tiny_cpu", "--output_dir", str(sft_dir),
+                            "--max_steps", "4", "--val_steps", "0", "--save_steps", "2"])
     assert r.exit_code == 0, r.output
     steps = [x["step"] for x in (json.loads(y) for y in (sft_dir / "train_log.jsonl").read_text().splitlines())
              if x["event"] == "train" and "loss" in x]

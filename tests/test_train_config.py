@@ -1,200 +1,195 @@
-"""Presets and config files: loading, strict validation, overrides."""
+"""TagferSFTConfig / TagferGRPOConfig: TRL's configs with TAG's fields, parsed by TRL's parser."""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+
 import pytest
 
-from tagfer.train.config import ConfigError, TrainConfig, dump_config, list_presets, load_config, load_raw
+pytestmark = pytest.mark.model  # the configs subclass TRL's (imports transformers): not in the fast tier
 
-PAPER_PRESETS = ["sft_tag310k", "grpo_rafdb", "grpo_ferplus", "grpo_affectnet", "grpo_rlvr", "grpo_f1", "sft_nobbox", "tiny_cpu"]
+from trl import GRPOConfig, SFTConfig  # noqa: E402
 
-
-@pytest.mark.model  # validates trl.* keys against TRL's config classes (imports TRL)
-def test_all_presets_present_and_valid():
-    names = list_presets()
-    for p in PAPER_PRESETS + ["tiny_cpu_grpo"]:
-        assert p in names
-        cfg = load_config(p)
-        assert isinstance(cfg, TrainConfig)
+from tagfer.train.config import (  # noqa: E402
+    ConfigError, TagArguments, TagferGRPOConfig, TagferSFTConfig, dump_config, load_config, parse_config, use_vllm_now,
+)
+from tagfer.train.presets import list_presets  # noqa: E402
 
 
-def test_paper_numbers_in_presets():
-    sft = load_config("sft_tag310k")
-    assert (sft.lora.r, sft.lora.alpha, sft.lora.dropout) == (128, 256, 0.05)
-    assert sft.lora.train_projector and sft.sft.completion_only_loss
-    assert (sft.optim.learning_rate, sft.optim.lr_scheduler, sft.optim.weight_decay) == (2e-5, "cosine", 0.01)
-    assert (sft.optim.warmup_ratio, sft.optim.max_grad_norm, sft.sft.max_length) == (0.03, 1.0, 2048)
-    g = load_config("grpo_rafdb")
-    assert (g.grpo.num_generations, g.grpo.beta, g.grpo.epsilon, g.grpo.loss_type) == (8, 0.04, 0.2, "grpo")
-    assert (g.optim.learning_rate, g.optim.weight_decay, g.optim.max_grad_norm, g.optim.epochs) == (1e-6, 0.01, 1.0, 2.0)
-    assert g.data.sources == ["rafdb"]
-    assert load_config("grpo_ferplus").data.sources == ["ferplus"]
-    assert load_config("grpo_affectnet").data.sources == ["affectnet"]
-    assert load_config("grpo_rlvr").reward.w_au == 0.0
-    assert load_config("grpo_f1").reward.au_reward == "f1"
-    assert load_config("sft_nobbox").data.no_bbox is True
-    # extends keeps the parent's other fields
-    assert load_config("grpo_affectnet").grpo.beta == 0.04
-    # GPU presets: vLLM rollouts when available (else the merged-LoRA transformers fallback, with a warning)
-    assert g.grpo.use_vllm == "auto" and g.grpo.vllm_mode == "colocate" and g.grpo.merged_rollouts
+def test_presets_are_trl_configs_of_their_stage():
+    for name in list_presets():
+        cfg = load_config(name)
+        cls = TagferGRPOConfig if "grpo" in name else TagferSFTConfig
+        assert type(cfg) is cls and isinstance(cfg, GRPOConfig if "grpo" in name else SFTConfig)
+
+
+def test_paper_numbers_are_the_defaults_where_trl_differs():
+    """App. C.1 without any preset: TRL's own defaults differ on each of these."""
+    s = TagferSFTConfig(train_data="x.jsonl")
+    assert (s.lora_r, s.lora_alpha, s.lora_dropout, s.use_peft, s.train_projector) == (128, 256, 0.05, True, True)
+    assert (s.learning_rate, s.lr_scheduler_type.value, s.weight_decay, s.warmup_steps) == (2e-5, "cosine", 0.01, 0.03)
+    assert (s.max_grad_norm, s.max_length, s.num_train_epochs, s.completion_only_loss) == (1.0, 2048, 3.0, True)
+    assert (s.per_device_train_batch_size, s.gradient_accumulation_steps) == (8, 8)
+    g = TagferGRPOConfig(train_data="x.jsonl")
+    assert (g.num_generations, g.beta, g.epsilon, g.loss_type) == (8, 0.04, 0.2, "grpo")
+    assert (g.learning_rate, g.weight_decay, g.max_grad_norm, g.num_train_epochs) == (1e-6, 0.01, 1.0, 2.0)
+    assert (g.lora_r, g.lora_alpha, g.lora_dropout, g.train_projector) == (128, 256, 0.05, False)
+    trl = GRPOConfig(bf16=False)
+    assert (trl.beta, trl.loss_type, trl.weight_decay, trl.num_train_epochs) != (0.04, "grpo", 0.01, 2.0)
+    # TRL's unset bf16 means "on", which fails on a machine without bf16; tagfer's means "when supported"
+    import torch
+
+    assert s.bf16 == bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def test_every_tag_field_has_help():
+    own = set(TagArguments.__annotations__) | set(TagferSFTConfig.__annotations__) | set(TagferGRPOConfig.__annotations__)
+    for cls in (TagferSFTConfig, TagferGRPOConfig):
+        for f in dataclasses.fields(cls):
+            if f.name in own:
+                assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+
+
+def test_precedence_cli_over_yaml_over_defaults(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("stage: grpo\ntrain_data: builtin:tiny\nlearning_rate: 3.0e-6\nlora_r: 32\nsources: [rafdb]\n")
+    cfg = parse_config(str(p), ["--lora_r", "64", "--sources", "ferplus", "affectnet"])
+    assert cfg.lora_r == 64  # CLI beats YAML
+    assert cfg.sources == ["ferplus", "affectnet"]
+    assert cfg.learning_rate == 3e-6  # YAML beats the default (1e-6)
+    assert cfg.beta == 0.04 and cfg.lora_alpha == 256  # defaults where neither says anything
+    assert parse_config(str(p)).lora_r == 32
 
 
 def test_overrides_every_type():
-    cfg = load_config("grpo_rafdb", ["optim.learning_rate=3e-6", "data.sources=[rafdb, ferplus]", "grpo.use_vllm=true",
-                                     "model.adapter=null", "reward.matching=one_to_one", "optim.bf16=false", "lora.r=64"])
-    assert cfg.optim.learning_rate == 3e-6 and cfg.data.sources == ["rafdb", "ferplus"]
-    assert cfg.grpo.use_vllm is True and cfg.model.adapter is None and cfg.reward.matching == "one_to_one"
-    assert cfg.optim.bf16 == "false" and cfg.lora.r == 64
+    cfg = load_config("grpo_rafdb", ["--learning_rate", "3e-6", "--sources", "rafdb", "ferplus", "--use_vllm", "false",
+                                     "--au_matching", "one_to_one", "--bf16", "false", "--lora_r", "64",
+                                     "--no_use_peft", "--importance_sampling_level", "sequence"])
+    assert cfg.learning_rate == 3e-6 and cfg.sources == ["rafdb", "ferplus"] and cfg.use_vllm is False
+    assert cfg.reward.matching == "one_to_one" and cfg.bf16 is False and cfg.lora_r == 64 and cfg.use_peft is False
+    assert cfg.importance_sampling_level == "sequence"
+    m = load_config("grpo_rafdb", {"adapter": None, "reward_weights": [0, 1, 1], "use_vllm": False})
+    assert m.adapter is None and m.reward.w_au == 0.0 and m.use_vllm is False
 
 
 @pytest.mark.parametrize(
-    "override, field",
+    "args, field",
     [
-        ("optim.lr=1e-5", "optim.lr"),
-        ("optim.batch_size=2.5", "optim.batch_size"),
-        ("grpo.use_vllm=maybe", "grpo.use_vllm"),
-        ("reward.matching=greedy", "reward.matching"),
-        ("lora.targets=q_proj", "lora.targets"),
-        ("data.sources=[1, 2]", "data.sources[0]"),
-        ("nonsense=1", "nonsense"),
-        ("optim.learning_rate=-1", "optim.learning_rate"),
-        ("grpo.num_generations=1", "grpo.num_generations"),
+        (["--lr", "1e-5"], "lr"),
+        (["--learnin_rate", "1e-5"], "learnin_rate"),
+        (["--per_device_train_batch_size", "2.5"], "per_device_train_batch_size"),
+        (["--use_vllm", "maybe"], "use_vllm"),
+        (["--au_matching", "greedy"], "au_matching"),
+        (["--learning_rate", "-1"], "learning_rate"),
+        (["--num_generations", "1"], "num_generations"),
+        (["--importance_sampling_level", "trajectory"], "importance_sampling_level"),
+        (["--au_f1_reference", "all"], "au_f1_reference"),
+        (["--val_steps", "10"], "val_steps"),  # an SFT field on a GRPO config
     ],
 )
-def test_bad_override_names_field(override, field):
+def test_bad_cli_value_names_the_field(args, field):
     with pytest.raises(ConfigError) as e:
-        load_config("grpo_rafdb", [override])
+        load_config("grpo_rafdb", args)
+    assert e.value.field == field and field in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "yaml_value, field, message",
+    [
+        ({"lora_r": "many"}, "lora_r", "expected an integer"),
+        ({"lora_r": 2.5}, "lora_r", "expected an integer"),
+        ({"sources": "rafdb"}, "sources", "expected a list"),
+        ({"sources": [1, 2]}, "sources[0]", "expected a string"),
+        ({"au_matching": "greedy"}, "au_matching", "must be one of"),
+        ({"use_peft": "yes"}, "use_peft", "expected true/false"),
+        ({"learnin_rate": 1e-5}, "learnin_rate", "did you mean learning_rate"),
+        ({"val_steps": 3}, "val_steps", "is a field of TagferSFTConfig"),
+        ({"beta": None}, "beta", "must not be null"),
+        ({"reward_weights": [1.0, 1.0]}, "reward_weights", "one weight per TAG reward"),
+        ({"adapter": None, "adapter_mode": "continue"}, "adapter_mode", "continue needs the adapter"),
+        ({"remove_unused_columns": True}, "remove_unused_columns", "must be false"),
+        ({"model_family": "llama9"}, "model_family", "llama9"),
+    ],
+)
+def test_bad_yaml_value_names_the_field(yaml_value, field, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config("grpo_rafdb", yaml_value)
     assert e.value.field == field
-    assert field in str(e.value)
 
 
-def test_bad_preset_file_names_field(tmp_path):
-    p = tmp_path / "bad.yaml"
-    p.write_text("extends: sft_tag310k\noptim:\n  learning_rat: 1.0e-5\n")
-    with pytest.raises(ConfigError, match=r"optim\.learning_rat: unknown field"):
-        load_config(str(p))
-    p.write_text("stage: sft\nlora:\n  r: many\ndata: {train: x.jsonl}\n")
-    with pytest.raises(ConfigError, match=r"lora\.r: expected an integer"):
-        load_config(str(p))
-    p.write_text("stage: rl\ndata: {train: x.jsonl}\n")
-    with pytest.raises(ConfigError, match=r"stage: must be one of"):
-        load_config(str(p))
+def test_yaml_strings_that_argparse_would_convert_are_converted(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("stage: sft\ntrain_data: x.jsonl\nlearning_rate: 1e-5\nlr_scheduler_type: linear\nuse_peft: false\n")
+    cfg = parse_config(str(p))  # PyYAML reads 1e-5 (no dot) as a string
+    assert cfg.learning_rate == 1e-5 and cfg.lr_scheduler_type.value == "linear" and cfg.use_peft is False
 
 
-def test_unknown_preset_lists_presets():
-    with pytest.raises(ConfigError, match="tiny_cpu"):
-        load_config("no_such_preset")
+def test_stage_and_old_override_syntax_are_explained(tmp_path):
+    with pytest.raises(ConfigError, match="use `tagfer train grpo`"):
+        parse_config("grpo_rafdb", stage="sft")
+    with pytest.raises(ConfigError, match="TRL-style flags"):
+        load_config("tiny_cpu", ["--set", "optim.learning_rate=1e-5"])
+    with pytest.raises(ConfigError, match="train_data"):
+        load_config({"stage": "sft"})
 
 
 def test_generation_batch_must_divide():
-    with pytest.raises(ConfigError, match="num_generations"):
-        load_config("grpo_rafdb", ["optim.batch_size=3", "optim.grad_accum=1"])
+    with pytest.raises(ConfigError, match="multiple of num_generations"):
+        load_config("grpo_rafdb", ["--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "1"])
 
 
-def test_dump_roundtrip(tmp_path):
-    cfg = load_config("grpo_f1", ["optim.seed=7"])
+def test_dump_roundtrip_keeps_what_was_given(tmp_path):
+    cfg = load_config("grpo_f1", ["--seed", "7", "--use_vllm", "auto", "--au_f1_reference", "trace"])
     path = tmp_path / "c.yaml"
-    dump_config(cfg, path)
-    assert load_config(str(path)) == cfg
+    text = dump_config(cfg, path)
+    assert "use_vllm: auto" in text and "steps_per_generation" not in text  # as given; TRL's derived values left out
+    again = load_config(str(path))
+    assert again == cfg and again.au_f1_reference == "trace" and again.seed == 7
 
 
-def test_circular_extends(tmp_path):
-    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
-    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
-    with pytest.raises(ConfigError, match="circular"):
-        load_raw(str(tmp_path / "a.yaml"))
+def test_any_trl_field_passes_through_and_warmup_is_a_fraction():
+    g = load_config("tiny_cpu_grpo", ["--vllm_server_base_url", "http://gpu1:8000", "--mask_truncated_completions",
+                                      "true", "--warmup_steps", "0.05"])
+    assert g.vllm_server_base_url == "http://gpu1:8000" and g.mask_truncated_completions is True
+    assert g.get_warmup_steps(200) == 10  # 5 % of 200 steps: a ratio, not 0.05 steps
+    s = load_config("tiny_cpu", ["--torch_empty_cache_steps", "3"])
+    assert s.torch_empty_cache_steps == 3
+    with pytest.raises(ConfigError, match="is a field of TagferGRPOConfig"):
+        load_config("tiny_cpu", ["--mask_truncated_completions", "true"])  # a GRPO-only field on an SFT run
 
 
-@pytest.mark.model  # imports TRL (its SFTConfig/GRPOConfig fields)
-def test_trl_mapping_derives_every_trl_argument_from_one_table():
-    """TRL's config is built from tagfer's fields through one table; warm-up is TRL's fractional warmup_steps."""
-    from trl import GRPOConfig
-
-    from tagfer.train.trl_args import DERIVED, trl_kwargs
-
-    cfg = load_config("grpo_rafdb", ["optim.warmup_ratio=0.05", "grpo.use_vllm=false", "optim.bf16=false"])
-    kw = trl_kwargs(cfg, "grpo")
-    assert kw["warmup_steps"] == 0.05 and kw["num_generations"] == 8 and kw["beta"] == 0.04
-    assert set(kw) == {k for k, (where, _, _) in DERIVED.items() if where in ("both", "grpo")}
-    args = GRPOConfig(**kw)
-    assert args.get_warmup_steps(200) == 10  # 5 % of 200 steps: a ratio, not 0.05 steps
-
-
-@pytest.mark.model  # validates trl.* keys against TRL's config classes (imports TRL)
-def test_trl_section_passes_any_trl_argument_through():
-    from trl import GRPOConfig, SFTConfig
-
-    from tagfer.train.trl_args import trl_config, trl_kwargs
-
-    cfg = load_config("tiny_cpu", ["trl.max_prompt_length=77", "trl.torch_empty_cache_steps=3"], validate=False)
-    assert cfg.trl == {"max_prompt_length": 77, "torch_empty_cache_steps": 3}
-    with pytest.raises(ConfigError, match=r"trl\.max_prompt_length: not an argument of TRL's SFTConfig"):
-        trl_kwargs(cfg, "sft")  # GRPO-only argument on an SFT run
-    g = load_config("tiny_cpu_grpo", ["trl.vllm_server_base_url=http://gpu1:8000", "trl.mask_truncated_completions=true"])
-    args = trl_config(g)
-    assert isinstance(args, GRPOConfig)
-    assert args.vllm_server_base_url == "http://gpu1:8000" and args.mask_truncated_completions is True
-    s = load_config("tiny_cpu", ["trl.torch_empty_cache_steps=3"])
-    assert isinstance(trl_config(s), SFTConfig) and trl_config(s).torch_empty_cache_steps == 3
-
-
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("trl.no_such_argument=1", r"trl\.no_such_argument: not an argument of TRL's GRPOConfig"),
-        ("trl.num_generaton=4", r"did you mean num_generations"),
-        ("trl.learning_rate=1e-3", r"trl\.learning_rate: is set by tagfer from optim\.learning_rate"),
-        ("trl.beta=0.1", r"trl\.beta: is set by tagfer from grpo\.beta"),
-    ],
-)
-@pytest.mark.model  # validates trl.* keys against TRL's config classes (imports TRL)
-def test_unknown_or_derived_trl_argument_is_a_clear_error(override, message):
-    from tagfer.train.trl_args import trl_kwargs
-
-    cfg = load_config("tiny_cpu_grpo", [override])
-    with pytest.raises(ConfigError, match=message):
-        trl_kwargs(cfg, "grpo")
-
-
-def test_trl_section_must_be_a_mapping():
-    with pytest.raises(ConfigError, match="trl: expected a mapping"):
-        load_config("tiny_cpu", ["trl=[1, 2]"])
+def test_reward_fields_build_the_reward_config():
+    r = load_config("grpo_rlvr").reward
+    assert (r.w_au, r.w_ans, r.w_fmt, r.au_reward) == (0.0, 1.0, 1.0, "iou")
+    f = load_config("grpo_f1")
+    assert f.reward.au_reward == "f1" and f.au_f1_reference == "activated"
+    assert load_config("tiny_cpu", ["--format_rules", "strict"]).reward.format_rules == "strict"
 
 
 def test_use_vllm_auto_falls_back_with_a_warning(monkeypatch):
-    import sys
-
-    from tagfer.train.trl_args import use_vllm_now
-
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm → ImportError
-    cfg = load_config("grpo_rafdb", ["grpo.use_vllm=auto"])
     with pytest.warns(RuntimeWarning, match="vLLM is not installed.*merged LoRA"):
-        assert use_vllm_now(cfg) is False
-    with pytest.raises(RuntimeError, match="vLLM is not installed"):
-        use_vllm_now(load_config("grpo_rafdb", ["grpo.use_vllm=true"]))
-    assert use_vllm_now(load_config("grpo_rafdb", ["grpo.use_vllm=false"])) is False
+        cfg = load_config("grpo_rafdb", ["--use_vllm", "auto"])
+    assert cfg.use_vllm is False
+    with pytest.raises(ConfigError, match="vLLM is not installed"):
+        load_config("grpo_rafdb", ["--use_vllm", "true"])
+    assert load_config("grpo_rafdb", ["--use_vllm", "false"]).use_vllm is False
 
 
-@pytest.mark.model  # builds TRL's GRPOConfig
 def test_use_vllm_with_a_stand_in_vllm_module(monkeypatch):
-    """vLLM importable (a stand-in module, as in test_backends) but no GPU here: ``auto`` still falls back
-    (and says why), ``true`` selects TRL's vLLM path in the derived TRL arguments."""
-    import sys
+    """vLLM importable (a stand-in module) but no GPU here: ``auto`` still falls back (and says why),
+    ``true`` selects TRL's vLLM path."""
+    import importlib.machinery
     import types
 
     import torch
 
-    from tagfer.train.trl_args import trl_kwargs, use_vllm_now
-
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: auto would pick vLLM")
-    import importlib.machinery
-
     stand_in = types.ModuleType("vllm")
-    stand_in.__spec__ = importlib.machinery.ModuleSpec("vllm", None)  # find_spec("vllm") is asked on the way
+    stand_in.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
     monkeypatch.setitem(sys.modules, "vllm", stand_in)
     with pytest.warns(RuntimeWarning, match="no CUDA device"):
-        assert use_vllm_now(load_config("grpo_rafdb", ["grpo.use_vllm=auto"])) is False
-    cfg = load_config("grpo_rafdb", ["grpo.use_vllm=true", "grpo.vllm_mode=server", "trl.vllm_server_base_url=http://gpu0:8000"])
-    kw = trl_kwargs(cfg, "grpo")
-    assert kw["use_vllm"] is True and kw["vllm_mode"] == "server" and kw["vllm_server_base_url"] == "http://gpu0:8000"
+        assert use_vllm_now("auto") is False
+    assert use_vllm_now("true") is True and use_vllm_now(True) is True

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tagfer.train.data import RowMaker, builtin_tiny, filter_records, iter_records, record_from_export
+from tagfer.train.data import RowMaker, builtin_tiny, filter_records, iter_records, record_from_export, trace_aus
 
 
 def test_builtin_tiny_is_deterministic_and_well_formed(tmp_path):
@@ -98,6 +98,17 @@ def test_rowmaker_sft_and_grpo(tmp_path):
     grpo = RowMaker("grpo", system, user)(batch)
     assert grpo["label"] == batch["label"] and grpo["au_boxes"] == batch["au_boxes"]
     assert "completion" not in grpo
+    # the two F1 reference sets: every activated AU, and the AUs the sample's trace names
+    assert grpo["aus"] == batch["aus"]
+    assert grpo["trace_aus"] == [trace_aus(c) for c in batch["completion"]]
+
+
+def test_trace_aus_are_the_aus_the_trace_names_once_each_in_order():
+    text = ("<think>Global look. AU12 (Lip Corner Puller) <bbox>[1, 2, 30, 40]</bbox> then AU6, and AU12 again; "
+            "AU25.</think><answer>happiness</answer>")
+    assert trace_aus(text) == [12, 6, 25]
+    assert trace_aus("<think>No units named.</think><answer>neutral</answer>") == []
+    assert trace_aus("AU4 outside any think block") == []  # only the think block counts, like the F1 reward
 
 
 def test_bad_image_names_sample(tmp_path):

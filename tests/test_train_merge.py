@@ -12,13 +12,13 @@ def test_save_merge_load_identical_logits(tmp_path, train_tiny_dir, astronaut_pa
     from PIL import Image
 
     from tagfer.models.vlm import VLM, VLMConfig, load_vlm
-    from tagfer.train.config import LoraSection
+    from tagfer.train.config import TagferSFTConfig
     from tagfer.train.merge import merge_adapter
     from tagfer.train.model import apply_lora
     from tagfer.train.sft import save_adapter
 
     vlm = load_vlm(VLMConfig(model=str(train_tiny_dir), device="cpu"))
-    model = apply_lora(vlm.model, LoraSection(r=4, alpha=8, dropout=0.0))
+    model = apply_lora(vlm.model, TagferSFTConfig(train_data="x", lora_r=4, lora_alpha=8, lora_dropout=0.0, bf16=False))
     torch.manual_seed(0)
     with torch.no_grad():  # a trained-looking adapter: non-zero LoRA B and a changed projector copy
         for n, p in model.named_parameters():

@@ -9,8 +9,7 @@ import pytest
 
 
 def test_target_regex_anchored_on_language_model():
-    from tagfer.train.config import LM_PROJECTIONS
-    from tagfer.train.model import lm_target_regex
+    from tagfer.train.model import LM_PROJECTIONS, lm_target_regex
 
     rx = re.compile(lm_target_regex(LM_PROJECTIONS))
     for name in ("model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.27.mlp.down_proj",
@@ -25,31 +24,41 @@ def test_apply_lora_on_tiny(train_tiny_dir):
     from tagfer.train.config import load_config
     from tagfer.train.model import apply_lora, load_for_training, trainable_summary
 
-    cfg = load_config("tiny_cpu", [f"model.name_or_path={train_tiny_dir}", "lora.r=4"])
+    cfg = load_config("tiny_cpu", ["--model_name_or_path", str(train_tiny_dir), "--lora_r", "4"])
     model, processor, base = load_for_training(cfg)
     assert base == str(train_tiny_dir)
-    peft_model = apply_lora(model, cfg.lora)
+    peft_model = apply_lora(model, cfg)
     s = trainable_summary(peft_model)
     assert s["lora"] > 0 and s["projector"] > 0 and s["other"] == 0
     lora_modules = {n.rsplit(".lora_", 1)[0] for n, _ in peft_model.named_parameters() if ".lora_" in n}
     assert len(lora_modules) == 7 * 2  # 7 projections × 2 layers
     assert all("language_model" in n for n in lora_modules)
-    cfg2 = load_config("tiny_cpu", [f"model.name_or_path={train_tiny_dir}", "lora.train_projector=false"])
-    s2 = trainable_summary(apply_lora(load_for_training(cfg2)[0], cfg2.lora))
+    cfg2 = load_config("tiny_cpu", ["--model_name_or_path", str(train_tiny_dir), "--train_projector", "false"])
+    s2 = trainable_summary(apply_lora(load_for_training(cfg2)[0], cfg2))
     assert s2["projector"] == 0 and s2["lora"] > 0
 
 
 def test_full_finetune_keeps_vision_frozen(train_tiny_dir):
+    """Full fine-tuning: every vision-tower tensor frozen, every language-model tensor and the projector trained.
+    The counts are checked against the model's own layout, so the test cannot pass by seeing no vision layer."""
     from tagfer.train.config import load_config
-    from tagfer.train.model import load_for_training
+    from tagfer.train.model import load_for_training, model_family
 
-    cfg = load_config("tiny_cpu", [f"model.name_or_path={train_tiny_dir}", "lora.enabled=false"])
+    cfg = load_config("tiny_cpu", ["--model_name_or_path", str(train_tiny_dir), "--no_use_peft"])
     model = load_for_training(cfg)[0]
-    for n, p in model.named_parameters():
-        if "visual" in n and "merger" not in n:
-            assert not p.requires_grad, n
-        elif "language_model" in n:
-            assert p.requires_grad, n
+    fam = model_family(model)
+    params = dict(model.named_parameters())
+    vision = [n for n in params if fam.is_vision(n) and not fam.is_projector(n)]
+    projector = [n for n in params if fam.is_projector(n)]
+    language = [n for n in params if ".language_model." in f".{n}."]
+    assert len(vision) >= 10 and projector and len(language) >= 10  # the tiny model has 2 vision blocks, 2 LM layers
+    assert any(".blocks.0." in n for n in vision) and any(".layers.0." in n for n in language)
+    assert [n for n in vision if params[n].requires_grad] == []
+    assert [n for n in language if not params[n].requires_grad] == []
+    assert all(params[n].requires_grad for n in projector)  # train_projector defaults to true in SFT
+    frozen = load_for_training(load_config("tiny_cpu", ["--model_name_or_path", str(train_tiny_dir), "--no_use_peft",
+                                                         "--train_projector", "false"]))[0]
+    assert not any(p.requires_grad for n, p in frozen.named_parameters() if fam.is_projector(n))
 
 
 def test_trainable_params_keep_fp32_masters_and_projector_trains_in_bf16(tmp_path, train_tiny_dir, train_samples):
@@ -77,9 +86,9 @@ def test_trainable_params_keep_fp32_masters_and_projector_trains_in_bf16(tmp_pat
             seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters() if n in seen["before"]}
             seen["dtypes"] = {n: p.dtype for n, p in model.named_parameters() if n in seen["before"]}
 
-    cfg = tiny_train_config(tmp_path, train_tiny_dir, train_samples, model__dtype="bfloat16", optim__learning_rate=1e-4,
-                            optim__max_steps=3, optim__batch_size=4, optim__bf16="true", lora__r=4,
-                            trl__use_cpu=True)  # bf16 autocast on the CPU, passed through to TRL
+    cfg = tiny_train_config(tmp_path, train_tiny_dir, train_samples, dtype="bfloat16", learning_rate=1e-4,
+                            max_steps=3, per_device_train_batch_size=4, bf16=True, lora_r=4,
+                            use_cpu=True)  # bf16 autocast on the CPU: a TRL field like any other
     res = run_sft(cfg, callbacks=[Snapshot()])
     assert seen["low"] == [], seen["low"]
     assert seen["frozen_dtypes"] == {"torch.bfloat16"}

@@ -35,9 +35,8 @@ def sft_run(tmp_path_factory, train_tiny_dir, train_samples):
     from tagfer.train.sft import run_sft
 
     out = tmp_path_factory.mktemp("sft_run")
-    cfg = tiny_train_config(out, train_tiny_dir, train_samples, optim__max_steps=STEPS, data__val_size=0,
-                            sft__eval_steps=0, sft__val_samples=8)
-    cfg.data.val = str(train_samples)  # validate on the training samples (memorisation check)
+    cfg = tiny_train_config(out, train_tiny_dir, train_samples, max_steps=STEPS, val_size=0, val_steps=0,
+                            val_samples=8, val_data=str(train_samples))  # validate on the training samples
     cap = _Capture()
     result = run_sft(cfg, callbacks=[cap.cb])
     return cfg, result, cap.model
@@ -59,9 +58,9 @@ def test_sft_greedy_reproduces_target_prefix(sft_run, train_samples):
     cfg, _, model = sft_run
     from tagfer.models.vlm import load_processor
 
-    proc = load_processor(cfg.model.name_or_path)
+    proc = load_processor(cfg.model_name_or_path)
     rec = json.loads(train_samples.read_text().splitlines()[0])
-    vlm = VLM(model, proc, VLMConfig(model=cfg.model.name_or_path))
+    vlm = VLM(model, proc, VLMConfig(model=cfg.model_name_or_path))
     from tagfer.models.prompts import tag_prompt
 
     system, user = tag_prompt()
@@ -75,7 +74,7 @@ def test_sft_greedy_reproduces_target_prefix(sft_run, train_samples):
     # the untrained model does not produce it
     from tagfer.models.vlm import load_vlm
 
-    before = load_vlm(VLMConfig(model=cfg.model.name_or_path, device="cpu")).generate([image], [user], system=system,
+    before = load_vlm(VLMConfig(model=cfg.model_name_or_path, device="cpu")).generate([image], [user], system=system,
                                                                                        max_new_tokens=12)[0]
     assert not before.startswith(prefix), before
 

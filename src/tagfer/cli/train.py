@@ -13,20 +13,21 @@ train_app = typer.Typer(no_args_is_help=True, help="Train TAG: SFT with LoRA, GR
 app.add_typer(train_app, name="train")
 
 _CONFIG = typer.Option(..., "--config", "-c", help="Preset name (see `tagfer train presets`) or YAML file.")
-_SET = typer.Option(None, "--set", "-s", help="Override a field: key.sub=value (repeatable; value read as YAML).")
+#: commands that take TRL-style `--field value` overrides after the config
+_OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+_OVERRIDES_HELP = ("Any field can follow as a TRL-style flag (`--learning_rate 1e-5 --sources rafdb ferplus`); "
+                   "they win over the YAML. `tagfer train fields sft|grpo` lists every field.")
 
 
-def _load(config: str, sets: Optional[list[str]], stage: str | None = None):
-    from tagfer.train.config import ConfigError, load_config  # lazy (start-up time): yaml
+def _load(config: str, args: list[str], stage: str | None = None, prog: str = "tagfer train"):
+    from tagfer.train.config import parse_config  # lazy (start-up time): trl, transformers
+
+    from tagfer.train.presets import ConfigError  # lazy (start-up time): yaml
 
     try:
-        cfg = load_config(config, list(sets or []), validate=False)
-        if stage is not None and cfg.stage != stage:
-            raise ConfigError("stage", f"{config!r} is a {cfg.stage} config; use `tagfer train {cfg.stage}` "
-                                       f"(or --set stage={stage} to reuse it)")
-        return cfg.validate()
+        return parse_config(config, args, stage=stage, prog=prog)
     except ConfigError as e:
-        console.print(f"[red]config error[/] {e}")
+        console.print(f"[red]config error[/] {e}", markup=True, highlight=False)
         raise typer.Exit(2)
 
 
@@ -46,40 +47,52 @@ def _run(fn, *args, **kwargs):
 @train_app.command("presets")
 def presets() -> None:
     """List the packaged presets."""
-    from tagfer.train.config import list_presets, load_raw  # lazy (start-up time): yaml
+    from tagfer.train.presets import list_presets, load_raw  # lazy (start-up time): yaml
 
     for name in list_presets():
         raw = load_raw(name)
         out_console.print(f"{name:16s} stage={raw.get('stage', 'sft'):5s} output_dir={raw.get('output_dir', '')}")
 
 
-@train_app.command("show")
-def show(config: str = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
-    """Print the fully resolved config (after extends and overrides) as YAML."""
-    from tagfer.train.config import dump_config  # lazy (start-up time): yaml
+@train_app.command("fields")
+def fields(stage: str = typer.Argument(..., help="sft | grpo")) -> None:
+    """Every field of the stage's config (TRL's and TAG's) with its help and tagfer's default."""
+    from tagfer.train.config import CONFIG_CLASSES, TagParser  # lazy (start-up time): trl, transformers
 
-    out_console.print(dump_config(_load(config, set_)), markup=False, highlight=False)
+    if stage not in CONFIG_CLASSES:
+        console.print(f"[red]error[/] stage must be sft or grpo, got {stage!r}")
+        raise typer.Exit(2)
+    out_console.print(TagParser(CONFIG_CLASSES[stage], prog=f"tagfer train {stage} -c CONFIG").format_help(),
+                      markup=False, highlight=False)
 
 
-@train_app.command("sft")
-def sft(config: str = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
+@train_app.command("show", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP)
+def show(ctx: typer.Context, config: str = _CONFIG) -> None:
+    """Print the resolved config (after extends and overrides) as YAML: the fields that differ from the defaults."""
+    from tagfer.train.config import dump_config  # lazy (start-up time): trl, transformers
+
+    out_console.print(dump_config(_load(config, ctx.args)), markup=False, highlight=False)
+
+
+@train_app.command("sft", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP)
+def sft(ctx: typer.Context, config: str = _CONFIG) -> None:
     """Supervised fine-tuning (stage 1). Resumes from the last checkpoint in output_dir."""
-    from tagfer.train.sft import run_sft  # lazy (start-up time): yaml
+    from tagfer.train.sft import run_sft  # lazy (start-up time): trl, transformers
 
-    cfg = _load(config, set_, "sft")
-    console.print(f"SFT → {cfg.output_dir} (model {cfg.model.name_or_path}, data {cfg.data.train})")
+    cfg = _load(config, ctx.args, "sft", "tagfer train sft")
+    console.print(f"SFT → {cfg.output_dir} (model {cfg.model_name_or_path}, data {cfg.train_data})")
     res = _run(run_sft, cfg)
     out_console.print(f"final adapter: {res.final_dir}\nbest adapter:  {res.best_dir}  {res.best or ''}\nlog: {res.log_path}")
 
 
-@train_app.command("grpo")
-def grpo(config: str = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
+@train_app.command("grpo", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP)
+def grpo(ctx: typer.Context, config: str = _CONFIG) -> None:
     """GRPO with R_AU + R_ans + R_fmt (stage 2). Resumes from the last checkpoint in output_dir."""
-    from tagfer.train.grpo import run_grpo  # lazy (start-up time): yaml
+    from tagfer.train.grpo import run_grpo  # lazy (start-up time): trl, transformers
 
-    cfg = _load(config, set_, "grpo")
-    console.print(f"GRPO → {cfg.output_dir} (model {cfg.model.name_or_path}, adapter {cfg.model.adapter}, "
-                  f"sources {cfg.data.sources or 'all'})")
+    cfg = _load(config, ctx.args, "grpo", "tagfer train grpo")
+    console.print(f"GRPO → {cfg.output_dir} (model {cfg.model_name_or_path}, adapter {cfg.adapter} "
+                  f"[{cfg.adapter_mode}], sources {cfg.sources or 'all'})")
     res = _run(run_grpo, cfg)
     out_console.print(f"final adapter: {res.final_dir}\nlog: {res.log_path}")
 
@@ -98,9 +111,9 @@ def merge(
     out_console.print(f"merged model: {res}")
 
 
-@train_app.command("export-llamafactory")
+@train_app.command("export-llamafactory", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP)
 def export_llamafactory(
-    config: str = _CONFIG, set_: Optional[list[str]] = _SET,
+    ctx: typer.Context, config: str = _CONFIG,
     out: Path = typer.Option(..., "--out", "-o", help="YAML file to write."),
     dataset: Optional[str] = typer.Option(None, help="Dataset name in the exporter's dataset_info.json (default from the preset)."),
     export_dir: str = typer.Option("tag_export", help="Output folder of `tagfer export` (holds llamafactory/dataset_info.json)."),
@@ -109,7 +122,7 @@ def export_llamafactory(
     """Write a LLaMA-Factory SFT YAML equivalent to the preset."""
     from tagfer.train.interop import default_export_names, llamafactory_config, write_yaml  # lazy (start-up time): yaml
 
-    cfg = _load(config, set_)
+    cfg = _load(config, ctx.args)
     names = default_export_names(cfg, export_dir)
     dataset = dataset or names["llamafactory_dataset"]
     dataset_dir = names["llamafactory_dir"]
@@ -118,9 +131,9 @@ def export_llamafactory(
     out_console.print(f"wrote {p}")
 
 
-@train_app.command("export-verl")
+@train_app.command("export-verl", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP)
 def export_verl(
-    config: str = _CONFIG, set_: Optional[list[str]] = _SET,
+    ctx: typer.Context, config: str = _CONFIG,
     out: Path = typer.Option(..., "--out", "-o", help="YAML file to write (a .sh launch script is written beside it)."),
     train_files: Optional[str] = typer.Option(None, help="verl parquet (default: the exporter's verl/<source>.parquet)."),
     val_files: Optional[str] = typer.Option(None),
@@ -131,7 +144,7 @@ def export_verl(
     """Write a verl GRPO config (+ launch script) whose reward is tagfer.integrations.verl.compute_score."""
     from tagfer.train.interop import default_export_names, write_verl_files  # lazy (start-up time): yaml
 
-    cfg = _load(config, set_)
+    cfg = _load(config, ctx.args)
     train_files = train_files or default_export_names(cfg, export_dir)["verl_train"]
     p, sh = write_verl_files(cfg, out, train_files, val_files, gpus, nnodes, name=config)
     out_console.print(f"wrote {p} and {sh}")

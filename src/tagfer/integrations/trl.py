@@ -12,7 +12,16 @@ Dataset columns read:
 * ``label`` (str) — ground-truth expression, for ``r_ans``;
 * ``au_boxes`` (list of ``[x1, y1, x2, y2]`` canvas boxes, may be empty) —
   for ``r_au`` (IoU form); no box → ``None`` (skipped, Eq. 3–4);
-* ``aus`` (list of AU numbers) — for ``r_au_f1`` (Table 4 variant).
+* ``aus`` (list of AU numbers: every AU the detector activated) — for ``r_au_f1`` (Table 4 variant)
+  with ``f1_reference="activated"`` (default);
+* ``trace_aus`` (the AUs the sample's trace names, :func:`tagfer.train.data.trace_aus`) — for
+  ``r_au_f1`` with ``f1_reference="trace"``.
+
+The F1 variant's reference set is a reading of the paper ("F1 against the sample's annotated
+AUs"): ``"activated"`` takes every activated AU of the image (what the words say: the detector
+annotates the image), ``"trace"`` only the AUs the teacher chose for the trace (at most 3, from
+the top-3 candidate pool). With 5–6 activated AUs per image and a trace naming 3, ``"activated"``
+caps F1 near 2·3/(3+6) ≈ 0.67 and rewards naming more AUs; ``"trace"`` can reach 1.
 
 Usage::
 
@@ -44,6 +53,7 @@ from tagfer.traces.trace import ParsedTrace, parse_trace
 
 __all__ = [
     "TAGReward",
+    "F1_COLUMNS",
     "completion_text",
     "make_reward_funcs",
     "reward_weights",
@@ -55,6 +65,9 @@ __all__ = [
 ]
 
 Component = Literal["r_au", "r_ans", "r_fmt", "total"]
+F1Reference = Literal["activated", "trace"]
+#: dataset column holding the F1 reference set of each reading.
+F1_COLUMNS: dict[str, str] = {"activated": "aus", "trace": "trace_aus"}
 
 
 def _content_text(content: Any) -> Any:
@@ -136,11 +149,15 @@ def _column(kwargs: dict[str, Any], name: str, n: int, component: str) -> Sequen
 class TAGReward:
     """One TAG reward component (or the weighted total) as a TRL reward function."""
 
-    def __init__(self, component: Component = "total", cfg: RewardConfig = DEFAULT_CONFIG, name: str | None = None):
+    def __init__(self, component: Component = "total", cfg: RewardConfig = DEFAULT_CONFIG, name: str | None = None,
+                 f1_reference: F1Reference = "activated"):
         if component not in ("r_au", "r_ans", "r_fmt", "total"):
             raise ValueError(f"component must be r_au, r_ans, r_fmt or total, got {component!r}")
+        if f1_reference not in F1_COLUMNS:
+            raise ValueError(f"f1_reference must be 'activated' or 'trace', got {f1_reference!r}")
         self.component = component
         self.cfg = cfg
+        self.f1_reference = f1_reference
         if name is None:
             if component == "r_au" and cfg.au_reward == "f1":
                 name = "r_au_f1"
@@ -151,7 +168,7 @@ class TAGReward:
         self.__name__ = name
 
     def __repr__(self) -> str:
-        return f"TAGReward({self.component!r}, name={self.__name__!r}, cfg={self.cfg!r})"
+        return f"TAGReward({self.component!r}, name={self.__name__!r}, cfg={self.cfg!r}, f1_reference={self.f1_reference!r})"
 
     def __call__(
         self,
@@ -171,24 +188,25 @@ class TAGReward:
             return [_r_ans(p, lab, cfg) for p, lab in zip(parsed, labels)]
         if self.component == "r_au":
             if cfg.au_reward == "f1":
-                aus = _column(kwargs, "aus", n, name)
+                aus = _column(kwargs, F1_COLUMNS[self.f1_reference], n, name)
                 return [_r_au_f1(p, a, cfg) for p, a in zip(parsed, aus)]
             boxes = _column(kwargs, "au_boxes", n, name)
             return r_au_batch(parsed, boxes, cfg.matching, cfg.canvas, cfg.au_count)
         labels = _column(kwargs, "label", n, name)
         if cfg.au_reward == "f1":
-            out = score_batch(parsed, labels, None, cfg, _column(kwargs, "aus", n, name))
+            out = score_batch(parsed, labels, None, cfg, _column(kwargs, F1_COLUMNS[self.f1_reference], n, name))
         else:
             out = score_batch(parsed, labels, _column(kwargs, "au_boxes", n, name), cfg)
         return [b.total for b in out]
 
 
-def make_reward_funcs(cfg: RewardConfig = DEFAULT_CONFIG) -> list[TAGReward]:
+def make_reward_funcs(cfg: RewardConfig = DEFAULT_CONFIG, f1_reference: F1Reference = "activated") -> list[TAGReward]:
     """``[r_au, r_ans, r_fmt]`` for ``GRPOTrainer(reward_funcs=...)``; pair with :func:`reward_weights`.
 
-    With ``cfg.au_reward == "f1"`` the first one is the F1 variant (reads ``aus``).
+    With ``cfg.au_reward == "f1"`` the first one is the F1 variant (reads ``aus``, or ``trace_aus`` with
+    ``f1_reference="trace"``).
     """
-    return [TAGReward("r_au", cfg), TAGReward("r_ans", cfg), TAGReward("r_fmt", cfg)]
+    return [TAGReward(c, cfg, f1_reference=f1_reference) for c in ("r_au", "r_ans", "r_fmt")]
 
 
 def reward_weights(cfg: RewardConfig = DEFAULT_CONFIG) -> list[float]:

@@ -15,11 +15,13 @@ scalar reward) and every other key is logged per sample. Configure::
 ``ground_truth`` may be
 
 * a label string (``"happiness"``): no AU boxes, so ``R_AU`` is skipped;
-* a dict ``{"label": ..., "au_boxes": [[x1, y1, x2, y2], ...], "aus": [...]}``;
+* a dict ``{"label": ..., "au_boxes": [[x1, y1, x2, y2], ...], "aus": [...], "trace_aus": [...]}``;
 * that dict as a JSON string.
 
-``au_boxes`` / ``aus`` missing from ``ground_truth`` are also looked up in
-``extra_info``. ``extra_info["reward_config"]`` (a dict, or JSON) overrides
+``au_boxes`` / ``aus`` / ``trace_aus`` missing from ``ground_truth`` are also looked up in
+``extra_info``. The keyword ``f1_reference`` (``activated``, default, or ``trace``) picks the
+reference set of the F1 variant: ``aus`` (every activated AU) or ``trace_aus`` (the AUs the
+sample's trace names; see :mod:`tagfer.integrations.trl`). ``extra_info["reward_config"]`` (a dict, or JSON) overrides
 :class:`~tagfer.traces.rewards.RewardConfig` fields for that sample, and so do the
 keyword arguments (verl's ``reward_kwargs``); keyword arguments that are not
 RewardConfig fields are ignored, unknown names in ``reward_config`` raise.
@@ -72,18 +74,18 @@ def _maybe_json(value: Any) -> Any:
 
 
 def read_ground_truth(ground_truth: Any, extra_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Normalise verl's ``ground_truth`` (+ ``extra_info`` fallbacks) to ``{"label", "au_boxes", "aus"}``."""
+    """Normalise verl's ``ground_truth`` (+ ``extra_info`` fallbacks) to ``{"label", "au_boxes", "aus", "trace_aus"}``."""
     gt = _maybe_json(ground_truth)
     if isinstance(gt, str):
-        out: dict[str, Any] = {"label": gt, "au_boxes": None, "aus": None}
+        out: dict[str, Any] = {"label": gt, "au_boxes": None, "aus": None, "trace_aus": None}
     elif isinstance(gt, Mapping):
         if "label" not in gt:
             raise ValueError(f"ground_truth dict needs a 'label' key, got keys {sorted(gt)}")
-        out = {"label": gt["label"], "au_boxes": gt.get("au_boxes"), "aus": gt.get("aus")}
+        out = {"label": gt["label"], "au_boxes": gt.get("au_boxes"), "aus": gt.get("aus"), "trace_aus": gt.get("trace_aus")}
     else:
         raise ValueError(f"ground_truth must be a label, a dict or a JSON object, got {type(ground_truth).__name__}")
     if isinstance(extra_info, Mapping):
-        for key in ("au_boxes", "aus"):
+        for key in ("au_boxes", "aus", "trace_aus"):
             if out[key] is None and extra_info.get(key) is not None:
                 out[key] = extra_info[key]
     return out
@@ -104,15 +106,23 @@ def compute_score(
     solution_str: Any = "",
     ground_truth: Any = None,
     extra_info: Any = None,
+    f1_reference: str = "activated",
     **kwargs: Any,
 ) -> dict[str, float]:
     """verl custom reward: TAG's ``R = R_AU + R_ans + R_fmt`` (Eq. 5) and its parts."""
+    if f1_reference not in ("activated", "trace"):
+        raise ValueError(f"f1_reference must be 'activated' or 'trace', got {f1_reference!r}")
     truth = read_ground_truth(ground_truth, extra_info if isinstance(extra_info, Mapping) else None)
     cfg = _config(extra_info, kwargs)
+    aus = truth["aus"]
+    if cfg.au_reward == "f1" and f1_reference == "trace":
+        if truth["trace_aus"] is None:
+            raise ValueError("f1_reference=trace needs the trace's AUs: a 'trace_aus' list in ground_truth or extra_info")
+        aus = truth["trace_aus"]
     text = solution_str
     if isinstance(text, str):
         text = _strip_trailing_special(text)
-    b = reward_breakdown(text, truth["label"], truth["au_boxes"], cfg, truth["aus"])
+    b = reward_breakdown(text, truth["label"], truth["au_boxes"], cfg, aus)
     return {
         "score": float(b.total),
         "r_au": float(b.r_au) if b.r_au is not None else 0.0,

@@ -92,7 +92,7 @@ class JsonlLogCallback(TrainerCallback):
 
 
 def validate_model(model, processor, samples, cfg, system: str, user: str) -> dict[str, Any]:
-    """Greedy-decode ``samples`` (flat records, in batches of ``sft.val_batch_size``, from merged LoRA
+    """Greedy-decode ``samples`` (flat records, in batches of ``val_batch_size``, from merged LoRA
     weights) and score them with the reward module's parser.
 
     accuracy = mean ``R_ans``; au_iou = mean IoU-form ``R_AU`` over samples with AU boxes
@@ -101,7 +101,7 @@ def validate_model(model, processor, samples, cfg, system: str, user: str) -> di
     from tagfer.core.imageio import load_image  # lazy (start-up time): PIL
 
     reward_cfg = cfg.reward.replace(au_reward="iou")
-    vlm = VLM(model, processor, VLMConfig(model=str(cfg.model.name_or_path), image_side=cfg.model.image_side))
+    vlm = VLM(model, processor, VLMConfig(model=str(cfg.model_name_or_path), image_side=cfg.image_side))
     images = [Image.fromarray(load_image(s["image_bytes"] or s["image"]).rgb) for s in samples]
     from tagfer.train.rollout import merged_lora  # lazy (start-up time): transformers, trl
 
@@ -109,8 +109,8 @@ def validate_model(model, processor, samples, cfg, system: str, user: str) -> di
     model.eval()
     try:  # batched greedy decoding from merged LoRA weights, KV cache on (restored exactly afterwards)
         with merged_lora(model):
-            texts = vlm.generate(images, [user] * len(images), system=system, max_new_tokens=cfg.sft.val_max_new_tokens,
-                                 temperature=0.0, batch_size=cfg.sft.val_batch_size)
+            texts = vlm.generate(images, [user] * len(images), system=system, max_new_tokens=cfg.val_max_new_tokens,
+                                 temperature=0.0, batch_size=cfg.val_batch_size)
     finally:
         if was_training:
             model.train()
@@ -132,16 +132,16 @@ def validate_model(model, processor, samples, cfg, system: str, user: str) -> di
 
 
 class ValidationCallback(TrainerCallback):
-    """Every ``sft.eval_steps`` steps (and at the end): validate, log, keep the best adapter.
+    """Every ``val_steps`` steps (and at the end): validate, log, keep the best adapter.
 
-    Selection score = ``w * accuracy + (1 - w) * au_iou`` with ``w = sft.select_acc_weight``
+    Selection score = ``w * accuracy + (1 - w) * au_iou`` with ``w = select_acc_weight``
     (au_iou counts as 0 when no validation sample has AU boxes). The best model is saved to
     ``<output_dir>/best`` (adapter + processor) with ``best.json``; a tie goes to the later
     step (more training at equal validation quality).
     """
 
     def __init__(self, val_raw, processor, cfg, system: str, user: str, logger: JsonlLogCallback, save_fn):
-        n = min(len(val_raw), cfg.sft.val_samples)
+        n = min(len(val_raw), cfg.val_samples)
         self.samples = [val_raw[i] for i in range(n)]
         self.processor, self.cfg, self.system, self.user = processor, cfg, system, user
         self.logger, self.save_fn = logger, save_fn
@@ -150,7 +150,7 @@ class ValidationCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []
 
     def score(self, m: dict[str, Any]) -> float:
-        w = self.cfg.sft.select_acc_weight
+        w = self.cfg.select_acc_weight
         return w * m["accuracy"] + (1 - w) * (m["au_iou"] or 0.0)
 
     def run(self, model, state) -> dict[str, Any]:
@@ -170,7 +170,7 @@ class ValidationCallback(TrainerCallback):
         return m
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        every = self.cfg.sft.eval_steps
+        every = self.cfg.val_steps
         if self.samples and every > 0 and state.global_step % every == 0:
             self.run(model, state)
 

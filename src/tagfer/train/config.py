@@ -1,534 +1,523 @@
-"""Training configuration: one dataclass tree, loaded from YAML with strict validation.
+"""Training configuration the TRL way: TRL's ``SFTConfig`` / ``GRPOConfig``, plus TAG's fields.
 
-A config file (or a packaged preset, ``tagfer/train/presets/<name>.yaml``) is a nested
-mapping whose sections mirror :class:`TrainConfig`::
+:class:`TagferSFTConfig` and :class:`TagferGRPOConfig` *are* TRL's configs (subclasses): every
+TRL / ``TrainingArguments`` field keeps its name and meaning, and TAG adds only what TRL has
+no field for — the model to load and its LoRA, the data, TAG's validation and reward — each
+with ``metadata={"help": ...}`` (``tagfer train fields sft|grpo`` lists them all). Where the paper
+gives a number and TRL's default differs, the paper's number is the default (App. C.1: β 0.04,
+``loss_type="grpo"``, weight decay 0.01, LoRA r 128 / α 256 / dropout 0.05, 3 SFT / 2 GRPO
+epochs, cosine SFT schedule with 3 % warm-up, SFT max length 2048).
 
-    stage: sft                 # sft | grpo
-    output_dir: runs/sft
-    extends: sft_tag310k       # optional: start from another preset / file, then deep-merge
-    model: {name_or_path: Qwen/Qwen2.5-VL-7B-Instruct, image_side: 224}
-    lora:  {r: 128, alpha: 256, dropout: 0.05}
-    data:  {train: data/tag/train.jsonl, val: data/tag/val.jsonl, sources: [rafdb]}
-    optim: {learning_rate: 2.0e-5, lr_scheduler: cosine, warmup_ratio: 0.03, ...}
-    sft:   {max_length: 2048, ...}
-    grpo:  {num_generations: 8, beta: 0.04, epsilon: 0.2, loss_type: grpo, ...}
-    reward: {fmt_bonus: 0.5, w_au: 1.0, matching: paper, au_reward: iou}   # tagfer.traces.rewards.RewardConfig
-    log:   {logging_steps: 10, tensorboard: false}
-    trl:   {torch_compile: false, ...}   # any other TRL SFTConfig/GRPOConfig argument, passed through
-Every field can be overridden with a dotted ``key=value`` (``--set optim.learning_rate=1e-5``;
-values are read as YAML, so ``[rafdb, ferplus]``, ``null``, ``true`` work). Unknown fields
-and wrong types raise :class:`ConfigError` naming the dotted field.
+Files are parsed by TRL's own parser (:class:`~trl.TrlParser`): YAML keys are defaults, command-line
+flags win (``--learning_rate 1e-5``), unknown keys are errors. On top of TRL's parser tagfer adds
+packaged presets (``--config tiny_cpu``), ``extends:`` and a check of every YAML value against the
+field's type and choices (argparse checks only command-line strings). ``__post_init__`` raises
+:class:`ConfigError` naming the field and saying how to fix it.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import enum
 import math
-import types
-import typing
+import os
+import warnings
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
+from transformers.trainer_utils import SchedulerType
+from trl import GRPOConfig, SFTConfig
 
 from tagfer.models.families import UnknownFamily, get_family
 from tagfer.traces.rewards import RewardConfig
+from tagfer.train.model import LM_PROJECTIONS
+from tagfer.train.parser import TagParser
+from tagfer.train.presets import STAGES, ConfigError, load_raw
 
 __all__ = [
     "ConfigError",
-    "ModelSection",
-    "LoraSection",
-    "DataSection",
-    "OptimSection",
-    "SFTSection",
-    "GRPOSection",
-    "LogSection",
+    "TagArguments",
+    "TagferSFTConfig",
+    "TagferGRPOConfig",
     "TrainConfig",
-    "PRESETS_PACKAGE",
-    "list_presets",
-    "preset_path",
+    "CONFIG_CLASSES",
+    "TagParser",
     "load_config",
-    "load_raw",
-    "apply_overrides",
-    "from_dict",
-    "to_dict",
+    "parse_config",
     "dump_config",
+    "config_dict",
+    "deepspeed_config_path",
+    "use_vllm_now",
 ]
 
-PRESETS_PACKAGE = "tagfer/train/presets"  # package data folder (pyproject: "train/presets/*.yaml")
-
-#: LoRA targets of the paper: every attention and MLP projection of the language model.
-LM_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; ``field`` is the dotted name at fault (may be empty)."""
-
-    def __init__(self, field_name: str, message: str):
-        self.field = field_name
-        super().__init__(f"{field_name}: {message}" if field_name else message)
-
-
-@dataclass
-class ModelSection:
-    """The base model.
-
-    ``name_or_path``: hub id or local folder; ``"tiny"`` builds the tiny random
-    Qwen2.5-VL (:func:`tagfer.models.tiny.build_tiny_qwen25vl`, seed ``tiny_seed``) under
-    ``<output_dir>/base_model`` — for CPU smoke runs and tests only.
-    ``adapter``: a LoRA adapter folder (e.g. the SFT result) merged into the base
-    before a new adapter is trained (GRPO starts from the SFT model; the merged
-    SFT model is then also GRPO's KL reference).
-    ``image_side``: images are resized so the longer side is this many pixels,
-    aspect preserved (paper: 224). ``min_pixels``/``max_pixels``: processor limits.
-    ``family``: the model family (:mod:`tagfer.models.families`: ``qwen2_5_vl``, ``qwen3_vl``,
-    ``gemma3``, ``llava_onevision``…) that says which modules are LoRA targets, vision tower and projector;
-    ``auto`` reads ``model_type`` from the checkpoint's config. With ``name_or_path: tiny``
-    it picks the tiny random model to build (``auto``: Qwen2.5-VL).
-    """
-
-    name_or_path: str = "Qwen/Qwen2.5-VL-7B-Instruct"
-    adapter: str | None = None
-    dtype: str = "auto"
-    attn_implementation: str | None = None
-    image_side: int = 224
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-    tiny_seed: int = 0
-    family: str = "auto"
+def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING, **meta: Any):
+    """A dataclass field with its help text (the ``--help`` of ``tagfer train``)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
 
 
-@dataclass
-class LoraSection:
-    """LoRA on the language model only (paper: r 128, alpha 256, dropout 0.05).
-
-    ``targets``: projection names, matched only under ``language_model.layers.N.
-    (self_attn|mlp)`` (the vision MLP has gate/up/down_proj too and stays frozen).
-    ``train_projector``: the vision→text merger is trained in full (PEFT
-    ``modules_to_save``, saved with the adapter). ``enabled: false`` = full
-    fine-tuning of the language model (vision encoder still frozen).
-    """
-
-    enabled: bool = True
-    r: int = 128
-    alpha: int = 256
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: list(LM_PROJECTIONS))
-    train_projector: bool = True
+def deepspeed_config_path(value: str | None) -> str | None:
+    """``zero2`` / ``zero3`` → the packaged DeepSpeed JSON (``tagfer/train/deepspeed/``); paths pass through."""
+    if value in ("zero2", "zero3"):
+        return str(Path(__file__).parent / "deepspeed" / f"{value}.json")
+    return value
 
 
-@dataclass
-class DataSection:
-    """Where samples come from and how they are filtered.
+def use_vllm_now(want: bool | str, warn: bool = True) -> bool:
+    """Whether GRPO rollouts go through vLLM: ``true`` / ``false``, or ``auto`` = when vLLM imports and
+    a GPU is present. ``true`` without vLLM raises; ``auto`` without it warns and falls back to
+    transformers generation from merged LoRA weights (:mod:`tagfer.train.rollout`)."""
+    want = {"true": True, "false": False}.get(want, want) if isinstance(want, str) else want
+    if want is False:
+        return False
+    try:
+        import vllm  # noqa: F401
 
-    ``train`` / ``val``: a TAGSample JSONL file, a folder holding the data
-    exporter's Hugging Face export (columns prompt/completion/images/label/
-    au_boxes/aus/source; ``save_to_disk`` folder or JSONL/Parquet files), or
-    ``builtin:tiny`` (a few generated samples on the shipped sample faces, for
-    smoke runs). ``val: null`` with ``val_size > 0`` holds out that many training
-    samples. ``sources``: keep only these ``source`` values (per-dataset GRPO).
-    ``split``: keep only rows of this split (empty = all). ``no_bbox``: strip
-    ``<bbox>`` elements from SFT targets (Table 3 ablation). ``image_root``:
-    base for relative image paths (default: the data file's folder).
-    """
+        have = True
+    except ImportError:
+        have = False
+    if want is True:
+        if not have:
+            raise ConfigError("use_vllm", "is true but vLLM is not installed (pip install vllm, on a CUDA machine); "
+                                          "set use_vllm=auto to fall back to transformers rollouts, or false")
+        return True
+    import torch  # lazy (start-up time): torch
 
-    train: str = ""
-    val: str | None = None
-    val_size: int = 0
-    sources: list[str] = field(default_factory=list)
-    split: str = ""
-    max_samples: int | None = None
-    no_bbox: bool = False
-    image_root: str | None = None
-    system_prompt: str | None = None
-    user_prompt: str | None = None
-
-
-@dataclass
-class OptimSection:
-    """Optimiser and schedule (AdamW). ``bf16: auto`` = on when the device supports it.
-
-    ``deepspeed``: ``zero2`` / ``zero3`` (the packaged JSON files) or a path to your own.
-    """
-
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.01
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    epochs: float = 3.0
-    max_steps: int = -1
-    batch_size: int = 8
-    grad_accum: int = 8
-    bf16: Literal["auto", "true", "false"] = "auto"
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    save_steps: int = 500
-    save_total_limit: int | None = 3
-    dataloader_workers: int = 0
-    deepspeed: str | None = None
+    if have and torch.cuda.is_available():
+        return True
+    if warn:
+        why = "vLLM is not installed" if not have else "no CUDA device"
+        warnings.warn(
+            f"use_vllm=auto: {why}, so GRPO rollouts use transformers generate from merged LoRA weights "
+            "(several times slower than vLLM at 7B; see docs/train.md, 'GPU budget')",
+            RuntimeWarning, stacklevel=2,
+        )
+    return False
 
 
-@dataclass
-class SFTSection:
-    """SFT specifics.
+def _bf16_auto() -> bool:
+    import torch  # lazy (start-up time): torch
 
-    ``eval_steps``: run validation (greedy decoding of ``val_samples`` samples,
-    parsed by the reward module) every N optimiser steps (0 = only at the end).
-    Best checkpoint: highest ``select_acc_weight * accuracy + (1 - select_acc_weight)
-    * au_iou`` (default 0.5: the mean of the two; ties → the earlier step), saved
-    to ``<output_dir>/best``.
-    """
-
-    max_length: int = 2048
-    completion_only_loss: bool = True
-    eval_steps: int = 500
-    val_samples: int = 256
-    val_max_new_tokens: int = 512
-    val_batch_size: int = 8
-    select_acc_weight: float = 0.5
-
-
-@dataclass
-class GRPOSection:
-    """GRPO specifics (TRL ``GRPOConfig``; paper: K=8, beta=0.04, epsilon=0.2).
-
-    ``max_completion_length``: traces average 389 tokens (max 1221) in the paper's
-    data; 1024 keeps almost all. ``use_vllm``: vLLM rollouts (``vllm_mode`` colocate
-    | server; server options such as ``vllm_server_base_url`` go in the ``trl`` section);
-    ``auto`` = vLLM when it is installed and a GPU is present, else a warning and the
-    transformers fallback. ``merged_rollouts``: the fallback generates from LoRA weights
-    merged into the base (restored exactly afterwards, :mod:`tagfer.train.rollout`).
-    """
-
-    num_generations: int = 8
-    beta: float = 0.04
-    epsilon: float = 0.2
-    loss_type: str = "grpo"
-    scale_rewards: str = "group"
-    max_completion_length: int = 1024
-    temperature: float = 1.0
-    top_p: float = 1.0
-    use_vllm: bool | Literal["auto"] = False
-    merged_rollouts: bool = True
-    vllm_mode: Literal["colocate", "server"] = "colocate"
-    vllm_gpu_memory_utilization: float = 0.3
-    generation_batch_size: int | None = None
-    log_completions: bool = False
-
-
-@dataclass
-class LogSection:
-    """Per-step log: ``<output_dir>/<jsonl>`` always; TensorBoard when ``tensorboard``."""
-
-    logging_steps: int = 10
-    jsonl: str = "train_log.jsonl"
-    tensorboard: bool = False
-    progress: bool = True
-
-
-@dataclass
-class TrainConfig:
-    """The whole configuration of one training run (one stage)."""
-
-    stage: Literal["sft", "grpo"] = "sft"
-    output_dir: str = "runs/tag"
-    resume: bool = True
-    model: ModelSection = field(default_factory=ModelSection)
-    lora: LoraSection = field(default_factory=LoraSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    sft: SFTSection = field(default_factory=SFTSection)
-    grpo: GRPOSection = field(default_factory=GRPOSection)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    log: LogSection = field(default_factory=LogSection)
-    #: Extra TRL ``SFTConfig`` / ``GRPOConfig`` arguments passed through unchanged (``--set trl.foo=...``);
-    #: checked against TRL's own fields when the trainer is built (:func:`tagfer.train.trl_args.trl_kwargs`).
-    trl: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> "TrainConfig":
-        """Range checks that types alone do not catch; raises :class:`ConfigError`."""
-        def pos(name: str, v: float, strict: bool = True) -> None:
-            if not math.isfinite(v) or v < 0 or (strict and v == 0):
-                raise ConfigError(name, f"must be {'> 0' if strict else '>= 0'}, got {v!r}")
-
-        o, g, s, lo = self.optim, self.grpo, self.sft, self.lora
-        pos("optim.learning_rate", o.learning_rate)
-        pos("optim.weight_decay", o.weight_decay, strict=False)
-        pos("optim.max_grad_norm", o.max_grad_norm, strict=False)
-        pos("optim.batch_size", o.batch_size)
-        pos("optim.grad_accum", o.grad_accum)
-        if not 0 <= o.warmup_ratio < 1:
-            raise ConfigError("optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio!r}")
-        if o.max_steps <= 0 and o.epochs <= 0:
-            raise ConfigError("optim.epochs", "set epochs > 0 or max_steps > 0")
-        pos("lora.r", lo.r)
-        pos("lora.alpha", lo.alpha)
-        if not 0 <= lo.dropout < 1:
-            raise ConfigError("lora.dropout", f"must be in [0, 1), got {lo.dropout!r}")
-        if lo.enabled and not lo.targets:
-            raise ConfigError("lora.targets", "needs at least one projection name")
-        pos("model.image_side", self.model.image_side)
-        if self.model.family != "auto":
-            try:
-                get_family(self.model.family)
-            except UnknownFamily as e:
-                raise ConfigError("model.family", str(e)) from None
-        pos("sft.max_length", s.max_length)
-        pos("sft.val_max_new_tokens", s.val_max_new_tokens)
-        pos("sft.val_batch_size", s.val_batch_size)
-        if not 0 <= s.select_acc_weight <= 1:
-            raise ConfigError("sft.select_acc_weight", f"must be in [0, 1], got {s.select_acc_weight!r}")
-        if g.num_generations < 2:
-            raise ConfigError("grpo.num_generations", f"GRPO needs >= 2 generations per prompt, got {g.num_generations}")
-        pos("grpo.beta", g.beta, strict=False)
-        pos("grpo.epsilon", g.epsilon)
-        pos("grpo.max_completion_length", g.max_completion_length)
-        pos("grpo.temperature", g.temperature)
-        if self.stage == "grpo":
-            gen = g.generation_batch_size or o.batch_size * o.grad_accum
-            if gen % g.num_generations:
-                raise ConfigError(
-                    "grpo.num_generations",
-                    f"the generation batch ({gen} = optim.batch_size × optim.grad_accum, or grpo.generation_batch_size) "
-                    f"must be a multiple of num_generations ({g.num_generations})",
-                )
-        if not self.data.train:
-            raise ConfigError("data.train", "no training data given (a JSONL file, an HF export folder or builtin:tiny)")
-        return self
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 # ---------------------------------------------------------------------------------------------
-# strict dict → dataclass conversion
+# TAG's fields (shared by both stages)
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        (arg,) = typing.get_args(tp) or (Any,)
-        return f"list[{_type_name(arg)}]"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+@dataclass
+class TagArguments:
+    """TAG's fields that TRL has no equivalent for, shared by SFT and GRPO.
 
+    Also changes TRL defaults that tagfer needs (``bf16`` auto, ``remove_unused_columns`` false)
+    or the paper sets (weight decay 0.01, batch 8 × 8 accumulation).
+    """
 
-def _convert(tp: Any, value: Any, name: str) -> Any:
-    """``value`` checked (and minimally coerced: int → float, str ↔ Literal) against ``tp``."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(name, f"must not be null (expected {_type_name(tp)})")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+    # --- the model
+    model_name_or_path: str = _f("Qwen/Qwen2.5-VL-7B-Instruct", "Base model: hub id or local folder. `tiny` builds "
+                                 "a tiny random model under <output_dir>/base_model (CPU smoke runs and tests only).")
+    model_family: str = _f("auto", "Model family (tagfer.models.families: qwen2_5_vl, qwen3_vl, gemma3, "
+                           "llava_onevision…): which modules are LoRA targets, vision tower, projector. auto: read "
+                           "model_type from the checkpoint (with `tiny`: which tiny model to build, auto = Qwen2.5-VL).")
+    adapter: str | None = _f(None, "A LoRA adapter folder to start from (GRPO: the SFT result, e.g. "
+                             "runs/sft_tag310k/best). What happens to it: adapter_mode (GRPO).")
+    dtype: str = _f("auto", "Weights dtype: auto | bfloat16 | float16 | float32.")
+    attn_implementation: str | None = _f(None, "transformers attention implementation (eager, sdpa, "
+                                         "flash_attention_2); default: the model's.")
+    image_side: int = _f(224, "Images are resized so the longer side is this many pixels, aspect kept (paper: 224).")
+    min_pixels: int | None = _f(None, "Processor lower bound on image pixels (default: the image policy's).")
+    max_pixels: int | None = _f(None, "Processor upper bound on image pixels (default: the image policy's).")
+    tiny_seed: int = _f(0, "Seed of the tiny random model (model_name_or_path=tiny).")
+    # --- LoRA (TRL ModelConfig's names)
+    use_peft: bool = _f(True, "Train LoRA adapters on the language model; false = full fine-tuning of the "
+                        "language model (the vision encoder stays frozen either way).")
+    lora_r: int = _f(128, "LoRA rank (paper: 128).")
+    lora_alpha: int = _f(256, "LoRA alpha (paper: 256).")
+    lora_dropout: float = _f(0.05, "LoRA dropout (paper: 0.05).")
+    lora_target_modules: list[str] = _f(help="Projection names that get LoRA, matched only inside the language "
+                                        "model's decoder layers (the vision MLP has gate/up/down_proj too).",
+                                        factory=lambda: list(LM_PROJECTIONS))
+    # --- data
+    train_data: str = _f("", "Training data: a TAGSample JSONL, the exporter's HF export (folder or "
+                         "JSONL/Parquet file) or builtin:tiny (generated smoke samples).")
+    val_data: str | None = _f(None, "Validation data (same kinds as train_data); none: see val_size.")
+    val_size: int = _f(0, "Without val_data: hold out this many training samples for validation.")
+    sources: list[str] = _f(help="Keep only samples of these `source` values (per-dataset GRPO: rafdb, "
+                            "ferplus, affectnet); empty = all.", factory=list)
+    split: str = _f("", "Keep only rows of this split (empty = all).")
+    max_samples: int | None = _f(None, "Use at most this many training samples.")
+    no_bbox: bool = _f(False, "Strip <bbox> elements from the SFT targets (Table 3 ablation).")
+    image_root: str | None = _f(None, "Base folder of relative image paths (default: the data file's folder).")
+    system_prompt: str | None = _f(None, "System prompt file (default: the unified TAG prompt).")
+    user_prompt: str | None = _f(None, "User prompt file (default: the unified TAG prompt).")
+    # --- how traces are scored (GRPO reward; SFT validation)
+    fmt_bonus: float = _f(0.5, "R_fmt of a well-formed response (the paper's 'small positive bonus').")
+    au_matching: Literal["paper", "one_to_one"] = _f("paper", "R_AU matching: paper (Eq. 3-4: each box takes "
+                                                     "its best AU box) or one_to_one (distinct AU boxes).")
+    au_count: Literal["aus", "boxes"] = _f("aus", "n of Eq. 4: activated AUs (paper) or distinct AU boxes.")
+    format_rules: Literal["paper", "strict"] = _f("paper", "R_fmt rules: the paper's three conditions or "
+                                                  "every parser rule.")
+    canvas: int = _f(512, "Side of the virtual box canvas (coordinates 0..canvas-1).")
+    max_boxes: int = _f(3, "Most boxes in a well-formed response (paper: 3).")
+    # --- run
+    resume: bool = _f(True, "Continue from the newest checkpoint-N in output_dir when there is one.")
+    log_jsonl: str = _f("train_log.jsonl", "Per-step JSON Lines log, inside output_dir.")
+
+    # --- TRL defaults changed for TAG
+    output_dir: str | None = _f("runs/tag", "Where checkpoints, adapters, config.yaml and the log go.")
+    weight_decay: float = _f(0.01, "AdamW weight decay (paper: 0.01).")
+    per_device_train_batch_size: int = _f(8, "Batch size per device (paper: 8).")
+    gradient_accumulation_steps: int = _f(8, "Gradient accumulation steps (paper: 8).")
+    bf16: bool | None = _f(None, "bf16 mixed precision; unset = on when the GPU supports it (TRL's unset means "
+                           "on, which fails on a CPU).")
+    activation_checkpointing: bool | None = _f(True, "Recompute activations in the backward pass (saves memory).")
+    gradient_checkpointing: bool | None = _f(None, "Deprecated alias of activation_checkpointing.")
+    save_total_limit: int | None = _f(3, "Keep at most this many checkpoint-N folders.")
+    remove_unused_columns: bool | None = _f(False, "Must stay false: tagfer's rows carry label/au_boxes/aus "
+                                            "for the reward and are built by tagfer.train.data.RowMaker.")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def stage(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def reward(self) -> RewardConfig:
+        """The :class:`~tagfer.traces.rewards.RewardConfig` these fields describe."""
+        return RewardConfig(fmt_bonus=self.fmt_bonus, matching=self.au_matching, au_count=self.au_count,
+                            format_rules=self.format_rules, canvas=self.canvas, max_boxes=self.max_boxes)
+
+    def _check_tag_fields(self) -> None:
+        """Range checks of TAG's fields (and TRL fields TAG depends on); raises :class:`ConfigError`."""
+
+        def num(name: str, lo: float = 0.0, strict: bool = True, integer: bool = False, hi: float | None = None,
+                hi_open: bool = False) -> None:
+            v = getattr(self, name)
+            kind = int if integer else (int, float)
+            if isinstance(v, bool) or not isinstance(v, kind) or not math.isfinite(v):
+                raise ConfigError(name, f"expected {'an integer' if integer else 'a number'}, got {v!r}")
+            if v < lo or (strict and v == lo) or (hi is not None and (v > hi or (hi_open and v == hi))):
+                rng = f"{'>' if strict else '>='} {lo}" + (f" and {'<' if hi_open else '<='} {hi}" if hi is not None else "")
+                raise ConfigError(name, f"must be {rng}, got {v!r}")
+
+        if not self.train_data:
+            raise ConfigError("train_data", "no training data given: --train_data FILE (a TAGSample JSONL, an HF "
+                                            "export folder or builtin:tiny)")
+        num("learning_rate")
+        num("weight_decay", strict=False)
+        num("max_grad_norm", strict=False)
+        num("per_device_train_batch_size", integer=True)
+        num("gradient_accumulation_steps", integer=True)
+        num("warmup_steps", strict=False)
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("num_train_epochs", "set num_train_epochs > 0 or max_steps > 0")
+        num("image_side", integer=True)
+        num("val_size", strict=False, integer=True)
+        num("lora_r", integer=True)
+        num("lora_alpha", strict=False)
+        num("lora_dropout", strict=False, hi=1.0, hi_open=True)
+        if self.use_peft and not self.lora_target_modules:
+            raise ConfigError("lora_target_modules", "needs at least one projection name (e.g. q_proj v_proj)")
+        if self.model_family != "auto":
             try:
-                return _convert(a, value, name)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(name, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        v = value
-        if isinstance(v, bool) and all(isinstance(a, str) for a in allowed):
-            v = "true" if v else "false"  # YAML reads `bf16: true` as a bool
-        if v in allowed and type(v) is type(next(a for a in allowed if a == v)):
-            return v
-        raise ConfigError(name, f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
-    if origin is dict:
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(name, f"expected a mapping of names to values, got {value!r} ({type(value).__name__})")
-        return dict(value)
-    if origin is list:
-        (arg,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(name, f"expected a list, got {value!r} ({type(value).__name__})")
-        return [_convert(arg, v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, name)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(name, f"expected true/false, got {value!r} ({type(value).__name__})")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(name, f"expected an integer, got {value!r} ({type(value).__name__})")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-5" (no dot) as a string
+                get_family(self.model_family)
+            except UnknownFamily as e:
+                raise ConfigError("model_family", str(e)) from None
+        if not self.remove_unused_columns is False:
+            raise ConfigError("remove_unused_columns", "must be false: the reward and the row transform read "
+                                                       "columns the model does not take (label, au_boxes, aus)")
+        try:
+            self.reward  # noqa: B018 - RewardConfig validates itself
+        except ValueError as e:
+            raise ConfigError(_reward_field(str(e)), str(e)) from None
+
+    def _resolve_tag_defaults(self) -> None:
+        """Resolve tagfer's 'auto' values before TRL's ``__post_init__`` reads them."""
+        if self.bf16 is None:
+            self.bf16 = False if self.fp16 else _bf16_auto()
+        if isinstance(self.deepspeed, str):
+            self.deepspeed = deepspeed_config_path(self.deepspeed)
+        rep = self.report_to
+        names = [rep] if isinstance(rep, str) else list(rep or [])
+        if "tensorboard" in names:
             try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(name, f"expected a number, got {value!r} ({type(value).__name__})")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(name, f"expected a string, got {value!r} ({type(value).__name__})")
-    raise ConfigError(name, f"unsupported field type {tp!r}")  # pragma: no cover
+                import tensorboard  # noqa: F401
+            except ImportError:
+                warnings.warn("report_to includes tensorboard but tensorboard is not installed; JSONL log only "
+                              "(pip install tensorboard)", stacklevel=3)
+                names = [n for n in names if n != "tensorboard"]
+                self.report_to = names or "none"
 
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, strictly: unknown keys and wrong types raise."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(prefix, f"expected a mapping of fields, got {data!r} ({type(data).__name__})")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"{where}{unknown[0]}", f"unknown field (known fields{' of ' + prefix if prefix else ''}: {', '.join(sorted(fields))})"
-        )
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else key
-        kwargs[key] = _convert(hints[key], value, name)
+_REWARD_FIELDS = {"matching": "au_matching", "au_reward": "au_reward", "au_count": "au_count",
+                  "format_rules": "format_rules", "canvas": "canvas", "max_boxes": "max_boxes", "fmt_bonus": "fmt_bonus",
+                  "w_au": "reward_weights", "w_ans": "reward_weights", "w_fmt": "reward_weights"}
+
+
+def _reward_field(message: str) -> str:
+    name = message.split(" ", 1)[0]
+    return _REWARD_FIELDS.get(name, "")
+
+
+# ---------------------------------------------------------------------------------------------
+# the two trainers' configs
+
+
+@dataclass
+class TagferSFTConfig(TagArguments, SFTConfig):
+    """TRL's ``SFTConfig`` for TAG's stage 1 (paper §5.1, App. C.1).
+
+    Paper defaults: AdamW 2e-5 cosine, warm-up 3 %, weight decay 0.01, grad clip 1.0, max length
+    2048, 3 epochs, LoRA r 128 / α 256 / dropout 0.05 on the LM, vision frozen, projector trained,
+    completion-only loss. tagfer's own validation (greedy decoding scored by the reward parser,
+    best checkpoint to ``<output_dir>/best``) replaces TRL's evaluation loop (``eval_strategy`` no).
+    """
+
+    train_projector: bool = _f(True, "Train the vision→text projector in full (PEFT modules_to_save; paper: yes).")
+    val_steps: int = _f(500, "Validate every N optimiser steps (0 = only at the end).")
+    val_samples: int = _f(256, "Validation samples decoded per round (0 = no validation).")
+    val_max_new_tokens: int = _f(512, "Most tokens decoded per validation sample.")
+    val_batch_size: int = _f(8, "Validation decoding batch size.")
+    select_acc_weight: float = _f(0.5, "Best checkpoint: highest w·accuracy + (1-w)·AU IoU (paper: 'by "
+                                  "validation accuracy and AU IoU', no rule given; 0.5 = their mean).")
+    # TRL fields with the paper's values
+    lr_scheduler_type: SchedulerType | str = _f("cosine", "Learning-rate schedule (paper: cosine).")
+    warmup_steps: float = _f(0.03, "Warm-up: steps, or below 1 a fraction of the total steps (paper: 3 %).")
+    num_train_epochs: float = _f(3.0, "Epochs (paper: up to 3).")
+    max_length: int | None = _f(2048, "Longest tokenised sample, image tokens included (paper: 2048).")
+    completion_only_loss: bool | None = _f(True, "Loss on the trace only (prompt and image tokens masked).")
+
+    @property
+    def stage(self) -> str:
+        return "sft"
+
+    def __post_init__(self) -> None:
+        self._given = _given(self)
+        self._check_tag_fields()
+        for name in ("val_steps", "val_samples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(name, f"must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("val_max_new_tokens", "val_batch_size", "max_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(name, f"must be an integer > 0, got {v!r}")
+        if not 0 <= self.select_acc_weight <= 1:
+            raise ConfigError("select_acc_weight", f"must be in [0, 1], got {self.select_acc_weight!r}")
+        self._resolve_tag_defaults()
+        # rows are prepared by tagfer.train.data.RowMaker; validation is tagfer's own
+        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        _trl_post_init(super().__post_init__)
+
+
+@dataclass
+class TagferGRPOConfig(TagArguments, GRPOConfig):
+    """TRL's ``GRPOConfig`` for TAG's stage 2 (paper §3.3, Eq. 2, App. C.1).
+
+    Paper defaults: K = 8 rollouts, β (KL) 0.04, ε (clip) 0.2, ``loss_type="grpo"`` (TRL's default
+    is ``dapo``), AdamW 1e-6, weight decay 0.01, grad clip 1.0, 2 epochs, LoRA trainable, vision
+    frozen. The reward is ``reward_weights · [R_AU, R_ans, R_fmt]`` (Eq. 5). Three readings of the
+    paper are switchable (docs/train.md, "GRPO: three readings of the paper"): ``adapter_mode``,
+    ``importance_sampling_level`` and ``au_f1_reference``.
+    """
+
+    adapter_mode: Literal["merge", "continue"] = _f(
+        "merge", "What GRPO does with `adapter` (the SFT LoRA): merge = fold it into the base and train a new "
+        "LoRA on the merged model (default; the merged SFT model is the frozen KL reference); continue = keep "
+        "training the SFT adapter itself (the literal 'we keep LoRA adapters trainable'; TRL keeps a frozen "
+        "copy of it as the KL reference; the lora_* fields are then the adapter's own).")
+    train_projector: bool = _f(False, "Train the projector too (paper: only the LoRA adapters in GRPO).")
+    merged_rollouts: bool = _f(True, "transformers rollouts generate from LoRA weights merged into the base "
+                               "(restored exactly afterwards): ~2.3x faster decoding at 7B.")
+    au_reward: Literal["iou", "f1"] = _f("iou", "R_AU: iou (Eq. 3-4, boxes) or f1 (Table 4 ablation: AU names).")
+    au_f1_reference: Literal["activated", "trace"] = _f(
+        "activated", "With au_reward=f1, the AUs the response's AU names are scored against: activated = every "
+        "AU the detector activated for the image (the paper's 'annotated AUs'; default), trace = only the AUs "
+        "the teacher's trace names (at most 3).")
+    # TRL fields with the paper's values / a TAG reading
+    use_vllm: str = _f("false", "vLLM rollouts: true | false | auto (auto = when vLLM is installed and a GPU "
+                       "is present, else transformers rollouts with a warning).", choices=["auto", "true", "false"])
+    beta: float = _f(0.04, "KL coefficient β (paper: 0.04; TRL's default is 0).")
+    loss_type: str = _f("grpo", "TRL loss: grpo = the paper's per-sequence length-normalised loss (TRL's default "
+                        "is dapo).")
+    importance_sampling_level: str = _f(
+        "token", "Importance ratio of Eq. 2: token = one ratio per token (verl's and TRL's GRPO; default), "
+        "sequence = one ratio per trajectory (the paper's notation; TRL takes the length-normalised geometric "
+        "mean, as GSPO). The two give the same gradient while the batch is on-policy (docs/train.md).",
+        choices=["token", "sequence"])
+    max_completion_length: int | None = _f(1024, "Most tokens per rollout (paper's traces: mean 389, max 1221).")
+    lr_scheduler_type: SchedulerType | str = _f("constant", "Learning-rate schedule (paper: not stated; constant).")
+    warmup_steps: float = _f(0.0, "Warm-up steps (or fraction below 1).")
+    learning_rate: float = _f(1e-6, "AdamW learning rate (paper: 1e-6).")
+    num_train_epochs: float = _f(2.0, "Epochs (paper: 2).")
+    reward_weights: list[float] | None = _f(None, "Weights of [R_AU, R_ans, R_fmt] in the reward (Eq. 5); unset = "
+                                            "[1, 1, 1]; [0, 1, 1] is the RLVR ablation.")
+
+    @property
+    def stage(self) -> str:
+        return "grpo"
+
+    @property
+    def reward(self) -> RewardConfig:
+        w = self.reward_weights or [1.0, 1.0, 1.0]
+        return RewardConfig(fmt_bonus=self.fmt_bonus, matching=self.au_matching, au_count=self.au_count,
+                            format_rules=self.format_rules, canvas=self.canvas, max_boxes=self.max_boxes,
+                            au_reward=self.au_reward, w_au=float(w[0]), w_ans=float(w[1]), w_fmt=float(w[2]))
+
+    def __post_init__(self) -> None:
+        self._given = _given(self)
+        if self.reward_weights is not None and len(self.reward_weights) != 3:
+            raise ConfigError("reward_weights", f"needs one weight per TAG reward, [R_AU, R_ans, R_fmt]; got "
+                                                f"{self.reward_weights!r} (custom reward functions: pass their "
+                                                "weights to run_grpo(reward_funcs=..., weights=...))")
+        self._check_tag_fields()
+        if isinstance(self.num_generations, bool) or not isinstance(self.num_generations, int) or self.num_generations < 2:
+            raise ConfigError("num_generations", f"GRPO needs >= 2 generations per prompt, got {self.num_generations!r}")
+        num_pos = {"beta": False, "epsilon": True, "max_completion_length": True, "temperature": True}
+        for name, strict in num_pos.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (strict and v == 0):
+                raise ConfigError(name, f"must be {'> 0' if strict else '>= 0'}, got {v!r}")
+        gen = self.generation_batch_size or self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if gen % self.num_generations:
+            raise ConfigError(
+                "num_generations",
+                f"the generation batch ({gen} = per_device_train_batch_size × gradient_accumulation_steps, or "
+                f"generation_batch_size) must be a multiple of num_generations ({self.num_generations})")
+        if self.adapter_mode == "continue" and not self.adapter:
+            raise ConfigError("adapter_mode", "continue needs the adapter to continue: --adapter runs/sft/best "
+                                              "(or adapter_mode=merge)")
+        if self.adapter_mode not in ("merge", "continue"):
+            raise ConfigError("adapter_mode", f"must be merge or continue, got {self.adapter_mode!r}")
+        if self.au_f1_reference not in ("activated", "trace"):
+            raise ConfigError("au_f1_reference", f"must be activated or trace, got {self.au_f1_reference!r}")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ConfigError("importance_sampling_level", f"must be token or sequence, got "
+                                                           f"{self.importance_sampling_level!r}")
+        if self.use_vllm not in (True, False, "auto", "true", "false"):
+            raise ConfigError("use_vllm", f"must be true, false or auto, got {self.use_vllm!r}")
+        self.use_vllm = use_vllm_now(self.use_vllm)
+        self._resolve_tag_defaults()
+        if self.reward_weights is None:
+            self.reward_weights = [1.0, 1.0, 1.0]
+        _trl_post_init(super().__post_init__)
+
+
+def _trl_post_init(fn) -> None:
+    """TRL's / transformers' own checks, their ValueError as a :class:`ConfigError`."""
     try:
-        return cls(**kwargs)
+        fn()
     except ConfigError:
         raise
-    except (TypeError, ValueError) as e:  # e.g. RewardConfig.__post_init__
-        raise ConfigError(prefix, str(e)) from e
+    except ValueError as e:
+        raise ConfigError("", str(e)) from e
 
 
-def to_dict(obj: Any) -> Any:
-    """A dataclass tree as plain dicts/lists (YAML-safe)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    return obj
+#: Either stage's config.
+TrainConfig = TagferSFTConfig | TagferGRPOConfig
+CONFIG_CLASSES: dict[str, type] = {"sft": TagferSFTConfig, "grpo": TagferGRPOConfig}
 
 
 # ---------------------------------------------------------------------------------------------
-# presets, files, overrides
+# parsing: TRL's parser (tagfer.train.parser) + presets and extends
 
 
-def list_presets() -> list[str]:
-    """Names of the packaged presets."""
-    root = resources.files("tagfer.train") / "presets"
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
-
-
-def preset_path(name: str) -> Path:
-    """Packaged preset file of ``name``; raises ``ConfigError`` listing the presets when unknown."""
-    p = Path(str(resources.files("tagfer.train") / "presets" / f"{name}.yaml"))
-    if not p.is_file():
-        raise ConfigError("", f"no preset or config file {name!r}; presets: {', '.join(list_presets())}")
-    return p
-
-
-def _resolve(ref: str | Path, relative_to: Path | None = None) -> Path:
-    p = Path(ref)
-    if p.suffix in (".yaml", ".yml"):
-        if not p.is_absolute() and relative_to is not None and (relative_to / p).is_file():
-            return relative_to / p
-        if p.is_file():
-            return p
-        if not p.is_absolute() and len(p.parts) == 1:
-            return preset_path(p.stem)
-        raise ConfigError("", f"config file not found: {p}")
-    return preset_path(str(ref))
-
-
-def _deep_merge(base: dict, over: Mapping) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _deep_merge(dict(out[k]), v)
-        else:
-            out[k] = v
-    return out
-
-
-def load_raw(ref: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The raw mapping of a preset name or YAML file, with ``extends`` chains merged in."""
-    path = _resolve(ref, _seen[-1].parent if _seen else None).resolve()
-    if path in _seen:
-        raise ConfigError("extends", f"circular extends: {' -> '.join(str(p) for p in (*_seen, path))}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError("", f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError("", f"{path}: a config must be a mapping, got {type(data).__name__}")
-    parent = data.pop("extends", None)
-    if parent is not None:
-        if not isinstance(parent, str):
-            raise ConfigError("extends", f"must name a preset or YAML file, got {parent!r}")
-        data = _deep_merge(load_raw(parent, (*_seen, path)), data)
-    return data
-
-
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict[str, Any]:
-    """Apply ``"a.b=value"`` strings (values parsed as YAML) or a ``{dotted: value}`` mapping."""
-    items: list[tuple[str, Any]] = []
-    if isinstance(overrides, Mapping):
-        items = list(overrides.items())
-    else:
-        for o in overrides:
-            if "=" not in o:
-                raise ConfigError(o, "an override must look like key.sub=value")
-            key, text = o.split("=", 1)
-            try:
-                value = yaml.safe_load(text) if text.strip() else ""
-            except yaml.YAMLError:
-                value = text
-            items.append((key.strip(), value))
-    out = _deep_merge({}, raw)
-    for key, value in items:
-        parts = key.split(".")
-        if not all(parts):
-            raise ConfigError(key, "empty component in dotted name")
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = {}
-            elif not isinstance(nxt, dict):
-                raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section")
-            node[part] = nxt = dict(nxt)
-            node = nxt
-        node[parts[-1]] = value
-    return out
-
-
-def load_config(
-    ref: str | Path | Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = (), validate: bool = True
-) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a preset name, a YAML path or a mapping, plus overrides."""
+def _raw(ref: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(ref, Mapping):
         raw = dict(ref)
         parent = raw.pop("extends", None)
-        if parent is not None:
-            raw = _deep_merge(load_raw(parent), raw)
-    else:
-        raw = load_raw(ref)
-    raw = apply_overrides(raw, overrides)
-    cfg = from_dict(TrainConfig, raw)
-    return cfg.validate() if validate else cfg
+        return {**load_raw(parent), **raw} if parent is not None else raw
+    return load_raw(ref)
+
+
+def _stage_of(raw: Mapping[str, Any], where: str = "") -> str:
+    stage = raw.get("stage", "sft")
+    if stage not in STAGES:
+        raise ConfigError("stage", f"must be one of {', '.join(map(repr, STAGES))}, got {stage!r}{where}")
+    return stage
+
+
+def parse_config(ref: str | Path | Mapping[str, Any], args: Sequence[str] = (), stage: str | None = None,
+                 prog: str | None = None) -> TrainConfig:
+    """The config of a preset name / YAML file / mapping under TRL-style command-line ``args``.
+
+    ``stage``: the trainer that will run it; a config written for the other one is refused.
+    """
+    raw = _raw(ref)
+    for k, v in dict(raw.pop("env", None) or {}).items():  # TRL's `env:` block
+        os.environ[str(k)] = str(v)
+    found = _stage_of(raw)
+    raw.pop("stage", None)
+    if stage is not None and found != stage:
+        name = ref if not isinstance(ref, Mapping) else "this config"
+        raise ConfigError("stage", f"{name!r} is a {found} config; use `tagfer train {found}`")
+    return TagParser(CONFIG_CLASSES[found], prog=prog, others=CONFIG_CLASSES.values()).parse(raw, args)
+
+
+def load_config(ref: str | Path | Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainConfig:
+    """Python API: a validated config from a preset / YAML path / mapping plus ``overrides`` — either a
+    ``{field: value}`` mapping (typed like YAML values) or TRL-style flags (``["--lora_r", "64"]``)."""
+    if isinstance(overrides, Mapping):
+        raw = _raw(ref)
+        return parse_config({**raw, **overrides})
+    return parse_config(ref, list(overrides))
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """``stage`` plus the fields given to ``cfg`` that differ from the class defaults, as they were given
+    (``use_vllm: auto`` stays ``auto``; values TRL derives, like ``steps_per_generation``, are left out)."""
+    return {"stage": cfg.stage, **{k: _plain(v) for k, v in getattr(cfg, "_given", {}).items()}}
+
+
+def _given(cfg: Any) -> dict[str, Any]:
+    """The init fields of ``cfg`` whose value differs from the declared default (before any resolution)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        v, d = getattr(cfg, f.name), _default_of(f)
+        if d is dataclasses.MISSING or _plain(v) != _plain(d):
+            out[f.name] = copy.deepcopy(v)
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
 
 
 def dump_config(cfg: TrainConfig, path: str | Path | None = None) -> str:
-    """YAML text of ``cfg`` (loads back to an equal config); written to ``path`` if given."""
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """YAML of :func:`config_dict` (loads back to an equal config); written to ``path`` if given."""
+    text = yaml.safe_dump(config_dict(cfg), sort_keys=False)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text, encoding="utf-8")
     return text
+
+
+def with_overrides(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    """A shallow copy of ``cfg`` with some attributes set, without re-running validation (runtime values)."""
+    out = copy.copy(cfg)
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out

@@ -1,6 +1,6 @@
 """Training data: TAGSample JSONL or the data exporter's HF export → TRL rows.
 
-Sources accepted by :func:`iter_records` (``data.train`` / ``data.val`` in the config):
+Sources accepted by :func:`iter_records` (``train_data`` / ``val_data`` in the config):
 
 * a TAGSample JSONL file (:class:`tagfer.core.records.TAGSample`, one per line);
 * the data exporter's Hugging Face export — a ``save_to_disk`` folder, or a folder /
@@ -21,7 +21,10 @@ TRL rows::
 
     SFT : {"prompt": [system, user(image + text)], "completion": [assistant], "images": [PIL]}
     GRPO: {"prompt": [system, user(image + text)], "images": [PIL],
-           "label": str, "au_boxes": [[x1, y1, x2, y2], ...], "aus": [int], "source": str}
+           "label": str, "au_boxes": [[x1, y1, x2, y2], ...], "aus": [int], "trace_aus": [int], "source": str}
+
+``aus`` are the AUs the detector activated for the image; ``trace_aus`` the AUs the sample's trace names
+(:func:`trace_aus`): the two reference sets of the F1 reward (``au_f1_reference``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from tagfer.core.jsonl import read_jsonl
 from tagfer.core.labels import LABELS
 from tagfer.core.records import SAMPLE_COLUMNS, TAGSample, sample_schema, trl_completion
 from tagfer.core.samples import sample_face_path
-from tagfer.traces.trace import format_box, strip_bboxes
+from tagfer.traces.trace import format_box, parse_trace, strip_bboxes
 
 __all__ = [
     "RECORD_COLUMNS",
@@ -47,6 +50,7 @@ __all__ = [
     "filter_records",
     "build_record_dataset",
     "RowMaker",
+    "trace_aus",
     "load_train_val",
 ]
 
@@ -242,8 +246,14 @@ def build_record_dataset(records_fn: Callable[[], Iterable[dict[str, Any]]], cac
         cache_dir=str(cache_dir),
     )
     if len(ds) == 0:
-        raise ValueError("no training samples left after filtering (check data.sources / data.split)")
+        raise ValueError("no training samples left after filtering (check sources / split)")
     return ds
+
+
+def trace_aus(completion: str) -> list[int]:
+    """The AU numbers a sample's trace (its SFT target) names, in order of first mention: the reference set
+    of the F1 reward with ``au_f1_reference: trace``."""
+    return list(dict.fromkeys(parse_trace(completion).au_mentions))
 
 
 class RowMaker:
@@ -302,18 +312,19 @@ class RowMaker:
             out["label"] = list(batch["label"])
             out["au_boxes"] = [[list(b) for b in boxes] for boxes in batch["au_boxes"]]
             out["aus"] = [list(a) for a in batch["aus"]]
+            out["trace_aus"] = [trace_aus(c) for c in batch["completion"]]
             out["source"] = list(batch["source"])
             out["id"] = list(batch["id"])
         return out
 
 
 def load_train_val(cfg, workdir: str | Path | None = None):
-    """``(train_raw, val_raw)`` Arrow datasets of flat records for a :class:`~tagfer.train.config.TrainConfig`.
+    """``(train_raw, val_raw)`` Arrow datasets of flat records for a training config (:mod:`tagfer.train.config`).
 
     ``val_raw`` is ``None`` when there is no validation data. Use
     ``ds.with_transform(RowMaker(...))`` to get TRL rows.
     """
-    d = cfg.data
+    d = cfg
     work = Path(workdir or cfg.output_dir)
     cache = work / "data_cache"
 
@@ -325,13 +336,13 @@ def load_train_val(cfg, workdir: str | Path | None = None):
 
         return build_record_dataset(records, cache, _fingerprint(ref if not ref.startswith(BUILTIN_PREFIX) else "", extra))
 
-    train = make(d.train, d.split)
+    train = make(d.train_data, d.split)
     val = None
-    if d.val:
-        val = make(d.val, "")
+    if d.val_data:
+        val = make(d.val_data, "")
     elif d.val_size > 0:
         if d.val_size >= len(train):
-            raise ValueError(f"data.val_size={d.val_size} leaves no training samples (only {len(train)})")
-        parts = train.train_test_split(test_size=d.val_size, seed=cfg.optim.seed, shuffle=True)
+            raise ValueError(f"val_size={d.val_size} leaves no training samples (only {len(train)})")
+        parts = train.train_test_split(test_size=d.val_size, seed=cfg.seed, shuffle=True)
         train, val = parts["train"], parts["test"]
     return train, val

@@ -27,11 +27,13 @@ from tagfer.models.families import family_of, get_family
 from tagfer.models.tiny import build_tiny
 
 __all__ = [
+    "LM_PROJECTIONS",
     "model_family",
     "lm_target_regex",
     "resolve_base",
     "load_for_training",
     "apply_lora",
+    "adapter_mode",
     "trainable_summary",
     "vision_parameter_names",
     "save_processor",
@@ -40,6 +42,9 @@ __all__ = [
     "low_precision_trainable",
 ]
 
+
+#: LoRA targets of the paper: every attention and MLP projection of the language model.
+LM_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def model_family(model, name: str = "auto"):
@@ -64,19 +69,19 @@ def resolve_base(cfg, workdir: str | Path | None = None) -> str:
     With ``tiny`` and an adapter whose recorded base folder exists, that folder is used
     (GRPO continues on the exact model SFT trained).
     """
-    name = cfg.model.name_or_path
+    name = cfg.model_name_or_path
     if name != "tiny":
         return name
-    family = "qwen2_5_vl" if cfg.model.family == "auto" else cfg.model.family
-    if cfg.model.adapter:
-        acfg = Path(cfg.model.adapter) / "adapter_config.json"
+    family = "qwen2_5_vl" if cfg.model_family == "auto" else cfg.model_family
+    if cfg.adapter:
+        acfg = Path(cfg.adapter) / "adapter_config.json"
         if acfg.is_file():
             base = json.loads(acfg.read_text()).get("base_model_name_or_path")
             if base and Path(base).is_dir():
                 return base
     out = Path(workdir or cfg.output_dir) / "base_model"
     if not (out / "config.json").is_file() or _model_type(out) != family:
-        build_trainable_tiny(out, seed=cfg.model.tiny_seed, family=family)
+        build_trainable_tiny(out, seed=cfg.tiny_seed, family=family)
     return str(out.resolve())
 
 
@@ -109,8 +114,15 @@ def vision_parameter_names(model) -> list[str]:
     return [n for n, _ in model.named_parameters() if fam.is_vision(n)]
 
 
+def adapter_mode(cfg) -> str:
+    """What training does with ``cfg.adapter``: ``"merge"`` (fold it in, train a new LoRA) or ``"continue"``
+    (keep training it); SFT configs always merge."""
+    return getattr(cfg, "adapter_mode", "merge") if cfg.adapter else "merge"
+
+
 def load_for_training(cfg, workdir: str | Path | None = None):
-    """``(model, processor, base_path)`` ready for LoRA: SFT adapter merged if given, vision frozen.
+    """``(model, processor, base_path)`` ready for LoRA: vision frozen; ``cfg.adapter`` merged into the base
+    (``adapter_mode`` merge) or loaded as the trainable adapter itself (``continue``).
 
     Raises :class:`tagfer.models.vlm.ModelNotAvailable` when the weights are missing.
     """
@@ -118,40 +130,50 @@ def load_for_training(cfg, workdir: str | Path | None = None):
 
     base = resolve_base(cfg, workdir)
     vcfg = VLMConfig(
-        model=base, adapter=cfg.model.adapter, dtype=cfg.model.dtype, device=_device(),
-        image_side=cfg.model.image_side, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
-        attn_implementation=cfg.model.attn_implementation,
+        model=base, adapter=cfg.adapter, dtype=cfg.dtype, device=_device(),
+        image_side=cfg.image_side, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+        attn_implementation=cfg.attn_implementation,
     )
     vlm = load_vlm(vcfg)
     model = vlm.model
-    if cfg.model.adapter:  # SFT → GRPO: fold the SFT adapter in; the result is also the KL reference
+    mode = adapter_mode(cfg)
+    if cfg.adapter and mode == "merge":  # SFT → GRPO: fold the SFT adapter in; the result is also the KL reference
         model = model.merge_and_unload()
-    fam = model_family(model, cfg.model.family)
+    fam = model_family(model, cfg.model_family)
     model._tagfer_family = fam.name
     model.train()
-    for n, p in model.named_parameters():
-        if fam.is_vision(n):
+    if mode == "continue":  # the SFT adapter itself is trained (PEFT's is_trainable=True); TRL keeps a frozen copy
+        for pcfg in model.peft_config.values():
+            pcfg.inference_mode = False
+        for n, p in model.named_parameters():
+            if ".modules_to_save." in n:
+                p.requires_grad_(cfg.train_projector and ".default." in n)
+            else:
+                p.requires_grad_("lora_" in n and ".default." in n)
+    for n, p in model.named_parameters():  # the vision encoder stays frozen (a continued projector copy may train)
+        if fam.is_vision(n) and not (p.requires_grad and mode == "continue" and ".modules_to_save." in n):
             p.requires_grad_(False)
-    if not cfg.lora.enabled:  # full fine-tuning of the language model (+ projector if asked)
+    if not cfg.use_peft:  # full fine-tuning of the language model (+ projector if asked)
         for n, p in model.named_parameters():
             if fam.is_projector(n):
-                p.requires_grad_(cfg.lora.train_projector)
+                p.requires_grad_(cfg.train_projector)
             elif not fam.is_vision(n):
                 p.requires_grad_(True)
     return model, vlm.processor, base
 
 
-def apply_lora(model, lora_cfg):
-    """Wrap ``model`` in a PEFT LoRA model per :class:`~tagfer.train.config.LoraSection` (no-op when disabled)."""
-    if not lora_cfg.enabled:
+def apply_lora(model, cfg):
+    """Wrap ``model`` in a PEFT LoRA model per ``cfg``'s ``lora_*`` fields (no-op without ``use_peft``, and
+    when ``model`` already carries the adapter to train: ``adapter_mode: continue``)."""
+    if not cfg.use_peft or adapter_mode(cfg) == "continue":
         return model
     from peft import LoraConfig, get_peft_model  # lazy (start-up time): torch, transformers
 
     fam = model_family(model)
-    modules_to_save = fam.projector_modules(model) if lora_cfg.train_projector else None
+    modules_to_save = fam.projector_modules(model) if cfg.train_projector else None
     pcfg = LoraConfig(
-        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-        target_modules=fam.lora_target_regex(lora_cfg.targets), modules_to_save=modules_to_save or None,
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=fam.lora_target_regex(cfg.lora_target_modules), modules_to_save=modules_to_save or None,
         task_type="CAUSAL_LM", bias="none",
     )
     peft_model = get_peft_model(model, pcfg)

@@ -1,6 +1,7 @@
 """Stage 1: supervised fine-tuning on AU-grounded traces (TRL ``SFTTrainer`` + PEFT LoRA).
 
-Paper recipe (§5.1, App. C.1; preset ``sft_tag310k``): LoRA r 128 / alpha 256 / dropout 0.05
+The config is TRL's ``SFTConfig`` (:class:`~tagfer.train.config.TagferSFTConfig`), passed to ``SFTTrainer``
+as is. Paper recipe (§5.1, App. C.1; the config's defaults and preset ``sft_tag310k``): LoRA r 128 / alpha 256 / dropout 0.05
 on the language model's attention + MLP projections, vision encoder frozen, projector
 trained, AdamW 2e-5 cosine, weight decay 0.01, warm-up 3 %, grad clip 1.0, max length 2048,
 bf16, completion-only loss (the prompt and image tokens carry no loss).
@@ -16,14 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from tagfer.models.prompts import tag_prompt
-from tagfer.train.config import TrainConfig, dump_config
+from tagfer.train.config import TagferSFTConfig, TrainConfig, deepspeed_config_path, dump_config
 from tagfer.train.data import RowMaker, load_train_val
 from tagfer.train.model import apply_lora, keep_fp32_masters, load_for_training, trainable_summary
 from tagfer.train.model import save_processor
-from tagfer.train.trl_args import deepspeed_config_path, trl_kwargs
 
 __all__ = ["SFTResult", "RunSetup", "prepare_run", "run_sft", "save_adapter", "last_checkpoint", "deepspeed_config_path"]
 
@@ -41,7 +41,7 @@ class SFTResult:
 
 def quiet_console(trainer, cfg: TrainConfig) -> None:
     """Without progress bars, drop the trainer's print-every-log callback (the JSONL log has it all)."""
-    if not cfg.log.progress:
+    if cfg.disable_tqdm:
         from transformers.trainer_callback import PrinterCallback  # lazy (start-up time): torch, transformers
 
         trainer.remove_callback(PrinterCallback)
@@ -80,43 +80,38 @@ class RunSetup:
     train_ds: Any
 
 
-def prepare_run(cfg: TrainConfig, stage: str, check: Callable[[TrainConfig], None] | None = None) -> RunSetup:
-    """The common start of SFT and GRPO: check the stage, validate (then ``check``, before any
-    file is written), write ``config.yaml``, seed, load the model with LoRA, read the data and
-    attach the row transform of ``stage``."""
+def prepare_run(cfg: TrainConfig, stage: str) -> RunSetup:
+    """The common start of SFT and GRPO (the config was validated when it was made): check the stage,
+    write ``config.yaml``, seed, load the model with LoRA, read the data and attach the row transform."""
     from transformers import set_seed  # lazy (start-up time): transformers, PIL
 
     if cfg.stage != stage:
-        raise ValueError(f"run_{stage} needs stage: {stage} (got {cfg.stage!r})")
-    cfg.validate()
-    if check is not None:
-        check(cfg)
+        raise ValueError(f"run_{stage} needs a Tagfer{stage.upper()}Config (got a {cfg.stage} config)")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
-    set_seed(cfg.optim.seed)
+    set_seed(cfg.seed)
     model, processor, base = load_for_training(cfg)
-    model = apply_lora(model, cfg.lora)
+    model = apply_lora(model, cfg)
     keep_fp32_masters(model)  # projector / modules_to_save: fp32 master weights in a bf16 model
-    system, user = tag_prompt(cfg.data.system_prompt, cfg.data.user_prompt)
+    system, user = tag_prompt(cfg.system_prompt, cfg.user_prompt)
     train_raw, val_raw = load_train_val(cfg)
-    train_ds = train_raw.with_transform(RowMaker(stage, system, user, cfg.model.image_side))
+    train_ds = train_raw.with_transform(RowMaker(stage, system, user, cfg.image_side))
     return RunSetup(out, model, processor, base, trainable_summary(model), system, user, train_raw, val_raw, train_ds)
 
 
-def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
-    """Run SFT as configured; returns where the adapters and the log are."""
-    from trl import SFTConfig, SFTTrainer  # lazy (start-up time): trl
+def run_sft(cfg: TagferSFTConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
+    """Run SFT as configured (``cfg`` is TRL's ``SFTConfig`` itself); returns where the adapters and the log are."""
+    from trl import SFTTrainer  # lazy (start-up time): trl
 
     # lazy (start-up time): torch, transformers
     from tagfer.train.callbacks import JsonlLogCallback, ValidationCallback, write_json
 
-    run = prepare_run(cfg, "sft", check=lambda c: trl_kwargs(c, "sft"))  # trl.* keys checked before any file is written
+    run = prepare_run(cfg, "sft")
     out, model, processor, base, summary = run.out, run.model, run.processor, run.base, run.trainable
     system, user, val_raw, train_ds = run.system, run.user, run.val_raw, run.train_ds
 
-    args = SFTConfig(**trl_kwargs(cfg, "sft"))
-    logger = JsonlLogCallback(out / cfg.log.jsonl, "sft")
+    logger = JsonlLogCallback(out / cfg.log_jsonl, "sft")
     cbs: list[Any] = [logger]
     best_dir = out / "best"
 
@@ -128,7 +123,7 @@ def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
             write_json(best_dir / "best.json", metrics)
 
     validator = None
-    if val_raw is not None and cfg.sft.val_samples > 0:
+    if val_raw is not None and cfg.val_samples > 0:
         validator = ValidationCallback(val_raw, processor, cfg, system, user, logger, save_best)
         prev = best_dir / "best.json"
         if cfg.resume and last_checkpoint(out) and prev.is_file():  # a resumed run must beat the earlier best
@@ -137,10 +132,10 @@ def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
                 validator.best = known
         cbs.append(validator)
     cbs.extend(callbacks)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=processor, callbacks=cbs)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=processor, callbacks=cbs)
     holder["trainer"] = trainer
     quiet_console(trainer, cfg)
-    resume = last_checkpoint(out) if cfg.resume else None
+    resume = cfg.resume_from_checkpoint or (last_checkpoint(out) if cfg.resume else None)
     trainer.train(resume_from_checkpoint=resume)
     final = out / "final"
     trainer.save_model(str(final))
@@ -150,7 +145,7 @@ def run_sft(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
         trainer.save_model(str(best_dir))
         if trainer.is_world_process_zero():
             write_json(best_dir / "best.json", {"step": trainer.state.global_step, "note": "no validation data"})
-    result = SFTResult(out, final, best_dir, best, out / cfg.log.jsonl, losses, summary)
+    result = SFTResult(out, final, best_dir, best, out / cfg.log_jsonl, losses, summary)
     if trainer.is_world_process_zero():
         write_json(out / "result.json", {"final_dir": str(final), "best_dir": str(best_dir), "best": best,
                                      "base_model": base, "trainable": summary, "steps": trainer.state.global_step})
