@@ -162,15 +162,15 @@ def run_sft_stage(args, skeleton: Path, data: Path, d: dict) -> tuple[dict, str 
     from tagfer.train.sft import run_sft
 
     res: dict = {"stage": "sft"}
-    over = [f"output_dir={args.work}/sft", f"model.name_or_path={skeleton}", f"data.train={data}", "data.val_size=0",
-            f"optim.max_steps={d['sft_warmup'] + d['sft_steps']}", "optim.grad_accum=1", f"optim.batch_size={d['batch']}",
-            "optim.save_steps=100000", "log.tensorboard=false", "log.progress=false", "log.logging_steps=1",
-            "resume=false"]
-    cfg = load_config("sft_tag310k", over + list(args.set_sft))
+    over = ["--output_dir", f"{args.work}/sft", "--model_name_or_path", str(skeleton), "--train_data", str(data),
+            "--val_size", "0", "--max_steps", str(d['sft_warmup'] + d['sft_steps']), "--gradient_accumulation_steps", "1",
+            "--per_device_train_batch_size", str(d['batch']), "--save_steps", "100000", "--report_to", "none",
+            "--disable_tqdm", "true", "--logging_steps", "1", "--resume", "false"]
+    cfg = load_config("sft_tag310k", over + [a for s in args.set_sft for a in s.split()])
     reset_peak()
     probe = probe_callback("sft", res, T0 + args.budget_s * args.sft_share, d["sft_warmup"])
     out = run_sft(cfg, callbacks=[probe])
-    res["samples_per_s"] = cfg.optim.batch_size * cfg.optim.grad_accum / res["s_per_step"] if res.get("s_per_step") else None
+    res["samples_per_s"] = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps / res["s_per_step"] if res.get("s_per_step") else None
     res["peak_gb"] = peak_gb()
     res["loss_first_last"] = [out.train_loss[0], out.train_loss[-1]] if out.train_loss else None
     res["loss_finite"] = bool(out.train_loss) and all(math.isfinite(x) for x in out.train_loss)
@@ -178,16 +178,18 @@ def run_sft_stage(args, skeleton: Path, data: Path, d: dict) -> tuple[dict, str 
 
 
 def run_grpo_stage(args, skeleton: Path, data: Path, adapter: str | None, d: dict) -> dict:
-    from tagfer.train.config import load_config
+    from tagfer.train.presets import load_raw
     from tagfer.train.grpo import build_grpo_trainer, tag_reward_funcs
 
     res: dict = {"stage": "grpo"}
-    over = [f"output_dir={args.work}/grpo", f"model.name_or_path={skeleton}", f"data.train={data}",
-            f"model.adapter={adapter or 'null'}", f"optim.max_steps={d['grpo_steps']}", f"optim.batch_size={d['k']}",
-            f"optim.grad_accum={d['accum']}", f"grpo.num_generations={d['k']}",
-            f"grpo.max_completion_length={d['completion']}", "optim.save_steps=100000", "log.tensorboard=false",
-            "log.progress=false", "resume=false"]
-    cfg = load_config("grpo_rafdb", over + list(args.set_grpo))
+    over = {"output_dir": f"{args.work}/grpo", "model_name_or_path": str(skeleton), "train_data": str(data),
+            "adapter": adapter, "max_steps": d['grpo_steps'], "per_device_train_batch_size": d['k'],
+            "gradient_accumulation_steps": d['accum'], "num_generations": d['k'],
+            "max_completion_length": d['completion'], "save_steps": 100000, "report_to": "none",
+            "disable_tqdm": True, "resume": False}
+    from tagfer.train.config import parse_config
+
+    cfg = parse_config({**load_raw("grpo_rafdb"), **over}, [a for s in args.set_grpo for a in s.split()])
     reset_peak()
     probe = probe_callback("grpo", res, T0 + args.budget_s, 0)
     # TAG's rewards are all 0 on random weights (no valid trace), so every advantage would be 0 and nothing
@@ -213,9 +215,9 @@ def run_grpo_stage(args, skeleton: Path, data: Path, adapter: str | None, d: dic
     trainer._generate_single_turn = timed
     trainer.train()
     if not args.no_probe:
-        res["decode_probe"] = decode_probe(trainer, cfg.optim.batch_size * cfg.optim.grad_accum, d["probe_tokens"])
+        res["decode_probe"] = decode_probe(trainer, cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps, d["probe_tokens"])
     res["merged_rollouts"] = getattr(trainer, "rollout_merged_layers", 0) > 0
-    res["completions_per_step"] = cfg.optim.batch_size * cfg.optim.grad_accum
+    res["completions_per_step"] = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     res["samples_per_s"] = res["completions_per_step"] / res["s_per_step"] if res.get("s_per_step") else None
     gen_s, gen_tok = sum(g[0] for g in gens), sum(g[1] for g in gens)
     res["rollout_s_per_step"] = gen_s / max(1, len(gens))
@@ -270,8 +272,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--sft-share", type=float, default=0.35, help="share of the budget SFT may use")
     ap.add_argument("--skip-grpo", action="store_true")
     ap.add_argument("--no-probe", action="store_true", help="skip the merged-vs-unmerged decode probe")
-    ap.add_argument("--set-sft", action="append", default=[], help="extra --set for the SFT config (repeatable)")
-    ap.add_argument("--set-grpo", action="append", default=[], help="extra --set for the GRPO config (repeatable)")
+    ap.add_argument("--set-sft", action="append", default=[], help="extra TRL-style flags for the SFT config, e.g. '--lora_r 64' (repeatable)")
+    ap.add_argument("--set-grpo", action="append", default=[], help="extra TRL-style flags for the GRPO config, e.g. '--beta 0' (repeatable)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)

@@ -155,10 +155,10 @@ def test_lora_layout_and_freezing(family_tiny_dir):
     from tagfer.train.config import load_config
     from tagfer.train.model import apply_lora, load_for_training, trainable_summary
 
-    cfg = load_config("tiny_cpu", [f"model.name_or_path={family_tiny_dir}", "lora.r=4"])
+    cfg = load_config("tiny_cpu", ["--model_name_or_path", str(family_tiny_dir), "--lora_r", "4"])
     model, _, _ = load_for_training(cfg)
     fam = family_of(model)
-    peft_model = apply_lora(model, cfg.lora)
+    peft_model = apply_lora(model, cfg)
     lora = {n.rsplit(".lora_", 1)[0] for n, _ in peft_model.named_parameters() if ".lora_" in n}
     assert len(lora) == 7 * 2 and all("language_model.layers" in n for n in lora)  # 7 projections x 2 layers
     saved = {n for n, _ in peft_model.named_parameters() if "modules_to_save" in n}
@@ -177,8 +177,8 @@ def family_sft(family_tiny_dir, train_samples, short_prompts, tmp_path_factory):
     from tagfer.train.sft import run_sft
 
     out = tmp_path_factory.mktemp("family_sft")
-    cfg = tiny_train_config(out, family_tiny_dir, train_samples, optim__max_steps=SFT_STEPS, data__val_size=0,
-                            sft__eval_steps=0, sft__val_samples=0, **short_prompts)
+    cfg = tiny_train_config(out, family_tiny_dir, train_samples, max_steps=SFT_STEPS, val_size=0,
+                            val_steps=0, val_samples=0, **short_prompts)
     return cfg, run_sft(cfg)
 
 
@@ -244,9 +244,9 @@ def test_grpo_reward_rises(family_tiny_dir, train_samples, short_prompts, tmp_pa
         return [sum(int(t == target["id"]) for t in ids) / max(1, len(ids)) for ids in completion_ids]
 
     steps = 8
-    cfg = tiny_train_config(tmp_path, family_tiny_dir, train_samples, stage="grpo", optim__max_steps=steps,
-                            optim__learning_rate=1e-2, optim__batch_size=8, grpo__num_generations=8, grpo__beta=0.0,
-                            grpo__max_completion_length=12, lora__train_projector=False, **short_prompts)
+    cfg = tiny_train_config(tmp_path, family_tiny_dir, train_samples, stage="grpo", max_steps=steps,
+                            learning_rate=1e-2, per_device_train_batch_size=8, num_generations=8, beta=0.0,
+                            max_completion_length=12, train_projector=False, **short_prompts)
     res = run_grpo(cfg, reward_funcs=[favour_token], weights=[1.0])
     rewards = [h["reward"] for h in res.log_history if "reward" in h]
     assert len(rewards) == steps
@@ -269,23 +269,23 @@ def test_analyze_cli_runs_the_family_model(family_tiny_dir, astronaut_path):
 
 
 def test_model_family_setting_picks_the_tiny_model_and_is_checked(tmp_path):
-    """`--set model.family=gemma3` on the tiny preset builds a tiny Gemma 3; an unknown family is a config error."""
+    """`--model_family gemma3` on the tiny preset builds a tiny Gemma 3; an unknown family is a config error."""
     from tagfer.train.config import ConfigError, load_config
     from tagfer.train.model import resolve_base
 
-    cfg = load_config("tiny_cpu", [f"output_dir={tmp_path}", "model.family=gemma3"])
+    cfg = load_config("tiny_cpu", ["--output_dir", str(tmp_path), "--model_family", "gemma3"])
     assert family_of(resolve_base(cfg)).name == "gemma3"
-    cfg = load_config("tiny_cpu", [f"output_dir={tmp_path}", "model.family=qwen3_vl"])
+    cfg = load_config("tiny_cpu", ["--output_dir", str(tmp_path), "--model_family", "qwen3_vl"])
     assert family_of(resolve_base(cfg)).name == "qwen3_vl"  # the folder of another family is rebuilt
-    with pytest.raises(ConfigError, match="model.family"):
-        load_config("tiny_cpu", ["model.family=llama9"])
+    with pytest.raises(ConfigError, match="model_family"):
+        load_config("tiny_cpu", ["--model_family", "llama9"])
 
 
 def test_full_finetune_trains_lm_and_projector_not_vision(family_tiny_dir):
     from tagfer.train.config import load_config
     from tagfer.train.model import load_for_training
 
-    cfg = load_config("tiny_cpu", [f"model.name_or_path={family_tiny_dir}", "lora.enabled=false"])
+    cfg = load_config("tiny_cpu", ["--model_name_or_path", str(family_tiny_dir), "--no_use_peft"])
     model = load_for_training(cfg)[0]
     fam = family_of(model)
     kinds = {"vision": set(), "projector": set(), "lm": set()}
@@ -318,8 +318,8 @@ def test_bf16_training_keeps_fp32_projector_masters(family_tiny_dir, train_sampl
         def on_train_end(self, args, state, control, model=None, **kw):
             seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters() if n in seen["before"]}
 
-    cfg = tiny_train_config(tmp_path, family_tiny_dir, train_samples, model__dtype="bfloat16", optim__learning_rate=1e-4,
-                            optim__max_steps=3, optim__batch_size=4, optim__bf16="true", lora__r=4, trl__use_cpu=True,
+    cfg = tiny_train_config(tmp_path, family_tiny_dir, train_samples, dtype="bfloat16", learning_rate=1e-4,
+                            max_steps=3, per_device_train_batch_size=4, bf16=True, lora_r=4, use_cpu=True,
                             **short_prompts)
     res = run_sft(cfg, callbacks=[Snapshot()])
     assert seen["low"] == [] and seen["before"], seen

@@ -7,7 +7,9 @@ import json
 import pytest
 import yaml
 
-from tagfer.train.config import load_config
+pytestmark = pytest.mark.model  # the presets load as TRL config classes (imports transformers)
+
+from tagfer.train.config import load_config  # noqa: E402
 
 
 def test_llamafactory_yaml_matches_preset(tmp_path):
@@ -24,7 +26,7 @@ def test_llamafactory_yaml_matches_preset(tmp_path):
     assert (lf["image_min_pixels"], lf["image_max_pixels"]) == (56 * 56, 224 * 224) and lf["dataset"] == "tag_sft"
     p = write_yaml(lf, tmp_path / "lf.yaml", "# header")
     assert yaml.safe_load(p.read_text()) == lf
-    frozen = llamafactory_config(load_config("sft_tag310k", ["lora.train_projector=false"]))
+    frozen = llamafactory_config(load_config("sft_tag310k", ["--train_projector", "false"]))
     assert "additional_target" not in frozen
 
 
@@ -163,7 +165,7 @@ def test_one_sample_gives_the_same_image_tokens_in_every_trainer(tmp_path, train
     pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     collator = DataCollatorForVisionLanguageModeling(processor)
     cfg = load_config("sft_tag310k")
-    policy = ImagePolicy.of(cfg.model)
+    policy = ImagePolicy.of(cfg)
     sizes = [(100, 100), (48, 48), (120, 90)]
     samples = []
     for i, (w, h) in enumerate(sizes):
@@ -184,7 +186,7 @@ def test_one_sample_gives_the_same_image_tokens_in_every_trainer(tmp_path, train
     # the bug this guards against: the original pixels give 100x100 -> 16 tokens, 48x48 -> 4
     assert n_tokens(processor(images=[Image.open(samples[0].image).convert("RGB")], text=["<|vision_start|><|image_pad|><|vision_end|>"], return_tensors="pt", padding=True))[0] == 16
 
-    maker = RowMaker("sft", system, user, cfg.model.image_side)
+    maker = RowMaker("sft", system, user, cfg.image_side)
     recs = [record_from_sample(s) for s in samples]
     rows = maker({k: [r[k] for r in recs] for k in recs[0]})
     tagfer = n_tokens(collator([{k: rows[k][i] for k in rows} for i in range(len(samples))]))
@@ -239,10 +241,10 @@ def test_interop_reads_the_family_registry(tmp_path):
     assert (lf["template"], lf["additional_target"]) == ("qwen2_vl", "merger")
     assert verl_config(load_config("grpo_rafdb"))["actor_rollout_ref"]["model"]["exclude_modules"] == ".*visual.*"
 
-    gemma = load_config("sft_tag310k", ["model.name_or_path=google/gemma-3-4b-it"])
+    gemma = load_config("sft_tag310k", {"model_name_or_path": "google/gemma-3-4b-it"})
     lf = llamafactory_config(gemma)
     assert (lf["template"], lf["additional_target"]) == ("gemma3", "multi_modal_projector")
-    ex = verl_config(load_config("grpo_rafdb", ["model.family=gemma3"]))["actor_rollout_ref"]["model"]["exclude_modules"]
+    ex = verl_config(load_config("grpo_rafdb", {"model_family": "gemma3"}))["actor_rollout_ref"]["model"]["exclude_modules"]
     import re
 
     rx = re.compile(ex)
@@ -254,11 +256,11 @@ def test_interop_reads_the_family_registry(tmp_path):
     d = tmp_path / "qwen3vl"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "vision_config": {"deepstack_visual_indexes": [3, 6]}}))
-    lf = llamafactory_config(load_config("sft_tag310k", [f"model.name_or_path={d}"]))
+    lf = llamafactory_config(load_config("sft_tag310k", {"model_name_or_path": str(d)}))
     assert lf["template"] == "qwen3_vl"
     assert lf["additional_target"] == "merger,deepstack_merger_list.0,deepstack_merger_list.1"
 
-    ov = load_config("sft_tag310k", ["model.family=llava_onevision"])
+    ov = load_config("sft_tag310k", {"model_family": "llava_onevision"})
     with pytest.raises(ValueError, match="no template for the llava_onevision family"):
         llamafactory_config(ov)
 
@@ -267,5 +269,5 @@ def test_unknown_model_family_is_a_clear_error():
     from tagfer.models.families import UnknownFamily
     from tagfer.train.interop import verl_config
 
-    with pytest.raises(UnknownFamily, match="cannot tell the model family of 'org/mystery-vlm'.*model.family"):
-        verl_config(load_config("grpo_rafdb", ["model.name_or_path=org/mystery-vlm"]))
+    with pytest.raises(UnknownFamily, match="cannot tell the model family of 'org/mystery-vlm'.*model_family"):
+        verl_config(load_config("grpo_rafdb", {"model_name_or_path": "org/mystery-vlm"}))

@@ -78,7 +78,7 @@ class TinySpec:
 class Family:
     """One model family.
 
-    name              registry key (``model.family`` in training configs)
+    name              registry key (``model_family`` in training configs)
     model_types       ``config.json`` ``model_type`` values of the family
     processor         transformers processor class name
     image_processor   ``(module, class)`` of the PIL image processor (the fast ones need torchvision)
@@ -326,7 +326,7 @@ def family_of(obj: Any) -> Family:
     try:
         return get_family(str(mt))
     except UnknownFamily as e:
-        raise UnknownFamily(f"{e} (model_type {mt!r}: set model.family to a family with the same module layout,"
+        raise UnknownFamily(f"{e} (model_type {mt!r}: set model_family to a family with the same module layout,"
                             " or add one with tagfer.models.families.register_family)") from None
 
 
@@ -352,6 +352,6 @@ def family_for(name_or_path: str, family: str = "auto") -> Family:
                 best = (len(w), fam)
     if best is None:
         raise UnknownFamily(f"cannot tell the model family of {name_or_path!r} (no local config.json, no family name"
-                            f" in it); set model.family to one of: {', '.join(FAMILIES.list())}")
+                            f" in it); set model_family to one of: {', '.join(FAMILIES.list())}")
     return best[1]
 

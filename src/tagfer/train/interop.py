@@ -14,7 +14,7 @@
   as Hydra ``+reward.custom_reward_function.reward_kwargs.*`` overrides, which
   :func:`verl_command` appends to the launch line.
 
-Both take the same :class:`~tagfer.train.config.TrainConfig`, so a preset is the single
+Both take the same config (:class:`~tagfer.train.config.TagferSFTConfig` / ``TagferGRPOConfig``), so a preset is the single
 source of the hyperparameters, and both carry the image policy
 (:class:`tagfer.models.vlm.ImagePolicy`) the exports were written with. What depends on the
 model family comes from its :class:`~tagfer.models.families.Family` entry (:func:`model_family`):
@@ -34,8 +34,7 @@ import yaml
 
 from tagfer.models.families import Family, family_for
 from tagfer.traces.rewards import RewardConfig
-from tagfer.train.config import TrainConfig
-from tagfer.train.sft import deepspeed_config_path
+from tagfer.train.config import TrainConfig, config_dict, deepspeed_config_path
 
 __all__ = ["llamafactory_config", "verl_config", "verl_command", "verl_reward_overrides", "default_export_names",
            "write_yaml", "write_verl_files", "model_family", "VERL_REWARD_PATH"]
@@ -45,24 +44,25 @@ VERL_REWARD_PATH = "pkg://tagfer.integrations.verl"
 
 
 def model_family(cfg: TrainConfig) -> Family:
-    """The family of ``cfg.model`` (``model.family``, else the local ``config.json``, else the hub id's name)."""
-    return family_for(cfg.model.name_or_path, cfg.model.family)
+    """The family of the model (``model_family``, else the local ``config.json``, else the hub id's name)."""
+    return family_for(cfg.model_name_or_path, cfg.model_family)
 
 
 def _model_config(cfg: TrainConfig) -> dict[str, Any] | None:
-    p = Path(cfg.model.name_or_path) / "config.json"
+    p = Path(cfg.model_name_or_path) / "config.json"
     return json.loads(p.read_text()) if p.is_file() else None
 
 
 def _bf16(cfg: TrainConfig) -> bool:
-    return cfg.optim.bf16 != "false"
+    """bf16 unless the config turned it off (unset = on when supported: the target is a GPU machine)."""
+    return config_dict(cfg).get("bf16", True) is not False
 
 
 def default_export_names(cfg: TrainConfig, export_dir: str = "tag_export") -> dict[str, str]:
     """Names/paths of the data exporter's files matching ``cfg`` (``llamafactory_dataset``,
     ``llamafactory_dir``, ``verl_train``)."""
-    sources = list(cfg.data.sources)
-    name = "tag_sft_nobbox" if cfg.data.no_bbox else (f"tag_sft_{sources[0]}" if len(sources) == 1 else "tag_sft")
+    sources = list(cfg.sources)
+    name = "tag_sft_nobbox" if cfg.no_bbox else (f"tag_sft_{sources[0]}" if len(sources) == 1 else "tag_sft")
     verl = f"{export_dir}/verl/{sources[0]}.parquet" if len(sources) == 1 else f"{export_dir}/verl/train.parquet"
     return {"llamafactory_dataset": name, "llamafactory_dir": f"{export_dir}/llamafactory", "verl_train": verl}
 
@@ -77,60 +77,62 @@ def llamafactory_config(cfg: TrainConfig, dataset: str = "tag_sft", dataset_dir:
     fam = model_family(cfg)
     if not fam.llamafactory_template:
         raise ValueError(f"LLaMA-Factory has no template for the {fam.name} family; train it with tagfer train sft")
-    o, lo, s = cfg.optim, cfg.lora, cfg.sft
-    min_px, max_px = ImagePolicy.of(cfg.model).bounds
+    o = cfg
+    min_px, max_px = ImagePolicy.of(cfg).bounds
     out: dict[str, Any] = {
-        "model_name_or_path": cfg.model.name_or_path,
+        "model_name_or_path": cfg.model_name_or_path,
         # the export holds images already resized by the policy: these bounds leave them as they are
         "image_min_pixels": min_px,
         "image_max_pixels": max_px,
         "trust_remote_code": True,
         "stage": "sft",
         "do_train": True,
-        "finetuning_type": "lora" if lo.enabled else "full",
+        "finetuning_type": "lora" if cfg.use_peft else "full",
         "freeze_vision_tower": True,
-        "freeze_multi_modal_projector": not lo.train_projector,
+        "freeze_multi_modal_projector": not cfg.train_projector,
         "freeze_language_model": False,
         "dataset": dataset,
         "dataset_dir": dataset_dir,
         "template": fam.llamafactory_template,
-        "cutoff_len": s.max_length,
+        "cutoff_len": cfg.max_length,
         "overwrite_cache": True,
         "preprocessing_num_workers": 16,
         "output_dir": str(Path(cfg.output_dir) / "llamafactory"),
-        "logging_steps": cfg.log.logging_steps,
-        "save_steps": o.save_steps,
+        "logging_steps": int(cfg.logging_steps),
+        "save_steps": int(o.save_steps),
         "plot_loss": True,
-        "per_device_train_batch_size": o.batch_size,
-        "gradient_accumulation_steps": o.grad_accum,
+        "per_device_train_batch_size": o.per_device_train_batch_size,
+        "gradient_accumulation_steps": o.gradient_accumulation_steps,
         "learning_rate": o.learning_rate,
-        "num_train_epochs": o.epochs,
-        "lr_scheduler_type": o.lr_scheduler,
-        "warmup_ratio": o.warmup_ratio,
+        "num_train_epochs": o.num_train_epochs,
+        "lr_scheduler_type": getattr(o.lr_scheduler_type, "value", o.lr_scheduler_type),
+        "warmup_ratio": o.warmup_steps,  # tagfer's warmup_steps is a fraction (< 1)
         "weight_decay": o.weight_decay,
         "max_grad_norm": o.max_grad_norm,
         "bf16": _bf16(cfg),
         "ddp_timeout": 180000000,
         "seed": o.seed,
     }
-    if lo.enabled:
+    if cfg.use_peft:
         # LLaMA-Factory's "all" = every linear layer of the language model (the vision tower is frozen above).
-        out.update({"lora_rank": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout, "lora_target": "all"})
-        if lo.train_projector:  # with LoRA, LLaMA-Factory trains the projector only as an additional target
+        out.update({"lora_rank": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+                    "lora_target": "all"})
+        if cfg.train_projector:  # with LoRA, LLaMA-Factory trains the projector only as an additional target
             out["additional_target"] = ",".join(fam.projector_names(_model_config(cfg)))
-    if deepspeed or o.deepspeed:
-        out["deepspeed"] = deepspeed_config_path(deepspeed or o.deepspeed)
+    if deepspeed or cfg.deepspeed:
+        out["deepspeed"] = deepspeed_config_path(deepspeed or cfg.deepspeed)
     return out
 
 
 def verl_config(cfg: TrainConfig, train_files: str = "data/tag/verl/train.parquet",
                 val_files: str | None = None, n_gpus: int = 4, nnodes: int = 1) -> dict[str, Any]:
     """verl GRPO config (nested dict, Hydra keys) equivalent to ``cfg``, with TAG's reward."""
-    o, g, lo = cfg.optim, cfg.grpo, cfg.lora
-    prompts_per_step = max(1, (o.batch_size * o.grad_accum * n_gpus * nnodes) // g.num_generations)
-    model_path = cfg.model.name_or_path
-    if cfg.model.adapter:
-        model_path = str(Path(cfg.model.adapter).parent / "merged")  # merge the SFT adapter first
+    o = g = cfg
+    prompts_per_step = max(1, (o.per_device_train_batch_size * o.gradient_accumulation_steps * n_gpus * nnodes)
+                           // g.num_generations)
+    model_path = cfg.model_name_or_path
+    if cfg.adapter:
+        model_path = str(Path(cfg.adapter).parent / "merged")  # merge the SFT adapter first
     return {
         "algorithm": {"adv_estimator": "grpo", "use_kl_in_reward": False, "norm_adv_by_std_in_grpo": g.scale_rewards != "none"},
         "data": {
@@ -148,20 +150,20 @@ def verl_config(cfg: TrainConfig, train_files: str = "data/tag/verl/train.parque
         "actor_rollout_ref": {
             "model": {
                 "path": model_path,
-                "lora_rank": lo.r if lo.enabled else 0,
-                "lora_alpha": lo.alpha,
+                "lora_rank": cfg.lora_r if cfg.use_peft else 0,
+                "lora_alpha": cfg.lora_alpha,
                 "target_modules": "all-linear",
                 "exclude_modules": model_family(cfg).vision_exclude_regex(),
-                "enable_gradient_checkpointing": o.gradient_checkpointing,
+                "enable_gradient_checkpointing": bool(o.activation_checkpointing),
                 "use_remove_padding": True,
             },
             "actor": {
                 "optim": {"lr": o.learning_rate, "weight_decay": o.weight_decay,
-                          "lr_warmup_steps_ratio": o.warmup_ratio},
+                          "lr_warmup_steps_ratio": o.warmup_steps},
                 "grad_clip": o.max_grad_norm,
                 "clip_ratio": g.epsilon,
                 "ppo_mini_batch_size": prompts_per_step,
-                "ppo_micro_batch_size_per_gpu": max(1, o.batch_size // 2),
+                "ppo_micro_batch_size_per_gpu": max(1, o.per_device_train_batch_size // 2),
                 "use_kl_loss": g.beta > 0,
                 "kl_loss_coef": g.beta,
                 "kl_loss_type": "low_var_kl",
@@ -186,13 +188,13 @@ def verl_config(cfg: TrainConfig, train_files: str = "data/tag/verl/train.parque
         },
         "reward": {"custom_reward_function": {"path": VERL_REWARD_PATH, "name": "compute_score"}},
         "trainer": {
-            "total_epochs": int(o.epochs) if o.epochs == int(o.epochs) else o.epochs,
+            "total_epochs": int(o.num_train_epochs) if o.num_train_epochs == int(o.num_train_epochs) else o.num_train_epochs,
             "n_gpus_per_node": n_gpus,
             "nnodes": nnodes,
             "project_name": "tagfer",
             "experiment_name": Path(cfg.output_dir).name,
             "default_local_dir": str(Path(cfg.output_dir) / "verl"),
-            "save_freq": o.save_steps,
+            "save_freq": int(o.save_steps),
             "test_freq": -1,
             "logger": ["console"],
         },
@@ -208,6 +210,8 @@ def verl_reward_overrides(cfg: TrainConfig) -> list[str]:
         v = getattr(cfg.reward, f.name)
         if v != getattr(default, f.name):
             out.append(f"+reward.custom_reward_function.reward_kwargs.{f.name}={_hydra_value(v)}")
+    if getattr(cfg, "au_f1_reference", "activated") != "activated":  # compute_score's own keyword
+        out.append(f"+reward.custom_reward_function.reward_kwargs.f1_reference={cfg.au_f1_reference}")
     return out
 
 

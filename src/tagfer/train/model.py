@@ -1,7 +1,7 @@
 """Model preparation for training: base resolution, loading (via :mod:`tagfer.models.vlm`), LoRA, freezing.
 
 The module layout comes from the model's family (:mod:`tagfer.models.families`, detected from the
-config's ``model_type`` or set by ``model.family``):
+config's ``model_type`` or set by ``model_family``):
 
 * LoRA goes on the language model only: the target pattern is anchored on the family's
   decoder layers (``language_model.layers.N.(self_attn|mlp).<proj>``) because vision blocks
