@@ -574,3 +574,24 @@ def test_facs_backend_writes_from_a_grounded_face_without_detecting(astronaut_pa
     assert out[0].info["evidence_aus"] == list(ex.evidence_aus)
     assert det.calls == 1  # only the request without a face was detected
     assert out[3].error["kind"] == "no_image" and out[3].text is None
+
+
+def test_call_lock_serialises_a_backend_that_is_not_thread_safe():
+    """Analyzers sharing one backend hold call_lock around generate: one lock per backend object
+    (the same for every caller), none for a thread-safe backend."""
+    from tagfer.models.backends import call_lock
+
+    class Plain:
+        thread_safe = False
+
+    class Unhashable(Plain):
+        __hash__ = None
+
+    a, b, u = Plain(), Plain(), Unhashable()
+    assert call_lock(a) is call_lock(a) and call_lock(a) is not call_lock(b)
+    assert call_lock(u) is call_lock(u)
+    with call_lock(a):
+        assert not call_lock(a).acquire(blocking=False)  # a second caller would wait
+    safe = types.SimpleNamespace(thread_safe=True)
+    with call_lock(safe), call_lock(safe):  # nothing to wait for
+        pass

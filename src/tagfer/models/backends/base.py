@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from contextlib import AbstractContextManager
@@ -246,7 +247,8 @@ class _BackendBase:
         self.close()
 
 
-_LOCKS: dict[int, threading.Lock] = {}
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_ID_LOCKS: dict[int, threading.Lock] = {}  # backends that cannot be weak keys (unhashable, slots)
 _LOCKS_GUARD = threading.Lock()
 
 
@@ -256,7 +258,10 @@ def call_lock(backend: Any) -> AbstractContextManager[Any]:
     if getattr(backend, "thread_safe", False):
         return contextlib.nullcontext()
     with _LOCKS_GUARD:
-        return _LOCKS.setdefault(id(backend), threading.Lock())
+        try:
+            return _LOCKS.setdefault(backend, threading.Lock())
+        except TypeError:
+            return _ID_LOCKS.setdefault(id(backend), threading.Lock())
 
 
 async def agenerate_one(backend: Any, request: GenRequest, config: GenerationConfig, executor: Any = None) -> GenResult:
