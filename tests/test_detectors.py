@@ -2,8 +2,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tagfer.au.aus import AUConfig
-from tagfer.au.detectors import AUDetector, AUTable, DetectionError, DetectorSpec, MediaPipeAUDetector, TableAUDetector
+from fixtures_openface import astronaut_68, write_openface2, write_openface3  # noqa: F401 (fixture)
+from tagfer.au.aus import AUConfig, region_boxes_px
+from tagfer.au.detectors import (
+    DETECTORS,
+    AUDetector,
+    AUTable,
+    DetectionError,
+    DetectorSpec,
+    MediaPipeAUDetector,
+    TableAUDetector,
+)
+from tagfer.au.regions68 import GEOMETRY_MEDIAPIPE, GEOMETRY_OPENFACE, REGIONS_68, region_boxes_68
+from tagfer.core.canvas import CanvasTransform, iou
 from tagfer.core.imageio import load_image
 
 
@@ -100,10 +111,11 @@ def test_table_faces_matched_by_landmark_centre(tmp_path, landmarker, two_faces_
     centres = [((m.bbox[0] + m.bbox[2]) / 2, (m.bbox[1] + m.bbox[3]) / 2) for m in meshes]
     # Table lists the right face first; centres must still pair them correctly.
     csv = _openface_csv(tmp_path / "two_faces.csv", [{"r": {4: 5.0}}, {"r": {12: 5.0}}], with_landmarks=[centres[1], centres[0]])
-    det = TableAUDetector(AUTable.from_openface(csv), landmarker=landmarker)
+    det = TableAUDetector(AUTable.from_openface(csv), landmarker=landmarker, use_landmarks=False)
     left, right = det.detect(img, str(two_faces_path))
     assert left.score(12) == 1.0 and left.score(4) == 0.0
     assert right.score(4) == 1.0 and right.score(12) == 0.0
+    assert left.geometry == right.geometry == GEOMETRY_MEDIAPIPE and left.mesh.landmarks.shape[0] == 478
 
 
 def test_no_face_raises_detection_error(mp_detector, bad_inputs):
@@ -118,8 +130,10 @@ def test_spec_builds_and_closes(tmp_path):
         assert det.name == "mediapipe" and det.config.top_k == 2
     finally:
         det.close()
-    with pytest.raises(ValueError):
-        DetectorSpec(kind="graphau:x").build()
+    with pytest.raises(ValueError, match="did you mean 'openface'.*mediapipe.*table:CSV"):
+        DetectorSpec(kind="opnface:x.csv").build()
+    with pytest.raises(ValueError, match="no option 'geometri'.*aus, presence, geometry"):
+        DetectorSpec(kind="openface:x.csv?geometri=mediapipe").build()
 
 
 @pytest.mark.slow
@@ -152,4 +166,164 @@ def test_au_table_that_is_a_fifo_is_refused_unread(tmp_path):
     os.mkfifo(fifo)  # reading it would block forever
     for spec in (f"table:{fifo}", f"openface:{fifo}", f"openface:{tmp_path}"):
         with pytest.raises(ValueError, match="not a regular file"):
-            AUTable.from_spec(spec)
+            DetectorSpec(kind=spec).build()
+
+
+# ------------------------------------------------------------------ geometry from the table's own landmarks
+AU_R = {12: 4.0, 6: 3.0, 25: 2.5, 1: 0.5}
+
+
+def _canvas_boxes(lm, img, au, bilateral="union"):
+    tr = CanvasTransform(img.width, img.height)
+    return [tr.box_to_canvas(b) for b in region_boxes_68(lm, au, bilateral)]
+
+
+def test_openface2_landmarks_place_the_boxes_without_mediapipe(tmp_path, astronaut_path, astronaut_68, mp_detector):
+    csv = write_openface2(tmp_path / "astronaut.csv", [{"r": AU_R, "c": {12: 1, 6: 1, 25: 1}, "lm": astronaut_68}])
+    det = DetectorSpec(kind=f"openface:{csv}").build()
+    try:
+        img = load_image(astronaut_path)
+        (f,) = det.detect(img, str(astronaut_path))
+        assert det._lm is None  # MediaPipe never opened: an independent localiser
+    finally:
+        det.close()
+    assert det.geometry == f.geometry == GEOMETRY_OPENFACE == f.to_json()["geometry"]
+    assert f.detector == "openface" and f.mesh.source == "openface"
+    assert [a.au for a in f.active] == [12, 6, 25]
+    by_au = {a.au: a.box for a in f.aus}
+    for au in AU_R:
+        assert by_au[au] == _canvas_boxes(astronaut_68, img, au)[0]
+    # Independent of MediaPipe's regions, yet on the same parts of the face.
+    mp = {a.au: a.box for a in mp_detector.detect(img)[0].aus}
+    ious = [iou(by_au[au], mp[au]) for au in AU_R]
+    assert all(v > 0.2 for v in ious) and np.mean(ious) > 0.4, ious
+    assert sum(by_au[au] != mp[au] for au in AU_R) >= 3
+
+
+def test_geometry_option_mediapipe_keeps_the_mediapipe_regions(tmp_path, astronaut_path, astronaut_68, mp_detector):
+    csv = write_openface2(tmp_path / "astronaut.csv", [{"r": AU_R, "lm": astronaut_68}])
+    det = DetectorSpec(kind=f"openface:{csv}?geometry=mediapipe").build()
+    try:
+        img = load_image(astronaut_path)
+        (f,) = det.detect(img, str(astronaut_path))
+    finally:
+        det.close()
+    assert det.geometry == f.geometry == GEOMETRY_MEDIAPIPE
+    mp = {a.au: a.box for a in mp_detector.detect(img)[0].aus}
+    assert all(a.box == mp[a.au] for a in f.aus if a.au in mp) and set(AU_R) <= set(mp)
+
+
+def test_region_boxes_68_split_union_and_mirror(astronaut_68):
+    for au in REGIONS_68:
+        (u,) = region_boxes_68(astronaut_68, au, "union")
+        parts = region_boxes_68(astronaut_68, au, "split")
+        assert len(parts) == len(REGIONS_68[au].centres)
+        assert u == (min(p[0] for p in parts), min(p[1] for p in parts), max(p[2] for p in parts), max(p[3] for p in parts))
+    # A mirrored face gives mirrored boxes (side 0 and side 1 swap, offsets mirrored).
+    flip = [16 - i for i in range(17)] + [26 - i for i in range(10)] + [27, 28, 29, 30] + [35, 34, 33, 32, 31] + \
+        [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40] + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + \
+        [64, 63, 62, 61, 60, 67, 66, 65]
+    m = astronaut_68[flip] * np.array([-1.0, 1.0])
+    for au in (1, 6, 12, 14, 20):
+        a, b = region_boxes_68(astronaut_68, au, "split"), region_boxes_68(m, au, "split")
+        np.testing.assert_allclose(a[0], [-b[1][2], b[1][1], -b[1][0], b[1][3]], atol=1e-6)
+
+
+def test_openface3_csv_scores_presence_and_landmarks(tmp_path, astronaut_path, astronaut_68):
+    outs = [0.7, 0.1, 0.0, 0.55, -0.2, 0.9, 0.6, 0.3]  # AU 1, 2, 4, 6, 9, 12, 25, 26
+    d = tmp_path / "of3"
+    d.mkdir()
+    write_openface3(d / "face_analysis_astronaut.csv", str(astronaut_path), [{"au": outs, "lm": astronaut_68}])
+    write_openface3(d / "face_analysis_empty.csv", "/imgs/empty.jpg", [None])
+    table = AUTable.from_openface(d)
+    assert table.lookup("/imgs/empty.jpg") is None  # the no-face row is skipped
+    (tf,) = table.lookup(str(astronaut_path))
+    assert tf.scores == {1: 0.7, 2: 0.1, 4: 0.0, 6: 0.55, 9: 0.0, 12: 0.9, 25: 0.6, 26: 0.3}
+    assert [au for au, on in tf.active.items() if on] == [1, 6, 12, 25]
+    np.testing.assert_allclose(tf.landmarks, astronaut_68, atol=1e-3)  # 98 WFLW points → the 68 layout
+    assert table.geometry == GEOMETRY_OPENFACE
+    det = DetectorSpec(kind=f"openface:{d}").build()
+    img = load_image(astronaut_path)
+    (f,) = det.detect(img, str(astronaut_path))
+    det.close()
+    assert f.geometry == GEOMETRY_OPENFACE and [a.au for a in f.active] == [12, 1, 25, 6]
+    assert {a.au: a.box for a in f.aus}[12] == _canvas_boxes(astronaut_68, img, 12)[0]
+    # Another AU order and presence cut, given as spec options.
+    t2 = DETECTORS.create(f"openface:{d}?aus=1,2,4,5,6,9,12,15&presence=0.65", DetectorSpec()).table
+    (tf2,) = t2.lookup(str(astronaut_path))
+    assert tf2.scores[15] == 0.3 and 26 not in tf2.scores and [a for a, on in tf2.active.items() if on] == [1, 9]
+
+
+def test_openface3_without_landmarks_and_bad_rows(tmp_path, astronaut_path):
+    p = write_openface3(tmp_path / "a.csv", "x/a.jpg", [{"au": [0.9] * 8, "box": [10, 20, 50, 80, 0.9]}])
+    (tf,) = AUTable.from_openface(p).lookup("/data/x/a.jpg")
+    assert tf.landmarks is None and tf.center == (30.0, 50.0)
+    assert AUTable.from_openface(p).geometry == GEOMETRY_MEDIAPIPE
+    bad = write_openface3(tmp_path / "b.csv", "b.jpg", [{"au": [0.5] * 6}])
+    with pytest.raises(ValueError, match="b.csv:2.*6 AU outputs for 8 AUs.*aus="):
+        AUTable.from_openface(bad)
+    bad.write_text(bad.read_text().replace("[[0.5", "[[oops"))
+    with pytest.raises(ValueError, match="b.csv:2: malformed OpenFace 3.0 row"):
+        AUTable.from_openface(bad)
+
+
+def test_degenerate_openface2_landmarks_fall_back_to_mediapipe(tmp_path):
+    p = write_openface2(tmp_path / "z.csv", [{"r": {12: 5}, "lm": np.zeros((68, 2))}])
+    (tf,) = AUTable.from_openface(p).lookup("z.jpg")
+    assert tf.landmarks is None and tf.center == (0.0, 0.0)  # all points at one spot: no usable geometry
+
+
+# ------------------------------------------------------------------ a detector added from outside the package
+PLUGIN = '''
+from tagfer.au.aus import ground_face
+from tagfer.au.detectors import DETECTORS, MediaPipeAUDetector
+from tagfer.core.canvas import CanvasTransform
+
+
+class ConstAU(MediaPipeAUDetector):
+    """Fixed AU scores on every face MediaPipe finds (stands in for GraphAU, OpenFace-3 ...)."""
+
+    name = "constau"
+
+    def __init__(self, scores, config, landmarker):
+        super().__init__(config, landmarker=landmarker, own_landmarker=True)
+        self.scores = scores
+
+    def detect(self, image, key=None):
+        tr = CanvasTransform(image.width, image.height, canvas=self.config.canvas)
+        return [ground_face(m, tr, self.config, scores=self.scores, detector=self.name) for m in self.meshes(image)]
+
+
+@DETECTORS.register("constau", usage="constau:AU=SCORE[,AU=SCORE...][?scale=X]")
+def build(target, spec, scale="1"):
+    pairs = (p.split("=") for p in target.split(","))
+    return ConstAU({int(k): float(v) * float(scale) for k, v in pairs}, spec.config, spec.landmarker())
+'''
+
+
+def test_user_detector_plugin_through_the_cli(tmp_path, monkeypatch, astronaut_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    plugin = tmp_path / "my_aus.py"
+    plugin.write_text(PLUGIN)
+    monkeypatch.setenv("TAGFER_PLUGINS", str(plugin))
+    out = tmp_path / "au.jsonl"
+    try:
+        r = CliRunner().invoke(app, ["au", str(astronaut_path), "--out", str(out), "--no-progress",
+                                     "--detector", "constau:12=0.45,4=0.2?scale=2"])
+        assert r.exit_code == 0, r.output
+        rec = json.loads(out.read_text().splitlines()[0])
+        (face,) = rec["faces"]
+        assert rec["detector"] == face["detector"] == "constau"
+        assert {a["au"]: a["score"] for a in face["aus"]} == {12: 0.9, 4: 0.4}
+        assert face["active"] == [12, 4] and face["geometry"] == GEOMETRY_MEDIAPIPE
+        assert "constau" in DETECTORS.list()
+        r = CliRunner().invoke(app, ["au", str(astronaut_path), "--out", str(tmp_path / "b.jsonl"),
+                                     "--detector", "constau:12=1?scael=2"])
+        assert r.exit_code == 2 and "no option 'scael'" in r.output
+    finally:
+        DETECTORS.unregister("constau")

@@ -40,10 +40,46 @@ def test_lookup_by_name_and_model_type():
     assert get_family("qwen2_5_vl") is FAMILIES["qwen2_5_vl"]
     assert family_of({"model_type": "gemma3"}).name == "gemma3"
     assert family_of({"model_type": "qwen3_vl"}).projector == ("merger", "deepstack_merger_list")
-    with pytest.raises(UnknownFamily, match="known: qwen2_5_vl"):
+    with pytest.raises(UnknownFamily, match="valid kinds: gemma3, llava_onevision, qwen2_5_vl"):
         get_family("llama4")
     with pytest.raises(UnknownFamily):
         family_of({})
+
+
+def test_family_registry_register_and_resolve(tmp_path):
+    """A new family is one call; its model types resolve to it; hub ids and folders find their family."""
+    import dataclasses
+
+    from tagfer.models.families import family_for, register_family
+
+    mine = dataclasses.replace(get_family("gemma3"), name="mygemma", model_types=("mygemma", "mygemma_text"))
+    try:
+        assert register_family(mine) is mine
+        assert get_family("mygemma_text") is mine and family_of({"model_type": "mygemma"}) is mine
+        assert "mygemma" in FAMILIES.list() and "mygemma_text" not in FAMILIES.list()
+    finally:
+        FAMILIES.unregister("mygemma")
+    with pytest.raises(UnknownFamily, match="did you mean 'qwen2_5_vl'"):
+        get_family("qwen2_5vl")
+    assert family_for("Qwen/Qwen2.5-VL-7B-Instruct").name == "qwen2_5_vl"
+    assert family_for("Qwen/Qwen2-VL-2B-Instruct").name == "qwen2_vl"
+    assert family_for("llava-hf/llava-onevision-qwen2-7b-ov-hf").name == "llava_onevision"
+    assert family_for("anything", family="gemma3").name == "gemma3"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
+    assert family_for(str(tmp_path)).name == "qwen3_vl"
+
+
+def test_families_does_not_import_vlm():
+    """families ↔ vlm was an import cycle: families now imports only the registry (vlm imports families)."""
+    import ast
+    import inspect
+
+    import tagfer.models.families as fam_mod
+
+    tree = ast.parse(inspect.getsource(fam_mod))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in imported if m and m.startswith("tagfer")} == {"tagfer.core.registry"}
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))

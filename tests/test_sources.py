@@ -184,6 +184,9 @@ def test_open_source_specs(rafdb_root, ferplus_root, affectnet_root, generic_csv
     assert parse_source_spec("C:\\data\\x.csv")[0] == "generic"
     with pytest.raises(ValueError):
         parse_source_spec("rafdb:")
+    assert parse_source_spec("generic:/d/x.csv?source=my%20data") == ("generic", "/d/x.csv", {"source": "my data"})
+    with pytest.raises(ValueError, match="did you mean 'rafdb'.*ferplus:DIR"):
+        parse_source_spec("rafbd:/data/RAF-DB")  # a typo is an error, not a generic path called 'rafbd:/...'
     assert labels(open_source(f"rafdb:{rafdb_root}", split="test")) == RAFDB_EXPECTED["test"]
     assert labels(open_source(f"ferplus:{ferplus_root}?ties=first", split="test")) == ["happiness", "anger", "neutral", "surprise"]
     assert labels(open_source(f"affectnet:{affectnet_root}", split="test")) == AFFECTNET_EXPECTED["test"]
@@ -239,3 +242,46 @@ def test_pixels_row_with_bad_length_is_excluded(tmp_path):
     (d / "fer2013.csv").write_text("emotion,pixels,Usage\n3," + " ".join(map(str, arr)) + ",Training\n")
     (rec,) = list(read_ferplus(d, "train"))
     assert np.array_equal(load_image(rec.image).rgb[..., 0].reshape(-1), arr.astype(np.uint8))
+
+
+PLUGIN = """
+from tagfer.core.labels import normalize_label
+from tagfer.data.sources import READERS, SourceRecord, _emit
+
+
+@READERS.register("tinyset", aliases=("tiny",), usage="tinyset:LIST[?fold=N]")
+def read_tinyset(path, split="train", *, stats=None, include_excluded=False, fold="0"):
+    with open(path) as fh:
+        for i, line in enumerate(fh):
+            name, label, line_split = line.split()
+            if line_split != split or i % 2 != int(fold) % 2:
+                continue
+            lab = normalize_label(label)
+            rec = SourceRecord(id=f"tinyset/{name}", source="tinyset", split=split, original_label=label,
+                               label=lab if lab is not None else "excluded", image_path=name)
+            if _emit(rec, stats, include_excluded) is not None:
+                yield rec
+"""
+
+
+def test_user_reader_plugin_one_decorator(tmp_path, monkeypatch):
+    """A dataset reader defined outside the package, found through $TAGFER_PLUGINS by the public API."""
+    from tagfer.data.sources import READERS, source_kinds
+
+    plugin = tmp_path / "tiny_reader.py"
+    plugin.write_text(PLUGIN)
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.jpg happy test\nb.jpg sad test\nc.jpg angry test\nd.jpg contempt test\ne.jpg fear train\n")
+    monkeypatch.setenv("TAGFER_PLUGINS", str(plugin))
+    try:
+        stats = SourceStats()
+        recs = list(open_source(f"tiny:{listing}?fold=0", split="test", stats=stats))
+        assert [(r.id, r.label) for r in recs] == [("tinyset/a.jpg", "happiness"), ("tinyset/c.jpg", "anger")]
+        assert [r.label for r in open_source(f"tinyset:{listing}", split="test", fold=1, include_excluded=True)] == [
+            "sadness", "excluded"]  # keyword options override spec options
+        assert stats.yielded == 2 and "tinyset" in source_kinds()
+        with pytest.raises(ValueError, match="no option 'folds'.*fold"):
+            list(open_source(f"tinyset:{listing}?folds=1", split="test"))
+    finally:
+        READERS.unregister("tinyset")
+    assert "tiny" not in READERS

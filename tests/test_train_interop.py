@@ -227,3 +227,45 @@ def test_smart_resize_matches_transformers():
         assert smart_resize(h, w, 28, *bounds) == tuple(hf_smart_resize(h, w, 28, *bounds))
 
     check()
+
+
+def test_interop_reads_the_family_registry(tmp_path):
+    """Template, additional_target and verl's exclusion come from the model's family, not from Qwen defaults."""
+    from tagfer.train.interop import llamafactory_config, model_family, verl_config
+
+    qwen = load_config("sft_tag310k")  # Qwen/Qwen2.5-VL-7B-Instruct: family told by the hub id
+    assert model_family(qwen).name == "qwen2_5_vl"
+    lf = llamafactory_config(qwen)
+    assert (lf["template"], lf["additional_target"]) == ("qwen2_vl", "merger")
+    assert verl_config(load_config("grpo_rafdb"))["actor_rollout_ref"]["model"]["exclude_modules"] == ".*visual.*"
+
+    gemma = load_config("sft_tag310k", ["model.name_or_path=google/gemma-3-4b-it"])
+    lf = llamafactory_config(gemma)
+    assert (lf["template"], lf["additional_target"]) == ("gemma3", "multi_modal_projector")
+    ex = verl_config(load_config("grpo_rafdb", ["model.family=gemma3"]))["actor_rollout_ref"]["model"]["exclude_modules"]
+    import re
+
+    rx = re.compile(ex)
+    assert rx.fullmatch("model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
+    assert rx.fullmatch("model.multi_modal_projector.mm_input_projection_weight")
+    assert not rx.fullmatch("model.language_model.layers.1.mlp.down_proj")
+
+    # A local Qwen3-VL folder: the family and the number of DeepStack projectors come from its config.json.
+    d = tmp_path / "qwen3vl"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "vision_config": {"deepstack_visual_indexes": [3, 6]}}))
+    lf = llamafactory_config(load_config("sft_tag310k", [f"model.name_or_path={d}"]))
+    assert lf["template"] == "qwen3_vl"
+    assert lf["additional_target"] == "merger,deepstack_merger_list.0,deepstack_merger_list.1"
+
+    ov = load_config("sft_tag310k", ["model.family=llava_onevision"])
+    with pytest.raises(ValueError, match="no template for the llava_onevision family"):
+        llamafactory_config(ov)
+
+
+def test_unknown_model_family_is_a_clear_error():
+    from tagfer.models.families import UnknownFamily
+    from tagfer.train.interop import verl_config
+
+    with pytest.raises(UnknownFamily, match="cannot tell the model family of 'org/mystery-vlm'.*model.family"):
+        verl_config(load_config("grpo_rafdb", ["model.name_or_path=org/mystery-vlm"]))

@@ -280,6 +280,7 @@ class FaceAUs:
         {"bbox": [x1, y1, x2, y2],            # image pixels
          "bbox_canvas": [x1, y1, x2, y2],     # canvas ints
          "head_pose": {...}, "source": "...", "blendshapes": {...},
+         "detector": "mediapipe", "geometry": "mediapipe-regions",   # what placed the boxes
          "aus": [AUDetection, ...],           # every scored AU, score-descending
          "active": [12, 10, ...],             # active AU numbers, score-descending
          "top": [12, 10, 6],                  # the candidate pool (top_k, score ≥ candidate_threshold)
@@ -293,6 +294,9 @@ class FaceAUs:
     top_k: int = TOP_K
     detector: str = "mediapipe"
     candidate_threshold: float = 0.0
+    #: which landmarks placed the AU boxes: ``"mediapipe-regions"`` (the 478-point mesh) or
+    #: ``"openface-landmarks"`` (an AU table's own 68 points, :mod:`tagfer.au.regions68`)
+    geometry: str = "mediapipe-regions"
 
     @property
     def active(self) -> list[AUDetection]:
@@ -319,7 +323,7 @@ class FaceAUs:
         return 0.0
 
     def to_json(self, landmarks: bool = False) -> dict:
-        out: dict = {"detector": self.detector}
+        out: dict = {"detector": self.detector, "geometry": self.geometry}
         if self.mesh is not None:
             out.update(self.mesh.to_json(landmarks=landmarks))
         out.update(

@@ -1,52 +1,81 @@
 """Pluggable AU detectors: anything that turns an image into :class:`~tagfer.au.aus.FaceAUs` records.
 
-A detector implements :class:`AUDetector` (``name``, ``detect(image, key)``,
-``close()``). Shipped:
+A detector implements :class:`AUDetector` (``name``, ``detect(image, key)``, ``close()``) and is
+named by a spec ``KIND[:TARGET][?key=value&...]`` of the registry :data:`DETECTORS`
+(:class:`tagfer.core.registry.Registry`). Shipped kinds:
 
-* :class:`MediaPipeAUDetector` (default, ``"mediapipe"``): FaceLandmarker
-  landmarks + blendshapes → AU scores (:func:`tagfer.au.aus.au_scores`).
-* :class:`TableAUDetector` (``"openface:PATH"``, ``"table:PATH"``): AU scores
-  precomputed by another tool (GraphAU, OpenFace, LibreFace …) read from a
-  table; MediaPipe still supplies the landmarks so the AUs get boxes from the
-  same regions. This is also the independent detector of the cross-detector
-  evaluation.
+* ``mediapipe`` (default, :class:`MediaPipeAUDetector`): FaceLandmarker landmarks + blendshapes
+  → AU scores (:func:`tagfer.au.aus.au_scores`) and boxes on the 478-point mesh.
+* ``openface:CSV|DIR`` and ``table:CSV`` (:class:`TableAUDetector`): AU scores precomputed by
+  another tool (OpenFace 2.x / 3.0, GraphAU, LibreFace …) read from a table. This is also the
+  independent detector of the cross-detector evaluation.
+
+Adding a detector is one decorator; the builder gets the spec's target, the
+:class:`DetectorSpec` (config, landmarker settings, :meth:`DetectorSpec.table_detector`) and the
+``?key=value`` options::
+
+    from tagfer.au.detectors import DETECTORS, AUTable, TableFace
+
+    @DETECTORS.register("graphau", usage="graphau:CSV")
+    def graphau(target, spec, **options):
+        table = AUTable(source=f"graphau:{target}")
+        for key, scores in my_reader(target):
+            table.add(key, TableFace(scores))
+        return spec.table_detector(table)
+
+Box geometry (``FaceAUs.geometry``, :attr:`TableAUDetector.geometry`)
+---------------------------------------------------------------------
+A table face that carries its own landmarks (OpenFace 2.x ``x_0..x_67``/``y_0..y_67``, OpenFace
+3.0's 98 WFLW points) gets its AU boxes from them (:mod:`tagfer.au.regions68`,
+``"openface-landmarks"``): an AU localiser independent of MediaPipe, as the cross-detector
+evaluation intends. Without landmarks (or with ``?geometry=mediapipe``) MediaPipe supplies the
+landmarks and the AUs get the default detector's regions (``"mediapipe-regions"``).
 
 Table formats
 -------------
-OpenFace 2.x CSV (a file, or a directory of per-image CSVs as written by
-``FaceLandmarkImg``): columns ``AUxx_r`` (intensity 0–5, score = r/5) and/or
-``AUxx_c`` (presence 0/1; when present it decides ``active``). Header
-whitespace is ignored. Rows with ``success == 0`` are skipped. The image key
-is taken from a column named ``input``, ``image``, ``file``, ``filename``,
-``path`` or ``img`` if there is one, else from the CSV file's stem. Several
-rows for one image are several faces; with ``x_0..x_67`` landmark columns
-they are matched to MediaPipe faces by nearest centre, otherwise in row order
+OpenFace 2.x CSV (a file, or a directory of per-image CSVs as written by ``FaceLandmarkImg``):
+columns ``AUxx_r`` (intensity 0–5, score = r/5) and/or ``AUxx_c`` (presence 0/1; when present it
+decides ``active``). Header whitespace is ignored. Rows with ``success == 0`` are skipped.
+
+OpenFace 3.0 CSV (``openface detect``, one ``face_analysis_<stem>.csv`` per image): columns
+``image_path, face_id, face_detection, landmarks, emotion, gaze_yaw, gaze_pitch, action_units``,
+where ``landmarks`` is a list of 98 ``[x, y]`` (WFLW layout) and ``action_units`` a list of 8
+outputs. Their AUs are, in order, ``1, 2, 4, 6, 9, 12, 25, 26`` (the DISFA set, as OpenFace 3.0's
+own demo labels them; override with ``?aus=1,2,...``); an output is clipped to [0, 1] for the
+score and is present when ``≥ 0.5`` (``?presence=``). Rows without a face are skipped.
+
+For both, the image key is taken from a column named ``input``, ``image``, ``image_path``,
+``file``, ``filename``, ``path`` or ``img`` if there is one, else from the CSV file's stem.
+Several rows for one image are several faces; matched to MediaPipe faces (when MediaPipe places
+the boxes) by nearest centre when the rows have landmarks or a face box, otherwise in row order
 to faces sorted left to right.
 
-Long CSV: columns ``image, au, score`` (``au`` as ``AU12``, ``12`` or
-``AU12_r``; score in [0, 1]), optional ``face`` (0-based) and ``active``.
+Long CSV (``table:``): columns ``image, au, score`` (``au`` as ``AU12``, ``12`` or ``AU12_r``;
+score in [0, 1]), optional ``face`` (0-based) and ``active``.
 
-Keys match an image by absolute path, then by relative path suffix, then
-file name, then stem.
+Keys match an image by absolute path, then by relative path suffix, then file name, then stem.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 import stat
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
 from tagfer.au.aus import AUConfig, FaceAUs, au_number, ground_face
 from tagfer.au.faces import FaceLandmarker, FaceMesh
+from tagfer.au.regions68 import GEOMETRY_MEDIAPIPE, GEOMETRY_OPENFACE, ground_face_68, inner_eye_distance, wflw98_to_68
 from tagfer.core.canvas import CanvasTransform
 from tagfer.core.errors import ItemError
 from tagfer.core.imageio import LoadedImage
+from tagfer.core.registry import Registry
 
 
 class DetectionError(ItemError):
@@ -68,6 +97,7 @@ class MediaPipeAUDetector:
     """The default detector: MediaPipe blendshapes + landmark geometry → AU scores and boxes."""
 
     name = "mediapipe"
+    geometry = GEOMETRY_MEDIAPIPE
 
     def __init__(
         self, config: AUConfig = AUConfig(), landmarker: FaceLandmarker | None = None, *,
@@ -100,14 +130,22 @@ class MediaPipeAUDetector:
 
 
 # ----------------------------------------------------------------------------- AU tables
+#: OpenFace 3.0's eight AU outputs, in order (the DISFA set its demo labels them with).
+OPENFACE3_AUS: tuple[int, ...] = (1, 2, 4, 6, 9, 12, 25, 26)
+#: OpenFace 3.0 AU outputs at or above this count as present (its own evaluation's cut).
+OPENFACE3_PRESENCE = 0.5
+
+
 @dataclass
 class TableFace:
     """AU scores of one face from a table: ``scores`` {au: score}, ``active`` {au: bool} (may be empty),
-    ``center`` (x, y) image pixels if the table had landmarks."""
+    ``center`` (x, y) image pixels if the table had landmarks or a face box, ``landmarks`` the
+    face's own 68 points (68×2 image pixels, :mod:`tagfer.au.regions68` layout) if it had them."""
 
     scores: dict[int, float]
     active: dict[int, bool] = field(default_factory=dict)
     center: tuple[float, float] | None = None
+    landmarks: np.ndarray | None = None
 
 
 class AUTable:
@@ -135,6 +173,13 @@ class AUTable:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def geometry(self) -> str:
+        """``"openface-landmarks"`` when every face has its own landmarks, ``"mediapipe-regions"`` when
+        none has, ``"mixed"`` otherwise (then each face record says which it got)."""
+        have = {f.landmarks is not None for faces in self.rows.values() for f in faces}
+        return "mixed" if len(have) > 1 else GEOMETRY_OPENFACE if have == {True} else GEOMETRY_MEDIAPIPE
+
     def lookup(self, image_key: str) -> list[TableFace] | None:
         if image_key in self.rows:
             return self.rows[image_key]
@@ -156,14 +201,18 @@ class AUTable:
 
     # -- readers ---------------------------------------------------------------------
     @classmethod
-    def from_openface(cls, path: str | os.PathLike) -> "AUTable":
+    def from_openface(cls, path: str | os.PathLike, aus: str | tuple[int, ...] | None = None,
+                      presence: float = OPENFACE3_PRESENCE) -> "AUTable":
+        """OpenFace 2.x or 3.0 CSV(s) (a file or a folder, read recursively; the layout is told by the
+        header). ``aus``/``presence``: OpenFace 3.0's AU order and presence threshold."""
         p = Path(path)
         files = sorted(p.rglob("*.csv")) if p.is_dir() else [p]
         if not files:
             raise FileNotFoundError(f"no OpenFace CSV files under {p}")
+        order = _au_order(aus)
         table = cls(source=f"openface:{p}")
         for f in files:
-            for key, face in _read_openface_csv(f):
+            for key, face in _read_openface_csv(f, order, float(presence)):
                 table.add(key, face)
         return table
 
@@ -198,17 +247,15 @@ class AUTable:
             table.add(key, tf)
         return table
 
-    @classmethod
-    def from_spec(cls, spec: str) -> "AUTable":
-        kind, _, path = spec.partition(":")
-        if kind == "openface":
-            return cls.from_openface(path)
-        if kind == "table":
-            return cls.from_long_csv(path)
-        raise ValueError(f"unknown AU table spec {spec!r}; use openface:PATH or table:PATH")
+
+_KEY_COLUMNS = ("input", "image", "image_path", "file", "filename", "path", "img")
 
 
-_KEY_COLUMNS = ("input", "image", "file", "filename", "path", "img")
+def _au_order(aus: str | tuple[int, ...] | list[int] | None) -> tuple[int, ...]:
+    if aus is None or aus == "":
+        return OPENFACE3_AUS
+    items = aus.replace(";", ",").split(",") if isinstance(aus, str) else list(aus)
+    return tuple(au_number(a) for a in items if str(a).strip())
 
 
 def _regular_file(path: Path) -> Path:
@@ -219,12 +266,24 @@ def _regular_file(path: Path) -> Path:
     return path
 
 
-def _read_openface_csv(path: Path) -> Iterator[tuple[str, TableFace]]:
+def _own_landmarks(lm: np.ndarray) -> np.ndarray | None:
+    """68 landmarks if they are usable (finite, eyes apart), else None (MediaPipe places the boxes)."""
+    if lm.shape != (68, 2) or not np.all(np.isfinite(lm)):
+        return None
+    d = inner_eye_distance(lm)
+    return lm if math.isfinite(d) and d > 1e-6 else None
+
+
+def _read_openface_csv(path: Path, aus3: tuple[int, ...] = OPENFACE3_AUS,
+                       presence: float = OPENFACE3_PRESENCE) -> Iterator[tuple[str, TableFace]]:
     with open(_regular_file(path), newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         try:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
+            return
+        if "action_units" in header:
+            yield from _openface3_rows(path, reader, header, aus3, presence)
             return
         idx = {h: i for i, h in enumerate(header)}
         r_cols = {au_number(h): idx[h] for h in header if h.upper().startswith("AU") and h.endswith("_r")}
@@ -249,34 +308,101 @@ def _read_openface_csv(path: Path) -> Iterator[tuple[str, TableFace]]:
                     c = float(row[i]) >= 0.5
                     active[au] = c
                     scores.setdefault(au, float(c))
-                center = None
+                center = landmarks = None
                 if len(xs) == 68 and len(ys) == 68:
-                    center = (float(np.mean([float(row[i]) for i in xs])), float(np.mean([float(row[i]) for i in ys])))
+                    lm = np.array([[float(row[i]), float(row[j])] for i, j in zip(xs, ys)])
+                    center = (float(lm[:, 0].mean()), float(lm[:, 1].mean()))
+                    landmarks = _own_landmarks(lm)
             except (ValueError, IndexError) as e:
                 raise ValueError(f"{path}:{lineno}: malformed OpenFace row: {e}") from e
             key = row[key_col].strip() if key_col is not None else path.stem
-            yield key, TableFace(scores=scores, active=active, center=center)
+            yield key, TableFace(scores=scores, active=active, center=center, landmarks=landmarks)
+
+
+def _openface3_rows(path: Path, reader: Any, header: list[str], aus: tuple[int, ...],
+                    presence: float) -> Iterator[tuple[str, TableFace]]:
+    """OpenFace 3.0 rows: list-valued cells (``landmarks``, ``action_units``, ``face_detection``)."""
+    idx = {h: i for i, h in enumerate(header)}
+    key_col = next((idx[c] for c in header if c.lower() in _KEY_COLUMNS), None)
+
+    def cell(row: list[str], name: str) -> Any:
+        i = idx.get(name)
+        text = row[i].strip() if i is not None and i < len(row) else ""
+        return None if text in ("", "None", "nan", "NaN") else json.loads(text)
+
+    for lineno, row in enumerate(reader, 2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        try:
+            out = cell(row, "action_units")
+            if out is None:  # no face in this image
+                continue
+            vals = np.asarray(out, dtype=np.float64).reshape(-1)
+            if len(vals) != len(aus):
+                raise ValueError(f"{len(vals)} AU outputs for {len(aus)} AUs {list(aus)} (set ?aus= to the model's AU order)")
+            scores = {au: float(min(1.0, max(0.0, v))) for au, v in zip(aus, vals)}
+            active = {au: bool(v >= presence) for au, v in zip(aus, vals)}
+            center = landmarks = None
+            pts = cell(row, "landmarks")
+            if pts is not None:
+                lm = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+                lm = wflw98_to_68(lm) if len(lm) == 98 else lm
+                center = (float(lm[:, 0].mean()), float(lm[:, 1].mean()))
+                landmarks = _own_landmarks(lm)
+            box = cell(row, "face_detection")
+            if center is None and box is not None and len(box) >= 4:
+                center = ((float(box[0]) + float(box[2])) / 2, (float(box[1]) + float(box[3])) / 2)
+        except (ValueError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}:{lineno}: malformed OpenFace 3.0 row: {e}") from e
+        key = row[key_col].strip() if key_col is not None else path.stem
+        yield key, TableFace(scores=scores, active=active, center=center, landmarks=landmarks)
 
 
 class TableAUDetector(MediaPipeAUDetector):
-    """AU scores from an :class:`AUTable`; landmarks (hence boxes) from MediaPipe."""
+    """AU scores from an :class:`AUTable`. Boxes from the table's own landmarks when a face has them
+    (``use_landmarks``, the default), else from MediaPipe's regions; MediaPipe is opened only when
+    needed (``landmarker`` or ``landmarker_factory``, else a default :class:`FaceLandmarker`)."""
 
-    def __init__(self, table: AUTable, config: AUConfig = AUConfig(), landmarker: FaceLandmarker | None = None, **kw):
-        super().__init__(config, landmarker, **kw)
+    def __init__(self, table: AUTable, config: AUConfig = AUConfig(), landmarker: FaceLandmarker | None = None, *,
+                 own_landmarker: bool | None = None, use_landmarks: bool = True,
+                 landmarker_factory: Callable[[], FaceLandmarker] | None = None, **landmarker_kwargs):
+        self.config = config
         self.table = table
         self.name = table.source.split(":", 1)[0]
+        self.use_landmarks = use_landmarks
+        self._lm = landmarker
+        self._own = landmarker is None if own_landmarker is None else own_landmarker
+        self._factory = landmarker_factory or (lambda: FaceLandmarker(**landmarker_kwargs))
+
+    @property
+    def landmarker(self) -> FaceLandmarker:  # type: ignore[override]
+        if self._lm is None:
+            self._lm = self._factory()
+        return self._lm
+
+    @property
+    def geometry(self) -> str:  # type: ignore[override]
+        """What places this detector's boxes: ``"openface-landmarks"``, ``"mediapipe-regions"`` or
+        ``"mixed"`` (some table faces have landmarks; each face record says which it got)."""
+        return self.table.geometry if self.use_landmarks else GEOMETRY_MEDIAPIPE
 
     def detect(self, image: LoadedImage, key: str | None = None) -> list[FaceAUs]:
         rows = self.table.lookup(key or image.source)
         if rows is None:
             raise DetectionError("not_in_table", f"{key or image.source} has no row in {self.table.source}")
-        meshes = self.meshes(image)
         tr = CanvasTransform(image.width, image.height, canvas=self.config.canvas)
-        out = []
-        for mesh, tf in _match_faces(meshes, rows):
-            out.append(ground_face(mesh, tr, self.config, scores=tf.scores, active=tf.active or None, detector=self.name))
+        if self.use_landmarks and all(r.landmarks is not None for r in rows):
+            out = [ground_face_68(r.landmarks, tr, self.config, r.scores, r.active or None, detector=self.name,
+                                  source=self.name) for r in rows]
+        else:
+            out = [ground_face(mesh, tr, self.config, scores=tf.scores, active=tf.active or None, detector=self.name)
+                   for mesh, tf in _match_faces(self.meshes(image), rows)]
         out.sort(key=lambda f: (f.mesh.bbox[0] + f.mesh.bbox[2]) / 2 if f.mesh else 0)
         return out
+
+    def close(self) -> None:
+        if self._own and self._lm is not None:
+            self._lm.close()
 
 
 def _match_faces(meshes: list[FaceMesh], rows: list[TableFace]) -> list[tuple[FaceMesh, TableFace]]:
@@ -294,12 +420,19 @@ def _match_faces(meshes: list[FaceMesh], rows: list[TableFace]) -> list[tuple[Fa
     return list(zip(meshes, rows))
 
 
-# ----------------------------------------------------------------------------- specs
+# ----------------------------------------------------------------------------- registry and specs
+#: The AU detector kinds: a builder ``build(target, spec: DetectorSpec, **options) -> AUDetector``
+#: per kind (see the module docstring for adding one).
+DETECTORS = Registry("AU detector", usage="KIND[:TARGET][?key=value&...]")
+
+
 @dataclass(frozen=True)
 class DetectorSpec:
     """A picklable description of a detector, built inside each worker process.
 
-    ``kind``: ``"mediapipe"`` or a table spec ``"openface:PATH"`` / ``"table:PATH"``.
+    ``kind``: a :data:`DETECTORS` spec — ``"mediapipe"``, ``"openface:PATH[?aus=..&geometry=mediapipe]"``,
+    ``"table:PATH"`` or a kind registered by the user. The other fields configure the AU
+    thresholds/canvas and the MediaPipe landmarker (when the detector uses one).
     """
 
     kind: str = "mediapipe"
@@ -308,9 +441,41 @@ class DetectorSpec:
     max_faces: int = 5
     fallback: str | None = None
 
+    def landmarker(self) -> FaceLandmarker:
+        """A new MediaPipe landmarker with this spec's settings (the caller closes it)."""
+        return FaceLandmarker(model_path=self.landmarker_path, max_faces=self.max_faces, fallback=self.fallback)
+
+    def table_detector(self, table: AUTable, *, use_landmarks: bool = True) -> TableAUDetector:
+        """A :class:`TableAUDetector` over ``table`` with this spec's config; MediaPipe opens on first need."""
+        return TableAUDetector(table, self.config, own_landmarker=True, use_landmarks=use_landmarks,
+                               landmarker_factory=self.landmarker)
+
     def build(self) -> AUDetector:
-        table = None if self.kind == "mediapipe" else AUTable.from_spec(self.kind)  # before opening the model
-        lm = FaceLandmarker(model_path=self.landmarker_path, max_faces=self.max_faces, fallback=self.fallback)
-        if table is None:
-            return MediaPipeAUDetector(self.config, landmarker=lm, own_landmarker=True)
-        return TableAUDetector(table, self.config, landmarker=lm, own_landmarker=True)
+        """The detector of :attr:`kind` (``ValueError`` listing the kinds when it is unknown)."""
+        return DETECTORS.create(self.kind, self)
+
+
+@DETECTORS.register("mediapipe", needs_target=False, usage="mediapipe",
+                    help="MediaPipe landmarks + blendshapes → AU scores (the default)")
+def _build_mediapipe(target: str, spec: DetectorSpec) -> AUDetector:
+    return MediaPipeAUDetector(spec.config, landmarker=spec.landmarker(), own_landmarker=True)
+
+
+def _geometry_option(geometry: str) -> bool:
+    g = str(geometry).strip().lower()
+    if g not in ("auto", "mediapipe", "openface", "landmarks"):
+        raise ValueError(f"geometry must be auto (the table's own landmarks when it has them) or mediapipe, got {geometry!r}")
+    return g != "mediapipe"
+
+
+@DETECTORS.register("openface", usage="openface:CSV|DIR[?aus=1,2,..&presence=0.5&geometry=auto|mediapipe]",
+                    help="OpenFace 2.x or 3.0 CSV output (scores; boxes from its landmarks when present)")
+def _build_openface(target: str, spec: DetectorSpec, aus: str | None = None, presence: float | str = OPENFACE3_PRESENCE,
+                    geometry: str = "auto") -> AUDetector:
+    use = _geometry_option(geometry)
+    return spec.table_detector(AUTable.from_openface(target, aus=aus, presence=float(presence)), use_landmarks=use)
+
+
+@DETECTORS.register("table", usage="table:CSV", help="a long CSV image,au,score[,face,active] (boxes from MediaPipe)")
+def _build_table(target: str, spec: DetectorSpec) -> AUDetector:
+    return spec.table_detector(AUTable.from_long_csv(target))

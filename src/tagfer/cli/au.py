@@ -49,7 +49,7 @@ def au_cmd(
     threshold: float = typer.Option(0.3, "--threshold", min=0.0, max=1.0, help="Activation threshold on AU scores."),
     candidate_threshold: Optional[float] = typer.Option(None, "--candidate-threshold", min=0.0, max=1.0, help="Score an activated AU needs to enter the candidate pool / AU_LIST (default: AUConfig's)."),
     all_faces: bool = typer.Option(False, "--all-faces", help="Keep every face (default: the largest)."),
-    detector: str = typer.Option("mediapipe", "--detector", help="mediapipe | openface:CSV_OR_DIR | table:LONG_CSV"),
+    detector: str = typer.Option("mediapipe", "--detector", help="mediapipe | openface:CSV_OR_DIR[?geometry=mediapipe] | table:LONG_CSV | a kind registered by a $TAGFER_PLUGINS module (docs/au.md)."),
     bilateral: str = typer.Option("union", "--bilateral", help="union: one box over both sides; split: one per side."),
     canvas: int = typer.Option(CANVAS, "--canvas", min=16, help="Virtual canvas side."),
     fallback: Optional[str] = typer.Option(None, "--fallback", help="Small-face fallback detector: dlib (extra tagfer[dlib])."),

@@ -29,10 +29,17 @@ API (stable)
     a head that is not a known kind or alias but looks like one (a word of 2+ characters) raises
     :attr:`error` listing the valid kinds, with "did you mean X?" — unless the whole spec is an
     existing path and a ``default`` kind is set. Options: ``?k=v&k2=v2`` (percent-decoded).
-``get(kind) -> obj``; ``entry(kind) -> Entry``; ``kind in registry`` (aliases included)
+``get(kind) -> obj`` (also ``registry[kind]``); ``entry(kind) -> Entry``; ``kind in registry``
+(aliases included)
 ``create(spec, *args, **kw)``
     ``obj(target, *args, **{**options, **kw})`` for the parsed spec (keyword arguments win over
-    spec options). A registry whose objects are not builders just uses :meth:`get`.
+    spec options); an option a builder without ``**kwargs`` does not take raises :attr:`error`
+    naming those it takes. A registry whose objects are not builders just uses :meth:`get`.
+``load_plugins()``
+    Imports the modules named in ``$TAGFER_PLUGINS`` (comma-separated module names or ``.py``
+    paths), once; a registry does it by itself before it calls a kind unknown, and before
+    listing. This is how a kind registered in the user's own module reaches the ``tagfer`` CLI
+    and worker processes: ``TAGFER_PLUGINS=my_detectors tagfer au --detector graphau:x.csv``.
 ``list(pattern=None) -> list[str]``
     Kind names (no aliases), sorted, filtered by an fnmatch ``pattern``. ``usages()`` gives the
     spec forms (``"openface:CSV"``) for help texts; ``str(Spec)`` writes a spec back.
@@ -42,14 +49,49 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
+import importlib.util
+import inspect
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import quote, unquote
 
-__all__ = ["Registry", "Spec", "Entry", "SpecError", "KIND_WORD"]
+__all__ = ["Registry", "Spec", "Entry", "SpecError", "KIND_WORD", "load_plugins", "PLUGINS_ENV"]
+
+#: Environment variable naming the plugin modules (comma-separated names or ``.py`` paths).
+PLUGINS_ENV = "TAGFER_PLUGINS"
+_loaded: set[str] = set()
+
+
+def load_plugins(names: str | None = None) -> list[str]:
+    """Import each plugin module of ``names`` (default ``$TAGFER_PLUGINS``) not imported yet; returns
+    the ones imported now. A module that fails to import raises ``ImportError`` naming it."""
+    text = os.environ.get(PLUGINS_ENV, "") if names is None else names
+    done = []
+    for name in (n.strip() for n in text.split(",")):
+        if not name or name in _loaded:
+            continue
+        _loaded.add(name)
+        try:
+            if name.endswith(".py"):
+                mod_name = "tagfer_plugin_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(name))[0])
+                spec = importlib.util.spec_from_file_location(mod_name, name)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"cannot load {name}")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except Exception as e:
+            _loaded.discard(name)
+            raise ImportError(f"tagfer plugin {name!r} (from ${PLUGINS_ENV}) failed to import: {e}") from e
+        done.append(name)
+    return done
 
 
 class SpecError(ValueError):
@@ -149,8 +191,11 @@ class Registry:
 
     # -- looking up -------------------------------------------------------------------------
     def canonical(self, kind: str) -> str | None:
-        """The registered name of ``kind`` or of the alias ``kind``; None if neither."""
+        """The registered name of ``kind`` or of the alias ``kind``; None if neither (after loading
+        the ``$TAGFER_PLUGINS`` modules not loaded yet)."""
         k = str(kind).strip().lower()
+        if self._aliases.get(k, k) not in self._entries:
+            load_plugins()  # a plugin may register it
         k = self._aliases.get(k, k)
         return k if k in self._entries else None
 
@@ -174,8 +219,11 @@ class Registry:
         """The object registered as ``kind`` (an alias works)."""
         return self.entry(kind).obj
 
+    __getitem__ = get
+
     def list(self, pattern: str | None = None) -> list[str]:
         """Kind names (aliases left out), sorted; ``pattern``: an fnmatch filter (``"open*"``)."""
+        load_plugins()
         names = sorted(self._entries)
         return [n for n in names if fnmatch.fnmatchcase(n, pattern.lower())] if pattern else names
 
@@ -186,10 +234,13 @@ class Registry:
     def _unknown(self, head: str, spec: str) -> str:
         known = list(self._entries) + list(self._aliases)
         close = difflib.get_close_matches(str(head).lower(), known, n=1, cutoff=0.6)
-        hint = f"; did you mean {self._aliases.get(close[0], close[0])!r}?" if close else ""
-        tail = f" (a bare path means {self.default})" if self.default else ""
-        return (f"unknown {self.name} kind {head!r} in {spec!r}{hint} Valid kinds: "
-                f"{', '.join(self.usages()) or '(none registered)'}{tail}")
+        where = "" if str(head) == str(spec) else f" in {spec!r}"
+        parts = [f"unknown {self.name} kind {head!r}{where}"]
+        if close:
+            parts.append(f"did you mean {self._aliases.get(close[0], close[0])!r}?")
+        parts.append(f"valid kinds: {', '.join(self.usages()) or '(none registered)'}"
+                     + (f" (a bare path means {self.default})" if self.default else ""))
+        return "; ".join(parts)
 
     # -- specs ------------------------------------------------------------------------------
     def _split_options(self, target: str, spec: str) -> tuple[str, dict[str, str]]:
@@ -238,9 +289,29 @@ class Registry:
         raise self.error(self._unknown(head, s))
 
     def create(self, spec: str | Spec, *args: Any, **kw: Any) -> Any:
-        """``obj(target, *args, **options, **kw)`` for the kind of ``spec`` (``kw`` overrides spec options)."""
+        """``obj(target, *args, **options, **kw)`` for the kind of ``spec`` (``kw`` overrides spec options).
+
+        A builder without ``**kwargs`` that does not take an option gets no call: :attr:`error`
+        names the options it takes (a typo in ``?vote=`` is not a ``TypeError`` deep inside)."""
         p = self.parse(spec)
-        return self._entries[p.kind].obj(p.target, *args, **{**p.options, **kw})
+        obj = self._entries[p.kind].obj
+        merged = {**p.options, **kw}
+        self._check_options(p.kind, obj, 1 + len(args), merged)
+        return obj(p.target, *args, **merged)
+
+    def _check_options(self, kind: str, obj: Any, n_positional: int, options: Mapping[str, Any]) -> None:
+        try:
+            params = list(inspect.signature(obj).parameters.values())
+        except (TypeError, ValueError):  # not introspectable: let the call decide
+            return
+        if any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params):
+            return
+        named = [q for q in params if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)]
+        takes = [q.name for q in named if q.kind is q.KEYWORD_ONLY or params.index(q) >= n_positional]
+        bad = sorted(set(options) - set(takes))
+        if bad:
+            raise self.error(f"{self.name} kind {kind!r} has no option {', '.join(map(repr, bad))}; "
+                             f"it takes: {', '.join(takes) or 'none'}")
 
     def __repr__(self) -> str:
         return f"Registry({self.name!r}, kinds={self.list()})"

@@ -70,11 +70,13 @@ from PIL import Image
 
 from tagfer.core.imageio import IMAGE_EXTENSIONS, load_image
 from tagfer.core.labels import EXCLUDED, normalize_label
+from tagfer.core.registry import Registry
 
 __all__ = [
     "SourceRecord",
     "SourceStats",
-    "SOURCE_KINDS",
+    "READERS",
+    "source_kinds",
     "RAFDB_CODES",
     "AFFECTNET_CODES",
     "FERPLUS_COLUMNS",
@@ -657,42 +659,37 @@ def _generic_folder(base: Path, split: str, stats, include_excluded: bool, sourc
 
 
 # --------------------------------------------------------------------------- specs
-_READERS: dict[str, Callable[..., Iterator[SourceRecord]]] = {
-    "rafdb": read_rafdb,
-    "ferplus": read_ferplus,
-    "affectnet": read_affectnet,
-    "generic": read_generic,
-}
-_KIND_ALIASES = {"raf-db": "rafdb", "raf": "rafdb", "fer+": "ferplus", "ferplus": "ferplus", "csv": "generic", "folder": "generic", "imagefolder": "generic"}
-SOURCE_KINDS: tuple[str, ...] = tuple(_READERS)
+#: The dataset readers, one :class:`tagfer.core.registry.Registry`: a spec ``KIND:PATH?k=v``
+#: (a bare path is ``generic``). A reader is ``reader(path, split, *, stats=None,
+#: include_excluded=False, **options)`` yielding :class:`SourceRecord`; add one with
+#: ``@READERS.register("mydata")`` (see docs/data.md).
+READERS = Registry("data source", usage="KIND:PATH[?key=value&...]", default="generic")
+READERS.register("rafdb", read_rafdb, aliases=("raf-db", "raf"), usage="rafdb:DIR[?variant=aligned|original]",
+                 help="RAF-DB basic (EmoLabel/list_patition_label.txt)")
+READERS.register("ferplus", read_ferplus, aliases=("fer+",), usage="ferplus:DIR[?vote=plurality|majority&ties=exclude|first]",
+                 help="FERPlus (fer2013.csv + fer2013new.csv, or the image folders)")
+READERS.register("affectnet", read_affectnet, usage="affectnet:DIR", help="AffectNet (CSV lists or train_set/val_set)")
+READERS.register("generic", read_generic, aliases=("csv", "folder", "imagefolder"), usage="generic:CSV|DIR[?source=NAME]",
+                 help="a path,label CSV or an ImageFolder")
+
+
+def source_kinds() -> list[str]:
+    """The registered reader kinds (built-in and user-added)."""
+    return READERS.list()
 
 
 def parse_source_spec(spec: str) -> tuple[str, str, dict[str, str]]:
-    """``"rafdb:/data/RAF-DB"`` → ``("rafdb", "/data/RAF-DB", {})``.
+    """``"rafdb:/data/RAF-DB"`` → ``("rafdb", "/data/RAF-DB", {})`` (:meth:`READERS.parse <tagfer.core.registry.Registry.parse>`).
 
-    Kinds: rafdb, ferplus, affectnet, generic (aliases raf-db, csv, folder).
-    Reader options may follow after ``?``: ``"ferplus:/data/FERPlus?vote=majority&ties=first"``,
-    ``"rafdb:/d?variant=original"``, ``"generic:/d/x.csv?source=mydata"``.
-    A bare path (no known kind prefix) is a generic source. Windows drive
-    letters (``C:\\...``) are not mistaken for kinds.
+    Kinds: rafdb, ferplus, affectnet, generic (aliases raf-db, fer+, csv, folder) and any
+    registered with :data:`READERS`. Reader options may follow after ``?``:
+    ``"ferplus:/data/FERPlus?vote=majority&ties=first"``, ``"rafdb:/d?variant=original"``,
+    ``"generic:/d/x.csv?source=mydata"``. A bare path is a generic source; Windows drive
+    letters (``C:\\...``) are not kinds; ``word:...`` with an unknown word (and no such file)
+    is a ``ValueError`` that lists the kinds.
     """
-    s = str(spec).strip()
-    kind, rest = "generic", s
-    if ":" in s:
-        head, tail = s.split(":", 1)
-        k = _KIND_ALIASES.get(head.lower(), head.lower())
-        if k in _READERS:
-            kind, rest = k, tail
-    opts: dict[str, str] = {}
-    if "?" in rest:
-        rest, q = rest.split("?", 1)
-        for part in q.split("&"):
-            if part:
-                key, _, val = part.partition("=")
-                opts[key.strip()] = val.strip()
-    if not rest:
-        raise ValueError(f"source spec {spec!r} has no path")
-    return kind, rest, opts
+    s = READERS.parse(spec)
+    return s.kind, s.target, dict(s.options)
 
 
 def open_source(
@@ -705,9 +702,9 @@ def open_source(
 ) -> Iterator[SourceRecord]:
     """Stream the records of ``spec`` (see :func:`parse_source_spec`) for ``split``.
 
-    ``options`` are passed to the reader (they override options in the spec).
+    ``options`` are passed to the reader (they override options in the spec); an option the
+    reader does not take is a ``ValueError`` naming the ones it does
+    (:meth:`tagfer.core.registry.Registry.create`).
     Example: ``for rec in open_source("rafdb:/data/RAF-DB", split="test"): ...``
     """
-    kind, path, opts = parse_source_spec(spec)
-    opts.update(options)
-    return _READERS[kind](path, split, stats=stats, include_excluded=include_excluded, **opts)
+    return READERS.create(spec, split, stats=stats, include_excluded=include_excluded, **options)

@@ -6,27 +6,55 @@ tower (frozen) and the projector (trained in full via PEFT ``modules_to_save``),
 language model's decoder layers are (LoRA targets), how many image tokens an image becomes,
 and the special tokens / chat template of the tiny random model of :mod:`tagfer.models.tiny`.
 
+The same entry tells the configs written for other trainers (:mod:`tagfer.train.interop`) the
+LLaMA-Factory template, the projector modules to train (``additional_target``) and the vision
+modules verl keeps out of LoRA.
+
 Families tested here (tiny random models, SFT + GRPO learning tests): ``qwen2_5_vl``
 (the paper's backbone), ``qwen3_vl``, ``gemma3`` and ``llava_onevision``. Any other model is loaded by
 ``AutoModelForImageTextToText`` / ``AutoProcessor`` as usual; :func:`family_of` raises
-:class:`UnknownFamily` only where training needs the module layout.
+:class:`UnknownFamily` only where training needs the module layout. :data:`FAMILIES` is a
+:class:`tagfer.core.registry.Registry` (name → :class:`Family`, a family's ``model_types`` as
+aliases); :func:`register_family` adds one.
 
-This module imports nothing heavy; transformers classes are named, not imported.
+This module imports nothing heavy (and nothing of tagfer's but the registry); transformers
+classes are named, not imported.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 import json
+import math
 from pathlib import Path
 import re
 from typing import Any, Iterable
 
-__all__ = ["Family", "FAMILIES", "DEFAULT_FAMILY", "UnknownFamily", "get_family", "family_of"]
+from tagfer.core.registry import Registry
+
+__all__ = ["Family", "FAMILIES", "DEFAULT_FAMILY", "UnknownFamily", "get_family", "family_of", "family_for",
+           "register_family", "smart_resize"]
 
 
 class UnknownFamily(ValueError):
     """A model type or family name tagfer has no entry for."""
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+    """Qwen2-VL's processor rule (also qwen_vl_utils' ``fetch_image``): both sides rounded to a multiple
+    of ``factor``, the area kept within ``[min_pixels, max_pixels]``. Returns ``(height, width)``."""
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
 
 
 @dataclass(frozen=True)
@@ -69,6 +97,10 @@ class Family:
     min_pixels        the processor's lower pixel bound when none is set
     processor_args    processor init arguments that an image-only processor saves and reloads
     tiny              tokenizer spec of :mod:`tagfer.models.tiny`'s random model
+    llamafactory_template  LLaMA-Factory's ``template`` for the family ("" if it has none)
+    projector_in_vision    the projector modules lie inside the vision tower (Qwen's ``visual.merger``)
+    list_sizes        ``(module, config key, default)`` for each ``ModuleList`` in ``projector``: where
+                      the model config keeps its length (a list or a count) and the usual value
     """
 
     name: str
@@ -86,6 +118,34 @@ class Family:
     pixel_limits: bool = True
     min_pixels: int = 56 * 56
     processor_args: tuple[str, ...] = ()
+    llamafactory_template: str = ""
+    projector_in_vision: bool = False
+    list_sizes: tuple[tuple[str, str, int], ...] = ()
+
+    def projector_names(self, config: dict[str, Any] | None = None) -> list[str]:
+        """Projector module names for ``modules_to_save`` / LLaMA-Factory's ``additional_target``
+        without loading the model: ``ModuleList`` entries become their items, counted from the model's
+        ``config.json`` dict when given, else the family's usual count."""
+        out: list[str] = []
+        sizes = {m: (key, default) for m, key, default in self.list_sizes}
+        for p in self.projector:
+            if p not in sizes:
+                out.append(p)
+                continue
+            key, n = sizes[p]
+            value: Any = config
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            n = len(value) if isinstance(value, (list, tuple)) else int(value) if isinstance(value, int) else n
+            out += [f"{p}.{i}" for i in range(n)]
+        return out
+
+    def vision_exclude_regex(self) -> str:
+        """A regex (full match, PEFT ``exclude_modules`` / verl) over every module of the vision tower
+        and of the projector: what LoRA leaves alone."""
+        names = list(self.vision) + ([] if self.projector_in_vision else list(self.projector))
+        inner = names[0] if len(names) == 1 else "(?:" + "|".join(names) + ")"
+        return f".*{inner}.*"
 
     def is_vision(self, param_name: str) -> bool:
         """Whether a parameter / module name lies inside the vision tower (projector included if under it)."""
@@ -131,8 +191,6 @@ class Family:
             if processor is None:
                 raise ValueError(f"{self.name}: the image-token count depends on the processor's tiling; pass processor=")
             return int(processor._get_num_multimodal_tokens(image_sizes=[[h, w]])["num_image_tokens"][0])
-        from tagfer.models.vlm import smart_resize  # lazy (start-up time): PIL
-
         lo, hi = policy.bounds
         lo = lo if policy.min_pixels is not None else self.min_pixels
         hh, ww = smart_resize(h, w, self.patch_factor, lo, max(lo, hi))
@@ -193,28 +251,42 @@ _LLAVA_OV_TINY = TinySpec(
 
 _QWEN_LM = r"language_model\.(?:model\.)?layers"
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
+#: The family registry: name → :class:`Family`; each family's ``model_types`` are aliases.
+FAMILIES = Registry("model family", usage="FAMILY", options=False, error=UnknownFamily)
+
+
+def register_family(family: Family) -> Family:
+    """Add (or replace) a family: its ``name`` and ``model_types`` then resolve to it everywhere."""
+    FAMILIES.register(family.name, family, aliases=tuple(t for t in family.model_types if t != family.name),
+                      needs_target=False, usage=family.name, help=family.processor)
+    return family
+
+
+for _f in (
     Family(
         name="qwen2_5_vl", model_types=("qwen2_5_vl",), processor="Qwen2_5_VLProcessor",
         image_processor=("transformers.models.qwen2_vl", "Qwen2VLImageProcessorPil"), video_processor=True,
         vision=("visual",), projector=("merger",), lm_layers=_QWEN_LM, patch_factor=28, tiny=_QWEN_TINY,
+        llamafactory_template="qwen2_vl", projector_in_vision=True,
     ),
     Family(
         name="qwen2_vl", model_types=("qwen2_vl",), processor="Qwen2VLProcessor",
         image_processor=("transformers.models.qwen2_vl", "Qwen2VLImageProcessorPil"), video_processor=True,
         vision=("visual",), projector=("merger",), lm_layers=_QWEN_LM, patch_factor=28, tiny=_QWEN_TINY,
+        llamafactory_template="qwen2_vl", projector_in_vision=True,
     ),
     Family(  # 16 px patches merged 2x2; DeepStack adds one projector per tapped vision layer
         name="qwen3_vl", model_types=("qwen3_vl",), processor="Qwen3VLProcessor",
         image_processor=("transformers.models.qwen2_vl", "Qwen2VLImageProcessorPil"), video_processor=True,
         vision=("visual",), projector=("merger", "deepstack_merger_list"), lm_layers=_QWEN_LM, patch_factor=32,
-        tiny=_QWEN_TINY, min_pixels=64 * 64,
+        tiny=_QWEN_TINY, min_pixels=64 * 64, llamafactory_template="qwen3_vl", projector_in_vision=True,
+        list_sizes=(("deepstack_merger_list", "vision_config.deepstack_visual_indexes", 3),),
     ),
     Family(  # SigLIP tower, pooled to a fixed number of soft tokens per image
         name="gemma3", model_types=("gemma3",), processor="Gemma3Processor",
         image_processor=("transformers.models.gemma3", "Gemma3ImageProcessorPil"), video_processor=False,
         vision=("vision_tower",), projector=("multi_modal_projector",), lm_layers=_QWEN_LM, tokens="fixed",
-        fixed_tokens_key="mm_tokens_per_image", pixel_limits=False, tiny=_GEMMA_TINY,
+        fixed_tokens_key="mm_tokens_per_image", pixel_limits=False, tiny=_GEMMA_TINY, llamafactory_template="gemma3",
     ),
     Family(  # SigLIP tower on any-resolution tiles (base view + a grid of crops, newline tokens per row)
         name="llava_onevision", model_types=("llava_onevision",), processor="LlavaOnevisionProcessor",
@@ -223,20 +295,16 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
         tokens="processor", pixel_limits=False, tiny=_LLAVA_OV_TINY,
         processor_args=("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio"),
     ),
-)}
+):
+    register_family(_f)
 
 #: The paper's backbone.
 DEFAULT_FAMILY = "qwen2_5_vl"
 
 
 def get_family(name: str) -> Family:
-    """The family called ``name`` (a registry key or a ``model_type``)."""
-    if name in FAMILIES:
-        return FAMILIES[name]
-    for f in FAMILIES.values():
-        if name in f.model_types:
-            return f
-    raise UnknownFamily(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+    """The family called ``name`` (a registry key or a ``model_type``); :class:`UnknownFamily` lists the known ones."""
+    return FAMILIES.get(name)
 
 
 def family_of(obj: Any) -> Family:
@@ -259,5 +327,31 @@ def family_of(obj: Any) -> Family:
         return get_family(str(mt))
     except UnknownFamily as e:
         raise UnknownFamily(f"{e} (model_type {mt!r}: set model.family to a family with the same module layout,"
-                            " or add an entry to tagfer.models.families.FAMILIES)") from None
+                            " or add one with tagfer.models.families.register_family)") from None
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def family_for(name_or_path: str, family: str = "auto") -> Family:
+    """The family of a training config's model: ``family`` when it is not ``"auto"``; else the
+    ``config.json`` of a local folder; else a hub id matched by name (``Qwen/Qwen2.5-VL-7B-Instruct``
+    → ``qwen2_5_vl``: the longest family name or model type inside the id, punctuation ignored)."""
+    if family and family != "auto":
+        return get_family(family)
+    if (Path(name_or_path) / "config.json").is_file():
+        return family_of(name_or_path)
+    squashed = _squash(Path(str(name_or_path)).name or str(name_or_path))
+    best: tuple[int, Family] | None = None
+    for kind in FAMILIES.list():
+        fam = get_family(kind)
+        for word in (fam.name, *fam.model_types):
+            w = _squash(word)
+            if w and w in squashed and (best is None or len(w) > best[0]):
+                best = (len(w), fam)
+    if best is None:
+        raise UnknownFamily(f"cannot tell the model family of {name_or_path!r} (no local config.json, no family name"
+                            f" in it); set model.family to one of: {', '.join(FAMILIES.list())}")
+    return best[1]
 

@@ -16,27 +16,42 @@
 
 Both take the same :class:`~tagfer.train.config.TrainConfig`, so a preset is the single
 source of the hyperparameters, and both carry the image policy
-(:class:`tagfer.models.vlm.ImagePolicy`) the exports were written with. Checked against
+(:class:`tagfer.models.vlm.ImagePolicy`) the exports were written with. What depends on the
+model family comes from its :class:`~tagfer.models.families.Family` entry (:func:`model_family`):
+LLaMA-Factory's ``template``, the projector modules of ``additional_target`` and verl's
+``exclude_modules`` (vision tower and projector kept out of LoRA). Checked against
 LLaMA-Factory 0.9.5 and verl 0.9.1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
+from tagfer.models.families import Family, family_for
 from tagfer.traces.rewards import RewardConfig
 from tagfer.train.config import TrainConfig
 from tagfer.train.sft import deepspeed_config_path
 
 __all__ = ["llamafactory_config", "verl_config", "verl_command", "verl_reward_overrides", "default_export_names",
-           "write_yaml", "write_verl_files", "VERL_REWARD_PATH"]
+           "write_yaml", "write_verl_files", "model_family", "VERL_REWARD_PATH"]
 
 #: verl's ``pkg://`` module path for TAG's reward (works wherever tagfer is importable).
 VERL_REWARD_PATH = "pkg://tagfer.integrations.verl"
+
+
+def model_family(cfg: TrainConfig) -> Family:
+    """The family of ``cfg.model`` (``model.family``, else the local ``config.json``, else the hub id's name)."""
+    return family_for(cfg.model.name_or_path, cfg.model.family)
+
+
+def _model_config(cfg: TrainConfig) -> dict[str, Any] | None:
+    p = Path(cfg.model.name_or_path) / "config.json"
+    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def _bf16(cfg: TrainConfig) -> bool:
@@ -54,9 +69,14 @@ def default_export_names(cfg: TrainConfig, export_dir: str = "tag_export") -> di
 
 def llamafactory_config(cfg: TrainConfig, dataset: str = "tag_sft", dataset_dir: str = "data/tag",
                         deepspeed: str | None = None) -> dict[str, Any]:
-    """LLaMA-Factory SFT YAML (as a dict) equivalent to ``cfg`` (LoRA on the LM, vision frozen, projector trained)."""
+    """LLaMA-Factory SFT YAML (as a dict) equivalent to ``cfg`` (LoRA on the LM, vision frozen, projector trained).
+
+    ``ValueError`` for a family LLaMA-Factory has no template for (its ``llamafactory_template`` is empty)."""
     from tagfer.models.vlm import ImagePolicy  # lazy (start-up time): PIL
 
+    fam = model_family(cfg)
+    if not fam.llamafactory_template:
+        raise ValueError(f"LLaMA-Factory has no template for the {fam.name} family; train it with tagfer train sft")
     o, lo, s = cfg.optim, cfg.lora, cfg.sft
     min_px, max_px = ImagePolicy.of(cfg.model).bounds
     out: dict[str, Any] = {
@@ -73,7 +93,7 @@ def llamafactory_config(cfg: TrainConfig, dataset: str = "tag_sft", dataset_dir:
         "freeze_language_model": False,
         "dataset": dataset,
         "dataset_dir": dataset_dir,
-        "template": "qwen2_vl",
+        "template": fam.llamafactory_template,
         "cutoff_len": s.max_length,
         "overwrite_cache": True,
         "preprocessing_num_workers": 16,
@@ -97,7 +117,7 @@ def llamafactory_config(cfg: TrainConfig, dataset: str = "tag_sft", dataset_dir:
         # LLaMA-Factory's "all" = every linear layer of the language model (the vision tower is frozen above).
         out.update({"lora_rank": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout, "lora_target": "all"})
         if lo.train_projector:  # with LoRA, LLaMA-Factory trains the projector only as an additional target
-            out["additional_target"] = "merger"
+            out["additional_target"] = ",".join(fam.projector_names(_model_config(cfg)))
     if deepspeed or o.deepspeed:
         out["deepspeed"] = deepspeed_config_path(deepspeed or o.deepspeed)
     return out
@@ -131,7 +151,7 @@ def verl_config(cfg: TrainConfig, train_files: str = "data/tag/verl/train.parque
                 "lora_rank": lo.r if lo.enabled else 0,
                 "lora_alpha": lo.alpha,
                 "target_modules": "all-linear",
-                "exclude_modules": ".*visual.*",
+                "exclude_modules": model_family(cfg).vision_exclude_regex(),
                 "enable_gradient_checkpointing": o.gradient_checkpointing,
                 "use_remove_padding": True,
             },
