@@ -84,8 +84,8 @@ def run_once(url: str, n: int, conc: int, out: str) -> dict:
     from tagfer.data.build import BuildConfig, run_build
 
     eps = url.split(",")
-    cfg = BuildConfig.from_dict(dict(out=out, endpoints=eps, model="fake-vlm", concurrency=conc, per_endpoint=-(-conc // len(eps)), quality=False,
-                      timeout_s=60, request_retries=2, tag_requests=False, au_workers=1))
+    cfg = BuildConfig.from_dict(dict(out=out, quality=False, tag_requests=False, au_workers=1, client=dict(
+        endpoints=eps, model="fake-vlm", total_concurrency=conc, per_endpoint_concurrency=-(-conc // len(eps)), timeout_s=60, max_retries=2)))
     def cpu_now() -> float:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime

@@ -19,8 +19,6 @@ from tagfer.explainer.analyze import (
     EXIT_USAGE,
     Analysis,
     Analyzer,
-    FACSEngine,
-    VLMEngine,
     face_region,
     reframe,
 )
@@ -29,6 +27,7 @@ from tagfer.core.canvas import CanvasTransform
 from tagfer.core.errors import ItemError
 from tagfer.core.imageio import load_image
 from tagfer.core.jsonl import read_jsonl
+from tagfer.models.backends import FACSBackend, GenResult, TransformersBackend
 from tagfer.traces.trace import parse_trace
 
 runner = CliRunner()
@@ -147,9 +146,9 @@ class GarbageVLM:
 def test_model_output_is_reported_not_fixed(mp_detector, astronaut_path):
     text = "Sure! <think>mouth <bbox>[300, 10, 20, 40]</bbox></think><answer>happy</answer> done"
     vlm = GarbageVLM(text)
-    an = Analyzer(detector=mp_detector, engine=VLMEngine(vlm, name="garbage"))
+    an = Analyzer(detector=mp_detector, engine=vlm, name="garbage")  # a loaded VLM runs through the hf backend
     (a,) = an.analyze_image(astronaut_path)
-    assert a.trace == text and not a.well_formed
+    assert a.trace == text and not a.well_formed and a.engine == "garbage"
     assert vlm.calls[0][3]["max_boxes"] == 3  # at most three boxes, enforced while decoding
     assert a.r_fmt == 0.5  # the paper's R_fmt conditions hold (one think, ≤ 3 boxes inside, one valid answer)
     assert a.violations == list(parse_trace(text).violations)
@@ -163,11 +162,47 @@ def test_model_output_is_reported_not_fixed(mp_detector, astronaut_path):
 
 
 def test_engine_selection(mp_detector):
-    assert isinstance(Analyzer(detector=mp_detector).engine, FACSEngine)
-    assert isinstance(Analyzer(detector=mp_detector, engine=GarbageVLM("x")).engine, VLMEngine)
+    assert isinstance(Analyzer(detector=mp_detector).backend, FACSBackend)
+    an = Analyzer(detector=mp_detector, engine=GarbageVLM("x"))
+    assert isinstance(an.backend, TransformersBackend) and an.name == "hf"  # GarbageVLM has no config: the kind's name
     with pytest.raises(ValueError):
         Analyzer(detector=mp_detector, frame="nope")
+    with pytest.raises(TypeError, match="model spec, a Backend or a VLM"):
+        Analyzer(detector=mp_detector, engine=42)
 
+
+class _SpyFACS(FACSBackend):
+    """The facs backend, recording the requests it gets; its own detector must never run."""
+
+    def __init__(self):
+        super().__init__()
+        self.requests = []
+
+    @property
+    def detector(self):
+        raise AssertionError("the analyzer's grounded face must be used, not a second detection")
+
+    def generate(self, requests, config=None, on_result=None):
+        requests = list(requests)
+        self.requests.extend(requests)
+        return super().generate(requests, config, on_result)
+
+
+def test_facs_backend_writes_from_the_analyzers_grounded_face(mp_detector, astronaut_path, astronaut_analysis):
+    """One model interface: the analyzer hands the facs backend each reframed face (no pixels, no
+    prompt) and records the engine's scores and cited AUs from the result's info."""
+    from tagfer.au.aus import FaceAUs
+    from tagfer.au.facs import explain
+
+    spy = _SpyFACS()
+    (a,) = Analyzer(detector=mp_detector, engine=spy).analyze_image(astronaut_path)
+    (req,) = spy.requests
+    assert req.image is None and req.user == "" and req.system is None and isinstance(req.face, FaceAUs)
+    assert [(d.au, d.box) for d in req.face.aus] == [(d["au"], tuple(d["box"])) for d in a.aus]  # the face-frame AUs
+    ex = explain(req.face, spy.config)
+    assert a.trace == ex.trace and a.scores == ex.scores and a.evidence_aus == list(ex.evidence_aus)
+    assert a.to_json() == astronaut_analysis.to_json()  # the same analysis as the spec "facs"
+    assert a.engine == "facs"  # a backend object is named by its kind
 
 # --------------------------------------------------------------------------- CLI
 def _json_lines(output: str) -> list[dict]:
@@ -271,12 +306,11 @@ def test_cli_tiny_random_vlm_is_malformed(tiny_vlm_dir, astronaut_path):
 
 
 def test_tiny_vlm_output_is_the_raw_generation(tiny_vlm, mp_detector, astronaut_path):
-    eng = VLMEngine(tiny_vlm, max_new_tokens=16)
-    an = Analyzer(detector=mp_detector, engine=eng)
+    an = Analyzer(detector=mp_detector, engine=tiny_vlm, max_new_tokens=16)
     (a,) = an.analyze_image(astronaut_path)
     res = an.run(astronaut_path)
     assert res.analyses[0].trace == a.trace  # greedy: deterministic
-    system, user = eng.system, eng.user
+    system, user = an.system, an.user
     img = load_image(astronaut_path)
     region = a.frame_box
     pic = Image.fromarray(img.rgb[int(np.floor(region[1])) : int(np.ceil(region[3])), int(np.floor(region[0])) : int(np.ceil(region[2]))])
@@ -300,9 +334,10 @@ def test_openai_backend_engine_parses_the_reply(fake_openai, mp_detector, astron
         return reply
 
     srv = fake_openai(script)
-    eng = load_engine(f"openai:{srv.url}", max_new_tokens=64)
-    an = Analyzer(detector=mp_detector, engine=eng)
+    eng = load_engine(f"openai:{srv.url}")
+    an = Analyzer(detector=mp_detector, engine=eng, max_new_tokens=64)
     (a,) = an.analyze_image(astronaut_path)
+    eng.close()
     assert a.engine == f"openai:{srv.url}" and a.trace == reply
     assert a.well_formed and a.label == "happiness" and a.box_aus == [12] and a.r_au == pytest.approx(1.0)
     msgs = seen[0]["messages"]
@@ -324,9 +359,11 @@ def test_backend_failure_fails_the_image(fake_openai, mp_detector, astronaut_pat
     from tagfer.explainer.analyze import load_engine
 
     srv = fake_openai(lambda req, i: Reply(status=400))
-    an = Analyzer(detector=mp_detector, engine=load_engine(f"openai:{srv.url}"))
+    an = Analyzer(detector=mp_detector, engine=f"openai:{srv.url}", own_detector=False)  # a spec: the analyzer closes its backend
     res = an.run(astronaut_path)
     assert not res.ok and res.error["kind"].startswith("generation_") and res.analyses == []
+    an.close()
+    assert an.backend._runner is None  # the backend's loop thread is gone
 
 
 def test_downscaled_decode_keeps_original_pixel_frame(mp_detector, astronaut_path, astronaut_analysis):
@@ -358,13 +395,14 @@ def test_any_model_output_is_reported_and_drawn(text, astronaut_analysis, facs_a
     """Whatever a model writes: segments rebuild it, each box gets a colour and a caption, the overlay draws."""
     import dataclasses
 
-    from tagfer.explainer.analyze import _box_aus, _segments, box_color, render_overlay
+    from tagfer.explainer.overlay import box_color, render_overlay
+    from tagfer.explainer.records import box_aus, segments
 
     p = parse_trace(text)
-    segs = _segments(p)
+    segs = segments(p)
     assert "".join(s["text"] for s in segs) == text
     assert [s["box"] for s in segs if s["box"] is not None] == list(range(len(p.boxes)))
-    aus = _box_aus(p)
+    aus = box_aus(p)
     assert len(aus) == len(p.boxes)
     a = dataclasses.replace(
         astronaut_analysis, trace=text, boxes=[list(c) if c else None for c in p.box_coords], box_aus=aus,
@@ -408,9 +446,9 @@ def test_one_canvas_for_detector_trace_and_record(landmarker, astronaut_path):
         Analyzer(detector=det, reward_config=RewardConfig(canvas=512), own_detector=False)
     an = Analyzer(detector=det, frame="image", own_detector=False)
     (a,) = an.analyze_image(astronaut_path)
-    assert an.reward_config.canvas == a.canvas == an.engine.config.canvas == 256  # the FACS engine validates boxes there too
+    assert an.reward_config.canvas == a.canvas == an.backend.config.canvas == 256  # the FACS engine validates boxes there too
     with pytest.raises(ValueError, match="FACS engine's canvas"):
-        Analyzer(detector=det, engine=FACSEngine(), own_detector=False)
+        Analyzer(detector=det, engine=FACSBackend(), own_detector=False)
     assert a.well_formed and a.boxes and all(0 <= v <= 255 for b in a.boxes for v in b)
     assert a.r_au is not None and a.r_au > 0.99  # the FACS engine cites the detector's own boxes, on the same canvas
 
@@ -431,8 +469,6 @@ class _ScriptBackend:
         return "script"
 
     def generate(self, requests, config=None, on_result=None):
-        from tagfer.models.backends import GenResult
-
         for r in requests:
             yield GenResult(r.id, self.text, None, {}, {})
 
@@ -443,7 +479,8 @@ class _ScriptBackend:
 def test_analyze_batch_resumes_writes_overlays_and_sets_the_exit_code(tmp_path, mp_detector, astronaut_path, grace_path, bad_inputs):
     import shutil
 
-    from tagfer.explainer.analyze import EXIT_OK, BatchSetupError, analyze_batch
+    from tagfer.explainer.batch import BatchSetupError, analyze_batch
+    from tagfer.explainer.records import EXIT_OK
 
     d = tmp_path / "faces"
     d.mkdir()

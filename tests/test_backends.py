@@ -416,12 +416,12 @@ def test_every_spec_kind_resolves_to_the_same_object_in_analyze_and_eval(spec, c
     common = dict(batch_size=2, device="cpu", concurrency=3, served_model="srv", api_key="", max_retries=0, timeout_s=5.0,
                   image_format="jpeg")  # the eval command line passes them all; each kind takes what it uses
     b = make_backend(spec, **common)
-    assert type(b) is cls and isinstance(b, Backend)
+    assert type(b) is cls and isinstance(b, Backend) and b.model_spec == spec
     eng = load_engine(spec, device="cpu")
-    assert type(eng.backend) is cls
+    assert type(eng) is cls and eng.model_spec == spec
     if cls is TransformersBackend:
         assert b.vlm.config.model == spec.split(":", 1)[-1] and b.vlm.config.device == "cpu" and b.batch_size == 2
-        assert eng.name == spec and not b.thread_safe
+        assert not b.thread_safe
     elif cls is OpenAIBackend:
         cfg = b.client_config
         assert cfg.model == "srv" and cfg.total_concurrency == 3 and cfg.max_retries == 0 and cfg.image_format == "jpeg"
@@ -429,15 +429,17 @@ def test_every_spec_kind_resolves_to_the_same_object_in_analyze_and_eval(spec, c
     elif cls is VLLMBackend:
         assert b.chunk_size == b.batch_size == 2
     else:
-        assert b.spec.kind == (spec.split(":", 1)[1] if ":" in spec else "mediapipe")
+        assert b.detector_spec.kind == (spec.split(":", 1)[1] if ":" in spec else "mediapipe")
         assert b._detector is None  # the detector is built on first use (analyze never needs it)
     for x in (b, eng):
         x.close()
 
 
 def test_unknown_or_empty_specs_are_clear_errors(tmp_path):
-    with pytest.raises(BackendUnavailable, match=r"unknown model kind 'gpt4'.*hf:PATH.*openai:URL.*vllm:PATH.*facs"):
+    with pytest.raises(BackendUnavailable, match=r"unknown model kind 'gpt4'.*facs.*hf:PATH.*openai:URL.*vllm:PATH"):
         make_backend("gpt4:turbo")
+    with pytest.raises(BackendUnavailable, match="did you mean 'openai'"):  # the one registry's suggestion
+        make_backend("opnai:http://h:1/v1")
     with pytest.raises(BackendUnavailable, match="empty model spec"):
         make_backend("  ")
     with pytest.raises(TypeError):
@@ -472,18 +474,31 @@ class _Probe:
         pass
 
 
-def test_a_new_backend_is_one_registration(monkeypatch, tmp_path, rafdb_root, astronaut_path):
+@pytest.fixture
+def probe_kind():
+    """Registers the ``probe`` kind for one test (decorator form of the one registry), then removes it."""
+    import tagfer.models.backends as B
+
+    built: list[str] = []
+
+    @B.register_backend("probe", usage="probe:NAME")
+    def build_probe(target, **kw):  # command lines pass their common options; a kind takes what it uses
+        built.append(target)
+        return _Probe(target)
+
+    yield built
+    B.BACKENDS.unregister("probe")
+
+
+def test_a_new_backend_is_one_registration(probe_kind, tmp_path, rafdb_root, astronaut_path):
     import json
 
     from typer.testing import CliRunner
 
     from tagfer.cli import app
-    import tagfer.models.backends as B
+    from tagfer.models.backends import backend_kinds
 
-    monkeypatch.setattr(B, "_KINDS", dict(B._KINDS))
-    built = []
-    B.register_backend("probe", lambda target, kw: built.append(target) or _Probe(target), usage="probe:NAME")
-    assert "probe:NAME" in B.backend_kinds()
+    assert "probe:NAME" in backend_kinds()
     runner = CliRunner()
     r = runner.invoke(app, ["eval", "--model", "probe:p1", "--dataset", f"rafdb:{rafdb_root}", "--out", str(tmp_path / "p.jsonl"),
                             "--no-progress", "--batch-size", "3", "--concurrency", "2"])
@@ -494,7 +509,7 @@ def test_a_new_backend_is_one_registration(monkeypatch, tmp_path, rafdb_root, as
     assert r.exit_code == 0, r.output
     (a,) = json.loads(r.stdout.splitlines()[-1])["analyses"]
     assert a["engine"] == "probe:p2" and a["trace"] == _Probe.reply and a["label"] == "happiness"
-    assert built == ["p1", "p2"]
+    assert probe_kind == ["p1", "p2"]
     r = runner.invoke(app, ["eval", "--model", "nope:x", "--dataset", f"rafdb:{rafdb_root}", "--out", str(tmp_path / "q.jsonl")])
     assert r.exit_code == 2 and "unknown model kind 'nope'" in r.output
 
@@ -519,3 +534,64 @@ def test_openai_backend_prepared_images_tags_and_async_requests(srv):
         assert bad.error is not None and bad.text is None
     finally:
         b.close()
+
+
+# ----------------------------------------------------------------------------- the FACS backend (one model interface)
+
+class _CountingDetector:
+    """Stands in for the facs backend's own AU detector: counts the detections it is asked for."""
+
+    def __init__(self, rows):
+        self.rows, self.calls = rows, 0
+
+    def detect(self, image, key=None):
+        from fixtures_data import FakeAUDetector
+
+        self.calls += 1
+        return FakeAUDetector({"k": self.rows}).detect(image, "k")
+
+    def close(self):
+        pass
+
+
+def test_facs_backend_writes_from_a_grounded_face_without_detecting(astronaut_path):
+    """A request carrying the caller's grounded face (FaceAUs, or its AU list) is explained from those
+    AUs: no detection, no pixels; the engine's decision comes back in ``info``."""
+    from fixtures_data import FakeAUDetector, fake_au_rows
+
+    from tagfer.au.facs import TRAINING_CONFIG, explain
+
+    (face,) = FakeAUDetector({"k": fake_au_rows(3)}).detect(None, "k")
+    det = _CountingDetector(fake_au_rows(3))
+    b = FACSBackend(config=TRAINING_CONFIG)
+    b._detector = det
+    out = list(b.generate([GenRequest("f", face=face), GenRequest("aus", face=list(face.aus)),
+                           GenRequest("img", image=astronaut_path), GenRequest("none")]))
+    ex = explain(face, TRAINING_CONFIG)
+    assert [r.id for r in out] == ["f", "aus", "img", "none"]
+    assert out[0].text == out[1].text == out[2].text == ex.trace and b.reads_face and b.thread_safe
+    assert out[0].info["label"] == ex.label and out[0].info["scores"] == ex.scores
+    assert out[0].info["evidence_aus"] == list(ex.evidence_aus)
+    assert det.calls == 1  # only the request without a face was detected
+    assert out[3].error["kind"] == "no_image" and out[3].text is None
+
+
+def test_call_lock_serialises_a_backend_that_is_not_thread_safe():
+    """Analyzers sharing one backend hold call_lock around generate: one lock per backend object
+    (the same for every caller), none for a thread-safe backend."""
+    from tagfer.models.backends import call_lock
+
+    class Plain:
+        thread_safe = False
+
+    class Unhashable(Plain):
+        __hash__ = None
+
+    a, b, u = Plain(), Plain(), Unhashable()
+    assert call_lock(a) is call_lock(a) and call_lock(a) is not call_lock(b)
+    assert call_lock(u) is call_lock(u)
+    with call_lock(a):
+        assert not call_lock(a).acquire(blocking=False)  # a second caller would wait
+    safe = types.SimpleNamespace(thread_safe=True)
+    with call_lock(safe), call_lock(safe):  # nothing to wait for
+        pass

@@ -18,7 +18,7 @@ from fixtures_data import FakeAUDetector, fake_au_rows, make_build_dataset
 from tagfer.core.jsonl import read_jsonl
 from tagfer.core.labels import LABELS, find_labels
 from tagfer.core.records import TAGSample
-from tagfer.data.build import BackendTeacher, BuildConfig, feedback, output_paths, parse_shard, run_build, shard_of
+from tagfer.data.build import BuildConfig, feedback, output_paths, parse_shard, run_build, shard_of
 from tagfer.traces.trace import parse_trace
 
 TESTS = Path(__file__).parent
@@ -73,13 +73,11 @@ class Script:
         return q.pop(0)
 
 
-def config_for(csv_path: Path, out: Path, url: str, **kw) -> BuildConfig:
-    base = dict(
-        sources=[f"generic:{csv_path}"], out=str(out), endpoints=[url], model="fake-vlm", concurrency=8, per_endpoint=8,
-        timeout_s=1.0, request_retries=3, backoff_base_s=0.01, backoff_max_s=0.05, au_workers=1,
-    )
-    base.update(kw)
-    return BuildConfig.from_dict(base)
+def config_for(csv_path: Path, out: Path, url: str, client=None, **kw) -> BuildConfig:
+    c = dict(endpoints=[url], model="fake-vlm", total_concurrency=8, per_endpoint_concurrency=8, timeout_s=1.0, max_retries=3,
+             backoff_base_s=0.01, backoff_max_s=0.05)
+    c.update(client or {})
+    return BuildConfig.from_dict(dict(sources=[f"generic:{csv_path}"], out=str(out), au_workers=1, client=c, **kw))
 
 
 def accepted(out: Path, shard=(0, 1)) -> dict[str, dict]:
@@ -237,8 +235,8 @@ def _recording_teacher(replies: dict[str, list[str]], log: list[tuple[str, str, 
 
 @pytest.mark.parametrize("mode", ["repeat", "feedback"])
 def test_format_retry_modes_and_retry_count(tmp_path, fake_openai, mode):
-    """"repeat" (default, the paper) re-sends the same request; "feedback" appends the problems and
-    raises the temperature. One allowed retry = two requests = retries 1 (issue 12's off-by-one)."""
+    """"repeat" (default, the paper) re-sends the same inputs; "feedback" appends the problems. Both
+    sample the retry at retry_temperature. One allowed retry = two requests = retries 1 (issue 12's off-by-one)."""
     csv_path, table = make_build_dataset(tmp_path / "d", ["fear", "anger"])
     log: list[tuple[str, str, float]] = []
     replies = {
@@ -257,11 +255,38 @@ def test_format_retry_modes_and_retry_count(tmp_path, fake_openai, mode):
     for item in ("item0000", "item0001"):
         (p0, _, t0), (p1, _, t1) = [(p, i, t) for i, p, t in log if i == item]
         if mode == "repeat":
-            assert (p1, t1) == (p0, t0) == (p1, 0.0)
+            assert p1 == p0 and (t0, t1) == (0.0, 0.7)
         else:
             assert p1.startswith(p0) and "Your previous reply was not usable" in p1[len(p0):] and (t0, t1) == (0.0, 0.7)
     with pytest.raises(ValueError, match="format_retry"):
         BuildConfig(format_retry="louder")
+
+
+def test_repeat_retry_is_sampled_so_a_greedy_teacher_can_change_its_answer(tmp_path, fake_openai):
+    """Issue 20 #3: a greedy teacher is deterministic at temperature 0, so re-sending a malformed
+    request there returns the same reply. Here the teacher is malformed whenever it decodes greedily
+    and well-formed only when sampled: the "repeat" retry keeps the prompt, samples at
+    retry_temperature, and the item is accepted (both the quality verdict and the trace)."""
+    csv_path, table = make_build_dataset(tmp_path / "d", ["fear"])
+    log: list[tuple[str, float]] = []
+
+    def greedy_teacher(req: dict, index: int):
+        p, t = prompt_of(req), req.get("temperature")
+        log.append((p, t))
+        if "suitable_for_training" in p:
+            return "I think it is fine." if t == 0 else quality()
+        return MALFORMED if t == 0 else trace(0, "fear")
+
+    srv = fake_openai(greedy_teacher)
+    cfg = config_for(csv_path, tmp_path / "o", srv.url, max_format_retries=1, retry_temperature=0.6)
+    assert cfg.format_retry == "repeat" and cfg.temperature == 0.0
+    s = run_build(cfg, detector=FakeAUDetector(table))
+    assert s.accepted == 1 and s.requests == 4 and s.format_retries == 2
+    (q0, tq0), (q1, tq1), (p0, tp0), (p1, tp1) = log
+    assert (q1, p1) == (q0, p0)  # the same inputs
+    assert (tq0, tq1, tp0, tp1) == (0.0, 0.6, 0.0, 0.6)  # greedy first, sampled retry
+    assert accepted(tmp_path / "o")["generic/item0000"]["meta"]["retries"] == 2
+    assert BuildConfig().retry_temperature == 0.7  # the documented default
 
 
 def test_feedback_never_echoes_labels():
@@ -318,7 +343,7 @@ def test_duplicate_ids_in_the_stream_are_built_once(tmp_path, fake_openai):
 def test_teacher_failure_is_retryable_on_the_next_run(tmp_path, fake_openai):
     csv_path, table = make_build_dataset(tmp_path / "d", ["fear", "anger"])
     srv = fake_openai(lambda req, i: Reply(status=503))
-    cfg = config_for(csv_path, tmp_path / "o", srv.url, request_retries=1)
+    cfg = config_for(csv_path, tmp_path / "o", srv.url, client={"max_retries": 1})
     s = run_build(cfg, detector=FakeAUDetector(table))
     assert s.reasons == {"teacher_error": 2} and s.failed == 2 and s.exit_code == 1
     assert all(r["retryable"] and "http_503" in r["detail"] for r in rejected(tmp_path / "o").values())
@@ -407,7 +432,7 @@ def test_kill9_midway_then_resume_gives_the_same_accepted_set(tmp_path, fake_ope
     assert ref.accepted == len(ref_acc) and 0 < ref.accepted < n
 
     out = tmp_path / "killed"
-    cfg = config_for(csv_path, out, srv.url, concurrency=4, per_endpoint=4)
+    cfg = config_for(csv_path, out, srv.url, client={"total_concurrency": 4, "per_endpoint_concurrency": 4})
     d = cfg.to_json()
     d["shard"] = list(d["shard"])
     (tmp_path / "table.json").write_text(json.dumps(table))
@@ -465,6 +490,27 @@ def test_facs_teacher_on_real_faces(rafdb_root, tmp_path):
     assert {r["reason"] for r in rej.values()} <= {"facs_mismatch", "no_face", "no_au"}
 
 
+def test_facs_teacher_writes_from_the_grounded_face(tmp_path):
+    """`--teacher facs` calls the facs backend with each item's grounded face (no second detection:
+    the synthetic images hold no face MediaPipe could find) and keeps facs_sample's behaviour: the
+    same trace and meta when the engine's label is the truth, `facs_mismatch` otherwise."""
+    from tagfer.au.facs import explain, facs_sample
+
+    (face,) = FakeAUDetector({"k": fake_au_rows(0)}).detect(None, "k")
+    label = explain(face).label
+    wrong = next(lab for lab in LABELS if lab != label)
+    csv_path, table = make_build_dataset(tmp_path / "d", [label, wrong])
+    cfg = BuildConfig(sources=[f"generic:{csv_path}"], out=str(tmp_path / "o"), teacher="facs", au_workers=1)
+    s = run_build(cfg, detector=FakeAUDetector(table))
+    assert (s.accepted, s.reasons, s.requests) == (1, {"facs_mismatch": 1}, 0)
+    (got,) = accepted(tmp_path / "o").values()
+    (face0,) = FakeAUDetector(table).detect(None, str(tmp_path / "d" / "img" / "0000.png"))
+    ref = facs_sample(face0, label=label, id=got["id"], source="generic", image=got["image"]).to_json()
+    ref["meta"].update({"top": [list(a[:2]) + [list(a[2])] for a in [(d.au, d.score, d.box) for d in face0.top]],
+                        "original_label": label})
+    assert got == json.loads(json.dumps(ref))
+
+
 def test_ferplus_bytes_images_are_written(ferplus_root, tmp_path):
     cfg = BuildConfig(sources=[f"ferplus:{ferplus_root}"], out=str(tmp_path / "o"), teacher="facs", au_workers=1, limit=3)
     s = run_build(cfg)
@@ -477,12 +523,12 @@ def test_tiny_random_vlm_garbage_is_rejected_cleanly(tiny_vlm, tmp_path):
     from tagfer.models.backends import TransformersBackend
 
     csv_path, table = make_build_dataset(tmp_path / "d", ["fear", "anger"])
-    teacher = BackendTeacher(TransformersBackend(tiny_vlm), max_tokens=12)
-    cfg = BuildConfig(sources=[f"generic:{csv_path}"], out=str(tmp_path / "o"), max_format_retries=0)
+    teacher = TransformersBackend(tiny_vlm)  # a Backend is the teacher, called directly
+    cfg = BuildConfig(sources=[f"generic:{csv_path}"], out=str(tmp_path / "o"), max_format_retries=0, max_tokens=12)
     s = run_build(cfg, detector=FakeAUDetector(table), teacher=teacher)
     assert s.accepted == 0 and s.reasons == {"quality_invalid": 2}
-    cfg2 = BuildConfig(sources=[f"generic:{csv_path}"], out=str(tmp_path / "o2"), quality=False, max_format_retries=1)
-    s = run_build(cfg2, detector=FakeAUDetector(table), teacher=BackendTeacher(TransformersBackend(tiny_vlm), max_tokens=12))
+    cfg2 = BuildConfig(sources=[f"generic:{csv_path}"], out=str(tmp_path / "o2"), quality=False, max_format_retries=1, max_tokens=12)
+    s = run_build(cfg2, detector=FakeAUDetector(table), teacher=teacher)
     assert s.accepted == 0 and s.reasons == {"format": 2} and s.requests == 4
 
 
@@ -587,8 +633,8 @@ def test_cli_build_honours_the_config_file(rafdb_root, tmp_path, fake_openai):
 
     srv = fake_openai(recording)
     out = tmp_path / "cfg_built"
-    cfg = {"sources": [f"rafdb:{rafdb_root}"], "out": str(out), "quality": False, "top_k": 2, "max_tokens": 77,
-           "endpoints": [srv.url], "model": "fake", "limit": 3, "concurrency": 64, "au_workers": 1, "timeout_s": 5}
+    cfg = {"sources": [f"rafdb:{rafdb_root}"], "out": str(out), "quality": False, "top_k": 2, "max_tokens": 77, "limit": 3,
+           "au_workers": 1, "client": {"endpoints": [srv.url], "model": "fake", "total_concurrency": 64, "timeout_s": 5}}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     r = CliRunner().invoke(app, ["build", "--config", str(tmp_path / "cfg.json"), "--no-progress"])
     assert r.exit_code == 0, r.output
@@ -653,18 +699,23 @@ def test_build_config_holds_the_one_client_config():
     # every other client default is ClientConfig's own (declared once)
     base = ClientConfig(api_key="")
     assert all(getattr(d.client, f) == getattr(base, f) for f in ("total_concurrency", "per_endpoint_concurrency", "timeout_s", "max_retries", "endpoints"))
-    c = BuildConfig.from_dict({"concurrency": 9, "request_retries": 1, "client": {"max_retries": 4, "timeout_s": 7.0, "api_key": "sk-x",
-                                                                                "extra_headers": {"Authorization": "Bearer y"}}})
-    assert (c.client.total_concurrency, c.client.max_retries, c.client.timeout_s) == (9, 1, 7.0)  # a flat key wins over client
-    assert (c.concurrency, c.request_retries, c.timeout_s) == (9, 1, 7.0)  # read-only aliases of client
+    c = BuildConfig.from_dict({"client": {"total_concurrency": 9, "max_retries": 4, "timeout_s": 7.0, "api_key": "sk-x",
+                                          "extra_headers": {"Authorization": "Bearer y"}}})
+    assert (c.client.total_concurrency, c.client.max_retries, c.client.timeout_s) == (9, 4, 7.0)
     assert c.in_flight == 18
     j = c.to_json()
     assert "api_key" not in j["client"] and "extra_headers" not in j["client"] and "sk-x" not in json.dumps(j)
     assert BuildConfig.from_dict(j).client.total_concurrency == 9
     with pytest.raises(ValueError, match="'retries'.*known keys"):
         BuildConfig.from_dict({"retries": 3})
-    with pytest.raises(TypeError):
-        BuildConfig(request_retries=3)  # the flat names are read-only: construct with from_dict or client=
+    # client settings live once, under "client": a flat one is an unknown key that says where it goes
+    with pytest.raises(ValueError, match=r"'concurrency'.*go in \"client\".*total_concurrency"):
+        BuildConfig.from_dict({"concurrency": 3})
+    with pytest.raises(ValueError, match="client.max_retries must be an integer"):
+        BuildConfig.from_dict({"client": {"max_retries": "2"}})
+    with pytest.raises(ValueError, match="client must be a JSON object"):
+        BuildConfig.from_dict({"client": "http://h:1/v1"})
+    assert not hasattr(BuildConfig, "concurrency") and not hasattr(d, "request_retries")
 
 
 def test_teacher_comes_from_the_model_registry(monkeypatch, tmp_path):
@@ -673,12 +724,15 @@ def test_teacher_comes_from_the_model_registry(monkeypatch, tmp_path):
     from tagfer.data.build import teacher_backend
     from tagfer.models.backends import FACSBackend, OpenAIBackend
 
-    cfg = BuildConfig.from_dict({"endpoints": ["http://h0:1/v1", "http://h1:1/v1"], "model": "teach", "per_endpoint": 7})
+    from tagfer.au.facs import TRAINING_CONFIG
+
+    cfg = BuildConfig.from_dict({"client": {"endpoints": ["http://h0:1/v1", "http://h1:1/v1"], "model": "teach", "per_endpoint_concurrency": 7}})
     b = teacher_backend(cfg)
     assert isinstance(b, OpenAIBackend) and b.client_config == cfg.client and b.tag_requests  # one ClientConfig, not a copy
-    b = teacher_backend(BuildConfig.from_dict({"teacher": "openai:http://other:2/v1", "model": "teach", "tag_requests": False}))
+    b = teacher_backend(BuildConfig.from_dict({"teacher": "openai:http://other:2/v1", "client": {"model": "teach"}, "tag_requests": False}))
     assert b.client_config.endpoints == ["http://other:2/v1"] and b.client_config.model == "teach" and not b.tag_requests
-    assert isinstance(teacher_backend(BuildConfig(teacher="facs")), FACSBackend)
+    b = teacher_backend(BuildConfig(teacher="facs"))
+    assert isinstance(b, FACSBackend) and b.config == TRAINING_CONFIG  # training traces quote no detector numbers
     monkeypatch.setitem(sys.modules, "vllm", None)  # not installed: a clear usage error, no traceback
     with pytest.raises(ValueError, match="teacher 'vllm:/m'.*pip install vllm"):
         run_build(BuildConfig(sources=[], out=str(tmp_path / "v"), teacher="vllm:/m"))

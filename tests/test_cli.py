@@ -201,7 +201,10 @@ def _empty_build(tmp_path, *flags: str, config: dict | None = None):
     args = ["build", "--no-progress", *flags]
     if config is not None:
         cfg_file = tmp_path / "cfg.json"
-        cfg_file.write_text(json.dumps({"sources": [f"generic:{csv}"], "out": str(tmp_path / "o"), "model": "m", **config}))
+        body = {"sources": [f"generic:{csv}"], "out": str(tmp_path / "o"), **config}
+        if isinstance(body.get("client", {}), dict):
+            body["client"] = {"model": "m", **body.get("client", {})}
+        cfg_file.write_text(json.dumps(body))
         args += ["--config", str(cfg_file)]
     else:
         args += ["--source", f"generic:{csv}", "--out", str(tmp_path / "o"), "--model", "m"]
@@ -213,8 +216,9 @@ def _empty_build(tmp_path, *flags: str, config: dict | None = None):
 def test_build_config_file_values_are_kept(tmp_path):
     from tagfer.data.build import BuildConfig
 
-    file = {"quality": False, "top_k": 2, "max_tokens": 77, "endpoints": ["http://10.0.0.9:9000/v1"], "limit": 3, "concurrency": 64,
-            "per_endpoint": 16, "request_retries": 1, "timeout_s": 9.5, "max_eliminations": 4, "no_au": "skip"}
+    file = {"quality": False, "top_k": 2, "max_tokens": 77, "limit": 3, "max_eliminations": 4, "no_au": "skip",
+            "client": {"endpoints": ["http://10.0.0.9:9000/v1"], "total_concurrency": 64, "per_endpoint_concurrency": 16,
+                       "max_retries": 1, "timeout_s": 9.5}}
     r, got = _empty_build(tmp_path, config=file)
     assert r.exit_code == 0, r.output
     assert (got["quality"], got["top_k"], got["max_tokens"], got["limit"], got["max_eliminations"], got["no_au"]) == (False, 2, 77, 3, 4, "skip")
@@ -232,7 +236,7 @@ def test_build_config_file_values_are_kept(tmp_path):
 def test_build_explicit_flag_beats_file_beats_default(tmp_path):
     from tagfer.data.build import BuildConfig
 
-    file = {"quality": False, "concurrency": 64, "max_tokens": 77, "top_k": 2}
+    file = {"quality": False, "client": {"total_concurrency": 64}, "max_tokens": 77, "top_k": 2}
     r, got = _empty_build(tmp_path, "--concurrency", "8", "--quality", "--top-k", "1", config=file)
     assert r.exit_code == 0, r.output
     assert got["client"]["total_concurrency"] == 8 and got["quality"] is True and got["top_k"] == 1  # flags
@@ -247,10 +251,13 @@ def test_build_explicit_flag_beats_file_beats_default(tmp_path):
     assert got["client"]["total_concurrency"] == d.client.total_concurrency and got["client"]["endpoints"] == d.client.endpoints
 
 
-def test_build_config_old_and_nested_client_keys(tmp_path):
+def test_build_config_nested_client_keys_and_client_flags(tmp_path):
     r, got = _empty_build(tmp_path, "--per-endpoint", "5", config={"client": {"max_retries": 0, "per_endpoint_concurrency": 99}})
     assert r.exit_code == 0, r.output
-    assert got["client"]["max_retries"] == 0 and got["client"]["per_endpoint_concurrency"] == 5
+    assert got["client"]["max_retries"] == 0 and got["client"]["per_endpoint_concurrency"] == 5  # a flag wins over the file
+    # the client settings live once, under "client": a flat one in a file is refused with where it goes
+    r2, none = _empty_build(tmp_path / "flat", config={"concurrency": 64})
+    assert r2.exit_code == 2 and "'concurrency'" in flat(r2) and 'go in "client"' in flat(r2) and none is None
     # a build_config.json is itself a valid --config (round trip)
     from tagfer.data.build import BuildConfig
 
@@ -266,8 +273,10 @@ def test_build_bad_config_is_a_usage_error(tmp_path):
     assert r.exit_code == 2 and "shard" in flat(r)
     r, _ = _empty_build(tmp_path, config={"quality": "false"})  # a string is not a boolean (it would be truthy)
     assert r.exit_code == 2 and "quality must be true or false" in flat(r)
-    r, _ = _empty_build(tmp_path, config={"concurrency": "64"})
-    assert r.exit_code == 2 and "concurrency must be an integer" in flat(r)
+    r, _ = _empty_build(tmp_path, config={"client": {"total_concurrency": "64"}})
+    assert r.exit_code == 2 and "client.total_concurrency must be an integer" in flat(r)
+    r, _ = _empty_build(tmp_path, config={"client": "http://h:1/v1"})
+    assert r.exit_code == 2 and "client must be a JSON object" in flat(r)
     bad = tmp_path / "bad.json"
     for text, words in (("{not json", "not valid JSON"), ("[1, 2]", "JSON object")):
         bad.write_text(text)
@@ -285,10 +294,11 @@ def test_build_help_states_the_dataclass_defaults():
 
     import typer
 
-    from tagfer.data.build import CLIENT_KEYS, BuildConfig
+    from tagfer.cli.data import CLIENT_FLAGS
+    from tagfer.data.build import BuildConfig
 
     cfg = BuildConfig()
-    rename = {"timeout": "timeout_s", "endpoint": "endpoints", "source": "sources"}
+    rename = {"source": "sources"}
     cmd = typer.main.get_command(app).commands["build"]
     checked = 0
     for p in cmd.params:
@@ -298,8 +308,7 @@ def test_build_help_states_the_dataclass_defaults():
         m = re.search(r"\(default:? ([^,;)]+)", p.help or "")
         if not m:
             continue
-        field = rename.get(p.name, p.name)
-        value = getattr(cfg.client, CLIENT_KEYS[field]) if field in CLIENT_KEYS else getattr(cfg, field)
+        value = getattr(cfg.client, CLIENT_FLAGS[p.name]) if p.name in CLIENT_FLAGS else getattr(cfg, rename.get(p.name, p.name))
         shown = m.group(1).split()[0]
         if value is None:  # described in words ("the server's first model")
             continue

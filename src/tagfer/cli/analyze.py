@@ -12,19 +12,10 @@ from rich.text import Text
 import typer
 
 from tagfer.cli._app import app, console, out_console
+from tagfer.cli._shared import resolve_image, set_verbose
 from tagfer.cli import video as _video
 
 _EXIT_HELP = "Exit codes: 0 ok; 1 an image failed (unreadable, no face); 2 bad options / model not available; 3 a model output is malformed."
-
-
-def _resolve_image(p: Path) -> Path:
-    """``sample:astronaut`` / ``sample:grace_hopper`` → the real face shipped by an installed package."""
-    s = str(p)
-    if s.startswith("sample:"):
-        from tagfer.core.samples import sample_face_path  # lazy: keeps `tagfer --help` fast
-
-        return sample_face_path(s.split(":", 1)[1])
-    return p
 
 
 def _print_result(res, show_scores: bool, show_all_aus: bool) -> None:
@@ -94,7 +85,6 @@ def analyze_cmd(
     """Explain the expression of every face: label, TAG trace with boxes, detector AUs, overlay.
     Videos (.mp4 .webm .mov .avi …, folders with --video) need --out: frames, segments, annotated video, plot (docs/video.md)."""
     from tagfer.au.video import split_video_inputs  # lazy (start-up time): PIL
-    from tagfer.cli.au import set_verbose  # lazy: circular import
 
     set_verbose(verbose)
 
@@ -156,10 +146,11 @@ def analyze_images(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     # lazy (start-up time): PIL
-    from tagfer.explainer.analyze import EXIT_FAILED, EXIT_MALFORMED, EXIT_USAGE, BatchSetupError, analyze_batch
+    from tagfer.explainer.batch import BatchSetupError, analyze_batch
+    from tagfer.explainer.records import EXIT_FAILED, EXIT_MALFORMED, EXIT_USAGE
 
     try:
-        images = [_resolve_image(p) for p in images]
+        images = [resolve_image(p) for p in images]
     except (ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(EXIT_USAGE)

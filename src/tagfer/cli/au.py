@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,6 +10,7 @@ from rich.table import Table
 
 from tagfer.core.canvas import CANVAS, TOP_K
 from tagfer.cli._app import app, console, out_console
+from tagfer.cli._shared import resolve_image, set_verbose
 from tagfer.cli import video as _video
 
 
@@ -21,12 +19,6 @@ def _au_config(top_k: int, threshold: float, bilateral: str, canvas: int, candid
 
     extra = {} if candidate_threshold is None else {"candidate_threshold": candidate_threshold}
     return AUConfig(threshold=threshold, top_k=top_k, bilateral=bilateral, canvas=canvas, **extra)
-
-
-def set_verbose(verbose: bool) -> None:
-    """``--verbose``: let MediaPipe's C++ log lines through (``TAGFER_VERBOSE``, inherited by workers)."""
-    if verbose:
-        os.environ["TAGFER_VERBOSE"] = "1"
 
 
 def _print_faces(rec: dict) -> None:
@@ -104,10 +96,8 @@ def au_cmd(
     from tagfer.au.detectors import DetectorSpec  # lazy (start-up time): PIL
     from tagfer.au.grounding import GroundingConfig, run_grounding  # lazy (start-up time): PIL
 
-    from tagfer.cli.analyze import _resolve_image  # lazy: circular import
-
     try:
-        inputs = [_resolve_image(p) for p in inputs]  # sample:astronaut, as in tagfer analyze
+        inputs = [resolve_image(p) for p in inputs]  # sample:astronaut, as in tagfer analyze
     except (ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
@@ -165,7 +155,7 @@ def demo_cmd(
     set_verbose(verbose)
     from tagfer.au.detectors import DetectorSpec  # lazy (start-up time): PIL
     from tagfer.au.grounding import GroundingConfig, run_grounding  # lazy (start-up time): PIL
-    from tagfer.cli.analyze import analyze_images  # lazy: circular import
+    from tagfer.cli.analyze import analyze_images  # here, not above: `analyze` registers its commands after `au`'s
     from tagfer.core.samples import sample_face_path  # lazy: keeps `tagfer --help` fast
 
     out.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,69 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
 from tagfer.cli._app import app, console, layered_config, out_console, usage_error
+
+#: The ``tagfer build`` options that set the teacher's client (``BuildConfig.client``): option → ClientConfig field.
+CLIENT_FLAGS = {
+    "endpoint": "endpoints",
+    "model": "model",
+    "concurrency": "total_concurrency",
+    "per_endpoint": "per_endpoint_concurrency",
+    "timeout": "timeout_s",
+    "request_retries": "max_retries",
+    "image_side": "image_side",
+}
+
+
+class BuildStatus:
+    """The live one-line status of ``tagfer build`` (rich), folded from the build's ``on_result`` events:
+    items done, accepted, rejected, format retries, eliminations, teacher requests and their rate."""
+
+    def __init__(self, console: Any, enabled: bool = True):
+        self.console, self.enabled = console, enabled
+        self.accepted = self.rejected = self.retries = self.eliminations = self.requests = 0
+        self.t0 = time.monotonic()
+        self._live: Any = None
+
+    def update(self, kind: str, record: dict[str, Any]) -> None:
+        """One written line (``kind``: accepted | rejected); counts come from its record."""
+        info = record.get("meta", record) if kind == "accepted" else record
+        self.accepted += kind == "accepted"
+        self.rejected += kind != "accepted"
+        self.retries += int(info.get("retries") or 0)
+        self.eliminations += int(info.get("eliminations") or 0)
+        self.requests += int(info.get("requests") or 0)
+
+    def line(self) -> str:
+        dt = max(1e-9, time.monotonic() - self.t0)
+        return (f"done {self.accepted + self.rejected}  accepted {self.accepted}  rejected {self.rejected}  "
+                f"retries {self.retries}  eliminations {self.eliminations}  requests {self.requests}  {self.requests / dt:.1f} req/s")
+
+    def __rich__(self) -> Any:
+        from rich.text import Text  # lazy: keeps `tagfer --help` fast
+
+        return Text(self.line())
+
+    def __enter__(self) -> "BuildStatus":
+        if self.enabled:
+            from rich.live import Live  # lazy: keeps `tagfer --help` fast
+
+            self._live = Live(self, console=self.console, refresh_per_second=2, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._live is not None:
+            self._live.refresh()
+            self._live.__exit__(*exc)
+            if not self.console.is_terminal:  # rich leaves the last frame unterminated off a terminal
+                self.console.line()
 
 
 # Options of `tagfer build` default to None ("not given"): the only defaults are BuildConfig's (docs/data.md),
@@ -36,12 +93,12 @@ def build_cmd(
     image_side: Optional[int] = typer.Option(None, "--image-side", min=28, help="Longer image side sent to the teacher (paper: 224)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=16, help="Max new tokens per teacher reply (default 1024)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Temperature of the first try (default 0)."),
-    retry_temperature: Optional[float] = typer.Option(None, "--retry-temperature", min=0.0, help="Temperature of retries and elimination rounds (default 0.7)."),
+    retry_temperature: Optional[float] = typer.Option(None, "--retry-temperature", min=0.0, help="Temperature of every format retry and elimination round (default 0.7; the first request uses --temperature)."),
     prompt_dir: Optional[Path] = typer.Option(None, "--prompt-dir", help="Folder with your own teacher_quality/trace/candidates/trace_noau.txt (missing ones: packaged)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Stop after this many new items (trial runs)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="JSON object of BuildConfig fields (docs/data.md); an option given on the command line wins over the file, the file over the defaults."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live status line."),
-    format_retry: Optional[str] = typer.Option(None, "--format-retry", help="Format retries: repeat (default, the paper: the same request again) | feedback (problems appended, --retry-temperature)."),
+    format_retry: Optional[str] = typer.Option(None, "--format-retry", help="Format retries: repeat (default, the paper: the same inputs again) | feedback (problems appended); both sampled at --retry-temperature."),
     min_tags: Optional[int] = typer.Option(None, "--min-tags", min=0, help="Fewest AU tags a trace must hold when it has an AU list (default 0; the paper lets the teacher select none)."),
     au_threshold: Optional[float] = typer.Option(None, "--au-threshold", min=0.0, max=1.0, help="Activation threshold: AUs scoring at least this are activated (B_AU, R_AU targets). Default: tagfer.au.aus.AUConfig."),
     au_candidate_threshold: Optional[float] = typer.Option(None, "--au-candidate-threshold", min=0.0, max=1.0, help="Confidence an activated AU needs to enter the teacher's top-K AU list. Default: tagfer.au.aus.AUConfig."),
@@ -62,13 +119,17 @@ def build_cmd(
             if p.is_file():
                 prompts[f"prompt_{key}"] = str(p)
     fields = layered_config(config_file, dict(
-        sources=list(source) if source else None, out=str(out) if out is not None else None, endpoints=list(endpoint) if endpoint else None,
-        model=model, teacher=teacher, split=split, shard=shard, concurrency=concurrency, per_endpoint=per_endpoint, timeout_s=timeout,
-        request_retries=request_retries, top_k=top_k, quality=quality, max_format_retries=max_format_retries,
+        sources=list(source) if source else None, out=str(out) if out is not None else None,
+        teacher=teacher, split=split, shard=shard, top_k=top_k, quality=quality, max_format_retries=max_format_retries,
         max_eliminations=max_eliminations, last_candidate=last_candidate, no_au=no_au, detector=detector, au_workers=au_workers,
-        image_side=image_side, max_tokens=max_tokens, temperature=temperature, retry_temperature=retry_temperature, limit=limit, format_retry=format_retry, min_tags=min_tags,
+        max_tokens=max_tokens, temperature=temperature, retry_temperature=retry_temperature, limit=limit, format_retry=format_retry, min_tags=min_tags,
         au_threshold=au_threshold, au_candidate_threshold=au_candidate_threshold, **prompts,
     ))
+    given = {field: value for field, value in zip(CLIENT_FLAGS.values(), (
+        list(endpoint) if endpoint else None, model, concurrency, per_endpoint, timeout, request_retries, image_side)) if value is not None}
+    if given:  # a client flag wins over the same field of the file's "client"
+        client = fields.get("client") or {}
+        fields["client"] = {**client, **given} if isinstance(client, dict) else client  # a bad "client" is reported below
     if not fields.get("sources"):
         usage_error("no dataset: give --source (or \"sources\" in --config)")
     if not fields.get("out"):
@@ -78,7 +139,8 @@ def build_cmd(
     except (TypeError, ValueError) as e:
         usage_error(f"bad build config: {e}")
     try:
-        summary = run_build(cfg, progress=progress, console=console)
+        with BuildStatus(console, enabled=progress) as status:
+            summary = run_build(cfg, on_result=status.update)
     except (FileNotFoundError, ValueError) as e:
         usage_error(str(e))
     except ItemError as e:  # e.g. the teacher server cannot be reached to discover the model name
