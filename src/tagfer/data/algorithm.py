@@ -174,7 +174,8 @@ async def process_item(
         while True:
             check = await ask_until_valid(
                 prompts.trace_prompt(item.au_list_text, candidates),
-                lambda text: check_trace(text, item.au_pool, candidates, max_regions=config.max_regions, min_tags=config.min_tags),
+                lambda text: check_trace(text, item.au_pool, candidates, max_regions=config.max_regions if config.limit_tags else None,
+                                           min_tags=config.min_tags, unique_tags=config.unique_tags),
                 lambda ch: ch.ok, first=first, with_feedback=True)
             first = False
             if not check.ok:

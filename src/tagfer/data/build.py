@@ -99,7 +99,7 @@ from tagfer.data.build_config import BuildConfig, parse_shard, teacher_client
 from tagfer.data.ground import DetectorPool, GroundedItem, ground_record
 from tagfer.data.sources import SourceRecord, SourceStats, open_source
 from tagfer.models.backends import Backend, BackendUnavailable, backend_kinds, make_backend, parse_spec
-from tagfer.models.openai_client import run_coroutine_sync
+from tagfer.core.aio import run_sync
 
 __all__ = [
     "BuildConfig",
@@ -360,4 +360,4 @@ async def build(
 
 def run_build(config: BuildConfig, **kw: Any) -> BuildSummary:
     """Synchronous wrapper of :func:`build`."""
-    return run_coroutine_sync(build(config, **kw))
+    return run_sync(build(config, **kw))

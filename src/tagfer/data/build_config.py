@@ -41,7 +41,9 @@ class BuildConfig:
     its malformed reply), ``max_tokens``. Algorithm: ``top_k`` (3), ``max_regions`` (3), ``quality``
     (Stage I on/off), ``max_format_retries``, ``max_eliminations``,
     ``last_candidate``, ``no_au``, ``format_retry``, ``max_requests``,
-    ``min_tags``. Prompts: ``prompt_*`` override files. AU detector: ``detector``
+    ``min_tags``; two Stage III rules that are ours, not the paper's (docs/data.md), each
+    switchable: ``unique_tags`` (no AU tagged twice) and ``limit_tags`` (at most ``max_regions``
+    tags in a reply). Prompts: ``prompt_*`` override files. AU detector: ``detector``
     (a :class:`tagfer.au.detectors.DetectorSpec` kind: ``mediapipe``,
     ``openface:PATH``, ``table:PATH``), ``au_threshold`` (activation, B_AU),
     ``au_candidate_threshold`` (the teacher's candidate pool; ``None`` = the
@@ -70,6 +72,8 @@ class BuildConfig:
     format_retry: str = "repeat"
     max_requests: int = 32
     min_tags: int = 0
+    unique_tags: bool = True
+    limit_tags: bool = True
     prompt_quality: str | None = None
     prompt_trace: str | None = None
     prompt_candidates: str | None = None

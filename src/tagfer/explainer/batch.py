@@ -116,6 +116,8 @@ def analyze_batch(
         summary.skipped = summary.given - len(paths)
     if overlay is not None and Path(overlay).suffix.lower() == ".png" and len(paths) > 1:
         raise BatchSetupError("--overlay OUT.png takes one image; give a directory for several")
+    # the output's lock is taken before any model loads: a second run on the same --out stops at once
+    writer = JsonlWriter(out) if out is not None else None
     own_engine = None  # a backend built here from a spec is closed here; one handed in stays the caller's
     try:
         if factory is None:
@@ -134,11 +136,12 @@ def analyze_batch(
     except Exception as e:  # model / landmarker not available: the batch cannot start
         if own_engine is not None:
             getattr(own_engine, "close", lambda: None)()
+        if writer is not None:
+            writer.close()
         raise BatchSetupError(str(e)) from e
     if on_start is not None:
         on_start(len(paths))
 
-    writer = JsonlWriter(out) if out is not None else None
     try:
         for res in ordered_map(lambda p: pool.run(lambda a: a.run(p)), paths, workers=workers, name="tagfer-analyze"):
             if res.ok and overlay is not None:

@@ -90,11 +90,8 @@ __all__ = [
     "chat_many",
     "normalize_endpoint",
     "RETRYABLE_STATUS",
-    "run_coroutine_sync",
 ]
 
-# Kept under the old name for data/build.py; new code uses tagfer.core.aio.run_sync.
-run_coroutine_sync = run_sync
 ERROR_BODY_BYTES = 64 * 1024  # most bytes read from a non-200 body (it only feeds the message)
 
 

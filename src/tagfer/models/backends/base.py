@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 from tagfer.core.errors import ItemError
+from tagfer.traces.boxtags import limit_boxes
 
 ImageLike = Image.Image | str | os.PathLike | bytes  # or an H×W×3 uint8 numpy array
 
@@ -152,33 +153,9 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-_BOX_OPEN = re.compile(r"<\s*bbox\s*>", re.IGNORECASE)
-_BOX_CLOSE = re.compile(r"<\s*/\s*bbox\s*>", re.IGNORECASE)
-
-
-def limit_boxes(text: str | None, max_boxes: int | None) -> tuple[str | None, dict[str, Any] | None]:
-    """Cut ``text`` after the closing tag of its ``max_boxes``-th box when more boxes follow.
-
-    Returns ``(text, None)`` when within the limit, else ``(cut text, {"max_boxes", "boxes",
-    "cut_at"})`` (``boxes``: openings in the full reply). Without a closing tag before the
-    next opening, the cut is at that next opening.
-    """
-    if text is None or max_boxes is None:
-        return text, None
-    opens = [m.start() for m in _BOX_OPEN.finditer(text)]
-    if len(opens) <= max_boxes:
-        return text, None
-    nxt = opens[max_boxes]
-    cut = nxt
-    if max_boxes > 0:
-        close = _BOX_CLOSE.search(text, opens[max_boxes - 1])
-        if close is not None and close.end() <= nxt:
-            cut = close.end()
-    return text[:cut], {"max_boxes": max_boxes, "boxes": len(opens), "cut_at": cut}
-
-
 def _limited(res: GenResult, max_boxes: int | None) -> GenResult:
-    """``res`` with its text cut to ``max_boxes`` boxes; the violation goes to ``info["box_limit"]``."""
+    """``res`` held to ``max_boxes`` boxes (:func:`tagfer.traces.boxtags.limit_boxes`: the extra box
+    elements removed, the answer kept); the repair note goes to ``info["box_limit"]``."""
     text, violation = limit_boxes(res.text, max_boxes)
     if violation is not None:
         res.text = text

@@ -35,6 +35,8 @@ class TransformersBackend(_BackendBase):
     """
 
     name = "hf"
+    #: ``BoxLimitProcessor`` bans a 4th box opening while decoding
+    decodes_box_limit = True
 
     def __init__(self, vlm_or_config: Any, batch_size: int = 8, **load_kw: Any):
         if hasattr(vlm_or_config, "generate"):  # a loaded tagfer.models.vlm.VLM, or anything with its generate()

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
+from tagfer.core.aio import LoopThread
 from tagfer.models.backends.base import (
     GenerationConfig,
     GenRequest,
@@ -22,40 +23,6 @@ from tagfer.models.backends.base import (
 )
 
 __all__ = ["OpenAIBackend"]
-
-
-class _LoopThread:
-    """An asyncio event loop running in a daemon thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="tagfer-backend-loop", daemon=True)
-        self.thread.start()
-
-    def submit(self, coro: Any):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro: Any, timeout: float | None = None) -> Any:
-        return self.submit(coro).result(timeout)
-
-    def stop(self, finalize: Callable[[], Any] | None = None) -> None:
-        """Cancel pending tasks, await ``finalize()`` (a coroutine function), stop the loop."""
-
-        async def cancel_all() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if finalize is not None:
-                await finalize()
-
-        try:
-            self.run(cancel_all(), timeout=30)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(30)
-            if not self.loop.is_running():
-                self.loop.close()
 
 
 class OpenAIBackend(_BackendBase):
@@ -94,16 +61,16 @@ class OpenAIBackend(_BackendBase):
         self.ordered = ordered
         self.tag_requests = tag_requests
         self.batch_size = n
-        self._runner: _LoopThread | None = None
+        self._runner: LoopThread | None = None
         self._client: Any = None
         self._lock = threading.Lock()
 
-    def _ensure(self) -> tuple[_LoopThread, Any]:
+    def _ensure(self) -> tuple[LoopThread, Any]:
         with self._lock:
             if self._runner is None:
                 from tagfer.models.openai_client import ChatClient  # lazy (start-up time): httpx, PIL
 
-                runner = _LoopThread()
+                runner = LoopThread("tagfer-backend-loop")
                 client = ChatClient(self.client_config)
                 runner.run(client.open())
                 self._runner, self._client = runner, client

@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from tagfer.traces.boxtags import vllm_sampling_kwargs
+
 from tagfer.models.backends.base import (
     BackendUnavailable,
     GenerationConfig,
@@ -33,6 +35,8 @@ class VLLMBackend(_BackendBase):
     """
 
     name = "vllm"
+    #: the box limit is enforced while decoding (structured outputs), not repaired afterwards
+    decodes_box_limit = True
 
     def __init__(self, model_path: str, chunk_size: int = 256, image_side: int = 224, image_format: str = "png",
                  **engine_kwargs: Any):
@@ -62,8 +66,11 @@ class VLLMBackend(_BackendBase):
         return self.model_path
 
     def _sampling(self, config: GenerationConfig):
+        """vLLM's sampling settings; ``max_boxes`` becomes a decode-time limit (a structured-output
+        regex, :func:`tagfer.traces.boxtags.vllm_sampling_kwargs`), so no reply needs repair."""
+        limit = {} if config.max_boxes is None else vllm_sampling_kwargs(self._vllm, config.max_boxes)
         return self._vllm.SamplingParams(temperature=config.temperature, top_p=config.top_p,
-                                         max_tokens=config.max_new_tokens, seed=config.seed)
+                                         max_tokens=config.max_new_tokens, seed=config.seed, **limit)
 
     def _chat(self, convs: list[list[dict[str, Any]]], sp: Any) -> list[tuple[str, str | None]]:
         outs = self.llm.chat(convs, sampling_params=sp, use_tqdm=False)
