@@ -159,9 +159,12 @@ class Analysis:
     r_fmt: float
     r_au: float | None
     face_aus: FaceAUs | None = field(default=None, repr=False, compare=False)  # not serialised
+    # grounded facs engine (issue 19): {"global", "local", "agreement", "decision"}; {} otherwise
+    views: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "face_aus"}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("face_aus", "views")}
+        out.update(self.views)
         if self.scores is not None:
             out["scores"] = {k: round(float(v), 4) for k, v in self.scores.items()}
         if self.r_au is not None:
@@ -226,6 +229,7 @@ class EngineOutput:
     trace: str
     scores: dict[str, float] | None = None
     evidence_aus: list[int] = field(default_factory=list)
+    views: dict[str, Any] = field(default_factory=dict)  # grounded facs engine: global / local / agreement
 
 
 class Engine(Protocol):
@@ -238,13 +242,12 @@ class FACSEngine:
     """The offline default: the ``facs`` backend (:class:`tagfer.models.backends.FACSBackend`) explaining
     the faces the analyzer's detector found (no second detection, no pixels). Thread-safe (pure)."""
 
-    name = "facs"
-    needs_pixels = False
-
-    def __init__(self, config: FACSConfig = DEFAULT_FACS, backend: Any = None):
+    def __init__(self, config: FACSConfig = DEFAULT_FACS, backend: Any = None, rules_only: bool = False):
         from tagfer.models.backends import FACSBackend  # lazy (start-up time): asyncio, concurrent
 
-        self.backend = backend if backend is not None else FACSBackend(config=config)
+        self.backend = backend if backend is not None else FACSBackend(config=config, rules_only=rules_only)
+        self.name = self.backend.name
+        self.needs_pixels = not self.backend.rules_only  # the grounded engine's global net looks at the face
 
     @property
     def config(self) -> FACSConfig:
@@ -252,9 +255,9 @@ class FACSEngine:
 
     def run(self, faces: Sequence[tuple[Image.Image | None, FaceAUs]]) -> list[EngineOutput]:
         out = []
-        for _, fa in faces:
-            ex = self.backend.explain(fa)
-            out.append(EngineOutput(ex.trace, dict(ex.scores), list(ex.evidence_aus)))
+        for pic, fa in faces:
+            ex = self.backend.explain(fa, pic)
+            out.append(EngineOutput(ex.trace, dict(ex.scores), list(ex.evidence_aus), ex.views()))
         return out
 
     def close(self) -> None:
@@ -497,7 +500,8 @@ class Analyzer:
         if isinstance(self.engine, FACSEngine) and engine_canvas != self.au_config.canvas:
             if not from_spec:
                 raise ValueError(f"the FACS engine's canvas ({engine_canvas}) differs from the detector's ({self.au_config.canvas})")
-            self.engine = FACSEngine(replace(self.engine.config, canvas=self.au_config.canvas))  # built here: follow the detector
+            self.engine = FACSEngine(replace(self.engine.config, canvas=self.au_config.canvas),
+                                     rules_only=self.engine.backend.rules_only)  # built here: follow the detector
         self.frame = frame
         self.face_margin = face_margin
         self.reward_config = reward_config
@@ -568,6 +572,7 @@ class Analyzer:
                     r_fmt=r_fmt(parsed, cfg),
                     r_au=r_au(parsed, au_boxes, matching=cfg.matching, canvas=cfg.canvas, au_count=cfg.au_count),
                     face_aus=fa,
+                    views=dict(out.views),
                 )
             )
         return result

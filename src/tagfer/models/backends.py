@@ -661,12 +661,21 @@ class FACSBackend(_BackendBase):
 
     name = "facs"
 
-    def __init__(self, spec: Any = None, config: Any = None):
+    def __init__(self, spec: Any = None, config: Any = None, rules_only: bool = False, engine: Any = None):
         from tagfer.au.facs import DEFAULT_CONFIG  # lazy (start-up time): urllib, importlib
 
         self.spec = spec
         self.config = config if config is not None else DEFAULT_CONFIG
         self._detector: Any = None
+        # issue 19: by default a FER net's global impression + AU evidence (tagfer.au.impression.GroundedEngine);
+        # rules_only (spec facs-rules): the FACS prototypes alone (tagfer.au.facs.explain)
+        self.rules_only = rules_only
+        self.name = "facs-rules" if rules_only else "facs"
+        self._grounded: Any = engine
+        if not rules_only and engine is None:
+            from tagfer.au.impression import GroundedEngine  # lazy (start-up time): numpy, PIL
+
+            self._grounded = GroundedEngine(facs=self.config)  # fails now (ImpressionUnavailable) if the net is missing
 
     @property
     def detector(self) -> Any:
@@ -679,11 +688,14 @@ class FACSBackend(_BackendBase):
     def warm(self) -> None:
         self.detector  # noqa: B018 - builds it
 
-    def explain(self, face: Any) -> Any:
-        """The engine's :class:`tagfer.au.facs.Explanation` of one grounded face (:class:`tagfer.au.aus.FaceAUs`)."""
+    def explain(self, face: Any, image: Any = None) -> Any:
+        """The engine's :class:`tagfer.au.facs.FACSExplanation` of one grounded face (:class:`tagfer.au.aus.FaceAUs`);
+        ``image``: the picture its canvas was made from (needed unless ``rules_only``)."""
         from tagfer.au.facs import explain  # lazy (start-up time): urllib, importlib
 
-        return explain(face, self.config)
+        if self.rules_only:
+            return explain(face, self.config)
+        return self._grounded.explain(image, face)
 
     def generate(self, requests: Iterable[GenRequest], config: GenerationConfig | None = None,
                  on_result: Callable[[GenResult], None] | None = None) -> Iterator[GenResult]:
@@ -697,7 +709,8 @@ class FACSBackend(_BackendBase):
                     raise ItemError("no_image", "the FACS engine needs an image")
                 img = load_image(req.image)
                 faces = self.detector.detect(img, req.image if isinstance(req.image, str) else None)
-                res = GenResult(req.id, self.explain(largest_face(faces)).trace, None, dict(req.meta),
+                pic = None if self.rules_only else Image.fromarray(img.rgb)
+                res = GenResult(req.id, self.explain(largest_face(faces), pic).trace, None, dict(req.meta),
                                 {"backend": self.name, "latency_s": round(time.perf_counter() - t0, 4)})
             except ItemError as e:
                 res = GenResult.failure(req, e.kind, e.message, backend=self.name)
@@ -840,15 +853,21 @@ def _build_vllm(target: str, kw: dict[str, Any]) -> Backend:
     return VLLMBackend(target, **kw)
 
 
-def _build_facs(target: str, kw: dict[str, Any]) -> Backend:
+def _build_facs(target: str, kw: dict[str, Any], rules_only: bool = False) -> Backend:
     from tagfer.au.detectors import DetectorSpec  # lazy (start-up time): PIL
+    from tagfer.au.impression import ImpressionUnavailable  # lazy (start-up time): numpy, PIL
 
     kw = _drop(kw, ("detector",))
     detector = target or kw.pop("detector", None) or "mediapipe"
-    return FACSBackend(DetectorSpec(kind=detector), **kw)
+    try:
+        return FACSBackend(DetectorSpec(kind=detector), rules_only=rules_only, **kw)
+    except ImpressionUnavailable as e:
+        raise BackendUnavailable(f"{e} (or use --model facs-rules: the FACS rules alone, no net)") from e
 
 
 register_backend("hf", _build_hf, aliases=("transformers",), usage="hf:PATH")
 register_backend("openai", _build_openai, usage="openai:URL[,URL...]")
 register_backend("vllm", _build_vllm, usage="vllm:PATH")
 register_backend("facs", _build_facs, needs_target=False, usage="facs[:DETECTOR]")
+register_backend("facs-rules", lambda t, kw: _build_facs(t, kw, rules_only=True), needs_target=False,
+                 usage="facs-rules[:DETECTOR]")
