@@ -283,3 +283,15 @@ def test_every_grounded_trace_is_well_formed_and_honest(scores, raw, numbers):
     g = dict(zip(LABELS, raw))
     cfg = FACSConfig(numbers=numbers)
     check_grounded(fa, g, explain_grounded(fa, g, cfg), cfg)
+
+
+def test_rules_engine_stays_available_as_a_model_spec(astronaut_path, grace_path):
+    from tagfer.explainer.analyze import Analyzer
+
+    with Analyzer(engine="facs-rules") as rules, Analyzer() as default:
+        for path in (astronaut_path, grace_path):
+            r, d = rules.analyze_image(path)[0], default.analyze_image(path)[0]
+            assert r.engine == "facs-rules" and d.engine == "facs"
+            assert r.label == explain(r.face_aus).label and r.trace == explain(r.face_aus).trace
+            assert "global" not in r.to_json() and d.to_json()["global"]["net"] == "fer"
+            assert r.well_formed and d.well_formed and r.boxes and d.boxes
