@@ -123,3 +123,14 @@ def test_engine_explains_with_global_first(fer_net, framed):
     assert ex.trace.index("happy") < ex.trace.index("AU")  # the global impression comes first
     with pytest.raises(ValueError, match="face image"):
         eng.explain(None, fa)
+
+
+def test_a_missing_net_fails_the_default_engine_at_set_up_only(monkeypatch, tmp_path):
+    from tagfer.models.backends import BackendUnavailable, FACSBackend, make_backend
+
+    monkeypatch.setenv("TAGFER_FER_MODEL", str(tmp_path / "missing.tflite"))
+    with pytest.raises(BackendUnavailable, match="facs-rules"):
+        make_backend("facs")  # tagfer analyze: exit 2 with the way out in the message
+    rules = make_backend("facs-rules")
+    assert rules.rules_only and rules.name == "facs-rules"
+    FACSBackend()  # build --teacher facs constructs the backend but never needs the net

@@ -671,11 +671,16 @@ class FACSBackend(_BackendBase):
         # rules_only (spec facs-rules): the FACS prototypes alone (tagfer.au.facs.explain)
         self.rules_only = rules_only
         self.name = "facs-rules" if rules_only else "facs"
-        self._grounded: Any = engine
-        if not rules_only and engine is None:
+        self._grounded: Any = engine  # built on first use (build --teacher facs never needs the net)
+
+    @property
+    def grounded(self) -> Any:
+        """The :class:`tagfer.au.impression.GroundedEngine` (raises ``ImpressionUnavailable`` when the net is missing)."""
+        if self._grounded is None:
             from tagfer.au.impression import GroundedEngine  # lazy (start-up time): numpy, PIL
 
-            self._grounded = GroundedEngine(facs=self.config)  # fails now (ImpressionUnavailable) if the net is missing
+            self._grounded = GroundedEngine(facs=self.config)
+        return self._grounded
 
     @property
     def detector(self) -> Any:
@@ -695,7 +700,7 @@ class FACSBackend(_BackendBase):
 
         if self.rules_only:
             return explain(face, self.config)
-        return self._grounded.explain(image, face)
+        return self.grounded.explain(image, face)
 
     def generate(self, requests: Iterable[GenRequest], config: GenerationConfig | None = None,
                  on_result: Callable[[GenResult], None] | None = None) -> Iterator[GenResult]:
@@ -860,7 +865,10 @@ def _build_facs(target: str, kw: dict[str, Any], rules_only: bool = False) -> Ba
     kw = _drop(kw, ("detector",))
     detector = target or kw.pop("detector", None) or "mediapipe"
     try:
-        return FACSBackend(DetectorSpec(kind=detector), rules_only=rules_only, **kw)
+        backend = FACSBackend(DetectorSpec(kind=detector), rules_only=rules_only, **kw)
+        if not rules_only:
+            backend.grounded  # noqa: B018 - load the net now: a missing one is a set-up error (exit 2), not a per-image one
+        return backend
     except ImpressionUnavailable as e:
         raise BackendUnavailable(f"{e} (or use --model facs-rules: the FACS rules alone, no net)") from e
 
