@@ -595,7 +595,7 @@ _G_UNSURE = (
     "Taken as a whole, the face gives no clear impression; {label} is the best guess at {p:.2f}, ahead of {second} at {q:.2f}.",
 )
 _G_UNSURE_PLAIN = (
-    "At first glance, the face is hard to read; {label} is the best guess, with {second} close behind.",
+    "At first glance, the face is hard to read; {label} is the best guess, followed by {second}.",
     "Taken as a whole, the face gives no clear impression; {label} seems most likely, followed by {second}.",
 )
 _ROLE_AGAINST = (
