@@ -240,7 +240,8 @@ class Engine(Protocol):
 
 class FACSEngine:
     """The offline default: the ``facs`` backend (:class:`tagfer.models.backends.FACSBackend`) explaining
-    the faces the analyzer's detector found (no second detection, no pixels). Thread-safe (pure)."""
+    the faces the analyzer's detector found (no second detection): the FER net's global impression of the
+    face frame + AU evidence, or with ``rules_only`` (``facs-rules``) the AUs alone, no pixels. Thread-safe."""
 
     def __init__(self, config: FACSConfig = DEFAULT_FACS, backend: Any = None, rules_only: bool = False):
         from tagfer.models.backends import FACSBackend  # lazy (start-up time): asyncio, concurrent
