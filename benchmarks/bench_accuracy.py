@@ -1,6 +1,6 @@
-"""Accuracy of `tagfer analyze` (facs engine) on the development set, beside `fer` and `facex`.
+"""Accuracy of `tagfer analyze` on the development set: the grounded engine, the rules alone, `fer`, `facex`.
 
-    python benchmarks/bench_accuracy.py [--cache ~/.cache/tagfer] [--peer-python PY]
+    python benchmarks/bench_accuracy.py [--cache ~/.cache/tagfer] [--rounds 3]
 
 Development set (issue 13): the two shipped sample faces (astronaut, Grace Hopper: happiness)
 and, from the example images of ``EmoPy==0.0.5`` (CK+ frames; downloaded once with
@@ -10,25 +10,30 @@ near-peak frames of ``sample_image_directory`` (label = folder name) and the ons
 Archive members are filtered by subject *before* extraction: every other face in the package
 is the acceptance set and is never opened here.
 
-Prints, from one run on the same face crops (MediaPipe face box, squared, 10 % margin):
-per-class accuracy of tagfer, ``fer`` (FER2013 mini-Xception, quantized tflite) and
-``facex`` (tflite); a confusion matrix per system; AU activation rates per class (AU4 on
-anger, AU9/AU10 on disgust, AU1+AU4+AU20 on fear, AU1+AU15 on sadness, and the same AUs on
-neutral faces as the false-alarm reference); tagfer's warm time per face.
+Prints, from one run on the same faces:
 
-The peers run in their own environment (``--peer-python``, default ``$TAGFER_PEER_PYTHON``
-or ``.venv-peers/bin/python``, which ``make bench`` creates: see ``benchmarks/peer_classifiers.py``);
-without it only tagfer's columns are printed. Offline after the first download.
+* per-class accuracy and a confusion matrix of: ``tagfer`` (the default engine: the ``fer``
+  net's global impression + AU evidence, :mod:`tagfer.au.fusion`), ``rules`` (``--model
+  facs-rules``: the FACS prototypes alone, on the same grounding), ``net`` (the default
+  engine's own global impression alone, fusion off), the peers ``fer`` and ``facex`` (each
+  net on the crop the issue-19 measurements used: MediaPipe face box, squared, 10 % margin,
+  cut from the decoded image), and ``loso`` (the decision rule with its three constants fitted
+  by leave-one-subject-out: grid search on one subject, tested on the other; the sample faces
+  use constants fitted on both subjects);
+* the test-time augmentations tried (mirror, a second crop) and what they change;
+* the rule's decisions on every onset frame (neutral must stay neutral);
+* AU activation rates per class;
+* warm time per face of ``tagfer analyze`` (decode → landmarks → AUs → net → trace → parse →
+  rewards; no overlay) beside the bare MediaPipe landmarker on the same decoded pixels,
+  interleaved, median over ``--rounds`` passes; goal: ratio < 1.5.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections import Counter
@@ -36,6 +41,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GLOG_minloglevel", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # peer_classifiers
 
 DEV_SUBJECTS = ("S052", "S113")
 PEAK_DIR = "examples/image_data/sample_image_directory/"
@@ -110,66 +116,165 @@ def confusion(pred: list[str], truth: list[str]) -> str:
     return "\n".join([head, *rows])
 
 
+def _rule_predictions(rows: list[dict], fusion) -> list[str]:
+    from tagfer.au.fusion import decide
+
+    return [decide(r["global"], r["face_aus"], fusion).label for r in rows]
+
+
+def _balanced(pred: list[str], truth: list[str]) -> float:
+    """Mean of expressive accuracy and neutral accuracy (each over the faces present)."""
+    parts = []
+    for want in (True, False):
+        idx = [i for i, t in enumerate(truth) if (t != "neutral") == want]
+        if idx:
+            parts.append(sum(pred[i] == truth[i] for i in idx) / len(idx))
+    return sum(parts) / len(parts)
+
+
+GRID = {"unsure": (0.3, 0.4, 0.5, 0.6, 0.7), "plausible": (0.25, 0.5, 0.75), "strong": (0.3, 0.5, 0.7)}
+
+
+def fit_fusion(rows: list[dict]):
+    """The grid point with the best balanced accuracy on ``rows``; ties → nearest to the defaults (all 1/2)."""
+    import itertools
+
+    from tagfer.au.fusion import FusionConfig
+
+    truth = [r["label"] for r in rows]
+    best = None
+    for u, p, s in itertools.product(*GRID.values()):
+        cfg = FusionConfig(unsure=u, plausible=p, strong=s)
+        key = (_balanced(_rule_predictions(rows, cfg), truth), -(abs(u - 0.5) + abs(p - 0.5) + abs(s - 0.5)))
+        if best is None or key > best[0]:
+            best = (key, cfg)
+    return best[1]
+
+
+def loso(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """Leave-one-subject-out predictions (CK+ subjects; the sample faces get constants fitted on both)."""
+    subjects = sorted({r["subject"] for r in rows if r["subject"] in DEV_SUBJECTS})
+    pred = [""] * len(rows)
+    notes = []
+    for held in subjects + [None]:
+        train = [r for r in rows if r["subject"] in DEV_SUBJECTS and r["subject"] != held]
+        cfg = fit_fusion(train)
+        test = [i for i, r in enumerate(rows) if (r["subject"] == held if held else r["subject"] not in DEV_SUBJECTS)]
+        for i, lab in zip(test, _rule_predictions([rows[i] for i in test], cfg)):
+            pred[i] = lab
+        notes.append(f"fit on {'+'.join(sorted({r['subject'] for r in train}))} → test {held or 'sample faces'}: "
+                     f"unsure {cfg.unsure}, plausible {cfg.plausible}, strong {cfg.strong}")
+    return pred, notes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TAGFER_CACHE", Path.home() / ".cache" / "tagfer")))
-    ap.add_argument("--peer-python", default=os.environ.get("TAGFER_PEER_PYTHON", str(Path(__file__).resolve().parents[1] / ".venv-peers" / "bin" / "python")))
+    ap.add_argument("--rounds", type=int, default=3, help="timing passes over the dev set (interleaved with the bare landmarker)")
     args = ap.parse_args()
 
     from PIL import Image
 
+    from peer_classifiers import load_peers
+    from tagfer.au.facs import explain
+    from tagfer.au.fusion import FusionConfig, argmax, decide
+    from tagfer.au.impression import crop_box, face_crop
     from tagfer.core.imageio import load_image
-    from tagfer.explainer.analyze import Analyzer
+    from tagfer.explainer.analyze import Analyzer, _crop
 
     items = dev_set(args.cache)
-    truth, ours, active, times, bare = [], [], [], [], []
-    crops = Path(tempfile.mkdtemp(prefix="tagfer_bench_acc_"))
+    rows: list[dict] = []
+    times, bare = [], []
     with Analyzer() as an:
+        engine = an.engine.backend.grounded  # the default engine's GroundedEngine (global net + rule)
         an.analyze_image(items[0][0])  # warm-up
-        for i, (path, label, kind) in enumerate(items):
-            img = load_image(path)
-            t = time.perf_counter()
-            a = an.analyze_image(path)[0]
-            times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            an.detector.landmarker.detect(img.rgb, scale=img.scale)  # the bare landmarker, same pixels
-            bare.append(time.perf_counter() - t)
-            truth.append(label)
-            ours.append(a.label or "none")
-            active.append({d["au"] for d in a.aus if d["active"]})
-            x1, y1, x2, y2 = square_crop(a.face_bbox, img.width, img.height)
-            Image.open(path).convert("RGB").crop((x1, y1, x2, y2)).save(crops / f"{i:03d}.png")
-    preds = {"tagfer": ours}
-    peer = Path(args.peer_python)
-    if peer.is_file():
-        script = Path(__file__).with_name("peer_classifiers.py")
-        res = subprocess.run([str(peer), str(script), str(crops)], capture_output=True, text=True, check=True)
-        got = json.loads(res.stdout.strip().splitlines()[-1])
-        for name in ("fer", "facex"):
-            preds[name] = [got[f"{i:03d}.png"][name] for i in range(len(items))]
-    else:
-        print(f"(peers skipped: no interpreter at {peer}; see benchmarks/peer_classifiers.py)")
+        for rnd in range(max(1, args.rounds)):
+            for path, label, kind in items:
+                img = load_image(path)
+                t = time.perf_counter()
+                a = an.analyze_image(path)[0]
+                times.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                an.detector.landmarker.detect(img.rgb, scale=img.scale)  # the bare landmarker, same pixels
+                bare.append(time.perf_counter() - t)
+                if rnd:
+                    continue
+                pic = _crop(img, a.frame_box)  # what the engine was given
+                box = engine.face_box(pic, a.face_aus)
+                full = Image.fromarray(img.rgb)
+                fb = [v * img.scale for v in a.face_bbox]
+                rows.append({
+                    "label": label, "kind": kind, "name": path.name,
+                    "subject": path.name[:4] if path.name.startswith("S") else path.stem,
+                    "tagfer": a.label or "none", "views": a.views, "face_aus": a.face_aus,
+                    "global": engine.impression.probabilities(face_crop(pic, box, engine.margin)),
+                    "flip": {"pic": pic, "box": box},
+                    "peer_crop": full.crop(crop_box(fb, full.width, full.height, 0.10)),
+                    "active": {d["au"] for d in a.aus if d["active"]},
+                })
+        t0 = time.perf_counter()
+        for r in rows:
+            engine.explain(r["flip"]["pic"], r["face_aus"])
+        t_engine = (time.perf_counter() - t0) / len(rows)
+    truth = [r["label"] for r in rows]
+    preds: dict[str, list[str]] = {"tagfer": [r["tagfer"] for r in rows]}
+    preds["rules"] = [explain(r["face_aus"]).label for r in rows]
+    preds["net"] = [argmax(r["global"]) for r in rows]
+    peers = load_peers()
+    for name, net in peers.items():
+        preds[name] = [argmax(net.probabilities(r["peer_crop"])) for r in rows]
+    preds["loso"], notes = loso(rows)
 
     kinds = Counter((lab, kind) for _, lab, kind in items)
     print(f"dev set: {len(items)} faces " + ", ".join(f"{k[0]}/{k[1]} {n}" for k, n in sorted(kinds.items())))
-    print("\nper-class accuracy (same crops, same run)")
+    print("\nper-class accuracy (same faces, same run; tagfer = default engine, rules = --model facs-rules, "
+          "net = its global impression alone, loso = rule constants fitted leave-one-subject-out)")
     print(table(preds, truth))
     for name, p in preds.items():
         print(f"\nconfusion: {name}")
         print(confusion(p, truth))
+    print("\nleave-one-subject-out fits (balanced accuracy, ties → nearest 1/2):")
+    for n in notes:
+        print("  " + n)
+
+    # test-time augmentation: mirror (averaged) and a second crop (25 % margin, averaged), through the same rule
+    print("\ntest-time augmentation of the global net (through the same decision rule):")
+    net = engine.impression
+    variants = {"none (default)": [r["global"] for r in rows]}
+    flip_net = type(net)(net.name, net.path, flip=True)
+    variants["mirror"] = [flip_net.probabilities(face_crop(r["flip"]["pic"], r["flip"]["box"], engine.margin)) for r in rows]
+    second = [net.probabilities(face_crop(r["flip"]["pic"], r["flip"]["box"], 0.25)) for r in rows]
+    variants["second crop 25 %"] = [{c: (g[c] + h[c]) / 2 for c in g} for g, h in zip(variants["none (default)"], second)]
+    for vname, gl in variants.items():
+        vp = [decide(g, r["face_aus"]).label for g, r in zip(gl, rows)]
+        np_ = [argmax(g) for g in gl]
+        e = [i for i, t in enumerate(truth) if t != "neutral"]
+        n = [i for i, t in enumerate(truth) if t == "neutral"]
+        print(f"  {vname:18s} rule: expressive {sum(vp[i] == truth[i] for i in e)}/{len(e)}, neutral {sum(vp[i] == truth[i] for i in n)}/{len(n)}"
+              f"   net alone: expressive {sum(np_[i] == truth[i] for i in e)}/{len(e)}, neutral {sum(np_[i] == truth[i] for i in n)}/{len(n)}")
+
+    print("\nonset frames (neutral must stay neutral): name, net's label (confidence), rule, answer, active AUs")
+    for r in rows:
+        if r["kind"] == "onset":
+            v = r["views"]
+            print(f"  {r['name']:24s} {v['global']['label']:9s} ({v['global']['confidence']:.2f}) {v['decision']['rule']:12s} "
+                  f"{r['tagfer']:9s} {sorted(r['active'])}")
+
     print("\nAU activation rate per class (tagfer detector)")
+    active = [r["active"] for r in rows]
     for c in ("anger", "disgust", "fear", "sadness", "happiness", "surprise", "neutral"):
         idx = [i for i, t in enumerate(truth) if t == c]
-        aus = sorted({a for v in AU_CHECKS.values() for a in v}) if c == "neutral" else AU_CHECKS.get(c, ()) + AU_MORE.get(c, ())
+        aus = sorted({a for v in AU_CHECKS.values() for a in v} | {6, 12}) if c == "neutral" else AU_CHECKS.get(c, ()) + AU_MORE.get(c, ())
         if not idx:
             print(f"  {c:9s} (no faces of this class in the dev set)")
             continue
         rates = " ".join(f"AU{a} {sum(a in active[i] for i in idx)}/{len(idx)}" for a in aus)
         print(f"  {c:9s} n={len(idx):2d}  {rates}")
     ms, lm = sorted(t * 1e3 for t in times), sorted(t * 1e3 for t in bare)
-    print(f"\ntagfer analyze warm time per face (decode + landmarks + AUs + trace): median {ms[len(ms) // 2]:.1f} ms "
-          f"(goal < 40 ms), bare MediaPipe landmarker on the same pixels {lm[len(lm) // 2]:.1f} ms, ratio "
-          f"{ms[len(ms) // 2] / lm[len(lm) // 2]:.2f}")
+    print(f"\ntagfer analyze warm time per face (decode + landmarks + AUs + net + trace + parse + rewards; {len(times)} runs): "
+          f"median {ms[len(ms) // 2]:.1f} ms, bare MediaPipe landmarker on the same pixels {lm[len(lm) // 2]:.1f} ms, "
+          f"ratio {ms[len(ms) // 2] / lm[len(lm) // 2]:.2f} (goal < 1.5); grounded engine alone (crop + net + rule + trace) "
+          f"{t_engine * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ ANALYSIS_KEYS = {
     "evidence_aus", "aus", "au_boxes", "r_fmt", "r_au",
 }
 RESULT_KEYS = {"image", "width", "height", "n_faces", "analyses", "overlays", "error"}
+GROUNDED_KEYS = {"global", "local", "agreement", "decision"}  # the default facs engine's views (issue 19)
 
 
 def assert_grounded(a: Analysis) -> None:
@@ -217,7 +218,8 @@ def test_cli_json_schema_and_overlay(tmp_path, astronaut_path, grace_path):
     for rec in recs:
         assert set(rec) == RESULT_KEYS and rec["error"] is None and rec["n_faces"] == 1
         (a,) = rec["analyses"]
-        assert set(a) == ANALYSIS_KEYS
+        assert set(a) == ANALYSIS_KEYS | GROUNDED_KEYS
+        assert a["global"]["net"] == "fer" and a["agreement"] in ("agree", "disagree")
         # Grace Hopper's lip corners sit at rest height once pose is normalised: neutral (docs/au.md).
         assert a["label"] == ("happiness" if "astronaut" in rec["image"] else "neutral")
         assert a["well_formed"] and a["engine"] == "facs"

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from tagfer.au.aus import AU_IDS, AUDetection, FaceAUs
 from tagfer.au.detectors import MediaPipeAUDetector
-from tagfer.au.facs import INHIBITORS, PROTOTYPES, TRAINING_CONFIG, FACSConfig, class_scores, evidence, explain, facs_sample
+from tagfer.au.facs import INHIBITORS, PROTOTYPES, TRAINING_CONFIG, FACSConfig, class_scores, evidence, explain, explain_grounded, facs_sample
+from tagfer.au.facs import _ADJ
+from tagfer.au.fusion import decide
 from tagfer.core.canvas import is_valid_box
 from tagfer.core.imageio import load_image
 from tagfer.core.labels import LABELS
@@ -210,3 +212,86 @@ def test_facs_sample_accepts_only_the_right_label(real_faces):
     assert facs_sample(fa, label="sadness", id="x", source="generic", image="a.png") is None
     with pytest.raises(ValueError):
         facs_sample(fa, label="contempt", id="x", source="generic", image="a.png")
+
+
+# --------------------------------------------------------------------------- grounded engine (global net + AUs)
+def probs(**kw: float) -> dict[str, float]:
+    rest = (1.0 - sum(kw.values())) / (len(LABELS) - len(kw))
+    return {c: kw.get(c, rest) for c in LABELS}
+
+
+def check_grounded(fa: FaceAUs, g: dict, ex, config: FACSConfig = FACSConfig()) -> None:
+    """Everything a grounded trace must satisfy: the facs invariants, global first, honest roles and verdict."""
+    check_trace(fa, ex)
+    first = ex.trace[len("<think>"):].split(". ")[0]
+    g1 = ex.global_["label"]
+    assert re.search(rf"\b({g1}|{_ADJ[g1]})\b", first), first  # the first sentence is the global impression
+    proto = config.prototypes.get(ex.label, {})
+    for rc in ex.checks:  # a support is a real prototype AU of the answer; a contrary AU is not
+        assert (rc.role == "support") == (rc.detection.au in proto)
+    d = decide(g, fa)
+    assert ex.agreement == d.agreement and ex.decision["decided_by"] == d.decided_by
+    concl = ex.trace.split("</think>")[0].rsplit("</bbox>", 1)[-1]
+    if d.decided_by == "local":
+        assert "uncertain" in concl or "unsure" in concl
+    elif d.agreement == "disagree" and d.local_label != "neutral":
+        assert d.local_label in concl  # the disagreement is said plainly
+    elif d.agreement == "agree":
+        assert "agree" in concl or "Both" in concl
+
+
+def test_grounded_agreement_and_disagreement_are_plain():
+    smile = face({12: 0.9, 6: 0.8, 25: 0.9})
+    ex = explain_grounded(smile, probs(happiness=0.9))
+    check_grounded(smile, probs(happiness=0.9), ex)
+    assert ex.agreement == "agree" and ex.evidence_aus[:2] == (12, 6)
+    g = probs(neutral=0.8)
+    ex = explain_grounded(smile, g)  # a sure net keeps neutral; the smile AUs are cited against it
+    check_grounded(smile, g, ex)
+    assert ex.label == "neutral" and ex.agreement == "disagree" and ex.decision["decided_by"] == "global"
+    assert all(c.role == "contrary" for c in ex.checks[:2]) and "happiness" in ex.trace.split("</bbox>")[-1]
+
+
+def test_grounded_elimination_and_promotion_say_who_decided():
+    rest = face({})
+    g = probs(sadness=0.43, fear=0.28, neutral=0.25)
+    ex = explain_grounded(rest, g)
+    check_grounded(rest, g, ex)
+    assert ex.label == "neutral" and not ex.boxes and ("ruled out" in ex.trace or "dropped" in ex.trace)
+    smile = face({12: 0.9, 6: 0.9})
+    g = probs(neutral=0.45, happiness=0.30)
+    ex = explain_grounded(smile, g)
+    check_grounded(smile, g, ex)
+    assert ex.label == "happiness" and ex.decision["rule"] == "promoted" and ex.local["label"] == "happiness"
+
+
+def test_grounded_training_text_has_no_numbers():
+    fa = face({4: 0.8, 23: 0.7, 17: 0.6})
+    ex = explain_grounded(fa, probs(anger=0.4, neutral=0.35), TRAINING_CONFIG)
+    text = re.sub(r"<bbox>[^<]*</bbox>|AU\d+", "", ex.trace)
+    assert not re.search(r"\d", text), ex.trace
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    scores=st.dictionaries(st.sampled_from(AU_IDS), st.floats(0.0, 1.0), max_size=10),
+    raw=st.lists(st.floats(0.0, 1.0), min_size=7, max_size=7).filter(lambda v: sum(v) > 1e-6),
+    numbers=st.booleans(),
+)
+def test_every_grounded_trace_is_well_formed_and_honest(scores, raw, numbers):
+    fa = face(scores)
+    g = dict(zip(LABELS, raw))
+    cfg = FACSConfig(numbers=numbers)
+    check_grounded(fa, g, explain_grounded(fa, g, cfg), cfg)
+
+
+def test_rules_engine_stays_available_as_a_model_spec(astronaut_path, grace_path):
+    from tagfer.explainer.analyze import Analyzer
+
+    with Analyzer(engine="facs-rules") as rules, Analyzer() as default:
+        for path in (astronaut_path, grace_path):
+            r, d = rules.analyze_image(path)[0], default.analyze_image(path)[0]
+            assert r.engine == "facs-rules" and d.engine == "facs"
+            assert r.label == explain(r.face_aus).label and r.trace == explain(r.face_aus).trace
+            assert "global" not in r.to_json() and d.to_json()["global"]["net"] == "fer"
+            assert r.well_formed and d.well_formed and r.boxes and d.boxes

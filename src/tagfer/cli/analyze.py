@@ -91,8 +91,8 @@ def analyze_cmd(
     images, videos = split_video_inputs(images, frames_folder=video)
     code = 0
     if videos:
-        if model not in (None, "facs"):
-            console.print("[red]error:[/red] videos are explained by the offline facs engine only (no --model)")
+        if model not in (None, "facs", "facs-rules"):
+            console.print("[red]error:[/red] videos are explained by the offline engines only (facs, facs-rules)")
             raise typer.Exit(2)
         try:
             vcfg = _video.video_config(fps=fps, start=start, end=end, folder_fps=folder_fps, smooth=smooth, render=render,

@@ -160,8 +160,9 @@ def _image_ref(rec: SourceRecord, out: Path) -> str:
 def teacher_backend(config: BuildConfig) -> Backend:
     """The teacher's :class:`tagfer.models.backends.Backend` from ``config.teacher`` through the one registry
     (:func:`tagfer.models.backends.make_backend`): ``"openai"`` means the endpoints of ``config.client``;
-    ``openai:URL`` takes the client's other settings; ``facs`` is the offline engine, writing
-    training traces (:data:`tagfer.au.facs.TRAINING_CONFIG`: no detector numbers quoted)."""
+    ``openai:URL`` takes the client's other settings; ``facs`` (or ``facs-rules``) is the offline FACS-rules
+    engine writing training traces (:data:`tagfer.au.facs.TRAINING_CONFIG`: no detector numbers
+    quoted; the rules, not the FER net, so the label elimination of Algorithm 1 applies to them)."""
     spec = config.teacher.strip()
     if spec.lower() == "openai":
         spec = "openai:" + ",".join(config.client.endpoints)
@@ -169,7 +170,10 @@ def teacher_backend(config: BuildConfig) -> Backend:
     if kind == "hf" and ":" not in spec:  # a 300k-item job names its teacher's kind
         raise ValueError(f"teacher must be openai or a model spec with its kind ({', '.join(backend_kinds())}), "
                          f"got {config.teacher!r} (for a local model write hf:{config.teacher})")
-    own = {"config": TRAINING_CONFIG} if kind == "facs" else {}
+    if kind == "facs":  # training traces come from the FACS rules (deterministic, no net): facs-rules
+        spec = "facs-rules" + spec[len("facs"):]
+        kind = "facs-rules"
+    own = {"config": TRAINING_CONFIG} if kind == "facs-rules" else {}
     return make_backend(spec, client=config.client, image_side=config.client.image_side, tag_requests=config.tag_requests, **own)
 
 

@@ -178,13 +178,16 @@ class Analyzer:
             if not from_spec:
                 raise ValueError(f"the FACS engine's canvas ({backend.config.canvas}) differs from the detector's ({self.au_config.canvas})")
             spec = backend.model_spec  # built here: follow the detector
-            backend = FACSBackend(backend.detector_spec, replace(backend.config, canvas=self.au_config.canvas))
+            backend = FACSBackend(backend.detector_spec, replace(backend.config, canvas=self.au_config.canvas),
+                                  rules_only=backend.rules_only, engine=backend._grounded)
             backend.model_spec = spec
         self.backend = backend
         self._own_backend = from_spec
         self.name = name or getattr(backend, "model_spec", None) or getattr(backend, "name", "model")
         self.generation = GenerationConfig.tag(max_new_tokens=max_new_tokens)
         self.reads_face = bool(getattr(backend, "reads_face", False))
+        # a prompted model sees the face's pixels; an engine that reads the grounded face may too (the FER net)
+        self.needs_pixels = bool(getattr(backend, "needs_pixels", not self.reads_face))
         if not self.reads_face and (system is None or user is None):
             s, u = tag_prompt()
             system, user = (s if system is None else system), (u if user is None else user)
@@ -239,7 +242,7 @@ class Analyzer:
             else:
                 region = (0.0, 0.0, float(img.width), float(img.height))
                 fa = f
-            pic = None if self.reads_face else crop_region(img, region) if self.frame == "face" else Image.fromarray(img.rgb)
+            pic = None if not self.needs_pixels else crop_region(img, region) if self.frame == "face" else Image.fromarray(img.rgb)
             prepared.append((pic, fa, region))
         outs = self._write([(p, fa) for p, fa, _ in prepared])
         cfg = self.reward_config
@@ -276,6 +279,7 @@ class Analyzer:
                     r_fmt=r_fmt(parsed, cfg),
                     r_au=r_au(parsed, au_boxes, matching=cfg.matching, canvas=cfg.canvas, au_count=cfg.au_count),
                     face_aus=fa,
+                    views=dict(out.info.get("views") or {}),
                 )
             )
         return result

@@ -46,7 +46,10 @@ class Analysis:
                   "active": true, "box": [x1, y1, x2, y2]}, ...],   # detector, score-descending
          "au_boxes": [[...], ...],             # activated AU boxes (B_AU)
          "r_fmt": 0.5,                         # tagfer.traces.rewards.r_fmt of the trace
-         "r_au": 0.87}                         # R_AU vs au_boxes (null: no activated AU)
+         "r_au": 0.87,                         # R_AU vs au_boxes (null: no activated AU)
+         # the default engine (facs) only — docs/analyze.md, "The grounded engine":
+         "global": {...}, "local": {...},      # the net's impression; the AU evidence's reading and steps
+         "agreement": "agree", "decision": {...}}   # whether they agree; which rule decided
 
     ``segments`` concatenate to ``trace``; a segment with ``box = i`` is the
     i-th ``<bbox>`` element (used to highlight boxes in the web page).
@@ -76,9 +79,12 @@ class Analysis:
     r_fmt: float
     r_au: float | None
     face_aus: FaceAUs | None = field(default=None, repr=False, compare=False)  # not serialised
+    # the grounded facs engine (issue 19): {"global", "local", "agreement", "decision"}; {} for other engines
+    views: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "face_aus"}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("face_aus", "views")}
+        out.update(self.views)
         if self.scores is not None:
             out["scores"] = {k: round(float(v), 4) for k, v in self.scores.items()}
         if self.r_au is not None:

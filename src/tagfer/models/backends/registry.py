@@ -127,11 +127,25 @@ def _build_vllm(target: str, **kw: Any) -> Backend:
     return VLLMBackend(target, **kw)
 
 
-@BACKENDS.register("facs", needs_target=False, usage="facs[:DETECTOR]", help="offline FACS-prototype engine")
-def _build_facs(target: str, **kw: Any) -> Backend:
+@BACKENDS.register("facs", needs_target=False, usage="facs[:DETECTOR]",
+                   help="offline engine: a FER net's global impression + AU evidence grounded in boxes")
+def _build_facs(target: str, rules_only: bool = False, **kw: Any) -> Backend:
     from tagfer.au.detectors import DetectorSpec  # lazy (start-up time): PIL
+    from tagfer.au.impression import ImpressionUnavailable  # lazy (start-up time)
 
     kw = _drop(kw, ("detector",))
     detector = target or kw.pop("detector", None) or "mediapipe"
     kw.pop("detector", None)
-    return FACSBackend(DetectorSpec(kind=detector), **kw)
+    backend = FACSBackend(DetectorSpec(kind=detector), rules_only=rules_only, **kw)
+    if not rules_only:
+        try:
+            backend.grounded  # noqa: B018 - load the net now: a missing one is a set-up error (exit 2), not per image
+        except ImpressionUnavailable as e:
+            raise BackendUnavailable(f"{e} (or use --model facs-rules: the FACS rules alone, no net)") from e
+    return backend
+
+
+@BACKENDS.register("facs-rules", needs_target=False, usage="facs-rules[:DETECTOR]",
+                   help="offline FACS-prototype rules alone (no net, no pixels)")
+def _build_facs_rules(target: str, **kw: Any) -> Backend:
+    return _build_facs(target, rules_only=True, **kw)
