@@ -190,17 +190,19 @@ class _SpyFACS(FACSBackend):
 
 
 def test_facs_backend_writes_from_the_analyzers_grounded_face(mp_detector, astronaut_path, astronaut_analysis):
-    """One model interface: the analyzer hands the facs backend each reframed face (no pixels, no
-    prompt) and records the engine's scores and cited AUs from the result's info."""
+    """One model interface: the analyzer hands the facs backend each reframed face with the crop its
+    canvas covers (the FER net looks at it; no prompt) and records the engine's scores, cited AUs and
+    views from the result's info."""
     from tagfer.au.aus import FaceAUs
     from tagfer.au.facs import explain
 
     spy = _SpyFACS()
     (a,) = Analyzer(detector=mp_detector, engine=spy).analyze_image(astronaut_path)
     (req,) = spy.requests
-    assert req.image is None and req.user == "" and req.system is None and isinstance(req.face, FaceAUs)
+    assert req.user == "" and req.system is None and isinstance(req.face, FaceAUs)
+    assert req.image is not None and abs(req.image.size[0] - req.image.size[1]) <= 2  # the (square) face-frame crop
     assert [(d.au, d.box) for d in req.face.aus] == [(d["au"], tuple(d["box"])) for d in a.aus]  # the face-frame AUs
-    ex = explain(req.face, spy.config)
+    ex = spy.explain(req.face, req.image)
     assert a.trace == ex.trace and a.scores == ex.scores and a.evidence_aus == list(ex.evidence_aus)
     assert a.to_json() == astronaut_analysis.to_json()  # the same analysis as the spec "facs"
     assert a.engine == "facs"  # a backend object is named by its kind

@@ -337,30 +337,52 @@ FOUR_BOXES = ("<think>look. brow <bbox>[1, 2, 30, 40]</bbox> eyes <bbox>[5, 6, 7
               "mouth <bbox>[9, 9, 90, 99]</bbox> chin <bbox>[0, 0, 10, 10]</bbox> so.</think><answer>fear</answer>")
 
 
-def test_limit_boxes_cuts_after_the_last_allowed_box_and_reports_it():
+def test_limit_boxes_removes_the_extra_box_elements_and_keeps_the_answer():
+    """Served replies are held to the limit like the in-process path: extra box elements go, the rest stays."""
     from tagfer.models.backends import limit_boxes
 
     text, v = limit_boxes(FOUR_BOXES, 3)
-    assert text.endswith("mouth <bbox>[9, 9, 90, 99]</bbox>") and text.count("<bbox>") == 3
-    assert v == {"max_boxes": 3, "boxes": 4, "cut_at": len(text)}
+    assert " ".join(text.split()) == " ".join(FOUR_BOXES.replace("<bbox>[0, 0, 10, 10]</bbox>", "").split())
+    assert text.endswith("<answer>fear</answer>")
+    assert v["mode"] == "repaired" and (v["max_boxes"], v["boxes"], v["removed"]) == (3, 4, 1)
     assert limit_boxes(FOUR_BOXES, 4) == (FOUR_BOXES, None)
     assert limit_boxes(FOUR_BOXES, None) == (FOUR_BOXES, None) and limit_boxes(None, 3) == (None, None)
-    unclosed = "a <bbox>[1, 2, 3, 4] b <BBOX>[1, 2, 3, 4]</bbox>"
-    assert limit_boxes(unclosed, 1)[0] == "a <bbox>[1, 2, 3, 4] b "  # no closing tag: cut at the next opening
-    assert limit_boxes(FOUR_BOXES, 0)[0] == "<think>look. brow "
-    assert GenerationConfig.tag().max_boxes == 3 and GenerationConfig.baseline().max_boxes is None
-    assert "max_boxes" not in GenerationConfig.tag().openai_params()
+    unclosed = "a <bbox>[1, 2, 3, 4] b <BBOX>[1, 2, 3, 4]</bbox> <answer>fear</answer>"
+    fixed = limit_boxes(unclosed, 1)[0]
+    assert fixed.count("bbox>[") <= 1 and fixed.endswith("<answer>fear</answer>")
 
 
-def test_served_backends_truncate_a_fourth_box_and_record_it(srv, obackend, fake_vllm):
+def test_served_backends_repair_a_fourth_box_and_record_it(srv, obackend, fake_vllm):
     srv.reset(lambda req, i: Reply(text=FOUR_BOXES))
     (tag,) = list(obackend.generate([GenRequest("t", "q")], GenerationConfig.tag()))
-    assert tag.text.count("<bbox>") == 3 and tag.info["box_limit"]["boxes"] == 4
+    assert tag.text.count("<bbox>") == 3 and tag.text.endswith("<answer>fear</answer>")  # the answer is kept
+    assert tag.info["box_limit"]["mode"] == "repaired" and tag.info["box_limit"]["boxes"] == 4
     (base,) = list(obackend.generate([GenRequest("b", "q")], GenerationConfig.baseline()))
     assert base.text == FOUR_BOXES and "box_limit" not in base.info  # baselines are not restricted
-    b = make_backend("vllm:/models/tag")
+    b = make_backend("vllm:/models/tag")  # this stand-in vLLM has no structured outputs: repaired afterwards
+    assert not b.decodes_box_limit
     (v,) = list(b.generate([GenRequest("v", FOUR_BOXES)], GenerationConfig.tag()))
     assert v.text == limit_boxes_text(FOUR_BOXES) and v.info["box_limit"]["max_boxes"] == 3
+
+
+def test_vllm_backend_decodes_under_the_box_regex_when_structured_outputs_exist(fake_vllm):
+    import re
+
+    from tagfer.traces.boxtags import box_limit_regex
+
+    class StructuredOutputsParams:
+        def __init__(self, regex):
+            self.regex = regex
+
+    sys.modules["vllm"].StructuredOutputsParams = StructuredOutputsParams
+    b = make_backend("vllm:/models/tag")
+    assert b.decodes_box_limit
+    (v,) = list(b.generate([GenRequest("v", "q")], GenerationConfig.tag()))
+    sp = fake_vllm["chat"][-1][1]
+    assert sp["structured_outputs"].regex == box_limit_regex(3)
+    assert re.fullmatch(sp["structured_outputs"].regex, FOUR_BOXES) is None  # a 4th box cannot be decoded
+    (w,) = list(b.generate([GenRequest("w", "q")], GenerationConfig.baseline()))
+    assert "structured_outputs" not in fake_vllm["chat"][-1][1]  # baselines are not restricted
 
 
 def limit_boxes_text(text: str) -> str:
@@ -563,8 +585,9 @@ def test_facs_backend_writes_from_a_grounded_face_without_detecting(astronaut_pa
 
     (face,) = FakeAUDetector({"k": fake_au_rows(3)}).detect(None, "k")
     det = _CountingDetector(fake_au_rows(3))
-    b = FACSBackend(config=TRAINING_CONFIG)
+    b = FACSBackend(config=TRAINING_CONFIG, rules_only=True)
     b._detector = det
+    assert b.name == "facs-rules" and not b.needs_pixels
     out = list(b.generate([GenRequest("f", face=face), GenRequest("aus", face=list(face.aus)),
                            GenRequest("img", image=astronaut_path), GenRequest("none")]))
     ex = explain(face, TRAINING_CONFIG)
@@ -574,6 +597,23 @@ def test_facs_backend_writes_from_a_grounded_face_without_detecting(astronaut_pa
     assert out[0].info["evidence_aus"] == list(ex.evidence_aus)
     assert det.calls == 1  # only the request without a face was detected
     assert out[3].error["kind"] == "no_image" and out[3].text is None
+
+
+def test_grounded_facs_backend_needs_the_faces_picture(astronaut_path):
+    """The default engine (``facs``) looks at the face with its FER net: a grounded face comes with the
+    picture its canvas was made from; without one the item fails (no support is invented)."""
+    from fixtures_data import FakeAUDetector, fake_au_rows
+    from PIL import Image
+
+    (face,) = FakeAUDetector({"k": fake_au_rows(3)}).detect(None, "k")
+    b = make_backend("facs")
+    assert b.name == "facs" and b.needs_pixels and b.reads_face
+    pic = Image.open(astronaut_path).convert("RGB")
+    with_pic, without = list(b.generate([GenRequest("p", image=pic, face=face), GenRequest("q", face=face)]))
+    assert without.error["kind"] == "no_image" and without.text is None
+    views = with_pic.info["views"]
+    assert set(views) == {"global", "local", "agreement", "decision"} and views["global"]["net"] == "fer"
+    assert with_pic.info["label"] in with_pic.text and with_pic.text.startswith("<think>")
 
 
 def test_call_lock_serialises_a_backend_that_is_not_thread_safe():

@@ -12,7 +12,7 @@ from tagfer.au.fusion import argmax
 from tagfer.au.impression import NETS, GlobalImpression, GroundedEngine, ImpressionUnavailable, crop_box, face_crop, locate_model, preprocess
 from tagfer.core.imageio import load_image
 from tagfer.core.labels import LABELS
-from tagfer.explainer.analyze import _crop, face_region, reframe
+from tagfer.explainer.frames import crop_region as _crop, face_region, reframe
 from tagfer.traces.trace import parse_trace
 
 

@@ -35,8 +35,6 @@ class VLLMBackend(_BackendBase):
     """
 
     name = "vllm"
-    #: the box limit is enforced while decoding (structured outputs), not repaired afterwards
-    decodes_box_limit = True
 
     def __init__(self, model_path: str, chunk_size: int = 256, image_side: int = 224, image_format: str = "png",
                  **engine_kwargs: Any):
@@ -53,6 +51,13 @@ class VLLMBackend(_BackendBase):
         self.chunk_size = self.batch_size = max(1, int(chunk_size))
         self.image_side = image_side
         self.image_format = image_format
+        # the box limit while decoding (a structured-output regex) where this vLLM has structured
+        # outputs; otherwise replies are repaired afterwards (traces.boxtags.limit_boxes)
+        try:
+            vllm_sampling_kwargs(vllm, 1)
+            self.decodes_box_limit = True
+        except RuntimeError:
+            self.decodes_box_limit = False
 
     def _messages(self, req: GenRequest) -> list[dict[str, Any]]:
         from tagfer.models.openai_client import chat_messages  # lazy (start-up time): httpx, PIL
@@ -68,7 +73,7 @@ class VLLMBackend(_BackendBase):
     def _sampling(self, config: GenerationConfig):
         """vLLM's sampling settings; ``max_boxes`` becomes a decode-time limit (a structured-output
         regex, :func:`tagfer.traces.boxtags.vllm_sampling_kwargs`), so no reply needs repair."""
-        limit = {} if config.max_boxes is None else vllm_sampling_kwargs(self._vllm, config.max_boxes)
+        limit = {} if config.max_boxes is None or not self.decodes_box_limit else vllm_sampling_kwargs(self._vllm, config.max_boxes)
         return self._vllm.SamplingParams(temperature=config.temperature, top_p=config.top_p,
                                          max_tokens=config.max_new_tokens, seed=config.seed, **limit)
 
