@@ -24,7 +24,8 @@ def test_au_cli_exit_codes_and_resume(tmp_path, astronaut_path, bad_inputs):
     shutil.copy(bad_inputs["not_an_image"], d / "zz_bad.jpg")
     r = runner.invoke(app, ["au", str(d), "--out", str(out), "--no-progress", "--overlays", str(tmp_path / "ov")])
     assert r.exit_code == 1
-    assert "1 processed (1 failed), 1 already done" in r.output and "not_an_image=1" in r.output
+    assert "1 image(s) processed (1 failed), 1 already done" in r.output
+    assert f"not_an_image (1): {d / 'zz_bad.jpg'}" in r.output  # which image failed, by kind, on one line
     assert len(out.read_text().splitlines()) == 2
     assert not (tmp_path / "ov").exists() or not any((tmp_path / "ov").iterdir())  # no overlay for a failed image
 
@@ -61,13 +62,13 @@ def test_rerun_exits_1_while_failed_records_remain(tmp_path, face_crop_path, bad
     assert runner.invoke(app, ["au", bad, good, "--out", str(out), "--no-progress"]).exit_code == 1
     r = runner.invoke(app, ["au", bad, good, "--out", str(out), "--no-progress"])  # all skipped now
     text = " ".join(r.output.split())
-    assert r.exit_code == 1 and "0 processed" in text and "1 requested image(s) still have an error record" in text
+    assert r.exit_code == 1 and "0 image(s) processed" in text and "1 requested image(s) still have an error record" in text
     assert runner.invoke(app, ["au", good, "--out", str(out), "--no-progress"]).exit_code == 0  # the failure is not requested
     aout = tmp_path / "analyze.jsonl"
     assert runner.invoke(app, ["analyze", bad, good, "--out", str(aout), "--no-progress"]).exit_code == 1
     r = runner.invoke(app, ["analyze", bad, good, "--out", str(aout), "--no-progress"])
     text = " ".join(r.output.split())
-    assert r.exit_code == 1 and "0 analysed" in text and "1 requested image(s) still have an error record" in text
+    assert r.exit_code == 1 and "0 image(s) processed" in text and "1 requested image(s) still have an error record" in text
     assert len(aout.read_text().splitlines()) == 2  # nothing analysed twice
     assert runner.invoke(app, ["analyze", good, "--out", str(aout), "--no-progress"]).exit_code == 0
 
@@ -207,7 +208,7 @@ def _empty_build(tmp_path, *flags: str, config: dict | None = None):
         cfg_file.write_text(json.dumps(body))
         args += ["--config", str(cfg_file)]
     else:
-        args += ["--source", f"generic:{csv}", "--out", str(tmp_path / "o"), "--model", "m"]
+        args += ["--dataset", f"generic:{csv}", "--out", str(tmp_path / "o"), "--served-model", "m"]
     r = runner.invoke(app, args)
     written = tmp_path / "o" / "build_config.json"
     return r, (json.loads(written.read_text()) if written.is_file() else None)
@@ -280,12 +281,12 @@ def test_build_bad_config_is_a_usage_error(tmp_path):
     bad = tmp_path / "bad.json"
     for text, words in (("{not json", "not valid JSON"), ("[1, 2]", "JSON object")):
         bad.write_text(text)
-        r = runner.invoke(app, ["build", "--config", str(bad), "--source", "generic:x.csv", "--out", str(tmp_path / "b")])
+        r = runner.invoke(app, ["build", "--config", str(bad), "--dataset", "generic:x.csv", "--out", str(tmp_path / "b")])
         assert r.exit_code == 2 and words in flat(r), r.output
     r = runner.invoke(app, ["build", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "missing.json" in "".join(r.output.split())  # a long tmp path may be folded mid-word
     r = runner.invoke(app, ["build", "--out", str(tmp_path / "b")])
-    assert r.exit_code == 2 and "--source" in flat(r)
+    assert r.exit_code == 2 and "--dataset" in flat(r)
 
 
 def test_build_help_states_the_dataclass_defaults():

@@ -329,7 +329,7 @@ def test_serve_cli_allowed_host_option(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: seen.update(app=app_, **kw))
-    r = CliRunner().invoke(cli, ["serve", "--pool", "1", "--host", "192.168.1.7", "--allowed-host", "tagfer.lan",
+    r = CliRunner().invoke(cli, ["serve", "--workers", "1", "--host", "192.168.1.7", "--allowed-host", "tagfer.lan",
                                  "--allowed-host", "::1"])
     assert r.exit_code == 0, r.output
     assert seen["app"].state.allowed_hosts == ["localhost", "127.0.0.1", "[::1]", "192.168.1.7", "tagfer.lan"]
@@ -337,7 +337,7 @@ def test_serve_cli_allowed_host_option(monkeypatch):
         assert c.get("/health").status_code == 200
         assert c.get("/health", headers={"host": "192.168.1.7:8000"}).status_code == 200
         assert c.get("/health", headers={"host": "other.lan"}).status_code == 400
-    r = CliRunner().invoke(cli, ["serve", "--pool", "1", "--host", "0.0.0.0"])
+    r = CliRunner().invoke(cli, ["serve", "--workers", "1", "--host", "0.0.0.0"])
     assert r.exit_code == 0 and "--allowed-host" in r.output  # a wildcard bind says how to admit LAN names
     assert seen["app"].state.allowed_hosts == ["localhost", "127.0.0.1", "[::1]"]
     r = CliRunner().invoke(cli, ["serve", "--allowed-host", "http://x.lan/"])

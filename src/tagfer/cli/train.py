@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from tagfer.cli._app import app, console, out_console
+from tagfer.cli._app import TYPER, app, console, out_console
 
-train_app = typer.Typer(no_args_is_help=True, help="Train TAG: SFT with LoRA, GRPO with the AU-grounded reward.")
+train_app = typer.Typer(help="Train TAG: SFT with LoRA, GRPO with the AU-grounded reward.", **TYPER)
 app.add_typer(train_app, name="train")
 
 _CONFIG = typer.Option(..., "--config", "-c", help="Preset name (see `tagfer train presets`) or YAML file.")
@@ -115,7 +115,7 @@ def merge(
 def export_llamafactory(
     ctx: typer.Context, config: str = _CONFIG,
     out: Path = typer.Option(..., "--out", "-o", help="YAML file to write."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset name in the exporter's dataset_info.json (default from the preset)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset-name", help="Dataset name in the exporter's dataset_info.json (default from the preset)."),
     export_dir: str = typer.Option("tag_export", help="Output folder of `tagfer export` (holds llamafactory/dataset_info.json)."),
     deepspeed: Optional[str] = typer.Option(None, help="zero2 | zero3 (shipped JSON files) or a DeepSpeed JSON path."),
 ) -> None:
