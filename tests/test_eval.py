@@ -313,7 +313,7 @@ def test_eval_cli_bad_arguments(tmp_path, rafdb_root, eval_server):
     eval_server.reset(lambda req, i: Reply(status=500))
     r = runner.invoke(app, ["eval", "--model", f"openai:{eval_server.url}", "--dataset", f"rafdb:{rafdb_root}", "--out", out,
                             "--request-retries", "0", "--no-progress", "--image-format", "jpeg"])
-    assert r.exit_code == 1 and "4 failed: http_500=4" in r.output
+    assert r.exit_code == 1 and "4 image(s) processed (4 failed)" in r.output and "http_500 (4): " in r.output
     assert "image/jpeg" in json.dumps(eval_server.requests[0])
     r = runner.invoke(app, ["score", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "s.json")])
     assert r.exit_code == 2

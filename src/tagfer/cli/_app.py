@@ -26,9 +26,14 @@ TYPER = dict(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 
 app = typer.Typer(help="TAG: Action-Unit-grounded facial expression recognition.", **TYPER)
-# soft_wrap: a line printed to a file or pipe is never broken at the terminal width (report > x.md)
-console = Console(stderr=True, soft_wrap=True)  # progress, warnings, errors
-out_console = Console(soft_wrap=True)  # results
+console = Console(stderr=True)  # progress, warnings, errors
+out_console = Console()  # results (tables, panels)
+
+
+def say(text: str, *, err: bool = False) -> None:
+    """Print plain text as written: no rich markup or highlighting, and no line broken at the
+    terminal width (``tagfer report … > x.md``, long paths), on stdout or (``err``) stderr."""
+    (console if err else out_console).print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _version_callback(value: bool) -> None:

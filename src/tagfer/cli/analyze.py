@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 import typer
 
-from tagfer.cli._app import app, console, out_console
+from tagfer.cli._app import app, console, out_console, say
 from tagfer.cli._shared import resolve_image, set_verbose
 from tagfer.cli.progress import JobProgress
 from tagfer.cli import video as _video
@@ -174,7 +174,7 @@ def analyze_images(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(EXIT_USAGE)
     if out is not None or summary.failed:
-        console.print(summary.render(out, noun="image"), highlight=False)
+        say(summary.render(out, noun="image"), err=True)
     code = summary.exit_code()
     if code and summary.malformed + summary.malformed_before:
         console.print(f"{summary.malformed + summary.malformed_before} image(s) with a malformed model output "

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from tagfer.core.canvas import CANVAS, TOP_K
-from tagfer.cli._app import app, console, out_console, usage_error
+from tagfer.cli._app import app, console, out_console, say, usage_error
 from tagfer.cli.progress import JobProgress
 from tagfer.cli._shared import resolve_image, set_verbose
 from tagfer.cli import video as _video
@@ -30,11 +30,10 @@ def pose_text(pose: dict | None) -> str:
 
 
 def box_text(box) -> str:
-    """``[x1, y1, x2, y2]`` → ``(x1, y1)–(x2, y2)``; None → ``—``."""
+    """A box as the trace writes it, ``[x1, y1, x2, y2]`` (whole pixels); None → ``—``."""
     if not box:
         return "—"
-    x1, y1, x2, y2 = (round(float(v)) for v in box)
-    return f"({x1}, {y1})–({x2}, {y2})"
+    return "[" + ", ".join(str(round(float(v))) for v in box) + "]"
 
 
 def _print_faces(rec: dict) -> None:
@@ -136,7 +135,7 @@ def au_cmd(
                                     retry_errors=retry_errors, on_record=on_record, on_event=bar)
     except SetupError as e:  # a missing model file, a bad table, an output that is not a file
         usage_error(str(e))
-    console.print(summary.render(out, noun="image"), highlight=False)
+    say(summary.render(out, noun="image"), err=True)
     if summary.any_failed or vcode:
         raise typer.Exit(1)
 

@@ -7,7 +7,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from tagfer.cli._app import app, console, layered_config, out_console, usage_error
+from tagfer.cli._app import app, console, layered_config, out_console, say, usage_error
 from tagfer.cli.progress import JobProgress
 
 #: The ``tagfer build`` options that set the teacher's client (``BuildConfig.client``): option → ClientConfig field.
@@ -123,7 +123,7 @@ def build_cmd(
         usage_error(str(e))
     except ItemError as e:  # e.g. the teacher server cannot be reached to discover the model name
         usage_error(f"{e.kind}: {e.message}")
-    out_console.print(build_text(summary), highlight=False)
+    say(build_text(summary))
     if summary.exit_code():
         n = summary.failed + summary.failed_before
         console.print(
@@ -172,9 +172,9 @@ def export_cmd(
                        system_prompt=system_prompt, user_prompt=user_prompt, on_event=bar, **extra)
     except (FileNotFoundError, ValueError) as e:
         usage_error(str(e))
-    out_console.print(f"{s.metric('samples')} samples exported to {to} in {s.elapsed_s:.1f} s", highlight=False)
+    say(f"{s.metric('samples')} samples exported to {to} in {s.elapsed_s:.1f} s")
     for name, n in s.metric("files", {}).items():
-        out_console.print(f"  {name}: {n} rows", highlight=False)
+        say(f"  {name}: {n} rows")
 
 
 @app.command("stats")

@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 from rich.table import Table
 import typer
 
-from tagfer.cli._app import TYPER, app, console, out_console
+from tagfer.cli._app import TYPER, app, console, out_console, say
 from tagfer.cli.progress import JobProgress
 
 study_app = typer.Typer(help="Human A/B preference study (web app on localhost).", **TYPER)
@@ -99,7 +99,7 @@ def eval_cmd(
             )
         finally:
             backend.close()
-    out_console.print(summary.render(out, noun="image"), highlight=False)
+    say(summary.render(out, noun="image"))
     out_console.print(f"{summary.metric('dataset_size')} images in the split; {summary.throughput:.2f} predictions/s",
                       highlight=False)
     if summary.any_failed:
@@ -250,7 +250,7 @@ def _print_scores(s: dict) -> None:
         t.add_row(f"recall {c} (n={v['support']})", "–" if v["recall"] is None else f"{100 * v['recall']:.2f}")
     out_console.print(t)
     hist = s.get("boxes_histogram") or {}
-    boxes = ", ".join(f"{k} box{'es' if str(k) != '1' else ''} in {v}" for k, v in sorted(hist.items(), key=lambda kv: int(kv[0])))
+    boxes = ", ".join(f"{k} box{'es' if str(k) != '1' else ''} in {v}" for k, v in sorted(hist.items(), key=lambda kv: (len(str(kv[0])), str(kv[0]))))
     errors = ", ".join(f"{k} {v}" for k, v in sorted((s.get("errors") or {}).items())) or "none"
     out_console.print(f"boxes per answer: {boxes or 'no answer'}; box limit: {box_limit_text(s.get('box_limit'))}; errors: {errors}",
                       highlight=False)
@@ -279,8 +279,8 @@ def report_cmd(
         md, csvs = write_report(load_scores(runs), out, [t.strip() for t in tables.split(",") if t.strip()], title, csv_dir, metric)
     except (ValueError, json.JSONDecodeError) as e:
         _fail(str(e))
-    out_console.print(md)
-    out_console.print(f"report → {out}; CSV: {', '.join(str(p) for p in csvs)}")
+    say(md)  # Markdown as written: no rich markup, no line broken at the terminal width
+    say(f"report → {out}; CSV: {', '.join(str(p) for p in csvs)}", err=True)
 
 
 @app.command("judge")

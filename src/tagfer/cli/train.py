@@ -37,7 +37,7 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except ModelNotAvailable as e:
-        console.print(f"[red]model not available[/] {e}")
+        console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(3)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error[/] {e}")
