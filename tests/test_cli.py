@@ -1,4 +1,6 @@
 import json
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -318,3 +320,126 @@ def test_build_help_states_the_dataclass_defaults():
         assert shown in (expected, f"{value:g}" if isinstance(value, float) else expected), (p.name, shown, value)
         checked += 1
     assert checked >= 8
+
+
+# --------------------------------------------------------------------------- conventions (issue 22)
+def _commands():
+    import typer
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            yield path, cmd
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, path + [name])
+        else:
+            yield path, cmd
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_version_and_verbose_are_global():
+    import tagfer
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"tagfer {tagfer.__version__}"
+    r = runner.invoke(app, ["--verbose", "train", "presets"])
+    assert r.exit_code == 0 and "tiny_cpu" in r.stdout
+
+
+def test_help_is_readable_at_80_columns_and_piped():
+    """Every command's help, piped (CliRunner is not a terminal) at COLUMNS=80: no line over 80
+    characters, every option name written out in full, no description squeezed into a column
+    of single words, no rich panel."""
+    checked = 0
+    for path, cmd in _commands():
+        r = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+        assert r.exit_code == 0, (path, r.output)
+        lines = r.stdout.splitlines()
+        assert all(len(line) <= 80 for line in lines), (path, max(lines, key=len))
+        assert not re.search(r"--[\w-]+(…|\.\.\.)", r.stdout) and "╭" not in r.stdout, path  # no cut option name, no panel
+        assert not [ln for ln in lines if ln.rstrip().endswith("...") and not ln.startswith("Usage:")], (path, "a short help is cut")
+        for p in getattr(cmd, "params", []):
+            for opt in getattr(p, "opts", []):
+                if opt.startswith("--"):
+                    assert re.search(rf"(^|[\s,/]){re.escape(opt)}([\s,=/]|$)", r.stdout, re.M), (path, opt)
+        # descriptions get at least 40 of the 80 columns (rich's help gave them one word per line)
+        assert all(len(ln) - len(ln.lstrip()) <= 40 for ln in lines if ln.strip()), path
+        checked += 1
+    assert checked >= 25
+
+
+def test_o_is_always_the_output_and_one_name_per_concept():
+    """`-o` is `--out` in every command that has it; options meaning one thing share one name."""
+    seen: dict[str, set[str]] = {}
+    for path, cmd in _commands():
+        for p in getattr(cmd, "params", []):
+            opts = set(getattr(p, "opts", []))
+            if "-o" in opts:
+                assert "--out" in opts, (path, opts)
+            for long in (o for o in opts if o.startswith("--")):
+                seen.setdefault(long, set()).add(" ".join(path))
+    retired = {"--overlay", "--to", "--source", "--threshold", "--max-tokens", "--au-candidate-threshold", "--pool", "--set"}
+    assert not retired & set(seen), retired & set(seen)
+    assert {"au", "analyze", "build", "score"} <= seen["--au-threshold"] and {"eval", "judge", "build"} <= seen["--served-model"]
+    assert {"eval", "judge"} <= seen["--api-key-env"] and {"eval", "build"} <= seen["--request-retries"]
+
+
+def test_analyze_o_writes_json_lines(tmp_path, face_crop_path):
+    out = tmp_path / "x.jsonl"
+    r = runner.invoke(app, ["analyze", str(face_crop_path), "-o", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["image"] == str(face_crop_path) and rec["analyses"] and out.is_file()
+    r = runner.invoke(app, ["analyze", str(face_crop_path), "-o", str(out), "--no-progress"])  # all done: nothing loaded
+    assert r.exit_code == 0 and "0 image(s) processed" in r.output and "1 already done" in r.output
+
+
+def test_quiet_by_default_verbose_shows_library_noise(capsys):
+    import warnings
+
+    from tagfer.cli import _app
+
+    with warnings.catch_warnings():
+        _app._SEEN_WARNINGS.clear()
+        _app.quiet_libraries(verbose=False)
+        warnings.warn_explicit("old API", FutureWarning, "lib.py", 1, module="somelib")  # a library's: hidden
+        for _ in range(3):  # tagfer's own: one line, once, without the source line
+            warnings.warn_explicit("tensorboard is not installed", UserWarning, "config.py", 9, module="tagfer.train.config")
+        err = capsys.readouterr().err
+        assert "old API" not in err and err.count("tensorboard is not installed") == 1
+        assert "warning: tensorboard is not installed" in " ".join(err.split()) and "config.py" not in err
+        _app._SEEN_WARNINGS.clear()
+        _app.quiet_libraries(verbose=True)
+        warnings.warn_explicit("old API", FutureWarning, "lib.py", 1, module="somelib")
+        assert "old API" in capsys.readouterr().err
+    import os
+
+    os.environ.pop("TAGFER_VERBOSE", None)
+
+
+def test_default_threads_is_half_the_cpus(monkeypatch):
+    from tagfer.cli import _app
+
+    monkeypatch.setattr(_app.os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert _app.default_threads() == 1
+    monkeypatch.setattr(_app.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert _app.default_threads() == 4
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    _app.set_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    _app.set_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "3"  # the user's choice wins
+
+
+def test_report_to_stdout_is_not_wrapped(tmp_path):
+    """`tagfer report … > x.md`: stdout holds the Markdown as written (rows whole, brackets kept)."""
+    data = {"run": {"name": "A model with a rather long name [v2]", "model": "m", "dataset": "rafdb", "split": "test"},
+            "n": 10, "accuracy": {"value": 0.5, "ci": [0.4, 0.6]}, "macro_f1": {"value": 0.4, "ci": None},
+            "format_validity": {"value": 0.9, "ci": None}, "au_iou": None, "cross_au_iou": None}
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    r = runner.invoke(app, ["report", str(tmp_path / "s.json"), "--out", str(tmp_path / "r.md")], env={"COLUMNS": "40"})
+    assert r.exit_code == 0, r.output
+    written = (tmp_path / "r.md").read_text()
+    assert written.strip() in r.stdout  # exactly the file's text: no row broken at 40 columns, no markup eaten
+    assert any(len(line) > 40 and line.startswith("|") for line in r.stdout.splitlines())

@@ -77,13 +77,15 @@ def quiet_libraries(verbose: bool = False) -> None:
 
 
 def default_threads() -> int:
-    """Torch/OpenMP threads when ``OMP_NUM_THREADS`` is unset: the CPUs this process may use, at most 8
-    (docs/train.md: measured on a 2-core machine, see "Threads")."""
+    """Torch/OpenMP threads when ``OMP_NUM_THREADS`` is unset: half the CPUs this process may use,
+    at most 4. Measured (README, "Command-line conventions"): on a 2-core machine the tiny SFT
+    preset ran 2–3× slower with 2 threads than with 1; tagfer's models on a CPU are small, and
+    the other half of the cores is left to image decoding and detector workers."""
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
-    return max(1, min(8, n))
+    return max(1, min(4, n // 2))
 
 
 def set_threads() -> None:

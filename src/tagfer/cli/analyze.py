@@ -58,7 +58,7 @@ def _print_result(res, show_scores: bool, show_all_aus: bool) -> None:
         out_console.print(f"overlay: {p}")
 
 
-@app.command("analyze", epilog=_EXIT_HELP)
+@app.command("analyze", epilog=_EXIT_HELP, short_help='Explain each face: label, grounded trace, AUs.')
 def analyze_cmd(
     images: List[Path] = typer.Argument(..., help="Image files and/or folders (walked); sample:astronaut or sample:grace_hopper for a bundled real face."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="VLM folder or hub id (TAG checkpoint or base model), or a backend spec openai:URL / hf:PATH / vllm:PATH. Default: the offline FACS engine."),
@@ -183,7 +183,7 @@ def analyze_images(
         raise typer.Exit(code)
 
 
-@app.command("serve")
+@app.command("serve", short_help='Web page + JSON API for explanations.')
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (localhost by default)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535),

@@ -54,7 +54,7 @@ def _print_faces(rec: dict) -> None:
         out_console.print(f"overlay: {rec['overlay']}")
 
 
-@app.command("au")
+@app.command("au", short_help='AU grounding: faces, activated AUs, canvas boxes.')
 def au_cmd(
     inputs: List[Path] = typer.Argument(..., help="Image files and/or directories (walked recursively); sample:astronaut or sample:grace_hopper for a bundled real face."),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSON Lines file (appended to; resumable)."),
@@ -140,7 +140,7 @@ def au_cmd(
         raise typer.Exit(1)
 
 
-@app.command("demo")
+@app.command("demo", short_help='The offline tour on a bundled real face.')
 def demo_cmd(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Folder for the demo outputs."),
     sample: str = typer.Option("astronaut", "--sample", help="astronaut | grace_hopper"),

@@ -47,7 +47,7 @@ class BuildNote:
 
 # Options of `tagfer build` default to None ("not given"): the only defaults are BuildConfig's (docs/data.md),
 # and layered_config() applies explicit flag > --config file > default.
-@app.command("build")
+@app.command("build", short_help='Build TAG data (paper Algorithm 1).')
 def build_cmd(
     source: Optional[List[str]] = typer.Option(None, "--dataset", "-d", metavar="SPEC", help="Dataset spec, repeatable: rafdb:DIR, ferplus:DIR, affectnet:DIR, generic:CSV_OR_DIR (options after '?', e.g. ferplus:DIR?vote=majority). Required here or in --config."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (accepted.jsonl, rejected.jsonl, images/); re-running resumes. Required here or in --config."),
@@ -149,7 +149,7 @@ def build_text(summary) -> str:
     return "\n".join(lines)
 
 
-@app.command("export")
+@app.command("export", short_help='Export a build for LLaMA-Factory, TRL, verl.')
 def export_cmd(
     build_dir: Path = typer.Argument(..., help="A build folder (accepted*.jsonl) or one accepted JSONL file."),
     to: Path = typer.Option(..., "--out", "-o", help="Output folder."),
@@ -177,7 +177,7 @@ def export_cmd(
         say(f"  {name}: {n} rows")
 
 
-@app.command("stats")
+@app.command("stats", short_help='Statistics of a build (JSON + PNG).')
 def stats_cmd(
     build_dir: Path = typer.Argument(..., help="A build folder."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where stats.json and the PNGs go (default: BUILD_DIR/stats)."),

@@ -22,7 +22,7 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-@app.command("eval")
+@app.command("eval", short_help="Predict a test set (the paper's protocol).")
 def eval_cmd(
     model: str = typer.Option(..., "--model", "-m", help="hf:PATH | openai:URL[,URL] | vllm:PATH (a bare path = hf) | facs[:DETECTOR] (offline FACS engine baseline)."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Source spec, e.g. rafdb:/data/RAF-DB, ferplus:/data/FERPlus, affectnet:/data/AffectNet."),
@@ -136,7 +136,7 @@ def _detector_truth(preds: Path, spec_text: str, cache: Path, dataset: Optional[
                         on_record=lambda r: bar(Progress(r.get("id"), (r.get("error") or {}).get("kind") if r.get("error") else None)))
 
 
-@app.command("score")
+@app.command("score", short_help='Metrics of predictions, with 95% CIs.')
 def score_cmd(
     preds: Path = typer.Argument(..., help="Predictions JSONL written by `tagfer eval`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Score JSON (input of `tagfer report`); default PREDS with .scores.json."),
@@ -260,7 +260,7 @@ def _print_scores(s: dict) -> None:
             out_console.print(f"{label} boxes from: {geometry_text(run[key])}")
 
 
-@app.command("report")
+@app.command("report", short_help='Paper-style tables from score files.')
 def report_cmd(
     runs: List[Path] = typer.Argument(..., help="Score JSON files written by `tagfer score`."),
     out: Path = typer.Option(..., "--out", "-o", help="Markdown report; CSV tables are written next to it."),
@@ -283,7 +283,7 @@ def report_cmd(
     say(f"report → {out}; CSV: {', '.join(str(p) for p in csvs)}", err=True)
 
 
-@app.command("judge")
+@app.command("judge", short_help='LLM-as-judge A/B comparison.')
 def judge_cmd(
     judge: str = typer.Option(..., "--judge", help="Judge model: openai:URL[,URL] (any OpenAI-compatible VLM server) | hf:PATH | vllm:PATH."),
     out: Path = typer.Option(..., "--out", "-o", help="Judgments JSONL (one line per pair × seed; resumable)."),
@@ -362,7 +362,7 @@ def judge_cmd(
         raise typer.Exit(1)
 
 
-@study_app.command("pairs")
+@study_app.command("pairs", short_help='Sample response pairs of two systems.')
 def study_pairs_cmd(
     preds_a: Path = typer.Option(..., "--a", help="Predictions of system A (e.g. TAG)."),
     preds_b: Path = typer.Option(..., "--b", help="Predictions of system B (e.g. a baseline)."),
@@ -392,7 +392,7 @@ def study_pairs_cmd(
                       "; images stored as bytes are skipped without --dataset"), highlight=False)
 
 
-@study_app.command("serve")
+@study_app.command("serve", short_help='Serve the A/B study page.')
 def study_serve_cmd(
     pairs: Path = typer.Option(..., "--pairs", help="Pairs JSONL (from `tagfer study pairs`)."),
     db: Path = typer.Option(..., "--db", help="SQLite database of the votes (created; resumable)."),
@@ -437,7 +437,7 @@ def study_serve_cmd(
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
-@study_app.command("export")
+@study_app.command("export", short_help='Aggregate the votes: preferences, agreement.')
 def study_export_cmd(
     db: Path = typer.Option(..., "--db", help="The study's SQLite database."),
     out: Path = typer.Option(..., "--out", "-o", help="Aggregate JSON."),

@@ -54,7 +54,7 @@ def presets() -> None:
         out_console.print(f"{name:16s} stage={raw.get('stage', 'sft'):5s} output_dir={raw.get('output_dir', '')}")
 
 
-@train_app.command("fields")
+@train_app.command("fields", short_help="List a stage's config fields.")
 def fields(stage: str = typer.Argument(..., help="sft | grpo")) -> None:
     """Every field of the stage's config (TRL's and TAG's) with its help and tagfer's default."""
     from tagfer.train.config import CONFIG_CLASSES, TagParser  # lazy (start-up time): trl, transformers
@@ -66,7 +66,7 @@ def fields(stage: str = typer.Argument(..., help="sft | grpo")) -> None:
                       markup=False, highlight=False)
 
 
-@train_app.command("show", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP)
+@train_app.command("show", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP, short_help='Print the resolved config as YAML.')
 def show(ctx: typer.Context, config: str = _CONFIG) -> None:
     """Print the resolved config (after extends and overrides) as YAML: the fields that differ from the defaults."""
     from tagfer.train.config import dump_config  # lazy (start-up time): trl, transformers
@@ -97,7 +97,7 @@ def grpo(ctx: typer.Context, config: str = _CONFIG) -> None:
     out_console.print(f"final adapter: {res.final_dir}\nlog: {res.log_path}")
 
 
-@train_app.command("merge")
+@train_app.command("merge", short_help='Merge an adapter into its base model.')
 def merge(
     adapter: Path = typer.Argument(..., help="LoRA adapter folder (e.g. runs/sft/best)."),
     out: Path = typer.Option(..., "--out", "-o", help="Standalone model folder to write."),
@@ -111,7 +111,7 @@ def merge(
     out_console.print(f"merged model: {res}")
 
 
-@train_app.command("export-llamafactory", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP)
+@train_app.command("export-llamafactory", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP, short_help='Write a LLaMA-Factory SFT YAML.')
 def export_llamafactory(
     ctx: typer.Context, config: str = _CONFIG,
     out: Path = typer.Option(..., "--out", "-o", help="YAML file to write."),
@@ -131,7 +131,7 @@ def export_llamafactory(
     out_console.print(f"wrote {p}")
 
 
-@train_app.command("export-verl", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP)
+@train_app.command("export-verl", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP, short_help='Write a verl GRPO config + launch script.')
 def export_verl(
     ctx: typer.Context, config: str = _CONFIG,
     out: Path = typer.Option(..., "--out", "-o", help="YAML file to write (a .sh launch script is written beside it)."),
@@ -150,7 +150,7 @@ def export_verl(
     out_console.print(f"wrote {p} and {sh}")
 
 
-@train_app.command("plot")
+@train_app.command("plot", short_help='Plot the training dynamics (Figure 5).')
 def plot(
     log: Path = typer.Argument(..., help="train_log.jsonl of a run."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Image file (default: LOG's folder/training_dynamics.png)."),
