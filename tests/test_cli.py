@@ -443,3 +443,12 @@ def test_report_to_stdout_is_not_wrapped(tmp_path):
     written = (tmp_path / "r.md").read_text()
     assert written.strip() in r.stdout  # exactly the file's text: no row broken at 40 columns, no markup eaten
     assert any(len(line) > 40 and line.startswith("|") for line in r.stdout.splitlines())
+
+
+def test_progress_bar_knows_its_total(tmp_path, face_crop_path, bad_inputs):
+    """`au` on a finite list: the bar's total is the number of images to run (not "?"), and it
+    counts the failures the summary lists."""
+    r = runner.invoke(app, ["au", str(face_crop_path), str(bad_inputs["not_an_image"]), "-o", str(tmp_path / "a.jsonl")])
+    assert r.exit_code == 1
+    bar = next(line for line in r.output.splitlines() if line.startswith("tagfer au"))
+    assert "2/2 images" in bar and "1 failed" in bar

@@ -53,7 +53,7 @@ class JobProgress:
             self._bar = None
 
     def _unit_text(self) -> str:
-        return f" {self.unit}" if self.unit else ""
+        return self.unit
 
     def _update(self, **kw: Any) -> None:
         if self._bar is not None:
