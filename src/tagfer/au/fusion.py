@@ -149,9 +149,10 @@ def decide(global_scores: Mapping[str, float], face_aus: FaceAUs | Iterable[AUDe
     if local != "neutral" and local != g1 and local in plausible and ev[local] >= config.strong:
         scores = dict(g)
         scores[local], scores[g1] = g[g1], g[local]
-        if scores[local] == scores[g1]:  # a tie the net broke by class order: the promoted class must lead
-            scores[local] += 1e-9
-            scores[g1] -= 1e-9
+        lead = max(v for c, v in scores.items() if c != local)
+        if scores[local] <= lead:  # a tie the net broke by class order (with g1 or another class): the promoted class leads
+            scores[local] = lead + 1e-9
+            scores = _normalise(scores)
         return Decision(label=local, scores=scores, plausible=plausible, rule="promoted", **common)
     eliminated = tuple(c for c in plausible if c != "neutral" and not sup.get(c))
     kept = [c for c in plausible if c not in eliminated]
