@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from tagfer.au.aus import AUDetection, FaceAUs
+from tagfer.au.facs import DEFAULT_CONFIG, FACSConfig, evidence
 from tagfer.core.labels import LABELS
 
 __all__ = ["FusionConfig", "DEFAULT_FUSION", "Decision", "decide", "support", "argmax"]
@@ -128,10 +129,8 @@ def _normalise(g: Mapping[str, float]) -> dict[str, float]:
 
 
 def decide(global_scores: Mapping[str, float], face_aus: FaceAUs | Iterable[AUDetection],
-           config: FusionConfig = DEFAULT_FUSION, facs_config=None) -> Decision:
+           config: FusionConfig = DEFAULT_FUSION, facs_config: FACSConfig | None = None) -> Decision:
     """Apply the decision rule (module docstring) to one face."""
-    from tagfer.au.facs import DEFAULT_CONFIG, evidence  # facs imports this module's siblings only
-
     fc = facs_config or DEFAULT_CONFIG
     dets = list(face_aus.aus if isinstance(face_aus, FaceAUs) else face_aus)
     g = _normalise(global_scores)
