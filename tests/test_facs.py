@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 from tagfer.au.aus import AU_IDS, AUDetection, FaceAUs
 from tagfer.au.detectors import MediaPipeAUDetector
-from tagfer.au.facs import INHIBITORS, PROTOTYPES, TRAINING_CONFIG, FACSConfig, class_scores, evidence, explain, explain_grounded, facs_sample
-from tagfer.au.facs import _ADJ
+from tagfer.au.facs import INHIBITORS, PROTOTYPES, TRAINING_CONFIG, FACSConfig, class_scores, evidence, explain, facs_sample
 from tagfer.au.fusion import decide
+from tagfer.au.grounded import explain_grounded
+from tagfer.au.wording import ADJ
 from tagfer.core.canvas import is_valid_box
 from tagfer.core.imageio import load_image
 from tagfer.core.labels import LABELS
@@ -225,7 +226,7 @@ def check_grounded(fa: FaceAUs, g: dict, ex, config: FACSConfig = FACSConfig()) 
     check_trace(fa, ex)
     first = ex.trace[len("<think>"):].split(". ")[0]
     g1 = ex.global_["label"]
-    assert re.search(rf"\b({g1}|{_ADJ[g1]})\b", first), first  # the first sentence is the global impression
+    assert re.search(rf"\b({g1}|{ADJ[g1]})\b", first), first  # the first sentence is the global impression
     proto = config.prototypes.get(ex.label, {})
     for rc in ex.checks:  # a support is a real prototype AU of the answer; a contrary AU is not
         assert (rc.role == "support") == (rc.detection.au in proto)

@@ -1,9 +1,12 @@
 """The offline FACS-prototype engine: AU scores → 7-class scores → a grounded TAG trace.
 
-Pure and deterministic (no I/O, no randomness). It is the default engine of
-``tagfer analyze``, a baseline for evaluation tables, and the teacher-free
-generator of cold-start traces (``tagfer build --teacher facs``, via
-:func:`facs_sample`).
+Pure and deterministic (no I/O, no randomness). The rules-only engine
+(``tagfer analyze --model facs-rules``), a baseline for evaluation tables, and
+the teacher-free generator of cold-start traces (``tagfer build --teacher facs``,
+via :func:`facs_sample`). Its prototypes give the local evidence of the default
+engine, whose decision rule is :mod:`tagfer.au.fusion` and whose trace writer is
+:mod:`tagfer.au.grounded`; the sentences both writers share are in
+:mod:`tagfer.au.wording`.
 
 Scoring (all inputs are the detector's AU scores ``s_a`` in [0, 1])
 -------------------------------------------------------------------
@@ -77,18 +80,14 @@ so the same face always gets the same words.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from tagfer.au.aus import AU_NAMES, AUDetection, FaceAUs
+from tagfer.au.wording import ROLE_ISOLATED, ROLE_SUPPORT, check_text, face_seed, pick
 from tagfer.core.canvas import CANVAS, is_valid_box
 from tagfer.core.labels import LABELS, normalize_label
 from tagfer.core.records import TAGSample
-from tagfer.traces.trace import format_box
-
-if TYPE_CHECKING:
-    from tagfer.au.fusion import FusionConfig
 
 __all__ = [
     "PROTOTYPES",
@@ -98,10 +97,12 @@ __all__ = [
     "TRAINING_CONFIG",
     "FACSExplanation",
     "RegionCheck",
+    "detections",
     "evidence",
     "class_scores",
+    "top_label",
+    "best_other",
     "explain",
-    "explain_grounded",
     "facs_sample",
 ]
 
@@ -192,7 +193,7 @@ class FACSExplanation:
     ``trace``: the TAG response text; ``boxes``: the cited canvas boxes in
     trace order; ``evidence_aus``: the cited AU numbers (same order);
     ``checks``: the region checks behind them. The grounded engine
-    (:func:`explain_grounded`) also fills ``global_`` (the net's impression:
+    (:func:`tagfer.au.grounded.explain_grounded`) also fills ``global_`` (the net's impression:
     ``net``, ``label``, ``confidence``, ``scores``), ``local`` (the AU reading:
     ``label``, ``evidence`` per class, ``support`` per class, the cited ``steps``),
     ``agreement`` (``"agree"`` | ``"disagree"``: global label vs local reading) and
@@ -219,7 +220,8 @@ class FACSExplanation:
 
 
 # --------------------------------------------------------------------------- scoring
-def _detections(face_aus: FaceAUs | Iterable[AUDetection]) -> list[AUDetection]:
+def detections(face_aus: FaceAUs | Iterable[AUDetection]) -> list[AUDetection]:
+    """The face's AU detections as a list (a :class:`FaceAUs` or any iterable of detections)."""
     return list(face_aus.aus if isinstance(face_aus, FaceAUs) else face_aus)
 
 
@@ -245,7 +247,7 @@ def _evidence(dets: Sequence[AUDetection], config: FACSConfig) -> dict[str, floa
 
 def evidence(face_aus: FaceAUs | Iterable[AUDetection], config: FACSConfig = DEFAULT_CONFIG) -> dict[str, float]:
     """Unnormalised evidence ``E_c`` per class (module docstring), in :data:`LABELS` order."""
-    return _evidence(_detections(face_aus), config)
+    return _evidence(detections(face_aus), config)
 
 
 def _normalise(ev: Mapping[str, float]) -> dict[str, float]:
@@ -262,98 +264,10 @@ def class_scores(face_aus: FaceAUs | Iterable[AUDetection], config: FACSConfig =
 
 def _argmax(scores: Mapping[str, float]) -> str:
     return max(LABELS, key=lambda c: (scores[c], -LABELS.index(c)))
+top_label = _argmax  # public: the highest-scoring label (ties: the earlier in LABELS)
 
 
-# --------------------------------------------------------------------------- wording
-# Per AU: the region as a reader would name it, and two appearance descriptions.
-_REGION: dict[int, str] = {
-    1: "inner brows",
-    2: "outer brows",
-    4: "brows and the space between them",
-    5: "upper eyelids",
-    6: "cheeks under the eyes",
-    7: "lower eyelids",
-    9: "bridge and sides of the nose",
-    10: "upper lip",
-    12: "mouth corners",
-    14: "mouth corners",
-    15: "mouth corners",
-    16: "lower lip",
-    17: "chin",
-    18: "lips",
-    20: "mouth",
-    22: "lips",
-    23: "lips",
-    24: "lips",
-    25: "lips",
-    26: "jaw and mouth opening",
-    28: "lips",
-    43: "eyes",
-    45: "eyes",
-}
-_LOOK: dict[int, tuple[str, str]] = {
-    1: ("the inner ends of the brows are drawn upward, creasing the middle of the forehead",
-        "the brows lift at their inner corners, giving them a slanted shape"),
-    2: ("the outer parts of the brows arch upward",
-        "the brows are raised toward the temples, stretching the lids above the eyes"),
-    4: ("the brows are pulled down and together, with furrows between them",
-        "the brows sit low and close, bunching the skin above the nose"),
-    5: ("the upper lids are raised so that more of the eye white shows",
-        "the eyes are opened wide, the upper lids pulled up"),
-    6: ("the cheeks are lifted and bunch up beneath the eyes",
-        "the skin under the eyes is pushed up, narrowing the eyes from below"),
-    7: ("the lids are tightened and the lower lids drawn straight",
-        "the eye openings are narrowed by tense lids"),
-    9: ("the skin along the nose wrinkles and the nostrils lift",
-        "the nose is scrunched, with creases across its bridge"),
-    10: ("the upper lip is drawn upward, deepening the folds beside the nose",
-         "the upper lip rises and the groove above it shortens"),
-    12: ("the lip corners are pulled up and back toward the cheeks",
-         "the corners of the mouth turn upward into a curve"),
-    14: ("the lip corners tighten inward and small dimples form",
-         "the corners of the mouth are tucked in, creating dimples"),
-    15: ("the lip corners are pulled downward",
-         "the corners of the mouth turn down, lowering the ends of the lips"),
-    16: ("the lower lip is pulled down and slightly outward",
-         "the lower lip drops, uncovering more of the lower teeth"),
-    17: ("the chin boss pushes up and the lower lip is raised",
-         "the chin wrinkles as it is pushed upward"),
-    18: ("the lips are pushed forward into a pucker",
-         "the mouth is rounded and protruding"),
-    20: ("the lips are stretched sideways, flattening the mouth",
-         "the mouth is pulled wide and flat toward the ears"),
-    22: ("the lips funnel outward",
-         "the lips are flared forward in a funnel shape"),
-    23: ("the lips are tightened and their red margins narrow",
-         "the lips look thin and firm"),
-    24: ("the lips are pressed firmly together",
-         "the mouth is closed with the lips pressed against each other"),
-    25: ("the lips are parted",
-         "there is a gap between the lips"),
-    26: ("the jaw has dropped and the mouth hangs open",
-         "the lower jaw is lowered, opening the mouth"),
-    28: ("the lips are drawn in over the teeth",
-         "the lips are sucked inward and nearly hidden"),
-    43: ("the eyes are closed",
-         "the eyelids are shut"),
-    45: ("the eyelids are closed",
-         "the eyes are shut in a blink"),
-}
-_CHECK = (
-    "Checking the {region}: {look}. This is AU{au} ({name}) <bbox>{box}</bbox>, detected at {score:.2f}.",
-    "Looking at the {region}, {look}; that is AU{au} ({name}) <bbox>{box}</bbox> with confidence {score:.2f}.",
-    "In the {region}, {look}, which marks AU{au} ({name}) <bbox>{box}</bbox> (score {score:.2f}).",
-)
-_CHECK_PLAIN = (
-    "Checking the {region}: {look}. This is AU{au} ({name}) <bbox>{box}</bbox>.",
-    "Looking at the {region}, {look}; that is AU{au} ({name}) <bbox>{box}</bbox>.",
-    "In the {region}, {look}, which marks AU{au} ({name}) <bbox>{box}</bbox>.",
-)
-_ROLE_SUPPORT = (
-    "It is a core cue of {label}.",
-    "This movement belongs to the {label} pattern.",
-    "That fits {label}.",
-)
+# --------------------------------------------------------------------------- wording (rules-only writer; shared sentences: tagfer.au.wording)
 _ROLE_CONTRARY = (
     "Taken alone it would lean toward {other}, but the rest of the face does not follow.",
     "It could point to {other}, yet it is outweighed here.",
@@ -362,10 +276,6 @@ _ROLE_CONTRARY = (
 _ROLE_CONTRARY_NONE = (
     "It is part of no expression pattern on its own.",
     "By itself it says little about the emotion.",
-)
-_ROLE_ISOLATED = (
-    "It stands alone and forms no expression pattern.",
-    "On its own this is not enough to signal an emotion.",
 )
 _AREA = {1: "brows", 2: "brows", 4: "brows", 5: "eyes", 6: "eyes", 7: "eyes", 43: "eyes", 45: "eyes", 9: "nose"}
 _GLOBAL_ACTIVE = (
@@ -401,15 +311,6 @@ _WEAK = " A weaker sign points the same way: {items}, below the activation level
 _WEAK_PLAIN = " A fainter sign points the same way: {items}."
 
 
-def _pick(options: Sequence[str], seed: int, k: int) -> str:
-    return options[(seed + 7 * k) % len(options)]
-
-
-def _seed(dets: Sequence[AUDetection]) -> int:
-    key = ";".join(f"{d.au}:{d.score:.3f}:{d.active:d}" for d in sorted(dets, key=lambda d: d.au))
-    return zlib.crc32(key.encode("ascii"))
-
-
 def _areas(dets: Sequence[AUDetection]) -> str:
     names: list[str] = []
     for d in dets:
@@ -421,7 +322,7 @@ def _areas(dets: Sequence[AUDetection]) -> str:
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _best_other(au: int, label: str, config: FACSConfig) -> str | None:
+def best_other(au: int, label: str, config: FACSConfig) -> str | None:
     """The class (other than ``label``) whose prototype gives ``au`` the largest relative weight."""
     best, best_w = None, 0.0
     for c in LABELS:
@@ -457,45 +358,36 @@ def _choose_checks(dets: Sequence[AUDetection], label: str, config: FACSConfig) 
         take(d, "support")
     if config.cite_contrary:
         for d in sorted((d for d in active if d.au not in proto), key=lambda d: (-d.score, d.au)):
-            take(d, "contrary", _best_other(d.au, label, config))
+            take(d, "contrary", best_other(d.au, label, config))
     return chosen
 
 
 def _check_sentence(rc: RegionCheck, label: str, seed: int, k: int, numbers: bool = True) -> str:
-    d = rc.detection
-    looks = _LOOK.get(d.au, (f"the area of AU{d.au} shows movement",) * 2)
-    text = _pick(_CHECK if numbers else _CHECK_PLAIN, seed, k).format(
-        region=_REGION.get(d.au, "region"),
-        look=_pick(looks, seed, k + 1),
-        au=d.au,
-        name=AU_NAMES.get(d.au, f"AU{d.au}"),
-        box=format_box(d.box),
-        score=d.score,
-    )
+    text = check_text(rc.detection, seed, k, numbers)
     if rc.role == "support":
-        role = _pick(_ROLE_SUPPORT, seed, k).format(label=label)
+        role = pick(ROLE_SUPPORT, seed, k).format(label=label)
     elif rc.role == "contrary" and rc.argues_for:
-        role = _pick(_ROLE_CONTRARY, seed, k).format(other=rc.argues_for)
+        role = pick(_ROLE_CONTRARY, seed, k).format(other=rc.argues_for)
     elif rc.role == "contrary":
-        role = _pick(_ROLE_CONTRARY_NONE, seed, k)
+        role = pick(_ROLE_CONTRARY_NONE, seed, k)
     else:
-        role = _pick(_ROLE_ISOLATED, seed, k)
+        role = pick(ROLE_ISOLATED, seed, k)
     return f"{text} {role}"
 
 
 def _explain(dets: Sequence[AUDetection], config: FACSConfig) -> FACSExplanation:
     scores = _normalise(_evidence(dets, config))
     label = _argmax(scores)
-    seed = _seed(dets)
+    seed = face_seed(dets)
     checks = _choose_checks(dets, label, config)
 
     active = [d for d in dets if d.active]
     if not active:
-        glob = _pick(_GLOBAL_CALM, seed, 0)
+        glob = pick(_GLOBAL_CALM, seed, 0)
     elif label == "neutral" or max(d.score for d in active) < 0.6:
-        glob = _pick(_GLOBAL_MILD, seed, 0).format(areas=_areas(sorted(active, key=lambda d: (-d.score, d.au))))
+        glob = pick(_GLOBAL_MILD, seed, 0).format(areas=_areas(sorted(active, key=lambda d: (-d.score, d.au))))
     else:
-        glob = _pick(_GLOBAL_ACTIVE, seed, 0).format(areas=_areas(sorted(active, key=lambda d: (-d.score, d.au))))
+        glob = pick(_GLOBAL_ACTIVE, seed, 0).format(areas=_areas(sorted(active, key=lambda d: (-d.score, d.au))))
 
     parts = [glob]
     parts += [_check_sentence(rc, label, seed, k, config.numbers) for k, rc in enumerate(checks, start=1)]
@@ -504,7 +396,7 @@ def _explain(dets: Sequence[AUDetection], config: FACSConfig) -> FACSExplanation
         conclude = _CONCLUDE_NEUTRAL if label == "neutral" else _CONCLUDE
     else:
         conclude = _CONCLUDE_NEUTRAL_PLAIN if label == "neutral" else _CONCLUDE_PLAIN
-    concl = _pick(conclude, seed, 5).format(label=label, p=scores[label], second=second, q=scores[second])
+    concl = pick(conclude, seed, 5).format(label=label, p=scores[label], second=second, q=scores[second])
     if label != "neutral":
         proto = config.prototypes.get(label, {})
         weak = [d for d in dets if not d.active and d.au in proto and d.score >= config.weak_level]
@@ -529,7 +421,7 @@ def _explain(dets: Sequence[AUDetection], config: FACSConfig) -> FACSExplanation
 
 def explain(face_aus: FaceAUs | Iterable[AUDetection], config: FACSConfig = DEFAULT_CONFIG) -> FACSExplanation:
     """Label, class scores and a TAG trace for one face (module docstring)."""
-    return _explain(_detections(face_aus), config)
+    return _explain(detections(face_aus), config)
 
 
 # --------------------------------------------------------------------------- data building
@@ -572,195 +464,4 @@ def facs_sample(
             "evidence_aus": list(ex.evidence_aus),
             "detector": face_aus.detector,
         },
-    )
-
-
-# --------------------------------------------------------------------------- grounded engine (issue 19)
-# The TAG shape: global impression (the FER net; no AU named) → up to three local steps on the
-# detector's AU boxes that support or contradict it → the answer (tagfer.au.fusion decides).
-_ADJ = {"anger": "angry", "disgust": "disgusted", "fear": "fearful", "happiness": "happy", "neutral": "neutral",
-        "sadness": "sad", "surprise": "surprised"}
-_G_SURE = (
-    "At first glance, the face as a whole looks {adj} (confidence {p:.2f}).",
-    "Taken as a whole, the face reads as {adj}, with confidence {p:.2f}.",
-    "Seen as a whole, the face gives {a_adj} impression (confidence {p:.2f}).",
-)
-_G_SURE_PLAIN = (
-    "At first glance, the face as a whole looks {adj}.",
-    "Taken as a whole, the face reads as {adj}.",
-    "Seen as a whole, the face gives {a_adj} impression.",
-)
-_G_UNSURE = (
-    "At first glance, the face is hard to read: {label} leads with {p:.2f}, and {second} follows at {q:.2f}.",
-    "Taken as a whole, the face gives no clear impression; {label} is the best guess at {p:.2f}, ahead of {second} at {q:.2f}.",
-)
-_G_UNSURE_PLAIN = (
-    "At first glance, the face is hard to read; {label} is the best guess, followed by {second}.",
-    "Taken as a whole, the face gives no clear impression; {label} seems most likely, followed by {second}.",
-)
-_ROLE_AGAINST = (
-    "It points to {other} rather than {label}.",
-    "This belongs to {other}, not to {label}.",
-    "It argues for {other} instead of {label}.",
-)
-_C_AGREE = (
-    "The regions agree with the overall impression, so the answer is {label}.",
-    "Both the whole face and its regions point to {label}.",
-)
-_C_AGREE_NEUTRAL_CALM = (
-    "No region shows a coherent pattern of movement, which agrees with the overall impression: the face is neutral.",
-    "Nothing in the regions forms an expression, so they agree with the overall impression: neutral.",
-)
-_C_AGREE_NEUTRAL = (
-    "These movements form no expression pattern, which agrees with the overall impression: the face is neutral.",
-    "Taken together, these movements do not form an expression, so they agree with the overall impression: neutral.",
-)
-_C_SURE_AGAINST = (
-    "The regions point to {local}{ev} instead, but the overall impression is confident, so the answer stays {label}.",
-    "The local evidence favours {local}{ev}, yet the overall impression is clear enough to keep {label}.",
-)
-_C_KEPT_AGAINST = (
-    "The regions point to {local}{ev} instead, but not strongly enough to overrule the overall impression, so the answer stays {label}.",
-    "The local evidence favours {local}{ev}, yet it is too weak to outweigh the overall impression; the answer remains {label}.",
-)
-_C_KEPT_UNLIKELY = (
-    "The regions point to {local}{ev} instead, but the overall impression finds {local} unlikely, so the answer stays {label}.",
-    "The local evidence favours {local}{ev}, yet the face as a whole hardly suggests it; the answer remains {label}.",
-)
-_C_KEPT_WEAK = (
-    "The regions alone are too weak to show an expression, but they do not contradict the overall impression, so the answer stays {label}.",
-    "The movements in the regions are slight, yet they are consistent with the overall impression; the answer remains {label}.",
-)
-_C_KEPT_UNSUPPORTED = (
-    "No active AU supports {label}, so the answer rests on the overall impression alone: {label}.",
-    "None of the active AUs belongs to the {label} pattern, so the answer comes from the overall impression only: {label}.",
-)
-_C_ELIMINATED = (
-    "The overall impression was uncertain and no active AU supports {first}, so {first} is ruled out; the best remaining reading is {label}.",
-    "Since the first impression was unsure and no active AU backs {first}, that reading is dropped, and {label} is the most likely one left.",
-)
-_C_PROMOTED = (
-    "The overall impression was uncertain, and the {label} pattern in these regions is strong, so the local evidence decides: {label}{ev}.",
-    "Because the first impression was unsure and these regions show a clear {label} pattern, the local evidence settles it: {label}{ev}.",
-)
-_N_LOCAL = " (AU evidence {e:.2f})"
-
-
-def _grounded_checks(dets: Sequence[AUDetection], label: str, local: str, config: FACSConfig) -> list[RegionCheck]:
-    """Up to ``max_regions`` active AUs: the label's support (by ``w·s``), then the AUs that argue for another
-    class (those of the local reading first); at least one slot is kept for a contrary AU when there is one."""
-    active = [d for d in dets if d.active]
-    proto = config.prototypes.get(label, {})
-    local_proto = config.prototypes.get(local, {}) if local not in ("neutral", label) else {}
-    supp = sorted((d for d in active if d.au in proto), key=lambda d: (-proto[d.au] * d.score, d.au))
-    contra = sorted((d for d in active if d.au not in proto), key=lambda d: (d.au not in local_proto, -d.score, d.au))
-    chosen: list[RegionCheck] = []
-    used: set[tuple[int, ...]] = set()
-
-    def take(d: AUDetection, limit: int) -> None:
-        box = tuple(d.box)
-        if len(chosen) >= limit or box in used or d.au in {c.detection.au for c in chosen} or not is_valid_box(box, config.canvas):
-            return
-        used.add(box)
-        if d.au in proto:
-            chosen.append(RegionCheck(d, "support"))
-            return
-        other = local if d.au in local_proto else _best_other(d.au, label, config)
-        chosen.append(RegionCheck(d, "contrary" if other else "isolated", other))
-
-    room = config.max_regions - (1 if contra and config.cite_contrary else 0)
-    for d in supp:
-        take(d, room)
-    if config.cite_contrary:
-        for d in contra:
-            take(d, config.max_regions)
-    for d in supp:
-        take(d, config.max_regions)
-    return chosen
-
-
-def _grounded_sentence(rc: RegionCheck, label: str, seed: int, k: int, numbers: bool) -> str:
-    d = rc.detection
-    looks = _LOOK.get(d.au, (f"the area of AU{d.au} shows movement",) * 2)
-    text = _pick(_CHECK if numbers else _CHECK_PLAIN, seed, k).format(
-        region=_REGION.get(d.au, "region"), look=_pick(looks, seed, k + 1), au=d.au,
-        name=AU_NAMES.get(d.au, f"AU{d.au}"), box=format_box(d.box), score=d.score)
-    if rc.role == "support":
-        role = _pick(_ROLE_SUPPORT, seed, k).format(label=label)
-    elif rc.role == "contrary" and rc.argues_for:
-        role = _pick(_ROLE_AGAINST, seed, k).format(other=rc.argues_for, label=label)
-    else:
-        role = _pick(_ROLE_ISOLATED, seed, k)
-    return f"{text} {role}"
-
-
-def explain_grounded(face_aus: FaceAUs | Iterable[AUDetection], global_scores: Mapping[str, float],
-                     config: FACSConfig = DEFAULT_CONFIG, fusion: "FusionConfig | None" = None,
-                     net: str = "fer") -> FACSExplanation:
-    """The default engine of ``tagfer analyze``: a TAG trace from a global impression and the AU boxes.
-
-    ``global_scores``: the FER net's class probabilities for this face
-    (:class:`tagfer.au.impression.GlobalImpression`); the label comes from the decision rule of
-    :func:`tagfer.au.fusion.decide`. Trace: the global impression (label and confidence, no AU
-    named), then up to ``max_regions`` local steps, each an *active* AU with exactly the
-    detector's box, saying whether it supports the answer or argues for another class (never a
-    support that is not there), then a conclusion saying plainly whether the regions agree with
-    the global impression and which of the two decided. ``scores``: the decision's scores.
-    """
-    from tagfer.au.fusion import DEFAULT_FUSION, decide  # fusion imports this module lazily; no cycle at import
-
-    dets = _detections(face_aus)
-    dec = decide(global_scores, dets, fusion or DEFAULT_FUSION, config)
-    label, g1, local = dec.label, dec.global_label, dec.local_label
-    seed = _seed(dets) + LABELS.index(g1)
-    nums = config.numbers
-    g = dec.global_scores
-    second = max((c for c in LABELS if c != g1), key=lambda c: (g[c], -LABELS.index(c)))
-    if dec.global_confidence >= (fusion or DEFAULT_FUSION).unsure:
-        glob = _pick(_G_SURE if nums else _G_SURE_PLAIN, seed, 0).format(
-            adj=_ADJ[g1], a_adj=("an " if _ADJ[g1][0] in "aeiou" else "a ") + _ADJ[g1], p=dec.global_confidence)
-    else:
-        glob = _pick(_G_UNSURE if nums else _G_UNSURE_PLAIN, seed, 0).format(
-            label=g1, p=dec.global_confidence, second=second, q=g[second])
-
-    checks = _grounded_checks(dets, label, local, config)
-    parts = [glob] + [_grounded_sentence(rc, label, seed, k, nums) for k, rc in enumerate(checks, start=1)]
-
-    e_local = _N_LOCAL.format(e=dec.local_evidence[local]) if nums and local != "neutral" else ""
-    if dec.rule == "promoted":
-        concl = _pick(_C_PROMOTED, seed, 5).format(label=label, ev=e_local)
-    elif dec.rule == "eliminated":
-        concl = _pick(_C_ELIMINATED, seed, 5).format(first=g1, label=label)
-    elif dec.agreement == "agree":
-        if label != "neutral":
-            concl = _pick(_C_AGREE, seed, 5).format(label=label)
-        else:
-            concl = _pick(_C_AGREE_NEUTRAL if checks else _C_AGREE_NEUTRAL_CALM, seed, 5)
-    elif local != "neutral":
-        options = (_C_SURE_AGAINST if dec.rule in ("global_sure", "global_only")
-                   else _C_KEPT_AGAINST if local in dec.plausible else _C_KEPT_UNLIKELY)
-        concl = _pick(options, seed, 5).format(local=local, label=label, ev=e_local)
-    elif label != "neutral" and dec.support.get(label):
-        concl = _pick(_C_KEPT_WEAK, seed, 5).format(label=label)
-    else:
-        concl = _pick(_C_KEPT_UNSUPPORTED, seed, 5).format(label=label)
-    parts.append(concl)
-    trace = f"<think>{' '.join(parts)}</think>\n<answer>{label}</answer>"
-
-    r4 = lambda d: {c: round(float(v), 4) for c, v in d.items()}  # noqa: E731
-    return FACSExplanation(
-        label=label,
-        scores=dict(dec.scores),
-        trace=trace,
-        boxes=tuple(tuple(int(v) for v in rc.detection.box) for rc in checks),  # type: ignore[misc]
-        evidence_aus=tuple(rc.detection.au for rc in checks),
-        checks=tuple(checks),
-        global_={"net": net, "label": g1, "confidence": round(dec.global_confidence, 4), "scores": r4(g)},
-        local={"label": local, "evidence": r4(dec.local_evidence),
-               "support": {c: list(v) for c, v in dec.support.items() if v},
-               "steps": [{"au": rc.detection.au, "role": rc.role, "for": label if rc.role == "support" else rc.argues_for}
-                         for rc in checks]},
-        agreement=dec.agreement,
-        decision={"decided_by": dec.decided_by, "rule": dec.rule, "plausible": list(dec.plausible),
-                  "eliminated": list(dec.eliminated)},
     )

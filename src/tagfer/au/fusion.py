@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from tagfer.au.aus import AUDetection, FaceAUs
+from tagfer.au.facs import DEFAULT_CONFIG, FACSConfig, evidence
 from tagfer.core.labels import LABELS
 
 __all__ = ["FusionConfig", "DEFAULT_FUSION", "Decision", "decide", "support", "argmax"]
@@ -128,10 +129,8 @@ def _normalise(g: Mapping[str, float]) -> dict[str, float]:
 
 
 def decide(global_scores: Mapping[str, float], face_aus: FaceAUs | Iterable[AUDetection],
-           config: FusionConfig = DEFAULT_FUSION, facs_config=None) -> Decision:
+           config: FusionConfig = DEFAULT_FUSION, facs_config: FACSConfig | None = None) -> Decision:
     """Apply the decision rule (module docstring) to one face."""
-    from tagfer.au.facs import DEFAULT_CONFIG, evidence  # facs imports this module's siblings only
-
     fc = facs_config or DEFAULT_CONFIG
     dets = list(face_aus.aus if isinstance(face_aus, FaceAUs) else face_aus)
     g = _normalise(global_scores)
@@ -149,9 +148,10 @@ def decide(global_scores: Mapping[str, float], face_aus: FaceAUs | Iterable[AUDe
     if local != "neutral" and local != g1 and local in plausible and ev[local] >= config.strong:
         scores = dict(g)
         scores[local], scores[g1] = g[g1], g[local]
-        if scores[local] == scores[g1]:  # a tie the net broke by class order: the promoted class must lead
-            scores[local] += 1e-9
-            scores[g1] -= 1e-9
+        lead = max(v for c, v in scores.items() if c != local)
+        if scores[local] <= lead:  # a tie the net broke by class order (with g1 or another class): the promoted class leads
+            scores[local] = lead + 1e-9
+            scores = _normalise(scores)
         return Decision(label=local, scores=scores, plausible=plausible, rule="promoted", **common)
     eliminated = tuple(c for c in plausible if c != "neutral" and not sup.get(c))
     kept = [c for c in plausible if c not in eliminated]

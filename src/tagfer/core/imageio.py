@@ -32,7 +32,8 @@ Header floods: Pillow walks the structures before the pixels one at a time in Py
 PNG with more than :data:`MAX_HEADER_ITEMS` chunks before its image data, a JPEG with as many
 markers (or stray bytes) before its frame header, or a GIF with as many extension blocks
 before its first image is refused ``too_large`` after a scan of milliseconds (825k empty PNG
-chunks took Pillow 3.5 s).
+chunks took Pillow 3.5 s). The cost model, the budget and the flood scan are
+:mod:`tagfer.core.image_budget` (re-exported here); this module opens, checks and decodes.
 
 Files: only regular files are read. A FIFO, socket or device (``/dev/zero``)
 is ``unreadable`` without being opened for reading (the open is non-blocking
@@ -62,17 +63,20 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from tagfer.core.errors import ItemError
+from tagfer.core.image_budget import DECODE_BUDGET, MAX_HEADER_ITEMS, bytes_per_pixel, decode_budget, decode_cost, header_flood
+
+__all__ = [
+    "MAX_PIXELS", "DECODE_BUDGET", "FORMATS", "MIN_SIDE", "MAX_HEADER_ITEMS", "IMAGE_EXTENSIONS",
+    "ImageError", "LoadedImage", "ImageHeader", "decode_budget", "bytes_per_pixel",
+    "load_image", "load_pil", "probe", "is_image_path", "data_url",
+]
 
 # Images beyond this many pixels are refused outright; below it the decode budget decides
 # (module docstring); anything accepted but above ``max_side`` is downscaled at decode time.
 MAX_PIXELS = 400_000_000
-# Default decode budget: what a 64-megapixel RGB photo costs (64 M × 4 bytes).
-DECODE_BUDGET = 256_000_000
 # Formats decoded (only these plugins are tried; the JPEG one also opens MPO, what many cameras write).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP")
 MIN_SIDE = 16
-# Header structures (PNG chunks, JPEG markers, GIF blocks) allowed before the pixels (module docstring).
-MAX_HEADER_ITEMS = 4096
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
 
@@ -98,23 +102,6 @@ class LoadedImage:
     @property
     def size(self) -> tuple[int, int]:
         return self.width, self.height
-
-
-def decode_budget(budget: int | None = None) -> int:
-    """The decode budget in bytes: ``budget`` if given, else ``$TAGFER_DECODE_BUDGET_MB`` (10⁶ bytes),
-    else :data:`DECODE_BUDGET`."""
-    if budget is not None:
-        return int(budget)
-    env = os.environ.get("TAGFER_DECODE_BUDGET_MB", "").strip()
-    if not env:
-        return DECODE_BUDGET
-    try:
-        mb = float(env)
-    except ValueError:
-        raise ValueError(f"TAGFER_DECODE_BUDGET_MB must be a number of megabytes, got {env!r}") from None
-    if not mb > 0:
-        raise ValueError(f"TAGFER_DECODE_BUDGET_MB must be positive, got {env!r}")
-    return int(mb * 1_000_000)
 
 
 @dataclass(frozen=True)
@@ -156,181 +143,6 @@ def probe(source: str | os.PathLike | bytes, max_side: int = 2048, budget: int |
     """Every check of :func:`load_image` that needs only the header (file kind, format,
     size, decode budget), in milliseconds and without decoding. Raises :class:`ImageError`."""
     return _decode(source, max_side, budget, header_only=True)  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------- decode cost
-_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}  # others: 4
-
-
-def bytes_per_pixel(mode: str) -> int:
-    """Bytes Pillow stores per pixel of ``mode`` (RGB/YCbCr/LAB are padded to 4)."""
-    return _BYTES_PER_PIXEL.get(mode, 4)
-
-
-def _jpeg_first_scan_components(fp) -> int | None:
-    """Number of components in a JPEG's first scan (walks the markers; None if not found)."""
-    pos = fp.tell()
-    try:
-        fp.seek(2)
-        for _ in range(10_000):
-            b = fp.read(2)
-            if len(b) < 2 or b[0] != 0xFF:
-                return None
-            m = b[1]
-            if m == 0xFF:  # fill byte
-                fp.seek(-1, 1)
-                continue
-            if m in (0x01, 0xD8) or 0xD0 <= m <= 0xD7:
-                continue
-            ln = fp.read(2)
-            if len(ln) < 2:
-                return None
-            if m == 0xDA:
-                n = fp.read(1)
-                return n[0] if n else None
-            fp.seek(int.from_bytes(ln, "big") - 2, 1)
-        return None
-    finally:
-        fp.seek(pos)
-
-
-def _tiff_buffer(im: Image.Image) -> int:
-    """Bytes libtiff decodes into before Pillow copies them: one strip or tile of a compressed
-    TIFF at the file's own depth (raw files are read in small blocks by Pillow itself)."""
-    tags = getattr(im, "tag_v2", None)
-    if tags is None:
-        return 0
-    try:
-        compression = int(tags.get(259, 1))
-        if compression == 1:
-            return 0
-        w, h = im.size
-        spp = max(1, int(tags.get(277, 1)))
-        bps = tags.get(258, (1,))
-        bps = [int(b) for b in bps] if isinstance(bps, (tuple, list)) else [int(bps)] * spp
-        bits = sum(bps) if int(tags.get(284, 1)) == 1 else max(bps)  # contiguous: all samples; planar: one
-        if 322 in tags and 323 in tags:
-            tw, tl = int(tags[322]), int(tags[323])
-            buf = -(-tw * bits // 8) * tl
-            rgba = tw * tl * 4
-        else:
-            rps = tags.get(278, h)
-            rps = min(h, int(rps[0] if isinstance(rps, (tuple, list)) else rps) or h)
-            buf = -(-w * bits // 8) * rps
-            rgba = w * rps * 4
-        ycbcr = compression in (6, 7) or int(tags.get(262, 0)) == 6  # read through libtiff's RGBA interface
-        return max(buf, rgba) if ycbcr else buf
-    except (TypeError, ValueError, IndexError):
-        return 0
-
-
-def _decode_cost(im: Image.Image, fp, max_side: int = 2048) -> int:
-    """Bytes the decoder will hold for ``im`` at its (possibly drafted) size (module docstring)."""
-    w, h = im.size
-    cost = w * h * bytes_per_pixel(im.mode)
-    if w * h > _TILE_PIXELS and max_side < max(w, h) < 2 * max_side:
-        cost += w * h * 4  # _shrink_to_rgb cannot box-reduce: a full-size RGB copy before the resize
-    if im.format == "TIFF":
-        cost += _tiff_buffer(im)
-    if im.format == "WEBP":
-        cost += 3 * w * h * 4  # libwebp's animation decoder: three RGBA canvases besides Pillow's (measured)
-    elif im.format in ("JPEG", "MPO"):
-        layers = getattr(im, "layer", None) or []
-        progressive = bool(im.info.get("progressive") or im.info.get("progression"))
-        if progressive or (layers and (_jpeg_first_scan_components(fp) or len(layers)) < len(layers)):
-            # libjpeg buffers every DCT coefficient of a multi-scan file at full resolution (2 bytes each)
-            ow, oh = getattr(im, "_tagfer_full_size", im.size)
-            hmax = max((lay[1] for lay in layers), default=1) or 1
-            vmax = max((lay[2] for lay in layers), default=1) or 1
-            samples = sum(lay[1] * lay[2] for lay in layers) / (hmax * vmax) if layers else 3
-            cost += int(2 * ow * oh * samples)
-    return int(cost)
-
-
-def _count_png(fp, limit: int) -> int:
-    """Chunks before the first IDAT (stops past ``limit``)."""
-    fp.seek(8)
-    n = 0
-    while n <= limit:
-        head = fp.read(8)
-        if len(head) < 8 or head[4:8] in (b"IDAT", b"IEND"):
-            break
-        n += 1
-        fp.seek(int.from_bytes(head[:4], "big") + 4, 1)
-    return n
-
-
-def _count_jpeg(fp, limit: int) -> int:
-    """Markers, fill and stray bytes before the frame header (SOFn) (stops past ``limit``)."""
-    fp.seek(2)
-    n = 0
-    while n <= limit:
-        b = fp.read(1)
-        if not b:
-            break
-        n += 1
-        if b != b"\xff":
-            continue  # a stray byte: Pillow skips these one by one too
-        m = fp.read(1)
-        if not m:
-            break
-        if m == b"\xff":
-            fp.seek(-1, 1)
-            continue
-        c = m[0]
-        if 0xC0 <= c <= 0xCF and c not in (0xC4, 0xC8, 0xCC):
-            break  # the frame header: Pillow stops here
-        if c in (0x01, 0xD8) or 0xD0 <= c <= 0xD7 or c == 0x00:
-            continue
-        ln = fp.read(2)
-        if len(ln) < 2:
-            break
-        fp.seek(max(0, int.from_bytes(ln, "big") - 2), 1)
-    return n
-
-
-def _count_gif(fp, limit: int) -> int:
-    """Blocks, sub-blocks and stray bytes before the first image descriptor (stops past ``limit``)."""
-    fp.seek(6)
-    lsd = fp.read(7)
-    if len(lsd) < 7:
-        return 0
-    if lsd[4] & 0x80:  # global colour table
-        fp.seek(3 << ((lsd[4] & 7) + 1), 1)
-    n = 0
-    while n <= limit:
-        b = fp.read(1)
-        if not b or b in (b",", b";"):
-            break
-        n += 1
-        if b != b"!":
-            continue
-        fp.read(1)  # extension label
-        while n <= limit:
-            size = fp.read(1)
-            if not size or size == b"\0":
-                break
-            n += 1
-            fp.seek(size[0], 1)
-    return n
-
-
-def _check_header_items(fp, head: bytes, name: str) -> None:
-    """Refuse a header flood (module docstring) before Pillow walks it."""
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        kind, count, what = "PNG", _count_png, "chunks before its image data"
-    elif head[:2] == b"\xff\xd8":
-        kind, count, what = "JPEG", _count_jpeg, "markers or stray bytes before its frame header"
-    elif head[:6] in (b"GIF87a", b"GIF89a"):
-        kind, count, what = "GIF", _count_gif, "extension blocks before its first image"
-    else:
-        return
-    try:
-        n = count(fp, MAX_HEADER_ITEMS)
-    finally:
-        fp.seek(0)
-    if n > MAX_HEADER_ITEMS:
-        raise ImageError("too_large", f"{kind} with more than {MAX_HEADER_ITEMS:,} {what} (a header flood): {name}")
 
 
 def _release_memory() -> None:
@@ -448,7 +260,9 @@ def _decode(source: str | os.PathLike | bytes, max_side: int, budget: int | None
                 size = _get_size(head)  # libwebp allocates its canvases when the file is opened
                 if size and size[0] * size[1] * 16 > limit:
                     raise ImageError("too_large", _too_large_msg(size[0], size[1], size[0] * size[1] * 16, limit, name))
-            _check_header_items(fp, head, name)
+            flood = header_flood(fp, head)
+            if flood:
+                raise ImageError("too_large", f"{flood} (a header flood): {name}")
             with _OPEN_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, with the budget
                 old_max = Image.MAX_IMAGE_PIXELS
@@ -468,7 +282,7 @@ def _decode(source: str | os.PathLike | bytes, max_side: int, budget: int | None
                     f = max_side / max(w0, h0)
                     im._tagfer_full_size = (w0, h0)  # type: ignore[attr-defined]
                     im.draft("RGB", (max(1, int(w0 * f)), max(1, int(h0 * f))))
-                cost = _decode_cost(im, fp, max_side)
+                cost = decode_cost(im, fp) + _shrink_cost(im.size, max_side)
                 if cost > limit:
                     raise ImageError("too_large", _too_large_msg(w0, h0, cost, limit, name, im.mode))
                 # Nothing above may decode pixels (Pillow's PNG getexif() does, to find a late eXIf chunk).
@@ -559,6 +373,13 @@ def _to_rgb(im: Image.Image, value_range: tuple[float, float] | None = None) -> 
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, P without transparency
+
+
+def _shrink_cost(size: tuple[int, int], max_side: int) -> int:
+    """Bytes :func:`_shrink_to_rgb` adds for an image decoded at ``size``: a full-size RGB copy
+    before the final resize when it cannot box-reduce (longer side between ``max_side`` and twice it)."""
+    w, h = size
+    return w * h * 4 if w * h > _TILE_PIXELS and max_side < max(w, h) < 2 * max_side else 0
 
 
 def _shrink_to_rgb(im: Image.Image, max_side: int) -> Image.Image:

@@ -8,7 +8,7 @@ Unicode look-alikes of the letters (fullwidth ``ｂ``, …) are not tag letters.
 that reads box tags uses this module:
 
 * :data:`BOX_TAG` / :data:`TAG` — the compiled patterns (:mod:`tagfer.traces.trace` builds its
-  tokenizer from the same pieces, :func:`tagfer.traces.trace.strip_bboxes` uses :data:`BOX_TAG`);
+  tokenizer from the same pieces, :func:`tagfer.traces.convert.strip_bboxes` uses :data:`BOX_TAG`);
 * :func:`advance` — the same definition as a six-state automaton that reads text piece by
   piece (a decoder's tokens), for :class:`tagfer.models.vlm.BoxLimitProcessor`;
 * :func:`limit_boxes` — the box limit for replies that were generated without one (served
