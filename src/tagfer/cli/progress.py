@@ -49,6 +49,8 @@ class JobProgress:
 
     def __exit__(self, *exc: Any) -> None:
         if self._bar is not None:
+            if self._total is None:  # an open-ended job: the bar ends full, at what was done
+                self._update(total=self._bar.tasks[0].completed)
             self._bar.__exit__(*exc)
             self._bar = None
 
@@ -70,8 +72,8 @@ class JobProgress:
             self.failed += event.error is not None or event.status == "failed"
             self._update(advance=1, failed=f", {self.failed} failed" if self.failed else "")
         elif isinstance(event, Done) and self._bar is not None and self._total is None:
-            done = self._bar.tasks[0].completed
-            self._update(total=done)  # an open-ended job: the bar ends full
+            self._total = self._bar.tasks[0].completed  # an open-ended job: the bar ends full
+            self._update(total=self._total)
 
     def note(self, text: str) -> None:
         """A short live text after the counts (e.g. ``acc 71.2%``)."""
