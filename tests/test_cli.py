@@ -452,3 +452,39 @@ def test_progress_bar_knows_its_total(tmp_path, face_crop_path, bad_inputs):
     assert r.exit_code == 1
     bar = next(line for line in r.output.splitlines() if line.startswith("tagfer au"))
     assert "2/2 images" in bar and "1 failed" in bar
+
+
+def test_serve_and_study_limits_reach_the_app_factories(tmp_path, monkeypatch):
+    """`serve --allowed-origin/--max-pending` and `study serve --allowed-origin/--max-evaluators/
+    --registrations-per-client` are passed to the app factories under their parameter names."""
+    import types
+
+    import uvicorn
+
+    from tagfer.evaluation.study import app as study_app
+    from tagfer.explainer import serve
+
+    seen: dict[str, dict] = {}
+
+    def fake_serve_app(cfg, **kw):
+        seen["serve"] = kw
+        return types.SimpleNamespace(state=types.SimpleNamespace(pool=types.SimpleNamespace(warm=lambda: None)))
+
+    def fake_study_app(pairs, db, **kw):
+        seen["study"] = kw
+        return object()
+
+    monkeypatch.setattr(serve, "create_app", fake_serve_app)
+    monkeypatch.setattr(study_app, "create_app", fake_study_app)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    r = runner.invoke(app, ["serve", "--allowed-origin", "http://a.lan:3000", "--allowed-origin", "http://b.lan", "--max-pending", "7"])
+    assert r.exit_code == 0, r.output
+    assert seen["serve"]["allowed_origins"] == ["http://a.lan:3000", "http://b.lan"] and seen["serve"]["max_pending"] == 7
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"id": "p1", "image": str(tmp_path / "x.png"), "label": "happiness",
+                                 "a": {"name": "A", "text": "a"}, "b": {"name": "B", "text": "b"}}) + "\n")
+    r = runner.invoke(app, ["study", "serve", "--pairs", str(pairs), "--db", str(tmp_path / "s.sqlite"),
+                            "--allowed-origin", "http://c.lan", "--max-evaluators", "9", "--registrations-per-client", "2"])
+    assert r.exit_code == 0, r.output
+    assert (seen["study"]["allowed_origins"], seen["study"]["max_evaluators"], seen["study"]["registrations_per_client"]) == \
+        (["http://c.lan"], 9, 2)
