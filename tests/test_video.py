@@ -420,35 +420,3 @@ def test_cli_au_mixes_videos_and_images(tmp_path, happy_clip, astronaut_path):
     res = CliRunner().invoke(app, args)  # everything done: nothing added
     assert res.exit_code == 0 and len(list(read_jsonl(out))) == len(recs)
     assert CliRunner().invoke(app, ["au", happy_clip, "--out", str(out), "--smooth", "median:3"]).exit_code == 2
-
-
-def test_prefetch_keeps_order_raises_in_order_and_stops_early():
-    from tagfer.au.video import prefetch
-
-    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
-
-    def boom():
-        yield 1
-        yield 2
-        raise ValueError("bad file")
-
-    got = []
-    with pytest.raises(ValueError, match="bad file"):
-        for x in prefetch(boom()):
-            got.append(x)
-    assert got == [1, 2]
-    closed = []
-
-    def endless():
-        try:
-            i = 0
-            while True:
-                yield i
-                i += 1
-        finally:
-            closed.append(True)
-
-    for x in prefetch(endless()):
-        if x == 5:
-            break
-    assert closed == [True]  # the producer was closed, not left running

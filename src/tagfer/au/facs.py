@@ -242,6 +242,7 @@ def class_scores(face_aus: FaceAUs | Iterable[AUDetection], config: FACSConfig =
 
 def _argmax(scores: Mapping[str, float]) -> str:
     return max(LABELS, key=lambda c: (scores[c], -LABELS.index(c)))
+top_label = _argmax  # public: the highest-scoring label (ties: the earlier in LABELS)
 
 
 # --------------------------------------------------------------------------- wording

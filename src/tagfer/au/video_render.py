@@ -21,8 +21,11 @@ from PIL import Image
 
 from tagfer.au.aus import AU_NAMES
 from tagfer.au.overlay import GREEN, LabeledBox, draw_boxes
+from tagfer.au.temporal import au_columns, smoothed_tracks
+from tagfer.au.video_io import iter_frames
 from tagfer.core.jsonl import read_jsonl
 from tagfer.core.labels import LABELS
+from tagfer.core.prefetch import prefetch
 
 #: One colour per class (annotated video captions, plot curves and shading).
 LABEL_COLORS: dict[str, str] = {
@@ -126,8 +129,6 @@ _TB = fractions.Fraction(1, 1000)
 
 def render_video(video: str, records: Iterable[dict], path: str | os.PathLike, config) -> str:
     """Write the annotated clip (format from the suffix: .mp4, .gif, .webp); returns its path."""
-    from tagfer.au.video import iter_frames, prefetch  # lazy (start-up time): PIL
-
     recs = iter(records)
     cur = next(recs, None)
     w = VideoWriter(path, fps=config.fps or 25.0)
@@ -175,8 +176,6 @@ def plot_timeline(records: Iterable[dict], segments_file: str | os.PathLike | No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # lazy (start-up time): matplotlib, PIL
-
-    from tagfer.au.video import au_columns, smoothed_tracks  # lazy (start-up time): PIL
 
     aus = au_columns(records)
     series: dict[int, _Series] = {}
