@@ -43,9 +43,26 @@ from tagfer.core.labels import LABELS
 
 
 # ----------------------------------------------------------------------------- config
+MAX_WINDOW = 10.0  # seconds: the longest smoothing window accepted (``--smooth window:S``, ``ema:S``)
+MAX_FPS = 1000.0  # frames per second: the highest sampling / folder rate accepted
+
+
+def check_finite(name: str, value: float | None, lo: float, hi: float, *, lo_open: bool = False, allow_none: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        where = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ValueError(f"{name} must be a finite number in {where}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SmoothingConfig:
-    """The temporal filter and the segmentation rules (module docstring)."""
+    """The temporal filter and the segmentation rules (module docstring). Every value is checked:
+    finite, ``0 <= window <= MAX_WINDOW`` (ValueError with the option's name otherwise)."""
 
     method: str = "window"  # window | ema | none
     window: float = 0.5  # seconds (ema: tau = window / 2)
@@ -55,8 +72,9 @@ class SmoothingConfig:
     def __post_init__(self) -> None:
         if self.method not in ("window", "ema", "none"):
             raise ValueError(f"smoothing must be window, ema or none, got {self.method!r}")
-        if self.window < 0 or self.min_duration < 0 or self.max_gap <= 0:
-            raise ValueError("window and min_duration must be >= 0 and max_gap > 0")
+        check_finite("the smoothing window (seconds)", self.window, 0.0, MAX_WINDOW)
+        check_finite("min_duration (seconds)", self.min_duration, 0.0, 60.0)
+        check_finite("max_gap (seconds)", self.max_gap, 0.0, 3600.0, lo_open=True)
 
     @property
     def lag(self) -> float:
@@ -134,6 +152,50 @@ class Sampler:
 
 
 # ----------------------------------------------------------------------------- tracking
+MAX_JUMP = 60.0  # seconds: a step forward between two frames beyond this is a broken timestamp
+MAX_BACK = 1.0  # seconds: a step back beyond this is a discontinuity (times continue from the last)
+
+
+class Timeline:
+    """Frame times made usable, frame by frame (pure, stateful): finite, strictly increasing and
+    without absurd jumps, so sampling, ``--end`` and the landmarker's timestamps stay sound.
+
+    :meth:`next` takes a frame's time from the origin (seconds, exact: ``(pts − pts0) × time_base``)
+    or None (no pts) and returns ``(t, repair)``; ``repair`` is None when ``t`` is the time as
+    given, else why it was changed:
+
+    * ``"missing"`` — no pts, or not a finite number: ``t = last + 1/rate``;
+    * ``"jump"`` — more than :data:`MAX_JUMP` s after the previous frame (e.g. pts 10¹² ms or
+      2⁶² in a normal clip): ``t = last + 1/rate``, and later frames are shifted by the same
+      amount, so one broken pts does not push the rest of the clip past ``--end``;
+    * ``"backwards"`` — more than :data:`MAX_BACK` s before the previous frame (a timestamp
+      reset, or the frame after a broken one): shifted likewise, times continue from the last;
+    * ``"repeated"`` — at or slightly before the previous frame: ``t = last + 1 ms``.
+    """
+
+    def __init__(self, rate: float | None = None):
+        self.step = 1.0 / rate if rate is not None and math.isfinite(rate) and 0 < rate <= MAX_FPS else 1.0 / 25
+        self.last: float | None = None
+        self.offset = 0.0
+
+    def next(self, raw: float | None) -> tuple[float, str | None]:
+        # The first frame is the origin: kept when in [0, MAX_JUMP], else put at 0 (and what follows shifted).
+        last = -self.step if self.last is None else self.last
+        repair: str | None = None
+        if raw is None or not math.isfinite(raw):
+            t, repair = last + self.step, "missing"
+        else:
+            t = raw + self.offset
+            if t - last > MAX_JUMP or last - t > MAX_BACK or (self.last is None and t < 0):
+                repair = "jump" if t > last else "backwards"
+                self.offset += last + self.step - t
+                t = last + self.step
+            elif t <= last:
+                t, repair = last + 1e-3, "repeated"
+        self.last = t
+        return t, repair
+
+
 class FaceTracker:
     """Stable face ids across frames: greedy matching on IoU of face boxes (≥ ``iou_min``),
     then on centre distance (< half the box diagonal) for fast moves; a track not seen for
@@ -192,15 +254,19 @@ class Sample:
 
 
 class Smoother:
-    """Streaming filter of one face track (see :class:`SmoothingConfig`); bounded memory.
+    """Streaming filter of one face track (see :class:`SmoothingConfig`); bounded memory and
+    constant work per sample whatever the window (the centred mean keeps a running sum).
 
     :meth:`push` returns the samples whose smoothed values became known; :meth:`flush`
     the rest (end of the track)."""
 
     def __init__(self, config: SmoothingConfig):
         self.config = config
-        self._buf: deque[Sample] = deque()  # window: samples within reach of pending ones
+        self._in: deque[Sample] = deque()  # window: samples inside the current pending sample's window
+        self._ahead: deque[Sample] = deque()  # pushed, not yet inside it
         self._pending: deque[Sample] = deque()
+        self._sum: np.ndarray | None = None
+        self._removed = 0  # subtractions since the sum was last recomputed (rounding stays bounded)
         self._ema: np.ndarray | None = None
         self._last_t: float | None = None
 
@@ -218,7 +284,7 @@ class Smoother:
             self._last_t = s.t
             s.smoothed = self._ema.copy()
             return [s]
-        self._buf.append(s)
+        self._ahead.append(s)
         self._pending.append(s)
         return self._release(s.t)
 
@@ -227,10 +293,16 @@ class Smoother:
         out = []
         while self._pending and (now is None or self._pending[0].t + half < now - 1e-9):
             p = self._pending.popleft()
-            while self._buf and self._buf[0].t < p.t - half - 1e-9:
-                self._buf.popleft()
-            vals = [b.values for b in self._buf if b.t <= p.t + half + 1e-9]
-            p.smoothed = np.mean(vals, axis=0)
+            while self._ahead and self._ahead[0].t <= p.t + half + 1e-9:
+                a = self._ahead.popleft()
+                self._in.append(a)
+                self._sum = a.values.astype(np.float64) if self._sum is None else self._sum + a.values
+            while self._in and self._in[0].t < p.t - half - 1e-9:
+                self._sum = self._sum - self._in.popleft().values  # type: ignore[operator]
+                self._removed += 1
+            if self._removed > len(self._in) + 256:  # recompute now and then: no drift over long tracks
+                self._sum, self._removed = np.sum([b.values for b in self._in], axis=0, dtype=np.float64), 0
+            p.smoothed = self._sum / len(self._in)  # type: ignore[operator]
             out.append(p)
         return out
 
@@ -239,7 +311,9 @@ class Smoother:
             self._ema, self._last_t = None, None
             return []
         out = self._release(None)
-        self._buf.clear()
+        self._in.clear()
+        self._ahead.clear()
+        self._sum, self._removed = None, 0
         return out
 
 

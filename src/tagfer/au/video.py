@@ -97,8 +97,7 @@ def analyse_frame(landmarker: Any, frame: Frame, tracker: FaceTracker, config: V
             label=top_label(sc), scores={k: round(v, 4) for k, v in sc.items()},
             aus=[a.to_json() for a in fa.aus], active=[a.au for a in fa.active], au_boxes=[list(b) for b in fa.au_boxes],
         ))
-    return FrameRecord(video, frame.index, frame.t, img.width, img.height, config.au.canvas, recs)
-
+    return FrameRecord(video, frame.index, frame.t, img.width, img.height, config.au.canvas, recs, t_repaired=frame.repair)
 
 
 def run_video(video: str, out: str | os.PathLike, config: VideoConfig = VideoConfig(), *,
@@ -115,6 +114,7 @@ def run_video(video: str, out: str | os.PathLike, config: VideoConfig = VideoCon
     if done:
         return summ
     info: list[VideoInfo] = []
+    failures: dict[str, str] = {}  # kind → first message, of this run's failed frames
     last_ms = -1
     with JsonlWriter(out) as writer:
         def emit(d: dict) -> None:
@@ -128,7 +128,9 @@ def run_video(video: str, out: str | os.PathLike, config: VideoConfig = VideoCon
                     summ.frames_sampled += 1
                     if fr.error is not None:
                         summ.frames_failed += 1
-                        emit(FrameRecord(video, fr.index, fr.t, error={"kind": fr.error.kind, "message": fr.error.message}).to_json())
+                        failures.setdefault(fr.error.kind, fr.error.message)
+                        emit(FrameRecord(video, fr.index, fr.t, error={"kind": fr.error.kind, "message": fr.error.message},
+                                         t_repaired=fr.repair).to_json())
                         if fr.error.kind in ("corrupt", "truncated"):
                             summ.error = {"kind": fr.error.kind, "message": fr.error.message}
                         continue
@@ -137,7 +139,9 @@ def run_video(video: str, out: str | os.PathLike, config: VideoConfig = VideoCon
                         rec = analyse_frame(lm, fr, tracker, config, video, last_ms)
                     except Exception as e:  # a library failure on one frame: recorded, the clip goes on
                         summ.frames_failed += 1
-                        rec = FrameRecord(video, fr.index, fr.t, error={"kind": "internal", "message": f"{type(e).__name__}: {e}"})
+                        failures.setdefault("internal", f"{type(e).__name__}: {e}")
+                        rec = FrameRecord(video, fr.index, fr.t, error={"kind": "internal", "message": f"{type(e).__name__}: {e}"},
+                                          t_repaired=fr.repair)
                     faces_seen.update(f.face_id for f in rec.faces)
                     emit(rec.to_json())
         except ItemError as e:
@@ -154,10 +158,12 @@ def run_video(video: str, out: str | os.PathLike, config: VideoConfig = VideoCon
         if summ.error is None:
             if total == 0:
                 summ.error = {"kind": "zero_length", "message": f"{video}: no frame decoded in the requested range"}
+            elif summ.frames_failed and summ.frames_failed == summ.frames_sampled and not n_prev:
+                kind = next(iter(failures)) if len(failures) == 1 and set(failures) <= {"too_large", "internal"} else "corrupt"
+                first = next(iter(failures.values()), "")
+                summ.error = {"kind": kind, "message": f"none of the {total} frame(s) could be used ({first})"}
             elif not faces_seen:
                 summ.error = {"kind": "no_face", "message": f"no face in any of the {total} sampled frame(s)"}
-            elif summ.frames_failed and summ.frames_failed == summ.frames_sampled and not n_prev:
-                summ.error = {"kind": "corrupt", "message": f"none of the {total} frame(s) could be decoded"}
         try:
             if faces_seen:
                 summ.segments, summ.segments_file = write_segments(out, video, config), str(segments_path(out))

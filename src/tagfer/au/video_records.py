@@ -13,8 +13,10 @@ from typing import Any
 
 from tagfer.au.aus import AUConfig
 from tagfer.au.facs import DEFAULT_CONFIG as DEFAULT_FACS, FACSConfig
-from tagfer.au.temporal import SmoothingConfig
+from tagfer.au.temporal import MAX_FPS, SmoothingConfig, check_finite
 from tagfer.core.canvas import CANVAS
+
+MAX_SECONDS = 1e7  # --start / --end: about 115 days
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,9 @@ class VideoConfig:
     seconds; ``max_side``: frames are downscaled to this longer side before detection;
     ``folder_fps``: frame rate of a folder of frames; ``render``: annotated output
     ``mp4`` | ``gif`` | ``webp`` | ``none``; ``plot``: write the PNG plot; ``media_dir``:
-    where the annotated video, the plot and nothing else go (None: no media)."""
+    where the annotated video, the plot and nothing else go (None: no media); ``decode_budget``:
+    bytes one decoded frame may take (:func:`tagfer.core.imageio.decode_budget`). Every number
+    is checked (finite, in range): a ValueError names the option."""
 
     fps: float | None = None
     start: float = 0.0
@@ -39,16 +43,24 @@ class VideoConfig:
     render: str = "mp4"
     plot: bool = True
     media_dir: str | None = None
+    decode_budget: int | None = None  # bytes per decoded frame (None: TAGFER_DECODE_BUDGET_MB or the default)
 
     def __post_init__(self) -> None:
-        if self.fps is not None and self.fps <= 0:
-            raise ValueError(f"--fps must be > 0, got {self.fps}")
-        if self.start < 0 or (self.end is not None and self.end <= self.start):
-            raise ValueError(f"need 0 <= start < end, got start={self.start}, end={self.end}")
+        check_finite("--fps", self.fps, 0.0, MAX_FPS, lo_open=True, allow_none=True)
+        check_finite("--folder-fps", self.folder_fps, 0.0, MAX_FPS, lo_open=True)
+        check_finite("--start (seconds)", self.start, 0.0, MAX_SECONDS)
+        check_finite("--end (seconds)", self.end, 0.0, MAX_SECONDS, allow_none=True)
+        if self.end is not None and self.end <= self.start:
+            raise ValueError(f"need start < end, got start={self.start}, end={self.end}")
         if self.render not in ("mp4", "gif", "webp", "none"):
             raise ValueError(f"render must be mp4, gif, webp or none, got {self.render!r}")
-        if self.folder_fps <= 0 or self.max_side < 32:
-            raise ValueError("folder_fps must be > 0 and max_side >= 32")
+        if not isinstance(self.max_side, int) or self.max_side < 32:
+            raise ValueError(f"max_side must be an integer >= 32, got {self.max_side!r}")
+        if not isinstance(self.max_faces, int) or self.max_faces < 1:
+            raise ValueError(f"max_faces must be an integer >= 1, got {self.max_faces!r}")
+        check_finite("iou_min", self.iou_min, 0.0, 1.0)
+        if self.decode_budget is not None and (not isinstance(self.decode_budget, int) or self.decode_budget <= 0):
+            raise ValueError(f"decode_budget must be a positive number of bytes, got {self.decode_budget!r}")
 
 
 # ----------------------------------------------------------------------------- records
@@ -81,13 +93,15 @@ class FrameRecord:
     """One sampled frame: one JSON line of the output. JSON::
 
         {"video": "/abs/clip.mp4", "record": "frame", "frame": 12, "t": 0.48,
-         "width": 1920, "height": 1080, "canvas": 512, "n_faces": 1,
+         "t_repaired": null,                    # or "missing" | "jump" | "backwards" | "repeated" (Timeline)
+         "width": 1920, "height": 1080,         # this frame's own decoded size
+         "canvas": 512, "n_faces": 1,
          "faces": [FaceRecord, ...],            # left to right; [] when no face is visible
          "error": null}                         # or {"kind": "decode_error", "message": ...}
 
     An error that is not one decoded frame's (an undecodable packet, a file cut short) has
-    ``"frame": null`` and the time where it happened; kinds ``decode_error``, ``corrupt``,
-    ``truncated``, ``internal``.
+    ``"frame": null`` and the time where it happened; kinds ``decode_error``, ``too_large``
+    (a frame above the decode budget), ``corrupt``, ``truncated``, ``internal``.
 
     Boxes on the canvas refer to the whole frame (``CanvasTransform`` of width × height).
     """
@@ -100,9 +114,10 @@ class FrameRecord:
     canvas: int = CANVAS
     faces: list[FaceRecord] = field(default_factory=list)
     error: dict[str, str] | None = None
+    t_repaired: str | None = None  # why ``t`` is not the frame's own pts (tagfer.au.temporal.Timeline)
 
     def to_json(self) -> dict[str, Any]:
-        return {"video": self.video, "record": "frame", "frame": self.frame, "t": round(self.t, 4),
+        return {"video": self.video, "record": "frame", "frame": self.frame, "t": round(self.t, 4), "t_repaired": self.t_repaired,
                 "width": self.width, "height": self.height, "canvas": self.canvas, "n_faces": len(self.faces),
                 "faces": [vars(f).copy() for f in self.faces], "error": self.error}  # shallow: asdict's deep copy costs ms
 
