@@ -582,7 +582,7 @@ def test_cli_refuses_bad_video_options_with_exit_2(tmp_path, happy_clip, args):
 
 def test_centred_smoothing_reads_each_sample_a_bounded_number_of_times():
     """Issue 21 row 7: the centred window keeps a running sum: work per sample does not grow with the window."""
-    from tagfer.au.temporal import Sample, Smoother
+    from tagfer.au.segments import Sample, Smoother
 
     class Counted(Sample):
         reads = 0
@@ -649,3 +649,95 @@ def test_video_writer_fits_a_frame_of_another_size_instead_of_cropping_it(tmp_pa
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     blue = (frames[1][..., 2] > 180) & (frames[1][..., 0] < 60)
     assert frames[1].shape == a.shape and blue[60:130, 100:190].mean() > 0.9 and not blue[:40].any()
+
+
+# ----------------------------------------------------------------------------- issue 19 item 5: short expressions survive
+def _scored_records(rows: list[tuple[str, float]], step: float = FRAME) -> list[dict]:
+    """Frame records of one face: each row is (raw label, its score); the rest share what is left,
+    neutral taking most of it (a weak expression has a close neutral second)."""
+    recs = []
+    for i, (lab, p) in enumerate(rows):
+        scores = {c: 0.0 for c in LABELS}
+        scores[lab] = p
+        if lab != "neutral":
+            scores["neutral"] = 0.9 * (1 - p)
+        rest = 1 - sum(scores.values())
+        for c in LABELS:
+            if scores[c] == 0.0:
+                scores[c] = rest / (len(LABELS) - (1 if lab == "neutral" else 2))
+        face = _face(0, lab) | {"scores": scores}
+        recs.append({"video": "v", "record": "frame", "frame": i, "t": i * step, "faces": [face], "error": None})
+    return recs
+
+
+@pytest.mark.parametrize("step,n_tail", [(FRAME, 3), (0.1, 2), (0.2, 2), (FRAME, 2)])
+@pytest.mark.parametrize("smooth", [SmoothingConfig(), SmoothingConfig("ema", 0.5), SmoothingConfig("window", 1.0)])
+def test_an_expression_held_to_the_end_is_a_segment_of_its_own(step, n_tail, smooth):
+    rows = [("neutral", 0.8)] * round(2.0 / step) + [("surprise", 0.6)] * n_tail
+    segs = list(segments_from_records(_scored_records(rows, step), smooth))
+    last = segs[-1]
+    assert last.label == "surprise" and (last.start_frame, last.end_frame) == (len(rows) - n_tail, len(rows) - 1)
+    assert [s.label for s in segs] == ["neutral", "surprise"]
+
+
+@pytest.mark.parametrize("smooth", [SmoothingConfig(), SmoothingConfig("ema", 0.5), SmoothingConfig("window", 1.0)])
+def test_smoothing_neither_drops_nor_shrinks_an_expression_held_for_0_3_s(smooth):
+    # 8 frames at 25 fps = 0.32 s of a weak happiness (0.5 vs neutral 0.45) between strong neutral stretches:
+    # a 0.5 s mean alone gives neutral the argmax on every one of those frames.
+    rows = [("neutral", 0.9)] * 30 + [("happiness", 0.5)] * 8 + [("neutral", 0.9)] * 30
+    sm = smooth_series([r["t"] for r in _scored_records(rows)], [[r["faces"][0]["scores"][c] for c in LABELS] for r in _scored_records(rows)], smooth)
+    assert all(LABELS[int(np.argmax(v))] == "neutral" for v in sm[30:38]) or smooth.method == "ema"
+    segs = list(segments_from_records(_scored_records(rows), smooth))
+    hap = [s for s in segs if s.label == "happiness"]
+    assert len(hap) == 1 and hap[0].start_frame <= 30 and hap[0].end_frame >= 37  # the whole 0.32 s, maybe more
+    assert hap[0].start_frame == 30 or smooth.method != "window"  # the centred window never moves its onset later
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["neutral", "happiness", "surprise"]), st.integers(1, 14), st.floats(0.35, 0.95)),
+                min_size=1, max_size=12),
+       st.sampled_from([SmoothingConfig(), SmoothingConfig("ema", 0.5), SmoothingConfig("window", 2.0), SmoothingConfig("none")]))
+def test_every_raw_run_of_0_3_s_lies_inside_one_segment_of_its_label(runs, smooth):
+    rows = [(lab, p) for lab, n, p in runs for _ in range(n)]
+    segs = list(segments_from_records(_scored_records(rows), smooth))
+    covered = [f for s in segs for f in range(s.start_frame, s.end_frame + 1)]
+    assert covered == list(range(len(rows)))
+    label_of = {f: s.label for s in segs for f in range(s.start_frame, s.end_frame + 1)}
+    raw = [lab for lab, _ in rows]  # consecutive runs of one label make one raw run
+    start = 0
+    for i in range(1, len(raw) + 1):
+        if i == len(raw) or raw[i] != raw[start]:
+            n = i - start
+            held = (n >= 2 and (n - 1) * FRAME * n / (n - 1) >= 0.3 - 1e-9) or (i == len(raw) and n >= 2)
+            if held:
+                assert all(label_of[f] == raw[start] for f in range(start, i)), (raw[start], start, i)
+            start = i
+
+
+def _neutral_then_expression_clip(path, clip_faces, n_expr: int, n_total: int = 50) -> str:
+    g, a = clip_faces["grace"], clip_faces["astronaut"]
+    return write_clip(path, [a if i >= n_total - n_expr else g for i in range(n_total)])
+
+
+@pytest.mark.parametrize("n_expr,fps", [(10, None), (10, 10.0), (3, None)])
+def test_a_real_clip_ending_on_a_short_smile_ends_with_that_segment(tmp_path, clip_faces, n_expr, fps):
+    """Issue 19 item 5 (done-when): Grace Hopper (neutral) for 2 s, then the astronaut smiling for the
+    last 0.4 s (10 frames; at --fps 10 the last 4 sampled frames) or the last 3 frames."""
+    clip = _neutral_then_expression_clip(tmp_path / "c.mp4", clip_faces, n_expr)
+    out = tmp_path / "f.jsonl"
+    summ = run_video(clip, out, VideoConfig(fps=fps))
+    frames = _frames(out)
+    assert summ.error is None and frames[-1]["faces"][0]["label"] == "happiness"
+    segs = list(read_jsonl(segments_path(out)))
+    assert [s["label"] for s in segs] == ["neutral", "happiness"]
+    assert segs[-1]["end_frame"] == frames[-1]["frame"] and segs[-1]["start_frame"] >= 50 - n_expr - 2
+    assert segs[-1]["trace_label"] == "happiness"
+
+
+def test_a_real_0_32_s_smile_mid_clip_keeps_its_frames(tmp_path, clip_faces):
+    g, a = clip_faces["grace"], clip_faces["astronaut"]
+    clip = write_clip(tmp_path / "c.mp4", [a if 20 <= i < 28 else g for i in range(50)])
+    out = tmp_path / "f.jsonl"
+    run_video(clip, out, VideoConfig())
+    segs = list(read_jsonl(segments_path(out)))
+    assert [(s["label"], s["start_frame"], s["end_frame"]) for s in segs] == [("neutral", 0, 19), ("happiness", 20, 27), ("neutral", 28, 49)]

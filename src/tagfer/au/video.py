@@ -6,12 +6,13 @@ Pipeline (I/O at the edges, pure steps in between)::
     → FaceLandmarker in VIDEO mode (MediaPipe tracking) → AU scores and boxes (tagfer.au.aus)
     → class scores (tagfer.au.facs) → face ids (IoU tracker) → one JSON line per sampled frame
     then, from that file (streamed): smoothing → segments with onset/apex/offset
-    → a grounded TAG trace for each segment's apex frame (tagfer.au.temporal, tagfer.au.facs.explain)
+    → a grounded TAG trace for each segment's apex frame (tagfer.au.segments, tagfer.au.facs.explain)
     → the annotated clip and the plot (tagfer.au.video_render).
 
 This module is the job (:func:`run_video`, :func:`analyse_frame`); the layers it joins:
 
-* :mod:`tagfer.au.temporal` — pure: sampling, face tracking, smoothing, segments;
+* :mod:`tagfer.au.temporal` — pure: option checks, sampling, timestamp repair, face ids;
+* :mod:`tagfer.au.segments` — pure: smoothing, held expressions, segments;
 * :mod:`tagfer.au.video_io` — decoding, folders of frames, output files, resume;
 * :mod:`tagfer.au.video_records` — the options and the records written;
 * :mod:`tagfer.au.video_render` — the annotated clip and the timeline plot.
@@ -28,10 +29,9 @@ from typing import Any, Callable
 from tagfer.au.aus import ground_face
 from tagfer.au.faces import FaceLandmarker
 from tagfer.au.facs import class_scores, top_label
-from tagfer.au.temporal import (
-    FaceTracker,
+from tagfer.au.segments import (
+    HoldGuard,
     Sample,
-    Sampler,
     Segmenter,
     SegmentRecord,
     SmoothingConfig,
@@ -42,6 +42,7 @@ from tagfer.au.temporal import (
     smooth_series,
     smoothed_tracks,
 )
+from tagfer.au.temporal import FaceTracker, Sampler, Timeline
 from tagfer.au.video_io import (
     MAX_BAD_PACKETS,
     VIDEO_EXTENSIONS,
@@ -67,11 +68,11 @@ from tagfer.core.jsonl import JsonlWriter
 from tagfer.core.prefetch import prefetch
 
 __all__ = [
-    "FaceRecord", "FaceTracker", "Frame", "FrameFile", "FrameRecord", "MAX_BAD_PACKETS", "Sample", "Sampler",
+    "FaceRecord", "FaceTracker", "Frame", "FrameFile", "FrameRecord", "HoldGuard", "MAX_BAD_PACKETS", "Sample", "Sampler",
     "SegmentRecord", "Segmenter", "SmoothingConfig", "Smoother", "VIDEO_EXTENSIONS", "VideoConfig", "VideoError",
     "VideoInfo", "VideoSummary", "analyse_frame", "au_columns", "drop_failed_videos", "face_samples", "is_video_path",
     "iter_frames", "media_stem", "open_video", "prefetch", "read_progress", "run_video", "segments_from_records",
-    "segments_path", "smooth_series", "smoothed_tracks", "split_video_inputs", "write_segments",
+    "segments_path", "smooth_series", "smoothed_tracks", "split_video_inputs", "Timeline", "write_segments",
 ]
 
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from tagfer.au.temporal import FaceTracker, Sampler, Timeline, segments_from_records
+from tagfer.au.segments import segments_from_records
+from tagfer.au.temporal import FaceTracker, Sampler, Timeline
 from tagfer.au.video_records import VideoConfig
 from tagfer.core.errors import ItemError
 from tagfer.core.imageio import IMAGE_EXTENSIONS, LoadedImage, decode_budget, load_image

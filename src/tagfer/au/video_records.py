@@ -3,7 +3,7 @@
 :class:`VideoConfig` (the options of ``tagfer au/analyze VIDEO``), and the JSON Lines records
 it writes: :class:`FrameRecord` (one per sampled frame, its faces as :class:`FaceRecord`) and
 :class:`VideoSummary` (the last record of each video). Segment records and the smoothing
-options are those of :mod:`tagfer.au.temporal`.
+options are those of :mod:`tagfer.au.segments`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 
 from tagfer.au.aus import AUConfig
 from tagfer.au.facs import DEFAULT_CONFIG as DEFAULT_FACS, FACSConfig
-from tagfer.au.temporal import MAX_FPS, SmoothingConfig, check_finite
+from tagfer.au.segments import SmoothingConfig
+from tagfer.au.temporal import MAX_FPS, check_finite
 from tagfer.core.canvas import CANVAS
 
 MAX_SECONDS = 1e7  # --start / --end: about 115 days

@@ -21,7 +21,7 @@ from PIL import Image
 
 from tagfer.au.aus import AU_NAMES
 from tagfer.au.overlay import GREEN, LabeledBox, draw_boxes
-from tagfer.au.temporal import au_columns, smoothed_tracks
+from tagfer.au.segments import au_columns, smoothed_tracks
 from tagfer.au.video_io import iter_frames
 from tagfer.core.jsonl import read_jsonl
 from tagfer.core.labels import LABELS
