@@ -402,11 +402,14 @@ def test_quiet_by_default_verbose_shows_library_noise(capsys):
     with warnings.catch_warnings():
         _app._SEEN_WARNINGS.clear()
         _app.quiet_libraries(verbose=False)
-        warnings.warn_explicit("old API", FutureWarning, "lib.py", 1, module="somelib")  # a library's: hidden
+        warnings.warn_explicit("old API", FutureWarning, "lib.py", 1, module="somelib")  # a deprecation notice: hidden
+        warnings.warn_explicit("torch noise", UserWarning, "x.py", 1, module="torch.nn.modules")  # a library's: hidden
+        warnings.warn_explicit("set in __post_init__", UserWarning, "<string>", 176, module="<string>")  # via generated code: shown
         for _ in range(3):  # tagfer's own: one line, once, without the source line
             warnings.warn_explicit("tensorboard is not installed", UserWarning, "config.py", 9, module="tagfer.train.config")
         err = capsys.readouterr().err
-        assert "old API" not in err and err.count("tensorboard is not installed") == 1
+        assert "old API" not in err and "torch noise" not in err and "set in __post_init__" in err
+        assert err.count("tensorboard is not installed") == 1
         assert "warning: tensorboard is not installed" in " ".join(err.split()) and "config.py" not in err
         _app._SEEN_WARNINGS.clear()
         _app.quiet_libraries(verbose=True)
@@ -488,3 +491,11 @@ def test_serve_and_study_limits_reach_the_app_factories(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert (seen["study"]["allowed_origins"], seen["study"]["max_evaluators"], seen["study"]["registrations_per_client"]) == \
         (["http://c.lan"], 9, 2)
+
+
+def test_train_best_checkpoint_is_printed_in_words():
+    from tagfer.cli.train import best_text
+
+    text = best_text({"n": 2, "accuracy": 0.5, "au_iou": 0.25, "fmt_rate": 1.0, "score": 0.6, "step": 3})
+    assert text == "  (step 3: accuracy 0.50, au_iou 0.25, fmt_rate 1.00, score 0.60 on 2 samples)" and "{" not in text
+    assert best_text({"step": 5, "note": "no validation data"}) == "  (step 5: no validation data)" and best_text(None) == ""

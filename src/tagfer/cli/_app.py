@@ -45,6 +45,10 @@ def _version_callback(value: bool) -> None:
 
 
 _SEEN_WARNINGS: set[str] = set()
+#: Modules whose warnings are library noise (shown with --verbose).
+_LIBRARIES = (r"(transformers|torch|torchvision|trl|peft|accelerate|datasets|huggingface_hub|tokenizers|safetensors|PIL|"
+              r"mediapipe|google|absl|tensorflow|ai_edge_litert|numpy|scipy|pyarrow|pandas|matplotlib|httpx|httpcore|"
+              r"uvicorn|starlette|fastapi|pydantic|av|skimage|sklearn|yaml)(\.|$)")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
@@ -66,8 +70,11 @@ def quiet_libraries(verbose: bool = False) -> None:
         os.environ["TAGFER_VERBOSE"] = "1"
         warnings.simplefilter("default")
         return
-    warnings.filterwarnings("ignore")  # every library warning ...
-    warnings.filterwarnings("default", module=r"tagfer(\.|$)")  # ... but tagfer's own
+    warnings.simplefilter("default")  # a warning tagfer raises (even through generated code) is shown ...
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning, ResourceWarning, ImportWarning):
+        warnings.filterwarnings("ignore", category=category)  # ... but no library deprecation notice
+    warnings.filterwarnings("ignore", module=_LIBRARIES)  # ... nor any warning of the libraries tagfer drives
+    warnings.filterwarnings("default", module=r"tagfer(\.|$)")  # tagfer's own, whatever their category
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from tagfer.cli._app import TYPER, app, console, out_console
+from tagfer.cli._app import TYPER, app, console, out_console, say
 
 train_app = typer.Typer(help="Train TAG: SFT with LoRA, GRPO with the AU-grounded reward.", **TYPER)
 app.add_typer(train_app, name="train")
@@ -42,6 +42,17 @@ def _run(fn, *args, **kwargs):
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error[/] {e}")
         raise typer.Exit(2)
+
+
+def best_text(best) -> str:
+    """The best checkpoint's validation in words: `` (step 3: accuracy 0.50, au_iou 0.31, fmt_rate 1.00, score 0.62 on 2 samples)``."""
+    if not isinstance(best, dict) or not best:
+        return ""
+    parts = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in best.items() if k not in ("step", "n", "note")]
+    where = f"step {best['step']}: " if "step" in best else ""
+    n = f" on {best['n']} samples" if "n" in best else ""
+    note = best.get("note")
+    return f"  ({where}{', '.join(parts)}{n})" if parts else f"  ({where}{note})" if note else ""
 
 
 @train_app.command("presets")
@@ -82,7 +93,7 @@ def sft(ctx: typer.Context, config: str = _CONFIG) -> None:
     cfg = _load(config, ctx.args, "sft", "tagfer train sft")
     console.print(f"SFT → {cfg.output_dir} (model {cfg.model_name_or_path}, data {cfg.train_data})")
     res = _run(run_sft, cfg)
-    out_console.print(f"final adapter: {res.final_dir}\nbest adapter:  {res.best_dir}  {res.best or ''}\nlog: {res.log_path}")
+    say(f"final adapter: {res.final_dir}\nbest adapter:  {res.best_dir}{best_text(res.best)}\nlog: {res.log_path}")
 
 
 @train_app.command("grpo", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP)
@@ -94,7 +105,7 @@ def grpo(ctx: typer.Context, config: str = _CONFIG) -> None:
     console.print(f"GRPO → {cfg.output_dir} (model {cfg.model_name_or_path}, adapter {cfg.adapter} "
                   f"[{cfg.adapter_mode}], sources {cfg.sources or 'all'})")
     res = _run(run_grpo, cfg)
-    out_console.print(f"final adapter: {res.final_dir}\nlog: {res.log_path}")
+    say(f"final adapter: {res.final_dir}\nlog: {res.log_path}")
 
 
 @train_app.command("merge", short_help='Merge an adapter into its base model.')
