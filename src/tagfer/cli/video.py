@@ -34,9 +34,16 @@ def parse_smooth(spec: str):
 
     method, _, w = spec.partition(":")
     method = method.strip().lower()
-    if method == "none":
-        return SmoothingConfig(method="none")
-    return SmoothingConfig(method=method, window=float(w) if w else 0.5)
+    try:
+        if method == "none":
+            return SmoothingConfig(method="none")
+        try:
+            window = float(w) if w.strip() else 0.5
+        except ValueError:
+            raise ValueError(f"the window must be a number of seconds, got {w!r}") from None
+        return SmoothingConfig(method=method, window=window)
+    except ValueError as e:
+        raise ValueError(f"--smooth {spec!r}: {e} (use window:SECONDS, ema:SECONDS or none)") from None
 
 
 def video_config(*, fps, start, end, folder_fps, smooth, render, media, threshold=0.3, top_k=3, bilateral="union",
