@@ -337,6 +337,26 @@ def test_serve_cli_allowed_host_option(monkeypatch):
     assert r.exit_code == 2 and "not a host name" in r.output
 
 
+def test_serve_cli_max_live_sessions(monkeypatch):
+    """`tagfer serve --max-live-sessions N` bounds the live sessions; 0 turns live mode off with a clear refusal."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app as cli
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: seen.update(app=app_, **kw))
+    r = CliRunner().invoke(cli, ["serve", "--pool", "1", "--max-live-sessions", "0"])
+    assert r.exit_code == 0, r.output
+    with TestClient(seen["app"], base_url="http://127.0.0.1") as c:
+        r = c.post("/live")
+        assert r.status_code == 503 and "live mode is off" in r.json()["error"]["message"]
+    assert CliRunner().invoke(cli, ["serve", "--pool", "1", "--max-live-sessions", "3"]).exit_code == 0
+    assert seen["app"].state.live.config.max_sessions == 3
+    assert CliRunner().invoke(cli, ["serve", "--max-live-sessions", "-1"]).exit_code == 2
+
+
 # ----------------------------------------------------------------------------- load, stalls, origins (issue 21 #3, #4)
 from tagfer.core.errors import ItemError
 from tagfer.explainer import serve as serve_mod

@@ -192,6 +192,8 @@ class LiveSessions:
         """A new session, or :class:`LiveError` ``live_full`` when ``max_sessions`` are open."""
         self.reap()
         with self._lock:
+            if self.config.max_sessions == 0:
+                raise LiveError("live_full", "live mode is off on this server (tagfer serve --max-live-sessions 0)")
             if len(self._sessions) + self._opening >= self.config.max_sessions:
                 raise LiveError("live_full", f"{self.config.max_sessions} live session(s) are already open (the server's "
                                              f"limit); close one, or try again when one ends (after "
