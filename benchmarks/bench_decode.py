@@ -22,7 +22,7 @@ above the baseline, and ``peak - cost``, which the docs promise stays within ~30
 
     python benchmarks/bench_decode.py --video
 
-Video frames instead (`tagfer.au.video_io.iter_frames`, the decoding of `tagfer au/analyze VIDEO`):
+Video frames (`tagfer.au.video_io.iter_frames`, the decoding of `tagfer au/analyze VIDEO`):
 clips whose frames are larger than their header says, or deeper, decoded in a fresh process each
 with a given budget; peak RSS above the baseline vs the per-frame decode cost and the budget.
 """
@@ -267,9 +267,15 @@ def video_main() -> None:
 
 
 if __name__ == "__main__":
-    if "--video" in sys.argv[1:]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--video", action="store_true", help="only video frames vs the budget")
+    ap.add_argument("--images", action="store_true", help="only the per-format image table")
+    args = ap.parse_args()
+    if args.video:
         video_main()
-    else:
-        if "--images" not in sys.argv[1:]:
-            main()
+    elif args.images:
         image_formats()
+    else:
+        main()
+        image_formats()
+        video_main()

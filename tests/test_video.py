@@ -741,3 +741,40 @@ def test_a_real_0_32_s_smile_mid_clip_keeps_its_frames(tmp_path, clip_faces):
     run_video(clip, out, VideoConfig())
     segs = list(read_jsonl(segments_path(out)))
     assert [(s["label"], s["start_frame"], s["end_frame"]) for s in segs] == [("neutral", 0, 19), ("happiness", 20, 27), ("neutral", 28, 49)]
+
+
+# ----------------------------------------------------------------------------- the same engine as a photo (issue 19)
+def test_each_frame_is_decided_by_the_photo_engine(happy_run):
+    """Every face of every frame carries the FER net's impression and the decision of the photo engine
+    (tagfer.au.fusion.decide on the same AUs), and a segment's apex trace is the grounded engine's."""
+    from tagfer.au.aus import AUDetection
+    from tagfer.au.fusion import decide
+
+    summ, out, recs = happy_run
+    frames = [r for r in recs if r["record"] == "frame" and r["faces"]]
+    for r in frames[::6]:
+        f = r["faces"][0]
+        assert set(f["global_scores"]) == set(LABELS)
+        dets = [AUDetection.from_json(d) for d in f["aus"]]
+        d = decide(f["global_scores"], dets)
+        assert f["label"] == d.label and f["scores"] == pytest.approx(d.scores, abs=2e-4)
+    hap = next(s for s in read_jsonl(segments_path(out)) if s["label"] == "happiness")
+    assert "overall impression" in hap["trace"] or "At first glance" in hap["trace"]  # the global step comes first
+
+
+def test_facs_rules_engine_on_a_video(tmp_path, happy_clip):
+    """`--model facs-rules` on a video: the FACS prototypes alone decide each frame (no net impression)."""
+    from tagfer.au.aus import AUDetection
+    from tagfer.au.facs import class_scores
+
+    out = tmp_path / "rules.jsonl"
+    summ = run_video(happy_clip, out, VideoConfig(engine="facs-rules", fps=5))
+    frames = [r for r in read_jsonl(out) if r["record"] == "frame" and r["faces"]]
+    assert summ.error is None and frames
+    for r in frames:
+        f = r["faces"][0]
+        assert f["global_scores"] is None
+        ref = class_scores([AUDetection.from_json(d) for d in f["aus"]])
+        assert f["scores"] == pytest.approx(ref, abs=2e-4)
+    with pytest.raises(ValueError, match="engine"):
+        VideoConfig(engine="gpt")

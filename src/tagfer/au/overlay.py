@@ -118,7 +118,7 @@ def au_overlay(
     """
     boxes = []
     for f in faces:
-        dets = {"active": f.active, "top": f.top, "all": f.aus}[which]
+        dets = {"active": f.active, "top": f.candidate_pool, "all": f.aus}[which]
         boxes += [LabeledBox(d.box, f"AU{d.au} {d.score:.2f}", GREEN) for d in dets]
     if original_size is not None:
         im_size = original_size

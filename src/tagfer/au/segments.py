@@ -37,6 +37,7 @@ import numpy as np
 
 from tagfer.au.aus import AUDetection
 from tagfer.au.facs import DEFAULT_CONFIG as DEFAULT_FACS, FACSConfig, explain, top_label
+from tagfer.au.grounded import explain_grounded
 from tagfer.au.temporal import MAX_WINDOW, check_finite
 from tagfer.core.canvas import CANVAS
 from tagfer.core.labels import LABELS
@@ -81,7 +82,7 @@ class SegmentRecord:
          "start_frame": 12, "apex_frame": 23, "end_frame": 40, "n_frames": 29,
          "peak": 0.93, "mean": 0.88,                          # the label's smoothed score: at the apex, mean
          "aus": [{"au": 12, "score": 0.95}, ...],             # prototype AUs active at the apex (smoothed)
-         "trace": "<think>…</think>\\n<answer>happiness</answer>",   # facs engine on the apex frame
+         "trace": "<think>…</think>\\n<answer>happiness</answer>",   # the video's engine on the apex frame
          "trace_label": "happiness", "evidence_aus": [12, 6, 25],
          "boxes": [[x1, y1, x2, y2], ...],                    # the trace's boxes, on the frame canvas
          "canvas": 512, "smoothing": "window 0.5s"}
@@ -380,7 +381,9 @@ class Segmenter:
             mean=run.total / max(run.n, 1), aus=aus, smoothing=_smoothing_name(self.config),
         )
         if isinstance(payload, dict) and payload.get("aus") is not None:
-            ex = explain([AUDetection.from_json(d) for d in payload["aus"]], self.facs)
+            dets = [AUDetection.from_json(d) for d in payload["aus"]]
+            g = payload.get("global_scores")  # the video's engine: the FER net's impression + the AUs, or the rules
+            ex = explain_grounded(dets, g, self.facs) if g else explain(dets, self.facs)
             seg.trace, seg.trace_label = ex.trace, ex.label
             seg.evidence_aus, seg.boxes = list(ex.evidence_aus), [list(b) for b in ex.boxes]
         return seg

@@ -26,9 +26,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from PIL import Image
+
 from tagfer.au.aus import FaceAUs, ground_face
 from tagfer.au.faces import FaceLandmarker
 from tagfer.au.facs import class_scores, top_label
+from tagfer.au.fusion import decide
 from tagfer.au.segments import (
     HoldGuard,
     Sample,
@@ -72,7 +75,7 @@ __all__ = [
     "SegmentRecord", "Segmenter", "SmoothingConfig", "Smoother", "VIDEO_EXTENSIONS", "VideoConfig", "VideoError",
     "VideoInfo", "VideoSummary", "analyse_frame", "au_columns", "drop_failed_videos", "face_samples", "is_video_path",
     "iter_frames", "media_stem", "open_video", "prefetch", "read_progress", "run_video", "segments_from_records",
-    "segments_path", "smooth_series", "smoothed_tracks", "split_video_inputs", "Timeline", "write_segments",
+    "segments_path", "load_grounded", "frame_scores", "smooth_series", "smoothed_tracks", "split_video_inputs", "Timeline", "write_segments",
 ]
 
 
@@ -86,18 +89,40 @@ def ground_frame(landmarker: Any, img: Any, timestamp_ms: int, config: VideoConf
     return [ground_face(m, tr, config.au, detector="mediapipe") for m in meshes]
 
 
+def load_grounded(config: VideoConfig) -> Any:
+    """The FER net + AU evidence engine of ``config.engine == "facs"`` (None for ``facs-rules``);
+    raises :class:`tagfer.au.impression.ImpressionUnavailable` when the net is missing."""
+    if config.engine != "facs":
+        return None
+    from tagfer.au.impression import GroundedEngine  # lazy (start-up time): litert
+
+    return GroundedEngine(facs=config.facs)
+
+
+def frame_scores(fa: Any, picture: Any, grounded: Any, config: VideoConfig) -> tuple[dict[str, float], dict[str, float] | None]:
+    """One face's class scores with the video's engine, and the net's own impression (None for the
+    rules): the same decision as ``tagfer analyze`` on a photo (:func:`tagfer.au.fusion.decide`)."""
+    if grounded is None:
+        return class_scores(fa, config.facs), None
+    g = grounded.global_scores(picture, fa)
+    return dict(decide(g, fa, grounded.fusion, config.facs).scores), g
+
+
 def analyse_frame(landmarker: Any, frame: Frame, tracker: FaceTracker, config: VideoConfig, video: str,
-                  timestamp_ms: int | None = None) -> FrameRecord:
+                  timestamp_ms: int | None = None, grounded: Any = None) -> FrameRecord:
     """Detect, ground, score and track the faces of one decoded frame (``timestamp_ms``: for the
-    landmarker's video mode, strictly increasing; default the frame's time)."""
+    landmarker's video mode, strictly increasing; default the frame's time). ``grounded``: the
+    engine of :func:`load_grounded` (None: the FACS rules decide)."""
     img = frame.image
     assert img is not None and frame.index is not None
     ts = round(frame.t * 1000) if timestamp_ms is None else timestamp_ms
     faces = ground_frame(landmarker, img, ts, config)
     ids = tracker.update(frame.t, [f.mesh.bbox for f in faces])  # type: ignore[union-attr]
+    # the decoded pixels (possibly downscaled): the canvas maps onto them with the same letterbox
+    picture = Image.fromarray(img.rgb) if grounded is not None and faces else None
     recs = []
     for fid, fa in zip(ids, faces):
-        sc = class_scores(fa, config.facs)
+        sc, g = frame_scores(fa, picture, grounded, config)
         mesh = fa.mesh
         assert mesh is not None
         recs.append(FaceRecord(
@@ -105,17 +130,22 @@ def analyse_frame(landmarker: Any, frame: Frame, tracker: FaceTracker, config: V
             head_pose={k: round(float(v), 1) for k, v in mesh.head_pose.items()},
             label=top_label(sc), scores={k: round(v, 4) for k, v in sc.items()},
             aus=[a.to_json() for a in fa.aus], active=[a.au for a in fa.active], au_boxes=[list(b) for b in fa.au_boxes],
+            global_scores={k: round(float(v), 4) for k, v in g.items()} if g is not None else None,
         ))
     return FrameRecord(video, frame.index, frame.t, img.width, img.height, config.au.canvas, recs, t_repaired=frame.repair)
 
 
 def run_video(video: str, out: str | os.PathLike, config: VideoConfig = VideoConfig(), *,
-              on_record: Callable[[dict], None] | None = None, resume: bool = True) -> VideoSummary:
+              on_record: Callable[[dict], None] | None = None, resume: bool = True, grounded: Any = None) -> VideoSummary:
     """Analyse one video into ``out`` (frame records then a summary record), then write its segments
     (``segments_path(out)``) and, with ``config.media_dir``, the annotated video and the plot.
-    Never raises for bad input: the summary's ``error`` says what went wrong."""
+    Never raises for bad input: the summary's ``error`` says what went wrong. ``grounded``: the
+    engine of :func:`load_grounded`, loaded once for many videos (default: loaded here; a missing
+    FER net raises :class:`tagfer.au.impression.ImpressionUnavailable` before anything is written)."""
     out = Path(out)
     video = os.path.abspath(video)
+    if grounded is None:
+        grounded = load_grounded(config)
     summ = VideoSummary(video=video)
     tracker = FaceTracker(config.iou_min, config.smoothing.max_gap)
     last, done, n_prev, faces_seen = read_progress(out, video, tracker) if resume and out.exists() else (-1, False, 0, set())
@@ -145,7 +175,7 @@ def run_video(video: str, out: str | os.PathLike, config: VideoConfig = VideoCon
                         continue
                     last_ms = max(round(fr.t * 1000), last_ms + 1)
                     try:
-                        rec = analyse_frame(lm, fr, tracker, config, video, last_ms)
+                        rec = analyse_frame(lm, fr, tracker, config, video, last_ms, grounded)
                     except Exception as e:  # a library failure on one frame: recorded, the clip goes on
                         summ.frames_failed += 1
                         failures.setdefault("internal", f"{type(e).__name__}: {e}")

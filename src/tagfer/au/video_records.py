@@ -18,6 +18,8 @@ from tagfer.au.temporal import MAX_FPS, check_finite
 from tagfer.core.canvas import CANVAS
 
 MAX_SECONDS = 1e7  # --start / --end: about 115 days
+#: the offline engines a video is explained with (the backend kinds of the same names)
+ENGINES = ("facs", "facs-rules")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class VideoConfig:
     plot: bool = True
     media_dir: str | None = None
     decode_budget: int | None = None  # bytes per decoded frame (None: TAGFER_DECODE_BUDGET_MB or the default)
+    engine: str = "facs"  # "facs" (FER net + AU evidence, as for photos) | "facs-rules" (the FACS prototypes alone)
 
     def __post_init__(self) -> None:
         check_finite("--fps", self.fps, 0.0, MAX_FPS, lo_open=True, allow_none=True)
@@ -53,6 +56,8 @@ class VideoConfig:
         check_finite("--end (seconds)", self.end, 0.0, MAX_SECONDS, allow_none=True)
         if self.end is not None and self.end <= self.start:
             raise ValueError(f"need start < end, got start={self.start}, end={self.end}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.render not in ("mp4", "gif", "webp", "none"):
             raise ValueError(f"render must be mp4, gif, webp or none, got {self.render!r}")
         if not isinstance(self.max_side, int) or self.max_side < 32:
@@ -73,9 +78,14 @@ class FaceRecord:
          "bbox": [x1, y1, x2, y2],              # original frame pixels
          "bbox_canvas": [x1, y1, x2, y2],       # on the frame's canvas
          "head_pose": {"yaw": .., "pitch": .., "roll": ..},
-         "label": "happiness", "scores": {"anger": 0.0, ...},   # facs engine, raw (unsmoothed)
+         "label": "happiness", "scores": {"anger": 0.0, ...},   # the engine's decision, raw (unsmoothed)
          "aus": [{"au": 12, "name": "...", "score": 0.91, "active": true, "box": [..]}, ...],
-         "active": [12, 6], "au_boxes": [[..], ...]}
+         "active": [12, 6], "au_boxes": [[..], ...],
+         "global_scores": {"anger": 0.01, ...}}  # the FER net's impression (engine "facs"; null for "facs-rules")
+
+    The engine is the one ``tagfer analyze`` uses on photos (``VideoConfig.engine``): ``facs``
+    decides each frame with the FER net's global impression and the AU evidence
+    (:func:`tagfer.au.fusion.decide`), ``facs-rules`` with the FACS prototypes alone.
     """
 
     face_id: int
@@ -87,6 +97,7 @@ class FaceRecord:
     aus: list[dict[str, Any]]
     active: list[int]
     au_boxes: list[list[int]]
+    global_scores: dict[str, float] | None = None
 
 
 @dataclass

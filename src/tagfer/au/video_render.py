@@ -185,14 +185,15 @@ SPAN_BINS = 2000  # the plot's time axis in columns (≥ 2× its pixels): segmen
 
 class _SpanBins:
     """Segment shading of one face in bounded memory, whatever the number of segments: each label
-    covers a set of time columns (one bool array), apexes mark columns; drawn as one collection per
-    label (runs of covered columns) and one for the apex lines."""
+    covers a set of time columns (one bool array), an apex marks its column (with the label of the
+    last apex there); drawn as one collection per label (runs of covered columns) and one
+    collection of apex lines (at most one per column)."""
 
     def __init__(self, t0: float, t1: float, bins: int = SPAN_BINS):
         self.t0, self.bins = t0, bins
         self.dt = max(t1 - t0, 1e-3) / bins
         self.cover = np.zeros((len(LABELS), bins), dtype=bool)
-        self.apex = np.zeros((len(LABELS), bins), dtype=bool)
+        self.apex = np.full(bins, -1, dtype=np.int8)
 
     def _col(self, t: float) -> int:
         return int(min(max((t - self.t0) / self.dt, 0), self.bins - 1))
@@ -202,7 +203,7 @@ class _SpanBins:
             return
         i = LABELS.index(label)
         self.cover[i, self._col(onset):self._col(offset) + 1] = True
-        self.apex[i, self._col(apex)] = True
+        self.apex[self._col(apex)] = i
 
     def draw(self, ax) -> None:
         for i, c in enumerate(LABELS):
@@ -212,9 +213,10 @@ class _SpanBins:
                 starts, ends = edges[0::2], edges[1::2]
                 xr = [(self.t0 + a * self.dt, (b - a) * self.dt) for a, b in zip(starts, ends)]
                 ax.broken_barh(xr, (-0.02, 1.04), facecolors=LABEL_COLORS.get(c, "#cccccc"), alpha=0.15, lw=0)
-            cols = np.flatnonzero(self.apex[i])
-            if len(cols):
-                ax.vlines(self.t0 + (cols + 0.5) * self.dt, -0.02, 1.02, colors=LABEL_COLORS.get(c, "#cccccc"), lw=0.8, linestyles="--")
+        cols = np.flatnonzero(self.apex >= 0)
+        if len(cols):
+            ax.vlines(self.t0 + (cols + 0.5) * self.dt, -0.02, 1.02, colors=[LABEL_COLORS[LABELS[k]] for k in self.apex[cols]],
+                      lw=0.8, linestyles="--")
 
 
 def plot_timeline(records: Iterable[dict], segments_file: str | os.PathLike | None, video: str,

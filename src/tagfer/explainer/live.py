@@ -6,9 +6,10 @@ faces' boxes, AU boxes and smoothed label as JSON, which the browser draws over 
 
 Per session (:class:`LiveSession`): one MediaPipe landmarker in VIDEO mode, one face tracker and
 one smoother per face — the video engine's own per-frame step (:func:`tagfer.au.video.ground_frame`,
-:class:`tagfer.au.temporal.FaceTracker`, :class:`tagfer.au.segments.Smoother`) — and the default
-engine's decision per face (:class:`tagfer.au.impression.GroundedEngine`: the FER net's global
-impression on the face crop, then the AU evidence). Smoothing is causal (an EMA): a live frame
+:class:`tagfer.au.temporal.FaceTracker`, :class:`tagfer.au.segments.Smoother`) — and the video
+engine's decision per face (:func:`tagfer.au.video.load_grounded`: the FER net's global impression
+on the face crop, then the AU evidence, :func:`tagfer.au.fusion.decide`, as for photos), with its
+full explanation (global view, local reading, agreement) for the page. Smoothing is causal (an EMA): a live frame
 cannot wait for later ones.
 
 Frames are decoded from the request body in memory (within the decode budget of
@@ -32,7 +33,7 @@ import numpy as np
 
 from tagfer.au.segments import Sample, SmoothingConfig, Smoother
 from tagfer.au.temporal import FaceTracker
-from tagfer.au.video import VideoConfig, ground_frame
+from tagfer.au.video import VideoConfig, ground_frame, load_grounded
 from tagfer.core.errors import ItemError
 from tagfer.core.labels import LABELS
 
@@ -181,10 +182,8 @@ class LiveSessions:
             if self._engine is None:
                 if self._engine_factory is not None:
                     self._engine = self._engine_factory()
-                else:
-                    from tagfer.au.impression import GroundedEngine
-
-                    self._engine = GroundedEngine()  # one FER net for every session (its calls are locked)
+                else:  # the video job's engine (FER net + AU evidence); one net for every session (its calls are locked)
+                    self._engine = load_grounded(VideoConfig(max_faces=self.config.max_faces))
             return self._engine
 
     # -- lifecycle

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tagfer.au.video import VideoConfig, run_video, segments_path
+from tagfer.au.video import VideoConfig, load_grounded, run_video, segments_path
 from tagfer.au.video_io import VIDEO_EXTENSIONS, open_video
 from tagfer.au.video_render import LABEL_COLORS
 from tagfer.core.errors import ItemError
@@ -145,6 +145,7 @@ class VideoJobs:
         self._root_arg = root
         self._root: Path | None = None
         self._run = run or run_video
+        self._grounded: Any = None
         self._jobs: dict[str, VideoJob] = {}
         self._queue: queue.Queue[VideoJob | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -228,7 +229,9 @@ class VideoJobs:
                     job.frames_failed += bool(rec.get("error"))
 
             try:
-                summ = self._run(str(job.clip), job.records, self.config, on_record=on_record, resume=False)
+                if self._grounded is None and self.config.engine == "facs":
+                    self._grounded = load_grounded(self.config)  # loaded once for every clip
+                summ = self._run(str(job.clip), job.records, self.config, on_record=on_record, resume=False, grounded=self._grounded)
                 job.summary = summ.to_json()
                 job.summary["video"] = job.name  # the server's temporary paths mean nothing to the user
                 if job.summary.get("segments_file"):
