@@ -169,6 +169,15 @@ def test_sessions_are_bounded_and_time_out():
     assert c.id not in ss._sessions
 
 
+def test_abandoned_sessions_are_closed_without_any_request():
+    closed = threading.Event()
+    ss = LiveSessions(LiveConfig(max_sessions=1, idle_timeout_s=0.4), engine_factory=object,
+                      landmarker_factory=lambda: type("L", (), {"close": lambda self: closed.set()})())
+    ss.open()
+    assert closed.wait(3) and len(ss) == 0  # the page went away: its landmarker is released by the reaper
+    ss.open()  # the slot is free
+
+
 def test_one_frame_in_flight_and_a_bounded_rate(live_frames):
     clock = Clock()
     ss = LiveSessions(LiveConfig(max_sessions=1, max_fps=10), clock=clock, engine_factory=object,
@@ -243,6 +252,13 @@ def test_http_refusals_are_clear_and_the_session_survives_bad_frames(live_app, l
         assert c.post(s["frame_url"], content=live_frames["smile"], headers={**hdr, "Host": "evil.example"}).status_code == 400
         same = {**hdr, "Origin": "http://127.0.0.1"}
         assert c.post(s["frame_url"], content=live_frames["neutral"], headers=same).status_code == 200
+        held = live_app.state.live._sessions[s["session"]].busy
+        held.acquire()  # a frame of this session being analysed: an explanation waits its turn (429), never queues
+        try:
+            r = c.post(s["explain_url"], content=live_frames["smile"], headers=hdr)
+            assert r.status_code == 429 and r.json()["error"]["kind"] == "frame_in_flight"
+        finally:
+            held.release()
         r = c.post(s["close_url"], headers={"X-Live-Token": s["token"]})
         assert r.json() == {"closed": True}
         assert c.post(s["frame_url"], content=live_frames["smile"], headers=hdr).status_code == 404

@@ -168,6 +168,8 @@ class LiveSessions:
         self._sessions: dict[str, LiveSession] = {}
         self._opening = 0
         self._lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+        self._stop = threading.Event()
 
     # -- factories (lazy: MediaPipe and the FER net load only when a session opens)
     def _new_landmarker(self) -> Any:
@@ -204,6 +206,10 @@ class LiveSessions:
             s = LiveSession(secrets.token_urlsafe(12), secrets.token_urlsafe(24), self.config, engine, lm, clock=self.clock)
             with self._lock:
                 self._sessions[s.id] = s
+                if self._reaper is None or not self._reaper.is_alive():  # closes abandoned sessions without waiting for a request
+                    self._stop.clear()
+                    self._reaper = threading.Thread(target=self._reap_loop, name="tagfer-live-reaper", daemon=True)
+                    self._reaper.start()
             return s
         finally:
             with self._lock:
@@ -238,11 +244,21 @@ class LiveSessions:
                    if now - s.last_seen > c.idle_timeout_s or now - s.started > c.max_session_s]
         return sum(self.close(sid) for sid in old)
 
+    def _reap_loop(self) -> None:
+        period = min(5.0, self.config.idle_timeout_s / 2)
+        while not self._stop.wait(period):
+            self.reap()
+            with self._lock:
+                if not self._sessions and not self._opening:
+                    self._reaper = None
+                    return
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._sessions)
 
     def close_all(self) -> None:
+        self._stop.set()
         with self._lock:
             ids = list(self._sessions)
         for sid in ids:

@@ -369,12 +369,14 @@ def create_app(
     @app.post("/live/{sid}/explain")
     async def live_explain(sid: str, request: Request, overlay: bool = True) -> Response:
         try:
-            sessions.get(sid, request.headers.get("x-live-token"))
+            s = sessions.get(sid, request.headers.get("x-live-token"))
         except ItemError as e:
             return live_error(e)
         data = await live_body(request)
         if isinstance(data, Response):
             return data
+        if not s.busy.acquire(blocking=False):  # one request of a session at a time, frames and explanations alike
+            return live_error(LiveError("frame_in_flight", "this session's previous frame is still being analysed"))
 
         def analyse(a: Analyzer) -> dict:
             res: ImageResult = a.run(data, name="live frame")  # decoded from memory
@@ -383,7 +385,10 @@ def create_app(
                 out["overlays"] = [png_data_url(im) for im in res.render_overlays()]
             return out
 
-        out = await run_in_threadpool(pool.run, analyse)
+        try:
+            out = await run_in_threadpool(pool.run, analyse)
+        finally:
+            s.busy.release()
         if out["error"]:
             return error(out["error"]["kind"], out["error"]["message"])
         return JSONResponse(out)

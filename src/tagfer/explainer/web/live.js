@@ -187,8 +187,12 @@ async function explainNow() {
   let resp, body;
   try {
     const blob = await toJpeg(c);
-    resp = await fetch(s.explain_url, { method: "POST", body: blob, headers: { "Content-Type": "image/jpeg", "X-Live-Token": s.token } });
-    body = await resp.json();
+    for (let i = 0; i < 20; i++) {  // a frame sent just before the freeze may still be in flight (429): wait for it
+      resp = await fetch(s.explain_url, { method: "POST", body: blob, headers: { "Content-Type": "image/jpeg", "X-Live-Token": s.token } });
+      body = await resp.json();
+      if (resp.status !== 429) break;
+      await new Promise(r => setTimeout(r, 150));
+    }
   } catch (e) { setStatus("Request failed: " + e, true); return; }
   if (!resp.ok) {
     const err = body && body.error ? body.error : { kind: "http_" + resp.status, message: resp.statusText };
