@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_parse.py --siblings --trl
 	$(PY) benchmarks/bench_analyze.py
 	$(PY) benchmarks/bench_video.py
+	$(PY) benchmarks/bench_live.py
 	$(PY) benchmarks/bench_accuracy.py
 	$(PY) benchmarks/bench_client.py
 	$(PY) benchmarks/bench_build.py

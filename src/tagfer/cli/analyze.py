@@ -198,17 +198,20 @@ def serve_cmd(
                                              "of this origin, http://host:port (repeatable; the page's own origin always is)."),
     max_pending: Optional[int] = typer.Option(None, "--max-pending", min=1, help="Uploads in flight at once; more get 503 "
                                               "(default: 4 per worker)."),
+    max_live_sessions: int = typer.Option(2, "--max-live-sessions", min=0, help="Live camera sessions open at once (0: no live mode)."),
 ) -> None:
     """Web page + JSON API (POST /analyze) for grounded explanations. Localhost only by default."""
     import uvicorn  # lazy (start-up time): uvicorn
 
     from tagfer.core.trusted_hosts import allowed_hosts, bind_note  # lazy: keeps `tagfer --help` fast
+    from tagfer.explainer.live import LiveConfig  # lazy (start-up time)
     from tagfer.explainer.serve import ServeConfig, create_app  # lazy (start-up time): fastapi, starlette
 
     try:
         hosts = allowed_hosts(host, allowed_host)  # a malformed name is a usage error (exit 2)
         app_ = create_app(ServeConfig(model=model, pool_size=workers, frame=frame), max_upload_mb=max_upload_mb, allowed_hosts=hosts,
-                          allowed_origins=list(allowed_origin), max_pending=max_pending)
+                          allowed_origins=list(allowed_origin), max_pending=max_pending,
+                          live=LiveConfig(max_sessions=max_live_sessions))
         app_.state.pool.warm()
     except Exception as e:
         console.print(f"[red]error:[/red] {e}")
