@@ -347,12 +347,12 @@ def test_serve_cli_max_live_sessions(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: seen.update(app=app_, **kw))
-    r = CliRunner().invoke(cli, ["serve", "--pool", "1", "--max-live-sessions", "0"])
+    r = CliRunner().invoke(cli, ["serve", "--workers", "1", "--max-live-sessions", "0"])
     assert r.exit_code == 0, r.output
     with TestClient(seen["app"], base_url="http://127.0.0.1") as c:
         r = c.post("/live")
         assert r.status_code == 503 and "live mode is off" in r.json()["error"]["message"]
-    assert CliRunner().invoke(cli, ["serve", "--pool", "1", "--max-live-sessions", "3"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["serve", "--workers", "1", "--max-live-sessions", "3"]).exit_code == 0
     assert seen["app"].state.live.config.max_sessions == 3
     assert CliRunner().invoke(cli, ["serve", "--max-live-sessions", "-1"]).exit_code == 2
 
