@@ -753,3 +753,8 @@ def test_browser_video_upload_shows_timeline_segments_and_survives_a_reload(live
             assert "(corrupt)" in page.inner_text("#status")
         finally:
             browser.close()
+
+
+def test_favicon_is_served_not_a_404(client):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml") and r.content.startswith(b"<svg")
