@@ -173,6 +173,12 @@ def test_eval_rafdb_with_server_resume_and_errors(tmp_path, rafdb_root, eval_ser
     assert sorted(p.id for p in preds) == [f"rafdb/test_000{i}" for i in range(1, 5)]
     assert all(p.error is None for p in preds)
 
+    # a finished re-run never loads its model: this spec could not even be built here (no vLLM)
+    s4 = E.eval_source(f"rafdb:{rafdb_root}", "vllm:/models/never-loaded", out)
+    assert (s4.processed, s4.skipped, s4.exit_code()) == (0, 4, 0)
+    with pytest.raises(Exception, match="vLLM"):  # with something left to do it is loaded (and fails here)
+        E.eval_source(f"rafdb:{rafdb_root}", "vllm:/models/never-loaded", tmp_path / "fresh.jsonl", limit=1)
+
 
 def test_eval_bytes_images_bad_outputs_and_bad_image(tmp_path, ferplus_root, eval_server, bad_inputs):
     outputs = ["I cannot help with identifying people.", tag_answer("anger")[:40], '{"answer": "anger"}']

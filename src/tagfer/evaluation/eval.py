@@ -144,11 +144,9 @@ def run_eval(
     own = isinstance(backend, str)  # a model spec: resolved by the one registry, closed here
     if own:
         model = model or backend  # the spec names the model in the records
-        backend = make_backend(backend)
     system, user = prompt or tag_prompt()
     gen = gen or generation_defaults()
     cfg = GenerationConfig(**{k: gen[k] for k in ("temperature", "top_p", "max_new_tokens", "seed", "max_boxes") if k in gen})
-    backend_cfg, limit_mode = box_limit_plan(backend, cfg, gen.get("box_request"))
     key = prompt_key(system, user)
     first_record = [True]
     job = JobRecorder("eval", on_event)
@@ -171,6 +169,9 @@ def run_eval(
             seen_ids.add(rec.id)
             queued += 1
         job.start(queued)
+    if own:  # a model is loaded only when something is left to ask it (a finished re-run loads nothing)
+        backend = make_backend(backend) if job.result.total != 0 else _NothingLeft()
+    backend_cfg, limit_mode = box_limit_plan(backend, cfg, gen.get("box_request"))
     stream = fresh() if fresh is not None else records
     pending: dict[str, Prediction] = {}
     writer = JsonlWriter(out)
@@ -230,6 +231,22 @@ def run_eval(
             p.latency_s = float(lat) if lat is not None else None
             finish(p)
     return job.finish()
+
+
+class _NothingLeft:
+    """Stands in for a model on a re-run with every item done: the records are walked (skips and
+    dataset counts are reported), no request is ever made."""
+
+    name = "none"
+    decodes_box_limit = False
+
+    def generate(self, requests: Iterator[Any], config: Any) -> Iterator[Any]:
+        for req in requests:  # never reached: every item was done (the count before said so)
+            raise RuntimeError(f"item {req.id} was left to do after the count said nothing was")
+        return iter(())
+
+    def close(self) -> None:
+        pass
 
 
 def _prebuilt_messages(reqs: Iterator[Any], client_cfg: Any, workers: int) -> Iterator[Any]:
