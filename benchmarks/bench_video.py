@@ -102,7 +102,9 @@ PLOT_CHILD = r"""
 import json, resource, sys, tracemalloc
 from pathlib import Path
 from tagfer.au.video_render import plot_timeline
-from tagfer.au.video import FrameFile, SmoothingConfig, VideoConfig
+from tagfer.au.segments import SmoothingConfig
+from tagfer.au.video_io import FrameFile
+from tagfer.au.video_records import VideoConfig
 from tagfer.core.labels import LABELS
 n, d, total = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 frames, segs = d / "f.jsonl", d / "f.segments.jsonl"
