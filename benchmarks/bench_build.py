@@ -81,7 +81,8 @@ def stop_server(p) -> None:
 
 def run_once(url: str, n: int, conc: int, out: str) -> dict:
     """One build in this process; returns requests, wall time, CPU time. ``url``: comma-separated endpoints."""
-    from tagfer.data.build import BuildConfig, run_build
+    from tagfer.data.build import run_build
+    from tagfer.data.build_config import BuildConfig
 
     eps = url.split(",")
     cfg = BuildConfig.from_dict(dict(out=out, quality=False, tag_requests=False, au_workers=1, client=dict(
