@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_analyze.py
 	$(PY) benchmarks/bench_video.py
 	$(PY) benchmarks/bench_live.py
+	$(PY) benchmarks/bench_decode.py
 	$(PY) benchmarks/bench_accuracy.py
 	$(PY) benchmarks/bench_client.py
 	$(PY) benchmarks/bench_build.py
