@@ -21,6 +21,8 @@ _EXIT_HELP = "Exit codes: 0 ok; 1 an image failed (unreadable, no face); 2 bad o
 def _print_result(res, show_scores: bool, show_all_aus: bool) -> None:
     from rich.panel import Panel  # lazy (start-up time): rich.panel
 
+    from tagfer.explainer.display import collapse_segments
+
     if res.error:
         out_console.print(f"[red]✗ {res.image}: {res.error['kind']}: {res.error['message']}[/red]")
         return
@@ -33,8 +35,10 @@ def _print_result(res, show_scores: bool, show_all_aus: bool) -> None:
             head += f" · [red]MALFORMED: {', '.join(a.violations)}[/red]"
         head += f" · R_AU {'skipped (no active AU)' if a.r_au is None else f'{a.r_au:.2f}'}"
         text = Text()
-        for seg in a.segments:
-            if seg["box"] is None:
+        for seg in collapse_segments(a.segments):  # blank runs collapsed, long output cut (pictures)
+            if seg.get("note"):
+                text.append(seg["text"], style="dim italic")
+            elif seg["box"] is None:
                 text.append(seg["text"])
             else:
                 text.append(seg["text"], style=f"bold white on {a.box_colors[seg['box']]}")
