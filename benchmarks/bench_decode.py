@@ -19,10 +19,17 @@ differently (PNG 8/16-bit, JPEG baseline/progressive, WebP, GIF, BMP, TIFF raw /
 strip of 16-bit RGBA / many strips / small and large tiles / 8-bit grey, and sizes on both
 sides of ``max_side``), each loaded in a fresh process: decode cost (``probe``), peak RSS
 above the baseline, and ``peak - cost``, which the docs promise stays within ~30–60 MB.
+
+    python benchmarks/bench_decode.py --video
+
+Video frames (`tagfer.au.video_io.iter_frames`, the decoding of `tagfer au/analyze VIDEO`):
+clips whose frames are larger than their header says, or deeper, decoded in a fresh process each
+with a given budget; peak RSS above the baseline vs the per-frame decode cost and the budget.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import struct
@@ -161,7 +168,114 @@ def image_formats(budget: int = 2_000_000_000) -> None:
         print(f"worst peak - cost: {worst / 1e6:.0f} MB (docs: ~30–60 MB whatever the size)")
 
 
+VIDEO_CHILD = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[3])
+os.environ["TAGFER_DECODE_BUDGET_MB"] = str(int(sys.argv[2]) / 1e6)
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+from tagfer.au.video_io import iter_frames
+from tagfer.au.video_records import VideoConfig
+from tagfer.core.errors import ItemError
+import av, numpy, PIL.Image  # imported before the baseline
+base = rss("VmRSS")
+t = time.perf_counter()
+kinds = {}
+try:
+    for fr in iter_frames(sys.argv[1], VideoConfig()):
+        k = fr.error.kind if fr.error else f"{fr.image.rgb.shape[1]}x{fr.image.rgb.shape[0]}"
+        kinds[k] = kinds.get(k, 0) + 1
+    out = " ".join(f"{v}×{k}" for k, v in kinds.items())
+except ItemError as e:
+    out = e.kind
+print(json.dumps({"outcome": out, "s": time.perf_counter() - t, "peak": rss("VmHWM") - base}))
+"""
+
+
+def _mux(path: Path, payloads, codec: str, header: tuple[int, int], pix_fmt: str, fmt: str) -> Path:
+    import fractions
+
+    import av
+
+    c = av.open(str(path), "w", format=fmt)
+    s = c.add_stream(codec, rate=10)
+    s.width, s.height = header
+    s.pix_fmt = pix_fmt
+    for i, b in enumerate(payloads):
+        p = av.Packet(b)
+        p.stream, p.time_base, p.pts, p.dts = s, fractions.Fraction(1, 10), i, i
+        c.mux(p)
+    c.close()
+    return path
+
+
+def _jpeg(side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 90, 90)).save(buf, "JPEG", quality=30)
+    return buf.getvalue()
+
+
+def _png(side: int, pix_fmt: str) -> bytes:
+    import fractions
+
+    import av
+    import numpy as np
+
+    ch = {"rgb24": 3, "rgb48be": 3, "rgba64be": 4}[pix_fmt]
+    arr = np.zeros((side, side, ch), np.uint8 if pix_fmt == "rgb24" else np.uint16)
+    cc = av.CodecContext.create("png", "w")
+    cc.width = cc.height = side
+    cc.pix_fmt, cc.time_base = pix_fmt, fractions.Fraction(1, 10)
+    f = av.VideoFrame.from_ndarray(arr, format={"rgb24": "rgb24", "rgb48be": "rgb48le", "rgba64be": "rgba64le"}[pix_fmt])
+    f.pts = 0
+    return b"".join(bytes(p) for p in [*cc.encode(f), *cc.encode(None)])
+
+
+def video_main() -> None:
+    """Video frames vs the decode budget (module docstring, ``--video``)."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        small = _jpeg(256)
+        big = _jpeg(8000)
+        grow = _mux(d / "grow.avi", [small, big, big, small], "mjpeg", (256, 256), "yuvj420p", "avi")
+        deep = _mux(d / "deep.mov", [_png(6000, "rgb48be")] * 2, "png", (6000, 6000), "rgb48be", "mov")
+        wide = _mux(d / "wide.mov", [_png(256, "rgb24"), _png(2800, "rgba64be"), _png(256, "rgb24")], "png", (256, 256), "rgb24", "mov")
+        mb = 1_000_000
+        rows = [  # name, clip, largest frame's decode cost, budget
+            ("MJPEG hdr 256², 2 frames 8000²", grow, 8000 * 8000 * 3 // 2, 256 * mb),
+            ("  the same, budget 50 MB", grow, 8000 * 8000 * 3 // 2, 50 * mb),
+            ("16-bit RGB 6000² (header says so)", deep, 6000 * 6000 * 6, 50 * mb),
+            ("hdr 256² rgb24, a 2800² 16-bit RGBA", wide, 2800 * 2800 * 8, 50 * mb),
+            ("  the same, budget 256 MB", wide, 2800 * 2800 * 8, 256 * mb),
+        ]
+        print(f"{'video case':38s} {'file':>8s} {'frame cost':>11s} {'budget':>7s} {'outcome':>34s} {'time':>7s} {'peak RSS':>9s} {'peak/cost':>9s} {'peak/budget':>11s}")
+        for name, path, cost, budget in rows:
+            r = subprocess.run([sys.executable, "-c", VIDEO_CHILD, str(path), str(budget), src], capture_output=True, text=True, timeout=600)
+            if r.returncode:
+                print(name, "failed:", r.stderr[-500:])
+                continue
+            m = json.loads(r.stdout)
+            print(f"{name:38s} {path.stat().st_size / 1e3:7.0f}K {cost / 1e6:9.0f}MB {budget / 1e6:5.0f}MB {m['outcome']:>34s} "
+                  f"{m['s'] * 1e3:5.0f}ms {m['peak'] / 1e6:7.0f}MB {m['peak'] / cost:9.2f} {m['peak'] / budget:11.2f}")
+
+
 if __name__ == "__main__":
-    if "--images" not in sys.argv[1:]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--video", action="store_true", help="only video frames vs the budget")
+    ap.add_argument("--images", action="store_true", help="only the per-format image table")
+    args = ap.parse_args()
+    if args.video:
+        video_main()
+    elif args.images:
+        image_formats()
+    else:
         main()
-    image_formats()
+        image_formats()
+        video_main()

@@ -11,7 +11,9 @@ Prints:
    FaceLandmarker in VIDEO mode on the same decoded frames (PyAV decode + detect_for_video)
    → ratio (target ≥ 0.85); also with the annotated MP4 and the plot;
 2. peak RSS and peak tracemalloc of the job over a 100- vs a 5,000-frame clip (fresh process
-   each) → ratios (target: flat, ≈ 1.0).
+   each) → ratios (target: flat, ≈ 1.0);
+3. (first) peak RSS and tracemalloc of the plot of 30,000 frame records cut into 150, 1,500
+   and 15,000 segments (``--plot-only``: just that) → ratio (target: flat).
 """
 
 from __future__ import annotations
@@ -95,6 +97,41 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, tracemalloc.get_traced
     return rss, peak, n  # KiB, bytes, frames
 
 
+PLOT_CHILD = r"""
+import json, resource, sys, tracemalloc
+from pathlib import Path
+from tagfer.au.video_render import plot_timeline
+from tagfer.au.video import FrameFile, SmoothingConfig, VideoConfig
+from tagfer.core.labels import LABELS
+n, d, total = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+frames, segs = d / "f.jsonl", d / "f.segments.jsonl"
+per = total // n  # the same frames (and curves) whatever the number of segments: only the segments change
+with open(frames, "w") as f, open(segs, "w") as g:
+    for k in range(n):  # labels alternating
+        lab = LABELS[k % len(LABELS)]
+        for j in range(per):
+            i = per * k + j
+            face = {"face_id": 0, "label": "neutral", "scores": {c: 0.8 if c == "neutral" else 0.03 for c in LABELS},
+                    "aus": [{"au": a, "score": 0.5, "active": True, "box": [0, 0, 9, 9]} for a in (1, 2, 4, 6, 12)]}
+            f.write(json.dumps({"video": "v", "record": "frame", "frame": i, "t": i / 25, "faces": [face], "error": None}) + "\n")
+        g.write(json.dumps({"video": "v", "face_id": 0, "label": lab, "onset": per * k / 25, "offset": (per * k + per - 1) / 25,
+                            "apex": per * k / 25}) + "\n")
+tracemalloc.start()
+plot_timeline(FrameFile(frames, "v"), segs, "v", d / "p.png", VideoConfig(smoothing=SmoothingConfig("none")))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, tracemalloc.get_traced_memory()[1])
+"""
+
+
+def memory_of_plot(n_segments: int, tmp: Path, frames: int = 30_000) -> tuple[int, int]:
+    """(peak RSS KiB, peak tracemalloc bytes) of ``plot_timeline`` over ``frames`` frame records cut
+    into ``n_segments`` segments (fresh process)."""
+    d = tmp / f"plot{n_segments}"
+    d.mkdir()
+    r = subprocess.run([sys.executable, "-c", PLOT_CHILD, str(n_segments), str(d), str(frames)], capture_output=True, text=True, check=True)
+    rss, peak = (int(v) for v in r.stdout.strip().splitlines()[-1].split())
+    return rss, peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=300)
@@ -102,9 +139,17 @@ def main() -> None:
     ap.add_argument("--mem-large", type=int, default=5000)
     ap.add_argument("--side", type=int, default=192)
     ap.add_argument("--rounds", type=int, default=3, help="alternating bare/job timing rounds (best of each)")
+    ap.add_argument("--plot-only", action="store_true", help="only the plot's memory over 150 / 1,500 / 15,000 segments")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tagfer_bench_video_"))
     try:
+        plot = {n: memory_of_plot(n, tmp) for n in (150, 1500, 15000)}
+        print("plot memory over 30,000 frames by number of segments (fresh process each; issue 21 row 8):")
+        for n, (rss, peak) in plot.items():
+            print(f"  {n:6d} segments: peak RSS {rss / 1024:6.0f} MiB   peak tracemalloc {peak / 2**20:6.2f} MiB")
+        print(f"  ratio 15,000 vs 150: RSS {plot[15000][0] / plot[150][0]:.2f}   tracemalloc {plot[15000][1] / plot[150][1]:.2f}  (target ≈ 1.0)")
+        if args.plot_only:
+            return
         clip = make_clip(tmp / "speed.mp4", args.n, args.side)
         bare_landmarker(clip)  # warm caches (file system, XNNPACK) before the timed runs
         t_bare, t_job = float("inf"), float("inf")

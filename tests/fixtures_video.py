@@ -55,3 +55,53 @@ def enter_leave_clip(tmp_path_factory, clip_faces) -> str:
             f[:, 320 - CLIP_SIDE:] = a
         frames.append(f)
     return write_clip(tmp_path_factory.mktemp("clips") / "enter_leave.mp4", frames)
+
+
+# ----------------------------------------------------------------------------- adversarial clips (PyAV, packets muxed by hand)
+def jpeg_bytes(rgb: np.ndarray, quality: int = 85) -> bytes:
+    """One MJPEG packet: a baseline JPEG (4:2:0, decoded as yuvj420p: 1.5 bytes per pixel)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png_bytes(arr: np.ndarray, pix_fmt: str) -> bytes:
+    """One PNG packet encoded by FFmpeg (``rgb24``, ``rgb48be`` or ``rgba64be``: 3, 6 or 8 bytes per pixel)."""
+    import fractions
+
+    import av
+
+    cc = av.CodecContext.create("png", "w")
+    cc.width, cc.height, cc.pix_fmt = arr.shape[1], arr.shape[0], pix_fmt
+    cc.time_base = fractions.Fraction(1, 25)
+    src = {"rgb24": "rgb24", "rgb48be": "rgb48le", "rgba64be": "rgba64le"}[pix_fmt]
+    f = av.VideoFrame.from_ndarray(arr, format=src)
+    f.pts = 0
+    return b"".join(bytes(p) for p in [*cc.encode(f), *cc.encode(None)])
+
+
+def mux_packets(path, payloads, *, codec: str, header: tuple[int, int], pix_fmt: str, fmt: str | None = None,
+                pts=None, ms_per_frame: int = 40) -> str:
+    """A clip whose container header says ``header`` (width, height) and ``pix_fmt``, whatever the
+    packets hold (each an intra-coded image: MJPEG or PNG). ``pts`` in milliseconds (default one
+    frame every ``ms_per_frame``); decode timestamps stay monotonic (1 ms apart), so any pts ≥ its
+    index can be muxed."""
+    import fractions
+
+    import av
+
+    tb = fractions.Fraction(1, 1000)
+    c = av.open(str(path), "w", format=fmt)
+    s = c.add_stream(codec, rate=round(1000 / ms_per_frame))
+    s.width, s.height = header
+    s.pix_fmt = pix_fmt
+    for i, b in enumerate(payloads):
+        p = av.Packet(b)
+        p.stream, p.time_base = s, tb
+        p.dts = i if pts is not None else i * ms_per_frame  # 1 ms apart: any pts ≥ its index can be muxed
+        p.pts = pts[i] if pts is not None else p.dts
+        c.mux(p)
+    c.close()
+    return str(path)

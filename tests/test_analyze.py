@@ -23,6 +23,7 @@ from tagfer.explainer.analyze import (
     reframe,
 )
 from tagfer.cli import app
+from fixtures_openface import astronaut_68  # noqa: F401 (fixture)
 from tagfer.core.canvas import CanvasTransform
 from tagfer.core.errors import ItemError
 from tagfer.core.imageio import load_image
@@ -519,3 +520,22 @@ def test_analyze_batch_resumes_writes_overlays_and_sets_the_exit_code(tmp_path, 
                        (dict(images=[d], overlay=tmp_path / "one.png", resume=False, out=tmp_path / "x.jsonl"), "one image")):
         with pytest.raises(BatchSetupError, match=match):
             analyze_batch(factory=factory, **bad)
+
+
+def test_reframe_keeps_a_faces_own_68_point_geometry(astronaut_68):
+    """A face whose boxes came from an AU table's own 68 landmarks (OpenFace) is reframed on those
+    landmarks, not on MediaPipe's 478-point regions (which it does not have)."""
+    from tagfer.au.aus import AUConfig
+    from tagfer.au.regions68 import GEOMETRY_OPENFACE, ground_face_68
+    from tagfer.explainer.frames import reframe
+
+    cfg = AUConfig()
+    lm = astronaut_68
+    scores = {12: 0.9, 6: 0.8, 4: 0.1}
+    face = ground_face_68(lm, CanvasTransform(512, 512, canvas=512), cfg, scores)
+    region = (100.0, 50.0, 400.0, 350.0)
+    got = reframe(face, region, cfg)
+    ref = ground_face_68(lm - np.array([100.0, 50.0]), CanvasTransform(300, 300, canvas=512), cfg, scores,
+                         active={d.au: d.active for d in face.aus})
+    assert got.geometry == GEOMETRY_OPENFACE
+    assert [(d.au, d.box, d.active) for d in got.aus] == [(d.au, d.box, d.active) for d in ref.aus]

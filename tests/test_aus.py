@@ -35,7 +35,7 @@ def test_smiles_rank_au12_in_top3(faces, name):
 def test_broad_smile_activates_au12(faces):
     for name in ("astronaut", "crop"):
         f = faces[name][0]
-        assert 12 in [a.au for a in f.top]
+        assert 12 in [a.au for a in f.candidate_pool]
         assert f.score(12) > 0.8
 
 
@@ -72,14 +72,14 @@ def test_record_views_and_au_list(faces):
     f = faces["astronaut"][0]
     assert [a.au for a in f.active] == [a.au for a in f.aus if a.score >= 0.3]
     confident = [a for a in f.active if a.score >= AUConfig().candidate_threshold]
-    assert [a.au for a in f.top] == [a.au for a in confident[:3]]
-    items = parse_au_list(f.au_list)
-    assert [(it.au, tuple(it.box)) for it in items] == [(a.au, a.box) for a in f.top]
-    for line, a in zip(f.au_list.splitlines(), f.top):
+    assert [a.au for a in f.candidate_pool] == [a.au for a in confident[:3]]
+    items = parse_au_list(f.au_list_text)
+    assert [(it.au, tuple(it.box)) for it in items] == [(a.au, a.box) for a in f.candidate_pool]
+    for line, a in zip(f.au_list_text.splitlines(), f.candidate_pool):
         assert line == f"AU{a.au} {a.score:.2f} [{a.box[0]}, {a.box[1]}, {a.box[2]}, {a.box[3]}]"
     assert f.au_boxes == [a.box for a in f.active]  # one box per activated AU: n counts AUs, shared boxes repeat
     js = f.to_json()
-    assert js["top"] == [a.au for a in f.top] and js["au_list"] == f.au_list
+    assert js["top"] == [a.au for a in f.candidate_pool] and js["au_list"] == f.au_list_text
 
 
 def test_threshold_and_top_k_are_parameters(mp_detector, astronaut_path):
@@ -89,9 +89,9 @@ def test_threshold_and_top_k_are_parameters(mp_detector, astronaut_path):
     lo = ground_face(mesh, tr, AUConfig(threshold=0.05, candidate_threshold=0.05, top_k=5))
     hi = ground_face(mesh, tr, AUConfig(threshold=0.9, top_k=1))
     assert len(lo.active) > len(hi.active) >= 1
-    assert len(lo.top) == 5 and len(hi.top) == 1
+    assert len(lo.candidate_pool) == 5 and len(hi.candidate_pool) == 1
     none = ground_face(mesh, tr, AUConfig(threshold=1.01))
-    assert none.active == [] and none.au_list == "" and none.au_boxes == []
+    assert none.active == [] and none.au_list_text == "" and none.au_boxes == []
 
 
 def test_activation_and_candidate_thresholds_are_separate(mp_detector, astronaut_path):
@@ -101,12 +101,12 @@ def test_activation_and_candidate_thresholds_are_separate(mp_detector, astronaut
     tr = CanvasTransform(img.width, img.height)
     default = ground_face(mesh, tr)
     assert AUConfig().threshold < AUConfig().candidate_threshold
-    assert all(a.score >= 0.5 for a in default.top) and all(a.score >= 0.3 for a in default.active)
+    assert all(a.score >= 0.5 for a in default.candidate_pool) and all(a.score >= 0.3 for a in default.active)
     no_pool = ground_face(mesh, tr, AUConfig(threshold=0.3, candidate_threshold=1.01))
-    assert no_pool.top == [] and no_pool.au_list == ""  # no confident candidate ...
+    assert no_pool.candidate_pool == [] and no_pool.au_list_text == ""  # no confident candidate ...
     assert no_pool.active == default.active and len(no_pool.au_boxes) == len(default.active) >= 1  # ... R_AU still applies
     one = ground_face(mesh, tr, AUConfig(threshold=0.3, candidate_threshold=0.3))
-    assert one.top == one.active[:3]  # a single threshold: the old behaviour
+    assert one.candidate_pool == one.active[:3]  # a single threshold: the old behaviour
 
 
 def test_bilateral_split_boxes_inside_union(mp_detector, astronaut_path):
@@ -344,3 +344,13 @@ def test_largest_face_is_the_biggest_mesh_first_on_ties():
     assert largest_face([face("first", 5.0), face("second", 5.0)]).name == "first"
     with pytest.raises(ValueError):
         largest_face([])
+
+
+def test_face_built_without_a_config_gets_the_default_candidate_pool():
+    """FaceAUs' candidate cut defaults to AUConfig's (it was 0.0: a bare FaceAUs put AUs at 0.31 in the pool)."""
+    from tagfer.au.aus import AUConfig, AUDetection, FaceAUs
+
+    dets = [AUDetection(12, 0.9, True, (1, 2, 30, 40)), AUDetection(4, 0.31, True, (5, 6, 70, 80))]
+    face = FaceAUs(mesh=None, aus=dets, bbox_canvas=(0, 0, 511, 511))
+    assert face.candidate_threshold == AUConfig().candidate_threshold
+    assert [d.au for d in face.candidate_pool] == [12]  # 0.31 is active but below the candidate cut

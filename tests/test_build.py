@@ -507,7 +507,7 @@ def test_facs_teacher_writes_from_the_grounded_face(tmp_path):
     (face0,) = FakeAUDetector(table).detect(None, str(tmp_path / "d" / "img" / "0000.png"))
     ref = facs_sample(face0, label=label, id=got["id"], source="generic", image=got["image"]).to_json()
     ref["teacher"] = "facs-rules"  # --teacher facs writes with the FACS rules (recorded as such), not the FER net
-    ref["meta"].update({"top": [list(a[:2]) + [list(a[2])] for a in [(d.au, d.score, d.box) for d in face0.top]],
+    ref["meta"].update({"top": [list(a[:2]) + [list(a[2])] for a in [(d.au, d.score, d.box) for d in face0.candidate_pool]],
                         "original_label": label})
     assert got == json.loads(json.dumps(ref))
 

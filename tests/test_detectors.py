@@ -56,7 +56,7 @@ def test_openface_csv_scores_and_presence(tmp_path, landmarker, astronaut_path):
     # Same regions as the default detector: identical boxes for the same AU.
     mp = MediaPipeAUDetector(landmarker=landmarker).detect(load_image(astronaut_path))[0]
     assert {a.au: a.box for a in f.aus}[12] == {a.au: a.box for a in mp.aus}[12]
-    assert f.au_list.splitlines()[1].startswith("AU12 0.80 [")
+    assert f.au_list_text.splitlines()[1].startswith("AU12 0.80 [")
 
 
 def test_openface_directory_key_column_and_failed_rows(tmp_path):

@@ -422,33 +422,359 @@ def test_cli_au_mixes_videos_and_images(tmp_path, happy_clip, astronaut_path):
     assert CliRunner().invoke(app, ["au", happy_clip, "--out", str(out), "--smooth", "median:3"]).exit_code == 2
 
 
-def test_prefetch_keeps_order_raises_in_order_and_stops_early():
-    from tagfer.au.video import prefetch
+# ----------------------------------------------------------------------------- issue 21: adversarial clips
+def _frames(out) -> list[dict]:
+    return [r for r in read_jsonl(out) if r.get("record") == "frame"]
 
-    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
 
-    def boom():
-        yield 1
-        yield 2
-        raise ValueError("bad file")
+def _on_canvas(rgb: np.ndarray, w: int, h: int, x: int, y: int, fill: int = 200) -> np.ndarray:
+    f = np.full((h, w, 3), fill, np.uint8)
+    f[y:y + rgb.shape[0], x:x + rgb.shape[1]] = rgb
+    return f
 
-    got = []
-    with pytest.raises(ValueError, match="bad file"):
-        for x in prefetch(boom()):
-            got.append(x)
-    assert got == [1, 2]
-    closed = []
 
-    def endless():
-        try:
-            i = 0
-            while True:
-                yield i
-                i += 1
-        finally:
-            closed.append(True)
+def test_frames_growing_past_their_header_are_budgeted_and_keep_their_own_geometry(tmp_path, monkeypatch, clip_faces):
+    """Issue 21 rows 1–2: the header says 64×64; frames are 192², then one 2000² (above a 3 MB budget:
+    refused before FFmpeg allocates it), then 640×480 (downscaled from their own size, recorded as 640×480)."""
+    from fixtures_video import jpeg_bytes, mux_packets
 
-    for x in prefetch(endless()):
-        if x == 5:
-            break
-    assert closed == [True]  # the producer was closed, not left running
+    a = clip_faces["astronaut"]
+    wide = _on_canvas(a, 640, 480, 400, 150)
+    payloads = [jpeg_bytes(a)] * 3 + [jpeg_bytes(np.full((2000, 2000, 3), 90, np.uint8), quality=30)] + [jpeg_bytes(wide)] * 3
+    clip = mux_packets(tmp_path / "grow.avi", payloads, codec="mjpeg", header=(64, 64), pix_fmt="yuvj420p", fmt="avi")
+    monkeypatch.setenv("TAGFER_DECODE_BUDGET_MB", "3")
+    out = tmp_path / "f.jsonl"
+    summ = run_video(clip, out, VideoConfig(max_side=256, media_dir=str(tmp_path / "media"), plot=False))
+    frames = _frames(out)
+    errors = [r for r in frames if r["error"]]
+    assert [e["error"]["kind"] for e in errors] == ["too_large"] and "budget" in errors[0]["error"]["message"]
+    good = [r for r in frames if not r["error"]]
+    assert [(r["width"], r["height"]) for r in good] == [(192, 192)] * 3 + [(640, 480)] * 3
+    for r in good:
+        (f,) = r["faces"]
+        x1, y1, x2, y2 = f["bbox"]
+        assert 0 <= x1 < x2 <= r["width"] and 0 <= y1 < y2 <= r["height"] and f["label"] == "happiness"
+        c1, c2, c3, c4 = f["bbox_canvas"]
+        assert 0 <= c1 < c3 <= 511 and 0 <= c2 < c4 <= 511
+    assert good[-1]["faces"][0]["bbox"][0] > 380  # the face is on the right of the 640-wide frame
+    assert summ.annotated and summ.error is None and summ.frames_failed == 1
+
+
+def test_a_header_above_the_budget_is_refused_before_decoding(tmp_path, monkeypatch):
+    """Issue 21 row 1: 16-bit frames whose header costs more than the budget → too_large, nothing decoded."""
+    from fixtures_video import mux_packets, png_bytes
+
+    big = np.zeros((600, 600, 3), np.uint16)  # rgb48: 6 bytes per pixel, 2.16 MB decoded
+    clip = mux_packets(tmp_path / "deep.mov", [png_bytes(big, "rgb48be")] * 2, codec="png", header=(600, 600), pix_fmt="rgb48be", fmt="mov")
+    monkeypatch.setenv("TAGFER_DECODE_BUDGET_MB", "2")  # 600² is within budget / 4 pixels: refused on the header's cost
+    summ = run_video(clip, tmp_path / "f.jsonl", VideoConfig())
+    assert summ.error["kind"] == "too_large" and "600×600 rgb48be needs 2 MB" in summ.error["message"] and summ.frames_sampled == 0
+    monkeypatch.setenv("TAGFER_DECODE_BUDGET_MB", "1")  # 600² > budget / 4 pixels: FFmpeg refuses each frame undecoded
+    summ = run_video(clip, tmp_path / "g.jsonl", VideoConfig())
+    assert summ.error["kind"] == "too_large" and summ.frames_failed == summ.frames_sampled == 2
+    assert all(r["error"]["kind"] == "too_large" for r in _frames(tmp_path / "g.jsonl"))
+    monkeypatch.setenv("TAGFER_DECODE_BUDGET_MB", "3")  # within budget: decoded (a blank frame: no face)
+    assert run_video(clip, tmp_path / "h.jsonl", VideoConfig()).error["kind"] == "no_face"
+
+
+def test_a_frame_wider_than_its_header_format_is_checked_at_its_decoded_cost(tmp_path, monkeypatch, clip_faces):
+    """Issue 21 rows 1–2: an 8-bit header, then one 16-bit RGBA frame (8 bytes per pixel, 1.16 MB > 1 MB):
+    that frame is recorded too_large at its own index, the others are analysed."""
+    from fixtures_video import mux_packets, png_bytes
+
+    a = clip_faces["astronaut"]
+    deep = np.zeros((380, 380, 4), np.uint16)
+    payloads = [png_bytes(a, "rgb24"), png_bytes(deep, "rgba64be"), png_bytes(a, "rgb24")]
+    clip = mux_packets(tmp_path / "mixed.mov", payloads, codec="png", header=(64, 64), pix_fmt="rgb24", fmt="mov")
+    monkeypatch.setenv("TAGFER_DECODE_BUDGET_MB", "1")
+    run_video(clip, tmp_path / "f.jsonl", VideoConfig())
+    frames = _frames(tmp_path / "f.jsonl")
+    assert [(r["frame"], (r["error"] or {}).get("kind")) for r in frames] == [(0, None), (1, "too_large"), (2, None)]
+    assert "380×380 rgba64be" in frames[1]["error"]["message"] and frames[2]["faces"][0]["label"] == "happiness"
+
+
+@pytest.mark.parametrize("fps", [None, 5.0])
+@pytest.mark.parametrize("broken", [10**12, 2**62])
+def test_a_broken_pts_is_repaired_and_the_rest_of_the_clip_kept(tmp_path, clip_faces, broken, fps):
+    """Issue 21 row 6: one frame's pts is 10¹² ms (or 2⁶²) in a 20-frame clip at 25 fps."""
+    from fixtures_video import jpeg_bytes, mux_packets
+
+    pts = [i * 40 for i in range(20)]
+    pts[6] = broken
+    clip = mux_packets(tmp_path / "pts.mkv", [jpeg_bytes(clip_faces["astronaut"])] * 20, codec="mjpeg", header=(192, 192),
+                       pix_fmt="yuvj420p", fmt="matroska", pts=pts)
+    out = tmp_path / "f.jsonl"
+    summ = run_video(clip, out, VideoConfig(fps=fps))
+    frames = _frames(out)
+    ts = [r["t"] for r in frames]
+    assert summ.error is None and summ.frames_failed == 0 and all(r["n_faces"] == 1 for r in frames)
+    assert len(frames) == (20 if fps is None else 4) and all(b > a for a, b in zip(ts, ts[1:])) and ts[-1] < 0.8
+    if fps is None:
+        assert [r["t_repaired"] for r in frames[5:8]] == [None, "jump", "backwards"] and ts[6] == pytest.approx(0.24)
+    segs = list(read_jsonl(segments_path(out)))
+    assert [s["label"] for s in segs] == ["happiness"] and segs[0]["offset"] < 0.8
+
+
+def test_repeated_and_backward_pts_are_nudged_forward(tmp_path, clip_faces):
+    from fixtures_video import jpeg_bytes, mux_packets
+
+    pts = [0, 40, 80, 80, 80, 60, 200, 240]
+    clip = mux_packets(tmp_path / "dup.mkv", [jpeg_bytes(clip_faces["astronaut"])] * 8, codec="mjpeg", header=(192, 192),
+                       pix_fmt="yuvj420p", fmt="matroska", pts=pts)
+    run_video(clip, tmp_path / "f.jsonl", VideoConfig())
+    frames = _frames(tmp_path / "f.jsonl")
+    assert [r["t_repaired"] for r in frames] == [None, None, None, "repeated", "repeated", "repeated", None, None]
+    assert [r["t"] for r in frames] == pytest.approx([0, 0.04, 0.08, 0.081, 0.082, 0.083, 0.2, 0.24], abs=1e-4)
+    assert not any(r["error"] for r in frames)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
+                          st.floats(0, 5), st.sampled_from([1e9, 2.0**62, -1e9])), min_size=1, max_size=60),
+       st.sampled_from([None, 25.0, 0.0, 1e9]))
+def test_timeline_is_finite_increasing_and_bounded(raws, rate):
+    from tagfer.au.temporal import MAX_JUMP, Timeline
+
+    tl = Timeline(rate)
+    ts = [tl.next(r)[0] for r in raws]
+    assert all(math.isfinite(t) for t in ts) and ts[0] >= 0
+    assert all(0 < b - a <= MAX_JUMP for a, b in zip(ts, ts[1:]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(1e-3, 2.0), min_size=1, max_size=40))
+def test_timeline_keeps_sound_times_as_they_are(steps):
+    from tagfer.au.temporal import Timeline
+
+    raws = list(np.cumsum([0.0] + steps))
+    tl = Timeline(25.0)
+    out = [tl.next(float(r)) for r in raws]
+    assert [t for t, _ in out] == [float(r) for r in raws] and all(rep is None for _, rep in out)
+
+
+@pytest.mark.parametrize("kw", [{"fps": math.inf}, {"fps": 1e308}, {"fps": math.nan}, {"fps": 0.0}, {"folder_fps": math.inf},
+                                {"start": math.nan}, {"end": math.inf}, {"max_side": 10**9 + 0.5}])
+def test_video_options_must_be_finite_and_in_range(kw):
+    with pytest.raises(ValueError, match="must be"):
+        VideoConfig(**kw)
+
+
+@pytest.mark.parametrize("window", [math.nan, math.inf, 1e9, -1.0])
+def test_smoothing_window_must_be_finite_and_in_range(window):
+    for method in ("window", "ema"):
+        with pytest.raises(ValueError, match="smoothing window"):
+            SmoothingConfig(method, window)
+
+
+@pytest.mark.parametrize("args", [["--fps", "inf"], ["--fps", "1e308"], ["--fps", "nan"], ["--smooth", "window:nan"],
+                                  ["--smooth", "window:1e9"], ["--smooth", "ema:abc"], ["--end", "inf"]])
+def test_cli_refuses_bad_video_options_with_exit_2(tmp_path, happy_clip, args):
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    for cmd in ("analyze", "au"):
+        res = CliRunner().invoke(app, [cmd, happy_clip, "--out", str(tmp_path / "x.jsonl"), "--no-progress", *args])
+        assert res.exit_code == 2, (cmd, args, res.output)
+        assert "error" in res.output and "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_centred_smoothing_reads_each_sample_a_bounded_number_of_times():
+    """Issue 21 row 7: the centred window keeps a running sum: work per sample does not grow with the window."""
+    from tagfer.au.segments import Sample, Smoother
+
+    class Counted(Sample):
+        reads = 0
+
+        def __getattribute__(self, name):
+            if name == "values":
+                Counted.reads += 1
+            return object.__getattribute__(self, name)
+
+    n = 1500
+    t = np.arange(n) * FRAME
+    vals = np.random.default_rng(0).random((n, 3))
+    sm = Smoother(SmoothingConfig("window", 10.0))  # 250 frames per window
+    out = []
+    for i in range(n):
+        out += sm.push(Counted(i, float(t[i]), vals[i]))
+    out += sm.flush()
+    assert Counted.reads <= 6 * n  # a mean over the window per sample would read ~250 × n
+    got = np.array([s.smoothed for s in sorted(out, key=lambda s: s.frame)])
+    ref = np.array([vals[np.abs(t - ti) <= 5.0 + 1e-9].mean(axis=0) for ti in t])
+    assert np.allclose(got, ref, atol=1e-9)
+
+
+def test_plot_memory_is_bounded_in_the_number_of_segments(tmp_path, monkeypatch):
+    """Issue 21 row 8: 3,000 segments are drawn as a bounded number of artists (time columns per label)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tagfer.au.video_render import plot_timeline
+
+    n = 3000
+    recs = _records(["happiness" if (i // 2) % 2 else "neutral" for i in range(n)])
+    seg_file = tmp_path / "s.jsonl"
+    with open(seg_file, "w") as f:
+        for k in range(n // 2):
+            t0 = 2 * k * FRAME
+            f.write(json.dumps({"video": "v", "face_id": 0, "label": "happiness" if k % 2 else "neutral",
+                                "onset": t0, "offset": t0 + FRAME, "apex": t0}) + "\n")
+    figs = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figs.append(fig), close(fig)))
+    plot_timeline(recs, seg_file, "v", tmp_path / "p.png", VideoConfig(smoothing=SmoothingConfig("none")))
+    (fig,) = figs
+    artists = sum(len(ax.patches) + len(ax.lines) + len(ax.collections) for ax in fig.axes)
+    assert artists < 60  # one shading collection and one apex collection per label and axis, plus the curves
+    shaded = [c for ax in fig.axes for c in ax.collections if len(c.get_paths()) > 1]
+    assert shaded and all(len(c.get_paths()) <= 2000 for c in shaded)
+
+
+def test_video_writer_fits_a_frame_of_another_size_instead_of_cropping_it(tmp_path, clip_faces):
+    import av
+
+    from tagfer.au.video_render import VideoWriter
+
+    a = clip_faces["astronaut"]
+    wide = np.zeros((192, 384, 3), np.uint8)
+    wide[:, 192:] = (0, 0, 255)  # the right half, which a crop to 192×192 would cut away
+    with VideoWriter(tmp_path / "v.mp4", crf=18) as w:
+        w.write(a, 0.0)
+        w.write(wide, 0.04)
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    blue = (frames[1][..., 2] > 180) & (frames[1][..., 0] < 60)
+    assert frames[1].shape == a.shape and blue[60:130, 100:190].mean() > 0.9 and not blue[:40].any()
+
+
+# ----------------------------------------------------------------------------- issue 19 item 5: short expressions survive
+def _scored_records(rows: list[tuple[str, float]], step: float = FRAME) -> list[dict]:
+    """Frame records of one face: each row is (raw label, its score); the rest share what is left,
+    neutral taking most of it (a weak expression has a close neutral second)."""
+    recs = []
+    for i, (lab, p) in enumerate(rows):
+        scores = {c: 0.0 for c in LABELS}
+        scores[lab] = p
+        if lab != "neutral":
+            scores["neutral"] = 0.9 * (1 - p)
+        rest = 1 - sum(scores.values())
+        for c in LABELS:
+            if scores[c] == 0.0:
+                scores[c] = rest / (len(LABELS) - (1 if lab == "neutral" else 2))
+        face = _face(0, lab) | {"scores": scores}
+        recs.append({"video": "v", "record": "frame", "frame": i, "t": i * step, "faces": [face], "error": None})
+    return recs
+
+
+@pytest.mark.parametrize("step,n_tail", [(FRAME, 3), (0.1, 2), (0.2, 2), (FRAME, 2)])
+@pytest.mark.parametrize("smooth", [SmoothingConfig(), SmoothingConfig("ema", 0.5), SmoothingConfig("window", 1.0)])
+def test_an_expression_held_to_the_end_is_a_segment_of_its_own(step, n_tail, smooth):
+    rows = [("neutral", 0.8)] * round(2.0 / step) + [("surprise", 0.6)] * n_tail
+    segs = list(segments_from_records(_scored_records(rows, step), smooth))
+    last = segs[-1]
+    assert last.label == "surprise" and (last.start_frame, last.end_frame) == (len(rows) - n_tail, len(rows) - 1)
+    assert [s.label for s in segs] == ["neutral", "surprise"]
+
+
+@pytest.mark.parametrize("smooth", [SmoothingConfig(), SmoothingConfig("ema", 0.5), SmoothingConfig("window", 1.0)])
+def test_smoothing_neither_drops_nor_shrinks_an_expression_held_for_0_3_s(smooth):
+    # 8 frames at 25 fps = 0.32 s of a weak happiness (0.5 vs neutral 0.45) between strong neutral stretches:
+    # a 0.5 s mean alone gives neutral the argmax on every one of those frames.
+    rows = [("neutral", 0.9)] * 30 + [("happiness", 0.5)] * 8 + [("neutral", 0.9)] * 30
+    sm = smooth_series([r["t"] for r in _scored_records(rows)], [[r["faces"][0]["scores"][c] for c in LABELS] for r in _scored_records(rows)], smooth)
+    assert all(LABELS[int(np.argmax(v))] == "neutral" for v in sm[30:38]) or smooth.method == "ema"
+    segs = list(segments_from_records(_scored_records(rows), smooth))
+    hap = [s for s in segs if s.label == "happiness"]
+    assert len(hap) == 1 and hap[0].start_frame <= 30 and hap[0].end_frame >= 37  # the whole 0.32 s, maybe more
+    assert hap[0].start_frame == 30 or smooth.method != "window"  # the centred window never moves its onset later
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["neutral", "happiness", "surprise"]), st.integers(1, 14), st.floats(0.35, 0.95)),
+                min_size=1, max_size=12),
+       st.sampled_from([SmoothingConfig(), SmoothingConfig("ema", 0.5), SmoothingConfig("window", 2.0), SmoothingConfig("none")]))
+def test_every_raw_run_of_0_3_s_lies_inside_one_segment_of_its_label(runs, smooth):
+    rows = [(lab, p) for lab, n, p in runs for _ in range(n)]
+    segs = list(segments_from_records(_scored_records(rows), smooth))
+    covered = [f for s in segs for f in range(s.start_frame, s.end_frame + 1)]
+    assert covered == list(range(len(rows)))
+    label_of = {f: s.label for s in segs for f in range(s.start_frame, s.end_frame + 1)}
+    raw = [lab for lab, _ in rows]  # consecutive runs of one label make one raw run
+    start = 0
+    for i in range(1, len(raw) + 1):
+        if i == len(raw) or raw[i] != raw[start]:
+            n = i - start
+            held = (n >= 2 and (n - 1) * FRAME * n / (n - 1) >= 0.3 - 1e-9) or (i == len(raw) and n >= 2)
+            if held:
+                assert all(label_of[f] == raw[start] for f in range(start, i)), (raw[start], start, i)
+            start = i
+
+
+def _neutral_then_expression_clip(path, clip_faces, n_expr: int, n_total: int = 50) -> str:
+    g, a = clip_faces["grace"], clip_faces["astronaut"]
+    return write_clip(path, [a if i >= n_total - n_expr else g for i in range(n_total)])
+
+
+@pytest.mark.parametrize("n_expr,fps", [(10, None), (10, 10.0), (3, None)])
+def test_a_real_clip_ending_on_a_short_smile_ends_with_that_segment(tmp_path, clip_faces, n_expr, fps):
+    """Issue 19 item 5 (done-when): Grace Hopper (neutral) for 2 s, then the astronaut smiling for the
+    last 0.4 s (10 frames; at --fps 10 the last 4 sampled frames) or the last 3 frames."""
+    clip = _neutral_then_expression_clip(tmp_path / "c.mp4", clip_faces, n_expr)
+    out = tmp_path / "f.jsonl"
+    summ = run_video(clip, out, VideoConfig(fps=fps))
+    frames = _frames(out)
+    assert summ.error is None and frames[-1]["faces"][0]["label"] == "happiness"
+    segs = list(read_jsonl(segments_path(out)))
+    assert [s["label"] for s in segs] == ["neutral", "happiness"]
+    assert segs[-1]["end_frame"] == frames[-1]["frame"] and segs[-1]["start_frame"] >= 50 - n_expr - 2
+    assert segs[-1]["trace_label"] == "happiness"
+
+
+def test_a_real_0_32_s_smile_mid_clip_keeps_its_frames(tmp_path, clip_faces):
+    g, a = clip_faces["grace"], clip_faces["astronaut"]
+    clip = write_clip(tmp_path / "c.mp4", [a if 20 <= i < 28 else g for i in range(50)])
+    out = tmp_path / "f.jsonl"
+    run_video(clip, out, VideoConfig())
+    segs = list(read_jsonl(segments_path(out)))
+    assert [(s["label"], s["start_frame"], s["end_frame"]) for s in segs] == [("neutral", 0, 19), ("happiness", 20, 27), ("neutral", 28, 49)]
+
+
+# ----------------------------------------------------------------------------- the same engine as a photo (issue 19)
+def test_each_frame_is_decided_by_the_photo_engine(happy_run):
+    """Every face of every frame carries the FER net's impression and the decision of the photo engine
+    (tagfer.au.fusion.decide on the same AUs), and a segment's apex trace is the grounded engine's."""
+    from tagfer.au.aus import AUDetection
+    from tagfer.au.fusion import decide
+
+    summ, out, recs = happy_run
+    frames = [r for r in recs if r["record"] == "frame" and r["faces"]]
+    for r in frames[::6]:
+        f = r["faces"][0]
+        assert set(f["global_scores"]) == set(LABELS)
+        dets = [AUDetection.from_json(d) for d in f["aus"]]
+        d = decide(f["global_scores"], dets)
+        assert f["label"] == d.label and f["scores"] == pytest.approx(d.scores, abs=2e-4)
+    hap = next(s for s in read_jsonl(segments_path(out)) if s["label"] == "happiness")
+    assert "overall impression" in hap["trace"] or "At first glance" in hap["trace"]  # the global step comes first
+
+
+def test_facs_rules_engine_on_a_video(tmp_path, happy_clip):
+    """`--model facs-rules` on a video: the FACS prototypes alone decide each frame (no net impression)."""
+    from tagfer.au.aus import AUDetection
+    from tagfer.au.facs import class_scores
+
+    out = tmp_path / "rules.jsonl"
+    summ = run_video(happy_clip, out, VideoConfig(engine="facs-rules", fps=5))
+    frames = [r for r in read_jsonl(out) if r["record"] == "frame" and r["faces"]]
+    assert summ.error is None and frames
+    for r in frames:
+        f = r["faces"][0]
+        assert f["global_scores"] is None
+        ref = class_scores([AUDetection.from_json(d) for d in f["aus"]])
+        assert f["scores"] == pytest.approx(ref, abs=2e-4)
+    with pytest.raises(ValueError, match="engine"):
+        VideoConfig(engine="gpt")

@@ -293,7 +293,9 @@ class FaceAUs:
     bbox_canvas: Box
     top_k: int = TOP_K
     detector: str = "mediapipe"
-    candidate_threshold: float = 0.0
+    #: the candidate pool's cut (the same default as :class:`AUConfig`: a face built without a config
+    #: gets the pool a detector with the default config would give it)
+    candidate_threshold: float = AUConfig.candidate_threshold
     #: which landmarks placed the AU boxes: ``"mediapipe-regions"`` (the 478-point mesh) or
     #: ``"openface-landmarks"`` (an AU table's own 68 points, :mod:`tagfer.au.regions68`)
     geometry: str = "mediapipe-regions"
@@ -303,7 +305,7 @@ class FaceAUs:
         return [a for a in self.aus if a.active]
 
     @property
-    def top(self) -> list[AUDetection]:
+    def candidate_pool(self) -> list[AUDetection]:
         """The candidate pool: the ``top_k`` best active AUs scoring ≥ ``candidate_threshold``."""
         return [a for a in self.active if a.score >= self.candidate_threshold][: self.top_k]
 
@@ -313,8 +315,9 @@ class FaceAUs:
         return [b for a in self.active for b in (a.boxes or (a.box,))]
 
     @property
-    def au_list(self) -> str:
-        return format_au_list([(a.au, a.score, a.box) for a in self.top])
+    def au_list_text(self) -> str:
+        """The candidate pool as the teacher prompt's AU_LIST text (one ``AU12 0.83 [x1, y1, x2, y2]`` line each)."""
+        return format_au_list([(a.au, a.score, a.box) for a in self.candidate_pool])
 
     def score(self, au: int) -> float:
         for a in self.aus:
@@ -331,9 +334,9 @@ class FaceAUs:
                 "bbox_canvas": list(self.bbox_canvas),
                 "aus": [a.to_json() for a in self.aus],
                 "active": [a.au for a in self.active],
-                "top": [a.au for a in self.top],
+                "top": [a.au for a in self.candidate_pool],
                 "au_boxes": [list(b) for b in self.au_boxes],
-                "au_list": self.au_list,
+                "au_list": self.au_list_text,
             }
         )
         return out

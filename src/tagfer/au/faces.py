@@ -43,7 +43,6 @@ LANDMARKER_SHA256 = "64184e229b263107bc2b804c6625db1341ff2bb731874b0bcc2fe6544e0
 NUM_LANDMARKS = 478
 
 # Mesh indices used for normalisation (MediaPipe canonical face mesh).
-OUTER_EYE_CORNERS = (33, 263)  # right eye outer corner, left eye outer corner (subject's)
 
 
 def native_logs_enabled() -> bool:
@@ -158,11 +157,6 @@ class FaceMesh:
     def area(self) -> float:
         x1, y1, x2, y2 = self.bbox
         return max(0.0, x2 - x1) * max(0.0, y2 - y1)
-
-    @property
-    def interocular(self) -> float:
-        a, b = OUTER_EYE_CORNERS
-        return float(np.linalg.norm(self.landmarks[a, :2] - self.landmarks[b, :2]))
 
     def to_json(self, landmarks: bool = False) -> dict:
         out = {

@@ -262,9 +262,9 @@ def class_scores(face_aus: FaceAUs | Iterable[AUDetection], config: FACSConfig =
     return _normalise(evidence(face_aus, config))
 
 
-def _argmax(scores: Mapping[str, float]) -> str:
+def top_label(scores: Mapping[str, float]) -> str:
+    """The highest-scoring label (ties: the one listed first in LABELS)."""
     return max(LABELS, key=lambda c: (scores[c], -LABELS.index(c)))
-top_label = _argmax  # public: the highest-scoring label (ties: the earlier in LABELS)
 
 
 # --------------------------------------------------------------------------- wording (rules-only writer; shared sentences: tagfer.au.wording)
@@ -377,7 +377,7 @@ def _check_sentence(rc: RegionCheck, label: str, seed: int, k: int, numbers: boo
 
 def _explain(dets: Sequence[AUDetection], config: FACSConfig) -> FACSExplanation:
     scores = _normalise(_evidence(dets, config))
-    label = _argmax(scores)
+    label = top_label(scores)
     seed = face_seed(dets)
     checks = _choose_checks(dets, label, config)
 

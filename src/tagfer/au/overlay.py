@@ -272,7 +272,7 @@ def au_overlay(
     boxes = []
     lines: list[LegendLine] = []
     for i, f in enumerate(faces):
-        dets = {"active": f.active, "top": f.top, "all": f.aus}[which]
+        dets = {"active": f.active, "top": f.candidate_pool, "all": f.aus}[which]
         boxes += [LabeledBox(d.box, f"AU{d.au} {d.score:.2f}", GREEN) for d in dets]
         named = [f"AU{d.au} {AU_NAMES.get(d.au, '')} {d.score:.2f}".replace("  ", " ") for d in dets]
         if len(faces) == 1:

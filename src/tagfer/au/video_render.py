@@ -21,8 +21,11 @@ from PIL import Image
 
 from tagfer.au.aus import AU_NAMES
 from tagfer.au.overlay import GREEN, LabeledBox, draw_boxes
+from tagfer.au.segments import au_columns, smoothed_tracks
+from tagfer.au.video_io import iter_frames
 from tagfer.core.jsonl import read_jsonl
 from tagfer.core.labels import LABELS
+from tagfer.core.prefetch import prefetch
 
 #: One colour per class (annotated video captions, plot curves and shading).
 LABEL_COLORS: dict[str, str] = {
@@ -57,7 +60,8 @@ class VideoWriter:
     """Streamed encoder: ``write(image, t)`` per frame (PIL or RGB array, seconds), then ``close()``.
 
     Format from the suffix (.mp4 H.264 yuv420p, .gif, .webp); the size is fixed by the first
-    frame (cut to even sides); times become millisecond timestamps, strictly increasing. Written
+    frame (cut to even sides); a later frame of another size is scaled to fit it, centred on
+    black (never cropped, nor drawn with another frame's geometry); times become millisecond timestamps, strictly increasing. Written
     to ``NAME.part.EXT`` and renamed on close, so a killed run leaves no half file under the name.
     """
 
@@ -90,7 +94,9 @@ class VideoWriter:
                 s.options = {"crf": str(self.crf), "preset": "veryfast"}
             self._s = s
         if im.size != (self._s.width, self._s.height):
-            im = im.crop((0, 0, self._s.width, self._s.height))
+            w, h = self._s.width, self._s.height
+            odd = 0 <= im.width - w <= 1 and 0 <= im.height - h <= 1  # only the cut to even sides
+            im = im.crop((0, 0, w, h)) if odd else _fit(im, w, h)
         vf = av.VideoFrame.from_image(im.convert("RGB"))
         pts = max(round(t * 1000), self._last + 1)
         self._last = pts
@@ -124,10 +130,17 @@ class VideoWriter:
 _TB = fractions.Fraction(1, 1000)
 
 
+def _fit(im: Image.Image, w: int, h: int) -> Image.Image:
+    """``im`` scaled to fit ``w`` × ``h`` (aspect kept), centred on black."""
+    s = min(w / im.width, h / im.height)
+    sw, sh = max(1, min(w, round(im.width * s))), max(1, min(h, round(im.height * s)))
+    out = Image.new("RGB", (w, h))
+    out.paste(im.convert("RGB").resize((sw, sh), Image.Resampling.BILINEAR), ((w - sw) // 2, (h - sh) // 2))
+    return out
+
+
 def render_video(video: str, records: Iterable[dict], path: str | os.PathLike, config) -> str:
     """Write the annotated clip (format from the suffix: .mp4, .gif, .webp); returns its path."""
-    from tagfer.au.video import iter_frames, prefetch  # lazy (start-up time): PIL
-
     recs = iter(records)
     cur = next(recs, None)
     w = VideoWriter(path, fps=config.fps or 25.0)
@@ -167,29 +180,76 @@ class _Series:
         self._n += 1
 
 
+SPAN_BINS = 2000  # the plot's time axis in columns (≥ 2× its pixels): segments are drawn per column
+
+
+class _SpanBins:
+    """Segment shading of one face in bounded memory, whatever the number of segments: each label
+    covers a set of time columns (one bool array), an apex marks its column (with the label of the
+    last apex there); drawn as one collection per label (runs of covered columns) and one
+    collection of apex lines (at most one per column)."""
+
+    def __init__(self, t0: float, t1: float, bins: int = SPAN_BINS):
+        self.t0, self.bins = t0, bins
+        self.dt = max(t1 - t0, 1e-3) / bins
+        self.cover = np.zeros((len(LABELS), bins), dtype=bool)
+        self.apex = np.full(bins, -1, dtype=np.int8)
+
+    def _col(self, t: float) -> int:
+        return int(min(max((t - self.t0) / self.dt, 0), self.bins - 1))
+
+    def add(self, label: str, onset: float, offset: float, apex: float) -> None:
+        if label not in LABELS:
+            return
+        i = LABELS.index(label)
+        self.cover[i, self._col(onset):self._col(offset) + 1] = True
+        self.apex[self._col(apex)] = i
+
+    def draw(self, ax) -> None:
+        for i, c in enumerate(LABELS):
+            cov = self.cover[i]
+            if cov.any():
+                edges = np.flatnonzero(np.diff(np.concatenate([[0], cov.astype(np.int8), [0]])))
+                starts, ends = edges[0::2], edges[1::2]
+                xr = [(self.t0 + a * self.dt, (b - a) * self.dt) for a, b in zip(starts, ends)]
+                ax.broken_barh(xr, (-0.02, 1.04), facecolors=LABEL_COLORS.get(c, "#cccccc"), alpha=0.15, lw=0)
+        cols = np.flatnonzero(self.apex >= 0)
+        if len(cols):
+            ax.vlines(self.t0 + (cols + 0.5) * self.dt, -0.02, 1.02, colors=[LABEL_COLORS[LABELS[k]] for k in self.apex[cols]],
+                      lw=0.8, linestyles="--")
+
+
 def plot_timeline(records: Iterable[dict], segments_file: str | os.PathLike | None, video: str,
                   path: str | os.PathLike, config, max_faces: int = 4, max_aus: int = 8) -> str:
     """PNG: per face (the ``max_faces`` seen longest), smoothed AU intensities (the ``max_aus``
-    strongest) and class scores over time, segments shaded. Returns the path."""
+    strongest) and class scores over time, segments shaded. Returns the path.
+
+    Memory is bounded whatever the clip: ``records`` is read twice (it must be re-iterable, e.g. a
+    :class:`tagfer.au.video_io.FrameFile`): first to count each face's frames, then to keep the
+    curves of the faces plotted only (at most 4,000 points each); segments are streamed from
+    ``segments_file`` into time columns (:class:`_SpanBins`), not kept."""
     import matplotlib  # lazy (start-up time): matplotlib, PIL
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # lazy (start-up time): matplotlib, PIL
 
-    from tagfer.au.video import au_columns, smoothed_tracks  # lazy (start-up time): PIL
-
     aus = au_columns(records)
-    series: dict[int, _Series] = {}
+    seen: dict[int, int] = {}
+    for r in records:
+        for f in r.get("faces") or []:
+            seen[f["face_id"]] = seen.get(f["face_id"], 0) + 1
+    faces = sorted(sorted(seen, key=lambda f: -seen[f])[:max_faces])
+    series: dict[int, _Series] = {f: _Series() for f in faces}
     for fid, s in smoothed_tracks(records, aus, config.smoothing):
-        if s is not None:
-            series.setdefault(fid, _Series()).add(s.t, s.smoothed)
-    segs: dict[int, list[dict]] = {}
-    if segments_file is not None:
+        if s is not None and fid in series:
+            series[fid].add(s.t, s.smoothed)
+    faces = [f for f in faces if series[f].t]
+    t_all = [t for f in faces for t in (series[f].t[0], series[f].t[-1])]
+    spans = {f: _SpanBins(min(t_all), max(t_all)) for f in faces} if t_all else {}
+    if segments_file is not None and spans:
         for r in read_jsonl(segments_file):
-            if r.get("video") == video:
-                segs.setdefault(r["face_id"], []).append(r)
-    faces = sorted(series, key=lambda f: -len(series[f].t))[:max_faces]
-    faces.sort()
+            if r.get("video") == video and r.get("face_id") in spans:
+                spans[r["face_id"]].add(r.get("label"), float(r["onset"]), float(r["offset"]), float(r["apex"]))
     k = len(aus)
     fig, axes = plt.subplots(2 * max(len(faces), 1), 1, figsize=(11, 3.2 * 2 * max(len(faces), 1)), sharex=True, squeeze=False)
     for row, fid in enumerate(faces):
@@ -204,9 +264,7 @@ def plot_timeline(records: Iterable[dict], segments_file: str | os.PathLike | No
             for i, c in enumerate(LABELS):
                 ax_cls.plot(t, v[:, k + i], label=c, color=LABEL_COLORS[c], lw=1.6)
         for ax in (ax_au, ax_cls):
-            for sg in segs.get(fid, []):
-                ax.axvspan(sg["onset"], sg["offset"], color=LABEL_COLORS.get(sg["label"], "#cccccc"), alpha=0.15, lw=0)
-                ax.axvline(sg["apex"], color=LABEL_COLORS.get(sg["label"], "#cccccc"), lw=0.8, ls="--")
+            spans[fid].draw(ax)
             ax.set_ylim(-0.02, 1.02)
             ax.legend(loc="upper right", fontsize=7, ncol=2)
         ax_au.set_ylabel("AU intensity")

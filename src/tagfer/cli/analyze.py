@@ -101,7 +101,8 @@ def analyze_cmd(
         try:
             vcfg = _video.video_config(fps=fps, start=start, end=end, folder_fps=folder_fps, smooth=smooth, render=render,
                                        media=media or (out.with_name(out.stem + "_media") if out else None),
-                                       threshold=threshold, max_faces=max_faces, landmarker=landmarker)
+                                       threshold=threshold, max_faces=max_faces, landmarker=landmarker,
+                                       engine=model or "facs")
         except ValueError as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(2)

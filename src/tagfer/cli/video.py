@@ -34,13 +34,20 @@ def parse_smooth(spec: str):
 
     method, _, w = spec.partition(":")
     method = method.strip().lower()
-    if method == "none":
-        return SmoothingConfig(method="none")
-    return SmoothingConfig(method=method, window=float(w) if w else 0.5)
+    try:
+        if method == "none":
+            return SmoothingConfig(method="none")
+        try:
+            window = float(w) if w.strip() else 0.5
+        except ValueError:
+            raise ValueError(f"the window must be a number of seconds, got {w!r}") from None
+        return SmoothingConfig(method=method, window=window)
+    except ValueError as e:
+        raise ValueError(f"--smooth {spec!r}: {e} (use window:SECONDS, ema:SECONDS or none)") from None
 
 
 def video_config(*, fps, start, end, folder_fps, smooth, render, media, threshold=0.3, top_k=3, bilateral="union",
-                 canvas=512, max_faces=5, landmarker=None):
+                 canvas=512, max_faces=5, landmarker=None, engine="facs"):
     """A :class:`tagfer.au.video.VideoConfig` from the command-line values (ValueError for bad ones)."""
     from tagfer.au.aus import AUConfig  # lazy: keeps `tagfer --help` fast
     from tagfer.au.video import VideoConfig  # lazy (start-up time): PIL
@@ -49,7 +56,7 @@ def video_config(*, fps, start, end, folder_fps, smooth, render, media, threshol
         fps=fps, start=start, end=end, folder_fps=folder_fps, smoothing=parse_smooth(smooth), render=render,
         plot=media is not None, media_dir=str(media) if media is not None else None, max_faces=max_faces,
         landmarker_path=str(landmarker) if landmarker else None,
-        au=AUConfig(threshold=threshold, top_k=top_k, bilateral=bilateral, canvas=canvas),
+        au=AUConfig(threshold=threshold, top_k=top_k, bilateral=bilateral, canvas=canvas), engine=engine,
     )
 
 
@@ -80,13 +87,14 @@ def run_videos(videos: List[str], out: Optional[Path], config, *, no_resume: boo
                progress: bool = True, show: bool = False) -> int:
     """Run every video into ``out``; returns the exit code (0 ok, 1 a video or frame failed, 2 usage)."""
     from tagfer.au.faces import FaceLandmarker  # lazy: keeps `tagfer --help` fast
-    from tagfer.au.video import drop_failed_videos, run_video, segments_path  # lazy (start-up time): PIL
+    from tagfer.au.video import drop_failed_videos, load_grounded, run_video, segments_path  # lazy (start-up time): PIL
 
     if out is None:
         console.print("[red]error:[/red] a video needs --out FILE.jsonl (one JSON line per frame)")
         return 2
     try:
         FaceLandmarker(config.landmarker_path, running_mode="video").close()  # fail fast on a missing model file
+        grounded = load_grounded(config)  # the FER net of the default engine, loaded once for every video
     except Exception as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
@@ -109,7 +117,7 @@ def run_videos(videos: List[str], out: Optional[Path], config, *, no_resume: boo
                     failed[0] += bool(rec.get("error"))
                     bar.update(task, advance=1, failed=failed[0])
 
-            summ = run_video(v, out, config, on_record=on_record)
+            summ = run_video(v, out, config, on_record=on_record, grounded=grounded)
             msg = f"{v}: {summ.frames_sampled} frame(s) analysed ({summ.frames_failed} failed), {summ.frames_resumed} already done"
             if summ.faces_seen:
                 msg += f", {summ.faces_seen} face(s), {summ.segments} segment(s) → {summ.segments_file}"

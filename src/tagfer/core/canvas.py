@@ -76,10 +76,6 @@ class CanvasTransform:
         ox, oy = self.offset
         return (xy - np.array([ox, oy])) / self.scale
 
-    def box_to_canvas_float(self, box_px: Sequence[float]) -> np.ndarray:
-        b = np.asarray(box_px, dtype=np.float64).reshape(2, 2)
-        return self.points_to_canvas(b).reshape(4)
-
     def box_to_canvas(self, box_px: Sequence[float]) -> Box:
         """Image-pixel box → integer canvas box, rounded outward and clipped to the canvas."""
         s = self.scale

@@ -49,7 +49,7 @@ def ground_record(rec: SourceRecord, detector: Any) -> GroundedItem:
     if not faces:
         raise DetectionError("no_face", f"no face found in {rec.image_path or rec.id}")
     face = largest_face(faces)
-    pool = [(a.au, float(a.score), tuple(int(v) for v in a.box)) for a in face.top]
+    pool = [(a.au, float(a.score), tuple(int(v) for v in a.box)) for a in face.candidate_pool]
     return GroundedItem(
         image=Image.fromarray(img.rgb),
         au_pool=pool,  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from PIL import Image
 
 from tagfer.au.aus import AUConfig, FaceAUs, ground_face
 from tagfer.au.faces import FaceMesh
+from tagfer.au.regions68 import GEOMETRY_OPENFACE, ground_face_68
 from tagfer.core.canvas import CanvasTransform
 from tagfer.core.imageio import LoadedImage
 
@@ -42,6 +43,8 @@ def reframe(face: FaceAUs, region: Sequence[float], config: AUConfig) -> FaceAUs
     tr = CanvasTransform(x2 - x1, y2 - y1, canvas=config.canvas)
     scores = {a.au: a.score for a in face.aus}
     active = {a.au: a.active for a in face.aus}
+    if face.geometry == GEOMETRY_OPENFACE:  # boxes placed on the table's own 68 landmarks, not MediaPipe's mesh
+        return ground_face_68(lm[:, :2], tr, config, scores, active=active, detector=face.detector, source=m.source)
     return ground_face(mesh, tr, config, scores=scores, active=active, detector=face.detector)
 
 
