@@ -188,3 +188,27 @@ def test_au_overlay_legend_names_every_au(mp_detector, astronaut_rgb):
     n_active = len(faces[0].active)
     assert n_active and (np.abs(panel.reshape(-1, 3).astype(int) - GREEN).sum(1) < 10).sum() > 50 * n_active  # a swatch per AU
     assert all(d.au in AU_NAMES for d in faces[0].active)
+
+
+@settings(deadline=None, max_examples=200)
+@given(st.lists(st.tuples(st.floats(0, 500), st.floats(0, 500), st.floats(5, 400), st.floats(10, 200), st.floats(8, 30), st.booleans()),
+                min_size=1, max_size=8))
+def test_outside_captions_avoid_their_box_and_nothing_overlaps(items):
+    """A face caption (``outside``) goes above its box, else below it — not over it while the image has
+    room on either side — and no two captions overlap."""
+    from tagfer.au.overlay import place_captions
+
+    H = 512.0
+    anchors = [(x, y) for x, y, _, _, _, _ in items]
+    sizes = [(w, th) for _, _, w, _, th, _ in items]
+    bottoms = [min(H, y + h) if out else None for _, y, _, h, _, out in items]
+    spots = place_captions(anchors, sizes, 512, bottoms, H)
+    rects = [(x, y, w, th) for (x, y), (w, th) in zip(spots, sizes)]
+    for i, r in enumerate(rects):
+        assert all(not _rects_overlap(r, q) for q in rects[:i])
+    (x, y), (w, th), b = anchors[0], sizes[0], bottoms[0]
+    if b is not None and (y - th >= 0 or b + th <= H):  # the first outside caption: nothing placed before it
+        first = [i for i in range(len(items)) if bottoms[i] is not None][0]
+        if first == 0:
+            ty = spots[0][1]
+            assert ty + th <= y + 1e-9 or ty >= b - 1e-9

@@ -31,6 +31,7 @@ class LabeledBox:
     box: Sequence[float]
     label: str = ""
     color: tuple[int, int, int] = GREEN
+    outside: bool = False  # caption above the box, else below it — never over it (a face box's caption)
 
 
 @dataclass(frozen=True)
@@ -82,20 +83,53 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def place_captions(
-    anchors: Sequence[tuple[float, float]], sizes: Sequence[tuple[float, float]], width: float
+    anchors: Sequence[tuple[float, float]], sizes: Sequence[tuple[float, float]], width: float,
+    bottoms: Sequence[float | None] | None = None, height: float | None = None,
 ) -> list[tuple[float, float]]:
     """Top-left corners for caption rectangles: each sits just above its box's top-left
     corner (inside the image width; below the corner when there is no room above), then
-    moves down until it overlaps no caption placed before it. Pure; no two results overlap."""
+    moves down until it overlaps no caption placed before it. Pure; no two results overlap.
+
+    ``bottoms[i]`` (a box's bottom edge, not None) asks for an *outside* caption: above the
+    box when it fits inside the image, else just below the box's bottom edge (inside
+    ``height`` when given: over the box's lower edge only when the box fills the image); it
+    moves away from the box, not into it, to avoid earlier captions. Outside captions are
+    placed before the others, so a corner caption never pushes one onto the box."""
+    n = len(anchors)
+    bottoms = list(bottoms) if bottoms is not None else [None] * n
+    if len(sizes) != n or len(bottoms) != n:
+        raise ValueError("anchors, sizes and bottoms must have the same length")
+    order = [i for i in range(n) if bottoms[i] is not None] + [i for i in range(n) if bottoms[i] is None]
     placed: list[tuple[float, float, float, float]] = []
-    for (x1, y1), (tw, th) in zip(anchors, sizes, strict=True):
-        tx, ty = min(max(0.0, x1), max(0.0, width - tw)), y1 - th
-        if ty < 0:
-            ty = max(0.0, y1)
-        while any(tx < px + pw and px < tx + tw and ty < py + ph and py < ty + th for px, py, pw, ph in placed):
-            ty += th
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * n
+
+    def hits(tx: float, ty: float, tw: float, th: float) -> bool:
+        return any(tx < px + pw and px < tx + tw and ty < py + ph and py < ty + th for px, py, pw, ph in placed)
+
+    for i in order:
+        (x1, y1), (tw, th), y2 = anchors[i], sizes[i], bottoms[i]
+        tx = min(max(0.0, x1), max(0.0, width - tw))
+        if y2 is None:
+            ty = y1 - th
+            if ty < 0:
+                ty = max(0.0, y1)
+            while hits(tx, ty, tw, th):
+                ty += th
+        else:
+            above = y1 - th >= 0
+            ty = y1 - th if above else max(0.0, y2)
+            if not above and height is not None and ty + th > height:
+                ty = max(0.0, height - th)
+            step = -th if above else th
+            while hits(tx, ty, tw, th):
+                if above and ty + step < 0:  # no room further up: go below the box instead
+                    above, step = False, th
+                    ty = max(0.0, y2)
+                    continue
+                ty += step
         placed.append((tx, ty, tw, th))
-    return [(x, y) for x, y, _, _ in placed]
+        out[i] = (tx, ty)
+    return out
 
 
 def merge_boxes(boxes: Iterable[LabeledBox]) -> list[LabeledBox]:
@@ -110,7 +144,7 @@ def merge_boxes(boxes: Iterable[LabeledBox]) -> list[LabeledBox]:
         labels = out[key][1]
         if lb.label and lb.label not in labels:
             labels.append(lb.label)
-    return [LabeledBox(first.box, " · ".join(labels), first.color) for first, labels in out.values()]
+    return [LabeledBox(first.box, " · ".join(labels), first.color, first.outside) for first, labels in out.values()]
 
 
 def wrap_text(text: str, width: float, measure) -> list[str]:
@@ -179,12 +213,13 @@ def render_boxes(
         bx1, by1, bx2, by2 = tr.box_to_image(lb.box)
         x1, y1, x2, y2 = (bx1 - ox) * k, (by1 - oy) * k, (bx2 - ox) * k, (by2 - oy) * k
         draw.rectangle((x1, y1, x2, y2), outline=lb.color, width=lw)
-        drawn.append((lb, x1, y1))
-    labelled = [(lb, x1, y1, draw.textbbox((0, 0), lb.label, font=font)) for lb, x1, y1 in drawn if lb.label]
-    sizes = [(tb[2] - tb[0] + 6, tb[3] - tb[1] + 6) for _, _, _, tb in labelled]
-    spots = place_captions([(x1, y1) for _, x1, y1, _ in labelled], sizes, im.width)
+        drawn.append((lb, x1, y1, y2 + lw / 2))
+    labelled = [(lb, x1, y1, y2, draw.textbbox((0, 0), lb.label, font=font)) for lb, x1, y1, y2 in drawn if lb.label]
+    sizes = [(tb[2] - tb[0] + 6, tb[3] - tb[1] + 6) for *_, tb in labelled]
+    spots = place_captions([(x1, y1 - (lw / 2 if lb.outside else 0)) for lb, x1, y1, _, _ in labelled], sizes, im.width,
+                           [y2 if lb.outside else None for lb, _, _, y2, _ in labelled], im.height)
     tags: list[Tag] = []
-    for (lb, _, _, tb), (tw, th), (tx, ty) in zip(labelled, sizes, spots):
+    for (lb, _, _, _, tb), (tw, th), (tx, ty) in zip(labelled, sizes, spots):
         draw.rectangle((tx, ty, tx + tw, ty + th), fill=lb.color)
         draw.text((tx + 3, ty + 3 - tb[1]), lb.label, fill=(255, 255, 255), font=font)
         tags.append(Tag((tx, ty, tw, th), lb.label, lb.color))
