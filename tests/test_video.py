@@ -851,6 +851,12 @@ def test_only_the_cited_aus_are_drawn_unless_asked():
             {"video": "w", "face_id": 0, "onset": 0.0, "offset": 9.0, "evidence_aus": [4]}]
     at = CitedAUs(segs, "v").at
     assert at(0.5) == {0: {12}} and at(1.0) == {0: {6, 25}} and at(0.98) == {0: {12}}
+    from tagfer.au.video_render import frame_boxes
+
+    big = frame_boxes(rec, (512, 512), 512, {0: {12, 6}})
+    assert [b.label for b in big] == ["#0 happiness 0.90", "AU12", "AU6"] and big[0].outside
+    small = frame_boxes(rec, (512, 512), 128, {0: {12, 6}})  # the frame drawn at 128 px: too small for tags
+    assert [b.label for b in small] == ["#0 happiness 0.90 · AU6 AU12", "", ""]
     assert VideoConfig(render_aus="active").render_aus == "active"
     with pytest.raises(ValueError, match="render_aus"):
         VideoConfig(render_aus="some")

@@ -23,6 +23,7 @@ from tagfer.au.aus import AU_NAMES
 from tagfer.au.overlay import GREEN, LabeledBox, draw_boxes
 from tagfer.au.segments import au_columns, smoothed_tracks
 from tagfer.au.video_io import iter_frames
+from tagfer.core.canvas import CanvasTransform
 from tagfer.core.figures import READABLE
 from tagfer.core.jsonl import read_jsonl
 from tagfer.core.labels import LABELS
@@ -41,26 +42,46 @@ def _rgb(hex_color: str) -> tuple[int, int, int]:
     return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
 
 
+#: A face drawn shorter than this many caption lines gets its AU names in its own caption
+#: instead of a tag on each AU box (small faces would vanish under the tags).
+TAGGED_FACE_LINES = 8
+
+
+def frame_boxes(rec: dict, original_size: tuple[int, int], drawn_height: int,
+                cited: dict[int, set[int]] | None = None) -> list[LabeledBox]:
+    """The boxes :func:`annotate_frame` draws for one frame record (pure): each face's box in its
+    label's colour with an *outside* ``#id label score`` caption, then green boxes of its active
+    AUs — only those in ``cited[face_id]`` (the AUs the face's trace cites) when ``cited`` is
+    given, every active AU when it is None. A face drawn at least :data:`TAGGED_FACE_LINES`
+    caption lines tall (``drawn_height``: the frame's height in drawn pixels) has an ``AUx`` tag on
+    each AU box; a smaller one lists them in its caption (``#0 happiness 0.99 · AU6 AU12``)."""
+    canvas = rec.get("canvas", 512)
+    W, H = original_size
+    tr = CanvasTransform(W, H, canvas=canvas)
+    line = max(11, round(max(drawn_height, drawn_height * W / max(H, 1)) / 40)) + 6  # draw_boxes' caption height
+    faces, aus = [], []
+    for f in rec.get("faces") or []:
+        keep = None if cited is None else cited.get(f["face_id"], set())
+        shown = [a for a in f["aus"] if a["active"] and (keep is None or a["au"] in keep)]
+        _, y1, _, y2 = tr.box_to_image(f["bbox_canvas"])
+        tagged = (y2 - y1) * drawn_height / H >= TAGGED_FACE_LINES * line
+        p = f["scores"].get(f["label"], 0.0)
+        cap = f"#{f['face_id']} {f['label']} {p:.2f}"
+        if shown and not tagged:
+            cap += " · " + " ".join(f"AU{a['au']}" for a in sorted(shown, key=lambda a: a["au"]))
+        faces.append(LabeledBox(f["bbox_canvas"], cap, _rgb(LABEL_COLORS.get(f["label"], "#ffffff")), outside=True))
+        aus += [LabeledBox(a["box"], f"AU{a['au']}" if tagged else "", GREEN) for a in shown]
+    return faces + aus
+
+
 def annotate_frame(rgb: np.ndarray, rec: dict | None, original_size: tuple[int, int],
                    cited: dict[int, set[int]] | None = None) -> Image.Image:
-    """One frame with its record's faces drawn (boxes on the record's canvas): each face's box
-    with its ``#id label score`` caption above the box (below it when there is no room above,
-    never over the face), and green boxes of its active AUs — only those in ``cited[face_id]``
-    (the AUs the face's trace cites) when ``cited`` is given, every active AU when it is None."""
+    """One frame with its record's faces drawn (:func:`frame_boxes`, boxes on the record's canvas):
+    a face's caption sits above its box, below it when there is no room above, never over the face."""
     if rec is None or not rec.get("faces"):
         return Image.fromarray(rgb)
-    canvas = rec.get("canvas", 512)
-    boxes = []
-    for f in rec["faces"]:  # face boxes first: their captions are placed before the AUs'
-        p = f["scores"].get(f["label"], 0.0)
-        boxes.append(LabeledBox(f["bbox_canvas"], f"#{f['face_id']} {f['label']} {p:.2f}",
-                                _rgb(LABEL_COLORS.get(f["label"], "#ffffff")), outside=True))
-    for f in rec["faces"]:
-        keep = None if cited is None else cited.get(f["face_id"], set())
-        for a in f["aus"]:
-            if a["active"] and (keep is None or a["au"] in keep):
-                boxes.append(LabeledBox(a["box"], f"AU{a['au']}", GREEN))
-    return draw_boxes(rgb, boxes, canvas=canvas, original_size=original_size, min_side=0)
+    boxes = frame_boxes(rec, original_size, rgb.shape[0], cited)
+    return draw_boxes(rgb, boxes, canvas=rec.get("canvas", 512), original_size=original_size, min_side=0)
 
 
 class CitedAUs:
