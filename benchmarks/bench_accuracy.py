@@ -180,7 +180,8 @@ def main() -> None:
     from tagfer.au.fusion import FusionConfig, argmax, decide
     from tagfer.au.impression import crop_box, face_crop
     from tagfer.core.imageio import load_image
-    from tagfer.explainer.analyze import Analyzer, _crop
+    from tagfer.explainer.analyze import Analyzer
+    from tagfer.explainer.frames import crop_region as _crop
 
     items = dev_set(args.cache)
     rows: list[dict] = []

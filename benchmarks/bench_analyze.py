@@ -56,7 +56,7 @@ def main() -> None:
 
     from tagfer.au.facs import explain
     from tagfer.au.impression import face_crop
-    from tagfer.explainer.analyze import _crop
+    from tagfer.explainer.frames import crop_region as _crop
     from tagfer.core.imageio import load_image
     from tagfer.core.samples import sample_face_path
     from tagfer.explainer.analyze import Analyzer, png_data_url
@@ -84,7 +84,7 @@ def main() -> None:
         done = [an.analyze_image(p)[0] for p in paths]
         faces = [a.face_aus for a in done]
         pics = [_crop(im, a.frame_box) for im, a in zip(imgs, done)]
-        grounded = an.engine.backend.grounded
+        grounded = an.backend.grounded
         i = iter(range(10**9))
         engine = _timed(lambda: explain(faces[next(i) % 2]), args.n)
         j = iter(range(10**9))

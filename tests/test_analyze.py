@@ -539,3 +539,18 @@ def test_reframe_keeps_a_faces_own_68_point_geometry(astronaut_68):
                          active={d.au: d.active for d in face.aus})
     assert got.geometry == GEOMETRY_OPENFACE
     assert [(d.au, d.box, d.active) for d in got.aus] == [(d.au, d.box, d.active) for d in ref.aus]
+
+
+def test_face_frame_grounded_once_equals_detect_then_reframe(landmarker, astronaut_path, grace_path):
+    """The analyzer grounds a MediaPipe face straight on its face frame (one grounding per face);
+    the analysis equals the general path (detect on the whole image, then reframe)."""
+    from tagfer.au.detectors import MediaPipeAUDetector
+
+    class GeneralPath(MediaPipeAUDetector):  # not the plain class: the analyzer takes detect + reframe
+        pass
+
+    fast = Analyzer(detector=MediaPipeAUDetector(landmarker=landmarker))
+    general = Analyzer(detector=GeneralPath(landmarker=landmarker))
+    for p in (astronaut_path, grace_path):
+        a, b = fast.analyze_image(p), general.analyze_image(p)
+        assert [x.to_json() for x in a] == [y.to_json() for y in b]

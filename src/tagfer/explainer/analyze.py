@@ -56,7 +56,7 @@ from tagfer.au.detectors import DetectionError, MediaPipeAUDetector
 from tagfer.au.faces import FaceLandmarker
 from tagfer.core.errors import ItemError
 from tagfer.core.imageio import LoadedImage, load_image
-from tagfer.explainer.frames import crop_region, face_region, reframe
+from tagfer.explainer.frames import crop_region, face_region, ground_in_region, reframe
 from tagfer.explainer.overlay import BOX_COLORS, DETECTOR_COLOR, box_color, png_data_url, render_overlay
 from tagfer.explainer.records import (
     EXIT_FAILED,
@@ -227,21 +227,37 @@ class Analyzer:
                                       f"model backend failed: {err.get('message', '')}")
         return results
 
-    def _analyze_loaded(self, img: LoadedImage, name: str) -> list[Analysis]:
+    def _grounded_faces(self, img: LoadedImage, name: str) -> list[tuple[FaceAUs, tuple[float, float, float, float]]]:
+        """Each face grounded on its analysis frame, with that frame (image pixels)."""
+        whole = (0.0, 0.0, float(img.width), float(img.height))
+        if self.frame == "face" and type(self.detector) is MediaPipeAUDetector:
+            # one grounding per face, straight on its face frame (the same AUs as detect + reframe)
+            with self._lock:
+                meshes = self.detector.meshes(img)
+            out = []
+            for m in meshes:
+                region = face_region(m.bbox, img.width, img.height, self.face_margin)
+                out.append((ground_in_region(m, region, self.au_config, self.detector.name), region))
+            return out
         with self._lock:
             faces = self.detector.detect(img, name)
-        if not faces:  # detectors raise no_face themselves; guard for others
-
-            raise DetectionError("no_face", f"no face found in {name}")
-        canvas = self.reward_config.canvas  # == self.au_config.canvas (checked in __init__)
-        prepared: list[tuple[Image.Image | None, FaceAUs, tuple[float, float, float, float]]] = []
+        out = []
         for f in faces:
             if self.frame == "face" and f.mesh is not None:
                 region = face_region(f.mesh.bbox, img.width, img.height, self.face_margin)
-                fa = reframe(f, region, self.au_config)
+                out.append((reframe(f, region, self.au_config), region))
             else:
-                region = (0.0, 0.0, float(img.width), float(img.height))
-                fa = f
+                out.append((f, whole))
+        return out
+
+    def _analyze_loaded(self, img: LoadedImage, name: str) -> list[Analysis]:
+        grounded = self._grounded_faces(img, name)
+        if not grounded:  # detectors raise no_face themselves; guard for others
+            raise DetectionError("no_face", f"no face found in {name}")
+        faces = grounded
+        canvas = self.reward_config.canvas  # == self.au_config.canvas (checked in __init__)
+        prepared: list[tuple[Image.Image | None, FaceAUs, tuple[float, float, float, float]]] = []
+        for fa, region in grounded:
             pic = None if not self.needs_pixels else crop_region(img, region) if self.frame == "face" else Image.fromarray(img.rgb)
             prepared.append((pic, fa, region))
         outs = self._write([(p, fa) for p, fa, _ in prepared])
