@@ -44,7 +44,7 @@ segment_lists = st.lists(
 ).map(lambda segs: [{**s, "box": i if s["text"].startswith("<bbox>") else None} for i, s in enumerate(segs)])
 
 
-@settings(deadline=None, max_examples=300)
+@settings(deadline=None, max_examples=500)
 @given(segment_lists, st.integers(1, 300), st.integers(1, 30), st.integers(0, 3))
 def test_collapse_segments_bounds_and_order(segs, max_chars, max_lines, max_blank):
     out = collapse_segments(segs, max_chars=max_chars, max_lines=max_lines, max_blank=max_blank)

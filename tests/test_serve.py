@@ -633,6 +633,8 @@ def test_browser_degenerate_output_stays_small_and_matches_the_python_rules(live
                 [{"text": "\n".join(f"line {i}" for i in range(100)), "box": None}],
                 [{"text": "q" * 3995, "box": None}, {"text": "<bbox>[1, 2, 3, 4]</bbox>", "box": 0}, {"text": "é\n \n\t\n\n", "box": None}],
                 real["analyses"][0]["segments"],
+                [{"text": "<bbox>[0, 1, 2, 3]</bbox>", "box": 0}, {"text": "\n " + "w" * 4000, "box": None}],
+                [{"text": "ab\n \t", "box": None}, {"text": "<bbox>[0, 1, 2, 3]</bbox>" * 200, "box": 1}],
             ]
             for segs in cases:
                 assert page.evaluate("segs => collapseSegments(segs)", segs) == collapse_segments(segs)

@@ -92,7 +92,8 @@ def collapse_segments(
             lines += t.count("\n", 0, cut)
         if cut < len(t):
             left = len(t) - cut + sum(len(q["text"]) for q in pieces[i + 1 :] if not q.get("note"))
-            lead = "" if out and out[-1]["text"].endswith("\n") else "\n"
+            shown = "".join(q["text"] for q in out)
+            lead = "" if re.search(r"\n[ \t\r\f\v]*\Z", shown) else "\n"  # never an extra blank line
             out.append({"text": f"{lead}⋯ {_plural(left, 'more character')} (the full output is in the JSON) ⋯", "box": None, "note": True})
             break
     return out

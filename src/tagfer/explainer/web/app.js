@@ -58,7 +58,7 @@ function collapseSegments(segs) {
     if (cut < t.length) {
       let left = t.length - cut;
       for (const q of pieces.slice(i + 1)) if (!q.note) left += q.text.length;
-      const lead = out.length && out[out.length - 1].text.endsWith("\n") ? "" : "\n";
+      const lead = /\n[ \t\r\f\v]*$/.test(out.map(q => q.text).join("")) ? "" : "\n";  // never an extra blank line
       out.push({ text: lead + "⋯ " + left.toLocaleString("en-US") + " more character" + (left === 1 ? "" : "s") + " (the full output is in the JSON) ⋯", box: null, note: true });
       break;
     }
