@@ -106,7 +106,7 @@ def run_once(url: str, n: int, conc: int, out: str) -> dict:
     wall = time.perf_counter() - t0
     cpu = cpu_now() - c0
     (ta, ca), (tb, cb) = marks[lo], marks[hi]
-    return {"items": n, "accepted": s.accepted, "requests": s.requests, "wall_s": wall, "cpu_s": cpu,
+    return {"items": n, "accepted": s.metric("accepted"), "requests": s.metric("requests"), "wall_s": wall, "cpu_s": cpu,
             "steady_rate": (hi - lo) / (tb - ta), "steady_cpu_ms": 1000 * (cb - ca) / (hi - lo),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

@@ -83,7 +83,7 @@ def bench_throughput(latency: float, concurrencies: list[int], per_slot: int, tm
                 t0, c0 = time.perf_counter(), time.process_time()
                 s = run_eval([Rec(f"r{i}", str(img)) for i in range(n)], be, out, model="bench")
                 dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-            assert s.processed == n and s.failed == 0 and s.correct == n, s
+            assert s.processed == n and s.failed == 0 and s.metric("correct") == n, s
             rate = n / dt
             ceiling = c / latency
             rows.append({"image_format": image_format, "concurrency": c, "latency_s": latency, "n": n, "seconds": round(dt, 3), "pred_per_s": round(rate, 1),

@@ -6,9 +6,12 @@ import asyncio
 import base64
 import contextlib
 import io
+import os
+import re
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +20,9 @@ from PIL import Image
 from tagfer.explainer.analyze import Analyzer
 from tagfer.explainer.analyze import AnalyzerPool
 from tagfer.explainer.serve import create_app
+
+from fixtures_live import *  # noqa: F401,F403  (the clip, camera frames and the real-server helper)
+from fixtures_live import serving
 
 
 @pytest.fixture(scope="module")
@@ -30,27 +36,6 @@ def client(app):
 
     with TestClient(app, base_url="http://127.0.0.1") as c:  # TestClient's own "testserver" is not a trusted host
         yield c
-
-
-@contextlib.contextmanager
-def serving(app):
-    """``app`` on a real uvicorn server on loopback (own thread); yields its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    for _ in range(600):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        t.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +242,14 @@ def test_browser_upload_renders_overlay_and_coloured_trace(live_server, astronau
             assert marks[0][1] == "rgb(230, 30, 30)"  # first box red, as on the overlay
             legend = page.inner_text(".legend")
             assert "AU12" in legend and "detector" in legend
+            # the default engine's two views: global impression, agreement, local reading, each box's role
+            assert re.fullmatch(r"global impression \(fer\): happiness (0\.9\d|1\.00)", page.inner_text(".grounded .global"))
+            assert page.inner_text(".grounded .badge") == "agree · decided by global (global_sure)"
+            assert page.get_attribute(".grounded .badge", "class") == "badge agree"
+            assert page.inner_text(".grounded .local").startswith("local reading (AU evidence): happiness")
+            roles = page.eval_on_selector_all(".trace mark.bbox", "ms => ms.map(m => m.dataset.role)")
+            assert roles[0] == "support" and all(r in ("support", "isolated") or r.startswith("for ") for r in roles)
+            assert page.eval_on_selector_all(".legend li[data-box] .role", "rs => rs.map(r => r.textContent)") == roles
             # a face-less image shows the server's message
             page.set_input_files("#file", str(bad_inputs["no_face"]))
             page.wait_for_selector("#status.error", timeout=60_000)
@@ -329,7 +322,7 @@ def test_serve_cli_allowed_host_option(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: seen.update(app=app_, **kw))
-    r = CliRunner().invoke(cli, ["serve", "--pool", "1", "--host", "192.168.1.7", "--allowed-host", "tagfer.lan",
+    r = CliRunner().invoke(cli, ["serve", "--workers", "1", "--host", "192.168.1.7", "--allowed-host", "tagfer.lan",
                                  "--allowed-host", "::1"])
     assert r.exit_code == 0, r.output
     assert seen["app"].state.allowed_hosts == ["localhost", "127.0.0.1", "[::1]", "192.168.1.7", "tagfer.lan"]
@@ -337,11 +330,31 @@ def test_serve_cli_allowed_host_option(monkeypatch):
         assert c.get("/health").status_code == 200
         assert c.get("/health", headers={"host": "192.168.1.7:8000"}).status_code == 200
         assert c.get("/health", headers={"host": "other.lan"}).status_code == 400
-    r = CliRunner().invoke(cli, ["serve", "--pool", "1", "--host", "0.0.0.0"])
+    r = CliRunner().invoke(cli, ["serve", "--workers", "1", "--host", "0.0.0.0"])
     assert r.exit_code == 0 and "--allowed-host" in r.output  # a wildcard bind says how to admit LAN names
     assert seen["app"].state.allowed_hosts == ["localhost", "127.0.0.1", "[::1]"]
     r = CliRunner().invoke(cli, ["serve", "--allowed-host", "http://x.lan/"])
     assert r.exit_code == 2 and "not a host name" in r.output
+
+
+def test_serve_cli_max_live_sessions(monkeypatch):
+    """`tagfer serve --max-live-sessions N` bounds the live sessions; 0 turns live mode off with a clear refusal."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app as cli
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: seen.update(app=app_, **kw))
+    r = CliRunner().invoke(cli, ["serve", "--workers", "1", "--max-live-sessions", "0"])
+    assert r.exit_code == 0, r.output
+    with TestClient(seen["app"], base_url="http://127.0.0.1") as c:
+        r = c.post("/live")
+        assert r.status_code == 503 and "live mode is off" in r.json()["error"]["message"]
+    assert CliRunner().invoke(cli, ["serve", "--workers", "1", "--max-live-sessions", "3"]).exit_code == 0
+    assert seen["app"].state.live.config.max_sessions == 3
+    assert CliRunner().invoke(cli, ["serve", "--max-live-sessions", "-1"]).exit_code == 2
 
 
 # ----------------------------------------------------------------------------- load, stalls, origins (issue 21 #3, #4)
@@ -640,3 +653,167 @@ def test_browser_degenerate_output_stays_small_and_matches_the_python_rules(live
                 assert page.evaluate("segs => collapseSegments(segs)", segs) == collapse_segments(segs)
         finally:
             browser.close()
+
+
+# ----------------------------------------------------------------------------- video clips
+def _post_clip(client, path, name=None, wait=30):
+    data = open(path, "rb").read()
+    return client.post(f"/analyze?wait={wait}", files={"file": (name or os.path.basename(path), data, "video/webm")})
+
+
+def _follow(client, st, timeout=120):
+    end = time.time() + timeout
+    while st["state"] in ("queued", "running"):
+        assert time.time() < end, st
+        time.sleep(0.2)
+        st = client.get(st["status_url"]).json()
+    return st
+
+
+def test_video_upload_ends_in_the_records_of_the_video_job(client, smile_clip, tmp_path):
+    """A clip posted to /analyze is analysed by the video job: the records and segments equal
+    those run_video (what `tagfer analyze CLIP --out` runs) writes for the same clip."""
+    import json
+
+    from tagfer.au.video import VideoConfig, run_video, segments_path
+
+    r = _post_clip(client, smile_clip)
+    assert r.status_code == 200, r.text
+    st = r.json()
+    assert st["state"] == "done" and st["error"] is None and st["name"] == "smile.webm"
+    assert st["progress"]["frames"] == 30 and st["progress"]["fraction"] == 1.0
+    happy = [s for s in st["segments"] if s["label"] == "happiness"]
+    assert len(happy) == 1 and 0.8 <= happy[0]["onset"] <= happy[0]["apex"] <= happy[0]["offset"] <= 2.6
+    view = happy[0]["view"]  # the apex trace cut at its boxes, in the photo view's colours
+    assert view["well_formed"] and view["box_colors"][0] == "#e61e1e" and 12 in view["box_aus"]
+    assert "".join(p["text"] for p in view["segments"]) == happy[0]["trace"]
+    records = [json.loads(line) for line in client.get(st["records_url"]).text.splitlines()]
+    out = tmp_path / "cli.jsonl"
+    run_video(smile_clip, out, VideoConfig(render="none", plot=False))
+    expected = [json.loads(line) for line in out.read_text().splitlines()]
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("video", "segments_file")} for r in recs]  # noqa: E731
+    assert strip(records) == strip(expected)
+    segs = [json.loads(line) for line in client.get(st["segments_url"]).text.splitlines()]
+    assert strip(segs) == strip([json.loads(line) for line in segments_path(out).read_text().splitlines()])
+    assert [(s["label"], s["onset"], s["apex"], s["offset"]) for s in segs] == [(s["label"], s["onset"], s["apex"], s["offset"]) for s in st["segments"]]
+    doc = client.get(st["result_url"]).json()
+    assert len(doc["frames"]) == 30 and doc["summary"]["segments"] == len(segs) and doc["video"] == "smile.webm"
+    clip = client.get(st["clip_url"], headers={"Range": "bytes=0-99"})  # seeking in the page's player needs ranges
+    assert clip.status_code == 206 and len(clip.content) == 100
+
+
+def test_a_long_clip_answers_202_with_a_status_url(client, smile_clip):
+    r = _post_clip(client, smile_clip, "later.webm", wait=0)
+    assert r.status_code == 202, r.text
+    st = r.json()
+    assert r.headers["location"] == st["status_url"] and st["state"] in ("queued", "running")
+    assert client.get(st["status_url"] + "/records.jsonl").status_code == 404  # not yet
+    done = _follow(client, st)
+    assert done["state"] == "done" and any(s["label"] == "happiness" for s in done["segments"])
+    assert client.get("/jobs/" + "0" * 32).json()["error"]["kind"] == "job_not_found"
+
+
+def test_video_refusals(smile_clip, tmp_path, monkeypatch):
+    """Header checks answered before any analysis: a corrupt clip, one above the decode budget,
+    one too long; a full queue is 503 with Retry-After."""
+    from fastapi.testclient import TestClient
+
+    from fixtures_video import mux_packets, png_bytes
+    from tagfer.explainer.video_jobs import VideoJobs
+
+    gate = threading.Event()
+
+    class Summ:
+        segments, error = 0, None
+
+        def to_json(self):
+            return {"video": "x", "segments": 0, "error": None}
+
+    def blocked(*a, **k):
+        gate.wait(30)
+        return Summ()
+
+    jobs = VideoJobs(max_queued=1, max_duration_s=2.5, run=blocked)
+    app = create_app(lambda: Analyzer(), pool_size=1, videos=jobs)
+    corrupt = tmp_path / "broken.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
+    deep = np.zeros((600, 600, 3), np.uint16)  # 16-bit frames: 2.16 MB each, above a 2 MB budget
+    big = mux_packets(tmp_path / "deep.mov", [png_bytes(deep, "rgb48be")] * 2, codec="png", header=(600, 600), pix_fmt="rgb48be", fmt="mov")
+    try:
+        with TestClient(app, base_url="http://127.0.0.1") as c:
+            r = _post_clip(c, corrupt)
+            assert r.status_code == 422 and r.json()["error"]["kind"] == "corrupt" and "broken.mp4" in r.json()["error"]["message"]
+            assert "/tmp" not in r.json()["error"]["message"]  # no server paths
+            monkeypatch.setenv("TAGFER_DECODE_BUDGET_MB", "2")
+            r = _post_clip(c, big)
+            assert r.status_code == 413 and r.json()["error"]["kind"] == "too_large" and "needs 2 MB" in r.json()["error"]["message"]
+            monkeypatch.delenv("TAGFER_DECODE_BUDGET_MB")
+            r = _post_clip(c, smile_clip)  # 3 s > 2.5 s
+            assert r.status_code == 413 and r.json()["error"]["kind"] == "too_long"
+            jobs.max_duration_s = 60
+            first = _post_clip(c, smile_clip, wait=0)
+            assert first.status_code == 202
+            r = _post_clip(c, smile_clip, wait=0)
+            assert r.status_code == 503 and r.json()["error"]["kind"] == "busy" and r.headers["retry-after"]
+            r = c.post("/analyze", files={"file": ("x.webm", open(smile_clip, "rb").read(), "video/webm")},
+                       headers={"Origin": "http://evil.example"})
+            assert r.status_code == 403  # as for images
+            gate.set()
+            assert _follow(c, first.json())["state"] == "done"
+            folder = jobs.get(first.json()["job"]).folder
+            assert folder.exists()
+    finally:
+        gate.set()
+        jobs.close()
+    assert not folder.exists()  # uploaded clips are deleted when the server stops
+
+
+@pytest.mark.browser
+def test_browser_video_upload_shows_timeline_segments_and_survives_a_reload(live_server, smile_clip, tmp_path):
+    pw = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("no Chromium at /usr/bin/chromium")
+    shots = Path(os.environ.get("TAGFER_SHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 1000})
+            page.goto(live_server + "/")
+            page.set_input_files("#file", smile_clip)
+            page.wait_for_selector(".segment[data-label=happiness] canvas.apex[data-drawn='1']", timeout=120_000)
+            assert page.get_attribute("#video-progress", "value") == "1"
+            assert "smile.webm: 30 frames, 1 face(s)" in page.inner_text("#status")
+            seg = page.inner_text(".segment[data-label=happiness]")
+            assert "onset" in seg and "apex" in seg and "AU12" in seg and "<answer>happiness</answer>" in seg
+            marks = page.eval_on_selector_all(".segment[data-label=happiness] mark.bbox", "ms => ms.map(m => getComputedStyle(m).backgroundColor)")
+            assert marks and marks[0] == "rgb(230, 30, 30)"  # the apex trace's first box red, as for a photo
+            # the timeline: class score curves, the happiness segment shaded in its colour
+            tl = page.evaluate("""() => { const c = document.getElementById("timeline"), d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+                let shade = 0, ink = 0; for (let i = 0; i < d.length; i += 4) { if (d[i + 3] > 0 && d[i + 3] < 120) shade++; if (d[i + 3] > 200) ink++; } return [shade, ink]; }""")
+            assert tl[0] > 1000 and tl[1] > 500, tl
+            # playback: at the apex the overlay shows the face box in happiness orange and the label
+            apex = page.evaluate("() => video.segments.find(s => s.label === 'happiness').apex")
+            page.evaluate("t => { player.currentTime = t; }", apex)
+            page.wait_for_function("() => document.getElementById('video-now').textContent.includes('happiness')", timeout=20_000)
+            orange = page.evaluate("""() => { const c = document.getElementById("player-overlay"), d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+                let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 150 && Math.abs(d[i] - 255) + Math.abs(d[i + 1] - 127) + Math.abs(d[i + 2] - 14) < 40) n++; return n; }""")
+            assert orange > 200
+            links = page.eval_on_selector_all("#downloads a", "as => as.map(a => a.getAttribute('href'))")
+            assert any(h.endswith("/records.jsonl") for h in links) and any(h.endswith("/result.json") for h in links)
+            page.screenshot(path=str(shots / "video_upload.png"), full_page=True)
+            assert "#job=" in page.url
+            page.reload()  # the job id in the URL brings the result back, playback from the server's copy
+            page.wait_for_selector(".segment[data-label=happiness] canvas.apex[data-drawn='1']", timeout=60_000)
+            assert page.evaluate("() => player.src").endswith("/clip")
+            # an upload that is neither an image nor a video: the server's message on the page, the page goes on
+            page.set_input_files("#file", files=[{"name": "notes.mp4", "mimeType": "video/mp4", "buffer": b"not a video at all" * 20}])
+            page.wait_for_function("() => document.getElementById('status').className === 'error'", timeout=30_000)
+            assert "(corrupt)" in page.inner_text("#status")
+        finally:
+            browser.close()
+
+
+def test_favicon_is_served_not_a_404(client):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml") and r.content.startswith(b"<svg")

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from tagfer.au.aus import ground_face
+from tagfer.au.aus import FaceAUs, ground_face
 from tagfer.au.faces import FaceLandmarker
 from tagfer.au.facs import class_scores, top_label
 from tagfer.au.fusion import decide
@@ -71,12 +71,22 @@ from tagfer.core.jsonl import JsonlWriter
 from tagfer.core.prefetch import prefetch
 
 __all__ = [
-    "FaceRecord", "FaceTracker", "Frame", "FrameFile", "FrameRecord", "HoldGuard", "MAX_BAD_PACKETS", "Sample", "Sampler",
+    "FaceRecord", "FaceTracker", "Frame", "FrameFile", "FrameRecord", "HoldGuard", "ground_frame", "MAX_BAD_PACKETS", "Sample", "Sampler",
     "SegmentRecord", "Segmenter", "SmoothingConfig", "Smoother", "VIDEO_EXTENSIONS", "VideoConfig", "VideoError",
     "VideoInfo", "VideoSummary", "analyse_frame", "au_columns", "drop_failed_videos", "face_samples", "is_video_path",
     "iter_frames", "media_stem", "open_video", "prefetch", "read_progress", "run_video", "segments_from_records",
     "segments_path", "load_grounded", "frame_scores", "smooth_series", "smoothed_tracks", "split_video_inputs", "Timeline", "write_segments",
 ]
+
+
+def ground_frame(landmarker: Any, img: Any, timestamp_ms: int, config: VideoConfig) -> list[FaceAUs]:
+    """The faces of one decoded frame (``img``: a :class:`tagfer.core.imageio.LoadedImage`), landmarks
+    from the landmarker in video mode (``timestamp_ms`` strictly increasing), grounded on the frame's
+    canvas (the whole frame). The per-frame step shared by :func:`analyse_frame` and live sessions
+    (:mod:`tagfer.explainer.live`)."""
+    meshes = landmarker.detect(img.rgb, scale=img.scale, timestamp_ms=timestamp_ms)
+    tr = CanvasTransform(img.width, img.height, canvas=config.au.canvas)
+    return [ground_face(m, tr, config.au, detector="mediapipe") for m in meshes]
 
 
 def load_grounded(config: VideoConfig) -> Any:
@@ -106,9 +116,7 @@ def analyse_frame(landmarker: Any, frame: Frame, tracker: FaceTracker, config: V
     img = frame.image
     assert img is not None and frame.index is not None
     ts = round(frame.t * 1000) if timestamp_ms is None else timestamp_ms
-    meshes = landmarker.detect(img.rgb, scale=img.scale, timestamp_ms=ts)
-    tr = CanvasTransform(img.width, img.height, canvas=config.au.canvas)
-    faces = [ground_face(m, tr, config.au, detector="mediapipe") for m in meshes]
+    faces = ground_frame(landmarker, img, ts, config)
     ids = tracker.update(frame.t, [f.mesh.bbox for f in faces])  # type: ignore[union-attr]
     # the decoded pixels (possibly downscaled): the canvas maps onto them with the same letterbox
     picture = Image.fromarray(img.rgb) if grounded is not None and faces else None

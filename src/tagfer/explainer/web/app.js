@@ -111,11 +111,17 @@ function renderResult(r) {
                     : el("div", { class: "malformed" }, "malformed output: " + a.violations.join(", ")),
       el("div", { class: "meta" }, "face " + (i + 1) + " of " + r.n_faces + " · engine " + a.engine),
       renderLegend(a), renderTrace(a), renderScores(a));
-    results.append(el("section", { class: "face", "data-face": String(i) }, left, right));
+    const grounded = renderGrounded(a);  // grounded.js: global impression, agreement, local reading
+    if (grounded) right.insertBefore(grounded, right.children[1]);
+    const section = el("section", { class: "face", "data-face": String(i) }, left, right);
+    decorateBoxes(section, a);  // grounded.js: each box's role in the local steps
+    results.append(section);
   });
 }
 
 async function analyze(file) {
+  if (typeof isVideoFile === "function" && isVideoFile(file)) return analyzeVideo(file);  // video.js
+  if (typeof hideVideo === "function") hideVideo();
   setStatus("Analysing " + file.name + " …", false);
   results.replaceChildren();
   const fd = new FormData();
