@@ -189,3 +189,73 @@ def test_trl_rows_render_with_the_qwen_chat_template(exported, tiny_vlm):
     assert text.count("<|vision_start|>") == 1 and text.count("<|image_pad|>") == 1
     assert system in text and user in text
     assert text.rstrip().endswith(row["completion"][0]["content"][0]["text"] + "<|im_end|>")
+
+
+# ------------------------------------------------------------------------------ one image policy for every exporter
+
+
+def test_export_image_side_and_format_options_and_the_policy_check(build_dir, tmp_path):
+    """`tagfer export --image-side 112 --image-format png`: 112 px PNGs, recorded; a training config of
+    another side is refused by check_export_policy; the same side passes."""
+    from typer.testing import CliRunner
+    from PIL import Image
+
+    from tagfer.cli import app
+    from tagfer.data.export import check_export_policy, export_policy
+    from tagfer.models.vlm import ImagePolicy
+
+    out = tmp_path / "x"
+    r = CliRunner().invoke(app, ["export", str(build_dir), "--out", str(out), "-f", "verl", "--image-side", "112", "--image-format", "png"])
+    assert r.exit_code == 0, r.output
+    images = sorted((out / "images").iterdir())
+    assert images and all(p.suffix == ".png" for p in images)
+    for p in images:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and max(im.size) == 112
+    assert export_policy(out) == {"side": 112, "min_pixels": 56 * 56, "max_pixels": 112 * 112, "format": "png"}
+    assert check_export_policy(out, ImagePolicy(112))["side"] == 112
+    with pytest.raises(ValueError, match=r"image side 112 .* image side 448.*--image-side 448"):
+        check_export_policy(out, ImagePolicy(448))
+    with pytest.raises(ValueError, match="max_pixels"):
+        check_export_policy(out, ImagePolicy(112, max_pixels=448 * 448))
+    assert check_export_policy(tmp_path / "nothing_here", ImagePolicy(448)) is None  # no export yet: nothing to compare
+    r = CliRunner().invoke(app, ["export", str(build_dir), "--out", str(tmp_path / "y"), "--image-format", "webp"])
+    assert r.exit_code == 2 and "image_format" in r.output
+
+
+def test_verl_image_bytes_are_the_exported_files_format(build_dir, tmp_path):
+    """The docstring says JPEG by default, PNG with image_format="png": the embedded bytes say the same."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    for fmt, magic in (("jpeg", "JPEG"), ("png", "PNG")):
+        export(build_dir, tmp_path / fmt, ["verl"], per_source=False, image_format=fmt)
+        for row in pq.read_table(tmp_path / fmt / "verl" / "train.parquet").to_pylist():
+            with Image.open(io.BytesIO(row["images"][0]["bytes"])) as im:
+                assert im.format == magic and max(im.size) == 224
+
+
+@pytest.mark.model  # the training config classes subclass TRL's
+def test_interop_configs_refuse_an_image_side_the_export_does_not_have(build_dir, tmp_path):
+    """`export-llamafactory --image_side 448` against a 224 px export: exit 2, no YAML with 448² bounds; verl the same."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    ex = tmp_path / "tag_export"
+    export(build_dir, ex, ["llamafactory", "verl"], per_source=True)
+    run = CliRunner().invoke
+    r = run(app, ["train", "export-llamafactory", "-c", "sft_tag310k", "--export-dir", str(ex), "-o", str(tmp_path / "lf.yaml"), "--image_side", "448"])
+    assert r.exit_code == 2 and "--image-side 448" in r.output and not (tmp_path / "lf.yaml").exists()
+    r = run(app, ["train", "export-verl", "-c", "grpo_rafdb", "--export-dir", str(ex), "-o", str(tmp_path / "v.yaml"), "--image_side", "448"])
+    assert r.exit_code == 2 and not (tmp_path / "v.yaml").exists()
+    r = run(app, ["train", "export-verl", "-c", "grpo_rafdb", "--train-files", str(ex / "verl" / "rafdb.parquet"), "-o", str(tmp_path / "v.yaml"),
+                  "--image_side", "448"])
+    assert r.exit_code == 2  # an explicit parquet of that export is checked too
+    r = run(app, ["train", "export-llamafactory", "-c", "sft_tag310k", "--export-dir", str(ex), "-o", str(tmp_path / "lf.yaml")])
+    assert r.exit_code == 0, r.output
+    lf = yaml.safe_load((tmp_path / "lf.yaml").read_text())
+    assert (lf["image_min_pixels"], lf["image_max_pixels"]) == (56 * 56, 224 * 224)

@@ -596,6 +596,65 @@ def test_same_origin_and_configured_origins_are_served(headers, astronaut_path):
     assert r.status_code == 422 and r.json()["error"]["kind"] == "no_face" and len(seen) == 1
 
 
+# ----------------------------------------------------------------------------- degenerate model output on the page
+
+DEGENERATE = {
+    "newlines": "<think>" + "\n" * 512 + "</think>\n<answer>happy</answer>",
+    "no_spaces": "<think>" + "x" * 50_000 + "</think>\n<answer>happy</answer>",
+}
+
+
+@pytest.mark.browser
+def test_browser_degenerate_output_stays_small_and_matches_the_python_rules(live_server, client, astronaut_path):
+    """A model that writes 512 newlines or 50k characters without a space: the trace box stays a few
+    hundred pixels tall, the page does not scroll sideways, markers say what was left out; the
+    page's collapseSegments gives exactly tagfer.explainer.display.collapse_segments's result."""
+    import json
+    import os
+
+    pw = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("no Chromium at /usr/bin/chromium")
+    from tagfer.explainer.display import collapse_segments
+
+    real = _post(client, astronaut_path.read_bytes()).json()
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            page.goto(live_server + "/")
+            for kind, trace in DEGENERATE.items():
+                body = json.loads(json.dumps(real))
+                a = body["analyses"][0]
+                a.update(trace=trace, segments=[{"text": trace, "box": None}], boxes=[], box_aus=[], box_colors=[],
+                         well_formed=False, violations=["text_outside"])
+                page.unroute("**/analyze")
+                reply = json.dumps(body)
+                page.route("**/analyze", lambda route, request, reply=reply: route.fulfill(status=200, content_type="application/json", body=reply))
+                page.set_input_files("#file", [])  # the same file chosen twice fires "change" only after a reset
+                page.set_input_files("#file", str(astronaut_path))
+                marker = "511 empty lines" if kind == "newlines" else "more characters"
+                page.wait_for_function("m => { const t = document.querySelector('.trace'); return t && t.textContent.includes(m); }",
+                                       arg=marker, timeout=60_000)
+                h = page.eval_on_selector(".trace", "t => t.getBoundingClientRect().height")
+                assert h < 500, (kind, h)  # was 12,800 px for 512 newlines
+                assert page.evaluate("document.documentElement.scrollWidth") <= 1280, kind
+                assert page.evaluate("document.documentElement.scrollHeight") < 2500, kind
+            cases = [
+                [{"text": t, "box": None} for t in DEGENERATE.values()],
+                [{"text": "a\n\n\n\n b", "box": None}, {"text": "<bbox>[1, 2, 3, 4]</bbox>", "box": 0}, {"text": "\n" * 70 + "z", "box": None}],
+                [{"text": "\n".join(f"line {i}" for i in range(100)), "box": None}],
+                [{"text": "q" * 3995, "box": None}, {"text": "<bbox>[1, 2, 3, 4]</bbox>", "box": 0}, {"text": "é\n \n\t\n\n", "box": None}],
+                real["analyses"][0]["segments"],
+                [{"text": "<bbox>[0, 1, 2, 3]</bbox>", "box": 0}, {"text": "\n " + "w" * 4000, "box": None}],
+                [{"text": "ab\n \t", "box": None}, {"text": "<bbox>[0, 1, 2, 3]</bbox>" * 200, "box": 1}],
+            ]
+            for segs in cases:
+                assert page.evaluate("segs => collapseSegments(segs)", segs) == collapse_segments(segs)
+        finally:
+            browser.close()
+
+
 # ----------------------------------------------------------------------------- video clips
 def _post_clip(client, path, name=None, wait=30):
     data = open(path, "rb").read()

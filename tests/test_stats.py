@@ -99,3 +99,31 @@ def test_tokenizer_counts(build_dir, tiny_vlm_dir):
 def test_empty_dir(tmp_path):
     with pytest.raises(FileNotFoundError):
         compute_stats(tmp_path)
+
+
+def test_figures_count_in_whole_numbers_with_readable_fonts(build_dir):
+    """Small data (counts of 1 and 2): ticks at whole numbers only, fonts ≥ 11 pt, integer histograms without holes."""
+    import matplotlib.pyplot as plt
+
+    from tagfer.data.stats import stats_figures
+
+    figs = stats_figures(compute_stats(build_dir))
+    try:
+        assert set(figs) == {"classes", "rejections", "au_frequency", "aus_per_image", "candidate_pool", "aus_used_per_trace", "trace_tokens"}
+        for name, fig in figs.items():
+            (ax,) = fig.axes
+            lo, hi = ax.get_ylim()
+            ticks = [t for t in ax.get_yticks() if lo <= t <= hi]
+            assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), (name, ticks)
+            assert all(lab.get_fontsize() >= 11 for lab in ax.get_xticklabels() + ax.get_yticklabels()), name
+            assert ax.title.get_fontsize() >= 12 and ax.yaxis.label.get_fontsize() >= 11
+        # 0, 1, 2 and 4 AUs were seen: 3 is shown as an empty bar, not left out
+        assert [t.get_text() for t in figs["aus_per_image"].axes[0].get_xticklabels()] == ["0", "1", "2", "3", "4"]
+        ax = figs["trace_tokens"].axes[0]
+        lo, hi = ax.get_xlim()
+        assert all(float(t).is_integer() for t in ax.get_xticks() if lo <= t <= hi)
+        edges = sorted({round(p.get_x(), 6) for p in ax.patches})
+        assert all(float(e + 0.5).is_integer() for e in edges)  # whole-token bins
+    finally:
+        for fig in figs.values():
+            plt.close(fig)

@@ -458,3 +458,30 @@ def test_stalled_request_body_is_closed(tmp_path, astronaut_path, monkeypatch):
             got += chunk
         s.close()
     assert got.startswith(b"HTTP/1.1 408") and b"stalled" in got
+
+
+def test_browser_vote_buttons_stay_in_view_with_a_degenerate_response(tmp_path, astronaut_path, browser):
+    """Response A is 512 newlines, response B 50,000 characters without a space: both boxes stay short,
+    the page does not scroll sideways and the vote buttons are inside the first viewport."""
+    from tagfer.evaluation.study.app import StudyServer
+
+    pairs = [Pair(id="rafdb/test_0", image=str(astronaut_path), a={"name": "TAG", "text": "TAG-0 <think>" + "\n" * 512 + "</think>"},
+                  b={"name": "Base", "text": "BASE-0 " + "y" * 50_000}, label="happiness")]
+    with StudyServer(pairs, tmp_path / "s.sqlite", seed=0) as srv:
+        ctx = browser.new_context(viewport={"width": 1280, "height": 720})
+        page = ctx.new_page()
+        page.goto(srv.url)
+        page.fill("#name", "Ann")
+        page.click("#start")
+        page.wait_for_selector("#progress:has-text('0 / 1 done')")
+        for b in ("#choose-A", "#choose-tie", "#choose-B"):
+            box = page.eval_on_selector(b, "e => { const r = e.getBoundingClientRect(); return [r.top, r.bottom]; }")
+            assert 0 <= box[0] and box[1] <= 720, (b, box)  # was 11,000 px below the fold
+        texts = {s: page.text_content(f"#resp-{s}") for s in "AB"}
+        tag = "A" if texts["A"].startswith("TAG-") else "B"
+        assert "511 empty lines" in texts[tag] and texts[tag].count("\n") < 10
+        assert "y" * 1000 in texts["B" if tag == "A" else "A"]  # long text is kept (it scrolls), not hidden
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+        page.click("#choose-tie")
+        page.wait_for_selector("#done:not(.hidden)")
+        ctx.close()

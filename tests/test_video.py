@@ -261,6 +261,7 @@ def test_folder_of_frames_is_a_video(tmp_path, clip_faces):
     frames = [r for r in read_jsonl(out) if r.get("record") == "frame"]
     assert summ.error is None and [r["t"] for r in frames] == pytest.approx([i / 10 for i in range(12)])
     assert [r["faces"][0]["label"] for r in frames] == ["neutral"] * 6 + ["happiness"] * 6
+    assert (summ.width, summ.height) == (192, 192)  # the frames' size, as for a video file (was null)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -778,3 +779,126 @@ def test_facs_rules_engine_on_a_video(tmp_path, happy_clip):
         assert f["scores"] == pytest.approx(ref, abs=2e-4)
     with pytest.raises(ValueError, match="engine"):
         VideoConfig(engine="gpt")
+
+
+# ----------------------------------------------------------------------------- what the rendered media look like
+def test_annotated_video_lasts_as_long_as_the_source_at_its_rate(tmp_path, clip_faces):
+    """A 2.0 s clip at 10 fps gives a 2.0 s, 10 fps annotated video (was 1.94 s / 10.3 fps: the
+    last frame lasted one 25 fps tick); GIF output keeps the length too."""
+    import av
+    from PIL import Image
+
+    clip = write_clip(tmp_path / "ten.mp4", [clip_faces["astronaut"]] * 20, fps=10)
+    for render in ("mp4", "gif"):
+        summ = run_video(clip, tmp_path / f"{render}.jsonl", VideoConfig(media_dir=str(tmp_path / render), render=render, plot=False))
+        if render == "mp4":
+            with av.open(summ.annotated) as c:
+                s = c.streams.video[0]
+                assert c.duration / 1e6 == pytest.approx(2.0, abs=0.011) and s.frames == 20
+                assert float(s.average_rate) == pytest.approx(10.0, abs=0.01)
+        else:
+            im = Image.open(summ.annotated)
+            total = 0
+            for k in range(im.n_frames):
+                im.seek(k)
+                total += im.info["duration"]
+            assert im.n_frames == 20 and total == pytest.approx(2000, abs=20)
+
+
+def _frame_record(face_box, aus):
+    return {"canvas": 512, "faces": [{"face_id": 0, "bbox_canvas": list(face_box), "label": "happiness",
+                                      "scores": {c: (0.9 if c == "happiness" else 0.0) for c in LABELS},
+                                      "aus": [{"au": a, "score": 0.8, "active": True, "box": list(b)} for a, b in aus]}]}
+
+
+@pytest.mark.parametrize("face_box", [(130, 120, 380, 470), (130, 2, 380, 330), (60, 0, 450, 511)])
+def test_face_caption_sits_above_or_below_the_face_never_over_it(face_box):
+    """The `#id label score` caption (the label's colour) is drawn outside the face box — above it,
+    below it when the box touches the top — and inside the frame; only the bottom edge of a box
+    that fills the whole height may carry it."""
+    from tagfer.au.video_render import LABEL_COLORS, annotate_frame
+
+    eyes = (face_box[0] + 20, face_box[1] + 40, face_box[2] - 20, face_box[1] + 120)
+    im = np.asarray(annotate_frame(np.full((512, 512, 3), 100, np.uint8), _frame_record(face_box, [(6, eyes)]), (512, 512)))
+    orange = (np.abs(im.astype(int) - [int(LABEL_COLORS["happiness"][i:i + 2], 16) for i in (1, 3, 5)]) < 8).all(-1)
+    x1, y1, x2, y2 = face_box
+    inner = orange[y1 + 4: y2 - 4, x1 + 4: x2 - 4]
+    if y2 - y1 < 480:
+        assert inner.sum() == 0  # nothing over the face
+        assert orange[:y1].sum() + orange[y2 + 3:].sum() > 150  # the caption is outside, in the frame
+    else:
+        rows = np.flatnonzero(inner.any(axis=1))
+        assert len(rows) and rows.min() > (y2 - y1) * 0.8  # only over the chin, never over the eyes
+    assert orange[y1 + 40: y1 + 120, x1 + 4: x2 - 4].sum() == 0
+
+
+def test_only_the_cited_aus_are_drawn_unless_asked():
+    from tagfer.au.video_render import CitedAUs, annotate_frame
+
+    rec = _frame_record((100, 100, 420, 470), [(12, (150, 330, 370, 420)), (6, (140, 200, 380, 260))])
+    blank = np.full((512, 512, 3), 100, np.uint8)
+
+    def green_rows(im, box):  # green outline pixels along the box's top edge
+        a = np.asarray(im)[box[1]:box[1] + 2, box[0] + 5: box[2] - 5]
+        return int((np.abs(a.astype(int) - [0, 200, 70]) < 10).all(-1).sum())
+
+    cited = annotate_frame(blank, rec, (512, 512), {0: {12}})
+    assert green_rows(cited, (150, 330, 370, 420)) > 100 and green_rows(cited, (140, 200, 380, 260)) == 0
+    every = annotate_frame(blank, rec, (512, 512), None)
+    assert green_rows(every, (140, 200, 380, 260)) > 100
+    segs = [{"video": "v", "face_id": 0, "onset": 0.0, "offset": 0.96, "evidence_aus": [12]},
+            {"video": "v", "face_id": 0, "onset": 1.0, "offset": 2.0, "evidence_aus": [6, 25]},
+            {"video": "w", "face_id": 0, "onset": 0.0, "offset": 9.0, "evidence_aus": [4]}]
+    at = CitedAUs(segs, "v").at
+    assert at(0.5) == {0: {12}} and at(1.0) == {0: {6, 25}} and at(0.98) == {0: {12}}
+    from tagfer.au.video_render import frame_boxes
+
+    big = frame_boxes(rec, (512, 512), 512, {0: {12, 6}})
+    assert [b.label for b in big] == ["#0 happiness 0.90", "AU12", "AU6"] and big[0].outside
+    small = frame_boxes(rec, (512, 512), 128, {0: {12, 6}})  # the frame drawn at 128 px: too small for tags
+    assert [b.label for b in small] == ["#0 happiness 0.90 · AU6 AU12", "", ""]
+    assert VideoConfig(render_aus="active").render_aus == "active"
+    with pytest.raises(ValueError, match="render_aus"):
+        VideoConfig(render_aus="some")
+
+
+def test_plot_spans_are_edge_to_edge_and_legends_beside_the_curves(tmp_path, monkeypatch):
+    """Segments one frame apart are shaded without a blank column between them; a real gap
+    (no segment for 1 s) stays blank; every legend lies right of its axes, off the curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tagfer.au.video_render import plot_timeline
+
+    labels = ["neutral"] * 20 + ["happiness"] * 20 + ["neutral"] * 20 + ["neutral"] * 25 + ["happiness"] * 15
+    recs = _records(labels)
+    seg_file = tmp_path / "s.jsonl"
+    runs = [(0, 19, "neutral"), (20, 39, "happiness"), (40, 59, "neutral"), (85, 99, "happiness")]  # 60–84: no segment
+    with open(seg_file, "w") as f:
+        for a, b, lab in runs:
+            f.write(json.dumps({"video": "v", "face_id": 0, "label": lab, "onset": a * FRAME, "offset": b * FRAME,
+                                "apex": (a + b) / 2 * FRAME}) + "\n")
+    figs = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figs.append(fig), close(fig)))
+    plot_timeline(recs, seg_file, "v", tmp_path / "p.png", VideoConfig(smoothing=SmoothingConfig("none")))
+    (fig,) = figs
+    fig.canvas.draw()
+    ax = fig.axes[1]
+    spans = sorted((x, x + w) for c in ax.collections if len(c.get_paths()) and c.get_alpha() == 0.15
+                   for p in c.get_paths() for x, w in [(p.vertices[:, 0].min(), np.ptp(p.vertices[:, 0]))])
+    merged = [list(spans[0])]
+    for a, b in spans[1:]:
+        if a <= merged[-1][1] + 1e-9:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    assert len(merged) == 2, merged  # 0–59 shaded in one piece (was three), then 85–99 after the real gap
+    assert merged[0][0] == pytest.approx(0.0, abs=0.01) and merged[0][1] == pytest.approx(59 * FRAME, abs=0.01)
+    assert merged[1][0] == pytest.approx(85 * FRAME, abs=0.01)
+    for a in fig.axes:
+        leg, box = a.get_legend().get_window_extent(), a.get_window_extent()
+        assert leg.x0 >= box.x1  # beside the axes, not over the curves
+        assert min(t.get_fontsize() for t in a.get_legend().get_texts()) >= 10 and a.title.get_fontsize() >= 12

@@ -209,7 +209,8 @@ def run_video(video: str, out: str | os.PathLike, config: VideoConfig = VideoCon
             if config.media_dir and faces_seen:
                 stem = Path(config.media_dir) / media_stem(video)
                 if config.render != "none":
-                    summ.annotated = render_video(video, FrameFile(out, video), f"{stem}.annotated.{config.render}", config)
+                    summ.annotated = render_video(video, FrameFile(out, video), f"{stem}.annotated.{config.render}", config,
+                                                 segments_path(out))
                 if config.plot:
                     summ.plot = plot_timeline(FrameFile(out, video), segments_path(out), video, f"{stem}.plot.png", config)
         except Exception as e:  # outputs after the analysis: the frame records are already safe

@@ -29,7 +29,7 @@ from tagfer.au.segments import segments_from_records
 from tagfer.au.temporal import FaceTracker, Sampler, Timeline
 from tagfer.au.video_records import VideoConfig
 from tagfer.core.errors import ItemError
-from tagfer.core.imageio import IMAGE_EXTENSIONS, LoadedImage, decode_budget, load_image
+from tagfer.core.imageio import IMAGE_EXTENSIONS, LoadedImage, decode_budget, load_image, probe
 from tagfer.core.jsonl import JsonlWriter, drop_records, read_jsonl
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v", ".mpg", ".mpeg"})
@@ -269,8 +269,16 @@ def _iter_folder(path: str, config: VideoConfig, sampler: Sampler, skip_through:
                    key=_natural_key)
     if not names:
         raise VideoError("zero_length", f"{path}: the folder holds no image frames")
-    if info_out is not None:
-        info_out.append(VideoInfo(0, 0, config.folder_fps, len(names) / config.folder_fps))
+    if info_out is not None:  # the size of the first frame whose header reads (pictures: a folder's summary has it)
+        w = h = 0
+        for name in names[:8]:
+            try:
+                head = probe(os.path.join(path, name), max_side=config.max_side, budget=config.decode_budget)
+            except ItemError:
+                continue
+            w, h = head.width, head.height
+            break
+        info_out.append(VideoInfo(w, h, config.folder_fps, len(names) / config.folder_fps))
     for i, name in enumerate(names):
         t = i / config.folder_fps
         if config.end is not None and t > config.end + 1e-9:

@@ -48,6 +48,7 @@ class VideoConfig:
     media_dir: str | None = None
     decode_budget: int | None = None  # bytes per decoded frame (None: TAGFER_DECODE_BUDGET_MB or the default)
     engine: str = "facs"  # "facs" (FER net + AU evidence, as for photos) | "facs-rules" (the FACS prototypes alone)
+    render_aus: str = "cited"  # annotated video: "cited" (the AUs the face's trace cites) | "active" (every active AU)
 
     def __post_init__(self) -> None:
         check_finite("--fps", self.fps, 0.0, MAX_FPS, lo_open=True, allow_none=True)
@@ -58,6 +59,8 @@ class VideoConfig:
             raise ValueError(f"need start < end, got start={self.start}, end={self.end}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.render_aus not in ("cited", "active"):
+            raise ValueError(f"render_aus must be cited or active, got {self.render_aus!r}")
         if self.render not in ("mp4", "gif", "webp", "none"):
             raise ValueError(f"render must be mp4, gif, webp or none, got {self.render!r}")
         if not isinstance(self.max_side, int) or self.max_side < 32:

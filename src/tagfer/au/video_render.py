@@ -14,7 +14,7 @@ from __future__ import annotations
 import fractions
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image
@@ -23,6 +23,8 @@ from tagfer.au.aus import AU_NAMES
 from tagfer.au.overlay import GREEN, LabeledBox, draw_boxes
 from tagfer.au.segments import au_columns, smoothed_tracks
 from tagfer.au.video_io import iter_frames
+from tagfer.core.canvas import CanvasTransform
+from tagfer.core.figures import READABLE
 from tagfer.core.jsonl import read_jsonl
 from tagfer.core.labels import LABELS
 from tagfer.core.prefetch import prefetch
@@ -40,20 +42,72 @@ def _rgb(hex_color: str) -> tuple[int, int, int]:
     return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
 
 
-def annotate_frame(rgb: np.ndarray, rec: dict | None, original_size: tuple[int, int]) -> Image.Image:
-    """One frame with its record's faces drawn (boxes on the record's canvas)."""
+#: A face drawn shorter than this many caption lines gets its AU names in its own caption
+#: instead of a tag on each AU box (small faces would vanish under the tags).
+TAGGED_FACE_LINES = 8
+
+
+def frame_boxes(rec: dict, original_size: tuple[int, int], drawn_height: int,
+                cited: dict[int, set[int]] | None = None) -> list[LabeledBox]:
+    """The boxes :func:`annotate_frame` draws for one frame record (pure): each face's box in its
+    label's colour with an *outside* ``#id label score`` caption, then green boxes of its active
+    AUs — only those in ``cited[face_id]`` (the AUs the face's trace cites) when ``cited`` is
+    given, every active AU when it is None. A face drawn at least :data:`TAGGED_FACE_LINES`
+    caption lines tall (``drawn_height``: the frame's height in drawn pixels) has an ``AUx`` tag on
+    each AU box; a smaller one lists them in its caption (``#0 happiness 0.99 · AU6 AU12``)."""
+    canvas = rec.get("canvas", 512)
+    W, H = original_size
+    tr = CanvasTransform(W, H, canvas=canvas)
+    line = max(11, round(max(drawn_height, drawn_height * W / max(H, 1)) / 40)) + 6  # draw_boxes' caption height
+    faces, aus = [], []
+    for f in rec.get("faces") or []:
+        keep = None if cited is None else cited.get(f["face_id"], set())
+        shown = [a for a in f["aus"] if a["active"] and (keep is None or a["au"] in keep)]
+        _, y1, _, y2 = tr.box_to_image(f["bbox_canvas"])
+        tagged = (y2 - y1) * drawn_height / H >= TAGGED_FACE_LINES * line
+        p = f["scores"].get(f["label"], 0.0)
+        cap = f"#{f['face_id']} {f['label']} {p:.2f}"
+        if shown and not tagged:
+            cap += " · " + " ".join(f"AU{a['au']}" for a in sorted(shown, key=lambda a: a["au"]))
+        faces.append(LabeledBox(f["bbox_canvas"], cap, _rgb(LABEL_COLORS.get(f["label"], "#ffffff")), outside=True))
+        aus += [LabeledBox(a["box"], f"AU{a['au']}" if tagged else "", GREEN) for a in shown]
+    return faces + aus
+
+
+def annotate_frame(rgb: np.ndarray, rec: dict | None, original_size: tuple[int, int],
+                   cited: dict[int, set[int]] | None = None) -> Image.Image:
+    """One frame with its record's faces drawn (:func:`frame_boxes`, boxes on the record's canvas):
+    a face's caption sits above its box, below it when there is no room above, never over the face."""
     if rec is None or not rec.get("faces"):
         return Image.fromarray(rgb)
-    canvas = rec.get("canvas", 512)
-    boxes = []
-    for f in rec["faces"]:
-        for a in f["aus"]:
-            if a["active"]:
-                boxes.append(LabeledBox(a["box"], f"AU{a['au']}", GREEN))
-    for f in rec["faces"]:  # face boxes last: their captions are drawn on top
-        p = f["scores"].get(f["label"], 0.0)
-        boxes.append(LabeledBox(f["bbox_canvas"], f"#{f['face_id']} {f['label']} {p:.2f}", _rgb(LABEL_COLORS.get(f["label"], "#ffffff"))))
-    return draw_boxes(rgb, boxes, canvas=canvas, original_size=original_size, min_side=0)
+    boxes = frame_boxes(rec, original_size, rgb.shape[0], cited)
+    return draw_boxes(rgb, boxes, canvas=rec.get("canvas", 512), original_size=original_size, min_side=0)
+
+
+class CitedAUs:
+    """The AUs each face's trace cites, by time: from the segments file (``evidence_aus`` of the
+    segment that covers ``t``; one tuple per segment, streamed in and kept per face)."""
+
+    def __init__(self, segments: Iterable[dict], video: str):
+        self._by_face: dict[int, list[tuple[float, float, frozenset[int]]]] = {}
+        for r in segments:
+            if r.get("video") == video and r.get("face_id") is not None:
+                self._by_face.setdefault(int(r["face_id"]), []).append(
+                    (float(r["onset"]), float(r["offset"]), frozenset(int(a) for a in r.get("evidence_aus") or ())))
+        for segs in self._by_face.values():
+            segs.sort(key=lambda s: s[0])
+        self._starts = {f: [s[0] for s in segs] for f, segs in self._by_face.items()}
+
+    def at(self, t: float) -> dict[int, set[int]]:
+        """``{face_id: AUs cited}`` for the segments covering ``t`` (the last one starting at or before ``t``)."""
+        import bisect
+
+        out: dict[int, set[int]] = {}
+        for f, segs in self._by_face.items():
+            k = bisect.bisect_right(self._starts[f], t + 1e-6) - 1
+            if k >= 0:
+                out[f] = set(segs[k][2])
+        return out
 
 
 class VideoWriter:
@@ -79,6 +133,8 @@ class VideoWriter:
         self._c = av.open(str(self._tmp), "w")
         self._s = None
         self._last = -1
+        self._pending: list[Any] = []  # packets held until the next frame's time gives their duration
+        self._durations: dict[int, int] = {}  # frame pts → its duration (ms), once known
         self.frames = 0
 
     def write(self, image: Image.Image | np.ndarray, t: float) -> None:
@@ -99,16 +155,37 @@ class VideoWriter:
             im = im.crop((0, 0, w, h)) if odd else _fit(im, w, h)
         vf = av.VideoFrame.from_image(im.convert("RGB"))
         pts = max(round(t * 1000), self._last + 1)
+        if self._last >= 0:
+            self._durations[self._last] = pts - self._last
         self._last = pts
         vf.pts, vf.time_base = pts, _TB
-        for pkt in self._s.encode(vf):
-            self._c.mux(pkt)
+        self._mux(self._s.encode(vf))
         self.frames += 1
 
-    def close(self) -> str:
+    def _mux(self, packets: Iterable[Any], final: bool = False) -> None:
+        """Mux packets with their frame's duration (the next frame's time minus theirs); a packet
+        whose frame is the last one so far waits, unless ``final``."""
+        self._pending.extend(packets)
+        keep = []
+        for pkt in self._pending:
+            d = self._durations.get(pkt.pts) if pkt.pts is not None else None
+            if d is None and not final:
+                keep.append(pkt)
+                continue
+            if d is not None:
+                pkt.duration = d
+            self._c.mux(pkt)
+        self._pending = keep
+
+    def close(self, end: float | None = None) -> str:
+        """Finish the file. The last frame lasts until ``end`` (seconds: the source's end, so a 2.0 s
+        clip stays 2.0 s long) when that is after it, else one frame at ``fps``."""
         if self._s is not None:
-            for pkt in self._s.encode():
-                self._c.mux(pkt)
+            last_ms = round(1000 / max(self.fps, 1e-3))
+            if end is not None and round(end * 1000) > self._last:
+                last_ms = round(end * 1000) - self._last
+            self._durations[self._last] = max(1, last_ms)
+            self._mux(self._s.encode(), final=True)
         self._c.close()
         if self._s is None:
             self._tmp.unlink(missing_ok=True)
@@ -139,19 +216,32 @@ def _fit(im: Image.Image, w: int, h: int) -> Image.Image:
     return out
 
 
-def render_video(video: str, records: Iterable[dict], path: str | os.PathLike, config) -> str:
-    """Write the annotated clip (format from the suffix: .mp4, .gif, .webp); returns its path."""
+def render_video(video: str, records: Iterable[dict], path: str | os.PathLike, config,
+                 segments_file: str | os.PathLike | None = None) -> str:
+    """Write the annotated clip (format from the suffix: .mp4, .gif, .webp); returns its path.
+
+    Frames keep their own times; the output's frame rate is the sampling rate (``config.fps``) or
+    the source's, and its last frame lasts until the end of the analysed range, so the output is
+    as long as the source. AU boxes: only the AUs the face's trace cites (``segments_file``'s
+    ``evidence_aus``) unless ``config.render_aus == "active"`` (every active AU) or there is no
+    segments file."""
     recs = iter(records)
     cur = next(recs, None)
+    info: list[Any] = []
+    cited = None
+    if segments_file is not None and getattr(config, "render_aus", "cited") == "cited" and Path(segments_file).is_file():
+        cited = CitedAUs(read_jsonl(segments_file), video)
     w = VideoWriter(path, fps=config.fps or 25.0)
     try:
-        for fr in prefetch(iter_frames(video, config)):
+        for fr in prefetch(iter_frames(video, config, info_out=info)):
+            if info and config.fps is None and w.frames == 0 and info[0].fps:
+                w.fps = float(info[0].fps)  # the source's rate (folder: folder_fps)
             if fr.image is None:
                 continue
             while cur is not None and cur["frame"] < fr.index:
                 cur = next(recs, None)
             rec = cur if cur is not None and cur["frame"] == fr.index else None
-            im = annotate_frame(fr.image.rgb, rec, (fr.image.width, fr.image.height))
+            im = annotate_frame(fr.image.rgb, rec, (fr.image.width, fr.image.height), cited.at(fr.t) if cited is not None else None)
             if w.kind != "mp4" and max(im.size) > ANIM_SIDE:
                 s = ANIM_SIDE / max(im.size)
                 im = im.resize((max(2, round(im.width * s)), max(2, round(im.height * s))), Image.Resampling.BILINEAR)
@@ -159,7 +249,8 @@ def render_video(video: str, records: Iterable[dict], path: str | os.PathLike, c
     except BaseException:
         w.__exit__(Exception)
         raise
-    return w.close()
+    ends = [e for e in (info[0].duration if info else None, config.end) if e]
+    return w.close(end=min(ends) if ends else None)
 
 
 class _Series:
@@ -247,35 +338,51 @@ def plot_timeline(records: Iterable[dict], segments_file: str | os.PathLike | No
     t_all = [t for f in faces for t in (series[f].t[0], series[f].t[-1])]
     spans = {f: _SpanBins(min(t_all), max(t_all)) for f in faces} if t_all else {}
     if segments_file is not None and spans:
+        # edge to edge: a segment is shaded up to the next one's onset when only the sampling gap
+        # (the face's next frame) lies between them; a longer gap (the face was away) stays blank
+        step = {f: float(np.median(np.diff(series[f].t))) if len(series[f].t) > 1 else 0.0 for f in faces}
+        pending: dict[int, tuple[str, float, float, float]] = {}
         for r in read_jsonl(segments_file):
-            if r.get("video") == video and r.get("face_id") in spans:
-                spans[r["face_id"]].add(r.get("label"), float(r["onset"]), float(r["offset"]), float(r["apex"]))
+            fid = r.get("face_id")
+            if r.get("video") != video or fid not in spans:
+                continue
+            seg = (r.get("label"), float(r["onset"]), float(r["offset"]), float(r["apex"]))
+            prev = pending.get(fid)
+            if prev is not None:
+                gap = seg[1] - prev[2]
+                end = seg[1] if 0.0 <= gap <= 2.5 * step[fid] + 1e-6 else prev[2]
+                spans[fid].add(prev[0], prev[1], end, prev[3])
+            pending[fid] = seg
+        for fid, (label, onset, offset, apex) in pending.items():
+            spans[fid].add(label, onset, offset, apex)
     k = len(aus)
-    fig, axes = plt.subplots(2 * max(len(faces), 1), 1, figsize=(11, 3.2 * 2 * max(len(faces), 1)), sharex=True, squeeze=False)
-    for row, fid in enumerate(faces):
-        ser = series[fid]
-        t = np.asarray(ser.t)
-        v = np.stack(ser.v) if ser.v else np.zeros((0, k + len(LABELS)))
-        ax_au, ax_cls = axes[2 * row, 0], axes[2 * row + 1, 0]
-        if len(v):
-            strongest = np.argsort(-v[:, :k].max(axis=0))[:max_aus] if k else []
-            for j in sorted(strongest, key=lambda j: aus[j]):
-                ax_au.plot(t, v[:, j], label=f"AU{aus[j]} {AU_NAMES.get(aus[j], '')}", lw=1.4)
-            for i, c in enumerate(LABELS):
-                ax_cls.plot(t, v[:, k + i], label=c, color=LABEL_COLORS[c], lw=1.6)
-        for ax in (ax_au, ax_cls):
-            spans[fid].draw(ax)
-            ax.set_ylim(-0.02, 1.02)
-            ax.legend(loc="upper right", fontsize=7, ncol=2)
-        ax_au.set_ylabel("AU intensity")
-        ax_cls.set_ylabel("class score")
-        ax_au.set_title(f"face #{fid}: AU intensities ({config.smoothing.method} smoothing)", fontsize=9)
-        ax_cls.set_title(f"face #{fid}: class scores; segments shaded, apex dashed", fontsize=9)
-    axes[-1, 0].set_xlabel("time (s)")
-    fig.suptitle(Path(video).name, fontsize=10)
-    fig.tight_layout()
+    with matplotlib.rc_context(READABLE):
+        fig, axes = plt.subplots(2 * max(len(faces), 1), 1, figsize=(12, 3.4 * 2 * max(len(faces), 1)), sharex=True, squeeze=False)
+        for row, fid in enumerate(faces):
+            ser = series[fid]
+            t = np.asarray(ser.t)
+            v = np.stack(ser.v) if ser.v else np.zeros((0, k + len(LABELS)))
+            ax_au, ax_cls = axes[2 * row, 0], axes[2 * row + 1, 0]
+            if len(v):
+                strongest = np.argsort(-v[:, :k].max(axis=0))[:max_aus] if k else []
+                for j in sorted(strongest, key=lambda j: aus[j]):
+                    ax_au.plot(t, v[:, j], label=f"AU{aus[j]} {AU_NAMES.get(aus[j], '')}", lw=1.4)
+                for i, c in enumerate(LABELS):
+                    ax_cls.plot(t, v[:, k + i], label=c, color=LABEL_COLORS[c], lw=1.6)
+            for ax in (ax_au, ax_cls):
+                spans[fid].draw(ax)
+                ax.set_ylim(-0.02, 1.02)
+                # the legend beside the axes, never over the curves
+                ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=10, frameon=False)
+            ax_au.set_ylabel("AU intensity")
+            ax_cls.set_ylabel("class score")
+            ax_au.set_title(f"face #{fid}: AU intensities ({config.smoothing.method} smoothing)")
+            ax_cls.set_title(f"face #{fid}: class scores; segments shaded, apex dashed")
+        axes[-1, 0].set_xlabel("time (s)")
+        fig.suptitle(Path(video).name)
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return str(path)

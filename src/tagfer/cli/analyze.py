@@ -21,6 +21,8 @@ _EXIT_HELP = "Exit codes: 0 ok; 1 an image failed (unreadable, no face); 2 bad o
 def _print_result(res, show_scores: bool, show_all_aus: bool) -> None:
     from rich.panel import Panel  # lazy (start-up time): rich.panel
 
+    from tagfer.explainer.display import collapse_segments
+
     if res.error:
         out_console.print(f"[red]✗ {res.image}: {res.error['kind']}: {res.error['message']}[/red]")
         return
@@ -33,8 +35,10 @@ def _print_result(res, show_scores: bool, show_all_aus: bool) -> None:
             head += f" · [red]MALFORMED: {', '.join(a.violations)}[/red]"
         head += f" · R_AU {'skipped (no active AU)' if a.r_au is None else f'{a.r_au:.2f}'}"
         text = Text()
-        for seg in a.segments:
-            if seg["box"] is None:
+        for seg in collapse_segments(a.segments):  # blank runs collapsed, long output cut (pictures)
+            if seg.get("note"):
+                text.append(seg["text"], style="dim italic")
+            elif seg["box"] is None:
                 text.append(seg["text"])
             else:
                 text.append(seg["text"], style=f"bold white on {a.box_colors[seg['box']]}")
@@ -66,7 +70,7 @@ def analyze_cmd(
     overlay: Optional[Path] = typer.Option(None, "--overlays", help="Write overlays: FILE.png (one image) or a folder."),
     scores: bool = typer.Option(False, "--scores", help="Show the engine's class scores (always in --json)."),
     frame: str = typer.Option("face", "--frame", help="face: each face on its own 512 canvas (TAG's face crops); image: the whole image."),
-    all_aus: bool = typer.Option(False, "--all-aus", help="List every detector AU, not only the active and cited ones."),
+    all_aus: bool = typer.Option(False, "--all-aus", help="List every detector AU, not only the active and cited ones; video: draw every active AU box, not only the cited ones."),
     max_faces: int = typer.Option(5, "--max-faces", min=1, help="Most faces analysed per image (left to right)."),
     threshold: float = typer.Option(0.3, "--au-threshold", min=0.0, max=1.0, help="AU activation threshold."),
     landmarker: Optional[Path] = typer.Option(None, "--landmarker", help="Path to face_landmarker.task (default: bundled)."),
@@ -98,7 +102,7 @@ def analyze_cmd(
             vcfg = _video.video_config(fps=fps, start=start, end=end, folder_fps=folder_fps, smooth=smooth, render=render,
                                        media=media or (out.with_name(out.stem + "_media") if out else None),
                                        threshold=threshold, max_faces=max_faces, landmarker=landmarker,
-                                       engine=model or "facs")
+                                       engine=model or "facs", render_aus="active" if all_aus else "cited")
         except ValueError as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(2)

@@ -160,16 +160,20 @@ def export_cmd(
     per_source: bool = typer.Option(True, "--per-source/--no-per-source", help="Also write per-dataset subsets."),
     system_prompt: Optional[Path] = typer.Option(None, "--system-prompt", help="Override file of the TAG system prompt."),
     user_prompt: Optional[Path] = typer.Option(None, "--user-prompt", help="Override file of the TAG user prompt."),
+    image_side: int = typer.Option(224, "--image-side", min=0, help="Longer image side of every exported image (paper: 224; 0 keeps the originals). The training config's image_side must match (export-llamafactory / export-verl check)."),
+    image_format: str = typer.Option("jpeg", "--image-format", help="jpeg (q95, small) | png (lossless): the files every format points to or embeds."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Write LLaMA-Factory ShareGPT + dataset_info.json, HF datasets/parquet (TRL) and verl parquet from a build."""
     from tagfer.data.export import export  # lazy: keeps `tagfer --help` fast
+    from tagfer.models.vlm import ImagePolicy  # lazy (start-up time): PIL
 
     try:
         extra = {"nobbox_mode": nobbox_mode} if nobbox_mode is not None else {}
         with JobProgress("tagfer export", enabled=progress, unit="samples") as bar:
             s = export(build_dir, to, fmt, embed_images=embed_images, nobbox=nobbox, per_source=per_source,
-                       system_prompt=system_prompt, user_prompt=user_prompt, on_event=bar, **extra)
+                       system_prompt=system_prompt, user_prompt=user_prompt, on_event=bar,
+                       image_policy=ImagePolicy(side=image_side), image_format=image_format, **extra)
     except (FileNotFoundError, ValueError) as e:
         usage_error(str(e))
     say(f"{s.metric('samples')} samples exported to {to} in {s.elapsed_s:.1f} s")

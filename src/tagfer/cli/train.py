@@ -122,6 +122,14 @@ def merge(
     out_console.print(f"merged model: {res}")
 
 
+def _check_export(export_dir, cfg) -> None:
+    """Exit 2 when the export's image policy (its export_summary.json) differs from the config's (pictures)."""
+    from tagfer.data.export import check_export_policy  # lazy: keeps `tagfer --help` fast
+    from tagfer.models.vlm import ImagePolicy  # lazy (start-up time): PIL
+
+    _run(check_export_policy, export_dir, ImagePolicy.of(cfg))
+
+
 @train_app.command("export-llamafactory", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP, short_help='Write a LLaMA-Factory SFT YAML.')
 def export_llamafactory(
     ctx: typer.Context, config: str = _CONFIG,
@@ -134,6 +142,7 @@ def export_llamafactory(
     from tagfer.train.interop import default_export_names, llamafactory_config, write_yaml  # lazy (start-up time): yaml
 
     cfg = _load(config, ctx.args)
+    _check_export(export_dir, cfg)
     names = default_export_names(cfg, export_dir)
     dataset = dataset or names["llamafactory_dataset"]
     dataset_dir = names["llamafactory_dir"]
@@ -156,6 +165,7 @@ def export_verl(
     from tagfer.train.interop import default_export_names, write_verl_files  # lazy (start-up time): yaml
 
     cfg = _load(config, ctx.args)
+    _check_export(Path(train_files).parent.parent if train_files else export_dir, cfg)
     train_files = train_files or default_export_names(cfg, export_dir)["verl_train"]
     p, sh = write_verl_files(cfg, out, train_files, val_files, gpus, nnodes, name=config)
     out_console.print(f"wrote {p} and {sh}")

@@ -47,7 +47,7 @@ def parse_smooth(spec: str):
 
 
 def video_config(*, fps, start, end, folder_fps, smooth, render, media, threshold=0.3, top_k=3, bilateral="union",
-                 canvas=512, max_faces=5, landmarker=None, engine="facs"):
+                 canvas=512, max_faces=5, landmarker=None, engine="facs", render_aus="cited"):
     """A :class:`tagfer.au.video.VideoConfig` from the command-line values (ValueError for bad ones)."""
     from tagfer.au.aus import AUConfig  # lazy: keeps `tagfer --help` fast
     from tagfer.au.video import VideoConfig  # lazy (start-up time): PIL
@@ -57,6 +57,7 @@ def video_config(*, fps, start, end, folder_fps, smooth, render, media, threshol
         plot=media is not None, media_dir=str(media) if media is not None else None, max_faces=max_faces,
         landmarker_path=str(landmarker) if landmarker else None,
         au=AUConfig(threshold=threshold, top_k=top_k, bilateral=bilateral, canvas=canvas), engine=engine,
+        render_aus=render_aus,
     )
 
 

@@ -35,7 +35,9 @@ Conventions
   an export back to the same samples (:meth:`~tagfer.core.records.TAGSample.from_trl_row`).
 * verl rows: ``data_source`` (``tag/<source>``), ``prompt`` (chat messages,
   ``<image>`` in the user content), ``images`` (``[{"bytes", "min_pixels",
-  "max_pixels"}]`` — PNG bytes verl opens, plus the policy's per-image bounds —
+  "max_pixels"}]`` — the bytes of the exported image file, JPEG (q95) by default or PNG
+  with ``image_format="png"`` (the original file's bytes with ``ImagePolicy(side=0)``),
+  which verl opens with PIL whatever the format, plus the policy's per-image bounds —
   or, with ``embed_images=False``, ``[path]`` plain strings; never a null
   ``bytes``), ``ability`` ("facial_expression"),
   ``reward_model`` ``{"style": "rule", "ground_truth": JSON text
@@ -48,7 +50,10 @@ Conventions
   own training and evaluation use): each is resized once into ``OUT/images/`` and
   every format points to (or embeds) that file, so LLaMA-Factory, verl and stock TRL
   give a sample the same image tokens as tagfer. ``image_policy=ImagePolicy(side=0)``
-  keeps the original files. The policy is recorded in ``export_summary.json``.
+  keeps the original files. The policy is recorded in ``export_summary.json``
+  (``image_policy``: side, min/max pixels, format); ``tagfer train export-llamafactory`` and
+  ``export-verl`` refuse a training config whose policy differs from it
+  (:func:`check_export_policy`), so a YAML never states pixel bounds the images do not have.
 """
 
 from __future__ import annotations
@@ -69,9 +74,11 @@ from tagfer.traces.trace import strip_bboxes
 
 NOBBOX_MODES = ("content", "element")
 
-__all__ = ["FORMATS", "iter_samples", "export", "sharegpt_row", "trl_row", "verl_row", "DATASET_NAME"]
+__all__ = ["FORMATS", "IMAGE_FORMATS", "iter_samples", "export", "export_policy", "check_export_policy", "sharegpt_row", "trl_row", "verl_row", "DATASET_NAME"]
 
 FORMATS = ("llamafactory", "hf", "verl")
+IMAGE_FORMATS = ("jpeg", "png")
+SUMMARY_NAME = "export_summary.json"
 DATASET_NAME = "tag_sft"
 _BATCH = 1000
 
@@ -139,6 +146,39 @@ def verl_row(s: TAGSample, system: str, user: str, index: int, embed_images: boo
     }
 
 
+def export_policy(export_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The image policy an export was written with (``image_policy`` of its ``export_summary.json``:
+    ``side``, ``min_pixels``, ``max_pixels``, ``format``), or None when the folder holds no summary."""
+    p = Path(export_dir) / SUMMARY_NAME
+    if not p.is_file():
+        return None
+    pol = json.loads(p.read_text()).get("image_policy")
+    return pol if isinstance(pol, dict) else None
+
+
+def check_export_policy(export_dir: str | os.PathLike, policy: Any) -> dict[str, Any] | None:
+    """Refuse (``ValueError`` saying how to fix it) a training config whose image policy
+    (:class:`tagfer.models.vlm.ImagePolicy`: side and pixel bounds) differs from the one the export in
+    ``export_dir`` was written with: a LLaMA-Factory or verl config must not state pixel bounds
+    for images of another size. Returns the export's policy (None: no export there yet, nothing
+    to compare)."""
+    recorded = export_policy(export_dir)
+    if recorded is None:
+        return None
+    lo, hi = policy.bounds
+    want = {"side": int(policy.side), "min_pixels": lo, "max_pixels": hi}
+    have = {k: recorded.get(k) for k in want}
+    if have != want:
+        def words(d: dict[str, Any]) -> str:
+            return f"image side {d['side']} (min_pixels {d['min_pixels']}, max_pixels {d['max_pixels']})"
+
+        raise ValueError(
+            f"{export_dir} was exported with {words(have)} but the training config asks for {words(want)}; "
+            f"export again with `tagfer export … --image-side {want['side']}`, or set the config's image_side to "
+            f"{have['side']} (and leave min_pixels/max_pixels unset) so that it matches the export")
+    return recorded
+
+
 def _image_policy():
     from tagfer.models.vlm import ImagePolicy  # lazy (start-up time): PIL
 
@@ -156,7 +196,7 @@ def _policy_image(s: TAGSample, policy: Any, out_dir: Path, created: list[Path] 
     if policy.side <= 0 or not s.image:
         return s
     key = hashlib.sha1(f"{s.image}|{policy.side}".encode()).hexdigest()[:12]
-    if image_format not in ("jpeg", "png"):
+    if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be jpeg or png, got {image_format!r}")
     dest = out_dir / f"{_safe(s.id)[-80:]}_{key}.{'jpg' if image_format == 'jpeg' else 'png'}"
     if not dest.is_file():
@@ -283,12 +323,16 @@ def export(
     (default, the paper: empty ``<bbox></bbox>`` tags stay) or ``"element"``
     (the tags are deleted too). ``image_policy``: a :class:`tagfer.models.vlm.ImagePolicy`
     (default: longer side 224), applied once per image into ``OUT/images/`` as ``image_format``
-    (``jpeg`` q95 or lossless ``png``). Returns the run's :class:`tagfer.core.jobs.JobResult` (job
+    (``jpeg`` q95 or lossless ``png``; ``side=0`` keeps the original files, recorded as format
+    ``"original"``). The policy goes into ``export_summary.json`` (:func:`export_policy`).
+    Returns the run's :class:`tagfer.core.jobs.JobResult` (job
     ``export``; metrics ``export/samples``, ``export/files`` (file → rows), ``export/by_source``);
     ``on_event`` gets the job events (the total is counted from ``build_dir`` first).
     """
     if nobbox_mode not in NOBBOX_MODES:
         raise ValueError(f"nobbox_mode must be one of {NOBBOX_MODES}, got {nobbox_mode!r}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     fmts = set(formats)
     if "all" in fmts:
         fmts = set(FORMATS)
@@ -385,7 +429,7 @@ def export(
     summary.set_metric("samples", summary.processed)
     job.finish()
     lo, hi = policy.bounds
-    (o / "export_summary.json").write_text(json.dumps(
+    (o / SUMMARY_NAME).write_text(json.dumps(
         {**summary.to_json(), "image_policy": {"side": policy.side, "min_pixels": lo, "max_pixels": hi,
-                                               "format": image_format}}, indent=2))
+                                               "format": image_format if policy.side > 0 else "original"}}, indent=2))
     return summary

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tagfer.au.aus import AUConfig
+from tagfer.core.figures import DPI, READABLE, fill_integer_keys, integer_axis
 from tagfer.core.jsonl import read_jsonl
 from tagfer.core.labels import LABELS
 from tagfer.traces.trace import parse_trace
@@ -196,61 +197,82 @@ def compute_stats(build_dir: str | os.PathLike, tokenizer: str | os.PathLike | N
     return summary
 
 
-def plot_stats(summary: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """Write the PNG figures; returns their paths."""
+def stats_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """The figures of :func:`plot_stats` (name → matplotlib Figure), not saved: readable fonts
+    (:data:`tagfer.core.figures.READABLE`), whole-number ticks on every count axis, histograms over
+    whole numbers with their empty values shown (a bar of 0 for 3 between 2 and 4). The caller
+    closes them."""
     import matplotlib  # lazy (start-up time): matplotlib, PIL
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # lazy (start-up time): matplotlib, PIL
 
+    figs: dict[str, Any] = {}
+    with matplotlib.rc_context(READABLE):
+
+        def bar(data: dict[str, Any], name: str, title: str, xlabel: str, rotate: bool = False) -> None:
+            fig, ax = plt.subplots(figsize=(7, 3.8))
+            data = fill_integer_keys(data)
+            keys = list(data)
+            ax.bar(range(len(keys)), [data[k] for k in keys], color="#4477aa")
+            ax.set_xticks(range(len(keys)))
+            ax.set_xticklabels(keys, rotation=45 if rotate else 0, ha="right" if rotate else "center")
+            ax.set_title(title)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("count")
+            integer_axis(ax.yaxis)
+            figs[name] = fig
+
+        # classes per source (stacked)
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        bottom = [0] * len(LABELS)
+        for s, c in summary["by_source_class"].items():
+            vals = [c.get(lab, 0) for lab in LABELS]
+            ax.bar(LABELS, vals, bottom=bottom, label=s)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_title("accepted samples per class and source")
+        ax.set_ylabel("count")
+        if summary["by_source_class"]:
+            ax.legend()
+        ax.tick_params(axis="x", rotation=30)
+        integer_axis(ax.yaxis)
+        figs["classes"] = fig
+        bar(summary["rejection_reasons"] or {"none": 0}, "rejections", "rejection reasons", "reason", rotate=True)
+        bar(summary["au_frequency"] or {"none": 0}, "au_frequency", "activated AU frequency", "AU", rotate=True)
+        bar(summary["aus_per_image"]["histogram"] or {"0": 0}, "aus_per_image", "activated AUs per image", "AUs")
+        bar(summary["candidate_pool"]["histogram"] or {"0": 0}, "candidate_pool", "candidate-pool size (top-K AU list)", "AUs in the pool")
+        bar(summary["aus_used_per_trace"]["histogram"] or {"0": 0}, "aus_used_per_trace", "grounded regions per accepted trace", "boxes")
+        tokens: Counter = summary.get("_counters", {}).get("tokens", Counter())
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        if tokens:
+            lo, hi = min(tokens), max(tokens)
+            # whole-token bins: one per length while they fit in 50, else 50 bins of a whole width
+            width = max(1, -(-(hi - lo + 1) // 50))
+            edges = [lo - 0.5 + i * width for i in range(-(-(hi - lo + 1) // width) + 1)]
+            ax.hist(list(tokens.keys()), weights=list(tokens.values()), bins=edges, color="#4477aa")
+        ax.set_title(f"trace length ({summary['trace_tokens']['tokenizer']} tokens)")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("count")
+        integer_axis(ax.xaxis)
+        integer_axis(ax.yaxis)
+        figs["trace_tokens"] = fig
+        for f in figs.values():
+            f.tight_layout()
+    return figs
+
+
+def plot_stats(summary: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """Write the PNG figures (:func:`stats_figures`); returns their paths."""
+    import matplotlib.pyplot as plt  # lazy (start-up time): matplotlib, PIL
+
     o = Path(out_dir)
     o.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-
-    def save(fig, name: str) -> None:
+    for name, fig in stats_figures(summary).items():
         p = o / f"{name}.png"
-        fig.tight_layout()
-        fig.savefig(p, dpi=100)
+        fig.savefig(p, dpi=DPI)
         plt.close(fig)
         written.append(p)
-
-    def bar(data: dict[str, Any], name: str, title: str, xlabel: str, rotate: bool = False) -> None:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        keys = list(data)
-        ax.bar(range(len(keys)), [data[k] for k in keys], color="#4477aa")
-        ax.set_xticks(range(len(keys)))
-        ax.set_xticklabels(keys, rotation=45 if rotate else 0, ha="right" if rotate else "center")
-        ax.set_title(title)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("count")
-        save(fig, name)
-
-    # classes per source (stacked)
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    bottom = [0] * len(LABELS)
-    for s, c in summary["by_source_class"].items():
-        vals = [c.get(lab, 0) for lab in LABELS]
-        ax.bar(LABELS, vals, bottom=bottom, label=s)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_title("accepted samples per class and source")
-    ax.set_ylabel("count")
-    if summary["by_source_class"]:
-        ax.legend()
-    ax.tick_params(axis="x", rotation=30)
-    save(fig, "classes")
-    bar(summary["rejection_reasons"] or {"none": 0}, "rejections", "rejection reasons", "reason", rotate=True)
-    bar(summary["au_frequency"] or {"none": 0}, "au_frequency", "activated AU frequency", "AU", rotate=True)
-    bar(summary["aus_per_image"]["histogram"] or {"0": 0}, "aus_per_image", "activated AUs per image", "AUs")
-    bar(summary["candidate_pool"]["histogram"] or {"0": 0}, "candidate_pool", "candidate-pool size (top-K AU list)", "AUs in the pool")
-    bar(summary["aus_used_per_trace"]["histogram"] or {"0": 0}, "aus_used_per_trace", "grounded regions per accepted trace", "boxes")
-    tokens: Counter = summary.get("_counters", {}).get("tokens", Counter())
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    if tokens:
-        ax.hist(list(tokens.keys()), weights=list(tokens.values()), bins=min(50, max(1, len(tokens))), color="#4477aa")
-    ax.set_title(f"trace length ({summary['trace_tokens']['tokenizer']} tokens)")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("count")
-    save(fig, "trace_tokens")
     return written
 
 

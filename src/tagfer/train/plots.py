@@ -11,9 +11,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tagfer.core.figures import DPI, READABLE, integer_axis
 from tagfer.core.jsonl import read_jsonl
 
-__all__ = ["read_log", "plot_training", "PANELS"]
+__all__ = ["read_log", "plot_training", "training_figure", "PANELS"]
 
 PANELS = [
     ("reward", "total reward R"),
@@ -44,44 +45,55 @@ def read_log(path: str | Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     return out
 
 
-def plot_training(log: str | Path, out: str | Path, smooth: int = 1) -> Path:
-    """Write the training-dynamics figure of ``log`` to ``out`` (PNG/PDF/SVG by suffix)."""
+def training_figure(data: dict[str, dict[str, list[tuple[int, float]]]], smooth: int = 1, source: str = "log") -> Any:
+    """The training-dynamics figure of :func:`read_log`'s ``data`` (a matplotlib Figure, not saved):
+    readable fonts (:data:`tagfer.core.figures.READABLE`), whole-number step ticks; a single
+    logged point is drawn as a marker. The caller closes it."""
     import matplotlib  # lazy (start-up time): matplotlib, PIL
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # lazy (start-up time): matplotlib, PIL
 
-    data = read_log(log)
     train, val = data["train"], data["validation"]
     panels = [(k, t) for k, t in PANELS if k in train]
     if val:
         panels.append(("__val__", "validation"))
     if not panels:
-        raise ValueError(f"{log}: no plottable training records")
+        raise ValueError(f"{source}: no plottable training records")
     n = len(panels)
     cols = min(3, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, (key, title) in zip(axes.flat, panels):
-        if key == "__val__":
-            for k in ("accuracy", "au_iou"):
-                if k in val:
-                    xs, ys = zip(*val[k])
-                    ax.plot(xs, ys, marker="o", label=k)
-            ax.legend()
-        else:
-            xs, ys = zip(*train[key])
-            if smooth > 1 and len(ys) >= smooth:
-                ys = [sum(ys[max(0, i - smooth + 1): i + 1]) / len(ys[max(0, i - smooth + 1): i + 1]) for i in range(len(ys))]
-            ax.plot(xs, ys)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.tight_layout()
+    with matplotlib.rc_context(READABLE):
+        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+        for ax, (key, title) in zip(axes.flat, panels):
+            if key == "__val__":
+                for k in ("accuracy", "au_iou"):
+                    if k in val:
+                        xs, ys = zip(*val[k])
+                        ax.plot(xs, ys, marker="o", label=k)
+                ax.legend()
+            else:
+                xs, ys = zip(*train[key])
+                if smooth > 1 and len(ys) >= smooth:
+                    ys = tuple(sum(ys[max(0, i - smooth + 1): i + 1]) / len(ys[max(0, i - smooth + 1): i + 1]) for i in range(len(ys)))
+                ax.plot(xs, ys, marker="o" if len(xs) <= 12 else None, markersize=4)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            integer_axis(ax.xaxis)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        fig.tight_layout()
+    return fig
+
+
+def plot_training(log: str | Path, out: str | Path, smooth: int = 1) -> Path:
+    """Write the training-dynamics figure of ``log`` (:func:`training_figure`) to ``out`` (PNG/PDF/SVG by suffix)."""
+    import matplotlib.pyplot as plt  # lazy (start-up time): matplotlib, PIL
+
+    fig = training_figure(read_log(log), smooth, source=str(log))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=DPI)
     plt.close(fig)
     return out

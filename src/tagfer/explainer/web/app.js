@@ -20,9 +20,56 @@ function setStatus(text, isError) {
   statusEl.className = isError ? "error" : "";
 }
 
+// A degenerate output stays small: the rules of tagfer.explainer.display.collapse_segments (same
+// constants). Runs of more than MAX_BLANK empty lines become one marker line; the text stops after
+// MAX_CHARS characters or MAX_LINES lines (the JSON keeps it all); a box is shown whole or not at all.
+const MAX_CHARS = 4000, MAX_LINES = 60, MAX_BLANK = 2;
+function collapseSegments(segs) {
+  const merged = [];
+  for (const s of segs) {
+    const last = merged[merged.length - 1];
+    if (last && s.box === null && last.box === null) last.text += s.text; else merged.push({ text: s.text, box: s.box });
+  }
+  const blank = new RegExp("\\n(?:[ \\t\\r\\f\\v]*\\n){" + (MAX_BLANK + 1) + ",}", "g");
+  const pieces = [];
+  for (const s of merged) {
+    if (s.box !== null) { pieces.push(s); continue; }
+    let pos = 0;
+    for (const m of s.text.matchAll(blank)) {
+      if (m.index > pos) pieces.push({ text: s.text.slice(pos, m.index), box: null });
+      const n = m[0].split("\n").length - 2;
+      pieces.push({ text: "\n", box: null }, { text: "⋯ " + n.toLocaleString("en-US") + " empty line" + (n === 1 ? "" : "s") + " ⋯", box: null, note: true }, { text: "\n", box: null });
+      pos = m.index + m[0].length;
+    }
+    if (pos < s.text.length) pieces.push({ text: s.text.slice(pos), box: null });
+  }
+  const out = [];
+  let chars = 0, lines = 0;
+  for (let i = 0; i < pieces.length; i++) {
+    const p = pieces[i], t = p.text;
+    if (p.note) { out.push(p); continue; }
+    let cut = Math.min(t.length, Math.max(0, MAX_CHARS - chars));
+    const breaksLeft = MAX_LINES - 1 - lines;
+    let nl = -1;
+    if (breaksLeft < 0) nl = 0; else { for (let k = 0; k <= breaksLeft; k++) { nl = t.indexOf("\n", nl + 1); if (nl < 0) break; } }
+    if (nl >= 0) cut = Math.min(cut, nl);
+    if (cut < t.length && p.box !== null) cut = 0;
+    if (cut > 0) { out.push({ text: t.slice(0, cut), box: p.box }); chars += cut; lines += t.slice(0, cut).split("\n").length - 1; }
+    if (cut < t.length) {
+      let left = t.length - cut;
+      for (const q of pieces.slice(i + 1)) if (!q.note) left += q.text.length;
+      const lead = /\n[ \t\r\f\v]*$/.test(out.map(q => q.text).join("")) ? "" : "\n";  // never an extra blank line
+      out.push({ text: lead + "⋯ " + left.toLocaleString("en-US") + " more character" + (left === 1 ? "" : "s") + " (the full output is in the JSON) ⋯", box: null, note: true });
+      break;
+    }
+  }
+  return out;
+}
+
 function renderTrace(a) {
   const pre = el("div", { class: "trace" });
-  for (const seg of a.segments) {
+  for (const seg of collapseSegments(a.segments)) {
+    if (seg.note) { pre.append(el("span", { class: "note" }, seg.text)); continue; }
     if (seg.box === null) { pre.append(document.createTextNode(seg.text)); continue; }
     const color = a.box_colors[seg.box];
     pre.append(el("mark", { class: "bbox", "data-box": String(seg.box), style: "background-color: " + color }, seg.text));
