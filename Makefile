@@ -44,7 +44,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -n auto -m "$(FAST)"
 
 demo: $(STAMP)
-	$(VENV)/bin/tagfer analyze sample:astronaut --scores --overlay demo_out/analyze_astronaut.png
+	$(VENV)/bin/tagfer analyze sample:astronaut --scores --overlays demo_out/analyze_astronaut.png
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_au.py
@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_analyze.py
 	$(PY) benchmarks/bench_video.py
 	$(PY) benchmarks/bench_live.py
+	$(PY) benchmarks/bench_decode.py
 	$(PY) benchmarks/bench_accuracy.py
 	$(PY) benchmarks/bench_client.py
 	$(PY) benchmarks/bench_build.py

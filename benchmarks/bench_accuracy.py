@@ -187,7 +187,7 @@ def main() -> None:
     rows: list[dict] = []
     times, bare = [], []
     with Analyzer() as an:
-        engine = an.engine.backend.grounded  # the default engine's GroundedEngine (global net + rule)
+        engine = an.backend.grounded  # the default engine's GroundedEngine (global net + rule)
         an.analyze_image(items[0][0])  # warm-up
         for rnd in range(max(1, args.rounds)):
             for path, label, kind in items:

@@ -81,7 +81,8 @@ def stop_server(p) -> None:
 
 def run_once(url: str, n: int, conc: int, out: str) -> dict:
     """One build in this process; returns requests, wall time, CPU time. ``url``: comma-separated endpoints."""
-    from tagfer.data.build import BuildConfig, run_build
+    from tagfer.data.build import run_build
+    from tagfer.data.build_config import BuildConfig
 
     eps = url.split(",")
     cfg = BuildConfig.from_dict(dict(out=out, quality=False, tag_requests=False, au_workers=1, client=dict(
@@ -106,7 +107,7 @@ def run_once(url: str, n: int, conc: int, out: str) -> dict:
     wall = time.perf_counter() - t0
     cpu = cpu_now() - c0
     (ta, ca), (tb, cb) = marks[lo], marks[hi]
-    return {"items": n, "accepted": s.accepted, "requests": s.requests, "wall_s": wall, "cpu_s": cpu,
+    return {"items": n, "accepted": s.metric("accepted"), "requests": s.metric("requests"), "wall_s": wall, "cpu_s": cpu,
             "steady_rate": (hi - lo) / (tb - ta), "steady_cpu_ms": 1000 * (cb - ca) / (hi - lo),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

@@ -22,6 +22,9 @@ above the baseline, and ``peak - cost``, which the docs promise stays within ~30
 
     python benchmarks/bench_decode.py --video
 
+``--quick`` (with any of the above): only the two refused bombs, the image formats at 3000×2000 /
+3000² (the 6000×4000 and 8000² files are not built) and the video table — a smoke run in seconds.
+
 Video frames (`tagfer.au.video_io.iter_frames`, the decoding of `tagfer au/analyze VIDEO`):
 clips whose frames are larger than their header says, or deeper, decoded in a fresh process each
 with a given budget; peak RSS above the baseline vs the per-frame decode cost and the budget.
@@ -78,7 +81,7 @@ def full_png(path: Path, w: int, h: int, bit_depth: int, color_type: int = 0) ->
     return path
 
 
-def main() -> None:
+def main(quick: bool = False) -> None:
     src = str(Path(__file__).resolve().parents[1] / "src")
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -87,6 +90,9 @@ def main() -> None:
             ("8-bit PNG 20000²", full_png(d / "g8.png", 20000, 20000, 8), 20000 * 20000, 256_000_000),
             ("8-bit PNG 16000²", full_png(d / "g8b.png", 16000, 16000, 8), 16000 * 16000, 256_000_000),
             ("RGB PNG 10000², 1 GB budget", full_png(d / "rgb.png", 10000, 10000, 8, 2), 10000 * 10000 * 4, 1_000_000_000),
+        ] if not quick else [
+            ("16-bit PNG 20000²", full_png(d / "g16.png", 20000, 20000, 16), 20000 * 20000 * 2, 256_000_000),
+            ("8-bit PNG 20000²", full_png(d / "g8.png", 20000, 20000, 8), 20000 * 20000, 256_000_000),
         ]
         print(f"{'case':30s} {'file':>8s} {'decode cost':>12s} {'outcome':>22s} {'time':>8s} {'peak RSS':>9s} {'peak/cost':>9s} {'RSS after':>9s}")
         for name, path, cost, budget in rows:
@@ -106,8 +112,9 @@ IMAGE_CHILD = CHILD.replace("from tagfer.core.imageio import ImageError, load_im
 IMAGE_CHILD = IMAGE_CHILD.replace("print(json.dumps({", "print(json.dumps({'cost': probe(sys.argv[1], budget=int(sys.argv[2])).decode_bytes, ")
 
 
-def image_formats(budget: int = 2_000_000_000) -> None:
-    """Peak RSS vs decode cost for each image format and layout (module docstring)."""
+def image_formats(budget: int = 2_000_000_000, quick: bool = False) -> None:
+    """Peak RSS vs decode cost for each image format and layout (module docstring); ``quick``: the
+    3000×2000 / 3000² files only."""
     import numpy as np
     from PIL import Image
 
@@ -124,21 +131,23 @@ def image_formats(budget: int = 2_000_000_000) -> None:
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        big, mid = photo(6000, 4000), photo(3000, 2000)
+        big, mid = (None if quick else photo(6000, 4000)), photo(3000, 2000)
         rows: list[tuple[str, Path]] = []
 
         def save(name: str, im: Image.Image, fname: str, **kw) -> None:
             im.save(d / fname, **kw)
             rows.append((name, d / fname))
 
-        save("PNG 8-bit RGB 6000×4000", big, "a.png", compress_level=1)
-        save("PNG 16-bit grey 6000×4000", Image.fromarray((np.asarray(big.convert("L"), dtype=np.uint16) * 257)), "g16.png", compress_level=1)
-        save("JPEG baseline 6000×4000", big, "a.jpg", quality=90)
-        save("JPEG progressive 6000×4000", big, "p.jpg", quality=90, progressive=True)
+        if big is not None:
+            save("PNG 8-bit RGB 6000×4000", big, "a.png", compress_level=1)
+            save("PNG 16-bit grey 6000×4000", Image.fromarray((np.asarray(big.convert("L"), dtype=np.uint16) * 257)), "g16.png", compress_level=1)
+            save("JPEG baseline 6000×4000", big, "a.jpg", quality=90)
+            save("JPEG progressive 6000×4000", big, "p.jpg", quality=90, progressive=True)
         save("JPEG progressive 3000×2000", mid, "pm.jpg", quality=90, progressive=True)
-        save("WebP 6000×4000", big, "a.webp", quality=80, method=0)
-        save("GIF 6000×4000", big.convert("P"), "a.gif")
-        save("BMP 24-bit 6000×4000", big, "a.bmp")
+        if big is not None:
+            save("WebP 6000×4000", big, "a.webp", quality=80, method=0)
+            save("GIF 6000×4000", big.convert("P"), "a.gif")
+            save("BMP 24-bit 6000×4000", big, "a.bmp")
         save("PNG 8-bit RGB 3000×2000", mid, "m.png", compress_level=1)
         for name, kw in [
             ("TIFF raw 16-bit RGBA 6000×4000", dict(w=6000, h=4000, compression=1)),
@@ -149,6 +158,8 @@ def image_formats(budget: int = 2_000_000_000) -> None:
             ("TIFF 1 strip 8-bit grey 8000²", dict(w=8000, h=8000, bits=8, spp=1)),
             ("TIFF 1 strip 16-bit RGBA 3000²", dict(w=3000, h=3000)),
         ]:
+            if quick and kw["w"] > 3000:
+                continue
             p = d / (name.replace(" ", "_").replace("²", "") + ".tif")
             p.write_bytes(tiff_image(**kw))
             rows.append((name, p))
@@ -270,12 +281,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--video", action="store_true", help="only video frames vs the budget")
     ap.add_argument("--images", action="store_true", help="only the per-format image table")
+    ap.add_argument("--quick", action="store_true", help="smoke run: the refused bombs, the 3000-px image files, the video table")
     args = ap.parse_args()
     if args.video:
         video_main()
     elif args.images:
-        image_formats()
+        image_formats(quick=args.quick)
     else:
-        main()
-        image_formats()
+        main(quick=args.quick)
+        image_formats(quick=args.quick)
         video_main()

@@ -8,7 +8,7 @@ Run:  OMP_NUM_THREADS=1 python benchmarks/bench_eval.py [--latency 0.2] [--concu
    L the ceiling is C/L predictions/s; the goal is ≥ 0.9 of it. Each run predicts
    ``--per-slot`` × C images (a 224×224 JPEG loaded, resized and base64-encoded per request,
    as in a real run) and writes the predictions JSONL.
-2. ``tagfer.evaluation.eval.score_predictions`` on ``--n-score`` synthetic predictions (3 boxes each,
+2. ``tagfer.evaluation.scoring.score_predictions`` on ``--n-score`` synthetic predictions (3 boxes each,
    3–6 AU boxes per image, 7 classes, 10% malformed): parsing excluded (records are already
    parsed, as ``tagfer score`` reads them), AU IoU and cross-detector AU IoU included,
    1,000 bootstrap resamples. Goal < 2 s. Parsing 10,000 responses is timed separately.
@@ -83,7 +83,7 @@ def bench_throughput(latency: float, concurrencies: list[int], per_slot: int, tm
                 t0, c0 = time.perf_counter(), time.process_time()
                 s = run_eval([Rec(f"r{i}", str(img)) for i in range(n)], be, out, model="bench")
                 dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-            assert s.processed == n and s.failed == 0 and s.correct == n, s
+            assert s.processed == n and s.failed == 0 and s.metric("correct") == n, s
             rate = n / dt
             ceiling = c / latency
             rows.append({"image_format": image_format, "concurrency": c, "latency_s": latency, "n": n, "seconds": round(dt, 3), "pred_per_s": round(rate, 1),
@@ -117,7 +117,8 @@ def synthetic_predictions(n: int, seed: int = 0) -> tuple[list[dict], dict, dict
 
 
 def bench_scoring(n: int, reps: int) -> dict:
-    from tagfer.evaluation.eval import Prediction, parse_prediction, score_predictions
+    from tagfer.evaluation.predictions import Prediction, parse_prediction
+    from tagfer.evaluation.scoring import score_predictions
     from tagfer.evaluation.metrics import Bootstrap
 
     preds, au, cross = synthetic_predictions(n)

@@ -13,6 +13,7 @@ decode probe: ms per decode step with the LoRA unmerged vs merged (``--no-probe`
 
     python benchmarks/bench_gpu.py --size 7b                 # one GPU, <= 5 minutes (budget guard)
     OMP_NUM_THREADS=1 python benchmarks/bench_gpu.py --size tiny   # the same path on a CPU, seconds
+    python benchmarks/bench_gpu.py --size 7b --dry-run       # CPU: build the configs of that size, train nothing
 
 ``--json PATH`` also writes the figures. A stage stops taking new steps when the budget
 (``--budget-s``, whole run) would be exceeded; the figures then cover the steps done.
@@ -157,16 +158,41 @@ def torch_equal(a, b) -> bool:
     return bool(torch.equal(a, b))
 
 
-def run_sft_stage(args, skeleton: Path, data: Path, d: dict) -> tuple[dict, str | None]:
+def sft_config(args, skeleton: Path, data: Path, d: dict):
+    """The ``sft_tag310k`` preset under the benchmark's TRL-style flags, then ``--set-sft``'s."""
     from tagfer.train.config import load_config
-    from tagfer.train.sft import run_sft
 
-    res: dict = {"stage": "sft"}
     over = ["--output_dir", f"{args.work}/sft", "--model_name_or_path", str(skeleton), "--train_data", str(data),
             "--val_size", "0", "--max_steps", str(d['sft_warmup'] + d['sft_steps']), "--gradient_accumulation_steps", "1",
             "--per_device_train_batch_size", str(d['batch']), "--save_steps", "100000", "--report_to", "none",
             "--disable_tqdm", "true", "--logging_steps", "1", "--resume", "false"]
-    cfg = load_config("sft_tag310k", over + [a for s in args.set_sft for a in s.split()])
+    return load_config("sft_tag310k", over + [a for s in args.set_sft for a in s.split()])
+
+
+def grpo_config(args, skeleton: Path, data: Path, adapter: str | None, d: dict):
+    """The ``grpo_rafdb`` preset with the benchmark's fields (flat TRL / tagfer names), then ``--set-grpo``'s flags."""
+    from tagfer.train.config import parse_config
+    from tagfer.train.presets import load_raw
+
+    over = {"output_dir": f"{args.work}/grpo", "model_name_or_path": str(skeleton), "train_data": str(data),
+            "adapter": adapter, "max_steps": d['grpo_steps'], "per_device_train_batch_size": d['k'],
+            "gradient_accumulation_steps": d['accum'], "num_generations": d['k'],
+            "max_completion_length": d['completion'], "save_steps": 100000, "report_to": "none",
+            "disable_tqdm": True, "resume": False}
+    return parse_config({**load_raw("grpo_rafdb"), **over}, [a for s in args.set_grpo for a in s.split()])
+
+
+#: fields printed by ``--dry-run``
+SHOWN = ("model_name_or_path", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+         "lora_r", "lora_alpha", "bf16", "activation_checkpointing", "max_length", "num_generations",
+         "max_completion_length", "beta", "use_vllm", "merged_rollouts", "adapter")
+
+
+def run_sft_stage(args, skeleton: Path, data: Path, d: dict) -> tuple[dict, str | None]:
+    from tagfer.train.sft import run_sft
+
+    res: dict = {"stage": "sft"}
+    cfg = sft_config(args, skeleton, data, d)
     reset_peak()
     probe = probe_callback("sft", res, T0 + args.budget_s * args.sft_share, d["sft_warmup"])
     out = run_sft(cfg, callbacks=[probe])
@@ -178,18 +204,10 @@ def run_sft_stage(args, skeleton: Path, data: Path, d: dict) -> tuple[dict, str 
 
 
 def run_grpo_stage(args, skeleton: Path, data: Path, adapter: str | None, d: dict) -> dict:
-    from tagfer.train.presets import load_raw
     from tagfer.train.grpo import build_grpo_trainer, tag_reward_funcs
 
     res: dict = {"stage": "grpo"}
-    over = {"output_dir": f"{args.work}/grpo", "model_name_or_path": str(skeleton), "train_data": str(data),
-            "adapter": adapter, "max_steps": d['grpo_steps'], "per_device_train_batch_size": d['k'],
-            "gradient_accumulation_steps": d['accum'], "num_generations": d['k'],
-            "max_completion_length": d['completion'], "save_steps": 100000, "report_to": "none",
-            "disable_tqdm": True, "resume": False}
-    from tagfer.train.config import parse_config
-
-    cfg = parse_config({**load_raw("grpo_rafdb"), **over}, [a for s in args.set_grpo for a in s.split()])
+    cfg = grpo_config(args, skeleton, data, adapter, d)
     reset_peak()
     probe = probe_callback("grpo", res, T0 + args.budget_s, 0)
     # TAG's rewards are all 0 on random weights (no valid trace), so every advantage would be 0 and nothing
@@ -276,6 +294,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--set-grpo", action="append", default=[], help="extra TRL-style flags for the GRPO config, e.g. '--beta 0' (repeatable)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--dry-run", action="store_true",
+                    help="build the skeleton, the data and both configs (with the --set-* flags), print them, train nothing (CPU, seconds)")
     args = ap.parse_args(argv)
     d = DEFAULTS[args.size]
     tmp = None
@@ -296,6 +316,17 @@ def main(argv=None) -> dict:
     n = args.samples or max(16, d["batch"] * (d["sft_warmup"] + d["sft_steps"]), d["k"] * d["accum"] * d["grpo_steps"] // d["k"])
     data = synthetic_samples(args.work / "data", tok, n, d["trace_tokens"])
     report: dict = {"size": args.size, "device": device, "samples": n}
+    if args.dry_run:
+        cfgs = {"sft": sft_config(args, skeleton, data, d), "grpo": grpo_config(args, skeleton, data, f"{args.work}/sft/best", d)}
+        for stage, cfg in cfgs.items():
+            print(f"{stage} config ({type(cfg).__name__}): " + ", ".join(f"{k}={getattr(cfg, k)!r}" for k in SHOWN if hasattr(cfg, k)))
+            report[stage] = {"config": {k: getattr(cfg, k) for k in SHOWN if hasattr(cfg, k)}}
+        print(f"dry run: size {args.size}, {n} samples, both configs built; nothing trained")
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2, default=str))
+        if tmp is not None:
+            tmp.cleanup()
+        return report
     sft, adapter = run_sft_stage(args, skeleton, data, d)
     report["sft"] = sft
     say(f"sft: {sft}")

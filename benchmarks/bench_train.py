@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -139,6 +140,7 @@ def main(argv=None) -> dict:
         print(f"{k:28s} {v}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
     return res
 
 

@@ -1,6 +1,6 @@
 """Benchmark of the video job (`tagfer au/analyze VIDEO`), figures measured side by side in one run.
 
-    python benchmarks/bench_video.py [--n 300] [--mem-small 100] [--mem-large 5000] [--side 192]
+    python benchmarks/bench_video.py [--n 300] [--mem-small 100] [--mem-large 5000] [--side 192] [--plot-frames 30000]
 
 The clip is synthetic but made of real faces: the astronaut (smiling) and Grace Hopper (near
 neutral) alternate every second, drifting a few pixels per frame, 25 fps, H.264 (PyAV).
@@ -13,7 +13,8 @@ Prints:
 2. peak RSS and peak tracemalloc of the job over a 100- vs a 5,000-frame clip (fresh process
    each) → ratios (target: flat, ≈ 1.0);
 3. (first) peak RSS and tracemalloc of the plot of 30,000 frame records cut into 150, 1,500
-   and 15,000 segments (``--plot-only``: just that) → ratio (target: flat).
+   and 15,000 segments (``--plot-only``: just that) → ratio (target: flat); ``--plot-frames N``
+   scales it down (N records cut into N/200, N/20 and N/2 segments), for a quick run.
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ PLOT_CHILD = r"""
 import json, resource, sys, tracemalloc
 from pathlib import Path
 from tagfer.au.video_render import plot_timeline
-from tagfer.au.video import FrameFile, SmoothingConfig, VideoConfig
+from tagfer.au.segments import SmoothingConfig
+from tagfer.au.video_io import FrameFile
+from tagfer.au.video_records import VideoConfig
 from tagfer.core.labels import LABELS
 n, d, total = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 frames, segs = d / "f.jsonl", d / "f.segments.jsonl"
@@ -140,14 +143,19 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=192)
     ap.add_argument("--rounds", type=int, default=3, help="alternating bare/job timing rounds (best of each)")
     ap.add_argument("--plot-only", action="store_true", help="only the plot's memory over 150 / 1,500 / 15,000 segments")
+    ap.add_argument("--plot-frames", type=int, default=30_000,
+                    help="frame records in the plot measurement, cut into N/200, N/20, N/2 segments (default 30,000)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tagfer_bench_video_"))
     try:
-        plot = {n: memory_of_plot(n, tmp) for n in (150, 1500, 15000)}
-        print("plot memory over 30,000 frames by number of segments (fresh process each; issue 21 row 8):")
+        if args.plot_frames < 200:
+            ap.error("--plot-frames must be at least 200 (N/200 segments)")
+        few, many = args.plot_frames // 200, args.plot_frames // 2
+        plot = {n: memory_of_plot(n, tmp, args.plot_frames) for n in (few, args.plot_frames // 20, many)}
+        print(f"plot memory over {args.plot_frames:,} frames by number of segments (fresh process each; issue 21 row 8):")
         for n, (rss, peak) in plot.items():
             print(f"  {n:6d} segments: peak RSS {rss / 1024:6.0f} MiB   peak tracemalloc {peak / 2**20:6.2f} MiB")
-        print(f"  ratio 15,000 vs 150: RSS {plot[15000][0] / plot[150][0]:.2f}   tracemalloc {plot[15000][1] / plot[150][1]:.2f}  (target ≈ 1.0)")
+        print(f"  ratio {many:,} vs {few:,}: RSS {plot[many][0] / plot[few][0]:.2f}   tracemalloc {plot[many][1] / plot[few][1]:.2f}  (target ≈ 1.0)")
         if args.plot_only:
             return
         clip = make_clip(tmp / "speed.mp4", args.n, args.side)

@@ -215,7 +215,7 @@ def _json_lines(output: str) -> list[dict]:
 
 
 def test_cli_json_schema_and_overlay(tmp_path, astronaut_path, grace_path):
-    r = runner.invoke(app, ["analyze", str(astronaut_path), str(grace_path), "--json", "--overlay", str(tmp_path / "ov")])
+    r = runner.invoke(app, ["analyze", str(astronaut_path), str(grace_path), "--json", "--overlays", str(tmp_path / "ov")])
     assert r.exit_code == 0, r.output
     recs = _json_lines(r.stdout)
     assert len(recs) == 2
@@ -281,7 +281,7 @@ def test_cli_out_file_streams_and_resumes(tmp_path, astronaut_path, grace_path, 
 
 def test_cli_pretty_and_single_overlay(tmp_path, astronaut_path):
     out = tmp_path / "face.png"
-    r = runner.invoke(app, ["analyze", str(astronaut_path), "--scores", "--overlay", str(out)])
+    r = runner.invoke(app, ["analyze", str(astronaut_path), "--scores", "--overlays", str(out)])
     assert r.exit_code == 0, r.output
     assert "happiness" in r.stdout and "AU12" in r.stdout and "class scores" in r.stdout and "<bbox>" in r.stdout
     assert out.is_file()
@@ -295,7 +295,7 @@ def test_cli_no_face_and_usage_errors(tmp_path, astronaut_path, bad_inputs):
     assert no_face["error"]["kind"] == "no_face" and no_face["analyses"] == [] and ok["error"] is None
     r = runner.invoke(app, ["analyze", str(bad_inputs["no_face"])])
     assert r.exit_code == EXIT_FAILED and "no face" in r.output
-    r = runner.invoke(app, ["analyze", str(astronaut_path), str(astronaut_path), "--overlay", str(tmp_path / "x.png")])
+    r = runner.invoke(app, ["analyze", str(astronaut_path), str(astronaut_path), "--overlays", str(tmp_path / "x.png")])
     assert r.exit_code == EXIT_USAGE
     r = runner.invoke(app, ["analyze", str(astronaut_path), "--model", str(tmp_path / "no_such_model")])
     assert r.exit_code == EXIT_USAGE and "error" in r.output
@@ -485,6 +485,7 @@ class _ScriptBackend:
 def test_analyze_batch_resumes_writes_overlays_and_sets_the_exit_code(tmp_path, mp_detector, astronaut_path, grace_path, bad_inputs):
     import shutil
 
+    from tagfer.core.jobs import Done, Started
     from tagfer.explainer.batch import BatchSetupError, analyze_batch
     from tagfer.explainer.records import EXIT_OK
 
@@ -496,25 +497,27 @@ def test_analyze_batch_resumes_writes_overlays_and_sets_the_exit_code(tmp_path, 
     good = "<think>The mouth corners rise, AU12 <bbox>[180, 300, 330, 420]</bbox>.</think>\n<answer>happiness</answer>"
     backend = _ScriptBackend(good)
     factory = lambda: Analyzer(detector=mp_detector, engine=backend)  # noqa: E731 - a Backend object is an engine
-    seen, started = [], []
-    s = analyze_batch([d], factory=factory, out=out, overlay=ov, on_start=started.append, on_result=seen.append)
-    assert started == [2] and [Path(r.image).name for r in seen] == ["a.png", "b.jpg"]
-    assert (s.given, s.analysed, s.failed, s.malformed, s.skipped) == (2, 2, 1, 0, 0) and s.exit_code == EXIT_FAILED
+    seen, events = [], []
+    s = analyze_batch([d], factory=factory, out=out, overlay=ov, on_event=events.append, on_result=seen.append)
+    assert events[0] == Started(2) and isinstance(events[-1], Done) and events[-1].result is s
+    assert [Path(r.image).name for r in seen] == ["a.png", "b.jpg"]
+    assert (s.total, s.processed, s.failed, s.malformed, s.skipped) == (2, 2, 1, 0, 0) and s.exit_code() == EXIT_FAILED
+    assert sum(s.failed_items.values(), []) == [str(d / "b.jpg")]  # which image failed, by kind
     assert seen[0].analyses[0].engine == "script" and seen[0].analyses[0].well_formed
     assert seen[0].overlays and all(Path(p).is_file() and Path(p).parent == ov for p in seen[0].overlays)
     assert [r["image"] for r in read_jsonl(out)] == [r.image for r in seen]
     shutil.copy(grace_path, d / "c.jpg")
     s = analyze_batch([d], factory=factory, out=out)  # resume: only the new image; the failure is still reported
-    assert (s.analysed, s.skipped, s.failed_before, s.exit_code) == (1, 2, 1, EXIT_FAILED)
+    assert (s.processed, s.skipped, s.failed_before, s.exit_code()) == (1, 2, 1, EXIT_FAILED)
     shutil.copy(astronaut_path, d / "b.jpg")
     s = analyze_batch([d], factory=factory, out=out, retry_errors=True)
-    assert (s.analysed, s.skipped, s.failed, s.failed_before, s.exit_code) == (1, 2, 0, 0, EXIT_OK)
+    assert (s.processed, s.skipped, s.failed, s.failed_before, s.exit_code()) == (1, 2, 0, 0, EXIT_OK)
     assert sorted(Path(r["image"]).name for r in read_jsonl(out)) == ["a.png", "b.jpg", "c.jpg"]
     backend.text = "happy, I think"  # a malformed answer: exit 3, and still 3 on a re-run that skips it
     s = analyze_batch([d / "a.png"], factory=factory, out=tmp_path / "m.jsonl")
-    assert (s.malformed, s.exit_code) == (1, EXIT_MALFORMED)
+    assert (s.malformed, s.exit_code()) == (1, EXIT_MALFORMED)
     s = analyze_batch([d / "a.png"], factory=factory, out=tmp_path / "m.jsonl")
-    assert (s.analysed, s.malformed_before, s.exit_code) == (0, 1, EXIT_MALFORMED)
+    assert (s.processed, s.malformed_before, s.exit_code()) == (0, 1, EXIT_MALFORMED)
     assert not backend.closed  # an engine handed in stays the caller's
     (tmp_path / "empty").mkdir()
     for bad, match in ((dict(images=[tmp_path / "empty"]), "no image"), (dict(images=[d], frame="nope"), "frame"),

@@ -148,7 +148,7 @@ def test_accepted_set_exactly(scripted_run):
         "generic/item0019": "not_found",
     }
     s = scripted_run["summary"]
-    assert (s.accepted, s.rejected, s.processed) == (15, 5, 20)
+    assert (s.metric("accepted"), s.metric("rejected"), s.processed, s.total) == (15, 5, 20, 20)
 
 
 def test_accepted_samples_are_valid_tag_samples(scripted_run):
@@ -220,7 +220,7 @@ def test_resume_is_a_no_op(scripted_run, fake_openai):
     before = (output_paths(out)["accepted"].read_bytes(), output_paths(out)["rejected"].read_bytes())
     srv.reset(lambda req, i: Reply(status=400))
     s = run_build(scripted_run["cfg"], detector=FakeAUDetector(scripted_run["table"]))
-    assert s.processed == 0 and s.already_done == 20 and srv.calls == 0
+    assert s.processed == 0 and s.skipped == 20 and srv.calls == 0
     assert (output_paths(out)["accepted"].read_bytes(), output_paths(out)["rejected"].read_bytes()) == before
 
 
@@ -248,7 +248,7 @@ def test_format_retry_modes_and_retry_count(tmp_path, fake_openai, mode):
     cfg = config_for(csv_path, tmp_path / "o", srv.url, quality=False, max_format_retries=1, temperature=0.0, retry_temperature=0.7, **kw)
     assert BuildConfig().format_retry == "repeat"
     s = run_build(cfg, detector=FakeAUDetector(table))
-    assert s.accepted == 1 and s.requests == 4 and s.format_retries == 2
+    assert s.metric("accepted") == 1 and s.metric("requests") == 4 and s.metric("format_retries") == 2
     assert accepted(tmp_path / "o")["generic/item0000"]["meta"]["retries"] == 1
     rej = rejected(tmp_path / "o")["generic/item0001"]
     assert rej["requests"] == 2 and rej["retries"] == 1
@@ -281,7 +281,7 @@ def test_repeat_retry_is_sampled_so_a_greedy_teacher_can_change_its_answer(tmp_p
     cfg = config_for(csv_path, tmp_path / "o", srv.url, max_format_retries=1, retry_temperature=0.6)
     assert cfg.format_retry == "repeat" and cfg.temperature == 0.0
     s = run_build(cfg, detector=FakeAUDetector(table))
-    assert s.accepted == 1 and s.requests == 4 and s.format_retries == 2
+    assert s.metric("accepted") == 1 and s.metric("requests") == 4 and s.metric("format_retries") == 2
     (q0, tq0), (q1, tq1), (p0, tp0), (p1, tp1) = log
     assert (q1, p1) == (q0, p0)  # the same inputs
     assert (tq0, tq1, tp0, tp1) == (0.0, 0.6, 0.0, 0.6)  # greedy first, sampled retry
@@ -336,7 +336,7 @@ def test_duplicate_ids_in_the_stream_are_built_once(tmp_path, fake_openai):
     csv_path.write_text("\n".join(rows + [rows[1]]) + "\n")  # the same id twice
     srv = fake_openai(stateless_script({"item0000": "fear"}, {"item0000": 0}, set()))
     s = run_build(config_for(csv_path, tmp_path / "o", srv.url), detector=FakeAUDetector(table))
-    assert s.processed == 1 and s.already_done == 1
+    assert s.processed == 1 and s.skipped == 1
     assert len(list(read_jsonl(output_paths(tmp_path / "o")["accepted"]))) == 1
 
 
@@ -345,14 +345,15 @@ def test_teacher_failure_is_retryable_on_the_next_run(tmp_path, fake_openai):
     srv = fake_openai(lambda req, i: Reply(status=503))
     cfg = config_for(csv_path, tmp_path / "o", srv.url, client={"max_retries": 1})
     s = run_build(cfg, detector=FakeAUDetector(table))
-    assert s.reasons == {"teacher_error": 2} and s.failed == 2 and s.exit_code == 1
+    assert s.metric("reasons") == {"teacher_error": 2} and s.failed == 2 and s.exit_code() == 1
+    assert {k: sorted(v) for k, v in s.failed_items.items()} == {"teacher_error": ["generic/item0000", "generic/item0001"]}
     assert all(r["retryable"] and "http_503" in r["detail"] for r in rejected(tmp_path / "o").values())
     # without retry_failed the records stay, are not retried, and still count as failed
     kept = run_build(BuildConfig.from_dict({**cfg.to_json(), "retry_failed": False}), detector=FakeAUDetector(table))
-    assert kept.processed == 0 and kept.failed == 2 and kept.exit_code == 1
+    assert kept.processed == 0 and kept.failed_before == 2 and kept.exit_code() == 1
     srv.reset(Script({"item0000": [quality(), trace(0, "fear")], "item0001": [quality(), trace(1, "anger")]}))
     s = run_build(cfg, detector=FakeAUDetector(table))
-    assert s.dropped_retryable == 2 and s.accepted == 2 and s.failed == 0 and s.exit_code == 0
+    assert s.metric("retried_errors") == 2 and s.metric("accepted") == 2 and s.failed == 0 and s.exit_code() == 0
     assert set(accepted(tmp_path / "o")) == {"generic/item0000", "generic/item0001"}
     assert rejected(tmp_path / "o") == {}
 
@@ -395,7 +396,7 @@ def test_shards_partition_the_data(tmp_path, fake_openai):
     for i in range(3):
         run_build(config_for(csv_path, tmp_path / "sh", srv.url, shard=f"{i}/3"), detector=FakeAUDetector(table))
         parts.append(set(accepted(tmp_path / "sh", (i, 3))))
-    assert sum(len(p) for p in parts) == len(set().union(*parts)) == full.accepted
+    assert sum(len(p) for p in parts) == len(set().union(*parts)) == full.metric("accepted")
     assert set().union(*parts) == set(accepted(tmp_path / "full"))
     assert all(shard_of(k, 3) == i for i, p in enumerate(parts) for k in p)
     assert parse_shard("2/8") == (2, 8)
@@ -429,7 +430,7 @@ def test_kill9_midway_then_resume_gives_the_same_accepted_set(tmp_path, fake_ope
     srv = fake_openai(script, latency_s=0.05)
     ref = run_build(config_for(csv_path, tmp_path / "ref", srv.url), detector=FakeAUDetector(table))
     ref_acc = accepted(tmp_path / "ref")
-    assert ref.accepted == len(ref_acc) and 0 < ref.accepted < n
+    assert ref.metric("accepted") == len(ref_acc) and 0 < ref.metric("accepted") < n
 
     out = tmp_path / "killed"
     cfg = config_for(csv_path, out, srv.url, client={"total_concurrency": 4, "per_endpoint_concurrency": 4})
@@ -448,9 +449,9 @@ def test_kill9_midway_then_resume_gives_the_same_accepted_set(tmp_path, fake_ope
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = accepted(out)
-    assert 8 <= len(partial) < ref.accepted
+    assert 8 <= len(partial) < ref.metric("accepted")
     s = run_build(cfg, detector=FakeAUDetector(table))
-    assert s.already_done >= len(partial)
+    assert s.skipped >= len(partial)
     final_lines = list(read_jsonl(acc_path))
     assert len(final_lines) == len({r["id"] for r in final_lines})  # no duplicates
     assert {r["id"]: (r["label"], r["completion"]) for r in final_lines} == {k: (v["label"], v["completion"]) for k, v in ref_acc.items()}
@@ -473,7 +474,7 @@ def test_exception_injected_midway_then_resume(tmp_path, fake_openai):
         run_build(cfg, detector=FakeAUDetector(table), on_result=boom)
     run_build(cfg, detector=FakeAUDetector(table))
     assert set(accepted(tmp_path / "o")) == set(accepted(tmp_path / "ref"))
-    assert len(list(read_jsonl(output_paths(tmp_path / "o")["accepted"]))) == ref.accepted
+    assert len(list(read_jsonl(output_paths(tmp_path / "o")["accepted"]))) == ref.metric("accepted")
 
 
 # --------------------------------------------------------------------------- other teachers
@@ -502,7 +503,7 @@ def test_facs_teacher_writes_from_the_grounded_face(tmp_path):
     csv_path, table = make_build_dataset(tmp_path / "d", [label, wrong])
     cfg = BuildConfig(sources=[f"generic:{csv_path}"], out=str(tmp_path / "o"), teacher="facs", au_workers=1)
     s = run_build(cfg, detector=FakeAUDetector(table))
-    assert (s.accepted, s.reasons, s.requests) == (1, {"facs_mismatch": 1}, 0)
+    assert (s.metric("accepted"), s.metric("reasons"), s.metric("requests")) == (1, {"facs_mismatch": 1}, 0)
     (got,) = accepted(tmp_path / "o").values()
     (face0,) = FakeAUDetector(table).detect(None, str(tmp_path / "d" / "img" / "0000.png"))
     ref = facs_sample(face0, label=label, id=got["id"], source="generic", image=got["image"]).to_json()
@@ -527,10 +528,10 @@ def test_tiny_random_vlm_garbage_is_rejected_cleanly(tiny_vlm, tmp_path):
     teacher = TransformersBackend(tiny_vlm)  # a Backend is the teacher, called directly
     cfg = BuildConfig(sources=[f"generic:{csv_path}"], out=str(tmp_path / "o"), max_format_retries=0, max_tokens=12)
     s = run_build(cfg, detector=FakeAUDetector(table), teacher=teacher)
-    assert s.accepted == 0 and s.reasons == {"quality_invalid": 2}
+    assert s.metric("accepted") == 0 and s.metric("reasons") == {"quality_invalid": 2}
     cfg2 = BuildConfig(sources=[f"generic:{csv_path}"], out=str(tmp_path / "o2"), quality=False, max_format_retries=1, max_tokens=12)
     s = run_build(cfg2, detector=FakeAUDetector(table), teacher=teacher)
-    assert s.accepted == 0 and s.reasons == {"format": 2} and s.requests == 4
+    assert s.metric("accepted") == 0 and s.metric("reasons") == {"format": 2} and s.metric("requests") == 4
 
 
 # --------------------------------------------------------------------------- CLI end to end
@@ -561,7 +562,7 @@ def test_cli_build_export_stats_end_to_end(rafdb_root, tmp_path, fake_openai):
     srv = fake_openai(echo_teacher)
     out = tmp_path / "built"
     runner = CliRunner()
-    args = ["build", "--source", f"rafdb:{rafdb_root}", "--endpoint", srv.url, "--out", str(out), "--concurrency", "4",
+    args = ["build", "--dataset", f"rafdb:{rafdb_root}", "--endpoint", srv.url, "--out", str(out), "--concurrency", "4",
             "--au-workers", "1", "--timeout", "5", "--no-progress"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
@@ -575,7 +576,7 @@ def test_cli_build_export_stats_end_to_end(rafdb_root, tmp_path, fake_openai):
         assert set(p.box_coords) <= {tuple(b) for b in s.au_boxes}  # grounded in the detector's boxes
     r2 = runner.invoke(app, args)
     assert r2.exit_code == 0 and "8 already done" in r2.output
-    r = runner.invoke(app, ["export", str(out), "--to", str(tmp_path / "exp")])
+    r = runner.invoke(app, ["export", str(out), "--out", str(tmp_path / "exp")])
     assert r.exit_code == 0, r.output
     assert len(datasets.load_from_disk(str(tmp_path / "exp" / "hf" / "dataset"))) == 8
     assert json.loads((tmp_path / "exp" / "llamafactory" / "dataset_info.json").read_text())["tag_sft"]["formatting"] == "sharegpt"
@@ -583,7 +584,7 @@ def test_cli_build_export_stats_end_to_end(rafdb_root, tmp_path, fake_openai):
     assert r.exit_code == 0, r.output
     st = json.loads((out / "stats" / "stats.json").read_text())
     assert st["accepted"] == 8 and st["by_class"]["happiness"] == 2
-    r = runner.invoke(app, ["build", "--source", f"rafdb:{rafdb_root}", "--out", str(out), "--shard", "5/2"])
+    r = runner.invoke(app, ["build", "--dataset", f"rafdb:{rafdb_root}", "--out", str(out), "--shard", "5/2"])
     assert r.exit_code == 2 and "shard" in r.output
     # an unreachable teacher without --model fails fast with a clear message, and nothing is written
     import socket
@@ -591,7 +592,7 @@ def test_cli_build_export_stats_end_to_end(rafdb_root, tmp_path, fake_openai):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    r = runner.invoke(app, ["build", "--source", f"rafdb:{rafdb_root}", "--out", str(tmp_path / "down"), "--endpoint", f"http://127.0.0.1:{port}/v1",
+    r = runner.invoke(app, ["build", "--dataset", f"rafdb:{rafdb_root}", "--out", str(tmp_path / "down"), "--endpoint", f"http://127.0.0.1:{port}/v1",
                             "--request-retries", "0", "--no-progress"])
     assert r.exit_code == 2 and "cannot discover the model name" in r.output
     assert not accepted(tmp_path / "down") and not rejected(tmp_path / "down")
@@ -604,7 +605,7 @@ def test_cli_build_paper_options_reach_the_config(rafdb_root, tmp_path, fake_ope
 
     srv = fake_openai(echo_teacher)
     runner = CliRunner()
-    base = ["build", "--source", f"rafdb:{rafdb_root}", "--endpoint", srv.url, "--au-workers", "1", "--no-progress", "--limit", "1"]
+    base = ["build", "--dataset", f"rafdb:{rafdb_root}", "--endpoint", srv.url, "--au-workers", "1", "--no-progress", "--limit", "1"]
     r = runner.invoke(app, base + ["--out", str(tmp_path / "d")])
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "d" / "build_config.json").read_text())
@@ -612,7 +613,7 @@ def test_cli_build_paper_options_reach_the_config(rafdb_root, tmp_path, fake_ope
     assert (cfg["format_retry"], cfg["min_tags"], cfg["au_threshold"], cfg["au_candidate_threshold"]) == (
         default.format_retry, default.min_tags, None, None) == ("repeat", 0, None, None)
     r = runner.invoke(app, base + ["--out", str(tmp_path / "o"), "--format-retry", "feedback", "--min-tags", "2",
-                                   "--au-threshold", "0.2", "--au-candidate-threshold", "0.6"])
+                                   "--au-threshold", "0.2", "--candidate-threshold", "0.6"])
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "o" / "build_config.json").read_text())
     assert (cfg["format_retry"], cfg["min_tags"], cfg["au_threshold"], cfg["au_candidate_threshold"]) == ("feedback", 2, 0.2, 0.6)
@@ -655,7 +656,7 @@ def _cli_build(rafdb_root, out: Path, url: str, *extra: str):
 
     from tagfer.cli import app
 
-    args = ["build", "--source", f"rafdb:{rafdb_root}", "--out", str(out), "--endpoint", url, "--model", "fake-vlm", "--limit", "2",
+    args = ["build", "--dataset", f"rafdb:{rafdb_root}", "--out", str(out), "--endpoint", url, "--served-model", "fake-vlm", "--limit", "2",
             "--au-workers", "1", "--timeout", "2", "--request-retries", "0", "--no-quality", "--no-progress", *extra]
     return CliRunner().invoke(app, args)
 

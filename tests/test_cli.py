@@ -1,4 +1,6 @@
 import json
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -24,7 +26,8 @@ def test_au_cli_exit_codes_and_resume(tmp_path, astronaut_path, bad_inputs):
     shutil.copy(bad_inputs["not_an_image"], d / "zz_bad.jpg")
     r = runner.invoke(app, ["au", str(d), "--out", str(out), "--no-progress", "--overlays", str(tmp_path / "ov")])
     assert r.exit_code == 1
-    assert "1 processed (1 failed), 1 already done" in r.output and "not_an_image=1" in r.output
+    assert "1 image(s) processed (1 failed), 1 already done" in r.output
+    assert f"not_an_image (1): {d / 'zz_bad.jpg'}" in r.output  # which image failed, by kind, on one line
     assert len(out.read_text().splitlines()) == 2
     assert not (tmp_path / "ov").exists() or not any((tmp_path / "ov").iterdir())  # no overlay for a failed image
 
@@ -61,13 +64,13 @@ def test_rerun_exits_1_while_failed_records_remain(tmp_path, face_crop_path, bad
     assert runner.invoke(app, ["au", bad, good, "--out", str(out), "--no-progress"]).exit_code == 1
     r = runner.invoke(app, ["au", bad, good, "--out", str(out), "--no-progress"])  # all skipped now
     text = " ".join(r.output.split())
-    assert r.exit_code == 1 and "0 processed" in text and "1 requested image(s) still have an error record" in text
+    assert r.exit_code == 1 and "0 image(s) processed" in text and "1 requested image(s) still have an error record" in text
     assert runner.invoke(app, ["au", good, "--out", str(out), "--no-progress"]).exit_code == 0  # the failure is not requested
     aout = tmp_path / "analyze.jsonl"
     assert runner.invoke(app, ["analyze", bad, good, "--out", str(aout), "--no-progress"]).exit_code == 1
     r = runner.invoke(app, ["analyze", bad, good, "--out", str(aout), "--no-progress"])
     text = " ".join(r.output.split())
-    assert r.exit_code == 1 and "0 analysed" in text and "1 requested image(s) still have an error record" in text
+    assert r.exit_code == 1 and "0 image(s) processed" in text and "1 requested image(s) still have an error record" in text
     assert len(aout.read_text().splitlines()) == 2  # nothing analysed twice
     assert runner.invoke(app, ["analyze", good, "--out", str(aout), "--no-progress"]).exit_code == 0
 
@@ -207,7 +210,7 @@ def _empty_build(tmp_path, *flags: str, config: dict | None = None):
         cfg_file.write_text(json.dumps(body))
         args += ["--config", str(cfg_file)]
     else:
-        args += ["--source", f"generic:{csv}", "--out", str(tmp_path / "o"), "--model", "m"]
+        args += ["--dataset", f"generic:{csv}", "--out", str(tmp_path / "o"), "--served-model", "m"]
     r = runner.invoke(app, args)
     written = tmp_path / "o" / "build_config.json"
     return r, (json.loads(written.read_text()) if written.is_file() else None)
@@ -280,12 +283,12 @@ def test_build_bad_config_is_a_usage_error(tmp_path):
     bad = tmp_path / "bad.json"
     for text, words in (("{not json", "not valid JSON"), ("[1, 2]", "JSON object")):
         bad.write_text(text)
-        r = runner.invoke(app, ["build", "--config", str(bad), "--source", "generic:x.csv", "--out", str(tmp_path / "b")])
+        r = runner.invoke(app, ["build", "--config", str(bad), "--dataset", "generic:x.csv", "--out", str(tmp_path / "b")])
         assert r.exit_code == 2 and words in flat(r), r.output
     r = runner.invoke(app, ["build", "--config", str(tmp_path / "missing.json"), "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "missing.json" in "".join(r.output.split())  # a long tmp path may be folded mid-word
     r = runner.invoke(app, ["build", "--out", str(tmp_path / "b")])
-    assert r.exit_code == 2 and "--source" in flat(r)
+    assert r.exit_code == 2 and "--dataset" in flat(r)
 
 
 def test_build_help_states_the_dataclass_defaults():
@@ -317,3 +320,182 @@ def test_build_help_states_the_dataclass_defaults():
         assert shown in (expected, f"{value:g}" if isinstance(value, float) else expected), (p.name, shown, value)
         checked += 1
     assert checked >= 8
+
+
+# --------------------------------------------------------------------------- conventions (issue 22)
+def _commands():
+    import typer
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            yield path, cmd
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, path + [name])
+        else:
+            yield path, cmd
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_version_and_verbose_are_global():
+    import tagfer
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"tagfer {tagfer.__version__}"
+    r = runner.invoke(app, ["--verbose", "train", "presets"])
+    assert r.exit_code == 0 and "tiny_cpu" in r.stdout
+
+
+def test_help_is_readable_at_80_columns_and_piped():
+    """Every command's help, piped (CliRunner is not a terminal) at COLUMNS=80: no line over 80
+    characters, every option name written out in full, no description squeezed into a column
+    of single words, no rich panel."""
+    checked = 0
+    for path, cmd in _commands():
+        r = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+        assert r.exit_code == 0, (path, r.output)
+        lines = r.stdout.splitlines()
+        assert all(len(line) <= 80 for line in lines), (path, max(lines, key=len))
+        assert not re.search(r"--[\w-]+(…|\.\.\.)", r.stdout) and "╭" not in r.stdout, path  # no cut option name, no panel
+        assert not [ln for ln in lines if ln.rstrip().endswith("...") and not ln.startswith("Usage:")], (path, "a short help is cut")
+        for p in getattr(cmd, "params", []):
+            for opt in getattr(p, "opts", []):
+                if opt.startswith("--"):
+                    assert re.search(rf"(^|[\s,/]){re.escape(opt)}([\s,=/]|$)", r.stdout, re.M), (path, opt)
+        # descriptions get at least 40 of the 80 columns (rich's help gave them one word per line)
+        assert all(len(ln) - len(ln.lstrip()) <= 40 for ln in lines if ln.strip()), path
+        checked += 1
+    assert checked >= 25
+
+
+def test_o_is_always_the_output_and_one_name_per_concept():
+    """`-o` is `--out` in every command that has it; options meaning one thing share one name."""
+    seen: dict[str, set[str]] = {}
+    for path, cmd in _commands():
+        for p in getattr(cmd, "params", []):
+            opts = set(getattr(p, "opts", []))
+            if "-o" in opts:
+                assert "--out" in opts, (path, opts)
+            for long in (o for o in opts if o.startswith("--")):
+                seen.setdefault(long, set()).add(" ".join(path))
+    retired = {"--overlay", "--to", "--source", "--threshold", "--max-tokens", "--au-candidate-threshold", "--pool", "--set"}
+    assert not retired & set(seen), retired & set(seen)
+    assert {"au", "analyze", "build", "score"} <= seen["--au-threshold"] and {"eval", "judge", "build"} <= seen["--served-model"]
+    assert {"eval", "judge"} <= seen["--api-key-env"] and {"eval", "build"} <= seen["--request-retries"]
+
+
+def test_analyze_o_writes_json_lines(tmp_path, face_crop_path):
+    out = tmp_path / "x.jsonl"
+    r = runner.invoke(app, ["analyze", str(face_crop_path), "-o", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["image"] == str(face_crop_path) and rec["analyses"] and out.is_file()
+    r = runner.invoke(app, ["analyze", str(face_crop_path), "-o", str(out), "--no-progress"])  # all done: nothing loaded
+    assert r.exit_code == 0 and "0 image(s) processed" in r.output and "1 already done" in r.output
+
+
+def test_quiet_by_default_verbose_shows_library_noise(capsys):
+    import warnings
+
+    from tagfer.cli import _app
+
+    with warnings.catch_warnings():
+        _app._SEEN_WARNINGS.clear()
+        _app.quiet_libraries(verbose=False)
+        warnings.warn_explicit("old API", FutureWarning, "lib.py", 1, module="somelib")  # a deprecation notice: hidden
+        warnings.warn_explicit("torch noise", UserWarning, "x.py", 1, module="torch.nn.modules")  # a library's: hidden
+        warnings.warn_explicit("set in __post_init__", UserWarning, "<string>", 176, module="<string>")  # via generated code: shown
+        for _ in range(3):  # tagfer's own: one line, once, without the source line
+            warnings.warn_explicit("tensorboard is not installed", UserWarning, "config.py", 9, module="tagfer.train.config")
+        err = capsys.readouterr().err
+        assert "old API" not in err and "torch noise" not in err and "set in __post_init__" in err
+        assert err.count("tensorboard is not installed") == 1
+        assert "warning: tensorboard is not installed" in " ".join(err.split()) and "config.py" not in err
+        _app._SEEN_WARNINGS.clear()
+        _app.quiet_libraries(verbose=True)
+        warnings.warn_explicit("old API", FutureWarning, "lib.py", 1, module="somelib")
+        assert "old API" in capsys.readouterr().err
+    import os
+
+    os.environ.pop("TAGFER_VERBOSE", None)
+
+
+def test_default_threads_is_half_the_cpus(monkeypatch):
+    from tagfer.cli import _app
+
+    monkeypatch.setattr(_app.os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert _app.default_threads() == 1
+    monkeypatch.setattr(_app.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert _app.default_threads() == 4
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    _app.set_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    _app.set_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "3"  # the user's choice wins
+
+
+def test_report_to_stdout_is_not_wrapped(tmp_path):
+    """`tagfer report … > x.md`: stdout holds the Markdown as written (rows whole, brackets kept)."""
+    data = {"run": {"name": "A model with a rather long name [v2]", "model": "m", "dataset": "rafdb", "split": "test"},
+            "n": 10, "accuracy": {"value": 0.5, "ci": [0.4, 0.6]}, "macro_f1": {"value": 0.4, "ci": None},
+            "format_validity": {"value": 0.9, "ci": None}, "au_iou": None, "cross_au_iou": None}
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    r = runner.invoke(app, ["report", str(tmp_path / "s.json"), "--out", str(tmp_path / "r.md")], env={"COLUMNS": "40"})
+    assert r.exit_code == 0, r.output
+    written = (tmp_path / "r.md").read_text()
+    assert written.strip() in r.stdout  # exactly the file's text: no row broken at 40 columns, no markup eaten
+    assert any(len(line) > 40 and line.startswith("|") for line in r.stdout.splitlines())
+
+
+def test_progress_bar_knows_its_total(tmp_path, face_crop_path, bad_inputs):
+    """`au` on a finite list: the bar's total is the number of images to run (not "?"), and it
+    counts the failures the summary lists."""
+    r = runner.invoke(app, ["au", str(face_crop_path), str(bad_inputs["not_an_image"]), "-o", str(tmp_path / "a.jsonl")])
+    assert r.exit_code == 1
+    bar = next(line for line in r.output.splitlines() if line.startswith("tagfer au"))
+    assert "2/2 images" in bar and "1 failed" in bar
+
+
+def test_serve_and_study_limits_reach_the_app_factories(tmp_path, monkeypatch):
+    """`serve --allowed-origin/--max-pending` and `study serve --allowed-origin/--max-evaluators/
+    --registrations-per-client` are passed to the app factories under their parameter names."""
+    import types
+
+    import uvicorn
+
+    from tagfer.evaluation.study import app as study_app
+    from tagfer.explainer import serve
+
+    seen: dict[str, dict] = {}
+
+    def fake_serve_app(cfg, **kw):
+        seen["serve"] = kw
+        return types.SimpleNamespace(state=types.SimpleNamespace(pool=types.SimpleNamespace(warm=lambda: None)))
+
+    def fake_study_app(pairs, db, **kw):
+        seen["study"] = kw
+        return object()
+
+    monkeypatch.setattr(serve, "create_app", fake_serve_app)
+    monkeypatch.setattr(study_app, "create_app", fake_study_app)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    r = runner.invoke(app, ["serve", "--allowed-origin", "http://a.lan:3000", "--allowed-origin", "http://b.lan", "--max-pending", "7"])
+    assert r.exit_code == 0, r.output
+    assert seen["serve"]["allowed_origins"] == ["http://a.lan:3000", "http://b.lan"] and seen["serve"]["max_pending"] == 7
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"id": "p1", "image": str(tmp_path / "x.png"), "label": "happiness",
+                                 "a": {"name": "A", "text": "a"}, "b": {"name": "B", "text": "b"}}) + "\n")
+    r = runner.invoke(app, ["study", "serve", "--pairs", str(pairs), "--db", str(tmp_path / "s.sqlite"),
+                            "--allowed-origin", "http://c.lan", "--max-evaluators", "9", "--registrations-per-client", "2"])
+    assert r.exit_code == 0, r.output
+    assert (seen["study"]["allowed_origins"], seen["study"]["max_evaluators"], seen["study"]["registrations_per_client"]) == \
+        (["http://c.lan"], 9, 2)
+
+
+def test_train_best_checkpoint_is_printed_in_words():
+    from tagfer.cli.train import best_text
+
+    text = best_text({"n": 2, "accuracy": 0.5, "au_iou": 0.25, "fmt_rate": 1.0, "score": 0.6, "step": 3})
+    assert text == "  (step 3: accuracy 0.50, au_iou 0.25, fmt_rate 1.00, score 0.60 on 2 samples)" and "{" not in text
+    assert best_text({"step": 5, "note": "no validation data"}) == "  (step 5: no validation data)" and best_text(None) == ""

@@ -149,7 +149,7 @@ def test_eval_rafdb_with_server_resume_and_errors(tmp_path, rafdb_root, eval_ser
     out = tmp_path / "preds.jsonl"
     with _backend(eval_server, concurrency=1) as be:
         s = E.eval_source(f"rafdb:{rafdb_root}", be, out, model="fake", limit=3)
-    assert s.processed == 3 and s.failed == 1 and s.errors == {"http_400": 1} and s.dataset_size == 4
+    assert s.processed == 3 and s.failed == 1 and s.errors == {"http_400": 1} and s.metric("dataset_size") == 4
     assert any("3068" in w for w in s.warnings)  # 4 test images, not the paper's 3,068
     preds = _preds(out)
     assert [p.id for p in preds] == ["rafdb/test_0001", "rafdb/test_0002", "rafdb/test_0003"]
@@ -169,10 +169,16 @@ def test_eval_rafdb_with_server_resume_and_errors(tmp_path, rafdb_root, eval_ser
     assert s2.processed == 1 and s2.skipped == 3
     with _backend(eval_server) as be:
         s3 = E.eval_source(f"rafdb:{rafdb_root}", be, out, model="fake", retry_errors=True)
-    assert s3.retried_errors == 1 and s3.processed == 1 and s3.failed == 0
+    assert s3.metric("retried_errors") == 1 and s3.processed == 1 and s3.failed == 0
     preds = _preds(out)
     assert sorted(p.id for p in preds) == [f"rafdb/test_000{i}" for i in range(1, 5)]
     assert all(p.error is None for p in preds)
+
+    # a finished re-run never loads its model: this spec could not even be built here (no vLLM)
+    s4 = E.eval_source(f"rafdb:{rafdb_root}", "vllm:/models/never-loaded", out)
+    assert (s4.processed, s4.skipped, s4.exit_code()) == (0, 4, 0)
+    with pytest.raises(Exception, match="vLLM"):  # with something left to do it is loaded (and fails here)
+        E.eval_source(f"rafdb:{rafdb_root}", "vllm:/models/never-loaded", tmp_path / "fresh.jsonl", limit=1)
 
 
 def test_eval_bytes_images_bad_outputs_and_bad_image(tmp_path, ferplus_root, eval_server, bad_inputs):
@@ -191,7 +197,7 @@ def test_eval_bytes_images_bad_outputs_and_bad_image(tmp_path, ferplus_root, eva
     eval_server.reset(lambda req, i: tag_answer("fear"))
     with _backend(eval_server) as be:
         s = E.run_eval(recs, be, tmp_path / "bad.jsonl")
-    assert s.processed == 3 and s.failed == 3 and s.excluded == 1 and eval_server.calls == 0
+    assert s.processed == 3 and s.failed == 3 and s.metric("excluded") == 1 and eval_server.calls == 0
     kinds = {p.id: p.error["kind"] for p in _preds(tmp_path / "bad.jsonl")}
     assert kinds == {"g/corrupt": "corrupt", "g/missing": "not_found", "g/none": "no_image"}
 
@@ -313,8 +319,8 @@ def test_eval_cli_bad_arguments(tmp_path, rafdb_root, eval_server):
     assert r.exit_code == 2
     eval_server.reset(lambda req, i: Reply(status=500))
     r = runner.invoke(app, ["eval", "--model", f"openai:{eval_server.url}", "--dataset", f"rafdb:{rafdb_root}", "--out", out,
-                            "--max-retries", "0", "--no-progress", "--image-format", "jpeg"])
-    assert r.exit_code == 1 and "4 failed: http_500=4" in r.output
+                            "--request-retries", "0", "--no-progress", "--image-format", "jpeg"])
+    assert r.exit_code == 1 and "4 image(s) processed (4 failed)" in r.output and "http_500 (4): " in r.output
     assert "image/jpeg" in json.dumps(eval_server.requests[0])
     r = runner.invoke(app, ["score", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "s.json")])
     assert r.exit_code == 2

@@ -81,7 +81,8 @@ def test_llamafactory_sharegpt_rules(exported):
                 assert msgs[1]["content"].count("<bbox></bbox>") == len(p.boxes) and format_ok(p, "paper")
             else:
                 assert p.well_formed
-    assert summary.files["llamafactory/tag_sft.json"] == 3 and summary.by_source == {"rafdb": 2, "ferplus": 1}
+    assert summary.metric("files")["llamafactory/tag_sft.json"] == 3 and summary.metric("by_source") == {"rafdb": 2, "ferplus": 1}
+    assert (summary.total, summary.processed, summary.exit_code()) == (3, 3, 0)
 
 
 def test_nobbox_element_mode_deletes_the_tags(build_dir, tmp_path):
@@ -97,13 +98,13 @@ def test_nobbox_element_mode_deletes_the_tags(build_dir, tmp_path):
 
     from tagfer.cli import app
 
-    r = CliRunner().invoke(app, ["export", str(build_dir), "--to", str(tmp_path / "c"), "-f", "llamafactory", "--nobbox-mode", "element"])
+    r = CliRunner().invoke(app, ["export", str(build_dir), "--out", str(tmp_path / "c"), "-f", "llamafactory", "--nobbox-mode", "element"])
     assert r.exit_code == 0, r.output
     def answers(folder):
         return " ".join(row["messages"][1]["content"] for row in json.loads((folder / "llamafactory" / "tag_sft_nobbox.json").read_text()))
 
     assert "<bbox>" not in answers(tmp_path / "c")
-    r = CliRunner().invoke(app, ["export", str(build_dir), "--to", str(tmp_path / "d"), "-f", "llamafactory"])
+    r = CliRunner().invoke(app, ["export", str(build_dir), "--out", str(tmp_path / "d"), "-f", "llamafactory"])
     assert "<bbox></bbox>" in answers(tmp_path / "d")
 
 
@@ -157,7 +158,7 @@ def test_verl_parquet_columns_and_reward(exported):
 
 def test_export_single_format_and_errors(build_dir, tmp_path):
     s = export(build_dir, tmp_path / "v", ["verl"], embed_images=False, per_source=False)
-    assert set(s.files) == {"verl/train.parquet"}
+    assert set(s.metric("files")) == {"verl/train.parquet"}
     import pyarrow.parquet as pq
 
     image = pq.read_table(tmp_path / "v" / "verl" / "train.parquet").to_pylist()[0]["images"][0]

@@ -298,3 +298,76 @@ def test_rules_engine_stays_available_as_a_model_spec(astronaut_path, grace_path
             assert r.label == explain(r.face_aus).label and r.trace == explain(r.face_aus).trace
             assert "global" not in r.to_json() and d.to_json()["global"]["net"] == "fer"
             assert r.well_formed and d.well_formed and r.boxes and d.boxes
+
+
+# --------------------------------------------------------------------------- grammar of every sentence (issue 22)
+#: Mistakes a template can make when its slots are filled: a singular region with a plural verb
+#: ("the mouth show"), a plural subject with a singular verb, a/an before the wrong sound, list
+#: punctuation, empty parentheses, doubled words or spaces.
+GRAMMAR_ERRORS = [
+    r"(?<!of )\b(?:the|a|this|one) (mouth|nose|chin|jaw|lip|brow|eye|cheek|region|sign|face|movement)\s+(show|have|are|were|point|form|lean|agree)\b",
+    # a plural subject at the start of a clause with a singular verb ("these regions is"; not "the pattern in these regions is")
+    r"(?:^|[.;:,]\s+)(?:the |these |two |\w+er )?(signs|regions|movements|brows|eyes|lips|cheeks)\s+(shows|has|is|was|points|forms|leans|agrees)\b",
+    r"\ba\s+[aeiou]\w*", r"\ban\s+[b-df-hj-np-tv-z]\w*", r"\(\s*\)", r"\)\s*\(", r"\s[,.;:]", r"\s{2,}", r"\b(\w+)\s+\1\b", r",\s*,", r"\.\.",
+]
+
+
+def _sentences(trace: str) -> str:
+    return re.sub(r"\s*<bbox>\[[^\]]*\]</bbox>", "", parse_trace(trace).think or trace)
+
+
+def _grammar_problems(text: str) -> list[str]:
+    return [m.group(0) for pat in GRAMMAR_ERRORS for m in re.finditer(pat, text, re.I)
+            if m.group(0).lower() not in ("a user", "an au", "an au12", "a one")]
+
+
+def test_every_facs_template_sentence_is_grammatical():
+    """Each template of both writers, filled with one region and with several, singular and plural
+    areas, one and two weak signs: no agreement or article error (\"the mouth show a little change\")."""
+    from tagfer.au import facs, grounded, wording
+
+    areas = ("mouth", "brows", "eyes and mouth", "brows, eyes and mouth", "nose")
+    fills = dict(label="happiness", second="surprise", other="fear", local="anger", p=0.81, q=0.12, e=0.4, ev="",
+                 first="sadness", adj="happy", a_adj="a happy", items="AU12 (Lip Corner Puller) at 0.41")
+    checked = 0
+    for mod in (facs, grounded, wording):
+        for name, value in vars(mod).items():
+            if not (name.isupper() or name.startswith("_")) or not isinstance(value, tuple) or not all(isinstance(t, str) for t in value):
+                continue
+            for template in value:
+                if "{" not in template and not template.strip()[:1].isupper():
+                    continue
+                for area in areas:
+                    try:
+                        text = template.format(areas=area, region=area, look="the lip corners are pulled up", au=12,
+                                               name="Lip Corner Puller", box="[1, 2, 3, 4]", score=0.5, **fills)
+                    except (KeyError, IndexError):
+                        continue
+                    assert not _grammar_problems(text), (name, text, _grammar_problems(text))
+                    checked += 1
+    assert checked >= 100
+
+
+@pytest.mark.parametrize("n_weak", [1, 2])
+def test_weak_signs_agree_with_their_count(n_weak):
+    """The rules writer's note on weak AUs below the activation level: one sign \"points\", two \"point\"."""
+    scores = {26: 0.95, 5: 0.2, 1: 0.2} if n_weak == 2 else {26: 0.95, 5: 0.2}  # surprise; weak AU5 (and AU1)
+    cfg = FACSConfig(weak_level=0.1)
+    for config in (cfg, FACSConfig(weak_level=0.1, numbers=False)):
+        text = _sentences(explain(face(scores, {}, 0.5), config).trace)
+        if "sign" in text:
+            assert ("signs point" in text) == (n_weak == 2) and ("sign points" in text) == (n_weak == 1), text
+        assert not _grammar_problems(text), text
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(au_scores, st.floats(0.05, 0.95), st.dictionaries(st.sampled_from(LABELS), st.floats(0.0, 1.0), min_size=7, max_size=7))
+def test_generated_traces_are_grammatical(scores, threshold, net):
+    """Whatever the AU scores: the rules writer (with and without numbers, the training traces of
+    `build --teacher facs`) and the grounded writer write no agreement or article error."""
+    fa = face(scores, {}, threshold)
+    total = sum(net.values()) or 1.0
+    texts = [explain(fa).trace, explain(fa, TRAINING_CONFIG).trace,
+             explain_grounded(fa, {k: v / total for k, v in net.items()}).trace]
+    for t in texts:
+        assert not _grammar_problems(_sentences(t)), (t, _grammar_problems(_sentences(t)))

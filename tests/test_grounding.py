@@ -90,7 +90,7 @@ def test_resume_after_interruption_no_duplicates_no_gaps(image_dir, tmp_path):
     with open(out, "a") as f:  # a write cut off mid-line by a crash
         f.write('{"image": "/half/written.jpg", "faces": [')
     s = run_grounding([image_dir], out)
-    assert s.skipped == 3 and s.processed == 6 and s.repaired_bytes > 0
+    assert s.skipped == 3 and s.processed == 6 and s.metric("repaired_bytes") > 0
     keys = [r["image"] for r in _records(out)]
     assert len(keys) == len(set(keys)) == 9
     assert keys == list(iter_images([image_dir]))  # input order preserved across the restart
@@ -102,7 +102,7 @@ def test_retry_errors_rewrites_without_duplicates(image_dir, tmp_path):
     out = tmp_path / "au.jsonl"
     run_grounding([image_dir], out)
     s = run_grounding([image_dir], out, retry_errors=True)
-    assert s.retried_errors == 5 and s.processed == 5
+    assert s.metric("retried_errors") == 5 and s.processed == 5
     keys = [r["image"] for r in _records(out)]
     assert len(keys) == len(set(keys)) == 9
 

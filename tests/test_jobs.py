@@ -105,3 +105,62 @@ def test_process_map_without_on_crash_raises():
 
     with pytest.raises(BrokenProcessPool):
         list(ordered_map(_die_on_boom, ["boom"], workers=1, processes=True))
+
+
+# --------------------------------------------------------------------------- JobResult, folded from events
+from tagfer.core.jobs import (EXIT_FAILED, EXIT_MALFORMED, EXIT_OK, MAX_LISTED, Done, JobRecorder, JobResult, Progress,  # noqa: E402
+                              Skipped, Started)
+
+_event = st.one_of(
+    st.builds(Progress, st.text("abc", min_size=1, max_size=3), st.sampled_from([None, "no_face", "corrupt"]),
+              st.sampled_from(["ok", "malformed"])),
+    st.builds(Skipped, st.text("abc", min_size=1, max_size=3), st.sampled_from(["ok", "failed", "malformed"])),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_event, max_size=60))
+def test_job_result_is_the_fold_of_its_events(events):
+    seen = []
+    rec = JobRecorder("t", on_event=seen.append)
+    rec.start(len(events))
+    for e in events:
+        rec.emit(e)
+    r = rec.finish()
+    assert seen[0] == Started(len(events)) and seen[-1] == Done(r) and seen[1:-1] == events  # the observer saw the same events
+    prog = [e for e in events if isinstance(e, Progress)]
+    skip = [e for e in events if isinstance(e, Skipped)]
+    failed = [e for e in prog if e.error]
+    assert (r.processed, r.failed, r.skipped) == (len(prog), len(failed), len(skip))
+    assert r.malformed == sum(e.status == "malformed" and not e.error for e in prog)
+    assert r.failed_before == sum(e.status == "failed" for e in skip)
+    assert sum(r.errors.values()) == r.failed and all(len(v) <= MAX_LISTED for v in r.failed_items.values())
+    for kind, keys in r.failed_items.items():
+        assert keys == [e.key for e in failed if e.error == kind][:MAX_LISTED]
+    want = EXIT_FAILED if r.failed or r.failed_before else EXIT_MALFORMED if r.malformed or r.malformed_before else EXIT_OK
+    assert r.exit_code() == want and r.to_json()["exit_code"] == want
+
+
+def test_job_result_json_save_and_text(tmp_path):
+    rec = JobRecorder("au")
+    rec.start(3)
+    rec.item("a.jpg")
+    rec.item("b.jpg", "no_face")
+    rec.skip("c.jpg", "failed")
+    rec.result.set_metric("repaired_bytes", 7)
+    r = rec.finish()
+    d = json.loads(r.save(tmp_path / "s.json").read_text())
+    assert d["failed_items"] == {"no_face": ["b.jpg"]} and d["metrics"] == {"au/repaired_bytes": 7} and d["total"] == 3
+    assert (d["processed"], d["failed"], d["skipped"], d["failed_before"], d["exit_code"]) == (2, 1, 1, 1, 1)
+    text = r.render("out.jsonl", noun="image")
+    assert text.startswith("2 image(s) processed (1 failed), 1 already done") and "→ out.jsonl" in text
+    assert "  no_face (1): b.jpg" in text and "1 requested image(s) still have an error record" in text
+    assert r.metric("repaired_bytes") == 7 and r.metric("missing") == 0 and "{" not in text  # no reprs
+
+
+def test_job_result_lists_a_bounded_number_of_failed_items():
+    r = JobResult("x")
+    for i in range(MAX_LISTED + 5):
+        r.apply(Progress(f"i{i}", "corrupt"))
+    assert r.errors == {"corrupt": MAX_LISTED + 5} and len(r.failed_items["corrupt"]) == MAX_LISTED
+    assert "and 5 more" in r.render()

@@ -217,7 +217,7 @@ def test_eval_system_prompt_reaches_the_judge_through_study_pairs(tmp_path, eval
     eval_server.reset(lambda req, i: tag_answer("happiness"))
     for name, extra in (("a", ["--system-prompt", str(tmp_path / "sys.txt")]), ("b", ["--system-prompt", str(tmp_path / "sys.txt"), "--baseline"])):
         r = runner.invoke(app, ["eval", "--model", f"openai:{eval_server.url}", "--dataset", f"rafdb:{rafdb_root}", "--limit", "2",
-                                "--out", str(tmp_path / f"{name}.jsonl"), "--no-progress", "--max-retries", "0", *extra])
+                                "--out", str(tmp_path / f"{name}.jsonl"), "--no-progress", "--request-retries", "0", *extra])
         assert r.exit_code == 0, r.output
     assert all("SYSTEM-X" in json.dumps(q) for q in eval_server.requests)  # the models answered X
     recs = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]

@@ -21,10 +21,10 @@ def _ok(args, code=0):
 @pytest.mark.slow
 def test_build_export_train_eval_report(tmp_path, rafdb_root, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _ok(["build", "--source", f"rafdb:{rafdb_root}", "--teacher", "facs", "--out", "tag_data"])
+    _ok(["build", "--dataset", f"rafdb:{rafdb_root}", "--teacher", "facs", "--out", "tag_data"])
     accepted = [json.loads(x) for x in (tmp_path / "tag_data" / "accepted.jsonl").read_text().splitlines()]
     assert accepted and all(a["teacher"] == "facs" and "<bbox>" in a["completion"] for a in accepted)
-    _ok(["export", "tag_data", "--to", "tag_export"])
+    _ok(["export", "tag_data", "--out", "tag_export"])
     hf = tmp_path / "tag_export" / "hf" / "dataset"
     assert hf.is_dir()
 

@@ -322,7 +322,7 @@ def test_serve_cli_allowed_host_option(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: seen.update(app=app_, **kw))
-    r = CliRunner().invoke(cli, ["serve", "--pool", "1", "--host", "192.168.1.7", "--allowed-host", "tagfer.lan",
+    r = CliRunner().invoke(cli, ["serve", "--workers", "1", "--host", "192.168.1.7", "--allowed-host", "tagfer.lan",
                                  "--allowed-host", "::1"])
     assert r.exit_code == 0, r.output
     assert seen["app"].state.allowed_hosts == ["localhost", "127.0.0.1", "[::1]", "192.168.1.7", "tagfer.lan"]
@@ -330,7 +330,7 @@ def test_serve_cli_allowed_host_option(monkeypatch):
         assert c.get("/health").status_code == 200
         assert c.get("/health", headers={"host": "192.168.1.7:8000"}).status_code == 200
         assert c.get("/health", headers={"host": "other.lan"}).status_code == 400
-    r = CliRunner().invoke(cli, ["serve", "--pool", "1", "--host", "0.0.0.0"])
+    r = CliRunner().invoke(cli, ["serve", "--workers", "1", "--host", "0.0.0.0"])
     assert r.exit_code == 0 and "--allowed-host" in r.output  # a wildcard bind says how to admit LAN names
     assert seen["app"].state.allowed_hosts == ["localhost", "127.0.0.1", "[::1]"]
     r = CliRunner().invoke(cli, ["serve", "--allowed-host", "http://x.lan/"])
@@ -347,12 +347,12 @@ def test_serve_cli_max_live_sessions(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: seen.update(app=app_, **kw))
-    r = CliRunner().invoke(cli, ["serve", "--pool", "1", "--max-live-sessions", "0"])
+    r = CliRunner().invoke(cli, ["serve", "--workers", "1", "--max-live-sessions", "0"])
     assert r.exit_code == 0, r.output
     with TestClient(seen["app"], base_url="http://127.0.0.1") as c:
         r = c.post("/live")
         assert r.status_code == 503 and "live mode is off" in r.json()["error"]["message"]
-    assert CliRunner().invoke(cli, ["serve", "--pool", "1", "--max-live-sessions", "3"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["serve", "--workers", "1", "--max-live-sessions", "3"]).exit_code == 0
     assert seen["app"].state.live.config.max_sessions == 3
     assert CliRunner().invoke(cli, ["serve", "--max-live-sessions", "-1"]).exit_code == 2
 
@@ -756,3 +756,8 @@ def test_browser_video_upload_shows_timeline_segments_and_survives_a_reload(live
             assert "(corrupt)" in page.inner_text("#status")
         finally:
             browser.close()
+
+
+def test_favicon_is_served_not_a_404(client):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml") and r.content.startswith(b"<svg")

@@ -119,3 +119,21 @@ def test_sft_outputs_and_log(sft_run):
     assert val and {"accuracy", "au_iou", "fmt_rate", "score"} <= set(val[-1])
     best = json.loads((result.best_dir / "best.json").read_text())
     assert best["score"] == max(v["score"] for v in val)
+
+
+def test_model_cards_never_link_to_huggingface_none(tmp_path):
+    """TRL's card links the base model and the hub id; trained from a local folder both are None."""
+    from tagfer.train.callbacks import tidy_model_cards
+
+    card = ("This model is a fine-tuned version of [None](https://huggingface.co/None).\n"
+            'generator = pipeline("text-generation", model="None", device_map="auto")\n')
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "README.md").write_text(card)
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "README.md").write_text(card)
+    assert tidy_model_cards(tmp_path, str(tmp_path / "base_model")) == 2
+    text = (tmp_path / "final" / "README.md").read_text()
+    assert "huggingface.co/None" not in text and 'model="None"' not in text and "base_model" in text
+    (tmp_path / "final" / "README.md").write_text(card)
+    tidy_model_cards(tmp_path, "Qwen/Qwen2.5-VL-7B-Instruct")  # a hub id keeps its link
+    assert "[Qwen/Qwen2.5-VL-7B-Instruct](https://huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct)" in (tmp_path / "final" / "README.md").read_text()

@@ -280,12 +280,12 @@ _ROLE_CONTRARY_NONE = (
 _AREA = {1: "brows", 2: "brows", 4: "brows", 5: "eyes", 6: "eyes", 7: "eyes", 43: "eyes", 45: "eyes", 9: "nose"}
 _GLOBAL_ACTIVE = (
     "At first glance the face is clearly animated, with visible movement around the {areas}.",
-    "Overall the expression is pronounced; the {areas} have moved away from a resting shape.",
+    "Overall the expression is pronounced, with movement away from the resting shape around the {areas}.",
     "Seen as a whole, the face shows deliberate movement, most of it around the {areas}.",
 )
 _GLOBAL_MILD = (
     "At first glance the face looks fairly composed, with some movement around the {areas}.",
-    "Overall the expression is mild; the {areas} show a little change from rest.",
+    "Overall the expression is mild, with a little change from rest around the {areas}.",
 )
 _GLOBAL_CALM = (
     "At first glance the face looks calm: the brows, eyes and mouth rest in their usual shape.",
@@ -307,8 +307,10 @@ _CONCLUDE_NEUTRAL_PLAIN = (
     "No region shows a coherent pattern of change, so the expression reads as neutral.",
     "Without a combination of movements that forms an emotion, the face is best described as neutral.",
 )
-_WEAK = " A weaker sign points the same way: {items}, below the activation level."
-_WEAK_PLAIN = " A fainter sign points the same way: {items}."
+# one weak sign, or two (subject and verb agree: "A weaker sign points" / "Two weaker signs point")
+_WEAK = (" A weaker sign points the same way: {items}, below the activation level.",
+         " Two weaker signs point the same way: {items}, both below the activation level.")
+_WEAK_PLAIN = (" A fainter sign points the same way: {items}.", " Two fainter signs point the same way: {items}.")
 
 
 def _areas(dets: Sequence[AUDetection]) -> str:
@@ -403,10 +405,11 @@ def _explain(dets: Sequence[AUDetection], config: FACSConfig) -> FACSExplanation
         weak.sort(key=lambda d: (-proto[d.au] * d.score, d.au))
         if weak:
             if config.numbers:
-                items = ", ".join(f"AU{d.au} ({AU_NAMES.get(d.au, '')}) at {d.score:.2f}" for d in weak[:2])
-                concl += _WEAK.format(items=items)
+                items = " and ".join(f"AU{d.au} ({AU_NAMES.get(d.au, '')}) at {d.score:.2f}" for d in weak[:2])
+                concl += _WEAK[len(weak[:2]) - 1].format(items=items)
             else:
-                concl += _WEAK_PLAIN.format(items=", ".join(f"AU{d.au} ({AU_NAMES.get(d.au, '')})" for d in weak[:2]))
+                items = " and ".join(f"AU{d.au} ({AU_NAMES.get(d.au, '')})" for d in weak[:2])
+                concl += _WEAK_PLAIN[len(weak[:2]) - 1].format(items=items)
     parts.append(concl)
     trace = f"<think>{' '.join(parts)}</think>\n<answer>{label}</answer>"
     return FACSExplanation(

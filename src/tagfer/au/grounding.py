@@ -27,20 +27,20 @@ from __future__ import annotations
 import hashlib
 import os
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from tagfer.au.aus import largest_face
-from tagfer.au.detectors import AUDetector, DetectorSpec
+from tagfer.au.detectors import DETECTORS, AUDetector, DetectorSpec
 from tagfer.core.canvas import CANVAS
 from tagfer.core.errors import ItemError
 from tagfer.core.imageio import is_image_path, load_image
-from tagfer.core.jobs import exit_with_parent, ordered_map, resume_from
+from tagfer.core.jobs import Event, JobRecorder, JobResult, SetupError, exit_with_parent, ordered_map, resume_from
 from tagfer.core.jsonl import JsonlWriter
 
 __all__ = ["GroundingConfig", "iter_images", "check_output_path", "overlay_name", "error_record", "ground_image",
-           "RunSummary", "run_grounding", "exit_with_parent"]
+           "run_grounding", "exit_with_parent"]
 
 
 @dataclass(frozen=True)
@@ -153,29 +153,6 @@ def _work(key: str) -> dict:
     return ground_image(det, key, cfg)
 
 
-@dataclass
-class RunSummary:
-    """Counts of one run: ``processed`` = records written now, ``skipped`` = already in the output,
-    ``failed_before`` = skipped inputs whose record in the output is an error (still failed)."""
-
-    processed: int = 0
-    failed: int = 0
-    skipped: int = 0
-    failed_before: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    retried_errors: int = 0
-    repaired_bytes: int = 0
-
-    @property
-    def ok(self) -> int:
-        return self.processed - self.failed
-
-    @property
-    def any_failed(self) -> bool:
-        """True while a requested input has an error record (written now or left from a run before)."""
-        return bool(self.failed or self.failed_before)
-
-
 def run_grounding(
     inputs: Iterable[str | os.PathLike],
     out: str | os.PathLike,
@@ -186,50 +163,73 @@ def run_grounding(
     retry_errors: bool = False,
     on_record: Callable[[dict], None] | None = None,
     max_in_flight: int | None = None,
-) -> RunSummary:
-    """Run the grounding job (see module docstring). ``on_record`` sees each new record (progress bars)."""
-    summary = RunSummary()
-    out = check_output_path(out)
+    on_event: Callable[[Event], None] | None = None,
+) -> JobResult:
+    """Run the grounding job (see module docstring); returns the run's :class:`tagfer.core.jobs.JobResult`
+    (job ``au``; metrics ``au/retried_errors``, ``au/repaired_bytes``). ``on_record`` sees each new
+    record; ``on_event`` each job event (progress bars: the total is counted before the first image).
+    Raises :class:`tagfer.core.jobs.SetupError` when the detector cannot be built (before any record)."""
+    job = JobRecorder("au", on_event)
+    try:
+        out = check_output_path(out)
+    except ValueError as e:
+        raise SetupError(str(e)) from e
+    inputs = list(inputs)  # walked twice: once to count, once to run
     earlier = resume_from(out, "image", resume=resume, retry_errors=retry_errors)
-    summary.retried_errors = earlier.retried
+    job.result.set_metric("retried_errors", earlier.retried)
+
+    def todo(report: bool) -> Iterator[str]:
+        seen: set[str] = set()
+        for key in iter_images(inputs):
+            if key in earlier or key in seen:
+                if report:  # a duplicate input is counted once as failed-before
+                    job.skip(key, "ok" if key in seen else earlier.status.get(key, "ok"))
+                seen.add(key)
+                continue
+            seen.add(key)
+            yield key
+
+    job.start(sum(1 for _ in todo(report=False)))
+    det = None
+    try:
+        if job.result.total:
+            det = spec.build()
+            if workers > 1:  # the workers build their own
+                det.close()
+                det = None
+        else:  # nothing to do: the spec is checked, no model is loaded (a finished job's re-run skips at once)
+            _check_spec(spec)
+    except Exception as e:  # an unknown kind, a missing model file or table: the job cannot start
+        raise SetupError(str(e)) from e
     with JsonlWriter(out) as writer:
-        summary.repaired_bytes = writer.repaired_bytes
+        job.result.set_metric("repaired_bytes", writer.repaired_bytes)
 
         def emit(rec: dict) -> None:
             writer.write(rec)
-            summary.processed += 1
-            if rec.get("error"):
-                summary.failed += 1
-                k = rec["error"]["kind"]
-                summary.errors[k] = summary.errors.get(k, 0) + 1
+            job.item(rec["image"], (rec.get("error") or {}).get("kind"))
             if on_record:
                 on_record(rec)
 
-        def todo() -> Iterator[str]:
-            seen: set[str] = set()
-            still_failed: set[str] = set()
-            for key in iter_images(inputs):
-                if key in earlier or key in seen:
-                    summary.skipped += 1
-                    if earlier.status.get(key) == "failed" and key not in still_failed:
-                        still_failed.add(key)
-                        summary.failed_before += 1
-                    continue
-                seen.add(key)
-                yield key
-
-        if workers <= 1:
-            det = spec.build()
+        if workers <= 1 or not job.result.total:
             try:
-                for key in todo():
+                for key in todo(report=True):
                     emit(ground_image(det, key, config))
             finally:
-                det.close()
+                if det is not None:
+                    det.close()
         else:  # worker processes (MediaPipe is not thread-safe); a crash costs only the image that causes it
-            for rec in ordered_map(_work, todo(), workers=workers, window=max_in_flight or 4 * workers, processes=True,
+            for rec in ordered_map(_work, todo(report=True), workers=workers, window=max_in_flight or 4 * workers, processes=True,
                                    initializer=_init_worker, initargs=(spec, config), on_crash=_crashed):
                 emit(rec)
-    return summary
+    return job.finish()
+
+
+def _check_spec(spec: DetectorSpec) -> None:
+    """The checks of :meth:`DetectorSpec.build` that need no model: a known kind, its options, and
+    for the table kinds (``openface``, ``table``) a file or folder that exists."""
+    parsed = DETECTORS.parse(spec.kind)
+    if parsed.kind in ("openface", "table") and parsed.target and not Path(parsed.target).exists():
+        raise FileNotFoundError(f"{parsed.kind} table {parsed.target} not found")
 
 
 def _crashed(key: str) -> dict:

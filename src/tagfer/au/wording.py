@@ -94,7 +94,7 @@ LOOK: dict[int, tuple[str, str]] = {
 CHECK = (
     "Checking the {region}: {look}. This is AU{au} ({name}) <bbox>{box}</bbox>, detected at {score:.2f}.",
     "Looking at the {region}, {look}; that is AU{au} ({name}) <bbox>{box}</bbox> with confidence {score:.2f}.",
-    "In the {region}, {look}, which marks AU{au} ({name}) <bbox>{box}</bbox> (score {score:.2f}).",
+    "In the {region}, {look}, which marks AU{au} ({name}) <bbox>{box}</bbox>, scored {score:.2f}.",
 )
 CHECK_PLAIN = (
     "Checking the {region}: {look}. This is AU{au} ({name}) <bbox>{box}</bbox>.",

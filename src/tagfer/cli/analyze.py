@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -11,8 +10,9 @@ from rich.table import Table
 from rich.text import Text
 import typer
 
-from tagfer.cli._app import app, console, out_console
+from tagfer.cli._app import app, console, out_console, say
 from tagfer.cli._shared import resolve_image, set_verbose
+from tagfer.cli.progress import JobProgress
 from tagfer.cli import video as _video
 
 _EXIT_HELP = "Exit codes: 0 ok; 1 an image failed (unreadable, no face); 2 bad options / model not available; 3 a model output is malformed."
@@ -58,21 +58,21 @@ def _print_result(res, show_scores: bool, show_all_aus: bool) -> None:
         out_console.print(f"overlay: {p}")
 
 
-@app.command("analyze", epilog=_EXIT_HELP)
+@app.command("analyze", epilog=_EXIT_HELP, short_help='Explain each face: label, grounded trace, AUs.')
 def analyze_cmd(
     images: List[Path] = typer.Argument(..., help="Image files and/or folders (walked); sample:astronaut or sample:grace_hopper for a bundled real face."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="VLM folder or hub id (TAG checkpoint or base model), or a backend spec openai:URL / hf:PATH / vllm:PATH. Default: the offline FACS engine."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per image (one per line)."),
-    overlay: Optional[Path] = typer.Option(None, "--overlay", "-o", help="Write overlays: OUT.png (one image) or a directory."),
+    overlay: Optional[Path] = typer.Option(None, "--overlays", help="Write overlays: FILE.png (one image) or a folder."),
     scores: bool = typer.Option(False, "--scores", help="Show the engine's class scores (always in --json)."),
     frame: str = typer.Option("face", "--frame", help="face: each face on its own 512 canvas (TAG's face crops); image: the whole image."),
     all_aus: bool = typer.Option(False, "--all-aus", help="List every detector AU, not only the active and cited ones."),
     max_faces: int = typer.Option(5, "--max-faces", min=1, help="Most faces analysed per image (left to right)."),
-    threshold: float = typer.Option(0.3, "--threshold", min=0.0, max=1.0, help="AU activation threshold."),
+    threshold: float = typer.Option(0.3, "--au-threshold", min=0.0, max=1.0, help="AU activation threshold."),
     landmarker: Optional[Path] = typer.Option(None, "--landmarker", help="Path to face_landmarker.task (default: bundled)."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Generation budget with --model."),
     device: str = typer.Option("auto", "--device", help="Device for --model: auto | cpu | cuda."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Append one JSON line per image to this file (as --json) instead of printing; resumable: images already in it are skipped."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Append one JSON line per image to this file (as --json) instead of printing; resumable."),
     no_resume: bool = typer.Option(False, "--no-resume", help="With --out: start over (overwrite the file)."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="With --out: analyse again the images whose earlier record is an error."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="With --out: show a progress bar."),
@@ -142,77 +142,62 @@ def analyze_images(
     workers: int = 1,
 ) -> None:
     """The body of ``tagfer analyze`` with plain defaults (also run by ``tagfer demo``): the work is
-    :func:`tagfer.explainer.analyze.analyze_batch`; this prints and sets the exit code."""
-    # lazy (start-up time): rich.progress
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    :func:`tagfer.explainer.batch.analyze_batch`; this prints and sets the exit code."""
     # lazy (start-up time): PIL
     from tagfer.explainer.batch import BatchSetupError, analyze_batch
-    from tagfer.explainer.records import EXIT_FAILED, EXIT_MALFORMED, EXIT_USAGE
+    from tagfer.core.jobs import EXIT_USAGE
 
     try:
         images = [resolve_image(p) for p in images]
     except (ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(EXIT_USAGE)
-    with ExitStack() as stack:
-        bar = task = None
+
+    def on_result(res) -> None:
         if out is not None:
-            bar = stack.enter_context(Progress(
-                TextColumn("[bold]tagfer analyze"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[failed]} failed"),
-                TimeElapsedColumn(), console=console, disable=not progress,
-            ))
-        failed = [0]
+            return  # the record is in --out; the bar shows the count
+        if json_out:
+            out_console.file.write(json.dumps(res.to_json(), ensure_ascii=False) + "\n")
+            out_console.file.flush()
+        else:
+            _print_result(res, scores, all_aus)
 
-        def on_start(n: int) -> None:
-            nonlocal task
-            if bar is not None:
-                task = bar.add_task("analyze", total=n, failed=0)
-
-        def on_result(res) -> None:
-            failed[0] += not res.ok
-            if bar is not None:
-                bar.update(task, advance=1, failed=failed[0])
-            elif json_out:
-                out_console.file.write(json.dumps(res.to_json(), ensure_ascii=False) + "\n")
-                out_console.file.flush()
-            else:
-                _print_result(res, scores, all_aus)
-
-        if model is not None:
-            console.print(f"loading {model} …")
-        try:
+    if model is not None and out is None:
+        console.print(f"loading {model} …")
+    try:
+        with JobProgress("tagfer analyze", enabled=progress and out is not None, unit="images") as bar:
             summary = analyze_batch(
                 images, engine=model, out=out, overlay=overlay, resume=not no_resume, retry_errors=retry_errors, workers=workers,
                 frame=frame, max_faces=max_faces, threshold=threshold, landmarker=landmarker, max_new_tokens=max_new_tokens,
-                device=None if device == "auto" else device, on_start=on_start, on_result=on_result,
+                device=None if device == "auto" else device, on_result=on_result, on_event=bar,
             )
-        except BatchSetupError as e:
-            console.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(EXIT_USAGE)
-    if out is not None:
-        console.print(f"{summary.analysed} analysed ({summary.failed} failed, {summary.malformed} malformed), {summary.skipped} already done → {out}")
-        if summary.failed_before:
-            console.print(f"{summary.failed_before} requested image(s) still have an error record from an earlier run (--retry-errors analyses them again)")
-    if summary.exit_code == EXIT_FAILED:
-        if summary.failed:
-            console.print(f"{summary.failed} of {summary.analysed} image(s) failed")
-        raise typer.Exit(EXIT_FAILED)
-    if summary.exit_code == EXIT_MALFORMED:
-        console.print(f"{summary.malformed + summary.malformed_before} image(s) with a malformed model output (shown as written, with its violations)")
-        raise typer.Exit(EXIT_MALFORMED)
+    except BatchSetupError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(EXIT_USAGE)
+    if out is not None or summary.failed:
+        say(summary.render(out, noun="image"), err=True)
+    code = summary.exit_code()
+    if code and summary.malformed + summary.malformed_before:
+        console.print(f"{summary.malformed + summary.malformed_before} image(s) with a malformed model output "
+                      "(shown as written, with its violations)")
+    if code:
+        raise typer.Exit(code)
 
 
-@app.command("serve")
+@app.command("serve", short_help='Web page + JSON API for explanations.')
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (localhost by default)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="VLM folder or hub id (default: the offline FACS engine)."),
-    workers: int = typer.Option(2, "--pool", min=1, help="Analyzers (detectors) working in parallel."),
+    workers: int = typer.Option(2, "--workers", "-w", min=1, help="Analyzers (detectors) working in parallel."),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.01, help="Largest accepted upload."),
     frame: str = typer.Option("face", "--frame", help="face | image (see tagfer analyze)."),
-    allowed_host: List[str] = typer.Option([], "--allowed-host", help="Also serve requests with this Host name (repeatable; "
+    allowed_host: List[str] = typer.Option([], "--allowed-host", metavar="HOST", help="Also serve requests with this Host name (repeatable; "
                                            "localhost, 127.0.0.1, [::1] and --host always are; '*' turns the check off)."),
+    allowed_origin: List[str] = typer.Option([], "--allowed-origin", metavar="ORIGIN", help="Also accept uploads posted by pages "
+                                             "of this origin, http://host:port (repeatable; the page's own origin always is)."),
+    max_pending: Optional[int] = typer.Option(None, "--max-pending", min=1, help="Uploads in flight at once; more get 503 "
+                                              "(default: 4 per worker)."),
     max_live_sessions: int = typer.Option(2, "--max-live-sessions", min=0, help="Live camera sessions open at once (0: no live mode)."),
 ) -> None:
     """Web page + JSON API (POST /analyze) for grounded explanations. Localhost only by default."""
@@ -225,6 +210,7 @@ def serve_cmd(
     try:
         hosts = allowed_hosts(host, allowed_host)  # a malformed name is a usage error (exit 2)
         app_ = create_app(ServeConfig(model=model, pool_size=workers, frame=frame), max_upload_mb=max_upload_mb, allowed_hosts=hosts,
+                          allowed_origins=list(allowed_origin), max_pending=max_pending,
                           live=LiveConfig(max_sessions=max_live_sessions))
         app_.state.pool.warm()
     except Exception as e:

@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from tagfer.core.canvas import CANVAS, TOP_K
-from tagfer.cli._app import app, console, out_console
+from tagfer.cli._app import app, console, out_console, say, usage_error
+from tagfer.cli.progress import JobProgress
 from tagfer.cli._shared import resolve_image, set_verbose
 from tagfer.cli import video as _video
 
@@ -21,33 +22,47 @@ def _au_config(top_k: int, threshold: float, bilateral: str, canvas: int, candid
     return AUConfig(threshold=threshold, top_k=top_k, bilateral=bilateral, canvas=canvas, **extra)
 
 
+def pose_text(pose: dict | None) -> str:
+    """``{"yaw": 0.6, "pitch": -3.1, "roll": 1.0}`` → ``yaw 0.6°, pitch -3.1°, roll 1.0°`` (empty: ``unknown``)."""
+    if not pose:
+        return "unknown"
+    return ", ".join(f"{k} {float(v):.1f}°" for k, v in pose.items())
+
+
+def box_text(box) -> str:
+    """A box as the trace writes it, ``[x1, y1, x2, y2]`` (whole pixels); None → ``—``."""
+    if not box:
+        return "—"
+    return "[" + ", ".join(str(round(float(v))) for v in box) + "]"
+
+
 def _print_faces(rec: dict) -> None:
     if rec.get("error"):
         out_console.print(f"[red]✗ {rec['image']}: {rec['error']['kind']}: {rec['error']['message']}[/red]")
         return
     out_console.print(f"[bold]{rec['image']}[/bold]  {rec['width']}×{rec['height']}, {rec['n_faces']} face(s) found")
     for i, f in enumerate(rec["faces"]):
-        t = Table(title=f"face {i}: box {f['bbox_canvas']} on the {rec['canvas']} canvas, pose {f.get('head_pose', {})}")
+        t = Table(title=f"face {i}: box {box_text(f['bbox_canvas'])} on the {rec['canvas']} canvas; head pose {pose_text(f.get('head_pose'))}")
         for c in ("AU", "name", "score", "active", "canvas box"):
             t.add_column(c)
         for a in f["aus"]:
             if a["active"] or a["au"] in f["top"]:
-                t.add_row(f"AU{a['au']}", a["name"], f"{a['score']:.2f}", "yes" if a["active"] else "", str(a["box"]))
+                t.add_row(f"AU{a['au']}", a["name"], f"{a['score']:.2f}", "yes" if a["active"] else "", box_text(a["box"]))
         out_console.print(t)
         out_console.print("AU_LIST for the teacher prompt:\n" + (f["au_list"] or "(no active AU)"))
     if rec.get("overlay"):
         out_console.print(f"overlay: {rec['overlay']}")
 
 
-@app.command("au")
+@app.command("au", short_help='AU grounding: faces, activated AUs, canvas boxes.')
 def au_cmd(
     inputs: List[Path] = typer.Argument(..., help="Image files and/or directories (walked recursively); sample:astronaut or sample:grace_hopper for a bundled real face."),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSON Lines file (appended to; resumable)."),
-    overlays: Optional[Path] = typer.Option(None, "--overlays", help="Write a PNG overlay per image into this directory."),
+    overlays: Optional[Path] = typer.Option(None, "--overlays", help="Folder for one PNG overlay per image."),
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="Worker processes."),
     top_k: int = typer.Option(TOP_K, "--top-k", min=0, help="AUs in the candidate pool / AU_LIST (paper: 3)."),
-    threshold: float = typer.Option(0.3, "--threshold", min=0.0, max=1.0, help="Activation threshold on AU scores."),
-    candidate_threshold: Optional[float] = typer.Option(None, "--candidate-threshold", min=0.0, max=1.0, help="Score an activated AU needs to enter the candidate pool / AU_LIST (default: AUConfig's)."),
+    threshold: float = typer.Option(0.3, "--au-threshold", min=0.0, max=1.0, help="AU activation threshold."),
+    candidate_threshold: Optional[float] = typer.Option(None, "--candidate-threshold", min=0.0, max=1.0, help="Score an activated AU needs to enter the candidate pool (default: AUConfig's)."),
     all_faces: bool = typer.Option(False, "--all-faces", help="Keep every face (default: the largest)."),
     detector: str = typer.Option("mediapipe", "--detector", help="mediapipe | openface:CSV_OR_DIR[?geometry=mediapipe] | table:LONG_CSV | a kind registered by a $TAGFER_PLUGINS module (docs/au.md)."),
     bilateral: str = typer.Option("union", "--bilateral", help="union: one box over both sides; split: one per side."),
@@ -95,6 +110,7 @@ def au_cmd(
             retry_errors = False  # the image job must not drop the video records just written
     from tagfer.au.detectors import DetectorSpec  # lazy (start-up time): PIL
     from tagfer.au.grounding import GroundingConfig, run_grounding  # lazy (start-up time): PIL
+    from tagfer.core.jobs import SetupError  # lazy: keeps `tagfer --help` fast
 
     try:
         inputs = [resolve_image(p) for p in inputs]  # sample:astronaut, as in tagfer analyze
@@ -108,45 +124,25 @@ def au_cmd(
         fallback=fallback,
     )
     gcfg = GroundingConfig(all_faces=all_faces, landmarks=landmarks, overlays=str(overlays) if overlays else None)
+
+    def on_record(rec: dict) -> None:
+        if show:
+            _print_faces(rec)
+
     try:
-        from tagfer.au.grounding import check_output_path  # lazy (start-up time): PIL
-
-        check_output_path(out)
-        spec.build().close()  # fail fast on a missing model file / bad table before any work
-    except Exception as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
-
-    # lazy (start-up time): rich.progress
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("[bold]tagfer au"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
-        console=console, disable=not progress, transient=False,
-    ) as bar:
-        task = bar.add_task("au", total=None, failed=0)
-        failed = [0]
-
-        def on_record(rec: dict) -> None:
-            failed[0] += bool(rec.get("error"))
-            bar.update(task, advance=1, failed=failed[0])
-            if show:
-                _print_faces(rec)
-
-        summary = run_grounding(inputs, out, spec, gcfg, workers=workers, resume=not no_resume or bool(videos), retry_errors=retry_errors, on_record=on_record)
-    msg = f"{summary.processed} processed ({summary.failed} failed), {summary.skipped} already done → {out}"
-    if summary.errors:
-        msg += "  errors: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.errors.items()))
-    if summary.failed_before:
-        msg += f"\n{summary.failed_before} requested image(s) still have an error record from an earlier run (--retry-errors runs them again)"
-    console.print(msg)
+        with JobProgress("tagfer au", enabled=progress, unit="images") as bar:
+            summary = run_grounding(inputs, out, spec, gcfg, workers=workers, resume=not no_resume or bool(videos),
+                                    retry_errors=retry_errors, on_record=on_record, on_event=bar)
+    except SetupError as e:  # a missing model file, a bad table, an output that is not a file
+        usage_error(str(e))
+    say(summary.render(out, noun="image"), err=True)
     if summary.any_failed or vcode:
         raise typer.Exit(1)
 
 
-@app.command("demo")
+@app.command("demo", short_help='The offline tour on a bundled real face.')
 def demo_cmd(
-    out: Path = typer.Option(Path("demo_out"), "--out", help="Directory for the demo outputs."),
+    out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Folder for the demo outputs."),
     sample: str = typer.Option("astronaut", "--sample", help="astronaut | grace_hopper"),
     verbose: bool = typer.Option(False, "--verbose", help="Show MediaPipe's own log lines (hidden by default)."),
 ) -> None:

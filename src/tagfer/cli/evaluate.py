@@ -10,20 +10,11 @@ from typing import Any, List, Optional
 from rich.table import Table
 import typer
 
-from tagfer.cli._app import app, console, out_console
+from tagfer.cli._app import TYPER, app, console, out_console, say
+from tagfer.cli.progress import JobProgress
 
-study_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Human A/B preference study (web app on localhost).")
+study_app = typer.Typer(help="Human A/B preference study (web app on localhost).", **TYPER)
 app.add_typer(study_app, name="study")
-
-
-def _progress(total: int | None = None, enabled: bool = True):
-    # lazy (start-up time): rich.progress
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, disable=not enabled, transient=False,
-    )
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -31,7 +22,7 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-@app.command("eval")
+@app.command("eval", short_help="Predict a test set (the paper's protocol).")
 def eval_cmd(
     model: str = typer.Option(..., "--model", "-m", help="hf:PATH | openai:URL[,URL] | vllm:PATH (a bare path = hf) | facs[:DETECTOR] (offline FACS engine baseline)."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Source spec, e.g. rafdb:/data/RAF-DB, ferplus:/data/FERPlus, affectnet:/data/AffectNet."),
@@ -51,7 +42,7 @@ def eval_cmd(
     concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="openai: requests in flight (default 512 total, 128 per endpoint)."),
     served_model: Optional[str] = typer.Option(None, "--served-model", help="openai: the model name sent (default: the server's first model)."),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="openai: environment variable holding the API key (default OPENAI_API_KEY)."),
-    max_retries: Optional[int] = typer.Option(None, "--max-retries", min=0, help="openai: retries per request."),
+    max_retries: Optional[int] = typer.Option(None, "--request-retries", min=0, help="openai: transport retries per request (429/5xx/timeouts/drops)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", min=0.1, help="openai: seconds per attempt."),
     device: str = typer.Option("auto", "--device", help="hf: auto | cpu | cuda[:N]."),
     image_format: str = typer.Option("png", "--image-format", help="openai: image encoding sent, png | jpeg (jpeg costs ~2.5x less CPU per request)."),
@@ -92,32 +83,41 @@ def eval_cmd(
         getattr(backend, "warm", lambda: None)()  # e.g. the facs engine's detector: fail fast
     except Exception as e:  # missing weights, vLLM not installed, bad URL ...
         _fail(f"cannot build backend {model!r}: {type(e).__name__}: {e}")
-    console.print(f"eval {name or model} on {dataset} ({split}); decoding {gen}")
-    with _progress(enabled=progress) as bar:
-        task = bar.add_task("predicting", total=None)
+    console.print(f"eval {name or model} on {dataset} ({split}); decoding: {decoding_text(gen)}", highlight=False)
+    with JobProgress("predicting", enabled=progress, unit="images") as bar:
         acc = {"n": 0, "ok": 0}
 
         def tick(p) -> None:
             acc["n"] += 1
             acc["ok"] += int(p.pred == p.label)
-            bar.update(task, advance=1, description=f"predicting (acc {100 * acc['ok'] / acc['n']:.1f}%)")
+            bar.note(f"acc {100 * acc['ok'] / acc['n']:.1f}%")
 
         try:
             summary = eval_source(
                 dataset, backend, out, split=split, model=name or model, gen=gen, prompt=prompt,
-                resume=not no_resume, retry_errors=retry_errors, lenient=lenient, limit=limit, on_record=tick,
+                resume=not no_resume, retry_errors=retry_errors, lenient=lenient, limit=limit, on_record=tick, on_event=bar,
             )
         finally:
             backend.close()
-    for w in summary.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
-    errs = ", ".join(f"{k}={v}" for k, v in sorted(summary.errors.items()))
-    out_console.print(
-        f"{summary.processed} predicted ({summary.failed} failed{': ' + errs if errs else ''}), {summary.skipped} already done, "
-        f"{summary.dataset_size} images in the split; {summary.throughput:.2f} predictions/s → {out}"
-    )
-    if summary.failed:
+    say(summary.render(out, noun="image"))
+    out_console.print(f"{summary.metric('dataset_size')} images in the split; {summary.throughput:.2f} predictions/s",
+                      highlight=False)
+    if summary.any_failed:
         raise typer.Exit(1)
+
+
+def decoding_text(gen: dict) -> str:
+    """The decoding settings in words: ``greedy, at most 512 new tokens, at most 3 boxes, seed 0``."""
+    t, top_p = gen.get("temperature", 0.0), gen.get("top_p", 1.0)
+    parts = ["greedy" if not t else f"sampling at temperature {t:g}" + (f", top-p {top_p:g}" if top_p < 1 else "")]
+    parts.append(f"at most {gen.get('max_new_tokens')} new tokens")
+    mb = gen.get("max_boxes")
+    parts.append("no box limit" if mb is None else f"at most {mb} boxes")
+    if gen.get("box_request"):
+        parts.append(f"box limit asked of the server ({gen['box_request']})")
+    if t:
+        parts.append(f"seed {gen.get('seed', 0)}")
+    return ", ".join(parts)
 
 
 def _detector_truth(preds: Path, spec_text: str, cache: Path, dataset: Optional[str], au_threshold: float, progress: bool, label: str):
@@ -125,13 +125,18 @@ def _detector_truth(preds: Path, spec_text: str, cache: Path, dataset: Optional[
     from tagfer.au.detectors import DetectorSpec  # lazy (start-up time): PIL
     from tagfer.evaluation.eval import au_truth  # lazy (start-up time): PIL
 
+    from tagfer.core.jobs import Progress, resume_from  # lazy: keeps `tagfer --help` fast
+    from tagfer.core.jsonl import read_jsonl  # lazy: keeps `tagfer --help` fast
+
     spec = DetectorSpec(kind=spec_text, config=AUConfig(threshold=au_threshold))
-    with _progress(enabled=progress) as bar:
-        task = bar.add_task(f"AU boxes ({label}: {spec_text})", total=None)
-        return au_truth(preds, spec, cache, dataset=dataset, on_record=lambda r: bar.update(task, advance=1))
+    cached = resume_from(cache, "id").done
+    total = len({str(r.get("id")) for r in read_jsonl(preds)} - cached)
+    with JobProgress(f"AU boxes ({label}: {spec_text})", enabled=progress, total=total, unit="images") as bar:
+        return au_truth(preds, spec, cache, dataset=dataset,
+                        on_record=lambda r: bar(Progress(r.get("id"), (r.get("error") or {}).get("kind") if r.get("error") else None)))
 
 
-@app.command("score")
+@app.command("score", short_help='Metrics of predictions, with 95% CIs.')
 def score_cmd(
     preds: Path = typer.Argument(..., help="Predictions JSONL written by `tagfer eval`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Score JSON (input of `tagfer report`); default PREDS with .scores.json."),
@@ -195,6 +200,31 @@ def _slug(spec: str) -> str:
     return kind if ":" not in spec else f"{kind}-{hashlib.blake2b(spec.encode(), digest_size=3).hexdigest()}"
 
 
+def counts_text(d: Any) -> str:
+    """``{"parse": 2, "http_500": 1}`` → ``http_500 1, parse 2``; empty → ``none``."""
+    if not d:
+        return "none"
+    if not isinstance(d, dict):
+        return str(d)
+    return ", ".join(f"{k} {v}" for k, v in sorted(d.items()))
+
+
+def scores_text(scores: Any) -> str:
+    """A judge's mean rubric scores in words: ``accuracy 4.2, grounding 3.9`` (``–`` for no valid score)."""
+    if not isinstance(scores, dict) or not scores:
+        return "–"
+    return ", ".join(f"{k} {'–' if v is None else f'{v:.2f}'}" for k, v in scores.items())
+
+
+def box_limit_text(limit: Any) -> str:
+    """The score file's ``box_limit`` in words (a number, a count per mode, or none)."""
+    if not limit:
+        return "none"
+    if isinstance(limit, dict):
+        return ", ".join(f"{k} {v}" for k, v in limit.items())
+    return str(limit)
+
+
 def geometry_text(geo: Any) -> str:
     """``{"openface-landmarks": 3000, "mediapipe-regions": 68}`` → ``openface-landmarks 3000, mediapipe-regions 68``."""
     from tagfer.evaluation.report import geometry_label  # lazy: keeps `tagfer --help` fast
@@ -219,14 +249,18 @@ def _print_scores(s: dict) -> None:
     for c, v in s["per_class"].items():
         t.add_row(f"recall {c} (n={v['support']})", "–" if v["recall"] is None else f"{100 * v['recall']:.2f}")
     out_console.print(t)
-    out_console.print(f"boxes per answer: {s['boxes_histogram']}; box limit: {s.get('box_limit') or 'none'}; errors: {s['errors'] or 'none'}")
+    hist = s.get("boxes_histogram") or {}
+    boxes = ", ".join(f"{k} box{'es' if str(k) != '1' else ''} in {v}" for k, v in sorted(hist.items(), key=lambda kv: (len(str(kv[0])), str(kv[0]))))
+    errors = ", ".join(f"{k} {v}" for k, v in sorted((s.get("errors") or {}).items())) or "none"
+    out_console.print(f"boxes per answer: {boxes or 'no answer'}; box limit: {box_limit_text(s.get('box_limit'))}; errors: {errors}",
+                      highlight=False)
     run = s.get("run") or {}
     for label, key in (("AU IoU", "au_geometry"), ("cross-detector AU IoU", "cross_geometry")):
         if run.get(key):
             out_console.print(f"{label} boxes from: {geometry_text(run[key])}")
 
 
-@app.command("report")
+@app.command("report", short_help='Paper-style tables from score files.')
 def report_cmd(
     runs: List[Path] = typer.Argument(..., help="Score JSON files written by `tagfer score`."),
     out: Path = typer.Option(..., "--out", "-o", help="Markdown report; CSV tables are written next to it."),
@@ -245,11 +279,11 @@ def report_cmd(
         md, csvs = write_report(load_scores(runs), out, [t.strip() for t in tables.split(",") if t.strip()], title, csv_dir, metric)
     except (ValueError, json.JSONDecodeError) as e:
         _fail(str(e))
-    out_console.print(md)
-    out_console.print(f"report → {out}; CSV: {', '.join(str(p) for p in csvs)}")
+    say(md)  # Markdown as written: no rich markup, no line broken at the terminal width
+    say(f"report → {out}; CSV: {', '.join(str(p) for p in csvs)}", err=True)
 
 
-@app.command("judge")
+@app.command("judge", short_help='LLM-as-judge A/B comparison.')
 def judge_cmd(
     judge: str = typer.Option(..., "--judge", help="Judge model: openai:URL[,URL] (any OpenAI-compatible VLM server) | hf:PATH | vllm:PATH."),
     out: Path = typer.Option(..., "--out", "-o", help="Judgments JSONL (one line per pair × seed; resumable)."),
@@ -265,7 +299,8 @@ def judge_cmd(
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=16, help="Judge reply budget (a reasoning judge needs room before its JSON)."),
     max_retries: int = typer.Option(2, "--max-retries", min=0, help="Re-asks after a malformed reply or failed request."),
     served_model: Optional[str] = typer.Option(None, "--served-model", help="openai: model name sent to the server."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="openai: environment variable holding the API key (default OPENAI_API_KEY)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="openai: requests in flight."),
     system_prompt: Optional[Path] = typer.Option(None, "--system-prompt", help="File replacing the judge system prompt."),
     user_prompt: Optional[Path] = typer.Option(None, "--user-prompt", help="File replacing the judge user template ($task_prompt, $response_a, $response_b, $label)."),
     summary: Optional[Path] = typer.Option(None, "--summary", help="Aggregate JSON (default: <out>.summary.json)."),
@@ -293,15 +328,17 @@ def judge_cmd(
     if not plist:
         _fail("no pairs to judge (no image answered by both systems?)")
     try:
-        backend = make_backend(judge, served_model=served_model, concurrency=concurrency)
+        backend = make_backend(judge, served_model=served_model, concurrency=concurrency,
+                               api_key=os.environ.get(api_key_env, "") if api_key_env else None)
     except Exception as e:
         _fail(f"cannot build judge backend {judge!r}: {type(e).__name__}: {e}")
-    with _progress(enabled=progress) as bar:
-        task = bar.add_task("judging", total=len(plist) * repeats)
+    from tagfer.core.jobs import Progress  # lazy: keeps `tagfer --help` fast
+
+    with JobProgress("judging", enabled=progress, total=len(plist) * repeats, unit="judgments") as bar:
         try:
             recs = run_judge(plist, backend, out, repeats=repeats, seed=seed, prompt=prompt, max_retries=max_retries,
                              gen={"temperature": temperature, "max_new_tokens": max_new_tokens}, judge_name=judge,
-                             on_record=lambda r: bar.update(task, advance=1))
+                             on_record=lambda r: bar(Progress(r.get("key"), None if r.get("ok", True) else "failed")))
         finally:
             backend.close()
     keys = {f"{p.id}#{seed + r}" for p in plist for r in range(repeats)}
@@ -311,11 +348,12 @@ def judge_cmd(
     p, o = agg["preference_pct"], agg["order_effect"]
     f = lambda v: "–" if v is None else f"{v:.1f}%"  # noqa: E731
     out_console.print(
-        f"{agg['n_pairs']} pairs, {agg['n_valid']}/{agg['n_judgments']} valid judgments (failures: {agg['failures'] or 'none'})\n"
+        f"{agg['n_pairs']} pairs, {agg['n_valid']}/{agg['n_judgments']} valid judgments (failures: {counts_text(agg['failures'])})\n"
         f"preference: {agg['systems']['a']} {f(p['a'])}, {agg['systems']['b']} {f(p['b'])}, tie {f(p['tie'])}\n"
-        f"mean scores: a {agg['mean_scores']['a']}, b {agg['mean_scores']['b']}\n"
+        f"mean scores (1-5): {agg['systems']['a']}: {scores_text(agg['mean_scores']['a'])}; "
+        f"{agg['systems']['b']}: {scores_text(agg['mean_scores']['b'])}\n"
         f"order effect: first shown wins {f(o['first_shown_wins_pct'])}, second {f(o['second_shown_wins_pct'])} of {o['decisive']} decisive\n"
-        f"summary → {summary}"
+        f"summary → {summary}", highlight=False,
     )
     failed = agg["n_judgments"] - agg["n_valid"]
     if failed:  # as eval and au: exit 1 while failed judgments remain in OUT
@@ -324,7 +362,7 @@ def judge_cmd(
         raise typer.Exit(1)
 
 
-@study_app.command("pairs")
+@study_app.command("pairs", short_help='Sample response pairs of two systems.')
 def study_pairs_cmd(
     preds_a: Path = typer.Option(..., "--a", help="Predictions of system A (e.g. TAG)."),
     preds_b: Path = typer.Option(..., "--b", help="Predictions of system B (e.g. a baseline)."),
@@ -348,17 +386,27 @@ def study_pairs_cmd(
         _fail("no image was answered by both systems")
     write_pairs(pairs, out)
     out_console.print(f"{len(pairs)} pairs → {out}")
+    if len(pairs) < n:
+        console.print(f"[yellow]note:[/yellow] {n} pairs asked for, but only {len(pairs)} image(s) have an answer "
+                      "(no error) from both systems" + ("" if dataset else
+                      "; images stored as bytes are skipped without --dataset"), highlight=False)
 
 
-@study_app.command("serve")
+@study_app.command("serve", short_help='Serve the A/B study page.')
 def study_serve_cmd(
     pairs: Path = typer.Option(..., "--pairs", help="Pairs JSONL (from `tagfer study pairs`)."),
     db: Path = typer.Option(..., "--db", help="SQLite database of the votes (created; resumable)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (keep it local: no accounts, no TLS)."),
     port: int = typer.Option(8765, "--port"),
     seed: int = typer.Option(0, "--seed", help="Seed of the per-evaluator pair order and response order."),
-    allowed_host: List[str] = typer.Option([], "--allowed-host", help="Also serve requests with this Host name (repeatable; "
+    allowed_host: List[str] = typer.Option([], "--allowed-host", metavar="HOST", help="Also serve requests with this Host name (repeatable; "
                                            "localhost, 127.0.0.1, [::1] and --host always are; '*' turns the check off)."),
+    allowed_origin: List[str] = typer.Option([], "--allowed-origin", metavar="ORIGIN", help="Also accept votes posted by pages "
+                                             "of this origin, http://host:port (repeatable; the page's own origin always is)."),
+    max_evaluators: Optional[int] = typer.Option(None, "--max-evaluators", min=1, help="Most evaluator names in the study "
+                                                 "(default: the study app's limit)."),
+    registrations_per_client: int = typer.Option(5, "--registrations-per-client", min=1, help="New evaluator names one client "
+                                                 "address may register per 10 minutes."),
 ) -> None:
     """Serve the A/B study page: evaluators enter a name, then choose A / B / tie for each pair."""
     import uvicorn  # lazy (start-up time): uvicorn
@@ -380,10 +428,16 @@ def study_serve_cmd(
     console.print(f"study of {len(plist)} pairs on http://{host}:{port}  (votes → {db})")
     if note := bind_note(host, allowed_host):
         console.print(f"[yellow]note:[/yellow] {note}")
-    uvicorn.run(create_app(plist, db, seed=seed, allowed_hosts=hosts), host=host, port=port, log_level="warning")
+    limits = {"max_evaluators": max_evaluators} if max_evaluators is not None else {}
+    try:
+        app_ = create_app(plist, db, seed=seed, allowed_hosts=hosts, allowed_origins=list(allowed_origin),
+                          registrations_per_client=registrations_per_client, **limits)
+    except ValueError as e:  # a malformed origin
+        _fail(str(e))
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
-@study_app.command("export")
+@study_app.command("export", short_help='Aggregate the votes: preferences, agreement.')
 def study_export_cmd(
     db: Path = typer.Option(..., "--db", help="The study's SQLite database."),
     out: Path = typer.Option(..., "--out", "-o", help="Aggregate JSON."),

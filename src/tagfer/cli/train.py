@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from tagfer.cli._app import app, console, out_console
+from tagfer.cli._app import TYPER, app, console, out_console, say
 
-train_app = typer.Typer(no_args_is_help=True, help="Train TAG: SFT with LoRA, GRPO with the AU-grounded reward.")
+train_app = typer.Typer(help="Train TAG: SFT with LoRA, GRPO with the AU-grounded reward.", **TYPER)
 app.add_typer(train_app, name="train")
 
 _CONFIG = typer.Option(..., "--config", "-c", help="Preset name (see `tagfer train presets`) or YAML file.")
@@ -37,11 +37,22 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except ModelNotAvailable as e:
-        console.print(f"[red]model not available[/] {e}")
+        console.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(3)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error[/] {e}")
         raise typer.Exit(2)
+
+
+def best_text(best) -> str:
+    """The best checkpoint's validation in words: `` (step 3: accuracy 0.50, au_iou 0.31, fmt_rate 1.00, score 0.62 on 2 samples)``."""
+    if not isinstance(best, dict) or not best:
+        return ""
+    parts = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in best.items() if k not in ("step", "n", "note")]
+    where = f"step {best['step']}: " if "step" in best else ""
+    n = f" on {best['n']} samples" if "n" in best else ""
+    note = best.get("note")
+    return f"  ({where}{', '.join(parts)}{n})" if parts else f"  ({where}{note})" if note else ""
 
 
 @train_app.command("presets")
@@ -54,7 +65,7 @@ def presets() -> None:
         out_console.print(f"{name:16s} stage={raw.get('stage', 'sft'):5s} output_dir={raw.get('output_dir', '')}")
 
 
-@train_app.command("fields")
+@train_app.command("fields", short_help="List a stage's config fields.")
 def fields(stage: str = typer.Argument(..., help="sft | grpo")) -> None:
     """Every field of the stage's config (TRL's and TAG's) with its help and tagfer's default."""
     from tagfer.train.config import CONFIG_CLASSES, TagParser  # lazy (start-up time): trl, transformers
@@ -66,7 +77,7 @@ def fields(stage: str = typer.Argument(..., help="sft | grpo")) -> None:
                       markup=False, highlight=False)
 
 
-@train_app.command("show", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP)
+@train_app.command("show", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP, short_help='Print the resolved config as YAML.')
 def show(ctx: typer.Context, config: str = _CONFIG) -> None:
     """Print the resolved config (after extends and overrides) as YAML: the fields that differ from the defaults."""
     from tagfer.train.config import dump_config  # lazy (start-up time): trl, transformers
@@ -82,7 +93,7 @@ def sft(ctx: typer.Context, config: str = _CONFIG) -> None:
     cfg = _load(config, ctx.args, "sft", "tagfer train sft")
     console.print(f"SFT → {cfg.output_dir} (model {cfg.model_name_or_path}, data {cfg.train_data})")
     res = _run(run_sft, cfg)
-    out_console.print(f"final adapter: {res.final_dir}\nbest adapter:  {res.best_dir}  {res.best or ''}\nlog: {res.log_path}")
+    say(f"final adapter: {res.final_dir}\nbest adapter:  {res.best_dir}{best_text(res.best)}\nlog: {res.log_path}")
 
 
 @train_app.command("grpo", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP)
@@ -94,10 +105,10 @@ def grpo(ctx: typer.Context, config: str = _CONFIG) -> None:
     console.print(f"GRPO → {cfg.output_dir} (model {cfg.model_name_or_path}, adapter {cfg.adapter} "
                   f"[{cfg.adapter_mode}], sources {cfg.sources or 'all'})")
     res = _run(run_grpo, cfg)
-    out_console.print(f"final adapter: {res.final_dir}\nlog: {res.log_path}")
+    say(f"final adapter: {res.final_dir}\nlog: {res.log_path}")
 
 
-@train_app.command("merge")
+@train_app.command("merge", short_help='Merge an adapter into its base model.')
 def merge(
     adapter: Path = typer.Argument(..., help="LoRA adapter folder (e.g. runs/sft/best)."),
     out: Path = typer.Option(..., "--out", "-o", help="Standalone model folder to write."),
@@ -111,11 +122,11 @@ def merge(
     out_console.print(f"merged model: {res}")
 
 
-@train_app.command("export-llamafactory", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP)
+@train_app.command("export-llamafactory", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP, short_help='Write a LLaMA-Factory SFT YAML.')
 def export_llamafactory(
     ctx: typer.Context, config: str = _CONFIG,
     out: Path = typer.Option(..., "--out", "-o", help="YAML file to write."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset name in the exporter's dataset_info.json (default from the preset)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset-name", help="Dataset name in the exporter's dataset_info.json (default from the preset)."),
     export_dir: str = typer.Option("tag_export", help="Output folder of `tagfer export` (holds llamafactory/dataset_info.json)."),
     deepspeed: Optional[str] = typer.Option(None, help="zero2 | zero3 (shipped JSON files) or a DeepSpeed JSON path."),
 ) -> None:
@@ -131,7 +142,7 @@ def export_llamafactory(
     out_console.print(f"wrote {p}")
 
 
-@train_app.command("export-verl", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP)
+@train_app.command("export-verl", context_settings=_OVERRIDES, epilog=_OVERRIDES_HELP, short_help='Write a verl GRPO config + launch script.')
 def export_verl(
     ctx: typer.Context, config: str = _CONFIG,
     out: Path = typer.Option(..., "--out", "-o", help="YAML file to write (a .sh launch script is written beside it)."),
@@ -150,7 +161,7 @@ def export_verl(
     out_console.print(f"wrote {p} and {sh}")
 
 
-@train_app.command("plot")
+@train_app.command("plot", short_help='Plot the training dynamics (Figure 5).')
 def plot(
     log: Path = typer.Argument(..., help="train_log.jsonl of a run."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Image file (default: LOG's folder/training_dynamics.png)."),

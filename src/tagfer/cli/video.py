@@ -8,7 +8,7 @@ from typing import List, Optional
 from rich.table import Table
 import typer
 
-from tagfer.cli._app import console, out_console
+from tagfer.cli._app import console, out_console, say
 
 # Options shared by `tagfer au` and `tagfer analyze` (video inputs only).
 FPS = typer.Option(None, "--fps", min=0.001, help="Video: frames analysed per second (default: every frame).")
@@ -85,7 +85,10 @@ def drop_image_errors(out: Optional[Path]) -> None:
 
 def run_videos(videos: List[str], out: Optional[Path], config, *, no_resume: bool = False, retry_errors: bool = False,
                progress: bool = True, show: bool = False) -> int:
-    """Run every video into ``out``; returns the exit code (0 ok, 1 a video or frame failed, 2 usage)."""
+    """Run every video into ``out``; returns the exit code (0 ok, 1 a video or frame failed, 2 usage). The
+    progress bar counts each video's frames; the exit code is that of the run's
+    :class:`tagfer.core.jobs.JobResult` (one item per video). A video's own summary is its last
+    record in ``out`` (:class:`tagfer.au.video.VideoSummary`)."""
     from tagfer.au.faces import FaceLandmarker  # lazy: keeps `tagfer --help` fast
     from tagfer.au.video import drop_failed_videos, load_grounded, run_video, segments_path  # lazy (start-up time): PIL
 
@@ -103,32 +106,29 @@ def run_videos(videos: List[str], out: Optional[Path], config, *, no_resume: boo
             p.unlink(missing_ok=True)
     if retry_errors and out.exists():
         drop_failed_videos(out)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # lazy (start-up time): rich.progress
+    from tagfer.cli.progress import JobProgress  # lazy: keeps `tagfer --help` fast
+    from tagfer.core.jobs import JobRecorder, Progress  # lazy: keeps `tagfer --help` fast
 
-    code = 0
-    with Progress(TextColumn("[bold]video {task.fields[name]}"), BarColumn(), TextColumn("{task.completed} frames"),
-                  TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(), console=console, disable=not progress) as bar:
-        for v in videos:
-            task = bar.add_task("video", total=None, name=Path(v).name, failed=0)
-            failed = [0]
+    job = JobRecorder("video")  # one item per video: failed when the video or one of its frames failed
+    for v in videos:
+        with JobProgress(f"video {Path(v).name}", enabled=progress, unit="frames") as bar:
 
-            def on_record(rec: dict, task=task) -> None:
+            def on_record(rec: dict, bar=bar) -> None:
                 if rec.get("record") == "frame":
-                    failed[0] += bool(rec.get("error"))
-                    bar.update(task, advance=1, failed=failed[0])
+                    bar(Progress(str(rec.get("t")), (rec.get("error") or {}).get("kind") if rec.get("error") else None))
 
             summ = run_video(v, out, config, on_record=on_record, grounded=grounded)
-            msg = f"{v}: {summ.frames_sampled} frame(s) analysed ({summ.frames_failed} failed), {summ.frames_resumed} already done"
-            if summ.faces_seen:
-                msg += f", {summ.faces_seen} face(s), {summ.segments} segment(s) → {summ.segments_file}"
-            for what in ("annotated", "plot"):
-                if getattr(summ, what):
-                    msg += f"; {what}: {getattr(summ, what)}"
-            console.print(msg)
-            if summ.error:
-                console.print(f"[red]✗ {v}: {summ.error['kind']}: {summ.error['message']}[/red]")
-            if summ.error or summ.frames_failed:
-                code = 1
-            if show and summ.segments:
-                _print_segments(summ, out)
+        msg = f"{v}: {summ.frames_sampled} frame(s) analysed ({summ.frames_failed} failed), {summ.frames_resumed} already done"
+        if summ.faces_seen:
+            msg += f", {summ.faces_seen} face(s), {summ.segments} segment(s) → {summ.segments_file}"
+        for what in ("annotated", "plot"):
+            if getattr(summ, what):
+                msg += f"; {what}: {getattr(summ, what)}"
+        say(msg, err=True)
+        if summ.error:
+            console.print(f"[red]✗ {v}: {summ.error['kind']}: {summ.error['message']}[/red]")
+        job.item(v, summ.error["kind"] if summ.error else "frame_failed" if summ.frames_failed else None)
+        if show and summ.segments:
+            _print_segments(summ, out)
+    code = job.finish().exit_code()
     return code

@@ -22,10 +22,25 @@ Two pieces, used together or apart:
 Records are written by the caller with :class:`tagfer.core.jsonl.JsonlWriter` (flushed per
 line, a torn last line cut on reopen), so an interrupted job resumes with no gap and no
 duplicate.
+
+:class:`JobResult` and its events
+    The one summary of every job (au, analyze, eval, build, export, video). A job does not
+    keep counters of its own: it reports :class:`Started` (how many items it will run, when
+    that is knowable), one :class:`Progress` per finished item (its key and, for a failure, the
+    error kind), :class:`Skipped` for items an earlier run did, and :class:`Done`.
+    :class:`JobRecorder` folds those events into the :class:`JobResult` and hands each to an
+    observer (``on_event``): the command line draws its progress bar from the same events
+    (:mod:`tagfer.cli.progress`), so the bar and the summary cannot disagree. Library modules
+    never draw anything.
+
+Exit codes of every long command: :data:`EXIT_OK` 0, :data:`EXIT_FAILED` 1 (an item has an
+error record, written now or left by an earlier run), :data:`EXIT_USAGE` 2 (bad options, the job
+cannot start), :data:`EXIT_MALFORMED` 3 (every item done, but a model output is malformed).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -41,12 +56,21 @@ from typing import Any, TypeVar
 
 from tagfer.core.jsonl import drop_records, read_jsonl, remove_output
 
-__all__ = ["Resume", "resume_from", "has_error", "ordered_map", "exit_with_parent"]
+__all__ = [
+    "Resume", "resume_from", "has_error", "ordered_map", "exit_with_parent",
+    "JobResult", "JobRecorder", "SetupError", "Started", "Progress", "Skipped", "Done", "Event",
+    "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_MALFORMED",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-OK, FAILED = "ok", "failed"
+OK, FAILED, MALFORMED = "ok", "failed", "malformed"
+
+EXIT_OK = 0  # every item done, every output well-formed
+EXIT_FAILED = 1  # at least one requested item has an error record (now or from an earlier run)
+EXIT_USAGE = 2  # bad options or config; the job cannot start
+EXIT_MALFORMED = 3  # every item done, but at least one model output is malformed
 
 
 def has_error(rec: dict) -> bool:
@@ -108,6 +132,212 @@ def resume_from(
             if key in rec:
                 out.status[str(rec[key])] = classify(rec)
     return out
+
+
+# --------------------------------------------------------------------------- job result and events
+class SetupError(ValueError):
+    """A job that cannot start (bad options, a model or model file not available): exit code 2,
+    raised before any item runs and before any output is written."""
+
+
+MAX_LISTED = 20  # failed items named per error kind (the count stays exact)
+
+
+@dataclass(frozen=True)
+class Started:
+    """The job will run ``total`` items (None when it cannot know, e.g. an open-ended stream)."""
+
+    total: int | None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One item finished: ``key`` names it; ``error`` is its error kind (None = done); ``status``
+    ``"ok"`` | ``"failed"`` | ``"malformed"`` (done, but the model output breaks the grammar)."""
+
+    key: str | None = None
+    error: str | None = None
+    status: str = OK
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An item an earlier run did (``status`` of its record there: ok | failed | malformed)."""
+
+    key: str | None = None
+    status: str = OK
+
+
+@dataclass(frozen=True)
+class Done:
+    """The job ended; ``result`` is the folded summary."""
+
+    result: "JobResult"
+
+
+Event = Started | Progress | Skipped | Done
+
+
+@dataclass
+class JobResult:
+    """What one run of a job did, folded from its events (:meth:`apply`).
+
+    ``processed``: items finished by this run (``failed`` and ``malformed`` among them);
+    ``skipped``: items an earlier run did (``failed_before`` / ``malformed_before`` of them still
+    have an error / a malformed output); ``errors``: error kind → count of this run,
+    ``failed_items``: error kind → the first :data:`MAX_LISTED` keys; ``metrics``: the job's own
+    figures, keyed ``"<job>/<name>"`` (``build/accepted``, ``eval/correct`` …); ``warnings``: notes
+    for the user. JSON: :meth:`to_json`; text: :meth:`render`; exit code: :meth:`exit_code`.
+    """
+
+    job: str
+    total: int | None = None
+    processed: int = 0
+    failed: int = 0
+    malformed: int = 0
+    skipped: int = 0
+    failed_before: int = 0
+    malformed_before: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    failed_items: dict[str, list[str]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    # ---------------------------------------------------------------- folding
+    def apply(self, event: Event) -> None:
+        """Fold one event into the counts."""
+        if isinstance(event, Started):
+            self.total = event.total
+        elif isinstance(event, Progress):
+            self.processed += 1
+            if event.error is not None or event.status == FAILED:
+                kind = event.error or "error"
+                self.failed += 1
+                self.errors[kind] = self.errors.get(kind, 0) + 1
+                listed = self.failed_items.setdefault(kind, [])
+                if event.key is not None and len(listed) < MAX_LISTED:
+                    listed.append(event.key)
+            elif event.status == MALFORMED:
+                self.malformed += 1
+        elif isinstance(event, Skipped):
+            self.skipped += 1
+            self.failed_before += event.status == FAILED
+            self.malformed_before += event.status == MALFORMED
+
+    def metric(self, name: str, default: Any = 0) -> Any:
+        """The job's metric ``name`` (stored as ``"<job>/<name>"``)."""
+        return self.metrics.get(f"{self.job}/{name}", default)
+
+    def set_metric(self, name: str, value: Any) -> None:
+        self.metrics[f"{self.job}/{name}"] = value
+
+    def add_metric(self, name: str, n: int | float = 1) -> None:
+        key = f"{self.job}/{name}"
+        self.metrics[key] = self.metrics.get(key, 0) + n
+
+    # ---------------------------------------------------------------- reading
+    @property
+    def ok(self) -> int:
+        """Items of this run without an error."""
+        return self.processed - self.failed
+
+    @property
+    def any_failed(self) -> bool:
+        """True while a requested item has an error record (written now or left by an earlier run)."""
+        return bool(self.failed or self.failed_before)
+
+    @property
+    def throughput(self) -> float:
+        """Items finished per second by this run."""
+        return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def exit_code(self) -> int:
+        """1 while an item has failed (now or before), else 3 while an output is malformed, else 0."""
+        if self.any_failed:
+            return EXIT_FAILED
+        return EXIT_MALFORMED if self.malformed or self.malformed_before else EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": self.job, "total": self.total, "processed": self.processed, "failed": self.failed,
+            "malformed": self.malformed, "skipped": self.skipped, "failed_before": self.failed_before,
+            "malformed_before": self.malformed_before, "errors": dict(self.errors),
+            "failed_items": {k: list(v) for k, v in self.failed_items.items()},
+            "elapsed_s": round(self.elapsed_s, 3), "items_per_s": round(self.throughput, 3),
+            "exit_code": self.exit_code(), "metrics": dict(self.metrics), "warnings": list(self.warnings),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_json` to ``path`` (atomic replace)."""
+        p = Path(path)
+        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, p)
+        return p
+
+    def render(self, out: str | os.PathLike | None = None, noun: str = "item") -> str:
+        """Plain-text summary for people: counts, error kinds with the items that failed, what is left."""
+        parts = [f"{self.processed} {noun}(s) processed"]
+        extra = []
+        if self.failed:
+            extra.append(f"{self.failed} failed")
+        if self.malformed:
+            extra.append(f"{self.malformed} malformed")
+        if extra:
+            parts[0] += f" ({', '.join(extra)})"
+        parts.append(f"{self.skipped} already done")
+        line = ", ".join(parts)
+        if self.elapsed_s > 0 and self.processed:
+            line += f" in {self.elapsed_s:.1f} s"
+        if out is not None:
+            line += f" → {out}"
+        lines = [line]
+        for kind in sorted(self.errors):
+            names = self.failed_items.get(kind, [])
+            more = self.errors[kind] - len(names)
+            shown = ", ".join(names) + (f" and {more} more" if more > 0 else "")
+            lines.append(f"  {kind} ({self.errors[kind]}): {shown}" if shown else f"  {kind}: {self.errors[kind]}")
+        if self.failed_before:
+            lines.append(f"{self.failed_before} requested {noun}(s) still have an error record from an earlier run "
+                         "(--retry-errors runs them again)")
+        if self.malformed_before:
+            lines.append(f"{self.malformed_before} requested {noun}(s) have a malformed model output from an earlier run")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+class JobRecorder:
+    """Builds a :class:`JobResult` by folding events, and passes every event on to ``on_event``.
+
+    A job calls :meth:`start`, then :meth:`item` / :meth:`skip` per item, and :meth:`finish`
+    (which sets ``elapsed_s`` and sends :class:`Done`). Metrics go straight to ``result``.
+    """
+
+    def __init__(self, job: str, on_event: Callable[[Event], None] | None = None):
+        self.result = JobResult(job)
+        self.on_event = on_event
+        self._t0 = time.monotonic()
+
+    def emit(self, event: Event) -> None:
+        self.result.apply(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def start(self, total: int | None) -> None:
+        self.emit(Started(total))
+
+    def item(self, key: Any = None, error: str | None = None, status: str | None = None) -> None:
+        st = status or (FAILED if error is not None else OK)
+        self.emit(Progress(None if key is None else str(key), error, st))
+
+    def skip(self, key: Any = None, status: str = OK) -> None:
+        self.emit(Skipped(None if key is None else str(key), status))
+
+    def finish(self) -> JobResult:
+        self.result.elapsed_s = time.monotonic() - self._t0
+        self.emit(Done(self.result))
+        return self.result
 
 
 # --------------------------------------------------------------------------- ordered map

@@ -31,7 +31,7 @@ For every usable record of the train split of each source (:mod:`tagfer.data.sou
 Modules: :mod:`tagfer.data.build_config` (:class:`BuildConfig`), :mod:`tagfer.data.ground`
 (step 0), :mod:`tagfer.data.algorithm` (steps 1–4 for one item), this module (the resumable
 asyncio job and its files). The teacher is any :class:`tagfer.models.backends.Backend`; the
-live status line of ``tagfer build`` lives in :mod:`tagfer.cli.data` (fed by ``on_result``).
+progress bar of ``tagfer build`` lives in :mod:`tagfer.cli.data` (fed by ``on_event`` and ``on_result``).
 
 Policies (all in :class:`BuildConfig`)
 --------------------------------------
@@ -79,20 +79,17 @@ rejected) and never writes a sample twice.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
 import os
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from tagfer.au.facs import TRAINING_CONFIG
 from tagfer.core.errors import ItemError
-from tagfer.core.jobs import resume_from
+from tagfer.core.jobs import Event, JobRecorder, JobResult, Resume, resume_from
 from tagfer.core.jsonl import JsonlWriter
 from tagfer.data.algorithm import Counters, feedback, prepare_image, process_item, rejection, write_from_face
 from tagfer.data.build_config import BuildConfig, parse_shard, teacher_client
@@ -103,7 +100,6 @@ from tagfer.core.aio import run_sync
 
 __all__ = [
     "BuildConfig",
-    "BuildSummary",
     "GroundedItem",
     "build",
     "run_build",
@@ -178,46 +174,13 @@ def teacher_backend(config: BuildConfig) -> Backend:
 
 
 # --------------------------------------------------------------------------- the job
-@dataclass
-class BuildSummary:
-    """Counts of one run (``build_summary.json``).
-
-    ``rejected`` counts every rejection; ``failed`` those that are not a verdict on the item
-    but a failure to process it (``retryable: true``: ``teacher_error``, ``internal``), plus,
-    with ``retry_failed=False``, the retryable records kept from earlier runs.
-    """
-
-    seen: int = 0
-    excluded: int = 0
-    other_shard: int = 0
-    already_done: int = 0
-    processed: int = 0
-    accepted: int = 0
-    rejected: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    requests: int = 0
-    attempts: int = 0
-    format_retries: int = 0
-    eliminations: int = 0
-    elapsed_s: float = 0.0
-    sources: dict[str, Any] = field(default_factory=dict)
-    dropped_retryable: int = 0
-    failed: int = 0  # items that could not be processed (retryable rejections), this run and kept from earlier ones
-
-    @property
-    def exit_code(self) -> int:
-        """0: every item built or rejected by validation; 1: some items could not be processed (retryable)."""
-        return 1 if self.failed else 0
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["reasons"] = dict(self.reasons)
-        d["requests_per_s"] = round(self.requests / self.elapsed_s, 3) if self.elapsed_s > 0 else 0.0
-        return d
-
-
-def _iter_records(config: BuildConfig, summary: BuildSummary, done: set[str], records: Iterable[SourceRecord] | None) -> Iterator[SourceRecord]:
+def _iter_records(config: BuildConfig, job: JobRecorder | None, done: set[str], earlier: Resume,
+                  records: Iterable[SourceRecord] | None) -> Iterator[SourceRecord]:
+    """The records to build, in stream order. With ``job`` (the run), the stream's counts go to its
+    metrics (``seen``, ``excluded``, ``other_shard``, ``sources``) and each item done before is
+    reported (:class:`tagfer.core.jobs.Skipped`); without (the counting pass), nothing is reported."""
     i, n = config.shard
+    r = job.result if job is not None else None
     if records is not None:
         streams: list[tuple[str, Iterable[SourceRecord], SourceStats | None]] = [("records", records, None)]
     else:
@@ -228,24 +191,36 @@ def _iter_records(config: BuildConfig, summary: BuildSummary, done: set[str], re
     new = 0
     for spec, stream, st in streams:
         for rec in stream:
-            summary.seen += 1
+            if r is not None:
+                r.add_metric("seen")
             if rec.excluded:
-                summary.excluded += 1
+                if r is not None:
+                    r.add_metric("excluded")
                 continue
             if shard_of(rec.id, n) != i:
-                summary.other_shard += 1
+                if r is not None:
+                    r.add_metric("other_shard")
                 continue
             if rec.id in done:
-                summary.already_done += 1
+                if job is not None:  # a repeated id later in the stream counts as done (ok)
+                    job.skip(rec.id, earlier.status.get(rec.id, "ok"))
                 continue
             if config.limit is not None and new >= config.limit:
                 return
             new += 1
             done.add(rec.id)  # a repeated id later in the stream (duplicate rows, two sources named alike) is skipped
             yield rec
-        if st is not None:
-            summary.sources[spec] = st.to_json()
-            summary.excluded += st.n_excluded  # excluded rows are counted by the reader, not yielded
+        if st is not None and r is not None:
+            r.metrics.setdefault("build/sources", {})[spec] = st.to_json()
+            r.add_metric("excluded", st.n_excluded)  # excluded rows are counted by the reader, not yielded
+
+
+def _count_records(config: BuildConfig, earlier: Resume, records: Iterable[SourceRecord] | None) -> int | None:
+    """How many items this run will build (a first pass over the sources), or None when ``records``
+    is a one-shot iterator (it cannot be read twice)."""
+    if records is not None and not isinstance(records, (list, tuple)):
+        return None
+    return sum(1 for _ in _iter_records(config, None, set(earlier.done), earlier, records))
 
 
 async def build(
@@ -255,28 +230,38 @@ async def build(
     detector: Any | None = None,
     teacher: Any = None,
     on_result: Callable[[str, dict[str, Any]], None] | None = None,
-) -> BuildSummary:
-    """Run (or resume) a build; returns the :class:`BuildSummary` of this run.
+    on_event: Callable[[Event], None] | None = None,
+) -> JobResult:
+    """Run (or resume) a build; returns the :class:`tagfer.core.jobs.JobResult` of this run (job ``build``,
+    also written to ``build_summary.json``).
 
     ``records`` replaces ``config.sources``; ``detector`` (an object with
     ``.detect(LoadedImage, key) -> list[FaceAUs]``) replaces the configured AU
     detector; ``teacher`` (a :class:`tagfer.models.backends.Backend`, or a model spec) replaces the
     one built from ``config.teacher`` (a backend object is left open for the caller to close).
     ``on_result(kind, record)`` is called after each line is written (``kind``: ``"accepted"`` or
-    ``"rejected"``): progress displays and benchmarks fold these events.
+    ``"rejected"``); ``on_event`` gets the job events (:mod:`tagfer.core.jobs`: the total is
+    counted from the sources first). A rejection by validation is a normal outcome; one with
+    ``retryable: true`` (teacher/transport errors, internal failures) is a failed item, and one
+    kept from an earlier run (``retry_failed=False``) is failed-before: both give exit code 1.
+    Metrics (``build/…``): ``accepted``, ``rejected``, ``reasons``, ``seen``, ``excluded``,
+    ``other_shard``, ``sources``, ``requests``, ``attempts``, ``format_retries``,
+    ``eliminations``, ``requests_per_s``, ``retried_errors``.
     """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = output_paths(out, config.shard)
-    summary = BuildSummary()
+    job = JobRecorder("build", on_event)
+    result = job.result
     counters = Counters()
-    t0 = time.monotonic()
+    reasons: Counter = Counter()
     earlier = resume_from([paths["accepted"], paths["rejected"]], "id", retry_errors=config.retry_failed,
                           is_error=lambda r: bool(r.get("retryable")))  # the one resume set-up (tagfer.core.jobs)
-    summary.dropped_retryable = earlier.retried
-    if not config.retry_failed:
-        summary.failed = len(earlier.failed)
+    result.set_metric("retried_errors", earlier.retried)
+    for name in ("accepted", "rejected"):
+        result.set_metric(name, 0)
     done = earlier.done
+    job.start(_count_records(config, earlier, records))
     paths["config"].write_text(json.dumps(config.to_json(), indent=2))
 
     own_teacher = teacher is None or isinstance(teacher, str)
@@ -301,12 +286,11 @@ async def build(
     def write(kind: str, rec: SourceRecord, obj: dict[str, Any]) -> None:
         if kind == "accepted":
             acc_w.write(obj)
-            summary.accepted += 1
         else:
             rej_w.write(obj)
-            summary.rejected += 1
-            summary.reasons[obj["reason"]] += 1
-            summary.failed += bool(obj.get("retryable"))
+            reasons[obj["reason"]] += 1
+        result.add_metric(kind)
+        job.item(rec.id, obj["reason"] if kind != "accepted" and obj.get("retryable") else None)
         if on_result is not None:
             on_result(kind, obj)
 
@@ -335,9 +319,8 @@ async def build(
     try:
         # the model's name for the samples (a served model's is asked: fails fast if unreachable)
         name = str(await loop.run_in_executor(teacher_pool, backend.model_name) or getattr(backend, "name", "teacher"))
-        for rec in _iter_records(config, summary, done, records):
+        for rec in _iter_records(config, job, done, earlier, records):
             await sem.acquire()
-            summary.processed += 1
             t = asyncio.create_task(one(rec))
             tasks.add(t)
             t.add_done_callback(tasks.discard)
@@ -355,13 +338,15 @@ async def build(
         if own_teacher:
             await loop.run_in_executor(teacher_pool, backend.close)
         teacher_pool.shutdown(wait=True)
-        summary.requests, summary.attempts = counters.requests, counters.attempts
-        summary.format_retries, summary.eliminations = counters.format_retries, counters.eliminations
-        summary.elapsed_s = round(time.monotonic() - t0, 3)
-        paths["summary"].write_text(json.dumps(summary.to_json(), indent=2))
-    return summary
+        for name in ("requests", "attempts", "format_retries", "eliminations"):
+            result.set_metric(name, getattr(counters, name))
+        result.set_metric("reasons", dict(reasons))
+        job.finish()
+        result.set_metric("requests_per_s", round(counters.requests / result.elapsed_s, 3) if result.elapsed_s > 0 else 0.0)
+        result.save(paths["summary"])
+    return result
 
 
-def run_build(config: BuildConfig, **kw: Any) -> BuildSummary:
+def run_build(config: BuildConfig, **kw: Any) -> JobResult:
     """Synchronous wrapper of :func:`build`."""
     return run_sync(build(config, **kw))

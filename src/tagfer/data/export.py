@@ -14,7 +14,8 @@ Layout written under ``OUT`` (``formats`` selects the groups)::
     hf/dataset/                        datasets.Dataset.save_to_disk of hf/tag_sft.parquet
     verl/train.parquet                 verl RL rows, all sources
     verl/<source>.parquet              verl RL rows per source (the paper runs RL per dataset)
-    export_summary.json                counts per file
+    export_summary.json                the job's summary (tagfer.core.jobs.JobResult: metrics
+                                       export/files = rows per file) and the image policy
 
 Conventions
 -----------
@@ -55,12 +56,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
 import hashlib
 from pathlib import Path
 import shutil
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+from tagfer.core.jobs import Event, JobRecorder, JobResult
 from tagfer.core.jsonl import read_jsonl
 from tagfer.core.records import TAGSample, trl_schema
 from tagfer.models.prompts import tag_prompt
@@ -68,7 +69,7 @@ from tagfer.traces.trace import strip_bboxes
 
 NOBBOX_MODES = ("content", "element")
 
-__all__ = ["FORMATS", "iter_samples", "export", "ExportSummary", "sharegpt_row", "trl_row", "verl_row", "DATASET_NAME"]
+__all__ = ["FORMATS", "iter_samples", "export", "sharegpt_row", "trl_row", "verl_row", "DATASET_NAME"]
 
 FORMATS = ("llamafactory", "hf", "verl")
 DATASET_NAME = "tag_sft"
@@ -255,16 +256,6 @@ class _ParquetWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-@dataclass
-class ExportSummary:
-    samples: int = 0
-    files: dict[str, int] = field(default_factory=dict)
-    by_source: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"samples": self.samples, "files": self.files, "by_source": self.by_source}
-
-
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "unknown"
 
@@ -283,7 +274,8 @@ def export(
     samples: Iterable[TAGSample] | None = None,
     image_policy: Any = None,
     image_format: str = "jpeg",
-) -> ExportSummary:
+    on_event: Callable[[Event], None] | None = None,
+) -> JobResult:
     """Write the exports of ``build_dir`` (see module docstring) under ``out``; streams the samples once.
 
     ``system_prompt``/``user_prompt``: override files of the TAG prompt.
@@ -291,7 +283,9 @@ def export(
     (default, the paper: empty ``<bbox></bbox>`` tags stay) or ``"element"``
     (the tags are deleted too). ``image_policy``: a :class:`tagfer.models.vlm.ImagePolicy`
     (default: longer side 224), applied once per image into ``OUT/images/`` as ``image_format``
-    (``jpeg`` q95 or lossless ``png``).
+    (``jpeg`` q95 or lossless ``png``). Returns the run's :class:`tagfer.core.jobs.JobResult` (job
+    ``export``; metrics ``export/samples``, ``export/files`` (file → rows), ``export/by_source``);
+    ``on_event`` gets the job events (the total is counted from ``build_dir`` first).
     """
     if nobbox_mode not in NOBBOX_MODES:
         raise ValueError(f"nobbox_mode must be one of {NOBBOX_MODES}, got {nobbox_mode!r}")
@@ -314,14 +308,20 @@ def export(
             writers[key] = make()
         return writers[key]
 
-    summary = ExportSummary()
+    job = JobRecorder("export", on_event)
+    summary = job.result
+    files: dict[str, int] = {}
+    by_source: dict[str, int] = {}
+    summary.set_metric("files", files)
+    summary.set_metric("by_source", by_source)
+    job.start(sum(1 for _ in iter_samples(build_dir)) if samples is None else
+              len(samples) if isinstance(samples, (list, tuple)) else None)
     src_iter = samples if samples is not None else iter_samples(build_dir)
     ok = False
     try:
         for idx, s in enumerate(src_iter):
             s = _policy_image(s, policy, o / "images", created_images, image_format)
-            summary.samples += 1
-            summary.by_source[s.source] = summary.by_source.get(s.source, 0) + 1
+            by_source[s.source] = by_source.get(s.source, 0) + 1
             src = _safe(s.source)
             if "llamafactory" in fmts:
                 lf = o / "llamafactory"
@@ -345,6 +345,7 @@ def export(
                 w("verl", lambda: _ParquetWriter(vd / "train.parquet", verl_schema)).write(row)
                 if per_source:
                     w(f"verl:{src}", lambda: _ParquetWriter(vd / f"{src}.parquet", verl_schema)).write(row)
+            job.item(s.id)
         ok = True
     finally:
         for wr in writers.values():
@@ -358,7 +359,7 @@ def export(
             if (o / "images").is_dir() and not any((o / "images").iterdir()):
                 (o / "images").rmdir()
     for key, wr in writers.items():
-        summary.files[str(wr.path.relative_to(o))] = wr.n
+        files[str(wr.path.relative_to(o))] = wr.n
     if "llamafactory" in fmts and ok:
         info = {}
         for key, wr in writers.items():
@@ -380,7 +381,9 @@ def export(
         del ds
 
         shutil.rmtree(o / "hf" / ".cache", ignore_errors=True)
-        summary.files["hf/dataset"] = summary.files.get(f"hf/{DATASET_NAME}.parquet", 0)
+        files["hf/dataset"] = files.get(f"hf/{DATASET_NAME}.parquet", 0)
+    summary.set_metric("samples", summary.processed)
+    job.finish()
     lo, hi = policy.bounds
     (o / "export_summary.json").write_text(json.dumps(
         {**summary.to_json(), "image_policy": {"side": policy.side, "min_pixels": lo, "max_pixels": hi,

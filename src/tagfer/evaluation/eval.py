@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from tagfer.core.jobs import ordered_map, resume_from
+from tagfer.core.jobs import Event, JobRecorder, JobResult, ordered_map, resume_from
 from tagfer.core.jsonl import JsonlWriter
 from tagfer.core.labels import LABELS
 from tagfer.evaluation.au_tables import DEFAULT_GEOMETRY, CanvasMismatch, au_geometries, au_truth, check_canvas, load_au_jsonl
@@ -67,7 +65,6 @@ __all__ = [
     "prompt_texts",
     "BOX_REQUESTS",
     "parse_prediction",
-    "EvalSummary",
     "generation_defaults",
     "run_eval",
     "size_warning",
@@ -88,24 +85,6 @@ PAPER_TEST_SIZES = {"rafdb": 3068, "ferplus": 3517, "affectnet": 3500}
 
 
 # ---------------------------------------------------------------------------------- runner
-@dataclass
-class EvalSummary:
-    """Counts of one ``run_eval`` call. ``processed``: records written now; ``skipped``: already done."""
-
-    processed: int = 0
-    failed: int = 0
-    skipped: int = 0
-    correct: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    dataset_size: int = 0
-    excluded: int = 0
-    warnings: list[str] = field(default_factory=list)
-    retried_errors: int = 0
-    elapsed_s: float = 0.0
-
-    @property
-    def throughput(self) -> float:
-        return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
 def size_warning(kind: str, split: str, count: int) -> str | None:
@@ -120,7 +99,7 @@ def size_warning(kind: str, split: str, count: int) -> str | None:
 
 
 def run_eval(
-    records: Iterable[Any],
+    records: Iterable[Any] | Callable[[], Iterable[Any]],
     backend: Any,
     out: str | os.PathLike,
     *,
@@ -133,11 +112,14 @@ def run_eval(
     limit: int | None = None,
     on_record: Callable[[Prediction], None] | None = None,
     encode_workers: int | None = None,
-) -> EvalSummary:
+    on_event: Callable[[Event], None] | None = None,
+) -> JobResult:
     """Predict every record not yet in ``out`` and append one :class:`Prediction` per record.
 
     ``records``: :class:`tagfer.data.sources.SourceRecord` objects (``id``, ``source``, ``split``,
-    ``label``, ``image_path``, ``image``). ``backend``: a :class:`tagfer.models.backends.Backend`, or a
+    ``label``, ``image_path``, ``image``), or a function returning a fresh stream of them: then the
+    records to predict are counted first, so the progress (``on_event``, :mod:`tagfer.core.jobs`)
+    knows its total (a list is counted as it is). ``backend``: a :class:`tagfer.models.backends.Backend`, or a
     model spec (resolved by :func:`tagfer.models.backends.make_backend`, closed at the end);
     requests stream through it lazily (it bounds its own look-ahead), so memory stays
     constant whatever the dataset size, and a remote backend keeps its concurrency full.
@@ -155,22 +137,42 @@ def run_eval(
     decoding. Each record says how the limit was met (``box_limit``). Each record carries the key
     of its prompt (``prompt``), the first one of a run also its text (``prompt_text``), so the
     judge can be shown the query the model answered.
+
+    Returns the run's :class:`tagfer.core.jobs.JobResult` (job ``eval``; metrics ``eval/correct``,
+    ``eval/dataset_size`` (usable records of the split), ``eval/excluded``, ``eval/retried_errors``).
     """
-    t0 = time.perf_counter()
     own = isinstance(backend, str)  # a model spec: resolved by the one registry, closed here
     if own:
         model = model or backend  # the spec names the model in the records
-        backend = make_backend(backend)
     system, user = prompt or tag_prompt()
     gen = gen or generation_defaults()
     cfg = GenerationConfig(**{k: gen[k] for k in ("temperature", "top_p", "max_new_tokens", "seed", "max_boxes") if k in gen})
-    backend_cfg, limit_mode = box_limit_plan(backend, cfg, gen.get("box_request"))
     key = prompt_key(system, user)
     first_record = [True]
-    summary = EvalSummary()
+    job = JobRecorder("eval", on_event)
+    summary = job.result
+    for name in ("correct", "dataset_size", "excluded"):
+        summary.set_metric(name, 0)
     out = Path(out)
     done = resume_from(out, "id", resume=resume, retry_errors=retry_errors)
-    summary.retried_errors = done.retried
+    summary.set_metric("retried_errors", done.retried)
+    fresh = records if callable(records) else None
+    if fresh is None and not isinstance(records, (list, tuple)):
+        job.start(None)  # a one-shot stream: the total is not known before it ends
+    else:
+        queued, seen_ids = 0, set()
+        for rec in (fresh() if fresh is not None else records):
+            if getattr(rec, "excluded", False) or rec.label not in LABELS or rec.id in done or rec.id in seen_ids:
+                continue
+            if limit is not None and queued >= limit:
+                break
+            seen_ids.add(rec.id)
+            queued += 1
+        job.start(queued)
+    if own:  # a model is loaded only when something is left to ask it (a finished re-run loads nothing)
+        backend = make_backend(backend) if job.result.total != 0 else _NothingLeft()
+    backend_cfg, limit_mode = box_limit_plan(backend, cfg, gen.get("box_request"))
+    stream = fresh() if fresh is not None else records
     pending: dict[str, Prediction] = {}
     writer = JsonlWriter(out)
 
@@ -179,25 +181,22 @@ def run_eval(
         if first_record[0]:  # the prompt's text once per run; every record has its key
             p.prompt_text, first_record[0] = {"system": system, "user": user}, False
         writer.write(p.to_json())
-        summary.processed += 1
-        if p.error is not None:
-            summary.failed += 1
-            summary.errors[p.error["kind"]] = summary.errors.get(p.error["kind"], 0) + 1
-        elif p.pred == p.label:
-            summary.correct += 1
+        if p.error is None and p.pred == p.label:
+            summary.add_metric("correct")
+        job.item(p.id, p.error["kind"] if p.error is not None else None)
         if on_record:
             on_record(p)
 
     def requests() -> Iterator[Any]:
         seen: set[str] = set()
         queued = 0
-        for rec in records:
+        for rec in stream:
             if getattr(rec, "excluded", False) or rec.label not in LABELS:
-                summary.excluded += 1
+                summary.add_metric("excluded")
                 continue
-            summary.dataset_size += 1
+            summary.add_metric("dataset_size")
             if rec.id in done or rec.id in seen:
-                summary.skipped += 1
+                job.skip(rec.id, done.status.get(rec.id, "ok"))
                 continue
             if limit is not None and queued >= limit:
                 continue  # keep counting the dataset size
@@ -231,8 +230,23 @@ def run_eval(
             lat = info.get("latency_s")
             p.latency_s = float(lat) if lat is not None else None
             finish(p)
-    summary.elapsed_s = time.perf_counter() - t0
-    return summary
+    return job.finish()
+
+
+class _NothingLeft:
+    """Stands in for a model on a re-run with every item done: the records are walked (skips and
+    dataset counts are reported), no request is ever made."""
+
+    name = "none"
+    decodes_box_limit = False
+
+    def generate(self, requests: Iterator[Any], config: Any) -> Iterator[Any]:
+        for req in requests:  # never reached: every item was done (the count before said so)
+            raise RuntimeError(f"item {req.id} was left to do after the count said nothing was")
+        return iter(())
+
+    def close(self) -> None:
+        pass
 
 
 def _prebuilt_messages(reqs: Iterator[Any], client_cfg: Any, workers: int) -> Iterator[Any]:
@@ -262,14 +276,13 @@ def eval_source(
     split: str = "test",
     check_size: bool = True,
     **kw: Any,
-) -> EvalSummary:
+) -> JobResult:
     """:func:`run_eval` over ``open_source(dataset, split)`` plus the test-set size check."""
-    from tagfer.data.sources import SourceStats, open_source, parse_source_spec  # lazy (start-up time): PIL
+    from tagfer.data.sources import open_source, parse_source_spec  # lazy (start-up time): PIL
 
-    stats = SourceStats()
-    summary = run_eval(open_source(dataset, split=split, stats=stats), backend, out, **kw)
+    summary = run_eval(lambda: open_source(dataset, split=split), backend, out, **kw)
     kind = parse_source_spec(dataset)[0]
-    warning = size_warning(kind, split, summary.dataset_size) if check_size else None
+    warning = size_warning(kind, split, summary.metric("dataset_size")) if check_size else None
     if warning:
         summary.warnings.append(warning)
     return summary

@@ -112,7 +112,7 @@ class Pair:
                 raise ValueError(f"pair record lacks {k!r}")
         for k in ("a", "b"):
             if not isinstance(d[k], dict) or not isinstance(d[k].get("text"), str):
-                raise ValueError(f"pair {d['id']}: {k!r} must be {{'name', 'text'}}")
+                raise ValueError(f"pair {d['id']}: system {k} must be an object with a name and a text")
         prompt = d.get("prompt")
         return cls(id=str(d["id"]), image=str(d["image"]), a=dict(d["a"]), b=dict(d["b"]), label=d.get("label"),
                    prompt=prompt if isinstance(prompt, str) else None)

@@ -1,12 +1,11 @@
 """Many images: :func:`analyze_batch` walks files and folders, analyses them with a pool of
 :class:`tagfer.explainer.analyze.Analyzer` in parallel (results in input order), appends one JSON
 line per image (resumable through :func:`tagfer.core.jobs.resume_from`) and writes overlays.
-:class:`BatchSummary` holds the counts and the ``tagfer analyze`` exit code."""
+Its :class:`tagfer.core.jobs.JobResult` (job ``analyze``) holds the counts and the ``tagfer analyze`` exit code."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,37 +14,15 @@ from tagfer.au.detectors import MediaPipeAUDetector
 from tagfer.au.faces import FaceLandmarker
 from tagfer.au.grounding import check_output_path, iter_images, overlay_name
 from tagfer.au.overlay import save_png
-from tagfer.core.jobs import ordered_map, resume_from
+from tagfer.core.jobs import MALFORMED, Event, JobRecorder, JobResult, SetupError, ordered_map, resume_from
 from tagfer.core.jsonl import JsonlWriter
 from tagfer.explainer.analyze import Analyzer, AnalyzerPool, load_engine
-from tagfer.explainer.records import EXIT_FAILED, EXIT_MALFORMED, EXIT_OK, ImageResult
+from tagfer.explainer.records import ImageResult
 
-__all__ = ["BatchSummary", "BatchSetupError", "analyze_batch", "overlay_paths"]
-
-
-@dataclass
-class BatchSummary:
-    """Counts of one :func:`analyze_batch` run. ``given``: images requested (folders walked);
-    ``skipped``: already in ``out``; ``failed_before`` / ``malformed_before``: skipped images whose
-    record in ``out`` is an error / holds a malformed trace (a re-run does not hide them)."""
-
-    given: int = 0
-    analysed: int = 0
-    skipped: int = 0
-    failed: int = 0
-    malformed: int = 0
-    failed_before: int = 0
-    malformed_before: int = 0
-
-    @property
-    def exit_code(self) -> int:
-        """The ``tagfer analyze`` exit code: 1 while an image has failed, else 3 while a trace is malformed, else 0."""
-        if self.failed or self.failed_before:
-            return EXIT_FAILED
-        return EXIT_MALFORMED if self.malformed or self.malformed_before else EXIT_OK
+__all__ = ["BatchSetupError", "analyze_batch", "overlay_paths"]
 
 
-class BatchSetupError(ValueError):
+class BatchSetupError(SetupError):
     """A batch that cannot start: bad options, no image, model or landmarker not available (exit code 2)."""
 
 
@@ -79,9 +56,9 @@ def analyze_batch(
     max_new_tokens: int = 512,
     device: str | None = None,
     factory: Callable[[], Analyzer] | None = None,
-    on_start: Callable[[int], None] | None = None,
     on_result: Callable[[ImageResult], None] | None = None,
-) -> BatchSummary:
+    on_event: Callable[[Event], None] | None = None,
+) -> JobResult:
     """Analyse image files and folders (walked, :func:`tagfer.au.grounding.iter_images`) with
     ``workers`` analyzers in parallel, results in input order (``on_result`` sees each).
 
@@ -92,8 +69,10 @@ def analyze_batch(
     runner (:func:`tagfer.core.jobs.resume_from`: images already there are skipped,
     ``retry_errors`` runs the failed ones again, ``resume=False`` starts over). ``overlay``:
     ``OUT.png`` for one image or a folder (:func:`overlay_paths`); written paths go to
-    ``ImageResult.overlays``. ``on_start(n)`` gets the number of images to analyse.
-    Raises :class:`BatchSetupError` before any work when the batch cannot start.
+    ``ImageResult.overlays``. ``on_event`` gets every
+    job event (:mod:`tagfer.core.jobs`). Returns the run's :class:`tagfer.core.jobs.JobResult` (job
+    ``analyze``; ``total``: images requested minus those done before). When every image is done
+    already, no model is loaded. Raises :class:`BatchSetupError` before any work when the batch cannot start.
     """
     if frame not in ("face", "image"):
         raise BatchSetupError(f"--frame must be face or image, got {frame!r}")
@@ -103,19 +82,23 @@ def analyze_batch(
         raise BatchSetupError(str(e)) from e
     if not paths:
         raise BatchSetupError("no image found in the given folder(s)")
-    summary = BatchSummary(given=len(paths))
+    job = JobRecorder("analyze", on_event)
+    given = len(paths)
     if out is not None:
         try:
             check_output_path(out)
         except ValueError as e:
             raise BatchSetupError(str(e)) from e
         earlier = resume_from(out, "image", resume=resume, retry_errors=retry_errors, status=_earlier_status)
-        summary.failed_before = earlier.count(paths, "failed")
-        summary.malformed_before = earlier.count(paths, "malformed")
+        for p in dict.fromkeys(paths):  # each requested image once
+            if p in earlier:
+                job.skip(p, earlier.status[p])
         paths = [p for p in paths if p not in earlier]
-        summary.skipped = summary.given - len(paths)
+    job.start(len(paths))
+    if not paths:  # a re-run with everything done: no model is loaded
+        return job.finish()
     if overlay is not None and Path(overlay).suffix.lower() == ".png" and len(paths) > 1:
-        raise BatchSetupError("--overlay OUT.png takes one image; give a directory for several")
+        raise BatchSetupError("--overlays FILE.png takes one image; give a folder for several")
     # the output's lock is taken before any model loads: a second run on the same --out stops at once
     writer = JsonlWriter(out) if out is not None else None
     own_engine = None  # a backend built here from a spec is closed here; one handed in stays the caller's
@@ -139,21 +122,18 @@ def analyze_batch(
         if writer is not None:
             writer.close()
         raise BatchSetupError(str(e)) from e
-    if on_start is not None:
-        on_start(len(paths))
 
     try:
         for res in ordered_map(lambda p: pool.run(lambda a: a.run(p)), paths, workers=workers, name="tagfer-analyze"):
             if res.ok and overlay is not None:
-                files = overlay_paths(overlay, res.image, len(res.analyses), single=summary.given == 1)
+                files = overlay_paths(overlay, res.image, len(res.analyses), single=given == 1)
                 for f, im in zip(files, res.render_overlays()):
                     save_png(im, f)
                 res.overlays = files
-            summary.analysed += 1
-            summary.failed += not res.ok
-            summary.malformed += res.malformed
             if writer is not None:
                 writer.write(res.to_json())
+            job.item(res.image, (res.error or {}).get("kind", "error") if not res.ok else None,
+                     MALFORMED if res.ok and res.malformed else None)
             if on_result is not None:
                 on_result(res)
     finally:
@@ -162,4 +142,4 @@ def analyze_batch(
         pool.close()
         if own_engine is not None:
             getattr(own_engine, "close", lambda: None)()
-    return summary
+    return job.finish()

@@ -124,6 +124,12 @@ class ServeConfig:
     max_faces: int = 5
 
 
+#: the page's icon: a face with one box on it (an AU region), in the page's colours
+FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><circle cx="16" cy="16" r="14" fill="#f5d7b5" '
+               b'stroke="#444" stroke-width="2"/><rect x="8" y="18" width="16" height="7" fill="none" stroke="#e61e1e" '
+               b'stroke-width="2"/><circle cx="11" cy="12" r="2" fill="#444"/><circle cx="21" cy="12" r="2" fill="#444"/></svg>')
+
+
 def _factory(config: ServeConfig) -> Callable[[], Analyzer]:
     engine: Any = "facs"
     if config.model is not None:
@@ -217,6 +223,10 @@ def create_app(
         if name not in _ASSETS:
             return JSONResponse({"error": {"kind": "not_found", "message": f"no asset {name!r}"}}, status_code=404)
         return Response(assets[name], media_type=_ASSETS[name])
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:  # browsers ask for it on every page load: an icon, not a 404 in the log
+        return Response(FAVICON_SVG, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/health")
     async def health() -> dict:  # async: answered on the event loop, never queued behind worker threads

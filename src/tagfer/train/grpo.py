@@ -95,7 +95,7 @@ def run_grpo(
     callbacks: Sequence[Any] = (),
 ) -> GRPOResult:
     """Run GRPO as configured (TAG rewards unless ``reward_funcs`` is given); returns the adapter folder and log."""
-    from tagfer.train.callbacks import write_json  # lazy (start-up time): torch, transformers
+    from tagfer.train.callbacks import tidy_model_cards, write_json  # lazy (start-up time): torch, transformers
 
     trainer, logger, info = build_grpo_trainer(cfg, reward_funcs, weights, callbacks)
     out = Path(cfg.output_dir)
@@ -104,6 +104,7 @@ def run_grpo(
     final = out / "final"
     trainer.save_model(str(final))  # adapter + processor (gathers ZeRO-3 shards)
     if trainer.is_world_process_zero():
+        tidy_model_cards(out, info["base_model"])
         write_json(out / "result.json", {"final_dir": str(final), "base_model": info["base_model"],
                                          "sft_adapter": cfg.adapter, "adapter_mode": cfg.adapter_mode,
                                          "importance_sampling_level": cfg.importance_sampling_level, "trainable": info["trainable"],

@@ -105,7 +105,7 @@ def run_sft(cfg: TagferSFTConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
     from trl import SFTTrainer  # lazy (start-up time): trl
 
     # lazy (start-up time): torch, transformers
-    from tagfer.train.callbacks import JsonlLogCallback, ValidationCallback, write_json
+    from tagfer.train.callbacks import JsonlLogCallback, ValidationCallback, tidy_model_cards, write_json
 
     run = prepare_run(cfg, "sft")
     out, model, processor, base, summary = run.out, run.model, run.processor, run.base, run.trainable
@@ -147,6 +147,7 @@ def run_sft(cfg: TagferSFTConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
             write_json(best_dir / "best.json", {"step": trainer.state.global_step, "note": "no validation data"})
     result = SFTResult(out, final, best_dir, best, out / cfg.log_jsonl, losses, summary)
     if trainer.is_world_process_zero():
+        tidy_model_cards(out, base)
         write_json(out / "result.json", {"final_dir": str(final), "best_dir": str(best_dir), "best": best,
                                      "base_model": base, "trainable": summary, "steps": trainer.state.global_step})
     return result
