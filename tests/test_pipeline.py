@@ -23,17 +23,17 @@ def test_build_export_train_eval_report(tmp_path, rafdb_root, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _ok(["build", "--dataset", f"rafdb:{rafdb_root}", "--teacher", "facs", "--out", "tag_data"])
     accepted = [json.loads(x) for x in (tmp_path / "tag_data" / "accepted.jsonl").read_text().splitlines()]
-    assert accepted and all(a["teacher"] == "facs" and "<bbox>" in a["completion"] for a in accepted)
+    assert accepted and all(a["teacher"] == "facs-rules" and "<bbox>" in a["completion"] for a in accepted)
     _ok(["export", "tag_data", "--out", "tag_export"])
     hf = tmp_path / "tag_export" / "hf" / "dataset"
     assert hf.is_dir()
 
-    sft = ["train", "sft", "--config", "tiny_cpu", "--set", f"data.train={hf}", "--set", "data.val_size=0",
-           "--set", "optim.max_steps=3", "--set", "output_dir=runs/sft"]
+    sft = ["train", "sft", "--config", "tiny_cpu", "--train_data", hf, "--val_size", "0",
+           "--max_steps", "3", "--output_dir", "runs/sft"]
     _ok(sft)
     assert (tmp_path / "runs/sft/final/adapter_config.json").is_file()
-    grpo = ["train", "grpo", "--config", "tiny_cpu_grpo", "--set", f"data.train={hf}", "--set", "model.adapter=runs/sft/final",
-            "--set", "output_dir=runs/grpo", "--set", "optim.max_steps=1"]
+    grpo = ["train", "grpo", "--config", "tiny_cpu_grpo", "--train_data", hf, "--adapter", "runs/sft/final",
+            "--output_dir", "runs/grpo", "--max_steps", "1"]
     _ok(grpo)
     log = [json.loads(x) for x in (tmp_path / "runs/grpo/train_log.jsonl").read_text().splitlines()]
     assert any("reward" in json.dumps(rec) for rec in log)
