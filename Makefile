@@ -38,10 +38,11 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 # The fast tier: no model (transformers is never imported), no browser, no slow end-to-end runs.
-# Tests are classified in tests/tiers.py (fixtures and marks); the tier runs on every core (pytest-xdist).
+# Tests are classified in tests/tiers.py (fixtures and marks); the tier runs on every core (pytest-xdist;
+# worksteal: an idle worker takes queued tests from a busy one) with a quarter of each property test's examples.
 FAST := not slow and not model and not browser
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n auto -m "$(FAST)"
+	$(PY) -m pytest -q -n auto --dist worksteal -m "$(FAST)"
 
 demo: $(STAMP)
 	$(VENV)/bin/tagfer analyze sample:astronaut --scores --overlays demo_out/analyze_astronaut.png

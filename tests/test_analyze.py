@@ -24,6 +24,7 @@ from tagfer.explainer.analyze import (
 )
 from tagfer.cli import app
 from fixtures_openface import astronaut_68  # noqa: F401 (fixture)
+from tiers import examples
 from tagfer.core.canvas import CanvasTransform
 from tagfer.core.errors import ItemError
 from tagfer.core.imageio import load_image
@@ -394,7 +395,7 @@ model_text = st.lists(
 
 
 @pytest.mark.slow
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=model_text)
 def test_any_model_output_is_reported_and_drawn(text, astronaut_analysis, facs_analyzer, astronaut_path):
     """Whatever a model writes: segments rebuild it, each box gets a colour and a caption, the overlay draws."""

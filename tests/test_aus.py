@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tiers import examples
 from tagfer.au.aus import AU_IDS, REGIONS, AUConfig, _face_frame, au_number, au_scores, frontalize, geometric_cues, ground_face, region_boxes_px
 from tagfer.core.canvas import CanvasTransform
 from tagfer.core.imageio import load_image
@@ -143,7 +144,7 @@ def _rotate(lm, deg, scale, shift):
     return out
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(deg=st.floats(-40, 40), scale=st.floats(0.2, 5), dx=st.floats(-500, 500), dy=st.floats(-500, 500))
 def test_geometric_cues_invariant_to_similarity(mesh_landmarks, deg, scale, dx, dy):
     g0 = geometric_cues(mesh_landmarks)
@@ -230,7 +231,7 @@ def grace_mesh(mp_detector, grace_path):
     return m
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(yaw=st.floats(-40, 40), pitch=st.floats(-25, 25), roll=st.floats(-30, 30))
 def test_pose_normalisation_cancels_a_pure_rotation(grace_mesh, yaw, pitch, roll):
     q = _rot(yaw, pitch, roll)

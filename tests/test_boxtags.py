@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tiers import examples
+
 from tagfer.traces import boxtags as B
 from tagfer.traces.trace import parse_trace
 
@@ -35,7 +37,7 @@ def test_whitespace_is_exactly_python_s():
     assert B.WHITESPACE == every and all(c.isspace() for c in every)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.lists(st.sampled_from(PIECES), max_size=40), st.randoms(use_true_random=False))
 def test_automaton_counts_openings_as_the_pattern_on_any_split(pieces, rnd):
     text = "".join(pieces)
@@ -49,7 +51,7 @@ def test_automaton_counts_openings_as_the_pattern_on_any_split(pieces, rnd):
     assert state == B.advance(0, text)[0]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.lists(st.sampled_from(PIECES), max_size=40), st.integers(0, 4))
 def test_regex_is_the_language_of_the_processor(pieces, k):
     text = "".join(pieces)
@@ -69,7 +71,7 @@ def test_regex_accepts_three_box_traces_and_refuses_a_fourth():
         B.box_limit_regex(-1)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(texts, st.integers(0, 3))
 def test_limit_boxes_keeps_everything_but_the_extra_box_elements(text, k):
     out, info = B.limit_boxes(text, k)

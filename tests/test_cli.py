@@ -105,6 +105,7 @@ def _cli(*args, timeout=180, **kw):
     return subprocess.run([sys.executable, "-m", "tagfer", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
 
+@pytest.mark.slow  # three fresh `python -m tagfer` processes load MediaPipe (~11 s); FIFOs in-process: test_grounding, test_detectors
 def test_fifo_is_recorded_and_mediapipe_logs_stay_hidden(tmp_path, face_crop_path):
     """`tagfer au` / `tagfer analyze` on a FIFO (argument and inside a walked folder) next to good images:
     the FIFO is recorded unreadable, the batch finishes, and stderr carries none of MediaPipe's C++ lines."""

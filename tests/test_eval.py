@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from fakeserver import Reply
 from fixtures_evaluate import SMILE_BOXES, tag_answer, write_openface_csv
+from tiers import examples
 from tagfer.evaluation import eval as E
 from tagfer.models.backends import make_backend
 from tagfer.core.jsonl import read_jsonl
@@ -42,7 +43,7 @@ def test_parse_prediction_strict_and_lenient():
     assert none.pred is None and none.boxes == [] and not none.well_formed
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.text(max_size=200))
 def test_parse_prediction_never_crashes_and_pred_is_a_label(text):
     p = E.parse_prediction(E.Prediction("a", "x", "test", None, "anger"), text, lenient=True)

@@ -8,6 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tiers import examples
+
 from tagfer.au.aus import AU_IDS, AUDetection, FaceAUs
 from tagfer.au.detectors import MediaPipeAUDetector
 from tagfer.au.facs import INHIBITORS, PROTOTYPES, TRAINING_CONFIG, FACSConfig, class_scores, evidence, explain, facs_sample
@@ -186,7 +188,7 @@ au_boxes = st.dictionaries(st.sampled_from(AU_IDS), box, max_size=len(AU_IDS))
 
 
 @pytest.mark.slow
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(au_scores, au_boxes, st.floats(0.05, 0.95))
 def test_every_trace_is_well_formed_and_grounded(scores, boxes, threshold):
     fa = face(scores, boxes, threshold)
@@ -273,7 +275,7 @@ def test_grounded_training_text_has_no_numbers():
     assert not re.search(r"\d", text), ex.trace
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     scores=st.dictionaries(st.sampled_from(AU_IDS), st.floats(0.0, 1.0), max_size=10),
     raw=st.lists(st.floats(0.0, 1.0), min_size=7, max_size=7).filter(lambda v: sum(v) > 1e-6),

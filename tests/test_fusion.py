@@ -6,6 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tiers import examples
+
 from tagfer.au.aus import AU_IDS, AUDetection, FaceAUs
 from tagfer.au.facs import PROTOTYPES
 from tagfer.au.fusion import FusionConfig, argmax, decide, support
@@ -83,7 +85,7 @@ def test_config_validation(field):
         FusionConfig(**{field: 1.5})
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     raw=st.lists(st.floats(0.0, 1.0), min_size=7, max_size=7).filter(lambda v: sum(v) > 1e-6),
     aus=st.dictionaries(st.sampled_from(AU_IDS), st.floats(0.0, 1.0), max_size=8),

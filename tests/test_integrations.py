@@ -12,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fixtures_text import FUZZ_CHAR, unicode_tag_soup
+from tiers import examples
 
 from tagfer.integrations import trl as tag_trl
 from tagfer.integrations.trl import TAGReward, completion_text, make_reward_funcs, reward_weights
@@ -179,7 +180,7 @@ def test_trl_cache_is_keyed_on_canvas_and_max_boxes():
 ADVERSARIAL = st.one_of(unicode_tag_soup(), st.text(FUZZ_CHAR, max_size=40))
 
 
-@settings(deadline=None, max_examples=150)
+@settings(deadline=None, max_examples=examples(150))
 @given(st.lists(ADVERSARIAL, min_size=1, max_size=4))
 @example(["<th\u0131nk>x</th\u0131nk><answer>happiness</answer>", "<an\u017fwer>happy</AN\u017fWER>", "<\u212abox>"])
 def test_reward_paths_never_raise_on_unicode_in_and_around_tags(texts):

@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tiers import examples
+
 from tagfer.core.jsonl import MAX_JSON_DEPTH, decode_json_at
 from tagfer.data.teacher import extract_json
 from tagfer.evaluation.judge import JudgeParseError, parse_judgment
@@ -20,7 +22,7 @@ JSON_VALUES = st.recursive(
 PIECES = st.sampled_from(['{', '}', '[', ']', '"', '\\', ':', ',', ' ', 'a', '1', '"k"', 'true', '\n'])
 
 
-@settings(deadline=None, max_examples=300)
+@settings(deadline=None, max_examples=examples(300))
 @given(st.one_of(st.lists(PIECES, max_size=24).map("".join), JSON_VALUES.map(json.dumps)), st.text(max_size=5))
 def test_decode_json_at_agrees_with_raw_decode(text, prefix):
     text = prefix + text
@@ -39,7 +41,7 @@ def test_decode_json_at_agrees_with_raw_decode(text, prefix):
         assert got == want or (got != got and want != want), (text, i)
 
 
-@settings(deadline=None, max_examples=100)
+@settings(deadline=None, max_examples=examples(100))
 @given(st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=4))
 def test_decode_json_at_reads_objects_inside_chatter(obj):
     text = f'Sure "quote {{ here: {json.dumps(obj)} trailing }} {{'

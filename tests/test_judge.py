@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tiers import examples
+
 from tagfer.evaluation import judge as J
 from tagfer.models.backends import make_backend
 
@@ -40,7 +42,7 @@ def test_parse_judgment_accepts_wrapped_json_and_checks_strictly():
         assert e.value.kind == kind, text
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.one_of(st.text(max_size=300), st.recursive(st.none() | st.booleans() | st.integers(-3, 9) | st.text(max_size=8),
                                                        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(["A", "B", "overall", "visual_faithfulness", "x"]), c, max_size=4), max_leaves=12).map(json.dumps)))
 def test_parse_judgment_raises_only_its_own_error(text):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn import metrics as skm
 
+from tiers import examples
 from tagfer.core.labels import LABELS
 from tagfer.evaluation import metrics as M
 
@@ -55,9 +55,11 @@ labels_pairs = st.integers(1, 60).flatmap(
 
 
 @pytest.mark.slow
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(labels_pairs)
 def test_against_sklearn(pair):
+    from sklearn import metrics as skm  # imported here: 2 s of CPU that every fast-tier worker would pay at collection
+
     t, p = pair
     t, p = np.array(t), np.array(p)
     assert M.accuracy(t, p) == pytest.approx(skm.accuracy_score(t, p))

@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tiers import examples
+
 from tagfer.core.labels import LABELS
 from tagfer.core.records import (
     BOX_DTYPE, SAMPLE_COLUMNS, TRL_COLUMNS, TAGSample, sample_schema, trl_prompt, trl_schema,
@@ -37,7 +39,7 @@ def _through_arrow(row, schema):
     return pa.Table.from_pylist([row], schema=schema).to_pylist()[0]
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(samples())
 def test_jsonl_round_trip(s):
     line = json.dumps(s.to_json(), ensure_ascii=False)
@@ -45,7 +47,7 @@ def test_jsonl_round_trip(s):
     assert set(json.loads(line)) == set(SAMPLE_COLUMNS) - {"image_bytes"}
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(samples(with_bytes=True))
 def test_arrow_row_round_trip(s):
     row = _through_arrow(s.to_arrow_row(), sample_schema())
@@ -53,7 +55,7 @@ def test_arrow_row_round_trip(s):
     assert TAGSample.from_arrow_row(row) == s
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(samples())
 def test_jsonl_to_arrow_to_jsonl_keeps_the_line(s):
     line = json.dumps(s.to_json(), sort_keys=True)
@@ -61,7 +63,7 @@ def test_jsonl_to_arrow_to_jsonl_keeps_the_line(s):
     assert json.dumps(back.to_json(), sort_keys=True) == line
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(samples(), st.text(), st.text())
 def test_trl_row_round_trip(s, system, user):
     row = _through_arrow(s.to_trl_row(system, user), trl_schema())

@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tiers import examples
+
 from tagfer.core.registry import Registry, Spec, SpecError
 
 
@@ -126,7 +128,7 @@ _opts = st.dictionaries(st.text(string.ascii_letters + "&=?% é", min_size=1, ma
                         st.text(string.printable + "é", max_size=8).map(str.strip), max_size=4)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(kind=_kind, target=_target, opts=_opts)
 def test_spec_round_trips(kind, target, opts):
     r = Registry("p", default=None)
@@ -135,7 +137,7 @@ def test_spec_round_trips(kind, target, opts):
     assert r.parse(str(s)) == s
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(text=st.text(max_size=40))
 def test_parse_never_crashes_with_anything_but_spec_error(text):
     r = Registry("p", default="file")

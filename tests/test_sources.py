@@ -19,6 +19,7 @@ from fixtures_data import (
     GENERIC_FOLDER_EXPECTED,
     RAFDB_EXPECTED,
 )
+from tiers import examples
 from tagfer.core.imageio import load_image
 from tagfer.core.labels import EXCLUDED, LABELS
 from tagfer.data.sources import (
@@ -106,7 +107,7 @@ def test_ferplus_vote_policies():
 
 
 @given(st.lists(st.integers(0, 10), min_size=10, max_size=10), st.sampled_from(["plurality", "majority"]), st.sampled_from(["exclude", "first"]))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_ferplus_vote_property(votes, vote, ties):
     label, reason = ferplus_vote(votes, vote, ties)
     assert (label == EXCLUDED) == (reason is not None)

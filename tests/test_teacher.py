@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fixtures_text import unicode_tag_soup
+from tiers import examples
 from tagfer.core.labels import LABELS, find_labels
 from tagfer.data.teacher import TEACHER_PROMPTS, TeacherPrompts, build_completion, check_quality, check_trace, extract_json, format_labels, global_part
 from tagfer.models.prompts import load_prompt
@@ -76,7 +77,7 @@ def test_extract_json_variants():
 
 
 @given(st.dictionaries(st.text(min_size=1, max_size=8), st.one_of(st.text(max_size=30), st.integers(), st.booleans()), max_size=4), st.text(max_size=20), st.text(max_size=20))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_extract_json_property(obj, pre, post):
     obj = {**obj, "Answer": "x"}
     text = pre.replace("{", "(") + json.dumps(obj) + post
@@ -85,7 +86,7 @@ def test_extract_json_property(obj, pre, post):
 
 
 @given(st.text(max_size=300))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_check_trace_total(text):
     r = check_trace(text, ITEMS)
     assert r.ok is False or (r.completion and parse_trace(r.completion).well_formed)
@@ -208,7 +209,7 @@ _WORDS = st.text(alphabet=st.sampled_from("abcdefghijklmnopqrstuvwxyz ,.'"), min
 
 @given(st.lists(st.sampled_from(range(3)), min_size=1, max_size=3, unique=True), st.lists(_WORDS, min_size=4, max_size=4),
        st.sampled_from(LABELS), st.integers(0, 3), st.integers(-3, 3))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_check_trace_property(order, words, label, coord, delta):
     """Any trace whose tags copy list entries verbatim is accepted; changing one coordinate always rejects it."""
     cot = "Overall the face shows a clear pattern " + words[0]
@@ -232,7 +233,7 @@ def test_check_trace_property(order, words, label, coord, delta):
 _json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8), lambda c: st.lists(c, max_size=3), max_leaves=6)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(obj=st.dictionaries(st.text(max_size=6).filter(lambda k: k.lower() != "decoy"), _json_values, min_size=1, max_size=4),
        before=st.text(max_size=20).filter(lambda t: "{" not in t and "`" not in t),
        after=st.text(max_size=20).filter(lambda t: "`" not in t),
@@ -259,7 +260,7 @@ def test_look_alike_output_tags_in_the_cot_are_a_format_problem(tag):
     assert not r.ok and any("output tag" in p for p in r.problems), r.problems
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(unicode_tag_soup(), st.sampled_from(LABELS))
 def test_check_trace_never_raises_on_unicode_in_and_around_tags(cot, label):
     r = check_trace(reply(COT + cot, label), ITEMS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hypothesis import settings
+
 import tiers
 
 FILES = {
@@ -28,3 +30,20 @@ def test_fast_tier_selection_and_guard(pytester, monkeypatch):
     # the full run imports everything (here: the heavy module's missing import is an error) and runs every test
     full = pytester.runpytest_inprocess(*LEAN, "--continue-on-collection-errors")
     full.assert_outcomes(passed=3, errors=1)
+
+
+def test_fast_tier_runs_a_quarter_of_the_examples(pytester):
+    """The fast tier loads the hypothesis profile ``fast`` (25 examples, not 100) and ``examples(n)``
+    scales a test's own count with it; the full run keeps both, and the outer run's profile is restored."""
+    pytester.makepyfile(test_counts="from hypothesis import settings\nfrom tiers import examples\n\n"
+                        "def test_c():\n    print('COUNTS', examples(400), examples(20), settings.default.max_examples)\n")
+    outer = settings.get_current_profile_name()
+    fast = pytester.runpytest_inprocess(*LEAN, "-s", "-m", "not slow and not model and not browser")
+    fast.stdout.fnmatch_lines(["*COUNTS 100 10 25*"])
+    assert settings.get_current_profile_name() == outer
+    settings.load_profile("default")  # as in a fresh `make test` process (this one may be the fast tier)
+    try:
+        full = pytester.runpytest_inprocess(*LEAN, "-s")
+    finally:
+        settings.load_profile(outer)
+    full.stdout.fnmatch_lines(["*COUNTS 400 20 100*"])

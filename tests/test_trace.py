@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fixtures_text import CONFUSABLES, FUZZ_CHAR, unicode_tag_soup
+from tiers import examples
 from tagfer.core.canvas import is_valid_box
 from tagfer.core.labels import LABELS
 from tagfer.traces.rewards import PAPER_FORMAT_VIOLATIONS, RewardConfig, r_fmt
@@ -218,7 +219,7 @@ def test_non_text_inputs():
     assert parse_trace(bytearray(b"<think>x</think><answer>happy</answer>")).label == "happiness"
 
 
-@settings(deadline=None, max_examples=300)
+@settings(deadline=None, max_examples=examples(300))
 @given(TAG_SOUP)
 def test_fast_path_matches_general_walk_on_tag_soup(text):
     assert parse_trace(text) == _parse_general(text, 512, 3)
@@ -541,7 +542,7 @@ def test_ascii_case_variants_are_still_tags():
     assert parse_trace("<THINK>x</THINK><Answer>happy</Answer>").violations == ("tag_case",)
 
 
-@settings(deadline=None, max_examples=400)
+@settings(deadline=None, max_examples=examples(400))
 @given(st.one_of(unicode_tag_soup(), st.text(FUZZ_CHAR, max_size=40)))
 @example("<th\u0131nk>x</th\u0131nk><answer>happiness</answer>")
 @example("<think>x</think><AN\u017fWER>happy</AN\u017fWER>")
@@ -639,7 +640,7 @@ def _strip_bboxes_regex(text: str) -> str:
     return pat.sub(repl, text)
 
 
-@settings(deadline=None, max_examples=400)
+@settings(deadline=None, max_examples=examples(400))
 @given(st.lists(st.sampled_from(["<bbox>", "</bbox>", "< BBOX >", "</ bbox>", "[1, 2, 3, 4]", " ", "\t", "\n", "x", ".", "<"]), max_size=16).map("".join))
 def test_strip_bboxes_matches_the_regex_definition(text):
     import re

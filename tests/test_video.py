@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from fixtures_video import *  # noqa: F401,F403  (session clips; imported here, not in conftest: only these tests use them)
 from fixtures_video import CLIP_FPS, HAPPY_FRAMES, write_clip
+from tiers import examples
 from tagfer.core.jsonl import read_jsonl
 from tagfer.core.labels import LABELS
 from tagfer.traces.trace import parse_trace
@@ -32,7 +33,7 @@ FRAME = 1.0 / CLIP_FPS
 
 
 # ----------------------------------------------------------------------------- pure parts
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.integers(1, 200), min_size=1, max_size=80), st.sampled_from([1.0, 3.0, 7.5, 12.0, 30.0]))
 def test_sampler_keeps_first_frame_of_each_sampling_interval(gaps_ms, fps):
     times = np.cumsum([0] + gaps_ms) / 1000.0
@@ -49,7 +50,7 @@ def test_sampler_start_end_bounds():
     assert kept[0] == pytest.approx(0.5) and kept[-1] == pytest.approx(1.0) and len(kept) == 6
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=60), st.sampled_from(["window", "ema", "none"]))
 def test_smoothing_stays_within_range_and_keeps_constants(vals, method):
     t = np.arange(len(vals)) * FRAME
@@ -100,7 +101,7 @@ def test_segments_follow_label_runs_without_smoothing():
     assert hap.evidence_aus[0] == 12 and hap.boxes[0] == [300, 300, 400, 400]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.sampled_from(["neutral", "happiness", "surprise"]), min_size=1, max_size=60), st.sampled_from([0.0, 0.1, 0.3]))
 def test_segments_partition_the_frames(labels, min_duration):
     segs = list(segments_from_records(_records(labels), SmoothingConfig("none", min_duration=min_duration)))
@@ -529,7 +530,7 @@ def test_repeated_and_backward_pts_are_nudged_forward(tmp_path, clip_faces):
     assert not any(r["error"] for r in frames)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 @given(st.lists(st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
                           st.floats(0, 5), st.sampled_from([1e9, 2.0**62, -1e9])), min_size=1, max_size=60),
        st.sampled_from([None, 25.0, 0.0, 1e9]))
@@ -542,7 +543,7 @@ def test_timeline_is_finite_increasing_and_bounded(raws, rate):
     assert all(0 < b - a <= MAX_JUMP for a, b in zip(ts, ts[1:]))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.lists(st.floats(1e-3, 2.0), min_size=1, max_size=40))
 def test_timeline_keeps_sound_times_as_they_are(steps):
     from tagfer.au.temporal import Timeline
@@ -694,7 +695,7 @@ def test_smoothing_neither_drops_nor_shrinks_an_expression_held_for_0_3_s(smooth
     assert hap[0].start_frame == 30 or smooth.method != "window"  # the centred window never moves its onset later
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["neutral", "happiness", "surprise"]), st.integers(1, 14), st.floats(0.35, 0.95)),
                 min_size=1, max_size=12),
        st.sampled_from([SmoothingConfig(), SmoothingConfig("ema", 0.5), SmoothingConfig("window", 2.0), SmoothingConfig("none")]))

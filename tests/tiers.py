@@ -8,6 +8,12 @@ whole module opts in with a module-level ``pytestmark = pytest.mark.model`` (or 
 ``browser``). A run whose ``-m`` excludes a mark does not even import the modules so marked
 (their top-level imports, e.g. torch, never run), and fails a test that imports transformers
 or Playwright without its mark.
+
+Property tests run fewer examples in a run that excludes ``slow`` (the fast tier): the
+hypothesis profile ``fast`` (loaded there unless ``--hypothesis-profile`` names one) runs a
+quarter of hypothesis' default, and a test that names its own count writes
+``@settings(max_examples=examples(400))``, which scales it the same way (400 in ``make test``,
+100 in ``make test-fast``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+#: The fast tier's share of every property test's examples (``make test`` runs them all).
+FAST_SHARE = 0.25
+settings.register_profile("fast", max_examples=round(settings.get_profile("default").max_examples * FAST_SHARE))
 
 #: Fixtures that build or load a transformers model: a test using one (directly or through
 #: another fixture) is marked ``model``.
@@ -28,9 +39,27 @@ _HEAVY = {"transformers": "model", "playwright": "browser"}
 _MODULE_MARK = re.compile(r"^pytestmark\s*=.*$", re.M)
 
 
+def examples(n: int) -> int:
+    """A property test's example count ``n``, scaled like the loaded profile's default (hypothesis'
+    default 100): ``n`` in the full run, a quarter of it (at least 10) in the fast tier."""
+    share = settings.default.max_examples / settings.get_profile("default").max_examples
+    return n if share == 1 else max(10, round(n * share))
+
+
+_PROFILE = pytest.StashKey[str]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    if "slow" in _excluded_marks(config) and not config.getoption("hypothesis_profile", None):
+        config.stash[_PROFILE] = settings.get_current_profile_name()
+        settings.load_profile("fast")
     config.addinivalue_line("markers", "model: builds or loads a (tiny) transformers model; not in make test-fast")
     config.addinivalue_line("markers", "browser: drives Chromium through Playwright; not in make test-fast")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _PROFILE in config.stash:  # the profile is process-wide: give back the one found (for in-process runs)
+        settings.load_profile(config.stash[_PROFILE])
 
 
 def _excluded_marks(config: pytest.Config) -> set[str]:
