@@ -85,9 +85,9 @@ def test_llamafactory_sharegpt_rules(exported):
     assert (summary.total, summary.processed, summary.exit_code()) == (3, 3, 0)
 
 
-def test_nobbox_element_mode_deletes_the_tags(build_dir, tmp_path):
+def test_nobbox_text_only_mode_deletes_the_tags(build_dir, tmp_path):
     out = tmp_path / "e"
-    export(build_dir, out, ["llamafactory", "hf"], nobbox_mode="element", per_source=False)
+    export(build_dir, out, ["llamafactory", "hf"], nobbox_mode="text-only", per_source=False)
     rows = json.loads((out / "llamafactory" / "tag_sft_nobbox.json").read_text())
     for row in rows:
         p = parse_trace(row["messages"][1]["content"])
@@ -98,7 +98,7 @@ def test_nobbox_element_mode_deletes_the_tags(build_dir, tmp_path):
 
     from tagfer.cli import app
 
-    r = CliRunner().invoke(app, ["export", str(build_dir), "--out", str(tmp_path / "c"), "-f", "llamafactory", "--nobbox-mode", "element"])
+    r = CliRunner().invoke(app, ["export", str(build_dir), "--out", str(tmp_path / "c"), "-f", "llamafactory", "--nobbox-mode", "text-only"])
     assert r.exit_code == 0, r.output
     def answers(folder):
         return " ".join(row["messages"][1]["content"] for row in json.loads((folder / "llamafactory" / "tag_sft_nobbox.json").read_text()))

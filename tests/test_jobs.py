@@ -7,6 +7,7 @@ import os
 import threading
 
 import pytest
+from tiers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,7 +54,7 @@ def test_resume_over_several_files_with_custom_error_and_status(tmp_path):
     assert r.status == {"1": "odd", "2": "even"} and isinstance(r, Resume)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(st.lists(st.integers(0, 1000), max_size=40), st.integers(0, 4), st.integers(1, 6))
 def test_thread_map_keeps_order_and_bounds_the_look_ahead(items, workers, window):
     pulled = [0]
@@ -118,7 +119,7 @@ _event = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(_event, max_size=60))
 def test_job_result_is_the_fold_of_its_events(events):
     seen = []

@@ -1,4 +1,5 @@
 import numpy as np
+from tiers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -46,7 +47,7 @@ def test_au_overlay_focuses_on_small_faces(mp_detector, astronaut_rgb):
     assert face_focus([(0, 0, 500, 500)], (512, 512)) is None
 
 
-@settings(deadline=None, max_examples=200)
+@settings(deadline=None, max_examples=examples(200))
 @given(st.lists(st.tuples(st.floats(-50, 600), st.floats(-50, 600), st.floats(5, 200), st.floats(5, 40)), max_size=12))
 def test_place_captions_never_overlap(items):
     from tagfer.au.overlay import place_captions
@@ -76,7 +77,7 @@ def test_merge_boxes_one_outline_and_one_caption_per_rectangle():
         ((10, 10, 50, 50), "AU1 0.60 · AU2 0.70", GREEN), ((60, 60, 90, 90), "", RED)]
 
 
-@settings(deadline=None, max_examples=150)
+@settings(deadline=None, max_examples=examples(150))
 @given(st.lists(st.text(alphabet="ab ·-", min_size=0, max_size=30), max_size=6).map(" ".join), st.integers(1, 40))
 def test_wrap_text_fits_and_keeps_the_words(text, width):
     from tagfer.au.overlay import wrap_text
@@ -190,7 +191,7 @@ def test_au_overlay_legend_names_every_au(mp_detector, astronaut_rgb):
     assert all(d.au in AU_NAMES for d in faces[0].active)
 
 
-@settings(deadline=None, max_examples=200)
+@settings(deadline=None, max_examples=examples(200))
 @given(st.lists(st.tuples(st.floats(0, 500), st.floats(0, 500), st.floats(5, 400), st.floats(10, 200), st.floats(8, 30), st.booleans()),
                 min_size=1, max_size=8))
 def test_outside_captions_avoid_their_box_and_nothing_overlaps(items):

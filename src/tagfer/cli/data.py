@@ -156,7 +156,7 @@ def export_cmd(
     fmt: List[str] = typer.Option(["all"], "--format", "-f", metavar="FORMAT", help="all | llamafactory | hf | verl (repeatable)."),
     embed_images: bool = typer.Option(True, "--embed-images/--no-embed-images", help="verl: embed image bytes in the parquet."),
     nobbox: bool = typer.Option(True, "--nobbox/--no-nobbox", help="Also write the no-bbox ablation variant."),
-    nobbox_mode: Optional[str] = typer.Option(None, "--nobbox-mode", help="content (default, the paper: coordinates removed, empty <bbox></bbox> kept) | element (the tags removed too)."),
+    nobbox_mode: Optional[str] = typer.Option(None, "--nobbox-mode", help="empty-tags (default, the paper: coordinates removed, empty <bbox></bbox> kept) | text-only (the tags removed too)."),
     per_source: bool = typer.Option(True, "--per-source/--no-per-source", help="Also write per-dataset subsets."),
     system_prompt: Optional[Path] = typer.Option(None, "--system-prompt", help="Override file of the TAG system prompt."),
     user_prompt: Optional[Path] = typer.Option(None, "--user-prompt", help="Override file of the TAG user prompt."),

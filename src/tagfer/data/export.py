@@ -4,8 +4,8 @@ Layout written under ``OUT`` (``formats`` selects the groups)::
 
     llamafactory/tag_sft.json          LLaMA-Factory ShareGPT (messages + images + system)
     llamafactory/tag_sft_nobbox.json   the no-bbox ablation (Table 3): coordinates removed by tagfer.traces.trace.strip_bboxes
-                                       (``nobbox_mode="content"``, the paper: empty <bbox></bbox> tags stay;
-                                       ``"element"``: the tags go too)
+                                       (``nobbox_mode="empty-tags"``, the paper: empty <bbox></bbox> tags stay;
+                                       ``"text-only"``: the tags go too)
     llamafactory/tag_sft_<source>.json one per source
     llamafactory/dataset_info.json     registers every file above
     hf/tag_sft.parquet                 TRL conversational prompt-completion rows
@@ -72,7 +72,8 @@ from tagfer.core.records import TAGSample, trl_schema
 from tagfer.models.prompts import tag_prompt
 from tagfer.traces.trace import strip_bboxes
 
-NOBBOX_MODES = ("content", "element")
+#: what the no-bbox ablation keeps of each box: its empty tags (the paper) or the text around it only
+NOBBOX_MODES = ("empty-tags", "text-only")
 
 __all__ = ["FORMATS", "IMAGE_FORMATS", "iter_samples", "export", "export_policy", "check_export_policy", "sharegpt_row", "trl_row", "verl_row", "DATASET_NAME"]
 
@@ -109,13 +110,13 @@ def iter_samples(build_dir: str | os.PathLike) -> Iterator[TAGSample]:
 
 # --------------------------------------------------------------------------- rows
 def _nobbox_completion(completion: str, mode: str) -> str:
-    """The no-bbox ablation's completion: ``"content"`` (paper) keeps empty ``<bbox></bbox>`` tags, ``"element"`` deletes them."""
+    """The no-bbox ablation's completion: ``"empty-tags"`` (paper) keeps empty ``<bbox></bbox>`` tags, ``"text-only"`` deletes them."""
     if mode not in NOBBOX_MODES:
         raise ValueError(f"nobbox_mode must be one of {NOBBOX_MODES}, got {mode!r}")
-    return strip_bboxes(completion, keep_tags=mode == "content")
+    return strip_bboxes(completion, keep_tags=mode == "empty-tags")
 
 
-def sharegpt_row(s: TAGSample, system: str, user: str, nobbox: bool = False, nobbox_mode: str = "content") -> dict[str, Any]:
+def sharegpt_row(s: TAGSample, system: str, user: str, nobbox: bool = False, nobbox_mode: str = "empty-tags") -> dict[str, Any]:
     completion = _nobbox_completion(s.completion, nobbox_mode) if nobbox else s.completion
     return {
         "messages": [{"role": "user", "content": "<image>" + user}, {"role": "assistant", "content": completion}],
@@ -124,7 +125,7 @@ def sharegpt_row(s: TAGSample, system: str, user: str, nobbox: bool = False, nob
     }
 
 
-def trl_row(s: TAGSample, system: str, user: str, nobbox: bool = False, nobbox_mode: str = "content") -> dict[str, Any]:
+def trl_row(s: TAGSample, system: str, user: str, nobbox: bool = False, nobbox_mode: str = "empty-tags") -> dict[str, Any]:
     """The HF/TRL row (:meth:`tagfer.core.records.TAGSample.to_trl_row`), optionally of the no-bbox ablation."""
     return s.to_trl_row(system, user, _nobbox_completion(s.completion, nobbox_mode) if nobbox else None)
 
@@ -309,7 +310,7 @@ def export(
     user_prompt: str | os.PathLike | None = None,
     embed_images: bool = True,
     nobbox: bool = True,
-    nobbox_mode: str = "content",
+    nobbox_mode: str = "empty-tags",
     per_source: bool = True,
     samples: Iterable[TAGSample] | None = None,
     image_policy: Any = None,
@@ -319,8 +320,8 @@ def export(
     """Write the exports of ``build_dir`` (see module docstring) under ``out``; streams the samples once.
 
     ``system_prompt``/``user_prompt``: override files of the TAG prompt.
-    ``samples`` replaces reading ``build_dir``. ``nobbox_mode``: ``"content"``
-    (default, the paper: empty ``<bbox></bbox>`` tags stay) or ``"element"``
+    ``samples`` replaces reading ``build_dir``. ``nobbox_mode``: ``"empty-tags"``
+    (default, the paper: empty ``<bbox></bbox>`` tags stay) or ``"text-only"``
     (the tags are deleted too). ``image_policy``: a :class:`tagfer.models.vlm.ImagePolicy`
     (default: longer side 224), applied once per image into ``OUT/images/`` as ``image_format``
     (``jpeg`` q95 or lossless ``png``; ``side=0`` keeps the original files, recorded as format
