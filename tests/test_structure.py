@@ -152,3 +152,18 @@ def test_no_meta_path_hook():
     assert not [f for f in sys.meta_path if type(f).__module__.startswith("tagfer")]
     with pytest.raises(ImportError):
         __import__("tagfer.analyze")  # an old flat path is gone, not aliased
+
+
+def test_every_public_module_is_in_the_readme_layout():
+    """README's Layout lists each public module (a package of small kind modules, like
+    ``tagfer.models.backends``, is listed once); a new module cannot land undocumented."""
+    readme = (SRC.parent / "README.md").read_text()
+    missing = []
+    for name, path in all_modules().items():
+        parts = name.split(".")
+        if path.name in ("__init__.py", "__main__.py") or any(p.startswith("_") for p in parts):
+            continue
+        listed = any(f"`{'.'.join(parts[:k])}`" in readme for k in range(len(parts), 2, -1))
+        if not listed:
+            missing.append(name)
+    assert not missing, "modules missing from README's Layout: " + ", ".join(missing)
