@@ -343,7 +343,11 @@ def test_browser_live_camera_label_and_boxes_follow_the_face(browser_server, cam
             page.wait_for_function("() => live.last && live.last.faces.length && live.last.faces[0].label === 'happiness'", timeout=10_000)
             # let the face travel: enough smiling answers to see the boxes follow it (a count, not a fixed
             # wait, so a loaded machine that answers fewer frames per second still gets there)
-            page.wait_for_function("() => __w.boxes.filter(b => b[1] === 'happiness' && b[4]).length >= 8", timeout=30_000)
+            lo, hi = X_RANGE
+            page.wait_for_function("""(need) => {
+                const xs = __w.boxes.filter(b => b[1] === 'happiness' && b[4]).map(b => b[2]);
+                return xs.length >= 8 && Math.max(...xs) - Math.min(...xs) >= need;
+            }""", arg=0.4 * (hi - lo), timeout=45_000)
             drawn = page.evaluate("""() => {
                 const cv = document.getElementById("cam-overlay"), ctx = cv.getContext("2d");
                 const d = ctx.getImageData(0, 0, cv.width, cv.height).data;

@@ -21,7 +21,7 @@ def test_show_with_trl_style_overrides():
     r = runner.invoke(app, ["train", "show", "-c", "grpo_ferplus", "--learning_rate", "2e-6", "--sources", "ferplus",
                             "rafdb", "--use_vllm", "false"])
     assert r.exit_code == 0, r.output
-    shown = yaml.safe_load(r.output)
+    shown = yaml.safe_load(r.stdout)  # warnings (e.g. tensorboard missing) go to stderr
     assert shown["learning_rate"] == 2e-6 and shown["sources"] == ["ferplus", "rafdb"] and shown["stage"] == "grpo"
 
 
