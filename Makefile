@@ -34,8 +34,10 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# The whole suite on every core (pytest-xdist; each worker builds its own session fixtures: tiny
+# models, landmarkers, browsers). About 3.5 min on two cores, 8+ min serial.
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 # The fast tier: no model (transformers is never imported), no browser, no slow end-to-end runs.
 # Tests are classified in tests/tiers.py (fixtures and marks); the tier runs on every core (pytest-xdist;
