@@ -177,7 +177,8 @@ def main() -> None:
 
     from peer_classifiers import load_peers
     from tagfer.au.facs import explain
-    from tagfer.au.fusion import FusionConfig, argmax, decide
+    from tagfer.au.facs import top_label as argmax
+    from tagfer.au.fusion import FusionConfig, decide
     from tagfer.au.impression import crop_box, face_crop
     from tagfer.core.imageio import load_image
     from tagfer.explainer.analyze import Analyzer

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 
 from PIL import Image
 
-from tagfer.au.fusion import argmax
+from tagfer.au.facs import top_label as argmax
 from tagfer.au.impression import GlobalImpression
 
 PEERS = ("fer", "facex")

@@ -10,7 +10,8 @@ from tiers import examples
 
 from tagfer.au.aus import AU_IDS, AUDetection, FaceAUs
 from tagfer.au.facs import PROTOTYPES
-from tagfer.au.fusion import FusionConfig, argmax, decide, support
+from tagfer.au.facs import top_label as argmax
+from tagfer.au.fusion import FusionConfig, decide, support
 from tagfer.core.labels import LABELS
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tagfer.au.fusion import argmax
+from tagfer.au.facs import top_label as argmax
 from tagfer.au.impression import NETS, GlobalImpression, GroundedEngine, ImpressionUnavailable, crop_box, face_crop, locate_model, preprocess
 from tagfer.core.imageio import load_image
 from tagfer.core.labels import LABELS

@@ -263,8 +263,8 @@ def class_scores(face_aus: FaceAUs | Iterable[AUDetection], config: FACSConfig =
 
 
 def top_label(scores: Mapping[str, float]) -> str:
-    """The highest-scoring label (ties: the one listed first in LABELS)."""
-    return max(LABELS, key=lambda c: (scores[c], -LABELS.index(c)))
+    """The highest-scoring label (a missing class scores 0; ties: the one listed first in LABELS)."""
+    return max(LABELS, key=lambda c: (scores.get(c, 0.0), -LABELS.index(c)))
 
 
 # --------------------------------------------------------------------------- wording (rules-only writer; shared sentences: tagfer.au.wording)

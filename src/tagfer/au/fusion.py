@@ -46,10 +46,10 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from tagfer.au.aus import AUDetection, FaceAUs
-from tagfer.au.facs import DEFAULT_CONFIG, FACSConfig, evidence
+from tagfer.au.facs import DEFAULT_CONFIG, FACSConfig, evidence, top_label
 from tagfer.core.labels import LABELS
 
-__all__ = ["FusionConfig", "DEFAULT_FUSION", "Decision", "decide", "support", "argmax"]
+__all__ = ["FusionConfig", "DEFAULT_FUSION", "Decision", "decide", "support"]
 
 
 @dataclass(frozen=True)
@@ -105,11 +105,6 @@ class Decision:
         return "global" if self.label == self.global_label else "local"
 
 
-def argmax(scores: Mapping[str, float]) -> str:
-    """The best class; ties go to the class listed first in :data:`LABELS`."""
-    return max(LABELS, key=lambda c: (scores.get(c, 0.0), -LABELS.index(c)))
-
-
 def support(dets: Sequence[AUDetection], prototypes: Mapping[str, Mapping[int, float]]) -> dict[str, tuple[int, ...]]:
     """Per expression class: its prototype's *active* AUs, by contribution ``w·s`` (strongest first)."""
     out: dict[str, tuple[int, ...]] = {}
@@ -135,9 +130,9 @@ def decide(global_scores: Mapping[str, float], face_aus: FaceAUs | Iterable[AUDe
     dets = list(face_aus.aus if isinstance(face_aus, FaceAUs) else face_aus)
     g = _normalise(global_scores)
     ev = evidence(dets, fc)
-    local = argmax(_normalise(ev))
+    local = top_label(_normalise(ev))
     sup = support(dets, fc.prototypes)
-    g1 = argmax(g)
+    g1 = top_label(g)
     p1 = g[g1]
     common = dict(global_label=g1, global_confidence=p1, global_scores=g, local_label=local, local_evidence=ev, support=sup)
     if not config.enabled:
