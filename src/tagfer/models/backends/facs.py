@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from tagfer.core.errors import ItemError
-from tagfer.models.backends.base import GenerationConfig, GenRequest, GenResult, _BackendBase
+from tagfer.models.backends.base import GenerationConfig, GenRequest, GenResult, _BackendBase, load_request_image
 
 __all__ = ["FACSBackend"]
 
@@ -98,8 +98,6 @@ class FACSBackend(_BackendBase):
         if image is None:
             raise ItemError("no_image", "the grounded engine needs the face's picture (or use facs-rules)")
         if not hasattr(image, "convert"):
-            from tagfer.models.backends.base import load_request_image
-
             image = load_request_image(image)
         return self.grounded.explain(image, face)
 
