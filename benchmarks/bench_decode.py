@@ -43,13 +43,17 @@ import time
 import zlib
 from pathlib import Path
 
-CHILD = r"""
+#: what every measuring child process starts with: tagfer's source on the path and the RSS reader
+CHILD_PROLOGUE = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[3])
 def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
+"""
+
+CHILD = CHILD_PROLOGUE + r"""
 from tagfer.core.imageio import ImageError, load_image
 import numpy, PIL.Image  # imported before the baseline
 base = rss("VmRSS")
@@ -179,14 +183,8 @@ def image_formats(budget: int = 2_000_000_000, quick: bool = False) -> None:
         print(f"worst peak - cost: {worst / 1e6:.0f} MB (docs: ~30–60 MB whatever the size)")
 
 
-VIDEO_CHILD = r"""
-import json, os, sys, time
-sys.path.insert(0, sys.argv[3])
+VIDEO_CHILD = CHILD_PROLOGUE + r"""
 os.environ["TAGFER_DECODE_BUDGET_MB"] = str(int(sys.argv[2]) / 1e6)
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
 from tagfer.au.video_io import iter_frames
 from tagfer.au.video_records import VideoConfig
 from tagfer.core.errors import ItemError
