@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tiers import examples
@@ -91,6 +91,9 @@ def test_config_validation(field):
     raw=st.lists(st.floats(0.0, 1.0), min_size=7, max_size=7).filter(lambda v: sum(v) > 1e-6),
     aus=st.dictionaries(st.sampled_from(AU_IDS), st.floats(0.0, 1.0), max_size=8),
 )
+# CI found this one: fear and sadness differ by one ulp and renormalisation after elimination
+# rounded them to a tie that class order broke the other way.
+@example(raw=[0.5, 0.0, 0.9999999999999999, 1.0, 0.0, 1.0, 0.5], aus={1: 1.0, 5: 1.0})
 def test_rule_invariants(raw, aus):
     g = dict(zip(LABELS, raw))
     d = decide(g, face(aus))

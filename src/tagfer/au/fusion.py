@@ -123,6 +123,25 @@ def _normalise(g: Mapping[str, float]) -> dict[str, float]:
     return {c: v / total for c, v in vals.items()}
 
 
+def _leading(scores: dict[str, float], label: str) -> dict[str, float]:
+    """``scores`` renormalised with ``label`` strictly first under :func:`top_label`'s tie rule.
+
+    A tie can come from the net (two equal probabilities, broken by class order) or from
+    rounding when near-equal probabilities are renormalised; the rule's answer must still be
+    the argmax of the scores it reports, so the label is lifted just past the runner-up.
+    """
+    lead = max(v for c, v in scores.items() if c != label)
+    if scores[label] > lead and top_label(scores) == label:
+        return scores
+    for bump in (1e-9, 1e-6):
+        lifted = dict(scores)
+        lifted[label] = lead + bump
+        lifted = _normalise(lifted)
+        if top_label(lifted) == label:
+            return lifted
+    raise AssertionError(f"cannot make {label!r} lead {scores}")  # unreachable: a 1e-6 lift survives renormalisation
+
+
 def decide(global_scores: Mapping[str, float], face_aus: FaceAUs | Iterable[AUDetection],
            config: FusionConfig = DEFAULT_FUSION, facs_config: FACSConfig | None = None) -> Decision:
     """Apply the decision rule (module docstring) to one face."""
@@ -143,16 +162,12 @@ def decide(global_scores: Mapping[str, float], face_aus: FaceAUs | Iterable[AUDe
     if local != "neutral" and local != g1 and local in plausible and ev[local] >= config.strong:
         scores = dict(g)
         scores[local], scores[g1] = g[g1], g[local]
-        lead = max(v for c, v in scores.items() if c != local)
-        if scores[local] <= lead:  # a tie the net broke by class order (with g1 or another class): the promoted class leads
-            scores[local] = lead + 1e-9
-            scores = _normalise(scores)
-        return Decision(label=local, scores=scores, plausible=plausible, rule="promoted", **common)
+        return Decision(label=local, scores=_leading(scores, local), plausible=plausible, rule="promoted", **common)
     eliminated = tuple(c for c in plausible if c != "neutral" and not sup.get(c))
     kept = [c for c in plausible if c not in eliminated]
     if not kept:  # every plausible class unsupported and neutral implausible: keep the net's answer
         return Decision(label=g1, scores=g, plausible=plausible, rule="global_kept", **common)
     label = max(kept, key=lambda c: (g[c], -LABELS.index(c)))
-    scores = _normalise({c: (0.0 if c in eliminated else g[c]) for c in LABELS})
+    scores = _leading(_normalise({c: (0.0 if c in eliminated else g[c]) for c in LABELS}), label)
     return Decision(label=label, scores=scores, plausible=plausible, eliminated=eliminated,
                     rule="eliminated" if label != g1 else "global_kept", **common)
