@@ -17,7 +17,7 @@ unexport PYTHONDONTWRITEBYTECODE
 # subprocesses (I/O, not CPU): a third worker on two cores fills those waits (fast tier: 68 → 55 s).
 WORKERS ?= $(shell $(PYTHON) -c "import os; print(len(os.sched_getaffinity(0)) + 1)")
 
-.PHONY: install browser test test-fast demo bench clean
+.PHONY: install browser test test-fast test-stress demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,9 +41,17 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 # The whole suite on every core (pytest-xdist; each worker builds its own session fixtures: tiny
-# models, landmarkers, browsers). About 4 min on two cores, 8+ min serial.
+# models, landmarkers, browsers). About 4 min on two cores, 8+ min serial. Hypothesis' `ci` profile:
+# derandomized, so the gate replays the same examples every run; the random search is `make test-stress`.
 test: $(STAMP) browser
-	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal
+	$(PY) -m pytest -q -n $(WORKERS) --dist worksteal --hypothesis-profile=ci
+
+# The property tests only, random seeds, STRESS × each test's examples (tests/tiers.py, profile `stress`):
+# run it after touching a parser or a rule; a failure prints the @example to pin.
+STRESS ?= 20
+test-stress: $(STAMP)
+	TAGFER_STRESS=$(STRESS) $(PY) -m pytest -q -n $(WORKERS) --dist worksteal --hypothesis-profile=stress \
+	  $$(grep -l "@given" tests/test_*.py)
 
 # The fast tier: no model (transformers is never imported), no browser, no slow end-to-end runs.
 # Tests are classified in tests/tiers.py (fixtures and marks); the tier runs on every core (pytest-xdist;

@@ -13,21 +13,30 @@ Property tests run fewer examples in a run that excludes ``slow`` (the fast tier
 hypothesis profile ``fast`` (loaded there unless ``--hypothesis-profile`` names one) runs a
 quarter of hypothesis' default, and a test that names its own count writes
 ``@settings(max_examples=examples(400))``, which scales it the same way (400 in ``make test``,
-100 in ``make test-fast``).
+100 in ``make test-fast``). ``make test`` runs hypothesis' derandomized ``ci`` profile (the same
+examples every run, so the gate does not flake); ``make test-stress`` runs every property test with
+random seeds and 20× the examples (profile ``stress``) to search for new counterexamples.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 #: The fast tier's share of every property test's examples (``make test`` runs them all).
 FAST_SHARE = 0.25
 settings.register_profile("fast", max_examples=round(settings.get_profile("default").max_examples * FAST_SHARE))
+#: ``make test-stress``: random seeds, ``TAGFER_STRESS`` (default 20) × every test's examples.
+#: ``make test`` loads hypothesis' own ``ci`` profile (derandomized: the gate is reproducible).
+settings.register_profile(
+    "stress", max_examples=settings.get_profile("default").max_examples * int(os.environ.get("TAGFER_STRESS", "20")),
+    deadline=None, suppress_health_check=list(HealthCheck), print_blob=True,
+)
 
 #: Fixtures that build or load a transformers model: a test using one (directly or through
 #: another fixture) is marked ``model``.
