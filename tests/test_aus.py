@@ -169,6 +169,32 @@ def test_scores_without_landmarks_and_calibration():
     assert s2[7] == pytest.approx(0.5)
 
 
+def _region_reference(lm: np.ndarray, au: int) -> list[tuple[float, float, float, float]]:
+    """Each side's box written out directly: the landmarks' extent in the face frame widened by
+    the margins, its four corners rotated back to image axes, their axis-aligned hull."""
+    ex, ey, iod = _face_frame(lm)
+    mx, mu, md = (m * iod for m in REGIONS[au].margin)
+    out = []
+    for side in REGIONS[au].sides:
+        u, v = lm[list(side), :2] @ ex, lm[list(side), :2] @ ey
+        corners = [(a, b) for a in (u.min() - mx, u.max() + mx) for b in (v.min() - mu, v.max() + md)]
+        xs = [a * ex[0] + b * ey[0] for a, b in corners]
+        ys = [a * ex[1] + b * ey[1] for a, b in corners]
+        out.append((min(xs), min(ys), max(xs), max(ys)))
+    return out
+
+
+@settings(max_examples=examples(25), deadline=None)
+@given(deg=st.floats(-60, 60), scale=st.floats(0.2, 5), dx=st.floats(-500, 500), dy=st.floats(-500, 500))
+def test_region_boxes_match_the_per_side_definition(mesh_landmarks, deg, scale, dx, dy):
+    lm = _rotate(mesh_landmarks, deg, scale, np.array([dx, dy]))
+    for au in REGIONS:
+        ref = _region_reference(lm, au)
+        assert np.allclose(region_boxes_px(lm, au, "split"), ref, rtol=0, atol=1e-9)
+        union = [(min(b[0] for b in ref), min(b[1] for b in ref), max(b[2] for b in ref), max(b[3] for b in ref))]
+        assert np.allclose(region_boxes_px(lm, au, "union"), union, rtol=0, atol=1e-9)
+
+
 def test_region_boxes_unknown_au_and_bad_mode(mesh_landmarks):
     with pytest.raises(KeyError):
         region_boxes_px(mesh_landmarks, 99)

@@ -45,6 +45,22 @@ def proper_boxes(draw: st.DrawFn):
 
 
 @relaxed
+@given(SIDES, SIDES, ALIGNS, st.sampled_from([64, 512, 1000]),
+       st.lists(st.tuples(*[st.floats(-1e5, 1e5, allow_nan=False)] * 4), min_size=1, max_size=8))
+def test_boxes_to_canvas_equals_box_to_canvas_row_by_row(w, h, align, canvas, boxes):
+    tr = CanvasTransform(w, h, canvas=canvas, align=align)
+    got = tr.boxes_to_canvas(np.asarray(boxes))
+    assert got == [tr.box_to_canvas(b) for b in boxes]
+    assert all(type(v) is int for b in got for v in b)  # plain ints: the records' JSON and is_valid_box
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_boxes_to_canvas_refuses_non_finite_coordinates(bad):
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        CanvasTransform(100, 100).boxes_to_canvas(np.array([[1.0, 2.0, bad, 4.0]]))
+
+
+@relaxed
 @given(SIDES, SIDES, ALIGNS, st.lists(st.tuples(st.floats(-1e4, 1e4), st.floats(-1e4, 1e4)), min_size=1, max_size=5))
 def test_points_round_trip(w, h, align, pts):
     t = CanvasTransform(w, h, align=align)

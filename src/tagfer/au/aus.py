@@ -93,7 +93,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from tagfer.au.faces import FaceMesh
-from tagfer.core.canvas import CANVAS, TOP_K, Box, CanvasTransform, union_box
+from tagfer.core.canvas import CANVAS, TOP_K, Box, CanvasTransform
 from tagfer.traces.trace import format_au_list
 
 AU_NAMES: dict[int, str] = {
@@ -475,24 +475,51 @@ def au_scores(
     return {au: float(scores.get(au, 0.0)) for au in AU_IDS}
 
 
-_SIDE_INDEX: dict[int, tuple[np.ndarray, ...]] = {au: tuple(np.asarray(side, dtype=np.intp) for side in reg.sides) for au, reg in REGIONS.items()}
+class _SideTable:
+    """Every region side of :data:`REGIONS` in one flat table, so all boxes of a face are one
+    batch of numpy reductions (:func:`_all_region_boxes`) instead of a Python loop per side."""
+
+    def __init__(self, regions: Mapping[int, AURegion]) -> None:
+        self.aus = tuple(regions)
+        sides = [(au, side, regions[au].margin) for au in self.aus for side in regions[au].sides]
+        self.landmarks = np.asarray([i for _, side, _ in sides for i in side], dtype=np.intp)
+        self.starts = np.cumsum([0] + [len(side) for _, side, _ in sides[:-1]]).astype(np.intp)
+        self.margin = np.asarray([m for _, _, m in sides], dtype=np.float64)  # (sides, 3)
+        counts = [len(regions[au].sides) for au in self.aus]
+        self.au_starts = np.cumsum([0] + counts[:-1]).astype(np.intp)
+        self.au_sides = {au: (int(a), int(a) + n) for au, a, n in zip(self.aus, self.au_starts, counts)}
 
 
-def _region_boxes(u: np.ndarray, v: np.ndarray, ex: np.ndarray, ey: np.ndarray, iod: float, au: int, bilateral: str):
-    """Region box(es) from landmarks projected on the face frame (u along the eyes, v down the face)."""
+_SIDES = _SideTable(REGIONS)
+
+
+def _all_region_boxes(u: np.ndarray, v: np.ndarray, ex: np.ndarray, ey: np.ndarray, iod: float) -> tuple[np.ndarray, np.ndarray]:
+    """Image-pixel boxes of every region side and of every AU's union of sides, from landmarks
+    projected on the face frame (u along the eyes, v down the face): ``(sides, 4)``, ``(aus, 4)``
+    in the order of :class:`_SideTable`.
+
+    Each side is the landmarks' extent in the face's own frame, widened by the region's margins
+    (IOD units: left/right, up, down, so they follow the face's roll); its box is the
+    axis-aligned hull of that rotated rectangle's four corners back in image axes.
+    """
+    su, sv = u[_SIDES.landmarks], v[_SIDES.landmarks]
+    m = _SIDES.margin * iod
+    u0 = np.minimum.reduceat(su, _SIDES.starts) - m[:, 0]
+    u1 = np.maximum.reduceat(su, _SIDES.starts) + m[:, 0]
+    v0 = np.minimum.reduceat(sv, _SIDES.starts) - m[:, 1]
+    v1 = np.maximum.reduceat(sv, _SIDES.starts) + m[:, 2]
+    corners_u = np.stack([u0, u1, u0, u1])
+    corners_v = np.stack([v0, v0, v1, v1])
+    xs = corners_u * ex[0] + corners_v * ey[0]
+    ys = corners_u * ex[1] + corners_v * ey[1]
+    sides = np.stack([xs.min(0), ys.min(0), xs.max(0), ys.max(0)], axis=1)
+    unions = np.concatenate([np.minimum.reduceat(sides[:, :2], _SIDES.au_starts), np.maximum.reduceat(sides[:, 2:], _SIDES.au_starts)], axis=1)
+    return sides, unions
+
+
+def _check_bilateral(bilateral: str) -> None:
     if bilateral not in ("union", "split"):
         raise ValueError(f"bilateral must be 'union' or 'split', got {bilateral!r}")
-    reg = REGIONS[au]
-    mx, mu, md = (m * iod for m in reg.margin)
-    boxes = []
-    for idx in _SIDE_INDEX[au]:
-        su, sv = u[idx], v[idx]
-        u0, u1, v0, v1 = float(su.min()) - mx, float(su.max()) + mx, float(sv.min()) - mu, float(sv.max()) + md
-        # Corners of the face-aligned rectangle back in image axes, then their axis-aligned hull.
-        xs = [a * ex[0] + b * ey[0] for a, b in ((u0, v0), (u1, v0), (u0, v1), (u1, v1))]
-        ys = [a * ex[1] + b * ey[1] for a, b in ((u0, v0), (u1, v0), (u0, v1), (u1, v1))]
-        boxes.append((min(xs), min(ys), max(xs), max(ys)))
-    return [union_box(boxes)] if bilateral == "union" or len(boxes) == 1 else boxes
 
 
 def region_boxes_px(landmarks: np.ndarray, au: int, bilateral: str = "union") -> list[tuple[float, float, float, float]]:
@@ -503,9 +530,14 @@ def region_boxes_px(landmarks: np.ndarray, au: int, bilateral: str = "union") ->
     """
     if au not in REGIONS:
         raise KeyError(f"no region defined for AU{au}")
+    _check_bilateral(bilateral)
     lm = np.asarray(landmarks, dtype=np.float64)
     ex, ey, iod = _face_frame(lm)
-    return _region_boxes(lm[:, :2] @ ex, lm[:, :2] @ ey, ex, ey, iod, au, bilateral)
+    sides, unions = _all_region_boxes(lm[:, :2] @ ex, lm[:, :2] @ ey, ex, ey, iod)
+    a, b = _SIDES.au_sides[au]
+    if bilateral == "union" or b - a == 1:
+        return [tuple(unions[_SIDES.aus.index(au)].tolist())]
+    return [tuple(row) for row in sides[a:b].tolist()]
 
 
 def ground_face(
@@ -523,18 +555,22 @@ def ground_face(
     OpenFace's ``AUxx_c`` presence columns).
     """
     sc = dict(au_scores(mesh.blendshapes, mesh.landmarks, config, getattr(mesh, "rotation", None)) if scores is None else scores)
+    _check_bilateral(config.bilateral)
     lm = np.asarray(mesh.landmarks, dtype=np.float64)
     ex, ey, iod = _face_frame(lm)
-    u, v = lm[:, :2] @ ex, lm[:, :2] @ ey
+    sides, unions = _all_region_boxes(lm[:, :2] @ ex, lm[:, :2] @ ey, ex, ey, iod)
+    side_boxes = transform.boxes_to_canvas(sides) if config.bilateral == "split" else None
+    union_boxes = transform.boxes_to_canvas(unions)
+    row = {au: i for i, au in enumerate(_SIDES.aus)}
     dets = []
     for au, s in sc.items():
         if au not in REGIONS:
             continue
-        px = _region_boxes(u, v, ex, ey, iod, au, config.bilateral)
-        cboxes = tuple(transform.box_to_canvas(b) for b in px)
-        union = transform.box_to_canvas(union_box(px))
+        a, b = _SIDES.au_sides[au]
+        split = side_boxes is not None and b - a > 1
         is_active = bool(active[au]) if active is not None and au in active else s >= config.threshold_for(au)
-        dets.append(AUDetection(au=int(au), score=float(s), active=is_active, box=union, boxes=cboxes if len(cboxes) > 1 else ()))
+        dets.append(AUDetection(au=int(au), score=float(s), active=is_active, box=union_boxes[row[au]],
+                                boxes=tuple(side_boxes[a:b]) if split else ()))
     dets.sort(key=lambda d: (-d.score, d.au))
     return FaceAUs(
         mesh=mesh, aus=dets, bbox_canvas=transform.box_to_canvas(mesh.bbox), top_k=config.top_k, detector=detector,
