@@ -791,6 +791,17 @@ def test_browser_video_upload_shows_timeline_segments_and_survives_a_reload(live
             assert "onset" in seg and "apex" in seg and "AU12" in seg and "<answer>happiness</answer>" in seg
             marks = page.eval_on_selector_all(".segment[data-label=happiness] mark.bbox", "ms => ms.map(m => getComputedStyle(m).backgroundColor)")
             assert marks and marks[0] == "rgb(230, 30, 30)"  # the apex trace's first box red, as for a photo
+            # each box's role in the apex trace's local steps, as the photo view shows it (grounded.js)
+            steps = page.evaluate("() => video.segments.find(s => s.label === 'happiness').local.steps")
+            roles = page.eval_on_selector_all(".segment[data-label=happiness] .legend li[data-box]",
+                                              "lis => lis.map(li => [li.textContent, (li.querySelector('.role') || {}).textContent || null])")
+            assert roles[0][0].startswith("AU12") and roles[0][1] == "support" and steps[0] == {"au": 12, "role": "support", "for": "happiness"}
+            expected = ["support" if st["role"] == "support" else "for " + st["for"] if st["role"] == "contrary" else st["role"] for st in steps]
+            assert [r[1] for r in roles] == expected
+            assert page.eval_on_selector_all(".segment[data-label=happiness] mark.bbox", "ms => ms.map(m => m.dataset.role)") == expected
+            grounded = page.inner_text(".segment[data-label=happiness] .grounded")  # the impression and the agreement badge
+            assert grounded.startswith("global impression (") and "decided by" in grounded
+            page.locator(".segment[data-label=happiness]").screenshot(path=str(shots / "video_segment_roles.png"))
             # the timeline: class score curves, the happiness segment shaded in its colour
             tl = page.evaluate("""() => { const c = document.getElementById("timeline"), d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
                 let shade = 0, ink = 0; for (let i = 0; i < d.length; i += 4) { if (d[i + 3] > 0 && d[i + 3] < 120) shade++; if (d[i + 3] > 200) ink++; } return [shade, ink]; }""")

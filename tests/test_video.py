@@ -379,6 +379,72 @@ def test_cli_analyze_and_au_on_videos(tmp_path, happy_clip, bad_videos, astronau
         assert [x["error"] for x in recs if "image" in x] == [None]
 
 
+def test_cli_au_all_aus_draws_every_active_au_box_on_the_video(tmp_path, happy_clip):
+    """`tagfer au CLIP --all-aus` draws every active AU box (as `tagfer analyze --all-aus`); without it only
+    the AUs the segment's trace cites: the annotated frames differ exactly where an active AU is not cited."""
+    import av
+    from typer.testing import CliRunner
+
+    from tagfer.au.video_render import CitedAUs
+    from tagfer.cli import app
+    from tagfer.core.canvas import CanvasTransform
+
+    frames = {}
+    for name, extra in (("cited", []), ("all", ["--all-aus"])):
+        out = tmp_path / f"{name}.jsonl"
+        res = CliRunner().invoke(app, ["au", happy_clip, "--out", str(out), "--overlays", str(tmp_path / name), "--fps", "12.5",
+                                       "--no-progress"] + extra)
+        assert res.exit_code == 0, res.output
+        (mp4,) = (tmp_path / name).glob("*.annotated.mp4")
+        with av.open(str(mp4)) as c:
+            frames[name] = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    recs = _frames(tmp_path / "cited.jsonl")
+    assert len(recs) == len(frames["cited"]) == len(frames["all"]) == 24
+    cited_at = CitedAUs(read_jsonl(segments_path(tmp_path / "cited.jsonl")), recs[0]["video"]).at
+    green = lambda a: (np.abs(a.astype(int) - [0, 200, 70]) < 60).all(-1)  # noqa: E731  (the AU box colour, after H.264)
+
+    def outline(a, box):  # green pixels on a box's outline (±1 px)
+        x1, y1, x2, y2 = (round(v) for v in box)
+        m = np.zeros(a.shape[:2], bool)
+        m[y1 - 1:y1 + 2, x1:x2 + 1] = m[y2 - 1:y2 + 2, x1:x2 + 1] = m[y1:y2 + 1, x1 - 1:x1 + 2] = m[y1:y2 + 1, x2 - 1:x2 + 2] = True
+        return int((green(a) & m).sum())
+
+    extra = 0
+    for r, cited, every in zip(recs, frames["cited"], frames["all"]):
+        f = r["faces"][0]
+        keep = cited_at(r["t"]).get(f["face_id"], set())
+        uncited = [a for a in f["aus"] if a["active"] and a["au"] not in keep]
+        if not uncited:  # nothing more to draw: the same frame
+            assert abs(int(green(every).sum()) - int(green(cited).sum())) <= 5
+            continue
+        extra += 1
+        tr = CanvasTransform(r["width"], r["height"], canvas=r["canvas"])
+        for a in uncited:
+            box = tr.box_to_image(a["box"])
+            assert outline(every, box) > outline(cited, box) + 40, (r["frame"], a["au"])
+    assert extra >= 10  # the smile's frames: AU10 is active but not cited by the trace
+
+
+def test_cli_au_all_aus_lists_every_detector_au_of_an_image(tmp_path, astronaut_path):
+    """On an image, `tagfer au --show --all-aus` lists every detector AU, as `tagfer analyze --all-aus` does."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+
+    out = tmp_path / "au.jsonl"
+    shown = {}
+    for name, extra in (("default", []), ("all", ["--all-aus"])):
+        res = CliRunner().invoke(app, ["au", str(astronaut_path), "--out", str(out), "--no-progress", "--no-resume", "--show"] + extra)
+        assert res.exit_code == 0, res.output
+        shown[name] = set(map(int, re.findall(r"│ AU(\d+) ", res.output)))
+    (face,) = next(iter(read_jsonl(out)))["faces"]
+    quiet = {a["au"] for a in face["aus"] if not a["active"] and a["au"] not in face["top"]}
+    assert quiet and not quiet & shown["default"]
+    assert shown["all"] == {a["au"] for a in face["aus"]}
+
+
 def test_video_writer_gif_webp_keep_frames_and_times(tmp_path, clip_faces):
     from PIL import Image
 
@@ -764,6 +830,37 @@ def test_each_frame_is_decided_by_the_photo_engine(happy_run):
     assert "overall impression" in hap["trace"] or "At first glance" in hap["trace"]  # the global step comes first
 
 
+def test_a_segment_carries_the_box_roles_analyze_gives_its_apex_frame(happy_run, happy_clip, mp_detector, tmp_path):
+    """A segment record carries its apex trace's views (the local steps: each box's AU and role),
+    equal to what `tagfer analyze --frame image` gives for that frame as a photo; a record written
+    before the views existed still loads."""
+    from PIL import Image
+
+    from tagfer.au.segments import VIEW_KEYS, SegmentRecord
+    from tagfer.au.video_io import iter_frames
+    from tagfer.explainer.analyze import Analyzer
+    from tagfer.explainer.records import box_aus
+
+    summ, out, _ = happy_run
+    segs = list(read_jsonl(segments_path(out)))
+    hap = next(s for s in segs if s["label"] == "happiness")
+    steps = hap["local"]["steps"]
+    assert [st["au"] for st in steps] == hap["evidence_aus"] and {"role", "for"} <= set(steps[0])
+    assert steps[0] == {"au": 12, "role": "support", "for": "happiness"}  # the smile's first box backs the answer
+    assert box_aus(parse_trace(hap["trace"])) == hap["evidence_aus"]  # the still view's box AUs: one per box, in order
+    (fr,) = [f for f in iter_frames(happy_clip, VideoConfig()) if f.index == hap["apex_frame"]]
+    Image.fromarray(fr.image.rgb).save(tmp_path / "apex.png")
+    (a,) = Analyzer(detector=mp_detector, frame="image", own_detector=False).analyze_image(tmp_path / "apex.png")
+    assert a.views["local"]["steps"] == steps and a.box_aus == hap["evidence_aus"] and a.boxes == hap["boxes"]
+    assert a.views["agreement"] == hap["agreement"] and a.views["global"]["label"] == hap["global"]["label"]
+    assert a.views["decision"]["rule"] == hap["decision"]["rule"]
+    assert all(set(VIEW_KEYS) <= set(s) for s in segs)  # every segment of the default engine has them
+    # old records (no views) load; new ones round-trip
+    old = {k: v for k, v in hap.items() if k not in VIEW_KEYS}
+    assert SegmentRecord.from_json(old).views == {} and SegmentRecord.from_json(old).to_json() == old
+    assert SegmentRecord.from_json(hap).to_json() == hap
+
+
 def test_facs_rules_engine_on_a_video(tmp_path, happy_clip):
     """`--model facs-rules` on a video: the FACS prototypes alone decide each frame (no net impression)."""
     from tagfer.au.aus import AUDetection
@@ -778,6 +875,8 @@ def test_facs_rules_engine_on_a_video(tmp_path, happy_clip):
         assert f["global_scores"] is None
         ref = class_scores([AUDetection.from_json(d) for d in f["aus"]])
         assert f["scores"] == pytest.approx(ref, abs=2e-4)
+    segs = list(read_jsonl(segments_path(out)))  # the rules give no global impression, hence no views (as for a photo)
+    assert segs and all(s["trace"] and "local" not in s and "global" not in s for s in segs)
     with pytest.raises(ValueError, match="engine"):
         VideoConfig(engine="gpt")
 

@@ -43,6 +43,10 @@ from tagfer.core.canvas import CANVAS
 from tagfer.core.labels import LABELS
 
 
+#: The keys of a segment record's views (those of :meth:`tagfer.au.facs.FACSExplanation.views`).
+VIEW_KEYS = ("global", "local", "agreement", "decision")
+
+
 # ----------------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class SmoothingConfig:
@@ -85,7 +89,17 @@ class SegmentRecord:
          "trace": "<think>…</think>\\n<answer>happiness</answer>",   # the video's engine on the apex frame
          "trace_label": "happiness", "evidence_aus": [12, 6, 25],
          "boxes": [[x1, y1, x2, y2], ...],                    # the trace's boxes, on the frame canvas
-         "canvas": 512, "smoothing": "window 0.5s"}
+         "canvas": 512, "smoothing": "window 0.5s",
+         # the default engine (facs) only, as in tagfer analyze's records (docs/analyze.md):
+         "global": {...}, "local": {..., "steps": [{"au": 12, "role": "support", "for": "happiness"}, ...]},
+         "agreement": "agree", "decision": {...}}
+
+    ``evidence_aus[i]`` is the AU of ``boxes[i]``. ``global`` / ``local`` / ``agreement`` /
+    ``decision`` are the apex trace's views (:meth:`tagfer.au.facs.FACSExplanation.views`, the
+    same as a photo's ``Analysis``): ``local.steps`` gives each cited AU's role (``support`` |
+    ``contrary`` | ``isolated``) and the class it argues for. They are absent for the
+    ``facs-rules`` engine and in records written before they existed (:meth:`from_json` reads
+    those with ``views = {}``).
     """
 
     video: str
@@ -107,13 +121,21 @@ class SegmentRecord:
     boxes: list[list[int]] = field(default_factory=list)
     canvas: int = CANVAS
     smoothing: str = ""
+    views: dict[str, Any] = field(default_factory=dict)  # {"global", "local", "agreement", "decision"}; {}: none
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("onset", "apex", "offset"):
             d[k] = round(d[k], 4)
         d["peak"], d["mean"] = round(self.peak, 4), round(self.mean, 4)
+        d.update(d.pop("views"))
         return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SegmentRecord":
+        """A record read back from ``*.segments.jsonl`` (older records, without views, too)."""
+        names = {f for f in cls.__dataclass_fields__ if f != "views"}
+        return cls(**{k: v for k, v in d.items() if k in names}, views={k: d[k] for k in VIEW_KEYS if k in d})
 
 
 
@@ -386,6 +408,7 @@ class Segmenter:
             ex = explain_grounded(dets, g, self.facs) if g else explain(dets, self.facs)
             seg.trace, seg.trace_label = ex.trace, ex.label
             seg.evidence_aus, seg.boxes = list(ex.evidence_aus), [list(b) for b in ex.boxes]
+            seg.views = ex.views()  # each box's role, as a photo's Analysis carries it
         return seg
 
 

@@ -36,7 +36,7 @@ def box_text(box) -> str:
     return "[" + ", ".join(str(round(float(v))) for v in box) + "]"
 
 
-def _print_faces(rec: dict) -> None:
+def _print_faces(rec: dict, all_aus: bool = False) -> None:
     if rec.get("error"):
         out_console.print(f"[red]✗ {rec['image']}: {rec['error']['kind']}: {rec['error']['message']}[/red]")
         return
@@ -46,7 +46,7 @@ def _print_faces(rec: dict) -> None:
         for c in ("AU", "name", "score", "active", "canvas box"):
             t.add_column(c)
         for a in f["aus"]:
-            if a["active"] or a["au"] in f["top"]:
+            if a["active"] or a["au"] in f["top"] or all_aus:
                 t.add_row(f"AU{a['au']}", a["name"], f"{a['score']:.2f}", "yes" if a["active"] else "", box_text(a["box"]))
         out_console.print(t)
         out_console.print("AU_LIST for the teacher prompt:\n" + (f["au_list"] or "(no active AU)"))
@@ -76,14 +76,15 @@ def au_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     fps: Optional[float] = _video.FPS, start: float = _video.START, end: Optional[float] = _video.END,
     video: bool = _video.FRAMES_FOLDER, folder_fps: float = _video.FOLDER_FPS, smooth: str = _video.SMOOTH,
-    render: str = _video.RENDER, media: Optional[Path] = _video.MEDIA,
+    render: str = _video.RENDER, media: Optional[Path] = _video.MEDIA, all_aus: bool = _video.ALL_AUS,
     verbose: bool = typer.Option(False, "--verbose", help="Show MediaPipe's own log lines (hidden by default)."),
 ) -> None:
     """Detect faces and activated AUs, and ground each AU in a box on the canvas. Exit code 1 if any
     requested image has an error record in --out (written now, or left by an earlier run).
 
     Videos (.mp4 .webm .mov .avi …, or folders with --video): one line per sampled frame, then segments
-    (docs/video.md)."""
+    (docs/video.md); the annotated video draws the AU boxes each segment's trace cites, every active
+    one with --all-aus."""
     from tagfer.au.video import split_video_inputs  # lazy (start-up time): PIL
 
     set_verbose(verbose)
@@ -97,7 +98,7 @@ def au_cmd(
         try:
             vcfg = _video.video_config(fps=fps, start=start, end=end, folder_fps=folder_fps, smooth=smooth, render=render,
                                        media=media or overlays, threshold=threshold, top_k=top_k, bilateral=bilateral,
-                                       canvas=canvas, landmarker=landmarker)
+                                       canvas=canvas, landmarker=landmarker, render_aus=_video.render_aus(all_aus))
         except ValueError as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(2)
@@ -127,7 +128,7 @@ def au_cmd(
 
     def on_record(rec: dict) -> None:
         if show:
-            _print_faces(rec)
+            _print_faces(rec, all_aus)
 
     try:
         with JobProgress("tagfer au", enabled=progress, unit="images") as bar:

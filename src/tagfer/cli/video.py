@@ -19,6 +19,13 @@ FOLDER_FPS = typer.Option(25.0, "--folder-fps", min=0.001, help="Video: frame ra
 SMOOTH = typer.Option("window:0.5", "--smooth", help="Video: temporal filter window:SECONDS (centred, no lag) | ema:SECONDS (causal, lag = SECONDS/2) | none.")
 RENDER = typer.Option("mp4", "--render", help="Video: annotated output mp4 | gif | webp | none.")
 MEDIA = typer.Option(None, "--media", help="Video: folder for the annotated video and the plot (analyze: OUT_media next to --out; au: --overlays).")
+ALL_AUS_HELP = "List every detector AU, not only the active and cited ones; video: draw every active AU box, not only the cited ones."
+ALL_AUS = typer.Option(False, "--all-aus", help=ALL_AUS_HELP)
+
+
+def render_aus(all_aus: bool) -> str:
+    """``VideoConfig.render_aus`` for ``--all-aus``: every active AU box, else the ones the trace cites."""
+    return "active" if all_aus else "cited"
 
 EXIT_PRIORITY = (2, 1, 3, 0)  # usage beats a failed input beats a malformed output
 

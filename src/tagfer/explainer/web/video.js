@@ -1,7 +1,8 @@
 // tagfer serve, video clips: upload with a progress bar → background job (GET /jobs/{id}) → playback
 // with per-frame boxes and label over the video, a timeline of class scores with the segments shaded,
-// and each segment's apex trace with its boxes in their colours. The job id is kept in the URL
-// (#job=…) and localStorage, so a reload comes back to the same result.
+// and each segment's apex trace with its boxes in their colours and roles (grounded.js, as for a
+// photo). The job id is kept in the URL (#job=…) and localStorage, so a reload comes back to the
+// same result.
 "use strict";
 const videoView = document.getElementById("video-view");
 const player = document.getElementById("player");
@@ -224,6 +225,13 @@ timeline.addEventListener("click", e => {
 player.addEventListener("loadedmetadata", () => { if (video.frames.length) drawTimeline(); });
 
 // ---------------------------------------------------------------- segments and their apex traces
+// A segment record read as a photo's analysis for grounded.js: its apex trace's views (global,
+// local with the steps, agreement, decision: absent in older records and for facs-rules) and the
+// AU before each box (the server's view of the trace).
+function segmentAnalysis(s) {
+  return { global: s.global, local: s.local, agreement: s.agreement, decision: s.decision, box_aus: s.view ? s.view.box_aus : null };
+}
+
 function renderSegments() {
   const box = document.getElementById("segments");
   box.replaceChildren(el("h2", { class: "small" }, video.segments.length ? "Segments" : "No segment"));
@@ -235,6 +243,9 @@ function renderSegments() {
       " s · offset " + s.offset.toFixed(2) + " s · peak " + (s.peak !== undefined ? Number(s.peak).toFixed(2) : "?") +
       (s.trace_label && s.trace_label !== s.label ? " · apex frame reads " + s.trace_label : ""));
     const right = el("div", {}, head, meta);
+    const apex = segmentAnalysis(s);  // the apex trace as a photo's analysis: its views and box AUs
+    const grounded = renderGrounded(apex);  // grounded.js: global impression, agreement, local reading
+    if (grounded) right.append(grounded);
     if (s.view) {
       const ul = el("ul", { class: "legend" });
       s.view.boxes.forEach((b, j) => ul.append(el("li", { "data-box": String(j) }, el("span", { class: "swatch", style: "background-color: " + s.view.box_colors[j] }),
@@ -244,7 +255,9 @@ function renderSegments() {
     const jump = el("button", { type: "button", class: "jump" }, "play from onset");
     jump.addEventListener("click", () => { player.currentTime = s.onset; player.play(); });
     right.append(jump);
-    box.append(el("section", { class: "face segment", "data-segment": String(i), "data-label": s.label }, el("div", {}, cv), right));
+    const section = el("section", { class: "face segment", "data-segment": String(i), "data-label": s.label }, el("div", {}, cv), right);
+    decorateBoxes(section, apex);  // grounded.js: each box's role in the apex trace's local steps, as for a photo
+    box.append(section);
     thumbs.push([cv, s]);
   });
   drawApexFrames(thumbs);
