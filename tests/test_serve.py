@@ -673,7 +673,7 @@ def _follow(client, st, timeout=120):
     return st
 
 
-def test_video_upload_ends_in_the_records_of_the_video_job(client, smile_clip, tmp_path):
+def test_video_upload_ends_in_the_records_of_the_video_job(app, client, smile_clip, tmp_path):
     """A clip posted to /analyze is analysed by the video job: the records and segments equal
     those run_video (what `tagfer analyze CLIP --out` runs) writes for the same clip."""
     import json
@@ -696,6 +696,8 @@ def test_video_upload_ends_in_the_records_of_the_video_job(client, smile_clip, t
     expected = [json.loads(line) for line in out.read_text().splitlines()]
     strip = lambda recs: [{k: v for k, v in r.items() if k not in ("video", "segments_file")} for r in recs]  # noqa: E731
     assert strip(records) == strip(expected)
+    assert {r["video"] for r in records} == {"smile.webm"}  # the upload's name, not the server's copy of it
+    assert records[-1]["segments_file"] == "segments.jsonl" and str(app.state.videos.root) not in json.dumps(records)
     segs = [json.loads(line) for line in client.get(st["segments_url"]).text.splitlines()]
     assert strip(segs) == strip([json.loads(line) for line in segments_path(out).read_text().splitlines()])
     assert [(s["label"], s["onset"], s["apex"], s["offset"]) for s in segs] == [(s["label"], s["onset"], s["apex"], s["offset"]) for s in st["segments"]]
@@ -831,3 +833,158 @@ def test_browser_video_upload_shows_timeline_segments_and_survives_a_reload(live
 def test_favicon_is_served_not_a_404(client):
     r = client.get("/favicon.ico")
     assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml") and r.content.startswith(b"<svg")
+
+
+# ----------------------------------------------------------------------------- connection limits, no server paths (issue: serve hardening)
+from tagfer.core.serving import BackgroundServer, ServerLimits
+
+
+def _raw_get(url: str, path: str = "/health", timeout: float = 10) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        return _read_until_closed(s, timeout)
+
+
+def test_serve_app_under_connection_limits():
+    """tagfer serve's app under :class:`ServerLimits` on a real uvicorn: connections over the limit
+    get 503 while idle ones hold their slots, /health answers once they are cut at the header
+    timeout; a client dribbling its headers gets 408; oversize headers get 431."""
+    app = create_app(lambda: FakeAnalyzer(), max_upload_mb=2, pool_size=1)
+    with BackgroundServer(app, limits=ServerLimits(max_connections=4, header_timeout_s=1.0, max_header_bytes=4096)) as srv:
+        held = [socket.create_connection((srv.host, srv.port), timeout=10) for _ in range(3)]
+        time.sleep(0.2)
+        assert _raw_get(srv.url).startswith(b"HTTP/1.1 503")
+        for s in held:  # cut after 1 s without a request
+            assert _read_until_closed(s, 5) == b""
+            s.close()
+        ok = _raw_get(srv.url)
+        assert ok.startswith(b"HTTP/1.1 200") and b'"ok":true' in ok
+        with socket.create_connection((srv.host, srv.port), timeout=10) as s:
+            s.sendall(b"POST /analyze HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            t0 = time.monotonic()
+            for _ in range(40):  # one header line every 0.1 s: never idle, never done
+                try:
+                    s.sendall(b"X-A: b\r\n")
+                except OSError:
+                    break
+                time.sleep(0.1)
+            got = _read_until_closed(s, 5)
+            assert got.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 4.5
+        with socket.create_connection((srv.host, srv.port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: " + b"c" * 6000 + b"\r\n\r\n")
+            assert _read_until_closed(s, 5).startswith(b"HTTP/1.1 431")
+        assert _raw_get(srv.url).startswith(b"HTTP/1.1 200")
+
+
+def test_serve_cli_connection_limit_options(monkeypatch):
+    """`tagfer serve --max-connections --header-timeout --keep-alive --max-header-kb` reach uvicorn;
+    the defaults are ServerLimits'; out-of-range values are usage errors."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app as cli
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: seen.update(app=app_, **kw))
+    r = CliRunner().invoke(cli, ["serve", "--workers", "1", "--max-connections", "12", "--header-timeout", "3.5",
+                                 "--keep-alive", "2", "--max-header-kb", "8"])
+    assert r.exit_code == 0, r.output
+    assert seen["limit_concurrency"] == 12 and seen["timeout_keep_alive"] == 2 and seen["h11_max_incomplete_event_size"] == 8192
+    assert (seen["http"].header_timeout_s, seen["http"].max_header_bytes) == (3.5, 8192)
+    assert CliRunner().invoke(cli, ["serve", "--workers", "1"]).exit_code == 0
+    d = ServerLimits()
+    assert (seen["limit_concurrency"], seen["http"].header_timeout_s, seen["timeout_keep_alive"]) == (
+        d.max_connections, d.header_timeout_s, d.keep_alive_s)
+    for bad in (["--max-connections", "1"], ["--header-timeout", "0"], ["--max-header-kb", "0"]):
+        assert CliRunner().invoke(cli, ["serve", "--workers", "1", *bad]).exit_code == 2, bad
+
+
+def test_upload_names_are_sanitised():
+    from tagfer.explainer.video_jobs import MAX_NAME_CHARS, upload_name
+
+    assert upload_name("C:\\Users\\ann\\clip.mp4") == "clip.mp4"
+    assert upload_name("../../etc/pass\x00wd") == "passwd"
+    assert upload_name("my\tsmile\u202e\x07  clip.webm") == "my smile clip.webm"  # tabs, bidi overrides, bells
+    assert upload_name("..") == "" and upload_name(None) == "" and upload_name("/") == ""
+    long = upload_name("x" * 500 + ".webm")
+    assert len(long) == MAX_NAME_CHARS and long.endswith(".webm")
+    assert upload_name("Lächeln 😀.mov") == "Lächeln 😀.mov"  # letters and symbols are kept
+
+
+def test_error_messages_name_the_upload_not_a_server_path(client, astronaut_path):
+    """A rejected image's message names the upload's file, never the temporary file it was read from."""
+    import tempfile
+
+    data = astronaut_path.read_bytes()
+    for payload in (b"garbage" * 100, data[: len(data) // 3]):  # not an image; a truncated one (passes the header check)
+        r = _post(client, payload, name="holiday.png")
+        msg = r.json()["error"]["message"]
+        assert r.status_code in (415, 422) and tempfile.gettempdir() not in msg and "tagfer-upload" not in msg, msg
+        assert "holiday.png" in msg, msg
+    from tagfer.explainer.serve import public_message
+
+    leak = f"cannot read {tempfile.gettempdir()}/tagfer-upload-abc/upload: I/O error"
+    assert public_message(leak) == "cannot read the upload: I/O error"  # the fallback for any other path
+
+
+def test_video_job_records_and_answers_name_the_upload(smile_clip, tmp_path):
+    """The job's records, segments, summary, errors and downloads say the upload's (sanitised) name
+    where run_video wrote the server's copy of the clip."""
+    import json
+    import tempfile
+
+    from fastapi.testclient import TestClient
+
+    from tagfer.au.video import VideoConfig, segments_path
+    from tagfer.explainer.video_jobs import VideoJobs
+
+    class Summ:
+        def __init__(self, video, out):
+            self.video, self.out = video, out
+            self.error = {"kind": "corrupt", "message": f"{video}: truncated at frame 2"}
+
+        def to_json(self):
+            return {"record": "video", "video": self.video, "segments_file": str(segments_path(self.out)), "error": self.error}
+
+    def fake_run(video, out, config, on_record=None, resume=False, grounded=None):
+        frames = [{"video": video, "record": "frame", "frame": i, "t": i / 10, "error": None} for i in range(2)]
+        frames.append({"video": video, "record": "frame", "frame": 2, "t": 0.2,
+                       "error": {"kind": "corrupt", "message": f"cannot decode {video} in {os.path.dirname(video)}"}})
+        s = Summ(video, out)
+        with open(out, "w") as f:
+            for rec in [*frames, s.to_json()]:
+                f.write(json.dumps(rec) + "\n")
+                if on_record:
+                    on_record(rec)
+        segments_path(out).write_text(json.dumps({"video": video, "label": "happiness", "onset": 0.0, "apex": 0.1,
+                                                  "offset": 0.2, "trace": None}) + "\n")
+        return s
+
+    jobs = VideoJobs(VideoConfig(engine="facs-rules", render="none", plot=False, media_dir=None), run=fake_run, root=tmp_path)
+    app = create_app(lambda: FakeAnalyzer(), pool_size=1, videos=jobs)
+    # the form written by hand: clients percent-encode control characters, a hostile one need not
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="..\\uploads\\my\tsmile\x07.webm"\r\n'
+            b"Content-Type: video/webm\r\n\r\n" + open(smile_clip, "rb").read() + b"\r\n--b--\r\n")
+    try:
+        with TestClient(app, base_url="http://127.0.0.1") as c:
+            r = c.post("/analyze?wait=20", content=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+            assert r.status_code == 200, r.text
+            st = r.json()
+            name = "my smile.webm"
+            assert st["name"] == name and st["summary"]["video"] == name and st["summary"]["segments_file"] == "segments.jsonl"
+            assert st["error"]["message"] == f"{name}: truncated at frame 2"
+            texts = {"status": r.text}
+            for what in ("records.jsonl", "segments.jsonl", "result.json"):
+                texts[what] = c.get(f"{st['status_url']}/{what}").text
+            records = [json.loads(line) for line in texts["records.jsonl"].splitlines()]
+            assert len(records) == 4 and {rec["video"] for rec in records} == {name}
+            assert records[2]["error"]["message"] == f"cannot decode {name} in "
+            assert [json.loads(line)["video"] for line in texts["segments.jsonl"].splitlines()] == [name]
+            assert json.loads(texts["result.json"])["video"] == name
+            clip = c.get(st["clip_url"])
+            assert clip.status_code == 200 and name.replace(" ", "%20") in clip.headers["content-disposition"]
+            for what, text in texts.items():
+                assert str(tmp_path) not in text and tempfile.gettempdir() not in text and "clip.webm" not in text, what
+    finally:
+        jobs.close()

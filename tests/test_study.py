@@ -485,3 +485,70 @@ def test_browser_vote_buttons_stay_in_view_with_a_degenerate_response(tmp_path, 
         page.click("#choose-tie")
         page.wait_for_selector("#done:not(.hidden)")
         ctx.close()
+
+
+def test_study_server_connection_limits(tmp_path, astronaut_path):
+    """The study app under :class:`tagfer.core.serving.ServerLimits` on a real uvicorn: a client
+    dribbling its headers gets 408 at the header timeout, connections over the limit get 503, and
+    the health route answers again once the idle ones are cut."""
+    import socket
+    import time
+
+    from tagfer.core.serving import ServerLimits
+    from tagfer.evaluation.study.app import StudyServer
+
+    def get(srv) -> bytes:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as s:
+            s.sendall(f"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nConnection: close\r\n\r\n".encode())
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+            return got
+
+    with StudyServer(_pairs(astronaut_path, 1), tmp_path / "s.sqlite", limits=ServerLimits(max_connections=3, header_timeout_s=1.0)) as srv:
+        assert get(srv).startswith(b"HTTP/1.1 200")
+        slow = socket.create_connection((srv.host, srv.port), timeout=10)
+        slow.sendall(b"POST /api/start HTTP/1.1\r\n")
+        t0 = time.monotonic()
+        idle = socket.create_connection((srv.host, srv.port), timeout=10)
+        time.sleep(0.2)
+        assert get(srv).startswith(b"HTTP/1.1 503")  # slow + idle + this one: 3
+        answer = b""
+        for _ in range(40):
+            try:
+                slow.sendall(b"X: y\r\n")
+            except OSError:
+                break
+            slow.settimeout(0.1)
+            try:
+                answer += slow.recv(4096)
+                if answer:
+                    break
+            except socket.timeout:
+                pass
+        assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 3
+        idle.settimeout(5)
+        assert idle.recv(100) == b""  # closed without an answer
+        slow.close()
+        idle.close()
+        assert get(srv).startswith(b"HTTP/1.1 200")
+
+
+def test_study_cli_connection_limit_options(tmp_path, astronaut_path, monkeypatch):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from tagfer.cli import app
+    from tagfer.core.serving import ServerLimits
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p.to_json()) + "\n" for p in _pairs(astronaut_path, 2)))
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app_, **kw: seen.update(app=app_, **kw))
+    args = ["study", "serve", "--pairs", str(tmp_path / "p.jsonl"), "--db", str(tmp_path / "s.sqlite")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert seen["limit_concurrency"] == ServerLimits().max_connections and seen["http"].header_timeout_s == ServerLimits().header_timeout_s
+    r = CliRunner().invoke(app, [*args, "--max-connections", "30", "--header-timeout", "4", "--keep-alive", "1.5", "--max-header-kb", "32"])
+    assert r.exit_code == 0, r.output
+    assert (seen["limit_concurrency"], seen["http"].header_timeout_s, seen["timeout_keep_alive"], seen["http"].max_header_bytes) == (
+        30, 4.0, 1.5, 32 * 1024)
+    assert CliRunner().invoke(app, [*args, "--max-connections", "1"]).exit_code == 2

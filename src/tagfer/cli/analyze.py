@@ -11,6 +11,7 @@ from rich.text import Text
 import typer
 
 from tagfer.cli._app import app, console, out_console, say
+from tagfer.cli import _serving
 from tagfer.cli._shared import resolve_image, set_verbose
 from tagfer.cli.progress import JobProgress
 from tagfer.cli import video as _video
@@ -203,16 +204,18 @@ def serve_cmd(
     max_pending: Optional[int] = typer.Option(None, "--max-pending", min=1, help="Uploads in flight at once; more get 503 "
                                               "(default: 4 per worker)."),
     max_live_sessions: int = typer.Option(2, "--max-live-sessions", min=0, help="Live camera sessions open at once (0: no live mode)."),
+    max_connections: int = _serving.MAX_CONNECTIONS, header_timeout: float = _serving.HEADER_TIMEOUT,
+    keep_alive: float = _serving.KEEP_ALIVE, max_header_kb: int = _serving.MAX_HEADER_KB,
 ) -> None:
     """Web page + JSON API (POST /analyze) for grounded explanations. Localhost only by default."""
-    import uvicorn  # lazy (start-up time): uvicorn
-
+    from tagfer.core.serving import run as run_server  # lazy (start-up time): uvicorn
     from tagfer.core.trusted_hosts import allowed_hosts, bind_note  # lazy: keeps `tagfer --help` fast
     from tagfer.explainer.live import LiveConfig  # lazy (start-up time)
     from tagfer.explainer.serve import ServeConfig, create_app  # lazy (start-up time): fastapi, starlette
 
     try:
         hosts = allowed_hosts(host, allowed_host)  # a malformed name is a usage error (exit 2)
+        conn_limits = _serving.server_limits(max_connections, header_timeout, keep_alive, max_header_kb)
         app_ = create_app(ServeConfig(model=model, pool_size=workers, frame=frame), max_upload_mb=max_upload_mb, allowed_hosts=hosts,
                           allowed_origins=list(allowed_origin), max_pending=max_pending,
                           live=LiveConfig(max_sessions=max_live_sessions))
@@ -223,4 +226,4 @@ def serve_cmd(
     console.print(f"tagfer serve on http://{host}:{port}/  (engine: {model or 'facs'})")
     if note := bind_note(host, allowed_host):
         console.print(f"[yellow]note:[/yellow] {note}")
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    run_server(app_, host, port, conn_limits)

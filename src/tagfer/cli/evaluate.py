@@ -12,6 +12,7 @@ import typer
 
 from tagfer.cli._app import TYPER, app, console, out_console, say
 from tagfer.cli.progress import JobProgress
+from tagfer.cli import _serving
 
 study_app = typer.Typer(help="Human A/B preference study (web app on localhost).", **TYPER)
 app.add_typer(study_app, name="study")
@@ -407,10 +408,11 @@ def study_serve_cmd(
                                                  "(default: the study app's limit)."),
     registrations_per_client: int = typer.Option(5, "--registrations-per-client", min=1, help="New evaluator names one client "
                                                  "address may register per 10 minutes."),
+    max_connections: int = _serving.MAX_CONNECTIONS, header_timeout: float = _serving.HEADER_TIMEOUT,
+    keep_alive: float = _serving.KEEP_ALIVE, max_header_kb: int = _serving.MAX_HEADER_KB,
 ) -> None:
     """Serve the A/B study page: evaluators enter a name, then choose A / B / tie for each pair."""
-    import uvicorn  # lazy (start-up time): uvicorn
-
+    from tagfer.core.serving import run as run_server  # lazy (start-up time): uvicorn
     from tagfer.core.trusted_hosts import allowed_hosts, bind_note  # lazy: keeps `tagfer --help` fast
     from tagfer.evaluation.judge import read_pairs  # lazy (start-up time): multiprocessing, importlib
     from tagfer.evaluation.study.app import create_app  # lazy (start-up time): multiprocessing, importlib
@@ -418,6 +420,7 @@ def study_serve_cmd(
     try:
         plist = read_pairs(pairs)
         hosts = allowed_hosts(host, allowed_host)
+        conn_limits = _serving.server_limits(max_connections, header_timeout, keep_alive, max_header_kb)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     if not plist:
@@ -434,7 +437,7 @@ def study_serve_cmd(
                           registrations_per_client=registrations_per_client, **limits)
     except ValueError as e:  # a malformed origin
         _fail(str(e))
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    run_server(app_, host, port, conn_limits)
 
 
 @study_app.command("export", short_help='Aggregate the votes: preferences, agreement.')

@@ -56,6 +56,10 @@ upload (the multipart form, the header checks of :func:`tagfer.core.imageio.prob
 runs in worker threads: the event loop only moves bytes, so ``/health`` and the page answer
 while uploads are checked.
 
+Connections: ``tagfer serve`` runs the app under :class:`tagfer.core.serving.ServerLimits`
+(connections at once, a deadline and a size limit for request headers, keep-alive). No answer
+names a server path: messages and records say the upload's own (sanitised) file name.
+
 Concurrency: MediaPipe's landmarker is not thread-safe, so the app keeps a pool of
 ``pool_size`` analyzers (each with its own detector; built lazily, reused). Requests
 borrow one analyzer each.
@@ -67,6 +71,7 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -82,7 +87,7 @@ from tagfer.core.imageio import probe
 from tagfer.core.trusted_hosts import add_host_check, add_origin_check
 from tagfer.explainer.analyze import Analyzer, AnalyzerPool, ImageResult, load_engine, png_data_url
 from tagfer.explainer.live import LiveConfig, LiveError, LiveSessions
-from tagfer.explainer.video_jobs import VideoJobs, looks_like_video
+from tagfer.explainer.video_jobs import VideoJobs, looks_like_video, public_paths, upload_name
 
 STATUS = {
     "cross_origin": 403,
@@ -111,6 +116,15 @@ STATUS = {
 }
 SPOOL_BYTES = 1 << 20  # an upload keeps at most this much in memory; the rest goes to a temporary file
 MAX_FORM_PARTS = 16
+#: any path under the temporary folder (where uploads are spooled), as it may appear in a message
+_TEMP_PATH = re.compile(re.escape(tempfile.gettempdir().rstrip("/\\")) + r"[/\\][^\s'\"(),;:]*")
+
+
+def public_message(message: str, paths: dict[str, str] | None = None) -> str:
+    """An error message as the client gets it: each server path in ``paths`` replaced by what the
+    client may see (:func:`tagfer.explainer.video_jobs.public_paths`), then any other path in the
+    temporary folder by ``the upload``."""
+    return _TEMP_PATH.sub("the upload", public_paths(message, paths or {}))
 
 
 @dataclass(frozen=True)
@@ -212,7 +226,9 @@ def create_app(
     app.state.videos = jobs
 
     def error(kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"kind": kind, "message": message}}, status_code=STATUS.get(kind, 422), headers=headers)
+        """Every error answer: its message never names a server path."""
+        return JSONResponse({"error": {"kind": kind, "message": public_message(message)}}, status_code=STATUS.get(kind, 422),
+                            headers=headers)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -271,7 +287,8 @@ def create_app(
 
                     def analyse(a: Analyzer) -> dict:
                         res: ImageResult = a.run(path, name=name or "upload")
-                        out = res.to_json()
+                        # the analyzer read the upload from `path`: its messages say so, the client sees the upload's name
+                        out = public_paths(res.to_json(), {path: name or "upload", d: ""})
                         if res.ok and overlay:
                             out["overlays"] = [png_data_url(im) for im in res.render_overlays()]
                         return out
@@ -446,7 +463,7 @@ def _check_upload(spool: IO[bytes], ctype: str, path: str, limit: int, mb: str,
     try:  # header checks (decode budget, format, size) before any decoding
         probe(path)
     except ItemError as e:
-        return {"error": {"kind": e.kind, "message": e.message}}
+        return {"error": {"kind": e.kind, "message": public_paths(e.message, {path: name or "the upload"})}}
     return name
 
 
@@ -536,4 +553,4 @@ def _extract_file(body: IO[bytes], content_type: str, dest: str) -> tuple[str | 
             raise ValueError(str(e) or type(e).__name__) from e
     if state["name"] is None:
         return None, 0
-    return os.path.basename(state["name"].replace("\\", "/")), int(state["size"])
+    return upload_name(state["name"]), int(state["size"])

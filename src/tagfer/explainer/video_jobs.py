@@ -4,7 +4,8 @@
 budget, a video stream, a duration within ``max_duration_s``) and hands it to :class:`VideoJobs`:
 one worker thread runs :func:`tagfer.au.video.run_video` — the job behind ``tagfer analyze CLIP
 --out`` — on one clip at a time, writing the same frame records, summary and segments into the
-job's own folder (no annotated video or plot: the page draws them). ``GET /jobs/{id}`` follows it
+job's own folder (no annotated video or plot: the page draws them); once done, the files name
+the clip by the upload's own file name, never by the server's copy (:meth:`VideoJob.publish_records`). ``GET /jobs/{id}`` follows it
 (progress in frames) and, once done, gives the segments (each with its apex trace cut at its boxes,
 in the photo view's colours) and the URLs of the records (JSON Lines, as the CLI writes them), the
 segments, one JSON document with all of it, and the clip itself (for playback after a reload).
@@ -24,6 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -36,7 +38,40 @@ from tagfer.explainer.overlay import box_color
 from tagfer.explainer.records import box_aus, segments as trace_segments
 from tagfer.traces.trace import parse_trace
 
-__all__ = ["VideoJob", "VideoJobs", "looks_like_video", "segment_view"]
+__all__ = ["VideoJob", "VideoJobs", "looks_like_video", "public_paths", "segment_view", "upload_name"]
+
+MAX_NAME_CHARS = 120
+
+
+def upload_name(raw: str | None) -> str:
+    """The file name a client gave an upload, safe to show and to store: its last path component
+    (``/`` or ``\\``), control and format characters dropped, white space runs made one space, at
+    most :data:`MAX_NAME_CHARS` characters (the extension kept); ``""`` when nothing is left
+    (or for ``.`` and ``..``)."""
+    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = " ".join("".join(c for c in name if c.isspace() or not unicodedata.category(c).startswith("C")).split())
+    if name in (".", ".."):
+        return ""
+    if len(name) > MAX_NAME_CHARS:
+        stem, dot, ext = name.rpartition(".")
+        ext = dot + ext if stem and len(ext) <= 10 else ""
+        name = name[: MAX_NAME_CHARS - len(ext)].rstrip() + ext
+    return name
+
+
+def public_paths(value: Any, paths: dict[str, str]) -> Any:
+    """``value`` (a JSON value) with every occurrence of each server path in ``paths`` replaced
+    by what the client may see (longest path first): responses and records name no server file."""
+    if isinstance(value, str):
+        for p in sorted(paths, key=len, reverse=True):
+            if p:
+                value = value.replace(p, paths[p])
+        return value
+    if isinstance(value, dict):
+        return {k: public_paths(v, paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public_paths(v, paths) for v in value]
+    return value
 
 _MAGIC_AT_4 = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")
 
@@ -90,6 +125,32 @@ class VideoJob:
     @property
     def records(self) -> Path:
         return self.folder / "records.jsonl"
+
+    @property
+    def server_paths(self) -> dict[str, str]:
+        """This job's server paths → what the client sees instead (the upload's name)."""
+        return {str(self.clip): self.name, os.path.abspath(self.clip): self.name, str(self.folder) + os.sep: "",
+                str(self.folder): ""}
+
+    def publish_records(self) -> None:
+        """Rewrite the records and segments files as the client gets them: ``video`` is the
+        upload's name, ``segments_file`` the name of the segments download, and no string names
+        a server path (atomic: a reader sees the old file or the new one)."""
+        for path in (self.records, self.segments_file):
+            if not path.exists():
+                continue
+            tmp = path.with_name(path.name + ".public")
+            with open(path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+                for line in src:
+                    if not line.strip():
+                        continue
+                    rec = json.loads(line)
+                    if "video" in rec:
+                        rec["video"] = self.name
+                    if rec.get("segments_file"):
+                        rec["segments_file"] = "segments.jsonl"
+                    dst.write(json.dumps(public_paths(rec, self.server_paths), ensure_ascii=False) + "\n")
+            os.replace(tmp, path)
 
     @property
     def segments_file(self) -> Path:
@@ -183,13 +244,14 @@ class VideoJobs:
                 raise ItemError("busy", "the server is stopping")
             if sum(j.state in ("queued", "running") for j in self._jobs.values()) >= self.max_queued:
                 raise ItemError("busy", f"{self.max_queued} clips are already being analysed; try again when one is done")
+        name = upload_name(name) or "clip"
         jid = secrets.token_hex(16)
         folder = self.root / jid
         folder.mkdir()
         suffix = Path(name).suffix.lower() if Path(name).suffix.lower() in VIDEO_EXTENSIONS else ".video"
         clip = folder / f"clip{suffix}"
         shutil.move(str(path), clip)
-        job = VideoJob(jid, name or "clip", folder, clip, expected, duration)
+        job = VideoJob(jid, name, folder, clip, expected, duration)
         with self._lock:
             self._jobs[jid] = job
             if self._worker is None:
@@ -232,14 +294,16 @@ class VideoJobs:
                 if self._grounded is None and self.config.engine == "facs":
                     self._grounded = load_grounded(self.config)  # loaded once for every clip
                 summ = self._run(str(job.clip), job.records, self.config, on_record=on_record, resume=False, grounded=self._grounded)
-                job.summary = summ.to_json()
-                job.summary["video"] = job.name  # the server's temporary paths mean nothing to the user
-                if job.summary.get("segments_file"):
-                    job.summary["segments_file"] = "segments.jsonl"
-                job.error = summ.error  # e.g. no_face, corrupt: the page shows it beside whatever was analysed
+                job.publish_records()  # the server's temporary paths mean nothing to the user, and are not theirs to see
+                summary = summ.to_json()
+                summary["video"] = job.name
+                if summary.get("segments_file"):
+                    summary["segments_file"] = "segments.jsonl"
+                job.summary = public_paths(summary, job.server_paths)
+                job.error = public_paths(summ.error, job.server_paths)  # e.g. no_face, corrupt: shown beside what was analysed
                 job.state = "done"
             except Exception as e:  # noqa: BLE001 — a library failure fails this job, never the worker
-                job.error = {"kind": "internal", "message": f"{type(e).__name__}: {e}"}
+                job.error = {"kind": "internal", "message": public_paths(f"{type(e).__name__}: {e}", job.server_paths)}
                 job.state = "failed"
             job.finished = time.monotonic()
             job.done.set()

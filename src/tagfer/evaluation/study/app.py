@@ -34,9 +34,9 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
-import socket
 from typing import Any, Sequence
 
+from tagfer.core.serving import BackgroundServer, ServerLimits
 from tagfer.core.trusted_hosts import add_host_check, add_origin_check, allowed_hosts
 from tagfer.evaluation.judge import Pair
 from tagfer.evaluation.study.db import MAX_EVALUATORS, DuplicateVote, NameTaken, StudyDB, StudyFull, TooManyRegistrations
@@ -211,39 +211,32 @@ def create_app(pairs: Sequence[Pair], db_path: str | os.PathLike, seed: int = 0,
 
 
 class StudyServer:
-    """Run the app with uvicorn in a background thread (tests, notebooks): ``with StudyServer(...) as s: s.url``."""
+    """Run the app with uvicorn in a background thread (tests, notebooks): ``with StudyServer(...) as s: s.url``;
+    ``limits``: the connection limits (:class:`tagfer.core.serving.ServerLimits`, as ``tagfer study serve``)."""
 
     def __init__(self, pairs: Sequence[Pair], db_path: str | os.PathLike, seed: int = 0, host: str = "127.0.0.1", port: int = 0,
-                 allowed: Sequence[str] = (), **options: Any):
+                 allowed: Sequence[str] = (), limits: ServerLimits | None = None, **options: Any):
         self.app = create_app(pairs, db_path, seed, allowed_hosts=allowed_hosts(host, allowed), **options)
-        if port == 0:
-            with socket.socket() as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
-        self.host, self.port = host, port
-        self.url = f"http://{host}:{port}"
-        self._server = None
-        self._thread: threading.Thread | None = None
+        self._server = BackgroundServer(self.app, host, port, limits)
+
+    @property
+    def host(self) -> str:
+        return self._server.host
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    @property
+    def url(self) -> str:
+        return self._server.url
 
     def start(self) -> "StudyServer":
-        import uvicorn  # lazy (start-up time): uvicorn
-
-        cfg = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", lifespan="off")
-        self._server = uvicorn.Server(cfg)
-        self._thread = threading.Thread(target=self._server.run, name="tagfer-study", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 20
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("study server did not start")
-            time.sleep(0.02)
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
+        self._server.stop()
 
     def __enter__(self) -> "StudyServer":
         return self.start()
