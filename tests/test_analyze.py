@@ -545,16 +545,49 @@ def test_reframe_keeps_a_faces_own_68_point_geometry(astronaut_68):
     assert [(d.au, d.box, d.active) for d in got.aus] == [(d.au, d.box, d.active) for d in ref.aus]
 
 
-def test_face_frame_grounded_once_equals_detect_then_reframe(landmarker, astronaut_path, grace_path):
-    """The analyzer grounds a MediaPipe face straight on its face frame (one grounding per face);
-    the analysis equals the general path (detect on the whole image, then reframe)."""
-    from tagfer.au.detectors import MediaPipeAUDetector
+def test_face_frame_grounded_once_equals_detect_then_reframe(landmarker, astronaut_path, grace_path, two_faces_path):
+    """A detector with the region capability (MediaPipe's, and a subclass that keeps its detect) grounds
+    each face straight on its face frame; one without it is detected and reframed. The analyses are
+    the same, and a subclass with its own scores keeps them (it falls back to detect + reframe)."""
+    from tagfer.au.aus import ground_face
+    from tagfer.au.detectors import MediaPipeAUDetector, RegionAUDetector
 
-    class GeneralPath(MediaPipeAUDetector):  # not the plain class: the analyzer takes detect + reframe
+    class Plain(MediaPipeAUDetector):  # keeps MediaPipe's detect, so inherits the fast path
         pass
 
-    fast = Analyzer(detector=MediaPipeAUDetector(landmarker=landmarker))
-    general = Analyzer(detector=GeneralPath(landmarker=landmarker))
-    for p in (astronaut_path, grace_path):
-        a, b = fast.analyze_image(p), general.analyze_image(p)
-        assert [x.to_json() for x in a] == [y.to_json() for y in b]
+    def no_detect(image, key=None):
+        raise AssertionError("the analyzer called detect on a detector that can ground on a region")
+
+    class NoCapability:  # an AUDetector only: name, config, detect, close
+        name = "mediapipe"
+
+        def __init__(self, inner):
+            self.inner, self.config = inner, inner.config
+
+        def detect(self, image, key=None):
+            return self.inner.detect(image, key)
+
+        def close(self):
+            pass
+
+    class OwnScores(MediaPipeAUDetector):  # overrides detect: loses the inherited fast path
+        name = "own"
+
+        def detect(self, image, key=None):
+            tr = CanvasTransform(image.width, image.height, canvas=self.config.canvas)
+            return [ground_face(m, tr, self.config, scores={12: 0.05, 4: 0.95}, detector=self.name)
+                    for m in self.meshes(image)]
+
+    plain = Plain(landmarker=landmarker)
+    plain.detect = no_detect
+    dets = {"mediapipe": MediaPipeAUDetector(landmarker=landmarker), "subclass": plain,
+            "none": NoCapability(MediaPipeAUDetector(landmarker=landmarker))}
+    assert [isinstance(d, RegionAUDetector) for d in dets.values()] == [True, True, False]
+    analyzers = {k: Analyzer(detector=d) for k, d in dets.items()}
+    for p in (astronaut_path, grace_path, two_faces_path):
+        got = {k: [x.to_json() for x in an.analyze_image(p)] for k, an in analyzers.items()}
+        assert got["mediapipe"] and all(v == got["none"] for v in got.values()), p
+    own = OwnScores(landmarker=landmarker)
+    assert not isinstance(own, RegionAUDetector)
+    (a,) = Analyzer(detector=own).analyze_image(astronaut_path)
+    assert a.detector == "own" and {d["au"]: d["score"] for d in a.aus} == {12: 0.05, 4: 0.95}

@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from fixtures_openface import astronaut_68, write_openface2, write_openface3  # noqa: F401 (fixture)
-from tagfer.au.aus import AUConfig, region_boxes_px
+from tagfer.au.aus import AUConfig, ground_face, region_boxes_px
 from tagfer.au.detectors import (
     DETECTORS,
     AUDetector,
@@ -11,11 +13,14 @@ from tagfer.au.detectors import (
     DetectionError,
     DetectorSpec,
     MediaPipeAUDetector,
+    RegionAUDetector,
     TableAUDetector,
 )
 from tagfer.au.regions68 import GEOMETRY_MEDIAPIPE, GEOMETRY_OPENFACE, REGIONS_68, region_boxes_68
 from tagfer.core.canvas import CanvasTransform, iou
 from tagfer.core.imageio import load_image
+from tagfer.explainer.frames import reframe
+from tiers import examples
 
 
 def _openface_csv(path, rows, with_key=False, with_landmarks=None):
@@ -39,6 +44,75 @@ def _openface_csv(path, rows, with_key=False, with_landmarks=None):
 
 def test_protocol_is_satisfied(mp_detector):
     assert isinstance(mp_detector, AUDetector)
+
+
+# ------------------------------------------------------------------ the region capability
+class _KeepsDetect(MediaPipeAUDetector):
+    """A subclass that keeps MediaPipe's detect (another mesh source would override ``meshes``)."""
+
+
+class _OwnScores(MediaPipeAUDetector):
+    """A subclass with its own scores (like the ConstAU plugin below): detect overridden."""
+
+    def detect(self, image, key=None):
+        tr = CanvasTransform(image.width, image.height, canvas=self.config.canvas)
+        return [ground_face(m, tr, self.config, scores={12: 0.9}, detector="own") for m in self.meshes(image)]
+
+
+class _OwnScoresOwnRegions(_OwnScores):
+    def detect_in_regions(self, image, key, region_of):
+        return [(reframe(f, region_of(f.mesh.bbox), self.config), region_of(f.mesh.bbox)) for f in self.detect(image, key)]
+
+
+def test_region_capability_follows_detect():
+    """The capability is inherited only with the detect it reproduces: a subclass that overrides
+    ``detect`` (its own scores) loses it unless it brings its own ``detect_in_regions``."""
+    lm = object()  # never called: isinstance only
+    assert isinstance(MediaPipeAUDetector(landmarker=lm), RegionAUDetector)
+    assert isinstance(_KeepsDetect(landmarker=lm), RegionAUDetector)
+    assert isinstance(_OwnScoresOwnRegions(landmarker=lm), RegionAUDetector)
+    for det in (_OwnScores(landmarker=lm), TableAUDetector(AUTable())):
+        assert isinstance(det, AUDetector) and not isinstance(det, RegionAUDetector), type(det).__name__
+    assert MediaPipeAUDetector.detect_in_regions is not None  # withdrawn on the subclass only
+
+
+class _FixedMeshes(MediaPipeAUDetector):
+    """A mesh-based detector whose faces come from elsewhere (here: meshes found once)."""
+
+    def __init__(self, meshes, config):
+        super().__init__(config, landmarker=object(), own_landmarker=False)
+        self._meshes = meshes
+
+    def meshes(self, image):
+        return self._meshes
+
+
+@pytest.fixture(scope="module")
+def two_face_meshes(landmarker, two_faces_path):
+    img = load_image(two_faces_path)
+    return img, MediaPipeAUDetector(landmarker=landmarker).meshes(img)
+
+
+def _faces_json(pairs):
+    return [(f.to_json(), [(d.au, d.score, d.active, d.box, d.boxes) for d in f.aus], list(r)) for f, r in pairs]
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(st.tuples(*(st.floats(-0.3, 0.3) for _ in range(4))), st.sampled_from([256, 512, 448]))
+def test_detect_in_regions_equals_detect_then_reframe(two_face_meshes, jitter, canvas):
+    """The contract of :class:`RegionAUDetector`: any region per face gives exactly the faces of
+    ``detect`` reframed on that region (scores, activations, boxes, records)."""
+    img, meshes = two_face_meshes
+    det = _FixedMeshes(meshes, AUConfig(canvas=canvas))
+    assert isinstance(det, RegionAUDetector)
+
+    def region_of(b):
+        w, h = b[2] - b[0], b[3] - b[1]
+        return (b[0] + jitter[0] * w, b[1] + jitter[1] * h, b[2] + 1 + jitter[2] * w, b[3] + 1 + jitter[3] * h)
+
+    fast = det.detect_in_regions(img, None, region_of)
+    general = [(reframe(f, region_of(f.mesh.bbox), det.config), region_of(f.mesh.bbox)) for f in det.detect(img)]
+    assert len(fast) == 2 and _faces_json(fast) == _faces_json(general)
 
 
 def test_openface_csv_scores_and_presence(tmp_path, landmarker, astronaut_path):

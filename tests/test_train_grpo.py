@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,6 +81,16 @@ def test_grpo_runs_and_logs_components(grpo_built):
         assert "r_au" in r  # None when no sample of the step had AU boxes
         assert 0.0 <= r["au_scored"] <= 1.0
         assert r["completion_length"] <= cfg.max_completion_length
+
+
+def test_grpo_model_card(grpo_built):
+    """The card TRL's ``_save_checkpoint`` asks for is ours: the local base named, the quick start on ``final/``."""
+    cfg, trainer = grpo_built
+    trainer.create_model_card(model_name="grpo")
+    text = (Path(cfg.output_dir) / "README.md").read_text()
+    assert "huggingface.co/None" not in text and 'model="None"' not in text
+    assert f"`{cfg.model_name_or_path}`" in text and f"--model {Path(cfg.output_dir) / 'final'}" in text
+    assert "- grpo" in text and "- tagfer" in text and "huggingface.co/papers/2402.03300" in text
 
 
 def test_grpo_learns_a_token_preference(tmp_path, train_tiny_dir, train_samples):

@@ -36,7 +36,8 @@ def sft_run(tmp_path_factory, train_tiny_dir, train_samples):
 
     out = tmp_path_factory.mktemp("sft_run")
     cfg = tiny_train_config(out, train_tiny_dir, train_samples, max_steps=STEPS, val_size=0, val_steps=0,
-                            val_samples=8, val_data=str(train_samples))  # validate on the training samples
+                            val_samples=8, val_data=str(train_samples),  # validate on the training samples
+                            save_steps=STEPS // 2)  # checkpoints: TRL writes the model card with each
     cap = _Capture()
     result = run_sft(cfg, callbacks=[cap.cb])
     return cfg, result, cap.model
@@ -121,19 +122,13 @@ def test_sft_outputs_and_log(sft_run):
     assert best["score"] == max(v["score"] for v in val)
 
 
-def test_model_cards_never_link_to_huggingface_none(tmp_path):
-    """TRL's card links the base model and the hub id; trained from a local folder both are None."""
-    from tagfer.train.callbacks import tidy_model_cards
-
-    card = ("This model is a fine-tuned version of [None](https://huggingface.co/None).\n"
-            'generator = pipeline("text-generation", model="None", device_map="auto")\n')
-    (tmp_path / "final").mkdir()
-    (tmp_path / "final" / "README.md").write_text(card)
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-2" / "README.md").write_text(card)
-    assert tidy_model_cards(tmp_path, str(tmp_path / "base_model")) == 2
-    text = (tmp_path / "final" / "README.md").read_text()
-    assert "huggingface.co/None" not in text and 'model="None"' not in text and "base_model" in text
-    (tmp_path / "final" / "README.md").write_text(card)
-    tidy_model_cards(tmp_path, "Qwen/Qwen2.5-VL-7B-Instruct")  # a hub id keeps its link
-    assert "[Qwen/Qwen2.5-VL-7B-Instruct](https://huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct)" in (tmp_path / "final" / "README.md").read_text()
+def test_model_card_is_written_right_at_each_checkpoint(sft_run):
+    """TRL writes the card from ``_save_checkpoint``; ours names the local base model (no
+    ``huggingface.co/None`` link) and its quick start loads ``best/``, not a model-less folder."""
+    cfg, result, _ = sft_run
+    assert (result.output_dir / f"checkpoint-{cfg.save_steps}").is_dir()  # a checkpoint wrote the card
+    text = (result.output_dir / "README.md").read_text()
+    assert "huggingface.co/None" not in text and 'model="None"' not in text
+    assert f"`{cfg.model_name_or_path}`" in text and f"huggingface.co/{cfg.model_name_or_path}" not in text
+    assert f"--model {result.best_dir}" in text and (result.best_dir / "adapter_config.json").is_file()
+    assert "- tagfer" in text and "- sft" in text

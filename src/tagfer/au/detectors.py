@@ -54,6 +54,16 @@ Long CSV (``table:``): columns ``image, au, score`` (``au`` as ``AU12``, ``12`` 
 score in [0, 1]), optional ``face`` (0-based) and ``active``.
 
 Keys match an image by absolute path, then by relative path suffix, then file name, then stem.
+
+Grounding on a region (:class:`RegionAUDetector`)
+-------------------------------------------------
+A detector may also offer ``detect_in_regions(image, key, region_of)``: every face grounded straight
+on the canvas of a region it picks from the face box (``tagfer analyze``'s face frame), equal to
+``detect`` followed by :func:`tagfer.explainer.frames.reframe` but with one grounding per face, not
+two. :class:`MediaPipeAUDetector` offers it, and so does a subclass that keeps its ``detect``; a
+subclass that overrides ``detect`` (:class:`TableAUDetector`, a plugin with its own scores) loses
+it unless it defines its own, so callers fall back to ``detect`` + reframe and never get scores
+that its ``detect`` would not give.
 """
 
 from __future__ import annotations
@@ -69,7 +79,7 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from tagfer.au.aus import AUConfig, FaceAUs, au_number, ground_face
+from tagfer.au.aus import AUConfig, FaceAUs, au_number, au_scores, ground_face
 from tagfer.au.faces import FaceLandmarker, FaceMesh
 from tagfer.au.regions68 import GEOMETRY_MEDIAPIPE, GEOMETRY_OPENFACE, ground_face_68, inner_eye_distance, wflw98_to_68
 from tagfer.core.canvas import CanvasTransform
@@ -93,6 +103,35 @@ class AUDetector(Protocol):
     def close(self) -> None: ...
 
 
+#: A region of an image, ``(x1, y1, x2, y2)`` in image pixels.
+Region = tuple[float, float, float, float]
+
+
+@runtime_checkable
+class RegionAUDetector(AUDetector, Protocol):
+    """An :class:`AUDetector` that can ground each face straight on a region's canvas (a capability:
+    callers check ``isinstance(detector, RegionAUDetector)``; a class sets the method to None to
+    withdraw it)."""
+
+    def detect_in_regions(self, image: LoadedImage, key: str | None,
+                          region_of: Callable[[Region], Region]) -> list[tuple[FaceAUs, Region]]:
+        """Every face (left to right) with ``region = region_of(face box in image pixels)``, grounded
+        on the canvas of ``region`` (boxes on a ``region``-sized image whose origin is the region's
+        corner), as ``(face, region)``. Equal to ``detect`` then
+        :func:`tagfer.explainer.frames.reframe` on each face's region."""
+        ...
+
+
+def shift_mesh(mesh: FaceMesh, x: float, y: float) -> FaceMesh:
+    """``mesh`` seen from origin ``(x, y)``: box and landmarks moved by ``(-x, -y)`` (z, blendshapes, pose kept)."""
+    lm = np.array(mesh.landmarks, dtype=np.float64, copy=True)
+    lm[:, 0] -= x
+    lm[:, 1] -= y
+    bx1, by1, bx2, by2 = mesh.bbox
+    return FaceMesh(bbox=(bx1 - x, by1 - y, bx2 - x, by2 - y), landmarks=lm, blendshapes=mesh.blendshapes,
+                    head_pose=mesh.head_pose, source=mesh.source, rotation=mesh.rotation)
+
+
 class MediaPipeAUDetector:
     """The default detector: MediaPipe blendshapes + landmark geometry → AU scores and boxes."""
 
@@ -114,9 +153,28 @@ class MediaPipeAUDetector:
             raise DetectionError("no_face", f"no face found in {image.source or 'image'} ({image.width}×{image.height})")
         return faces
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass that overrides :meth:`detect` but not :meth:`detect_in_regions` loses the
+        latter (it would ground MediaPipe's scores, not its own): callers take detect + reframe."""
+        super().__init_subclass__(**kwargs)
+        if "detect" in cls.__dict__ and "detect_in_regions" not in cls.__dict__:
+            cls.detect_in_regions = None  # type: ignore[assignment]
+
     def detect(self, image: LoadedImage, key: str | None = None) -> list[FaceAUs]:
         tr = CanvasTransform(image.width, image.height, canvas=self.config.canvas)
         return [ground_face(m, tr, self.config, detector=self.name) for m in self.meshes(image)]
+
+    def detect_in_regions(self, image: LoadedImage, key: str | None,
+                          region_of: Callable[[Region], Region]) -> list[tuple[FaceAUs, Region]]:
+        """:meth:`RegionAUDetector.detect_in_regions`: the AU scores of each face as detected (on its
+        own mesh), the boxes placed once, on its region's canvas."""
+        out = []
+        for m in self.meshes(image):
+            x1, y1, x2, y2 = region = tuple(float(v) for v in region_of(m.bbox))
+            scores = au_scores(m.blendshapes, m.landmarks, self.config, m.rotation)
+            tr = CanvasTransform(x2 - x1, y2 - y1, canvas=self.config.canvas)
+            out.append((ground_face(shift_mesh(m, x1, y1), tr, self.config, scores=scores, detector=self.name), region))
+        return out
 
     def close(self) -> None:
         if self._own:
@@ -361,7 +419,8 @@ def _openface3_rows(path: Path, reader: Any, header: list[str], aus: tuple[int, 
 class TableAUDetector(MediaPipeAUDetector):
     """AU scores from an :class:`AUTable`. Boxes from the table's own landmarks when a face has them
     (``use_landmarks``, the default), else from MediaPipe's regions; MediaPipe is opened only when
-    needed (``landmarker`` or ``landmarker_factory``, else a default :class:`FaceLandmarker`)."""
+    needed (``landmarker`` or ``landmarker_factory``, else a default :class:`FaceLandmarker`).
+    Its own :meth:`detect` withdraws ``detect_in_regions`` (callers reframe its faces)."""
 
     def __init__(self, table: AUTable, config: AUConfig = AUConfig(), landmarker: FaceLandmarker | None = None, *,
                  own_landmarker: bool | None = None, use_landmarks: bool = True,

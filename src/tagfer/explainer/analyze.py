@@ -52,11 +52,11 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 
 from tagfer.au.aus import AUConfig, FaceAUs
-from tagfer.au.detectors import DetectionError, MediaPipeAUDetector
+from tagfer.au.detectors import DetectionError, MediaPipeAUDetector, RegionAUDetector
 from tagfer.au.faces import FaceLandmarker
 from tagfer.core.errors import ItemError
 from tagfer.core.imageio import LoadedImage, load_image
-from tagfer.explainer.frames import crop_region, face_region, ground_in_region, reframe
+from tagfer.explainer.frames import crop_region, face_region, reframe
 from tagfer.explainer.overlay import BOX_COLORS, DETECTOR_COLOR, box_color, png_data_url, render_overlay
 from tagfer.explainer.records import (
     EXIT_FAILED,
@@ -228,17 +228,16 @@ class Analyzer:
         return results
 
     def _grounded_faces(self, img: LoadedImage, name: str) -> list[tuple[FaceAUs, tuple[float, float, float, float]]]:
-        """Each face grounded on its analysis frame, with that frame (image pixels)."""
+        """Each face grounded on its analysis frame, with that frame (image pixels). On the face frame a
+        detector that can ground on a region (:class:`RegionAUDetector`) does it once per face; any
+        other detects on the whole image and its faces are reframed (the same AUs either way)."""
         whole = (0.0, 0.0, float(img.width), float(img.height))
-        if self.frame == "face" and type(self.detector) is MediaPipeAUDetector:
-            # one grounding per face, straight on its face frame (the same AUs as detect + reframe)
+        if self.frame == "face" and isinstance(self.detector, RegionAUDetector):
+            def region_of(bbox: Sequence[float]) -> tuple[float, float, float, float]:
+                return face_region(bbox, img.width, img.height, self.face_margin)
+
             with self._lock:
-                meshes = self.detector.meshes(img)
-            out = []
-            for m in meshes:
-                region = face_region(m.bbox, img.width, img.height, self.face_margin)
-                out.append((ground_in_region(m, region, self.au_config, self.detector.name), region))
-            return out
+                return self.detector.detect_in_regions(img, name, region_of)
         with self._lock:
             faces = self.detector.detect(img, name)
         out = []

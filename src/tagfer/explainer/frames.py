@@ -7,13 +7,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from tagfer.au.aus import AUConfig, FaceAUs, au_scores, ground_face
-from tagfer.au.faces import FaceMesh
+from tagfer.au.aus import AUConfig, FaceAUs, ground_face
+from tagfer.au.detectors import shift_mesh
 from tagfer.au.regions68 import GEOMETRY_OPENFACE, ground_face_68
 from tagfer.core.canvas import CanvasTransform
 from tagfer.core.imageio import LoadedImage
 
-__all__ = ["face_region", "reframe", "ground_in_region", "crop_region"]
+__all__ = ["face_region", "reframe", "crop_region"]
 
 
 def face_region(bbox: Sequence[float], width: float, height: float, margin: float = 0.15) -> tuple[float, float, float, float]:
@@ -28,40 +28,21 @@ def face_region(bbox: Sequence[float], width: float, height: float, margin: floa
     return rx1, ry1, rx2, ry2
 
 
-def _shifted(m: FaceMesh, x1: float, y1: float) -> tuple[FaceMesh, np.ndarray]:
-    lm = np.array(m.landmarks, dtype=np.float64, copy=True)
-    lm[:, 0] -= x1
-    lm[:, 1] -= y1
-    bx1, by1, bx2, by2 = m.bbox
-    mesh = FaceMesh(bbox=(bx1 - x1, by1 - y1, bx2 - x1, by2 - y1), landmarks=lm, blendshapes=m.blendshapes,
-                    head_pose=m.head_pose, source=m.source, rotation=m.rotation)
-    return mesh, lm
-
-
 def reframe(face: FaceAUs, region: Sequence[float], config: AUConfig) -> FaceAUs:
-    """The same face's AUs with boxes on the canvas of ``region`` (same scores and activations)."""
+    """The same face's AUs with boxes on the canvas of ``region`` (same scores and activations). A
+    detector that can ground straight on a region does it in one step
+    (:class:`tagfer.au.detectors.RegionAUDetector`, the analyzer's fast path); this is the general one."""
     if face.mesh is None:
         raise ValueError("reframing needs the face's landmarks")
     x1, y1, x2, y2 = (float(v) for v in region)
-    m = face.mesh
-    mesh, lm = _shifted(m, x1, y1)
+    mesh = shift_mesh(face.mesh, x1, y1)
     tr = CanvasTransform(x2 - x1, y2 - y1, canvas=config.canvas)
     scores = {a.au: a.score for a in face.aus}
     active = {a.au: a.active for a in face.aus}
     if face.geometry == GEOMETRY_OPENFACE:  # boxes placed on the table's own 68 landmarks, not MediaPipe's mesh
-        return ground_face_68(lm[:, :2], tr, config, scores, active=active, detector=face.detector, source=m.source)
+        return ground_face_68(mesh.landmarks[:, :2], tr, config, scores, active=active, detector=face.detector,
+                              source=mesh.source)
     return ground_face(mesh, tr, config, scores=scores, active=active, detector=face.detector)
-
-
-def ground_in_region(mesh: FaceMesh, region: Sequence[float], config: AUConfig, detector: str = "mediapipe") -> FaceAUs:
-    """A MediaPipe face grounded straight on the canvas of ``region``: the AU scores of the face as
-    detected (:func:`tagfer.au.aus.au_scores` on its own mesh), the boxes on the region's canvas.
-    Equal to ``reframe(ground_face(mesh, whole-image transform), region)`` without placing the
-    boxes on the whole image first (the analyzer's face frame: one grounding per face, not two)."""
-    x1, y1, x2, y2 = (float(v) for v in region)
-    scores = au_scores(mesh.blendshapes, mesh.landmarks, config, getattr(mesh, "rotation", None))
-    shifted, _ = _shifted(mesh, x1, y1)
-    return ground_face(shifted, CanvasTransform(x2 - x1, y2 - y1, canvas=config.canvas), config, scores=scores, detector=detector)
 
 
 def crop_region(img: LoadedImage, region: Sequence[float]) -> Image.Image:

@@ -185,23 +185,3 @@ def write_json(path: str | Path, obj: Any) -> None:
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
     tmp.replace(p)
-
-
-def tidy_model_cards(out_dir: str | Path, base_model: str | None) -> int:
-    """Rewrite the README.md model cards TRL wrote under ``out_dir`` so that a model trained from a
-    local folder (or pushed nowhere) does not link to ``huggingface.co/None``: the base model is
-    named as given, linked only when it looks like a hub id, and the quick-start model id is the
-    card's own folder. Returns the number of cards changed."""
-    base = str(base_model) if base_model else "the base model"
-    is_hub_id = bool(base_model) and not Path(str(base_model)).exists() and str(base_model).count("/") == 1
-    named = f"[{base}](https://huggingface.co/{base})" if is_hub_id else f"`{base}`"
-    n = 0
-    for card in Path(out_dir).rglob("README.md"):
-        text = card.read_text(encoding="utf-8")
-        new = text.replace("[None](https://huggingface.co/None)", named)
-        new = new.replace('model="None"', f'model="{card.parent}"')
-        if new != text:
-            card.write_text(new, encoding="utf-8")
-            n += 1
-    return n
-

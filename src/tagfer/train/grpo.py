@@ -71,7 +71,7 @@ def build_grpo_trainer(
 ):
     """``(trainer, logger, info)`` — the configured ``GRPOTrainer`` before ``train()`` (also used by the benchmark)."""
     from tagfer.train.callbacks import JsonlLogCallback  # lazy (start-up time): torch, transformers
-    from tagfer.train.rollout import MergedRolloutGRPOTrainer  # lazy (start-up time): torch, transformers
+    from tagfer.train.trainers import TagferGRPOTrainer  # lazy (start-up time): torch, transformers, trl
 
     run = prepare_run(cfg, "grpo")
     out, model, processor, base, summary, train_ds = run.out, run.model, run.processor, run.base, run.trainable, run.train_ds
@@ -80,7 +80,7 @@ def build_grpo_trainer(
         weights = default_weights if weights is None else weights
     args = cfg if weights is None else with_overrides(cfg, reward_weights=[float(w) for w in weights])
     logger = JsonlLogCallback(out / cfg.log_jsonl, "grpo")
-    trainer = MergedRolloutGRPOTrainer(
+    trainer = TagferGRPOTrainer(
         model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=train_ds, processing_class=processor,
         callbacks=[logger, *callbacks], merged_rollouts=cfg.merged_rollouts,
     )
@@ -95,7 +95,7 @@ def run_grpo(
     callbacks: Sequence[Any] = (),
 ) -> GRPOResult:
     """Run GRPO as configured (TAG rewards unless ``reward_funcs`` is given); returns the adapter folder and log."""
-    from tagfer.train.callbacks import tidy_model_cards, write_json  # lazy (start-up time): torch, transformers
+    from tagfer.train.callbacks import write_json  # lazy (start-up time): torch, transformers
 
     trainer, logger, info = build_grpo_trainer(cfg, reward_funcs, weights, callbacks)
     out = Path(cfg.output_dir)
@@ -104,7 +104,6 @@ def run_grpo(
     final = out / "final"
     trainer.save_model(str(final))  # adapter + processor (gathers ZeRO-3 shards)
     if trainer.is_world_process_zero():
-        tidy_model_cards(out, info["base_model"])
         write_json(out / "result.json", {"final_dir": str(final), "base_model": info["base_model"],
                                          "sft_adapter": cfg.adapter, "adapter_mode": cfg.adapter_mode,
                                          "importance_sampling_level": cfg.importance_sampling_level, "trainable": info["trainable"],

@@ -9,7 +9,8 @@ bf16, completion-only loss (the prompt and image tokens carry no loss).
 Outputs in ``output_dir``: ``config.yaml`` (the resolved config), ``checkpoint-N/`` (trainer
 checkpoints; a rerun resumes from the last one when ``resume``), ``best/`` (adapter +
 processor chosen by validation, see :class:`~tagfer.train.callbacks.ValidationCallback`),
-``final/`` (the adapter after the last step), ``train_log.jsonl``, ``result.json``.
+``final/`` (the adapter after the last step), ``train_log.jsonl``, ``result.json``, ``README.md`` (the
+model card, written with each checkpoint: :mod:`tagfer.train.card`).
 """
 
 from __future__ import annotations
@@ -102,10 +103,9 @@ def prepare_run(cfg: TrainConfig, stage: str) -> RunSetup:
 
 def run_sft(cfg: TagferSFTConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
     """Run SFT as configured (``cfg`` is TRL's ``SFTConfig`` itself); returns where the adapters and the log are."""
-    from trl import SFTTrainer  # lazy (start-up time): trl
-
-    # lazy (start-up time): torch, transformers
-    from tagfer.train.callbacks import JsonlLogCallback, ValidationCallback, tidy_model_cards, write_json
+    # lazy (start-up time): torch, transformers, trl
+    from tagfer.train.callbacks import JsonlLogCallback, ValidationCallback, write_json
+    from tagfer.train.trainers import TagferSFTTrainer
 
     run = prepare_run(cfg, "sft")
     out, model, processor, base, summary = run.out, run.model, run.processor, run.base, run.trainable
@@ -132,7 +132,7 @@ def run_sft(cfg: TagferSFTConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
                 validator.best = known
         cbs.append(validator)
     cbs.extend(callbacks)
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=processor, callbacks=cbs)
+    trainer = TagferSFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=processor, callbacks=cbs)
     holder["trainer"] = trainer
     quiet_console(trainer, cfg)
     resume = cfg.resume_from_checkpoint or (last_checkpoint(out) if cfg.resume else None)
@@ -147,7 +147,6 @@ def run_sft(cfg: TagferSFTConfig, callbacks: Sequence[Any] = ()) -> SFTResult:
             write_json(best_dir / "best.json", {"step": trainer.state.global_step, "note": "no validation data"})
     result = SFTResult(out, final, best_dir, best, out / cfg.log_jsonl, losses, summary)
     if trainer.is_world_process_zero():
-        tidy_model_cards(out, base)
         write_json(out / "result.json", {"final_dir": str(final), "best_dir": str(best_dir), "best": best,
                                      "base_model": base, "trainable": summary, "steps": trainer.state.global_step})
     return result
