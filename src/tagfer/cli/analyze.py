@@ -71,7 +71,7 @@ def analyze_cmd(
     overlay: Optional[Path] = typer.Option(None, "--overlays", help="Write overlays: FILE.png (one image) or a folder."),
     scores: bool = typer.Option(False, "--scores", help="Show the engine's class scores (always in --json)."),
     frame: str = typer.Option("face", "--frame", help="face: each face on its own 512 canvas (TAG's face crops); image: the whole image."),
-    all_aus: bool = typer.Option(False, "--all-aus", help="List every detector AU, not only the active and cited ones; video: draw every active AU box, not only the cited ones."),
+    all_aus: bool = _video.ALL_AUS,
     max_faces: int = typer.Option(5, "--max-faces", min=1, help="Most faces analysed per image (left to right)."),
     threshold: float = typer.Option(0.3, "--au-threshold", min=0.0, max=1.0, help="AU activation threshold."),
     landmarker: Optional[Path] = typer.Option(None, "--landmarker", help="Path to face_landmarker.task (default: bundled)."),
@@ -103,7 +103,7 @@ def analyze_cmd(
             vcfg = _video.video_config(fps=fps, start=start, end=end, folder_fps=folder_fps, smooth=smooth, render=render,
                                        media=media or (out.with_name(out.stem + "_media") if out else None),
                                        threshold=threshold, max_faces=max_faces, landmarker=landmarker,
-                                       engine=model or "facs", render_aus="active" if all_aus else "cited")
+                                       engine=model or "facs", render_aus=_video.render_aus(all_aus))
         except ValueError as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(2)
