@@ -103,6 +103,7 @@ def test_browser_full_session_resume_and_export(tmp_path, astronaut_path, browse
     pairs = _pairs(astronaut_path, 5)
     dbp = tmp_path / "study.sqlite"
     shown_by = {}
+    shown_url = None
     with StudyServer(pairs, dbp, seed=1) as srv:
         for name, prefer_tag in (("Ann", True), ("Bob", False)):
             ctx = browser.new_context()
@@ -114,10 +115,12 @@ def test_browser_full_session_resume_and_export(tmp_path, astronaut_path, browse
                 page.wait_for_selector(f"#progress:has-text('{step} / 5 done')")
                 pid = page.get_attribute("#task", "data-pair-id")
                 a_text = page.text_content("#resp-A")
-                # the image was served (wait for its load: the text is shown before the image arrives)
-                page.wait_for_function("document.getElementById('image').complete && "
-                                       "document.getElementById('image').naturalWidth > 0", timeout=10_000)
-                assert page.evaluate("document.getElementById('image').naturalWidth") > 0
+                # this pair's image was served: a new blob URL (the previous pair's image stays complete until
+                # the new one replaces it, so "complete" alone can be the old picture), then loaded
+                page.wait_for_function("prev => { const im = document.getElementById('image'); return !!im.dataset.url && "
+                                       "im.dataset.url !== prev && im.complete && im.naturalWidth > 0; }",
+                                       arg=shown_url, timeout=10_000)
+                shown_url = page.get_attribute("#image", "data-url")
                 shown_by[(name, pid)] = "a" if a_text.startswith("TAG-") else "b"
                 tag_slot = "A" if a_text.startswith("TAG-") else "B"
                 other = "B" if tag_slot == "A" else "A"
