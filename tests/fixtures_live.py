@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -121,20 +119,9 @@ def smile_clip(tmp_path_factory, astronaut_rgb, grace_rgb) -> str:
 
 @contextlib.contextmanager
 def serving(app):
-    """``app`` on a real uvicorn server on loopback (own thread); yields its base URL."""
-    import uvicorn
+    """``app`` on a real uvicorn server on loopback (own thread), with the connection limits users
+    get (:class:`tagfer.core.serving.BackgroundServer`); yields its base URL."""
+    from tagfer.core.serving import BackgroundServer
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    for _ in range(600):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        t.join(timeout=10)
+    with BackgroundServer(app) as srv:
+        yield srv.url

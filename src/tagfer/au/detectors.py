@@ -122,16 +122,6 @@ class RegionAUDetector(AUDetector, Protocol):
         ...
 
 
-def shift_mesh(mesh: FaceMesh, x: float, y: float) -> FaceMesh:
-    """``mesh`` seen from origin ``(x, y)``: box and landmarks moved by ``(-x, -y)`` (z, blendshapes, pose kept)."""
-    lm = np.array(mesh.landmarks, dtype=np.float64, copy=True)
-    lm[:, 0] -= x
-    lm[:, 1] -= y
-    bx1, by1, bx2, by2 = mesh.bbox
-    return FaceMesh(bbox=(bx1 - x, by1 - y, bx2 - x, by2 - y), landmarks=lm, blendshapes=mesh.blendshapes,
-                    head_pose=mesh.head_pose, source=mesh.source, rotation=mesh.rotation)
-
-
 class MediaPipeAUDetector:
     """The default detector: MediaPipe blendshapes + landmark geometry → AU scores and boxes."""
 
@@ -173,7 +163,7 @@ class MediaPipeAUDetector:
             x1, y1, x2, y2 = region = tuple(float(v) for v in region_of(m.bbox))
             scores = au_scores(m.blendshapes, m.landmarks, self.config, m.rotation)
             tr = CanvasTransform(x2 - x1, y2 - y1, canvas=self.config.canvas)
-            out.append((ground_face(shift_mesh(m, x1, y1), tr, self.config, scores=scores, detector=self.name), region))
+            out.append((ground_face(m.shifted(x1, y1), tr, self.config, scores=scores, detector=self.name), region))
         return out
 
     def close(self) -> None:

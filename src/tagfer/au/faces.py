@@ -163,6 +163,16 @@ class FaceMesh:
     source: str = "mediapipe"
     rotation: np.ndarray | None = None
 
+    def shifted(self, x: float, y: float) -> "FaceMesh":
+        """This face seen from origin ``(x, y)``: box and landmarks moved by ``(-x, -y)`` (z,
+        blendshapes, pose and source kept), e.g. to place it on a crop's canvas."""
+        lm = np.array(self.landmarks, dtype=np.float64, copy=True)
+        lm[:, 0] -= x
+        lm[:, 1] -= y
+        bx1, by1, bx2, by2 = self.bbox
+        return FaceMesh(bbox=(bx1 - x, by1 - y, bx2 - x, by2 - y), landmarks=lm, blendshapes=self.blendshapes,
+                        head_pose=self.head_pose, source=self.source, rotation=self.rotation)
+
     @property
     def area(self) -> float:
         x1, y1, x2, y2 = self.bbox

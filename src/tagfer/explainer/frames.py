@@ -8,7 +8,6 @@ import numpy as np
 from PIL import Image
 
 from tagfer.au.aus import AUConfig, FaceAUs, ground_face
-from tagfer.au.detectors import shift_mesh
 from tagfer.au.regions68 import GEOMETRY_OPENFACE, ground_face_68
 from tagfer.core.canvas import CanvasTransform
 from tagfer.core.imageio import LoadedImage
@@ -35,7 +34,7 @@ def reframe(face: FaceAUs, region: Sequence[float], config: AUConfig) -> FaceAUs
     if face.mesh is None:
         raise ValueError("reframing needs the face's landmarks")
     x1, y1, x2, y2 = (float(v) for v in region)
-    mesh = shift_mesh(face.mesh, x1, y1)
+    mesh = face.mesh.shifted(x1, y1)
     tr = CanvasTransform(x2 - x1, y2 - y1, canvas=config.canvas)
     scores = {a.au: a.score for a in face.aus}
     active = {a.au: a.active for a in face.aus}
