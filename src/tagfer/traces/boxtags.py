@@ -119,15 +119,49 @@ _SPACE_RUN = " \t"
 _NO_SPACE_BEFORE = frozenset(".,;:!?)]}\n\r")
 
 
+#: What may still grow into a tag of the grammar: ``<``, spaces, an optional ``/``, a name's letters, spaces.
+_TAG_PREFIX = re.compile(r"<\s*+/?\s*+[A-Za-z]*\s*+")
+
+
+def _open_tag_prefix(frag: str | None, piece: str) -> str | None:
+    """The output's unfinished tag (from its last ``<``, no ``>`` after it) once ``piece`` is appended,
+    or None when the output does not end inside something that may still become a tag."""
+    i, j = piece.rfind("<"), piece.rfind(">")
+    if i > j:
+        frag = piece[i:]
+    elif j >= 0 or frag is None:
+        return None
+    else:
+        frag += piece
+    return frag if _TAG_PREFIX.fullmatch(frag) else None
+
+
 def remove_spans(text: str, spans: list[tuple[int, int]]) -> str:
     """``text`` without the (sorted, disjoint) ``spans``; the spaces around each deleted span
-    collapse to one, or to none before punctuation / a line end and after a line start."""
+    collapse to one, or to none before punctuation / a line end and after a line start.
+
+    A deletion never makes a tag: where the pieces it joins would complete a tag of the grammar
+    that the text did not have (``</bbox`` + ``>``, ``<bbox`` + ``>``), the ``>`` after the join
+    is dropped too. Linear in ``text``."""
     out: list[str] = []
     last, n = 0, len(text)
-    for start, end in spans:
-        pre = start
-        while pre > last and text[pre - 1] in _SPACE_RUN:
-            pre -= 1
+    frag: str | None = None  # the output's unfinished tag, if it ends inside one
+    joined = False  # the next piece starts at a join
+    for start, end in [*spans, (n, n)]:
+        piece = text[last:start] if start == n else None
+        if piece is None:
+            pre = start
+            while pre > last and text[pre - 1] in _SPACE_RUN:
+                pre -= 1
+            piece = text[last:pre]
+        if joined and frag is not None:
+            gt, lt = piece.find(">"), piece.find("<")
+            if gt >= 0 and (lt < 0 or gt < lt) and TAG.fullmatch(frag + piece[: gt + 1]):
+                piece = piece[:gt] + piece[gt + 1 :]  # the join would complete a new tag: drop its ">"
+        out.append(piece)
+        frag = _open_tag_prefix(frag, piece)
+        if start == n:
+            break
         post = end
         while post < n and text[post] in _SPACE_RUN:
             post += 1
@@ -139,10 +173,10 @@ def remove_spans(text: str, spans: list[tuple[int, int]]) -> str:
             sep = ""
         else:
             sep = " "
-        out.append(text[last:pre])
         out.append(sep)
-        last = post
-    out.append(text[last:])
+        if sep:
+            frag = _open_tag_prefix(frag, sep)
+        last, joined = post, True
     return "".join(out)
 
 
