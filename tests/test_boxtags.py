@@ -75,6 +75,8 @@ def test_regex_accepts_three_box_traces_and_refuses_a_fourth():
 @given(texts, st.integers(0, 3))
 @example(text="<bbox><answer></ BBOX></answer>", k=0)  # found by make test-stress: the parser hid the answer in the box
 @example(text="</bbox<bbox>>", k=0)  # found by make test-stress: the deletion joined "</bbox" and ">" into a new tag
+@example(text="<bbox><bbox></bbox><answer></bbox></answer>", k=0)  # the answer hidden two boxes deep
+@example(text="<bbox><bbox><bbox></bbox></bbox><answer></bbox></answer>", k=1)  # ... inside the kept box
 def test_limit_boxes_keeps_everything_but_the_extra_box_elements(text, k):
     out, info = B.limit_boxes(text, k)
     n = B.count_box_openings(text)
@@ -96,18 +98,19 @@ def test_limit_boxes_keeps_everything_but_the_extra_box_elements(text, k):
 
 
 def _answer_inside_unclosed_box(text: str, removed) -> bool:
-    """Whether an ``<answer>`` opens after a removed lone box opening and before the next box closing
-    (the parser then reads that answer as inside the box and drops it with the box)."""
+    """Whether an ``<answer>`` opens while the parser has a box open (box depth counted from the
+    start) after a removed lone box opening: the parser drops that answer with the box, and
+    removing the opening changes which box closing ends which element."""
     lone = [s for s, e in removed if B.BOX_TAG.fullmatch(text, s, e)]
-    tags = [(m.start(), m.group(1), m.group(2).lower()) for m in B.TAG.finditer(text)]
-    for s in lone:
-        for start, slash, name in tags:
-            if start <= s:
-                continue
-            if name == "bbox" and slash:
-                break
-            if name == "answer" and not slash:
-                return True
+    if not lone:
+        return False
+    depth = 0
+    for m in B.TAG.finditer(text):
+        name = m.group(2).lower()
+        if name == "bbox":
+            depth = max(0, depth + (-1 if m.group(1) else 1))
+        elif name == "answer" and not m.group(1) and depth and m.start() > lone[0]:
+            return True
     return False
 
 
@@ -166,6 +169,8 @@ def test_remove_spans_never_makes_a_tag(text, data):
     ("</bbox<bbox>>", (6, 12), "</bbox"),
     ("</<bbox>think>", (2, 8), "</think"),
     ("<bbox <bbox> >", (6, 12), "<bbox "),
+    ("<<<<BBOX><think><bbox>>", (1, 17), "<bbox"),  # make test-stress: each further ">" would complete it again
+    ("</<bbox>think> \t> >x", (2, 8), "</think \t x"),
     ("a <bbox>[1, 2, 3, 4]</bbox> b", (2, 27), "a b"),
 ])
 def test_remove_spans_breaks_joined_tags(text, span, want):

@@ -136,6 +136,24 @@ def _open_tag_prefix(frag: str | None, piece: str) -> str | None:
     return frag if _TAG_PREFIX.fullmatch(frag) else None
 
 
+def _break_joined_tag(frag: str, piece: str) -> str:
+    """``piece`` (joined after the unfinished tag ``frag``) without the ``>`` that would complete a new
+    tag, nor any ``>`` after it that only white space separates from it (each would complete it again)."""
+    gt, lt = piece.find(">"), piece.find("<")
+    if gt < 0 or 0 <= lt < gt or not TAG.fullmatch(frag + piece[: gt + 1]):
+        return piece
+    keep, i = [piece[:gt]], gt + 1
+    while True:
+        j = i
+        while j < len(piece) and piece[j].isspace():
+            j += 1
+        if j == len(piece) or piece[j] != ">":
+            break
+        keep.append(piece[i:j])
+        i = j + 1
+    return "".join(keep) + piece[i:]
+
+
 def remove_spans(text: str, spans: list[tuple[int, int]]) -> str:
     """``text`` without the (sorted, disjoint) ``spans``; the spaces around each deleted span
     collapse to one, or to none before punctuation / a line end and after a line start.
@@ -155,9 +173,7 @@ def remove_spans(text: str, spans: list[tuple[int, int]]) -> str:
                 pre -= 1
             piece = text[last:pre]
         if joined and frag is not None:
-            gt, lt = piece.find(">"), piece.find("<")
-            if gt >= 0 and (lt < 0 or gt < lt) and TAG.fullmatch(frag + piece[: gt + 1]):
-                piece = piece[:gt] + piece[gt + 1 :]  # the join would complete a new tag: drop its ">"
+            piece = _break_joined_tag(frag, piece)
         out.append(piece)
         frag = _open_tag_prefix(frag, piece)
         if start == n:
