@@ -162,22 +162,20 @@ def remove_spans(text: str, spans: list[tuple[int, int]]) -> str:
     that the text did not have (``</bbox`` + ``>``, ``<bbox`` + ``>``), the ``>`` after the join
     is dropped too. Linear in ``text``."""
     out: list[str] = []
-    last, n = 0, len(text)
     frag: str | None = None  # the output's unfinished tag, if it ends inside one
-    joined = False  # the next piece starts at a join
-    for start, end in [*spans, (n, n)]:
-        piece = text[last:start] if start == n else None
-        if piece is None:
-            pre = start
-            while pre > last and text[pre - 1] in _SPACE_RUN:
-                pre -= 1
-            piece = text[last:pre]
-        if joined and frag is not None:
+
+    def emit(piece: str) -> None:
+        nonlocal frag
+        if frag is not None:  # the piece starts at a join (nothing is unfinished before the first one)
             piece = _break_joined_tag(frag, piece)
         out.append(piece)
         frag = _open_tag_prefix(frag, piece)
-        if start == n:
-            break
+
+    last, n = 0, len(text)
+    for start, end in spans:
+        pre = start
+        while pre > last and text[pre - 1] in _SPACE_RUN:
+            pre -= 1
         post = end
         while post < n and text[post] in _SPACE_RUN:
             post += 1
@@ -189,10 +187,10 @@ def remove_spans(text: str, spans: list[tuple[int, int]]) -> str:
             sep = ""
         else:
             sep = " "
-        out.append(sep)
-        if sep:
-            frag = _open_tag_prefix(frag, sep)
-        last, joined = post, True
+        emit(text[last:pre])
+        emit(sep)
+        last = post
+    emit(text[last:])
     return "".join(out)
 
 
