@@ -487,7 +487,8 @@ class _SideTable:
         self.margin = np.asarray([m for _, _, m in sides], dtype=np.float64)  # (sides, 3)
         counts = [len(regions[au].sides) for au in self.aus]
         self.au_starts = np.cumsum([0] + counts[:-1]).astype(np.intp)
-        self.au_sides = {au: (int(a), int(a) + n) for au, a, n in zip(self.aus, self.au_starts, counts)}
+        #: per AU: its row among the unions, and its sides' slice ``a:b`` among the sides
+        self.rows = {au: (i, int(a), int(a) + n) for i, (au, a, n) in enumerate(zip(self.aus, self.au_starts, counts))}
 
 
 _SIDES = _SideTable(REGIONS)
@@ -534,9 +535,9 @@ def region_boxes_px(landmarks: np.ndarray, au: int, bilateral: str = "union") ->
     lm = np.asarray(landmarks, dtype=np.float64)
     ex, ey, iod = _face_frame(lm)
     sides, unions = _all_region_boxes(lm[:, :2] @ ex, lm[:, :2] @ ey, ex, ey, iod)
-    a, b = _SIDES.au_sides[au]
+    row, a, b = _SIDES.rows[au]
     if bilateral == "union" or b - a == 1:
-        return [tuple(unions[_SIDES.aus.index(au)].tolist())]
+        return [tuple(unions[row].tolist())]
     return [tuple(row) for row in sides[a:b].tolist()]
 
 
@@ -561,15 +562,14 @@ def ground_face(
     sides, unions = _all_region_boxes(lm[:, :2] @ ex, lm[:, :2] @ ey, ex, ey, iod)
     side_boxes = transform.boxes_to_canvas(sides) if config.bilateral == "split" else None
     union_boxes = transform.boxes_to_canvas(unions)
-    row = {au: i for i, au in enumerate(_SIDES.aus)}
     dets = []
     for au, s in sc.items():
         if au not in REGIONS:
             continue
-        a, b = _SIDES.au_sides[au]
+        row, a, b = _SIDES.rows[au]
         split = side_boxes is not None and b - a > 1
         is_active = bool(active[au]) if active is not None and au in active else s >= config.threshold_for(au)
-        dets.append(AUDetection(au=int(au), score=float(s), active=is_active, box=union_boxes[row[au]],
+        dets.append(AUDetection(au=int(au), score=float(s), active=is_active, box=union_boxes[row],
                                 boxes=tuple(side_boxes[a:b]) if split else ()))
     dets.sort(key=lambda d: (-d.score, d.au))
     return FaceAUs(

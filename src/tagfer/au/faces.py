@@ -41,7 +41,7 @@ import math
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -170,8 +170,7 @@ class FaceMesh:
         lm[:, 0] -= x
         lm[:, 1] -= y
         bx1, by1, bx2, by2 = self.bbox
-        return FaceMesh(bbox=(bx1 - x, by1 - y, bx2 - x, by2 - y), landmarks=lm, blendshapes=self.blendshapes,
-                        head_pose=self.head_pose, source=self.source, rotation=self.rotation)
+        return replace(self, bbox=(bx1 - x, by1 - y, bx2 - x, by2 - y), landmarks=lm)
 
     @property
     def area(self) -> float:
@@ -315,12 +314,7 @@ class FaceLandmarker:
         b = max(1, round(self.pad_retry * max(h, w)))
         padded = np.full((h + 2 * b, w + 2 * b, 3), PAD_GREY, dtype=np.uint8)
         padded[b:b + h, b:b + w] = rgb[..., :3]
-        found = []
-        for f in self._run(padded):
-            f.landmarks[:, :2] -= b
-            found.append(FaceMesh(bbox=_landmark_bbox(f.landmarks), landmarks=f.landmarks, blendshapes=f.blendshapes,
-                                  head_pose=f.head_pose, source="mediapipe+pad", rotation=f.rotation))
-        return found
+        return [replace(f.shifted(b, b), source="mediapipe+pad") for f in self._run(padded)]
 
     def _dlib_faces(self, rgb: np.ndarray, known: list[FaceMesh]) -> list[FaceMesh]:
         h, w = rgb.shape[:2]
