@@ -131,11 +131,15 @@ class TinyProxy:
             writer.close()
 
 
-def _chat(url: str, **cfg):
-    """One chat to ``url`` with a fresh client; returns (text or RequestFailed, the proxy's request lines)."""
+def _chat(url: str, env_proxy: tuple | None = None, **cfg):
+    """One chat to ``url`` with a fresh client; returns (text or RequestFailed, the proxy's request lines).
+    A config value ``"PROXY"`` is the tiny proxy's URL; ``env_proxy=(monkeypatch, no_proxy)`` points
+    ``HTTP(S)_PROXY`` at it instead (its port is known only once it runs)."""
 
     async def go():
         async with TinyProxy() as proxy:
+            if env_proxy is not None:
+                _set_proxy(env_proxy[0], proxy.url, env_proxy[1])
             kw = {k: (proxy.url if v == "PROXY" else v) for k, v in cfg.items()}
             config = ClientConfig(endpoints=[url], model="m", api_key="", timeout_s=5, max_retries=0, **kw)
             async with ChatClient(config) as c:
@@ -163,20 +167,8 @@ def _set_proxy(monkeypatch, proxy_url: str, no_proxy: str | None = None):
 
 
 def _run_with_env_proxy(monkeypatch, url: str, no_proxy: str | None = None, **cfg):
-    """Like :func:`_chat`, with ``HTTP(S)_PROXY`` pointing at the tiny proxy (its port known only inside)."""
-
-    async def go():
-        async with TinyProxy() as proxy:
-            _set_proxy(monkeypatch, proxy.url, no_proxy)
-            config = ClientConfig(endpoints=[url], model="m", api_key="", timeout_s=5, max_retries=0, **cfg)
-            async with ChatClient(config) as c:
-                try:
-                    out = (await c.chat([user_message("hi")])).text
-                except RequestFailed as e:
-                    out = e
-            return out, proxy.lines
-
-    return asyncio.run(go())
+    """:func:`_chat` with ``HTTP(S)_PROXY`` pointing at the tiny proxy."""
+    return _chat(url, env_proxy=(monkeypatch, no_proxy), **cfg)
 
 
 def test_environment_proxy_carries_the_requests(monkeypatch, direct):
