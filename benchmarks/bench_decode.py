@@ -39,7 +39,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
@@ -85,6 +84,16 @@ def full_png(path: Path, w: int, h: int, bit_depth: int, color_type: int = 0) ->
     return path
 
 
+def run_child(script: str, name: str, path: Path, budget: int, src: str) -> dict | None:
+    """``script`` on ``path`` under ``budget`` in a fresh interpreter (its own peak RSS); its JSON
+    line, or None after printing why it failed."""
+    r = subprocess.run([sys.executable, "-c", script, str(path), str(budget), src], capture_output=True, text=True, timeout=600)
+    if r.returncode:
+        print(name, "failed:", r.stderr[-500:])
+        return None
+    return json.loads(r.stdout)
+
+
 def main(quick: bool = False) -> None:
     src = str(Path(__file__).resolve().parents[1] / "src")
     with tempfile.TemporaryDirectory() as d:
@@ -100,15 +109,10 @@ def main(quick: bool = False) -> None:
         ]
         print(f"{'case':30s} {'file':>8s} {'decode cost':>12s} {'outcome':>22s} {'time':>8s} {'peak RSS':>9s} {'peak/cost':>9s} {'RSS after':>9s}")
         for name, path, cost, budget in rows:
-            t = time.perf_counter()
-            r = subprocess.run([sys.executable, "-c", CHILD, str(path), str(budget), src], capture_output=True, text=True, timeout=600)
-            if r.returncode:
-                print(name, "failed:", r.stderr[-500:])
+            if (m := run_child(CHILD, name, path, budget, src)) is None:
                 continue
-            m = json.loads(r.stdout)
             print(f"{name:30s} {path.stat().st_size / 1e3:7.0f}K {cost / 1e6:10.0f}MB {m['outcome']:>22s} {m['s'] * 1e3:6.0f}ms "
                   f"{m['peak'] / 1e6:7.0f}MB {m['peak'] / cost:9.2f} {m['after'] / 1e6:7.0f}MB")
-            del t
 
 
 IMAGE_CHILD = CHILD.replace("from tagfer.core.imageio import ImageError, load_image",
@@ -171,11 +175,8 @@ def image_formats(budget: int = 2_000_000_000, quick: bool = False) -> None:
         print(f"\n{'format':36s} {'file':>8s} {'decode cost':>11s} {'peak RSS':>9s} {'peak-cost':>9s} {'outcome':>22s}")
         worst = -1e18
         for name, path in rows:
-            r = subprocess.run([sys.executable, "-c", IMAGE_CHILD, str(path), str(budget), src], capture_output=True, text=True, timeout=600)
-            if r.returncode:
-                print(name, "failed:", r.stderr[-300:])
+            if (m := run_child(IMAGE_CHILD, name, path, budget, src)) is None:
                 continue
-            m = json.loads(r.stdout)
             over = m["peak"] - m["cost"]
             worst = max(worst, over)
             print(f"{name:36s} {path.stat().st_size / 1e6:7.1f}M {m['cost'] / 1e6:9.0f}MB {m['peak'] / 1e6:7.0f}MB "
@@ -266,11 +267,8 @@ def video_main() -> None:
         ]
         print(f"{'video case':38s} {'file':>8s} {'frame cost':>11s} {'budget':>7s} {'outcome':>34s} {'time':>7s} {'peak RSS':>9s} {'peak/cost':>9s} {'peak/budget':>11s}")
         for name, path, cost, budget in rows:
-            r = subprocess.run([sys.executable, "-c", VIDEO_CHILD, str(path), str(budget), src], capture_output=True, text=True, timeout=600)
-            if r.returncode:
-                print(name, "failed:", r.stderr[-500:])
+            if (m := run_child(VIDEO_CHILD, name, path, budget, src)) is None:
                 continue
-            m = json.loads(r.stdout)
             print(f"{name:38s} {path.stat().st_size / 1e3:7.0f}K {cost / 1e6:9.0f}MB {budget / 1e6:5.0f}MB {m['outcome']:>34s} "
                   f"{m['s'] * 1e3:5.0f}ms {m['peak'] / 1e6:7.0f}MB {m['peak'] / cost:9.2f} {m['peak'] / budget:11.2f}")
 
