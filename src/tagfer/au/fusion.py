@@ -131,7 +131,7 @@ def _leading(scores: dict[str, float], label: str) -> dict[str, float]:
     the argmax of the scores it reports, so the label is lifted just past the runner-up.
     """
     lead = max(v for c, v in scores.items() if c != label)
-    if scores[label] > lead and top_label(scores) == label:
+    if scores[label] > lead:
         return scores
     for bump in (1e-9, 1e-6):
         lifted = dict(scores)
